@@ -1,0 +1,168 @@
+"""Read a Hugging Face model directory's `config.json` into a `ModelSpec`.
+
+This is the only module that parses HF configs. It checks that the directory looks like an HF
+model before anything heavy starts, and raises `ModelLoadError` naming the path and problem.
+No torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sluice.errors import ModelLoadError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen3ForCausalLM")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary embedding parameters; `scaling` holds the HF `rope_scaling` dict minus its type."""
+    theta: float = 10000.0
+    rope_type: str = "default"
+    scaling: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The architecture facts of one checkpoint, as our model code needs them."""
+    path: str
+    architecture: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope: RopeSpec
+    tie_word_embeddings: bool
+    attention_bias: bool        # q/k/v projections carry a bias (Qwen2)
+    qk_norm: bool               # per-head RMSNorm on q and k (Qwen3)
+    hidden_act: str
+    torch_dtype: str | None     # the checkpoint's dtype, e.g. "bfloat16"
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    sliding_window: int | None = None
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V for one token across all layers, at 4 bytes/element (scale by
+        element size / 4 for other dtypes)."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * 4
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path} is missing; a model directory in Hugging Face format "
+                             "needs config.json, *.safetensors and tokenizer files.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object, found {type(data).__name__}.")
+    return data
+
+
+def _rope_spec(cfg: dict, path: Path) -> RopeSpec:
+    # transformers 5 moves theta/scaling into `rope_parameters`; older configs use rope_theta
+    # and rope_scaling. Accept both.
+    params = dict(cfg.get("rope_parameters") or {})
+    scaling = dict(cfg.get("rope_scaling") or {})
+    theta = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+    merged = {**params, **scaling}
+    rope_type = merged.pop("rope_type", merged.pop("type", "default")) or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ModelLoadError(f"{path}: rope_scaling type '{rope_type}' is not supported; "
+                             f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}.")
+    if rope_type in ("linear", "dynamic", "llama3") and "factor" not in merged:
+        raise ModelLoadError(f"{path}: rope_scaling of type '{rope_type}' needs a 'factor'.")
+    return RopeSpec(theta=theta, rope_type=rope_type, scaling=merged)
+
+
+def _eos_ids(cfg: dict, model_dir: Path) -> tuple[int, ...]:
+    ids: list[int] = []
+    sources = [cfg.get("eos_token_id")]
+    gen_cfg = model_dir / "generation_config.json"
+    if gen_cfg.is_file():
+        try:
+            sources.insert(0, json.loads(gen_cfg.read_text()).get("eos_token_id"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass
+    for value in sources:
+        if isinstance(value, int):
+            value = [value]
+        for token_id in value or []:
+            if token_id not in ids:
+                ids.append(int(token_id))
+    return tuple(ids)
+
+
+def load_model_spec(model_dir: str | Path) -> ModelSpec:
+    """Parse `model_dir/config.json` and check the directory holds weights.
+
+    Raises `ModelLoadError` for a missing directory, a missing/corrupt config, an unsupported
+    architecture or no `*.safetensors` files.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise ModelLoadError(f"Model path {model_dir} does not exist; pass a local directory in "
+                             "Hugging Face format (config.json, *.safetensors, tokenizer).")
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"Model path {model_dir} is not a directory; pass a directory in "
+                             "Hugging Face format (config.json, *.safetensors, tokenizer).")
+    path = model_dir / "config.json"
+    cfg = _read_json(path)
+    archs = cfg.get("architectures") or []
+    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    if arch is None:
+        raise ModelLoadError(f"{path}: architecture {archs or 'missing'} is not supported; "
+                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}.")
+    if not any(model_dir.glob("*.safetensors")):
+        raise ModelLoadError(f"{model_dir} holds no *.safetensors weight files.")
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads")
+    missing = [k for k in required if not isinstance(cfg.get(k), int)]
+    if missing:
+        raise ModelLoadError(f"{path}: missing or non-integer fields: {', '.join(missing)}.")
+    num_heads = cfg["num_attention_heads"]
+    num_kv_heads = cfg.get("num_key_value_heads") or num_heads
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
+    if num_heads % num_kv_heads:
+        raise ModelLoadError(f"{path}: num_attention_heads ({num_heads}) must be a multiple of "
+                             f"num_key_value_heads ({num_kv_heads}).")
+    is_qwen2 = arch == "Qwen2ForCausalLM"
+    sliding = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch ==
+                                                    "MistralForCausalLM") else None
+    return ModelSpec(
+        path=str(model_dir.resolve()),
+        architecture=arch,
+        model_type=cfg.get("model_type", ""),
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"],
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope=_rope_spec(cfg, path),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=bool(cfg.get("attention_bias", is_qwen2)),
+        qk_norm=arch == "Qwen3ForCausalLM",
+        hidden_act=cfg.get("hidden_act", "silu"),
+        torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+        eos_token_ids=_eos_ids(cfg, model_dir),
+        bos_token_id=cfg.get("bos_token_id"),
+        sliding_window=sliding,
+    )

@@ -1,0 +1,122 @@
+"""SamplingParams: how one request is decoded. Immutable once validated; no torch.
+
+Validation happens in `__post_init__` and raises `InvalidRequestError` naming the parameter, so
+the HTTP layer can return a 400 with `param` set.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import msgspec
+
+from sluice.errors import InvalidRequestError
+
+_GREEDY_EPS = 1e-5
+
+
+class RequestOutputKind(IntEnum):
+    """What each `RequestOutput` of a request carries."""
+    CUMULATIVE = 0  # all text/tokens so far
+    DELTA = 1       # only what is new since the previous output
+    FINAL_ONLY = 2  # one output, when the request finishes
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Decoding parameters, named as in vLLM and the OpenAI API.
+
+    Greedy decoding is `temperature == 0`. `top_k <= 0` disables top-k. `seed` makes one request
+    reproducible regardless of batch composition. `logprobs=k` returns the sampled token's logprob
+    and the top-k alternatives per output token; `prompt_logprobs=k` the same for prompt tokens.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = msgspec.field(default_factory=list)
+    stop_token_ids: list[int] = msgspec.field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    detokenize: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+
+    def __post_init__(self) -> None:
+        def bad(param: str, msg: str) -> None:
+            raise InvalidRequestError(f"{param} {msg}", param=param)
+
+        if self.n < 1:
+            bad("n", f"must be at least 1, got {self.n}.")
+        if not (self.temperature >= 0.0) or self.temperature > 100.0:
+            bad("temperature", f"must be in [0, 100], got {self.temperature}.")
+        if not (0.0 < self.top_p <= 1.0):
+            bad("top_p", f"must be in (0, 1], got {self.top_p}.")
+        if self.top_k < -1:
+            bad("top_k", f"must be -1 or 0 (disabled) or a positive integer, got {self.top_k}.")
+        if not (0.0 <= self.min_p <= 1.0):
+            bad("min_p", f"must be in [0, 1], got {self.min_p}.")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (-2.0 <= value <= 2.0):
+                bad(name, f"must be in [-2, 2], got {value}.")
+        if not (0.0 < self.repetition_penalty <= 2.0):
+            bad("repetition_penalty", f"must be in (0, 2], got {self.repetition_penalty}.")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            bad("max_tokens", f"must be at least 1, got {self.max_tokens}.")
+        if self.min_tokens < 0:
+            bad("min_tokens", f"must be at least 0, got {self.min_tokens}.")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            bad("min_tokens", f"must not exceed max_tokens ({self.max_tokens}), got "
+                f"{self.min_tokens}.")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                bad(name, f"must be non-negative, got {value}.")
+        if any((not s) for s in self.stop):
+            bad("stop", "must not contain empty strings.")
+        if any(t < 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be non-negative token ids.")
+        if self.logit_bias:
+            for token_id, bias in self.logit_bias.items():
+                if not (-100.0 <= bias <= 100.0):
+                    bad("logit_bias", f"values must be in [-100, 100], got {bias} for token "
+                        f"{token_id}.")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    def with_updates(self, **changes) -> "SamplingParams":
+        """A validated copy with some fields changed."""
+        return msgspec.structs.replace(self, **changes)
+
+    def check_against_model(self, vocab_size: int, max_logprobs: int) -> None:
+        """Validate the parts that depend on the served model."""
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value > max_logprobs:
+                raise InvalidRequestError(
+                    f"{name} must be at most {max_logprobs} (--max-logprobs), got {value}.",
+                    param=name)
+        for token_id in self.stop_token_ids:
+            if token_id >= vocab_size:
+                raise InvalidRequestError(
+                    f"stop_token_ids contains {token_id}, outside the vocabulary "
+                    f"[0, {vocab_size}).", param="stop_token_ids")
+        for token_id in (self.logit_bias or {}):
+            if not (0 <= token_id < vocab_size):
+                raise InvalidRequestError(
+                    f"logit_bias key {token_id} is outside the vocabulary [0, {vocab_size}).",
+                    param="logit_bias")
