@@ -1,0 +1,154 @@
+"""ModelRunner: owns the model, the KV-cache tensors and per-request state; runs one step.
+
+Contract: `execute_model(scheduler_output)` applies the step diff (drop finished requests, add
+new ones, append new blocks), flattens the batch (`input_batch.build_step_batch`), runs one
+forward under the attention forward context, samples the rows that reached their last known
+token, appends those tokens to its own state and returns a `ModelRunnerOutput`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from sluice.config import EngineConfig
+from sluice.hf_config import ModelSpec
+from sluice.messages import TokenLogprobs
+from sluice.model.attention.forward_context import set_forward_context
+from sluice.model.attention.kv_cache import allocate_kv_caches
+from sluice.model.attention.metadata import build_attention_metadata
+from sluice.model.loader import load_model
+from sluice.sample.metadata import SamplingRow, build_sampling_metadata
+from sluice.sample.sampler import Sampler, compute_prompt_logprobs, to_token_logprobs
+from sluice.step import ModelRunnerOutput, SchedulerOutput
+from sluice.worker.input_batch import StepBatch, build_step_batch
+from sluice.worker.request_state import CachedRequestState
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, spec: ModelSpec, device: torch.device,
+                 dtype: torch.dtype):
+        self.config = config
+        self.spec = spec
+        self.device = device
+        self.dtype = dtype
+        self.block_size = config.cache.block_size
+        self.model: torch.nn.Module | None = None
+        self.kv_caches: list[torch.Tensor] = []
+        self.requests: dict[str, CachedRequestState] = {}
+        self.sampler = Sampler()
+        self.shared_generator = torch.Generator(device="cpu").manual_seed(config.model.seed)
+
+    # ---- setup -------------------------------------------------------------------------
+    def load_model(self) -> None:
+        self.model = load_model(self.spec, self.dtype, self.device, self.config.load.load_format)
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.kv_caches = allocate_kv_caches(self.spec, num_blocks, self.block_size, self.dtype,
+                                            self.device)
+
+    @torch.inference_mode()
+    def dummy_run(self, num_tokens: int, num_reqs: int = 1) -> None:
+        """Run a throw-away prefill of `num_tokens` tokens over `num_reqs` requests using a
+        temporary KV cache (used for warm-up and activation-memory profiling)."""
+        num_reqs = max(1, min(num_reqs, num_tokens))
+        per_req = [num_tokens // num_reqs + (1 if r < num_tokens % num_reqs else 0)
+                   for r in range(num_reqs)]
+        blocks_per_req = [-(-n // self.block_size) for n in per_req]
+        kv = allocate_kv_caches(self.spec, 1 + sum(blocks_per_req), self.block_size,
+                                self.dtype, self.device)
+        states, next_block = [], 1
+        for r, n in enumerate(per_req):
+            ids = list(range(next_block, next_block + blocks_per_req[r]))
+            next_block += blocks_per_req[r]
+            states.append(CachedRequestState(f"dummy-{r}", [1] * n, n, None, ids, 0, None, None))
+        batch = build_step_batch(states, per_req, self.block_size)
+        hidden = self._forward(batch, kv)
+        self.model.compute_logits(hidden[torch.from_numpy(batch.logits_indices)])
+
+    # ---- one step ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(scheduler_output)
+        if scheduler_output.total_num_scheduled_tokens == 0:
+            return ModelRunnerOutput()
+        request_ids = ([r.request_id for r in scheduler_output.scheduled_new_reqs]
+                       + [r.request_id for r in scheduler_output.scheduled_cached_reqs])
+        states = [self.requests[rid] for rid in request_ids]
+        num_scheduled = [scheduler_output.num_scheduled_tokens[rid] for rid in request_ids]
+        batch = build_step_batch(states, num_scheduled, self.block_size)
+
+        hidden = self._forward(batch, self.kv_caches)
+        output = ModelRunnerOutput(sampled_token_ids={rid: [] for rid in request_ids})
+        self._prompt_logprobs(batch, states, hidden, output)
+        if len(batch.sample_rows):
+            self._sample(batch, states, hidden, output)
+        for state, n in zip(states, num_scheduled):
+            state.num_computed_tokens += n
+        return output
+
+    def _forward(self, batch: StepBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
+        attn_metadata = build_attention_metadata(
+            batch.query_start_loc, batch.seq_lens, batch.block_table, batch.slot_mapping,
+            self.block_size, self.device)
+        input_ids = torch.from_numpy(batch.input_ids).to(self.device)
+        positions = torch.from_numpy(batch.positions).to(self.device)
+        with set_forward_context(attn_metadata, kv_caches):
+            return self.model(input_ids, positions)
+
+    def _update_states(self, so: SchedulerOutput) -> None:
+        for rid in so.finished_request_ids:
+            self.requests.pop(rid, None)
+        for new in so.scheduled_new_reqs:
+            seed = new.sampling_params.seed
+            generator = (torch.Generator(device="cpu").manual_seed(seed)
+                         if seed is not None else None)
+            self.requests[new.request_id] = CachedRequestState(
+                new.request_id, list(new.token_ids), new.num_prompt_tokens, new.sampling_params,
+                list(new.block_ids), new.num_computed_tokens, generator, new.eos_token_id)
+        for cached in so.scheduled_cached_reqs:
+            state = self.requests[cached.request_id]
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    def _sample(self, batch: StepBatch, states: list[CachedRequestState],
+                hidden: torch.Tensor, output: ModelRunnerOutput) -> None:
+        logits = self.model.compute_logits(hidden[torch.from_numpy(batch.logits_indices)])
+        rows = [states[r] for r in batch.sample_rows.tolist()]
+        metadata = build_sampling_metadata(
+            [SamplingRow(s.sampling_params, s.prompt_token_ids, s.output_token_ids,
+                         s.eos_token_id, s.generator) for s in rows],
+            vocab_size=logits.shape[-1], device=self.device,
+            shared_generator=self.shared_generator)
+        result = self.sampler(logits, metadata)
+        sampled = result.sampled_token_ids.tolist()
+        for i, (state, token_id) in enumerate(zip(rows, sampled)):
+            state.token_ids.append(token_id)
+            output.sampled_token_ids[state.request_id] = [token_id]
+            k = state.sampling_params.logprobs
+            if k is not None and result.logprobs is not None:
+                output.logprobs[state.request_id] = [to_token_logprobs(result.logprobs, i, k)]
+
+    def _prompt_logprobs(self, batch: StepBatch, states: list[CachedRequestState],
+                         hidden: torch.Tensor, output: ModelRunnerOutput) -> None:
+        """For prompt positions p computed this step with p + 1 < num_prompt_tokens, the entry
+        describes token p + 1 given tokens 0..p (flat index query_start_loc[r] + p - c_r)."""
+        for r, state in enumerate(states):
+            k = state.sampling_params.prompt_logprobs
+            if k is None or state.output_token_ids:  # resumed after preemption: already sent
+                continue
+            c, start = int(batch.num_computed[r]), int(batch.query_start_loc[r])
+            end_pos = min(int(batch.seq_lens[r]), state.num_prompt_tokens - 1)
+            if end_pos <= c:
+                continue
+            flat = torch.arange(start, start + end_pos - c)
+            targets = torch.tensor(state.token_ids[c + 1:end_pos + 1])
+            logits = self.model.compute_logits(hidden[flat])
+            lp = compute_prompt_logprobs(logits, targets, k)
+            entries: list[TokenLogprobs] = [to_token_logprobs(lp, i, k)
+                                            for i in range(len(targets))]
+            output.prompt_logprobs.setdefault(state.request_id, []).extend(entries)
