@@ -14,18 +14,27 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+import functools
+import math
+import types
+import typing
 from typing import Any, Literal
+
+from sluice.errors import ConfigError
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
            flag: str | None = None, cli: bool = True, byte_size: bool = False,
-           default_factory: Any = dataclasses.MISSING) -> Any:
+           default_factory: Any = dataclasses.MISSING, ge: float | None = None,
+           gt: float | None = None, le: float | None = None) -> Any:
     """Declare a config field with the metadata used to build CLI flags and validate values.
 
     `flag` overrides the generated `--field-name`; `cli=False` keeps a field out of the CLI and
-    files (derived facts); `byte_size=True` accepts strings like "4GiB".
+    files (derived facts); `byte_size=True` accepts strings like "4GiB"; `ge`/`gt`/`le` bound a
+    number (checked by `FieldSpec.check`).
     """
-    meta = {"help": help, "choices": choices, "flag": flag, "cli": cli, "byte_size": byte_size}
+    meta = {"help": help, "choices": choices, "flag": flag, "cli": cli, "byte_size": byte_size,
+            "ge": ge, "gt": gt, "le": le}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -37,16 +46,18 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 @dataclass(frozen=True)
 class ModelConfig:
     model: str | None = option(None, "Path to a model directory in Hugging Face format "
-                               "(config.json, *.safetensors, tokenizer). Default: the built-in demo model.")
+                               "(config.json, *.safetensors, tokenizer). Default: the built-in "
+                               "demo model.")
     tokenizer: str | None = option(None, "Tokenizer directory; defaults to the model directory.")
     served_model_name: str | None = option(None, "Model name reported by the API; defaults to "
                                            "the model directory's name.")
     dtype: str = option("auto", "Weight and activation dtype. 'auto' is float32 on CPU and the "
                         "checkpoint's dtype on CUDA.", choices=DTYPES)
     max_model_len: int | None = option(None, "Maximum tokens per request (prompt + output). "
-                                       "Default: the model's max_position_embeddings.")
-    seed: int = option(0, "Global random seed for sampling without a per-request seed.")
-    max_logprobs: int = option(20, "Largest `logprobs`/`prompt_logprobs` a request may ask for.")
+                                       "Default: the model's max_position_embeddings.", ge=1)
+    seed: int = option(0, "Global random seed for sampling without a per-request seed.", ge=0)
+    max_logprobs: int = option(20, "Largest `logprobs`/`prompt_logprobs` a request may ask "
+                               "for.", ge=0)
 
 
 @dataclass(frozen=True)
@@ -56,23 +67,24 @@ class CacheConfig:
                                          "prompt prefix.")
     kv_cache_memory: int | None = option(None, "Bytes of KV cache, e.g. '4GiB' or '512MiB'. "
                                          "Default: --kv-cache-memory-fraction of free memory.",
-                                         byte_size=True)
+                                         byte_size=True, ge=1)
     kv_cache_memory_fraction: float = option(0.3, "Fraction of free device memory (measured "
                                              "after loading and profiling) given to the KV cache "
-                                             "when --kv-cache-memory is not set.")
+                                             "when --kv-cache-memory is not set.", gt=0, le=1)
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = option(256, "Maximum number of requests running in one step.")
+    max_num_seqs: int = option(256, "Maximum number of requests running in one step.", ge=1)
     max_num_batched_tokens: int | None = option(None, "Token budget of one step (prefill chunks "
-                                                "+ decodes). Default: max(2048, max_num_seqs).")
+                                                "+ decodes). Default: max(2048, max_num_seqs).",
+                                                ge=1)
     scheduling_policy: str = option("fcfs", "Order of admission and preemption.",
                                     choices=("fcfs", "priority"))
     enable_chunked_prefill: bool = option(True, "Split long prompts across steps to fit the "
                                           "token budget.")
     max_num_queued_requests: int | None = option(None, "Reject new requests (HTTP 429) when this "
-                                                 "many are already waiting.")
+                                                 "many are already waiting.", ge=1)
 
     @property
     def token_budget(self) -> int:
@@ -82,17 +94,17 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    tensor_parallel_size: int = option(1, "Number of tensor-parallel ranks.")
-    pipeline_parallel_size: int = option(1, "Number of pipeline-parallel stages.")
-    data_parallel_size: int = option(1, "Number of data-parallel engine replicas.")
+    tensor_parallel_size: int = option(1, "Number of tensor-parallel ranks.", ge=1)
+    pipeline_parallel_size: int = option(1, "Number of pipeline-parallel stages.", ge=1)
+    data_parallel_size: int = option(1, "Number of data-parallel engine replicas.", ge=1)
 
 
 @dataclass(frozen=True)
 class DeviceConfig:
     device: str = option("auto", "Device to run on; 'auto' picks CUDA when present, else CPU.",
                          choices=("auto", "cpu", "cuda"))
-    num_threads: int | None = option(None, "CPU threads for torch compute. Default: all "
-                                     "physical cores available to this process.")
+    num_threads: int | None = option(None, "CPU threads for torch compute. Default: the "
+                                     "number of CPUs in this process's affinity mask.", ge=1)
 
 
 @dataclass(frozen=True)
@@ -104,7 +116,8 @@ class LoadConfig:
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = option("127.0.0.1", "Address the HTTP server binds.")
-    port: int = option(8000, "Port the HTTP server binds.")
+    port: int = option(8000, "Port the HTTP server binds (0 picks a free port).", ge=0,
+                       le=65535)
     api_key: str | None = option(None, "Require 'Authorization: Bearer <key>' on /v1/*.")
     allowed_origins: tuple[str, ...] = option(default_factory=tuple, help="CORS origins allowed "
                                               "(comma separated); CORS is off when empty.")
@@ -145,6 +158,177 @@ class EngineConfig:
         from sluice.config_sources import build_engine_config
         return build_engine_config(overrides=kwargs)
 
+    def validate(self) -> None:
+        """Check every field (type, choices, range) and the cross-field rules; raise one
+        `ConfigError` listing every problem. Useful after `dataclasses.replace`."""
+        problems: list[str] = []
+        bad: set[str] = set()
+        for spec in field_specs().values():
+            value = getattr(getattr(self, spec.section), spec.name)
+            reason = spec.check(value)
+            if reason is not None:
+                bad.add(spec.name)
+                problems.append(f"{spec.flag}: {value!r} {reason}; allowed: {spec.allowed()}.")
+        problems += cross_field_problems(self, skip=bad)
+        if problems:
+            raise ConfigError(problems)
+
 
 Section = Literal["model", "cache", "scheduler", "parallel", "device", "load", "server",
                   "observability"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation helpers (shared by `config_sources` and `EngineConfig.validate`).
+
+ENV_PREFIX = "SLUICE_"
+
+# Values that parse and fit their range but that this version cannot run yet. Raise the limit
+# here when the feature lands.
+SUPPORTED_MAX: dict[str, int] = {
+    "tensor_parallel_size": 1, "pipeline_parallel_size": 1, "data_parallel_size": 1,
+}
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One config field as the CLI, files and environment see it.
+
+    `kind` is one of "bool", "int", "float", "str", "tuple"; `optional` means None is allowed.
+    """
+    section: str
+    name: str
+    kind: str
+    optional: bool
+    default: Any
+    help: str
+    choices: tuple | None
+    flag: str
+    cli: bool
+    byte_size: bool
+    ge: float | None
+    gt: float | None
+    le: float | None
+
+    @property
+    def env_var(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    def allowed(self) -> str:
+        """What values are allowed, in words ("an integer >= 1", "one of fcfs, priority")."""
+        if self.choices is not None:
+            return "one of " + ", ".join(str(c) for c in self.choices)
+        if self.kind == "bool":
+            return "true or false (also 1/0, yes/no, on/off)"
+        if self.kind == "tuple":
+            return "a comma-separated list of strings"
+        if self.kind == "str":
+            return "a string"
+        if self.byte_size:
+            return "a positive byte size such as 4GiB, 512MiB, 1.5GB or a plain number of bytes"
+        noun = {"int": "an integer", "float": "a number"}[self.kind]
+        return noun + _range_text(self.ge, self.gt, self.le)
+
+    def check(self, value: Any) -> str | None:
+        """Check an already-typed value; return why it is invalid, or None when it is fine."""
+        if value is None:
+            return None if self.optional else "must be set"
+        expected = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,),
+                    "tuple": (tuple,)}[self.kind]
+        if not isinstance(value, expected) or (self.kind != "bool" and isinstance(value, bool)):
+            return f"has the wrong type ({type(value).__name__})"
+        if self.choices is not None and value not in self.choices:
+            return "is not one of the choices"
+        if self.kind in ("int", "float"):
+            if isinstance(value, float) and math.isnan(value):
+                return "is not a number"
+            if ((self.ge is not None and value < self.ge)
+                    or (self.gt is not None and value <= self.gt)
+                    or (self.le is not None and value > self.le)):
+                return "is out of range"
+        return None
+
+
+def _range_text(ge: float | None, gt: float | None, le: float | None) -> str:
+    lo = f"[{ge:g}" if ge is not None else (f"({gt:g}" if gt is not None else None)
+    if lo is not None and le is not None:
+        return f" in {lo}, {le:g}]"
+    if ge is not None:
+        return f" >= {ge:g}"
+    if gt is not None:
+        return f" > {gt:g}"
+    if le is not None:
+        return f" <= {le:g}"
+    return ""
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    """The CLI flag of a config field: its `flag` metadata, else `--field-name`."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _kind_of(hint: Any) -> tuple[str, bool]:
+    args = typing.get_args(hint)
+    optional = False
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        optional = type(None) in args
+        rest = [a for a in args if a is not type(None)]
+        assert len(rest) == 1, f"unsupported config type {hint}"
+        hint = rest[0]
+    if typing.get_origin(hint) is tuple:
+        return "tuple", optional
+    names = {bool: "bool", int: "int", float: "float", str: "str"}
+    assert hint in names, f"unsupported config type {hint}"
+    return names[hint], optional
+
+
+@functools.cache
+def field_specs() -> dict[str, FieldSpec]:
+    """Every config field by its (unique) name, in declaration order of SECTIONS."""
+    specs: dict[str, FieldSpec] = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            assert f.name not in specs, f"config field {f.name} is declared twice"
+            kind, optional = _kind_of(hints[f.name])
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            m = f.metadata
+            specs[f.name] = FieldSpec(
+                section=section, name=f.name, kind=kind, optional=optional, default=default,
+                help=m.get("help", ""), choices=m.get("choices"), flag=flag_name(f),
+                cli=m.get("cli", True), byte_size=m.get("byte_size", False), ge=m.get("ge"),
+                gt=m.get("gt"), le=m.get("le"))
+    return specs
+
+
+def cross_field_problems(cfg: EngineConfig, skip: typing.AbstractSet[str] = frozenset()
+                         ) -> list[str]:
+    """Rules that involve more than one field or this version's limits. Rules touching a field
+    in `skip` (one that already failed its own check) are not evaluated."""
+    problems: list[str] = []
+    specs = field_specs()
+    for name, limit in SUPPORTED_MAX.items():
+        value = getattr(getattr(cfg, specs[name].section), name)
+        if name not in skip and value > limit:
+            flag = specs[name].flag
+            problems.append(
+                f"{flag}: {value} is not supported yet in this version of sluice (only "
+                f"{flag} {limit} is). Fix: remove {flag} or set it to {limit}.")
+    sched, mml = cfg.scheduler, cfg.model.max_model_len
+    mnbt = sched.max_num_batched_tokens
+    if mnbt is not None and not {"max_num_batched_tokens", "max_num_seqs"} & skip:
+        if mnbt < sched.max_num_seqs:
+            problems.append(
+                f"--max-num-batched-tokens: {mnbt} is smaller than --max-num-seqs "
+                f"({sched.max_num_seqs}); every running request needs at least one token per "
+                f"step. Fix: raise --max-num-batched-tokens to at least {sched.max_num_seqs} or "
+                f"lower --max-num-seqs to at most {mnbt}.")
+    if (mnbt is not None and mml is not None and not sched.enable_chunked_prefill
+            and not {"max_num_batched_tokens", "max_model_len", "enable_chunked_prefill"} & skip
+            and mnbt < mml):
+        problems.append(
+            f"--max-num-batched-tokens: {mnbt} is smaller than --max-model-len ({mml}) while "
+            f"chunked prefill is disabled, so a long prompt could never be scheduled. Fix: raise "
+            f"--max-num-batched-tokens to at least {mml}, lower --max-model-len to at most "
+            f"{mnbt}, or pass --enable-chunked-prefill.")
+    return problems

@@ -1,0 +1,321 @@
+"""The scheduler: one token budget per step, running requests first, then waiting ones.
+
+Contract of one engine step (`EngineCore.step`)::
+
+    so  = scheduler.schedule()                 # decides tokens per request; advances
+                                               # request.num_computed_tokens by them
+    out = executor.execute_model(so)           # computes exactly those tokens
+    eco = scheduler.update_from_output(so, out)  # appends sampled tokens, checks stops,
+                                                 # frees finished requests' blocks
+
+`num_computed_tokens` is advanced at *schedule* time (as in vLLM): once `schedule()` returns, it
+counts the tokens this step writes to the KV cache. The `SchedulerOutput` carries the value
+*before* the step (what the worker's KV cache already holds). `update_from_output` never moves it.
+
+Policy:
+1. RUNNING requests, in order, get `min(num_tokens - num_computed_tokens, budget left)` tokens
+   (1 for a decode, a chunk for a prefill). When blocks run out, the tail of the running list
+   (fcfs: the last admitted; priority: largest priority value, then latest arrival) is preempted:
+   blocks freed, `num_computed_tokens = 0`, back to the front of the waiting queue. This repeats
+   until the allocation fits or the request preempted itself.
+2. Only if nobody was preempted this step: admit WAITING requests in queue order while the budget,
+   `max_num_seqs` and free blocks allow: prefix-cache lookup, then a (possibly chunked) prefill.
+   The head of the queue is never skipped.
+
+New and resumed requests are sent in full (`NewRequestData`, prompt + outputs so far, all block
+ids); running ones as diffs (`CachedRequestData`, only newly allocated block ids).
+`finished_request_ids` = requests finished, aborted or preempted since the previous `schedule()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from sluice.config import CacheConfig, SchedulerConfig
+from sluice.core.kv_cache.hashing import make_block_hasher
+from sluice.core.kv_cache.manager import KVCacheManager
+from sluice.core.request import Request, RequestStatus
+from sluice.core.sched.queues import create_request_queue
+from sluice.core.sched.stop import check_stop
+from sluice.errors import ConfigError
+from sluice.messages import EngineCoreOutput, SchedulerStats
+from sluice.step import (CachedRequestData, ModelRunnerOutput, NewRequestData,
+                         SchedulerOutput)
+
+
+@dataclass
+class _StepPlan:
+    """What one `schedule()` call has decided so far."""
+    budget: int
+    new_reqs: list[Request] = field(default_factory=list)      # new or resumed
+    cached_reqs: list[Request] = field(default_factory=list)   # running from before
+    num_scheduled: dict[str, int] = field(default_factory=dict)
+    new_block_ids: dict[str, list[int]] = field(default_factory=dict)
+    num_preempted: int = 0
+
+
+class Scheduler:
+    """Decides, each step, which tokens of which requests run. Pure Python; no torch."""
+
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
+                 max_model_len: int, num_kv_blocks: int):
+        self.config = scheduler_config
+        self.max_model_len = max_model_len
+        self.max_num_seqs = scheduler_config.max_num_seqs
+        self.token_budget = scheduler_config.token_budget
+        self.enable_chunked_prefill = scheduler_config.enable_chunked_prefill
+        self.policy = scheduler_config.scheduling_policy
+        if not self.enable_chunked_prefill and self.token_budget < max_model_len:
+            raise ConfigError(
+                f"--max-num-batched-tokens ({self.token_budget}) is smaller than "
+                f"max_model_len ({max_model_len}) with chunked prefill disabled, so a long "
+                f"prompt could never be scheduled; raise --max-num-batched-tokens to at least "
+                f"{max_model_len}, lower --max-model-len, or enable chunked prefill.")
+
+        self.kv_cache_manager = KVCacheManager(num_kv_blocks, cache_config.block_size,
+                                               cache_config.enable_prefix_caching,
+                                               max_model_len)
+        # Attach to each Request (done by `add_request` if the caller did not).
+        self.block_hasher = (make_block_hasher(cache_config.block_size)
+                             if cache_config.enable_prefix_caching else None)
+
+        self.requests: dict[str, Request] = {}
+        self.waiting = create_request_queue(self.policy)
+        self.running: list[Request] = []
+        self.finished_req_ids: set[str] = set()
+        # Counters since the previous make_stats().
+        self._num_preemptions = 0
+        self._num_prompt_tokens = 0
+        self._num_generation_tokens = 0
+
+    # ---- requests in and out ------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        assert request.request_id not in self.requests, f"duplicate {request.request_id!r}"
+        assert request.num_tokens <= self.max_model_len, (
+            f"{request.request_id}: prompt of {request.num_tokens} tokens exceeds "
+            f"max_model_len {self.max_model_len}; the frontend must reject it")
+        if self.block_hasher is not None and request.block_hasher is None:
+            request.set_block_hasher(self.block_hasher)
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+
+    def finish_requests(self, request_ids: str | Iterable[str],
+                        finished_status: RequestStatus) -> list[str]:
+        """Finish (typically abort) requests wherever they are; unknown or already finished
+        ids are ignored. Frees their blocks. Returns the ids actually finished."""
+        assert finished_status.is_finished
+        if isinstance(request_ids, str):
+            request_ids = (request_ids,)
+        running_ids: set[str] = set()
+        waiting_ids: set[str] = set()
+        for rid in request_ids:
+            request = self.requests.pop(rid, None)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                running_ids.add(rid)
+                self.finished_req_ids.add(rid)  # the worker holds its state
+            else:
+                waiting_ids.add(rid)
+            request.status = finished_status
+            self.kv_cache_manager.free(request)
+        if running_ids:
+            self.running = [r for r in self.running if r.request_id not in running_ids]
+        if waiting_ids:
+            self.waiting.remove_requests(waiting_ids)
+        return [*running_ids, *waiting_ids]
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.get_num_unfinished_requests() > 0
+
+    def has_finished_requests(self) -> bool:
+        """Whether finished ids still have to reach the workers (via the next schedule())."""
+        return bool(self.finished_req_ids)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv_cache_manager.reset_prefix_cache()
+
+    # ---- schedule ----------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        plan = _StepPlan(budget=self.token_budget)
+        self._schedule_running(plan)
+        if plan.num_preempted == 0:
+            self._schedule_waiting(plan)
+        output = self._make_output(plan)
+        self._advance_computed_tokens(plan)
+        return output
+
+    def _schedule_running(self, plan: _StepPlan) -> None:
+        i = 0
+        while i < len(self.running) and plan.budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, plan.budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            while (new_ids := self.kv_cache_manager.allocate_slots(request, num_new)) is None:
+                victim_index = self._victim_index()
+                victim = self.running.pop(victim_index)
+                self._preempt(victim, plan)
+                if victim is request:
+                    break
+                if victim_index < i:  # an already scheduled request (priority policy)
+                    i -= 1
+            if new_ids is None:
+                continue  # `request` preempted itself; running[i] is the next one
+            plan.cached_reqs.append(request)
+            plan.new_block_ids[request.request_id] = new_ids
+            plan.num_scheduled[request.request_id] = num_new
+            plan.budget -= num_new
+            i += 1
+
+    def _victim_index(self) -> int:
+        """Index in `running` of the request to preempt: the tail (fcfs), or the largest
+        (priority, arrival_time) (priority policy)."""
+        if self.policy == "priority":
+            return max(range(len(self.running)),
+                       key=lambda j: (self.running[j].priority, self.running[j].arrival_time))
+        return len(self.running) - 1
+
+    def _preempt(self, request: Request, plan: _StepPlan) -> None:
+        """Free `request`'s blocks and send it back to the front of the waiting queue (it is
+        recomputed from scratch, with whatever the prefix cache still holds)."""
+        rid = request.request_id
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.pending_prompt_logprobs = []
+        if rid in plan.num_scheduled:  # undo its place in this step
+            plan.budget += plan.num_scheduled.pop(rid)
+            plan.new_block_ids.pop(rid)
+            plan.cached_reqs = [r for r in plan.cached_reqs if r is not request]
+        self.waiting.prepend(request)
+        self.finished_req_ids.add(rid)  # the worker must forget it
+        plan.num_preempted += 1
+        self._num_preemptions += 1
+
+    def _schedule_waiting(self, plan: _StepPlan) -> None:
+        kv = self.kv_cache_manager
+        while self.waiting and plan.budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting.peek()
+            hit_blocks, num_hit = kv.get_computed_blocks(request)
+            num_new = request.num_tokens - num_hit
+            if num_new > plan.budget:
+                if not self.enable_chunked_prefill:
+                    break
+                num_new = plan.budget
+            if kv.allocate_slots(request, num_new, num_hit, hit_blocks) is None:
+                break
+            self.waiting.pop()
+            if request.status == RequestStatus.WAITING:
+                request.num_cached_tokens = num_hit
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_hit
+            self.running.append(request)
+            plan.new_reqs.append(request)
+            plan.num_scheduled[request.request_id] = num_new
+            plan.budget -= num_new
+
+    def _make_output(self, plan: _StepPlan) -> SchedulerOutput:
+        """Build the step's diff; must run before `_advance_computed_tokens`."""
+        kv = self.kv_cache_manager
+        new_reqs = [
+            NewRequestData(request_id=r.request_id, token_ids=list(r.all_token_ids),
+                           num_prompt_tokens=r.num_prompt_tokens,
+                           sampling_params=r.sampling_params,
+                           block_ids=kv.get_block_ids(r.request_id),
+                           num_computed_tokens=r.num_computed_tokens,
+                           eos_token_id=r.eos_token_id)
+            for r in plan.new_reqs]
+        cached_reqs = [
+            CachedRequestData(request_id=r.request_id,
+                              new_block_ids=plan.new_block_ids[r.request_id],
+                              num_computed_tokens=r.num_computed_tokens)
+            for r in plan.cached_reqs]
+        finished, self.finished_req_ids = self.finished_req_ids, set()
+        return SchedulerOutput(
+            scheduled_new_reqs=new_reqs, scheduled_cached_reqs=cached_reqs,
+            num_scheduled_tokens=dict(plan.num_scheduled),
+            total_num_scheduled_tokens=sum(plan.num_scheduled.values()),
+            finished_request_ids=finished)
+
+    def _advance_computed_tokens(self, plan: _StepPlan) -> None:
+        for rid, num_new in plan.num_scheduled.items():
+            request = self.requests[rid]
+            start = request.num_computed_tokens
+            self._num_prompt_tokens += max(0, min(start + num_new, request.num_prompt_tokens)
+                                           - start)
+            request.num_computed_tokens = start + num_new
+
+    # ---- update ------------------------------------------------------------------------
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           model_runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """Append each scheduled request's sampled tokens, check stops, free finished
+        requests. Returns one output per request that produced tokens or finished; requests
+        aborted since `schedule()` are skipped."""
+        outputs: list[EngineCoreOutput] = []
+        finished_ids: set[str] = set()
+        sampled_by_id = model_runner_output.sampled_token_ids
+        for rid in scheduler_output.num_scheduled_tokens:
+            request = self.requests.get(rid)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue
+            before_first_token = request.num_output_tokens == 0
+            if before_first_token and rid in model_runner_output.prompt_logprobs:
+                request.pending_prompt_logprobs.extend(model_runner_output.prompt_logprobs[rid])
+            new_token_ids: list[int] = []
+            for token_id in sampled_by_id.get(rid, ()):
+                request.append_output_token_ids(token_id)
+                new_token_ids.append(token_id)
+                if check_stop(request, self.max_model_len):
+                    break
+            if not new_token_ids:
+                continue
+            self._num_generation_tokens += len(new_token_ids)
+            outputs.append(self._make_core_output(request, new_token_ids, model_runner_output,
+                                                  before_first_token))
+            if request.is_finished:
+                finished_ids.add(rid)
+                self._free_finished(request)
+        if finished_ids:
+            self.running = [r for r in self.running if r.request_id not in finished_ids]
+        return outputs
+
+    def _make_core_output(self, request: Request, new_token_ids: list[int],
+                          model_runner_output: ModelRunnerOutput,
+                          first_tokens: bool) -> EngineCoreOutput:
+        logprobs = model_runner_output.logprobs.get(request.request_id)
+        if logprobs is not None:
+            logprobs = logprobs[:len(new_token_ids)]
+        prompt_logprobs = None
+        if first_tokens and request.sampling_params.prompt_logprobs is not None:
+            prompt_logprobs, request.pending_prompt_logprobs = (
+                request.pending_prompt_logprobs, [])
+        return EngineCoreOutput(
+            request_id=request.request_id, new_token_ids=new_token_ids,
+            new_logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            finish_reason=request.finish_reason, stop_reason=request.stop_reason,
+            num_cached_tokens=max(0, request.num_cached_tokens))
+
+    def _free_finished(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        del self.requests[request.request_id]
+        self.finished_req_ids.add(request.request_id)
+
+    # ---- stats -------------------------------------------------------------------------
+    def make_stats(self) -> SchedulerStats:
+        """A snapshot; the counters cover the time since the previous call."""
+        prefix = self.kv_cache_manager.take_prefix_cache_stats()
+        stats = SchedulerStats(
+            num_running_reqs=len(self.running), num_waiting_reqs=len(self.waiting),
+            kv_cache_usage=self.kv_cache_manager.usage,
+            prefix_cache_queries=prefix.queries, prefix_cache_hits=prefix.hits,
+            num_preemptions=self._num_preemptions, num_prompt_tokens=self._num_prompt_tokens,
+            num_generation_tokens=self._num_generation_tokens)
+        self._num_preemptions = self._num_prompt_tokens = self._num_generation_tokens = 0
+        return stats

@@ -1,0 +1,147 @@
+"""Turn a user request into a validated `EngineCoreRequest`. No torch.
+
+Contract: `InputProcessor.process` tokenizes a text prompt (or takes token ids), checks the
+request against the served model and raises `InvalidRequestError` with `param` set for every
+user mistake, so that the HTTP layer answers 400 and the engine core never sees a bad request.
+The `SamplingParams` it sends are a copy with `max_tokens` materialised (never None).
+
+`fan_out` splits an `n > 1` request into `n` independent engine requests: child `i` is
+`f"{i}_{request_id}"` with `n=1` and, when a seed is set, `seed + i` (so samples differ but each
+stays reproducible). Only child 0 asks for prompt logprobs; they are identical for all children.
+"""
+
+from __future__ import annotations
+
+import operator
+import time
+from typing import Sequence
+
+from sluice.errors import InvalidRequestError
+from sluice.frontend.tokenizer import Tokenizer
+from sluice.messages import EngineCoreRequest
+from sluice.sampling_params import SamplingParams
+
+
+def _as_token_id(value: object) -> int | None:
+    """`value` as a plain int if it is an integer (numpy ints included, bools not), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def child_request_id(request_id: str, index: int) -> str:
+    """The engine-side id of sample `index` of an `n > 1` request."""
+    return f"{index}_{request_id}"
+
+
+def fan_out(request: EngineCoreRequest) -> list[EngineCoreRequest]:
+    """The engine requests for `request`: itself when `n == 1`, else one child per sample."""
+    params = request.sampling_params
+    if params.n == 1:
+        return [request]
+    children = []
+    for i in range(params.n):
+        child_params = params.with_updates(
+            n=1, seed=None if params.seed is None else params.seed + i,
+            prompt_logprobs=params.prompt_logprobs if i == 0 else None)
+        children.append(EngineCoreRequest(
+            request_id=child_request_id(request.request_id, i),
+            prompt_token_ids=request.prompt_token_ids, sampling_params=child_params,
+            eos_token_id=request.eos_token_id, arrival_time=request.arrival_time,
+            priority=request.priority, cache_salt=request.cache_salt))
+    return children
+
+
+class InputProcessor:
+    """Validates and tokenizes requests for one served model.
+
+    `vocab_size` bounds prompt token ids and `stop_token_ids`/`logit_bias` keys (pass the
+    model's vocabulary size, which may exceed the tokenizer's); `max_logprobs` bounds
+    `logprobs`/`prompt_logprobs`; `eos_token_id` is sent with every request (None: no EOS stop).
+    `tokenizer` may be None when only token-id prompts and `detokenize=False` are served.
+    """
+
+    def __init__(self, tokenizer: Tokenizer | None, max_model_len: int, vocab_size: int,
+                 max_logprobs: int, eos_token_id: int | None):
+        assert max_model_len > 0 and vocab_size > 0, (max_model_len, vocab_size)
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.max_logprobs = max_logprobs
+        self.eos_token_id = eos_token_id
+
+    def process(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams,
+                arrival_time: float | None = None, priority: int = 0, *,
+                add_special_tokens: bool = True,
+                cache_salt: str | None = None) -> EngineCoreRequest:
+        """Tokenize and validate; return the request to hand to `OutputProcessor.add_request`.
+
+        `prompt` is text (tokenized with `add_special_tokens`; pass False for chat-template
+        output, which already holds BOS) or token ids. `arrival_time` is `time.monotonic()`
+        seconds, defaulting to now. Raises `InvalidRequestError`.
+        """
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequestError("request_id must be a non-empty string.", param="request_id")
+        prompt_token_ids = self._tokenize(prompt, add_special_tokens)
+        params = self._validate_params(params, len(prompt_token_ids))
+        return EngineCoreRequest(
+            request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=params,
+            eos_token_id=self.eos_token_id,
+            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+            priority=priority, cache_salt=cache_salt)
+
+    def _tokenize(self, prompt: str | Sequence[int], add_special_tokens: bool) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("The prompt is empty; send at least one token.",
+                                          param="prompt")
+            if self.tokenizer is None:
+                raise InvalidRequestError("This server was started without a tokenizer; send "
+                                          "the prompt as token ids.", param="prompt")
+            token_ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        else:
+            token_ids = []
+            for value in prompt:
+                token_id = _as_token_id(value)
+                if token_id is None:
+                    raise InvalidRequestError(f"Prompt token ids must be integers, got "
+                                              f"{value!r}.", param="prompt")
+                token_ids.append(token_id)
+        if not token_ids:
+            raise InvalidRequestError("The prompt is empty; send at least one token.",
+                                      param="prompt")
+        for token_id in token_ids:
+            if not 0 <= token_id < self.vocab_size:
+                raise InvalidRequestError(
+                    f"Prompt token id {token_id} is outside the vocabulary "
+                    f"[0, {self.vocab_size}).", param="prompt")
+        return token_ids
+
+    def _validate_params(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
+        """Model-dependent checks; returns the copy to send (max_tokens materialised)."""
+        params.check_against_model(self.vocab_size, self.max_logprobs)
+        if params.stop and not params.detokenize:
+            raise InvalidRequestError("stop strings need detokenize=True (use stop_token_ids "
+                                      "to stop on tokens without detokenizing).", param="stop")
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer; this server has none.",
+                                      param="stop")
+        limit = self.max_model_len
+        if params.max_tokens is None:
+            if prompt_len >= limit:
+                raise InvalidRequestError(
+                    f"This model's maximum context length is {limit} tokens. However, you "
+                    f"requested {prompt_len} tokens in the messages. Please reduce the length "
+                    "of the messages.", param="prompt")
+            return params.with_updates(max_tokens=limit - prompt_len)
+        if prompt_len + params.max_tokens > limit:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens. However, you "
+                f"requested {prompt_len + params.max_tokens} tokens ({prompt_len} in the "
+                f"messages, {params.max_tokens} in the completion). Please reduce the length "
+                "of the messages or completion.",
+                param="prompt" if prompt_len >= limit else "max_tokens")
+        return params

@@ -1,0 +1,90 @@
+"""The `Platform` contract: every device fact the engine needs, in one object.
+
+Workers, the model runner and the memory profiler ask the platform (never `torch.cuda` directly)
+for the device, the distributed backend, memory figures, dtype defaults, threads and the
+attention backend. Implementations import torch inside methods so that importing this package
+stays cheap and torch-free.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any
+
+from sluice.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+_DTYPE_NAMES = {"float32": "float32", "float": "float32", "fp32": "float32",
+                "bfloat16": "bfloat16", "bf16": "bfloat16",
+                "float16": "float16", "half": "float16", "fp16": "float16"}
+
+
+def dtype_name(dtype: Any) -> str | None:
+    """Normalize a dtype given as a string ('bfloat16', 'torch.float16', 'half') or a
+    torch.dtype to one of 'float32', 'bfloat16', 'float16'; None for None/unknown."""
+    if dtype is None:
+        return None
+    text = str(dtype).removeprefix("torch.").lower()
+    return _DTYPE_NAMES.get(text)
+
+
+def to_torch_dtype(name: str) -> "torch.dtype":
+    import torch
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16,
+            "float16": torch.float16}[name]
+
+
+class Platform(ABC):
+    """One device kind. `device_type` is the torch device type; `dist_backend` the
+    torch.distributed backend for its ranks."""
+
+    device_type: str = ""
+    dist_backend: str = ""
+
+    @abstractmethod
+    def torch_device(self, index: int | None = None) -> "torch.device":
+        """The torch device to place tensors on (`index` selects a GPU)."""
+
+    @abstractmethod
+    def device_name(self) -> str:
+        """A human-readable name of the device, for logs."""
+
+    @abstractmethod
+    def total_memory_bytes(self) -> int:
+        """Memory of the device this process may use, in bytes."""
+
+    @abstractmethod
+    def free_memory_bytes(self) -> int:
+        """Memory of the device free right now, in bytes."""
+
+    @abstractmethod
+    def default_dtype(self, checkpoint_dtype: "str | torch.dtype | None") -> "torch.dtype":
+        """The dtype `--dtype auto` means for a checkpoint stored in `checkpoint_dtype`."""
+
+    @abstractmethod
+    def set_num_threads(self, num_threads: int | None) -> int:
+        """Set torch's intra-op threads (None: the platform default); return the count used."""
+
+    @abstractmethod
+    def synchronize(self) -> None:
+        """Wait for queued device work (for timing and memory profiling)."""
+
+    def attention_backend_name(self) -> str:
+        """The attention backend the model runner should build."""
+        return "torch_paged"
+
+    def resolve_dtype(self, config_dtype: str,
+                      checkpoint_dtype: "str | torch.dtype | None") -> "torch.dtype":
+        """`--dtype` (ModelConfig.dtype) → torch.dtype: 'auto' uses `default_dtype`."""
+        if config_dtype == "auto":
+            return self.default_dtype(checkpoint_dtype)
+        name = dtype_name(config_dtype)
+        if name is None:
+            raise ConfigError(f"--dtype: {config_dtype!r} is not supported; allowed: auto, "
+                              "float32, bfloat16, float16. Fix: pass one of them.")
+        return to_torch_dtype(name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(device_type={self.device_type!r})"

@@ -1,0 +1,63 @@
+"""The platform seam on this machine (CPU): host facts, memory, dtype, threads."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from sluice.config import DeviceConfig
+from sluice.errors import ConfigError
+from sluice.platform import current_platform, dtype_name, host
+
+
+def test_host_facts():
+    assert host.affinity_cpus() >= 1
+    assert isinstance(host.cpu_model(), str) and host.cpu_model()
+    flags = host.isa_flags()
+    assert flags and all(isinstance(v, bool) for v in flags.values())
+    total, available = host.memory_bytes()
+    assert total >= available > 0
+
+
+def test_cpu_platform_basics():
+    plat = current_platform("cpu")
+    assert plat is current_platform(DeviceConfig(device="cpu"))
+    assert plat.device_type == "cpu" and plat.dist_backend == "gloo"
+    assert plat.attention_backend_name() == "torch_paged"
+    assert plat.total_memory_bytes() >= plat.free_memory_bytes() > 0
+    plat.synchronize()
+
+
+def test_cpu_dtypes_and_threads():
+    torch = pytest.importorskip("torch")
+    plat = current_platform("cpu")
+    assert plat.torch_device() == torch.device("cpu")
+    assert plat.default_dtype("bfloat16") == torch.float32
+    assert plat.resolve_dtype("auto", torch.float16) == torch.float32
+    assert plat.resolve_dtype("bfloat16", None) == torch.bfloat16
+    before = torch.get_num_threads()
+    try:
+        assert plat.set_num_threads(1) == 1
+        assert plat.set_num_threads(None) == len(os.sched_getaffinity(0))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_auto_and_unknown_devices():
+    torch = pytest.importorskip("torch")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert current_platform(DeviceConfig()).device_type == expected
+    assert current_platform().device_type == expected
+    with pytest.raises(ConfigError, match="--device"):
+        current_platform("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device is available"):
+            current_platform("cuda")
+
+
+@pytest.mark.parametrize("given,name", [("bfloat16", "bfloat16"), ("torch.float16", "float16"),
+                                        ("half", "float16"), ("float32", "float32"),
+                                        (None, None), ("int8", None)])
+def test_dtype_name(given, name):
+    assert dtype_name(given) == name
