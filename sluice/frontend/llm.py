@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from sluice.config import EngineConfig
 from sluice.config_sources import build_engine_config
-from sluice.frontend.client import EngineCoreClient, InprocClient
+from sluice.frontend.client import EngineCoreClient, InprocClient, SyncMPClient
 from sluice.frontend.input_processor import InputProcessor
 from sluice.frontend.output_processor import OutputProcessor
 from sluice.frontend.tokenizer import Tokenizer, load_tokenizer
@@ -32,10 +32,11 @@ class LLM:
     `LLM(model, **engine_kwargs)` takes the config fields by their flat names
     (`max_num_seqs=8`, `enable_prefix_caching=False`, `kv_cache_memory="1GiB"` …);
     `model=None` uses the built-in demo model. Pass `config=` to use a prebuilt EngineConfig.
+    `use_process=True` runs the engine core in a child process (`SyncMPClient`).
     """
 
     def __init__(self, model: str | None = None, *, config: EngineConfig | None = None,
-                 **engine_kwargs: Any):
+                 use_process: bool = False, **engine_kwargs: Any):
         if config is None:
             overrides = dict(engine_kwargs)
             if model is not None:
@@ -44,7 +45,8 @@ class LLM:
         elif model is not None or engine_kwargs:
             raise TypeError("LLM: pass either config= or model/engine keyword arguments.")
         self.config = config
-        self.client: EngineCoreClient = InprocClient(config)
+        self.client: EngineCoreClient = (SyncMPClient(config) if use_process
+                                         else InprocClient(config))
         ready = self.client.ready
         self.tokenizer: Tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
         self.input_processor = InputProcessor(

@@ -21,7 +21,8 @@ from sluice.model.attention.kv_cache import allocate_kv_caches
 from sluice.model.attention.metadata import build_attention_metadata
 from sluice.model.loader import load_model
 from sluice.sample.metadata import SamplingRow, build_sampling_metadata
-from sluice.sample.sampler import Sampler, compute_prompt_logprobs, to_token_logprobs
+from sluice.sample.logprobs import compute_prompt_logprobs, to_token_logprobs
+from sluice.sample.sampler import Sampler
 from sluice.step import ModelRunnerOutput, SchedulerOutput
 from sluice.worker.input_batch import StepBatch, build_step_batch
 from sluice.worker.request_state import CachedRequestState
