@@ -75,7 +75,7 @@ class EngineCore:
             self.spec = load_model_spec(config.model.model)
             self.max_model_len = resolve_max_model_len(config, self.spec)
         with _stage("load weights", timings):
-            self.executor = UniprocExecutor(config, self.spec)
+            self.executor = UniprocExecutor(config, self.spec, self.max_model_len)
             self.executor.load_model()
         with _stage("profile + allocate KV", timings):
             available = self.executor.determine_available_kv_memory()

@@ -10,8 +10,8 @@ from sluice.worker.worker import Worker
 
 
 class UniprocExecutor(Executor):
-    def __init__(self, config: EngineConfig, spec: ModelSpec):
-        self.worker = Worker(config, spec, rank=0)
+    def __init__(self, config: EngineConfig, spec: ModelSpec, max_model_len: int):
+        self.worker = Worker(config, spec, max_model_len, rank=0)
 
     def load_model(self) -> None:
         self.worker.load_model()

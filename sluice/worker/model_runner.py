@@ -20,7 +20,7 @@ from sluice.model.attention.forward_context import set_forward_context
 from sluice.model.attention.kv_cache import allocate_kv_caches
 from sluice.model.attention.metadata import build_attention_metadata
 from sluice.model.loader import load_model
-from sluice.sample.metadata import SamplingRow, build_sampling_metadata
+from sluice.sample.metadata import SamplingRow, build_sampling_metadata, request_generator
 from sluice.sample.logprobs import compute_prompt_logprobs, to_token_logprobs
 from sluice.sample.sampler import Sampler
 from sluice.step import ModelRunnerOutput, SchedulerOutput
@@ -32,11 +32,12 @@ logger = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, spec: ModelSpec, device: torch.device,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, max_model_len: int):
         self.config = config
         self.spec = spec
         self.device = device
         self.dtype = dtype
+        self.max_model_len = max_model_len
         self.block_size = config.cache.block_size
         self.model: torch.nn.Module | None = None
         self.kv_caches: list[torch.Tensor] = []
@@ -46,7 +47,8 @@ class ModelRunner:
 
     # ---- setup -------------------------------------------------------------------------
     def load_model(self) -> None:
-        self.model = load_model(self.spec, self.dtype, self.device, self.config.load.load_format)
+        self.model = load_model(self.spec, self.dtype, self.device, self.config.load.load_format,
+                                max_model_len=self.max_model_len, seed=self.config.model.seed)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = allocate_kv_caches(self.spec, num_blocks, self.block_size, self.dtype,
@@ -105,9 +107,8 @@ class ModelRunner:
         for rid in so.finished_request_ids:
             self.requests.pop(rid, None)
         for new in so.scheduled_new_reqs:
-            seed = new.sampling_params.seed
-            generator = (torch.Generator(device="cpu").manual_seed(seed)
-                         if seed is not None else None)
+            generator = request_generator(new.sampling_params, "cpu",
+                                          len(new.token_ids) - new.num_prompt_tokens)
             self.requests[new.request_id] = CachedRequestState(
                 new.request_id, list(new.token_ids), new.num_prompt_tokens, new.sampling_params,
                 list(new.block_ids), new.num_computed_tokens, generator, new.eos_token_id)

@@ -10,6 +10,7 @@ import torch
 
 from sluice.config import EngineConfig
 from sluice.hf_config import ModelSpec
+from sluice.model.attention.kv_cache import kv_cache_bytes_per_block
 from sluice.model.loader import resolve_dtype
 from sluice.platform import current_platform
 from sluice.step import ModelRunnerOutput, SchedulerOutput
@@ -21,7 +22,7 @@ _PROFILE_TOKENS = 256  # tokens of the profiling/warm-up forward; kept small for
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, spec: ModelSpec, rank: int = 0):
+    def __init__(self, config: EngineConfig, spec: ModelSpec, max_model_len: int, rank: int = 0):
         self.config = config
         self.spec = spec
         self.rank = rank
@@ -30,21 +31,20 @@ class Worker:
         self.dtype = resolve_dtype(config.model.dtype, spec, self.device)
         self.platform.set_num_threads(config.device.num_threads)
         torch.manual_seed(config.model.seed)
-        self.model_runner = ModelRunner(config, spec, self.device, self.dtype)
+        self.model_runner = ModelRunner(config, spec, self.device, self.dtype, max_model_len)
 
     def load_model(self) -> None:
         self.model_runner.load_model()
 
     def kv_cache_bytes_per_block(self) -> int:
-        element_size = torch.empty((), dtype=self.dtype).element_size()
-        return self.spec.kv_bytes_per_token * element_size // 4 * self.config.cache.block_size
+        return kv_cache_bytes_per_block(self.spec, self.config.cache.block_size, self.dtype)
 
     def determine_available_kv_memory(self) -> int:
         """Bytes for the KV cache: `--kv-cache-memory` if set, else a fraction of the free
         memory measured after a profiling forward, minus the activation peak estimated for a
         full `max_num_batched_tokens` step."""
         start = time.perf_counter()
-        self.model_runner.dummy_run(_PROFILE_TOKENS)
+        self.model_runner.dummy_run(_PROFILE_TOKENS, num_reqs=2)
         logger.debug("profiling forward took %.2fs", time.perf_counter() - start)
         if self.config.cache.kv_cache_memory is not None:
             return self.config.cache.kv_cache_memory

@@ -1,0 +1,104 @@
+"""The pure-torch paged attention backend: CPU default and the test oracle for faster ones.
+
+Per layer and step:
+  1. write:  cache[0].view(-1, Hkv, D)[slot_mapping] = k  (and cache[1] for v), via index_copy_
+  2. gather: for each group (decode and prefill buckets), the whole blocks of its requests'
+             block-table rows in ONE index_select into a reusable workspace
+             -> [2, N, nb*block_size, Hkv, D]
+  3. attend: one SDPA per group with the group's precomputed mask (as an additive float
+             mask, converted once per step)
+       decode:  q viewed as [Nd, Hkv, G, D] (G = H/Hkv query heads share a kv head, as HF's
+                repeat_kv: head h uses kv head h // G) vs k/v [Nd, Hkv, L, D]
+       prefill: q padded to [Np, H, max_q, D] vs k/v [Np, Hkv, L, D] with enable_gqa
+                (one request with no earlier context: this step's k/v, is_causal, no gather)
+  4. place:  outputs go back to flat token order (no copy when one group covers the batch in
+             order).
+No Python loop over requests. The workspace grows to the largest gather seen and is reused by
+every layer sharing this backend instance (layers run one after another).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sluice.model.attention.metadata import AttentionMetadata, TokenSel
+
+
+def _take(x: torch.Tensor, sel: TokenSel) -> torch.Tensor:
+    return x[sel] if isinstance(sel, slice) else x.index_select(0, sel)
+
+
+class TorchPagedBackend:
+    name = "torch_paged"
+
+    def __init__(self) -> None:
+        self._workspace: torch.Tensor | None = None
+
+    def _scratch(self, numel: int, like: torch.Tensor) -> torch.Tensor:
+        ws = self._workspace
+        if (ws is None or ws.numel() < numel or ws.dtype != like.dtype
+                or ws.device != like.device
+                or ws.is_inference() != torch.is_inference_mode_enabled()):
+            self._workspace = ws = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return ws[:numel]
+
+    def _gather(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, num_reqs: int,
+                num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v of the listed blocks as [N, Hkv, nb*block_size, D] (strided views)."""
+        _, total_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+        per_block = block_size * num_kv_heads * head_dim
+        out = self._scratch(2 * block_ids.numel() * per_block, kv_cache).view(2, -1, per_block)
+        torch.index_select(kv_cache.view(2, total_blocks, per_block), 1, block_ids, out=out)
+        kv = out.view(2, num_reqs, num_blocks * block_size, num_kv_heads, head_dim)
+        return kv[0].transpose(1, 2), kv[1].transpose(1, 2)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D] -> [T, H, D]; writes k/v into `kv_cache` first."""
+        num_tokens, num_heads, head_dim = q.shape
+        num_kv_heads = k.shape[1]
+        flat = kv_cache.view(2, -1, num_kv_heads, head_dim)
+        flat[0].index_copy_(0, metadata.slot_mapping, k)
+        flat[1].index_copy_(0, metadata.slot_mapping, v)
+
+        out: torch.Tensor | None = None
+        for dec in metadata.decode:
+            qd = _take(q, dec.token_sel).reshape(dec.num_reqs, num_kv_heads, -1, head_dim)
+            kd, vd = self._gather(kv_cache, dec.block_ids, dec.num_reqs, dec.num_blocks)
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=dec.float_mask(q.dtype),
+                                                scale=scale)
+            od = od.reshape(dec.num_reqs, num_heads, head_dim)
+            if metadata.covered_by == "decode":
+                return od
+            if out is None:
+                out = q.new_empty(num_tokens, num_heads, head_dim)
+            if isinstance(dec.token_sel, slice):
+                out[dec.token_sel] = od
+            else:
+                out.index_copy_(0, dec.token_sel, od)
+
+        for pre in metadata.prefill:
+            qp = _take(q, pre.q_sel).view(pre.num_reqs, pre.max_query_len, num_heads, head_dim)
+            if pre.fresh_single:   # keys = this step's k/v: no gather, plain causal
+                kp, vp = (_take(x, pre.q_sel).unsqueeze(0).transpose(1, 2) for x in (k, v))
+                op = F.scaled_dot_product_attention(qp.transpose(1, 2), kp, vp, is_causal=True,
+                                                    scale=scale, enable_gqa=True)
+            else:
+                kp, vp = self._gather(kv_cache, pre.block_ids, pre.num_reqs, pre.num_blocks)
+                op = F.scaled_dot_product_attention(qp.transpose(1, 2), kp, vp,
+                                                    attn_mask=pre.float_mask(q.dtype),
+                                                    scale=scale, enable_gqa=True)
+            op = op.transpose(1, 2)                                    # [Np, max_q, H, D]
+            if metadata.covered_by == "prefill":
+                return op[0]
+            if out is None:
+                out = q.new_empty(num_tokens, num_heads, head_dim)
+            if pre.out_src is None:
+                out[pre.q_sel] = op[0]
+            else:
+                rows = op.reshape(-1, num_heads, head_dim).index_select(0, pre.out_src)
+                out.index_copy_(0, pre.out_dst, rows)
+        assert out is not None, "attention metadata with no requests"
+        return out

@@ -1,0 +1,45 @@
+"""KV cache tensors: one per layer, shape [2, num_blocks, block_size, num_kv_heads, head_dim].
+
+Index arithmetic: token slot s = block_id * block_size + offset lives at
+cache[:, s // block_size, s % block_size] (K at [0], V at [1]). Block 0 is the null block:
+zero-filled, never handed to a request, used to pad block tables.
+
+Every slot must hold a finite value even before it is written: attention reads whole blocks
+and masks slots past seq_len (the tail of a request's last block, padding blocks), and a masked
+slot gets softmax weight exactly 0 — but 0 * NaN = NaN, so uninitialised memory holding a NaN
+bit pattern would poison the output. Hence the whole cache is zeroed at allocation (one memset
+at startup; it also commits the memory up front). Stale data left by freed blocks is finite,
+since only computed K/V is ever written.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sluice.hf_config import ModelSpec
+
+
+def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,
+                   head_dim: int) -> tuple[int, int, int, int, int]:
+    return (2, num_blocks, block_size, num_kv_heads, head_dim)
+
+
+def kv_cache_bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype,
+                             tp_size: int = 1) -> int:
+    """Bytes one block takes across all layers (K and V) on one rank."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    kv_heads = max(1, spec.num_key_value_heads // tp_size)
+    return 2 * spec.num_hidden_layers * block_size * kv_heads * spec.head_dim * elem
+
+
+def allocate_kv_caches(spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype,
+                       device: torch.device | str, tp_size: int = 1) -> list[torch.Tensor]:
+    """One zero-filled cache per layer (block 0 is the null block; see the module docstring
+    for why the rest is zeroed too)."""
+    assert num_blocks >= 2, "need the null block plus at least one usable block"
+    kv_heads = max(1, spec.num_key_value_heads // tp_size)
+    shape = kv_cache_shape(num_blocks, block_size, kv_heads, spec.head_dim)
+    caches = []
+    for _ in range(spec.num_hidden_layers):
+        caches.append(torch.zeros(shape, dtype=dtype, device=device))
+    return caches

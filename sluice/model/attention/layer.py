@@ -1,0 +1,46 @@
+"""The `Attention` layer: paged attention over the KV cache found in the forward context."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sluice.model.attention.backends import AttentionBackend, get_attn_backend
+from sluice.model.attention.forward_context import get_forward_context
+
+
+class Attention(nn.Module):
+    """forward(q [T, H*D], k [T, Hkv*D], v [T, Hkv*D]) -> [T, H*D] (also accepts [T, heads, D]).
+
+    Reads `kv_caches[layer_idx]` and the step's metadata from the active forward context and
+    delegates to an attention backend (`backend` instance, shared across layers by the model;
+    default: a new `torch_paged` instance). With metadata None (dummy/profiling run) it skips
+    the cache and returns zeros. Raises RuntimeError when no forward context is set.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float,
+                 layer_idx: int, backend: AttentionBackend | None = None) -> None:
+        super().__init__()
+        assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.scale = scale
+        self.layer_idx = layer_idx
+        self.backend = backend if backend is not None else get_attn_backend()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx = get_forward_context()
+        num_tokens = q.shape[0]
+        if ctx.attn_metadata is None:
+            return q.new_zeros(num_tokens, self.num_heads * self.head_dim)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        out = self.backend.forward(q, k, v, ctx.kv_caches[self.layer_idx], ctx.attn_metadata,
+                                   self.scale)
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"layer={self.layer_idx}, backend={self.backend.name}")

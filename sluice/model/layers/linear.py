@@ -1,0 +1,198 @@
+"""Linear layers with weight loaders that map Hugging Face tensors into our (fused) parameters.
+
+Contract: every parameter that a checkpoint fills carries a `weight_loader(param, loaded,
+shard_id)` attribute. `shard_id` is None for plain layers, "q"/"k"/"v" for `QKVLinear` and an
+int for `MergedColumnLinear`. Loaders check shapes and raise `ValueError` with both shapes; the
+model's `load_weights` turns that into a `ModelLoadError` naming the HF tensor.
+
+Tensor-parallel seam: each layer takes `tp_rank`/`tp_size` (default 0/1). Column layers keep
+`out/tp_size` output rows per rank and their loaders narrow dim 0 of the HF tensor to this rank's
+rows; `RowParallelLinear` keeps `in/tp_size` input columns, narrows dim 1 and all-reduces its
+output. With tp_size=1 (all that runs today) every narrow is the identity.
+
+Fused layouts (rows of `weight`, i.e. output features):
+
+    QKVLinear:          [ q: H*D | k: Hkv*D | v: Hkv*D ]        (per rank: H/tp, Hkv/tp heads)
+    MergedColumnLinear: [ shard 0: sizes[0] | shard 1: sizes[1] | ... ]   (gate_up: [gate | up])
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WeightLoader = Callable[[nn.Parameter, torch.Tensor, "str | int | None"], None]
+
+
+def set_weight_loader(param: nn.Parameter, loader: WeightLoader) -> None:
+    """Attach `loader` to `param` (read back by `default_weight_loader`'s callers)."""
+    param.weight_loader = loader  # type: ignore[attr-defined]
+
+
+def _check_shape(param_shape: torch.Size | tuple, loaded: torch.Tensor) -> None:
+    if tuple(param_shape) != tuple(loaded.shape):
+        raise ValueError(f"shape mismatch: expected {tuple(param_shape)}, "
+                         f"checkpoint has {tuple(loaded.shape)}")
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor,
+                          shard_id: str | int | None = None) -> None:
+    """Copy a whole tensor into `param` (dtype/device converted by `copy_`)."""
+    assert shard_id is None, f"unexpected shard id {shard_id!r} for an unfused parameter"
+    _check_shape(param.shape, loaded)
+    param.data.copy_(loaded)
+
+
+def _divide(n: int, d: int, what: str) -> int:
+    if n % d:
+        raise ValueError(f"{what} ({n}) is not divisible by tensor_parallel_size ({d})")
+    return n // d
+
+
+class LinearBase(nn.Module):
+    """y = x @ W.T (+ b) with W of shape [out_local, in_local]; parameters are uninitialised."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype),
+                                   requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
+                     if bias else None)
+        for p in self.parameters(recurse=False):
+            set_weight_loader(p, self.weight_loader)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+                      shard_id: str | int | None = None) -> None:
+        default_weight_loader(param, loaded, shard_id)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+class ReplicatedLinear(LinearBase):
+    """A plain linear layer, identical on every rank."""
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output features split across ranks: rank r keeps rows [r*out/tp, (r+1)*out/tp)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool,
+                 dtype: torch.dtype | None = None, tp_rank: int = 0, tp_size: int = 1) -> None:
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        super().__init__(in_features, _divide(out_features, tp_size, "out_features"), bias,
+                         dtype)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+                      shard_id: str | int | None = None) -> None:
+        assert shard_id is None
+        rows = param.shape[0]
+        if loaded.shape[0] != rows * self.tp_size:
+            _check_shape((rows * self.tp_size, *param.shape[1:]), loaded)
+        default_weight_loader(param, loaded.narrow(0, self.tp_rank * rows, rows))
+
+
+class RowParallelLinear(LinearBase):
+    """Input features split across ranks; partial outputs are summed by an all-reduce.
+
+    The bias is added once (after the reduction), so it is not split.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool,
+                 dtype: torch.dtype | None = None, tp_rank: int = 0, tp_size: int = 1) -> None:
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        super().__init__(_divide(in_features, tp_size, "in_features"), out_features, bias, dtype)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+                      shard_id: str | int | None = None) -> None:
+        assert shard_id is None
+        if param.dim() == 1 or self.tp_size == 1:
+            default_weight_loader(param, loaded)
+            return
+        cols = param.shape[1]
+        if loaded.dim() != 2 or loaded.shape[1] != cols * self.tp_size:
+            _check_shape((param.shape[0], cols * self.tp_size), loaded)
+        default_weight_loader(param, loaded.narrow(1, self.tp_rank * cols, cols))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.linear(x, self.weight, self.bias)
+        out = F.linear(x, self.weight)
+        torch.distributed.all_reduce(out)  # seam: parallel_state will supply the TP group
+        return out if self.bias is None else out + self.bias
+
+
+class MergedColumnLinear(ColumnParallelLinear):
+    """Several column-parallel projections of the same input fused into one GEMM.
+
+    `output_sizes` are the full (unsharded) sizes; shard i occupies rows
+    [sum(sizes[:i])/tp, sum(sizes[:i+1])/tp) of this rank's weight. gate_up uses [I, I].
+    """
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool,
+                 dtype: torch.dtype | None = None, tp_rank: int = 0, tp_size: int = 1) -> None:
+        self.output_sizes = list(output_sizes)
+        super().__init__(in_features, sum(output_sizes), bias, dtype, tp_rank, tp_size)
+        self._local_sizes = [_divide(s, tp_size, "output size") for s in output_sizes]
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+                      shard_id: str | int | None = None) -> None:
+        assert isinstance(shard_id, int), f"MergedColumnLinear shard id must be int: {shard_id!r}"
+        size = self._local_sizes[shard_id]
+        offset = sum(self._local_sizes[:shard_id])
+        _check_shape((self.output_sizes[shard_id], *param.shape[1:]), loaded)
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp_rank * size, size))
+
+    def shard_ids(self) -> list[int]:
+        return list(range(len(self.output_sizes)))
+
+
+class QKVLinear(ColumnParallelLinear):
+    """q, k and v projections fused into one GEMM; output rows are [q | k | v].
+
+    Per rank: q has (H/tp)*D rows, k and v (Hkv/tp)*D rows each. Loaders take HF's separate
+    q_proj/k_proj/v_proj tensors (weights [heads*D, hidden] or biases [heads*D]).
+    """
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool, dtype: torch.dtype | None = None, tp_rank: int = 0,
+                 tp_size: int = 1) -> None:
+        self.head_dim = head_dim
+        self.num_heads = _divide(num_heads, tp_size, "num_attention_heads")
+        self.num_kv_heads = _divide(num_kv_heads, tp_size, "num_key_value_heads")
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+        super().__init__(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias, dtype,
+                         tp_rank, tp_size)
+
+    def _slice(self, shard_id: str) -> tuple[int, int]:
+        """(offset, size) of a shard in this rank's output rows."""
+        if shard_id == "q":
+            return 0, self.q_size
+        if shard_id == "k":
+            return self.q_size, self.kv_size
+        if shard_id == "v":
+            return self.q_size + self.kv_size, self.kv_size
+        raise AssertionError(f"QKVLinear shard id must be 'q', 'k' or 'v', got {shard_id!r}")
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+                      shard_id: str | int | None = None) -> None:
+        assert isinstance(shard_id, str)
+        offset, size = self._slice(shard_id)
+        _check_shape((size * self.tp_size, *param.shape[1:]), loaded)
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp_rank * size, size))
+
+    def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of q [T, H*D], k [T, Hkv*D], v [T, Hkv*D] into a [T, (H+2Hkv)*D] output."""
+        return qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+
+    def shard_ids(self) -> list[str]:
+        return ["q", "k", "v"]

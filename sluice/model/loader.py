@@ -1,0 +1,119 @@
+"""Build a model and fill its weights from safetensors files (or random 'dummy' weights).
+
+Files: `model.safetensors.index.json` (sharded; its weight_map names the shards) if present,
+else `model.safetensors`, else every `*.safetensors` in the directory. Files are opened with
+`safe_open` (memory-mapped); each tensor is copied once into its (fused) parameter, converting
+dtype on the way (e.g. a bf16 checkpoint into float32 parameters on CPU).
+Every failure is a `ModelLoadError` naming the path and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sluice.errors import ConfigError, ModelLoadError
+from sluice.hf_config import ModelSpec
+from sluice.model.models.registry import get_model_class
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(config_dtype: str, spec: ModelSpec, device: torch.device | str) -> torch.dtype:
+    """'auto' -> float32 on CPU, the checkpoint's dtype (float32 if unknown) elsewhere;
+    an explicit name maps to that dtype."""
+    if config_dtype == "auto":
+        if torch.device(device).type == "cpu":
+            return torch.float32
+        return _DTYPES.get(spec.torch_dtype or "float32", torch.float32)
+    if config_dtype not in _DTYPES:
+        raise ConfigError(f"--dtype {config_dtype!r} is not supported; choose auto, float32, "
+                          "bfloat16 or float16.")
+    return _DTYPES[config_dtype]
+
+
+def safetensors_files(model_dir: str | Path) -> list[Path]:
+    """The weight files to read, validated to exist."""
+    model_dir = Path(model_dir)
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
+                AttributeError) as e:
+            raise ModelLoadError(f"{index} is not a valid safetensors index "
+                                 f"(need a 'weight_map' object): {e}") from None
+        files = [model_dir / s for s in shards]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise ModelLoadError(f"{index} references missing shard file(s): "
+                                 f"{', '.join(absent)}; re-download the model.")
+        return files
+    single = model_dir / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{model_dir} holds no *.safetensors weight files.")
+    return files
+
+
+def iterate_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor, memory-mapped on CPU (no copy yet).
+
+    A corrupt or truncated file raises ModelLoadError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise ModelLoadError(f"{path} is not a readable safetensors file ({e}); it may be "
+                                 "truncated or corrupt — re-download it.") from None
+        except OSError as e:
+            raise ModelLoadError(f"cannot read {path}: {e}") from None
+
+
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Seeded random weights (same values on every device): norms 1, others N(0, 0.02)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.data.fill_(1.0)
+        else:
+            values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, 0.02,
+                                                                            generator=gen)
+            param.data.copy_(values)
+
+
+def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
+               load_format: str = "auto", *, max_model_len: int | None = None,
+               attn_backend: str | None = None, seed: int = 0) -> nn.Module:
+    """Build `spec.architecture` on `device` in `dtype` and load its weights; returns the
+    model in eval mode with requires_grad off. `load_format`: 'auto'/'safetensors' read the
+    checkpoint, 'dummy' fills seeded random weights without touching files."""
+    if load_format not in ("auto", "safetensors", "dummy"):
+        raise ModelLoadError(f"load_format '{load_format}' is not supported; "
+                             "choose auto, safetensors or dummy.")
+    model_cls = get_model_class(spec.architecture)
+    device = torch.device(device)
+    files = safetensors_files(spec.path) if load_format != "dummy" else []
+    with torch.device(device):
+        model = model_cls(spec, dtype, max_model_len=max_model_len, attn_backend=attn_backend)
+    if load_format == "dummy":
+        init_dummy_weights(model, seed)
+    else:
+        with torch.no_grad():
+            model.load_weights(iterate_safetensors(files))
+    model.requires_grad_(False)
+    return model.eval()

@@ -1,0 +1,218 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3 differ only in flags), on paged attention.
+
+Model interface (shared by every registered architecture):
+    __init__(spec, dtype, *, max_model_len=None, attn_backend=None)
+    forward(input_ids [T] long, positions [T] long) -> hidden [T, hidden_size]
+        (all scheduled tokens of the step flattened; must run inside set_forward_context)
+    compute_logits(hidden [n, hidden_size]) -> [n, vocab] float32
+    load_weights(iterable of (hf_name, tensor)) -> None, ModelLoadError on any mismatch
+
+Module names mirror HF's, except the fused `qkv_proj` (q_proj|k_proj|v_proj) and
+`gate_up_proj` (gate_proj|up_proj), so checkpoint names map by suffix replacement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from sluice.errors import ModelLoadError
+from sluice.hf_config import ModelSpec
+from sluice.model.attention import Attention, AttentionBackend, get_attn_backend
+from sluice.model.layers import (LMHead, MergedColumnLinear, QKVLinear, RMSNorm,
+                                 RotaryEmbedding, RowParallelLinear, VocabEmbedding,
+                                 default_weight_loader, get_act_and_mul)
+from sluice.model.layers.rotary import default_cache_len
+
+# (our fused module, HF module, shard id)
+STACKED_PARAMS: tuple[tuple[str, str, str | int], ...] = (
+    ("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"),
+    ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1),
+)
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype) -> None:
+        super().__init__()
+        inter = spec.intermediate_size
+        self.gate_up_proj = MergedColumnLinear(spec.hidden_size, [inter, inter], False, dtype)
+        self.down_proj = RowParallelLinear(inter, spec.hidden_size, False, dtype)
+        self.act_fn = get_act_and_mul(spec.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaAttention(nn.Module):
+    """qkv GEMM -> (Qwen3: per-head RMSNorm on q, k) -> RoPE -> paged attention -> o_proj."""
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, layer_idx: int, o_bias: bool,
+                 backend: AttentionBackend) -> None:
+        super().__init__()
+        h, kvh, d = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
+        self.qkv_proj = QKVLinear(spec.hidden_size, d, h, kvh, spec.attention_bias, dtype)
+        self.o_proj = RowParallelLinear(h * d, spec.hidden_size, o_bias, dtype)
+        self.q_norm = RMSNorm(d, spec.rms_norm_eps, dtype) if spec.qk_norm else None
+        self.k_norm = RMSNorm(d, spec.rms_norm_eps, dtype) if spec.qk_norm else None
+        self.attn = Attention(h, d, kvh, d ** -0.5, layer_idx, backend)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)
+        t, h, kvh, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv_proj.split(qkv)
+        if self.q_norm is None:
+            # q and k are adjacent columns: rotate both with one set of ops.
+            qk = RotaryEmbedding.apply(qkv[:, :(h + kvh) * d].view(t, h + kvh, d), cos, sin)
+            q, k = qk[:, :h], qk[:, h:]
+        else:
+            q = RotaryEmbedding.apply(self.q_norm(q.view(t, h, d)), cos, sin)
+            k = RotaryEmbedding.apply(self.k_norm(k.view(t, kvh, d)), cos, sin)
+        return self.o_proj(self.attn(q, k, v.view(t, kvh, d)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, layer_idx: int, o_bias: bool,
+                 backend: AttentionBackend) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(spec, dtype, layer_idx, o_bias, backend)
+        self.mlp = LlamaMLP(spec, dtype)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, residual) -> (mlp_out, residual); the caller adds the last pair."""
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, o_bias: bool, max_position: int,
+                 backend: AttentionBackend) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(spec.vocab_size, spec.hidden_size, dtype)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(spec, dtype, i, o_bias, backend)
+                                    for i in range(spec.num_hidden_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.rotary_emb = RotaryEmbedding(spec.head_dim, max_position, spec.rope,
+                                          spec.max_position_embeddings)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb.cos_sin(positions, hidden.dtype)  # once per step
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, cos, sin)
+        if residual is None:          # no layers
+            return self.norm(hidden)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+def check_supported(spec: ModelSpec, max_model_len: int | None) -> None:
+    """Refuse configurations this implementation would compute wrongly."""
+    max_len = max_model_len or spec.max_position_embeddings
+    if spec.sliding_window is not None and spec.sliding_window < max_len:
+        raise ModelLoadError(
+            f"{spec.path}: sliding-window attention (sliding_window={spec.sliding_window}) is "
+            f"not supported and would change outputs for sequences longer than the window; "
+            f"max_model_len is {max_len}. Set --max-model-len {spec.sliding_window} or less.")
+    if spec.hidden_act not in ("silu", "swish"):
+        raise ModelLoadError(f"{spec.path}: hidden_act '{spec.hidden_act}' is not supported; "
+                             "supported: silu.")
+
+
+class LlamaForCausalLM(nn.Module):
+    """Causal LM head over `LlamaModel`. Subclasses set `o_proj_bias` rules."""
+
+    #: o_proj carries a bias when the config's attention_bias is set (Llama, Qwen3);
+    #: Qwen2 biases only q/k/v.
+    o_proj_bias_follows_attention_bias: bool = True
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype = torch.float32, *,
+                 max_model_len: int | None = None, attn_backend: str | None = None) -> None:
+        super().__init__()
+        check_supported(spec, max_model_len)
+        self.spec = spec
+        self.dtype = dtype
+        o_bias = spec.attention_bias and self.o_proj_bias_follows_attention_bias
+        backend = get_attn_backend(attn_backend)  # one instance shared by all layers
+        max_position = default_cache_len(spec.rope, spec.max_position_embeddings, max_model_len)
+        self.model = LlamaModel(spec, dtype, o_bias, max_position, backend)
+        self.lm_head = LMHead(spec.vocab_size, spec.hidden_size, dtype,
+                              tied_to=self.model.embed_tokens if spec.tie_word_embeddings
+                              else None)
+        self._expected = self._expected_checkpoint_names()
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [n, hidden_size] (only the rows that need logits) -> [n, vocab] float32."""
+        return self.lm_head(hidden)
+
+    # ---- weights -------------------------------------------------------------------------
+
+    def _expected_checkpoint_names(self) -> set[str]:
+        """HF names the checkpoint must hold: one per parameter, fused ones expanded."""
+        names = set()
+        for name, _ in self.named_parameters():
+            fused = [(ours, hf) for ours, hf, _ in STACKED_PARAMS if f".{ours}." in name]
+            names.update(name.replace(f".{ours}.", f".{hf}.") for ours, hf in fused)
+            if not fused:
+                names.add(name)
+        return names
+
+    @staticmethod
+    def map_checkpoint_name(name: str) -> tuple[str, str | int | None]:
+        """HF tensor name -> (our parameter name, shard id)."""
+        for ours, hf, shard in STACKED_PARAMS:
+            if f".{hf}." in name:
+                return name.replace(f".{hf}.", f".{ours}."), shard
+        return name, None
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors into parameters; ModelLoadError lists every missing,
+        unexpected or shape-mismatched tensor. Tied models skip `lm_head.weight`."""
+        params = dict(self.named_parameters())
+        seen: set[str] = set()
+        unexpected: list[str] = []
+        mismatched: list[str] = []
+        for name, tensor in weights:
+            if name.endswith(IGNORED_SUFFIXES):
+                continue
+            if name == "lm_head.weight" and self.spec.tie_word_embeddings:
+                continue
+            target, shard = self.map_checkpoint_name(name)
+            param = params.get(target)
+            if param is None or name not in self._expected:
+                unexpected.append(name)
+                continue
+            try:
+                loader = getattr(param, "weight_loader", default_weight_loader)
+                loader(param, tensor, shard)
+            except ValueError as e:
+                mismatched.append(f"{name} ({e})")
+            seen.add(name)
+        missing = sorted(self._expected - seen)
+        problems = []
+        for label, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
+                             ("shape mismatches", mismatched)):
+            if items:
+                shown = ", ".join(items[:8]) + (f" … and {len(items) - 8} more"
+                                                if len(items) > 8 else "")
+                problems.append(f"{label}: {shown}")
+        if problems:
+            raise ModelLoadError(f"{self.spec.path}: checkpoint does not match "
+                                 f"{self.spec.architecture}: " + "; ".join(problems))

@@ -1,0 +1,116 @@
+"""Test helpers: drive a model through the paged path the way the model runner will.
+
+`PagedRunner` owns KV caches, a block allocator (optionally handing out blocks in random order,
+so block tables are non-contiguous) and per-request token lists; `step()` runs one flattened
+forward over any mix of requests and returns the logits of every scheduled token.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sluice.hf_config import load_model_spec
+from sluice.model.attention import (allocate_kv_caches, build_attention_metadata,
+                                    set_forward_context)
+from sluice.model.loader import load_model
+
+
+class PagedRunner:
+    def __init__(self, model, num_blocks: int = 128, block_size: int = 16,
+                 shuffle_seed: int | None = 0) -> None:
+        self.model = model
+        self.block_size = block_size
+        dtype = next(model.parameters()).dtype
+        self.kv_caches = allocate_kv_caches(model.spec, num_blocks, block_size, dtype, "cpu")
+        for cache in self.kv_caches:  # stale finite garbage in unused blocks must be masked
+            cache[:, 1:].uniform_(-1e3, 1e3)
+        self.free = list(range(1, num_blocks))
+        if shuffle_seed is not None:
+            random.Random(shuffle_seed).shuffle(self.free)
+        self.tokens: dict[str, list[int]] = {}
+        self.tables: dict[str, list[int]] = {}
+        self.computed: dict[str, int] = {}
+
+    def add(self, req_id: str, token_ids: list[int]) -> None:
+        self.tokens[req_id] = list(token_ids)
+        self.tables[req_id] = []
+        self.computed[req_id] = 0
+
+    def extend(self, req_id: str, token_ids: list[int]) -> None:
+        self.tokens[req_id].extend(token_ids)
+
+    def step(self, schedule: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
+        """Run (req_id, num_tokens) pairs as one batch; -> req_id: logits [num_tokens, vocab]."""
+        bs = self.block_size
+        input_ids, positions, slots, qsl, seq_lens = [], [], [], [0], []
+        for rid, n in schedule:
+            start = self.computed[rid]
+            end = start + n
+            assert end <= len(self.tokens[rid])
+            table = self.tables[rid]
+            while len(table) * bs < end:
+                table.append(self.free.pop())
+            input_ids += self.tokens[rid][start:end]
+            positions += list(range(start, end))
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            qsl.append(qsl[-1] + n)
+            seq_lens.append(end)
+        max_blocks = max(len(self.tables[rid]) for rid, _ in schedule)
+        block_table = np.zeros((len(schedule), max_blocks), dtype=np.int32)
+        for i, (rid, _) in enumerate(schedule):
+            block_table[i, :len(self.tables[rid])] = self.tables[rid]
+        meta = build_attention_metadata(np.array(qsl, dtype=np.int32),
+                                        np.array(seq_lens, dtype=np.int32), block_table,
+                                        np.array(slots, dtype=np.int64), bs,
+                                        torch.device("cpu"))
+        with torch.inference_mode(), set_forward_context(meta, self.kv_caches):
+            hidden = self.model(torch.tensor(input_ids), torch.tensor(positions))
+            logits = self.model.compute_logits(hidden)
+        out = {}
+        for i, (rid, n) in enumerate(schedule):
+            out[rid] = logits[qsl[i]:qsl[i + 1]]
+            self.computed[rid] += n
+        return out
+
+
+def randomize_vectors(src: Path, dst: Path, seed: int = 0) -> Path:
+    """Copy a single-file model dir, giving every 1-D tensor (norm weights, biases) random
+    values: HF initialises them to ones/zeros, which would hide a skipped norm or bias."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    g = torch.Generator().manual_seed(seed)
+    tensors = load_file(str(dst / "model.safetensors"))
+    for name, t in tensors.items():
+        if t.dim() == 1:
+            noise = torch.rand(t.shape, generator=g) if name.endswith("norm.weight") \
+                else torch.randn(t.shape, generator=g) * 0.2
+            tensors[name] = (0.5 + noise if name.endswith("norm.weight") else noise).to(t.dtype)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def load_ours(model_dir: Path, dtype: torch.dtype = torch.float32, **kwargs):
+    spec = load_model_spec(model_dir)
+    return load_model(spec, dtype, torch.device("cpu"), **kwargs)
+
+
+def load_hf(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+
+def hf_logits(hf_model, token_ids: list[int]) -> torch.Tensor:
+    """HF logits [len, vocab] for one unpadded sequence in a single forward."""
+    with torch.inference_mode():
+        return hf_model(torch.tensor([token_ids])).logits[0].float()
+
+
+def prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths]
