@@ -11,19 +11,21 @@ import argparse
 import sys
 from typing import Any
 
-BENCHMARKS = ("throughput",)
+BENCHMARKS = ("throughput", "serve")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `bench` and its benchmarks (`throughput`)."""
-    from sluice.bench import throughput
+    """Register `bench` and its benchmarks (`throughput`, `serve`)."""
+    from sluice.bench import serve, throughput
     parser = subparsers.add_parser(
         "bench", help="Benchmark throughput and latency.",
         description="Benchmarks. `sluice bench throughput --help` for the offline throughput "
-                    "benchmark (sluice vs HF transformers).")
+                    "benchmark (sluice vs HF transformers); `sluice bench serve --help` for the "
+                    "online benchmark against an OpenAI-compatible server.")
     sub = parser.add_subparsers(dest="bench_command", metavar="BENCHMARK",
                                 parser_class=type(parser))
     throughput.add_parser(sub)
+    serve.add_parser(sub)
     parser.set_defaults(bench_parser=parser)
     return parser
 

@@ -1,17 +1,48 @@
 """Engine-core clients: how a frontend talks to an engine core.
 
-`InprocClient` runs the engine core in this process (the offline `LLM` default): `get_output`
-runs one step. The ZeroMQ client for a background engine-core process implements the same
-interface. The engine is imported lazily so that importing the frontend never imports torch.
+* `InprocClient` runs the engine core in this process (the offline `LLM` default): `get_output`
+  runs one step.
+* `SyncMPClient` / `AsyncMPClient` run it in a spawned child process (`sluice.engine.launch`)
+  and talk over two ZeroMQ `ipc://` sockets with msgspec-encoded messages
+  (`sluice.engine.serial`): requests PUSH → child, outputs child → PULL. `get_output` returns
+  the next step's outputs as the child pushes them.
+
+Death contract of the MP clients: a monitor thread waits on the child's exit, and the child
+reports a crash of its busy loop as an ENGINE_DEAD message. Either way the client is marked
+dead, and every waiting and later call (`get_output`, `add_request`, utility calls …) raises
+`EngineDeadError` whose message names the cause (the child's exception, or its exit code /
+signal). Calls after `shutdown()` raise `EngineDeadError` too. `shutdown()` is idempotent.
+
+The engine is imported lazily / spawned, so importing the frontend never imports torch.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+import time
 from abc import ABC, abstractmethod
-from typing import Iterable
+from typing import Any, Iterable
+
+import zmq
+import zmq.asyncio
 
 from sluice.config import EngineConfig
+from sluice.engine.launch import EngineProcess, describe_exit
+from sluice.engine.serial import (EngineFailure, OutputType, RequestType, UtilityMethod,
+                                  UtilityRequest, UtilityResult, output_codec, request_codec)
+from sluice.errors import EngineDeadError
 from sluice.messages import EngineCoreOutputs, EngineCoreRequest, EngineReady
+
+logger = logging.getLogger(__name__)
+
+HEALTH_TIMEOUT_S = 5.0
+"""Default: a health ping not answered within this many seconds means the engine is hung."""
+_DEAD = object()  # queued to wake output waiters once the client is dead or closed
 
 
 class EngineCoreClient(ABC):
@@ -54,7 +85,406 @@ class InprocClient(EngineCoreClient):
     def has_unfinished_requests(self) -> bool:
         return self.engine.has_unfinished_requests()
 
+    def reset_prefix_cache(self) -> None:
+        self.engine.reset_prefix_cache()
+
     def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
+
+
+class MPClient:
+    """What the ZeroMQ clients share: the child process (spawned, or a pre-launched
+    `process` whose handshake may still be pending), the request socket, and the dead state.
+
+    Raises `EngineStartupError` (the child's own message) when the engine fails to start.
+    `engine_factory` ("module:callable") replaces the EngineCore class in the child.
+    """
+
+    def __init__(self, config: EngineConfig, *, process: EngineProcess | None = None,
+                 startup_timeout_s: float | None = None, engine_factory: str | None = None):
+        self.config = config
+        self.process = process or EngineProcess(config, engine_factory=engine_factory)
+        self._dead: str | None = None
+        self._closed = False
+        self._state_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._call_ids = itertools.count()
+        try:
+            self.ready: EngineReady = self.process.ready or self.process.wait_ready(
+                startup_timeout_s)
+            self._ctx = zmq.Context()
+            self._input = self._ctx.socket(zmq.PUSH)
+            self._input.setsockopt(zmq.SNDHWM, 0)   # connect side: queues, never blocks
+            self._input.setsockopt(zmq.LINGER, 0)
+            self._input.connect(self.process.addresses.input)
+            self._request_codec = request_codec()
+        except BaseException:
+            self.process.shutdown(grace_s=0.0)
+            raise
+
+    # ---- dead / closed state ----------------------------------------------------------------
+
+    @property
+    def is_dead(self) -> bool:
+        """True once the engine core died (not after a clean `shutdown`)."""
+        return self._dead is not None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def dead_error(self) -> EngineDeadError:
+        """A fresh `EngineDeadError` describing why this client cannot serve."""
+        if self._dead is not None:
+            return EngineDeadError(self._dead)
+        return EngineDeadError("The engine core was shut down; no more requests can be served.")
+
+    def _check_alive(self) -> None:
+        if self._dead is not None or self._closed:
+            raise self.dead_error()
+
+    def _set_dead(self, message: str) -> None:
+        """Mark the client dead (first cause wins) and wake every waiter. Any thread."""
+        with self._state_lock:
+            if self._dead is not None or self._closed:
+                return
+            self._dead = message
+        logger.error("%s", message)
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        """Fail pending utility calls and wake `get_output` (any thread)."""
+        raise NotImplementedError
+
+    def _start_monitor(self) -> None:
+        threading.Thread(target=self._monitor, name="sluice-engine-monitor",
+                         daemon=True).start()
+
+    def _monitor(self) -> None:
+        self.process.wait_exit()
+        if not self._closed and not self.process.closed:  # else: shut down on purpose
+            self._set_dead(
+                f"The engine core process (pid {self.process.pid}) exited unexpectedly with "
+                f"{describe_exit(self.process.exitcode)}; in-flight requests cannot complete. "
+                "Check the engine log for the cause and restart.")
+
+    def _on_engine_dead_message(self, failure: EngineFailure) -> None:
+        self._set_dead(f"The engine core failed and stopped: {failure.describe()}")
+
+    def _begin_close(self) -> bool:
+        """Mark closed; False if it already was. Sends SHUTDOWN and stops the child."""
+        with self._state_lock:
+            if self._closed:
+                return False
+            self._closed = True
+        if self._dead is None:
+            try:
+                self._send_raw(RequestType.SHUTDOWN, None)
+            except zmq.ZMQError:
+                pass
+        self.process.shutdown()
+        self._wake_waiters()
+        return True
+
+    # ---- sending ----------------------------------------------------------------------------
+
+    def _send(self, kind: RequestType, payload: Any) -> None:
+        self._check_alive()
+        self._send_raw(kind, payload)
+
+    def _send_raw(self, kind: RequestType, payload: Any) -> None:
+        with self._send_lock:
+            self._input.send_multipart(self._request_codec.encode(kind, payload),
+                                       flags=zmq.NOBLOCK, copy=False)
+
+
+class SyncMPClient(MPClient, EngineCoreClient):
+    """Blocking client for the offline `LLM` with the engine core in a child process.
+    A reader thread decodes outputs into a queue; methods may be called from any thread."""
+
+    def __init__(self, config: EngineConfig, **kwargs: Any):
+        super().__init__(config, **kwargs)
+        self._outputs: queue.Queue[Any] = queue.Queue()
+        self._pending: dict[int, concurrent.futures.Future[None]] = {}
+        try:
+            self._output = self._ctx.socket(zmq.PULL)
+            self._output.setsockopt(zmq.RCVHWM, 0)
+            self._output.bind(self.process.addresses.output)
+        except BaseException:
+            self.process.shutdown(grace_s=0.0)
+            raise
+        self._reader = threading.Thread(target=self._read_loop, name="sluice-client-output",
+                                        daemon=True)
+        self._reader.start()
+        self._start_monitor()
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        self._send(RequestType.ADD, request)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        request_ids = list(request_ids)
+        if request_ids:
+            self._send(RequestType.ABORT, request_ids)
+
+    def get_output(self, timeout_s: float | None = None) -> EngineCoreOutputs:
+        """The next step's outputs; raises `EngineDeadError`, or `TimeoutError` after
+        `timeout_s`."""
+        try:
+            item = self._outputs.get(timeout=timeout_s)
+        except queue.Empty:
+            raise TimeoutError(f"no engine output within {timeout_s}s") from None
+        if item is _DEAD:
+            self._outputs.put(_DEAD)
+            raise self.dead_error()
+        return item
+
+    def call_utility(self, method: UtilityMethod, timeout_s: float | None = None) -> None:
+        """Run `method` in the engine's loop; raises `TimeoutError`, `EngineDeadError`, or
+        `RuntimeError` with the engine's error."""
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        call_id = next(self._call_ids)
+        self._pending[call_id] = future
+        try:
+            self._send(RequestType.UTILITY, UtilityRequest(call_id, method))
+            if self._dead is not None or self._closed:  # died between check and register
+                raise self.dead_error()
+            future.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"engine utility call {method.name} timed out after "
+                               f"{timeout_s}s") from None
+        finally:
+            self._pending.pop(call_id, None)
+
+    def ping(self, timeout_s: float = HEALTH_TIMEOUT_S) -> float:
+        """Round trip through the engine loop; returns its duration in seconds."""
+        start = time.perf_counter()
+        self.call_utility(UtilityMethod.PING, timeout_s)
+        return time.perf_counter() - start
+
+    def check_health(self, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
+        """Raise `EngineDeadError` if the engine died or does not answer a ping in time."""
+        self._check_alive()
+        try:
+            self.ping(timeout_s)
+        except TimeoutError:
+            raise EngineDeadError(_hung_message(self.process.pid, timeout_s)) from None
+
+    def reset_prefix_cache(self) -> None:
+        self.call_utility(UtilityMethod.RESET_PREFIX_CACHE)
+
+    def shutdown(self) -> None:
+        if not self._begin_close():
+            return
+        self._reader.join(2.0)
+        self._input.close(linger=0)
+        if not self._reader.is_alive():
+            self._ctx.term()
+
+    def _read_loop(self) -> None:
+        codec = output_codec()
+        try:
+            while not self._closed:
+                if not self._output.poll(100, zmq.POLLIN):
+                    continue
+                frames = self._output.recv_multipart(copy=False)
+                kind, payload = codec.decode([f.buffer for f in frames])
+                if kind == OutputType.OUTPUTS:
+                    self._outputs.put(payload)
+                elif kind == OutputType.UTILITY_RESULT:
+                    _resolve(self._pending.pop(payload.call_id, None), payload)
+                else:
+                    self._on_engine_dead_message(payload)
+        except Exception as e:
+            if not self._closed:
+                self._set_dead(f"Reading the engine core's output failed: {e!r}")
+        finally:
+            self._output.close(linger=0)
+
+    def _wake_waiters(self) -> None:
+        for call_id in list(self._pending):
+            future = self._pending.pop(call_id, None)
+            if future is not None and not future.done():
+                future.set_exception(self.dead_error())
+        self._outputs.put(_DEAD)
+
+
+class AsyncMPClient(MPClient):
+    """asyncio client for `AsyncLLM` with the engine core in a child process.
+
+    Construction blocks (spawn + handshake). The output socket and its reader task are bound
+    to the event loop of the first async call; once that loop is closed, a later loop may take
+    over (e.g. successive `asyncio.run`s). Use it from one event loop thread; `shutdown` and
+    `abort_requests_nowait` may be called from any thread.
+    """
+
+    def __init__(self, config: EngineConfig, **kwargs: Any):
+        super().__init__(config, **kwargs)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._outputs: asyncio.Queue[Any] | None = None
+        self._output: zmq.asyncio.Socket | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._start_monitor()
+
+    def _ensure_started(self) -> asyncio.Queue[Any]:
+        """Bind the output socket and start the reader in the running loop (once per loop)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            assert self._outputs is not None
+            return self._outputs
+        if self._loop is not None and not self._loop.is_closed():
+            raise RuntimeError("AsyncMPClient is in use by another running event loop.")
+        if self._closed:  # sockets are gone: only report
+            self._loop, self._outputs = loop, asyncio.Queue()
+            self._outputs.put_nowait(_DEAD)
+            return self._outputs
+        if self._output is not None:
+            self._output.close(linger=0)
+        self._output = zmq.asyncio.Context.shadow(self._ctx.underlying).socket(zmq.PULL)
+        self._output.setsockopt(zmq.RCVHWM, 0)
+        self._output.bind(self.process.addresses.output)
+        self._loop, self._outputs, self._pending = loop, asyncio.Queue(), {}
+        self._reader = loop.create_task(self._read_loop(self._output), name="sluice-outputs")
+        if self._dead is not None or self._closed:
+            self._outputs.put_nowait(_DEAD)
+        return self._outputs
+
+    async def add_request(self, request: EngineCoreRequest) -> None:
+        self._ensure_started()
+        self._send(RequestType.ADD, request)
+
+    async def abort_requests(self, request_ids: Iterable[str]) -> None:
+        self._ensure_started()
+        request_ids = list(request_ids)
+        if request_ids:
+            self._send(RequestType.ABORT, request_ids)
+
+    def abort_requests_nowait(self, request_ids: Iterable[str]) -> None:
+        """Best-effort abort that never blocks or raises (for `finally` blocks of cancelled
+        tasks); a dead or closed engine has nothing left to abort."""
+        request_ids = list(request_ids)
+        if request_ids and self._dead is None and not self._closed:
+            try:
+                self._send_raw(RequestType.ABORT, request_ids)
+            except zmq.ZMQError as e:
+                logger.warning("could not send abort for %s: %s", request_ids, e)
+
+    async def get_output(self) -> EngineCoreOutputs:
+        """The next step's outputs; raises `EngineDeadError` once the engine is dead."""
+        outputs = self._ensure_started()
+        item = await outputs.get()
+        if item is _DEAD:
+            outputs.put_nowait(_DEAD)
+            raise self.dead_error()
+        return item
+
+    async def call_utility(self, method: UtilityMethod, timeout_s: float | None = None) -> None:
+        """Run `method` in the engine's loop; raises `TimeoutError`, `EngineDeadError`, or
+        `RuntimeError` with the engine's error."""
+        self._ensure_started()
+        self._check_alive()
+        assert self._loop is not None
+        future: asyncio.Future[None] = self._loop.create_future()
+        call_id = next(self._call_ids)
+        self._pending[call_id] = future
+        try:
+            self._send(RequestType.UTILITY, UtilityRequest(call_id, method))
+            await asyncio.wait_for(future, timeout_s)
+        finally:
+            self._pending.pop(call_id, None)
+
+    async def ping(self, timeout_s: float = HEALTH_TIMEOUT_S) -> float:
+        """Round trip through the engine loop; returns its duration in seconds."""
+        start = time.perf_counter()
+        await self.call_utility(UtilityMethod.PING, timeout_s)
+        return time.perf_counter() - start
+
+    async def check_health(self, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
+        """Raise `EngineDeadError` if the engine died or does not answer a ping in time
+        (a hung loop is reported, not marked dead: a later check may pass)."""
+        self._check_alive()
+        try:
+            await self.ping(timeout_s)
+        except TimeoutError:
+            raise EngineDeadError(_hung_message(self.process.pid, timeout_s)) from None
+
+    async def reset_prefix_cache(self) -> None:
+        await self.call_utility(UtilityMethod.RESET_PREFIX_CACHE)
+
+    def shutdown(self) -> None:
+        """Stop the engine core and close the sockets (idempotent, any thread)."""
+        if not self._begin_close():
+            return
+        loop = self._loop
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if loop is None or loop.is_closed() or on_loop:
+            self._close_sockets()
+        else:
+            try:
+                loop.call_soon_threadsafe(self._close_sockets)
+            except RuntimeError:  # closed meanwhile
+                self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        if self._reader is not None and not self._reader.done():
+            self._reader.cancel()
+        if self._output is not None:
+            self._output.close(linger=0)
+        self._input.close(linger=0)
+        self._ctx.term()
+
+    async def _read_loop(self, socket: zmq.asyncio.Socket) -> None:
+        codec = output_codec()
+        try:
+            while True:
+                frames = await socket.recv_multipart(copy=False)
+                kind, payload = codec.decode([f.buffer for f in frames])
+                if kind == OutputType.OUTPUTS:
+                    assert self._outputs is not None
+                    self._outputs.put_nowait(payload)
+                elif kind == OutputType.UTILITY_RESULT:
+                    _resolve(self._pending.pop(payload.call_id, None), payload)
+                else:
+                    self._on_engine_dead_message(payload)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            if not self._closed:
+                self._set_dead(f"Reading the engine core's output failed: {e!r}")
+
+    def _wake_waiters(self) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return  # `_ensure_started` on a new loop queues _DEAD itself
+        try:
+            loop.call_soon_threadsafe(self._wake_in_loop)
+        except RuntimeError:
+            pass
+
+    def _wake_in_loop(self) -> None:
+        for call_id in list(self._pending):
+            future = self._pending.pop(call_id)
+            if not future.done():
+                future.set_exception(self.dead_error())
+        if self._outputs is not None:
+            self._outputs.put_nowait(_DEAD)
+
+
+def _resolve(future: Any, result: UtilityResult) -> None:
+    """Complete a sync or asyncio future with a utility result (on the future's thread)."""
+    if future is None or future.done():
+        return
+    if result.error:
+        future.set_exception(RuntimeError(f"engine utility call failed: {result.error}"))
+    else:
+        future.set_result(None)
+
+
+def _hung_message(pid: int, timeout_s: float) -> str:
+    return (f"The engine core process (pid {pid}) did not answer a health ping within "
+            f"{timeout_s:g}s; it is hung or stuck in a very long step.")

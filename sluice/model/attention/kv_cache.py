@@ -14,6 +14,7 @@ since only computed K/V is ever written.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from sluice.hf_config import ModelSpec
@@ -39,7 +40,16 @@ def allocate_kv_caches(spec: ModelSpec, num_blocks: int, block_size: int, dtype:
     assert num_blocks >= 2, "need the null block plus at least one usable block"
     kv_heads = max(1, spec.num_key_value_heads // tp_size)
     shape = kv_cache_shape(num_blocks, block_size, kv_heads, spec.head_dim)
-    caches = []
-    for _ in range(spec.num_hidden_layers):
-        caches.append(torch.zeros(shape, dtype=dtype, device=device))
-    return caches
+    return [_zeros(shape, dtype, torch.device(device)) for _ in range(spec.num_hidden_layers)]
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zero-filled memory. On CPU, numpy's calloc-backed zeros map fresh zero pages that the
+    kernel fills on first touch, so a multi-GiB cache costs no memset at startup and no
+    resident memory until blocks are used."""
+    if device.type == "cpu" and dtype in _NUMPY_DTYPES:
+        return torch.from_numpy(np.zeros(shape, dtype=_NUMPY_DTYPES[dtype]))
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}

@@ -1,0 +1,238 @@
+"""Spawn the engine-core process, wait for its handshake, and make sure it never outlives us.
+
+Contract:
+* `EngineProcess(config)` creates a private IPC directory (`mkdtemp`, mode 0700) holding the
+  two ZeroMQ `ipc://` endpoints, then starts `core_proc.run_engine_core` in a process from the
+  *spawn* context (never fork: torch may already be imported here, and fork after torch is
+  unsafe). It returns at once; `wait_ready()` blocks for the handshake and returns the child's
+  `EngineReady`, or raises `EngineStartupError` whose message is the child's own error message
+  (its traceback is logged at debug level), or a clear timeout / early-exit message after killing
+  the child. Binding the sockets is the client's job (`addresses`).
+* The child never outlives this process: `shutdown()` (idempotent) waits briefly, then SIGTERMs,
+  then SIGKILLs it and removes the IPC directory; every live `EngineProcess` is also shut down
+  atexit and on SIGTERM (a handler is installed only where SIGTERM has its default action), and
+  the child watches our sentinel pipe and exits when we die, even by SIGKILL.
+No torch here: this module runs in the API-server process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.util  # noqa: F401  (registers its atexit hook before ours; ours runs first)
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+
+from sluice.config import EngineConfig
+from sluice.config_sources import OTHER_ENV_VARS
+from sluice.engine.core_proc import run_engine_core
+from sluice.engine.serial import HandshakeFailed, decode_handshake
+from sluice.errors import EngineStartupError
+from sluice.messages import EngineReady
+
+logger = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_ENV = "SLUICE_ENGINE_STARTUP_TIMEOUT"
+OTHER_ENV_VARS.add(STARTUP_TIMEOUT_ENV)
+DEFAULT_STARTUP_TIMEOUT_S = 600.0
+"""Seconds allowed for the child to load the model, size the KV cache and warm up."""
+
+
+def startup_timeout_s() -> float:
+    """`$SLUICE_ENGINE_STARTUP_TIMEOUT` seconds, else `DEFAULT_STARTUP_TIMEOUT_S`."""
+    raw = os.environ.get(STARTUP_TIMEOUT_ENV)
+    if not raw:
+        return DEFAULT_STARTUP_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise EngineStartupError(f"{STARTUP_TIMEOUT_ENV}={raw!r} is not a positive number of "
+                                 "seconds.")
+    return value
+
+
+@dataclass(frozen=True)
+class EngineAddresses:
+    """The IPC directory and the two endpoints in it: the client PUSHes requests to `input`
+    (bound by the child) and PULLs outputs from `output` (bound by the client)."""
+    ipc_dir: str
+    input: str
+    output: str
+
+
+def make_ipc_dir() -> EngineAddresses:
+    """A fresh directory, private to this user (0700), for the engine's `ipc://` endpoints."""
+    base = tempfile.gettempdir()
+    if len(base) > 60:  # unix socket paths are limited to ~107 bytes
+        base = "/tmp"
+    path = tempfile.mkdtemp(prefix="sluice-", dir=base)
+    os.chmod(path, 0o700)
+    return EngineAddresses(path, f"ipc://{path}/input", f"ipc://{path}/output")
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """"exit code 1", "signal SIGKILL", or "an unknown status"."""
+    if exitcode is None:
+        return "an unknown status"
+    if exitcode < 0:
+        try:
+            return f"signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+class EngineProcess:
+    """One engine-core child process (see the module docstring). Not thread-safe except
+    `shutdown`, `is_alive`, `exitcode`, `wait_exit`."""
+
+    def __init__(self, config: EngineConfig, *, engine_factory: str | None = None):
+        self.addresses = make_ipc_dir()
+        self.ready: EngineReady | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+        context = multiprocessing.get_context("spawn")
+        self._handshake, child_end = context.Pipe(duplex=False)
+        self.process = context.Process(
+            target=run_engine_core, name="sluice-engine-core", daemon=False,
+            args=(config, self.addresses.input, self.addresses.output, child_end,
+                  self.addresses.ipc_dir, engine_factory))
+        try:
+            self.process.start()
+        except BaseException:
+            shutil.rmtree(self.addresses.ipc_dir, ignore_errors=True)
+            raise
+        finally:
+            child_end.close()  # only the child holds the write end: EOF if it dies silently
+        _register(self)
+        logger.info("started engine core process (pid %d)", self.process.pid)
+
+    @property
+    def pid(self) -> int:
+        assert self.process.pid is not None
+        return self.process.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.process.exitcode
+
+    def is_alive(self) -> bool:
+        return self.process.is_alive()
+
+    def wait_exit(self, timeout_s: float | None = None) -> bool:
+        """Block until the child exited (True) or `timeout_s` passed (False)."""
+        if not multiprocessing.connection.wait([self.process.sentinel], timeout_s):
+            return False
+        self.process.join(1.0)
+        return True
+
+    def wait_ready(self, timeout_s: float | None = None) -> EngineReady:
+        """Wait for the handshake. On failure the child is shut down and `EngineStartupError`
+        raised: the child's message, an early exit, or the timeout (default
+        `startup_timeout_s()`)."""
+        timeout_s = startup_timeout_s() if timeout_s is None else timeout_s
+        try:
+            self.ready = self._wait_handshake(timeout_s)
+            return self.ready
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _wait_handshake(self, timeout_s: float) -> EngineReady:
+        start = time.monotonic()
+        if not multiprocessing.connection.wait([self._handshake], timeout_s):
+            self.shutdown(grace_s=0.0)
+            raise EngineStartupError(
+                f"The engine core process did not finish starting within {timeout_s:g}s "
+                "(loading weights, sizing the KV cache or warming up) and was killed. Set "
+                f"{STARTUP_TIMEOUT_ENV} to allow more time.")
+        try:
+            message = decode_handshake(self._handshake.recv_bytes())
+        except EOFError:  # the child died before answering
+            self.wait_exit(5.0)
+            raise EngineStartupError(
+                f"The engine core process exited during startup with "
+                f"{describe_exit(self.exitcode)} before reporting an error; check the log "
+                "above. It may have been killed (out of memory?), or the main script starts "
+                "an engine at import time: the engine process is spawned and re-imports the "
+                "main module, so guard that code with `if __name__ == \"__main__\":`.") from None
+        finally:
+            self._handshake.close()
+        if isinstance(message, HandshakeFailed):
+            failure = message.failure
+            logger.debug("engine core startup failed:\n%s", failure.traceback)
+            error = EngineStartupError(failure.describe())
+            error.error_type = failure.error_type  # type: ignore[attr-defined]
+            error.child_traceback = failure.traceback  # type: ignore[attr-defined]
+            raise error
+        logger.info("engine core ready in %.1fs", time.monotonic() - start)
+        return message.ready
+
+    def shutdown(self, grace_s: float = 5.0) -> None:
+        """Stop the child (idempotent, thread-safe): wait `grace_s` for it to exit on its own
+        (after the client sent SHUTDOWN), then SIGTERM, then SIGKILL; remove the IPC dir."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            if self.process.pid is not None and not self.wait_exit(grace_s):
+                if grace_s > 0:
+                    logger.warning("engine core (pid %d) did not exit within %gs; terminating "
+                                   "it", self.pid, grace_s)
+                self.process.terminate()
+                if not self.wait_exit(3.0):
+                    self.process.kill()
+                    self.wait_exit(5.0)
+        finally:
+            if not self._handshake.closed:
+                self._handshake.close()
+            shutil.rmtree(self.addresses.ipc_dir, ignore_errors=True)
+            _LIVE.discard(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+# ---- never outlive the parent -----------------------------------------------------------
+
+_LIVE: "weakref.WeakSet[EngineProcess]" = weakref.WeakSet()
+_hooks_installed = False
+
+
+def _register(proc: EngineProcess) -> None:
+    global _hooks_installed
+    _LIVE.add(proc)
+    if _hooks_installed:
+        return
+    _hooks_installed = True
+    atexit.register(shutdown_all, 0.0)
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def shutdown_all(grace_s: float = 0.0) -> None:
+    """Shut down every live engine-core process of this process (SIGTERM after `grace_s`)."""
+    for proc in list(_LIVE):
+        try:
+            proc.shutdown(grace_s)
+        except Exception:
+            logger.warning("failed to stop engine core", exc_info=True)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    shutdown_all(0.0)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)

@@ -1,0 +1,155 @@
+"""POST /v1/chat/completions: the model's chat template renders `messages` into a prompt;
+`n`, `logprobs`/`top_logprobs`, `max_completion_tokens`, and SSE streaming.
+
+A stream sends, per choice, a first chunk with `delta.role = "assistant"`, then content deltas,
+then a chunk with an empty delta and the `finish_reason`; with `stream_options.include_usage`
+a last chunk with no choices carries `usage`; then `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, AsyncIterator, Sequence
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from sluice.entrypoints.openai.errors import error_from_exception
+from sluice.entrypoints.openai.protocol import (ChatChoice, ChatCompletionRequest,
+                                                ChatCompletionResponse,
+                                                ChatCompletionStreamResponse, ChatLogprob,
+                                                ChatLogprobContent, ChatLogprobs, ChatMessage,
+                                                ChatStreamChoice, DeltaMessage, now_seconds,
+                                                random_id, usage)
+from sluice.entrypoints.openai.serving import (SSE_DONE, CleanupStreamingResponse,
+                                               Generations, ServerState, get_state,
+                                               prompt_error_param, run_unless_disconnected, sse,
+                                               start_generations)
+from sluice.errors import InvalidRequestError
+from sluice.outputs import PositionLogprobs, RequestOutput
+
+router = APIRouter()
+
+_MIN_LOGPROB = -9999.0
+
+
+def _entry(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": max(logprob, _MIN_LOGPROB),
+            "bytes": list(token.encode("utf-8", errors="replace"))}
+
+
+def chat_logprobs(token_ids: Sequence[int], positions: Sequence[PositionLogprobs] | None,
+                  tokenizer: Any, num_top: int) -> ChatLogprobs:
+    """OpenAI's chat logprobs: per generated token its text, logprob, UTF-8 bytes and the
+    `num_top` most likely tokens (by rank) at that position."""
+    content = []
+    for token_id, position in zip(token_ids, positions or []):
+        chosen = position.get(token_id)
+        token = (chosen.decoded_token if chosen is not None and chosen.decoded_token is not None
+                 else tokenizer.decode_token(token_id))
+        top = sorted(((lp.rank, -lp.logprob, tid, lp) for tid, lp in position.items()
+                      if lp.rank <= num_top), key=lambda e: e[:3])[:num_top]
+        content.append(ChatLogprobContent(
+            **_entry(token, chosen.logprob if chosen is not None else float("-inf")),
+            top_logprobs=[ChatLogprob(**_entry(
+                lp.decoded_token if lp.decoded_token is not None
+                else tokenizer.decode_token(tid), lp.logprob)) for _, _, tid, lp in top]))
+    return ChatLogprobs(content=content)
+
+
+def render_prompt(state: ServerState, body: ChatCompletionRequest) -> str:
+    """The conversation rendered by the chat template (400 param 'messages' on failure)."""
+    return state.tokenizer.apply_chat_template(
+        body.conversation(), add_generation_prompt=body.add_generation_prompt,
+        **body.template_kwargs())
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(body: ChatCompletionRequest, raw_request: Request) -> Any:
+    state = get_state(raw_request)
+    state.check_model(body.model)
+    params = body.to_sampling_params()
+    prompt = render_prompt(state, body)
+    response_id = f"chatcmpl-{raw_request.state.request_id}"
+    ticket = state.admit(1)
+    try:
+        generations = start_generations(
+            state, [prompt], params, f"{response_id}-{random_id()[:8]}",
+            priority=body.priority, add_special_tokens=body.add_special_tokens)
+        if body.stream:
+            await run_unless_disconnected(raw_request, generations.start())
+        else:
+            outputs = await run_unless_disconnected(raw_request, generations.final_outputs())
+    except InvalidRequestError as e:
+        ticket.release()
+        raise prompt_error_param(e, is_chat=True) from None
+    except BaseException:
+        ticket.release()
+        raise
+    if not body.stream:
+        ticket.release()
+        return JSONResponse(_full_response(body, state, response_id, outputs[0]))
+
+    def cleanup() -> None:
+        generations.abort()
+        ticket.release()
+
+    return CleanupStreamingResponse(_stream(body, state, response_id, generations, params.n),
+                                    cleanup)
+
+
+def _logprobs(body: ChatCompletionRequest, state: ServerState, token_ids: Sequence[int],
+              positions: Sequence[PositionLogprobs] | None) -> ChatLogprobs | None:
+    if not body.logprobs:
+        return None
+    return chat_logprobs(token_ids, positions, state.tokenizer, body.top_logprobs or 0)
+
+
+def _full_response(body: ChatCompletionRequest, state: ServerState, response_id: str,
+                   output: RequestOutput) -> dict[str, Any]:
+    choices = [
+        ChatChoice(index=sample.index,
+                   message=ChatMessage(role="assistant", content=sample.text),
+                   logprobs=_logprobs(body, state, sample.token_ids, sample.logprobs),
+                   finish_reason=sample.finish_reason, stop_reason=sample.stop_reason)
+        for sample in sorted(output.outputs, key=lambda s: s.index)]
+    num_generated = sum(len(s.token_ids) for s in output.outputs)
+    response = ChatCompletionResponse(
+        id=response_id, model=state.model_name, choices=choices,
+        usage=usage(len(output.prompt_token_ids), num_generated))
+    return response.model_dump()
+
+
+async def _stream(body: ChatCompletionRequest, state: ServerState, response_id: str,
+                  generations: Generations, n: int) -> AsyncIterator[str]:
+    created = now_seconds()
+
+    def chunk(choices: list[ChatStreamChoice], **extra: Any) -> str:
+        return sse(ChatCompletionStreamResponse(
+            id=response_id, created=created, model=state.model_name, choices=choices,
+            **extra).model_dump_json())
+
+    num_prompt_tokens = num_generated = 0
+    try:
+        for index in range(n):
+            yield chunk([ChatStreamChoice(index=index,
+                                          delta=DeltaMessage(role="assistant", content=""))])
+        async for _, output in generations:
+            num_prompt_tokens = len(output.prompt_token_ids)
+            for sample in output.outputs:
+                num_generated += len(sample.token_ids)
+                logprobs = _logprobs(body, state, sample.token_ids, sample.logprobs)
+                if sample.text or (logprobs is not None and logprobs.content):
+                    yield chunk([ChatStreamChoice(index=sample.index,
+                                                  delta=DeltaMessage(content=sample.text),
+                                                  logprobs=logprobs)])
+                if sample.finish_reason is not None:
+                    yield chunk([ChatStreamChoice(index=sample.index, delta=DeltaMessage(),
+                                                  finish_reason=sample.finish_reason,
+                                                  stop_reason=sample.stop_reason)])
+        if body.include_usage:
+            yield chunk([], usage=usage(num_prompt_tokens, num_generated))
+    except Exception as e:  # noqa: BLE001 - the status is sent; report in the stream
+        _, error = error_from_exception(e)
+        yield sse(json.dumps(error))
+    yield SSE_DONE

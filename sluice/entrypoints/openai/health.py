@@ -1,0 +1,44 @@
+"""GET /health (200 empty when the engine answers, 503 when it is dead or hung), /version,
+and /metrics (Prometheus text format from the app's own registry)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request, Response
+
+from sluice import __version__
+from sluice.entrypoints.openai.errors import error_response
+from sluice.entrypoints.openai.serving import get_state
+from sluice.errors import EngineDeadError
+
+router = APIRouter()
+
+HEALTH_TIMEOUT_S = 5.0
+
+
+@router.get("/health")
+async def health(raw_request: Request) -> Response:
+    state = get_state(raw_request)
+    try:
+        await asyncio.wait_for(state.engine.check_health(), HEALTH_TIMEOUT_S)
+    except EngineDeadError as e:
+        return error_response(503, str(e))
+    except asyncio.TimeoutError:
+        return error_response(503, f"The engine did not answer a health check within "
+                              f"{HEALTH_TIMEOUT_S:g} s.")
+    return Response(status_code=200)
+
+
+@router.get("/version")
+async def version() -> dict[str, str]:
+    return {"version": __version__}
+
+
+@router.get("/metrics")
+async def metrics(raw_request: Request) -> Response:
+    state = get_state(raw_request)
+    if state.metrics is None:
+        return Response(b"", media_type="text/plain; version=0.0.4; charset=utf-8")
+    body, content_type = state.metrics.render()
+    return Response(body, media_type=content_type)

@@ -1,0 +1,428 @@
+"""Pydantic models of the OpenAI-compatible HTTP API (requests, responses, stream chunks).
+
+Shapes follow OpenAI's API (and vLLM's extras). Unknown request fields are ignored and logged
+at debug level, as vLLM does. Each request type converts itself to `SamplingParams` in exactly
+one place (`to_sampling_params`); value ranges are checked by `SamplingParams` itself (which
+raises `InvalidRequestError` naming the parameter), so there is one source of truth.
+No torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+
+from sluice.errors import InvalidRequestError
+from sluice.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+def random_id() -> str:
+    """A fresh random request id (hex)."""
+    return uuid.uuid4().hex
+
+
+def now_seconds() -> int:
+    """The `created` timestamp of a response: Unix seconds."""
+    return int(time.time())
+
+
+class OpenAIBaseModel(BaseModel):
+    """Base of request models: unknown fields are dropped and logged at debug level."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_unknown_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and logger.isEnabledFor(logging.DEBUG):
+            known = set(cls.model_fields)
+            unknown = sorted(k for k in data if k not in known)
+            if unknown:
+                logger.debug("%s: ignoring unknown fields %s", cls.__name__, unknown)
+        return data
+
+
+class ResponseModel(BaseModel):
+    """Base of response models (extra fields kept, nothing validated on the hot path)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+class ErrorInfo(ResponseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorResponse(ResponseModel):
+    """`{"error": {"message", "type", "param", "code"}}`, OpenAI's error body."""
+    error: ErrorInfo
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared request pieces
+
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
+
+
+class SamplingFields(OpenAIBaseModel):
+    """Fields shared by completion and chat requests (OpenAI's and vLLM's extras)."""
+
+    model: str | None = None
+    n: int = 1
+    best_of: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    seed: int | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    priority: int = 0
+    prompt_logprobs: int | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a streamed response ends with a usage chunk."""
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def _check_common(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options can only be set when stream is true.",
+                                      param="stream_options")
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidRequestError(
+                f"best_of={self.best_of} is not supported; only best_of equal to n "
+                f"({self.n}) is.", param="best_of")
+
+    def _stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        if not self.logit_bias:
+            return None
+        out: dict[int, float] = {}
+        for key, bias in self.logit_bias.items():
+            try:
+                out[int(key)] = float(bias)
+            except ValueError:
+                raise InvalidRequestError(f"logit_bias keys must be token ids, got {key!r}.",
+                                          param="logit_bias") from None
+        return out
+
+    def _sampling_kwargs(self) -> dict[str, Any]:
+        """The SamplingParams keywords common to both endpoints (None means: default)."""
+        kwargs: dict[str, Any] = {
+            "n": self.n, "temperature": self.temperature, "top_p": self.top_p,
+            "top_k": self.top_k, "min_p": self.min_p,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty, "seed": self.seed,
+            "stop": self._stop_list(), "stop_token_ids": list(self.stop_token_ids or []),
+            "include_stop_str_in_output": self.include_stop_str_in_output,
+            "ignore_eos": self.ignore_eos, "min_tokens": self.min_tokens,
+            "logit_bias": self._logit_bias(), "skip_special_tokens": self.skip_special_tokens,
+            "spaces_between_special_tokens": self.spaces_between_special_tokens,
+            "prompt_logprobs": self.prompt_logprobs,
+            "output_kind": RequestOutputKind.DELTA if self.stream
+            else RequestOutputKind.FINAL_ONLY,
+        }
+        return {k: v for k, v in kwargs.items() if v is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# /v1/completions
+
+Prompt = str | list[int]
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: list[int] | list[list[int]] | str | list[str]
+    max_tokens: int | None = 16
+    logprobs: int | None = Field(default=None, ge=0)
+    echo: bool = False
+    suffix: str | None = None
+    add_special_tokens: bool = True
+
+    def prompts(self) -> list[Prompt]:
+        """The prompts of this request: one text or token-id list each (a batch may hold many).
+        An empty list is kept as one empty prompt, which the engine rejects with a 400."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            return [[]]
+        if isinstance(p[0], (str, list)):
+            return list(p)  # type: ignore[arg-type]
+        return [p]  # type: ignore[list-item]
+
+    def to_sampling_params(self) -> SamplingParams:
+        """Validated SamplingParams (raises InvalidRequestError naming the field)."""
+        self._check_common()
+        if self.suffix is not None:
+            raise InvalidRequestError("suffix is not supported.", param="suffix")
+        kwargs = self._sampling_kwargs()
+        kwargs["max_tokens"] = self.max_tokens
+        if self.logprobs is not None:
+            kwargs["logprobs"] = self.logprobs
+            if self.echo:  # echoed prompt tokens carry logprobs too
+                kwargs["prompt_logprobs"] = max(self.prompt_logprobs or 0, self.logprobs)
+        return SamplingParams(**kwargs)
+
+
+class CompletionLogprobs(ResponseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(ResponseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class UsageInfo(ResponseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+
+class CompletionResponse(ResponseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=now_seconds)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+    system_fingerprint: str | None = None
+
+
+class CompletionStreamResponse(ResponseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=now_seconds)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# /v1/chat/completions
+
+class ContentPart(OpenAIBaseModel):
+    type: str
+    text: str | None = None
+
+
+class ChatMessageParam(BaseModel):
+    """One message of a conversation; extra keys (tool_calls, name …) go to the template."""
+
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[ContentPart] | None = None
+
+    def to_template_dict(self) -> dict[str, Any]:
+        """The message as the chat template sees it (text parts joined into one string)."""
+        data = self.model_dump(exclude_none=True)
+        if isinstance(self.content, list):
+            texts = []
+            for part in self.content:
+                if part.type != "text" or part.text is None:
+                    raise InvalidRequestError(
+                        f"content part of type {part.type!r} is not supported; only 'text' "
+                        "parts are.", param="messages")
+                texts.append(part.text)
+            data["content"] = "\n".join(texts)
+        elif self.content is None:
+            data["content"] = ""
+        return data
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessageParam]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def conversation(self) -> list[dict[str, Any]]:
+        if not self.messages:
+            raise InvalidRequestError("messages must hold at least one message.",
+                                      param="messages")
+        return [m.to_template_dict() for m in self.messages]
+
+    def template_kwargs(self) -> dict[str, Any]:
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.chat_template is not None:
+            kwargs["chat_template"] = self.chat_template
+        return kwargs
+
+    def to_sampling_params(self) -> SamplingParams:
+        """Validated SamplingParams; `max_completion_tokens` wins over `max_tokens`; no limit
+        means "up to the context length"."""
+        self._check_common()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs requires logprobs to be true.",
+                                      param="top_logprobs")
+        kwargs = self._sampling_kwargs()
+        kwargs["max_tokens"] = (self.max_completion_tokens if self.max_completion_tokens
+                                is not None else self.max_tokens)
+        if self.logprobs:
+            kwargs["logprobs"] = self.top_logprobs or 0
+        return SamplingParams(**kwargs)
+
+
+class ChatMessage(ResponseModel):
+    role: str
+    content: str | None = None
+
+
+class ChatLogprob(ResponseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatLogprobContent(ChatLogprob):
+    top_logprobs: list[ChatLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(ResponseModel):
+    content: list[ChatLogprobContent] | None = None
+
+
+class ChatChoice(ResponseModel):
+    index: int
+    message: ChatMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(ResponseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=now_seconds)
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(ResponseModel):
+    """A stream delta; fields that are None are left out (`{}` for the finish chunk)."""
+    role: str | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatStreamChoice(ResponseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionStreamResponse(ResponseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=now_seconds)
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: UsageInfo | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# /tokenize, /detokenize, /v1/models
+
+class TokenizeCompletionRequest(OpenAIBaseModel):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class TokenizeChatRequest(OpenAIBaseModel):
+    model: str | None = None
+    messages: list[ChatMessageParam]
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class TokenizeResponse(ResponseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(OpenAIBaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(ResponseModel):
+    prompt: str
+
+
+class ModelCard(ResponseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=now_seconds)
+    owned_by: str = "sluice"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(ResponseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard] = Field(default_factory=list)

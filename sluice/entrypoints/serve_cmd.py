@@ -1,0 +1,223 @@
+"""`sluice serve [MODEL] [options]`: the OpenAI-compatible HTTP server.
+
+    sluice serve ./my-model --port 8000 --kv-cache-memory 1GiB --max-model-len 2048
+
+Startup runs in named stages, each logged with its duration:
+
+    parse config -> detect hardware -> check model -> bind port -> start engine (spawn the
+    engine core, load weights, allocate the KV cache, warm up) -> serve
+
+The port is bound (not yet listened on) before anything heavy starts, and the same socket is
+handed to uvicorn, so "port in use" fails in milliseconds and nobody can take the port while the
+model loads. A failing stage ends the process with one line `error: <what, values, fix>`
+(exit 2 for a bad flag, 1 otherwise). SIGINT/SIGTERM shut the engine down and exit 0. If the
+engine core dies while serving, /health answers 503, in-flight requests fail with a 503-type
+error, and the server stops and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import logging
+import signal
+import socket
+import time
+from typing import Any, Iterator
+
+from sluice.errors import SluiceError
+
+logger = logging.getLogger("sluice.serve")
+
+WATCHDOG_INTERVAL_S = 0.5
+GRACEFUL_SHUTDOWN_S = 5
+ENGINE_DEAD_GRACE_S = 1.5
+"""After the engine dies, /health and new requests answer 503 this long before the server
+stops (load balancers and clients see a clear error rather than a refused connection)."""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from sluice.config_sources import add_engine_args
+    parser = subparsers.add_parser(
+        "serve", help="Start the OpenAI-compatible HTTP server.",
+        description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
+                    "/v1/chat/completions, /v1/models, /tokenize, /detokenize, /health, "
+                    "/metrics, /version).")
+    add_engine_args(parser, positional_model=True)
+    return parser
+
+
+@contextlib.contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Log how long the startup stage `name` took (only when it succeeds)."""
+    start = time.perf_counter()
+    yield
+    logger.info("Startup stage '%s' done in %.2f s", name, time.perf_counter() - start)
+
+
+def hardware_summary() -> str:
+    """One line: CPU model, usable/physical cores, RAM total/available."""
+    from sluice.platform import host
+    total, available = host.memory_bytes()
+    physical = host.physical_cores()
+    cores = f"{host.affinity_cpus()} usable CPUs" + (f" ({physical} physical cores)"
+                                                     if physical else "")
+    return (f"Hardware: {host.cpu_model()}, {cores}, RAM {total / 2**30:.1f} GiB total, "
+            f"{available / 2**30:.1f} GiB available")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound (not listening) to host:port; raises SluiceError with one clear line.
+
+    uvicorn starts listening on it once the engine is ready, so clients get "connection
+    refused" (not a hang) while the model loads.
+    """
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise SluiceError(f"cannot resolve --host {host!r}: {e.strerror}; pass an IP address "
+                          "such as 127.0.0.1 or 0.0.0.0") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise SluiceError(f"port {port} on {host} is in use; pass --port to choose "
+                              "another") from None
+        if e.errno == errno.EACCES:
+            raise SluiceError(f"no permission to bind port {port} on {host} (ports below 1024 "
+                              "need root); pass --port to choose another") from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise SluiceError(f"address {host} is not available on this machine; pass --host "
+                              "127.0.0.1 or 0.0.0.0") from None
+        raise SluiceError(f"cannot bind {host}:{port}: {e.strerror}; pass --host/--port to "
+                          "choose another address") from None
+    return sock
+
+
+def start_engine(config: Any) -> Any:
+    """`AsyncLLM.from_config(config)`: spawn the engine core and wait until it is ready."""
+    try:
+        from sluice.frontend.async_llm import AsyncLLM
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("sluice"):
+            raise SluiceError(f"the async engine is not available in this build ({e.name} is "
+                              "missing).") from None
+        raise
+    return AsyncLLM.from_config(config)
+
+
+class _Signals:
+    """Records SIGINT/SIGTERM while installed (uvicorn re-raises the signals it handled once
+    it has shut down; recording them here turns that into a clean exit 0)."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_Signals":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.received.append(signum)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _route_uvicorn_logs() -> None:
+    """uvicorn's loggers write through sluice's handler and format (one log style)."""
+    ours = logging.getLogger("sluice")
+    uv = logging.getLogger("uvicorn")
+    uv.handlers = list(ours.handlers)
+    uv.setLevel(ours.level)
+    uv.propagate = False
+
+
+async def serve_engine(engine: Any, config: Any, sock: socket.socket) -> int:
+    """Serve `engine` on the bound `sock` until a signal (returns 0); raises SluiceError when
+    the engine dies (after answering 503 for `ENGINE_DEAD_GRACE_S`)."""
+    import uvicorn
+
+    from sluice.entrypoints.openai.app import build_app
+
+    app = build_app(engine, config)
+    obs = config.observability
+    _route_uvicorn_logs()
+    uv_config = uvicorn.Config(app, log_config=None, log_level=obs.log_level, lifespan="on",
+                               access_log=not obs.disable_log_requests,
+                               timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                               timeout_keep_alive=5)
+    server = uvicorn.Server(uv_config)
+    death: list[str] = []
+
+    async def watchdog() -> None:
+        while not server.should_exit:
+            if engine.is_dead:
+                try:
+                    await engine.check_health()
+                    cause = "the engine reported itself dead"
+                except Exception as e:  # noqa: BLE001 - we only want its message
+                    cause = str(e)
+                death.append(cause)
+                logger.error("The engine core died; failing in-flight requests, answering 503 "
+                             "for %.1f s, then stopping the server.", ENGINE_DEAD_GRACE_S)
+                await asyncio.sleep(ENGINE_DEAD_GRACE_S)
+                server.should_exit = True
+                return
+            await asyncio.sleep(WATCHDOG_INTERVAL_S)
+
+    host, port = sock.getsockname()[:2]
+    logger.info("Serving model '%s' on http://%s:%d (max_model_len %d)",
+                engine.ready.model_name, host, port, engine.ready.max_model_len)
+    task = asyncio.create_task(watchdog())
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        task.cancel()
+    if death:
+        raise SluiceError(f"the engine core died while serving; the server stopped. Cause: "
+                          f"{death[0]}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from sluice.config_sources import engine_config_from_args, flat_config
+    from sluice.entrypoints.cli import configure_logging
+
+    with stage("parse config"):
+        config = engine_config_from_args(args)
+        configure_logging(config.observability.log_level)
+        logger.debug("Config: %s", flat_config(config))
+    with stage("detect hardware"):
+        logger.info(hardware_summary())
+    with stage("check model"):
+        from sluice.hf_config import load_model_spec
+        spec = load_model_spec(config.model.model)
+        logger.info("Model %s: %s", config.model.model, spec.architecture)
+    with stage("bind port"):
+        sock = bind_socket(config.server.host, config.server.port)
+    try:
+        with stage("start engine"):
+            engine = start_engine(config)
+        for name, seconds in (getattr(engine.ready, "startup_seconds", None) or {}).items():
+            logger.info("  engine stage '%s': %.2f s", name, seconds)
+        try:
+            with _Signals() as signals:
+                asyncio.run(serve_engine(engine, config, sock))
+        finally:
+            engine.shutdown()
+    finally:
+        sock.close()
+    if signals.received:
+        logger.info("Shut down on %s.", signal.Signals(signals.received[-1]).name)
+    return 0

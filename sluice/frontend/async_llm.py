@@ -1,0 +1,273 @@
+"""AsyncLLM: the asyncio frontend the OpenAI server drives. Never imports torch.
+
+    llm = AsyncLLM.from_config(config)          # spawns the engine core, waits for the handshake
+    async for out in llm.generate(prompt, params, request_id):   # RequestOutputs as they come
+        ...
+    llm.shutdown()
+
+Contract:
+* `generate` is an async generator. Its first `__anext__` validates the request
+  (`InvalidRequestError` → HTTP 400, raised before any output), registers it with the
+  `OutputProcessor` and sends it to the engine; outputs then arrive on a per-request queue.
+  If the consumer stops early (generator closed, task cancelled: the client disconnected), the
+  request is aborted in the engine so its KV blocks are freed. `abort(request_id)` ends the
+  matching `generate` without a further output.
+* One background task per event loop (the output handler) pulls `EngineCoreOutputs`, runs
+  `process_outputs`, aborts stop-string hits in the engine, routes each `RequestOutput` by
+  request id, and calls the stats listeners.
+* When the engine core dies, every waiting and later `generate` raises `EngineDeadError`
+  (naming the cause), `is_dead` turns True and `check_health` raises. After `shutdown()` calls
+  raise `EngineDeadError` too; `shutdown` is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any, AsyncIterator, Callable, Sequence
+
+from sluice.config import EngineConfig
+from sluice.engine.launch import EngineProcess
+from sluice.errors import EngineDeadError
+from sluice.frontend.client import HEALTH_TIMEOUT_S, AsyncMPClient
+from sluice.frontend.input_processor import InputProcessor
+from sluice.frontend.output_processor import OutputProcessor
+from sluice.frontend.stats import FrontendStats
+from sluice.frontend.tokenizer import Tokenizer, load_tokenizer
+from sluice.messages import EngineCoreOutputs, SchedulerStats
+from sluice.outputs import RequestOutput
+from sluice.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+StatsListener = Callable[[SchedulerStats | None, FrontendStats], None]
+"""Called on the event loop once per engine step's outputs with that step's scheduler stats
+(None if the step carried none) and the frontend stats gathered since the previous call (the
+same `FrontendStats` object is passed to every listener; do not mutate it)."""
+
+_ABORTED = object()  # queued by `abort()`: end the matching generate() quietly
+
+
+class AsyncLLM:
+    """An engine core in a child process behind an asyncio API (see the module docstring).
+
+    Attributes: `config`, `ready` (EngineReady), `model_name`, `tokenizer`, `client`.
+    Use one event loop at a time; a new loop may take over after the previous one closed.
+    """
+
+    def __init__(self, config: EngineConfig, client: AsyncMPClient, tokenizer: Tokenizer):
+        self.config = config
+        self.client = client
+        self.ready = client.ready
+        self.model_name: str = client.ready.model_name
+        self.tokenizer = tokenizer
+        self.input_processor = InputProcessor(
+            tokenizer, self.ready.max_model_len, self.ready.vocab_size,
+            config.model.max_logprobs, tokenizer.eos_token_id)
+        self.output_processor = OutputProcessor(tokenizer, log_stats=True)
+        self._queues: dict[str, asyncio.Queue[Any]] = {}
+        self._handler: asyncio.Task[None] | None = None
+        self._handler_loop: asyncio.AbstractEventLoop | None = None
+        self._handler_error: str | None = None
+        self._stats_listeners: list[StatsListener] = []
+        self._latest_scheduler_stats: SchedulerStats | None = None
+        self._log_requests = not config.observability.disable_log_requests
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, *,
+                    startup_timeout_s: float | None = None) -> "AsyncLLM":
+        """Spawn the engine core and load the tokenizer meanwhile; block until both are ready.
+        Raises `EngineStartupError` with the engine's own message, or the tokenizer's
+        `ModelLoadError`."""
+        process = EngineProcess(config)
+        loaded: dict[str, Any] = {}
+
+        def load() -> None:
+            try:
+                loaded["tokenizer"] = load_tokenizer(config.model.tokenizer or config.model.model)
+            except BaseException as e:
+                loaded["error"] = e
+
+        thread = threading.Thread(target=load, name="sluice-load-tokenizer", daemon=True)
+        thread.start()
+        try:
+            process.wait_ready(startup_timeout_s)  # the engine's error wins over the tokenizer's
+            thread.join()
+            if "error" in loaded:
+                raise loaded["error"]
+            client = AsyncMPClient(config, process=process)
+        except BaseException:
+            process.shutdown(grace_s=0.0)
+            raise
+        return cls(config, client, loaded["tokenizer"])
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    async def generate(self, prompt: str | Sequence[int], sampling_params: SamplingParams,
+                       request_id: str, *, priority: int = 0, add_special_tokens: bool = True,
+                       prompt_text: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream the `RequestOutput`s of one request (kind per `sampling_params.output_kind`);
+        the last one has `finished=True`. `prompt_text` is echoed as `RequestOutput.prompt`
+        (default: the prompt when it is text). Raises `InvalidRequestError` before the first
+        output, `EngineDeadError` whenever the engine is or becomes dead."""
+        self._check_alive()
+        loop = asyncio.get_running_loop()
+        self._ensure_output_handler(loop)
+        request = self.input_processor.process(
+            request_id, prompt, sampling_params, None, priority,
+            add_special_tokens=add_special_tokens)
+        if prompt_text is None and isinstance(prompt, str):
+            prompt_text = prompt
+        engine_requests = self.output_processor.add_request(request, prompt_text)
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._queues[request_id] = queue
+        if self._log_requests:
+            logger.info("request %s: %d prompt tokens, %s", request_id,
+                        len(request.prompt_token_ids), request.sampling_params)
+        finished = False
+        try:
+            for engine_request in engine_requests:
+                await self.client.add_request(engine_request)
+            while not finished:
+                item = await queue.get()
+                if item is _ABORTED:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    raise item  # the finally drops the request's state
+                finished = item.finished
+                yield item
+        finally:
+            if self._queues.get(request_id) is queue:
+                del self._queues[request_id]
+            if not finished:
+                self._abort_now(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request (unknown or finished ids are ignored); its `generate` ends."""
+        self._abort_now(request_id)
+        queue = self._queues.pop(request_id, None)
+        if queue is not None:
+            queue.put_nowait(_ABORTED)
+
+    def _abort_now(self, request_id: str) -> None:
+        engine_ids = self.output_processor.abort_requests([request_id])
+        self.client.abort_requests_nowait(engine_ids)
+        if engine_ids and self._log_requests:
+            logger.info("request %s aborted", request_id)
+
+    # ---- the output handler -----------------------------------------------------------------
+
+    def _ensure_output_handler(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._handler is not None and self._handler_loop is loop:
+            return
+        if self._handler_loop is not None and not self._handler_loop.is_closed():
+            raise RuntimeError("AsyncLLM is in use by another running event loop.")
+        self._queues.clear()  # leftovers of a closed loop
+        self._handler_loop = loop
+        self._handler = loop.create_task(self._run_output_handler(), name="sluice-output-handler")
+
+    async def _run_output_handler(self) -> None:
+        try:
+            while True:
+                outputs = await self.client.get_output()
+                self._process(outputs)
+        except asyncio.CancelledError:
+            raise
+        except EngineDeadError:
+            pass
+        except Exception as e:
+            logger.exception("AsyncLLM output handler failed")
+            self._handler_error = f"The AsyncLLM output handler failed: {e!r}"
+        self._fail_all()
+
+    def _process(self, outputs: EngineCoreOutputs) -> None:
+        processed = self.output_processor.process_outputs(outputs.outputs)
+        if processed.request_ids_to_abort:
+            self.client.abort_requests_nowait(processed.request_ids_to_abort)
+        for request_output in processed.request_outputs:
+            queue = self._queues.get(request_output.request_id)
+            if queue is not None:
+                queue.put_nowait(request_output)
+        if outputs.scheduler_stats is not None:
+            self._latest_scheduler_stats = outputs.scheduler_stats
+        frontend_stats = self.output_processor.take_stats()
+        for listener in list(self._stats_listeners):
+            try:
+                listener(outputs.scheduler_stats, frontend_stats)
+            except Exception:
+                logger.exception("stats listener %r failed", listener)
+
+    def _fail_all(self) -> None:
+        """Wake every waiting generate() with its own EngineDeadError (on the loop thread)."""
+        for request_id in list(self._queues):
+            self._queues.pop(request_id).put_nowait(self._dead_error())
+
+    # ---- health, stats, lifecycle -------------------------------------------------------------
+
+    @property
+    def is_dead(self) -> bool:
+        """True once the engine core died (or the output handler failed)."""
+        return self.client.is_dead or self._handler_error is not None
+
+    errored = is_dead
+
+    def _dead_error(self) -> EngineDeadError:
+        if self._handler_error is not None:
+            return EngineDeadError(self._handler_error)
+        return self.client.dead_error()
+
+    def _check_alive(self) -> None:
+        if self.is_dead or self.client.closed:
+            raise self._dead_error()
+
+    async def check_health(self, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
+        """Raise `EngineDeadError` if the engine is dead, or does not answer a ping through its
+        loop within `timeout_s` (hung)."""
+        self._check_alive()
+        await self.client.check_health(timeout_s)
+
+    async def reset_prefix_cache(self) -> None:
+        await self.client.reset_prefix_cache()
+
+    def add_stats_listener(self, listener: StatsListener) -> None:
+        """Register `listener(scheduler_stats, frontend_stats)`, called after every engine
+        step's outputs (see `StatsListener`); exceptions are logged, not raised."""
+        self._stats_listeners.append(listener)
+
+    def remove_stats_listener(self, listener: StatsListener) -> None:
+        self._stats_listeners.remove(listener)
+
+    @property
+    def latest_scheduler_stats(self) -> SchedulerStats | None:
+        """The scheduler snapshot of the most recent engine step (None before the first)."""
+        return self._latest_scheduler_stats
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        """User requests registered here and not finished (running or waiting)."""
+        return self.output_processor.get_num_unfinished_requests()
+
+    @property
+    def num_waiting_requests(self) -> int:
+        """Estimate of requests not yet running: unfinished here minus the engine's running
+        count at its last step (n > 1 requests count once here, n times there)."""
+        stats = self._latest_scheduler_stats
+        running = stats.num_running_reqs if stats is not None else 0
+        return max(0, self.num_unfinished_requests - running)
+
+    @property
+    def max_num_queued_requests(self) -> int | None:
+        """`--max-num-queued-requests`: the server answers 429 beyond it (None: no limit)."""
+        return self.config.scheduler.max_num_queued_requests
+
+    def shutdown(self) -> None:
+        """Stop the engine core; waiting generate() calls raise EngineDeadError. Idempotent."""
+        self.client.shutdown()
+
+    def __enter__(self) -> "AsyncLLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
