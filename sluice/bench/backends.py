@@ -81,13 +81,7 @@ def _result(backend: str, elapsed: float, requests: Sequence[BenchRequest],
 # sluice
 
 def _default_llm_factory(model: str, **engine_kwargs: Any) -> Any:
-    try:
-        from sluice.frontend.llm import LLM
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("sluice"):
-            raise BenchmarkError(f"the offline engine is not available in this build ({e.name} "
-                                 "is missing); use --backend hf.") from None
-        raise
+    from sluice.frontend.llm import LLM
     return LLM(model, **engine_kwargs)
 
 

@@ -67,6 +67,7 @@ class EngineCoreProc:
         self.input_queue: queue.Queue[tuple[RequestType, Any]] = queue.Queue()
         self.output_queue: queue.Queue[Any] = queue.Queue()
         self._shutdown_requested = False
+        self._aborted = False
         self._stop = threading.Event()
         self._ctx = zmq.Context()
         self._input = self._ctx.socket(zmq.PULL)
@@ -91,11 +92,18 @@ class EngineCoreProc:
         """Drain inputs → step → push outputs, until a SHUTDOWN request. Exceptions from the
         engine propagate (the caller reports them with `send_failure`)."""
         while not self._shutdown_requested:
+            self._aborted = False
             self._process_inputs(block=not self.engine.has_unfinished_requests())
             if self._shutdown_requested:
                 break
             if self.engine.has_unfinished_requests():
                 self.output_queue.put((OutputType.OUTPUTS, self.engine.step()))
+            elif self._aborted:
+                # The last requests were aborted: publish the idle snapshot (if the engine
+                # gives one) so that running/waiting gauges do not stay stale.
+                outputs = self.engine.step()
+                if outputs.scheduler_stats is not None:
+                    self.output_queue.put((OutputType.OUTPUTS, outputs))
 
     def request_shutdown(self) -> None:
         """Ask the loop to finish after its current step (thread-safe)."""
@@ -119,6 +127,7 @@ class EngineCoreProc:
             self.engine.add_request(payload)
         elif kind == RequestType.ABORT:
             self.engine.abort_requests(payload)
+            self._aborted = True
         elif kind == RequestType.UTILITY:
             self.output_queue.put((OutputType.UTILITY_RESULT, self._call_utility(payload)))
         elif kind == RequestType.SHUTDOWN:

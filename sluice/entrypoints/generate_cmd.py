@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from sluice.config import SECTIONS
-from sluice.errors import ConfigError, InvalidRequestError, SluiceError
+from sluice.errors import ConfigError, InvalidRequestError
 
 _SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k")
 
@@ -83,13 +83,7 @@ def run(args: argparse.Namespace) -> int:
     seed = engine_config.model.seed if getattr(args, "seed", None) is not None else None
     params = sampling_params_from_args(args, seed)
     prompts = read_prompts(args)
-    try:
-        from sluice.frontend.llm import LLM
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("sluice"):
-            raise SluiceError(f"the offline engine is not available in this build ({e.name} "
-                              "is missing).") from None
-        raise
+    from sluice.frontend.llm import LLM
     llm = LLM(config=engine_config)
     try:
         outputs = llm.generate(prompts, params)

@@ -103,13 +103,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def start_engine(config: Any) -> Any:
     """`AsyncLLM.from_config(config)`: spawn the engine core and wait until it is ready."""
-    try:
-        from sluice.frontend.async_llm import AsyncLLM
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("sluice"):
-            raise SluiceError(f"the async engine is not available in this build ({e.name} is "
-                              "missing).") from None
-        raise
+    from sluice.frontend.async_llm import AsyncLLM
     return AsyncLLM.from_config(config)
 
 

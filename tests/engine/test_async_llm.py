@@ -59,6 +59,14 @@ async def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> No
         await asyncio.sleep(0.01)
 
 
+def all_threads_stopped(pid: int) -> bool:
+    """Every thread of `pid` is in the stopped state (SIGSTOP fully delivered)."""
+    tasks = Path(f"/proc/{pid}/task")
+    states = [(tasks / tid / "stat").read_text().rsplit(")", 1)[1].split()[0]
+              for tid in os.listdir(tasks)]
+    return all(state in ("T", "t") for state in states)
+
+
 async def collect_tokens(llm: AsyncLLM, prompt: str, request_id: str) -> list[int]:
     params = GREEDY.with_updates(output_kind=RequestOutputKind.DELTA)
     tokens: list[int] = []
@@ -148,6 +156,7 @@ def test_engine_death_fails_waiters_and_health(llama_dir):
         # A stopped (hung) engine fails the health check by timeout, then recovers.
         os.kill(pid, signal.SIGSTOP)
         try:
+            await wait_for(lambda: all_threads_stopped(pid))
             with pytest.raises(EngineDeadError, match="did not answer a health ping"):
                 await llm.check_health(timeout_s=0.5)
         finally:
