@@ -106,7 +106,8 @@ class EngineCore:
     def step(self) -> EngineCoreOutputs:
         """Run one engine step and return what it produced."""
         if not self.scheduler.has_unfinished_requests():
-            return EngineCoreOutputs(timestamp=time.monotonic())
+            return EngineCoreOutputs(scheduler_stats=self.scheduler.make_stats(),
+                                     timestamp=time.monotonic())
         scheduler_output = self.scheduler.schedule()
         runner_output = self.executor.execute_model(scheduler_output)
         outputs = self.scheduler.update_from_output(scheduler_output, runner_output)

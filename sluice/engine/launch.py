@@ -32,7 +32,7 @@ import weakref
 from dataclasses import dataclass
 
 from sluice.config import EngineConfig
-from sluice.config_sources import OTHER_ENV_VARS
+from sluice.config_sources import ENGINE_STARTUP_TIMEOUT_ENV
 from sluice.engine.core_proc import run_engine_core
 from sluice.engine.serial import HandshakeFailed, decode_handshake
 from sluice.errors import EngineStartupError
@@ -40,8 +40,7 @@ from sluice.messages import EngineReady
 
 logger = logging.getLogger(__name__)
 
-STARTUP_TIMEOUT_ENV = "SLUICE_ENGINE_STARTUP_TIMEOUT"
-OTHER_ENV_VARS.add(STARTUP_TIMEOUT_ENV)
+STARTUP_TIMEOUT_ENV = ENGINE_STARTUP_TIMEOUT_ENV
 DEFAULT_STARTUP_TIMEOUT_S = 600.0
 """Seconds allowed for the child to load the model, size the KV cache and warm up."""
 
