@@ -59,6 +59,10 @@ def default_model_path() -> Path:
     return Path(__file__).resolve().parent / "assets" / "demo_model"
 
 
+DEMO_MODEL_NAME = "sluice-demo"
+"""The name the API serves the built-in demo model under."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Parsing values
 
@@ -371,7 +375,7 @@ def build_engine_config(cli_args: dict[str, Any] | None = None, config_file: str
     `cli_args` and `overrides` are flat field names (snake or kebab case) → values (strings or
     typed); None means "not given" (overrides win over cli_args). `config_file` defaults to
     $SLUICE_CONFIG. `env` defaults to os.environ. A `model` left unset becomes
-    `default_model_path()`. Raises one ConfigError listing every problem.
+    `default_model_path()`, served as `sluice-demo`. Raises one ConfigError listing every problem.
     """
     env = os.environ if env is None else env
     problems: list[str] = []
@@ -397,6 +401,8 @@ def build_engine_config(cli_args: dict[str, Any] | None = None, config_file: str
                 problems.append(_value_problem(spec, chosen[name], e.reason))
     if values.get("model") is None:
         values["model"] = str(default_model_path())
+        if values.get("served_model_name") is None:
+            values["served_model_name"] = DEMO_MODEL_NAME
     cfg = EngineConfig(**{
         section: cls(**{n: v for n, v in values.items() if specs[n].section == section})
         for section, cls in SECTIONS.items()})

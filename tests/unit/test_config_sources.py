@@ -289,3 +289,12 @@ def test_every_section_has_flags():
     options = make_parser()._option_string_actions
     for section in SECTIONS:
         assert any(s.flag in options for s in field_specs().values() if s.section == section)
+
+
+def test_no_model_means_the_builtin_demo_model_served_as_sluice_demo():
+    from sluice.config_sources import build_engine_config, default_model_path
+    cfg = build_engine_config(env={})
+    assert cfg.model.model == str(default_model_path())
+    assert cfg.model.served_model_name == "sluice-demo"
+    named = build_engine_config(env={}, overrides={"model": "/some/dir"})
+    assert named.model.served_model_name is None  # the directory's name is used
