@@ -88,4 +88,5 @@ class EngineReady(msgspec.Struct):
     max_model_len: int
     vocab_size: int
     model_name: str
+    eos_token_ids: list[int] = msgspec.field(default_factory=list)  # config + generation_config
     startup_seconds: dict[str, float] = msgspec.field(default_factory=dict)

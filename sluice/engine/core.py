@@ -90,6 +90,7 @@ class EngineCore:
             num_kv_blocks=self.num_kv_blocks, block_size=config.cache.block_size,
             max_model_len=self.max_model_len, vocab_size=self.spec.vocab_size,
             model_name=config.model.served_model_name or _model_name(self.spec.path),
+            eos_token_ids=list(self.spec.eos_token_ids),
             startup_seconds=timings)
         logger.info("engine ready: %d KV blocks of %d tokens, max_model_len %d",
                     self.num_kv_blocks, config.cache.block_size, self.max_model_len)

@@ -62,9 +62,8 @@ class AsyncLLM:
         self.ready = client.ready
         self.model_name: str = client.ready.model_name
         self.tokenizer = tokenizer
-        self.input_processor = InputProcessor(
-            tokenizer, self.ready.max_model_len, self.ready.vocab_size,
-            config.model.max_logprobs, tokenizer.eos_token_id)
+        self.input_processor = InputProcessor.from_ready(tokenizer, self.ready,
+                                                         config.model.max_logprobs)
         self.output_processor = OutputProcessor(tokenizer, log_stats=True)
         self._queues: dict[str, asyncio.Queue[Any]] = {}
         self._handler: asyncio.Task[None] | None = None

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from sluice.errors import InvalidRequestError
 from sluice.frontend.tokenizer import Tokenizer
-from sluice.messages import EngineCoreRequest
+from sluice.messages import EngineCoreRequest, EngineReady
 from sluice.sampling_params import SamplingParams
 
 
@@ -62,16 +62,30 @@ class InputProcessor:
     model's vocabulary size, which may exceed the tokenizer's); `max_logprobs` bounds
     `logprobs`/`prompt_logprobs`; `eos_token_id` is sent with every request (None: no EOS stop).
     `tokenizer` may be None when only token-id prompts and `detokenize=False` are served.
+    `extra_eos_token_ids` (e.g. `<|im_end|>` from generation_config.json) are added to every
+    request's `stop_token_ids` unless it sets `ignore_eos`, as vLLM does.
     """
 
     def __init__(self, tokenizer: Tokenizer | None, max_model_len: int, vocab_size: int,
-                 max_logprobs: int, eos_token_id: int | None):
+                 max_logprobs: int, eos_token_id: int | None,
+                 extra_eos_token_ids: Sequence[int] = ()):
         assert max_model_len > 0 and vocab_size > 0, (max_model_len, vocab_size)
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.max_logprobs = max_logprobs
         self.eos_token_id = eos_token_id
+        self.extra_eos_token_ids = [t for t in extra_eos_token_ids if t != eos_token_id]
+
+    @classmethod
+    def from_ready(cls, tokenizer: Tokenizer, ready: EngineReady,
+                   max_logprobs: int) -> "InputProcessor":
+        """The processor for the model an engine reported in its startup handshake."""
+        eos = tokenizer.eos_token_id
+        if eos is None and ready.eos_token_ids:
+            eos = ready.eos_token_ids[0]
+        return cls(tokenizer, ready.max_model_len, ready.vocab_size, max_logprobs, eos,
+                   ready.eos_token_ids)
 
     def process(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams,
                 arrival_time: float | None = None, priority: int = 0, *,
@@ -129,6 +143,9 @@ class InputProcessor:
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer; this server has none.",
                                       param="stop")
+        extra_stops = [t for t in self.extra_eos_token_ids if t not in params.stop_token_ids]
+        if extra_stops and not params.ignore_eos:
+            params = params.with_updates(stop_token_ids=[*params.stop_token_ids, *extra_stops])
         limit = self.max_model_len
         if params.max_tokens is None:
             if prompt_len >= limit:

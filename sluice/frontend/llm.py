@@ -49,9 +49,8 @@ class LLM:
                                          else InprocClient(config))
         ready = self.client.ready
         self.tokenizer: Tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
-        self.input_processor = InputProcessor(
-            self.tokenizer, ready.max_model_len, ready.vocab_size, config.model.max_logprobs,
-            self.tokenizer.eos_token_id)
+        self.input_processor = InputProcessor.from_ready(self.tokenizer, ready,
+                                                         config.model.max_logprobs)
         self.output_processor = OutputProcessor(self.tokenizer, log_stats=False)
         self._request_counter = itertools.count()
 

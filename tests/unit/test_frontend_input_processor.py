@@ -126,3 +126,15 @@ def test_fan_out_without_seed_and_n1(proc):
     assert [c.sampling_params.seed for c in fan_out(req)] == [None, None]
     single = proc.process("y", [5], SamplingParams(max_tokens=1))
     assert fan_out(single) == [single]
+
+
+def test_generation_config_eos_ids_become_stop_tokens(tok):
+    from sluice.messages import EngineReady
+    ready = EngineReady(num_kv_blocks=8, block_size=16, max_model_len=64, vocab_size=2048,
+                        model_name="m", eos_token_ids=[0, 2])
+    proc = InputProcessor.from_ready(tok, ready, max_logprobs=5)
+    req = proc.process("r", [5, 6], SamplingParams(max_tokens=4, stop_token_ids=[9]))
+    assert req.eos_token_id == 0
+    assert req.sampling_params.stop_token_ids == [9, 2]
+    ignoring = proc.process("r2", [5, 6], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert ignoring.sampling_params.stop_token_ids == []
