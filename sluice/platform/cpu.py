@@ -48,3 +48,7 @@ class CpuPlatform(Platform):
 
     def synchronize(self) -> None:
         return None
+
+    def attention_backend_name(self) -> str:
+        """The C++ paged decode kernel (falls back to torch_paged if it cannot be built)."""
+        return "cpu_paged"

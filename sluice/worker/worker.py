@@ -31,7 +31,8 @@ class Worker:
         self.dtype = resolve_dtype(config.model.dtype, spec, self.device)
         self.platform.set_num_threads(config.device.num_threads)
         torch.manual_seed(config.model.seed)
-        self.model_runner = ModelRunner(config, spec, self.device, self.dtype, max_model_len)
+        self.model_runner = ModelRunner(config, spec, self.device, self.dtype, max_model_len,
+                                        self.platform.attention_backend_name())
 
     def load_model(self) -> None:
         self.model_runner.load_model()

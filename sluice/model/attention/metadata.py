@@ -64,12 +64,14 @@ MIN_BUCKET_GAIN = 1024
 class DecodeGroup(_Masked):
     """Requests with one query token. `token_sel` selects their tokens (in group order);
     `block_ids` [Nd*nb] long are their block-table rows truncated to nb blocks, flattened;
-    `mask` [Nd, 1, 1, nb*block_size] bool, True = attend (key slot < seq_len)."""
+    `mask` [Nd, 1, 1, nb*block_size] bool, True = attend (key slot < seq_len);
+    `seq_lens` [Nd] long, the same lengths for kernels that read the cache in place."""
     num_reqs: int
     token_sel: TokenSel
     block_ids: torch.Tensor
     num_blocks: int
     mask: torch.Tensor
+    seq_lens: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -146,10 +148,12 @@ def _decode_group(qsl: np.ndarray, seq_lens: np.ndarray, block_table: np.ndarray
     s = seq_lens[rows]
     block_ids, nb = _gather_blocks(block_table, rows, s, block_size, device)
     key_pos = torch.arange(nb * block_size, device=device)
-    mask = key_pos[None, :] < _to(s, device)[:, None]
+    lens = _to(s, device)
+    mask = key_pos[None, :] < lens[:, None]
     return DecodeGroup(num_reqs=len(rows),
                        token_sel=sel if sel is not None else _to(tokens, device),
-                       block_ids=block_ids, num_blocks=nb, mask=mask[:, None, None, :])
+                       block_ids=block_ids, num_blocks=nb, mask=mask[:, None, None, :],
+                       seq_lens=lens)
 
 
 def split_buckets(query_lens: np.ndarray, seq_lens: np.ndarray,

@@ -51,5 +51,7 @@ def get_attn_backend(name: str | None = None) -> AttentionBackend:
 
 def _ensure_builtin() -> None:
     if "torch_paged" not in _FACTORIES:
+        from sluice.model.attention.backends.cpu_paged import make_cpu_paged_backend
         from sluice.model.attention.backends.torch_paged import TorchPagedBackend
         _FACTORIES["torch_paged"] = TorchPagedBackend
+        _FACTORIES["cpu_paged"] = make_cpu_paged_backend

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sluice.model.attention.metadata import AttentionMetadata, TokenSel
+from sluice.model.attention.metadata import AttentionMetadata, DecodeGroup, TokenSel
 
 
 def _take(x: torch.Tensor, sel: TokenSel) -> torch.Tensor:
@@ -53,6 +53,17 @@ class TorchPagedBackend:
         kv = out.view(2, num_reqs, num_blocks * block_size, num_kv_heads, head_dim)
         return kv[0].transpose(1, 2), kv[1].transpose(1, 2)
 
+    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, dec: DecodeGroup,
+                scale: float) -> torch.Tensor:
+        """[Nd, H, D] attention output of one decode group (gather + SDPA)."""
+        _, num_heads, head_dim = q.shape
+        num_kv_heads = kv_cache.shape[3]
+        qd = _take(q, dec.token_sel).reshape(dec.num_reqs, num_kv_heads, -1, head_dim)
+        kd, vd = self._gather(kv_cache, dec.block_ids, dec.num_reqs, dec.num_blocks)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=dec.float_mask(q.dtype),
+                                            scale=scale)
+        return od.reshape(dec.num_reqs, num_heads, head_dim)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata,
                 scale: float) -> torch.Tensor:
@@ -65,11 +76,7 @@ class TorchPagedBackend:
 
         out: torch.Tensor | None = None
         for dec in metadata.decode:
-            qd = _take(q, dec.token_sel).reshape(dec.num_reqs, num_kv_heads, -1, head_dim)
-            kd, vd = self._gather(kv_cache, dec.block_ids, dec.num_reqs, dec.num_blocks)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=dec.float_mask(q.dtype),
-                                                scale=scale)
-            od = od.reshape(dec.num_reqs, num_heads, head_dim)
+            od = self._decode(q, kv_cache, dec, scale)
             if metadata.covered_by == "decode":
                 return od
             if out is None:
