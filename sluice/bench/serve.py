@@ -153,14 +153,16 @@ class RequestResult:
     error: str = ""
 
 
-def _chunk_text(chunk: dict[str, Any]) -> str:
+def _carries_output(chunk: dict[str, Any]) -> bool:
+    """Whether a stream chunk carries generated tokens. Their text may be empty (tokens that
+    do not decode on their own, or ids beyond the tokenizer of a random-weight model), so the
+    presence of a text/content field counts, not its length; a chat role-only chunk does not."""
     for choice in chunk.get("choices") or []:
-        text = choice.get("text")
-        if text is None:
-            text = (choice.get("delta") or {}).get("content")
-        if text:
-            return text
-    return ""
+        if isinstance(choice.get("text"), str):
+            return True
+        if isinstance((choice.get("delta") or {}).get("content"), str):
+            return True
+    return False
 
 
 async def send_request(client: Any, url: str, payload: dict[str, Any],
@@ -187,7 +189,7 @@ async def send_request(client: Any, url: str, payload: dict[str, Any],
                 if chunk.get("usage"):
                     result.output_tokens = int(chunk["usage"].get("completion_tokens", 0))
                     result.prompt_len = int(chunk["usage"].get("prompt_tokens", prompt_len))
-                if _chunk_text(chunk):
+                if _carries_output(chunk):
                     now = time.perf_counter()
                     if result.ttft == 0.0:
                         result.ttft = now - start
@@ -197,7 +199,7 @@ async def send_request(client: Any, url: str, payload: dict[str, Any],
         result.e2e = time.perf_counter() - start
         result.success = result.ttft > 0.0
         if not result.success:
-            result.error = "the stream carried no text"
+            result.error = "the stream carried no output tokens"
     except Exception as e:  # noqa: BLE001 - a failed request is reported, not fatal
         result.error = f"{type(e).__name__}: {e}"
     return result
