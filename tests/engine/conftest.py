@@ -77,3 +77,26 @@ def run_engine_core(engine, prompts: list[list[int]], params, arrival_gap_steps:
             if out.num_cached_tokens:
                 run.num_cached_tokens[out.request_id] = out.num_cached_tokens
     return run
+
+
+def make_config(model, **overrides):
+    """A small engine config for process tests (64 MiB KV, 256 tokens, 8 sequences)."""
+    from sluice.config_sources import build_engine_config
+    values = {"model": str(model), "kv_cache_memory": "64MiB", "max_model_len": 256,
+              "max_num_seqs": 8}
+    values.update(overrides)
+    return build_engine_config(overrides=values)
+
+
+def engine_children() -> list:
+    """Live spawned children of this process (not multiprocessing's resource tracker)."""
+    import psutil
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(
+                    child.cmdline()):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found

@@ -15,14 +15,14 @@ import time
 from pathlib import Path
 from typing import Awaitable, Callable
 
-import psutil
 import pytest
 
-from sluice.config_sources import build_engine_config
 from sluice.errors import EngineDeadError, EngineStartupError, InvalidRequestError
 from sluice.frontend.async_llm import AsyncLLM
 from sluice.frontend.llm import LLM
 from sluice.sampling_params import RequestOutputKind, SamplingParams
+
+from conftest import engine_children, make_config
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -30,25 +30,6 @@ PROMPTS = ["Hello world", "The quick brown fox", "def main():", "Python is a lan
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
 LONG = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True,
                       output_kind=RequestOutputKind.DELTA)
-
-
-def make_config(model: Path | str, **overrides):
-    values = {"model": str(model), "kv_cache_memory": "64MiB", "max_model_len": 256,
-              "max_num_seqs": 8}
-    values.update(overrides)
-    return build_engine_config(overrides=values)
-
-
-def engine_children() -> list[psutil.Process]:
-    found = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(
-                    child.cmdline()):
-                found.append(child)
-        except psutil.NoSuchProcess:
-            pass
-    return found
 
 
 async def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:

@@ -15,7 +15,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sluice.config_sources import build_engine_config
 from sluice.engine.launch import EngineProcess
 from sluice.errors import EngineDeadError, EngineStartupError, ModelLoadError
 from sluice.frontend.client import SyncMPClient
@@ -24,30 +23,12 @@ from sluice.hf_config import load_model_spec
 from sluice.messages import EngineCoreRequest
 from sluice.sampling_params import SamplingParams
 
+from conftest import engine_children, make_config
+
 pytestmark = pytest.mark.timeout(180)
 
 PROMPTS = ["Hello world", "The quick brown fox", "def main():", "Python is a language"]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
-
-
-def make_config(model: Path | str, **overrides):
-    values = {"model": str(model), "kv_cache_memory": "64MiB", "max_model_len": 256,
-              "max_num_seqs": 8}
-    values.update(overrides)
-    return build_engine_config(overrides=values)
-
-
-def engine_children() -> list[psutil.Process]:
-    """Live spawned children of this process (not multiprocessing's resource tracker)."""
-    found = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(
-                    child.cmdline()):
-                found.append(child)
-        except psutil.NoSuchProcess:
-            pass
-    return found
 
 
 def wait_gone(pid: int, timeout_s: float) -> bool:

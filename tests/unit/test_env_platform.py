@@ -24,7 +24,7 @@ def test_cpu_platform_basics():
     plat = current_platform("cpu")
     assert plat is current_platform(DeviceConfig(device="cpu"))
     assert plat.device_type == "cpu" and plat.dist_backend == "gloo"
-    assert plat.attention_backend_name() == "torch_paged"
+    assert plat.attention_backend_name() == "cpu_paged"
     assert plat.total_memory_bytes() >= plat.free_memory_bytes() > 0
     plat.synchronize()
 
