@@ -78,3 +78,19 @@ def test_kernel_ignores_stale_data_past_seq_len(kernel):
     poisoned[:, int(table[1, 1]), 5:] = float("nan")
     assert torch.equal(CpuPagedBackend(kernel).forward(q, k, v, poisoned, metadata, 0.25),
                        clean)
+
+
+def test_no_compiler_falls_back_to_the_torch_backend(monkeypatch, caplog):
+    import torch.utils.cpp_extension as cpp_extension
+
+    from sluice.model.attention.backends import cpu_paged
+
+    def broken_build(*args, **kwargs):
+        raise RuntimeError("Error building extension: c++ not found")
+
+    monkeypatch.setattr(cpp_extension, "load", broken_build)
+    assert cpu_paged.load_kernel.__wrapped__() is None
+    assert "kernel unavailable" in caplog.text
+    monkeypatch.setattr(cpu_paged, "load_kernel", lambda: None)
+    backend = cpu_paged.make_cpu_paged_backend()
+    assert type(backend) is TorchPagedBackend
