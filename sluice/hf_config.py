@@ -52,11 +52,6 @@ class ModelSpec:
     bos_token_id: int | None
     sliding_window: int | None = None
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V for one token across all layers, at 4 bytes/element (scale by
-        element size / 4 for other dtypes)."""
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * 4
 
 
 def _read_json(path: Path) -> dict:

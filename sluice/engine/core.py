@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterable, Iterator
 
 from sluice.config import EngineConfig
@@ -89,7 +90,7 @@ class EngineCore:
         self.ready = EngineReady(
             num_kv_blocks=self.num_kv_blocks, block_size=config.cache.block_size,
             max_model_len=self.max_model_len, vocab_size=self.spec.vocab_size,
-            model_name=config.model.served_model_name or _model_name(self.spec.path),
+            model_name=config.model.served_model_name or Path(self.spec.path).name,
             eos_token_ids=list(self.spec.eos_token_ids),
             startup_seconds=timings)
         logger.info("engine ready: %d KV blocks of %d tokens, max_model_len %d",
@@ -120,8 +121,3 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
-
-
-def _model_name(path: str) -> str:
-    from pathlib import Path
-    return Path(path).name

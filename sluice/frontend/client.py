@@ -82,9 +82,6 @@ class InprocClient(EngineCoreClient):
     def get_output(self) -> EngineCoreOutputs:
         return self.engine.step()
 
-    def has_unfinished_requests(self) -> bool:
-        return self.engine.has_unfinished_requests()
-
     def reset_prefix_cache(self) -> None:
         self.engine.reset_prefix_cache()
 

@@ -6,7 +6,6 @@ import functools
 import time
 from dataclasses import dataclass, field
 
-import pytest
 import torch
 
 PROMPTS = [
@@ -34,11 +33,6 @@ def hf_greedy(model_dir, prompt_ids: list[int], max_new_tokens: int) -> list[int
                              max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                              pad_token_id=3)
     return out[0, len(prompt_ids):].tolist()
-
-
-@pytest.fixture(scope="session")
-def hf_greedy_fn():
-    return hf_greedy
 
 
 @dataclass

@@ -86,9 +86,11 @@ def test_prefix_caching_off_has_no_hits(llama_dir):
 def test_tiny_kv_cache_forces_preemption_and_matches_hf(llama_dir):
     """20 blocks of 16 tokens for six requests of up to ~60 tokens: the tail gets preempted,
     recomputed later, and still produces HF's tokens."""
+    import torch
+
     from sluice.hf_config import load_model_spec
-    spec = load_model_spec(llama_dir)
-    block_bytes = spec.kv_bytes_per_token * 16
+    from sluice.model.attention.kv_cache import kv_cache_bytes_per_block
+    block_bytes = kv_cache_bytes_per_block(load_model_spec(llama_dir), 16, torch.float32)
     prompts = _prompt_ids(llama_dir)
     engine = _engine(llama_dir, kv_cache_memory=block_bytes * 12, max_model_len=128)
     run = run_engine_core(engine, prompts, GREEDY)

@@ -17,8 +17,8 @@ from types import ModuleType
 
 import torch
 
-from sluice.model.attention.backends.torch_paged import TorchPagedBackend
-from sluice.model.attention.metadata import AttentionMetadata, DecodeGroup
+from sluice.model.attention.backends.torch_paged import TorchPagedBackend, take_tokens
+from sluice.model.attention.metadata import DecodeGroup
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +51,7 @@ class CpuPagedBackend(TorchPagedBackend):
         """[Nd, H, D] attention output of one decode group, straight from the paged cache."""
         if not self.supports(q, kv_cache):
             return super()._decode(q, kv_cache, dec, scale)
-        qd = q if isinstance(dec.token_sel, slice) and dec.token_sel == slice(0, q.shape[0]) \
-            else (q[dec.token_sel] if isinstance(dec.token_sel, slice)
-                  else q.index_select(0, dec.token_sel))
-        qd = qd.contiguous()
+        qd = take_tokens(q, dec.token_sel).contiguous()
         out = torch.empty_like(qd)
         self.kernel.paged_decode_attention(out, qd, kv_cache, dec.block_ids, dec.num_blocks,
                                            dec.seq_lens, scale)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from sluice.model.attention.metadata import AttentionMetadata, DecodeGroup, TokenSel
 
 
-def _take(x: torch.Tensor, sel: TokenSel) -> torch.Tensor:
+def take_tokens(x: torch.Tensor, sel: TokenSel) -> torch.Tensor:
     return x[sel] if isinstance(sel, slice) else x.index_select(0, sel)
 
 
@@ -58,7 +58,7 @@ class TorchPagedBackend:
         """[Nd, H, D] attention output of one decode group (gather + SDPA)."""
         _, num_heads, head_dim = q.shape
         num_kv_heads = kv_cache.shape[3]
-        qd = _take(q, dec.token_sel).reshape(dec.num_reqs, num_kv_heads, -1, head_dim)
+        qd = take_tokens(q, dec.token_sel).reshape(dec.num_reqs, num_kv_heads, -1, head_dim)
         kd, vd = self._gather(kv_cache, dec.block_ids, dec.num_reqs, dec.num_blocks)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=dec.float_mask(q.dtype),
                                             scale=scale)
@@ -87,9 +87,9 @@ class TorchPagedBackend:
                 out.index_copy_(0, dec.token_sel, od)
 
         for pre in metadata.prefill:
-            qp = _take(q, pre.q_sel).view(pre.num_reqs, pre.max_query_len, num_heads, head_dim)
+            qp = take_tokens(q, pre.q_sel).view(pre.num_reqs, pre.max_query_len, num_heads, head_dim)
             if pre.fresh_single:   # keys = this step's k/v: no gather, plain causal
-                kp, vp = (_take(x, pre.q_sel).unsqueeze(0).transpose(1, 2) for x in (k, v))
+                kp, vp = (take_tokens(x, pre.q_sel).unsqueeze(0).transpose(1, 2) for x in (k, v))
                 op = F.scaled_dot_product_attention(qp.transpose(1, 2), kp, vp, is_causal=True,
                                                     scale=scale, enable_gqa=True)
             else:
