@@ -49,6 +49,10 @@ class CpuPlatform(Platform):
     def synchronize(self) -> None:
         return None
 
-    def attention_backend_name(self) -> str:
+    def attention_backend_name(self, kernels: str = "auto") -> str:
         """The C++ paged decode kernel (falls back to torch_paged if it cannot be built)."""
-        return "cpu_paged"
+        return "cpu_paged" if kernels == "auto" else "torch_paged"
+
+    def gemm_backend_name(self, kernels: str = "auto") -> str:
+        """The tiled C++ GEMM (falls back to F.linear if it cannot be built)."""
+        return "cpu_tiled" if kernels == "auto" else "torch"

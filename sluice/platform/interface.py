@@ -71,9 +71,14 @@ class Platform(ABC):
     def synchronize(self) -> None:
         """Wait for queued device work (for timing and memory profiling)."""
 
-    def attention_backend_name(self) -> str:
-        """The attention backend the model runner should build."""
+    def attention_backend_name(self, kernels: str = "auto") -> str:
+        """The attention backend the model runner should build (`kernels`: DeviceConfig's
+        'auto' or 'torch'; 'torch' always means the pure-torch reference backend)."""
         return "torch_paged"
+
+    def gemm_backend_name(self, kernels: str = "auto") -> str:
+        """The GEMM of the linear layers (`sluice.model.layers.gemm`); same `kernels` rule."""
+        return "torch"
 
     def resolve_dtype(self, config_dtype: str,
                       checkpoint_dtype: "str | torch.dtype | None") -> "torch.dtype":

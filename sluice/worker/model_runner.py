@@ -31,13 +31,15 @@ logger = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, spec: ModelSpec, device: torch.device,
-                 dtype: torch.dtype, max_model_len: int, attn_backend: str | None = None):
+                 dtype: torch.dtype, max_model_len: int, attn_backend: str | None = None,
+                 gemm_backend: str = "torch"):
         self.config = config
         self.spec = spec
         self.device = device
         self.dtype = dtype
         self.max_model_len = max_model_len
         self.attn_backend = attn_backend
+        self.gemm_backend = gemm_backend
         self.block_size = config.cache.block_size
         self.model: torch.nn.Module | None = None
         self.kv_caches: list[torch.Tensor] = []
@@ -49,7 +51,8 @@ class ModelRunner:
     def load_model(self) -> None:
         self.model = load_model(self.spec, self.dtype, self.device, self.config.load.load_format,
                                 max_model_len=self.max_model_len, seed=self.config.model.seed,
-                                attn_backend=self.attn_backend)
+                                attn_backend=self.attn_backend,
+                                gemm_backend=self.gemm_backend)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = allocate_kv_caches(self.spec, num_blocks, self.block_size, self.dtype,

@@ -31,8 +31,11 @@ class Worker:
         self.dtype = resolve_dtype(config.model.dtype, spec, self.device)
         self.platform.set_num_threads(config.device.num_threads)
         torch.manual_seed(config.model.seed)
-        self.model_runner = ModelRunner(config, spec, self.device, self.dtype, max_model_len,
-                                        self.platform.attention_backend_name())
+        kernels = config.device.kernels
+        self.model_runner = ModelRunner(
+            config, spec, self.device, self.dtype, max_model_len,
+            attn_backend=self.platform.attention_backend_name(kernels),
+            gemm_backend=self.platform.gemm_backend_name(kernels))
 
     def load_model(self) -> None:
         self.model_runner.load_model()

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sluice.model.attention.backends.cpu_paged import CpuPagedBackend, load_kernel
+from sluice.model.attention.backends.cpu_paged import CpuPagedBackend
+from sluice.model.cpu_ops import load_cpu_ops
 from sluice.model.attention.backends.torch_paged import TorchPagedBackend
 from sluice.model.attention.metadata import build_attention_metadata
 
@@ -34,7 +35,7 @@ def _random_step(rng: np.random.Generator, query_lens: list[int], seq_lens: list
 
 @pytest.fixture(scope="module")
 def kernel():
-    k = load_kernel()
+    k = load_cpu_ops()
     if k is None:
         pytest.skip("no C++ compiler: the cpu_paged kernel cannot be built here")
     return k
@@ -83,14 +84,15 @@ def test_kernel_ignores_stale_data_past_seq_len(kernel):
 def test_no_compiler_falls_back_to_the_torch_backend(monkeypatch, caplog):
     import torch.utils.cpp_extension as cpp_extension
 
+    from sluice.model import cpu_ops
     from sluice.model.attention.backends import cpu_paged
 
     def broken_build(*args, **kwargs):
         raise RuntimeError("Error building extension: c++ not found")
 
     monkeypatch.setattr(cpp_extension, "load", broken_build)
-    assert cpu_paged.load_kernel.__wrapped__() is None
-    assert "kernel unavailable" in caplog.text
-    monkeypatch.setattr(cpu_paged, "load_kernel", lambda: None)
+    assert cpu_ops.load_cpu_ops.__wrapped__() is None
+    assert "kernels unavailable" in caplog.text
+    monkeypatch.setattr(cpu_ops, "load_cpu_ops", lambda: None)
     backend = cpu_paged.make_cpu_paged_backend()
     assert type(backend) is TorchPagedBackend

@@ -32,6 +32,8 @@ class VocabEmbedding(nn.Module):
 class LMHead(nn.Module):
     """hidden [n, dim] -> logits [n, vocab] in float32.
 
+    `gemm` computes hidden @ W.T: F.linear unless `sluice.model.layers.gemm.use_gemm` installs
+    a faster backend.
     With `tied_to`, the head shares the embedding's weight Parameter (no own parameter, so
     `named_parameters()` lists it once, under the embedding).
     """
@@ -39,6 +41,7 @@ class LMHead(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int,
                  dtype: torch.dtype | None = None, tied_to: VocabEmbedding | None = None) -> None:
         super().__init__()
+        self.gemm = F.linear
         self.tied = tied_to is not None
         if tied_to is not None:
             assert tied_to.weight.shape == (num_embeddings, embedding_dim)
@@ -53,4 +56,4 @@ class LMHead(nn.Module):
         return self._embedding[0].weight if self.tied else self.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_weight).float()
+        return self.gemm(hidden, self.lm_weight, None).float()

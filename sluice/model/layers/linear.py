@@ -53,11 +53,14 @@ def _divide(n: int, d: int, what: str) -> int:
 
 
 class LinearBase(nn.Module):
-    """y = x @ W.T (+ b) with W of shape [out_local, in_local]; parameters are uninitialised."""
+    """y = x @ W.T (+ b) with W of shape [out_local, in_local]; parameters are uninitialised.
+    `gemm` computes it: F.linear unless `sluice.model.layers.gemm.use_gemm` installs a
+    faster backend."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        self.gemm: Callable[..., torch.Tensor] = F.linear
         self.in_features = in_features
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype),
@@ -72,7 +75,7 @@ class LinearBase(nn.Module):
         default_weight_loader(param, loaded, shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.gemm(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
@@ -124,8 +127,8 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        out = F.linear(x, self.weight)
+            return self.gemm(x, self.weight, self.bias)
+        out = self.gemm(x, self.weight, None)
         torch.distributed.all_reduce(out)  # seam: parallel_state will supply the TP group
         return out if self.bias is None else out + self.bias
 

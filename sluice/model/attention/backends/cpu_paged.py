@@ -2,41 +2,20 @@
 place from the block-structured cache; everything else (cache writes, prefill chunks) is the
 pure-torch backend, which stays the test oracle.
 
-The kernel (`csrc/paged_decode.cpp`) is compiled once per machine with torch's extension
-tooling and cached (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions). If it cannot be
-built (no C++ compiler), `load_kernel` returns None and the backend factory falls back to the
-torch backend with one warning.
+The kernel (`sluice/model/csrc/paged_decode.cpp`) is part of the CPU operator module that
+`sluice.model.cpu_ops.load_cpu_ops` builds once per machine. If it cannot be built (no C++
+compiler), the backend factory falls back to the torch backend.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-from pathlib import Path
 from types import ModuleType
 
 import torch
 
+from sluice.model import cpu_ops
 from sluice.model.attention.backends.torch_paged import TorchPagedBackend, take_tokens
 from sluice.model.attention.metadata import DecodeGroup
-
-logger = logging.getLogger(__name__)
-
-_SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
-
-
-@functools.cache
-def load_kernel() -> ModuleType | None:
-    """Build (first time) and import the decode kernel; None when it cannot be built."""
-    try:
-        from torch.utils.cpp_extension import load
-        return load(name="sluice_paged_decode", sources=[str(_SOURCE)],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as e:  # compiler missing or failing: keep serving with the torch backend
-        logger.warning("CPU paged-attention kernel unavailable (%s: %s); using the torch "
-                       "backend.", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        return None
 
 
 class CpuPagedBackend(TorchPagedBackend):
@@ -64,5 +43,5 @@ class CpuPagedBackend(TorchPagedBackend):
 
 def make_cpu_paged_backend() -> TorchPagedBackend:
     """The kernel-backed backend, or the torch backend when the kernel cannot be built."""
-    kernel = load_kernel()
+    kernel = cpu_ops.load_cpu_ops()
     return CpuPagedBackend(kernel) if kernel is not None else TorchPagedBackend()
