@@ -17,6 +17,10 @@
 // with beta = 1 over a tile pre-filled with the bias, else beta = 0.
 // sgemm_ is the BLAS symbol libtorch_cpu exports (MKL on x86); inside the OpenMP region it runs
 // single-threaded.
+//
+// M == 1 (one decoding sequence) is a matrix-vector product bound by streaming the weights;
+// `gemv_row` reads each weight row once with 16 independent lanes and reaches ~1.8x the
+// sgemm tiles' bandwidth. Its sums are ordered differently from BLAS (~1e-6 relative).
 #include "ops.h"
 
 #include <omp.h>
@@ -30,6 +34,20 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
                        const int* ldc);
 
 namespace {
+constexpr int kLanes = 16;
+
+// x[0:k] . w[0:k] with kLanes partial sums (vectorised by the compiler without -ffast-math).
+inline float gemv_row(const float* x, const float* w, int64_t k) {
+  float acc[kLanes] = {0.f};
+  int64_t i = 0;
+  for (; i + kLanes <= k; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += x[i + j] * w[i + j];
+  float s = 0.f;
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  for (; i < k; ++i) s += x[i] * w[i];
+  return s;
+}
+
 constexpr int64_t kMaxRowTile = 128;
 constexpr int64_t kRowTile = 256;
 constexpr int64_t kWideN = 2048;
@@ -57,6 +75,16 @@ void tiled_linear(at::Tensor out, at::Tensor x, at::Tensor w, std::optional<at::
     bp = bias->data_ptr<float>();
   }
   if (m == 0 || n == 0) return;
+  if (m == 1) {
+    const float* xp = x.data_ptr<float>();
+    const float* wp = w.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    const int64_t ldw = w.stride(0);
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < n; ++r)
+      op[r] = gemv_row(xp, wp + r * ldw, k) + (bp != nullptr ? bp[r] : 0.f);
+    return;
+  }
   const int64_t mt = m <= kMaxRowTile ? m : kRowTile;
   const int64_t nt = n >= kWideN ? kWideTile : kNarrowTile;
   const int64_t m_tiles = (m + mt - 1) / mt, n_tiles = (n + nt - 1) / nt;
