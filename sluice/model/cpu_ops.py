@@ -1,7 +1,8 @@
 """sluice's C++/OpenMP CPU operators (`sluice/model/csrc/`), built into one extension module.
 
     paged_decode_attention(out, q, kv_cache, block_ids, nb, seq_lens, scale)  (cpu_paged backend)
-    tiled_linear(out, x, w, bias=None)                                        (cpu_tiled GEMM)
+    tiled_linear(out, x, w, bias=None)                                        (linear layers)
+    rms_norm, add_rms_norm, silu_and_mul, rotary          (fused elementwise ops of the layers)
 
 The module is compiled once per machine with torch's extension tooling (~30 s on 2 cores) and
 cached under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions); a source change rebuilds
@@ -19,7 +20,7 @@ from types import ModuleType
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("bindings.cpp", "paged_decode.cpp", "tiled_linear.cpp")
+SOURCES = ("bindings.cpp", "elementwise.cpp", "paged_decode.cpp", "tiled_linear.cpp")
 
 
 @functools.cache

@@ -18,7 +18,7 @@ from torch import nn
 
 from sluice.errors import ConfigError, ModelLoadError
 from sluice.hf_config import ModelSpec
-from sluice.model.layers.gemm import get_gemm, use_gemm
+from sluice.model.layers.layer_ops import install_layer_ops
 from sluice.model.models.registry import get_model_class
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -99,11 +99,11 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
 
 def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
                load_format: str = "auto", *, max_model_len: int | None = None,
-               attn_backend: str | None = None, gemm_backend: str = "torch",
+               attn_backend: str | None = None, layer_ops: str = "torch",
                seed: int = 0) -> nn.Module:
     """Build `spec.architecture` on `device` in `dtype` and load its weights; returns the
-    model in eval mode with requires_grad off, its linear layers computing with
-    `gemm_backend` (`sluice.model.layers.gemm`). `load_format`: 'auto'/'safetensors' read the
+    model in eval mode with requires_grad off, its layers computing with `layer_ops`
+    ('torch' or 'cpu', see `sluice.model.layers.layer_ops`). `load_format`: 'auto'/'safetensors' read the
     checkpoint, 'dummy' fills seeded random weights without touching files."""
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ModelLoadError(f"load_format '{load_format}' is not supported; "
@@ -119,5 +119,5 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
         with torch.no_grad():
             model.load_weights(iterate_safetensors(files))
     model.requires_grad_(False)
-    use_gemm(model, get_gemm(gemm_backend))
+    install_layer_ops(model, layer_ops)
     return model.eval()

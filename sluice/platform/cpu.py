@@ -53,6 +53,6 @@ class CpuPlatform(Platform):
         """The C++ paged decode kernel (falls back to torch_paged if it cannot be built)."""
         return "cpu_paged" if kernels == "auto" else "torch_paged"
 
-    def gemm_backend_name(self, kernels: str = "auto") -> str:
-        """The tiled C++ GEMM (falls back to F.linear if it cannot be built)."""
-        return "cpu_tiled" if kernels == "auto" else "torch"
+    def layer_ops_name(self, kernels: str = "auto") -> str:
+        """sluice's C++ GEMM and fused elementwise ops (pure torch if they cannot be built)."""
+        return "cpu" if kernels == "auto" else "torch"

@@ -76,8 +76,9 @@ class Platform(ABC):
         'auto' or 'torch'; 'torch' always means the pure-torch reference backend)."""
         return "torch_paged"
 
-    def gemm_backend_name(self, kernels: str = "auto") -> str:
-        """The GEMM of the linear layers (`sluice.model.layers.gemm`); same `kernels` rule."""
+    def layer_ops_name(self, kernels: str = "auto") -> str:
+        """What computes the layers' GEMMs and elementwise ops ('torch' or 'cpu', see
+        `sluice.model.layers.layer_ops`); same `kernels` rule."""
         return "torch"
 
     def resolve_dtype(self, config_dtype: str,

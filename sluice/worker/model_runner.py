@@ -32,14 +32,14 @@ logger = logging.getLogger(__name__)
 class ModelRunner:
     def __init__(self, config: EngineConfig, spec: ModelSpec, device: torch.device,
                  dtype: torch.dtype, max_model_len: int, attn_backend: str | None = None,
-                 gemm_backend: str = "torch"):
+                 layer_ops: str = "torch"):
         self.config = config
         self.spec = spec
         self.device = device
         self.dtype = dtype
         self.max_model_len = max_model_len
         self.attn_backend = attn_backend
-        self.gemm_backend = gemm_backend
+        self.layer_ops = layer_ops
         self.block_size = config.cache.block_size
         self.model: torch.nn.Module | None = None
         self.kv_caches: list[torch.Tensor] = []
@@ -52,7 +52,7 @@ class ModelRunner:
         self.model = load_model(self.spec, self.dtype, self.device, self.config.load.load_format,
                                 max_model_len=self.max_model_len, seed=self.config.model.seed,
                                 attn_backend=self.attn_backend,
-                                gemm_backend=self.gemm_backend)
+                                layer_ops=self.layer_ops)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = allocate_kv_caches(self.spec, num_blocks, self.block_size, self.dtype,

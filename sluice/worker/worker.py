@@ -35,7 +35,7 @@ class Worker:
         self.model_runner = ModelRunner(
             config, spec, self.device, self.dtype, max_model_len,
             attn_backend=self.platform.attention_backend_name(kernels),
-            gemm_backend=self.platform.gemm_backend_name(kernels))
+            layer_ops=self.platform.layer_ops_name(kernels))
 
     def load_model(self) -> None:
         self.model_runner.load_model()

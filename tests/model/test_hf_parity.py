@@ -22,8 +22,8 @@ ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3For
 LENGTHS = [5, 17, 33, 2, 64, 1]
 
 
-def check_batch_prefill(model_dir, lengths=LENGTHS, block_size=16):
-    ours, hf = load_ours(model_dir), load_hf(model_dir)
+def check_batch_prefill(model_dir, lengths=LENGTHS, block_size=16, layer_ops="torch"):
+    ours, hf = load_ours(model_dir, layer_ops=layer_ops), load_hf(model_dir)
     ps = prompts(ours.spec.vocab_size, lengths)
     runner = PagedRunner(ours, block_size=block_size)
     for i, p in enumerate(ps):
@@ -33,14 +33,15 @@ def check_batch_prefill(model_dir, lengths=LENGTHS, block_size=16):
         torch.testing.assert_close(out[str(i)], hf_logits(hf, p), **ATOL)
 
 
+@pytest.mark.parametrize("layer_ops", ["torch", "cpu"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_architecture_matches_hf(tiny_model_dir, tmp_path, arch):
+def test_architecture_matches_hf(tiny_model_dir, tmp_path, arch, layer_ops):
     """Norm weights and biases randomised, so skipping one (e.g. Qwen2's q/k/v bias or
-    Qwen3's q_norm/k_norm) would show."""
+    Qwen3's q_norm/k_norm) would show. 'cpu' runs the C++ GEMM and fused elementwise ops."""
     d = randomize_vectors(tiny_model_dir(arch), tmp_path / arch)
     model = load_ours(d)
     assert model.model.layers[0].self_attn.qkv_proj.bias is not None or arch != "Qwen2ForCausalLM"
-    check_batch_prefill(d)
+    check_batch_prefill(d, layer_ops=layer_ops)
 
 
 def test_qwen3_explicit_head_dim_matches_hf(tiny_model_factory, tmp_path):

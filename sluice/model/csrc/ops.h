@@ -10,3 +10,10 @@ void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
 // out = x @ w.T (+ bias), tiled over rows and columns, one tile per thread task (tiled_linear.cpp).
 void tiled_linear(at::Tensor out, at::Tensor x, at::Tensor w,
                   std::optional<at::Tensor> bias);
+
+// Fused elementwise operators of the decoder layers (elementwise.cpp).
+void rms_norm(at::Tensor out, at::Tensor x, at::Tensor w, double eps);
+void add_rms_norm(at::Tensor out, at::Tensor sum, at::Tensor x, at::Tensor residual,
+                  at::Tensor w, double eps);
+void silu_and_mul(at::Tensor out, at::Tensor x);
+void rotary(at::Tensor out, at::Tensor x, at::Tensor cos, at::Tensor sin);

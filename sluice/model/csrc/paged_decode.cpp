@@ -10,13 +10,12 @@
 //   out        [N, H, D]
 // Query head h uses kv head h / G with G = H / Hkv (HF's repeat_kv order).
 // Key t of request n lives at block block_ids[n*nb + t/B], offset t%B.
-// Sums use 8 independent lanes and exp is a polynomial (`exp_nonpositive`), so the compiler
-// vectorises both without -ffast-math (whose libm vector calls and flush-to-zero we avoid).
+// Sums use 8 independent lanes and exp is a polynomial (vec_math.h), so the compiler
+// vectorises both without -ffast-math.
 #include "ops.h"
+#include "vec_math.h"
 
 #include <algorithm>
-#include <cstdint>
-#include <cstring>
 #include <omp.h>
 #include <vector>
 
@@ -44,28 +43,6 @@ inline float sum(const float* a, int64_t n) {
   for (int j = 0; j < kLanes; ++j) s += acc[j];
   for (; i < n; ++i) s += a[i];
   return s;
-}
-
-// exp(x) for x <= 0 (softmax after subtracting the max), relative error ~2e-7:
-// exp(x) = 2^n * 2^f with t = x*log2(e), n = round(t), f = t - n in [-0.5, 0.5], 2^f by a
-// degree-6 polynomial and 2^n built in the exponent bits. Inputs below -87 flush to 0
-// (terms that small cannot change a float sum whose largest term is 1).
-inline float exp_nonpositive(float x) {
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting rounds to nearest
-  const float t = std::max(x, -87.0f) * 1.44269504088896341f;
-  const float n = (t + kRound) - kRound;
-  const float f = t - n;
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
 }
 
 }  // namespace
@@ -115,7 +92,7 @@ void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
       for (int64_t j = 0; j < nq; ++j) {
         float* s = scores.data() + j * len;
         const float mx = *std::max_element(s, s + len);
-        for (int64_t t = 0; t < len; ++t) s[t] = exp_nonpositive(s[t] - mx);
+        for (int64_t t = 0; t < len; ++t) s[t] = sluice::exp_approx(s[t] - mx);
         const float inv = 1.f / sum(s, len);
         for (int64_t t = 0; t < len; ++t) s[t] *= inv;
       }

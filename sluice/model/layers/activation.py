@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sluice.model.layers.layer_ops import fast_path_ok
+
 
 class SiluAndMul(nn.Module):
-    """[..., 2*d] -> [..., d]: silu(x[..., :d]) * x[..., d:] (gate first, then up)."""
+    """[..., 2*d] -> [..., d]: silu(x[..., :d]) * x[..., d:] (gate first, then up).
+    With `cpu_ops` installed, 2-D float32 inputs run as one fused C++ pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cpu_ops: ModuleType | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = x.shape[-1] // 2
+        if self.cpu_ops is not None and x.dim() == 2 and fast_path_ok(x):
+            out = torch.empty(x.shape[0], d, dtype=x.dtype)
+            self.cpu_ops.silu_and_mul(out, x)
+            return out
         return F.silu(x[..., :d]) * x[..., d:]
 
 

@@ -32,8 +32,8 @@ class VocabEmbedding(nn.Module):
 class LMHead(nn.Module):
     """hidden [n, dim] -> logits [n, vocab] in float32.
 
-    `gemm` computes hidden @ W.T: F.linear unless `sluice.model.layers.gemm.use_gemm` installs
-    a faster backend.
+    `gemm` computes hidden @ W.T: F.linear unless `layer_ops.install_layer_ops` installs the
+    CPU operators.
     With `tied_to`, the head shares the embedding's weight Parameter (no own parameter, so
     `named_parameters()` lists it once, under the embedding).
     """

@@ -54,8 +54,8 @@ def _divide(n: int, d: int, what: str) -> int:
 
 class LinearBase(nn.Module):
     """y = x @ W.T (+ b) with W of shape [out_local, in_local]; parameters are uninitialised.
-    `gemm` computes it: F.linear unless `sluice.model.layers.gemm.use_gemm` installs a
-    faster backend."""
+    `gemm` computes it: F.linear unless `layer_ops.install_layer_ops` installs the
+    CPU operators."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
                  dtype: torch.dtype | None = None) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 from torch import nn
+
+from sluice.model.layers.layer_ops import fast_path_ok
 
 
 class RMSNorm(nn.Module):
@@ -12,6 +16,7 @@ class RMSNorm(nn.Module):
     `forward(x)` returns the normed tensor. `forward(x, residual)` first adds, then norms, and
     returns `(normed, x + residual)` — the fused residual add used between decoder sub-blocks
     (the new residual is the sum, un-normed, in the input dtype).
+    With `cpu_ops` installed, 2-D float32 inputs run as one fused C++ pass.
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6,
@@ -20,6 +25,7 @@ class RMSNorm(nn.Module):
         self.hidden_size = hidden_size
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
+        self.cpu_ops: ModuleType | None = None
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
@@ -29,6 +35,15 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        ops = self.cpu_ops
+        if ops is not None and x.dim() == 2 and fast_path_ok(x, residual, self.weight):
+            out = torch.empty(x.shape, dtype=x.dtype)
+            if residual is None:
+                ops.rms_norm(out, x, self.weight, self.eps)
+                return out
+            total = torch.empty(x.shape, dtype=x.dtype)
+            ops.add_rms_norm(out, total, x, residual, self.weight, self.eps)
+            return out, total
         if residual is None:
             return self._norm(x)
         x = x + residual

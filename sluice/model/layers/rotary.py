@@ -29,11 +29,13 @@ All these types have attention_scaling 1.0, so cos/sin are not rescaled.
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import torch
 from torch import nn
 
 from sluice.hf_config import RopeSpec
+from sluice.model.layers.layer_ops import fast_path_ok
 
 
 def _base_inv_freq(theta: float | torch.Tensor, dim: int) -> torch.Tensor:
@@ -133,8 +135,15 @@ class RotaryEmbedding(nn.Module):
         return cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
 
     @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, D] (any strides) -> rotated copy [T, heads, D], contiguous."""
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              cpu_ops: ModuleType | None = None) -> torch.Tensor:
+        """x [T, heads, D] (any strides) -> rotated copy [T, heads, D], contiguous; one fused
+        C++ pass when `cpu_ops` is given and the tensors are float32 CPU."""
+        if cpu_ops is not None and fast_path_ok(x, cos, sin) and cos.is_contiguous() \
+                and sin.is_contiguous():
+            out = torch.empty(x.shape, dtype=x.dtype)
+            cpu_ops.rotary(out, x, cos, sin)
+            return out
         half = x.shape[-1] // 2
         x1, x2 = x[..., :half], x[..., half:]
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

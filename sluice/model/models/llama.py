@@ -14,6 +14,7 @@ Module names mirror HF's, except the fused `qkv_proj` (q_proj|k_proj|v_proj) and
 from __future__ import annotations
 
 from collections.abc import Iterable
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -59,6 +60,7 @@ class LlamaAttention(nn.Module):
         self.q_norm = RMSNorm(d, spec.rms_norm_eps, dtype) if spec.qk_norm else None
         self.k_norm = RMSNorm(d, spec.rms_norm_eps, dtype) if spec.qk_norm else None
         self.attn = Attention(h, d, kvh, d ** -0.5, layer_idx, backend)
+        self.cpu_ops: ModuleType | None = None  # fused RoPE (layer_ops.install_layer_ops)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                 ) -> torch.Tensor:
@@ -67,11 +69,12 @@ class LlamaAttention(nn.Module):
         q, k, v = self.qkv_proj.split(qkv)
         if self.q_norm is None:
             # q and k are adjacent columns: rotate both with one set of ops.
-            qk = RotaryEmbedding.apply(qkv[:, :(h + kvh) * d].view(t, h + kvh, d), cos, sin)
+            qk = RotaryEmbedding.apply(qkv[:, :(h + kvh) * d].view(t, h + kvh, d), cos, sin,
+                                       self.cpu_ops)
             q, k = qk[:, :h], qk[:, h:]
         else:
-            q = RotaryEmbedding.apply(self.q_norm(q.view(t, h, d)), cos, sin)
-            k = RotaryEmbedding.apply(self.k_norm(k.view(t, kvh, d)), cos, sin)
+            q = RotaryEmbedding.apply(self.q_norm(q.view(t, h, d)), cos, sin, self.cpu_ops)
+            k = RotaryEmbedding.apply(self.k_norm(k.view(t, kvh, d)), cos, sin, self.cpu_ops)
         return self.o_proj(self.attn(q, k, v.view(t, kvh, d)))
 
 

@@ -1,0 +1,137 @@
+// Fused elementwise operators of the decoder layers (CPU, float32), each one pass over memory
+// and one Python call instead of 3-7 torch ops:
+//
+//   rms_norm(out, x, w, eps)          out[t] = w * (x[t] * 1/sqrt(mean(x[t]^2) + eps))
+//   add_rms_norm(out, sum, x, r, w, eps)   sum[t] = x[t] + r[t];  out[t] = rms_norm(sum[t])
+//   silu_and_mul(out, x)              out[t, i] = silu(x[t, i]) * x[t, d + i],  d = out.size(1)
+//   rotary(out, x, cos, sin)          x [T, Hh, D], half = D/2, cos/sin [T, half]:
+//                                     out[t, h, i]        = x1 * cos[t, i] - x2 * sin[t, i]
+//                                     out[t, h, i + half] = x2 * cos[t, i] + x1 * sin[t, i]
+//                                     with x1 = x[t, h, i], x2 = x[t, h, i + half] (rotate-half)
+// Rows of x/r may be strided (stride(-1) == 1); outputs are contiguous. The operation order
+// matches the torch code in sluice/model/layers (HF's); sums and exp differ in rounding only
+// (16-lane mean, polynomial exp with ~2e-7 relative error).
+#include "ops.h"
+#include "vec_math.h"
+
+#include <cmath>
+
+namespace {
+
+constexpr int kLanes = 16;
+constexpr int64_t kParallelMin = 1 << 14;  // elements below which one thread does the work
+
+inline float mean_square(const float* x, int64_t n) {
+  float acc[kLanes] = {0.f};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += x[i + j] * x[i + j];
+  float s = 0.f;
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  for (; i < n; ++i) s += x[i] * x[i];
+  return s / static_cast<float>(n);
+}
+
+inline void norm_row(float* out, const float* x, const float* w, int64_t n, float eps) {
+  const float inv = 1.f / std::sqrt(mean_square(x, n) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * inv);
+}
+
+void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dtype() == at::kFloat && t.device().is_cpu(), name, ": float32 CPU expected");
+  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, ": 2-D with contiguous rows expected");
+}
+
+}  // namespace
+
+void rms_norm(at::Tensor out, at::Tensor x, at::Tensor w, double eps) {
+  check_rows(x, "rms_norm x");
+  check_rows(out, "rms_norm out");
+  TORCH_CHECK(w.is_contiguous() && w.numel() == x.size(1) && out.sizes() == x.sizes(),
+              "rms_norm: shape mismatch");
+  const int64_t rows = x.size(0), n = x.size(1), ldx = x.stride(0), ldo = out.stride(0);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float feps = static_cast<float>(eps);
+#pragma omp parallel for schedule(static) if (rows * n >= kParallelMin)
+  for (int64_t t = 0; t < rows; ++t) norm_row(op + t * ldo, xp + t * ldx, wp, n, feps);
+}
+
+void add_rms_norm(at::Tensor out, at::Tensor sum, at::Tensor x, at::Tensor residual,
+                  at::Tensor w, double eps) {
+  check_rows(x, "add_rms_norm x");
+  check_rows(residual, "add_rms_norm residual");
+  check_rows(out, "add_rms_norm out");
+  check_rows(sum, "add_rms_norm sum");
+  TORCH_CHECK(w.is_contiguous() && w.numel() == x.size(1) && out.sizes() == x.sizes() &&
+                  sum.sizes() == x.sizes() && residual.sizes() == x.sizes(),
+              "add_rms_norm: shape mismatch");
+  const int64_t rows = x.size(0), n = x.size(1);
+  const int64_t ldx = x.stride(0), ldr = residual.stride(0), ldo = out.stride(0),
+                lds = sum.stride(0);
+  const float* xp = x.data_ptr<float>();
+  const float* rp = residual.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  float* sp = sum.data_ptr<float>();
+  const float feps = static_cast<float>(eps);
+#pragma omp parallel for schedule(static) if (rows * n >= kParallelMin)
+  for (int64_t t = 0; t < rows; ++t) {
+    float* s = sp + t * lds;
+    const float* a = xp + t * ldx;
+    const float* b = rp + t * ldr;
+    for (int64_t i = 0; i < n; ++i) s[i] = a[i] + b[i];
+    norm_row(op + t * ldo, s, wp, n, feps);
+  }
+}
+
+void silu_and_mul(at::Tensor out, at::Tensor x) {
+  check_rows(x, "silu_and_mul x");
+  check_rows(out, "silu_and_mul out");
+  const int64_t rows = x.size(0), d = out.size(1);
+  TORCH_CHECK(x.size(1) == 2 * d && out.size(0) == rows, "silu_and_mul: shape mismatch");
+  const int64_t ldx = x.stride(0), ldo = out.stride(0);
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+#pragma omp parallel for schedule(static) if (rows * d >= kParallelMin)
+  for (int64_t t = 0; t < rows; ++t) {
+    const float* gate = xp + t * ldx;
+    const float* up = gate + d;
+    float* o = op + t * ldo;
+    for (int64_t i = 0; i < d; ++i) {
+      const float g = gate[i];
+      o[i] = g / (1.f + sluice::exp_approx(-g)) * up[i];
+    }
+  }
+}
+
+void rotary(at::Tensor out, at::Tensor x, at::Tensor cos, at::Tensor sin) {
+  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 3 && x.stride(2) == 1,
+              "rotary x: float32 [T, heads, D] with contiguous head vectors expected");
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == x.sizes(), "rotary out: contiguous, x's shape");
+  const int64_t rows = x.size(0), heads = x.size(1), dim = x.size(2), half = dim / 2;
+  TORCH_CHECK(dim % 2 == 0 && cos.is_contiguous() && sin.is_contiguous() &&
+                  cos.dtype() == at::kFloat && sin.dtype() == at::kFloat &&
+                  cos.numel() == rows * half && sin.numel() == rows * half,
+              "rotary: cos/sin must be contiguous float32 [T, D/2]");
+  const int64_t ldt = x.stride(0), ldh = x.stride(1);
+  const float* xp = x.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+#pragma omp parallel for schedule(static) if (rows * heads * dim >= kParallelMin)
+  for (int64_t t = 0; t < rows; ++t) {
+    const float* c = cp + t * half;
+    const float* s = sp + t * half;
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* x1 = xp + t * ldt + h * ldh;
+      const float* x2 = x1 + half;
+      float* o = op + (t * heads + h) * dim;
+      for (int64_t i = 0; i < half; ++i) {
+        o[i] = x1[i] * c[i] - x2[i] * s[i];
+        o[i + half] = x2[i] * c[i] + x1[i] * s[i];
+      }
+    }
+  }
+}

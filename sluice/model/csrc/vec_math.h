@@ -1,0 +1,32 @@
+// Elementwise math that the compiler vectorises without -ffast-math (whose libm vector calls and
+// process-wide flush-to-zero we avoid).
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace sluice {
+
+// exp(x), relative error ~2e-7: exp(x) = 2^n * 2^f with t = x*log2(e), n = round(t),
+// f = t - n in [-0.5, 0.5], 2^f by a degree-6 polynomial and 2^n built in the exponent bits.
+// x is clamped to [-87, 88]: below, the result is ~0 (2^-126 is flushed to 0); above, it
+// saturates at ~1.6e38 (callers only divide by it, as in silu).
+inline float exp_approx(float x) {
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting rounds to nearest
+  const float t = std::min(std::max(x, -87.0f), 88.0f) * 1.44269504088896341f;
+  const float n = (t + kRound) - kRound;
+  const float f = t - n;
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+}  // namespace sluice

@@ -1,0 +1,123 @@
+"""sluice's C++ CPU layer ops (tiled GEMM, fused RMSNorm, SiLU-and-mul, RoPE) against the torch
+code they replace, and how `install_layer_ops` hooks them into a model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sluice.model.cpu_ops import load_cpu_ops
+from sluice.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+from sluice.model.layers.layer_ops import install_layer_ops, make_tiled_gemm
+
+
+@pytest.fixture(scope="module")
+def tiled():
+    ops = load_cpu_ops()
+    if ops is None:
+        pytest.skip("no C++ compiler: the CPU operators cannot be built here")
+    return make_tiled_gemm(ops)
+
+
+# (M, K, N): single rows, the row-tile edge (128/129), several row tiles with a ragged last one,
+# narrow and wide N with ragged column tiles, odd K.
+SHAPES = [(1, 512, 1024), (3, 64, 5), (64, 512, 32000), (128, 96, 2049), (129, 96, 300),
+          (600, 33, 700), (0, 16, 8)]
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_tiled_gemm_matches_linear(tiled, m, k, n, with_bias):
+    gen = torch.Generator().manual_seed(m * 7 + n)
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randn(n, k, generator=gen)
+    b = torch.randn(n, generator=gen) if with_bias else None
+    with torch.inference_mode():
+        got = tiled(x, w, b)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+def test_tiled_gemm_takes_leading_dims_and_strided_rows(tiled):
+    x = torch.randn(2, 3, 40)[:, :, :32]          # rows strided (row stride 40)
+    w = torch.randn(48, 64)[:, ::2]               # columns strided: not a BLAS layout
+    with torch.inference_mode():
+        got = tiled(x, w, None)
+    assert got.shape == (2, 3, 48)
+    torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-4)
+
+
+def test_tiled_gemm_leaves_autograd_and_other_dtypes_to_torch(tiled):
+    w = torch.randn(8, 4, requires_grad=True)
+    out = tiled(torch.randn(2, 4), w, None)
+    out.sum().backward()                          # F.linear path: gradients flow
+    assert w.grad is not None
+    xb, wb = torch.randn(2, 4, dtype=torch.bfloat16), torch.randn(8, 4, dtype=torch.bfloat16)
+    assert tiled(xb, wb, None).dtype == torch.bfloat16
+
+
+def test_install_layer_ops_sets_every_hook(tiny_model_dir):
+    from _sluice_model_helpers import load_ours
+    model = load_ours(tiny_model_dir("LlamaForCausalLM"), layer_ops="cpu")
+    if load_cpu_ops() is None:
+        pytest.skip("no C++ compiler")
+    hooked = [m for m in model.modules() if hasattr(m, "gemm") or hasattr(m, "cpu_ops")]
+    assert hooked and all(getattr(m, "cpu_ops", load_cpu_ops()) is load_cpu_ops()
+                          for m in hooked)
+    assert model.lm_head.gemm is not F.linear
+    install_layer_ops(model, "torch")
+    assert all(getattr(m, "gemm", F.linear) is F.linear and getattr(m, "cpu_ops", None) is None
+               for m in hooked)
+    with pytest.raises(ValueError, match="unknown layer ops 'blas'"):
+        install_layer_ops(model, "blas")
+
+
+# ---- fused elementwise operators vs the torch code they replace --------------------------
+
+@pytest.fixture(scope="module")
+def ops():
+    ops = load_cpu_ops()
+    if ops is None:
+        pytest.skip("no C++ compiler: the CPU operators cannot be built here")
+    return ops
+
+
+@pytest.mark.parametrize("rows", [1, 5, 300])
+def test_rms_norm_and_fused_add_match_torch(ops, rows):
+    norm = RMSNorm(96, eps=1e-5)
+    torch.nn.init.normal_(norm.weight)
+    x, residual = torch.randn(rows, 96) * 3, torch.randn(rows, 96)
+    expected = norm(x)
+    expected_out, expected_sum = norm(x, residual)
+    norm.cpu_ops = ops
+    torch.testing.assert_close(norm(x), expected, rtol=1e-5, atol=1e-5)
+    out, total = norm(x, residual)
+    torch.testing.assert_close(total, expected_sum, rtol=0, atol=0)
+    torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
+    strided = torch.randn(rows, 128)[:, :96]     # rows with a stride, as q/k views
+    norm.cpu_ops = None
+    expected = norm(strided)
+    norm.cpu_ops = ops
+    torch.testing.assert_close(norm(strided), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 400])
+def test_silu_and_mul_matches_torch(ops, rows):
+    act = SiluAndMul()
+    x = torch.randn(rows, 2 * 88) * 4
+    x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -1e-3])  # saturated exp, zero, tiny
+    expected = act(x)
+    act.cpu_ops = ops
+    torch.testing.assert_close(act(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows,heads", [(1, 12), (33, 3), (300, 12)])
+def test_rotary_matches_torch(ops, rows, heads):
+    qkv = torch.randn(rows, (heads + 4) * 64)
+    x = qkv[:, :heads * 64].view(rows, heads, 64)   # strided rows, as in the attention layer
+    freqs = torch.rand(rows, 1, 32) * 50
+    cos, sin = freqs.cos(), freqs.sin()
+    expected = RotaryEmbedding.apply(x, cos, sin)
+    got = RotaryEmbedding.apply(x, cos, sin, ops)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
