@@ -7,7 +7,9 @@
 exactly `output_len` tokens on every backend; the timer covers generation only. Prints vLLM's
 line "Throughput: X requests/s, Y total tokens/s, Z output tokens/s" per backend and, with
 `--backend both` (sluice first, then HF, same process, same workload), a side-by-side table with
-the sluice/hf ratios. `--json PATH` writes the report built by `run_benchmark`.
+the sluice/hf ratios. `--json PATH` writes the report built by `run_benchmark`. `--roofline`
+then measures the fp32 GEMM peak (`torch.mm`, the engine's thread count) and prints each
+backend's fraction of the compute roofline (`sluice/bench/roofline.py` states the formulas).
 
 Engine options are the generated config flags (`config_sources.add_engine_args`, all sections
 but `server`), passed to `LLM(model, **kwargs)` as the values that differ from the defaults;
@@ -32,6 +34,8 @@ from sluice.bench.backends import BackendResult, run_hf, run_sluice
 from sluice.bench.datasets import (BenchRequest, load_json_workload, random_requests,
                                    workload_summary)
 from sluice.bench.reference_model import REFERENCE_NAME, resolve_model
+from sluice.bench.roofline import (DEFAULT_GEMM_REPEATS, DEFAULT_GEMM_SIZE, format_roofline_line,
+                                   measure_gemm_peak, roofline_report, workload_flops)
 from sluice.config import SECTIONS, EngineConfig
 from sluice.errors import ConfigError, SluiceError
 
@@ -80,6 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--disable-tqdm", action="store_true", help="No progress bar (sluice).")
     bench.add_argument("--json", type=Path, default=None, metavar="PATH",
                        help="Write the results as JSON to PATH.")
+    bench.add_argument("--roofline", action="store_true",
+                       help="After the run(s), measure the fp32 GEMM peak (torch.mm "
+                       f"{DEFAULT_GEMM_SIZE}^3, the engine's --num-threads) and print each "
+                       "backend's fraction of the compute roofline: the model's FLOPs for "
+                       "this workload / peak, over the elapsed time.")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -181,7 +190,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     Keys: `model`, `backend`, `workload` (counts, seed, dataset), `engine_kwargs`,
     `hf_batch_size`, `environment`, `results` (backend name -> `BackendResult.to_dict()`), and
     with both backends `sluice_over_hf` (ratios of the three rates) and `num_identical_outputs`
-    (requests whose greedy tokens agree).
+    (requests whose greedy tokens agree); with `--roofline`, `roofline` (`roofline_section`).
     """
     cfg = engine_config_from_bench_args(args)
     model = str(cfg.model.model)
@@ -205,6 +214,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "environment": _environment(),
         "results": {name: r.to_dict() for name, r in results.items()},
     }
+    if getattr(args, "roofline", False):
+        report["roofline"] = roofline_section(cfg, requests, results)
     if len(results) == 2:
         s, h = report["results"]["sluice"], report["results"]["hf"]
         report["sluice_over_hf"] = {k: s[k] / h[k] for k in _RATIO_KEYS}
@@ -215,6 +226,33 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 
 _RATIO_KEYS = ("requests_per_second", "tokens_per_second", "output_tokens_per_second")
+
+
+def roofline_section(cfg: EngineConfig, requests: list[BenchRequest],
+                     results: dict[str, BackendResult]) -> dict[str, Any]:
+    """Measure the GEMM peak once (threads: `--num-threads`, else the affinity CPU count, as
+    the CPU platform does), count the workload's FLOPs and print one roofline line per backend.
+
+    Returns {"gemm": {"peak_gflops", "size", "repeats", "num_threads", "dtype"}, "flops":
+    `workload_flops(...)`, "backends": {name: `roofline_report(...)`}}.
+    """
+    from sluice.hf_config import load_model_spec
+    from sluice.platform.host import affinity_cpus
+
+    spec = load_model_spec(cfg.model.model)
+    flops = workload_flops(spec, [r.prompt_len for r in requests],
+                           [r.output_len for r in requests])
+    threads = cfg.device.num_threads or affinity_cpus()
+    peak = measure_gemm_peak(threads, DEFAULT_GEMM_SIZE, DEFAULT_GEMM_REPEATS)
+    backends_report = {}
+    for name, result in results.items():
+        backends_report[name] = roofline_report(flops["total"], result.elapsed_time, peak)
+        print(format_roofline_line(name, backends_report[name], DEFAULT_GEMM_SIZE, threads))
+    sys.stdout.flush()
+    return {"gemm": {"peak_gflops": peak, "size": DEFAULT_GEMM_SIZE,
+                     "repeats": DEFAULT_GEMM_REPEATS, "num_threads": threads,
+                     "dtype": "float32"},
+            "flops": flops, "backends": backends_report}
 
 
 def print_result(result: BackendResult) -> None:
