@@ -94,7 +94,7 @@ def test_backend_matches_dense_reference(mix):
     cache, meta, q, k, v, ref, scale = make_step(MIXES[mix], num_blocks=1000)
     if mix == "bucketed":
         assert len(meta.decode) > 1 and len(meta.prefill) > 1
-        assert any(g.fresh_single for g in meta.prefill)
+        assert any(g.fresh for g in meta.prefill)
     out = run_layer(cache, meta, q, k, v, scale)
     torch.testing.assert_close(out, ref.reshape(len(ref), -1), **TOL)
 
@@ -125,7 +125,10 @@ def test_metadata_groups_and_fast_paths():
     assert len(meta.decode) == 1 and meta.decode[0].token_sel == slice(0, 4)
     _, meta, *_ = make_step(MIXES["single_prefill"])
     assert meta.covered_by == "prefill" and meta.prefill[0].q_sel == slice(0, 21)
-    assert meta.prefill[0].fresh_single and meta.prefill[0].mask is None
+    assert meta.prefill[0].fresh and meta.prefill[0].mask is None
+    _, meta, *_ = make_step(MIXES["fresh_prefills"])
+    assert len(meta.prefill) == 1 and meta.prefill[0].num_reqs == 3
+    assert meta.prefill[0].fresh and meta.prefill[0].mask is None
     _, meta, *_ = make_step(MIXES["mixed"])
     assert meta.covered_by is None
     assert sum(g.num_reqs for g in meta.decode) == 4

@@ -82,9 +82,11 @@ class PrefillGroup(_Masked):
     gather index (padded rows repeat the request's first token). The padded output rows
     `out_src` [n] go to flat tokens `out_dst` [n] (both None when num_reqs == 1).
     `mask` [Np, 1, max_q, nb*block_size] bool: key j visible to row i iff j <= min(ctx+i, s-1).
-    `fresh_single`: one request with no earlier context (a whole prompt, or its first chunk):
-    its keys are exactly this step's k/v, so the backend may skip the gather and use a plain
-    causal SDPA; `mask` is then None.
+    `fresh`: no request of the group has earlier context (whole prompts, or first chunks):
+    request r's keys are exactly its own k/v of this step, which `q_sel` lays out like its
+    queries, so the backend may skip the gather and the mask and run a plain causal SDPA
+    (row i sees keys 0..i; a padded row sees padding, but its output is dropped); `mask` is
+    then None.
     """
     num_reqs: int
     max_query_len: int
@@ -94,7 +96,7 @@ class PrefillGroup(_Masked):
     block_ids: torch.Tensor
     num_blocks: int
     mask: torch.Tensor | None
-    fresh_single: bool
+    fresh: bool
 
 
 @dataclass(frozen=True)
@@ -205,10 +207,6 @@ def _prefill_group(qsl: np.ndarray, query_lens: np.ndarray, seq_lens: np.ndarray
     if len(rows) == 1:
         q_sel: TokenSel = slice(int(starts[0]), int(starts[0] + q[0]))
         out_src = out_dst = None
-        if ctx[0] == 0:
-            return PrefillGroup(num_reqs=1, max_query_len=max_q, q_sel=q_sel, out_src=None,
-                                out_dst=None, block_ids=block_ids, num_blocks=nb, mask=None,
-                                fresh_single=True)
     else:
         i = np.arange(max_q)[None, :]
         valid = i < q[:, None]                                   # [Np, max_q]
@@ -216,13 +214,17 @@ def _prefill_group(qsl: np.ndarray, query_lens: np.ndarray, seq_lens: np.ndarray
         q_sel = _to(q_idx.reshape(-1), device)
         out_src = _to(np.flatnonzero(valid.reshape(-1)), device)  # row r*max_q + i
         out_dst = _to(q_idx[valid], device)
+    if not ctx.any():
+        return PrefillGroup(num_reqs=len(rows), max_query_len=max_q, q_sel=q_sel,
+                            out_src=out_src, out_dst=out_dst, block_ids=block_ids,
+                            num_blocks=nb, mask=None, fresh=True)
     row = torch.arange(max_q, device=device)
     key_pos = torch.arange(nb * block_size, device=device)
     last = torch.minimum(_to(ctx, device)[:, None] + row[None, :], _to(s - 1, device)[:, None])
     mask = key_pos[None, None, :] <= last[:, :, None]            # [Np, max_q, L]
     return PrefillGroup(num_reqs=len(rows), max_query_len=max_q, q_sel=q_sel, out_src=out_src,
                         out_dst=out_dst, block_ids=block_ids, num_blocks=nb,
-                        mask=mask[:, None, :, :], fresh_single=False)
+                        mask=mask[:, None, :, :], fresh=False)
 
 
 def build_attention_metadata(query_start_loc: np.ndarray, seq_lens: np.ndarray,

@@ -30,11 +30,14 @@ LAYER_OPS = ("torch", "cpu")
 
 def fast_path_ok(*tensors: torch.Tensor | None) -> bool:
     """True when every given tensor is float32 on CPU with contiguous last dim and needs no
-    gradient: what the C++ operators accept (None entries are skipped)."""
+    gradient: what the C++ operators accept (None entries are skipped). Called per layer and
+    step, so it is a plain loop."""
     grad = torch.is_grad_enabled()
-    return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu"
-                             and t.stride(-1) == 1 and not (grad and t.requires_grad))
-               for t in tensors)
+    for t in tensors:
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"
+                              or t.stride(-1) != 1 or (grad and t.requires_grad)):
+            return False
+    return True
 
 
 def make_tiled_gemm(ops: ModuleType) -> Gemm:
@@ -42,13 +45,9 @@ def make_tiled_gemm(ops: ModuleType) -> Gemm:
 
     def tiled_gemm(x: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
-        if not fast_path_ok(weight, bias) or x.dtype != torch.float32 or \
-                x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad) or \
-                (bias is not None and not bias.is_contiguous()):
-            return F.linear(x, weight, bias)
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
+        if not fast_path_ok(x2, weight, bias) or (bias is not None and not bias.is_contiguous()):
+            return F.linear(x, weight, bias)
         out = x2.new_empty(x2.shape[0], weight.shape[0])
         ops.tiled_linear(out, x2, weight, bias)
         return out.view(*x.shape[:-1], weight.shape[0])

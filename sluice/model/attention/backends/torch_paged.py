@@ -10,7 +10,7 @@ Per layer and step:
        decode:  q viewed as [Nd, Hkv, G, D] (G = H/Hkv query heads share a kv head, as HF's
                 repeat_kv: head h uses kv head h // G) vs k/v [Nd, Hkv, L, D]
        prefill: q padded to [Np, H, max_q, D] vs k/v [Np, Hkv, L, D] with enable_gqa
-                (one request with no earlier context: this step's k/v, is_causal, no gather)
+                (requests with no earlier context: this step's k/v, is_causal, no gather)
   4. place:  outputs go back to flat token order (no copy when one group covers the batch in
              order).
 No Python loop over requests. The workspace grows to the largest gather seen and is reused by
@@ -88,8 +88,10 @@ class TorchPagedBackend:
 
         for pre in metadata.prefill:
             qp = take_tokens(q, pre.q_sel).view(pre.num_reqs, pre.max_query_len, num_heads, head_dim)
-            if pre.fresh_single:   # keys = this step's k/v: no gather, plain causal
-                kp, vp = (take_tokens(x, pre.q_sel).unsqueeze(0).transpose(1, 2) for x in (k, v))
+            if pre.fresh:   # keys = the group's own k/v of this step: no gather, plain causal
+                kp, vp = (take_tokens(x, pre.q_sel).view(pre.num_reqs, pre.max_query_len,
+                                                          num_kv_heads, head_dim).transpose(1, 2)
+                          for x in (k, v))
                 op = F.scaled_dot_product_attention(qp.transpose(1, 2), kp, vp, is_causal=True,
                                                     scale=scale, enable_gqa=True)
             else:
