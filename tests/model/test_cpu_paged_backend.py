@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from sluice.model.attention.backends.cpu_paged import CpuPagedBackend
-from sluice.model.cpu_ops import load_cpu_ops
 from sluice.model.attention.backends.torch_paged import TorchPagedBackend
 from sluice.model.attention.metadata import build_attention_metadata
 
@@ -34,11 +33,8 @@ def _random_step(rng: np.random.Generator, query_lens: list[int], seq_lens: list
 
 
 @pytest.fixture(scope="module")
-def kernel():
-    k = load_cpu_ops()
-    if k is None:
-        pytest.skip("no C++ compiler: the cpu_paged kernel cannot be built here")
-    return k
+def kernel(cpu_ops):
+    return cpu_ops
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 64), (4, 4, 32), (6, 2, 64),

@@ -13,11 +13,8 @@ from sluice.model.layers.layer_ops import install_layer_ops, make_tiled_gemm
 
 
 @pytest.fixture(scope="module")
-def tiled():
-    ops = load_cpu_ops()
-    if ops is None:
-        pytest.skip("no C++ compiler: the CPU operators cannot be built here")
-    return make_tiled_gemm(ops)
+def tiled(cpu_ops):
+    return make_tiled_gemm(cpu_ops)
 
 
 # (M, K, N): single rows, the row-tile edge (128/129), several row tiles with a ragged last one,
@@ -75,11 +72,8 @@ def test_install_layer_ops_sets_every_hook(tiny_model_dir):
 # ---- fused elementwise operators vs the torch code they replace --------------------------
 
 @pytest.fixture(scope="module")
-def ops():
-    ops = load_cpu_ops()
-    if ops is None:
-        pytest.skip("no C++ compiler: the CPU operators cannot be built here")
-    return ops
+def ops(cpu_ops):
+    return cpu_ops
 
 
 @pytest.mark.parametrize("rows", [1, 5, 300])

@@ -18,18 +18,10 @@
 
 namespace {
 
-constexpr int kLanes = 16;
 constexpr int64_t kParallelMin = 1 << 14;  // elements below which one thread does the work
 
 inline float mean_square(const float* x, int64_t n) {
-  float acc[kLanes] = {0.f};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] += x[i + j] * x[i + j];
-  float s = 0.f;
-  for (int j = 0; j < kLanes; ++j) s += acc[j];
-  for (; i < n; ++i) s += x[i] * x[i];
-  return s / static_cast<float>(n);
+  return sluice::dot(x, x, n) / static_cast<float>(n);
 }
 
 inline void norm_row(float* out, const float* x, const float* w, int64_t n, float eps) {

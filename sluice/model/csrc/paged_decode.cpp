@@ -10,42 +10,13 @@
 //   out        [N, H, D]
 // Query head h uses kv head h / G with G = H / Hkv (HF's repeat_kv order).
 // Key t of request n lives at block block_ids[n*nb + t/B], offset t%B.
-// Sums use 8 independent lanes and exp is a polynomial (vec_math.h), so the compiler
-// vectorises both without -ffast-math.
+// Sums and exp come from vec_math.h (vectorised without -ffast-math).
 #include "ops.h"
 #include "vec_math.h"
 
 #include <algorithm>
 #include <omp.h>
 #include <vector>
-
-namespace {
-
-constexpr int kLanes = 8;
-
-inline float dot(const float* a, const float* b, int64_t d) {
-  float acc[kLanes] = {0.f};
-  int64_t i = 0;
-  for (; i + kLanes <= d; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] += a[i + j] * b[i + j];
-  float s = 0.f;
-  for (int j = 0; j < kLanes; ++j) s += acc[j];
-  for (; i < d; ++i) s += a[i] * b[i];
-  return s;
-}
-
-inline float sum(const float* a, int64_t n) {
-  float acc[kLanes] = {0.f};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] += a[i + j];
-  float s = 0.f;
-  for (int j = 0; j < kLanes; ++j) s += acc[j];
-  for (; i < n; ++i) s += a[i];
-  return s;
-}
-
-}  // namespace
 
 void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
                             at::Tensor block_ids, int64_t nb, at::Tensor seq_lens,
@@ -86,14 +57,14 @@ void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
         const int64_t slot = bid[n * nb + t / bs] * bs + t % bs;
         const float* row = kp + (slot * kvh + h0) * d;
         for (int64_t j = 0; j < nq; ++j)
-          scores[j * len + t] = fscale * dot(qn + j * d, row + (j / group) * d, d);
+          scores[j * len + t] = fscale * sluice::dot(qn + j * d, row + (j / group) * d, d);
       }
       // softmax per query head, in place
       for (int64_t j = 0; j < nq; ++j) {
         float* s = scores.data() + j * len;
         const float mx = *std::max_element(s, s + len);
         for (int64_t t = 0; t < len; ++t) s[t] = sluice::exp_approx(s[t] - mx);
-        const float inv = 1.f / sum(s, len);
+        const float inv = 1.f / sluice::sum(s, len);
         for (int64_t t = 0; t < len; ++t) s[t] *= inv;
       }
       // out[q0 + j] = sum_t p[j, t] v[t], one sweep over the value rows

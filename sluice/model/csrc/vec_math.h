@@ -7,6 +7,32 @@
 
 namespace sluice {
 
+// Reductions with kLanes independent partial sums, so the compiler vectorises them without
+// reassociating (-ffast-math); the tail past the last full group is added serially.
+constexpr int kLanes = 16;
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc[kLanes] = {0.f};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += a[i + j] * b[i + j];
+  float s = 0.f;
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline float sum(const float* a, int64_t n) {
+  float acc[kLanes] = {0.f};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += a[i + j];
+  float s = 0.f;
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  for (; i < n; ++i) s += a[i];
+  return s;
+}
+
 // exp(x), relative error ~2e-7: exp(x) = 2^n * 2^f with t = x*log2(e), n = round(t),
 // f = t - n in [-0.5, 0.5], 2^f by a degree-6 polynomial and 2^n built in the exponent bits.
 // x is clamped to [-87, 88]: below, the result is ~0 (2^-126 is flushed to 0); above, it
