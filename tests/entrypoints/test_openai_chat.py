@@ -39,6 +39,18 @@ def test_chat_stream_equals_non_stream(client, http):
     assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
 
 
+def test_chat_stream_sends_a_chunk_per_token_with_empty_text(client):
+    # <|pad|> (id 3) is special, so skipped in the text: every content delta is empty. As in
+    # vLLM, each generated token still gets its chunk (streaming clients time tokens by chunks).
+    chunks = list(client.chat.completions.create(
+        model="tiny-llama", messages=MESSAGES, max_tokens=5, temperature=0, stream=True,
+        logit_bias={"3": 100}, extra_body={"ignore_eos": True}))
+    deltas = [c.choices[0] for c in chunks if c.choices]
+    assert deltas[0].delta.role == "assistant"
+    assert [d.delta.content for d in deltas[1:-1]] == [""] * 5
+    assert all(d.finish_reason is None for d in deltas[:-1])
+    assert deltas[-1].finish_reason == "length"
+
 def test_chat_logprobs(client):
     result = client.chat.completions.create(model="tiny-llama", messages=MESSAGES,
                                             max_tokens=5, temperature=0, logprobs=True,

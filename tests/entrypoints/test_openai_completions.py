@@ -43,6 +43,18 @@ def test_greedy_completion_stream_equals_non_stream(client, http):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_stream_sends_a_chunk_per_token_with_empty_text(client):
+    # <|pad|> (id 3) is special, so skipped in the text: every text delta is empty. As in vLLM,
+    # each generated token still gets its chunk (streaming clients time tokens by chunks).
+    chunks = list(client.completions.create(
+        model="tiny-llama", prompt=PROMPT, max_tokens=6, temperature=0, stream=True,
+        logit_bias={"3": 100}, stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True}))
+    with_choices = [c for c in chunks if c.choices]
+    assert [c.choices[0].text for c in with_choices] == [""] * 6
+    assert [c.choices[0].finish_reason for c in with_choices] == [None] * 5 + ["length"]
+    assert chunks[-1].usage.completion_tokens == 6
+
 def test_token_id_prompt_equals_text_prompt(client, http):
     ids = _tokenize(http, PROMPT)
     by_text = client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=6,

@@ -139,7 +139,8 @@ async def _stream(body: ChatCompletionRequest, state: ServerState, response_id: 
             for sample in output.outputs:
                 num_generated += len(sample.token_ids)
                 logprobs = _logprobs(body, state, sample.token_ids, sample.logprobs)
-                if sample.text or (logprobs is not None and logprobs.content):
+                # Tokens with an empty text delta still get their chunk (as in vLLM).
+                if sample.text or sample.token_ids or (logprobs is not None and logprobs.content):
                     yield chunk([ChatStreamChoice(index=sample.index,
                                                   delta=DeltaMessage(content=sample.text),
                                                   logprobs=logprobs)])

@@ -164,8 +164,11 @@ async def _stream(body: CompletionRequest, state: ServerState, response_id: str,
                 index = i * n + sample.index
                 num_generated += len(sample.token_ids)
                 choice = builders[index].build(index, output, sample)
-                if not choice.text and choice.finish_reason is None and not (
-                        choice.logprobs and choice.logprobs.tokens):
+                # A step that produced tokens is sent even when its text delta is empty (held
+                # back, special, or ids the tokenizer cannot decode), as vLLM does: clients
+                # time tokens by chunks.
+                if not choice.text and not sample.token_ids and choice.finish_reason is None \
+                        and not (choice.logprobs and choice.logprobs.tokens):
                     continue
                 chunk = CompletionStreamResponse(id=response_id, created=created,
                                                  model=state.model_name, choices=[choice])
