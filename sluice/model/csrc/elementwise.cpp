@@ -10,7 +10,9 @@
 //                                     with x1 = x[t, h, i], x2 = x[t, h, i + half] (rotate-half)
 // Rows of x/r may be strided (stride(-1) == 1); outputs are contiguous. The operation order
 // matches the torch code in sluice/model/layers (HF's); sums and exp differ in rounding only
-// (16-lane mean, polynomial exp with ~2e-7 relative error).
+// (16-lane mean, polynomial exp with ~2e-7 relative error). Loops hand out rows dynamically, so
+// a thread preempted by another process (the API server on the same cores) delays only its
+// own chunk, not the whole step.
 #include "ops.h"
 #include "vec_math.h"
 
@@ -19,6 +21,7 @@
 namespace {
 
 constexpr int64_t kParallelMin = 1 << 14;  // elements below which one thread does the work
+constexpr int kRowChunk = 16;              // rows per dynamically scheduled chunk
 
 inline float mean_square(const float* x, int64_t n) {
   return sluice::dot(x, x, n) / static_cast<float>(n);
@@ -46,7 +49,7 @@ void rms_norm(at::Tensor out, at::Tensor x, at::Tensor w, double eps) {
   const float* wp = w.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float feps = static_cast<float>(eps);
-#pragma omp parallel for schedule(static) if (rows * n >= kParallelMin)
+#pragma omp parallel for schedule(dynamic, kRowChunk) if (rows * n >= kParallelMin)
   for (int64_t t = 0; t < rows; ++t) norm_row(op + t * ldo, xp + t * ldx, wp, n, feps);
 }
 
@@ -68,7 +71,7 @@ void add_rms_norm(at::Tensor out, at::Tensor sum, at::Tensor x, at::Tensor resid
   float* op = out.data_ptr<float>();
   float* sp = sum.data_ptr<float>();
   const float feps = static_cast<float>(eps);
-#pragma omp parallel for schedule(static) if (rows * n >= kParallelMin)
+#pragma omp parallel for schedule(dynamic, kRowChunk) if (rows * n >= kParallelMin)
   for (int64_t t = 0; t < rows; ++t) {
     float* s = sp + t * lds;
     const float* a = xp + t * ldx;
@@ -86,7 +89,7 @@ void silu_and_mul(at::Tensor out, at::Tensor x) {
   const int64_t ldx = x.stride(0), ldo = out.stride(0);
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
-#pragma omp parallel for schedule(static) if (rows * d >= kParallelMin)
+#pragma omp parallel for schedule(dynamic, kRowChunk) if (rows * d >= kParallelMin)
   for (int64_t t = 0; t < rows; ++t) {
     const float* gate = xp + t * ldx;
     const float* up = gate + d;
@@ -112,7 +115,7 @@ void rotary(at::Tensor out, at::Tensor x, at::Tensor cos, at::Tensor sin) {
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
   float* op = out.data_ptr<float>();
-#pragma omp parallel for schedule(static) if (rows * heads * dim >= kParallelMin)
+#pragma omp parallel for schedule(dynamic, kRowChunk) if (rows * heads * dim >= kParallelMin)
   for (int64_t t = 0; t < rows; ++t) {
     const float* c = cp + t * half;
     const float* s = sp + t * half;

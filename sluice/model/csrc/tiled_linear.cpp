@@ -7,8 +7,9 @@
 //   mt = M            if M <= kMaxRowTile, else kRowTile   (rows share one weight pass)
 //   nt = kWideTile    if N >= kWideN,      else kNarrowTile (a tile's weights stay in L2)
 // Tile i covers rows [mi*mt, min(M, (mi+1)*mt)) and columns [ni*nt, ...) with
-// mi = i % m_tiles, ni = i / m_tiles, so a thread's contiguous range of tiles walks down the
-// rows of a few column strips and reads each weight strip once. Each output element is one
+// mi = i % m_tiles, ni = i / m_tiles: consecutive tiles share a weight strip (kept in the shared
+// L3). Tiles are handed out dynamically, so a thread preempted by another process (the API
+// server on the same cores) delays only its current tile, not the whole GEMM. Each output element is one
 // full-K dot product, as in a plain GEMM (summation order inside the BLAS kernel may differ).
 //
 // BLAS is column-major: the row-major tile out[m0:m1, n0:n1] (leading dimension ldo = N) is the
@@ -35,6 +36,7 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
                        const int* ldc);
 
 namespace {
+constexpr int64_t kGemvChunk = 256;  // weight rows per dynamically scheduled GEMV chunk
 constexpr int64_t kMaxRowTile = 128;
 constexpr int64_t kRowTile = 256;
 constexpr int64_t kWideN = 2048;
@@ -67,7 +69,7 @@ void tiled_linear(at::Tensor out, at::Tensor x, at::Tensor w, std::optional<at::
     const float* wp = w.data_ptr<float>();
     float* op = out.data_ptr<float>();
     const int64_t ldw = w.stride(0);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, kGemvChunk)
     for (int64_t r = 0; r < n; ++r)
       op[r] = sluice::dot(xp, wp + r * ldw, k) + (bp != nullptr ? bp[r] : 0.f);
     return;
@@ -82,7 +84,7 @@ void tiled_linear(at::Tensor out, at::Tensor x, at::Tensor w, std::optional<at::
   const int ldw = static_cast<int>(w.stride(0)), ldo = static_cast<int>(n);
   const float one = 1.f, zero = 0.f;
 
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 1)
   for (int64_t i = 0; i < m_tiles * n_tiles; ++i) {
     const int64_t m0 = (i % m_tiles) * mt, n0 = (i / m_tiles) * nt;
     const int tm = static_cast<int>(std::min(m, m0 + mt) - m0);
