@@ -45,6 +45,17 @@ def test_batch_of_mixed_prompts_matches_hf(tiny_model_dir, arch):
     _assert_matches_hf(model_dir, prompts, run)
 
 
+def test_pure_torch_kernels_match_hf(llama_dir):
+    """`--kernels torch` (the reference path: torch attention and layer ops, no C++) is wired
+    through the worker and gives HF's tokens too."""
+    prompts = _prompt_ids(llama_dir)
+    engine = _engine(llama_dir, kernels="torch")
+    runner = engine.executor.worker.model_runner
+    assert runner.attn_backend == "torch_paged" and runner.layer_ops == "torch"
+    run = run_engine_core(engine, prompts, GREEDY)
+    _assert_matches_hf(llama_dir, prompts, run)
+
+
 def test_tiny_chunked_prefill_matches_hf(llama_dir):
     """A 7-token budget splits every long prompt into chunks mixed with other requests' decodes."""
     prompts = _prompt_ids(llama_dir)

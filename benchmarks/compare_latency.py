@@ -1,0 +1,178 @@
+"""Single-request latency: sluice vs llama.cpp, against the memory-bandwidth floor.
+
+    python benchmarks/compare_latency.py            # needs compare_peers.py --setup --convert
+
+One request, prompt = 128 token ids (seed 0, the reference model's non-special ids), greedy:
+
+    TTFT(128) = best of 5 runs of a 1-token generation (prefill of 128 tokens + first token)
+    TPOT      = (best of 3 runs of a 129-token generation - TTFT) / 128
+    floor     = bytes of weights read per decode token / measured read bandwidth
+                (every linear layer and the LM head in float32; the embedding reads one row)
+    bandwidth = best of 5 `torch.sum` over a 1 GiB float32 tensor, both threads
+
+sluice runs in this interpreter (`LLM`, prefix caching off, defaults otherwise); llama.cpp runs
+its high-level API (`llama_cpp.Llama.generate`, n_threads=2, f32 GGUF) in the `llamacpp` venv of
+compare_peers.py. Both read the same prompt from `<work-dir>/latency-prompt.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_peers import REPO, Work, log  # noqa: E402
+
+PROMPT_LEN = 128
+OUTPUT_LEN = 129  # TPOT is measured over the 128 tokens after the first
+
+LLAMACPP_RUNNER = r"""
+import json, sys, time
+import llama_cpp
+prompt = json.load(open(sys.argv[1]))
+out_path, gguf = sys.argv[2], sys.argv[3]
+llm = llama_cpp.Llama(model_path=gguf, n_threads=2, n_threads_batch=2, n_ctx=512, n_batch=512,
+                      n_ubatch=512, verbose=False)
+
+def run(n):
+    llm.reset()
+    start, k = time.perf_counter(), 0
+    for _ in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+        k += 1
+        if k >= n:
+            break
+    return time.perf_counter() - start
+
+for _ in range(2):
+    run(1), run(%(out)d)
+ttft = min(run(1) for _ in range(5))
+full = min(run(%(out)d) for _ in range(3))
+json.dump({"ttft_s": ttft, "tpot_s": (full - ttft) / %(steps)d}, open(out_path, "w"))
+""" % {"out": OUTPUT_LEN, "steps": OUTPUT_LEN - 1}
+
+
+def read_bandwidth_gbs(threads: int) -> float:
+    """Best of 5 `torch.sum` passes over 1 GiB of float32, in GB/s."""
+    import torch
+    torch.set_num_threads(threads)
+    x = torch.ones(256 * 1024 * 1024)
+    x.sum()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best / 1e9
+
+
+def decode_weight_bytes(model: str) -> int:
+    """float32 bytes of the weights one decode token reads: every 2-D weight except the
+    embedding table (one row of it is read), plus the LM head (the embedding again if tied)."""
+    from safetensors import safe_open
+    total = 0
+    config = json.loads((Path(model) / "config.json").read_text())
+    for f in sorted(Path(model).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                shape = st.get_slice(name).get_shape()
+                if name.endswith("embed_tokens.weight"):
+                    continue
+                n = 1
+                for d in shape:
+                    n *= d
+                total += 4 * n
+    if config.get("tie_word_embeddings"):
+        total += 4 * config["vocab_size"] * config["hidden_size"]
+    return total
+
+
+def sluice_latency(model: str, prompt: list[int]) -> dict:
+    from sluice import LLM, SamplingParams
+    llm = LLM(model, enable_prefix_caching=False)
+
+    def run(n: int) -> float:
+        params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+        start = time.perf_counter()
+        llm.generate([prompt], params, use_tqdm=False)
+        return time.perf_counter() - start
+
+    try:
+        for _ in range(2):
+            run(1), run(OUTPUT_LEN)
+        ttft = min(run(1) for _ in range(5))
+        full = min(run(OUTPUT_LEN) for _ in range(3))
+    finally:
+        llm.shutdown()
+    return {"ttft_s": ttft, "tpot_s": (full - ttft) / (OUTPUT_LEN - 1)}
+
+
+def llamacpp_latency(work: Work, prompt_file: Path) -> dict:
+    if not work.py("llamacpp").exists() or not work.gguf.exists():
+        raise RuntimeError("llama.cpp not set up: run compare_peers.py --setup --convert")
+    runner = work.root / "runner_llamacpp_latency.py"
+    runner.write_text(LLAMACPP_RUNNER)
+    out = work.root / "results" / "latency-llama.cpp.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([str(work.py("llamacpp")), str(runner), str(prompt_file), str(out),
+                    str(work.gguf)], check=True, timeout=900)
+    return json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/sluice-peers"))
+    parser.add_argument("--model", default="reference")
+    parser.add_argument("--skip-llamacpp", action="store_true")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    from sluice.bench.datasets import random_requests
+    from sluice.bench.reference_model import resolve_model
+    from sluice.bench.throughput import _load_tokenizer, _model_vocab_size
+
+    work = Work(args.work_dir)
+    work.root.mkdir(parents=True, exist_ok=True)
+    model = resolve_model(args.model)
+    prompt = list(random_requests(1, 1, _model_vocab_size(model), 0, input_len=PROMPT_LEN,
+                                  tokenizer=_load_tokenizer(model))[0].prompt_token_ids)
+    prompt_file = work.root / "latency-prompt.json"
+    prompt_file.write_text(json.dumps(prompt))
+
+    rows: dict[str, dict] = {}
+    log("sluice ...")
+    rows["sluice"] = sluice_latency(model, prompt)
+    if not args.skip_llamacpp:
+        log("llama.cpp ...")
+        try:
+            rows["llama.cpp"] = llamacpp_latency(work, prompt_file)
+        except Exception as e:  # a peer that fails is a row with the reason
+            rows["llama.cpp"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    bandwidth = read_bandwidth_gbs(2)
+    weight_bytes = decode_weight_bytes(model)
+    floor_s = weight_bytes / (bandwidth * 1e9)
+
+    print(f"prompt {PROMPT_LEN} token ids; floor = {weight_bytes / 1e6:.1f} MB of weights per "
+          f"token / {bandwidth:.1f} GB/s = {floor_s * 1e3:.2f} ms")
+    print(f"{'backend':<12}{'TTFT(128) ms':>14}{'TPOT ms':>10}{'TPOT/floor':>12}")
+    for name, r in rows.items():
+        if "error" in r:
+            print(f"{name:<12}  {r['error']}")
+            continue
+        print(f"{name:<12}{r['ttft_s'] * 1e3:>14.1f}{r['tpot_s'] * 1e3:>10.2f}"
+              f"{r['tpot_s'] / floor_s:>11.2f}x")
+    ok = {k: v for k, v in rows.items() if "error" not in v}
+    if "llama.cpp" in ok:
+        s, llama = ok["sluice"], ok["llama.cpp"]
+        print(f"sluice/llama.cpp: TTFT {s['ttft_s'] / llama['ttft_s']:.2f}x, "
+              f"TPOT {s['tpot_s'] / llama['tpot_s']:.2f}x (below 1 = sluice faster)")
+    report = {"rows": rows, "bandwidth_gbs": bandwidth, "decode_weight_bytes": weight_bytes,
+              "floor_s": floor_s, "prompt_len": PROMPT_LEN, "output_len": OUTPUT_LEN}
+    (work.root / "results" / "latency.json").write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
