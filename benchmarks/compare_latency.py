@@ -8,7 +8,8 @@ One request, prompt = 128 token ids (seed 0, the reference model's non-special i
     TPOT      = (best of 3 runs of a 129-token generation - TTFT) / 128
     floor     = bytes of weights read per decode token / measured read bandwidth
                 (every linear layer and the LM head in float32; the embedding reads one row)
-    bandwidth = best of 5 `torch.sum` over a 1 GiB float32 tensor, both threads
+    bandwidth = median of 7 `torch.sum` passes over a 1 GiB float32 tensor, both threads
+                (the median: on a shared VM single passes swing by 2x)
 
 sluice runs in this interpreter (`LLM`, prefix caching off, defaults otherwise); llama.cpp runs
 its high-level API (`llama_cpp.Llama.generate`, n_threads=2, f32 GGUF) in the `llamacpp` venv of
@@ -56,17 +57,19 @@ json.dump({"ttft_s": ttft, "tpot_s": (full - ttft) / %(steps)d}, open(out_path, 
 
 
 def read_bandwidth_gbs(threads: int) -> float:
-    """Best of 5 `torch.sum` passes over 1 GiB of float32, in GB/s."""
+    """Median of 7 `torch.sum` passes over 1 GiB of float32, in GB/s."""
+    import statistics
+
     import torch
     torch.set_num_threads(threads)
     x = torch.ones(256 * 1024 * 1024)
     x.sum()
-    best = float("inf")
-    for _ in range(5):
+    times = []
+    for _ in range(7):
         start = time.perf_counter()
         x.sum()
-        best = min(best, time.perf_counter() - start)
-    return x.numel() * 4 / best / 1e9
+        times.append(time.perf_counter() - start)
+    return x.numel() * 4 / statistics.median(times) / 1e9
 
 
 def decode_weight_bytes(model: str) -> int:

@@ -1,15 +1,23 @@
+// Python bindings of the CPU operators. Every operator releases the GIL while it runs (its
+// arguments are converted to at::Tensor before the call and it touches no Python object), so
+// the engine process's I/O threads keep sending outputs and taking requests during a step, as
+// they do during torch's own ops.
 #include <torch/extension.h>
 
 #include "ops.h"
 
+namespace py = pybind11;
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention,
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("paged_decode_attention", &paged_decode_attention, nogil,
         "Paged decode attention over an in-place block-structured KV cache (CPU, fp32)");
-  m.def("tiled_linear", &tiled_linear, "out = x @ w.T (+ bias), tiled across threads (CPU)",
-        pybind11::arg("out"), pybind11::arg("x"), pybind11::arg("w"),
-        pybind11::arg("bias") = pybind11::none());
-  m.def("rms_norm", &rms_norm, "out = RMSNorm(x) (CPU, fp32)");
-  m.def("add_rms_norm", &add_rms_norm, "sum = x + residual; out = RMSNorm(sum) (CPU, fp32)");
-  m.def("silu_and_mul", &silu_and_mul, "out = silu(x[:, :d]) * x[:, d:] (CPU, fp32)");
-  m.def("rotary", &rotary, "out = rotate-half RoPE of x [T, heads, D] (CPU, fp32)");
+  m.def("tiled_linear", &tiled_linear, nogil,
+        "out = x @ w.T (+ bias), tiled across threads (CPU)", py::arg("out"), py::arg("x"),
+        py::arg("w"), py::arg("bias") = py::none());
+  m.def("rms_norm", &rms_norm, nogil, "out = RMSNorm(x) (CPU, fp32)");
+  m.def("add_rms_norm", &add_rms_norm, nogil,
+        "sum = x + residual; out = RMSNorm(sum) (CPU, fp32)");
+  m.def("silu_and_mul", &silu_and_mul, nogil, "out = silu(x[:, :d]) * x[:, d:] (CPU, fp32)");
+  m.def("rotary", &rotary, nogil, "out = rotate-half RoPE of x [T, heads, D] (CPU, fp32)");
 }
