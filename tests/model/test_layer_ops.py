@@ -17,10 +17,11 @@ def tiled(cpu_ops):
     return make_tiled_gemm(cpu_ops)
 
 
-# (M, K, N): single rows, the row-tile edge (128/129), several row tiles with a ragged last one,
-# narrow and wide N with ragged column tiles, odd K.
-SHAPES = [(1, 512, 1024), (3, 64, 5), (64, 512, 32000), (128, 96, 2049), (129, 96, 300),
-          (600, 33, 700), (0, 16, 8)]
+# (M, K, N): the row-streaming path for 1-4 rows (K with and without a ragged 16-lane tail),
+# the first sgemm size (5), the row-tile edge (128/129), several row tiles with a ragged last
+# one, narrow and wide N with ragged column tiles, odd K.
+SHAPES = [(1, 512, 1024), (2, 40, 300), (3, 64, 5), (4, 33, 1000), (5, 64, 300),
+          (64, 512, 32000), (128, 96, 2049), (129, 96, 300), (600, 33, 700), (0, 16, 8)]
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
