@@ -58,3 +58,14 @@ def tiny_model_dir(tiny_model_factory):
 @pytest.fixture(scope="session")
 def llama_dir(tiny_model_dir) -> Path:
     return tiny_model_dir("LlamaForCausalLM")
+
+
+@pytest.fixture(scope="session")
+def cpu_ops():
+    """sluice's compiled CPU operators (built on first use); the test skips without a
+    compiler."""
+    from sluice.model.cpu_ops import load_cpu_ops
+    ops = load_cpu_ops()
+    if ops is None:
+        pytest.skip("no C++ compiler: the CPU operators cannot be built here")
+    return ops
