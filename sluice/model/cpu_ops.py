@@ -14,24 +14,32 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from pathlib import Path
 from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
+BUILD_NOTICE_S = 5.0  # a load slower than this was a compile: say so
 SOURCES = ("bindings.cpp", "elementwise.cpp", "paged_decode.cpp", "tiled_linear.cpp")
 
 
 @functools.cache
 def load_cpu_ops() -> ModuleType | None:
     """Build (first time) and import the operators; None when they cannot be built."""
+    start = time.perf_counter()
     try:
         from torch.utils.cpp_extension import load
-        return load(name="sluice_cpu_ops", sources=[str(CSRC / s) for s in SOURCES],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        module = load(name="sluice_cpu_ops", sources=[str(CSRC / s) for s in SOURCES],
+                      extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                      extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # compiler missing or failing: keep serving with the torch paths
         logger.warning("sluice CPU kernels unavailable (%s: %s); using the pure-torch paths.",
                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return None
+    elapsed = time.perf_counter() - start
+    if elapsed > BUILD_NOTICE_S:
+        logger.info("Compiled sluice's CPU kernels in %.0f s (once per machine; cached under "
+                    "TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions).", elapsed)
+    return module
