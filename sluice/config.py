@@ -106,9 +106,10 @@ class DeviceConfig:
     num_threads: int | None = option(None, "CPU threads for torch compute. Default: the "
                                      "number of CPUs in this process's affinity mask.", ge=1)
     kernels: str = option("auto", "Compute kernels: 'auto' uses the platform's fast operators "
-                          "(on CPU: sluice's C++ paged attention and tiled GEMM, built once per "
-                          "machine; pure torch if no compiler); 'torch' uses pure-torch ops "
-                          "only (the reference path).", choices=("auto", "torch"))
+                          "(on CPU: sluice's C++ paged attention, tiled GEMM and fused "
+                          "elementwise ops, built once per machine; pure torch if no compiler); "
+                          "'torch' uses pure-torch ops only (the reference path).",
+                          choices=("auto", "torch"))
 
 
 @dataclass(frozen=True)

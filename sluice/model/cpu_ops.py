@@ -4,7 +4,7 @@
     tiled_linear(out, x, w, bias=None)                                        (linear layers)
     rms_norm, add_rms_norm, silu_and_mul, rotary          (fused elementwise ops of the layers)
 
-The module is compiled once per machine with torch's extension tooling (~30 s on 2 cores) and
+The module is compiled once per machine with torch's extension tooling (~40 s on 2 cores) and
 cached under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions); a source change rebuilds
 it. When it cannot be built (no C++ compiler), `load_cpu_ops` logs one warning and returns None,
 and every caller falls back to its pure-torch path.

@@ -103,8 +103,9 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
                seed: int = 0) -> nn.Module:
     """Build `spec.architecture` on `device` in `dtype` and load its weights; returns the
     model in eval mode with requires_grad off, its layers computing with `layer_ops`
-    ('torch' or 'cpu', see `sluice.model.layers.layer_ops`). `load_format`: 'auto'/'safetensors' read the
-    checkpoint, 'dummy' fills seeded random weights without touching files."""
+    ('torch' or 'cpu', see `sluice.model.layers.layer_ops`). `load_format`:
+    'auto'/'safetensors' read the checkpoint, 'dummy' fills seeded random weights without
+    touching files."""
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ModelLoadError(f"load_format '{load_format}' is not supported; "
                              "choose auto, safetensors or dummy.")

@@ -1,4 +1,4 @@
-// sluice's CPU operators, compiled together into one extension module (see sluice/model/cpu_ops.py).
+// sluice's CPU operators, compiled into one extension module (see sluice/model/cpu_ops.py).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -7,7 +7,7 @@ void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
                             at::Tensor block_ids, int64_t nb, at::Tensor seq_lens,
                             double scale);
 
-// out = x @ w.T (+ bias), tiled over rows and columns, one tile per thread task (tiled_linear.cpp).
+// out = x @ w.T (+ bias), tiled over rows and columns (tiled_linear.cpp).
 void tiled_linear(at::Tensor out, at::Tensor x, at::Tensor w,
                   std::optional<at::Tensor> bias);
 

@@ -9,12 +9,13 @@
 // Tile i covers rows [mi*mt, min(M, (mi+1)*mt)) and columns [ni*nt, ...) with
 // mi = i % m_tiles, ni = i / m_tiles: consecutive tiles share a weight strip (kept in the shared
 // L3). Tiles are handed out dynamically, so a thread preempted by another process (the API
-// server on the same cores) delays only its current tile, not the whole GEMM. Each output element is one
-// full-K dot product, as in a plain GEMM (summation order inside the BLAS kernel may differ).
+// server on the same cores) delays only its current tile, not the whole GEMM. Each output
+// element is one full-K dot product, as in a plain GEMM (summation order inside BLAS may differ).
 //
 // BLAS is column-major: the row-major tile out[m0:m1, n0:n1] (leading dimension ldo = N) is the
 // column-major (n1-n0) x (m1-m0) matrix  w[n0:n1, :] @ x[m0:m1, :]^T, i.e.
-//   sgemm('T', 'N', n1-n0, m1-m0, K, 1, w + n0*ldw, ldw, x + m0*ldx, ldx, beta, out + m0*ldo + n0, ldo)
+//   sgemm('T', 'N', n1-n0, m1-m0, K, 1, w + n0*ldw, ldw, x + m0*ldx, ldx,
+//         beta, out + m0*ldo + n0, ldo)
 // with beta = 1 over a tile pre-filled with the bias, else beta = 0.
 // sgemm_ is the BLAS symbol libtorch_cpu exports (MKL on x86); inside the OpenMP region it runs
 // single-threaded.
@@ -93,10 +94,10 @@ void tiled_linear(at::Tensor out, at::Tensor x, at::Tensor w, std::optional<at::
     bp = bias->data_ptr<float>();
   }
   if (m == 0 || n == 0) return;
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
   if (m <= kMaxSkinnyRows) {
-    const float* xp = x.data_ptr<float>();
-    const float* wp = w.data_ptr<float>();
-    float* op = out.data_ptr<float>();
     const int64_t ldx = x.stride(0), ldw = w.stride(0);
     switch (m) {
       case 1: skinny_linear<1>(xp, ldx, wp, ldw, bp, op, k, n); break;
@@ -109,9 +110,6 @@ void tiled_linear(at::Tensor out, at::Tensor x, at::Tensor w, std::optional<at::
   const int64_t mt = m <= kMaxRowTile ? m : kRowTile;
   const int64_t nt = n >= kWideN ? kWideTile : kNarrowTile;
   const int64_t m_tiles = (m + mt - 1) / mt, n_tiles = (n + nt - 1) / nt;
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* op = out.data_ptr<float>();
   const int ik = static_cast<int>(k), ldx = static_cast<int>(x.stride(0));
   const int ldw = static_cast<int>(w.stride(0)), ldo = static_cast<int>(n);
   const float one = 1.f, zero = 0.f;

@@ -4,8 +4,8 @@
     'cpu'    the operators of `sluice.model.cpu_ops` (sluice/model/csrc/):
              * GEMM of every linear layer and the LM head: `tiled_linear` cuts the output into
                row x column tiles, each a single-threaded sgemm, spread over the threads
-               (1.2-2x faster than one multi-threaded call on small models' decode shapes; a
-               GEMV for one row);
+               (1.2-2x faster than one multi-threaded call on small models' decode shapes);
+               for 1-4 rows each weight row is streamed once against all rows instead;
              * RMSNorm (with the fused residual add), SiLU-and-mul and RoPE as one pass each.
              Used for float32 CPU tensors with contiguous rows outside autograd; anything else
              takes the torch code. 'cpu' means 'torch' when the operators cannot be built.

@@ -87,7 +87,8 @@ class TorchPagedBackend:
                 out.index_copy_(0, dec.token_sel, od)
 
         for pre in metadata.prefill:
-            qp = take_tokens(q, pre.q_sel).view(pre.num_reqs, pre.max_query_len, num_heads, head_dim)
+            qp = take_tokens(q, pre.q_sel).view(pre.num_reqs, pre.max_query_len, num_heads,
+                                                head_dim)
             if pre.fresh:   # keys = the group's own k/v of this step: no gather, plain causal
                 kp, vp = (take_tokens(x, pre.q_sel).view(pre.num_reqs, pre.max_query_len,
                                                           num_kv_heads, head_dim).transpose(1, 2)
