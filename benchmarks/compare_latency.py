@@ -8,8 +8,9 @@ One request, prompt = 128 token ids (seed 0, the reference model's non-special i
     TPOT      = (best of 3 runs of a 129-token generation - TTFT) / 128
     floor     = bytes of weights read per decode token / measured read bandwidth
                 (every linear layer and the LM head in float32; the embedding reads one row)
-    bandwidth = median of 7 `torch.sum` passes over a 1 GiB float32 tensor, both threads
-                (the median: on a shared VM single passes swing by 2x)
+    bandwidth = median of 7 `torch.sum` passes over a 1 GiB float32 tensor in transparent huge
+                pages (as sluice's weights), both threads (the median: on a shared VM single
+                passes swing by 2x; with 4 KiB pages the same sum reads ~20% slower)
 
 sluice runs in this interpreter (`LLM`, prefix caching off, defaults otherwise); llama.cpp runs
 its high-level API (`llama_cpp.Llama.generate`, n_threads=2, f32 GGUF) in the `llamacpp` venv of
@@ -57,12 +58,15 @@ json.dump({"ttft_s": ttft, "tpot_s": (full - ttft) / %(steps)d}, open(out_path, 
 
 
 def read_bandwidth_gbs(threads: int) -> float:
-    """Median of 7 `torch.sum` passes over 1 GiB of float32, in GB/s."""
+    """Median of 7 `torch.sum` passes over 1 GiB of float32 in huge pages, in GB/s."""
     import statistics
 
     import torch
+
+    from sluice.model.weight_memory import huge_page_buffer
     torch.set_num_threads(threads)
-    x = torch.ones(256 * 1024 * 1024)
+    x = huge_page_buffer(1 << 30).view(torch.float32)
+    x.fill_(1.0)
     x.sum()
     times = []
     for _ in range(7):

@@ -3,6 +3,7 @@
     paged_decode_attention(out, q, kv_cache, block_ids, nb, seq_lens, scale)  (cpu_paged backend)
     tiled_linear(out, x, w, bias=None)                                        (linear layers)
     rms_norm, add_rms_norm, silu_and_mul, rotary          (fused elementwise ops of the layers)
+    DecodeStack(...).forward(...)          (a decode step through all decoder layers in one call)
 
 The module is compiled once per machine with torch's extension tooling (~40 s on 2 cores) and
 cached under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions); a source change rebuilds
@@ -22,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 BUILD_NOTICE_S = 5.0  # a load slower than this was a compile: say so
-SOURCES = ("bindings.cpp", "elementwise.cpp", "paged_decode.cpp", "tiled_linear.cpp")
+SOURCES = ("bindings.cpp", "decode_stack.cpp", "elementwise.cpp", "paged_decode.cpp",
+           "tiled_linear.cpp")
 
 
 @functools.cache

@@ -18,8 +18,10 @@ from torch import nn
 
 from sluice.errors import ConfigError, ModelLoadError
 from sluice.hf_config import ModelSpec
+from sluice.model.fused_decode import install_fused_decode
 from sluice.model.layers.layer_ops import install_layer_ops
 from sluice.model.models.registry import get_model_class
+from sluice.model.weight_memory import place_parameters_in_huge_pages
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -114,11 +116,13 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
     files = safetensors_files(spec.path) if load_format != "dummy" else []
     with torch.device(device):
         model = model_cls(spec, dtype, max_model_len=max_model_len, attn_backend=attn_backend)
+    if device.type == "cpu":  # before the weights are written: parameters are re-pointed
+        place_parameters_in_huge_pages(model)
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     else:
         with torch.no_grad():
             model.load_weights(iterate_safetensors(files))
     model.requires_grad_(False)
-    install_layer_ops(model, layer_ops)
+    install_fused_decode(model, install_layer_ops(model, layer_ops))
     return model.eval()

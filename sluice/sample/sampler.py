@@ -26,7 +26,7 @@ that still needs the raw logits afterwards passes a copy.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -45,20 +45,32 @@ class SamplerOutput(NamedTuple):
     logprobs: LogprobsTensors | None
 
 
+Argmax = Callable[[torch.Tensor], torch.Tensor]
+
+
+def torch_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """[rows, vocab] -> [rows] long, the first maximum of each row."""
+    return logits.argmax(dim=-1)
+
+
 class Sampler:
-    """Stateless; call once per step with that step's `SamplingMetadata`."""
+    """Stateless; call once per step with that step's `SamplingMetadata`. `argmax` computes
+    greedy tokens (default torch's; the model runner passes the C++ one on CPU)."""
+
+    def __init__(self, argmax: Argmax = torch_argmax) -> None:
+        self.argmax = argmax
 
     def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         """Sample one token per row of `logits` [num_rows, vocab] (modified in place)."""
         if metadata.is_plain_greedy:
-            return SamplerOutput(logits.argmax(dim=-1), None)
+            return SamplerOutput(self.argmax(logits), None)
         if logits.dtype != torch.float32 or not logits.is_contiguous():
             logits = logits.to(torch.float32).contiguous()
         raw_logprobs = None
         if metadata.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         logits = apply_logits_processing(logits, metadata)
-        token_ids = sample_tokens(logits, metadata)
+        token_ids = sample_tokens(logits, metadata, self.argmax)
         logprobs = None
         if raw_logprobs is not None:
             logprobs = gather_logprobs(raw_logprobs, token_ids, metadata.max_num_logprobs)
@@ -100,14 +112,15 @@ def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     return logits
 
 
-def sample_tokens(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, md: SamplingMetadata,
+                  argmax: Argmax = torch_argmax) -> torch.Tensor:
     """Greedy rows -> argmax; random rows -> temperature, top-k, top-p, min-p, then a draw.
 
     `logits` are the processed logits (destroyed). Returns [num_rows] long.
     """
     greedy_tokens = None
     if not md.all_random:
-        greedy_tokens = logits.argmax(dim=-1)
+        greedy_tokens = argmax(logits)
         if md.all_greedy:
             return greedy_tokens
     if md.temperature is not None:

@@ -18,6 +18,8 @@ from sluice.messages import TokenLogprobs
 from sluice.model.attention.forward_context import set_forward_context
 from sluice.model.attention.kv_cache import allocate_kv_caches
 from sluice.model.attention.metadata import build_attention_metadata
+from sluice.model.cpu_ops import load_cpu_ops
+from sluice.model.layers.layer_ops import make_argmax
 from sluice.model.loader import load_model
 from sluice.sample.metadata import SamplingRow, build_sampling_metadata, request_generator
 from sluice.sample.logprobs import compute_prompt_logprobs, to_token_logprobs
@@ -53,6 +55,8 @@ class ModelRunner:
                                 max_model_len=self.max_model_len, seed=self.config.model.seed,
                                 attn_backend=self.attn_backend,
                                 layer_ops=self.layer_ops)
+        if self.layer_ops == "cpu":
+            self.sampler = Sampler(argmax=make_argmax(load_cpu_ops()))
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = allocate_kv_caches(self.spec, num_blocks, self.block_size, self.dtype,

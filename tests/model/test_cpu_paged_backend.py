@@ -62,6 +62,26 @@ def test_kernel_matches_torch_oracle(kernel, heads, kv_heads, head_dim, mix):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("seq_lens", [[1000], [700, 3, 64], list(range(5, 500, 20))],
+                         ids=["one-long", "few", "many"])
+def test_decode_split_and_unsplit_paths_match_oracle(kernel, seq_lens):
+    """One kernel call over all requests (as the fused decode step makes it). Few requests
+    split their keys into chunks merged by log-sum-exp (split-KV), including chunks past a
+    short request's end; many requests take one work item each. Both match torch."""
+    rng = np.random.default_rng(len(seq_lens))
+    num_blocks = 2 + sum(-(-s // BLOCK) for s in seq_lens)
+    metadata = _random_step(rng, [1] * len(seq_lens), seq_lens, num_blocks)
+    cache = torch.randn(2, num_blocks, BLOCK, 2, 32)
+    n = len(seq_lens)
+    q, k, v = torch.randn(n, 8, 32), torch.randn(n, 2, 32), torch.randn(n, 2, 32)
+    expected = TorchPagedBackend().forward(q, k, v, cache, metadata, 0.2)  # writes k, v
+    nb = -(-max(seq_lens) // BLOCK)
+    got = torch.empty_like(q)
+    kernel.paged_decode_attention(got, q, cache, metadata.block_table[:, :nb].long().reshape(-1),
+                                  nb, metadata.seq_lens, 0.2)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_kernel_ignores_stale_data_past_seq_len(kernel):
     """Slots after seq_len in a request's last block hold garbage; it must not leak in."""
     rng = np.random.default_rng(0)

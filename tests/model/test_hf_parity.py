@@ -104,6 +104,37 @@ def test_dynamic_rope_past_max_position_matches_hf_generation(tiny_model_factory
     torch.testing.assert_close(torch.cat(got), torch.cat(want), **ATOL)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_decode_steps_match_hf(tiny_model_dir, tmp_path, arch, cpu_ops, monkeypatch):
+    """With the C++ kernels, a step of one-token decodes runs every layer in one C++ call
+    (sluice.model.fused_decode): batched decodes of different lengths, including one long
+    enough for the split-KV attention path, give HF's logits; mixed steps stay in Python."""
+    from sluice.model.fused_decode import FusedDecode
+    calls = []
+    real_call = FusedDecode.__call__
+    monkeypatch.setattr(FusedDecode, "__call__",
+                        lambda self, *a: calls.append(a[0].shape[0]) or real_call(self, *a))
+    d = randomize_vectors(tiny_model_dir(arch), tmp_path / arch)
+    ours = load_ours(d, layer_ops="cpu", attn_backend="cpu_paged")
+    assert ours.model.fused_decode is not None
+    hf = load_hf(d)
+    seqs = dict(zip("abc", prompts(ours.spec.vocab_size, [12, 75, 200])))
+    prefill = {"a": 8, "b": 70, "c": 190}
+    runner = PagedRunner(ours, num_blocks=64, block_size=16)
+    for rid, toks in seqs.items():
+        runner.add(rid, toks)
+    runner.step([(rid, n) for rid, n in prefill.items()])
+    assert calls == []                                   # a prefill step is not fused
+    got = {rid: [] for rid in seqs}
+    for _ in range(4):
+        for rid, out in runner.step([(rid, 1) for rid in seqs]).items():
+            got[rid].append(out)
+    assert calls == [3] * 4
+    for rid, toks in seqs.items():
+        want = hf_logits(hf, toks[:prefill[rid] + 4])[prefill[rid]:]
+        torch.testing.assert_close(torch.cat(got[rid]), want, **ATOL)
+
+
 def test_chunked_prefill_then_decode_matches_hf(tiny_model_dir):
     ours, hf = load_ours(tiny_model_dir("Qwen3ForCausalLM")), load_hf(
         tiny_model_dir("Qwen3ForCausalLM"))

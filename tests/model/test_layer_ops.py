@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from sluice.model.cpu_ops import load_cpu_ops
 from sluice.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
-from sluice.model.layers.layer_ops import install_layer_ops, make_tiled_gemm
+from sluice.model.layers.layer_ops import install_layer_ops, make_argmax, make_tiled_gemm
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +116,20 @@ def test_rotary_matches_torch(ops, rows, heads):
     got = RotaryEmbedding.apply(x, cos, sin, ops)
     assert got.is_contiguous()
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("vocab", [1, 15, 16, 17, 32000])
+def test_argmax_matches_torch_with_ties_nan_and_inf(cpu_ops, vocab):
+    """The greedy-sampling argmax: torch's first-maximum rule on random rows, ties (first
+    index wins), a NaN (torch returns the first NaN), all -inf, and strided rows."""
+    argmax = make_argmax(cpu_ops)
+    gen = torch.Generator().manual_seed(vocab)
+    x = torch.randn(8, vocab + 3, generator=gen)[:, :vocab]       # strided rows
+    x[1] = 0.0                                                    # all tied
+    x[2, vocab // 2:] = x[2].max() + 1.0                          # tie on the later half
+    x[3, -1] = float("nan")
+    x[4] = float("-inf")
+    x[5, vocab // 3] = float("nan")
+    x[5, 0] = float("inf")
+    got = argmax(x)
+    assert got.dtype == torch.long and torch.equal(got, x.argmax(dim=-1))

@@ -29,6 +29,7 @@ Everything here is index arithmetic done once per step; layers only run tensor o
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -105,7 +106,8 @@ class AttentionMetadata:
 
     `decode`/`prefill` hold the buckets of each kind (empty tuple: none). `covered_by` names the
     single group holding all tokens in flat order ("decode" or "prefill"), letting the backend
-    return that group's output without a scatter; else None.
+    return that group's output without a scatter; else None. The three are built on first use
+    (once per step, by the first layer that asks): the fused decode step never needs them.
     """
     num_reqs: int
     num_actual_tokens: int
@@ -117,9 +119,54 @@ class AttentionMetadata:
     context_lens: torch.Tensor      # [R] long, seq_lens - query_lens
     block_table: torch.Tensor       # [R, MB] int32
     slot_mapping: torch.Tensor      # [T] long
-    decode: tuple[DecodeGroup, ...]
-    prefill: tuple[PrefillGroup, ...]
-    covered_by: str | None
+    host: "_HostArrays" = field(repr=False, compare=False)
+
+    @functools.cached_property
+    def _groups(self) -> tuple[tuple[DecodeGroup, ...], tuple[PrefillGroup, ...], str | None]:
+        h = self.host
+        dec_rows = np.flatnonzero(h.q_lens == 1)
+        pre_rows = np.flatnonzero(h.q_lens > 1)
+        decode = tuple(_decode_group(h.qsl, h.seq, h.bt, dec_rows[b], self.block_size,
+                                     h.device)
+                       for b in split_buckets(h.q_lens[dec_rows], h.seq[dec_rows])
+                       ) if len(dec_rows) else ()
+        prefill = tuple(_prefill_group(h.qsl, h.q_lens, h.seq, h.bt, pre_rows[b],
+                                       self.block_size, h.device)
+                        for b in split_buckets(h.q_lens[pre_rows], h.seq[pre_rows])
+                        ) if len(pre_rows) else ()
+
+        def is_everything(sel: TokenSel) -> bool:
+            return isinstance(sel, slice) and sel == slice(0, self.num_actual_tokens)
+
+        covered_by = None
+        if not prefill and len(decode) == 1 and is_everything(decode[0].token_sel):
+            covered_by = "decode"
+        elif not decode and len(prefill) == 1 and is_everything(prefill[0].q_sel):
+            covered_by = "prefill"
+        return decode, prefill, covered_by
+
+    @property
+    def decode(self) -> tuple[DecodeGroup, ...]:
+        return self._groups[0]
+
+    @property
+    def prefill(self) -> tuple[PrefillGroup, ...]:
+        return self._groups[1]
+
+    @property
+    def covered_by(self) -> str | None:
+        return self._groups[2]
+
+
+@dataclass(frozen=True)
+class _HostArrays:
+    """The step's host arrays the groups are built from (must not change until the forward
+    using the metadata has returned)."""
+    qsl: np.ndarray
+    q_lens: np.ndarray
+    seq: np.ndarray
+    bt: np.ndarray
+    device: torch.device
 
 
 def _to(x: np.ndarray, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
@@ -249,26 +296,10 @@ def build_attention_metadata(query_start_loc: np.ndarray, seq_lens: np.ndarray,
     q_lens = np.diff(qsl)
     assert np.all(q_lens >= 0) and np.all(seq >= q_lens), "need 0 <= query_len <= seq_len"
 
-    dec_rows = np.flatnonzero(q_lens == 1)
-    pre_rows = np.flatnonzero(q_lens > 1)
-    decode = tuple(_decode_group(qsl, seq, bt, dec_rows[b], block_size, device)
-                   for b in split_buckets(q_lens[dec_rows], seq[dec_rows])
-                   ) if len(dec_rows) else ()
-    prefill = tuple(_prefill_group(qsl, q_lens, seq, bt, pre_rows[b], block_size, device)
-                    for b in split_buckets(q_lens[pre_rows], seq[pre_rows])
-                    ) if len(pre_rows) else ()
-    def is_everything(sel: TokenSel) -> bool:
-        return isinstance(sel, slice) and sel == slice(0, num_tokens)
-
-    covered_by = None
-    if not prefill and len(decode) == 1 and is_everything(decode[0].token_sel):
-        covered_by = "decode"
-    elif not decode and len(prefill) == 1 and is_everything(prefill[0].q_sel):
-        covered_by = "prefill"
     return AttentionMetadata(
         num_reqs=num_reqs, num_actual_tokens=num_tokens, block_size=block_size,
         max_query_len=int(q_lens.max()) if num_reqs else 0,
         max_seq_len=int(seq.max()) if num_reqs else 0,
         query_start_loc=_to(qsl, device), seq_lens=_to(seq, device),
         context_lens=_to(seq - q_lens, device), block_table=_to(bt, device, torch.int32),
-        slot_mapping=_to(slots, device), decode=decode, prefill=prefill, covered_by=covered_by)
+        slot_mapping=_to(slots, device), host=_HostArrays(qsl, q_lens, seq, bt, device))

@@ -20,4 +20,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "sum = x + residual; out = RMSNorm(sum) (CPU, fp32)");
   m.def("silu_and_mul", &silu_and_mul, nogil, "out = silu(x[:, :d]) * x[:, d:] (CPU, fp32)");
   m.def("rotary", &rotary, nogil, "out = rotate-half RoPE of x [T, heads, D] (CPU, fp32)");
+  m.def("argmax_rows", &argmax_rows, nogil,
+        "out[t] = first index of the maximum of x[t] (CPU, fp32 -> int64)");
+  py::class_<DecodeStack>(m, "DecodeStack",
+                          "A decode step through every decoder layer of a Llama-family model")
+      .def(py::init<int64_t, int64_t, int64_t, double, double, std::vector<at::Tensor>,
+                    std::vector<at::Tensor>, std::vector<std::optional<at::Tensor>>,
+                    std::vector<std::optional<at::Tensor>>,
+                    std::vector<std::optional<at::Tensor>>, std::vector<at::Tensor>,
+                    std::vector<std::optional<at::Tensor>>, std::vector<at::Tensor>,
+                    std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>(),
+           py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("eps"),
+           py::arg("scale"), py::arg("input_norm"), py::arg("qkv"), py::arg("qkv_bias"),
+           py::arg("q_norm"), py::arg("k_norm"), py::arg("o"), py::arg("o_bias"),
+           py::arg("post_norm"), py::arg("gate_up"), py::arg("down"), py::arg("final_norm"))
+      .def("forward", &DecodeStack::forward, nogil,
+           "x [T, hidden] of T one-token decode requests -> final-norm output [T, hidden]");
 }

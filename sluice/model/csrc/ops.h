@@ -2,6 +2,9 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <optional>
+#include <vector>
+
 // Paged decode attention over the block-structured KV cache (paged_decode.cpp).
 void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
                             at::Tensor block_ids, int64_t nb, at::Tensor seq_lens,
@@ -17,3 +20,40 @@ void add_rms_norm(at::Tensor out, at::Tensor sum, at::Tensor x, at::Tensor resid
                   at::Tensor w, double eps);
 void silu_and_mul(at::Tensor out, at::Tensor x);
 void rotary(at::Tensor out, at::Tensor x, at::Tensor cos, at::Tensor sin);
+void argmax_rows(at::Tensor out, at::Tensor x);
+
+// A decode step through every decoder layer of a Llama-family model (decode_stack.cpp).
+// Built once from the model's weights (per layer; optional entries are None/nullopt), then
+// `forward` runs one step. The weight tensors are shared with the model, not copied.
+class DecodeStack {
+ public:
+  DecodeStack(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double eps, double scale,
+              std::vector<at::Tensor> input_norm, std::vector<at::Tensor> qkv,
+              std::vector<std::optional<at::Tensor>> qkv_bias,
+              std::vector<std::optional<at::Tensor>> q_norm,
+              std::vector<std::optional<at::Tensor>> k_norm, std::vector<at::Tensor> o,
+              std::vector<std::optional<at::Tensor>> o_bias, std::vector<at::Tensor> post_norm,
+              std::vector<at::Tensor> gate_up, std::vector<at::Tensor> down,
+              at::Tensor final_norm);
+
+  // x [T, hidden]: the embeddings of T decode tokens (token t = request t); cos/sin [T, D/2];
+  // kv_caches: one per layer; slot_mapping [T]; block_ids/nb/seq_lens as
+  // paged_decode_attention. Writes this step's k/v into the caches and returns the final
+  // norm's output [T, hidden].
+  at::Tensor forward(at::Tensor x, at::Tensor cos, at::Tensor sin,
+                     std::vector<at::Tensor> kv_caches, at::Tensor slot_mapping,
+                     at::Tensor block_ids, int64_t nb, at::Tensor seq_lens);
+
+ private:
+  struct Layer {
+    at::Tensor input_norm, qkv;
+    std::optional<at::Tensor> qkv_bias, q_norm, k_norm;
+    at::Tensor o;
+    std::optional<at::Tensor> o_bias;
+    at::Tensor post_norm, gate_up, down;
+  };
+  int64_t n_heads_, n_kv_heads_, head_dim_;
+  double eps_, scale_;
+  at::Tensor final_norm_;
+  std::vector<Layer> layers_;
+};

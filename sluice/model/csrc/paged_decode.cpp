@@ -1,9 +1,8 @@
 // Paged decode attention for CPU: one query token per request, keys and values read in place
-// from the block-structured KV cache (no gather copy). fp32; OpenMP over requests (and kv
-// heads when there are few requests).
+// from the block-structured KV cache (no gather copy). fp32; OpenMP over (request, key chunk).
 //
 // Shapes (all contiguous):
-//   q          [N, H, D]                 query of each decode request
+//   q          [N, H, D]                 query of each decode request (rows may be strided)
 //   kv_cache   [2, num_blocks, B, Hkv, D]  B = block_size; [0] keys, [1] values
 //   block_ids  [N * nb] int64            request n's first nb block-table entries
 //   seq_lens   [N] int64                 keys 0 .. seq_lens[n]-1 are attended
@@ -11,75 +10,151 @@
 // Query head h uses kv head h / G with G = H / Hkv (HF's repeat_kv order).
 // Key t of request n lives at block block_ids[n*nb + t/B], offset t%B.
 // Sums and exp come from vec_math.h (vectorised without -ffast-math).
+//
+// Work item i = (request n = i / S, key chunk c = i % S). A chunk is a run of whole blocks, so
+// the item reads cached token rows (all kv heads, contiguous) in one forward sweep, which the
+// hardware prefetcher follows. With many requests S = 1 and the item writes the normalised
+// output. With few requests (a single long decode) the keys are split (S > 1, "split-KV"):
+// each item keeps its chunk's running max m, exp-sum l and unnormalised sum acc per query head,
+// and a second pass merges the chunks: out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c.
 #include "ops.h"
 #include "vec_math.h"
 
 #include <algorithm>
+#include <limits>
 #include <omp.h>
 #include <vector>
+
+namespace {
+
+constexpr int64_t kMinChunkTokens = 64;  // a split chunk is at least this many keys
+
+struct Geometry {
+  int64_t n_heads, kvh, d, group, bs;
+  const float* k;   // keys of the whole cache
+  const float* v;   // values
+  const int64_t* bid;
+  int64_t nb;
+};
+
+// Attention of query heads q[0..H) of request n over keys [t0, t1): writes p (scores, then
+// probabilities, [H][t1 - t0]) and acc [H][D] = sum_t p[h][t] v[t]. With `normalise`, p is
+// divided by its sum before the value sweep and m/l are not written; otherwise m[h] = max
+// score, l[h] = sum of e^(score - m[h]) and acc is unnormalised. An empty range gives
+// m = -inf, l = 0, acc = 0.
+void attend_range(const Geometry& g, int64_t n, const float* q, int64_t t0, int64_t t1,
+                  float scale, bool normalise, std::vector<float>& p, float* acc, float* m,
+                  float* l) {
+  const int64_t len = t1 - t0, H = g.n_heads, d = g.d, row_len = g.kvh * d;
+  std::fill(acc, acc + H * d, 0.f);
+  if (len <= 0) {
+    std::fill(m, m + H, -std::numeric_limits<float>::infinity());
+    std::fill(l, l + H, 0.f);
+    return;
+  }
+  p.resize(static_cast<size_t>(H * len));
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t slot = g.bid[n * g.nb + t / g.bs] * g.bs + t % g.bs;
+    const float* row = g.k + slot * row_len;
+    for (int64_t h = 0; h < H; ++h)
+      p[h * len + (t - t0)] = scale * sluice::dot(q + h * d, row + (h / g.group) * d, d);
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    float* s = p.data() + h * len;
+    const float mx = *std::max_element(s, s + len);
+    for (int64_t t = 0; t < len; ++t) s[t] = sluice::exp_approx(s[t] - mx);
+    const float total = sluice::sum(s, len);
+    if (normalise) {
+      const float inv = 1.f / total;
+      for (int64_t t = 0; t < len; ++t) s[t] *= inv;
+    } else {
+      m[h] = mx;
+      l[h] = total;
+    }
+  }
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t slot = g.bid[n * g.nb + t / g.bs] * g.bs + t % g.bs;
+    const float* row = g.v + slot * row_len;
+    for (int64_t h = 0; h < H; ++h) {
+      const float w = p[h * len + (t - t0)];
+      const float* vr = row + (h / g.group) * d;
+      float* o = acc + h * d;
+      for (int64_t e = 0; e < d; ++e) o[e] += w * vr[e];
+    }
+  }
+}
+
+}  // namespace
 
 void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
                             at::Tensor block_ids, int64_t nb, at::Tensor seq_lens,
                             double scale) {
   TORCH_CHECK(q.dtype() == at::kFloat && kv_cache.dtype() == at::kFloat,
               "paged_decode_attention: float32 only");
-  TORCH_CHECK(q.is_contiguous() && kv_cache.is_contiguous() && out.is_contiguous() &&
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && kv_cache.is_contiguous() &&
+                  out.is_contiguous() &&
                   block_ids.is_contiguous() && seq_lens.is_contiguous(),
-              "paged_decode_attention: contiguous tensors expected");
+              "paged_decode_attention: contiguous tensors (q: contiguous rows) expected");
   const int64_t n_reqs = q.size(0), n_heads = q.size(1), d = q.size(2);
   const int64_t n_blocks = kv_cache.size(1), bs = kv_cache.size(2), kvh = kv_cache.size(3);
-  const int64_t group = n_heads / kvh;
-  const float* qp = q.data_ptr<float>();
   const float* kp = kv_cache.data_ptr<float>();
-  const float* vp = kp + n_blocks * bs * kvh * d;
-  const int64_t* bid = block_ids.data_ptr<int64_t>();
+  const Geometry g{n_heads, kvh, d, n_heads / kvh, bs, kp, kp + n_blocks * bs * kvh * d,
+                   block_ids.data_ptr<int64_t>(), nb};
+  const float* qp = q.data_ptr<float>();
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
+  const int64_t hd = n_heads * d, ldq = q.stride(0);
 
-  // Work item i = (request n = i / h_split, kv heads [h0, h1) of chunk i % h_split). With many
-  // requests an item takes all kv heads, so it reads each cached token row (all heads,
-  // contiguous) in one sweep; with few requests the heads are split to keep every thread busy.
-  const int64_t h_split = n_reqs >= 4 * omp_get_max_threads() ? 1 : kvh;
+  // S chunks per request so that there are about 4 items per thread; a chunk is a whole number
+  // of blocks and at least kMinChunkTokens keys, so short sequences are not split.
+  const int64_t max_len = n_reqs ? *std::max_element(lens, lens + n_reqs) : 0;
+  const int64_t want = (4 * omp_get_max_threads() + n_reqs - 1) / std::max<int64_t>(n_reqs, 1);
+  const int64_t split = std::max<int64_t>(1, std::min(want, max_len / kMinChunkTokens));
+  const int64_t chunk_blocks = (max_len + split * bs - 1) / (split * bs);  // blocks per chunk
+  if (split == 1) {
+#pragma omp parallel
+    {
+      std::vector<float> p;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t n = 0; n < n_reqs; ++n)
+        attend_range(g, n, qp + n * ldq, 0, lens[n], fscale, true, p, op + n * hd, nullptr,
+                     nullptr);
+    }
+    return;
+  }
+  // Split-KV: partial results [n][c] (acc: H*D floats, m and l: H floats each), then merge.
+  std::vector<float> acc(n_reqs * split * hd), mx(n_reqs * split * n_heads),
+      ls(n_reqs * split * n_heads);
 #pragma omp parallel
   {
-    std::vector<float> scores;  // [query head - first query head of the item][t]
+    std::vector<float> p;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < n_reqs * h_split; ++i) {
-      const int64_t n = i / h_split, c = i % h_split;
-      const int64_t h0 = c * kvh / h_split, h1 = (c + 1) * kvh / h_split;
-      const int64_t q0 = h0 * group, nq = (h1 - h0) * group;  // query heads of the item
-      const int64_t len = lens[n];
-      scores.resize(static_cast<size_t>(nq * len));
-      const float* qn = qp + (n * n_heads + q0) * d;
-      // scores[j * len + t] = scale * q[q0 + j] . k[t] (kv head (q0 + j) / group)
-      for (int64_t t = 0; t < len; ++t) {
-        const int64_t slot = bid[n * nb + t / bs] * bs + t % bs;
-        const float* row = kp + (slot * kvh + h0) * d;
-        for (int64_t j = 0; j < nq; ++j)
-          scores[j * len + t] = fscale * sluice::dot(qn + j * d, row + (j / group) * d, d);
+    for (int64_t i = 0; i < n_reqs * split; ++i) {
+      const int64_t n = i / split, c = i % split;
+      const int64_t t0 = std::min(c * chunk_blocks * bs, lens[n]);
+      const int64_t t1 = std::min((c + 1) * chunk_blocks * bs, lens[n]);
+      attend_range(g, n, qp + n * ldq, t0, t1, fscale, false, p, acc.data() + i * hd,
+                   mx.data() + i * n_heads, ls.data() + i * n_heads);
+    }
+#pragma omp for
+    for (int64_t j = 0; j < n_reqs * n_heads; ++j) {
+      const int64_t n = j / n_heads, h = j % n_heads;
+      float big = -std::numeric_limits<float>::infinity();
+      for (int64_t c = 0; c < split; ++c) big = std::max(big, mx[(n * split + c) * n_heads + h]);
+      float denom = 0.f;
+      float* o = op + n * hd + h * d;
+      std::fill(o, o + d, 0.f);
+      for (int64_t c = 0; c < split; ++c) {
+        const int64_t part = n * split + c;
+        if (ls[part * n_heads + h] == 0.f) continue;  // empty chunk
+        const float w = sluice::exp_approx(mx[part * n_heads + h] - big);
+        denom += w * ls[part * n_heads + h];
+        const float* a = acc.data() + part * hd + h * d;
+        for (int64_t e = 0; e < d; ++e) o[e] += w * a[e];
       }
-      // softmax per query head, in place
-      for (int64_t j = 0; j < nq; ++j) {
-        float* s = scores.data() + j * len;
-        const float mx = *std::max_element(s, s + len);
-        for (int64_t t = 0; t < len; ++t) s[t] = sluice::exp_approx(s[t] - mx);
-        const float inv = 1.f / sluice::sum(s, len);
-        for (int64_t t = 0; t < len; ++t) s[t] *= inv;
-      }
-      // out[q0 + j] = sum_t p[j, t] v[t], one sweep over the value rows
-      float* on = op + (n * n_heads + q0) * d;
-      std::fill(on, on + nq * d, 0.f);
-      for (int64_t t = 0; t < len; ++t) {
-        const int64_t slot = bid[n * nb + t / bs] * bs + t % bs;
-        const float* row = vp + (slot * kvh + h0) * d;
-        for (int64_t j = 0; j < nq; ++j) {
-          const float p = scores[j * len + t];
-          const float* v = row + (j / group) * d;
-          float* o = on + j * d;
-          for (int64_t e = 0; e < d; ++e) o[e] += p * v[e];
-        }
-      }
+      const float inv = denom > 0.f ? 1.f / denom : 0.f;  // no keys at all: zeros
+      for (int64_t e = 0; e < d; ++e) o[e] *= inv;
     }
   }
 }

@@ -55,8 +55,23 @@ def make_tiled_gemm(ops: ModuleType) -> Gemm:
     return tiled_gemm
 
 
-def install_layer_ops(model: nn.Module, name: str) -> None:
-    """Point every layer hook of `model` at the implementation `name` (see module doc)."""
+def make_argmax(ops: ModuleType | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Row-wise argmax (greedy sampling) through `ops.argmax_rows` (~10x faster than torch's
+    on a 32k vocabulary; same first-maximum rule), torch's where it does not apply."""
+
+    def argmax(logits: torch.Tensor) -> torch.Tensor:
+        if ops is None or logits.dim() != 2 or not fast_path_ok(logits):
+            return logits.argmax(dim=-1)
+        out = torch.empty(logits.shape[0], dtype=torch.long)
+        ops.argmax_rows(out, logits)
+        return out
+
+    return argmax
+
+
+def install_layer_ops(model: nn.Module, name: str) -> ModuleType | None:
+    """Point every layer hook of `model` at the implementation `name` (see module doc);
+    returns the C++ operator module in use (None: pure torch)."""
     if name not in LAYER_OPS:
         raise ValueError(f"unknown layer ops '{name}'; available: {', '.join(LAYER_OPS)}")
     ops = None
@@ -69,3 +84,4 @@ def install_layer_ops(model: nn.Module, name: str) -> None:
             module.gemm = gemm
         if hasattr(module, "cpu_ops"):
             module.cpu_ops = ops
+    return ops

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -26,6 +27,9 @@ from sluice.model.layers import (LMHead, MergedColumnLinear, QKVLinear, RMSNorm,
                                  RotaryEmbedding, RowParallelLinear, VocabEmbedding,
                                  default_weight_loader, get_act_and_mul)
 from sluice.model.layers.rotary import default_cache_len
+
+if TYPE_CHECKING:
+    from sluice.model.fused_decode import FusedDecode
 
 # (our fused module, HF module, shard id)
 STACKED_PARAMS: tuple[tuple[str, str, str | int], ...] = (
@@ -110,10 +114,14 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
         self.rotary_emb = RotaryEmbedding(spec.head_dim, max_position, spec.rope,
                                           spec.max_position_embeddings)
+        # the layers of a decode step in one C++ call (sluice.model.fused_decode), or None
+        self.fused_decode: FusedDecode | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb.cos_sin(positions, hidden.dtype)  # once per step
+        if self.fused_decode is not None and self.fused_decode.applies(hidden):
+            return self.fused_decode(hidden, cos, sin)
         residual = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, cos, sin)

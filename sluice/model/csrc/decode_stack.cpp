@@ -1,0 +1,105 @@
+// A decode step through every decoder layer of a Llama-family model, in one call.
+//
+// In a decode step every request has exactly one query token (T tokens = T requests, token r
+// belongs to request r). The step runs the same operators, in the same order, as the Python
+// layers with layer ops 'cpu' and the cpu_paged backend (sluice/model/models/llama.py); only
+// the Python between them is gone, which at one request is ~1/3 of the step. Per layer l:
+//
+//   h, res  = l == 0 ? (rms_norm(x), x) : add_rms_norm(mlp_out, res)      input_layernorm
+//   qkv     = h @ Wqkv.T (+ b)                    [T, (H + 2 Hkv) D]: q | k | v columns
+//   q, k    = rope(q), rope(k)                    (Qwen3: rms_norm per head first)
+//   cache   [slot_mapping[t]] = k[t], v[t]        kv_caches[l]: [2, blocks, B, Hkv, D]
+//   attn    = paged_decode_attention(q, cache)
+//   h, res  = add_rms_norm(attn @ Wo.T (+ b), res)                         post_attention
+//   mlp_out = silu_and_mul(h @ Wgate_up.T) @ Wdown.T
+// and at the end out = add_rms_norm(mlp_out, res) with the final norm's weight.
+#include "ops.h"
+
+#include <cstring>
+
+DecodeStack::DecodeStack(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double eps,
+                         double scale, std::vector<at::Tensor> input_norm,
+                         std::vector<at::Tensor> qkv, std::vector<std::optional<at::Tensor>> qkv_bias,
+                         std::vector<std::optional<at::Tensor>> q_norm,
+                         std::vector<std::optional<at::Tensor>> k_norm, std::vector<at::Tensor> o,
+                         std::vector<std::optional<at::Tensor>> o_bias,
+                         std::vector<at::Tensor> post_norm, std::vector<at::Tensor> gate_up,
+                         std::vector<at::Tensor> down, at::Tensor final_norm)
+    : n_heads_(n_heads), n_kv_heads_(n_kv_heads), head_dim_(head_dim), eps_(eps),
+      scale_(scale), final_norm_(std::move(final_norm)) {
+  const size_t n = input_norm.size();
+  TORCH_CHECK(qkv.size() == n && qkv_bias.size() == n && q_norm.size() == n &&
+                  k_norm.size() == n && o.size() == n && o_bias.size() == n &&
+                  post_norm.size() == n && gate_up.size() == n && down.size() == n && n > 0,
+              "DecodeStack: one entry per layer expected in every weight list");
+  for (size_t l = 0; l < n; ++l)
+    layers_.push_back({input_norm[l], qkv[l], qkv_bias[l], q_norm[l], k_norm[l], o[l],
+                       o_bias[l], post_norm[l], gate_up[l], down[l]});
+}
+
+at::Tensor DecodeStack::forward(at::Tensor x, at::Tensor cos, at::Tensor sin,
+                                std::vector<at::Tensor> kv_caches, at::Tensor slot_mapping,
+                                at::Tensor block_ids, int64_t nb, at::Tensor seq_lens) {
+  TORCH_CHECK(kv_caches.size() == layers_.size(), "DecodeStack: one KV cache per layer expected");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && slot_mapping.is_contiguous() &&
+                  slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == x.size(0),
+              "DecodeStack: x [T, hidden] contiguous and slot_mapping [T] int64 expected");
+  const int64_t T = x.size(0), H = n_heads_, Hkv = n_kv_heads_, D = head_dim_;
+  const int64_t q_cols = H * D, kv_cols = Hkv * D;
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  at::Tensor h = at::empty_like(x), res = at::empty_like(x), mlp_out;
+
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const Layer& w = layers_[l];
+    if (l == 0) {
+      rms_norm(h, x, w.input_norm, eps_);
+      res.copy_(x);
+    } else {
+      add_rms_norm(h, res, mlp_out, res, w.input_norm, eps_);
+    }
+    at::Tensor qkv = at::empty({T, w.qkv.size(0)}, x.options());
+    tiled_linear(qkv, h, w.qkv, w.qkv_bias);
+    at::Tensor q, k;
+    if (!w.q_norm) {  // q and k are adjacent columns: one RoPE pass over both
+      at::Tensor qk = at::empty({T, H + Hkv, D}, x.options());
+      rotary(qk, qkv.narrow(1, 0, q_cols + kv_cols).view({T, H + Hkv, D}), cos, sin);
+      q = qk.narrow(1, 0, H);
+      k = qk.narrow(1, H, Hkv);
+    } else {
+      at::Tensor qn = at::empty({T * H, D}, x.options()), kn = at::empty({T * Hkv, D}, x.options());
+      rms_norm(qn, qkv.narrow(1, 0, q_cols).reshape({T * H, D}), *w.q_norm, eps_);
+      rms_norm(kn, qkv.narrow(1, q_cols, kv_cols).reshape({T * Hkv, D}), *w.k_norm, eps_);
+      q = at::empty({T, H, D}, x.options());
+      k = at::empty({T, Hkv, D}, x.options());
+      rotary(q, qn.view({T, H, D}), cos, sin);
+      rotary(k, kn.view({T, Hkv, D}), cos, sin);
+    }
+    // Cache write: token t's k and v rows go to slot slots[t] of this layer's cache.
+    at::Tensor& cache = kv_caches[l];
+    TORCH_CHECK(cache.is_contiguous() && cache.size(3) == Hkv && cache.size(4) == D,
+                "DecodeStack: KV cache [2, blocks, B, Hkv, D] contiguous expected");
+    float* kc = cache.data_ptr<float>();
+    float* vc = kc + cache.numel() / 2;
+    const float* kp = k.data_ptr<float>();  // row stride (H + Hkv) D or Hkv D
+    const float* vp = qkv.data_ptr<float>() + q_cols + kv_cols;
+    const int64_t ldk = k.stride(0), ldv = qkv.stride(0);
+    for (int64_t t = 0; t < T; ++t) {
+      std::memcpy(kc + slots[t] * kv_cols, kp + t * ldk, kv_cols * sizeof(float));
+      std::memcpy(vc + slots[t] * kv_cols, vp + t * ldv, kv_cols * sizeof(float));
+    }
+    at::Tensor attn = at::empty({T, H, D}, x.options());
+    paged_decode_attention(attn, q, cache, block_ids, nb, seq_lens, scale_);
+    at::Tensor o = at::empty({T, w.o.size(0)}, x.options());
+    tiled_linear(o, attn.view({T, q_cols}), w.o, w.o_bias);
+    add_rms_norm(h, res, o, res, w.post_norm, eps_);
+    at::Tensor gate_up = at::empty({T, w.gate_up.size(0)}, x.options());
+    tiled_linear(gate_up, h, w.gate_up, std::nullopt);
+    at::Tensor act = at::empty({T, w.gate_up.size(0) / 2}, x.options());
+    silu_and_mul(act, gate_up);
+    mlp_out = at::empty_like(x);
+    tiled_linear(mlp_out, act, w.down, std::nullopt);
+  }
+  at::Tensor out = at::empty_like(x);
+  add_rms_norm(out, res, mlp_out, res, final_norm_, eps_);
+  return out;
+}

@@ -1,0 +1,94 @@
+"""The fused decode step: every decoder layer of a Llama-family model in one C++ call.
+
+In a step where every request decodes one token (most steps of a generation), the decoder
+layers run as `cpu_ops.DecodeStack.forward` (sluice/model/csrc/decode_stack.cpp): the same C++
+operators the Python layers call with layer ops 'cpu', without returning to Python between
+them. At one request that Python is about a third of the step. Prefill and mixed steps, and
+anything the stack does not cover, run the Python layers.
+
+`install_fused_decode(model)` (called by the model loader for layer ops 'cpu') attaches a
+`FusedDecode` to `model.model.fused_decode` when the model is a Llama-family decoder whose
+attention layers use the C++ paged kernel and whose weights are float32 on the CPU.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from sluice.model.attention.backends.cpu_paged import CpuPagedBackend
+from sluice.model.attention.forward_context import get_forward_context
+from sluice.model.layers.layer_ops import fast_path_ok
+
+
+class FusedDecode:
+    """Runs the decoder layers and final norm of a decode step in one C++ call."""
+
+    def __init__(self, ops: ModuleType, model: nn.Module) -> None:
+        layers = list(model.layers)
+        attn = layers[0].self_attn
+
+        def weight(m: nn.Module | None) -> torch.Tensor | None:
+            return None if m is None else m.weight
+
+        def bias(m: nn.Module) -> torch.Tensor | None:
+            return getattr(m, "bias", None)
+
+        self.stack = ops.DecodeStack(
+            n_heads=attn.num_heads, n_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim,
+            eps=model.norm.eps, scale=attn.attn.scale,
+            input_norm=[l.input_layernorm.weight for l in layers],
+            qkv=[l.self_attn.qkv_proj.weight for l in layers],
+            qkv_bias=[bias(l.self_attn.qkv_proj) for l in layers],
+            q_norm=[weight(l.self_attn.q_norm) for l in layers],
+            k_norm=[weight(l.self_attn.k_norm) for l in layers],
+            o=[l.self_attn.o_proj.weight for l in layers],
+            o_bias=[bias(l.self_attn.o_proj) for l in layers],
+            post_norm=[l.post_attention_layernorm.weight for l in layers],
+            gate_up=[l.mlp.gate_up_proj.weight for l in layers],
+            down=[l.mlp.down_proj.weight for l in layers],
+            final_norm=model.norm.weight)
+
+    @staticmethod
+    def applies(hidden: torch.Tensor) -> bool:
+        """True in a decode step: attention metadata whose T tokens are T one-token requests."""
+        md = get_forward_context().attn_metadata
+        return (md is not None and md.num_reqs > 0 and md.max_query_len == 1
+                and md.num_actual_tokens == md.num_reqs and fast_path_ok(hidden)
+                and hidden.is_contiguous())
+
+    def __call__(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                 ) -> torch.Tensor:
+        """hidden [T, hidden] embeddings, cos/sin [T, 1, D/2] -> final-norm output; writes the
+        step's k/v into the context's caches. Request r's keys: its block-table row truncated
+        to nb = ceil(max seq_len / block_size) blocks."""
+        ctx = get_forward_context()
+        md = ctx.attn_metadata
+        nb = -(-md.max_seq_len // md.block_size)
+        block_ids = md.block_table[:, :nb].to(torch.long).reshape(-1)
+        return self.stack.forward(hidden, cos, sin, list(ctx.kv_caches), md.slot_mapping,
+                                  block_ids, nb, md.seq_lens)
+
+
+def _weights_ok(model: nn.Module) -> bool:
+    """float32 CPU contiguous weights, no tensor-parallel sharding (the stack does no
+    all-reduce)."""
+    return all(p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous()
+               for p in model.parameters()) and all(
+        getattr(m, "tp_size", 1) == 1 for m in model.modules())
+
+
+def install_fused_decode(model: nn.Module, ops: ModuleType | None) -> bool:
+    """Attach a `FusedDecode` to `model.model` where it applies (see module doc); returns
+    whether it did."""
+    inner = getattr(model, "model", None)
+    if ops is None or inner is None or not hasattr(inner, "fused_decode"):
+        return False
+    layers = list(inner.layers)
+    if not layers or not _weights_ok(inner) or not all(
+            isinstance(l.self_attn.attn.backend, CpuPagedBackend) for l in layers):
+        return False
+    inner.fused_decode = FusedDecode(ops, inner)
+    return True
