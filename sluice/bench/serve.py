@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from sluice import event_loop
 from sluice.bench.datasets import BenchRequest, load_json_workload, random_requests
 from sluice.errors import ConfigError, SluiceError
 
@@ -338,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"Benchmarking {args.base_url}{args.endpoint} (model {model}): {len(requests)} "
           f"requests, request rate {args.request_rate}, max concurrency "
           f"{args.max_concurrency or 'unlimited'}", flush=True)
-    results, duration = asyncio.run(run_load(args, requests, model, tokenizer, headers))
+    results, duration = event_loop.run(run_load(args, requests, model, tokenizer, headers))
     report = summarize(results, duration)
     print(format_report(report), flush=True)
     for error in report["errors"]:

@@ -27,6 +27,7 @@ import socket
 import time
 from typing import Any, Iterator
 
+from sluice import event_loop
 from sluice.errors import SluiceError
 
 logger = logging.getLogger("sluice.serve")
@@ -207,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
             logger.info("  engine stage '%s': %.2f s", name, seconds)
         try:
             with _Signals() as signals:
-                asyncio.run(serve_engine(engine, config, sock))
+                event_loop.run(serve_engine(engine, config, sock))
         finally:
             engine.shutdown()
     finally:
