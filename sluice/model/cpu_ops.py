@@ -1,6 +1,7 @@
 """sluice's C++/OpenMP CPU operators (`sluice/model/csrc/`), built into one extension module.
 
     paged_decode_attention(out, q, kv_cache, block_ids, nb, seq_lens, scale)  (cpu_paged backend)
+    paged_prefill_attention(out, q, kv_cache, block_table, query_start_loc, seq_lens, scale)
     tiled_linear(out, x, w, bias=None)                                        (linear layers)
     rms_norm, add_rms_norm, silu_and_mul, rotary          (fused elementwise ops of the layers)
     DecodeStack(...).forward(...)          (a decode step through all decoder layers in one call)
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 BUILD_NOTICE_S = 5.0  # a load slower than this was a compile: say so
 SOURCES = ("bindings.cpp", "decode_stack.cpp", "elementwise.cpp", "paged_decode.cpp",
-           "tiled_linear.cpp")
+           "paged_prefill.cpp", "tiled_linear.cpp")
 
 
 @functools.cache

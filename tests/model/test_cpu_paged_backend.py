@@ -82,6 +82,23 @@ def test_decode_split_and_unsplit_paths_match_oracle(kernel, seq_lens):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 64), (6, 3, 20)])
+def test_prefill_kernel_over_many_tiles_matches_oracle(kernel, heads, kv_heads, head_dim):
+    """Prompts long enough for several query tiles (32) and key chunks (128): a fresh 300-token
+    prompt, a 200-token chunk after 150 cached tokens, a 2-token chunk, with decodes between."""
+    rng = np.random.default_rng(head_dim)
+    seq_lens, query_lens = [300, 9, 350, 40, 2], [300, 1, 200, 1, 2]
+    metadata = _random_step(rng, query_lens, seq_lens, 80)
+    cache = torch.randn(2, 80, BLOCK, kv_heads, head_dim)
+    tokens = sum(query_lens)
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim)
+    q = qkv[:, :heads]                                    # strided rows, as the model gives
+    k, v = qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
+    expected = TorchPagedBackend().forward(q, k, v, cache.clone(), metadata, 0.3)
+    got = CpuPagedBackend(kernel).forward(q, k, v, cache.clone(), metadata, 0.3)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_kernel_ignores_stale_data_past_seq_len(kernel):
     """Slots after seq_len in a request's last block hold garbage; it must not leak in."""
     rng = np.random.default_rng(0)

@@ -122,40 +122,34 @@ class AttentionMetadata:
     host: "_HostArrays" = field(repr=False, compare=False)
 
     @functools.cached_property
-    def _groups(self) -> tuple[tuple[DecodeGroup, ...], tuple[PrefillGroup, ...], str | None]:
+    def decode(self) -> tuple[DecodeGroup, ...]:
         h = self.host
-        dec_rows = np.flatnonzero(h.q_lens == 1)
-        pre_rows = np.flatnonzero(h.q_lens > 1)
-        decode = tuple(_decode_group(h.qsl, h.seq, h.bt, dec_rows[b], self.block_size,
-                                     h.device)
-                       for b in split_buckets(h.q_lens[dec_rows], h.seq[dec_rows])
-                       ) if len(dec_rows) else ()
-        prefill = tuple(_prefill_group(h.qsl, h.q_lens, h.seq, h.bt, pre_rows[b],
-                                       self.block_size, h.device)
-                        for b in split_buckets(h.q_lens[pre_rows], h.seq[pre_rows])
-                        ) if len(pre_rows) else ()
+        rows = np.flatnonzero(h.q_lens == 1)
+        if not len(rows):
+            return ()
+        return tuple(_decode_group(h.qsl, h.seq, h.bt, rows[b], self.block_size, h.device)
+                     for b in split_buckets(h.q_lens[rows], h.seq[rows]))
 
+    @functools.cached_property
+    def prefill(self) -> tuple[PrefillGroup, ...]:
+        h = self.host
+        rows = np.flatnonzero(h.q_lens > 1)
+        if not len(rows):
+            return ()
+        return tuple(_prefill_group(h.qsl, h.q_lens, h.seq, h.bt, rows[b], self.block_size,
+                                    h.device)
+                     for b in split_buckets(h.q_lens[rows], h.seq[rows]))
+
+    @functools.cached_property
+    def covered_by(self) -> str | None:
         def is_everything(sel: TokenSel) -> bool:
             return isinstance(sel, slice) and sel == slice(0, self.num_actual_tokens)
 
-        covered_by = None
-        if not prefill and len(decode) == 1 and is_everything(decode[0].token_sel):
-            covered_by = "decode"
-        elif not decode and len(prefill) == 1 and is_everything(prefill[0].q_sel):
-            covered_by = "prefill"
-        return decode, prefill, covered_by
-
-    @property
-    def decode(self) -> tuple[DecodeGroup, ...]:
-        return self._groups[0]
-
-    @property
-    def prefill(self) -> tuple[PrefillGroup, ...]:
-        return self._groups[1]
-
-    @property
-    def covered_by(self) -> str | None:
-        return self._groups[2]
+        if not self.prefill and len(self.decode) == 1 and is_everything(self.decode[0].token_sel):
+            return "decode"
+        if not self.decode and len(self.prefill) == 1 and is_everything(self.prefill[0].q_sel):
+            return "prefill"
+        return None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("paged_decode_attention", &paged_decode_attention, nogil,
         "Paged decode attention over an in-place block-structured KV cache (CPU, fp32)");
+  m.def("paged_prefill_attention", &paged_prefill_attention, nogil,
+        "Causal attention of multi-token requests over the block-structured KV cache (CPU, fp32)");
   m.def("tiled_linear", &tiled_linear, nogil,
         "out = x @ w.T (+ bias), tiled across threads (CPU)", py::arg("out"), py::arg("x"),
         py::arg("w"), py::arg("bias") = py::none());

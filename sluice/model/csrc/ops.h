@@ -10,6 +10,11 @@ void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
                             at::Tensor block_ids, int64_t nb, at::Tensor seq_lens,
                             double scale);
 
+// Paged prefill attention (several query tokens per request) from the cache (paged_prefill.cpp).
+void paged_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
+                             at::Tensor block_table, at::Tensor query_start_loc,
+                             at::Tensor seq_lens, double scale);
+
 // out = x @ w.T (+ bias), tiled over rows and columns (tiled_linear.cpp).
 void tiled_linear(at::Tensor out, at::Tensor x, at::Tensor w,
                   std::optional<at::Tensor> bias);

@@ -25,6 +25,7 @@
 // partial sums). It streams ~1.8x faster than sgemm tiles at M = 1 and ~1.35x at M = 2..4 (all
 // weights of a decode step, cold caches); from M = 8 on sgemm is as fast or faster. Its sums
 // are ordered differently from BLAS (~1e-6 relative).
+#include "blas.h"
 #include "ops.h"
 #include "vec_math.h"
 
@@ -33,10 +34,6 @@
 #include <algorithm>
 #include <climits>
 
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
-                       const int* k, const float* alpha, const float* a, const int* lda,
-                       const float* b, const int* ldb, const float* beta, float* c,
-                       const int* ldc);
 
 namespace {
 constexpr int kMaxSkinnyRows = 4;

@@ -1,8 +1,10 @@
-"""The CPU paged backend: decode groups run a C++/OpenMP kernel that reads keys and values in
-place from the block-structured cache; everything else (cache writes, prefill chunks) is the
-pure-torch backend, which stays the test oracle.
+"""The CPU paged backend: C++/OpenMP kernels that read keys and values in place from the
+block-structured cache. Decode groups run `paged_decode_attention`; all multi-token requests of
+a step (whole prompts and chunks after earlier context) run one `paged_prefill_attention` call,
+without the padding and gather of the torch path. Cache writes are the torch backend's, which
+stays the test oracle.
 
-The kernel (`sluice/model/csrc/paged_decode.cpp`) is part of the CPU operator module that
+The kernels (`sluice/model/csrc/paged_*.cpp`) are part of the CPU operator module that
 `sluice.model.cpu_ops.load_cpu_ops` builds once per machine. If it cannot be built (no C++
 compiler), the backend factory falls back to the torch backend.
 """
@@ -14,8 +16,9 @@ from types import ModuleType
 import torch
 
 from sluice.model import cpu_ops
-from sluice.model.attention.backends.torch_paged import TorchPagedBackend, take_tokens
-from sluice.model.attention.metadata import DecodeGroup
+from sluice.model.attention.backends.torch_paged import (TorchPagedBackend, place_rows,
+                                                        take_tokens, write_kv)
+from sluice.model.attention.metadata import AttentionMetadata, DecodeGroup
 
 
 class CpuPagedBackend(TorchPagedBackend):
@@ -24,6 +27,23 @@ class CpuPagedBackend(TorchPagedBackend):
     def __init__(self, kernel: ModuleType) -> None:
         super().__init__()
         self.kernel = kernel
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        """A step with multi-token requests: one prefill kernel call for all of them (no
+        padding, no gather), then the decode groups. Decode-only steps: as the torch
+        backend, whose `_decode` is the decode kernel here."""
+        if metadata.max_query_len <= 1 or not self.supports(q, kv_cache) \
+                or q.stride(1) != q.shape[2] or q.stride(2) != 1:
+            return super().forward(q, k, v, kv_cache, metadata, scale)
+        write_kv(kv_cache, metadata.slot_mapping, k, v)
+        out = torch.empty(q.shape, dtype=q.dtype)
+        self.kernel.paged_prefill_attention(out, q, kv_cache, metadata.block_table,
+                                            metadata.query_start_loc, metadata.seq_lens, scale)
+        for dec in metadata.decode:
+            place_rows(out, dec.token_sel, self._decode(q, kv_cache, dec, scale))
+        return out
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, dec: DecodeGroup,
                 scale: float) -> torch.Tensor:

@@ -29,6 +29,22 @@ def take_tokens(x: torch.Tensor, sel: TokenSel) -> torch.Tensor:
     return x[sel] if isinstance(sel, slice) else x.index_select(0, sel)
 
 
+def place_rows(out: torch.Tensor, sel: TokenSel, rows: torch.Tensor) -> None:
+    """out[sel] = rows (sel: a slice or an index tensor of flat tokens)."""
+    if isinstance(sel, slice):
+        out[sel] = rows
+    else:
+        out.index_copy_(0, sel, rows)
+
+
+def write_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """cache[0] slot s = k row, cache[1] slot s = v row, for s in slot_mapping (k/v [T, Hkv, D])."""
+    flat = kv_cache.view(2, -1, k.shape[1], k.shape[2])
+    flat[0].index_copy_(0, slot_mapping, k)
+    flat[1].index_copy_(0, slot_mapping, v)
+
+
 class TorchPagedBackend:
     name = "torch_paged"
 
@@ -70,9 +86,7 @@ class TorchPagedBackend:
         """q [T, H, D], k/v [T, Hkv, D] -> [T, H, D]; writes k/v into `kv_cache` first."""
         num_tokens, num_heads, head_dim = q.shape
         num_kv_heads = k.shape[1]
-        flat = kv_cache.view(2, -1, num_kv_heads, head_dim)
-        flat[0].index_copy_(0, metadata.slot_mapping, k)
-        flat[1].index_copy_(0, metadata.slot_mapping, v)
+        write_kv(kv_cache, metadata.slot_mapping, k, v)
 
         out: torch.Tensor | None = None
         for dec in metadata.decode:
@@ -81,10 +95,7 @@ class TorchPagedBackend:
                 return od
             if out is None:
                 out = q.new_empty(num_tokens, num_heads, head_dim)
-            if isinstance(dec.token_sel, slice):
-                out[dec.token_sel] = od
-            else:
-                out.index_copy_(0, dec.token_sel, od)
+            place_rows(out, dec.token_sel, od)
 
         for pre in metadata.prefill:
             qp = take_tokens(q, pre.q_sel).view(pre.num_reqs, pre.max_query_len, num_heads,

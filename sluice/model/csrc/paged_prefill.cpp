@@ -1,0 +1,148 @@
+// Paged prefill attention for CPU: requests with several query tokens (whole prompts or chunks
+// after earlier context), keys and values read from the block-structured KV cache after this
+// step's k/v were written. No padding between requests and no gathered copy of the cache.
+//
+// Shapes:
+//   q                [T, H, D]     the step's flat queries (rows may be strided)
+//   kv_cache         [2, num_blocks, B, Hkv, D] contiguous; [0] keys, [1] values
+//   block_table      [R, MB] int32 request r's blocks
+//   query_start_loc  [R + 1] int64 request r owns flat tokens [qsl[r], qsl[r+1])
+//   seq_lens         [R] int64     context length after this step
+//   out              [T, H, D] contiguous: rows of requests with q_len > 1 are written, the
+//                    others are left as they are (decode rows belong to the decode kernel)
+// Request r has q_len = qsl[r+1] - qsl[r] and ctx = seq_lens[r] - q_len cached tokens before
+// it; its query i (absolute position ctx + i) attends to keys 0 .. ctx + i (causal). Query
+// head h uses kv head h / G, G = H / Hkv.
+//
+// Work item = (request, kv head g, tile of up to kTileQ queries): its G*rows query vectors
+// (row = (i - i0) * G + j for query head g*G + j), pre-scaled, are one matrix Q. The item walks
+// its visible keys [0, ctx + i1) in chunks of kTileK, copying a chunk's key and value rows of
+// head g out of the blocks, and keeps a flash-attention running softmax per row:
+//   S = Q K^T (sgemm);  m' = max(m, max_t S);  p = e^(S - m') (0 past a row's causal limit)
+//   l = l e^(m - m') + sum_t p;  O = O e^(m - m') + p V (sgemm);  finally out = O / l.
+// Items are handed out dynamically, the most expensive (most keys x queries) first.
+#include "blas.h"
+#include "ops.h"
+#include "vec_math.h"
+
+#include <algorithm>
+#include <limits>
+#include <omp.h>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kTileQ = 32;   // queries per work item
+constexpr int64_t kTileK = 128;  // keys per chunk
+
+struct Item {
+  int64_t r, g, i0, i1, cost;
+};
+
+}  // namespace
+
+void paged_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
+                             at::Tensor block_table, at::Tensor query_start_loc,
+                             at::Tensor seq_lens, double scale) {
+  TORCH_CHECK(q.dtype() == at::kFloat && kv_cache.dtype() == at::kFloat &&
+                  out.dtype() == at::kFloat,
+              "paged_prefill_attention: float32 only");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2) &&
+                  kv_cache.is_contiguous() && out.is_contiguous() && out.sizes() == q.sizes(),
+              "paged_prefill_attention: q [T, H, D] with contiguous rows, contiguous cache/out");
+  TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.is_contiguous() &&
+                  query_start_loc.scalar_type() == at::kLong && query_start_loc.is_contiguous() &&
+                  seq_lens.scalar_type() == at::kLong && seq_lens.is_contiguous(),
+              "paged_prefill_attention: int32 block_table, int64 query_start_loc/seq_lens");
+  const int64_t n_heads = q.size(1), d = q.size(2);
+  const int64_t n_blocks = kv_cache.size(1), bs = kv_cache.size(2), kvh = kv_cache.size(3);
+  const int64_t group = n_heads / kvh, row_len = kvh * d, ldq = q.stride(0);
+  const int64_t n_reqs = seq_lens.size(0), max_blocks = block_table.size(1);
+  const int32_t* bt = block_table.data_ptr<int32_t>();
+  const int64_t* qsl = query_start_loc.data_ptr<int64_t>();
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  const float* qp = q.data_ptr<float>();
+  const float* kc = kv_cache.data_ptr<float>();
+  const float* vc = kc + n_blocks * bs * row_len;
+  float* op = out.data_ptr<float>();
+  const float fscale = static_cast<float>(scale);
+
+  std::vector<Item> items;
+  for (int64_t r = 0; r < n_reqs; ++r) {
+    const int64_t q_len = qsl[r + 1] - qsl[r], ctx = lens[r] - q_len;
+    if (q_len <= 1) continue;
+    for (int64_t i0 = 0; i0 < q_len; i0 += kTileQ) {
+      const int64_t i1 = std::min(q_len, i0 + kTileQ);
+      for (int64_t g = 0; g < kvh; ++g) items.push_back({r, g, i0, i1, (ctx + i1) * (i1 - i0)});
+    }
+  }
+  std::stable_sort(items.begin(), items.end(),
+                   [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  const int max_rows = static_cast<int>(kTileQ * group), D = static_cast<int>(d);
+
+#pragma omp parallel
+  {
+    std::vector<float> qbuf(max_rows * d), kbuf(kTileK * d), vbuf(kTileK * d),
+        s(max_rows * kTileK), o(max_rows * d), m(max_rows), l(max_rows);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < n_items; ++it) {
+      const Item& w = items[it];
+      const int64_t q_len = qsl[w.r + 1] - qsl[w.r], ctx = lens[w.r] - q_len;
+      const int64_t rows = (w.i1 - w.i0) * group, key_end = ctx + w.i1;
+      const int32_t* blocks = bt + w.r * max_blocks;
+      for (int64_t i = w.i0; i < w.i1; ++i)
+        for (int64_t j = 0; j < group; ++j) {
+          const float* src = qp + (qsl[w.r] + i) * ldq + (w.g * group + j) * d;
+          float* dst = qbuf.data() + ((i - w.i0) * group + j) * d;
+          for (int64_t e = 0; e < d; ++e) dst[e] = src[e] * fscale;
+        }
+      std::fill(o.begin(), o.begin() + rows * d, 0.f);
+      std::fill(m.begin(), m.begin() + rows, -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.begin() + rows, 0.f);
+      for (int64_t k0 = 0; k0 < key_end; k0 += kTileK) {
+        const int64_t kn = std::min(kTileK, key_end - k0);
+        for (int64_t t = k0; t < k0 + kn; ++t) {
+          const int64_t slot = static_cast<int64_t>(blocks[t / bs]) * bs + t % bs;
+          const float* krow = kc + slot * row_len + w.g * d;
+          const float* vrow = vc + slot * row_len + w.g * d;
+          std::copy(krow, krow + d, kbuf.data() + (t - k0) * d);
+          std::copy(vrow, vrow + d, vbuf.data() + (t - k0) * d);
+        }
+        sluice::gemm_row_major(static_cast<int>(rows), static_cast<int>(kn), D, qbuf.data(), D,
+                               kbuf.data(), D, true, 0.f, s.data(), static_cast<int>(kTileK));
+        for (int64_t row = 0; row < rows; ++row) {
+          // keys k0 .. limit are visible to this row (its query's absolute position)
+          const int64_t visible = std::min(kn, ctx + w.i0 + row / group - k0 + 1);
+          float* sr = s.data() + row * kTileK;
+          if (visible <= 0) {
+            std::fill(sr, sr + kn, 0.f);
+            continue;
+          }
+          const float chunk_max = *std::max_element(sr, sr + visible);
+          const float m_new = std::max(m[row], chunk_max);
+          const float correction = sluice::exp_approx(m[row] - m_new);
+          for (int64_t t = 0; t < visible; ++t) sr[t] = sluice::exp_approx(sr[t] - m_new);
+          std::fill(sr + visible, sr + kn, 0.f);
+          l[row] = l[row] * correction + sluice::sum(sr, visible);
+          m[row] = m_new;
+          if (correction != 1.f) {
+            float* orow = o.data() + row * d;
+            for (int64_t e = 0; e < d; ++e) orow[e] *= correction;
+          }
+        }
+        sluice::gemm_row_major(static_cast<int>(rows), D, static_cast<int>(kn), s.data(),
+                               static_cast<int>(kTileK), vbuf.data(), D, false, 1.f, o.data(),
+                               D);
+      }
+      for (int64_t i = w.i0; i < w.i1; ++i)
+        for (int64_t j = 0; j < group; ++j) {
+          const int64_t row = (i - w.i0) * group + j;
+          const float inv = 1.f / l[row];
+          const float* src = o.data() + row * d;
+          float* dst = op + ((qsl[w.r] + i) * n_heads + w.g * group + j) * d;
+          for (int64_t e = 0; e < d; ++e) dst[e] = src[e] * inv;
+        }
+    }
+  }
+}
