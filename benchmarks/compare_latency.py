@@ -63,7 +63,7 @@ def read_bandwidth_gbs(threads: int) -> float:
 
     import torch
 
-    from sluice.model.weight_memory import huge_page_buffer
+    from sluice.model.host_memory import huge_page_buffer
     torch.set_num_threads(threads)
     x = huge_page_buffer(1 << 30).view(torch.float32)
     x.fill_(1.0)

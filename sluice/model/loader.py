@@ -21,7 +21,7 @@ from sluice.hf_config import ModelSpec
 from sluice.model.fused_decode import install_fused_decode
 from sluice.model.layers.layer_ops import install_layer_ops
 from sluice.model.models.registry import get_model_class
-from sluice.model.weight_memory import place_parameters_in_huge_pages
+from sluice.model.host_memory import place_parameters_in_huge_pages
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -28,6 +28,7 @@
 namespace {
 
 constexpr int64_t kMinChunkTokens = 64;  // a split chunk is at least this many keys
+constexpr int64_t kPrefetchRows = 4;     // rows ahead the key/value sweeps prefetch
 
 struct Geometry {
   int64_t n_heads, kvh, d, group, bs;
@@ -37,6 +38,31 @@ struct Geometry {
   int64_t nb;
 };
 
+// f(t, row) for keys t in [t0, t1) of request n in order, row = the token's cached row (all kv
+// heads) in `cache` (keys or values). Walks whole blocks (no division per key) and prefetches
+// the row kPrefetchRows ahead, into the next block at a block's end: blocks are scattered,
+// and the hardware prefetcher, which restarts at every block, left the sweep latency-bound
+// (~12 GB/s for 64 requests on 2 threads).
+template <typename F>
+inline void for_each_key(const Geometry& g, int64_t n, int64_t t0, int64_t t1, const float* cache,
+                         F&& f) {
+  const int64_t row_len = g.kvh * g.d, block_len = g.bs * row_len;
+  const int64_t last_block = (t1 - 1) / g.bs;
+  for (int64_t b = t0 / g.bs; b <= last_block; ++b) {
+    const float* block = cache + g.bid[n * g.nb + b] * block_len;
+    const float* next = b < last_block ? cache + g.bid[n * g.nb + b + 1] * block_len : nullptr;
+    const int64_t first = std::max(t0, b * g.bs), last = std::min(t1, (b + 1) * g.bs);
+    for (int64_t t = first; t < last; ++t) {
+      const int64_t ahead = t - b * g.bs + kPrefetchRows;
+      const float* pf = ahead < g.bs ? block + ahead * row_len
+                        : next != nullptr ? next + (ahead - g.bs) * row_len : nullptr;
+      if (pf != nullptr)
+        for (int64_t c = 0; c < row_len; c += 16) __builtin_prefetch(pf + c);
+      f(t, block + (t - b * g.bs) * row_len);
+    }
+  }
+}
+
 // Attention of query heads q[0..H) of request n over keys [t0, t1): writes p (scores, then
 // probabilities, [H][t1 - t0]) and acc [H][D] = sum_t p[h][t] v[t]. With `normalise`, p is
 // divided by its sum before the value sweep and m/l are not written; otherwise m[h] = max
@@ -45,7 +71,7 @@ struct Geometry {
 void attend_range(const Geometry& g, int64_t n, const float* q, int64_t t0, int64_t t1,
                   float scale, bool normalise, std::vector<float>& p, float* acc, float* m,
                   float* l) {
-  const int64_t len = t1 - t0, H = g.n_heads, d = g.d, row_len = g.kvh * d;
+  const int64_t len = t1 - t0, H = g.n_heads, d = g.d;
   std::fill(acc, acc + H * d, 0.f);
   if (len <= 0) {
     std::fill(m, m + H, -std::numeric_limits<float>::infinity());
@@ -53,12 +79,10 @@ void attend_range(const Geometry& g, int64_t n, const float* q, int64_t t0, int6
     return;
   }
   p.resize(static_cast<size_t>(H * len));
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t slot = g.bid[n * g.nb + t / g.bs] * g.bs + t % g.bs;
-    const float* row = g.k + slot * row_len;
+  for_each_key(g, n, t0, t1, g.k, [&](int64_t t, const float* row) {
     for (int64_t h = 0; h < H; ++h)
       p[h * len + (t - t0)] = scale * sluice::dot(q + h * d, row + (h / g.group) * d, d);
-  }
+  });
   for (int64_t h = 0; h < H; ++h) {
     float* s = p.data() + h * len;
     const float mx = *std::max_element(s, s + len);
@@ -72,16 +96,14 @@ void attend_range(const Geometry& g, int64_t n, const float* q, int64_t t0, int6
       l[h] = total;
     }
   }
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t slot = g.bid[n * g.nb + t / g.bs] * g.bs + t % g.bs;
-    const float* row = g.v + slot * row_len;
+  for_each_key(g, n, t0, t1, g.v, [&](int64_t t, const float* row) {
     for (int64_t h = 0; h < H; ++h) {
       const float w = p[h * len + (t - t0)];
       const float* vr = row + (h / g.group) * d;
       float* o = acc + h * d;
       for (int64_t e = 0; e < d; ++e) o[e] += w * vr[e];
     }
-  }
+  });
 }
 
 }  // namespace

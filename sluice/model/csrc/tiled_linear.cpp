@@ -50,8 +50,7 @@ inline void dot_rows(const float* x, int64_t ldx, const float* w, int64_t k, flo
     for (int r = 0; r < R; ++r)
       for (int j = 0; j < kL; ++j) acc[r][j] += x[r * ldx + i + j] * w[i + j];
   for (int r = 0; r < R; ++r) {
-    float s = 0.f;
-    for (int j = 0; j < kL; ++j) s += acc[r][j];
+    float s = sluice::reduce_lanes(acc[r]);
     for (int64_t t = i; t < k; ++t) s += x[r * ldx + t] * w[t];
     out[r * ldo] = s + b;
   }

@@ -8,16 +8,25 @@
 namespace sluice {
 
 // Reductions with kLanes independent partial sums, so the compiler vectorises them without
-// reassociating (-ffast-math); the tail past the last full group is added serially.
+// reassociating (-ffast-math); the lanes are then added pairwise and the tail past the last
+// full group serially.
 constexpr int kLanes = 16;
+
+// acc[0] + ... + acc[kLanes - 1] as a pairwise tree (lanes j and j + w, w = 8, 4, 2, 1): a fixed
+// order the compiler turns into a few vector adds, where a serial sum is a 16-add dependency
+// chain (it was the bound of the decode attention kernel). Overwrites acc.
+inline float reduce_lanes(float* acc) {
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  return acc[0];
+}
 
 inline float dot(const float* a, const float* b, int64_t n) {
   float acc[kLanes] = {0.f};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
     for (int j = 0; j < kLanes; ++j) acc[j] += a[i + j] * b[i + j];
-  float s = 0.f;
-  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  float s = reduce_lanes(acc);
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
@@ -27,8 +36,7 @@ inline float sum(const float* a, int64_t n) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
     for (int j = 0; j < kLanes; ++j) acc[j] += a[i + j];
-  float s = 0.f;
-  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  float s = reduce_lanes(acc);
   for (; i < n; ++i) s += a[i];
   return s;
 }
