@@ -14,11 +14,13 @@ constexpr int kLanes = 16;
 
 // acc[0] + ... + acc[kLanes - 1] as a pairwise tree (lanes j and j + w, w = 8, 4, 2, 1): a fixed
 // order the compiler turns into a few vector adds, where a serial sum is a 16-add dependency
-// chain (it was the bound of the decode attention kernel). Overwrites acc.
-inline float reduce_lanes(float* acc) {
-  for (int w = kLanes / 2; w > 0; w /= 2)
-    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
-  return acc[0];
+// chain.
+inline float reduce_lanes(const float* acc) {
+  static_assert(kLanes == 16, "reduce_lanes adds 16 lanes");
+  float half[8], quarter[4];  // constant trip counts: each level is one vector add
+  for (int j = 0; j < 8; ++j) half[j] = acc[j] + acc[j + 8];
+  for (int j = 0; j < 4; ++j) quarter[j] = half[j] + half[j + 4];
+  return (quarter[0] + quarter[2]) + (quarter[1] + quarter[3]);
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {
