@@ -36,6 +36,9 @@ class FusedDecode:
         def bias(m: nn.Module) -> torch.Tensor | None:
             return getattr(m, "bias", None)
 
+        def packed(m: nn.Module) -> torch.Tensor | None:  # the oneDNN copy, see layer_ops
+            return getattr(m.gemm, "packed", None)
+
         self.stack = ops.DecodeStack(
             n_heads=attn.num_heads, n_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim,
             eps=model.norm.eps, scale=attn.attn.scale,
@@ -49,7 +52,9 @@ class FusedDecode:
             post_norm=[l.post_attention_layernorm.weight for l in layers],
             gate_up=[l.mlp.gate_up_proj.weight for l in layers],
             down=[l.mlp.down_proj.weight for l in layers],
-            final_norm=model.norm.weight)
+            final_norm=model.norm.weight,
+            packed=[packed(m) for l in layers for m in (l.self_attn.qkv_proj, l.self_attn.o_proj,
+                                                        l.mlp.gate_up_proj, l.mlp.down_proj)])
 
     @staticmethod
     def applies(hidden: torch.Tensor) -> bool:

@@ -107,8 +107,9 @@ def test_dynamic_rope_past_max_position_matches_hf_generation(tiny_model_factory
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fused_decode_steps_match_hf(tiny_model_dir, tmp_path, arch, cpu_ops, monkeypatch):
     """With the C++ kernels, a step of one-token decodes runs every layer in one C++ call
-    (sluice.model.fused_decode): batched decodes of different lengths, including one long
-    enough for the split-KV attention path, give HF's logits; mixed steps stay in Python."""
+    (sluice.model.fused_decode; oneDNN's GEMM for batched rows, the streaming GEMV for one):
+    batched decodes of different lengths and a long one alone (split-KV attention) give HF's
+    logits; prefill steps stay in Python."""
     from sluice.model.fused_decode import FusedDecode
     calls = []
     real_call = FusedDecode.__call__
@@ -126,12 +127,14 @@ def test_fused_decode_steps_match_hf(tiny_model_dir, tmp_path, arch, cpu_ops, mo
     runner.step([(rid, n) for rid, n in prefill.items()])
     assert calls == []                                   # a prefill step is not fused
     got = {rid: [] for rid in seqs}
-    for _ in range(4):
-        for rid, out in runner.step([(rid, 1) for rid in seqs]).items():
+    steps = [list(seqs)] * 3 + [["c"]] * 3          # batched decodes, then "c" alone
+    for step in steps:
+        for rid, out in runner.step([(rid, 1) for rid in step]).items():
             got[rid].append(out)
-    assert calls == [3] * 4
+    assert calls == [len(s) for s in steps]
     for rid, toks in seqs.items():
-        want = hf_logits(hf, toks[:prefill[rid] + 4])[prefill[rid]:]
+        done = prefill[rid] + len(got[rid])
+        want = hf_logits(hf, toks[:done])[prefill[rid]:]
         torch.testing.assert_close(torch.cat(got[rid]), want, **ATOL)
 
 

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from sluice.model.cpu_ops import load_cpu_ops
 from sluice.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
-from sluice.model.layers.layer_ops import install_layer_ops, make_argmax, make_tiled_gemm
+from sluice.model.layers.layer_ops import (PackedGemm, install_layer_ops, make_argmax,
+                                          make_tiled_gemm, packed_weight)
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,25 @@ def test_tiled_gemm_leaves_autograd_and_other_dtypes_to_torch(tiled):
     assert w.grad is not None
     xb, wb = torch.randn(2, 4, dtype=torch.bfloat16), torch.randn(8, 4, dtype=torch.bfloat16)
     assert tiled(xb, wb, None).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 64, 300])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_packed_gemm_matches_linear(cpu_ops, m, with_bias):
+    """oneDNN on the pre-packed weight for 2+ rows, the streaming GEMV for one row."""
+    w = packed = None
+    gen = torch.Generator().manual_seed(m)
+    w = torch.randn(300, 96, generator=gen)
+    packed = packed_weight(w)
+    if packed is None:
+        pytest.skip("this torch has no oneDNN")
+    gemm = PackedGemm(cpu_ops, packed)
+    x = torch.randn(m, 96, generator=gen)
+    b = torch.randn(300, generator=gen) if with_bias else None
+    with torch.inference_mode():
+        got = gemm(x.view(1, m, 96), w, b)
+    assert got.shape == (1, m, 300)
+    torch.testing.assert_close(got[0], F.linear(x, w, b), rtol=1e-5, atol=1e-4)
 
 
 def test_install_layer_ops_sets_every_hook(tiny_model_dir):

@@ -15,7 +15,37 @@
 // and at the end out = add_rms_norm(mlp_out, res) with the final norm's weight.
 #include "ops.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
+
 #include <cstring>
+
+namespace {
+
+// oneDNN's GEMM on a weight pre-packed by torch.ops.mkldnn._reorder_linear_weight (the op
+// sluice.model.layers.layer_ops.make_packed_gemm calls from Python).
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
+                         const std::optional<at::Tensor>& bias) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            c10::string_view, c10::List<std::optional<at::Scalar>>,
+                            std::optional<c10::string_view>)>();
+  return op.call(x, packed, bias, "none", c10::List<std::optional<at::Scalar>>(), "");
+}
+
+}  // namespace
+
+// out = x @ w.T (+ b): oneDNN on the packed weight for 2+ rows when there is one, else
+// tiled_linear (whose one-row path streams the weight once).
+at::Tensor DecodeStack::linear(const at::Tensor& x, const at::Tensor& w,
+                               const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& packed) const {
+  if (packed && x.size(0) >= 2) return onednn_linear(x.contiguous(), *packed, bias);
+  at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
+  tiled_linear(out, x, w, bias);
+  return out;
+}
 
 DecodeStack::DecodeStack(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double eps,
                          double scale, std::vector<at::Tensor> input_norm,
@@ -24,7 +54,8 @@ DecodeStack::DecodeStack(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, 
                          std::vector<std::optional<at::Tensor>> k_norm, std::vector<at::Tensor> o,
                          std::vector<std::optional<at::Tensor>> o_bias,
                          std::vector<at::Tensor> post_norm, std::vector<at::Tensor> gate_up,
-                         std::vector<at::Tensor> down, at::Tensor final_norm)
+                         std::vector<at::Tensor> down, at::Tensor final_norm,
+                         std::vector<std::optional<at::Tensor>> packed)
     : n_heads_(n_heads), n_kv_heads_(n_kv_heads), head_dim_(head_dim), eps_(eps),
       scale_(scale), final_norm_(std::move(final_norm)) {
   const size_t n = input_norm.size();
@@ -32,9 +63,13 @@ DecodeStack::DecodeStack(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, 
                   k_norm.size() == n && o.size() == n && o_bias.size() == n &&
                   post_norm.size() == n && gate_up.size() == n && down.size() == n && n > 0,
               "DecodeStack: one entry per layer expected in every weight list");
+  TORCH_CHECK(packed.empty() || packed.size() == 4 * n,
+              "DecodeStack: packed holds qkv, o, gate_up, down per layer, or nothing");
+  auto pk = [&](size_t i) { return packed.empty() ? std::nullopt : packed[i]; };
   for (size_t l = 0; l < n; ++l)
     layers_.push_back({input_norm[l], qkv[l], qkv_bias[l], q_norm[l], k_norm[l], o[l],
-                       o_bias[l], post_norm[l], gate_up[l], down[l]});
+                       o_bias[l], post_norm[l], gate_up[l], down[l], pk(4 * l), pk(4 * l + 1),
+                       pk(4 * l + 2), pk(4 * l + 3)});
 }
 
 at::Tensor DecodeStack::forward(at::Tensor x, at::Tensor cos, at::Tensor sin,
@@ -57,8 +92,7 @@ at::Tensor DecodeStack::forward(at::Tensor x, at::Tensor cos, at::Tensor sin,
     } else {
       add_rms_norm(h, res, mlp_out, res, w.input_norm, eps_);
     }
-    at::Tensor qkv = at::empty({T, w.qkv.size(0)}, x.options());
-    tiled_linear(qkv, h, w.qkv, w.qkv_bias);
+    at::Tensor qkv = linear(h, w.qkv, w.qkv_bias, w.qkv_packed);
     at::Tensor q, k;
     if (!w.q_norm) {  // q and k are adjacent columns: one RoPE pass over both
       at::Tensor qk = at::empty({T, H + Hkv, D}, x.options());
@@ -89,15 +123,12 @@ at::Tensor DecodeStack::forward(at::Tensor x, at::Tensor cos, at::Tensor sin,
     }
     at::Tensor attn = at::empty({T, H, D}, x.options());
     paged_decode_attention(attn, q, cache, block_ids, nb, seq_lens, scale_);
-    at::Tensor o = at::empty({T, w.o.size(0)}, x.options());
-    tiled_linear(o, attn.view({T, q_cols}), w.o, w.o_bias);
+    at::Tensor o = linear(attn.view({T, q_cols}), w.o, w.o_bias, w.o_packed);
     add_rms_norm(h, res, o, res, w.post_norm, eps_);
-    at::Tensor gate_up = at::empty({T, w.gate_up.size(0)}, x.options());
-    tiled_linear(gate_up, h, w.gate_up, std::nullopt);
+    at::Tensor gate_up = linear(h, w.gate_up, std::nullopt, w.gate_up_packed);
     at::Tensor act = at::empty({T, w.gate_up.size(0) / 2}, x.options());
     silu_and_mul(act, gate_up);
-    mlp_out = at::empty_like(x);
-    tiled_linear(mlp_out, act, w.down, std::nullopt);
+    mlp_out = linear(act, w.down, std::nullopt, w.down_packed);
   }
   at::Tensor out = at::empty_like(x);
   add_rms_norm(out, res, mlp_out, res, final_norm_, eps_);

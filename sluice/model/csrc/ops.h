@@ -28,8 +28,9 @@ void rotary(at::Tensor out, at::Tensor x, at::Tensor cos, at::Tensor sin);
 void argmax_rows(at::Tensor out, at::Tensor x);
 
 // A decode step through every decoder layer of a Llama-family model (decode_stack.cpp).
-// Built once from the model's weights (per layer; optional entries are None/nullopt), then
-// `forward` runs one step. The weight tensors are shared with the model, not copied.
+// Built once from the model's weights (per layer; optional entries are None/nullopt) and,
+// optionally, their oneDNN-packed copies (qkv, o, gate_up, down per layer: used for 2+ rows),
+// then `forward` runs one step. The weight tensors are shared with the model, not copied.
 class DecodeStack {
  public:
   DecodeStack(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double eps, double scale,
@@ -39,7 +40,7 @@ class DecodeStack {
               std::vector<std::optional<at::Tensor>> k_norm, std::vector<at::Tensor> o,
               std::vector<std::optional<at::Tensor>> o_bias, std::vector<at::Tensor> post_norm,
               std::vector<at::Tensor> gate_up, std::vector<at::Tensor> down,
-              at::Tensor final_norm);
+              at::Tensor final_norm, std::vector<std::optional<at::Tensor>> packed);
 
   // x [T, hidden]: the embeddings of T decode tokens (token t = request t); cos/sin [T, D/2];
   // kv_caches: one per layer; slot_mapping [T]; block_ids/nb/seq_lens as
@@ -56,7 +57,11 @@ class DecodeStack {
     at::Tensor o;
     std::optional<at::Tensor> o_bias;
     at::Tensor post_norm, gate_up, down;
+    // oneDNN-packed weights (sluice.model.layers.layer_ops.packed_weight), used for 2+ rows
+    std::optional<at::Tensor> qkv_packed, o_packed, gate_up_packed, down_packed;
   };
+  at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                    const std::optional<at::Tensor>& packed) const;
   int64_t n_heads_, n_kv_heads_, head_dim_;
   double eps_, scale_;
   at::Tensor final_norm_;

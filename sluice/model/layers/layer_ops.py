@@ -26,6 +26,7 @@ from torch import nn
 
 Gemm = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 LAYER_OPS = ("torch", "cpu")
+PACK_ROWS_HINT = 64  # oneDNN picks its packed layout for about this many rows
 
 
 def fast_path_ok(*tensors: torch.Tensor | None) -> bool:
@@ -69,9 +70,44 @@ def make_argmax(ops: ModuleType | None) -> Callable[[torch.Tensor], torch.Tensor
     return argmax
 
 
+def packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's blocked (pre-packed) copy of a float32 [N, K] CPU weight, or None where torch
+    has no oneDNN. Made once at load; the copy does not follow later writes to `weight`."""
+    if not torch.backends.mkldnn.is_available() or weight.dtype != torch.float32 \
+            or weight.device.type != "cpu" or weight.dim() != 2:
+        return None
+    try:
+        with torch.no_grad():
+            return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
+    except (RuntimeError, AttributeError):  # an older torch or a build without the op
+        return None
+
+
+class PackedGemm:
+    """y = x @ W.T (+ b): oneDNN's GEMM on the pre-packed weight `packed` for 2+ rows (prefill
+    and batched decode), `ops.tiled_linear`'s weight-streaming GEMV for one row, F.linear where
+    neither applies. `packed` must be `packed_weight` of the weight the layer passes."""
+
+    def __init__(self, ops: ModuleType, packed: torch.Tensor) -> None:
+        self.packed = packed
+        self._tiled = make_tiled_gemm(ops)
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] <= 1 or not fast_path_ok(x2, weight, bias) \
+                or (bias is not None and not bias.is_contiguous()):
+            return self._tiled(x, weight, bias)
+        out = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), self.packed, bias, "none",
+                                                 [], "")
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
 def install_layer_ops(model: nn.Module, name: str) -> ModuleType | None:
-    """Point every layer hook of `model` at the implementation `name` (see module doc);
-    returns the C++ operator module in use (None: pure torch)."""
+    """Point every layer hook of `model` at the implementation `name` (see module doc) and
+    return the C++ operator module in use (None: pure torch). Call after the weights are
+    loaded: with 'cpu' each linear layer's weight is also pre-packed for oneDNN (a second copy
+    of the weights; GEMMs of 2+ rows ran 1.2-1.6x faster than MKL's sgemm tiles here)."""
     if name not in LAYER_OPS:
         raise ValueError(f"unknown layer ops '{name}'; available: {', '.join(LAYER_OPS)}")
     ops = None
@@ -81,7 +117,12 @@ def install_layer_ops(model: nn.Module, name: str) -> ModuleType | None:
     gemm: Gemm = make_tiled_gemm(ops) if ops is not None else F.linear
     for module in model.modules():
         if hasattr(module, "gemm"):
-            module.gemm = gemm
+            packed = None
+            if ops is not None:
+                weight = getattr(module, "lm_weight", None)
+                weight = weight if weight is not None else getattr(module, "weight", None)
+                packed = packed_weight(weight) if isinstance(weight, torch.Tensor) else None
+            module.gemm = PackedGemm(ops, packed) if packed is not None else gemm
         if hasattr(module, "cpu_ops"):
             module.cpu_ops = ops
     return ops
