@@ -8,7 +8,8 @@ exactly `output_len` tokens on every backend; the timer covers generation only. 
 line "Throughput: X requests/s, Y total tokens/s, Z output tokens/s" per backend and, with
 `--backend both` (sluice first, then HF, same process, same workload), a side-by-side table with
 the sluice/hf ratios. `--json PATH` writes the report built by `run_benchmark`. `--roofline`
-then measures the fp32 GEMM peak (`torch.mm`, the engine's thread count) and prints each
+then measures the fp32 GEMM peak (the faster of `torch.mm` and oneDNN's packed-weight linear,
+the engine's thread count) and prints each
 backend's fraction of the compute roofline (`sluice/bench/roofline.py` states the formulas).
 
 Engine options are the generated config flags (`config_sources.add_engine_args`, all sections
@@ -85,8 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--json", type=Path, default=None, metavar="PATH",
                        help="Write the results as JSON to PATH.")
     bench.add_argument("--roofline", action="store_true",
-                       help="After the run(s), measure the fp32 GEMM peak (torch.mm "
-                       f"{DEFAULT_GEMM_SIZE}^3, the engine's --num-threads) and print each "
+                       help="After the run(s), measure the fp32 GEMM peak (the faster of "
+                       f"torch.mm and oneDNN's packed linear, {DEFAULT_GEMM_SIZE}^3, the "
+                       "engine's --num-threads) and print each "
                        "backend's fraction of the compute roofline: the model's FLOPs for "
                        "this workload / peak, over the elapsed time.")
 

@@ -79,7 +79,7 @@ def test_roofline_report_math():
     assert rep["fraction_of_roofline"] == pytest.approx(0.75)  # 3.0 / 4.0
     line = format_roofline_line("sluice", rep, 2048, 2)
     assert line == ("[sluice] Roofline: 300.0 GFLOP in 4.00 s = 75.0 GFLOP/s; fp32 GEMM peak "
-                    "100.0 GFLOP/s (torch.mm 2048^3, 2 threads) -> 75.0% of roofline")
+                    "100.0 GFLOP/s (best GEMM 2048^3, 2 threads) -> 75.0% of roofline")
     with pytest.raises(ValueError):
         roofline_report(1.0, 0.0, 1.0)
 

@@ -2,10 +2,13 @@
 
     'torch'  F.linear and torch elementwise ops (the reference; any device, dtype, autograd)
     'cpu'    the operators of `sluice.model.cpu_ops` (sluice/model/csrc/):
-             * GEMM of every linear layer and the LM head: `tiled_linear` cuts the output into
-               row x column tiles, each a single-threaded sgemm, spread over the threads
-               (1.2-2x faster than one multi-threaded call on small models' decode shapes);
-               for 1-4 rows each weight row is streamed once against all rows instead;
+             * GEMM of every linear layer and the LM head (`PackedGemm`): for 2+ rows
+               oneDNN's GEMM on a weight pre-packed at load (`packed_weight`; on this AMD
+               CPU 1.2-1.6x faster than MKL's sgemm, which is what torch.mm runs), for one
+               row `tiled_linear`'s GEMV that streams each weight row once (faster than
+               oneDNN there). Without oneDNN: `tiled_linear` for every shape (row x column
+               tiles, each a single-threaded sgemm, spread over the threads; 1-4 rows
+               streamed). The packed copies double the weights' memory;
              * RMSNorm (with the fused residual add), SiLU-and-mul and RoPE as one pass each.
              Used for float32 CPU tensors with contiguous rows outside autograd; anything else
              takes the torch code. 'cpu' means 'torch' when the operators cannot be built.
