@@ -7,8 +7,9 @@ machine's dense fp32 GEMM rate:
     fraction_of_roofline = roofline_s / elapsed_s          (1.0 = as fast as dense GEMM allows)
 
 `peak_gflops` is measured here (`measure_gemm_peak`: the faster of `torch.mm` and oneDNN's
-packed-weight linear on square fp32 matrices, same thread count as the engine), and `total_flops` is counted from the model's shapes and the
-workload's lengths (`workload_flops`). FLOPs are counted as 2 per multiply-add and are the
+packed-weight linear on square fp32 matrices, same thread count as the engine), and
+`total_flops` is counted from the model's shapes and the workload's lengths
+(`workload_flops`). FLOPs are counted as 2 per multiply-add and are the
 *useful* work of a greedy run: no padding, no recomputation, no norms/activations/rotary
 (elementwise, negligible next to the GEMMs). Only `measure_gemm_peak` imports torch (lazily);
 the counting is plain arithmetic.
