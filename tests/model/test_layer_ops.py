@@ -74,6 +74,23 @@ def test_packed_gemm_matches_linear(cpu_ops, m, with_bias):
     torch.testing.assert_close(got[0], F.linear(x, w, b), rtol=1e-5, atol=1e-4)
 
 
+def test_weights_are_packed_only_when_the_copy_fits(tiny_model_dir, cpu_ops, monkeypatch):
+    """A packed copy larger than PACK_MEMORY_FRACTION of the available memory is not made:
+    the GEMMs stay on the tiled sgemm (a big model keeps its memory for the KV cache)."""
+    from _sluice_model_helpers import load_ours
+
+    import sluice.platform.host as host
+    model = load_ours(tiny_model_dir("LlamaForCausalLM"), layer_ops="cpu")
+    if packed_weight(model.lm_head.lm_weight) is None:
+        pytest.skip("this torch has no oneDNN")
+    assert isinstance(model.lm_head.gemm, PackedGemm)
+    monkeypatch.setattr(host, "memory_bytes", lambda: (1 << 30, 1 << 10))  # 1 KiB free
+    install_layer_ops(model, "cpu")
+    gemms = [m.gemm for m in model.modules() if hasattr(m, "gemm")]
+    assert gemms and not any(isinstance(g, PackedGemm) for g in gemms)
+    assert all(g is not F.linear for g in gemms)
+
+
 def test_install_layer_ops_sets_every_hook(tiny_model_dir):
     from _sluice_model_helpers import load_ours
     model = load_ours(tiny_model_dir("LlamaForCausalLM"), layer_ops="cpu")

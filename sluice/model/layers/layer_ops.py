@@ -20,6 +20,7 @@ the model loader with the platform's choice (`Platform.layer_ops_name`), sets bo
 
 from __future__ import annotations
 
+import logging
 from types import ModuleType
 from typing import Callable
 
@@ -27,9 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+logger = logging.getLogger(__name__)
+
 Gemm = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 LAYER_OPS = ("torch", "cpu")
 PACK_ROWS_HINT = 64  # oneDNN picks its packed layout for about this many rows
+PACK_MEMORY_FRACTION = 0.25  # pack only when the copy takes at most this share of free memory
 
 
 def fast_path_ok(*tensors: torch.Tensor | None) -> bool:
@@ -86,6 +90,21 @@ def packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
+def _packing_fits(model: nn.Module) -> bool:
+    """Whether a packed copy of the model's linear weights (~their float32 size) takes at most
+    PACK_MEMORY_FRACTION of the memory still available; else the GEMMs stay on MKL tiles (a
+    large model keeps its memory for the KV cache)."""
+    from sluice.platform.host import memory_bytes
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 2)
+    available = memory_bytes()[1]
+    if weights <= PACK_MEMORY_FRACTION * available:
+        return True
+    logger.info("Not pre-packing %.1f GiB of weights for oneDNN (more than %d%% of the %.1f "
+                "GiB available); GEMMs run on MKL tiles.", weights / 2**30,
+                100 * PACK_MEMORY_FRACTION, available / 2**30)
+    return False
+
+
 class PackedGemm:
     """y = x @ W.T (+ b): oneDNN's GEMM on the pre-packed weight `packed` for 2+ rows (prefill
     and batched decode), `ops.tiled_linear`'s weight-streaming GEMV for one row, F.linear where
@@ -110,7 +129,8 @@ def install_layer_ops(model: nn.Module, name: str) -> ModuleType | None:
     """Point every layer hook of `model` at the implementation `name` (see module doc) and
     return the C++ operator module in use (None: pure torch). Call after the weights are
     loaded: with 'cpu' each linear layer's weight is also pre-packed for oneDNN (a second copy
-    of the weights; GEMMs of 2+ rows ran 1.2-1.6x faster than MKL's sgemm tiles here)."""
+    of the weights; GEMMs of 2+ rows ran 1.2-1.6x faster than MKL's sgemm tiles here), when
+    that copy fits in PACK_MEMORY_FRACTION of the available memory."""
     if name not in LAYER_OPS:
         raise ValueError(f"unknown layer ops '{name}'; available: {', '.join(LAYER_OPS)}")
     ops = None
@@ -118,10 +138,11 @@ def install_layer_ops(model: nn.Module, name: str) -> ModuleType | None:
         from sluice.model.cpu_ops import load_cpu_ops
         ops = load_cpu_ops()
     gemm: Gemm = make_tiled_gemm(ops) if ops is not None else F.linear
+    pack = ops is not None and _packing_fits(model)
     for module in model.modules():
         if hasattr(module, "gemm"):
             packed = None
-            if ops is not None:
+            if pack:
                 weight = getattr(module, "lm_weight", None)
                 weight = weight if weight is not None else getattr(module, "weight", None)
                 packed = packed_weight(weight) if isinstance(weight, torch.Tensor) else None
