@@ -3,6 +3,7 @@
     python benchmarks/compare_peers.py --setup --convert   # the peers' venvs and the f32 GGUF
     python benchmarks/compare_online.py --setup            # + llama-cpp-python's server extras
     python benchmarks/compare_online.py --run              # every server, C = 16 and 64
+    python benchmarks/compare_online.py --run --rounds 3   # 3 alternating rounds + medians
 
 Each server in turn is started on 127.0.0.1 (a free port) with the reference model, waited for
 (GET /v1/models answers 200), warmed up with one short request, then loaded by
@@ -500,20 +501,57 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def median_ratios(rounds: list[dict], servers: list[str], concurrencies: list[int]) -> str:
+    """Per (C, peer): the median over rounds of sluice/peer output tok/s and p99 TTFT, with the
+    rounds' values, so one disturbed round does not decide the verdict."""
+    import statistics
+    lines = ["median over rounds (sluice/server): C  server      tok/s   p99 TTFT  goal"]
+    for c in concurrencies:
+        for name in servers:
+            if name == "sluice":
+                continue
+            pairs = []
+            for res in rounds:
+                base = res.get("sluice", {}).get("runs", {}).get(str(c), {})
+                run = res.get(name, {}).get("runs", {}).get(str(c), {})
+                if base.get("completed") and run.get("completed"):
+                    pairs.append((base["output_throughput"] / run["output_throughput"],
+                                  base["p99_ttft_ms"] / run["p99_ttft_ms"]))
+            if not pairs:
+                continue
+            t = statistics.median(p[0] for p in pairs)
+            q = statistics.median(p[1] for p in pairs)
+            goal = "met" if t > 1 and q <= 1 else "NOT met"
+            each = ", ".join(f"{a:.3f}/{b:.3f}" for a, b in pairs)
+            lines.append(f"{'':>34}{c:>3}  {name:<10}{t:>6.3f}x{q:>9.3f}x  {goal}   "
+                         f"(rounds: {each})")
+    return "\n".join(lines)
+
+
 def do_run(work: cp.Work, servers: list[str], model_arg: str, num_prompts: int,
-           concurrencies: list[int], vllm_bind: str | None) -> dict:
+           concurrencies: list[int], vllm_bind: str | None, rounds: int = 1) -> dict:
+    """Benchmark the servers one after another, `rounds` times over (servers alternate, so a
+    slow phase of the machine hits every server); prints each round's table and, for several
+    rounds, the median ratios."""
     from sluice.bench.reference_model import resolve_model
     model = resolve_model(model_arg)
     dataset, summary = write_dataset(work, model, num_prompts)
     prompt_ids = json.loads(dataset.read_text())[0]["prompt_token_ids"]
     log(f"workload: {summary}")
     report = {"workload": summary, "num_prompts": num_prompts, "concurrencies": concurrencies,
-              "servers": servers, "model": model, "results": {},
+              "servers": servers, "model": model, "results": {}, "rounds": [],
               "environment": cp.environment(), "status": work.load_status()}
-    for name in servers:
-        report["results"][name] = run_server(name, work, model, dataset, num_prompts,
-                                             concurrencies, vllm_bind, prompt_ids)
-    table = format_table(report)
+    tables = []
+    for r in range(rounds):
+        results = {name: run_server(name, work, model, dataset, num_prompts, concurrencies,
+                                    vllm_bind, prompt_ids) for name in servers}
+        report["rounds"].append(results)
+        report["results"] = results
+        tables.append((f"round {r + 1}/{rounds}\n" if rounds > 1 else "")
+                      + format_table(report))
+    if rounds > 1:
+        tables.append(median_ratios(report["rounds"], servers, concurrencies))
+    table = "\n\n".join(tables)
     report["table"] = table
     out = work.root / "online" / "compare_online.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
@@ -536,6 +574,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="W1: 64 (smaller for a smoke run).")
     p.add_argument("--concurrency", default=",".join(map(str, CONCURRENCIES)),
                    help="Comma-separated --max-concurrency values. [default: 16,64]")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="Benchmark the servers this many times over, alternating, and print "
+                   "the median sluice/server ratios as well. [default: 1]")
     p.add_argument("--vllm-threads-bind", default="0-1",
                    help="VLLM_CPU_OMP_THREADS_BIND for vLLM-CPU ('' = unset: vLLM's 'auto').")
     a = p.parse_args(argv)
@@ -553,7 +594,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.setup:
         do_setup(work)
     if a.run:
-        do_run(work, servers, a.model, a.num_prompts, concurrencies, a.vllm_threads_bind or None)
+        do_run(work, servers, a.model, a.num_prompts, concurrencies, a.vllm_threads_bind or None,
+               max(1, a.rounds))
     return 0
 
 
