@@ -60,9 +60,11 @@ def no_template_dir(llama_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def limited_server(start_server, no_template_dir) -> ServerProcess:
-    """One request runs at a time, one may wait; no chat template; no API key."""
+    """One request runs at a time, one may wait; no chat template; no API key. A longer
+    context than the other servers, so that one request can run long enough (1000 tokens)
+    to still be running while the 429 test sends the others."""
     return start_server(no_template_dir, "--max-num-seqs", "1",
-                        "--max-num-queued-requests", "1")
+                        "--max-num-queued-requests", "1", "--max-model-len", "1024")
 
 
 @pytest.fixture

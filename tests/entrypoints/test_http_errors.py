@@ -182,7 +182,8 @@ def test_too_many_queued_requests_is_429(limited_server):
     """One runs (--max-num-seqs 1), one may wait (--max-num-queued-requests 1); more get 429."""
     url = limited_server.url + "/v1/completions"
     body = {"prompt": "Count to a hundred", "max_tokens": 30, "ignore_eos": True}
-    with httpx.stream("POST", url, json={**body, "max_tokens": 240, "stream": True},
+    # long enough to still be running when the four requests arrive, even on a fast engine
+    with httpx.stream("POST", url, json={**body, "max_tokens": 1000, "stream": True},
                       timeout=120.0) as running:
         assert running.status_code == 200
         lines = running.iter_lines()
