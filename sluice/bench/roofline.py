@@ -39,6 +39,7 @@ def measure_gemm_peak(num_threads: int | None = None, size: int = DEFAULT_GEMM_S
     """
     import torch
 
+    from sluice.model.layers.layer_ops import onednn_linear, packed_weight
     if size < 1 or repeats < 1:
         raise ValueError(f"size and repeats must be >= 1, got size={size}, repeats={repeats}")
     previous = torch.get_num_threads()
@@ -50,10 +51,9 @@ def measure_gemm_peak(num_threads: int | None = None, size: int = DEFAULT_GEMM_S
         b = torch.randn(size, size, dtype=torch.float32, generator=gen)
         out = torch.empty(size, size, dtype=torch.float32)
         candidates = [lambda: torch.mm(a, b, out=out)]
-        if torch.backends.mkldnn.is_available():
-            packed = torch.ops.mkldnn._reorder_linear_weight(b, size)
-            candidates.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none",
-                                                                         [], ""))
+        packed = packed_weight(b, rows_hint=size)  # a @ b.T: the same FLOPs as a @ b
+        if packed is not None:
+            candidates.append(lambda: onednn_linear(a, packed))
         best = float("inf")
         with torch.inference_mode():
             for gemm in candidates:

@@ -36,14 +36,14 @@ def anonymous_buffer(nbytes: int, huge_ranges: Iterable[tuple[int, int]] = ()) -
     skip = (-buffer.data_ptr()) % HUGE_PAGE
     for start, length in huge_ranges:
         start, length = max(0, start), min(length, nbytes - start)
-        page = mmap.PAGESIZE
-        first = (skip + start) // page * page
-        if length > 0:
-            try:
-                mapping.madvise(mmap.MADV_HUGEPAGE, first, skip + start + length - first)
-            except (AttributeError, OSError) as e:  # no THP support: ordinary pages
-                logger.debug("MADV_HUGEPAGE unavailable (%s); using ordinary pages", e)
-                break
+        if length <= 0:
+            continue
+        first = (skip + start) // mmap.PAGESIZE * mmap.PAGESIZE  # madvise wants page-aligned
+        try:
+            mapping.madvise(mmap.MADV_HUGEPAGE, first, skip + start + length - first)
+        except (AttributeError, OSError) as e:  # no THP support: ordinary pages
+            logger.debug("MADV_HUGEPAGE unavailable (%s); using ordinary pages", e)
+            break
     return buffer[skip:skip + nbytes]
 
 

@@ -19,9 +19,9 @@ from torch import nn
 from sluice.errors import ConfigError, ModelLoadError
 from sluice.hf_config import ModelSpec
 from sluice.model.fused_decode import install_fused_decode
+from sluice.model.host_memory import place_parameters_in_huge_pages
 from sluice.model.layers.layer_ops import install_layer_ops
 from sluice.model.models.registry import get_model_class
-from sluice.model.host_memory import place_parameters_in_huge_pages
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

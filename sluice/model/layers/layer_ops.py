@@ -77,17 +77,24 @@ def make_argmax(ops: ModuleType | None) -> Callable[[torch.Tensor], torch.Tensor
     return argmax
 
 
-def packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN's blocked (pre-packed) copy of a float32 [N, K] CPU weight, or None where torch
-    has no oneDNN. Made once at load; the copy does not follow later writes to `weight`."""
+def packed_weight(weight: torch.Tensor, rows_hint: int = PACK_ROWS_HINT) -> torch.Tensor | None:
+    """oneDNN's blocked (pre-packed) copy of a float32 [N, K] CPU weight, laid out for about
+    `rows_hint` rows of input, or None where torch has no oneDNN. Made once at load; the copy
+    does not follow later writes to `weight`."""
     if not torch.backends.mkldnn.is_available() or weight.dtype != torch.float32 \
             or weight.device.type != "cpu" or weight.dim() != 2:
         return None
     try:
         with torch.no_grad():
-            return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
+            return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows_hint)
     except (RuntimeError, AttributeError):  # an older torch or a build without the op
         return None
+
+
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ W.T (+ bias) on oneDNN, W given as `packed_weight(W)`."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def _packing_fits(model: nn.Module) -> bool:
@@ -120,8 +127,7 @@ class PackedGemm:
         if x2.shape[0] <= 1 or not fast_path_ok(x2, weight, bias) \
                 or (bias is not None and not bias.is_contiguous()):
             return self._tiled(x, weight, bias)
-        out = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), self.packed, bias, "none",
-                                                 [], "")
+        out = onednn_linear(x2.contiguous(), self.packed, bias)
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
