@@ -1,15 +1,49 @@
 """The CPU platform: gloo, float32 by default, memory from psutil bounded by the cgroup limit,
-threads from the process's affinity mask."""
+threads from the process's affinity mask, and glibc's malloc told to keep freed memory."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import ctypes
+import ctypes.util
+import logging
+from typing import TYPE_CHECKING, Callable
 
 from sluice.platform import host
 from sluice.platform.interface import Platform
 
 if TYPE_CHECKING:
     import torch
+
+logger = logging.getLogger(__name__)
+
+MMAP_THRESHOLD = 1 << 30  # glibc allocations below this come from the heap (reused when freed)
+TRIM_THRESHOLD = 1 << 30  # free memory at the heap's top kept before returning it
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+
+
+def _mallopt() -> Callable[[int, int], int] | None:
+    """glibc's mallopt, or None where the C library has none."""
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+    except OSError:
+        return None
+
+
+def retain_freed_memory() -> bool:
+    """Make glibc's malloc reuse freed activation buffers instead of handing them back to the
+    kernel, which zero-fills them again on the next touch.
+
+    By default glibc serves large allocations (above a dynamic threshold of at most 32 MiB)
+    with fresh mappings and returns freed memory at the heap's top, so every step's
+    activations are page-faulted anew: ~1 GB of faults in the first W1 run of the reference
+    model, and prefill GEMMs ~10% slower than on reused buffers. With this, allocations up to
+    MMAP_THRESHOLD come from the heap and up to TRIM_THRESHOLD of it stays, as with a caching
+    allocator: the process keeps its peak activation memory. False (nothing changed) where
+    the C library has no mallopt."""
+    mallopt = _mallopt()
+    return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+                                        and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 class CpuPlatform(Platform):
@@ -40,6 +74,10 @@ class CpuPlatform(Platform):
     def default_num_threads(self) -> int:
         """The CPUs in this process's affinity mask (what taskset/cpuset allow)."""
         return host.affinity_cpus()
+
+    def prepare_worker_process(self) -> None:
+        if not retain_freed_memory():
+            logger.debug("mallopt unavailable: freed activations go back to the kernel")
 
     def set_num_threads(self, num_threads: int | None) -> int:
         import torch

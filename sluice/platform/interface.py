@@ -63,6 +63,10 @@ class Platform(ABC):
     def default_dtype(self, checkpoint_dtype: "str | torch.dtype | None") -> "torch.dtype":
         """The dtype `--dtype auto` means for a checkpoint stored in `checkpoint_dtype`."""
 
+    def prepare_worker_process(self) -> None:
+        """Process-wide settings of a worker process, made once before its model loads
+        (default: none)."""
+
     @abstractmethod
     def set_num_threads(self, num_threads: int | None) -> int:
         """Set torch's intra-op threads (None: the platform default); return the count used."""

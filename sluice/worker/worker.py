@@ -29,6 +29,7 @@ class Worker:
         self.platform = current_platform(config.device)
         self.device = self.platform.torch_device()
         self.dtype = resolve_dtype(config.model.dtype, spec, self.device)
+        self.platform.prepare_worker_process()
         self.platform.set_num_threads(config.device.num_threads)
         torch.manual_seed(config.model.seed)
         kernels = config.device.kernels

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +62,28 @@ def test_auto_and_unknown_devices():
                                         (None, None), ("int8", None)])
 def test_dtype_name(given, name):
     assert dtype_name(given) == name
+
+
+def _heap_range() -> tuple[int, int]:
+    """[start, end) of this process's brk heap, from /proc/self/maps."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.endswith("[heap]"):
+            start, end = line.split()[0].split("-")
+            return int(start, 16), int(end, 16)
+    return 0, 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_cpu_worker_process_keeps_freed_activations_in_the_heap():
+    """After CpuPlatform.prepare_worker_process a 64 MiB activation-sized buffer comes from
+    malloc's heap, where freed memory is reused (by default glibc maps anything over 32 MiB
+    afresh, and the kernel page-faults and zero-fills it on every use)."""
+    import torch
+
+    from sluice.platform.cpu import _mallopt
+    if _mallopt() is None:
+        pytest.skip("the C library has no mallopt")
+    current_platform(DeviceConfig(device="cpu")).prepare_worker_process()
+    buffer = torch.empty(16 << 20)  # 64 MiB of float32
+    start, end = _heap_range()
+    assert start <= buffer.data_ptr() < end
