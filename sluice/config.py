@@ -62,7 +62,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    block_size: int = option(16, "Tokens per KV-cache block.", choices=(8, 16, 32, 64, 128))
+    block_size: int | None = option(None, "Tokens per KV-cache block. Default: the platform's, "
+                                    "64 on CPU (longer contiguous runs for the attention "
+                                    "kernels to sweep), 16 on CUDA.",
+                                    choices=(8, 16, 32, 64, 128))
     enable_prefix_caching: bool = option(True, "Reuse KV blocks across requests that share a "
                                          "prompt prefix.")
     kv_cache_memory: int | None = option(None, "Bytes of KV cache, e.g. '4GiB' or '512MiB'. "

@@ -7,6 +7,7 @@ runs the startup stages (load weights → size and allocate the KV cache → war
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from contextlib import contextmanager
@@ -22,6 +23,16 @@ from sluice.core.request import Request, RequestStatus
 from sluice.core.sched.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
+
+
+def with_platform_defaults(config: EngineConfig) -> EngineConfig:
+    """`config` with the fields left to the platform filled in: `--block-size`."""
+    if config.cache.block_size is not None:
+        return config
+    from sluice.platform import current_platform
+    block_size = current_platform(config.device).default_block_size
+    return dataclasses.replace(config, cache=dataclasses.replace(config.cache,
+                                                                 block_size=block_size))
 
 
 def resolve_max_model_len(config: EngineConfig, spec: ModelSpec) -> int:
@@ -70,6 +81,7 @@ class EngineCore:
     """The in-process engine core. Not thread-safe: one caller drives add/abort/step."""
 
     def __init__(self, config: EngineConfig):
+        config = with_platform_defaults(config)
         self.config = config
         timings: dict[str, float] = {}
         with _stage("read model config", timings):

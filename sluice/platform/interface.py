@@ -42,6 +42,7 @@ class Platform(ABC):
 
     device_type: str = ""
     dist_backend: str = ""
+    default_block_size: int = 16  # KV-cache tokens per block when --block-size is not given
 
     @abstractmethod
     def torch_device(self, index: int | None = None) -> "torch.device":

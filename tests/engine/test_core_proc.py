@@ -21,6 +21,7 @@ from sluice.frontend.client import SyncMPClient
 from sluice.frontend.llm import LLM
 from sluice.hf_config import load_model_spec
 from sluice.messages import EngineCoreRequest
+from sluice.platform.cpu import CpuPlatform
 from sluice.sampling_params import SamplingParams
 
 from conftest import engine_children, make_config
@@ -54,7 +55,8 @@ def test_process_llm_matches_inproc_and_cleans_up(llama_dir, inproc_token_ids):
     client = llm.client
     assert isinstance(client, SyncMPClient)
     ready = client.ready
-    assert ready.num_kv_blocks > 1 and ready.block_size == 16
+    # --block-size not given: the CPU platform's default
+    assert ready.num_kv_blocks > 1 and ready.block_size == CpuPlatform.default_block_size
     assert ready.max_model_len == 256 and ready.vocab_size >= llm.tokenizer.vocab_size
     assert ready.model_name == Path(llama_dir).name
     ipc_dir = client.process.addresses.ipc_dir

@@ -57,17 +57,22 @@ def test_pure_torch_kernels_match_hf(llama_dir):
 
 
 def test_tiny_chunked_prefill_matches_hf(llama_dir):
-    """A 7-token budget splits every long prompt into chunks mixed with other requests' decodes."""
+    """A 7-token budget splits every long prompt into chunks mixed with other requests' decodes
+    (8-token blocks: chunks end inside blocks and cross their boundaries)."""
     prompts = _prompt_ids(llama_dir)
-    engine = _engine(llama_dir, max_num_batched_tokens=7, max_num_seqs=4, max_model_len=None)
+    engine = _engine(llama_dir, max_num_batched_tokens=7, max_num_seqs=4, max_model_len=None,
+                     block_size=8)
     run = run_engine_core(engine, prompts, GREEDY)
     _assert_matches_hf(llama_dir, prompts, run)
 
 
-def test_staggered_arrivals_match_hf(llama_dir):
-    """Requests arriving while others decode (continuous batching)."""
+@pytest.mark.parametrize("block_size", [None, 8])
+def test_staggered_arrivals_match_hf(llama_dir, block_size):
+    """Requests arriving while others decode (continuous batching), with the platform's block
+    size and with 8-token blocks (every request spans many, allocated interleaved)."""
     prompts = _prompt_ids(llama_dir)
-    run = run_engine_core(_engine(llama_dir), prompts, GREEDY, arrival_gap_steps=3)
+    engine = _engine(llama_dir, block_size=block_size)
+    run = run_engine_core(engine, prompts, GREEDY, arrival_gap_steps=3)
     _assert_matches_hf(llama_dir, prompts, run)
 
 
@@ -76,7 +81,7 @@ def test_shared_prefixes_hit_the_cache_and_match_hf(llama_dir):
     tokenizer = load_tokenizer(llama_dir)
     system = tokenizer.encode(PROMPTS[3] * 2)  # > 3 full blocks of 16 tokens
     prompts = [system + tokenizer.encode(s) for s in (" First", " Second question", " Third")]
-    engine = _engine(llama_dir)
+    engine = _engine(llama_dir, block_size=16)
     first = run_engine_core(engine, prompts[:1], GREEDY)
     rest = run_engine_core(engine, prompts[1:], GREEDY)
     assert rest.prefix_hits >= 2 * (len(system) // 16) * 16
@@ -103,7 +108,8 @@ def test_tiny_kv_cache_forces_preemption_and_matches_hf(llama_dir):
     from sluice.model.attention.kv_cache import kv_cache_bytes_per_block
     block_bytes = kv_cache_bytes_per_block(load_model_spec(llama_dir), 16, torch.float32)
     prompts = _prompt_ids(llama_dir)
-    engine = _engine(llama_dir, kv_cache_memory=block_bytes * 12, max_model_len=128)
+    engine = _engine(llama_dir, kv_cache_memory=block_bytes * 12, max_model_len=128,
+                     block_size=16)
     run = run_engine_core(engine, prompts, GREEDY)
     assert run.preemptions > 0
     _assert_matches_hf(llama_dir, prompts, run)
