@@ -21,6 +21,7 @@
 #include "vec_math.h"
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <omp.h>
 #include <vector>
@@ -63,29 +64,109 @@ inline void for_each_key(const Geometry& g, int64_t n, int64_t t0, int64_t t1, c
   }
 }
 
+// 16 floats as one value; GCC lowers it to the widest vectors the target has (one AVX-512
+// register, two AVX2 ones). Loads and stores go through memcpy: no alignment is assumed.
+using v16 = float __attribute__((vector_size(64)));
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// r[i] = the sum of a[i]'s 16 lanes for i < 16, lanes added in reduce_lanes' order (j + 8,
+// then j + 4, j + 2, j + 1): four levels that each fold every vector in half and pack two
+// vectors' halves into one (16 + 8 + 4 + 2 shuffled adds instead of 16 separate reductions).
+inline v16 transpose_sum(const v16* a) {
+  v16 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
+                                   19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25,
+                                   26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18,
+                                   19, 24, 25, 26, 27) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21,
+                                   22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    d[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20,
+                                   21, 24, 25, 28, 29) +
+           __builtin_shufflevector(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19,
+                                   22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                 28, 30) +
+         __builtin_shufflevector(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27,
+                                 29, 31);
+}
+
+inline float max_of(const float* s, int64_t n) {
+  float m[sluice::kLanes];
+  std::fill(m, m + sluice::kLanes, -std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + sluice::kLanes <= n; i += sluice::kLanes)
+    for (int j = 0; j < sluice::kLanes; ++j) m[j] = std::max(m[j], s[i + j]);
+  float r = *std::max_element(m, m + sluice::kLanes);
+  for (; i < n; ++i) r = std::max(r, s[i]);
+  return r;
+}
+
+// Per-thread scratch of attend_range: scores/probabilities p [H][len] and, for a tile of 16
+// keys, part [H][16] (16-lane partial sums of q_h . k_t over the first 16 * (D / 16) dims) and
+// tail [H][16] (the sum over the D % 16 dims left; zero when D % 16 == 0).
+struct Scratch {
+  std::vector<float> p;
+  std::vector<v16> part;
+  std::vector<float> tail;
+};
+
 // Attention of query heads q[0..H) of request n over keys [t0, t1): writes p (scores, then
 // probabilities, [H][t1 - t0]) and acc [H][D] = sum_t p[h][t] v[t]. With `normalise`, p is
 // divided by its sum before the value sweep and m/l are not written; otherwise m[h] = max
 // score, l[h] = sum of e^(score - m[h]) and acc is unnormalised. An empty range gives
-// m = -inf, l = 0, acc = 0.
+// m = -inf, l = 0, acc = 0. Scores are made 16 keys at a time: each (head, key) gives a
+// 16-lane partial product vector, and one transpose_sum per head turns a tile's 16 vectors into
+// 16 scores (~1.1x faster than a reduction per score with 64-token blocks here).
 void attend_range(const Geometry& g, int64_t n, const float* q, int64_t t0, int64_t t1,
-                  float scale, bool normalise, std::vector<float>& p, float* acc, float* m,
+                  float scale, bool normalise, Scratch& scratch, float* acc, float* m,
                   float* l) {
-  const int64_t len = t1 - t0, H = g.n_heads, d = g.d;
+  const int64_t len = t1 - t0, H = g.n_heads, d = g.d, dv = d / 16;  // dv full 16-dim chunks
   std::fill(acc, acc + H * d, 0.f);
   if (len <= 0) {
     std::fill(m, m + H, -std::numeric_limits<float>::infinity());
     std::fill(l, l + H, 0.f);
     return;
   }
+  std::vector<float>& p = scratch.p;
   p.resize(static_cast<size_t>(H * len));
+  scratch.part.resize(static_cast<size_t>(H * 16));
+  scratch.tail.resize(static_cast<size_t>(H * 16), 0.f);
+  v16* part = scratch.part.data();
+  float* tail = scratch.tail.data();
   for_each_key(g, n, t0, t1, g.k, [&](int64_t t, const float* row) {
-    for (int64_t h = 0; h < H; ++h)
-      p[h * len + (t - t0)] = scale * sluice::dot(q + h * d, row + (h / g.group) * d, d);
+    const int64_t j = (t - t0) % 16;
+    for (int64_t h = 0; h < H; ++h) {
+      const float* qh = q + h * d;
+      const float* kh = row + (h / g.group) * d;
+      v16 s = {};
+      for (int64_t c = 0; c < dv; ++c) s += load16(qh + 16 * c) * load16(kh + 16 * c);
+      part[h * 16 + j] = s;
+      if (16 * dv < d) {
+        float rest = 0.f;
+        for (int64_t e = 16 * dv; e < d; ++e) rest += qh[e] * kh[e];
+        tail[h * 16 + j] = rest;
+      }
+    }
+    if (j == 15 || t == t1 - 1) {
+      const int64_t base = t - t0 - j;
+      for (int64_t h = 0; h < H; ++h) {
+        const v16 tile = (transpose_sum(part + h * 16) + load16(tail + h * 16)) * scale;
+        std::memcpy(p.data() + h * len + base, &tile, (j + 1) * sizeof(float));
+      }
+    }
   });
   for (int64_t h = 0; h < H; ++h) {
     float* s = p.data() + h * len;
-    const float mx = *std::max_element(s, s + len);
+    const float mx = max_of(s, len);
     for (int64_t t = 0; t < len; ++t) s[t] = sluice::exp_approx(s[t] - mx);
     const float total = sluice::sum(s, len);
     if (normalise) {
@@ -137,7 +218,7 @@ void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
   if (split == 1) {
 #pragma omp parallel
     {
-      std::vector<float> p;
+      Scratch p;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t n = 0; n < n_reqs; ++n)
         attend_range(g, n, qp + n * ldq, 0, lens[n], fscale, true, p, op + n * hd, nullptr,
@@ -150,7 +231,7 @@ void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
       ls(n_reqs * split * n_heads);
 #pragma omp parallel
   {
-    std::vector<float> p;
+    Scratch p;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < n_reqs * split; ++i) {
       const int64_t n = i / split, c = i % split;
