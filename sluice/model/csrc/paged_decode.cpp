@@ -75,7 +75,7 @@ inline v16 load16(const float* p) {
 
 // r[i] = the sum of a[i]'s 16 lanes for i < 16, lanes added in reduce_lanes' order (j + 8,
 // then j + 4, j + 2, j + 1): four levels that each fold every vector in half and pack two
-// vectors' halves into one (16 + 8 + 4 + 2 shuffled adds instead of 16 separate reductions).
+// vectors' halves into one (15 vector adds of 30 shuffles instead of 16 separate reductions).
 inline v16 transpose_sum(const v16* a) {
   v16 b[8], c[4], d[2];
   for (int i = 0; i < 8; ++i)
