@@ -29,7 +29,7 @@
 namespace {
 
 constexpr int64_t kMinChunkTokens = 64;  // a split chunk is at least this many keys
-constexpr int64_t kPrefetchRows = 4;     // rows ahead the key/value sweeps prefetch
+constexpr int64_t kPrefetchRows = 8;     // rows ahead the key/value sweeps prefetch (into L2)
 
 struct Geometry {
   int64_t n_heads, kvh, d, group, bs;
@@ -43,7 +43,9 @@ struct Geometry {
 // heads) in `cache` (keys or values). Walks whole blocks (no division per key) and prefetches
 // the row kPrefetchRows ahead, into the next block at a block's end: blocks are scattered,
 // and the hardware prefetcher, which restarts at every block, left the sweep latency-bound
-// (~12 GB/s for 64 requests on 2 threads).
+// (~12 GB/s for 64 requests on 2 threads). The prefetch goes to L2 (locality hint 2), whose
+// miss queue holds more lines in flight than L1's: 10-30% faster than prefetching 4 rows
+// ahead into L1, for 64 requests with 16- or 64-token blocks.
 template <typename F>
 inline void for_each_key(const Geometry& g, int64_t n, int64_t t0, int64_t t1, const float* cache,
                          F&& f) {
@@ -58,7 +60,7 @@ inline void for_each_key(const Geometry& g, int64_t n, int64_t t0, int64_t t1, c
       const float* pf = ahead < g.bs ? block + ahead * row_len
                         : next != nullptr ? next + (ahead - g.bs) * row_len : nullptr;
       if (pf != nullptr)
-        for (int64_t c = 0; c < row_len; c += 16) __builtin_prefetch(pf + c);
+        for (int64_t c = 0; c < row_len; c += 16) __builtin_prefetch(pf + c, 0, 2);
       f(t, block + (t - b * g.bs) * row_len);
     }
   }
