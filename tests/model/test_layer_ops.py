@@ -65,7 +65,7 @@ def test_packed_gemm_matches_linear(cpu_ops, m, with_bias):
     packed = packed_weight(w)
     if packed is None:
         pytest.skip("this torch has no oneDNN")
-    gemm = PackedGemm(cpu_ops, packed)
+    gemm = PackedGemm(packed, make_tiled_gemm(cpu_ops))
     x = torch.randn(m, 96, generator=gen)
     b = torch.randn(300, generator=gen) if with_bias else None
     with torch.inference_mode():

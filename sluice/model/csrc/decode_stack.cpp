@@ -21,8 +21,8 @@
 
 namespace {
 
-// oneDNN's GEMM on a weight pre-packed by torch.ops.mkldnn._reorder_linear_weight (the op
-// sluice.model.layers.layer_ops.make_packed_gemm calls from Python).
+// oneDNN's GEMM on a weight pre-packed by torch.ops.mkldnn._reorder_linear_weight: the op
+// sluice.model.layers.layer_ops.onednn_linear calls from Python.
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
                          const std::optional<at::Tensor>& bias) {
   static const auto op =

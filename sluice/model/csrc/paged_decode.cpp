@@ -101,17 +101,6 @@ inline v16 transpose_sum(const v16* a) {
                                  29, 31);
 }
 
-inline float max_of(const float* s, int64_t n) {
-  float m[sluice::kLanes];
-  std::fill(m, m + sluice::kLanes, -std::numeric_limits<float>::infinity());
-  int64_t i = 0;
-  for (; i + sluice::kLanes <= n; i += sluice::kLanes)
-    for (int j = 0; j < sluice::kLanes; ++j) m[j] = std::max(m[j], s[i + j]);
-  float r = *std::max_element(m, m + sluice::kLanes);
-  for (; i < n; ++i) r = std::max(r, s[i]);
-  return r;
-}
-
 // Per-thread scratch of attend_range: scores/probabilities p [H][len] and, for a tile of 16
 // keys, part [H][16] (16-lane partial sums of q_h . k_t over the first 16 * (D / 16) dims) and
 // tail [H][16] (the sum over the D % 16 dims left; zero when D % 16 == 0).
@@ -168,7 +157,7 @@ void attend_range(const Geometry& g, int64_t n, const float* q, int64_t t0, int6
   });
   for (int64_t h = 0; h < H; ++h) {
     float* s = p.data() + h * len;
-    const float mx = max_of(s, len);
+    const float mx = sluice::max_value(s, len);
     for (int64_t t = 0; t < len; ++t) s[t] = sluice::exp_approx(s[t] - mx);
     const float total = sluice::sum(s, len);
     if (normalise) {

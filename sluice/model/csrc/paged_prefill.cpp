@@ -119,7 +119,7 @@ void paged_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
             std::fill(sr, sr + kn, 0.f);
             continue;
           }
-          const float chunk_max = *std::max_element(sr, sr + visible);
+          const float chunk_max = sluice::max_value(sr, visible);
           const float m_new = std::max(m[row], chunk_max);
           const float correction = sluice::exp_approx(m[row] - m_new);
           for (int64_t t = 0; t < visible; ++t) sr[t] = sluice::exp_approx(sr[t] - m_new);

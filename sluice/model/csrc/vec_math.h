@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace sluice {
 
@@ -41,6 +42,18 @@ inline float sum(const float* a, int64_t n) {
   float s = reduce_lanes(acc);
   for (; i < n; ++i) s += a[i];
   return s;
+}
+
+// max(a[0..n)), -inf for n == 0 (NaNs are skipped, as std::max keeps its first argument).
+inline float max_value(const float* a, int64_t n) {
+  float m[kLanes];
+  std::fill(m, m + kLanes, -std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) m[j] = std::max(m[j], a[i + j]);
+  float r = *std::max_element(m, m + kLanes);
+  for (; i < n; ++i) r = std::max(r, a[i]);
+  return r;
 }
 
 // exp(x), relative error ~2e-7: exp(x) = 2^n * 2^f with t = x*log2(e), n = round(t),

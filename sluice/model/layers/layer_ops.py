@@ -114,19 +114,20 @@ def _packing_fits(model: nn.Module) -> bool:
 
 class PackedGemm:
     """y = x @ W.T (+ b): oneDNN's GEMM on the pre-packed weight `packed` for 2+ rows (prefill
-    and batched decode), `ops.tiled_linear`'s weight-streaming GEMV for one row, F.linear where
-    neither applies. `packed` must be `packed_weight` of the weight the layer passes."""
+    and batched decode), `fallback` (`make_tiled_gemm`: the weight-streaming GEMV for one row,
+    F.linear where the C++ ops do not apply) otherwise. `packed` must be `packed_weight` of the
+    weight the layer passes."""
 
-    def __init__(self, ops: ModuleType, packed: torch.Tensor) -> None:
+    def __init__(self, packed: torch.Tensor, fallback: Gemm) -> None:
         self.packed = packed
-        self._tiled = make_tiled_gemm(ops)
+        self._fallback = fallback
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] <= 1 or not fast_path_ok(x2, weight, bias) \
                 or (bias is not None and not bias.is_contiguous()):
-            return self._tiled(x, weight, bias)
+            return self._fallback(x, weight, bias)
         out = onednn_linear(x2.contiguous(), self.packed, bias)
         return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -152,7 +153,7 @@ def install_layer_ops(model: nn.Module, name: str) -> ModuleType | None:
                 weight = getattr(module, "lm_weight", None)
                 weight = weight if weight is not None else getattr(module, "weight", None)
                 packed = packed_weight(weight) if isinstance(weight, torch.Tensor) else None
-            module.gemm = PackedGemm(ops, packed) if packed is not None else gemm
+            module.gemm = PackedGemm(packed, gemm) if packed is not None else gemm
         if hasattr(module, "cpu_ops"):
             module.cpu_ops = ops
     return ops
