@@ -5,6 +5,7 @@
     tiled_linear(out, x, w, bias=None)                                        (linear layers)
     rms_norm, add_rms_norm, silu_and_mul, rotary          (fused elementwise ops of the layers)
     DecodeStack(...).forward(...)          (a decode step through all decoder layers in one call)
+    greedy_screen(out, scores, x, w, w_norms, c, a)   (exact greedy tokens from a bf16 LM head)
 
 The module is compiled once per machine with torch's extension tooling (~40 s on 2 cores) and
 cached under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions); a source change rebuilds
@@ -24,8 +25,8 @@ logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 BUILD_NOTICE_S = 5.0  # a load slower than this was a compile: say so
-SOURCES = ("bindings.cpp", "decode_stack.cpp", "elementwise.cpp", "paged_decode.cpp",
-           "paged_prefill.cpp", "tiled_linear.cpp")
+SOURCES = ("bindings.cpp", "decode_stack.cpp", "elementwise.cpp", "greedy_screen.cpp",
+           "paged_decode.cpp", "paged_prefill.cpp", "tiled_linear.cpp")
 
 
 @functools.cache

@@ -79,7 +79,9 @@ class ModelRunner:
             states.append(CachedRequestState(f"dummy-{r}", [1] * n, n, None, ids, 0, None, None))
         batch = build_step_batch(states, per_req, self.block_size)
         hidden = self._forward(batch, kv)
-        self.model.compute_logits(hidden[torch.from_numpy(batch.logits_indices)])
+        hidden_rows = hidden[torch.from_numpy(batch.logits_indices)]
+        self.model.compute_logits(hidden_rows)
+        self.model.greedy_tokens(hidden_rows)
 
     # ---- one step ----------------------------------------------------------------------
     @torch.inference_mode()
@@ -127,21 +129,28 @@ class ModelRunner:
 
     def _sample(self, batch: StepBatch, states: list[CachedRequestState],
                 hidden: torch.Tensor, output: ModelRunnerOutput) -> None:
-        logits = self.model.compute_logits(hidden[torch.from_numpy(batch.logits_indices)])
+        """One token per row of `batch.sample_rows`. A plain greedy step (all rows greedy,
+        nothing edits the logits, no logprobs) asks the model for its greedy tokens directly
+        (`greedy_tokens`: the LM head's bf16 screen, no full float32 logits); everything else,
+        or a step the screen cannot decide, computes the logits and runs the sampler."""
+        hidden_rows = hidden[torch.from_numpy(batch.logits_indices)]
         rows = [states[r] for r in batch.sample_rows.tolist()]
         metadata = build_sampling_metadata(
             [SamplingRow(s.sampling_params, s.prompt_token_ids, s.output_token_ids,
                          s.eos_token_id, s.generator) for s in rows],
-            vocab_size=logits.shape[-1], device=self.device,
+            vocab_size=self.spec.vocab_size, device=self.device,
             shared_generator=self.shared_generator)
-        result = self.sampler(logits, metadata)
-        sampled = result.sampled_token_ids.tolist()
-        for i, (state, token_id) in enumerate(zip(rows, sampled)):
+        token_ids = self.model.greedy_tokens(hidden_rows) if metadata.is_plain_greedy else None
+        logprobs = None
+        if token_ids is None:
+            result = self.sampler(self.model.compute_logits(hidden_rows), metadata)
+            token_ids, logprobs = result.sampled_token_ids, result.logprobs
+        for i, (state, token_id) in enumerate(zip(rows, token_ids.tolist())):
             state.token_ids.append(token_id)
             output.sampled_token_ids[state.request_id] = [token_id]
             k = state.sampling_params.logprobs
-            if k is not None and result.logprobs is not None:
-                output.logprobs[state.request_id] = [to_token_logprobs(result.logprobs, i, k)]
+            if k is not None and logprobs is not None:
+                output.logprobs[state.request_id] = [to_token_logprobs(logprobs, i, k)]
 
     def _prompt_logprobs(self, batch: StepBatch, states: list[CachedRequestState],
                          hidden: torch.Tensor, output: ModelRunnerOutput) -> None:

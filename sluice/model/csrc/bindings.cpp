@@ -24,6 +24,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary", &rotary, nogil, "out = rotate-half RoPE of x [T, heads, D] (CPU, fp32)");
   m.def("argmax_rows", &argmax_rows, nogil,
         "out[t] = first index of the maximum of x[t] (CPU, fp32 -> int64)");
+  m.def("greedy_screen", &greedy_screen, nogil,
+        "Exact greedy tokens from bf16 LM-head screen scores (-1: undecided)", py::arg("out"),
+        py::arg("scores"), py::arg("x"), py::arg("w"), py::arg("w_norms"), py::arg("c"),
+        py::arg("a"));
   py::class_<DecodeStack>(m, "DecodeStack",
                           "A decode step through every decoder layer of a Llama-family model")
       .def(py::init<int64_t, int64_t, int64_t, double, double, std::vector<at::Tensor>,

@@ -27,6 +27,10 @@ void silu_and_mul(at::Tensor out, at::Tensor x);
 void rotary(at::Tensor out, at::Tensor x, at::Tensor cos, at::Tensor sin);
 void argmax_rows(at::Tensor out, at::Tensor x);
 
+// Exact greedy tokens from bfloat16 screen scores of the LM head (greedy_screen.cpp).
+void greedy_screen(at::Tensor out, at::Tensor scores, at::Tensor x, at::Tensor w,
+                   at::Tensor w_norms, double c, double a);
+
 // A decode step through every decoder layer of a Llama-family model (decode_stack.cpp).
 // Built once from the model's weights (per layer; optional entries are None/nullopt) and,
 // optionally, their oneDNN-packed copies (qkv, o, gate_up, down per layer: used for 2+ rows),

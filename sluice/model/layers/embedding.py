@@ -6,6 +6,8 @@ LM head) would go here; today both are replicated.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,7 +35,8 @@ class LMHead(nn.Module):
     """hidden [n, dim] -> logits [n, vocab] in float32.
 
     `gemm` computes hidden @ W.T: F.linear unless `layer_ops.install_layer_ops` installs the
-    CPU operators.
+    CPU operators. `greedy` (set by the same call where the CPU has bf16 dot products) maps
+    hidden rows straight to their greedy tokens (`sluice.model.layers.greedy.GreedyScreen`).
     With `tied_to`, the head shares the embedding's weight Parameter (no own parameter, so
     `named_parameters()` lists it once, under the embedding).
     """
@@ -42,6 +45,7 @@ class LMHead(nn.Module):
                  dtype: torch.dtype | None = None, tied_to: VocabEmbedding | None = None) -> None:
         super().__init__()
         self.gemm = F.linear
+        self.greedy: Callable[[torch.Tensor], torch.Tensor | None] | None = None
         self.tied = tied_to is not None
         if tied_to is not None:
             assert tied_to.weight.shape == (num_embeddings, embedding_dim)
@@ -57,3 +61,8 @@ class LMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.gemm(hidden, self.lm_weight, None).float()
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [n, dim] -> argmax of each row's logits [n] int64, without the full logits;
+        None when there is no screen or it could not decide (compute the logits instead)."""
+        return self.greedy(hidden) if self.greedy is not None else None

@@ -154,6 +154,11 @@ def install_layer_ops(model: nn.Module, name: str) -> ModuleType | None:
                 weight = weight if weight is not None else getattr(module, "weight", None)
                 packed = packed_weight(weight) if isinstance(weight, torch.Tensor) else None
             module.gemm = PackedGemm(packed, gemm) if packed is not None else gemm
+        if hasattr(module, "greedy"):
+            from sluice.model.layers.greedy import make_greedy_screen
+            module.greedy = make_greedy_screen(ops if pack else None,
+                                               getattr(module, "lm_weight", None),
+                                               PACK_ROWS_HINT)
         if hasattr(module, "cpu_ops"):
             module.cpu_ops = ops
     return ops

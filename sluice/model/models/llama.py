@@ -173,6 +173,11 @@ class LlamaForCausalLM(nn.Module):
         """hidden [n, hidden_size] (only the rows that need logits) -> [n, vocab] float32."""
         return self.lm_head(hidden)
 
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [n, hidden_size] -> the argmax token of each row's logits [n] int64, when the
+        LM head can find it without full float32 logits; else None (use compute_logits)."""
+        return self.lm_head.greedy_tokens(hidden)
+
     # ---- weights -------------------------------------------------------------------------
 
     def _expected_checkpoint_names(self) -> set[str]:

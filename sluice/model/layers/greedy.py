@@ -1,0 +1,111 @@
+"""Exact greedy tokens without full float32 logits: a bfloat16 screen of the LM head.
+
+A greedy step (temperature 0, nothing that edits the logits, no logprobs) needs only the argmax
+of each row's logits. `GreedyScreen` computes the LM head in bfloat16 (oneDNN on the CPU's
+native bf16 dot products: ~2x the float32 GEMM rate, half the weight bytes), bounds the bf16
+error of every logit, and recomputes in float32 only the few tokens the bound cannot rule out
+(`greedy_screen` in sluice/model/csrc/greedy_screen.cpp, which states the argument). The token
+is the one argmax over full float32 logits picks, up to float32 rounding (which also separates
+any two GEMM implementations); the bf16 scores never decide a token by themselves.
+
+Error bound per logit l_j = x . w_j, with u = 2^-8 (bf16's unit roundoff, round to nearest) and
+g = K 2^-24 / (1 - K 2^-24) (a float32 sum of K terms in any order):
+
+    |s_j - l_j| <= c0 * sum_i |x_i w_ij|,  c0 = (2u + u^2) + g (1+u)^2 + u (1+g)(1+u)^2
+                  (inputs rounded)    (sum)       (bf16 output)
+
+and sum_i |x_i w_ij| <= ||x|| ||w_j||. The kernel uses c = 1.25 c0 (room for the float32
+arithmetic of the bound itself, ~2^-23 relative against c0 >= 3u) plus an absolute `a` for
+bf16 denormals flushed to zero. On the reference model (K = 512, vocab 32000) about ten tokens
+per row remain to recompute.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+
+import torch
+
+from sluice.model.layers.layer_ops import onednn_linear
+from sluice.platform.host import isa_flags
+
+BF16_UNIT_ROUNDOFF = 2.0 ** -8
+BOUND_SAFETY = 1.25
+NORM_CHUNK_ROWS = 4096  # rows per float64 chunk when measuring the weight's row norms
+
+
+def native_bf16_dot() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (avx512_bf16 or AMX) and torch's
+    oneDNN uses them: without them a bf16 GEMM is no faster than float32."""
+    flags = isa_flags()
+    if not (flags.get("avx512_bf16") or flags.get("amx_bf16")):
+        return False
+    try:
+        return bool(torch.backends.mkldnn.is_available()
+                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def bound_constants(k: int, max_row_norm: float) -> tuple[float, float]:
+    """(c, a) of the screen bound |s_j - l_j| <= c ||x|| ||w_j|| + a for dot products of
+    length `k` (see the module doc). `a` covers bf16/float32 denormals flushed to zero: at most
+    2^-126 per input element and per partial sum, scaled generously by the weights' size."""
+    u = BF16_UNIT_ROUNDOFF
+    g = k * 2.0 ** -24 / (1 - k * 2.0 ** -24)
+    c0 = (2 * u + u * u) + g * (1 + u) ** 2 + u * (1 + g) * (1 + u) ** 2
+    a = 2.0 ** -120 * (k + math.sqrt(k) * (1.0 + max_row_norm))
+    return BOUND_SAFETY * c0, a
+
+
+def row_norms(weight: torch.Tensor) -> torch.Tensor:
+    """||w_j||_2 of each row of a float32 [V, K] weight, as float32 rounded up (float64 sums in
+    chunks of NORM_CHUNK_ROWS rows, so no float64 copy of the whole weight is made)."""
+    norms = torch.empty(weight.shape[0], dtype=torch.float32)
+    for start in range(0, weight.shape[0], NORM_CHUNK_ROWS):
+        chunk = weight[start:start + NORM_CHUNK_ROWS].to(torch.float64)
+        exact = torch.linalg.vector_norm(chunk, dim=1)
+        # float64 -> float32 rounds by at most 2^-24 relative; 1 + 2^-20 rounds it up
+        norms[start:start + NORM_CHUNK_ROWS] = (exact * (1 + 2.0 ** -20)).to(torch.float32)
+    return norms
+
+
+class GreedyScreen:
+    """hidden [n, K] float32 -> greedy token ids [n] (int64), or None when some row could not
+    be decided (NaN or infinity in its hidden state or scores): the caller then computes the
+    full logits. `weight` is the LM head's float32 [V, K] weight, shared (not copied); the
+    screen keeps a oneDNN-packed bf16 copy (V * K * 2 bytes) and the row norms. Made once at
+    load; it does not follow later writes to `weight`."""
+
+    def __init__(self, ops: ModuleType, weight: torch.Tensor, rows_hint: int) -> None:
+        self._ops = ops
+        self.weight = weight.detach()
+        with torch.no_grad():
+            self.packed_bf16 = torch.ops.mkldnn._reorder_linear_weight(
+                self.weight.to(torch.bfloat16), rows_hint)
+        self.norms = row_norms(self.weight)
+        self.c, self.a = bound_constants(weight.shape[1], float(self.norms.max()))
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        x = hidden.contiguous()
+        scores = onednn_linear(x.to(torch.bfloat16), self.packed_bf16)
+        tokens = torch.empty(x.shape[0], dtype=torch.long)
+        self._ops.greedy_screen(tokens, scores, x, self.weight, self.norms, self.c, self.a)
+        if bool((tokens < 0).any()):
+            return None
+        return tokens
+
+
+def make_greedy_screen(ops: ModuleType | None, weight: torch.Tensor | None,
+                       rows_hint: int) -> GreedyScreen | None:
+    """A GreedyScreen for the LM-head `weight`, or None where it would not pay or not apply:
+    no C++ ops, no native bf16 dot products, or a weight that is not a float32 CPU matrix."""
+    if ops is None or not isinstance(weight, torch.Tensor) or weight.dim() != 2 \
+            or weight.dtype != torch.float32 or weight.device.type != "cpu" \
+            or not weight.is_contiguous() or not native_bf16_dot():
+        return None
+    try:
+        return GreedyScreen(ops, weight, rows_hint)
+    except (RuntimeError, AttributeError):  # a torch without the oneDNN bf16 ops
+        return None
