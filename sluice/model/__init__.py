@@ -15,6 +15,8 @@ and once per step (all scheduled tokens flattened, requests in any order and mix
     with torch.inference_mode(), attention.set_forward_context(meta, kv_caches):
         hidden = model(input_ids, positions)                   # [T, hidden_size]
     logits = model.compute_logits(hidden[logits_indices])      # [n, vocab] float32
+    tokens = model.greedy_tokens(hidden[logits_indices])       # [n] argmax, or None (no
+                                                               # screen: use the logits)
 
 Modules import torch; nothing here imports `core/`.
 """

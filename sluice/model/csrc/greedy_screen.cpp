@@ -29,7 +29,8 @@
 
 namespace {
 
-constexpr int kW = 16;  // scores per vector step
+constexpr int kW = 16;        // scores per vector step
+constexpr int kBlock = 256;   // scores per candidate check in pass 2
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
@@ -62,7 +63,7 @@ int64_t screen_row(const uint16_t* s, const float* x, const float* w, const floa
   // Pass 1: t = max_j (s_j - b_j); any NaN/inf score makes the row undecidable.
   f32x16 lower_max;
   for (int i = 0; i < kW; ++i) lower_max[i] = -std::numeric_limits<float>::infinity();
-  i32x16 bad = {};
+  i32x16 bad = {};  // lanes that saw a NaN or infinity
   const float inf = std::numeric_limits<float>::infinity();
   int64_t j = 0;
   for (; j + kW <= v; j += kW) {
@@ -89,13 +90,17 @@ int64_t screen_row(const uint16_t* s, const float* x, const float* w, const floa
     const float logit = sluice::dot(x, w + r * k, k);
     if (best < 0 || logit > best_logit) best = r, best_logit = logit;
   };
-  for (j = 0; j + kW <= v; j += kW) {
-    const i32x16 hit = load_bf16(s + j) + (cn * load_f32(w_norms + j) + a) >= t;
-    int32_t any = 0;
-    for (int i = 0; i < kW; ++i) any |= hit[i];
-    if (any)
-      for (int i = 0; i < kW; ++i)
-        if (hit[i]) consider(j + i);
+  // Blocks of kBlock scores: one horizontal max of s_j + b_j per block (candidates are rare).
+  for (j = 0; j + kBlock <= v; j += kBlock) {
+    f32x16 upper_max = load_bf16(s + j) + (cn * load_f32(w_norms + j) + a);
+    for (int q = kW; q < kBlock; q += kW) {
+      const f32x16 upper = load_bf16(s + j + q) + (cn * load_f32(w_norms + j + q) + a);
+      upper_max = upper > upper_max ? upper : upper_max;
+    }
+    float m = upper_max[0];
+    for (int i = 1; i < kW; ++i) m = std::max(m, upper_max[i]);
+    if (m >= t)
+      for (int64_t r = j; r < j + kBlock; ++r) consider(r);
   }
   for (int64_t r = j; r < v; ++r) consider(r);
   return std::isfinite(best_logit) ? best : -1;

@@ -9,12 +9,15 @@
                oneDNN there). Without oneDNN: `tiled_linear` for every shape (row x column
                tiles, each a single-threaded sgemm, spread over the threads; 1-4 rows
                streamed). The packed copies double the weights' memory;
-             * RMSNorm (with the fused residual add), SiLU-and-mul and RoPE as one pass each.
+             * RMSNorm (with the fused residual add), SiLU-and-mul and RoPE as one pass each;
+             * with packing and bf16 dot products on the CPU, the LM head's `greedy` screen
+               (`sluice.model.layers.greedy`: exact greedy tokens from a bf16 GEMM, plus a
+               bf16 copy of the LM-head weight).
              Used for float32 CPU tensors with contiguous rows outside autograd; anything else
              takes the torch code. 'cpu' means 'torch' when the operators cannot be built.
 
-Layers carry the hooks: `gemm` (LinearBase, LMHead; default F.linear) and `cpu_ops` (RMSNorm,
-SiluAndMul, LlamaAttention's RoPE; default None). `install_layer_ops(model, name)`, called by
+Layers carry the hooks: `gemm` (LinearBase, LMHead; default F.linear), `greedy` (LMHead;
+default None) and `cpu_ops` (RMSNorm, SiluAndMul, LlamaAttention's RoPE; default None). `install_layer_ops(model, name)`, called by
 the model loader with the platform's choice (`Platform.layer_ops_name`), sets both.
 """
 
