@@ -44,6 +44,37 @@ def test_bf16_scores_stay_within_the_bound(k, scale):
     assert float((err / bound).max()) > 1e-3  # the errors are real, the bound not vacuous
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("k", [64, 70])
+def test_streamed_bf16_scores_stay_within_the_bound(cpu_ops, rows, k):
+    """bf16_scores (1-4 decoding rows, K with and without a 16-lane tail) meets the bound the
+    screen assumes, and rejects more rows than it handles."""
+    gen = torch.Generator().manual_seed(rows * k)
+    x = torch.randn(rows, k, generator=gen)
+    w = torch.randn(1000, k, generator=gen) * 0.05
+    scores = torch.empty(rows, 1000, dtype=torch.bfloat16)
+    cpu_ops.bf16_scores(scores, x, w.to(torch.bfloat16))
+    norms = row_norms(w)
+    c, a = bound_constants(k, float(norms.max()))
+    bound = c * torch.linalg.vector_norm(x.double(), dim=1, keepdim=True) * norms.double() + a
+    err = (scores.double() - x.double() @ w.double().t()).abs()
+    assert bool((err <= bound).all()) and float((err / bound).max()) > 1e-3
+    with pytest.raises(RuntimeError, match="1 to 4 rows"):
+        cpu_ops.bf16_scores(torch.empty(5, 1000, dtype=torch.bfloat16), torch.randn(5, k),
+                            w.to(torch.bfloat16))
+
+
+@needs_bf16
+@pytest.mark.parametrize("rows", [0, 1, 4, 5, 64])
+def test_screen_matches_argmax_on_both_score_paths(cpu_ops, rows):
+    """1-4 rows take the streamed scores, 5+ oneDNN's bf16 GEMM: both give the argmax."""
+    gen = torch.Generator().manual_seed(rows)
+    w = torch.randn(3000, 128, generator=gen) * 0.05
+    x = torch.randn(rows, 128, generator=gen)
+    screen = make_greedy_screen(cpu_ops, w, 64)
+    assert torch.equal(screen(x), (x.double() @ w.double().t()).argmax(dim=1))
+
+
 @pytest.mark.parametrize("vocab", [1, 15, 16, 17, 5000])
 def test_kernel_returns_the_float32_argmax(cpu_ops, vocab):
     gen = torch.Generator().manual_seed(vocab)

@@ -28,6 +28,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Exact greedy tokens from bf16 LM-head screen scores (-1: undecided)", py::arg("out"),
         py::arg("scores"), py::arg("x"), py::arg("w"), py::arg("w_norms"), py::arg("c"),
         py::arg("a"));
+  m.def("bf16_scores", &bf16_scores, nogil,
+        "scores = bf16(x @ w.T) for 1-4 rows x (fp32) and a bf16 weight w, streamed once",
+        py::arg("scores"), py::arg("x"), py::arg("w"));
+  m.attr("MAX_SCORE_ROWS") = kMaxScoreRows;
   py::class_<DecodeStack>(m, "DecodeStack",
                           "A decode step through every decoder layer of a Llama-family model")
       .def(py::init<int64_t, int64_t, int64_t, double, double, std::vector<at::Tensor>,

@@ -19,9 +19,17 @@
 //     scores [R, V] bf16 s, rows contiguous;  x [R, K] float32;  w [V, K] float32
 //     w_norms [V] float32 ||w_j||, rounded up
 // Rows are independent and handed out to the threads one at a time.
+//
+//   bf16_scores(scores, x, w)    scores[r, j] = bf16(x_r . w_j) for 1..kMaxScoreRows rows of
+//                                float32 x and a bf16 w [V, K]: the screen scores of a decode
+//                                step of a few requests, where the step is bound by reading
+//                                w. Each bf16 weight is widened to float32 (exact) and
+//                                multiplied with the unrounded x, summed in float32, and the
+//                                sum rounded to bf16 (nearest even): within the same bound.
 #include "ops.h"
 #include "vec_math.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -106,7 +114,75 @@ int64_t screen_row(const uint16_t* s, const float* x, const float* w, const floa
   return std::isfinite(best_logit) ? best : -1;
 }
 
+// float32 -> bfloat16 bits, rounded to nearest even (a NaN may come out as an infinity, which
+// the screen rejects the same way).
+inline u16x16 to_bf16(f32x16 v) {
+  const u32x16 bits = (u32x16)v;
+  return __builtin_convertvector((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16, u16x16);
+}
+
+// scores[r, j] = bf16(x_r . w_j) for the R rows x_r = x + r * k, in one pass over w_j.
+template <int R>
+inline void score_row(const float* x, const uint16_t* w, int64_t k, float* out, int64_t ldo) {
+  f32x16 acc[R] = {};
+  int64_t i = 0;
+  for (; i + kW <= k; i += kW) {
+    const f32x16 wv = load_bf16(w + i);
+    for (int r = 0; r < R; ++r) acc[r] += load_f32(x + r * k + i) * wv;
+  }
+  for (int r = 0; r < R; ++r) {
+    float s = sluice::reduce_lanes(reinterpret_cast<const float*>(&acc[r]));
+    for (int64_t t = i; t < k; ++t) s += x[r * k + t] * bf16_to_float(w[t]);
+    out[r * ldo] = s;
+  }
+}
+
+constexpr int64_t kScoreChunk = 256;  // weight rows per dynamically scheduled chunk
+
+template <int R>
+void score_rows(const float* x, const uint16_t* w, int64_t v, int64_t k, uint16_t* scores) {
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t c0 = 0; c0 < v; c0 += kScoreChunk) {
+    const int64_t c1 = std::min(v, c0 + kScoreChunk);
+    alignas(64) float part[R][kScoreChunk];
+    for (int64_t j = c0; j < c1; ++j) score_row<R>(x, w + j * k, k, &part[0][j - c0], kScoreChunk);
+    for (int r = 0; r < R; ++r) {
+      int64_t j = c0;
+      for (; j + kW <= c1; j += kW) {
+        const u16x16 h = to_bf16(load_f32(&part[r][j - c0]));
+        std::memcpy(scores + r * v + j, &h, sizeof(h));
+      }
+      for (; j < c1; ++j) scores[r * v + j] = c10::BFloat16(part[r][j - c0]).x;
+    }
+  }
+}
+
 }  // namespace
+
+void bf16_scores(at::Tensor scores, at::Tensor x, at::Tensor w) {
+  TORCH_CHECK(scores.dtype() == at::kBFloat16 && scores.dim() == 2 && scores.is_contiguous(),
+              "bf16_scores scores: contiguous bfloat16 [R, V] expected");
+  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "bf16_scores x: contiguous float32 [R, K] expected");
+  TORCH_CHECK(w.dtype() == at::kBFloat16 && w.dim() == 2 && w.is_contiguous(),
+              "bf16_scores w: contiguous bfloat16 [V, K] expected");
+  const int64_t rows = x.size(0), k = x.size(1), v = w.size(0);
+  TORCH_CHECK(w.size(1) == k && scores.size(0) == rows && scores.size(1) == v,
+              "bf16_scores: shapes of scores, x and w disagree");
+  TORCH_CHECK(rows >= 1 && rows <= kMaxScoreRows, "bf16_scores: 1 to ", kMaxScoreRows,
+              " rows expected, got ", rows);
+  TORCH_CHECK(scores.device().is_cpu() && x.device().is_cpu() && w.device().is_cpu(),
+              "bf16_scores: CPU tensors expected");
+  const float* xp = x.data_ptr<float>();
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  auto* sp = reinterpret_cast<uint16_t*>(scores.data_ptr<at::BFloat16>());
+  switch (rows) {
+    case 1: score_rows<1>(xp, wp, v, k, sp); break;
+    case 2: score_rows<2>(xp, wp, v, k, sp); break;
+    case 3: score_rows<3>(xp, wp, v, k, sp); break;
+    default: score_rows<4>(xp, wp, v, k, sp); break;
+  }
+}
 
 void greedy_screen(at::Tensor out, at::Tensor scores, at::Tensor x, at::Tensor w,
                    at::Tensor w_norms, double c, double a) {

@@ -30,6 +30,9 @@ void argmax_rows(at::Tensor out, at::Tensor x);
 // Exact greedy tokens from bfloat16 screen scores of the LM head (greedy_screen.cpp).
 void greedy_screen(at::Tensor out, at::Tensor scores, at::Tensor x, at::Tensor w,
                    at::Tensor w_norms, double c, double a);
+// Its screen scores for 1..kMaxScoreRows rows: one streaming pass over a bf16 weight.
+constexpr int64_t kMaxScoreRows = 4;
+void bf16_scores(at::Tensor scores, at::Tensor x, at::Tensor w);
 
 // A decode step through every decoder layer of a Llama-family model (decode_stack.cpp).
 // Built once from the model's weights (per layer; optional entries are None/nullopt) and,

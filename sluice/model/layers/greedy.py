@@ -1,8 +1,9 @@
 """Exact greedy tokens without full float32 logits: a bfloat16 screen of the LM head.
 
 A greedy step (temperature 0, nothing that edits the logits, no logprobs) needs only the argmax
-of each row's logits. `GreedyScreen` computes the LM head in bfloat16 (oneDNN on the CPU's
-native bf16 dot products: ~2x the float32 GEMM rate, half the weight bytes), bounds the bf16
+of each row's logits. `GreedyScreen` computes the LM head in bfloat16 (for many rows oneDNN on
+the CPU's native bf16 dot products: ~2x the float32 GEMM rate; for one to four decoding rows a
+pass over half the weight bytes), bounds the bf16
 error of every logit, and recomputes in float32 only the few tokens the bound cannot rule out
 (`greedy_screen` in sluice/model/csrc/greedy_screen.cpp, which states the argument). The token
 is the one argmax over full float32 logits picks, up to float32 rounding (which also separates
@@ -27,6 +28,7 @@ from types import ModuleType
 
 import torch
 
+from sluice.model.host_memory import huge_page_buffer
 from sluice.model.layers.layer_ops import onednn_linear
 from sluice.platform.host import isa_flags
 
@@ -75,21 +77,36 @@ class GreedyScreen:
     """hidden [n, K] float32 -> greedy token ids [n] (int64), or None when some row could not
     be decided (NaN or infinity in its hidden state or scores): the caller then computes the
     full logits. `weight` is the LM head's float32 [V, K] weight, shared (not copied); the
-    screen keeps a oneDNN-packed bf16 copy (V * K * 2 bytes) and the row norms. Made once at
-    load; it does not follow later writes to `weight`."""
+    screen keeps two bf16 copies, plain (in huge pages, streamed for 1-4 rows) and
+    oneDNN-packed (for more rows), V * K * 2 bytes each, and the row norms. Made once at load;
+    it does not follow later writes to `weight`."""
 
     def __init__(self, ops: ModuleType, weight: torch.Tensor, rows_hint: int) -> None:
         self._ops = ops
         self.weight = weight.detach()
         with torch.no_grad():
-            self.packed_bf16 = torch.ops.mkldnn._reorder_linear_weight(
-                self.weight.to(torch.bfloat16), rows_hint)
+            self.bf16 = huge_page_buffer(self.weight.numel() * 2).view(torch.bfloat16).view(
+                self.weight.shape)
+            self.bf16.copy_(self.weight)
+            self.packed_bf16 = torch.ops.mkldnn._reorder_linear_weight(self.bf16, rows_hint)
         self.norms = row_norms(self.weight)
         self.c, self.a = bound_constants(weight.shape[1], float(self.norms.max()))
 
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """bf16 screen scores [n, V] of contiguous float32 rows x [n, K]: up to
+        `ops.MAX_SCORE_ROWS` rows stream the plain bf16 weight once (`bf16_scores`, bandwidth
+        bound: one decoding request), more run oneDNN's bf16 GEMM on the packed copy."""
+        if x.shape[0] <= self._ops.MAX_SCORE_ROWS:
+            scores = torch.empty(x.shape[0], self.bf16.shape[0], dtype=torch.bfloat16)
+            self._ops.bf16_scores(scores, x, self.bf16)
+            return scores
+        return onednn_linear(x.to(torch.bfloat16), self.packed_bf16)
+
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor | None:
         x = hidden.contiguous()
-        scores = onednn_linear(x.to(torch.bfloat16), self.packed_bf16)
+        if x.shape[0] == 0:
+            return torch.empty(0, dtype=torch.long)
+        scores = self.scores(x)
         tokens = torch.empty(x.shape[0], dtype=torch.long)
         self._ops.greedy_screen(tokens, scores, x, self.weight, self.norms, self.c, self.a)
         if bool((tokens < 0).any()):
