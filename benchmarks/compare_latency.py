@@ -10,7 +10,11 @@ One request, prompt = 128 token ids (seed 0, the reference model's non-special i
                 (every linear layer and the LM head in float32; the embedding reads one row)
     bandwidth = median of 7 `torch.sum` passes over a 1 GiB float32 tensor in transparent huge
                 pages (as sluice's weights), both threads (the median: on a shared VM single
-                passes swing by 2x; with 4 KiB pages the same sum reads ~20% slower)
+                passes swing by 2x; with 4 KiB pages the same sum reads ~20% slower), read
+                right before and right after each backend's runs: each row's floor uses the
+                mean of its two readings (this VM's bandwidth drifts between ~25 and ~60 GB/s
+                within minutes, so one reading for the whole script can be far from the one
+                a backend ran under)
 
 sluice runs in this interpreter (`LLM`, prefix caching off, defaults otherwise); llama.cpp runs
 its high-level API (`llama_cpp.Llama.generate`, n_threads=2, f32 GGUF) in the `llamacpp` venv of
@@ -24,6 +28,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -74,6 +79,17 @@ def read_bandwidth_gbs(threads: int) -> float:
         x.sum()
         times.append(time.perf_counter() - start)
     return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def between_bandwidth_readings(run: Callable[[], dict], weight_bytes: int) -> dict:
+    """`run()`'s row, with the read bandwidth measured right before and after it
+    (`bandwidth_gbs`: (before, after)) and the floor at their mean (`floor_s`)."""
+    before = read_bandwidth_gbs(2)
+    row = run()
+    after = read_bandwidth_gbs(2)
+    row["bandwidth_gbs"] = (before, after)
+    row["floor_s"] = weight_bytes / ((before + after) / 2 * 1e9)
+    return row
 
 
 def decode_weight_bytes(model: str) -> int:
@@ -148,35 +164,38 @@ def main(argv: list[str] | None = None) -> int:
     prompt_file = work.root / "latency-prompt.json"
     prompt_file.write_text(json.dumps(prompt))
 
+    weight_bytes = decode_weight_bytes(model)
     rows: dict[str, dict] = {}
     log("sluice ...")
-    rows["sluice"] = sluice_latency(model, prompt)
+    rows["sluice"] = between_bandwidth_readings(lambda: sluice_latency(model, prompt),
+                                                weight_bytes)
     if not args.skip_llamacpp:
         log("llama.cpp ...")
         try:
-            rows["llama.cpp"] = llamacpp_latency(work, prompt_file)
+            rows["llama.cpp"] = between_bandwidth_readings(
+                lambda: llamacpp_latency(work, prompt_file), weight_bytes)
         except Exception as e:  # a peer that fails is a row with the reason
             rows["llama.cpp"] = {"error": f"{type(e).__name__}: {e}"[:300]}
-    bandwidth = read_bandwidth_gbs(2)
-    weight_bytes = decode_weight_bytes(model)
-    floor_s = weight_bytes / (bandwidth * 1e9)
 
     print(f"prompt {PROMPT_LEN} token ids; floor = {weight_bytes / 1e6:.1f} MB of weights per "
-          f"token / {bandwidth:.1f} GB/s = {floor_s * 1e3:.2f} ms")
-    print(f"{'backend':<12}{'TTFT(128) ms':>14}{'TPOT ms':>10}{'TPOT/floor':>12}")
+          f"token / the bandwidth read around each backend's runs")
+    print(f"{'backend':<12}{'TTFT(128) ms':>14}{'TPOT ms':>10}{'GB/s before/after':>19}"
+          f"{'floor ms':>10}{'TPOT/floor':>12}")
     for name, r in rows.items():
         if "error" in r:
             print(f"{name:<12}  {r['error']}")
             continue
+        before, after = r["bandwidth_gbs"]
         print(f"{name:<12}{r['ttft_s'] * 1e3:>14.1f}{r['tpot_s'] * 1e3:>10.2f}"
-              f"{r['tpot_s'] / floor_s:>11.2f}x")
+              f"{before:>10.1f} / {after:<6.1f}{r['floor_s'] * 1e3:>10.2f}"
+              f"{r['tpot_s'] / r['floor_s']:>11.2f}x")
     ok = {k: v for k, v in rows.items() if "error" not in v}
     if "llama.cpp" in ok:
         s, llama = ok["sluice"], ok["llama.cpp"]
         print(f"sluice/llama.cpp: TTFT {s['ttft_s'] / llama['ttft_s']:.2f}x, "
               f"TPOT {s['tpot_s'] / llama['tpot_s']:.2f}x (below 1 = sluice faster)")
-    report = {"rows": rows, "bandwidth_gbs": bandwidth, "decode_weight_bytes": weight_bytes,
-              "floor_s": floor_s, "prompt_len": PROMPT_LEN, "output_len": OUTPUT_LEN}
+    report = {"rows": rows, "decode_weight_bytes": weight_bytes, "prompt_len": PROMPT_LEN,
+              "output_len": OUTPUT_LEN}
     (work.root / "results" / "latency.json").write_text(json.dumps(report, indent=2))
     return 0
 
