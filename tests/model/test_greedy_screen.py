@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sluice.model.layers import greedy
-from sluice.model.layers.greedy import bound_constants, make_greedy_screen, native_bf16_dot, \
-    row_norms
+from sluice.model.layers.greedy import (bound_constants, make_greedy_screen, native_bf16_dot,
+                                        row_norms)
 
 needs_bf16 = pytest.mark.skipif(not native_bf16_dot(),
                                 reason="the CPU has no bf16 dot products: the screen is off")

@@ -6,7 +6,7 @@ LM head) would go here; today both are replicated.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -3,11 +3,11 @@
 A greedy step (temperature 0, nothing that edits the logits, no logprobs) needs only the argmax
 of each row's logits. `GreedyScreen` computes the LM head in bfloat16 (for many rows oneDNN on
 the CPU's native bf16 dot products: ~2x the float32 GEMM rate; for one to four decoding rows a
-pass over half the weight bytes), bounds the bf16
-error of every logit, and recomputes in float32 only the few tokens the bound cannot rule out
-(`greedy_screen` in sluice/model/csrc/greedy_screen.cpp, which states the argument). The token
-is the one argmax over full float32 logits picks, up to float32 rounding (which also separates
-any two GEMM implementations); the bf16 scores never decide a token by themselves.
+pass over half the weight bytes), bounds the bf16 error of every logit, and recomputes in
+float32 only the few tokens the bound cannot rule out (`greedy_screen` in
+sluice/model/csrc/greedy_screen.cpp, which states the argument). The token is the one argmax
+over full float32 logits picks, up to float32 rounding (which also separates any two GEMM
+implementations); the bf16 scores never decide a token by themselves.
 
 Error bound per logit l_j = x . w_j, with u = 2^-8 (bf16's unit roundoff, round to nearest) and
 g = K 2^-24 / (1 - K 2^-24) (a float32 sum of K terms in any order):

@@ -11,14 +11,15 @@
                streamed). The packed copies double the weights' memory;
              * RMSNorm (with the fused residual add), SiLU-and-mul and RoPE as one pass each;
              * with packing and bf16 dot products on the CPU, the LM head's `greedy` screen
-               (`sluice.model.layers.greedy`: exact greedy tokens from a bf16 GEMM, plus a
-               bf16 copy of the LM-head weight).
+               (`sluice.model.layers.greedy`: exact greedy tokens from bf16 scores; two bf16
+               copies of the LM-head weight).
              Used for float32 CPU tensors with contiguous rows outside autograd; anything else
              takes the torch code. 'cpu' means 'torch' when the operators cannot be built.
 
 Layers carry the hooks: `gemm` (LinearBase, LMHead; default F.linear), `greedy` (LMHead;
-default None) and `cpu_ops` (RMSNorm, SiluAndMul, LlamaAttention's RoPE; default None). `install_layer_ops(model, name)`, called by
-the model loader with the platform's choice (`Platform.layer_ops_name`), sets both.
+default None) and `cpu_ops` (RMSNorm, SiluAndMul, LlamaAttention's RoPE; default None).
+`install_layer_ops(model, name)`, called by the model loader with the platform's choice
+(`Platform.layer_ops_name`), sets all three.
 """
 
 from __future__ import annotations
