@@ -89,6 +89,7 @@ def test_weights_are_packed_only_when_the_copy_fits(tiny_model_dir, cpu_ops, mon
     gemms = [m.gemm for m in model.modules() if hasattr(m, "gemm")]
     assert gemms and not any(isinstance(g, PackedGemm) for g in gemms)
     assert all(g is not F.linear for g in gemms)
+    assert model.lm_head.greedy is None  # the screen's bf16 copies follow the same rule
 
 
 def test_install_layer_ops_sets_every_hook(tiny_model_dir):

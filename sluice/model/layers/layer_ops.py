@@ -102,11 +102,13 @@ def onednn_linear(x: torch.Tensor, packed: torch.Tensor,
 
 
 def _packing_fits(model: nn.Module) -> bool:
-    """Whether a packed copy of the model's linear weights (~their float32 size) takes at most
+    """Whether a packed copy of the model's linear weights (~their float32 size, plus the LM
+    head's float32 size again for the greedy screen's two bf16 copies) takes at most
     PACK_MEMORY_FRACTION of the memory still available; else the GEMMs stay on MKL tiles (a
     large model keeps its memory for the KV cache)."""
     from sluice.platform.host import memory_bytes
     weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 2)
+    weights += sum(m.lm_weight.numel() * 4 for m in model.modules() if hasattr(m, "greedy"))
     available = memory_bytes()[1]
     if weights <= PACK_MEMORY_FRACTION * available:
         return True
