@@ -42,7 +42,8 @@ constexpr int kBlock = 256;   // scores per candidate check in pass 2
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
-typedef float f32x16 __attribute__((vector_size(64)));
+using f32x16 = sluice::v16;
+using sluice::load16;
 
 // scores[j..j+16) as float32: a bf16 is the top half of the float32 with the same bits.
 inline f32x16 load_bf16(const uint16_t* s) {
@@ -52,12 +53,6 @@ inline f32x16 load_bf16(const uint16_t* s) {
   return (f32x16)wide;  // a vector cast keeps the bits
 }
 
-inline f32x16 load_f32(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
 inline float bf16_to_float(uint16_t h) {
   const uint32_t bits = static_cast<uint32_t>(h) << 16;
   float f;
@@ -65,18 +60,19 @@ inline float bf16_to_float(uint16_t h) {
   return f;
 }
 
-// The row's token, or -1 (see the file comment). cn = c * ||x||.
+// The row's token, or -1 (see the file comment). cn = c * ||x||, so b_j = cn * w_norms[j] + a.
 int64_t screen_row(const uint16_t* s, const float* x, const float* w, const float* w_norms,
                    int64_t v, int64_t k, float cn, float a) {
-  // Pass 1: t = max_j (s_j - b_j); any NaN/inf score makes the row undecidable.
-  f32x16 lower_max;
-  for (int i = 0; i < kW; ++i) lower_max[i] = -std::numeric_limits<float>::infinity();
-  i32x16 bad = {};  // lanes that saw a NaN or infinity
+  auto bound16 = [&](int64_t j) { return cn * load16(w_norms + j) + a; };  // b_j .. b_j+15
+  auto bound = [&](int64_t j) { return cn * w_norms[j] + a; };
   const float inf = std::numeric_limits<float>::infinity();
+  // Pass 1: t = max_j (s_j - b_j); any NaN/inf score makes the row undecidable.
+  f32x16 lower_max = f32x16{} - inf;
+  i32x16 bad = {};  // lanes that saw a NaN or infinity
   int64_t j = 0;
   for (; j + kW <= v; j += kW) {
     const f32x16 sj = load_bf16(s + j);
-    const f32x16 lower = sj - (cn * load_f32(w_norms + j) + a);
+    const f32x16 lower = sj - bound16(j);
     lower_max = lower > lower_max ? lower : lower_max;
     bad |= !(sj < inf && sj > -inf);  // NaN fails both comparisons
   }
@@ -88,21 +84,21 @@ int64_t screen_row(const uint16_t* s, const float* x, const float* w, const floa
   for (int64_t r = j; r < v; ++r) {
     const float sj = bf16_to_float(s[r]);
     if (!std::isfinite(sj)) return -1;
-    t = std::max(t, sj - (cn * w_norms[r] + a));
+    t = std::max(t, sj - bound(r));
   }
   // Pass 2: recompute the candidates in float32; the first maximum wins.
   int64_t best = -1;
   float best_logit = -inf;
   auto consider = [&](int64_t r) {
-    if (bf16_to_float(s[r]) + (cn * w_norms[r] + a) < t) return;
+    if (bf16_to_float(s[r]) + bound(r) < t) return;
     const float logit = sluice::dot(x, w + r * k, k);
     if (best < 0 || logit > best_logit) best = r, best_logit = logit;
   };
   // Blocks of kBlock scores: one horizontal max of s_j + b_j per block (candidates are rare).
   for (j = 0; j + kBlock <= v; j += kBlock) {
-    f32x16 upper_max = load_bf16(s + j) + (cn * load_f32(w_norms + j) + a);
-    for (int q = kW; q < kBlock; q += kW) {
-      const f32x16 upper = load_bf16(s + j + q) + (cn * load_f32(w_norms + j + q) + a);
+    f32x16 upper_max = f32x16{} - inf;
+    for (int q = 0; q < kBlock; q += kW) {
+      const f32x16 upper = load_bf16(s + j + q) + bound16(j + q);
       upper_max = upper > upper_max ? upper : upper_max;
     }
     float m = upper_max[0];
@@ -128,7 +124,7 @@ inline void score_row(const float* x, const uint16_t* w, int64_t k, float* out, 
   int64_t i = 0;
   for (; i + kW <= k; i += kW) {
     const f32x16 wv = load_bf16(w + i);
-    for (int r = 0; r < R; ++r) acc[r] += load_f32(x + r * k + i) * wv;
+    for (int r = 0; r < R; ++r) acc[r] += load16(x + r * k + i) * wv;
   }
   for (int r = 0; r < R; ++r) {
     float s = sluice::reduce_lanes(reinterpret_cast<const float*>(&acc[r]));
@@ -149,7 +145,7 @@ void score_rows(const float* x, const uint16_t* w, int64_t v, int64_t k, uint16_
     for (int r = 0; r < R; ++r) {
       int64_t j = c0;
       for (; j + kW <= c1; j += kW) {
-        const u16x16 h = to_bf16(load_f32(&part[r][j - c0]));
+        const u16x16 h = to_bf16(load16(&part[r][j - c0]));
         std::memcpy(scores + r * v + j, &h, sizeof(h));
       }
       for (; j < c1; ++j) scores[r * v + j] = c10::BFloat16(part[r][j - c0]).x;

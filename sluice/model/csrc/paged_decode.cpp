@@ -66,14 +66,8 @@ inline void for_each_key(const Geometry& g, int64_t n, int64_t t0, int64_t t1, c
   }
 }
 
-// 16 floats as one value; GCC lowers it to the widest vectors the target has (one AVX-512
-// register, two AVX2 ones). Loads and stores go through memcpy: no alignment is assumed.
-using v16 = float __attribute__((vector_size(64)));
-inline v16 load16(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
+using sluice::load16;
+using sluice::v16;
 
 // r[i] = the sum of a[i]'s 16 lanes for i < 16, lanes added in reduce_lanes' order (j + 8,
 // then j + 4, j + 2, j + 1): four levels that each fold every vector in half and pack two

@@ -8,6 +8,15 @@
 
 namespace sluice {
 
+// 16 floats as one value; GCC lowers it to the widest vectors the target has (one AVX-512
+// register, two AVX2 ones). Loads and stores go through memcpy: no alignment is assumed.
+using v16 = float __attribute__((vector_size(64)));
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
 // Reductions with kLanes independent partial sums, so the compiler vectorises them without
 // reassociating (-ffast-math); the lanes are then added pairwise and the tail past the last
 // full group serially.
