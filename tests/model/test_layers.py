@@ -40,8 +40,9 @@ def test_rotary_matches_hf_token_by_token(kind):
         cos, sin = hf(x, torch.tensor([[p]]))
         want, _ = apply_rotary_pos_emb(x, x, cos, sin)
         got = ours.apply(x[0].transpose(0, 1), *ours.cos_sin(torch.tensor([p]), torch.float32))
-        # dynamic: float32 pow vectorised vs scalar may differ by 1 ulp in inv_freq
-        torch.testing.assert_close(got, want[0].transpose(0, 1), atol=1e-6, rtol=1e-6)
+        # dynamic: float32 pow vectorised vs scalar may differ by 1 ulp in inv_freq, and the
+        # angle p * inv_freq carries that ulp times p (seen: 2e-6 at p < 80 on an AMD EPYC).
+        torch.testing.assert_close(got, want[0].transpose(0, 1), atol=5e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["default", "linear", "llama3", "dynamic"])
