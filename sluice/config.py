@@ -86,8 +86,9 @@ class SchedulerConfig:
                                     choices=("fcfs", "priority"))
     enable_chunked_prefill: bool = option(True, "Split long prompts across steps to fit the "
                                           "token budget.")
-    max_num_queued_requests: int | None = option(None, "Reject new requests (HTTP 429) when this "
-                                                 "many are already waiting.", ge=1)
+    max_num_queued_requests: int | None = option(None, "Reject new requests (HTTP 429, with "
+                                                 "Retry-After) when this many sequences "
+                                                 "(prompts x n) are already waiting.", ge=1)
 
     @property
     def token_budget(self) -> int:
@@ -126,9 +127,26 @@ class ServerConfig:
     host: str = option("127.0.0.1", "Address the HTTP server binds.")
     port: int = option(8000, "Port the HTTP server binds (0 picks a free port).", ge=0,
                        le=65535)
-    api_key: str | None = option(None, "Require 'Authorization: Bearer <key>' on /v1/*.")
+    api_key: str | None = option(None, "Require 'Authorization: Bearer <key>' on every route "
+                                 "except /health and /ping (and /metrics with "
+                                 "--public-metrics).")
+    public_metrics: bool = option(False, "Serve /metrics without the API key (for scrapers "
+                                  "that cannot send one).")
     allowed_origins: tuple[str, ...] = option(default_factory=tuple, help="CORS origins allowed "
                                               "(comma separated); CORS is off when empty.")
+    max_request_body_bytes: int = option(8 * 2**20, "Largest request body accepted, e.g. "
+                                         "'8MiB'; larger ones get HTTP 413 unread.",
+                                         byte_size=True, ge=1024)
+    max_n: int = option(128, "Largest `n` (and `best_of`) one request may ask for.", ge=1)
+    max_prompt_chars: int | None = option(None, "Longest text prompt (or rendered chat) in "
+                                          "characters, checked before tokenization. Default: "
+                                          "32 x max_model_len.", ge=1)
+    trust_request_chat_template: bool = option(False, "Render chat templates sent in requests "
+                                               "(under a time limit); otherwise such requests "
+                                               "get HTTP 400.")
+    shutdown_timeout: float = option(5.0, "On SIGTERM/SIGINT: seconds in-flight requests may "
+                                     "run on (new ones get 503) before the rest are ended with "
+                                     "an error.", ge=0)
 
 
 @dataclass(frozen=True)

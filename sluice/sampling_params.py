@@ -14,6 +14,17 @@ from sluice.errors import InvalidRequestError
 
 _GREEDY_EPS = 1e-5
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+"""Every integer a request carries must fit a signed 64-bit integer (the wire format's and the
+engine's range); larger values are a 400 naming the field, not an encoding error."""
+
+_INT_FIELDS = ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs")
+
+
+def in_int64(value: int) -> bool:
+    """Whether `value` fits a signed 64-bit integer."""
+    return INT64_MIN <= value <= INT64_MAX
+
 
 class RequestOutputKind(IntEnum):
     """What each `RequestOutput` of a request carries."""
@@ -57,6 +68,14 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
         def bad(param: str, msg: str) -> None:
             raise InvalidRequestError(f"{param} {msg}", param=param)
 
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not in_int64(value):
+                bad(name, f"must fit a 64-bit signed integer, got {value}.")
+        if any(not in_int64(t) for t in self.stop_token_ids):
+            bad("stop_token_ids", "must fit 64-bit signed integers.")
+        if self.logit_bias and any(not in_int64(t) for t in self.logit_bias):
+            bad("logit_bias", "keys must be token ids that fit a 64-bit signed integer.")
         if self.n < 1:
             bad("n", f"must be at least 1, got {self.n}.")
         if not (self.temperature >= 0.0) or self.temperature > 100.0:

@@ -10,9 +10,14 @@ Startup runs in named stages, each logged with its duration:
 The port is bound (not yet listened on) before anything heavy starts, and the same socket is
 handed to uvicorn, so "port in use" fails in milliseconds and nobody can take the port while the
 model loads. A failing stage ends the process with one line `error: <what, values, fix>`
-(exit 2 for a bad flag, 1 otherwise). SIGINT/SIGTERM shut the engine down and exit 0. If the
-engine core dies while serving, /health answers 503, in-flight requests fail with a 503-type
-error, and the server stops and exits 1.
+(exit 2 for a bad flag, 1 otherwise).
+
+SIGTERM or SIGINT drains: new requests (and /health) get 503 in OpenAI's shape, requests in
+flight run on for up to --shutdown-timeout seconds, the rest are then ended with a 503-type
+error (streams get an error event and `[DONE]`), and once their responses are out the server
+stops, shuts the engine down and exits 0. A second signal stops at once. If the engine core
+dies while serving, /health answers 503, in-flight requests fail with a 503-type error, and the
+server stops and exits 1.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from sluice.errors import SluiceError
 logger = logging.getLogger("sluice.serve")
 
 WATCHDOG_INTERVAL_S = 0.5
-GRACEFUL_SHUTDOWN_S = 5
+CONNECTION_CLOSE_S = 3
+"""After the drain, how long uvicorn waits for connections to close before cancelling them
+(only idle keep-alive connections are left by then)."""
 ENGINE_DEAD_GRACE_S = 1.5
 """After the engine dies, /health and new requests answer 503 this long before the server
 stops (load balancers and clients see a clear error rather than a refused connection)."""
@@ -138,6 +145,44 @@ def _route_uvicorn_logs() -> None:
     uv.propagate = False
 
 
+def _draining_server_class() -> type:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, but the first SIGTERM/SIGINT starts `drain()` (a coroutine run on
+        the server's loop) and stops the server once it returns; a second signal stops it at
+        once, as uvicorn would."""
+
+        def __init__(self, config: Any, drain: Any):
+            super().__init__(config)
+            self._drain = drain
+            self._loop: asyncio.AbstractEventLoop | None = None
+            self.drain_signal: int | None = None
+            self._drain_task: asyncio.Future[None] | None = None
+
+        async def serve(self, sockets: Any = None) -> None:
+            self._loop = asyncio.get_running_loop()
+            await super().serve(sockets=sockets)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.drain_signal is not None or self._loop is None or self.should_exit:
+                self.should_exit = self.force_exit = True
+                return
+            self.drain_signal = sig
+            self._loop.call_soon_threadsafe(self._start_drain)
+
+        def _start_drain(self) -> None:
+            async def drain_then_exit() -> None:
+                try:
+                    await self._drain()
+                finally:
+                    self.should_exit = True
+
+            self._drain_task = asyncio.ensure_future(drain_then_exit())
+
+    return DrainingServer
+
+
 async def serve_engine(engine: Any, config: Any, sock: socket.socket) -> int:
     """Serve `engine` on the bound `sock` until a signal (returns 0); raises SluiceError when
     the engine dies (after answering 503 for `ENGINE_DEAD_GRACE_S`)."""
@@ -146,13 +191,24 @@ async def serve_engine(engine: Any, config: Any, sock: socket.socket) -> int:
     from sluice.entrypoints.openai.app import build_app
 
     app = build_app(engine, config)
+    state = app.state.sluice
     obs = config.observability
     _route_uvicorn_logs()
     uv_config = uvicorn.Config(app, log_config=None, log_level=obs.log_level, lifespan="on",
                                access_log=not obs.disable_log_requests,
-                               timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                               timeout_graceful_shutdown=CONNECTION_CLOSE_S,
                                timeout_keep_alive=5)
-    server = uvicorn.Server(uv_config)
+    grace_s = config.server.shutdown_timeout
+
+    async def drain() -> None:
+        logger.info("Shutting down: new requests get 503; waiting up to %g s for %d in-flight "
+                    "sequence(s)", grace_s, state.num_in_flight)
+        ended = await state.drain(grace_s)
+        if ended:
+            logger.info("Ended %d request(s) still running after %g s with a 503 error",
+                        ended, grace_s)
+
+    server = _draining_server_class()(uv_config, drain)
     death: list[str] = []
 
     async def watchdog() -> None:
@@ -179,6 +235,8 @@ async def serve_engine(engine: Any, config: Any, sock: socket.socket) -> int:
         await server.serve(sockets=[sock])
     finally:
         task.cancel()
+    if server.drain_signal is not None:
+        logger.info("Shut down on %s.", signal.Signals(server.drain_signal).name)
     if death:
         raise SluiceError(f"the engine core died while serving; the server stopped. Cause: "
                           f"{death[0]}")

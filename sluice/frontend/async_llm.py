@@ -7,7 +7,8 @@
 
 Contract:
 * `generate` is an async generator. Its first `__anext__` validates the request
-  (`InvalidRequestError` → HTTP 400, raised before any output), registers it with the
+  (`InvalidRequestError` → HTTP 400, raised before any output; a large text prompt is tokenized
+  on the `offloader`'s threads, off the event loop), registers it with the
   `OutputProcessor` and sends it to the engine; outputs then arrive on a per-request queue.
   If the consumer stops early (generator closed, task cancelled: the client disconnected), the
   request is aborted in the engine so its KV blocks are freed. `abort(request_id)` ends the
@@ -32,6 +33,7 @@ from sluice.engine.launch import EngineProcess
 from sluice.errors import EngineDeadError
 from sluice.frontend.client import HEALTH_TIMEOUT_S, AsyncMPClient
 from sluice.frontend.input_processor import InputProcessor
+from sluice.frontend.offload import Offloader
 from sluice.frontend.output_processor import OutputProcessor
 from sluice.frontend.stats import FrontendStats
 from sluice.frontend.tokenizer import Tokenizer, load_tokenizer
@@ -65,6 +67,7 @@ class AsyncLLM:
         self.input_processor = InputProcessor.from_ready(tokenizer, self.ready,
                                                          config.model.max_logprobs)
         self.output_processor = OutputProcessor(tokenizer, log_stats=True)
+        self.offloader = Offloader(name="sluice-tokenize")
         self._queues: dict[str, asyncio.Queue[Any]] = {}
         self._handler: asyncio.Task[None] | None = None
         self._handler_loop: asyncio.AbstractEventLoop | None = None
@@ -113,9 +116,9 @@ class AsyncLLM:
         self._check_alive()
         loop = asyncio.get_running_loop()
         self._ensure_output_handler(loop)
-        request = self.input_processor.process(
-            request_id, prompt, sampling_params, None, priority,
-            add_special_tokens=add_special_tokens)
+        request = await self.offloader.run_if_large(
+            len(prompt), self.input_processor.process, request_id, prompt, sampling_params,
+            None, priority, add_special_tokens=add_special_tokens)
         if prompt_text is None and isinstance(prompt, str):
             prompt_text = prompt
         engine_requests = self.output_processor.add_request(request, prompt_text)
@@ -264,6 +267,7 @@ class AsyncLLM:
     def shutdown(self) -> None:
         """Stop the engine core; waiting generate() calls raise EngineDeadError. Idempotent."""
         self.client.shutdown()
+        self.offloader.shutdown()
 
     def __enter__(self) -> "AsyncLLM":
         return self

@@ -19,7 +19,7 @@ from typing import Sequence
 from sluice.errors import InvalidRequestError
 from sluice.frontend.tokenizer import Tokenizer
 from sluice.messages import EngineCoreRequest, EngineReady
-from sluice.sampling_params import SamplingParams
+from sluice.sampling_params import INT64_MIN, SamplingParams, in_int64
 
 
 def _as_token_id(value: object) -> int | None:
@@ -37,6 +37,12 @@ def child_request_id(request_id: str, index: int) -> str:
     return f"{index}_{request_id}"
 
 
+def child_seed(seed: int, index: int) -> int:
+    """The seed of child `index`: `seed + index`, wrapped into the signed 64-bit range (the
+    wire format's) so that a seed near the top still fans out."""
+    return (seed + index - INT64_MIN) % 2**64 + INT64_MIN
+
+
 def fan_out(request: EngineCoreRequest) -> list[EngineCoreRequest]:
     """The engine requests for `request`: itself when `n == 1`, else one child per sample."""
     params = request.sampling_params
@@ -45,7 +51,7 @@ def fan_out(request: EngineCoreRequest) -> list[EngineCoreRequest]:
     children = []
     for i in range(params.n):
         child_params = params.with_updates(
-            n=1, seed=None if params.seed is None else params.seed + i,
+            n=1, seed=None if params.seed is None else child_seed(params.seed, i),
             prompt_logprobs=params.prompt_logprobs if i == 0 else None)
         children.append(EngineCoreRequest(
             request_id=child_request_id(request.request_id, i),
@@ -99,6 +105,9 @@ class InputProcessor:
         """
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError("request_id must be a non-empty string.", param="request_id")
+        if not in_int64(priority):
+            raise InvalidRequestError(f"priority must fit a 64-bit signed integer, got "
+                                      f"{priority}.", param="priority")
         prompt_token_ids = self._tokenize(prompt, add_special_tokens)
         params = self._validate_params(params, len(prompt_token_ids))
         return EngineCoreRequest(

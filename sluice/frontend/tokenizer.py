@@ -7,6 +7,11 @@ Contract:
 * It loads `transformers.PreTrainedTokenizerFast` directly, never `AutoTokenizer`: the latter
   resolves classes through the model registry and imports torch, which the API-server process
   must not do (a test checks `'torch' not in sys.modules`).
+* Text that is not valid Unicode (a lone UTF-16 surrogate such as U+D800, which JSON's `\ud800`
+  escape can carry) raises `InvalidRequestError` naming the character, never a TypeError.
+* `apply_chat_template(..., time_limit_s=...)` renders under a time limit enforced inside the
+  rendering thread (see `call_with_time_limit`): for templates sent by a request, whose loops
+  the operator has not read.
 * Text decoding (`decode`, `decode_token`) goes straight to the Rust `tokenizers.Tokenizer`, so a
   full decode and the incremental detokenizer (`detokenizer.py`) agree character for character;
   no `clean_up_tokenization_spaces` post-processing is applied.
@@ -14,15 +19,66 @@ Contract:
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from sluice.errors import InvalidRequestError, ModelLoadError
+
+T = TypeVar("T")
 
 # Files a directory must hold for us to build a fast tokenizer from it (any one suffices;
 # the non-json ones are converted by transformers when their optional libraries are present).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json",
                     "spiece.model")
+
+
+def check_text(text: str, param: str) -> None:
+    """Raise `InvalidRequestError(param=param)` if `text` holds a lone surrogate (not valid
+    Unicode, so no tokenizer or UTF-8 encoder accepts it). ASCII text is checked in O(1)."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(
+            f"{param} holds a lone UTF-16 surrogate (U+{ord(text[e.start]):04X}) at character "
+            f"{e.start}; send valid Unicode text.", param=param) from None
+
+
+class TimeLimitExceeded(BaseException):
+    """Raised inside a `call_with_time_limit` call that ran out of time. A BaseException, so
+    that the code being run (jinja, transformers) cannot catch and wrap it."""
+
+
+_CHECK_EVERY = 256  # trace events between clock reads
+
+
+def call_with_time_limit(fn: Callable[[], T], time_limit_s: float) -> T:
+    """`fn()`, interrupted with `TimeLimitExceeded` once it has run `time_limit_s` seconds.
+
+    A trace function in the calling thread (`sys.settrace`, per thread) counts Python line and
+    call events and reads the clock every `_CHECK_EVERY` of them, so a template's loops are cut
+    off wherever they are. Pure-Python work only (a long C call is not interrupted); tracing
+    slows the call a few times, so use it for untrusted input, not on every request.
+    """
+    deadline = time.monotonic() + time_limit_s
+    events = 0
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal events
+        events += 1
+        if events % _CHECK_EVERY == 0 and time.monotonic() > deadline:
+            raise TimeLimitExceeded()
+        return tracer
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        return fn()
+    finally:
+        sys.settrace(previous)
 
 
 class Tokenizer:
@@ -58,7 +114,9 @@ class Tokenizer:
         return self.vocab_size
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; `add_special_tokens` adds BOS/EOS as the tokenizer is set up to."""
+        """Token ids of `text`; `add_special_tokens` adds BOS/EOS as the tokenizer is set up to.
+        Raises `InvalidRequestError(param="prompt")` for text that is not valid Unicode."""
+        check_text(text, "prompt")
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -79,12 +137,15 @@ class Tokenizer:
         return [self._backend.id_to_token(int(t)) or "" for t in token_ids]
 
     def apply_chat_template(self, messages: list[dict[str, Any]],
-                            add_generation_prompt: bool = True, **kwargs: Any) -> str:
+                            add_generation_prompt: bool = True, *,
+                            time_limit_s: float | None = None, **kwargs: Any) -> str:
         """Render a conversation to prompt text with the model's chat template.
 
         Extra keyword arguments (`chat_template=`, `tools=`, `continue_final_message=`, template
         variables) are passed to transformers. Raises `InvalidRequestError(param="messages")`
-        when the model has no chat template or the template rejects the conversation.
+        when the model has no chat template or the template rejects the conversation, and
+        `InvalidRequestError(param="chat_template")` when rendering takes longer than
+        `time_limit_s` (None: no limit).
         """
         if not self.chat_template and not kwargs.get("chat_template"):
             raise InvalidRequestError(
@@ -93,9 +154,18 @@ class Tokenizer:
                 "chat messages cannot be formatted. Use the completions API with a plain "
                 "prompt, or supply a chat template.", param="messages")
         kwargs.pop("tokenize", None)
-        try:
-            text = self.hf.apply_chat_template(
+
+        def render() -> Any:
+            return self.hf.apply_chat_template(
                 messages, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs)
+
+        try:
+            text = render() if time_limit_s is None else call_with_time_limit(render,
+                                                                              time_limit_s)
+        except TimeLimitExceeded:
+            raise InvalidRequestError(
+                f"The chat template took longer than {time_limit_s:g} s to render; send a "
+                "simpler template.", param="chat_template") from None
         except InvalidRequestError:
             raise
         except Exception as e:  # jinja2 TemplateError (raise_exception), bad message shapes

@@ -29,7 +29,7 @@ def _metric(text: str, name: str, **labels: str) -> float:
 
 
 def _abort_count(server) -> float:
-    text = httpx.get(server.url + "/metrics").text
+    text = httpx.get(server.url + "/metrics", headers=AUTH).text
     return _metric(text, "sluice:request_success_total", finished_reason="abort")
 
 
@@ -41,7 +41,7 @@ def _wait_until_aborted_and_freed(server, aborted_before: float) -> None:
         ok = httpx.post(server.url + "/v1/completions", headers=AUTH,
                         json={"prompt": "x", "max_tokens": 1})
         assert ok.status_code == 200
-        text = httpx.get(server.url + "/metrics").text
+        text = httpx.get(server.url + "/metrics", headers=AUTH).text
         if (_metric(text, "sluice:request_success_total", finished_reason="abort")
                 >= aborted_before + 1
                 and _metric(text, "sluice:num_requests_running") == 0

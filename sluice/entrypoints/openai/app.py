@@ -1,12 +1,18 @@
 """`build_app(engine, config)`: the OpenAI-compatible FastAPI application.
 
 Routes (one module each): /v1/models (models.py), /v1/completions (completions.py),
-/v1/chat/completions (chat.py), /tokenize + /detokenize (tokenize.py), /health, /version,
-/metrics (health.py). Errors use OpenAI's shape (errors.py).
+/v1/chat/completions (chat.py), /tokenize + /detokenize (tokenize.py), /health, /ping,
+/version, /metrics (health.py). Errors use OpenAI's shape (errors.py).
 
-Middleware, outermost first: CORS (only with --allowed-origins), X-Request-Id (taken from the
-request or generated, echoed on the response, available as `request.state.request_id`), API key
-(Bearer auth on /v1/* when --api-key / SLUICE_API_KEY is set, compared in constant time).
+Middleware, outermost first:
+1. CORS (only with --allowed-origins);
+2. X-Request-Id (taken from the request or generated, echoed on the response, available as
+   `request.state.request_id`);
+3. drain: 503 on every route but /metrics once a shutdown signal arrived (serve_cmd.py);
+4. API key (with --api-key / SLUICE_API_KEY): Bearer auth on every route, unknown ones included,
+   except `PUBLIC_PATHS` (/health, /ping; /metrics with --public-metrics), compared in constant
+   time — a new route is protected without anyone remembering to;
+5. body size: 413 for a body over --max-request-body-bytes, before any of it is parsed.
 The engine's stats feed a Prometheus registry owned by this app and, unless
 --disable-log-stats, a periodic log line.
 """
@@ -16,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import re
 from typing import Any, AsyncIterator
@@ -27,7 +32,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from sluice import __version__
 from sluice.config import EngineConfig
 from sluice.entrypoints.openai import chat, completions, health, models, tokenize
-from sluice.entrypoints.openai.errors import error_body, install_exception_handlers
+from sluice.entrypoints.openai.errors import install_exception_handlers, send_error
+from sluice.entrypoints.openai.limits import RequestLimits
 from sluice.entrypoints.openai.protocol import random_id
 from sluice.entrypoints.openai.serving import ServerState
 from sluice.metrics.loggers import LoggingStatLogger
@@ -66,16 +72,22 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-class APIKeyMiddleware:
-    """401 (OpenAI's error shape) on /v1/* unless `Authorization: Bearer <api_key>`."""
+PUBLIC_PATHS = frozenset(("/health", "/ping"))
+"""Routes that answer without the API key (load balancers' probes)."""
 
-    def __init__(self, app: ASGIApp, api_key: str):
+
+class APIKeyMiddleware:
+    """401 (OpenAI's error shape) unless `Authorization: Bearer <api_key>`, on every path but
+    `public_paths` (and CORS preflights)."""
+
+    def __init__(self, app: ASGIApp, api_key: str, public_paths: frozenset[str]):
         self.app = app
         self._expected = f"Bearer {api_key}".encode()
+        self._public = public_paths
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if (scope["type"] != "http" or scope.get("method") == "OPTIONS"
-                or not scope.get("path", "").startswith("/v1")):
+                or scope.get("path", "") in self._public):
             await self.app(scope, receive, send)
             return
         given = dict(scope.get("headers") or []).get(b"authorization", b"")
@@ -84,12 +96,67 @@ class APIKeyMiddleware:
             return
         message = ("Missing API key: send 'Authorization: Bearer <key>'." if not given
                    else "Incorrect API key provided.")
-        body = json.dumps(error_body(401, message)).encode()
-        await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()),
-                                (b"www-authenticate", b"Bearer")]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 401, message, headers=[(b"www-authenticate", b"Bearer")])
+
+
+class BodySizeLimitMiddleware:
+    """413 for a request body over `max_bytes`: at once when Content-Length says so, else as
+    soon as the streamed body passes it. The body is read here in full and replayed to the app
+    as one message, so no endpoint ever sees part of an oversized body; later `receive` calls
+    (disconnect detection) go to the server as usual."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large(send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._too_large(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replay: list[dict] = [{"type": "http.request", "body": b"".join(chunks),
+                               "more_body": False}]
+
+        async def replaying_receive() -> dict:
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, replaying_receive, send)
+
+    async def _too_large(self, send: Any) -> None:
+        await send_error(send, 413, f"The request body is larger than {self.max_bytes} bytes "
+                         "(--max-request-body-bytes).", headers=[(b"connection", b"close")])
+
+
+class DrainMiddleware:
+    """503 on every route but /metrics once the server drains for shutdown."""
+
+    def __init__(self, app: ASGIApp, state: ServerState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and self.state.draining and scope.get("path") != "/metrics":
+            await send_error(send, 503, "The server is shutting down; retry on another "
+                             "instance.", headers=[(b"connection", b"close")])
+            return
+        await self.app(scope, receive, send)
 
 
 def build_app(engine: Any, config: EngineConfig) -> FastAPI:
@@ -102,6 +169,10 @@ def build_app(engine: Any, config: EngineConfig) -> FastAPI:
         stat_logger = LoggingStatLogger()
         engine.add_stats_listener(stat_logger.record)
 
+    state = ServerState(engine=engine, config=config, model_name=ready.model_name,
+                        max_model_len=ready.max_model_len, metrics=metrics,
+                        limits=RequestLimits.from_config(config, ready.max_model_len))
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(stat_logger.run_periodically()) if stat_logger else None
@@ -110,18 +181,22 @@ def build_app(engine: Any, config: EngineConfig) -> FastAPI:
         finally:
             if task is not None:
                 task.cancel()
+            state.offloader.shutdown()
 
     app = FastAPI(title="sluice", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
-    app.state.sluice = ServerState(engine=engine, config=config, model_name=ready.model_name,
-                                   max_model_len=ready.max_model_len, metrics=metrics)
+    app.state.sluice = state
     install_exception_handlers(app)
     for module in (models, completions, chat, tokenize, health):
         app.include_router(module.router)
 
     # add_middleware wraps: the last one added runs first.
-    if config.server.api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=config.server.api_key)
+    server = config.server
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=server.max_request_body_bytes)
+    if server.api_key:
+        public = PUBLIC_PATHS | ({"/metrics"} if server.public_metrics else set())
+        app.add_middleware(APIKeyMiddleware, api_key=server.api_key, public_paths=public)
+    app.add_middleware(DrainMiddleware, state=state)
     app.add_middleware(RequestIdMiddleware)
     if config.server.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.server.allowed_origins),

@@ -23,8 +23,8 @@ from sluice.entrypoints.openai.protocol import (ChatChoice, ChatCompletionReques
                                                 random_id, usage)
 from sluice.entrypoints.openai.serving import (SSE_DONE, CleanupStreamingResponse,
                                                Generations, ServerState, get_state,
-                                               prompt_error_param, run_unless_disconnected, sse,
-                                               start_generations)
+                                               prompt_error_param, render_conversation,
+                                               run_unless_disconnected, sse, start_generations)
 from sluice.errors import InvalidRequestError
 from sluice.outputs import PositionLogprobs, RequestOutput
 
@@ -57,21 +57,15 @@ def chat_logprobs(token_ids: Sequence[int], positions: Sequence[PositionLogprobs
     return ChatLogprobs(content=content)
 
 
-def render_prompt(state: ServerState, body: ChatCompletionRequest) -> str:
-    """The conversation rendered by the chat template (400 param 'messages' on failure)."""
-    return state.tokenizer.apply_chat_template(
-        body.conversation(), add_generation_prompt=body.add_generation_prompt,
-        **body.template_kwargs())
-
-
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, raw_request: Request) -> Any:
     state = get_state(raw_request)
     state.check_model(body.model)
+    state.limits.check_sampling(body, num_prompts=1)
     params = body.to_sampling_params()
-    prompt = render_prompt(state, body)
+    prompt = await render_conversation(state, body.conversation(), body.template_kwargs())
     response_id = f"chatcmpl-{raw_request.state.request_id}"
-    ticket = state.admit(1)
+    ticket = state.admit(params.n)
     try:
         generations = start_generations(
             state, [prompt], params, f"{response_id}-{random_id()[:8]}",

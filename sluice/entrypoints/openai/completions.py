@@ -109,10 +109,14 @@ class _ChoiceBuilder:
 async def create_completion(body: CompletionRequest, raw_request: Request) -> Any:
     state = get_state(raw_request)
     state.check_model(body.model)
-    params = body.to_sampling_params()
     prompts = body.prompts()
+    state.limits.check_sampling(body, num_prompts=len(prompts))
+    params = body.to_sampling_params()
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            state.limits.check_prompt_chars(prompt, "prompt")
     response_id = f"cmpl-{raw_request.state.request_id}"
-    ticket = state.admit(len(prompts))
+    ticket = state.admit(len(prompts) * params.n)
     try:
         generations = start_generations(
             state, prompts, params, f"{response_id}-{random_id()[:8]}",

@@ -6,9 +6,10 @@
 | `InvalidRequestError` (sampling, context length) | 400    | BadRequestError           |
 | missing/wrong API key                           | 401    | AuthenticationError       |
 | unknown model, unknown route                    | 404    | NotFoundError             |
-| too many queued requests                        | 429    | RateLimitError            |
+| request body over --max-request-body-bytes      | 413    | RequestTooLargeError      |
+| too many queued sequences (with Retry-After)    | 429    | RateLimitError            |
 | client went away before the response            | 499    | ClientDisconnected        |
-| `EngineDeadError`                               | 503    | ServiceUnavailableError   |
+| `EngineDeadError`, server shutting down         | 503    | ServiceUnavailableError   |
 | anything else (traceback logged)                | 500    | InternalServerError       |
 
 `code` is the HTTP status. `install_exception_handlers(app)` registers the mapping on an app
@@ -43,12 +44,13 @@ class APIError(Exception):
     """An error the API answers with `status` (raise it from endpoints and helpers)."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 type: str | None = None):
+                 type: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.type = type or _TYPES.get(status) or _phrase(status)
+        self.headers = headers
 
 
 def _phrase(status: int) -> str:
@@ -69,6 +71,17 @@ def error_body(status: int, message: str, param: str | None = None,
 def error_response(status: int, message: str, param: str | None = None,
                    type: str | None = None) -> JSONResponse:
     return JSONResponse(error_body(status, message, param, type), status_code=status)
+
+
+async def send_error(send: Any, status: int, message: str, param: str | None = None,
+                     headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    """Send a complete error response on a raw ASGI `send` (for middleware that answers
+    before the app runs)."""
+    payload = json.dumps(error_body(status, message, param)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": payload})
 
 
 def error_from_exception(exc: BaseException) -> tuple[int, dict[str, Any]]:
@@ -120,7 +133,7 @@ def validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
     param = _loc_param(first.get("loc", ()))
     # A union (e.g. prompt) reports one error per member: say it once.
     same_param = [e for e in errors if _loc_param(e.get("loc", ())) == param]
-    msg = first.get("msg", "invalid value")
+    msg = first.get("msg", "invalid value").removeprefix("Value error, ")
     if len(same_param) > 1:
         msg = "has the wrong type or shape"
     extra = "" if len(errors) == len(same_param) else \
@@ -144,7 +157,7 @@ def install_exception_handlers(app: FastAPI) -> None:
 
     async def _known(_: Request, exc: Exception) -> JSONResponse:
         status, body = error_from_exception(exc)
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers=getattr(exc, "headers", None))
 
     for cls in (APIError, InvalidRequestError, NotFoundError, EngineDeadError):
         app.add_exception_handler(cls, _known)
@@ -177,8 +190,5 @@ class UnexpectedErrorMiddleware:
             status, body = error_from_exception(exc)
             if started:
                 return
-            payload = json.dumps(body).encode()
-            await send({"type": "http.response.start", "status": status,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(payload)).encode())]})
-            await send({"type": "http.response.body", "body": payload})
+            error = body["error"]
+            await send_error(send, status, error["message"], error["param"])

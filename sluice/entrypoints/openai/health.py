@@ -1,5 +1,6 @@
-"""GET /health (200 empty when the engine answers, 503 when it is dead or hung), /version,
-and /metrics (Prometheus text format from the app's own registry)."""
+"""GET /health and GET|POST /ping (200 empty when the engine answers, 503 when it is dead or
+hung; /ping is the name SageMaker-style load balancers probe), /version, and /metrics
+(Prometheus text format from the app's own registry)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ HEALTH_TIMEOUT_S = 5.0
 
 
 @router.get("/health")
+@router.get("/ping")
+@router.post("/ping")
 async def health(raw_request: Request) -> Response:
     state = get_state(raw_request)
     try:

@@ -1,7 +1,8 @@
 """Pydantic models of the OpenAI-compatible HTTP API (requests, responses, stream chunks).
 
 Shapes follow OpenAI's API (and vLLM's extras). Unknown request fields are ignored and logged
-at debug level, as vLLM does. Each request type converts itself to `SamplingParams` in exactly
+at debug level, as vLLM does. Every string of a request (keys included, at any depth) must be
+valid Unicode: `RequestModel` rejects lone surrogates with a 400 naming the top-level field. Each request type converts itself to `SamplingParams` in exactly
 one place (`to_sampling_params`); value ranges are checked by `SamplingParams` itself (which
 raises `InvalidRequestError` naming the parameter), so there is one source of truth.
 No torch.
@@ -14,9 +15,11 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationInfo, field_validator,
+                      model_serializer, model_validator)
 
 from sluice.errors import InvalidRequestError
+from sluice.frontend.tokenizer import check_text
 from sluice.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -48,6 +51,34 @@ class OpenAIBaseModel(BaseModel):
         return data
 
 
+def check_all_text(value: Any, param: str) -> None:
+    """Raise `InvalidRequestError(param=param)` if any string in `value` (a parsed JSON value:
+    dicts, lists, strings, numbers; keys included) is not valid Unicode. Iterative, so deep
+    nesting cannot exhaust the stack."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            check_text(item, param)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+class RequestModel(OpenAIBaseModel):
+    """Base of top-level request bodies: every field's raw value is checked for text that is not
+    valid Unicode before it is parsed (a 400 naming the field, see `check_all_text`)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _valid_text(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, (int, float, bool)) and value is not None:
+            check_all_text(value, info.field_name or "body")
+        return value
+
+
 class ResponseModel(BaseModel):
     """Base of response models (extra fields kept, nothing validated on the hot path)."""
 
@@ -77,7 +108,7 @@ class StreamOptions(OpenAIBaseModel):
     continuous_usage_stats: bool | None = False
 
 
-class SamplingFields(OpenAIBaseModel):
+class SamplingFields(RequestModel):
     """Fields shared by completion and chat requests (OpenAI's and vLLM's extras)."""
 
     model: str | None = None
@@ -276,6 +307,48 @@ class ChatMessageParam(BaseModel):
         return data
 
 
+class FunctionDefinition(OpenAIBaseModel):
+    """A tool's function: OpenAI's name rule (letters, digits, '_' and '-', at most 64)."""
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(OpenAIBaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIBaseModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIBaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(OpenAIBaseModel):
+    name: str
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+# Keywords of transformers' apply_chat_template that a request's chat_template_kwargs may not
+# set: they change what the call returns or collide with its positional arguments.
+_RESERVED_TEMPLATE_KWARGS = frozenset((
+    "conversation", "messages", "tokenize", "padding", "truncation", "max_length",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+    "time_limit_s"))
+
+
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
@@ -288,6 +361,9 @@ class ChatCompletionRequest(SamplingFields):
     add_special_tokens: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    response_format: ResponseFormat | None = None
 
     def conversation(self) -> list[dict[str, Any]]:
         if not self.messages:
@@ -296,15 +372,34 @@ class ChatCompletionRequest(SamplingFields):
         return [m.to_template_dict() for m in self.messages]
 
     def template_kwargs(self) -> dict[str, Any]:
-        kwargs = dict(self.chat_template_kwargs or {})
-        if self.chat_template is not None:
-            kwargs["chat_template"] = self.chat_template
-        return kwargs
+        """Keywords for `Tokenizer.apply_chat_template`: `add_generation_prompt`, `tools` (when
+        sent with tool_choice 'none'), then `chat_template_kwargs` (which win, as in vLLM),
+        then `chat_template`. Reserved keywords are a 400 naming chat_template_kwargs."""
+        return template_kwargs(self.add_generation_prompt, self.chat_template,
+                               self.chat_template_kwargs,
+                               tools=[t.model_dump(exclude_none=True) for t in self.tools]
+                               if self.tools else None)
+
+    def _check_tools_and_format(self) -> None:
+        """Well-formed but not implemented: a 400 naming the field, never a 200 that drops
+        it. Tools with tool_choice 'none' are honoured: the template renders them and no call
+        is parsed."""
+        if self.response_format is not None and self.response_format.type != "text":
+            raise InvalidRequestError(
+                f"response_format type {self.response_format.type!r} is not supported by this "
+                "server yet; only 'text' is.", param="response_format")
+        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+            raise InvalidRequestError("tool_choice needs tools.", param="tool_choice")
+        if self.tools and self.tool_choice != "none":
+            raise InvalidRequestError(
+                "Tool calling is not supported by this server yet; send tool_choice 'none' to "
+                "show the tools to the model without calls being parsed.", param="tools")
 
     def to_sampling_params(self) -> SamplingParams:
         """Validated SamplingParams; `max_completion_tokens` wins over `max_tokens`; no limit
         means "up to the context length"."""
         self._check_common()
+        self._check_tools_and_format()
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true.",
                                       param="top_logprobs")
@@ -383,19 +478,44 @@ class ChatCompletionStreamResponse(ResponseModel):
 # ---------------------------------------------------------------------------------------------
 # /tokenize, /detokenize, /v1/models
 
-class TokenizeCompletionRequest(OpenAIBaseModel):
+class TokenizeCompletionRequest(RequestModel):
     model: str | None = None
     prompt: str
     add_special_tokens: bool = True
 
 
-class TokenizeChatRequest(OpenAIBaseModel):
+class TokenizeChatRequest(RequestModel):
     model: str | None = None
     messages: list[ChatMessageParam]
     add_generation_prompt: bool = True
     add_special_tokens: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """As `ChatCompletionRequest.template_kwargs` (no tools)."""
+        return template_kwargs(self.add_generation_prompt, self.chat_template,
+                               self.chat_template_kwargs)
+
+
+def template_kwargs(add_generation_prompt: bool, chat_template: str | None,
+                    chat_template_kwargs: dict[str, Any] | None, *,
+                    tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The keywords a chat request passes to `Tokenizer.apply_chat_template` (see
+    `ChatCompletionRequest.template_kwargs`). A `chat_template` inside `chat_template_kwargs`
+    counts as the request's template."""
+    extra = dict(chat_template_kwargs or {})
+    reserved = sorted(k for k in extra if k in _RESERVED_TEMPLATE_KWARGS)
+    if reserved:
+        raise InvalidRequestError(f"chat_template_kwargs may not set {', '.join(reserved)}.",
+                                  param="chat_template_kwargs")
+    kwargs: dict[str, Any] = {"add_generation_prompt": add_generation_prompt}
+    if tools:
+        kwargs["tools"] = tools
+    kwargs.update(extra)
+    if chat_template is not None:
+        kwargs["chat_template"] = chat_template
+    return kwargs
 
 
 class TokenizeResponse(ResponseModel):
@@ -404,7 +524,7 @@ class TokenizeResponse(ResponseModel):
     tokens: list[int]
 
 
-class DetokenizeRequest(OpenAIBaseModel):
+class DetokenizeRequest(RequestModel):
     model: str | None = None
     tokens: list[int]
 

@@ -1,5 +1,6 @@
 """What every endpoint shares: the server state, admission (model name, queue limit, engine
-health), running several generations at once, and client-disconnect handling.
+health, draining), running several generations at once, client-disconnect handling, and the
+graceful drain on shutdown.
 
 Contract with the engine (`AsyncLLM`): `generate(...)` is an async iterator that raises
 `InvalidRequestError` before its first output for bad input; cancelling the task that iterates
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 from fastapi import Request
@@ -19,7 +21,9 @@ from fastapi.responses import StreamingResponse
 
 from sluice.config import EngineConfig
 from sluice.entrypoints.openai.errors import APIError
+from sluice.entrypoints.openai.limits import RequestLimits
 from sluice.errors import EngineDeadError, InvalidRequestError
+from sluice.frontend.offload import Offloader
 from sluice.outputs import RequestOutput
 from sluice.sampling_params import SamplingParams
 
@@ -29,6 +33,13 @@ T = TypeVar("T")
 
 DISCONNECT_POLL_S = 0.25
 SSE_DONE = "data: [DONE]\n\n"
+RETRY_AFTER_S = 1
+"""The Retry-After of a 429: the queue moves on within about a second of engine steps."""
+DRAIN_POLL_S = 0.05
+FLUSH_AFTER_FAIL_S = 2.0
+"""After the shutdown grace period has ended the remaining requests with an error, how long
+their error responses get to reach the clients before the server stops."""
+SHUTTING_DOWN = "The server is shutting down; retry on another instance."
 
 
 def sse(data: str) -> str:
@@ -38,14 +49,20 @@ def sse(data: str) -> str:
 
 @dataclass
 class ServerState:
-    """Per-app state: the engine, its config and runtime facts, counters."""
+    """Per-app state: the engine, its config and runtime facts, request bounds, counters, the
+    generations in flight (for the shutdown drain) and the offload pool."""
 
     engine: Any  # AsyncLLM (typed loosely: the frontend must not be imported eagerly)
     config: EngineConfig
     model_name: str
     max_model_len: int
+    limits: RequestLimits
     metrics: Any = None  # sluice.metrics.prometheus.PrometheusMetrics
     num_in_flight: int = 0
+    """Sequences (prompts x n) admitted and not yet answered."""
+    draining: bool = False
+    offloader: Offloader = field(default_factory=lambda: Offloader(name="sluice-api"))
+    generations: "weakref.WeakSet[Generations]" = field(default_factory=weakref.WeakSet)
 
     @property
     def tokenizer(self) -> Any:
@@ -57,7 +74,7 @@ class ServerState:
             raise APIError(404, f"The model `{model}` does not exist.", param="model")
 
     def num_queued(self) -> int:
-        """Requests admitted but not running: unfinished (counted here and by the engine,
+        """Sequences admitted but not running: unfinished (counted here and by the engine,
         whichever is larger, since a just-admitted request may not be registered yet) minus
         those running at the engine's last step."""
         unfinished = max(self.num_in_flight, int(self.engine.num_unfinished_requests))
@@ -65,26 +82,48 @@ class ServerState:
         running = stats.num_running_reqs if stats is not None else 0
         return max(0, unfinished - running)
 
-    def admit(self, num_requests: int = 1) -> "Admission":
-        """Admit `num_requests` engine requests until the returned ticket is released, or
-        refuse: 503 when the engine is dead, 429 when `--max-num-queued-requests` are already
-        waiting."""
+    def admit(self, num_sequences: int = 1) -> "Admission":
+        """Admit `num_sequences` engine sequences (prompts x n) until the returned ticket is
+        released, or refuse: 503 when the engine is dead or the server drains, 429 (with
+        Retry-After) when `--max-num-queued-requests` sequences would be waiting."""
         if self.engine.is_dead:
             raise EngineDeadError()
+        if self.draining:
+            raise APIError(503, SHUTTING_DOWN)
         limit = self.config.scheduler.max_num_queued_requests
-        if limit is not None and self.num_queued() + num_requests > limit:
-            raise APIError(429, f"The server already has {limit} requests waiting "
-                           f"(--max-num-queued-requests {limit}); retry later.")
-        self.num_in_flight += num_requests
-        return Admission(self, num_requests)
+        if limit is not None and self.num_queued() + num_sequences > limit:
+            raise APIError(429, f"The server already has {limit} sequences waiting "
+                           f"(--max-num-queued-requests {limit}); this request needs "
+                           f"{num_sequences}. Retry later.",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        self.num_in_flight += num_sequences
+        return Admission(self, num_sequences)
+
+    async def drain(self, grace_s: float) -> int:
+        """Shut down gracefully: from now on new requests get 503; in-flight ones may run for
+        up to `grace_s` seconds; then each remaining generation is ended with a 503-type error
+        (a JSON error, or an error event and `[DONE]` on a stream), and their responses get
+        `FLUSH_AFTER_FAIL_S` to go out. Returns the number of generations ended that way."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self.num_in_flight > 0 and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        if self.num_in_flight == 0:
+            return 0
+        ended = [g for g in list(self.generations) if g.fail(APIError(503, SHUTTING_DOWN))]
+        deadline = loop.time() + FLUSH_AFTER_FAIL_S
+        while self.num_in_flight > 0 and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        return len(ended)
 
 
 class Admission:
-    """A ticket for admitted requests; `release()` is idempotent (also a context manager)."""
+    """A ticket for admitted sequences; `release()` is idempotent (also a context manager)."""
 
-    def __init__(self, state: ServerState, num_requests: int):
+    def __init__(self, state: ServerState, num_sequences: int):
         self._state: ServerState | None = state
-        self._num = num_requests
+        self._num = num_sequences
 
     def release(self) -> None:
         if self._state is not None:
@@ -126,7 +165,8 @@ class Generations:
     (raised by the engine before the first output) surfaces before any response is sent; it
     then re-raises that error after aborting the others. Iterating yields `(prompt_index,
     RequestOutput)` as they arrive. `abort()` cancels everything (synchronous, so it is safe in
-    a `finally` of a cancelled stream).
+    a `finally` of a cancelled stream); `fail(error)` ends it with `error` instead (the
+    consumer raises it), for the shutdown drain.
     """
 
     _DONE = object()
@@ -137,6 +177,7 @@ class Generations:
         self._tasks = [asyncio.create_task(self._pump(i, it)) for i, it in enumerate(iterators)]
         self._buffer: list[tuple[int, RequestOutput]] = []
         self._open = self._num
+        self._finished = False
 
     async def _pump(self, index: int, iterator: AsyncIterator[RequestOutput]) -> None:
         try:
@@ -196,19 +237,31 @@ class Generations:
         return [last[i] for i in range(self._num)]
 
     def abort(self) -> None:
+        self._finished = True
         for task in self._tasks:
             if not task.done():
                 task.cancel()
+
+    def fail(self, error: BaseException) -> bool:
+        """End every generation (aborting it in the engine) and make the consumer raise
+        `error`; False when it had already ended."""
+        if self._finished or self._open == 0:
+            return False
+        self.abort()
+        self._queue.put_nowait((0, error))
+        return True
 
 
 def start_generations(state: ServerState, prompts: Sequence[str | list[int]],
                       params: SamplingParams, request_id: str, *, priority: int,
                       add_special_tokens: bool) -> Generations:
-    """One engine generation per prompt, ids `{request_id}-{i}`."""
-    return Generations([
+    """One engine generation per prompt, ids `{request_id}-{i}` (registered for the drain)."""
+    generations = Generations([
         state.engine.generate(prompt, params, f"{request_id}-{i}", priority=priority,
                               add_special_tokens=add_special_tokens)
         for i, prompt in enumerate(prompts)])
+    state.generations.add(generations)
+    return generations
 
 
 async def run_unless_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -224,14 +277,29 @@ async def run_unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        watcher.cancel()
         if not task.done():
             task.cancel()
-        watcher.cancel()
+            # cancel() only requests it: wait until the task has run its cancellation, so
+            # that it reads as cancelled below (not InvalidStateError from result()).
+            await asyncio.wait({task})
     if task.cancelled():
         logger.info("Client disconnected; aborted request %s",
                     getattr(request.state, "request_id", "?"))
         raise APIError(499, "The client disconnected before the response was ready.")
     return task.result()
+
+
+async def render_conversation(state: ServerState, conversation: list[dict[str, Any]],
+                              template_kwargs: dict[str, Any]) -> str:
+    """The conversation rendered by the chat template on the offload pool: a request-supplied
+    template is a 400 unless trusted, and then has a time limit; the result is bounded like a
+    text prompt (param 'messages')."""
+    time_limit_s = state.limits.template_time_limit(template_kwargs)
+    text = await state.offloader.run(state.tokenizer.apply_chat_template, conversation,
+                                     time_limit_s=time_limit_s, **template_kwargs)
+    state.limits.check_prompt_chars(text, "messages")
+    return text
 
 
 def prompt_error_param(exc: InvalidRequestError, is_chat: bool) -> InvalidRequestError:
