@@ -3,8 +3,9 @@
 `start_server(model_dir, *flags)` launches `sluice serve` in a subprocess on a free port and
 waits (with a deadline) until /health answers 200; `stop()` ends it and its engine core.
 The session fixture `server` is the shared one most tests use (API key `API_KEY`);
-`limited_server` (max 1 running, 1 queued, a model without chat template) serves the 429 and
-no-template tests. Keep the number of servers small: each start costs seconds on 2 cores.
+`limited_server` (max 1 running, 1 queued, a model without chat template, request templates
+trusted, 4 M-character prompts) serves the 429, no-template and event-loop tests. Keep the
+number of servers small: each start costs seconds on 2 cores.
 """
 
 from __future__ import annotations
@@ -62,9 +63,12 @@ def no_template_dir(llama_dir, tmp_path_factory) -> Path:
 def limited_server(start_server, no_template_dir) -> ServerProcess:
     """One request runs at a time, one may wait; no chat template; no API key. A longer
     context than the other servers, so that one request can run long enough (1000 tokens)
-    to still be running while the 429 test sends the others."""
+    to still be running while the 429 test sends the others. Request chat templates are
+    trusted (rendered under a time limit) and prompts may be 4 M characters long, for the
+    tests of work kept off the event loop."""
     return start_server(no_template_dir, "--max-num-seqs", "1",
-                        "--max-num-queued-requests", "1", "--max-model-len", "1024")
+                        "--max-num-queued-requests", "1", "--max-model-len", "1024",
+                        "--trust-request-chat-template", "--max-prompt-chars", "4000000")
 
 
 @pytest.fixture

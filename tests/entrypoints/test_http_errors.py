@@ -200,4 +200,5 @@ def test_too_many_queued_requests_is_429(limited_server):
     for response in responses:
         if response.status_code == 429:
             assert_error(response, 429, "RateLimitError")
+            assert int(response.headers["retry-after"]) >= 1
     assert httpx.post(url, json={"prompt": "x", "max_tokens": 2}).status_code == 200

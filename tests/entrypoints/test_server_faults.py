@@ -56,7 +56,14 @@ def _wait_until_aborted_and_freed(server, aborted_before: float) -> None:
 LONG = {"prompt": "Tell me a long story", "max_tokens": 230, "ignore_eos": True}
 
 
+def _assert_no_traceback_since(server, log_offset: int) -> None:
+    """A disconnect is routine: it is logged at info, never with a traceback."""
+    log = server.log()[log_offset:]
+    assert "Traceback" not in log and "InvalidStateError" not in log, log[-3000:]
+
+
 def test_client_disconnect_mid_stream_frees_kv_blocks(server):
+    log_offset = len(server.log())
     aborted_before = _abort_count(server)
     with httpx.stream("POST", server.url + "/v1/completions", json={**LONG, "stream": True},
                       headers=AUTH, timeout=60.0) as response:
@@ -67,16 +74,19 @@ def test_client_disconnect_mid_stream_frees_kv_blocks(server):
             if received >= 3:
                 break  # leaving the block closes the connection mid-stream
     _wait_until_aborted_and_freed(server, aborted_before)
+    _assert_no_traceback_since(server, log_offset)
 
 
 def test_client_disconnect_before_a_full_response_aborts(server):
     """The client gives up reading after 50 ms, far less than 4 x 230 tokens take even on the
     tiny model (~230 engine steps); only the read phase is that short."""
+    log_offset = len(server.log())
     aborted_before = _abort_count(server)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json={**LONG, "n": 4}, headers=AUTH,
                    timeout=httpx.Timeout(5.0, read=0.05))
     _wait_until_aborted_and_freed(server, aborted_before)
+    _assert_no_traceback_since(server, log_offset)
 
 
 def test_sigterm_shuts_down_cleanly(start_server, llama_dir):
