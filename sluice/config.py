@@ -45,12 +45,18 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str | None = option(None, "Path to a model directory in Hugging Face format "
-                               "(config.json, *.safetensors, tokenizer). Default: the built-in "
-                               "demo model.")
-    tokenizer: str | None = option(None, "Tokenizer directory; defaults to the model directory.")
-    served_model_name: str | None = option(None, "Model name reported by the API; defaults to "
-                                           "the model directory's name.")
+    model: str | None = option(None, "The model: a local directory in Hugging Face format "
+                               "(config.json, *.safetensors, tokenizer), a Hugging Face hub id "
+                               "such as Qwen/Qwen2.5-0.5B-Instruct (downloaded once, or read "
+                               "from the local cache with HF_HUB_OFFLINE=1), or a .gguf file. "
+                               "Default: the built-in demo model.")
+    tokenizer: str | None = option(None, "Tokenizer directory or hub id; defaults to the "
+                                   "model's (for a .gguf file, the tokenizer in the file).")
+    served_model_name: tuple[str, ...] = option(
+        default_factory=tuple, help="Name(s) the API answers to (space or comma separated); "
+        "the first is the one reported. Default: the model as given.")
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) of a hub model. "
+                                  "Default: main.")
     dtype: str = option("auto", "Weight and activation dtype. 'auto' is float32 on CPU and the "
                         "checkpoint's dtype on CUDA.", choices=DTYPES)
     max_model_len: int | None = option(None, "Maximum tokens per request (prompt + output). "
@@ -118,8 +124,14 @@ class DeviceConfig:
 
 @dataclass(frozen=True)
 class LoadConfig:
-    load_format: str = option("auto", "Weight format: safetensors files, or random weights "
-                              "('dummy', for testing).", choices=("auto", "safetensors", "dummy"))
+    load_format: str = option("auto", "Weight format: 'auto' reads safetensors files, or the "
+                              "GGUF file a .gguf model names; 'gguf' insists on a GGUF file; "
+                              "'dummy' fills random weights (for testing).",
+                              choices=("auto", "safetensors", "gguf", "dummy"))
+    download_dir: str | None = option(None, "Where hub models are downloaded and looked up. "
+                                      "Default: the Hugging Face cache (HF_HUB_CACHE).")
+    hf_token: str | None = option(None, "Hugging Face token for gated or private hub models. "
+                                  "Default: HF_TOKEN or the token saved by `hf auth login`.")
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,8 @@ OTHER_ENV_VARS: frozenset[str] = frozenset({CONFIG_FILE_ENV, ENGINE_STARTUP_TIME
 read their own `SLUICE_*` variable add its name here."""
 
 MODEL_POSITIONAL_DEST = "model_positional"
+SECRET_FIELDS = ("api_key", "hf_token")
+"""Fields never printed in logs (`flat_config` redacts them)."""
 
 
 def default_model_path() -> Path:
@@ -133,7 +135,8 @@ def _to_tuple(spec: FieldSpec, raw: Any) -> tuple[str, ...]:
     if isinstance(raw, str):
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     if isinstance(raw, (list, tuple)) and all(isinstance(x, str) for x in raw):
-        return tuple(raw)
+        # space-separated flag values (nargs="+") may each still be comma separated
+        return tuple(part.strip() for item in raw for part in item.split(",") if part.strip())
     raise _BadValue("is not a list of strings")
 
 
@@ -401,8 +404,10 @@ def build_engine_config(cli_args: dict[str, Any] | None = None, config_file: str
                 problems.append(_value_problem(spec, chosen[name], e.reason))
     if values.get("model") is None:
         values["model"] = str(default_model_path())
-        if values.get("served_model_name") is None:
-            values["served_model_name"] = DEMO_MODEL_NAME
+        if not values.get("served_model_name"):
+            values["served_model_name"] = (DEMO_MODEL_NAME,)
+    if not values.get("served_model_name") and "model" not in bad:
+        values["served_model_name"] = (values["model"],)  # as vLLM: the model as given
     cfg = EngineConfig(**{
         section: cls(**{n: v for n, v in values.items() if specs[n].section == section})
         for section, cls in SECTIONS.items()})
@@ -413,10 +418,12 @@ def build_engine_config(cli_args: dict[str, Any] | None = None, config_file: str
 
 
 def flat_config(cfg: EngineConfig, *, redact: bool = True) -> dict[str, Any]:
-    """The config as one flat {field_name: value} dict (for logs); `api_key` shown as '***'."""
+    """The config as one flat {field_name: value} dict (for logs); secrets (`api_key`,
+    `hf_token`) shown as '***'."""
     flat = {k: v for section in asdict(cfg).values() for k, v in section.items()}
-    if redact and flat.get("api_key"):
-        flat["api_key"] = "***"
+    for secret in SECRET_FIELDS:
+        if redact and flat.get(secret):
+            flat[secret] = "***"
     return flat
 
 
@@ -466,6 +473,9 @@ def add_engine_args(parser: argparse.ArgumentParser, sections: Iterable[str] | N
             if spec.kind == "bool":
                 group.add_argument(*names, dest=spec.name, default=None, help=_flag_help(spec),
                                    action=argparse.BooleanOptionalAction)
+            elif spec.kind == "tuple":  # vLLM style: --served-model-name a b (or a,b)
+                group.add_argument(*names, dest=spec.name, default=None, help=_flag_help(spec),
+                                   metavar=spec.name.split("_")[-1].upper(), nargs="+")
             else:
                 group.add_argument(*names, dest=spec.name, default=None, help=_flag_help(spec),
                                    metavar=_metavar(spec))

@@ -129,9 +129,10 @@ def engine_kwargs(cfg: EngineConfig) -> dict[str, Any]:
     from sluice.config import field_specs
     from sluice.config_sources import flat_config
     specs = field_specs()
+    derived = {"served_model_name": (cfg.model.model,)}  # the default a config build derives
     return {name: value for name, value in flat_config(cfg, redact=False).items()
             if name != "model" and specs[name].section != "server"
-            and value != specs[name].default}
+            and value != specs[name].default and value != derived.get(name)}
 
 
 def _load_tokenizer(model: str) -> Any | None:

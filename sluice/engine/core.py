@@ -102,7 +102,7 @@ class EngineCore:
         self.ready = EngineReady(
             num_kv_blocks=self.num_kv_blocks, block_size=config.cache.block_size,
             max_model_len=self.max_model_len, vocab_size=self.spec.vocab_size,
-            model_name=config.model.served_model_name or Path(self.spec.path).name,
+            model_name=(config.model.served_model_name or (Path(self.spec.path).name,))[0],
             eos_token_ids=list(self.spec.eos_token_ids),
             startup_seconds=timings)
         logger.info("engine ready: %d KV blocks of %d tokens, max_model_len %d",

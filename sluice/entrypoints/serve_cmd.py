@@ -4,7 +4,8 @@
 
 Startup runs in named stages, each logged with its duration:
 
-    parse config -> detect hardware -> check model -> bind port -> start engine (spawn the
+    parse config -> detect hardware -> bind port -> resolve model (a hub id is downloaded or
+    read from the cache, a .gguf file gets its HF-format sidecar) -> start engine (spawn the
     engine core, load weights, allocate the KV cache, warm up) -> serve
 
 The port is bound (not yet listened on) before anything heavy starts, and the same socket is
@@ -253,13 +254,17 @@ def run(args: argparse.Namespace) -> int:
         logger.debug("Config: %s", flat_config(config))
     with stage("detect hardware"):
         logger.info(hardware_summary())
-    with stage("check model"):
-        from sluice.hf_config import load_model_spec
-        spec = load_model_spec(config.model.model)
-        logger.info("Model %s: %s", config.model.model, spec.architecture)
     with stage("bind port"):
         sock = bind_socket(config.server.host, config.server.port)
     try:
+        with stage("resolve model"):
+            from sluice.hf_config import load_model_spec
+            from sluice.model_spec.resolve import resolve_model_config
+            given = config.model.model
+            config = resolve_model_config(config)
+            spec = load_model_spec(config.model.model)
+            where = "" if given == config.model.model else f" (from {config.model.model})"
+            logger.info("Model %s%s: %s", given, where, spec.architecture)
         with stage("start engine"):
             engine = start_engine(config)
         for name, seconds in (getattr(engine.ready, "startup_seconds", None) or {}).items():

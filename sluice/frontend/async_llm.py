@@ -37,6 +37,7 @@ from sluice.frontend.offload import Offloader
 from sluice.frontend.output_processor import OutputProcessor
 from sluice.frontend.stats import FrontendStats
 from sluice.frontend.tokenizer import Tokenizer, load_tokenizer
+from sluice.model_spec.resolve import resolve_model_config
 from sluice.messages import EngineCoreOutputs, SchedulerStats
 from sluice.outputs import RequestOutput
 from sluice.sampling_params import SamplingParams
@@ -81,7 +82,8 @@ class AsyncLLM:
                     startup_timeout_s: float | None = None) -> "AsyncLLM":
         """Spawn the engine core and load the tokenizer meanwhile; block until both are ready.
         Raises `EngineStartupError` with the engine's own message, or the tokenizer's
-        `ModelLoadError`."""
+        `ModelLoadError`. A hub id or .gguf model is resolved to a local directory first."""
+        config = resolve_model_config(config)
         process = EngineProcess(config)
         loaded: dict[str, Any] = {}
 

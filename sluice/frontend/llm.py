@@ -19,6 +19,7 @@ from sluice.frontend.client import EngineCoreClient, InprocClient, SyncMPClient
 from sluice.frontend.input_processor import InputProcessor
 from sluice.frontend.output_processor import OutputProcessor
 from sluice.frontend.tokenizer import Tokenizer, load_tokenizer
+from sluice.model_spec.resolve import resolve_model_config
 from sluice.outputs import RequestOutput
 from sluice.sampling_params import RequestOutputKind, SamplingParams
 
@@ -44,6 +45,7 @@ class LLM:
             config = build_engine_config(overrides=overrides)
         elif model is not None or engine_kwargs:
             raise TypeError("LLM: pass either config= or model/engine keyword arguments.")
+        config = resolve_model_config(config)  # hub id / .gguf -> local directory
         self.config = config
         self.client: EngineCoreClient = (SyncMPClient(config) if use_process
                                          else InprocClient(config))

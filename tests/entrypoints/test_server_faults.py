@@ -190,7 +190,8 @@ def test_missing_model_fails_fast(tmp_path):
     result = run_cli(_serve_args(str(missing), free_port()))
     assert result.returncode == 1
     line = last_line(result.stderr)
-    assert line.startswith("error: ") and str(missing) in line and "does not exist" in line
+    assert line.startswith("error: ") and str(missing) in line and "not found" in line
+    assert "not a local directory" in line and "hub id" in line
 
 
 def test_not_hf_format_and_unknown_architecture(tmp_path, llama_dir):

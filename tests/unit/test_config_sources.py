@@ -295,6 +295,16 @@ def test_no_model_means_the_builtin_demo_model_served_as_sluice_demo():
     from sluice.config_sources import build_engine_config, default_model_path
     cfg = build_engine_config(env={})
     assert cfg.model.model == str(default_model_path())
-    assert cfg.model.served_model_name == "sluice-demo"
+    assert cfg.model.served_model_name == ("sluice-demo",)
     named = build_engine_config(env={}, overrides={"model": "/some/dir"})
-    assert named.model.served_model_name is None  # the directory's name is used
+    assert named.model.served_model_name == ("/some/dir",)  # as vLLM: the model as given
+
+
+def test_served_model_name_takes_several_names():
+    """`--served-model-name a b` is two names (the first reported), not a model path `b`."""
+    parser = make_parser(positional_model=True)
+    cfg = engine_config_from_args(parser.parse_args(["/m", "--served-model-name", "a", "b"]))
+    assert cfg.model.model == "/m" and cfg.model.served_model_name == ("a", "b")
+    cfg = engine_config_from_args(parser.parse_args(["--served-model-name", "a,b",
+                                                     "--max-num-seqs", "4", "--model", "/m"]))
+    assert cfg.model.model == "/m" and cfg.model.served_model_name == ("a", "b")

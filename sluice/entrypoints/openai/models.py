@@ -1,4 +1,5 @@
-"""GET /v1/models: the one served model."""
+"""GET /v1/models: the served model, one card per name it answers to (--served-model-name;
+the first is the one responses report)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ router = APIRouter()
 @router.get("/v1/models")
 async def list_models(raw_request: Request) -> dict[str, Any]:
     state = get_state(raw_request)
-    card = ModelCard(id=state.model_name, root=state.config.model.model,
-                     max_model_len=state.max_model_len)
-    return ModelList(data=[card]).model_dump()
+    cards = [ModelCard(id=name, root=state.config.model.model,
+                       max_model_len=state.max_model_len)
+             for name in state.served_model_names]
+    return ModelList(data=cards).model_dump()

@@ -68,9 +68,15 @@ class ServerState:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    @property
+    def served_model_names(self) -> tuple[str, ...]:
+        """Every name the API answers to (--served-model-name); the first is reported."""
+        names = self.config.model.served_model_name
+        return names if self.model_name in names else (self.model_name, *names)
+
     def check_model(self, model: str | None) -> None:
-        """404 unless `model` is None or the served model's name."""
-        if model is not None and model != self.model_name:
+        """404 unless `model` is None or one of the served model's names."""
+        if model is not None and model not in self.served_model_names:
             raise APIError(404, f"The model `{model}` does not exist.", param="model")
 
     def num_queued(self) -> int:
