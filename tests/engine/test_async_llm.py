@@ -22,7 +22,7 @@ from sluice.frontend.async_llm import AsyncLLM
 from sluice.frontend.llm import LLM
 from sluice.sampling_params import RequestOutputKind, SamplingParams
 
-from conftest import engine_children, make_config
+from _sluice_engine_helpers import engine_children, make_config
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -24,7 +24,7 @@ from sluice.messages import EngineCoreRequest
 from sluice.platform.cpu import CpuPlatform
 from sluice.sampling_params import SamplingParams
 
-from conftest import engine_children, make_config
+from _sluice_engine_helpers import engine_children, make_config
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -11,7 +11,7 @@ import pytest
 from sluice.config_sources import build_engine_config
 from sluice.sampling_params import SamplingParams
 
-from conftest import PROMPTS, hf_greedy, run_engine_core
+from _sluice_engine_helpers import PROMPTS, hf_greedy, run_engine_core
 
 MAX_NEW = 24
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)

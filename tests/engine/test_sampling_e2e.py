@@ -9,7 +9,7 @@ import torch
 
 from sluice.sampling_params import SamplingParams
 
-from conftest import PROMPTS, _hf_model, hf_greedy
+from _sluice_engine_helpers import PROMPTS, _hf_model, hf_greedy
 
 
 @pytest.fixture(scope="module")

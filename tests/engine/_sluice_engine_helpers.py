@@ -1,4 +1,8 @@
-"""Engine-tier helpers: HF transformers greedy references and a direct EngineCore driver."""
+"""Engine-tier helpers: HF transformers greedy references and a direct EngineCore driver.
+
+(Named uniquely, not `conftest`: test modules import it, and `from conftest import ...` picks
+whichever conftest.py pytest put on sys.path first, so `pytest tests/engine tests/entrypoints`
+failed to collect.)"""
 
 from __future__ import annotations
 
