@@ -83,7 +83,8 @@ def test_streaming_matches_llm_abort_stats_and_health(llama_dir, inproc_token_id
     reports = []
 
     async def body(llm: AsyncLLM) -> None:
-        assert llm.model_name == Path(llama_dir).name and llm.ready.max_model_len == 256
+        # the served name defaults to the model as given, as in vLLM
+        assert llm.model_name == str(llama_dir) and llm.ready.max_model_len == 256
         assert llm.config.model.model == str(llama_dir) and llm.tokenizer.vocab_size > 0
         llm.add_stats_listener(lambda sched, front: reports.append((sched, front)))
         results = await asyncio.gather(*(collect_tokens(llm, p, f"r{i}")

@@ -58,7 +58,7 @@ def test_process_llm_matches_inproc_and_cleans_up(llama_dir, inproc_token_ids):
     # --block-size not given: the CPU platform's default
     assert ready.num_kv_blocks > 1 and ready.block_size == CpuPlatform.default_block_size
     assert ready.max_model_len == 256 and ready.vocab_size >= llm.tokenizer.vocab_size
-    assert ready.model_name == Path(llama_dir).name
+    assert ready.model_name == str(llama_dir)  # the model as given, as in vLLM
     ipc_dir = client.process.addresses.ipc_dir
     info = os.stat(ipc_dir)
     assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.getuid()
