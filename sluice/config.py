@@ -117,7 +117,9 @@ class DeviceConfig:
                                      "number of CPUs in this process's affinity mask.", ge=1)
     kernels: str = option("auto", "Compute kernels: 'auto' uses the platform's fast operators "
                           "(on CPU: sluice's C++ paged attention, tiled GEMM and fused "
-                          "elementwise ops, built once per machine; pure torch if no compiler); "
+                          "elementwise ops, built at install time for AVX2 and AVX-512 and "
+                          "chosen by what the CPU reports; compiled once per machine where no "
+                          "prebuilt build runs; pure torch if no compiler); "
                           "'torch' uses pure-torch ops only (the reference path).",
                           choices=("auto", "torch"))
 

@@ -77,6 +77,7 @@ def _torch_info() -> tuple[dict[str, Any], dict[str, Any]]:
         "openmp": torch.backends.openmp.is_available(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cuda_build": torch.version.cuda, "debug": torch.version.debug,
+        "cpu_kernels": _cpu_kernels(torch.__version__),
     }
     cuda: dict[str, Any] = {"available": torch.cuda.is_available(), "devices": []}
     if cuda["available"]:
@@ -85,6 +86,26 @@ def _torch_info() -> tuple[dict[str, Any], dict[str, Any]]:
             cuda["devices"].append({"name": props.name, "total_memory_bytes": props.total_memory,
                                     "capability": f"{props.major}.{props.minor}"})
     return info, cuda
+
+
+def _cpu_kernels(torch_version: str) -> dict[str, Any]:
+    """Which prebuilt variant of sluice's C++ CPU kernels this CPU takes, and whether it is
+    usable with this torch (read from files; the kernels are not loaded)."""
+    try:
+        from sluice.platform import cpu_kernels
+        return cpu_kernels.describe(torch_version)
+    except Exception as e:  # a report, not a crash
+        return {"variant": None, "usable": False, "problem": f"{type(e).__name__}: {e}"}
+
+
+def _format_kernels(k: dict[str, Any] | None) -> str:
+    if not k:
+        return "n/a"
+    if k.get("usable"):
+        return (f"prebuilt {k['variant']} ({k.get('reason')}; "
+                f"built with torch {k.get('built_with_torch')})")
+    variant = f"{k['variant']}: " if k.get("variant") else ""
+    return f"{variant}{k.get('problem')} -> compiled for this machine on first use (-march=native)"
 
 
 def _environment() -> dict[str, str]:
@@ -145,7 +166,8 @@ def format_report(report: dict[str, Any]) -> str:
                  ("torch threads", f"{tch['num_threads']} intra-op, "
                                    f"{tch['num_interop_threads']} inter-op"),
                  ("torch CPU", f"capability {tch['cpu_capability']}, MKL {tch['mkl']}, "
-                               f"oneDNN {tch['onednn']}, OpenMP {tch['openmp']}")]
+                               f"oneDNN {tch['onednn']}, OpenMP {tch['openmp']}"),
+                 ("CPU kernels", _format_kernels(tch.get("cpu_kernels")))]
     rows.append(("CUDA", "available" if cuda["available"] else "not available"))
     for i, dev in enumerate(cuda.get("devices", [])):
         rows.append((f"GPU {i}", f"{dev['name']}, {_gib(dev['total_memory_bytes'])}, "

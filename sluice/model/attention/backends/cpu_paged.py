@@ -4,9 +4,10 @@ a step (whole prompts and chunks after earlier context) run one `paged_prefill_a
 without the padding and gather of the torch path. Cache writes are the torch backend's, which
 stays the test oracle.
 
-The kernels (`sluice/model/csrc/paged_*.cpp`) are part of the CPU operator module that
-`sluice.model.cpu_ops.load_cpu_ops` builds once per machine. If it cannot be built (no C++
-compiler), the backend factory falls back to the torch backend.
+The kernels (`sluice/model/csrc/paged_*.cpp`) are part of the CPU operator module that `pip
+install` builds and `sluice.model.cpu_ops.load_cpu_ops` loads (or builds for this machine where
+the prebuilt one cannot run). If there is none (no C++ compiler), the backend factory falls
+back to the torch backend.
 """
 
 from __future__ import annotations
