@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sluice.errors import ModelLoadError
+from sluice.model_spec.gguf import GGUF_MARKER
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                            "Qwen3ForCausalLM")
@@ -106,7 +107,8 @@ def load_model_spec(model_dir: str | Path) -> ModelSpec:
     """Parse `model_dir/config.json` and check the directory holds weights.
 
     Raises `ModelLoadError` for a missing directory, a missing/corrupt config, an unsupported
-    architecture or no `*.safetensors` files.
+    architecture or no weights (`*.safetensors` files, or the marker of a GGUF sidecar
+    directory, see `sluice.model_spec.gguf`).
     """
     model_dir = Path(model_dir)
     if not model_dir.exists():
@@ -122,8 +124,9 @@ def load_model_spec(model_dir: str | Path) -> ModelSpec:
     if arch is None:
         raise ModelLoadError(f"{path}: architecture {archs or 'missing'} is not supported; "
                              f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}.")
-    if not any(model_dir.glob("*.safetensors")):
-        raise ModelLoadError(f"{model_dir} holds no *.safetensors weight files.")
+    if not any(model_dir.glob("*.safetensors")) and not (model_dir / GGUF_MARKER).is_file():
+        raise ModelLoadError(f"{model_dir} holds no *.safetensors weight files (nor a "
+                             f"{GGUF_MARKER} naming a GGUF file).")
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads")
     missing = [k for k in required if not isinstance(cfg.get(k), int)]

@@ -1,16 +1,20 @@
-"""Build a model and fill its weights from safetensors files (or random 'dummy' weights).
+"""Build a model and fill its weights from safetensors files, a GGUF file (or random 'dummy'
+weights).
 
-Files: `model.safetensors.index.json` (sharded; its weight_map names the shards) if present,
-else `model.safetensors`, else every `*.safetensors` in the directory. Files are opened with
-`safe_open` (memory-mapped); each tensor is copied once into its (fused) parameter, converting
-dtype on the way (e.g. a bf16 checkpoint into float32 parameters on CPU).
+Safetensors: `model.safetensors.index.json` (sharded; its weight_map names the shards) if
+present, else `model.safetensors`, else every `*.safetensors` in the directory. Files are opened
+with `safe_open` (memory-mapped); each tensor is copied once into its (fused) parameter,
+converting dtype on the way (e.g. a bf16 checkpoint into float32 parameters on CPU).
+GGUF: a sidecar directory (`sluice.model_spec.gguf.prepare_gguf`) holds the marker
+`sluice_gguf.json` naming the .gguf file; its tensors are dequantized one at a time by
+`sluice.model.gguf_weights.iterate_gguf`.
 Every failure is a `ModelLoadError` naming the path and the problem.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -22,7 +26,9 @@ from sluice.model.fused_decode import install_fused_decode
 from sluice.model.host_memory import place_parameters_in_huge_pages
 from sluice.model.layers.layer_ops import install_layer_ops
 from sluice.model.models.registry import get_model_class
+from sluice.model_spec.gguf import GGUF_MARKER, read_marker
 
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
@@ -87,6 +93,34 @@ def iterate_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]
             raise ModelLoadError(f"cannot read {path}: {e}") from None
 
 
+def weight_source(model_dir: str | Path, load_format: str
+                  ) -> Callable[[torch.dtype], Iterator[tuple[str, torch.Tensor]]] | None:
+    """What `load_model` reads for `load_format` in `model_dir`, validated before the model is
+    built: a function dtype -> (name, tensor) iterator, or None for dummy weights.
+
+        dummy                          -> None
+        gguf, or auto + GGUF marker    -> iterate_gguf(the marked file)
+        safetensors, or auto           -> iterate_safetensors(safetensors_files(model_dir))
+    """
+    if load_format not in LOAD_FORMATS:
+        raise ModelLoadError(f"load_format '{load_format}' is not supported; "
+                             f"choose {', '.join(LOAD_FORMATS)}.")
+    if load_format == "dummy":
+        return None
+    gguf_file = read_marker(model_dir)
+    if gguf_file is not None and load_format in ("auto", "gguf"):
+        from sluice.model.gguf_weights import iterate_gguf
+        return lambda dtype: iterate_gguf(gguf_file, dtype)
+    if gguf_file is not None:
+        raise ModelLoadError(f"{model_dir} is the sidecar of GGUF file {gguf_file} and holds no "
+                             "safetensors; use --load-format auto or gguf.")
+    if load_format == "gguf":
+        raise ModelLoadError(f"--load-format gguf needs a .gguf file, but {model_dir} has no "
+                             f"{GGUF_MARKER}; pass the .gguf file itself.")
+    files = safetensors_files(model_dir)
+    return lambda dtype: iterate_safetensors(files)
+
+
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
     """Seeded random weights (same values on every device): norms 1, others N(0, 0.02)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -107,22 +141,20 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
     model in eval mode with requires_grad off, its layers computing with `layer_ops`
     ('torch' or 'cpu', see `sluice.model.layers.layer_ops`). `load_format`:
     'auto'/'safetensors' read the checkpoint, 'dummy' fills seeded random weights without
-    touching files."""
-    if load_format not in ("auto", "safetensors", "dummy"):
-        raise ModelLoadError(f"load_format '{load_format}' is not supported; "
-                             "choose auto, safetensors or dummy.")
+    touching files; 'gguf' (or 'auto' on a GGUF sidecar directory) reads the GGUF file the
+    directory's marker names."""
+    weights = weight_source(spec.path, load_format)
     model_cls = get_model_class(spec.architecture)
     device = torch.device(device)
-    files = safetensors_files(spec.path) if load_format != "dummy" else []
     with torch.device(device):
         model = model_cls(spec, dtype, max_model_len=max_model_len, attn_backend=attn_backend)
     if device.type == "cpu":  # before the weights are written: parameters are re-pointed
         place_parameters_in_huge_pages(model)
-    if load_format == "dummy":
+    if weights is None:
         init_dummy_weights(model, seed)
     else:
         with torch.no_grad():
-            model.load_weights(iterate_safetensors(files))
+            model.load_weights(weights(dtype))
     model.requires_grad_(False)
     install_fused_decode(model, install_layer_ops(model, layer_ops))
     return model.eval()

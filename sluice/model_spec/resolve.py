@@ -23,10 +23,8 @@ from pathlib import Path
 
 from sluice.config import EngineConfig
 from sluice.errors import ModelLoadError
+from sluice.model_spec.gguf import GGUF_MARKER
 from sluice.model_spec.hf import looks_like_hub_id, snapshot_dir
-
-GGUF_MARKER = "sluice_gguf.json"
-"""The file in a GGUF sidecar directory that names the GGUF weights file."""
 
 TOKENIZER_PATTERNS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                       "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",

@@ -64,8 +64,18 @@ def test_dtype_name(given, name):
     assert dtype_name(given) == name
 
 
-def _heap_range() -> tuple[int, int]:
-    """[start, end) of this process's brk heap, from /proc/self/maps."""
+HEAP_CHECK = """
+import sys
+from pathlib import Path
+
+import torch
+
+from sluice.config import DeviceConfig
+from sluice.platform import current_platform
+from sluice.platform.cpu import _mallopt
+
+
+def heap_range():
     for line in Path("/proc/self/maps").read_text().splitlines():
         if line.endswith("[heap]"):
             start, end = line.split()[0].split("-")
@@ -73,17 +83,32 @@ def _heap_range() -> tuple[int, int]:
     return 0, 0
 
 
+if _mallopt() is None:
+    print("no mallopt")
+    sys.exit(0)
+current_platform(DeviceConfig(device="cpu")).prepare_worker_process()
+buffer = torch.empty(16 << 20)  # 64 MiB of float32
+start, end = heap_range()
+assert start <= buffer.data_ptr() < end, (hex(start), hex(buffer.data_ptr()), hex(end))
+print("in heap")
+"""
+
+
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
 def test_cpu_worker_process_keeps_freed_activations_in_the_heap():
     """After CpuPlatform.prepare_worker_process a 64 MiB activation-sized buffer comes from
     malloc's heap, where freed memory is reused (by default glibc maps anything over 32 MiB
-    afresh, and the kernel page-faults and zero-fills it on every use)."""
-    import torch
+    afresh, and the kernel page-faults and zero-fills it on every use).
 
-    from sluice.platform.cpu import _mallopt
-    if _mallopt() is None:
+    Checked in a fresh interpreter, as a worker process starts: in the test process, earlier
+    tests' large allocations and memory maps can sit just above the brk heap, so that it
+    cannot grow and glibc maps the buffer whatever the threshold."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", HEAP_CHECK], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    if proc.stdout.strip() == "no mallopt":
         pytest.skip("the C library has no mallopt")
-    current_platform(DeviceConfig(device="cpu")).prepare_worker_process()
-    buffer = torch.empty(16 << 20)  # 64 MiB of float32
-    start, end = _heap_range()
-    assert start <= buffer.data_ptr() < end
+    assert proc.stdout.strip() == "in heap"

@@ -1,6 +1,7 @@
 """Layering rules from docs/architecture.md, enforced.
 
-* core/, messages, step, config*, sampling_params, outputs, frontend/ and entrypoints/ import no
+* core/, messages, step, config*, sampling_params, outputs, frontend/, entrypoints/ and
+  model_spec/ (which the API-server process runs to resolve the model) import no
   torch (checked by importing every module in a fresh interpreter);
 * worker/, model/ and sample/ never import sluice.core (checked statically).
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 import sluice
 
 PACKAGE_DIR = Path(sluice.__file__).parent
-TORCH_FREE_PACKAGES = ["sluice.core", "sluice.frontend", "sluice.entrypoints"]
+TORCH_FREE_PACKAGES = ["sluice.core", "sluice.frontend", "sluice.entrypoints", "sluice.model_spec"]
 TORCH_FREE_MODULES = ["sluice", "sluice.messages", "sluice.step", "sluice.config",
                       "sluice.config_sources", "sluice.sampling_params", "sluice.outputs",
                       "sluice.hf_config", "sluice.errors", "sluice.engine.launch",

@@ -1,0 +1,97 @@
+"""Read a GGUF file's weights as HF-named torch tensors, dequantized one at a time.
+
+`iterate_gguf(path, dtype)` yields (hf_name, tensor) for every weight tensor in file order
+(names from `sluice.model_spec.gguf.hf_tensor_name`), ready for `model.load_weights`. Each tensor
+is dequantized by the `gguf` package (numpy, from the memory-mapped file) to float32, reordered
+to the HF layout, then cast to `dtype`; only one tensor's float32 copy is alive at a time.
+
+Layout conventions of llama.cpp's converter, undone here:
+
+* Dimensions are listed innermost first: a GGUF tensor of shape [ne0, ne1] is the row-major
+  torch tensor [ne1, ne0] (ne0 is contiguous). `dequantize` already returns [ne1, ne0], e.g.
+  token_embd [hidden, vocab] -> [vocab, hidden], attn_q [hidden, H*D] -> [H*D, hidden].
+* For the llama architecture the converter permuted the rows of the Q and K projections
+  (weights and biases) from HF's rotate-half RoPE layout to llama.cpp's interleaved-pairs
+  layout. Within each head of D rows, HF row h*D + half*(D/2) + j (half in {0, 1},
+  j < D/2) was moved to row h*D + 2*j + half:
+
+      HF:   [x0 x1 ... x(D/2-1) | y0 y1 ... y(D/2-1)]      GGUF: [x0 y0 x1 y1 ... ]
+
+  `unpermute_qk` moves it back; heads = num_attention_heads for Q, num_key_value_heads for K.
+  qwen2 and qwen3 files are not permuted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sluice.errors import ModelLoadError
+from sluice.model_spec.gguf import (GGUF_ARCHITECTURES, NON_WEIGHT_TENSORS, SUPPORTED_TENSOR_TYPES,
+                                    field_value, hf_tensor_name, open_gguf)
+
+PERMUTED_QK_ARCHITECTURES = ("llama",)
+
+
+def unpermute_qk(rows: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (see the module docstring) on a [H*D, ...] array:
+    view rows as [H, D/2, 2], swap to [H, 2, D/2], flatten back."""
+    n = rows.shape[0]
+    if n % (2 * num_heads):
+        raise ValueError(f"{n} rows do not split into {num_heads} heads of even size")
+    grouped = rows.reshape(num_heads, n // num_heads // 2, 2, *rows.shape[1:])
+    return grouped.swapaxes(1, 2).reshape(rows.shape)
+
+
+def dequantize_tensor(tensor) -> np.ndarray:
+    """A `gguf.ReaderTensor` as a float32 array in torch (row-major) shape, i.e. the GGUF
+    dims reversed; a fresh writable array (never a view of the memory map)."""
+    from gguf.quants import dequantize
+
+    values = dequantize(tensor.data, tensor.tensor_type)
+    expected = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    values = np.asarray(values, dtype=np.float32)
+    if values.shape != expected:
+        values = values.reshape(expected)
+    if not values.flags.writeable or not values.flags.c_contiguous or \
+            np.may_share_memory(values, tensor.data):
+        values = np.array(values, dtype=np.float32, order="C", copy=True)
+    return values
+
+
+def iterate_gguf(gguf_path: str | Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(hf_name, tensor in `dtype`) for every weight in the GGUF file `gguf_path` (see the
+    module docstring). Raises `ModelLoadError` naming the file for an unreadable or
+    unsupported file or a tensor that cannot be dequantized."""
+    path = Path(gguf_path)
+    reader = open_gguf(path)
+    arch = field_value(reader, "general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
+                             f"{', '.join(GGUF_ARCHITECTURES)}.")
+    num_heads = field_value(reader, f"{arch}.attention.head_count")
+    num_kv_heads = field_value(reader, f"{arch}.attention.head_count_kv", num_heads)
+    permuted = arch in PERMUTED_QK_ARCHITECTURES
+    for t in reader.tensors:
+        if t.name in NON_WEIGHT_TENSORS:
+            continue
+        name = hf_tensor_name(t.name)
+        if name is None:
+            raise ModelLoadError(f"{path}: tensor {t.name} is not part of the {arch} "
+                                 "architecture sluice runs.")
+        if t.tensor_type.name not in SUPPORTED_TENSOR_TYPES:
+            raise ModelLoadError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which "
+                                 f"is not supported; supported: "
+                                 f"{', '.join(SUPPORTED_TENSOR_TYPES)}.")
+        try:
+            values = dequantize_tensor(t)
+            if permuted and (".q_proj." in name or ".k_proj." in name):
+                values = unpermute_qk(values, num_heads if ".q_proj." in name else num_kv_heads)
+        except (ValueError, TypeError, NotImplementedError, AssertionError) as e:
+            raise ModelLoadError(f"{path}: tensor {t.name} ({t.tensor_type.name}, GGUF shape "
+                                 f"{t.shape.tolist()}) cannot be read: {e}") from None
+        yield name, torch.from_numpy(values).to(dtype)
+        del values
