@@ -60,7 +60,11 @@ def resolve_model(name: str, *, load_format: str = "auto", revision: str | None 
         return path
     if path.is_file():
         from sluice.model_spec import gguf
-        if load_format == "gguf" or gguf.is_gguf_file(path):
+        is_gguf = gguf.is_gguf_file(path)
+        if is_gguf and load_format == "safetensors":
+            raise ModelLoadError(f"{name!r} is a GGUF file, but --load-format safetensors was "
+                                 "given; use --load-format auto or gguf.")
+        if load_format == "gguf" or is_gguf:
             return gguf.prepare_gguf(path)
         raise ModelLoadError(f"model {name!r} is a file but not a GGUF file; pass a model "
                              "directory in Hugging Face format, a .gguf file or a hub id.")

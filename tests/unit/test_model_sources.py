@@ -86,3 +86,10 @@ def test_missing_path_and_non_model_file(tmp_path):
         resolve_model(str(text))
     with pytest.raises(ModelLoadError, match="needs a .gguf file"):
         resolve_model(str(tmp_path), load_format="gguf")
+
+
+def test_gguf_file_with_safetensors_format_is_refused_before_conversion(tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF" + b"\0" * 60)  # the magic is enough to call it a GGUF file
+    with pytest.raises(ModelLoadError, match="--load-format safetensors"):
+        resolve_model(str(fake), load_format="safetensors")

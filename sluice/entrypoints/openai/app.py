@@ -35,7 +35,7 @@ from sluice.entrypoints.openai import chat, completions, health, models, tokeniz
 from sluice.entrypoints.openai.errors import install_exception_handlers, send_error
 from sluice.entrypoints.openai.limits import RequestLimits
 from sluice.entrypoints.openai.protocol import random_id
-from sluice.entrypoints.openai.serving import ServerState
+from sluice.entrypoints.openai.serving import SHUTTING_DOWN, ServerState
 from sluice.metrics.loggers import LoggingStatLogger
 from sluice.metrics.prometheus import PrometheusMetrics
 
@@ -153,8 +153,7 @@ class DrainMiddleware:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and self.state.draining and scope.get("path") != "/metrics":
-            await send_error(send, 503, "The server is shutting down; retry on another "
-                             "instance.", headers=[(b"connection", b"close")])
+            await send_error(send, 503, SHUTTING_DOWN, headers=[(b"connection", b"close")])
             return
         await self.app(scope, receive, send)
 
