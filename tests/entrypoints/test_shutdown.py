@@ -66,9 +66,8 @@ def test_sigterm_ends_long_requests_with_errors_and_exits_0(start_server, llama_
         assert event.wait(60.0)
     time.sleep(0.3)  # the non-streaming ones are admitted too
     server.proc.send_signal(signal.SIGTERM)
-    _wait_draining(server.url)
-    refused = httpx.post(server.url + "/v1/completions", json={"prompt": "x"}, timeout=10.0)
-    assert "shutting down" in assert_error(refused, 503, "ServiceUnavailableError")["message"]
+    # The 503 for new requests is checked in the next test: with a 0.2 s grace period the
+    # drain here may be over before a new request arrives on a busy machine.
     for thread in threads:
         thread.join(timeout=EXIT_BOUND_S)
         assert not thread.is_alive()
@@ -85,9 +84,11 @@ def test_sigterm_ends_long_requests_with_errors_and_exits_0(start_server, llama_
 
 
 def test_sigterm_lets_in_flight_requests_finish(start_server, llama_dir):
-    server = start_server(llama_dir, "--shutdown-timeout", "60")
+    server = start_server(llama_dir, "--max-model-len", "1024", "--shutdown-timeout", "60")
     engine_pids = server.engine_pids()
-    body = {"prompt": "Count slowly", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    # Long enough (about a thousand engine steps) that the drain is still waiting for it while
+    # the test checks /health and a new request; a busier machine only widens that window.
+    body = {"prompt": "Count slowly", "max_tokens": 1000, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body,
                       timeout=120.0) as response:
         lines = response.iter_lines()
@@ -95,7 +96,8 @@ def test_sigterm_lets_in_flight_requests_finish(start_server, llama_dir):
         server.proc.send_signal(signal.SIGTERM)
         _wait_draining(server.url)
         refused = httpx.post(server.url + "/v1/completions", json={"prompt": "x"})
-        assert_error(refused, 503, "ServiceUnavailableError")
+        assert "shutting down" in assert_error(refused, 503,
+                                               "ServiceUnavailableError")["message"]
         events = _data_events([first, *lines])
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
