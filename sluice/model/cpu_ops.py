@@ -3,6 +3,7 @@
     paged_decode_attention(out, q, kv_cache, block_ids, nb, seq_lens, scale)  (cpu_paged backend)
     paged_prefill_attention(out, q, kv_cache, block_table, query_start_loc, seq_lens, scale)
     tiled_linear(out, x, w, bias=None)                                        (linear layers)
+    onednn_linear(x, packed, bias=None), onednn_rows(m)   (oneDNN GEMM, rows padded to a set)
     rms_norm, add_rms_norm, silu_and_mul, rotary          (fused elementwise ops of the layers)
     DecodeStack(...).forward(...)          (a decode step through all decoder layers in one call)
     greedy_screen(out, scores, x, w, w_norms, c, a)   (exact greedy tokens from a bf16 LM head)

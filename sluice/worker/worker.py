@@ -67,6 +67,9 @@ class Worker:
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.model_runner.initialize_kv_cache(num_blocks)
+        logger.info("KV cache: %.2f GiB in %d blocks of %d tokens (resident from startup)",
+                    num_blocks * self.kv_cache_bytes_per_block() / 2**30, num_blocks,
+                    self.config.cache.block_size)
 
     def warm_up(self) -> None:
         """A decode-shaped step so the first real request does not pay for lazy init."""

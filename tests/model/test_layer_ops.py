@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from sluice.model.cpu_ops import load_cpu_ops
 from sluice.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
 from sluice.model.layers.layer_ops import (PackedGemm, install_layer_ops, make_argmax,
-                                          make_tiled_gemm, packed_weight)
+                                          make_tiled_gemm, onednn_linear, packed_weight)
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,77 @@ def test_packed_gemm_matches_linear(cpu_ops, m, with_bias):
         got = gemm(x.view(1, m, 96), w, b)
     assert got.shape == (1, m, 300)
     torch.testing.assert_close(got[0], F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+def test_onednn_rows_is_a_small_set_with_little_padding(cpu_ops):
+    """Row counts oneDNN runs: exactly M below 32, above that at least M and under 1/16
+    extra, never decreasing in M, and at most 127 distinct values up to a 2048-token step."""
+    rows = [cpu_ops.onednn_rows(m) for m in range(1, 8193)]
+    for m, r in enumerate(rows, start=1):
+        assert r == m if m < 32 else m <= r and (r - m) * 16 < m, (m, r)
+    assert rows == sorted(rows)
+    assert len(set(rows[1:2048])) <= 127
+    assert [cpu_ops.onednn_rows(m) for m in (33, 65, 1000, 2048)] == [34, 68, 1024, 2048]
+
+
+@pytest.mark.parametrize("m", [2, 33, 255, 257, 1000])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_padded_onednn_gemm_matches_linear(cpu_ops, m, with_bias):
+    """The C++ `onednn_linear` (rows padded to onednn_rows(M), the first M returned) as
+    install_layer_ops sets it up: same values as F.linear, an [M, N] contiguous result."""
+    gen = torch.Generator().manual_seed(m)
+    w = torch.randn(200, 48, generator=gen)
+    packed = packed_weight(w)
+    if packed is None:
+        pytest.skip("this torch has no oneDNN")
+    gemm = PackedGemm(packed, make_tiled_gemm(cpu_ops), cpu_ops.onednn_linear)
+    x = torch.randn(m, 48, generator=gen)
+    b = torch.randn(200, generator=gen) if with_bias else None
+    with torch.inference_mode():
+        got = gemm(x, w, b)
+    assert got.shape == (m, 200) and got.is_contiguous()
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+def _malloc_in_use() -> int | None:
+    """Bytes glibc's malloc has handed out (mallinfo2), or None off glibc."""
+    import ctypes
+    import ctypes.util
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks",
+                                                   "hblkhd", "usmblks", "fsmblks", "uordblks",
+                                                   "fordblks", "keepcost")]
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c")).mallinfo2
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.restype = MallInfo2
+    info = fn()
+    return info.uordblks + info.hblkhd
+
+
+def test_padded_onednn_gemm_builds_few_primitives(cpu_ops):
+    """torch's oneDNN linear caches a primitive per input shape (issue 12: ~0.5 GB in a
+    server). 300 row counts (400..699) through the padded op take 13 shapes' worth of memory;
+    the raw op keeps all 300. The weight's shape is used nowhere else in this process."""
+    if _malloc_in_use() is None:
+        pytest.skip("needs glibc's mallinfo2")
+    packed = packed_weight(torch.randn(88, 72))
+    if packed is None:
+        pytest.skip("this torch has no oneDNN")
+    x = torch.randn(700, 72)
+
+    def growth(linear) -> int:
+        before = _malloc_in_use()
+        with torch.inference_mode():
+            for m in range(400, 700):
+                linear(x[:m], packed)
+        return _malloc_in_use() - before
+
+    padded = growth(cpu_ops.onednn_linear)
+    raw = growth(onednn_linear)
+    assert padded * 4 < raw, (padded, raw)
 
 
 def test_weights_are_packed_only_when_the_copy_fits(tiny_model_dir, cpu_ops, monkeypatch):

@@ -19,7 +19,7 @@ import math
 import torch
 
 from sluice.hf_config import ModelSpec
-from sluice.model.host_memory import anonymous_buffer
+from sluice.model.host_memory import huge_page_buffer
 
 
 def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,
@@ -43,39 +43,23 @@ def allocate_kv_caches(spec: ModelSpec, num_blocks: int, block_size: int, dtype:
     kv_heads = max(1, spec.num_key_value_heads // tp_size)
     shape = kv_cache_shape(num_blocks, block_size, kv_heads, spec.head_dim)
     device = torch.device(device)
-    # Pre-touch the blocks handed out first (the pool allocates low ids first), in huge pages,
-    # so early requests take no page faults inside decode steps; the rest fault in lazily.
-    elem = torch.empty((), dtype=dtype).element_size()
-    block_bytes = math.prod(shape[2:]) * elem           # one block of K (or V), one layer
-    prefault = min(num_blocks, max(1, PREFAULT_BYTES // (2 * block_bytes
-                                                          * spec.num_hidden_layers)))
-    caches = [_zeroed(shape, dtype, device, prefault) for _ in range(spec.num_hidden_layers)]
+    caches = [_zeroed(shape, dtype, device) for _ in range(spec.num_hidden_layers)]
     if device.type == "cpu":
         for cache in caches:
-            cache[:, :prefault].zero_()
+            cache.zero_()   # commit every page now (see `_zeroed`)
     return caches
 
 
-PREFAULT_BYTES = 1 << 30
-"""KV-cache bytes (all layers) touched at startup on CPU: ~0.3-0.9 s here; covers 65K tokens
-of the reference model (8 layers x 4 KV heads x 64 dims)."""
-
-
-def _zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-            huge_blocks: int = 0) -> torch.Tensor:
-    """A zero tensor. On CPU it lives in an anonymous private mapping, whose pages the kernel
-    zero-fills on first touch: no memset at startup (a multi-GiB cache is ready at once) and
-    no resident memory for blocks never used. Blocks [0, huge_blocks) of K and of V are
-    advised for transparent huge pages (`sluice.model.host_memory`): the caller touches them at
-    startup, and the attention kernels sweep scattered blocks ~1.5x faster in 2 MiB pages.
-    The rest stays in 4 KiB pages: ~1 us per page on first touch, the same as a memset,
-    where a 2 MiB fault inside a decode step costs ~5x more per byte. Faults inside a running
-    decode step still cost more than a startup memset (~15 ms/step on W1 when nothing was
-    pre-touched), hence the pre-touched prefix in `allocate_kv_caches`."""
+def _zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor. On CPU it lives in an anonymous private mapping advised for transparent
+    huge pages (`sluice.model.host_memory`): the attention kernels sweep scattered blocks ~1.5x
+    faster in 2 MiB pages. `allocate_kv_caches` touches every page at startup (~0.3 s per GiB
+    here), as vLLM's CPU backend does: the memory an operator configures is resident from the
+    first request on, so the server's RSS does not creep up under load as blocks are first
+    used (issue 12: +0.5 GiB over a soak with a 1.5 GiB cache touched lazily), and no decode
+    step pays page faults (~15 ms/step on W1 when nothing was pre-touched)."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    prefix = nbytes // shape[0] // shape[1] * huge_blocks   # bytes of blocks [0, huge_blocks)
-    half = nbytes // 2                                      # V starts here
-    buffer = anonymous_buffer(nbytes, [(0, prefix), (half, prefix)])
+    buffer = huge_page_buffer(nbytes)
     return buffer.view(dtype).view(shape)

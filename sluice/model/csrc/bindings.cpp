@@ -19,6 +19,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tiled_linear", &tiled_linear, nogil,
         "out = x @ w.T (+ bias), tiled across threads (CPU)", py::arg("out"), py::arg("x"),
         py::arg("w"), py::arg("bias") = py::none());
+  m.def("onednn_linear", &onednn_linear, nogil,
+        "x @ W.T (+ bias) on oneDNN with W pre-packed; rows padded to onednn_rows(M)",
+        py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
+  m.def("onednn_rows", &onednn_rows, "Rows oneDNN's GEMM runs for an M-row input");
   m.def("rms_norm", &rms_norm, nogil, "out = RMSNorm(x) (CPU, fp32)");
   m.def("add_rms_norm", &add_rms_norm, nogil,
         "sum = x + residual; out = RMSNorm(sum) (CPU, fp32)");

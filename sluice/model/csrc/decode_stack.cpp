@@ -19,10 +19,14 @@
 
 #include <cstring>
 
-namespace {
+int64_t onednn_rows(int64_t m) {
+  if (m < 2 * kOnednnRowsPerOctave) return m;
+  // round up to a multiple of 1/16 of the power of two at or below m
+  const int64_t floor_pow2 = int64_t{1} << (63 - __builtin_clzll(static_cast<uint64_t>(m)));
+  const int64_t step = floor_pow2 / kOnednnRowsPerOctave;
+  return (m + step - 1) / step * step;
+}
 
-// oneDNN's GEMM on a weight pre-packed by torch.ops.mkldnn._reorder_linear_weight: the op
-// sluice.model.layers.layer_ops.onednn_linear calls from Python.
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
                          const std::optional<at::Tensor>& bias) {
   static const auto op =
@@ -31,17 +35,24 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                             c10::string_view, c10::List<std::optional<at::Scalar>>,
                             std::optional<c10::string_view>)>();
-  return op.call(x, packed, bias, "none", c10::List<std::optional<at::Scalar>>(), "");
+  TORCH_CHECK(x.dim() == 2, "onednn_linear: x [M, K] expected");
+  const int64_t m = x.size(0), rows = onednn_rows(m);
+  at::Tensor input = x.contiguous();
+  if (rows != m) {
+    input = at::empty({rows, x.size(1)}, x.options());
+    input.narrow(0, 0, m).copy_(x);
+    input.narrow(0, m, rows - m).zero_();
+  }
+  at::Tensor out = op.call(input, packed, bias, "none", c10::List<std::optional<at::Scalar>>(), "");
+  return rows == m ? out : out.narrow(0, 0, m);
 }
-
-}  // namespace
 
 // out = x @ w.T (+ b): oneDNN on the packed weight for 2+ rows when there is one, else
 // tiled_linear (whose one-row path streams the weight once).
 at::Tensor DecodeStack::linear(const at::Tensor& x, const at::Tensor& w,
                                const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& packed) const {
-  if (packed && x.size(0) >= 2) return onednn_linear(x.contiguous(), *packed, bias);
+  if (packed && x.size(0) >= 2) return onednn_linear(x, *packed, bias);
   at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
   tiled_linear(out, x, w, bias);
   return out;

@@ -34,6 +34,24 @@ void greedy_screen(at::Tensor out, at::Tensor scores, at::Tensor x, at::Tensor w
 constexpr int64_t kMaxScoreRows = 4;
 void bf16_scores(at::Tensor scores, at::Tensor x, at::Tensor w);
 
+// oneDNN's GEMM on a weight pre-packed by torch.ops.mkldnn._reorder_linear_weight
+// (decode_stack.cpp): out [M, N] = x [M, K] @ W.T (+ bias), the op
+// torch.ops.mkldnn._linear_pointwise with its input padded with zero rows to onednn_rows(M)
+// (out is the first M rows of the padded result: a contiguous view).
+//
+// Why: torch's oneDNN linear builds a primitive for every input shape it meets and keeps it in
+// an LRU cache of 1024 entries (ideep's; ~0.5 MiB each with its JIT code). A server's steps
+// have every row count from 2 to the token budget, so that cache grew by ~0.5 GB and then
+// churned (a miss costs milliseconds and leaves the heap fragmented). Padded, the row counts
+// are a fixed set: exact below 32, then 16 per octave (32, 34, ..., 64, 68, ..., 128, 136, ...),
+// so at most 1/16 extra rows and 127 shapes per weight up to 2048 rows. Coarser steps cost
+// throughput: at the small models' sizes even an 8-row GEMM is compute bound (2 rows padded
+// to 8 ran ~2x slower).
+constexpr int64_t kOnednnRowsPerOctave = 16;
+int64_t onednn_rows(int64_t m);
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
+                         const std::optional<at::Tensor>& bias);
+
 // A decode step through every decoder layer of a Llama-family model (decode_stack.cpp).
 // Built once from the model's weights (per layer; optional entries are None/nullopt) and,
 // optionally, their oneDNN-packed copies (qkv, o, gate_up, down per layer: used for 2+ rows),

@@ -29,7 +29,6 @@ from types import ModuleType
 import torch
 
 from sluice.model.host_memory import huge_page_buffer
-from sluice.model.layers.layer_ops import onednn_linear
 from sluice.platform.host import isa_flags
 
 BF16_UNIT_ROUNDOFF = 2.0 ** -8
@@ -100,7 +99,7 @@ class GreedyScreen:
             scores = torch.empty(x.shape[0], self.bf16.shape[0], dtype=torch.bfloat16)
             self._ops.bf16_scores(scores, x, self.bf16)
             return scores
-        return onednn_linear(x.to(torch.bfloat16), self.packed_bf16)
+        return self._ops.onednn_linear(x.to(torch.bfloat16), self.packed_bf16)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor | None:
         x = hidden.contiguous()

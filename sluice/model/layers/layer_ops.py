@@ -8,7 +8,9 @@
                row `tiled_linear`'s GEMV that streams each weight row once (faster than
                oneDNN there). Without oneDNN: `tiled_linear` for every shape (row x column
                tiles, each a single-threaded sgemm, spread over the threads; 1-4 rows
-               streamed). The packed copies double the weights' memory;
+               streamed). The packed copies double the weights' memory. oneDNN builds
+               a primitive (~0.5 MiB, cached) per input shape, so its row counts are padded
+               to a fixed set (`onednn_rows` in csrc/ops.h: exact below 32, < 1/16 extra above);
              * RMSNorm (with the fused residual add), SiLU-and-mul and RoPE as one pass each;
              * with packing and bf16 dot products on the CPU, the LM head's `greedy` screen
                (`sluice.model.layers.greedy`: exact greedy tokens from bf16 scores; two bf16
@@ -97,8 +99,11 @@ def packed_weight(weight: torch.Tensor, rows_hint: int = PACK_ROWS_HINT) -> torc
 
 def onednn_linear(x: torch.Tensor, packed: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ W.T (+ bias) on oneDNN, W given as `packed_weight(W)`."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    """x [M, K] @ W.T (+ bias) on oneDNN, W given as `packed_weight(W)`. torch builds and
+    caches (ideep's LRU, 1024 entries of ~0.5 MiB) a oneDNN primitive per distinct M: fine for
+    a fixed shape, not for a server's steps. The hot paths use the C++ operators'
+    `onednn_linear`, which pads M to a fixed set of row counts (`onednn_rows`, ops.h)."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
 
 def _packing_fits(model: nn.Module) -> bool:
@@ -122,11 +127,15 @@ class PackedGemm:
     """y = x @ W.T (+ b): oneDNN's GEMM on the pre-packed weight `packed` for 2+ rows (prefill
     and batched decode), `fallback` (`make_tiled_gemm`: the weight-streaming GEMV for one row,
     F.linear where the C++ ops do not apply) otherwise. `packed` must be `packed_weight` of the
-    weight the layer passes."""
+    weight the layer passes. `linear(x, packed, bias)` runs the oneDNN GEMM: the C++
+    operators' `onednn_linear` (row counts padded to a bounded set, so oneDNN's per-shape
+    primitive cache stays small), by default the unpadded torch op."""
 
-    def __init__(self, packed: torch.Tensor, fallback: Gemm) -> None:
+    def __init__(self, packed: torch.Tensor, fallback: Gemm,
+                 linear: Gemm = onednn_linear) -> None:
         self.packed = packed
         self._fallback = fallback
+        self._linear = linear
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -134,7 +143,7 @@ class PackedGemm:
         if x2.shape[0] <= 1 or not fast_path_ok(x2, weight, bias) \
                 or (bias is not None and not bias.is_contiguous()):
             return self._fallback(x, weight, bias)
-        out = onednn_linear(x2.contiguous(), self.packed, bias)
+        out = self._linear(x2, self.packed, bias)
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -159,7 +168,8 @@ def install_layer_ops(model: nn.Module, name: str) -> ModuleType | None:
                 weight = getattr(module, "lm_weight", None)
                 weight = weight if weight is not None else getattr(module, "weight", None)
                 packed = packed_weight(weight) if isinstance(weight, torch.Tensor) else None
-            module.gemm = PackedGemm(packed, gemm) if packed is not None else gemm
+            module.gemm = (PackedGemm(packed, gemm, ops.onednn_linear) if packed is not None
+                           else gemm)
         if hasattr(module, "greedy"):
             from sluice.model.layers.greedy import make_greedy_screen
             module.greedy = make_greedy_screen(ops if pack else None,
