@@ -58,12 +58,32 @@ class ModelConfig:
     revision: str | None = option(None, "Hub revision (branch, tag or commit) of a hub model. "
                                   "Default: main.")
     dtype: str = option("auto", "Weight and activation dtype. 'auto' is float32 on CPU and the "
-                        "checkpoint's dtype on CUDA.", choices=DTYPES)
+                        "checkpoint's dtype on CUDA. vLLM's spellings 'half' (float16) and "
+                        "'float' (float32) are accepted.", choices=DTYPES)
     max_model_len: int | None = option(None, "Maximum tokens per request (prompt + output). "
                                        "Default: the model's max_position_embeddings.", ge=1)
     seed: int = option(0, "Global random seed for sampling without a per-request seed.", ge=0)
     max_logprobs: int = option(20, "Largest `logprobs`/`prompt_logprobs` a request may ask "
                                "for.", ge=0)
+    generation_config: str = option("auto", "Default sampling parameters (temperature, top_p, "
+                                    "top_k, min_p, repetition_penalty, max_new_tokens as "
+                                    "max_tokens), as vLLM: 'auto' takes them from the model's "
+                                    "generation_config.json, 'vllm' uses sluice's own defaults, "
+                                    "a directory path reads its generation_config.json. They "
+                                    "fill what a request leaves unset (server), or apply when "
+                                    "LLM.generate/chat get no SamplingParams.")
+    enable_sleep_mode: bool = option(False, "Serve POST /sleep?level=N (N 1 or 2), POST /wake_up and GET "
+                                     "/is_sleeping (as vLLM). Level 1 frees the KV cache, level "
+                                     "2 the weights too (reloaded from disk on wake-up); only "
+                                     "when no request is in flight (else 409).")
+    chat_template: str | None = option(None, "Chat template for every chat request (and "
+                                       "LLM.chat) instead of the tokenizer's: a file path, or "
+                                       "the Jinja template itself. Checked at startup.")
+    trust_remote_code: bool = option(False, "Accepted for vLLM compatibility, with no effect: "
+                                     "sluice runs only its native architectures and never runs "
+                                     "code from a model repository; a model whose config needs "
+                                     "remote code (auto_map, an architecture sluice lacks) is "
+                                     "refused with or without this flag.")
 
 
 @dataclass(frozen=True)
@@ -79,7 +99,22 @@ class CacheConfig:
                                          byte_size=True, ge=1)
     kv_cache_memory_fraction: float = option(0.3, "Fraction of free device memory (measured "
                                              "after loading and profiling) given to the KV cache "
-                                             "when --kv-cache-memory is not set.", gt=0, le=1)
+                                             "when neither --kv-cache-memory nor "
+                                             "--gpu-memory-utilization is set.", gt=0, le=1)
+    gpu_memory_utilization: float | None = option(
+        None, "vLLM's memory budget: the fraction of device memory for the weights, the "
+        "activation peak and the KV cache together (on CUDA: of total device memory; on CPU: of "
+        "the RAM available when the engine starts); the KV cache gets what the rest leaves. "
+        "Ignored when --kv-cache-memory is set; replaces --kv-cache-memory-fraction when set.",
+        gt=0, le=1)
+    kv_cache_dtype: str = option("auto", "dtype the KV cache is stored in; 'auto' is the model's "
+                                 "--dtype. bfloat16/float16 halve the cache's memory per token "
+                                 "of float32 (attention computes in the model's dtype).",
+                                 choices=("auto", "float32", "bfloat16", "float16"))
+    swap_space: float | None = option(None, "vLLM's CPU swap space for preempted requests, in "
+                                      "GiB. Accepted with no effect (logged at startup): sluice "
+                                      "preempts by freeing a request's blocks and recomputing "
+                                      "them later, never by swapping.", ge=0)
 
 
 @dataclass(frozen=True)
@@ -122,6 +157,9 @@ class DeviceConfig:
                           "prebuilt build runs; pure torch if no compiler); "
                           "'torch' uses pure-torch ops only (the reference path).",
                           choices=("auto", "torch"))
+    enforce_eager: bool = option(False, "vLLM's switch to turn off CUDA graphs. Accepted with no "
+                                 "effect (logged at startup): sluice always runs the model "
+                                 "eagerly (no CUDA graphs, no torch.compile).")
 
 
 @dataclass(frozen=True)
@@ -158,6 +196,17 @@ class ServerConfig:
     trust_request_chat_template: bool = option(False, "Render chat templates sent in requests "
                                                "(under a time limit); otherwise such requests "
                                                "get HTTP 400.")
+    uvicorn_log_level: str | None = option(None, "Log level of uvicorn (the HTTP server's "
+                                           "startup lines and access log). Default: --log-level.",
+                                           choices=("critical", "error", "warning", "info",
+                                                    "debug", "trace"))
+    root_path: str | None = option(None, "The path prefix a reverse proxy strips before "
+                                   "forwarding (ASGI root_path): routes still answer at /v1/..., "
+                                   "and generated URLs (/docs, /openapi.json) carry the prefix.")
+    ssl_keyfile: str | None = option(None, "Private key file (PEM) for HTTPS; needs "
+                                     "--ssl-certfile.")
+    ssl_certfile: str | None = option(None, "Certificate file (PEM) for HTTPS; with it the "
+                                      "server speaks only HTTPS.")
     shutdown_timeout: float = option(5.0, "On SIGTERM/SIGINT: seconds in-flight requests may "
                                      "run on (new ones get 503) before the rest are ended with "
                                      "an error.", ge=0)
@@ -168,7 +217,12 @@ class ObservabilityConfig:
     log_level: str = option("info", "Logging level.",
                             choices=("debug", "info", "warning", "error"))
     disable_log_stats: bool = option(False, "Do not log periodic throughput/cache statistics.")
-    disable_log_requests: bool = option(True, "Do not log each request's arrival and finish.")
+    disable_log_requests: bool = option(True, "Do not log each request's arrival (id, prompt, "
+                                        "sampling parameters) and abort; "
+                                        "--no-disable-log-requests (or vLLM's "
+                                        "--enable-log-requests) turns that log on.")
+    max_log_len: int | None = option(None, "Characters of the prompt (and prompt token ids) "
+                                     "shown in a request's log line. Default: all.", ge=0)
 
 
 SECTIONS: dict[str, type] = {

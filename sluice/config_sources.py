@@ -42,6 +42,18 @@ FLAG_ALIASES: dict[str, tuple[str, ...]] = {
 }
 """Extra option strings (vLLM's short names) per field."""
 
+NEGATED_FLAGS: dict[str, str] = {"disable_log_requests": "--enable-log-requests"}
+"""Boolean fields with an extra flag that sets them to False (vLLM's spelling of the opposite
+switch); `--no-<flag>` works as well."""
+
+CHOICE_ALIASES: dict[str, dict[str, str]] = {
+    "dtype": {"half": "float16", "float": "float32", "fp16": "float16", "fp32": "float32",
+              "bf16": "bfloat16"},
+    "kv_cache_dtype": {"half": "float16", "float": "float32", "fp16": "float16",
+                       "fp32": "float32", "bf16": "bfloat16"},
+}
+"""Other spellings (vLLM's) of a field's choices, mapped to the one the config stores."""
+
 CONFIG_FILE_ENV = "SLUICE_CONFIG"
 """Names a config file when `--config` is not given."""
 
@@ -186,6 +198,8 @@ def coerce_value(spec: FieldSpec, raw: Any) -> Any:
     if (spec.choices is not None and isinstance(value, str) and value not in spec.choices
             and value.lower() in spec.choices):
         value = value.lower()
+    if isinstance(value, str):
+        value = CHOICE_ALIASES.get(spec.name, {}).get(value.lower(), value)
     reason = spec.check(value)
     if reason is not None:
         raise _BadValue(reason)
@@ -473,6 +487,10 @@ def add_engine_args(parser: argparse.ArgumentParser, sections: Iterable[str] | N
             if spec.kind == "bool":
                 group.add_argument(*names, dest=spec.name, default=None, help=_flag_help(spec),
                                    action=argparse.BooleanOptionalAction)
+                if spec.name in NEGATED_FLAGS:
+                    group.add_argument(NEGATED_FLAGS[spec.name], dest=spec.name,
+                                       action="store_const", const=False,
+                                       help=f"Same as --no-{spec.flag[2:]}.")
             elif spec.kind == "tuple":  # vLLM style: --served-model-name a b (or a,b)
                 group.add_argument(*names, dest=spec.name, default=None, help=_flag_help(spec),
                                    metavar=spec.name.split("_")[-1].upper(), nargs="+")

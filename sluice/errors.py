@@ -63,3 +63,13 @@ class EngineDeadError(SluiceError):
 
 class EngineStartupError(SluiceError):
     """The engine core failed during startup; the message is the child's own error."""
+
+
+class EngineSleepingError(SluiceError):
+    """The engine is asleep (`/sleep`): its KV cache (and at level 2 its weights) are released,
+    so generation is refused (HTTP 503) until `/wake_up`."""
+
+
+class EngineBusyError(SluiceError):
+    """An operation that needs an idle engine (sleep) was asked for while requests are in
+    flight (HTTP 409); retry once they have finished."""

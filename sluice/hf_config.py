@@ -1,4 +1,5 @@
-"""Read a Hugging Face model directory's `config.json` into a `ModelSpec`.
+"""Read a Hugging Face model directory's `config.json` into a `ModelSpec`, and its optional
+`generation_config.json` (extra EOS ids; default sampling parameters, `generation_defaults`).
 
 This is the only module that parses HF configs. It checks that the directory looks like an HF
 model before anything heavy starts, and raises `ModelLoadError` naming the path and problem.
@@ -7,13 +8,17 @@ No torch.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sluice.errors import ModelLoadError
+from sluice.errors import ConfigError, ModelLoadError
 from sluice.model_spec.gguf import GGUF_MARKER
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                            "Qwen3ForCausalLM")
@@ -85,15 +90,80 @@ def _rope_spec(cfg: dict, path: Path) -> RopeSpec:
     return RopeSpec(theta=theta, rope_type=rope_type, scaling=merged)
 
 
+def read_generation_config(directory: str | Path) -> dict[str, Any]:
+    """`directory/generation_config.json` as a dict; {} when the file is absent or unreadable
+    (it is optional). The one place that reads a model's generation config."""
+    path = Path(directory) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        logger.warning("Ignoring %s: not readable JSON.", path)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# generation_config.json keys that become default SamplingParams (max_new_tokens -> max_tokens),
+# with the check each value must pass; as vLLM's `--generation-config auto`.
+_GENERATION_DEFAULTS: dict[str, tuple[str, Any]] = {
+    "repetition_penalty": ("repetition_penalty", lambda v: _is_number(v) and 0 < v <= 2),
+    "temperature": ("temperature", lambda v: _is_number(v) and 0 <= v <= 100),
+    "top_k": ("top_k", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= -1),
+    "top_p": ("top_p", lambda v: _is_number(v) and 0 < v <= 1),
+    "min_p": ("min_p", lambda v: _is_number(v) and 0 <= v <= 1),
+    "max_new_tokens": ("max_tokens",
+                       lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@functools.lru_cache(maxsize=16)
+def _generation_defaults(mode: str, model_dir: str | None) -> tuple[tuple[str, Any], ...]:
+    if mode == "vllm":
+        return ()
+    if mode == "auto":
+        if model_dir is None:
+            return ()
+        directory = Path(model_dir)
+    else:
+        directory = Path(mode)
+        if not (directory / "generation_config.json").is_file():
+            raise ConfigError([f"--generation-config: {mode!r} holds no generation_config.json;"
+                               " allowed: auto, vllm, or a directory holding one."])
+    found: dict[str, Any] = {}
+    for key, value in read_generation_config(directory).items():
+        if key not in _GENERATION_DEFAULTS or value is None:
+            continue
+        name, ok = _GENERATION_DEFAULTS[key]
+        if ok(value):
+            found[name] = value
+        else:
+            logger.warning("Ignoring %s=%r in %s/generation_config.json: out of range.",
+                           key, value, directory)
+    if found:
+        logger.info("Default sampling parameters from %s/generation_config.json: %s (pass "
+                    "--generation-config vllm to use sluice's defaults instead).",
+                    directory, ", ".join(f"{k}={v}" for k, v in found.items()))
+    return tuple(found.items())
+
+
+def generation_defaults(mode: str, model_dir: str | None) -> dict[str, Any]:
+    """The model's default sampling parameters, as `SamplingParams` keywords, per
+    `--generation-config` `mode`: 'auto' reads `model_dir`'s generation_config.json, 'vllm'
+    gives {} (sluice's own defaults), anything else is a directory holding the file
+    (`ConfigError` when it holds none). Keys: temperature, top_p, top_k, min_p,
+    repetition_penalty, max_tokens (from max_new_tokens); out-of-range values are ignored with
+    a warning. They apply where a request leaves a field unset. Read once per (mode, dir)."""
+    return dict(_generation_defaults(mode, model_dir))
+
+
 def _eos_ids(cfg: dict, model_dir: Path) -> tuple[int, ...]:
     ids: list[int] = []
-    sources = [cfg.get("eos_token_id")]
-    gen_cfg = model_dir / "generation_config.json"
-    if gen_cfg.is_file():
-        try:
-            sources.insert(0, json.loads(gen_cfg.read_text()).get("eos_token_id"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            pass
+    sources = [read_generation_config(model_dir).get("eos_token_id"), cfg.get("eos_token_id")]
     for value in sources:
         if isinstance(value, int):
             value = [value]
@@ -122,8 +192,16 @@ def load_model_spec(model_dir: str | Path) -> ModelSpec:
     archs = cfg.get("architectures") or []
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:
+        if cfg.get("auto_map"):
+            raise ModelLoadError(
+                f"{path}: architecture {archs or 'missing'} needs code from the model repository "
+                f"(its config has an auto_map), and sluice runs only its native architectures "
+                f"({', '.join(SUPPORTED_ARCHITECTURES)}): it never runs remote code, with or "
+                "without --trust-remote-code.")
         raise ModelLoadError(f"{path}: architecture {archs or 'missing'} is not supported; "
-                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}.")
+                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (sluice runs only "
+                             "these native architectures, never code from a model repository, "
+                             "with or without --trust-remote-code).")
     if not any(model_dir.glob("*.safetensors")) and not (model_dir / GGUF_MARKER).is_file():
         raise ModelLoadError(f"{model_dir} holds no *.safetensors weight files (nor a "
                              f"{GGUF_MARKER} naming a GGUF file).")

@@ -56,6 +56,10 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    # time.monotonic() when the engine first scheduled the request; set on the request's first
+    # output only (0: not carried). With the frontend's arrival time it splits the latency
+    # into queue / prefill / decode phases for metrics.
+    scheduled_time: float = 0.0
 
     @property
     def finished(self) -> bool:

@@ -18,7 +18,8 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 """Every integer a request carries must fit a signed 64-bit integer (the wire format's and the
 engine's range); larger values are a 400 naming the field, not an encoding error."""
 
-_INT_FIELDS = ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs")
+_INT_FIELDS = ("n", "best_of", "top_k", "seed", "max_tokens", "min_tokens", "logprobs",
+               "prompt_logprobs", "truncate_prompt_tokens")
 
 
 def in_int64(value: int) -> bool:
@@ -39,9 +40,23 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     Greedy decoding is `temperature == 0`. `top_k <= 0` disables top-k. `seed` makes one request
     reproducible regardless of batch composition. `logprobs=k` returns the sampled token's logprob
     and the top-k alternatives per output token; `prompt_logprobs=k` the same for prompt tokens.
+
+    vLLM's extras, each honoured end to end:
+
+    * `best_of` (>= n): generate `best_of` samples and return the `n` with the highest
+      cumulative logprob (of the raw model distribution), best first. Final outputs only (no
+      streaming) when `best_of > n`.
+    * `allowed_token_ids`: only these tokens may be sampled (all others are masked to -inf).
+    * `bad_words`: words that must never be generated. The frontend tokenizes each word (at
+      the start of the text and after a space) into `bad_words_token_ids`; the sampler bans a
+      word's last token whenever the output so far ends with the word's other tokens.
+      `bad_words_token_ids` may also be given directly (token-level bad words).
+    * `truncate_prompt_tokens=k`: keep only the last k prompt tokens (-1: the last
+      max_model_len tokens).
     """
 
     n: int = 1
+    best_of: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -59,6 +74,10 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    bad_words_token_ids: list[list[int]] | None = None
+    truncate_prompt_tokens: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
@@ -76,8 +95,20 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
             bad("stop_token_ids", "must fit 64-bit signed integers.")
         if self.logit_bias and any(not in_int64(t) for t in self.logit_bias):
             bad("logit_bias", "keys must be token ids that fit a 64-bit signed integer.")
+        if self.allowed_token_ids is not None and any(
+                not in_int64(t) for t in self.allowed_token_ids):
+            bad("allowed_token_ids", "must fit 64-bit signed integers.")
+        if self.bad_words_token_ids and any(
+                not in_int64(t) for word in self.bad_words_token_ids for t in word):
+            bad("bad_words_token_ids", "must fit 64-bit signed integers.")
         if self.n < 1:
             bad("n", f"must be at least 1, got {self.n}.")
+        if self.best_of is not None:
+            if self.best_of < 1:
+                bad("best_of", f"must be at least 1, got {self.best_of}.")
+            if self.best_of < self.n:
+                bad("best_of", f"must be greater than or equal to n, got n={self.n} and "
+                    f"best_of={self.best_of}.")
         if not (self.temperature >= 0.0) or self.temperature > 100.0:
             bad("temperature", f"must be in [0, 100], got {self.temperature}.")
         if not (0.0 < self.top_p <= 1.0):
@@ -107,6 +138,20 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
             bad("stop", "must not contain empty strings.")
         if any(t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be non-negative token ids.")
+        if self.truncate_prompt_tokens is not None and (
+                self.truncate_prompt_tokens == 0 or self.truncate_prompt_tokens < -1):
+            bad("truncate_prompt_tokens", f"must be an integer >= 1 or -1, got "
+                f"{self.truncate_prompt_tokens}")
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                bad("allowed_token_ids", "is not None and empty!")
+            if any(t < 0 for t in self.allowed_token_ids):
+                bad("allowed_token_ids", "contains out-of-vocab token id!")
+        if self.bad_words is not None and any(not w.strip() for w in self.bad_words):
+            bad("bad_words", "must not contain empty (or whitespace-only) words.")
+        if self.bad_words_token_ids is not None and any(
+                not word for word in self.bad_words_token_ids):
+            bad("bad_words_token_ids", "must not contain empty token sequences.")
         if self.logit_bias:
             for token_id, bias in self.logit_bias.items():
                 if not (-100.0 <= bias <= 100.0):
@@ -116,6 +161,11 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     @property
     def is_greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
+
+    @property
+    def num_sequences(self) -> int:
+        """How many samples the engine generates for one prompt: `best_of`, else `n`."""
+        return self.best_of if self.best_of is not None else self.n
 
     def with_updates(self, **changes) -> "SamplingParams":
         """A validated copy with some fields changed."""
@@ -139,3 +189,13 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
                 raise InvalidRequestError(
                     f"logit_bias key {token_id} is outside the vocabulary [0, {vocab_size}).",
                     param="logit_bias")
+        if self.allowed_token_ids and any(t >= vocab_size for t in self.allowed_token_ids):
+            raise InvalidRequestError("allowed_token_ids contains out-of-vocab token id!",
+                                      param="allowed_token_ids")
+        invalid = [t for word in self.bad_words_token_ids or () for t in word
+                   if not 0 <= t < vocab_size]
+        if invalid:
+            raise InvalidRequestError(
+                f"The model vocabulary size is {vocab_size}, but the following tokens were "
+                f"specified as bad: {invalid}. All token id values should be integers "
+                f"satisfying: 0 <= token_id <= {vocab_size - 1}.", param="bad_words")

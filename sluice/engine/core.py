@@ -3,6 +3,10 @@
 One step is `schedule()` → `executor.execute_model()` → `update_from_output()`. Construction
 runs the startup stages (load weights → size and allocate the KV cache → warm up), each timed in
 `startup_seconds`, and publishes the runtime facts as an `EngineReady`.
+
+Utility calls between steps: `reset_prefix_cache` (False while requests hold blocks), and sleep
+mode (`--enable-sleep-mode`): `sleep(level)` on an idle engine releases the KV cache (1) or
+the KV cache and the weights (2) after resetting the prefix cache; `wake_up` restores them.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from sluice.config import EngineConfig
-from sluice.errors import ConfigError, KVCacheTooSmallError
+from sluice.errors import ConfigError, EngineBusyError, KVCacheTooSmallError
 from sluice.executor.uniproc import UniprocExecutor
 from sluice.hf_config import ModelSpec, load_model_spec
-from sluice.messages import EngineCoreOutputs, EngineCoreRequest, EngineReady
+from sluice.messages import (EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest,
+                             EngineReady, FinishReason)
 from sluice.core.request import Request, RequestStatus
 from sluice.core.sched.scheduler import Scheduler
+from sluice.step import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -105,31 +111,104 @@ class EngineCore:
             model_name=(config.model.served_model_name or (Path(self.spec.path).name,))[0],
             eos_token_ids=list(self.spec.eos_token_ids),
             startup_seconds=timings)
+        self.sleep_level = 0  # 0 awake; 1: KV cache released; 2: weights released too
+        self._refused: list[str] = []  # requests that arrived while asleep, to abort
+        # request id -> when first scheduled (None: not yet); cleared at its first output
+        self._scheduled_at: dict[str, float | None] = {}
         logger.info("engine ready: %d KV blocks of %d tokens, max_model_len %d",
                     self.num_kv_blocks, config.cache.block_size, self.max_model_len)
 
     def add_request(self, request: EngineCoreRequest) -> None:
+        """Queue `request`. While asleep it is refused instead: the next step finishes it as
+        aborted (the frontend refuses generation while asleep, so this is a safety net)."""
+        if self.sleep_level:
+            logger.warning("request %s arrived while the engine sleeps; aborting it",
+                           request.request_id)
+            self._refused.append(request.request_id)
+            return
         self.scheduler.add_request(Request.from_engine_core_request(request))
+        self._scheduled_at[request.request_id] = None
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
-        self.scheduler.finish_requests(list(request_ids), RequestStatus.FINISHED_ABORTED)
+        request_ids = list(request_ids)
+        for request_id in request_ids:
+            self._scheduled_at.pop(request_id, None)
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return bool(self._refused) or self.scheduler.has_unfinished_requests()
 
     def step(self) -> EngineCoreOutputs:
         """Run one engine step and return what it produced."""
+        if self._refused:
+            return self._refused_outputs()
         if not self.scheduler.has_unfinished_requests():
             return EngineCoreOutputs(scheduler_stats=self.scheduler.make_stats(),
                                      timestamp=time.monotonic())
         scheduler_output = self.scheduler.schedule()
+        self._stamp_scheduled(scheduler_output)
         runner_output = self.executor.execute_model(scheduler_output)
         outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        self._attach_scheduled_times(outputs)
         return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.scheduler.make_stats(),
                                  timestamp=time.monotonic())
 
-    def reset_prefix_cache(self) -> None:
-        self.scheduler.reset_prefix_cache()
+    # ---- step hooks: when each request was first scheduled (for queue/prefill metrics) -----
+    def _stamp_scheduled(self, scheduler_output: SchedulerOutput) -> None:
+        now = time.monotonic()
+        for new in scheduler_output.scheduled_new_reqs:
+            if new.request_id in self._scheduled_at and \
+                    self._scheduled_at[new.request_id] is None:
+                self._scheduled_at[new.request_id] = now
+
+    def _attach_scheduled_times(self, outputs: list[EngineCoreOutput]) -> None:
+        """Put the first-scheduled time on each request's first output (once)."""
+        for out in outputs:
+            scheduled = self._scheduled_at.pop(out.request_id, None)
+            if scheduled is not None:
+                out.scheduled_time = scheduled
+
+    def _refused_outputs(self) -> EngineCoreOutputs:
+        outputs = [EngineCoreOutput(request_id, [], finish_reason=FinishReason.ABORT)
+                   for request_id in self._refused]
+        self._refused = []
+        return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.scheduler.make_stats(),
+                                 timestamp=time.monotonic())
+
+    # ---- utility calls ---------------------------------------------------------------------
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix block; False (nothing changed) while requests hold
+        blocks, as vLLM."""
+        done = self.scheduler.reset_prefix_cache()
+        if done:
+            logger.info("prefix cache reset")
+        else:
+            logger.warning("prefix cache not reset: running requests still hold KV blocks")
+        return done
+
+    def sleep(self, level: int) -> None:
+        """Release the KV cache (level 1) or the KV cache and the weights (level 2) until
+        `wake_up`. Only an idle engine sleeps (`EngineBusyError` otherwise): the prefix cache
+        is reset first, since the blocks' contents are discarded. Asleep already at a level
+        >= `level`: no-op; at a lower one: releases the rest."""
+        if not self.config.model.enable_sleep_mode:
+            raise ConfigError("Sleep mode is off; start the engine with --enable-sleep-mode.")
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}.")
+        if level <= self.sleep_level:
+            return
+        if self.has_unfinished_requests() or not self.scheduler.reset_prefix_cache():
+            raise EngineBusyError(
+                f"Cannot sleep with {self.scheduler.get_num_unfinished_requests()} requests "
+                "in flight; retry once they have finished.")
+        self.executor.sleep(level)
+        self.sleep_level = level
+
+    def wake_up(self) -> None:
+        """Reallocate the KV cache (and reload the weights after level 2). No-op when awake."""
+        if self.sleep_level:
+            self.executor.wake_up()
+            self.sleep_level = 0
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -34,6 +34,7 @@ from sluice.config import EngineConfig
 from sluice.engine.serial import (EngineFailure, HandshakeFailed, HandshakeReady, OutputType,
                                   RequestType, UtilityMethod, UtilityRequest, UtilityResult,
                                   encode_handshake, output_codec, request_codec)
+from sluice.errors import SluiceError
 from sluice.messages import EngineCoreOutputs, EngineCoreRequest, EngineReady
 
 logger = logging.getLogger(__name__)
@@ -47,12 +48,15 @@ _STOP = object()
 class Engine(Protocol):
     """What the loop needs of an engine core (`sluice.engine.core.EngineCore`)."""
     ready: EngineReady
+    sleep_level: int
 
     def add_request(self, request: EngineCoreRequest) -> None: ...
     def abort_requests(self, request_ids: list[str]) -> None: ...
     def has_unfinished_requests(self) -> bool: ...
     def step(self) -> EngineCoreOutputs: ...
-    def reset_prefix_cache(self) -> None: ...
+    def reset_prefix_cache(self) -> bool: ...
+    def sleep(self, level: int) -> None: ...
+    def wake_up(self) -> None: ...
     def shutdown(self) -> None: ...
 
 
@@ -134,13 +138,25 @@ class EngineCoreProc:
             self._shutdown_requested = True
 
     def _call_utility(self, call: UtilityRequest) -> UtilityResult:
+        """Run one utility call between steps; see `UtilityMethod` for each one's value."""
+        engine = self.engine
         try:
+            value = 0
             if call.method == UtilityMethod.RESET_PREFIX_CACHE:
-                self.engine.reset_prefix_cache()
+                value = int(engine.reset_prefix_cache())
+            elif call.method == UtilityMethod.SLEEP:
+                engine.sleep(call.arg)
+            elif call.method == UtilityMethod.WAKE_UP:
+                engine.wake_up()
+            elif call.method == UtilityMethod.IS_SLEEPING:
+                value = engine.sleep_level
             # PING: answering at all proves the loop is alive.
-            return UtilityResult(call.call_id)
+            return UtilityResult(call.call_id, value=value)
         except Exception as e:  # a failed utility call is reported to its caller only
-            logger.exception("utility call %s failed", call.method.name)
+            if isinstance(e, SluiceError):  # a refusal (busy, sleep mode off): no traceback
+                logger.warning("utility call %s refused: %s", call.method.name, e)
+            else:
+                logger.exception("utility call %s failed", call.method.name)
             return UtilityResult(call.call_id, error=f"{type(e).__name__}: {e}")
 
     def send_failure(self, exc: BaseException) -> None:

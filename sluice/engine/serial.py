@@ -42,20 +42,28 @@ class OutputType(enum.IntEnum):
 
 
 class UtilityMethod(enum.IntEnum):
-    """Out-of-band calls answered by the busy loop between steps."""
-    PING = 0                # health round trip; answers None
-    RESET_PREFIX_CACHE = 1  # drop cached prefix blocks; answers None
+    """Out-of-band calls answered by the busy loop between steps (`arg` / `value` of the
+    request and result as noted)."""
+    PING = 0                # health round trip; value 0
+    RESET_PREFIX_CACHE = 1  # drop cached prefix blocks; value 1 done, 0 refused (blocks in use)
+    SLEEP = 2               # arg: level 1 (free the KV cache) or 2 (and the weights); value 0;
+    #                         error "EngineBusyError: ..." while requests are unfinished
+    WAKE_UP = 3             # reallocate (and reload) what SLEEP freed; value 0
+    IS_SLEEPING = 4         # value: the sleep level, 0 when awake
 
 
-class UtilityRequest(msgspec.Struct, array_like=True):
+class UtilityRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     call_id: int
     method: UtilityMethod
+    arg: int = 0
 
 
 class UtilityResult(msgspec.Struct, array_like=True, omit_defaults=True):
-    """`error` is empty on success; otherwise "<ExceptionType>: <message>"."""
+    """`error` is empty on success; otherwise "<ExceptionType>: <message>". `value` is the
+    method's answer (see `UtilityMethod`)."""
     call_id: int
     error: str = ""
+    value: int = 0
 
 
 class EngineFailure(msgspec.Struct, omit_defaults=True):

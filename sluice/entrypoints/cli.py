@@ -17,7 +17,6 @@ prints `error: <message>` and exits 1; neither prints a traceback.
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import logging
 import os
@@ -29,22 +28,60 @@ from sluice.errors import ConfigError, SluiceError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("sluice.entrypoints.serve_cmd", "Start the OpenAI-compatible HTTP server."),
     "generate": ("sluice.entrypoints.generate_cmd", "Generate completions for prompts offline."),
-    "chat": ("sluice.entrypoints.chat_cmd", "Chat with a model in the terminal."),
+    "chat": ("sluice.entrypoints.chat_cmd", "Chat in the terminal with a running server."),
     "bench": ("sluice.bench.cli", "Benchmark throughput and latency."),
     "env": ("sluice.entrypoints.env_report", "Print the hardware and software environment."),
 }
 """name → (module providing add_parser/run, one-line help)."""
 
+_PROG = "sluice"
 _LOG_FORMAT = "%(levelname)s %(asctime)s %(name)s: %(message)s"
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: the fewest single-character insertions, deletions and
+    substitutions that turn `a` into `b`."""
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, start=1):
+        current = [i]
+        for j, cb in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1,
+                               previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def closest_flag(arg: str, options: list[str]) -> str | None:
+    """The option string nearest to `arg` by edit distance, if it is close: at most a quarter
+    of the flag's length (and at least 1, at most 3) edits; ties go to the first listed."""
+    name = arg.split("=", 1)[0].lstrip("-")
+    best, best_distance = None, None
+    for option in options:
+        distance = edit_distance(name, option.lstrip("-"))
+        if best_distance is None or distance < best_distance:
+            best, best_distance = option, distance
+    if best is None or best_distance > min(3, max(1, len(name) // 4)):
+        return None
+    return best
 
 
 class SluiceArgumentParser(argparse.ArgumentParser):
     """argparse without prefix abbreviations (`--max-num` never means `--max-num-seqs`) and
-    with a "did you mean" for misspelt flags."""
+    with a "did you mean" for misspelt flags.
+
+    A subcommand's parser reports its own unrecognized arguments (argparse would leave them to
+    the top-level parser), so the error shows `sluice <command>`'s usage and the suggestion is
+    one of that command's flags."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and self.prog != _PROG:  # a subcommand: nothing may be left over
+            self.error("unrecognized arguments: " + " ".join(extras))
+        return namespace, extras
 
     def _option_strings(self) -> list[str]:
         found = list(self._option_string_actions)
@@ -60,10 +97,10 @@ class SluiceArgumentParser(argparse.ArgumentParser):
             options = self._option_strings()
             hints = []
             for arg in message.split(":", 1)[1].split():
-                if arg.startswith("--"):
-                    near = difflib.get_close_matches(arg.split("=", 1)[0], options, n=1)
+                if arg.startswith("-"):
+                    near = closest_flag(arg, options)
                     if near:
-                        hints.append(f"{arg.split('=', 1)[0]}: did you mean {near[0]}?")
+                        hints.append(f"{arg.split('=', 1)[0]}: did you mean {near}?")
             if hints:
                 message += " (" + "; ".join(hints) + ")"
         super().error(message)
@@ -119,7 +156,7 @@ def build_parser(chosen: str | None = None) -> tuple[argparse.ArgumentParser,
     """The top-level parser; only `chosen`'s module is imported and adds its real parser."""
     from sluice import __version__
     parser = SluiceArgumentParser(
-        prog="sluice", description="sluice: an LLM inference and serving engine.",
+        prog=_PROG, description="sluice: an LLM inference and serving engine.",
         epilog="Run `sluice <command> --help` for the options of a command. Engine options "
                "also come from --config FILE and SLUICE_<OPTION> environment variables.")
     parser.add_argument("--version", action="version", version=f"sluice {__version__}")

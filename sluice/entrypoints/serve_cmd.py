@@ -13,6 +13,12 @@ handed to uvicorn, so "port in use" fails in milliseconds and nobody can take th
 model loads. A failing stage ends the process with one line `error: <what, values, fix>`
 (exit 2 for a bad flag, 1 otherwise).
 
+HTTP options as vLLM names them: --ssl-keyfile/--ssl-certfile serve HTTPS (uvicorn's TLS),
+--root-path sets the ASGI root_path for a reverse proxy that strips a prefix,
+--uvicorn-log-level sets uvicorn's loggers (default: --log-level), --chat-template replaces
+the tokenizer's template (checked while parsing the config), --disable-log-requests /
+--enable-log-requests and --max-log-len control the per-request log line (`AsyncLLM`).
+
 SIGTERM or SIGINT drains: new requests (and /health) get 503 in OpenAI's shape, requests in
 flight run on for up to --shutdown-timeout seconds, the rest are then ended with a 503-type
 error (streams get an error event and `[DONE]`), and once their responses are out the server
@@ -137,13 +143,43 @@ class _Signals:
             signal.signal(sig, handler)
 
 
-def _route_uvicorn_logs() -> None:
-    """uvicorn's loggers write through sluice's handler and format (one log style)."""
+def _route_uvicorn_logs(level: str | None = None) -> None:
+    """uvicorn's loggers write through sluice's handler and format (one log style), at
+    `level` (--uvicorn-log-level; default: sluice's level)."""
     ours = logging.getLogger("sluice")
     uv = logging.getLogger("uvicorn")
     uv.handlers = list(ours.handlers)
-    uv.setLevel(ours.level)
+    uv.setLevel(ours.level if level is None else uvicorn_level(level))
     uv.propagate = False
+
+
+def uvicorn_level(name: str) -> int:
+    """The logging level of a --uvicorn-log-level name ('trace' is uvicorn's level 5)."""
+    return 5 if name == "trace" else getattr(logging, name.upper())
+
+
+def check_tls_files(server: Any) -> None:
+    """Raise ConfigError unless --ssl-keyfile/--ssl-certfile are both unset, or name readable
+    files that hold a certificate and its key."""
+    from sluice.errors import ConfigError
+    keyfile, certfile = server.ssl_keyfile, server.ssl_certfile
+    if keyfile is None and certfile is None:
+        return
+    if certfile is None:
+        raise ConfigError("--ssl-keyfile: given without --ssl-certfile. Fix: pass the "
+                          "certificate too (--ssl-certfile FILE), or drop --ssl-keyfile.")
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except FileNotFoundError as e:
+        raise ConfigError(f"--ssl-certfile/--ssl-keyfile: {e.filename or certfile} does not "
+                          "exist. Fix: pass the path of a PEM file.") from None
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"--ssl-certfile {certfile}"
+                          + (f" / --ssl-keyfile {keyfile}" if keyfile else "")
+                          + f": not a usable certificate and private key ({e}). Fix: pass PEM "
+                          "files of a certificate and its matching key.") from None
 
 
 def _draining_server_class() -> type:
@@ -194,11 +230,14 @@ async def serve_engine(engine: Any, config: Any, sock: socket.socket) -> int:
     app = build_app(engine, config)
     state = app.state.sluice
     obs = config.observability
-    _route_uvicorn_logs()
-    uv_config = uvicorn.Config(app, log_config=None, log_level=obs.log_level, lifespan="on",
-                               access_log=not obs.disable_log_requests,
+    srv = config.server
+    uv_level = srv.uvicorn_log_level or obs.log_level
+    _route_uvicorn_logs(uv_level)
+    uv_config = uvicorn.Config(app, log_config=None, log_level=uvicorn_level(uv_level),
+                               lifespan="on", access_log=not obs.disable_log_requests,
                                timeout_graceful_shutdown=CONNECTION_CLOSE_S,
-                               timeout_keep_alive=5)
+                               timeout_keep_alive=5, root_path=srv.root_path or "",
+                               ssl_keyfile=srv.ssl_keyfile, ssl_certfile=srv.ssl_certfile)
     grace_s = config.server.shutdown_timeout
 
     async def drain() -> None:
@@ -229,8 +268,9 @@ async def serve_engine(engine: Any, config: Any, sock: socket.socket) -> int:
             await asyncio.sleep(WATCHDOG_INTERVAL_S)
 
     host, port = sock.getsockname()[:2]
-    logger.info("Serving model '%s' on http://%s:%d (max_model_len %d)",
-                engine.ready.model_name, host, port, engine.ready.max_model_len)
+    scheme = "https" if srv.ssl_certfile else "http"
+    logger.info("Serving model '%s' on %s://%s:%d (max_model_len %d)",
+                engine.ready.model_name, scheme, host, port, engine.ready.max_model_len)
     task = asyncio.create_task(watchdog())
     try:
         await server.serve(sockets=[sock])
@@ -252,6 +292,10 @@ def run(args: argparse.Namespace) -> int:
         config = engine_config_from_args(args)
         configure_logging(config.observability.log_level)
         logger.debug("Config: %s", flat_config(config))
+        check_tls_files(config.server)
+        if config.model.chat_template is not None:
+            from sluice.frontend.tokenizer import resolve_chat_template
+            resolve_chat_template(config.model.chat_template)
     with stage("detect hardware"):
         logger.info(hardware_summary())
     with stage("bind port"):

@@ -31,5 +31,14 @@ class Executor(ABC):
     @abstractmethod
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
 
+    @abstractmethod
+    def sleep(self, level: int) -> None:
+        """Release every worker's KV cache (level 1) and weights too (level 2); the caller
+        guarantees no request is running."""
+
+    @abstractmethod
+    def wake_up(self) -> None:
+        """Reallocate (and reload) what `sleep` released, on every worker."""
+
     def shutdown(self) -> None:
         """Release workers; safe to call twice."""

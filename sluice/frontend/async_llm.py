@@ -19,6 +19,10 @@ Contract:
 * When the engine core dies, every waiting and later `generate` raises `EngineDeadError`
   (naming the cause), `is_dead` turns True and `check_health` raises. After `shutdown()` calls
   raise `EngineDeadError` too; `shutdown` is idempotent.
+* Sleep mode (`--enable-sleep-mode`): `sleep(level)` only on an idle engine (`EngineBusyError`
+  otherwise); from the moment it is called until `wake_up()` has returned, `generate` raises
+  `EngineSleepingError` before sending anything. `sleep_level` is this frontend's view (all
+  changes go through it); `is_sleeping()` asks the engine.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 from sluice.config import EngineConfig
 from sluice.engine.launch import EngineProcess
-from sluice.errors import EngineDeadError
+from sluice.errors import (EngineBusyError, EngineDeadError, EngineSleepingError,
+                           InvalidRequestError)
 from sluice.frontend.client import HEALTH_TIMEOUT_S, AsyncMPClient
 from sluice.frontend.input_processor import InputProcessor
 from sluice.frontend.offload import Offloader
@@ -76,6 +81,7 @@ class AsyncLLM:
         self._stats_listeners: list[StatsListener] = []
         self._latest_scheduler_stats: SchedulerStats | None = None
         self._log_requests = not config.observability.disable_log_requests
+        self._sleep_level = 0
 
     @classmethod
     def from_config(cls, config: EngineConfig, *,
@@ -89,7 +95,8 @@ class AsyncLLM:
 
         def load() -> None:
             try:
-                loaded["tokenizer"] = load_tokenizer(config.model.tokenizer or config.model.model)
+                loaded["tokenizer"] = load_tokenizer(config.model.tokenizer or config.model.model,
+                                                     chat_template=config.model.chat_template)
             except BaseException as e:
                 loaded["error"] = e
 
@@ -116,6 +123,7 @@ class AsyncLLM:
         (default: the prompt when it is text). Raises `InvalidRequestError` before the first
         output, `EngineDeadError` whenever the engine is or becomes dead."""
         self._check_alive()
+        self._check_awake()
         loop = asyncio.get_running_loop()
         self._ensure_output_handler(loop)
         request = await self.offloader.run_if_large(
@@ -123,12 +131,13 @@ class AsyncLLM:
             None, priority, add_special_tokens=add_special_tokens)
         if prompt_text is None and isinstance(prompt, str):
             prompt_text = prompt
+        self._check_awake()  # again: sleep() may have begun while the prompt was tokenized
         engine_requests = self.output_processor.add_request(request, prompt_text)
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._queues[request_id] = queue
         if self._log_requests:
-            logger.info("request %s: %d prompt tokens, %s", request_id,
-                        len(request.prompt_token_ids), request.sampling_params)
+            self._log_request(request_id, prompt_text, request.prompt_token_ids,
+                              request.sampling_params)
         finished = False
         try:
             for engine_request in engine_requests:
@@ -147,6 +156,16 @@ class AsyncLLM:
                 del self._queues[request_id]
             if not finished:
                 self._abort_now(request_id)
+
+    def _log_request(self, request_id: str, prompt: str | None, token_ids: Sequence[int],
+                     params: SamplingParams) -> None:
+        """vLLM's request log line: id, prompt and prompt token ids (each cut to
+        --max-log-len), sampling parameters."""
+        n = self.config.observability.max_log_len
+        shown_ids = list(token_ids) if n is None else list(token_ids[:n])
+        more = "" if n is None or len(token_ids) <= n else f" ... ({len(token_ids)} in all)"
+        logger.info("Received request %s: prompt: %r, params: %s, prompt_token_ids: %s%s",
+                    request_id, None if prompt is None else prompt[:n], params, shown_ids, more)
 
     async def abort(self, request_id: str) -> None:
         """Abort a request (unknown or finished ids are ignored); its `generate` ends."""
@@ -232,8 +251,59 @@ class AsyncLLM:
         self._check_alive()
         await self.client.check_health(timeout_s)
 
-    async def reset_prefix_cache(self) -> None:
-        await self.client.reset_prefix_cache()
+    async def reset_prefix_cache(self) -> bool:
+        """Drop the engine's cached prefix blocks; False (nothing changed) while requests
+        hold KV blocks, as vLLM."""
+        self._check_alive()
+        return await self.client.reset_prefix_cache()
+
+    # ---- sleep mode ---------------------------------------------------------------------------
+
+    @property
+    def sleep_level(self) -> int:
+        """0 when awake; 1 or 2 from the moment `sleep` was called until `wake_up` returned."""
+        return self._sleep_level
+
+    def sleeping_error(self) -> EngineSleepingError:
+        """The error generation gets while asleep (says why and what to do)."""
+        released = "KV cache" if self._sleep_level == 1 else "KV cache and weights"
+        return EngineSleepingError(
+            f"The model is sleeping (sleep level {self._sleep_level}: its {released} "
+            "released); generation is unavailable until it is woken up (POST /wake_up).")
+
+    def _check_awake(self) -> None:
+        if self._sleep_level:
+            raise self.sleeping_error()
+
+    async def sleep(self, level: int = 1) -> None:
+        """Put the engine to sleep: level 1 frees the KV cache, level 2 the weights too.
+        Raises `EngineBusyError` while requests are in flight (nothing changes then)."""
+        self._check_alive()
+        if level not in (1, 2):
+            raise InvalidRequestError(f"level must be 1 or 2, got {level}.", param="level")
+        if self.output_processor.has_unfinished_requests():
+            raise EngineBusyError(
+                f"Cannot sleep with {self.num_unfinished_requests} requests in flight; retry "
+                "once they have finished.")
+        previous = self._sleep_level
+        self._sleep_level = max(previous, level)  # refuse new requests from now on
+        try:
+            await self.client.sleep(level)
+        except BaseException:
+            self._sleep_level = previous
+            raise
+
+    async def wake_up(self) -> None:
+        """Reallocate the KV cache (and reload the weights after level 2); generation is
+        accepted again once this returns. No-op when awake."""
+        self._check_alive()
+        await self.client.wake_up()
+        self._sleep_level = 0
+
+    async def is_sleeping(self) -> bool:
+        """Whether the engine reports itself asleep (a round trip through its loop)."""
+        self._check_alive()
+        return await self.client.sleep_level() > 0
 
     def add_stats_listener(self, listener: StatsListener) -> None:
         """Register `listener(scheduler_stats, frontend_stats)`, called after every engine

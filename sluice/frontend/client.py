@@ -35,7 +35,8 @@ from sluice.config import EngineConfig
 from sluice.engine.launch import EngineProcess, describe_exit
 from sluice.engine.serial import (EngineFailure, OutputType, RequestType, UtilityMethod,
                                   UtilityRequest, UtilityResult, output_codec, request_codec)
-from sluice.errors import EngineDeadError
+from sluice.errors import (ConfigError, EngineBusyError, EngineDeadError,
+                           InvalidRequestError)
 from sluice.messages import EngineCoreOutputs, EngineCoreRequest, EngineReady
 
 logger = logging.getLogger(__name__)
@@ -82,8 +83,17 @@ class InprocClient(EngineCoreClient):
     def get_output(self) -> EngineCoreOutputs:
         return self.engine.step()
 
-    def reset_prefix_cache(self) -> None:
-        self.engine.reset_prefix_cache()
+    def reset_prefix_cache(self) -> bool:
+        return self.engine.reset_prefix_cache()
+
+    def sleep(self, level: int = 1) -> None:
+        self.engine.sleep(level)
+
+    def wake_up(self) -> None:
+        self.engine.wake_up()
+
+    def sleep_level(self) -> int:
+        return self.engine.sleep_level
 
     def shutdown(self) -> None:
         if self.engine is not None:
@@ -204,7 +214,7 @@ class SyncMPClient(MPClient, EngineCoreClient):
     def __init__(self, config: EngineConfig, **kwargs: Any):
         super().__init__(config, **kwargs)
         self._outputs: queue.Queue[Any] = queue.Queue()
-        self._pending: dict[int, concurrent.futures.Future[None]] = {}
+        self._pending: dict[int, concurrent.futures.Future[int]] = {}
         try:
             self._output = self._ctx.socket(zmq.PULL)
             self._output.setsockopt(zmq.RCVHWM, 0)
@@ -237,17 +247,18 @@ class SyncMPClient(MPClient, EngineCoreClient):
             raise self.dead_error()
         return item
 
-    def call_utility(self, method: UtilityMethod, timeout_s: float | None = None) -> None:
-        """Run `method` in the engine's loop; raises `TimeoutError`, `EngineDeadError`, or
-        `RuntimeError` with the engine's error."""
-        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+    def call_utility(self, method: UtilityMethod, timeout_s: float | None = None,
+                     arg: int = 0) -> int:
+        """Run `method(arg)` in the engine's loop and return its value (see `UtilityMethod`);
+        raises `TimeoutError`, `EngineDeadError`, or the engine's error (`utility_error`)."""
+        future: concurrent.futures.Future[int] = concurrent.futures.Future()
         call_id = next(self._call_ids)
         self._pending[call_id] = future
         try:
-            self._send(RequestType.UTILITY, UtilityRequest(call_id, method))
+            self._send(RequestType.UTILITY, UtilityRequest(call_id, method, arg))
             if self._dead is not None or self._closed:  # died between check and register
                 raise self.dead_error()
-            future.result(timeout_s)
+            return future.result(timeout_s)
         except concurrent.futures.TimeoutError:
             raise TimeoutError(f"engine utility call {method.name} timed out after "
                                f"{timeout_s}s") from None
@@ -268,8 +279,20 @@ class SyncMPClient(MPClient, EngineCoreClient):
         except TimeoutError:
             raise EngineDeadError(_hung_message(self.process.pid, timeout_s)) from None
 
-    def reset_prefix_cache(self) -> None:
-        self.call_utility(UtilityMethod.RESET_PREFIX_CACHE)
+    def reset_prefix_cache(self) -> bool:
+        """Drop the engine's cached prefix blocks; False while requests hold blocks."""
+        return bool(self.call_utility(UtilityMethod.RESET_PREFIX_CACHE))
+
+    def sleep(self, level: int = 1) -> None:
+        """See `EngineCore.sleep`; raises `EngineBusyError` while requests are in flight."""
+        self.call_utility(UtilityMethod.SLEEP, arg=level)
+
+    def wake_up(self) -> None:
+        self.call_utility(UtilityMethod.WAKE_UP)
+
+    def sleep_level(self) -> int:
+        """The engine's sleep level (0: awake)."""
+        return self.call_utility(UtilityMethod.IS_SLEEPING)
 
     def shutdown(self) -> None:
         if not self._begin_close():
@@ -322,7 +345,7 @@ class AsyncMPClient(MPClient):
         self._outputs: asyncio.Queue[Any] | None = None
         self._output: zmq.asyncio.Socket | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._pending: dict[int, asyncio.Future[int]] = {}
         self._start_monitor()
 
     def _ensure_started(self) -> asyncio.Queue[Any]:
@@ -377,18 +400,19 @@ class AsyncMPClient(MPClient):
             raise self.dead_error()
         return item
 
-    async def call_utility(self, method: UtilityMethod, timeout_s: float | None = None) -> None:
-        """Run `method` in the engine's loop; raises `TimeoutError`, `EngineDeadError`, or
-        `RuntimeError` with the engine's error."""
+    async def call_utility(self, method: UtilityMethod, timeout_s: float | None = None,
+                           arg: int = 0) -> int:
+        """Run `method(arg)` in the engine's loop and return its value (see `UtilityMethod`);
+        raises `TimeoutError`, `EngineDeadError`, or the engine's error (`utility_error`)."""
         self._ensure_started()
         self._check_alive()
         assert self._loop is not None
-        future: asyncio.Future[None] = self._loop.create_future()
+        future: asyncio.Future[int] = self._loop.create_future()
         call_id = next(self._call_ids)
         self._pending[call_id] = future
         try:
-            self._send(RequestType.UTILITY, UtilityRequest(call_id, method))
-            await asyncio.wait_for(future, timeout_s)
+            self._send(RequestType.UTILITY, UtilityRequest(call_id, method, arg))
+            return await asyncio.wait_for(future, timeout_s)
         finally:
             self._pending.pop(call_id, None)
 
@@ -407,8 +431,20 @@ class AsyncMPClient(MPClient):
         except TimeoutError:
             raise EngineDeadError(_hung_message(self.process.pid, timeout_s)) from None
 
-    async def reset_prefix_cache(self) -> None:
-        await self.call_utility(UtilityMethod.RESET_PREFIX_CACHE)
+    async def reset_prefix_cache(self) -> bool:
+        """Drop the engine's cached prefix blocks; False while requests hold blocks."""
+        return bool(await self.call_utility(UtilityMethod.RESET_PREFIX_CACHE))
+
+    async def sleep(self, level: int = 1) -> None:
+        """See `EngineCore.sleep`; raises `EngineBusyError` while requests are in flight."""
+        await self.call_utility(UtilityMethod.SLEEP, arg=level)
+
+    async def wake_up(self) -> None:
+        await self.call_utility(UtilityMethod.WAKE_UP)
+
+    async def sleep_level(self) -> int:
+        """The engine's sleep level (0: awake)."""
+        return await self.call_utility(UtilityMethod.IS_SLEEPING)
 
     def shutdown(self) -> None:
         """Stop the engine core and close the sockets (idempotent, any thread)."""
@@ -472,14 +508,31 @@ class AsyncMPClient(MPClient):
             self._outputs.put_nowait(_DEAD)
 
 
+_UTILITY_ERRORS: dict[str, type[Exception]] = {
+    "EngineBusyError": EngineBusyError, "ConfigError": ConfigError,
+    "ValueError": InvalidRequestError,
+}
+
+
+def utility_error(error: str) -> Exception:
+    """The exception for a failed utility call's `error` ("Type: message"): the engine's own
+    refusals (`EngineBusyError`, `ConfigError`, a bad argument as `InvalidRequestError`) with
+    their message, anything else a `RuntimeError`."""
+    name, _, message = error.partition(": ")
+    cls = _UTILITY_ERRORS.get(name)
+    if cls is not None:
+        return cls(message)
+    return RuntimeError(f"engine utility call failed: {error}")
+
+
 def _resolve(future: Any, result: UtilityResult) -> None:
     """Complete a sync or asyncio future with a utility result (on the future's thread)."""
     if future is None or future.done():
         return
     if result.error:
-        future.set_exception(RuntimeError(f"engine utility call failed: {result.error}"))
+        future.set_exception(utility_error(result.error))
     else:
-        future.set_result(None)
+        future.set_result(result.value)
 
 
 def _hung_message(pid: int, timeout_s: float) -> str:

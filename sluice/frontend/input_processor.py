@@ -5,9 +5,17 @@ request against the served model and raises `InvalidRequestError` with `param` s
 user mistake, so that the HTTP layer answers 400 and the engine core never sees a bad request.
 The `SamplingParams` it sends are a copy with `max_tokens` materialised (never None).
 
-`fan_out` splits an `n > 1` request into `n` independent engine requests: child `i` is
-`f"{i}_{request_id}"` with `n=1` and, when a seed is set, `seed + i` (so samples differ but each
-stays reproducible). Only child 0 asks for prompt logprobs; they are identical for all children.
+It also applies the prompt-side parameters: `truncate_prompt_tokens` keeps the last k prompt
+tokens (before the context-length check), and `bad_words` are tokenized into
+`bad_words_token_ids` (see `bad_words_token_ids`; the params sent carry the ids instead of
+the words), since the engine core has no tokenizer.
+
+`fan_out` splits a request into `params.num_sequences` (`best_of`, else `n`) independent engine
+requests when that is > 1: child `i` is `f"{i}_{request_id}"` with `n=1`, no `best_of` and,
+when a seed is set, `seed + i` (so samples differ but each stays reproducible). Only child 0
+asks for prompt logprobs; they are identical for all children. When `best_of > n` and no
+logprobs were asked for, children ask for `logprobs=0` (the sampled token's own logprob), so
+that the output processor can rank them by cumulative logprob.
 """
 
 from __future__ import annotations
@@ -43,16 +51,36 @@ def child_seed(seed: int, index: int) -> int:
     return (seed + index - INT64_MIN) % 2**64 + INT64_MIN
 
 
+def bad_words_token_ids(tokenizer: Tokenizer, bad_words: Sequence[str]) -> list[list[int]]:
+    """The token sequences of `bad_words`, as vLLM builds them: each word (left-stripped) as
+    it reads at the start of a text, plus its form after a space when that starts with a
+    different token and has the same number of tokens (a separate word token)."""
+    sequences: list[list[int]] = []
+    for word in bad_words:
+        bare = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        if bare:  # a word the tokenizer maps to no tokens cannot be generated
+            sequences.append(bare)
+        if spaced and (not bare or (spaced[0] != bare[0] and len(spaced) == len(bare))):
+            sequences.append(spaced)
+    return sequences
+
+
 def fan_out(request: EngineCoreRequest) -> list[EngineCoreRequest]:
-    """The engine requests for `request`: itself when `n == 1`, else one child per sample."""
+    """The engine requests for `request`: itself when it needs one sample, else one child per
+    sample (`best_of`, else `n`; see the module docstring)."""
     params = request.sampling_params
-    if params.n == 1:
+    count = params.num_sequences
+    if count == 1:
         return [request]
+    logprobs = params.logprobs
+    if logprobs is None and count > params.n:
+        logprobs = 0  # best_of ranks samples by cumulative logprob
     children = []
-    for i in range(params.n):
+    for i in range(count):
         child_params = params.with_updates(
-            n=1, seed=None if params.seed is None else child_seed(params.seed, i),
-            prompt_logprobs=params.prompt_logprobs if i == 0 else None)
+            n=1, best_of=None, seed=None if params.seed is None else child_seed(params.seed, i),
+            prompt_logprobs=params.prompt_logprobs if i == 0 else None, logprobs=logprobs)
         children.append(EngineCoreRequest(
             request_id=child_request_id(request.request_id, i),
             prompt_token_ids=request.prompt_token_ids, sampling_params=child_params,
@@ -108,7 +136,7 @@ class InputProcessor:
         if not in_int64(priority):
             raise InvalidRequestError(f"priority must fit a 64-bit signed integer, got "
                                       f"{priority}.", param="priority")
-        prompt_token_ids = self._tokenize(prompt, add_special_tokens)
+        prompt_token_ids = self._truncate(self._tokenize(prompt, add_special_tokens), params)
         params = self._validate_params(params, len(prompt_token_ids))
         return EngineCoreRequest(
             request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=params,
@@ -143,8 +171,30 @@ class InputProcessor:
                     f"[0, {self.vocab_size}).", param="prompt")
         return token_ids
 
+    def _truncate(self, token_ids: list[int], params: SamplingParams) -> list[int]:
+        """The last `truncate_prompt_tokens` tokens (-1: the last max_model_len)."""
+        keep = params.truncate_prompt_tokens
+        if keep is None:
+            return token_ids
+        if keep == -1:
+            keep = self.max_model_len
+        if keep > self.max_model_len:
+            raise InvalidRequestError(
+                f"truncate_prompt_tokens value ({keep}) is greater than max_model_len "
+                f"({self.max_model_len}). Please, select a smaller truncation size.",
+                param="truncate_prompt_tokens")
+        return token_ids[-keep:]
+
     def _validate_params(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
         """Model-dependent checks; returns the copy to send (max_tokens materialised)."""
+        if params.bad_words:
+            if self.tokenizer is None:
+                raise InvalidRequestError("bad_words need a tokenizer; this server has none "
+                                          "(send bad_words_token_ids).", param="bad_words")
+            params = params.with_updates(
+                bad_words=None, bad_words_token_ids=[*(params.bad_words_token_ids or []),
+                                                     *bad_words_token_ids(self.tokenizer,
+                                                                          params.bad_words)])
         params.check_against_model(self.vocab_size, self.max_logprobs)
         if params.stop and not params.detokenize:
             raise InvalidRequestError("stop strings need detokenize=True (use stop_token_ids "

@@ -22,6 +22,10 @@ Contract (the frontend drives it; one instance per engine client, not thread-saf
   (`index` tells them apart); FINAL_ONLY delivers once, when all `n` samples finished.
   `cumulative_logprob` is always the running total. Prompt logprobs (entry 0 is None) are sent
   once with DELTA, and on every output otherwise, once they have arrived.
+* `best_of > n` (FINAL_ONLY only; other kinds are refused in `add_request`): all `best_of`
+  samples run; the final output holds the `n` with the highest cumulative logprob, best first,
+  re-indexed 0..n-1. Their per-token `logprobs` are left out unless the request asked for them
+  (the children ask for the sampled token's logprob to rank them, see `fan_out`).
 * Stop strings are matched here, not in the engine: a sample that hits one is finished with
   finish_reason "stop", stop_reason = the string, and its engine id is returned in
   `request_ids_to_abort`. Outputs for unknown (finished or aborted) ids are ignored.
@@ -29,6 +33,7 @@ Contract (the frontend drives it; one instance per engine client, not thread-saf
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -39,7 +44,7 @@ from sluice.frontend.request_state import SampleState, convert_prompt_logprobs
 from sluice.frontend.stats import FrontendStats
 from sluice.frontend.tokenizer import Tokenizer
 from sluice.messages import EngineCoreOutput, EngineCoreRequest
-from sluice.outputs import PositionLogprobs, RequestMetrics, RequestOutput
+from sluice.outputs import CompletionOutput, PositionLogprobs, RequestMetrics, RequestOutput
 from sluice.sampling_params import RequestOutputKind
 
 
@@ -60,6 +65,8 @@ class _UserRequest:
         self.prompt = prompt
         self.prompt_token_ids = request.prompt_token_ids
         self.output_kind = request.sampling_params.output_kind
+        self.n = request.sampling_params.n
+        self.wants_logprobs = request.sampling_params.logprobs is not None
         self.arrival_time = request.arrival_time
         self.samples = samples
         self.num_finished = 0
@@ -84,12 +91,27 @@ class _UserRequest:
                 prompt_logprobs = None
             elif prompt_logprobs is not None:
                 self._prompt_logprobs_sent = True
+        outputs = [s.completion(delta) for s in chosen]
+        if len(self.samples) > self.n:  # best_of > n: FINAL_ONLY, all samples finished
+            outputs = self.best_outputs(outputs)
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
-            outputs=[s.completion(delta) for s in chosen], finished=finished,
+            outputs=outputs, finished=finished,
             prompt_logprobs=prompt_logprobs, num_cached_tokens=self.samples[0].num_cached_tokens,
             metrics=self.metrics())
+
+    def best_outputs(self, outputs: list[CompletionOutput]) -> list[CompletionOutput]:
+        """The `n` outputs with the highest cumulative logprob (ties: lower index), best first,
+        re-indexed; per-token logprobs dropped unless asked for."""
+        def score(out: CompletionOutput) -> tuple[float, int]:
+            total = out.cumulative_logprob
+            return (-(total if total is not None else float("-inf")), out.index)
+
+        best = sorted(outputs, key=score)[:self.n]
+        return [dataclasses.replace(out, index=i,
+                                    logprobs=out.logprobs if self.wants_logprobs else None)
+                for i, out in enumerate(best)]
 
     def metrics(self) -> RequestMetrics:
         firsts = [s.first_token_time for s in self.samples if s.first_token_time is not None]
@@ -121,16 +143,25 @@ class OutputProcessor:
         """Register a processed request; return the engine requests to send (n > 1: children).
 
         `prompt` is the prompt text echoed in `RequestOutput.prompt` (None for token ids).
-        Raises `InvalidRequestError(param="request_id")` if the id is already in flight.
+        Raises `InvalidRequestError(param="request_id")` if the id is already in flight, and
+        `InvalidRequestError(param="best_of")` for `best_of > n` with a streaming output kind.
         """
         if request.request_id in self._requests or request.request_id in self._samples:
             raise InvalidRequestError(f"Request id {request.request_id!r} is already in use by "
                                       "an unfinished request.", param="request_id")
+        params = request.sampling_params
+        if params.num_sequences > params.n and params.output_kind != RequestOutputKind.FINAL_ONLY:
+            raise InvalidRequestError(
+                f"best_of={params.best_of} > n={params.n} needs every sample finished before "
+                "the best are chosen, so it cannot be streamed; set stream=false or "
+                "best_of=n.", param="best_of")
         engine_requests = fan_out(request)
         samples = [SampleState(r.request_id, i, request.prompt_token_ids, r.sampling_params,
                                request.arrival_time, self.tokenizer)
                    for i, r in enumerate(engine_requests)]
         user = _UserRequest(request, prompt, samples)
+        if self.log_stats:
+            self._stats.n_params.append(len(samples))
         self._requests[request.request_id] = user
         for sample in samples:
             self._samples[sample.request_id] = (user, sample)
@@ -187,6 +218,7 @@ class OutputProcessor:
                 result.request_outputs.append(request_output)
             if user.finished:
                 del self._requests[user.request_id]
+                self._user_finished(user)
         return result
 
     def _finish_sample(self, user: _UserRequest, sample: SampleState) -> None:
@@ -215,7 +247,13 @@ class OutputProcessor:
                     sample.abort(now)
                     self._finish_sample(user, sample)
             del self._requests[user.request_id]
+            self._user_finished(user)
         return to_abort
+
+    def _user_finished(self, user: _UserRequest) -> None:
+        if self.log_stats:
+            self._stats.max_num_generation_tokens.append(
+                max(len(s.token_ids) for s in user.samples))
 
     def take_stats(self) -> FrontendStats:
         """The timing facts since the previous call (empty unless `log_stats`); resets them."""

@@ -66,6 +66,7 @@ class SampleState:
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
         self.finished_time: float | None = None
+        self.scheduled_time: float | None = None  # from the engine's first output
         self.num_cached_tokens = 0
         self._sent_text = 0      # DELTA cursor: characters of `text` already delivered
         self._sent_tokens = 0    # DELTA cursor: tokens (and logprob positions) delivered
@@ -84,6 +85,8 @@ class SampleState:
         assert not self.finished, f"output for finished request {self.request_id}"
         if out.num_cached_tokens:
             self.num_cached_tokens = out.num_cached_tokens
+        if out.scheduled_time and self.scheduled_time is None:
+            self.scheduled_time = out.scheduled_time
         new_ids = out.new_token_ids
         if new_ids:
             self._record_times(now, len(new_ids), stats)
@@ -136,7 +139,8 @@ class SampleState:
             arrival_time=self.arrival_time, finished_time=self.finished_time,
             first_token_time=self.first_token_time, last_token_time=self.last_token_time,
             num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=len(self.token_ids),
-            num_cached_tokens=self.num_cached_tokens)
+            num_cached_tokens=self.num_cached_tokens, scheduled_time=self.scheduled_time,
+            max_tokens=self.params.max_tokens)
 
     def completion(self, delta: bool) -> CompletionOutput:
         """This sample as a `CompletionOutput`: everything so far, or (delta=True) what is new

@@ -1,9 +1,11 @@
 """Per-request timing facts the frontend collects for the stats logger / Prometheus. No torch.
 
-All times are `time.monotonic()` seconds. The `OutputProcessor` (when built with
-`log_stats=True`) accumulates a `FrontendStats` and hands it over with `take_stats()`; a metrics
-component turns `ttfts` / `itls` / `finished_requests` into TTFT, inter-token latency and E2E
-histograms and token counters.
+All times are `time.monotonic()` seconds (CLOCK_MONOTONIC: one clock for the frontend and the
+engine-core process, so the engine's `scheduled_time` compares with the frontend's times). The
+`OutputProcessor` (when built with `log_stats=True`) accumulates a `FrontendStats` and hands it
+over with `take_stats()`; a metrics component turns `ttfts` / `itls` / `finished_requests` into
+TTFT, inter-token latency, E2E and phase (queue / prefill / decode) histograms and token
+counters.
 """
 
 from __future__ import annotations
@@ -23,10 +25,33 @@ class FinishedRequestStats:
     num_prompt_tokens: int
     num_generation_tokens: int
     num_cached_tokens: int = 0
+    scheduled_time: float | None = None  # first scheduled by the engine (None: never was)
+    max_tokens: int | None = None        # the request's max_tokens parameter
 
     @property
     def e2e_latency(self) -> float:
         return self.finished_time - self.arrival_time
+
+    @property
+    def queue_time(self) -> float | None:
+        """From arrival until the engine first scheduled it (WAITING)."""
+        if self.scheduled_time is None:
+            return None
+        return max(0.0, self.scheduled_time - self.arrival_time)
+
+    @property
+    def prefill_time(self) -> float | None:
+        """From first scheduled to the first token (PREFILL)."""
+        if self.scheduled_time is None or self.first_token_time is None:
+            return None
+        return max(0.0, self.first_token_time - self.scheduled_time)
+
+    @property
+    def inference_time(self) -> float | None:
+        """From first scheduled to the last token (RUNNING: prefill + decode)."""
+        if self.scheduled_time is None or self.last_token_time is None:
+            return None
+        return max(0.0, self.last_token_time - self.scheduled_time)
 
     @property
     def ttft(self) -> float | None:
@@ -60,3 +85,6 @@ class FrontendStats:
     num_prompt_tokens: int = 0          # prompts of the requests that got their first token
     num_generation_tokens: int = 0      # tokens received from the engine
     finished_requests: list[FinishedRequestStats] = field(default_factory=list)
+    n_params: list[int] = field(default_factory=list)  # `n` of each user request added
+    # per finished user request: the most tokens one of its samples generated
+    max_num_generation_tokens: list[int] = field(default_factory=list)

@@ -3,7 +3,8 @@
 Contract:
 * `load_tokenizer(path)` reads a local directory in Hugging Face format (`tokenizer.json` +
   `tokenizer_config.json`, optionally `chat_template.jinja`). A missing or unreadable tokenizer
-  raises `ModelLoadError` naming the path.
+  raises `ModelLoadError` naming the path. `chat_template=` (`--chat-template`: a file or the
+  template itself, see `resolve_chat_template`) replaces the tokenizer's template.
 * It loads `transformers.PreTrainedTokenizerFast` directly, never `AutoTokenizer`: the latter
   resolves classes through the model registry and imports torch, which the API-server process
   must not do (a test checks `'torch' not in sys.modules`).
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-from sluice.errors import InvalidRequestError, ModelLoadError
+from sluice.errors import ConfigError, InvalidRequestError, ModelLoadError
 
 T = TypeVar("T")
 
@@ -175,12 +176,47 @@ class Tokenizer:
         return text
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load the tokenizer in the local directory `path`.
+_JINJA_CHARS = ("{", "}", "\n")
+
+
+def resolve_chat_template(value: str) -> str:
+    """The template `--chat-template value` means: the contents of the file `value` names, or,
+    when no such file exists and `value` looks like a template (has '{', '}' or a newline, as
+    vLLM decides), `value` itself. Raises `ConfigError` for a missing file, an unreadable one, or
+    a template Jinja cannot parse."""
+    path = Path(value).expanduser()
+    template, source = value, "the inline template"
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):  # e.g. a template too long to be a file name
+        is_file = False
+    if is_file:
+        try:
+            template, source = path.read_text(encoding="utf-8"), f"file {str(path)!r}"
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--chat-template: cannot read {str(path)!r}: {e}. Fix: pass a "
+                              "readable UTF-8 template file.") from None
+    elif not any(c in value for c in _JINJA_CHARS):
+        raise ConfigError(f"--chat-template: {value!r} is neither a file nor a Jinja template. "
+                          "Fix: pass the path of a template file, or the template text itself.")
+    import jinja2
+    try:
+        jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ConfigError(f"--chat-template: {source} is not a valid Jinja template (line "
+                          f"{e.lineno}: {e.message}). Fix: correct the template.") from None
+    return template
+
+
+def load_tokenizer(path: str | Path, chat_template: str | None = None) -> Tokenizer:
+    """Load the tokenizer in the local directory `path`; `chat_template` (a file or the
+    template, `resolve_chat_template`) replaces its chat template.
 
     Raises `ModelLoadError` naming the path when the directory or its tokenizer files are
-    missing, or when transformers cannot build a fast tokenizer from them.
+    missing, or when transformers cannot build a fast tokenizer from them; `ConfigError` for a
+    bad `chat_template`.
     """
+    template = None if chat_template is None else resolve_chat_template(chat_template)
     directory = Path(path)
     if not directory.is_dir():
         raise ModelLoadError(f"Tokenizer directory {str(path)!r} does not exist or is not a "
@@ -196,4 +232,6 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     except Exception as e:
         raise ModelLoadError(f"Could not load the tokenizer in {str(path)!r}: "
                              f"{type(e).__name__}: {e}") from e
+    if template is not None:
+        hf.chat_template = template
     return Tokenizer(hf, directory)

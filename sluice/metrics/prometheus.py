@@ -1,130 +1,223 @@
-"""Prometheus metrics under vLLM's names with a `sluice:` prefix, in a dedicated registry.
+"""Prometheus metrics under vLLM v1's names, labels and buckets, in a dedicated registry, so that
+dashboards and alerts written for vLLM work unchanged. docs/metrics.md lists every metric.
 
-    gauges      sluice:num_requests_running, sluice:num_requests_waiting, sluice:kv_cache_usage_perc
-    counters    sluice:prefix_cache_queries, sluice:prefix_cache_hits, sluice:prompt_tokens,
-                sluice:generation_tokens, sluice:num_preemptions,
-                sluice:request_success{finished_reason}
-    histograms  sluice:time_to_first_token_seconds, sluice:inter_token_latency_seconds,
-                sluice:e2e_request_latency_seconds, sluice:request_prompt_tokens,
-                sluice:request_generation_tokens
+    gauges      vllm:num_requests_running, vllm:num_requests_waiting, vllm:kv_cache_usage_perc,
+                vllm:gpu_cache_usage_perc (deprecated alias), vllm:engine_sleep_state{sleep_state}
+    counters    vllm:prefix_cache_queries, vllm:prefix_cache_hits, vllm:num_preemptions,
+                vllm:prompt_tokens, vllm:generation_tokens, vllm:request_success{finished_reason}
+    histograms  token counts: vllm:request_prompt_tokens, vllm:request_generation_tokens,
+                vllm:request_prefill_kv_computed_tokens, vllm:iteration_tokens_total,
+                vllm:request_max_num_generation_tokens, vllm:request_params_n,
+                vllm:request_params_max_tokens;
+                latencies: vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds,
+                vllm:time_per_output_token_seconds (deprecated alias),
+                vllm:request_time_per_output_token_seconds, vllm:e2e_request_latency_seconds,
+                vllm:request_queue_time_seconds, vllm:request_inference_time_seconds,
+                vllm:request_prefill_time_seconds, vllm:request_decode_time_seconds
 
-Every metric has the label `model_name`. Counters are exported with prometheus' `_total`
-suffix. Feed it with `engine.add_stats_listener(metrics.record)`; `render()` gives the text
-exposition. Each instance owns its `CollectorRegistry`, so several apps can live in one process.
+Every metric carries vLLM v1's labels `model_name` (the served model name) and `engine` (the
+engine-core index, always "0": one engine core per server). Counters are exported with
+prometheus' `_total` suffix, as vLLM's. Feed it with `engine.add_stats_listener(metrics.record)`
+and `set_sleep_level` on sleep / wake-up; `render()` gives the text exposition. Each instance
+owns its `CollectorRegistry`, so several apps can live in one process.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
                                Histogram, disable_created_metrics, generate_latest)
 
-from sluice.frontend.stats import FrontendStats
+from sluice.frontend.stats import FinishedRequestStats, FrontendStats
 from sluice.messages import SchedulerStats
+
+PREFIX = "vllm:"
+ENGINE_INDEX = "0"
+LABELS = ("model_name", "engine")
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
                7.5, 10.0, 20.0, 40.0, 80.0)
-E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
-               60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
+                           50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+N_BUCKETS = (1, 2, 5, 10, 20)
 FINISHED_REASONS = ("stop", "length", "abort")
+SLEEP_STATES = ("awake", "weights_offloaded", "discard_all")
+"""`vllm:engine_sleep_state` label values: awake; level 1 (vLLM offloads the weights, sluice
+keeps them and frees the KV cache); level 2 (weights and KV cache discarded)."""
 
 
-def token_buckets(max_value: int) -> list[float]:
-    """1, 2, 5, 10, 20, 50, … up to and including the first value >= `max_value`."""
-    buckets: list[float] = []
+def build_1_2_5_buckets(max_value: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, … up to `max_value` inclusive (vLLM's token-count buckets)."""
+    buckets: list[int] = []
     exponent = 0
     while True:
         for mantissa in (1, 2, 5):
             value = mantissa * 10 ** exponent
-            buckets.append(float(value))
-            if value >= max_value:
+            if value > max_value:
                 return buckets
+            buckets.append(value)
         exponent += 1
 
 
 class PrometheusMetrics:
-    """The server's metrics for one served model."""
+    """The server's metrics for one served model (see the module docstring)."""
 
     def __init__(self, model_name: str, max_model_len: int,
                  registry: CollectorRegistry | None = None):
         disable_created_metrics()  # no `*_created` series (as vLLM)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.model_name = model_name
-        labels = ["model_name"]
+        self._labels = (model_name, ENGINE_INDEX)
         reg = self.registry
 
         def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(f"sluice:{name}", doc, labels, registry=reg)
+            return Gauge(PREFIX + name, doc, LABELS, registry=reg).labels(*self._labels)
 
-        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
-            return Counter(f"sluice:{name}", doc, labels + list(extra), registry=reg)
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(PREFIX + name, doc, LABELS, registry=reg).labels(*self._labels)
 
-        def histogram(name: str, doc: str, buckets: tuple[float, ...] | list[float]
-                      ) -> Histogram:
-            return Histogram(f"sluice:{name}", doc, labels, buckets=buckets, registry=reg)
+        def histogram(name: str, doc: str, buckets: Sequence[float]) -> Histogram:
+            return Histogram(PREFIX + name, doc, LABELS, buckets=buckets,
+                             registry=reg).labels(*self._labels)
 
+        # scheduler state
         self.num_requests_running = gauge("num_requests_running",
-                                          "Number of requests running on the engine.")
+                                          "Number of requests in model execution batches.")
         self.num_requests_waiting = gauge("num_requests_waiting",
-                                          "Number of requests waiting to be scheduled.")
+                                          "Number of requests waiting to be processed.")
         self.kv_cache_usage_perc = gauge("kv_cache_usage_perc",
-                                         "KV-cache usage: 1 means 100 percent of blocks used.")
-        self.prefix_cache_queries = counter("prefix_cache_queries",
-                                            "Prompt tokens looked up in the prefix cache.")
-        self.prefix_cache_hits = counter("prefix_cache_hits",
-                                         "Prompt tokens found in the prefix cache.")
-        self.prompt_tokens = counter("prompt_tokens", "Prefill tokens processed.")
-        self.generation_tokens = counter("generation_tokens", "Generation tokens processed.")
-        self.num_preemptions = counter("num_preemptions", "Cumulative number of preemptions.")
-        self.request_success = counter("request_success", "Finished requests.",
-                                       ("finished_reason",))
-        self.ttft = histogram("time_to_first_token_seconds",
-                              "Time to first token in seconds.", TTFT_BUCKETS)
-        self.itl = histogram("inter_token_latency_seconds",
-                             "Inter-token latency in seconds.", ITL_BUCKETS)
-        self.e2e = histogram("e2e_request_latency_seconds",
-                             "End-to-end request latency in seconds.", E2E_BUCKETS)
-        tokens = token_buckets(max_model_len)
-        self.request_prompt_tokens = histogram("request_prompt_tokens",
-                                               "Prompt tokens per finished request.", tokens)
+                                         "KV-cache usage. 1 means 100 percent usage.")
+        self.gpu_cache_usage_perc = gauge(
+            "gpu_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage. "
+            "DEPRECATED: Use vllm:kv_cache_usage_perc instead.")
+        sleep_state = Gauge(PREFIX + "engine_sleep_state",
+                            "Engine sleep state; awake = 0 means engine is sleeping; awake = 1 "
+                            "means engine is awake; weights_offloaded = 1 means sleep level 1; "
+                            "discard_all = 1 means sleep level 2.",
+                            (*LABELS, "sleep_state"), registry=reg)
+        self.engine_sleep_state = {s: sleep_state.labels(*self._labels, s) for s in SLEEP_STATES}
+        self.set_sleep_level(0)
+        # counters
+        self.prefix_cache_queries = counter(
+            "prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.")
+        self.prefix_cache_hits = counter(
+            "prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.")
+        self.num_preemptions = counter("num_preemptions",
+                                       "Cumulative number of preemption from the engine.")
+        self.prompt_tokens = counter("prompt_tokens", "Number of prefill tokens processed.")
+        self.generation_tokens = counter("generation_tokens",
+                                         "Number of generation tokens processed.")
+        success = Counter(PREFIX + "request_success", "Count of successfully processed requests.",
+                          (*LABELS, "finished_reason"), registry=reg)
+        self.request_success = {r: success.labels(*self._labels, r) for r in FINISHED_REASONS}
+        # histograms of token counts
+        tokens = build_1_2_5_buckets(max_model_len)
+        self.request_prompt_tokens = histogram(
+            "request_prompt_tokens", "Number of prefill tokens processed.", tokens)
         self.request_generation_tokens = histogram(
-            "request_generation_tokens", "Generated tokens per finished request.", tokens)
+            "request_generation_tokens", "Number of generation tokens processed.", tokens)
+        self.request_prefill_kv_computed_tokens = histogram(
+            "request_prefill_kv_computed_tokens", "Histogram of new KV tokens computed during "
+            "prefill (excluding cached tokens).", tokens)
+        self.iteration_tokens = histogram(
+            "iteration_tokens_total", "Histogram of number of tokens per engine_step.",
+            ITERATION_TOKEN_BUCKETS)
+        self.request_max_num_generation_tokens = histogram(
+            "request_max_num_generation_tokens",
+            "Histogram of maximum number of requested generation tokens.", tokens)
+        self.request_params_n = histogram("request_params_n",
+                                          "Histogram of the n request parameter.", N_BUCKETS)
+        self.request_params_max_tokens = histogram(
+            "request_params_max_tokens", "Histogram of the max_tokens request parameter.", tokens)
+        # histograms of latencies
+        self.ttft = histogram("time_to_first_token_seconds",
+                              "Histogram of time to first token in seconds.", TTFT_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds",
+                             "Histogram of inter-token latency in seconds.", ITL_BUCKETS)
+        self.tpot = histogram("time_per_output_token_seconds",
+                              "Histogram of time per output token in seconds. DEPRECATED: Use "
+                              "vllm:inter_token_latency_seconds instead.", ITL_BUCKETS)
+        self.request_tpot = histogram("request_time_per_output_token_seconds",
+                                      "Histogram of time_per_output_token_seconds per request.",
+                                      ITL_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds",
+                             "Histogram of e2e request latency in seconds.",
+                             REQUEST_LATENCY_BUCKETS)
+        self.queue_time = histogram("request_queue_time_seconds",
+                                    "Histogram of time spent in WAITING phase for request.",
+                                    REQUEST_LATENCY_BUCKETS)
+        self.inference_time = histogram("request_inference_time_seconds",
+                                        "Histogram of time spent in RUNNING phase for request.",
+                                        REQUEST_LATENCY_BUCKETS)
+        self.prefill_time = histogram("request_prefill_time_seconds",
+                                      "Histogram of time spent in PREFILL phase for request.",
+                                      REQUEST_LATENCY_BUCKETS)
+        self.decode_time = histogram("request_decode_time_seconds",
+                                     "Histogram of time spent in DECODE phase for request.",
+                                     REQUEST_LATENCY_BUCKETS)
 
-        name = model_name
-        for reason in FINISHED_REASONS:  # export zeros before the first request
-            self.request_success.labels(name, reason)
-        for metric in (self.num_requests_running, self.num_requests_waiting,
-                       self.kv_cache_usage_perc, self.prefix_cache_queries,
-                       self.prefix_cache_hits, self.prompt_tokens, self.generation_tokens,
-                       self.num_preemptions, self.ttft, self.itl, self.e2e,
-                       self.request_prompt_tokens, self.request_generation_tokens):
-            metric.labels(name)
+    def set_sleep_level(self, level: int) -> None:
+        """Show sleep level `level` (0: awake) in `vllm:engine_sleep_state`."""
+        self.engine_sleep_state["awake"].set(1 if level == 0 else 0)
+        self.engine_sleep_state["weights_offloaded"].set(1 if level == 1 else 0)
+        self.engine_sleep_state["discard_all"].set(1 if level == 2 else 0)
 
     def record(self, scheduler_stats: SchedulerStats | None,
                frontend_stats: FrontendStats) -> None:
         """Fold one stats report in (the signature of an engine stats listener)."""
-        name = self.model_name
         if scheduler_stats is not None:
-            self.num_requests_running.labels(name).set(scheduler_stats.num_running_reqs)
-            self.num_requests_waiting.labels(name).set(scheduler_stats.num_waiting_reqs)
-            self.kv_cache_usage_perc.labels(name).set(scheduler_stats.kv_cache_usage)
-            self.prefix_cache_queries.labels(name).inc(scheduler_stats.prefix_cache_queries)
-            self.prefix_cache_hits.labels(name).inc(scheduler_stats.prefix_cache_hits)
-            self.num_preemptions.labels(name).inc(scheduler_stats.num_preemptions)
-        self.prompt_tokens.labels(name).inc(frontend_stats.num_prompt_tokens)
-        self.generation_tokens.labels(name).inc(frontend_stats.num_generation_tokens)
-        ttft, itl = self.ttft.labels(name), self.itl.labels(name)
+            self._record_scheduler(scheduler_stats)
+        self.prompt_tokens.inc(frontend_stats.num_prompt_tokens)
+        self.generation_tokens.inc(frontend_stats.num_generation_tokens)
         for value in frontend_stats.ttfts:
-            ttft.observe(value)
+            self.ttft.observe(value)
         for value in frontend_stats.itls:
-            itl.observe(value)
+            self.itl.observe(value)
+            self.tpot.observe(value)
+        for n in frontend_stats.n_params:
+            self.request_params_n.observe(n)
+        for value in frontend_stats.max_num_generation_tokens:
+            self.request_max_num_generation_tokens.observe(value)
         for finished in frontend_stats.finished_requests:
-            self.request_success.labels(name, finished.finish_reason).inc()
-            self.e2e.labels(name).observe(finished.e2e_latency)
-            self.request_prompt_tokens.labels(name).observe(finished.num_prompt_tokens)
-            self.request_generation_tokens.labels(name).observe(
-                finished.num_generation_tokens)
+            self._record_finished(finished)
+
+    def _record_scheduler(self, stats: SchedulerStats) -> None:
+        self.num_requests_running.set(stats.num_running_reqs)
+        self.num_requests_waiting.set(stats.num_waiting_reqs)
+        self.kv_cache_usage_perc.set(stats.kv_cache_usage)
+        self.gpu_cache_usage_perc.set(stats.kv_cache_usage)
+        self.prefix_cache_queries.inc(stats.prefix_cache_queries)
+        self.prefix_cache_hits.inc(stats.prefix_cache_hits)
+        self.num_preemptions.inc(stats.num_preemptions)
+        step_tokens = stats.num_prompt_tokens + stats.num_generation_tokens
+        if step_tokens:  # idle snapshots are not engine steps
+            self.iteration_tokens.observe(step_tokens)
+
+    def _record_finished(self, finished: FinishedRequestStats) -> None:
+        """One finished engine request. Phases the request never reached (never scheduled,
+        no token) are not observed."""
+        success = self.request_success.get(finished.finish_reason)
+        if success is not None:
+            success.inc()
+        self.e2e.observe(finished.e2e_latency)
+        self.request_prompt_tokens.observe(finished.num_prompt_tokens)
+        self.request_generation_tokens.observe(finished.num_generation_tokens)
+        self.request_prefill_kv_computed_tokens.observe(
+            max(0, finished.num_prompt_tokens - finished.num_cached_tokens))
+        if finished.max_tokens:
+            self.request_params_max_tokens.observe(finished.max_tokens)
+        for histogram, value in ((self.queue_time, finished.queue_time),
+                                 (self.prefill_time, finished.prefill_time),
+                                 (self.inference_time, finished.inference_time),
+                                 (self.request_tpot, finished.mean_time_per_output_token)):
+            if value is not None:
+                histogram.observe(value)
+        if finished.first_token_time is not None:
+            self.decode_time.observe(finished.decode_time)
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) of the Prometheus text exposition."""

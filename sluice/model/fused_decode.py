@@ -58,11 +58,15 @@ class FusedDecode:
 
     @staticmethod
     def applies(hidden: torch.Tensor) -> bool:
-        """True in a decode step: attention metadata whose T tokens are T one-token requests."""
-        md = get_forward_context().attn_metadata
+        """True in a decode step (attention metadata whose T tokens are T one-token requests)
+        over a float32 KV cache: the C++ stack reads the cache as float32, so a cache stored in
+        another dtype (`--kv-cache-dtype`) takes the Python layers."""
+        ctx = get_forward_context()
+        md = ctx.attn_metadata
         return (md is not None and md.num_reqs > 0 and md.max_query_len == 1
                 and md.num_actual_tokens == md.num_reqs and fast_path_ok(hidden)
-                and hidden.is_contiguous())
+                and hidden.is_contiguous() and bool(ctx.kv_caches)
+                and ctx.kv_caches[0].dtype == torch.float32)
 
     def __call__(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                  ) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from sluice.platform import host
 from sluice.platform.interface import Platform
@@ -68,6 +68,21 @@ class CpuPlatform(Platform):
 
     def free_memory_bytes(self) -> int:
         return host.memory_bytes()[1]
+
+    def memory_for_utilization(self) -> int:
+        """The RAM this process can still allocate when the worker starts (the machine's
+        available memory, bounded by the cgroup limit): host RAM is shared with the rest of the
+        system, so a fraction of its total could take memory other processes hold."""
+        return self.free_memory_bytes()
+
+    def ineffective_options(self, config: Any) -> list[str]:
+        notes = super().ineffective_options(config)
+        if config.cache.swap_space is not None:  # say why in CPU terms
+            notes = [n for n in notes if not n.startswith("--swap-space")]
+            notes.append(f"--swap-space {config.cache.swap_space:g} has no effect on cpu: the KV "
+                         "cache already lives in host RAM, and sluice preempts a request by "
+                         "freeing its blocks and recomputing them when it resumes.")
+        return notes
 
     def default_dtype(self, checkpoint_dtype: "str | torch.dtype | None") -> "torch.dtype":
         """float32 regardless of the checkpoint: bf16/fp16 matmuls are slow or inexact on

@@ -97,5 +97,43 @@ class Platform(ABC):
                               "float32, bfloat16, float16. Fix: pass one of them.")
         return to_torch_dtype(name)
 
+    def resolve_kv_cache_dtype(self, kv_cache_dtype: str,
+                               model_dtype: "torch.dtype") -> "torch.dtype":
+        """`--kv-cache-dtype` (CacheConfig.kv_cache_dtype) → torch.dtype: 'auto' is the model's
+        dtype. Any of float32/bfloat16/float16 works with any model dtype: the attention
+        backends convert k/v into the cache's dtype when writing and back to the query's when
+        reading, and their fast paths step aside for combinations they do not implement."""
+        if kv_cache_dtype == "auto":
+            return model_dtype
+        name = dtype_name(kv_cache_dtype)
+        if name is None:
+            raise ConfigError(f"--kv-cache-dtype: {kv_cache_dtype!r} is not supported; allowed: "
+                              "auto, float32, bfloat16, float16. Fix: pass one of them.")
+        return to_torch_dtype(name)
+
+    def memory_for_utilization(self) -> int:
+        """The bytes `--gpu-memory-utilization` is a fraction of, read when the worker starts
+        (before its weights load): the device's total memory, as vLLM means it."""
+        return self.total_memory_bytes()
+
+    def ineffective_options(self, config: Any) -> list[str]:
+        """One log line per option set in `config` (an EngineConfig) that is accepted for
+        vLLM compatibility but changes nothing on this device, saying why."""
+        notes = []
+        if config.device.enforce_eager:
+            notes.append(f"--enforce-eager has no effect on {self.device_type}: sluice always "
+                         "runs the model eagerly (it captures no CUDA graphs and does not "
+                         "torch.compile), so there is nothing to turn off.")
+        if config.cache.swap_space is not None:
+            notes.append(f"--swap-space {config.cache.swap_space:g} has no effect on "
+                         f"{self.device_type}: sluice preempts a request by freeing its KV "
+                         "blocks and recomputing them when it resumes, never by swapping them "
+                         "to CPU memory.")
+        if config.model.trust_remote_code:
+            notes.append("--trust-remote-code has no effect: sluice runs only its native "
+                         "model architectures and never runs code from a model repository "
+                         "(a model that needs remote code is refused).")
+        return notes
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(device_type={self.device_type!r})"

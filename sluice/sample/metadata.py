@@ -77,6 +77,10 @@ class SamplingMetadata:
     frequency_penalties: torch.Tensor | None = None   # float32 [num_rows]
     presence_penalties: torch.Tensor | None = None    # float32 [num_rows]
     output_token_index: torch.Tensor | None = None    # long, flat, one per occurrence
+    # allowed_token_ids as (rows, drop mask [len(rows), vocab], True = masked); bad words
+    # banned this step as (rows, token_ids) to mask.
+    allowed_token_mask: tuple[torch.Tensor, torch.Tensor] | None = None
+    bad_words_mask: tuple[torch.Tensor, torch.Tensor] | None = None
     # logit_bias as (rows, token_ids, bias values); min_tokens as (rows, token_ids) to mask.
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -85,12 +89,19 @@ class SamplingMetadata:
 
     @property
     def no_logits_processing(self) -> bool:
-        """True when logits go to sampling unchanged (no penalties, bias or min_tokens)."""
-        return self.no_penalties and self.logit_bias is None and self.min_tokens_mask is None
+        """True when logits go to sampling unchanged: no row uses allowed_token_ids, has a bad
+        word to ban this step, logit_bias, min_tokens (still unmet) or a penalty. A new
+        feature that edits logits must be added here, or the greedy fast path skips it."""
+        return (self.no_penalties and self.logit_bias is None and self.min_tokens_mask is None
+                and self.allowed_token_mask is None and self.bad_words_mask is None)
 
     @property
     def is_plain_greedy(self) -> bool:
-        """True when the whole step is one argmax over the raw logits."""
+        """True when the whole step is one argmax over the raw logits: every row greedy, no
+        logprobs, and `no_logits_processing` (so no allowed_token_ids, bad_words, logit_bias,
+        min_tokens or penalties). This is the one gate of the greedy fast paths (the
+        `Sampler`'s plain argmax and the model runner's `greedy_tokens` screen); everything
+        else steps aside to the full sampler."""
         return self.all_greedy and self.no_logits_processing and self.max_num_logprobs is None
 
 
@@ -190,8 +201,19 @@ def _fill_logits_processing(md: SamplingMetadata, rows: Sequence[SamplingRow],
     bias_values: list[float] = []
     mt_rows: list[int] = []
     mt_tokens: list[int] = []
+    allowed_rows: list[int] = []
+    allowed_lists: list[list[int]] = []
+    bad_rows: list[int] = []
+    bad_tokens: list[int] = []
     for i, row in enumerate(rows):
         p = row.params
+        if p.allowed_token_ids:
+            allowed_rows.append(i)
+            allowed_lists.append(p.allowed_token_ids)
+        if p.bad_words_token_ids:
+            banned = banned_bad_word_tokens(p.bad_words_token_ids, row.output_token_ids)
+            bad_rows += [i] * len(banned)
+            bad_tokens += banned
         if p.repetition_penalty != 1.0:
             seen_rows += (i, i)
             seen_parts.append(_cpu_long(row.prompt_token_ids))
@@ -225,6 +247,40 @@ def _fill_logits_processing(md: SamplingMetadata, rows: Sequence[SamplingRow],
     if mt_rows:
         md.min_tokens_mask = (torch.tensor(mt_rows, dtype=torch.long, device=device),
                               torch.tensor(mt_tokens, dtype=torch.long, device=device))
+    if allowed_rows:
+        drop = torch.ones(len(allowed_rows), md.vocab_size, dtype=torch.bool)
+        lengths = torch.tensor([len(a) for a in allowed_lists], dtype=torch.long)
+        local = torch.repeat_interleave(torch.arange(len(allowed_rows)), lengths)
+        drop[local, torch.tensor([t for a in allowed_lists for t in a], dtype=torch.long)] = False
+        md.allowed_token_mask = (torch.tensor(allowed_rows, dtype=torch.long, device=device),
+                                 drop.to(device))
+    if bad_rows:
+        md.bad_words_mask = (torch.tensor(bad_rows, dtype=torch.long, device=device),
+                             torch.tensor(bad_tokens, dtype=torch.long, device=device))
+
+
+def banned_bad_word_tokens(bad_words_token_ids: Sequence[Sequence[int]],
+                           output_token_ids: TokenIds) -> list[int]:
+    """The tokens a row may not sample now: the last token of every bad word whose other
+    tokens are the last tokens of the output so far (a one-token word is always banned).
+    Only the output is matched, not the prompt, as in vLLM."""
+    banned: list[int] = []
+    num_output = len(output_token_ids)
+    tails: dict[int, list[int]] = {}
+    for word in bad_words_token_ids:
+        prefix_len = len(word) - 1
+        if prefix_len > num_output:
+            continue
+        if prefix_len:
+            tail = tails.get(prefix_len)
+            if tail is None:
+                tail = output_token_ids[num_output - prefix_len:]
+                tail = tails[prefix_len] = (tail.tolist() if isinstance(tail, torch.Tensor)
+                                            else list(tail))
+            if tail != list(word[:-1]):
+                continue
+        banned.append(word[-1])
+    return banned
 
 
 def _f32(values: list[float], device: torch.device | str) -> torch.Tensor:

@@ -4,6 +4,9 @@ Order of operations (vLLM v1, with its default raw logprobs)::
 
     raw logits ──► logprobs = log_softmax(raw logits)       (only if some row asked for logprobs)
         │
+        ├─ allowed_token_ids       every other token -> -inf
+        ├─ bad_words               a bad word's last token -> -inf when the output ends with
+        │                          the word's other tokens
         ├─ logit_bias              add the row's bias to its tokens
         ├─ min_tokens              EOS and stop_token_ids -> -inf while len(output) < min_tokens
         ├─ repetition penalty      prompt+output tokens: logit/p if logit > 0 else logit*p (HF)
@@ -78,7 +81,14 @@ class Sampler:
 
 
 def apply_logits_processing(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-    """logit_bias, then min_tokens, then penalties; in place on contiguous float32 logits."""
+    """allowed_token_ids, bad_words, logit_bias, min_tokens, then penalties; in place on
+    contiguous float32 logits."""
+    if md.allowed_token_mask is not None:
+        rows, drop = md.allowed_token_mask
+        logits[rows] = logits[rows].masked_fill_(drop, _NEG_INF)
+    if md.bad_words_mask is not None:
+        rows, tokens = md.bad_words_mask
+        logits[rows, tokens] = _NEG_INF
     if md.logit_bias is not None:
         rows, tokens, values = md.logit_bias
         logits.index_put_((rows, tokens), values, accumulate=True)

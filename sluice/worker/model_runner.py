@@ -8,6 +8,8 @@ token, appends those tokens to its own state and returns a `ModelRunnerOutput`.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 
 import torch
@@ -31,20 +33,33 @@ from sluice.worker.request_state import CachedRequestState
 logger = logging.getLogger(__name__)
 
 
+def _release_freed_memory() -> None:
+    """Collect unreachable tensors (a model's modules can form reference cycles) and ask
+    glibc to return free heap pages to the system (best effort; other allocators: no-op)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, spec: ModelSpec, device: torch.device,
                  dtype: torch.dtype, max_model_len: int, attn_backend: str | None = None,
-                 layer_ops: str = "torch"):
+                 layer_ops: str = "torch", kv_cache_dtype: torch.dtype | None = None):
         self.config = config
         self.spec = spec
         self.device = device
         self.dtype = dtype
+        self.kv_cache_dtype = kv_cache_dtype or dtype
         self.max_model_len = max_model_len
         self.attn_backend = attn_backend
         self.layer_ops = layer_ops
         self.block_size = config.cache.block_size
         self.model: torch.nn.Module | None = None
         self.kv_caches: list[torch.Tensor] = []
+        self.num_kv_blocks = 0
+        self.sleep_level = 0  # 0 awake; 1 KV cache released; 2 weights released too
         self.requests: dict[str, CachedRequestState] = {}
         self.sampler = Sampler()
         self.shared_generator = torch.Generator(device="cpu").manual_seed(config.model.seed)
@@ -58,9 +73,64 @@ class ModelRunner:
         if self.layer_ops == "cpu":
             self.sampler = Sampler(argmax=make_argmax(load_cpu_ops()))
 
+    def model_memory_bytes(self) -> int:
+        """Bytes of the tensors the loaded model holds: parameters, buffers, and tensors kept on
+        its modules' helper objects (e.g. the pre-packed GEMM weights of layer ops 'cpu');
+        each counted once."""
+        seen: set[int] = set()
+        total = 0
+
+        def add(t: torch.Tensor) -> None:
+            nonlocal total
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+
+        for module in self.model.modules():
+            for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+                add(t)
+            for value in vars(module).values():
+                if isinstance(value, torch.Tensor):
+                    add(value)
+                elif not isinstance(value, (torch.nn.Module, dict)) and hasattr(value, "__dict__"):
+                    for inner in vars(value).values():
+                        if isinstance(inner, torch.Tensor):
+                            add(inner)
+        return total
+
     def initialize_kv_cache(self, num_blocks: int) -> None:
-        self.kv_caches = allocate_kv_caches(self.spec, num_blocks, self.block_size, self.dtype,
-                                            self.device)
+        self.num_kv_blocks = num_blocks
+        self.kv_caches = allocate_kv_caches(self.spec, num_blocks, self.block_size,
+                                            self.kv_cache_dtype, self.device)
+
+    # ---- sleep mode ----------------------------------------------------------------------
+    def sleep(self, level: int) -> None:
+        """Release device memory until `wake_up`: level 1 the KV cache, level 2 the weights
+        too (reloaded from disk on wake). Contents are lost, so the caller makes sure no
+        request is running and the prefix cache was reset. A deeper level than the current
+        one releases more; a shallower one changes nothing.
+
+        This runner holds the only references: the forward context and the fused decode
+        stack see the caches during a step only, and the weights (and their packed copies
+        and the fused stack's references) hang off `self.model`. On CPU both live in
+        anonymous mappings (`sluice.model.host_memory`) that are unmapped when the last
+        tensor viewing them is freed, so the process's RSS drops at once."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        self.kv_caches = []
+        if level == 2:
+            self.model = None
+        self.sleep_level = max(self.sleep_level, level)
+        _release_freed_memory()
+
+    def wake_up(self) -> None:
+        """Undo `sleep`: reload the weights (level 2) and reallocate a zeroed KV cache of the
+        same number of blocks. No-op when awake."""
+        if self.model is None:
+            self.load_model()
+        if not self.kv_caches and self.num_kv_blocks:
+            self.initialize_kv_cache(self.num_kv_blocks)
+        self.sleep_level = 0
 
     @torch.inference_mode()
     def dummy_run(self, num_tokens: int, num_reqs: int = 1) -> None:
@@ -71,7 +141,7 @@ class ModelRunner:
                    for r in range(num_reqs)]
         blocks_per_req = [-(-n // self.block_size) for n in per_req]
         kv = allocate_kv_caches(self.spec, 1 + sum(blocks_per_req), self.block_size,
-                                self.dtype, self.device)
+                                self.kv_cache_dtype, self.device)
         states, next_block = [], 1
         for r, n in enumerate(per_req):
             ids = list(range(next_block, next_block + blocks_per_req[r]))

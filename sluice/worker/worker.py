@@ -9,6 +9,7 @@ import time
 import torch
 
 from sluice.config import EngineConfig
+from sluice.errors import ConfigError
 from sluice.hf_config import ModelSpec
 from sluice.model.attention.kv_cache import kv_cache_bytes_per_block
 from sluice.model.loader import resolve_dtype
@@ -29,33 +30,68 @@ class Worker:
         self.platform = current_platform(config.device)
         self.device = self.platform.torch_device()
         self.dtype = resolve_dtype(config.model.dtype, spec, self.device)
+        self.kv_cache_dtype = self.platform.resolve_kv_cache_dtype(config.cache.kv_cache_dtype,
+                                                                   self.dtype)
+        if rank == 0:
+            for note in self.platform.ineffective_options(config):
+                logger.info(note)
         self.platform.prepare_worker_process()
         self.platform.set_num_threads(config.device.num_threads)
         torch.manual_seed(config.model.seed)
         kernels = config.device.kernels
         self.model_runner = ModelRunner(
             config, spec, self.device, self.dtype, max_model_len,
+            kv_cache_dtype=self.kv_cache_dtype,
             attn_backend=self.platform.attention_backend_name(kernels),
             layer_ops=self.platform.layer_ops_name(kernels))
 
     def load_model(self) -> None:
+        self.memory_at_start = self.platform.memory_for_utilization()
         self.model_runner.load_model()
 
     def kv_cache_bytes_per_block(self) -> int:
-        return kv_cache_bytes_per_block(self.spec, self.config.cache.block_size, self.dtype)
+        return kv_cache_bytes_per_block(self.spec, self.config.cache.block_size,
+                                        self.kv_cache_dtype)
 
     def determine_available_kv_memory(self) -> int:
-        """Bytes for the KV cache: `--kv-cache-memory` if set, else a fraction of the free
-        memory measured after a profiling forward, minus the activation peak estimated for a
-        full `max_num_batched_tokens` step."""
+        """Bytes for the KV cache, after a profiling forward: `--kv-cache-memory` if set; else
+        with `--gpu-memory-utilization u`, u x `memory_at_start` (the platform's
+        `memory_for_utilization`, read before the weights loaded) minus the model's tensors
+        (`ModelRunner.model_memory_bytes`) and the activation peak estimated for a full
+        `max_num_batched_tokens` step; else `--kv-cache-memory-fraction` of the free memory
+        measured now, minus that activation peak. Raises ConfigError when the utilization
+        budget leaves nothing for the cache."""
         start = time.perf_counter()
         self.model_runner.dummy_run(_PROFILE_TOKENS, num_reqs=2)
         logger.debug("profiling forward took %.2fs", time.perf_counter() - start)
-        if self.config.cache.kv_cache_memory is not None:
-            return self.config.cache.kv_cache_memory
+        cache = self.config.cache
+        if cache.kv_cache_memory is not None:
+            return cache.kv_cache_memory
+        if cache.gpu_memory_utilization is not None:
+            return self._kv_memory_for_utilization(cache.gpu_memory_utilization)
         free = self.platform.free_memory_bytes()
         return int(max(0, free - self._activation_peak_bytes())
                    * self.config.cache.kv_cache_memory_fraction)
+
+    def _kv_memory_for_utilization(self, utilization: float) -> int:
+        budget = int(self.memory_at_start * utilization)
+        weights = self.model_runner.model_memory_bytes()
+        activations = self._activation_peak_bytes()
+        kv = budget - weights - activations
+        gib = 2**30
+        logger.info("--gpu-memory-utilization %g: %.2f GiB of %.2f GiB %s; weights %.2f GiB, "
+                    "activation peak %.2f GiB, KV cache %.2f GiB", utilization, budget / gib,
+                    self.memory_at_start / gib,
+                    "device memory" if self.device.type != "cpu" else "RAM available at start",
+                    weights / gib, activations / gib, max(kv, 0) / gib)
+        if kv <= 0:
+            raise ConfigError(
+                f"--gpu-memory-utilization: {utilization:g} of {self.memory_at_start / gib:.2f} "
+                f"GiB is {budget / gib:.2f} GiB, which the weights ({weights / gib:.2f} GiB) and "
+                f"the activation peak ({activations / gib:.2f} GiB) already use up, leaving "
+                "nothing for the KV cache. Fix: raise --gpu-memory-utilization, or give the cache "
+                "a size with --kv-cache-memory.")
+        return kv
 
     def _activation_peak_bytes(self) -> int:
         """A generous estimate of one step's activations at the full token budget."""
@@ -77,3 +113,18 @@ class Worker:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)
+
+    def sleep(self, level: int) -> None:
+        """Release the KV cache (level 1) and the weights too (level 2); see
+        `ModelRunner.sleep`."""
+        self.model_runner.sleep(level)
+        logger.info("sleeping at level %d: KV cache%s released", level,
+                    " and weights" if level == 2 else "")
+
+    def wake_up(self) -> None:
+        """Reload what `sleep` released and warm up again, so the first request after waking
+        pays no lazy initialisation."""
+        start = time.perf_counter()
+        self.model_runner.wake_up()
+        self.warm_up()
+        logger.info("woke up in %.2fs", time.perf_counter() - start)

@@ -43,7 +43,7 @@ BAD_COMPLETIONS = [
     ({"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
     ({"prompt": "x", "stream": "yes please"}, "stream"),
     ({"prompt": "x", "suffix": "tail"}, "suffix"),
-    ({"prompt": "x", "best_of": 3}, "best_of"),
+    ({"prompt": "x", "n": 3, "best_of": 2}, "best_of"),
     ({"prompt": "x", "stop": [""]}, "stop"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
     ({"prompt": 12}, "prompt"),
@@ -155,15 +155,15 @@ def test_cors_only_for_allowed_origins(server):
 def test_version_and_metrics(http):
     assert http.get("/version").json()["version"]
     text = http.get("/metrics").text
-    for name in ("sluice:num_requests_running", "sluice:num_requests_waiting",
-                 "sluice:kv_cache_usage_perc", "sluice:prefix_cache_queries_total",
-                 "sluice:prefix_cache_hits_total", "sluice:prompt_tokens_total",
-                 "sluice:generation_tokens_total", "sluice:num_preemptions_total",
-                 "sluice:request_success_total", "sluice:time_to_first_token_seconds_bucket",
-                 "sluice:inter_token_latency_seconds_bucket",
-                 "sluice:e2e_request_latency_seconds_bucket",
-                 "sluice:request_prompt_tokens_bucket",
-                 "sluice:request_generation_tokens_bucket"):
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting",
+                 "vllm:kv_cache_usage_perc", "vllm:prefix_cache_queries_total",
+                 "vllm:prefix_cache_hits_total", "vllm:prompt_tokens_total",
+                 "vllm:generation_tokens_total", "vllm:num_preemptions_total",
+                 "vllm:request_success_total", "vllm:time_to_first_token_seconds_bucket",
+                 "vllm:inter_token_latency_seconds_bucket",
+                 "vllm:e2e_request_latency_seconds_bucket",
+                 "vllm:request_prompt_tokens_bucket",
+                 "vllm:request_generation_tokens_bucket"):
         assert name in text, name
     assert 'model_name="tiny-llama"' in text
 

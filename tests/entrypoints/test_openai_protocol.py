@@ -23,7 +23,7 @@ from sluice.errors import EngineDeadError, InvalidRequestError, SluiceError
 from sluice.frontend.stats import FinishedRequestStats, FrontendStats
 from sluice.messages import SchedulerStats
 from sluice.metrics.loggers import LoggingStatLogger
-from sluice.metrics.prometheus import PrometheusMetrics, token_buckets
+from sluice.metrics.prometheus import PrometheusMetrics, build_1_2_5_buckets
 from sluice.outputs import Logprob
 from sluice.sampling_params import RequestOutputKind
 
@@ -51,8 +51,8 @@ def test_completion_sampling_params():
 
 
 @pytest.mark.parametrize("fields,param", [
-    ({"suffix": "s"}, "suffix"), ({"best_of": 2}, "best_of"), ({"temperature": -1},
-                                                                "temperature"),
+    ({"suffix": "s"}, "suffix"), ({"n": 3, "best_of": 2}, "best_of"),
+    ({"temperature": -1}, "temperature"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"logit_bias": {"x": 1}}, "logit_bias"),
 ])
@@ -143,8 +143,10 @@ def test_chat_logprobs_format():
 
 
 def test_token_buckets():
-    assert token_buckets(256) == [1, 2, 5, 10, 20, 50, 100, 200, 500]
-    assert token_buckets(1) == [1]
+    """vLLM's build_1_2_5_buckets: up to max_model_len inclusive."""
+    assert build_1_2_5_buckets(256) == [1, 2, 5, 10, 20, 50, 100, 200]
+    assert build_1_2_5_buckets(100) == [1, 2, 5, 10, 20, 50, 100]
+    assert build_1_2_5_buckets(1) == [1]
 
 
 def _stats() -> tuple[SchedulerStats, FrontendStats]:
@@ -159,12 +161,13 @@ def test_prometheus_metrics_record_and_render():
     first, second = PrometheusMetrics("m1", 256), PrometheusMetrics("m2", 256)
     first.record(*_stats())
     text = first.render()[0].decode()
-    assert 'sluice:num_requests_running{model_name="m1"} 2.0' in text
-    assert 'sluice:kv_cache_usage_perc{model_name="m1"} 0.25' in text
-    assert 'sluice:prefix_cache_hits_total{model_name="m1"} 40.0' in text
-    assert ('sluice:request_success_total{finished_reason="length",model_name="m1"} 1.0'
-            in text)
-    assert 'sluice:inter_token_latency_seconds_count{model_name="m1"} 2.0' in text
+    labels = 'engine="0",model_name="m1"'
+    assert f'vllm:num_requests_running{{{labels}}} 2.0' in text
+    assert f'vllm:kv_cache_usage_perc{{{labels}}} 0.25' in text
+    assert f'vllm:prefix_cache_hits_total{{{labels}}} 40.0' in text
+    assert ('vllm:request_success_total{engine="0",finished_reason="length",model_name="m1"}'
+            ' 1.0' in text)
+    assert f'vllm:inter_token_latency_seconds_count{{{labels}}} 2.0' in text
     assert "_created" not in text
     assert 'model_name="m1"' not in second.render()[0].decode()
 

@@ -30,7 +30,7 @@ def _metric(text: str, name: str, **labels: str) -> float:
 
 def _abort_count(server) -> float:
     text = httpx.get(server.url + "/metrics", headers=AUTH).text
-    return _metric(text, "sluice:request_success_total", finished_reason="abort")
+    return _metric(text, "vllm:request_success_total", finished_reason="abort")
 
 
 def _wait_until_aborted_and_freed(server, aborted_before: float) -> None:
@@ -42,10 +42,10 @@ def _wait_until_aborted_and_freed(server, aborted_before: float) -> None:
                         json={"prompt": "x", "max_tokens": 1})
         assert ok.status_code == 200
         text = httpx.get(server.url + "/metrics", headers=AUTH).text
-        if (_metric(text, "sluice:request_success_total", finished_reason="abort")
+        if (_metric(text, "vllm:request_success_total", finished_reason="abort")
                 >= aborted_before + 1
-                and _metric(text, "sluice:num_requests_running") == 0
-                and _metric(text, "sluice:kv_cache_usage_perc") == 0.0):
+                and _metric(text, "vllm:num_requests_running") == 0
+                and _metric(text, "vllm:kv_cache_usage_perc") == 0.0):
             return
         assert time.monotonic() < deadline, "the disconnected request was not aborted:\n" + \
             "\n".join(line for line in text.splitlines() if "running" in line or "kv_cache" in

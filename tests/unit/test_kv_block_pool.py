@@ -149,14 +149,19 @@ def test_caching_disabled_never_registers():
     assert pool.get_cached_block(hashes[0]) is None
 
 
-def test_reset_prefix_cache_forgets_hashes_but_keeps_owners():
+def test_reset_prefix_cache_refuses_while_blocks_are_in_use():
+    """As vLLM: a reset only happens when no block is held; then every hash is gone."""
     pool = BlockPool(num_blocks=6, enable_caching=True)
     hashes, blocks = _cached_request_blocks(pool, [1, 2, 3, 4])
     pool.free_blocks([blocks[1]])
-    pool.reset_prefix_cache()
+    assert not pool.reset_prefix_cache()  # blocks[0] is still held: nothing changes
+    assert pool.get_cached_block(hashes[0]) is blocks[0]
+    assert pool.get_cached_block(hashes[1]) is blocks[1]
+    pool.free_blocks([blocks[0]])
+    assert pool.reset_prefix_cache()
     assert pool.get_cached_block(hashes[0]) is None and pool.get_cached_block(hashes[1]) is None
-    assert blocks[0].ref_cnt == 1 and blocks[0].block_hash is None
-    assert pool.get_num_free_blocks() == 4
+    assert blocks[0].block_hash is None and blocks[1].block_hash is None
+    assert pool.get_num_free_blocks() == 5
 
 
 def test_prefix_cache_stats_are_taken_and_reset():

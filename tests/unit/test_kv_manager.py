@@ -142,7 +142,11 @@ def test_stats_recorded_once_per_admission():
 
 def test_reset_prefix_cache():
     m = KVCacheManager(num_blocks=16, block_size=BS, enable_caching=True, max_model_len=64)
-    admit(m, req("a", list(range(9))))
+    a = req("a", list(range(9)))
+    admit(m, a)
+    assert not m.reset_prefix_cache()  # "a" holds blocks: refused, as vLLM
+    assert m.get_computed_blocks(req("b", list(range(9))))[1] > 0
+    m.free(a)
     assert m.reset_prefix_cache()
     assert m.get_computed_blocks(req("b", list(range(9))))[1] == 0
 

@@ -204,12 +204,18 @@ class BlockPool:
                 del self.cached_blocks[block.block_hash]
             block.block_hash = None
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every hash. Blocks in use keep their content and their owners; they are just
-        no longer shareable. Always succeeds."""
+    def reset_prefix_cache(self) -> bool:
+        """Forget every hash, so no later request hits a block computed before (as vLLM: only
+        when no block is in use). Returns False, changing nothing, while any request still
+        holds blocks: their hashes would have to survive for them, and after a reset the
+        cache must hold no reusable block at all (e.g. before sleep discards the contents)."""
+        num_used = self.num_usable_blocks - len(self.free_queue)
+        if num_used > 0:
+            return False
         for block in self.cached_blocks.values():
             block.block_hash = None
         self.cached_blocks.clear()
+        return True
 
     def take_prefix_cache_stats(self) -> PrefixCacheStats:
         """Return the stats since the previous call and start new ones."""

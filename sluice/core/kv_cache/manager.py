@@ -159,9 +159,9 @@ class KVCacheManager:
         return [b.block_id for b in self.req_to_blocks.get(request_id, ())]
 
     def reset_prefix_cache(self) -> bool:
-        """Forget all cached hashes (running requests keep their blocks). Returns True."""
-        self.block_pool.reset_prefix_cache()
-        return True
+        """Forget all cached hashes. Returns False (nothing changed) while any request holds
+        blocks, as vLLM's `reset_prefix_cache`; True once the cache holds no reusable block."""
+        return self.block_pool.reset_prefix_cache()
 
     def take_prefix_cache_stats(self) -> PrefixCacheStats:
         return self.block_pool.take_prefix_cache_stats()

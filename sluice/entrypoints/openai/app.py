@@ -2,7 +2,8 @@
 
 Routes (one module each): /v1/models (models.py), /v1/completions (completions.py),
 /v1/chat/completions (chat.py), /tokenize + /detokenize (tokenize.py), /health, /ping,
-/version, /metrics (health.py). Errors use OpenAI's shape (errors.py).
+/version, /metrics (health.py), /reset_prefix_cache and, with --enable-sleep-mode, /sleep,
+/wake_up, /is_sleeping (ops.py). Errors use OpenAI's shape (errors.py).
 
 Middleware, outermost first:
 1. CORS (only with --allowed-origins);
@@ -12,7 +13,8 @@ Middleware, outermost first:
 4. API key (with --api-key / SLUICE_API_KEY): Bearer auth on every route, unknown ones included,
    except `PUBLIC_PATHS` (/health, /ping; /metrics with --public-metrics), compared in constant
    time — a new route is protected without anyone remembering to;
-5. body size: 413 for a body over --max-request-body-bytes, before any of it is parsed.
+5. sleeping (with --enable-sleep-mode): 503 on the generation routes while the engine sleeps;
+6. body size: 413 for a body over --max-request-body-bytes, before any of it is parsed.
 The engine's stats feed a Prometheus registry owned by this app and, unless
 --disable-log-stats, a periodic log line.
 """
@@ -31,11 +33,13 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from sluice import __version__
 from sluice.config import EngineConfig
-from sluice.entrypoints.openai import chat, completions, health, models, tokenize
-from sluice.entrypoints.openai.errors import install_exception_handlers, send_error
+from sluice.entrypoints.openai import chat, completions, health, models, ops, tokenize
+from sluice.entrypoints.openai.errors import (error_response, install_exception_handlers,
+                                              send_error)
 from sluice.entrypoints.openai.limits import RequestLimits
 from sluice.entrypoints.openai.protocol import random_id
-from sluice.entrypoints.openai.serving import SHUTTING_DOWN, ServerState
+from sluice.entrypoints.openai.serving import SHUTTING_DOWN, ServerState, sampling_defaults
+from sluice.errors import EngineBusyError, EngineSleepingError
 from sluice.metrics.loggers import LoggingStatLogger
 from sluice.metrics.prometheus import PrometheusMetrics
 
@@ -72,6 +76,13 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
+def route_path(scope: dict) -> str:
+    """The request's path as the routes see it: without the ASGI root_path prefix
+    (--root-path; uvicorn puts it in front of `path`)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
 PUBLIC_PATHS = frozenset(("/health", "/ping"))
 """Routes that answer without the API key (load balancers' probes)."""
 
@@ -87,7 +98,7 @@ class APIKeyMiddleware:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if (scope["type"] != "http" or scope.get("method") == "OPTIONS"
-                or scope.get("path", "") in self._public):
+                or route_path(scope) in self._public):
             await self.app(scope, receive, send)
             return
         given = dict(scope.get("headers") or []).get(b"authorization", b"")
@@ -152,8 +163,29 @@ class DrainMiddleware:
         self.state = state
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and self.state.draining and scope.get("path") != "/metrics":
+        if scope["type"] == "http" and self.state.draining and route_path(scope) != "/metrics":
             await send_error(send, 503, SHUTTING_DOWN, headers=[(b"connection", b"close")])
+            return
+        await self.app(scope, receive, send)
+
+
+GENERATION_PATHS = frozenset(("/v1/completions", "/v1/chat/completions"))
+"""Routes that need the model: 503 while it sleeps (/tokenize, /v1/models … still answer)."""
+
+
+class SleepingMiddleware:
+    """503 (OpenAI's error shape, saying why) on `GENERATION_PATHS` while the engine sleeps, as
+    vLLM's sleep mode; the engine's `generate` refuses too (`EngineSleepingError`, also 503),
+    for a request admitted just before a sleep began."""
+
+    def __init__(self, app: ASGIApp, engine: Any):
+        self.app = app
+        self.engine = engine
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if (scope["type"] == "http" and self.engine.sleep_level
+                and route_path(scope) in GENERATION_PATHS):
+            await send_error(send, 503, str(self.engine.sleeping_error()))
             return
         await self.app(scope, receive, send)
 
@@ -171,6 +203,7 @@ def build_app(engine: Any, config: EngineConfig) -> FastAPI:
     state = ServerState(engine=engine, config=config, model_name=ready.model_name,
                         max_model_len=ready.max_model_len, metrics=metrics,
                         limits=RequestLimits.from_config(config, ready.max_model_len))
+    sampling_defaults(state)  # a bad --generation-config fails here, not on the first request
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -186,12 +219,24 @@ def build_app(engine: Any, config: EngineConfig) -> FastAPI:
                   docs_url=None, redoc_url=None)
     app.state.sluice = state
     install_exception_handlers(app)
-    for module in (models, completions, chat, tokenize, health):
+
+    async def sleeping(_: Any, exc: Exception) -> Any:
+        return error_response(503, str(exc))
+
+    async def busy(_: Any, exc: Exception) -> Any:
+        return error_response(409, str(exc))
+    app.add_exception_handler(EngineSleepingError, sleeping)
+    app.add_exception_handler(EngineBusyError, busy)
+    for module in (models, completions, chat, tokenize, health, ops):
         app.include_router(module.router)
+    if config.model.enable_sleep_mode:
+        app.include_router(ops.sleep_router)
 
     # add_middleware wraps: the last one added runs first.
     server = config.server
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=server.max_request_body_bytes)
+    if config.model.enable_sleep_mode:
+        app.add_middleware(SleepingMiddleware, engine=engine)
     if server.api_key:
         public = PUBLIC_PATHS | ({"/metrics"} if server.public_metrics else set())
         app.add_middleware(APIKeyMiddleware, api_key=server.api_key, public_paths=public)

@@ -24,7 +24,8 @@ from sluice.entrypoints.openai.protocol import (ChatChoice, ChatCompletionReques
 from sluice.entrypoints.openai.serving import (SSE_DONE, CleanupStreamingResponse,
                                                Generations, ServerState, get_state,
                                                prompt_error_param, render_conversation,
-                                               run_unless_disconnected, sse, start_generations)
+                                               run_unless_disconnected, sampling_defaults, sse,
+                                               start_generations)
 from sluice.errors import InvalidRequestError
 from sluice.outputs import PositionLogprobs, RequestOutput
 
@@ -62,10 +63,10 @@ async def create_chat_completion(body: ChatCompletionRequest, raw_request: Reque
     state = get_state(raw_request)
     state.check_model(body.model)
     state.limits.check_sampling(body, num_prompts=1)
-    params = body.to_sampling_params()
+    params = body.to_sampling_params(sampling_defaults(state))
     prompt = await render_conversation(state, body.conversation(), body.template_kwargs())
     response_id = f"chatcmpl-{raw_request.state.request_id}"
-    ticket = state.admit(params.n)
+    ticket = state.admit(params.num_sequences)
     try:
         generations = start_generations(
             state, [prompt], params, f"{response_id}-{random_id()[:8]}",

@@ -20,7 +20,8 @@ from sluice.entrypoints.openai.protocol import (CompletionChoice, CompletionLogp
                                                 random_id, usage)
 from sluice.entrypoints.openai.serving import (SSE_DONE, CleanupStreamingResponse,
                                                Generations, ServerState, get_state,
-                                               run_unless_disconnected, sse, start_generations)
+                                               run_unless_disconnected, sampling_defaults, sse,
+                                               start_generations)
 from sluice.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 
 router = APIRouter()
@@ -111,12 +112,12 @@ async def create_completion(body: CompletionRequest, raw_request: Request) -> An
     state.check_model(body.model)
     prompts = body.prompts()
     state.limits.check_sampling(body, num_prompts=len(prompts))
-    params = body.to_sampling_params()
+    params = body.to_sampling_params(sampling_defaults(state))
     for prompt in prompts:
         if isinstance(prompt, str):
             state.limits.check_prompt_chars(prompt, "prompt")
     response_id = f"cmpl-{raw_request.state.request_id}"
-    ticket = state.admit(len(prompts) * params.n)
+    ticket = state.admit(len(prompts) * params.num_sequences)
     try:
         generations = start_generations(
             state, prompts, params, f"{response_id}-{random_id()[:8]}",

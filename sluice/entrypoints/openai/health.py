@@ -1,12 +1,18 @@
 """GET /health and GET|POST /ping (200 empty when the engine answers, 503 when it is dead or
 hung; /ping is the name SageMaker-style load balancers probe), /version, and /metrics
-(Prometheus text format from the app's own registry)."""
+(Prometheus text format from the app's own registry).
+
+A sleeping engine (--enable-sleep-mode, /sleep) is alive: as vLLM, /health stays 200 (a
+liveness probe must not restart it), but says why generation is refused: a JSON body
+{"status": "sleeping", "sleep_level": 1|2, "message": ...} and the header
+`X-Engine-State: sleeping`, for readiness checks that should route elsewhere meanwhile."""
 
 from __future__ import annotations
 
 import asyncio
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
 
 from sluice import __version__
 from sluice.entrypoints.openai.errors import error_response
@@ -30,6 +36,11 @@ async def health(raw_request: Request) -> Response:
     except asyncio.TimeoutError:
         return error_response(503, f"The engine did not answer a health check within "
                               f"{HEALTH_TIMEOUT_S:g} s.")
+    level = getattr(state.engine, "sleep_level", 0)
+    if level:
+        return JSONResponse({"status": "sleeping", "sleep_level": level,
+                             "message": str(state.engine.sleeping_error())},
+                            headers={"X-Engine-State": "sleeping"})
     return Response(status_code=200)
 
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationInfo, field_validator,
                       model_serializer, model_validator)
 
 from sluice.errors import InvalidRequestError
+from sluice.frontend.chat_template import message_for_template, template_kwargs
 from sluice.frontend.tokenizer import check_text
 from sluice.sampling_params import RequestOutputKind, SamplingParams
 
@@ -136,6 +137,9 @@ class SamplingFields(RequestModel):
     spaces_between_special_tokens: bool = True
     priority: int = 0
     prompt_logprobs: int | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -146,10 +150,6 @@ class SamplingFields(RequestModel):
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options can only be set when stream is true.",
                                       param="stream_options")
-        if self.best_of is not None and self.best_of != self.n:
-            raise InvalidRequestError(
-                f"best_of={self.best_of} is not supported; only best_of equal to n "
-                f"({self.n}) is.", param="best_of")
 
     def _stop_list(self) -> list[str]:
         if self.stop is None:
@@ -168,10 +168,14 @@ class SamplingFields(RequestModel):
                                           param="logit_bias") from None
         return out
 
-    def _sampling_kwargs(self) -> dict[str, Any]:
-        """The SamplingParams keywords common to both endpoints (None means: default)."""
+    def _sampling_kwargs(self, defaults: Mapping[str, Any]) -> dict[str, Any]:
+        """The SamplingParams keywords common to both endpoints. A field the request leaves
+        unset (None) takes the model's default from `defaults` (generation_config.json, see
+        `hf_config.generation_defaults`), else SamplingParams' own; fields the client set
+        win, as in vLLM."""
         kwargs: dict[str, Any] = {
-            "n": self.n, "temperature": self.temperature, "top_p": self.top_p,
+            "n": self.n, "best_of": self.best_of, "temperature": self.temperature,
+            "top_p": self.top_p,
             "top_k": self.top_k, "min_p": self.min_p,
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
@@ -182,10 +186,29 @@ class SamplingFields(RequestModel):
             "logit_bias": self._logit_bias(), "skip_special_tokens": self.skip_special_tokens,
             "spaces_between_special_tokens": self.spaces_between_special_tokens,
             "prompt_logprobs": self.prompt_logprobs,
+            "allowed_token_ids": self.allowed_token_ids, "bad_words": self.bad_words or None,
+            "truncate_prompt_tokens": self.truncate_prompt_tokens,
             "output_kind": RequestOutputKind.DELTA if self.stream
             else RequestOutputKind.FINAL_ONLY,
         }
+        for name in _DEFAULTED_FIELDS:
+            if kwargs[name] is None and name in defaults:
+                kwargs[name] = defaults[name]
         return {k: v for k, v in kwargs.items() if v is not None}
+
+
+_DEFAULTED_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+"""Fields a model's generation_config.json may default (max_tokens is handled per endpoint)."""
+
+
+def default_max_tokens(requested: int | None, endpoint_default: int | None,
+                       defaults: Mapping[str, Any]) -> int | None:
+    """`requested` when the client set it; else the smaller of the endpoint's own default
+    (None: up to the context length) and the model's `max_tokens` default, as vLLM."""
+    if requested is not None:
+        return requested
+    limits = [v for v in (endpoint_default, defaults.get("max_tokens")) if v is not None]
+    return min(limits) if limits else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,13 +239,17 @@ class CompletionRequest(SamplingFields):
             return list(p)  # type: ignore[arg-type]
         return [p]  # type: ignore[list-item]
 
-    def to_sampling_params(self) -> SamplingParams:
-        """Validated SamplingParams (raises InvalidRequestError naming the field)."""
+    def to_sampling_params(self, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        """Validated SamplingParams (raises InvalidRequestError naming the field); `defaults`
+        are the model's (see `_sampling_kwargs`)."""
         self._check_common()
         if self.suffix is not None:
             raise InvalidRequestError("suffix is not supported.", param="suffix")
-        kwargs = self._sampling_kwargs()
-        kwargs["max_tokens"] = self.max_tokens
+        defaults = defaults or {}
+        kwargs = self._sampling_kwargs(defaults)
+        kwargs["max_tokens"] = default_max_tokens(
+            self.max_tokens if "max_tokens" in self.model_fields_set else None,
+            16 if "max_tokens" not in self.model_fields_set else None, defaults)
         if self.logprobs is not None:
             kwargs["logprobs"] = self.logprobs
             if self.echo:  # echoed prompt tokens carry logprobs too
@@ -291,20 +318,9 @@ class ChatMessageParam(BaseModel):
     content: str | list[ContentPart] | None = None
 
     def to_template_dict(self) -> dict[str, Any]:
-        """The message as the chat template sees it (text parts joined into one string)."""
-        data = self.model_dump(exclude_none=True)
-        if isinstance(self.content, list):
-            texts = []
-            for part in self.content:
-                if part.type != "text" or part.text is None:
-                    raise InvalidRequestError(
-                        f"content part of type {part.type!r} is not supported; only 'text' "
-                        "parts are.", param="messages")
-                texts.append(part.text)
-            data["content"] = "\n".join(texts)
-        elif self.content is None:
-            data["content"] = ""
-        return data
+        """The message as the chat template sees it (`message_for_template`: text parts
+        joined into one string)."""
+        return message_for_template(self.model_dump(exclude_none=True))
 
 
 class FunctionDefinition(OpenAIBaseModel):
@@ -341,14 +357,6 @@ class ResponseFormat(OpenAIBaseModel):
     json_schema: JsonSchemaFormat | None = None
 
 
-# Keywords of transformers' apply_chat_template that a request's chat_template_kwargs may not
-# set: they change what the call returns or collide with its positional arguments.
-_RESERVED_TEMPLATE_KWARGS = frozenset((
-    "conversation", "messages", "tokenize", "padding", "truncation", "max_length",
-    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
-    "time_limit_s"))
-
-
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
@@ -358,6 +366,7 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     add_special_tokens: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
@@ -372,13 +381,15 @@ class ChatCompletionRequest(SamplingFields):
         return [m.to_template_dict() for m in self.messages]
 
     def template_kwargs(self) -> dict[str, Any]:
-        """Keywords for `Tokenizer.apply_chat_template`: `add_generation_prompt`, `tools` (when
-        sent with tool_choice 'none'), then `chat_template_kwargs` (which win, as in vLLM),
-        then `chat_template`. Reserved keywords are a 400 naming chat_template_kwargs."""
+        """Keywords for `Tokenizer.apply_chat_template` (`chat_template.template_kwargs`):
+        `add_generation_prompt`, `continue_final_message`, `tools` (when sent with tool_choice
+        'none'), then `chat_template_kwargs` (which win, as in vLLM), then `chat_template`.
+        Reserved keywords are a 400 naming chat_template_kwargs."""
         return template_kwargs(self.add_generation_prompt, self.chat_template,
                                self.chat_template_kwargs,
                                tools=[t.model_dump(exclude_none=True) for t in self.tools]
-                               if self.tools else None)
+                               if self.tools else None,
+                               continue_final_message=self.continue_final_message)
 
     def _check_tools_and_format(self) -> None:
         """Well-formed but not implemented: a 400 naming the field, never a 200 that drops
@@ -395,17 +406,20 @@ class ChatCompletionRequest(SamplingFields):
                 "Tool calling is not supported by this server yet; send tool_choice 'none' to "
                 "show the tools to the model without calls being parsed.", param="tools")
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
         """Validated SamplingParams; `max_completion_tokens` wins over `max_tokens`; no limit
-        means "up to the context length"."""
+        means the model's default max_tokens, else "up to the context length". `defaults` are
+        the model's (see `_sampling_kwargs`)."""
         self._check_common()
         self._check_tools_and_format()
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true.",
                                       param="top_logprobs")
-        kwargs = self._sampling_kwargs()
-        kwargs["max_tokens"] = (self.max_completion_tokens if self.max_completion_tokens
-                                is not None else self.max_tokens)
+        defaults = defaults or {}
+        kwargs = self._sampling_kwargs(defaults)
+        kwargs["max_tokens"] = default_max_tokens(
+            self.max_completion_tokens if self.max_completion_tokens is not None
+            else self.max_tokens, None, defaults)
         if self.logprobs:
             kwargs["logprobs"] = self.top_logprobs or 0
         return SamplingParams(**kwargs)
@@ -496,26 +510,6 @@ class TokenizeChatRequest(RequestModel):
         """As `ChatCompletionRequest.template_kwargs` (no tools)."""
         return template_kwargs(self.add_generation_prompt, self.chat_template,
                                self.chat_template_kwargs)
-
-
-def template_kwargs(add_generation_prompt: bool, chat_template: str | None,
-                    chat_template_kwargs: dict[str, Any] | None, *,
-                    tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The keywords a chat request passes to `Tokenizer.apply_chat_template` (see
-    `ChatCompletionRequest.template_kwargs`). A `chat_template` inside `chat_template_kwargs`
-    counts as the request's template."""
-    extra = dict(chat_template_kwargs or {})
-    reserved = sorted(k for k in extra if k in _RESERVED_TEMPLATE_KWARGS)
-    if reserved:
-        raise InvalidRequestError(f"chat_template_kwargs may not set {', '.join(reserved)}.",
-                                  param="chat_template_kwargs")
-    kwargs: dict[str, Any] = {"add_generation_prompt": add_generation_prompt}
-    if tools:
-        kwargs["tools"] = tools
-    kwargs.update(extra)
-    if chat_template is not None:
-        kwargs["chat_template"] = chat_template
-    return kwargs
 
 
 class TokenizeResponse(ResponseModel):

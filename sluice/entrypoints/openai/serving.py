@@ -24,6 +24,7 @@ from sluice.entrypoints.openai.errors import APIError
 from sluice.entrypoints.openai.limits import RequestLimits
 from sluice.errors import EngineDeadError, InvalidRequestError
 from sluice.frontend.offload import Offloader
+from sluice.hf_config import generation_defaults
 from sluice.outputs import RequestOutput
 from sluice.sampling_params import SamplingParams
 
@@ -306,6 +307,17 @@ async def render_conversation(state: ServerState, conversation: list[dict[str, A
                                      time_limit_s=time_limit_s, **template_kwargs)
     state.limits.check_prompt_chars(text, "messages")
     return text
+
+
+def sampling_defaults(state: ServerState) -> dict[str, Any]:
+    """The model's default sampling parameters (`--generation-config`, read once; see
+    `hf_config.generation_defaults`) that fill the fields a request leaves unset; {} for an
+    engine without a config. Raises `ConfigError` for a --generation-config directory without
+    generation_config.json (build_app calls this once, so that happens at startup)."""
+    config = getattr(state.engine, "config", None)  # the engine's: its model is a local dir
+    if config is None:
+        return {}
+    return generation_defaults(config.model.generation_config, config.model.model)
 
 
 def prompt_error_param(exc: InvalidRequestError, is_chat: bool) -> InvalidRequestError:

@@ -15,6 +15,11 @@ Per layer and step:
              order).
 No Python loop over requests. The workspace grows to the largest gather seen and is reused by
 every layer sharing this backend instance (layers run one after another).
+
+The cache may be stored in another dtype than q/k/v (`--kv-cache-dtype`): k/v are converted to
+the cache's dtype when written and the gathered blocks back to q's dtype before SDPA, and the
+no-gather prefill path rounds this step's k/v through the cache's dtype, so every step attends
+over exactly the values the cache holds.
 """
 
 from __future__ import annotations
@@ -41,8 +46,13 @@ def write_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor
              v: torch.Tensor) -> None:
     """cache[0] slot s = k row, cache[1] slot s = v row, for s in slot_mapping (k/v [T, Hkv, D])."""
     flat = kv_cache.view(2, -1, k.shape[1], k.shape[2])
-    flat[0].index_copy_(0, slot_mapping, k)
-    flat[1].index_copy_(0, slot_mapping, v)
+    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+def _as_cached(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """`x` with the rounding of a cache stored in `cache_dtype` (unchanged when x has it)."""
+    return x if x.dtype == cache_dtype else x.to(cache_dtype).to(x.dtype)
 
 
 class TorchPagedBackend:
@@ -60,12 +70,14 @@ class TorchPagedBackend:
         return ws[:numel]
 
     def _gather(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, num_reqs: int,
-                num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v of the listed blocks as [N, Hkv, nb*block_size, D] (strided views)."""
+                num_blocks: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v of the listed blocks as [N, Hkv, nb*block_size, D] (strided views) in
+        `dtype` (the query's; converted when the cache is stored in another)."""
         _, total_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
         per_block = block_size * num_kv_heads * head_dim
         out = self._scratch(2 * block_ids.numel() * per_block, kv_cache).view(2, -1, per_block)
         torch.index_select(kv_cache.view(2, total_blocks, per_block), 1, block_ids, out=out)
+        out = out.to(dtype)
         kv = out.view(2, num_reqs, num_blocks * block_size, num_kv_heads, head_dim)
         return kv[0].transpose(1, 2), kv[1].transpose(1, 2)
 
@@ -75,7 +87,7 @@ class TorchPagedBackend:
         _, num_heads, head_dim = q.shape
         num_kv_heads = kv_cache.shape[3]
         qd = take_tokens(q, dec.token_sel).reshape(dec.num_reqs, num_kv_heads, -1, head_dim)
-        kd, vd = self._gather(kv_cache, dec.block_ids, dec.num_reqs, dec.num_blocks)
+        kd, vd = self._gather(kv_cache, dec.block_ids, dec.num_reqs, dec.num_blocks, q.dtype)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=dec.float_mask(q.dtype),
                                             scale=scale)
         return od.reshape(dec.num_reqs, num_heads, head_dim)
@@ -101,13 +113,14 @@ class TorchPagedBackend:
             qp = take_tokens(q, pre.q_sel).view(pre.num_reqs, pre.max_query_len, num_heads,
                                                 head_dim)
             if pre.fresh:   # keys = the group's own k/v of this step: no gather, plain causal
-                kp, vp = (take_tokens(x, pre.q_sel).view(pre.num_reqs, pre.max_query_len,
-                                                          num_kv_heads, head_dim).transpose(1, 2)
-                          for x in (k, v))
+                kp, vp = (_as_cached(take_tokens(x, pre.q_sel), kv_cache.dtype).view(
+                    pre.num_reqs, pre.max_query_len, num_kv_heads, head_dim).transpose(1, 2)
+                    for x in (k, v))
                 op = F.scaled_dot_product_attention(qp.transpose(1, 2), kp, vp, is_causal=True,
                                                     scale=scale, enable_gqa=True)
             else:
-                kp, vp = self._gather(kv_cache, pre.block_ids, pre.num_reqs, pre.num_blocks)
+                kp, vp = self._gather(kv_cache, pre.block_ids, pre.num_reqs, pre.num_blocks,
+                                      q.dtype)
                 op = F.scaled_dot_product_attention(qp.transpose(1, 2), kp, vp,
                                                     attn_mask=pre.float_mask(q.dtype),
                                                     scale=scale, enable_gqa=True)

@@ -1,0 +1,77 @@
+"""A KV cache stored in another dtype than the model's (`--kv-cache-dtype`): the attention
+backends write k/v in the cache's dtype and attend over exactly the values it holds, and the
+fast paths that read the cache as float32 step aside."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sluice.model.attention.backends.cpu_paged import CpuPagedBackend
+from sluice.model.attention.backends.torch_paged import TorchPagedBackend
+from sluice.model.attention.forward_context import set_forward_context
+from sluice.model.attention.metadata import build_attention_metadata
+
+BLOCK = 16
+
+
+def _step(query_lens: list[int], seq_lens: list[int], num_blocks: int):
+    rng = np.random.default_rng(0)
+    free = rng.permutation(np.arange(1, num_blocks))
+    max_blocks = max(-(-s // BLOCK) for s in seq_lens)
+    table = np.zeros((len(seq_lens), max_blocks), dtype=np.int32)
+    slots, used = [], 0
+    for r, (q, s) in enumerate(zip(query_lens, seq_lens)):
+        n = -(-s // BLOCK)
+        table[r, :n] = free[used:used + n]
+        used += n
+        slots += [int(table[r, p // BLOCK]) * BLOCK + p % BLOCK for p in range(s - q, s)]
+    qsl = np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int64)
+    return build_attention_metadata(qsl, np.asarray(seq_lens, dtype=np.int64), table,
+                                    np.asarray(slots, dtype=np.int64), BLOCK,
+                                    torch.device("cpu"))
+
+
+# decodes, a fresh prompt (no gather: this step's k/v) and a chunk after earlier context
+QUERY_LENS = [1, 1, 1, 40, 25]
+SEQ_LENS = [7, 33, 130, 40, 90]
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["torch_paged", "cpu_paged"])
+def test_low_precision_cache_equals_float32_cache_of_rounded_values(cache_dtype, backend,
+                                                                    request):
+    """Attention over a bf16/fp16 cache == attention over a float32 cache holding the same
+    (rounded) numbers, with this step's k/v rounded the same way; the cache keeps its dtype
+    and holds k/v rounded to it."""
+    if backend == "cpu_paged":
+        impl = CpuPagedBackend(request.getfixturevalue("cpu_ops"))
+    else:
+        impl = TorchPagedBackend()
+    torch.manual_seed(0)
+    md = _step(QUERY_LENS, SEQ_LENS, 40)
+    tokens = sum(QUERY_LENS)
+    q, k, v = torch.randn(tokens, 8, 32), torch.randn(tokens, 2, 32), torch.randn(tokens, 2, 32)
+    low = torch.randn(2, 40, BLOCK, 2, 32).to(cache_dtype)
+    low[:, 0] = 0
+    ref_cache = low.float()
+    rounded = [x.to(cache_dtype).float() for x in (k, v)]
+    expected = TorchPagedBackend().forward(q, *rounded, ref_cache, md, 0.2)
+    got = impl.forward(q, k, v, low, md, 0.2)
+    assert low.dtype == cache_dtype and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(low.float(), ref_cache, rtol=0, atol=0)  # same values written
+    slot = int(md.slot_mapping[-1])
+    assert torch.equal(low.view(2, -1, 2, 32)[0, slot], k[-1].to(cache_dtype))
+
+
+def test_fused_decode_steps_aside_for_a_non_float32_cache():
+    from sluice.model.fused_decode import FusedDecode
+    md = _step([1, 1], [5, 9], 4)
+    hidden = torch.randn(2, 64)
+    with torch.inference_mode():
+        with set_forward_context(md, [torch.zeros(2, 4, BLOCK, 2, 32)]):
+            assert FusedDecode.applies(hidden)
+        with set_forward_context(md, [torch.zeros(2, 4, BLOCK, 2, 32, dtype=torch.bfloat16)]):
+            assert not FusedDecode.applies(hidden)
