@@ -123,9 +123,11 @@ class _StderrHandler(logging.StreamHandler):
 
 def configure_logging(level: str = "info") -> None:
     """Send the `sluice` loggers to stderr at `level`; idempotent (subcommands call it again
-    with `config.observability.log_level`). Records still propagate to the root logger."""
+    with `config.observability.log_level`). Records still propagate to the root logger.
+    The handler is recognised by class name: under `python -m sluice.entrypoints.cli` this
+    module is loaded twice (`__main__` and `sluice.entrypoints.cli`), with two classes."""
     logger = logging.getLogger("sluice")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+    if not any(type(h).__name__ == _StderrHandler.__name__ for h in logger.handlers):
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter(_LOG_FORMAT, datefmt="%H:%M:%S"))
         logger.addHandler(handler)

@@ -135,8 +135,10 @@ class ModelRunner:
     @torch.inference_mode()
     def dummy_run(self, num_tokens: int, num_reqs: int = 1) -> None:
         """Run a throw-away prefill of `num_tokens` tokens over `num_reqs` requests using a
-        temporary KV cache (used for warm-up and activation-memory profiling)."""
-        num_reqs = max(1, min(num_reqs, num_tokens))
+        temporary KV cache (used for warm-up and activation-memory profiling). No request is
+        longer than max_model_len (its positions must stay inside the RoPE cache): more
+        requests than `num_reqs` are used when `num_tokens` needs them."""
+        num_reqs = max(1, min(max(num_reqs, -(-num_tokens // self.max_model_len)), num_tokens))
         per_req = [num_tokens // num_reqs + (1 if r < num_tokens % num_reqs else 0)
                    for r in range(num_reqs)]
         blocks_per_req = [-(-n // self.block_size) for n in per_req]
