@@ -38,7 +38,7 @@ def to_torch_dtype(name: str) -> "torch.dtype":
 
 class Platform(ABC):
     """One device kind. `device_type` is the torch device type; `dist_backend` the
-    torch.distributed backend for its ranks."""
+    process-group backend (gloo, nccl) for its ranks."""
 
     device_type: str = ""
     dist_backend: str = ""
