@@ -6,7 +6,8 @@ Contract:
   part (image, audio …) is an `InvalidRequestError(param="messages")` naming its type: sluice
   serves text-only models.
 * `template_kwargs(...)` are the keywords for `Tokenizer.apply_chat_template`:
-  `add_generation_prompt`, `continue_final_message` (when set), `tools` (when given), then the
+  `add_generation_prompt`, `continue_final_message` (when set), `tools` and `documents` (when
+  given; transformers hands them to the template), then the
   caller's `chat_template_kwargs` (which win, as in vLLM), then `chat_template`. Keywords that
   would change what transformers returns are refused (`RESERVED_TEMPLATE_KWARGS`, a 400 naming
   chat_template_kwargs), as is asking for both a generation prompt and a continued final
@@ -50,7 +51,8 @@ def message_for_template(message: Mapping[str, Any]) -> dict[str, Any]:
 def template_kwargs(add_generation_prompt: bool, chat_template: str | None,
                     chat_template_kwargs: Mapping[str, Any] | None, *,
                     tools: list[dict[str, Any]] | None = None,
-                    continue_final_message: bool = False) -> dict[str, Any]:
+                    continue_final_message: bool = False,
+                    documents: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """The keywords a chat request passes to `Tokenizer.apply_chat_template` (see the module
     docstring). A `chat_template` inside `chat_template_kwargs` counts as the request's
     template."""
@@ -64,6 +66,8 @@ def template_kwargs(add_generation_prompt: bool, chat_template: str | None,
         kwargs["continue_final_message"] = True
     if tools:
         kwargs["tools"] = tools
+    if documents:
+        kwargs["documents"] = documents
     kwargs.update(extra)
     if kwargs.get("add_generation_prompt") and kwargs.get("continue_final_message"):
         raise InvalidRequestError("Cannot set both `continue_final_message` and "

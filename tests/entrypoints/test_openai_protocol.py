@@ -39,7 +39,7 @@ def test_completion_prompts(prompt, expected):
 def test_completion_sampling_params():
     req = CompletionRequest(prompt="x", max_tokens=5, temperature=0, logprobs=2, echo=True,
                             stop="##", seed=3, top_k=4, ignore_eos=True, stream=True,
-                            logit_bias={"7": 1.5}, not_a_field=1)
+                            logit_bias={"7": 1.5})
     params = req.to_sampling_params()
     assert params.max_tokens == 5 and params.logprobs == 2 and params.prompt_logprobs == 2
     assert params.stop == ["##"] and params.seed == 3 and params.top_k == 4
@@ -55,6 +55,7 @@ def test_completion_sampling_params():
     ({"temperature": -1}, "temperature"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"not_a_field": 1}, "not_a_field"),  # unknown fields are refused, not ignored
 ])
 def test_completion_rejections(fields, param):
     with pytest.raises(InvalidRequestError) as info:

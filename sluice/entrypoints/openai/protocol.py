@@ -1,10 +1,14 @@
 """Pydantic models of the OpenAI-compatible HTTP API (requests, responses, stream chunks).
 
-Shapes follow OpenAI's API (and vLLM's extras). Unknown request fields are ignored and logged
-at debug level, as vLLM does. Every string of a request (keys included, at any depth) must be
-valid Unicode: `RequestModel` rejects lone surrogates with a 400 naming the top-level field. Each request type converts itself to `SamplingParams` in exactly
-one place (`to_sampling_params`); value ranges are checked by `SamplingParams` itself (which
-raises `InvalidRequestError` naming the parameter), so there is one source of truth.
+Shapes follow OpenAI's API (and vLLM's extras). Every top-level field of a completion or chat
+request is honoured or refused with a 400 naming it (`check_supported`, which runs
+`unsupported.check_fields`: fields OpenAI or vLLM define that sluice does not implement yet, and
+fields nobody defines); nested objects other than `stream_options` ignore unknown keys (logged
+at debug level). Every string of a request (keys included, at any depth) must be valid Unicode:
+`RequestModel` rejects lone surrogates with a 400 naming the top-level field. Each request type
+converts itself to `SamplingParams` in exactly one place (`to_sampling_params`); value ranges are
+checked by `SamplingParams` itself (which raises `InvalidRequestError` naming the parameter), so
+there is one source of truth.
 No torch.
 """
 
@@ -13,11 +17,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationInfo, field_validator,
                       model_serializer, model_validator)
 
+from sluice.entrypoints.openai.unsupported import check_fields
 from sluice.errors import InvalidRequestError
 from sluice.frontend.chat_template import message_for_template, template_kwargs
 from sluice.frontend.tokenizer import check_text
@@ -44,6 +49,8 @@ class OpenAIBaseModel(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _log_unknown_fields(cls, data: Any) -> Any:
+        if cls.model_config.get("extra") == "allow":
+            return data  # kept, and refused by name (SamplingFields.check_supported)
         if isinstance(data, dict) and logger.isEnabledFor(logging.DEBUG):
             known = set(cls.model_fields)
             unknown = sorted(k for k in data if k not in known)
@@ -104,13 +111,38 @@ class ErrorResponse(ResponseModel):
 # ---------------------------------------------------------------------------------------------
 # Shared request pieces
 
-class StreamOptions(OpenAIBaseModel):
-    include_usage: bool | None = False
-    continuous_usage_stats: bool | None = False
+class JsonSchemaFormat(OpenAIBaseModel):
+    name: str
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StreamOptions(BaseModel):
+    """`include_usage`: a last chunk carries the usage; `continuous_usage_stats` (vLLM): every
+    chunk carries the usage so far (it implies `include_usage` when that is unset, as vLLM's
+    default does). Unknown keys are a 400."""
+
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
+    include_obfuscation: bool | None = None  # refused when true (see unsupported.REFUSED)
+
+
+_SAFE_REQUEST_ID = r"^[A-Za-z0-9._:\-]{1,128}$"
 
 
 class SamplingFields(RequestModel):
-    """Fields shared by completion and chat requests (OpenAI's and vLLM's extras)."""
+    """Fields shared by completion and chat requests (OpenAI's and vLLM's extras). Fields no
+    model defines are kept (`model_extra`) so that `check_supported` can refuse them by name."""
+
+    model_config = ConfigDict(extra="allow")
+    ENDPOINT: ClassVar[str] = "this endpoint"
 
     model: str | None = None
     n: int = 1
@@ -124,7 +156,11 @@ class SamplingFields(RequestModel):
     frequency_penalty: float | None = 0.0
     seed: int | None = None
     logit_bias: dict[str, float] | None = None
+    # Accepted, with nothing to do: end-user identifiers (OpenAI uses them against abuse) and
+    # a prompt-cache routing hint (sluice's prefix cache needs none).
     user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
     # vLLM extras
     top_k: int | None = None
     min_p: float | None = None
@@ -140,16 +176,47 @@ class SamplingFields(RequestModel):
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = None
+    response_format: ResponseFormat | None = None  # only {"type": "text"} (unsupported.py)
+    return_tokens_as_token_ids: bool | None = None
+    request_id: str | None = Field(default=None, pattern=_SAFE_REQUEST_ID)
+    cache_salt: str | None = Field(default=None, min_length=1)
 
     @property
     def include_usage(self) -> bool:
         """Whether a streamed response ends with a usage chunk."""
-        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+        options = self.stream_options
+        if not self.stream or options is None:
+            return False
+        if options.include_usage is not None:
+            return options.include_usage
+        return bool(options.continuous_usage_stats)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Whether every chunk of a streamed response carries the usage so far."""
+        return bool(self.include_usage and self.stream_options
+                    and self.stream_options.continuous_usage_stats)
+
+    def check_supported(self) -> None:
+        """A 400 naming the first field this server does not honour (`unsupported.py`)."""
+        body = {name: getattr(self, name) for name in self.model_fields_set}
+        body.update(self.model_extra or {})
+        check_fields(body, type(self).model_fields, self.ENDPOINT)
 
     def _check_common(self) -> None:
+        self.check_supported()
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options can only be set when stream is true.",
                                       param="stream_options")
+        options = self.stream_options
+        if options is not None and options.continuous_usage_stats \
+                and options.include_usage is False:
+            raise InvalidRequestError("stream_options.continuous_usage_stats needs "
+                                      "include_usage (leave it out or set it true).",
+                                      param="stream_options.continuous_usage_stats")
+        if self.stream and self.prompt_logprobs is not None:
+            raise InvalidRequestError("prompt_logprobs are not available when stream is true.",
+                                      param="prompt_logprobs")
 
     def _stop_list(self) -> list[str]:
         if self.stop is None:
@@ -220,6 +287,8 @@ Prompt = str | list[int]
 class CompletionRequest(SamplingFields):
     """POST /v1/completions."""
 
+    ENDPOINT: ClassVar[str] = "/v1/completions"
+
     prompt: list[int] | list[list[int]] | str | list[str]
     max_tokens: int | None = 16
     logprobs: int | None = Field(default=None, ge=0)
@@ -243,8 +312,6 @@ class CompletionRequest(SamplingFields):
         """Validated SamplingParams (raises InvalidRequestError naming the field); `defaults`
         are the model's (see `_sampling_kwargs`)."""
         self._check_common()
-        if self.suffix is not None:
-            raise InvalidRequestError("suffix is not supported.", param="suffix")
         defaults = defaults or {}
         kwargs = self._sampling_kwargs(defaults)
         kwargs["max_tokens"] = default_max_tokens(
@@ -264,12 +331,18 @@ class CompletionLogprobs(ResponseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+PromptLogprobs = list[dict[str, dict[str, Any]] | None]
+"""vLLM's `prompt_logprobs`: None for the first prompt token, then per prompt token
+{str(token_id): {"logprob", "rank", "decoded_token"}} (the token itself and the top k)."""
+
+
 class CompletionChoice(ResponseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class UsageInfo(ResponseModel):
@@ -345,20 +418,10 @@ class NamedToolChoice(OpenAIBaseModel):
     function: NamedFunction
 
 
-class JsonSchemaFormat(OpenAIBaseModel):
-    name: str
-    description: str | None = None
-    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(OpenAIBaseModel):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
+
+    ENDPOINT: ClassVar[str] = "/v1/chat/completions"
 
     messages: list[ChatMessageParam]
     max_tokens: int | None = None
@@ -372,7 +435,8 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    response_format: ResponseFormat | None = None
+    echo: bool = False
+    documents: list[dict[str, str]] | None = None
 
     def conversation(self) -> list[dict[str, Any]]:
         if not self.messages:
@@ -383,35 +447,39 @@ class ChatCompletionRequest(SamplingFields):
     def template_kwargs(self) -> dict[str, Any]:
         """Keywords for `Tokenizer.apply_chat_template` (`chat_template.template_kwargs`):
         `add_generation_prompt`, `continue_final_message`, `tools` (when sent with tool_choice
-        'none'), then `chat_template_kwargs` (which win, as in vLLM), then `chat_template`.
-        Reserved keywords are a 400 naming chat_template_kwargs."""
+        'none'), `documents`, then `chat_template_kwargs` (which win, as in vLLM), then
+        `chat_template`. Reserved keywords are a 400 naming chat_template_kwargs."""
         return template_kwargs(self.add_generation_prompt, self.chat_template,
                                self.chat_template_kwargs,
                                tools=[t.model_dump(exclude_none=True) for t in self.tools]
                                if self.tools else None,
-                               continue_final_message=self.continue_final_message)
+                               continue_final_message=self.continue_final_message,
+                               documents=self.documents)
 
-    def _check_tools_and_format(self) -> None:
-        """Well-formed but not implemented: a 400 naming the field, never a 200 that drops
-        it. Tools with tool_choice 'none' are honoured: the template renders them and no call
-        is parsed."""
-        if self.response_format is not None and self.response_format.type != "text":
-            raise InvalidRequestError(
-                f"response_format type {self.response_format.type!r} is not supported by this "
-                "server yet; only 'text' is.", param="response_format")
+    def check_supported(self) -> None:
+        """As `SamplingFields.check_supported`; first, tool_choice other than 'none' without
+        tools is malformed (400 naming tool_choice). Tools with tool_choice 'none' are
+        honoured: the template renders them and no call is parsed."""
         if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
             raise InvalidRequestError("tool_choice needs tools.", param="tool_choice")
-        if self.tools and self.tool_choice != "none":
-            raise InvalidRequestError(
-                "Tool calling is not supported by this server yet; send tool_choice 'none' to "
-                "show the tools to the model without calls being parsed.", param="tools")
+        super().check_supported()
+
+    def echo_text(self) -> str:
+        """What `echo` puts before each choice's content, as vLLM: the last message's content
+        when that message is the assistant's (or, with add_generation_prompt false, any
+        role's: the reply continues it); else ""."""
+        if not self.echo or not self.messages:
+            return ""
+        last = self.messages[-1]
+        if self.add_generation_prompt and last.role != "assistant":
+            return ""
+        return str(last.to_template_dict().get("content") or "")
 
     def to_sampling_params(self, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
         """Validated SamplingParams; `max_completion_tokens` wins over `max_tokens`; no limit
         means the model's default max_tokens, else "up to the context length". `defaults` are
         the model's (see `_sampling_kwargs`)."""
         self._check_common()
-        self._check_tools_and_format()
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true.",
                                       param="top_logprobs")
@@ -460,6 +528,7 @@ class ChatCompletionResponse(ResponseModel):
     choices: list[ChatChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaMessage(ResponseModel):

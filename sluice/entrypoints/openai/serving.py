@@ -25,7 +25,7 @@ from sluice.entrypoints.openai.limits import RequestLimits
 from sluice.errors import EngineDeadError, InvalidRequestError
 from sluice.frontend.offload import Offloader
 from sluice.hf_config import generation_defaults
-from sluice.outputs import RequestOutput
+from sluice.outputs import Logprob, PositionLogprobs, RequestOutput
 from sluice.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,9 @@ FLUSH_AFTER_FAIL_S = 2.0
 """After the shutdown grace period has ended the remaining requests with an error, how long
 their error responses get to reach the clients before the server stops."""
 SHUTTING_DOWN = "The server is shutting down; retry on another instance."
+MIN_LOGPROB = -9999.0
+"""What the API reports instead of -inf (JSON has no infinity), as OpenAI and vLLM do."""
+REQUEST_ID_HEADER = "x-request-id"
 
 
 def sse(data: str) -> str:
@@ -221,6 +224,11 @@ class Generations:
             self.abort()
             raise
 
+    def first_outputs(self) -> list[tuple[int, RequestOutput]]:
+        """The outputs `start()` waited for and iteration has not yet yielded (prompt index,
+        output): a stream reads the prompt's token count there before its first chunk."""
+        return list(self._buffer)
+
     async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         try:
             for entry in self._buffer:
@@ -261,11 +269,19 @@ class Generations:
 
 def start_generations(state: ServerState, prompts: Sequence[str | list[int]],
                       params: SamplingParams, request_id: str, *, priority: int,
-                      add_special_tokens: bool) -> Generations:
-    """One engine generation per prompt, ids `{request_id}-{i}` (registered for the drain)."""
+                      add_special_tokens: bool, cache_salt: str | None = None) -> Generations:
+    """One engine generation per prompt, ids `{request_id}-{i}` (registered for the drain).
+    A non-zero `priority` needs --scheduling-policy priority (else a 400 naming it: fcfs would
+    ignore it)."""
+    if priority != 0 and state.config.scheduler.scheduling_policy != "priority":
+        raise InvalidRequestError(
+            f"priority {priority} needs a server started with --scheduling-policy priority; "
+            "this one schedules first come, first served (send priority 0 or leave it out).",
+            param="priority")
+    extra: dict[str, Any] = {} if cache_salt is None else {"cache_salt": cache_salt}
     generations = Generations([
         state.engine.generate(prompt, params, f"{request_id}-{i}", priority=priority,
-                              add_special_tokens=add_special_tokens)
+                              add_special_tokens=add_special_tokens, **extra)
         for i, prompt in enumerate(prompts)])
     state.generations.add(generations)
     return generations
@@ -318,6 +334,44 @@ def sampling_defaults(state: ServerState) -> dict[str, Any]:
     if config is None:
         return {}
     return generation_defaults(config.model.generation_config, config.model.model)
+
+
+def base_request_id(request: Request, body_request_id: str | None) -> str:
+    """The id a response is named by: the X-Request-Id header when the client sent a usable
+    one, else the body's `request_id` (vLLM's extra), else the generated one."""
+    given = request.headers.get(REQUEST_ID_HEADER)
+    if body_request_id is not None and given != request.state.request_id:
+        return body_request_id
+    return request.state.request_id
+
+
+def token_text(token_id: int, logprob: Logprob | None, tokenizer: Any, as_id: bool) -> str:
+    """How a logprobs entry names a token: 'token_id:{id}' with return_tokens_as_token_ids,
+    else its decoded text."""
+    if as_id:
+        return f"token_id:{token_id}"
+    if logprob is not None and logprob.decoded_token is not None:
+        return logprob.decoded_token
+    return tokenizer.decode_token(token_id)
+
+
+def prompt_logprobs_body(token_ids: Sequence[int],
+                         positions: Sequence[PositionLogprobs | None] | None, num_top: int,
+                         tokenizer: Any) -> list[dict[str, dict[str, Any]] | None] | None:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {str(token_id):
+    {"logprob", "rank", "decoded_token"}} for the prompt token itself and the `num_top` most
+    likely ones (the engine may have computed more, for echo). None when `positions` is."""
+    if positions is None:
+        return None
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for token_id, position in zip(token_ids, positions):
+        if position is None:
+            out.append(None)
+            continue
+        out.append({str(tid): {"logprob": max(lp.logprob, MIN_LOGPROB), "rank": lp.rank,
+                               "decoded_token": token_text(tid, lp, tokenizer, False)}
+                    for tid, lp in position.items() if lp.rank <= num_top or tid == token_id})
+    return out
 
 
 def prompt_error_param(exc: InvalidRequestError, is_chat: bool) -> InvalidRequestError:
