@@ -115,6 +115,13 @@ class CacheConfig:
                                       "GiB. Accepted with no effect (logged at startup): sluice "
                                       "preempts by freeing a request's blocks and recomputing "
                                       "them later, never by swapping.", ge=0)
+    kv_events_config: str | None = option(
+        None, "Publish KV-cache events (BlockStored / BlockRemoved / AllBlocksCleared, vLLM's "
+        "shapes, msgpack) on a ZeroMQ PUB socket, for KV-aware routers: a JSON object with "
+        "vLLM's keys, e.g. '{\"enable_kv_cache_events\": true, \"publisher\": \"zmq\", "
+        "\"endpoint\": \"tcp://*:5557\", \"replay_endpoint\": \"tcp://*:5558\"}' "
+        "(also buffer_steps: batches kept for replay, hwm, max_queue_size, topic). Off when "
+        "unset.")
 
 
 @dataclass(frozen=True)
@@ -137,19 +144,55 @@ class SchedulerConfig:
         return self.max_num_batched_tokens or max(2048, self.max_num_seqs)
 
 
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
-    tensor_parallel_size: int = option(1, "Number of tensor-parallel ranks.", ge=1)
-    pipeline_parallel_size: int = option(1, "Number of pipeline-parallel stages.", ge=1)
+    """How many ranks run the model, and how they are started and meet.
+
+    world_size = tensor_parallel_size x pipeline_parallel_size ranks; rank 0 is the driver
+    (see `sluice.distributed.parallel_state.ParallelLayout`)."""
+
+    tensor_parallel_size: int = option(1, "Number of tensor-parallel ranks: each layer's "
+                                       "weights are split over this many worker processes "
+                                       "(-tp).", ge=1)
+    pipeline_parallel_size: int = option(1, "Number of pipeline-parallel stages (-pp). "
+                                         "Pipeline parallelism is not implemented yet: only 1 "
+                                         "is accepted.", ge=1)
     data_parallel_size: int = option(1, "Number of data-parallel engine replicas.", ge=1)
+    distributed_executor_backend: str | None = option(
+        None, "How the ranks run: 'uni' (one worker inside the engine-core process; one rank "
+        "only), 'mp' (one worker process per rank on this machine), 'ray' (one Ray actor per "
+        "rank; not available yet). Default: uni for one rank, mp for more. With mp, a worker "
+        "that dies stops the engine (HTTP 503, the server exits non-zero), and so does a step "
+        "that takes longer than $SLUICE_EXECUTE_MODEL_TIMEOUT seconds (default 300).",
+        choices=EXECUTOR_BACKENDS)
+    master_addr: str = option("127.0.0.1", "Address of rank 0's rendezvous: the TCP store "
+                              "where the ranks meet to form their process groups.")
+    master_port: int | None = option(None, "Port of that rendezvous. Default: a free port "
+                                     "picked at startup.", ge=1, le=65535)
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def executor_backend(self) -> str:
+        """`distributed_executor_backend`, resolved: 'uni' for one rank, else 'mp'."""
+        if self.distributed_executor_backend is not None:
+            return self.distributed_executor_backend
+        return "uni" if self.world_size == 1 else "mp"
 
 
 @dataclass(frozen=True)
 class DeviceConfig:
     device: str = option("auto", "Device to run on; 'auto' picks CUDA when present, else CPU.",
                          choices=("auto", "cpu", "cuda"))
-    num_threads: int | None = option(None, "CPU threads for torch compute. Default: the "
-                                     "number of CPUs in this process's affinity mask.", ge=1)
+    num_threads: int | None = option(None, "CPU threads for torch compute, split evenly over "
+                                     "the ranks (at least one each) when several worker "
+                                     "processes run. Default: the number of CPUs in this "
+                                     "process's affinity mask.", ge=1)
     kernels: str = option("auto", "Compute kernels: 'auto' uses the platform's fast operators "
                           "(on CPU: sluice's C++ paged attention, tiled GEMM and fused "
                           "elementwise ops, built at install time for AVX2 and AVX-512 and "
@@ -279,9 +322,7 @@ ENV_PREFIX = "SLUICE_"
 
 # Values that parse and fit their range but that this version cannot run yet. Raise the limit
 # here when the feature lands.
-SUPPORTED_MAX: dict[str, int] = {
-    "tensor_parallel_size": 1, "pipeline_parallel_size": 1, "data_parallel_size": 1,
-}
+SUPPORTED_MAX: dict[str, int] = {"data_parallel_size": 1}
 
 
 @dataclass(frozen=True)
@@ -408,6 +449,13 @@ def cross_field_problems(cfg: EngineConfig, skip: typing.AbstractSet[str] = froz
             problems.append(
                 f"{flag}: {value} is not supported yet in this version of sluice (only "
                 f"{flag} {limit} is). Fix: remove {flag} or set it to {limit}.")
+    problems += _parallel_problems(cfg.parallel, skip)
+    if "kv_events_config" not in skip and cfg.cache.kv_events_config is not None:
+        from sluice.kv_events.config import parse_kv_events_config
+        try:
+            parse_kv_events_config(cfg.cache.kv_events_config)
+        except ConfigError as e:
+            problems += e.problems
     sched, mml = cfg.scheduler, cfg.model.max_model_len
     mnbt = sched.max_num_batched_tokens
     if mnbt is not None and not {"max_num_batched_tokens", "max_num_seqs"} & skip:
@@ -425,4 +473,31 @@ def cross_field_problems(cfg: EngineConfig, skip: typing.AbstractSet[str] = froz
             f"chunked prefill is disabled, so a long prompt could never be scheduled. Fix: raise "
             f"--max-num-batched-tokens to at least {mml}, lower --max-model-len to at most "
             f"{mnbt}, or pass --enable-chunked-prefill.")
+    return problems
+
+
+def _parallel_problems(par: ParallelConfig, skip: typing.AbstractSet[str]) -> list[str]:
+    """What this version cannot run of the parallel config (see `cross_field_problems`)."""
+    problems: list[str] = []
+    pp = par.pipeline_parallel_size
+    if "pipeline_parallel_size" not in skip and pp > 1:
+        problems.append(
+            f"--pipeline-parallel-size: {pp}: pipeline parallelism is not implemented yet in "
+            "this version of sluice. Fix: remove --pipeline-parallel-size (or set it to 1); "
+            "use --tensor-parallel-size to spread a model over several ranks.")
+    backend = par.distributed_executor_backend
+    if "distributed_executor_backend" in skip or {"tensor_parallel_size",
+                                                  "pipeline_parallel_size"} & skip:
+        return problems
+    if backend == "ray":
+        problems.append(
+            "--distributed-executor-backend: 'ray' is not implemented yet in this version of "
+            "sluice. Fix: use 'mp' (one process per rank on this machine), or leave the flag "
+            "out.")
+    elif backend == "uni" and par.world_size > 1:
+        problems.append(
+            f"--distributed-executor-backend: 'uni' runs a single rank in the engine-core "
+            f"process, but --tensor-parallel-size {par.tensor_parallel_size} x "
+            f"--pipeline-parallel-size {pp} asks for {par.world_size} ranks. Fix: use 'mp', "
+            "or leave the flag out.")
     return problems

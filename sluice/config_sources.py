@@ -58,7 +58,9 @@ CONFIG_FILE_ENV = "SLUICE_CONFIG"
 """Names a config file when `--config` is not given."""
 
 ENGINE_STARTUP_TIMEOUT_ENV = "SLUICE_ENGINE_STARTUP_TIMEOUT"  # seconds; read by engine/launch.py
-OTHER_ENV_VARS: frozenset[str] = frozenset({CONFIG_FILE_ENV, ENGINE_STARTUP_TIMEOUT_ENV})
+EXECUTE_MODEL_TIMEOUT_ENV = "SLUICE_EXECUTE_MODEL_TIMEOUT"  # seconds; read by executor/multiproc.py
+OTHER_ENV_VARS: frozenset[str] = frozenset({CONFIG_FILE_ENV, ENGINE_STARTUP_TIMEOUT_ENV,
+                                            EXECUTE_MODEL_TIMEOUT_ENV})
 """`SLUICE_*` variables that are not config fields but are known (not warned about). Modules that
 read their own `SLUICE_*` variable add its name here."""
 

@@ -7,6 +7,9 @@ runs the startup stages (load weights → size and allocate the KV cache → war
 Utility calls between steps: `reset_prefix_cache` (False while requests hold blocks), and sleep
 mode (`--enable-sleep-mode`): `sleep(level)` on an idle engine releases the KV cache (1) or
 the KV cache and the weights (2) after resetting the prefix cache; `wake_up` restores them.
+
+With `--kv-events-config`, the block pool records KV events and each step (and each reset) hands
+them to a publisher thread as one `KVEventBatch` (`_publish_kv_events`; see `sluice.kv_events`).
 """
 
 from __future__ import annotations
@@ -16,17 +19,21 @@ import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from sluice.config import EngineConfig
 from sluice.errors import ConfigError, EngineBusyError, KVCacheTooSmallError
-from sluice.executor.uniproc import UniprocExecutor
+from sluice.executor.factory import make_executor
 from sluice.hf_config import ModelSpec, load_model_spec
 from sluice.messages import (EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest,
                              EngineReady, FinishReason)
 from sluice.core.request import Request, RequestStatus
+from sluice.core.kv_cache.events import KVEventBatch
 from sluice.core.sched.scheduler import Scheduler
 from sluice.step import SchedulerOutput
+
+if TYPE_CHECKING:
+    from sluice.kv_events.publisher import EventPublisher
 
 logger = logging.getLogger(__name__)
 
@@ -93,18 +100,16 @@ class EngineCore:
         with _stage("read model config", timings):
             self.spec = load_model_spec(config.model.model)
             self.max_model_len = resolve_max_model_len(config, self.spec)
-        with _stage("load weights", timings):
-            self.executor = UniprocExecutor(config, self.spec, self.max_model_len)
-            self.executor.load_model()
-        with _stage("profile + allocate KV", timings):
-            available = self.executor.determine_available_kv_memory()
-            self.num_kv_blocks = num_kv_blocks_for(config, self.max_model_len, available,
-                                                   self.executor.kv_cache_bytes_per_block())
-            self.executor.initialize_kv_cache(self.num_kv_blocks)
-        with _stage("warm up", timings):
-            self.executor.warm_up()
+        with _stage("start workers", timings):
+            self.executor = make_executor(config, self.spec, self.max_model_len)
+        try:
+            self._start_executor(timings)
+        except BaseException:
+            self.executor.shutdown()   # no worker process outlives a failed startup
+            raise
         self.scheduler = Scheduler(config.scheduler, config.cache, self.max_model_len,
                                    self.num_kv_blocks)
+        self.kv_event_publisher = self._start_kv_event_publisher()
         self.ready = EngineReady(
             num_kv_blocks=self.num_kv_blocks, block_size=config.cache.block_size,
             max_model_len=self.max_model_len, vocab_size=self.spec.vocab_size,
@@ -117,6 +122,19 @@ class EngineCore:
         self._scheduled_at: dict[str, float | None] = {}
         logger.info("engine ready: %d KV blocks of %d tokens, max_model_len %d",
                     self.num_kv_blocks, config.cache.block_size, self.max_model_len)
+
+    def _start_executor(self, timings: dict[str, float]) -> None:
+        """Load the weights, size and allocate the KV cache, warm up (timed stages)."""
+        config = self.config
+        with _stage("load weights", timings):
+            self.executor.load_model()
+        with _stage("profile + allocate KV", timings):
+            available = self.executor.determine_available_kv_memory()
+            self.num_kv_blocks = num_kv_blocks_for(config, self.max_model_len, available,
+                                                   self.executor.kv_cache_bytes_per_block())
+            self.executor.initialize_kv_cache(self.num_kv_blocks)
+        with _stage("warm up", timings):
+            self.executor.warm_up()
 
     def add_request(self, request: EngineCoreRequest) -> None:
         """Queue `request`. While asleep it is refused instead: the next step finishes it as
@@ -150,8 +168,36 @@ class EngineCore:
         runner_output = self.executor.execute_model(scheduler_output)
         outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
         self._attach_scheduled_times(outputs)
+        self._publish_kv_events()
         return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.scheduler.make_stats(),
                                  timestamp=time.monotonic())
+
+    # ---- step hook: KV events (--kv-events-config) ----------------------------------------------
+    def _start_kv_event_publisher(self) -> EventPublisher | None:
+        """With --kv-events-config: make the block pool record KV events and bind the
+        publisher's sockets (a taken port fails startup). None when events are off."""
+        from sluice.kv_events.config import parse_kv_events_config
+        from sluice.kv_events.publisher import make_event_publisher
+        try:
+            publisher = make_event_publisher(
+                parse_kv_events_config(self.config.cache.kv_events_config))
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        if publisher is not None:
+            self.scheduler.kv_cache_manager.enable_kv_cache_events()
+            if not self.config.cache.enable_prefix_caching:
+                logger.warning("--kv-events-config without prefix caching: no block is ever "
+                               "cached, so only AllBlocksCleared can be published")
+        return publisher
+
+    def _publish_kv_events(self) -> None:
+        """Hand the KV events recorded since the last call to the publisher (a queue put)."""
+        if self.kv_event_publisher is None:
+            return
+        events = self.scheduler.kv_cache_manager.take_events()
+        if events:
+            self.kv_event_publisher.publish(KVEventBatch(ts=time.time(), events=events))
 
     # ---- step hooks: when each request was first scheduled (for queue/prefill metrics) -----
     def _stamp_scheduled(self, scheduler_output: SchedulerOutput) -> None:
@@ -180,6 +226,7 @@ class EngineCore:
         """Drop every cached prefix block; False (nothing changed) while requests hold
         blocks, as vLLM."""
         done = self.scheduler.reset_prefix_cache()
+        self._publish_kv_events()
         if done:
             logger.info("prefix cache reset")
         else:
@@ -201,6 +248,7 @@ class EngineCore:
             raise EngineBusyError(
                 f"Cannot sleep with {self.scheduler.get_num_unfinished_requests()} requests "
                 "in flight; retry once they have finished.")
+        self._publish_kv_events()   # the reset's AllBlocksCleared
         self.executor.sleep(level)
         self.sleep_level = level
 
@@ -210,5 +258,11 @@ class EngineCore:
             self.executor.wake_up()
             self.sleep_level = 0
 
+    def check_health(self) -> None:
+        """Raise `EngineDeadError` if a worker died (the idle loop calls this each second)."""
+        self.executor.check_health()
+
     def shutdown(self) -> None:
+        if self.kv_event_publisher is not None:
+            self.kv_event_publisher.shutdown()
         self.executor.shutdown()

@@ -5,7 +5,9 @@
     output thread: output_queue → encode (msgspec) → PUSH socket ─┘
 
 The busy loop only sees Python objects. With no unfinished requests it blocks on the input queue
-(a blocking `get` with a timeout, never a spin), so an idle engine costs no CPU.
+(a blocking `get` with a timeout, never a spin), so an idle engine costs no CPU; each time it
+wakes idle it calls `engine.check_health()`, so a worker process that dies while no request
+runs still ends the engine within about a second.
 
 `run_engine_core` is the child's entry point (started by `sluice.engine.launch` in a *spawned*
 process): it builds the `EngineCore` (loads the model …), answers the startup handshake with
@@ -57,6 +59,7 @@ class Engine(Protocol):
     def reset_prefix_cache(self) -> bool: ...
     def sleep(self, level: int) -> None: ...
     def wake_up(self) -> None: ...
+    def check_health(self) -> None: ...
     def shutdown(self) -> None: ...
 
 
@@ -102,7 +105,9 @@ class EngineCoreProc:
                 break
             if self.engine.has_unfinished_requests():
                 self.output_queue.put((OutputType.OUTPUTS, self.engine.step()))
-            elif self._aborted:
+                continue
+            self.engine.check_health()   # idle: a dead worker still ends the engine (<= 1 s)
+            if self._aborted:
                 # The last requests were aborted: publish the idle snapshot (if the engine
                 # gives one) so that running/waiting gauges do not stay stale.
                 outputs = self.engine.step()
@@ -236,7 +241,10 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     except SystemExit:
         logger.info("engine core: terminated by signal, shutting down")
     except BaseException as e:
-        logger.exception("engine core failed; in-flight requests are lost")
+        if isinstance(e, SluiceError):   # a deliberate error (a worker died …): its message
+            logger.error("engine core failed; in-flight requests are lost: %s", e)
+        else:
+            logger.exception("engine core failed; in-flight requests are lost")
         proc.send_failure(e)
         exit_code = 1
     finally:

@@ -1,4 +1,4 @@
-"""The `sluice` command: `sluice {serve,generate,chat,bench,env} [options]`.
+"""The `sluice` command: `sluice {serve,generate,chat,bench,env,router} [options]`.
 
 Each subcommand lives in its own module, named in SUBCOMMANDS, that provides
 
@@ -31,6 +31,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("sluice.entrypoints.chat_cmd", "Chat in the terminal with a running server."),
     "bench": ("sluice.bench.cli", "Benchmark throughput and latency."),
     "env": ("sluice.entrypoints.env_report", "Print the hardware and software environment."),
+    "router": ("sluice.entrypoints.router.cli",
+               "Route OpenAI requests over several sluice serve workers (KV-aware)."),
 }
 """name → (module providing add_parser/run, one-line help)."""
 

@@ -1,7 +1,8 @@
 """Executor: drives the worker(s) with typed method calls (no string RPC).
 
-`UniprocExecutor` holds one in-process worker (TP = 1); a multi-process executor for TP ranks
-implements the same methods.
+`UniprocExecutor` holds one in-process worker (one rank); `MultiprocExecutor` drives one worker
+process per rank with the same methods. `factory.make_executor` picks one from the parallel
+config.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ class Executor(ABC):
     @abstractmethod
     def wake_up(self) -> None:
         """Reallocate (and reload) what `sleep` released, on every worker."""
+
+    def check_health(self) -> None:
+        """Raise (an `EngineDeadError`) if a worker is gone; called between steps (default:
+        nothing that can die on its own)."""
 
     def shutdown(self) -> None:
         """Release workers; safe to call twice."""

@@ -9,6 +9,10 @@ anything the stack does not cover, run the Python layers.
 `install_fused_decode(model)` (called by the model loader for layer ops 'cpu') attaches a
 `FusedDecode` to `model.model.fused_decode` when the model is a Llama-family decoder whose
 attention layers use the C++ paged kernel and whose weights are float32 on the CPU.
+
+Supported: one tensor-parallel rank only. The C++ stack has no all-reduce between o_proj /
+down_proj and the residual, so with tp > 1 (any layer with `tp_size` > 1) it is not installed
+and decode steps run the Python layers, which all-reduce over the TP group.
 """
 
 from __future__ import annotations

@@ -3,11 +3,15 @@ weights).
 
 Safetensors: `model.safetensors.index.json` (sharded; its weight_map names the shards) if
 present, else `model.safetensors`, else every `*.safetensors` in the directory. Files are opened
-with `safe_open` (memory-mapped); each tensor is copied once into its (fused) parameter,
+with `safe_open` (memory-mapped) and handed to the model as `LazyTensor`s (`get_slice`
+handles): each parameter's weight loader reads only its rank's slice (tensor parallelism: no
+rank reads the rows or columns other ranks hold), copied once into its (fused) parameter,
 converting dtype on the way (e.g. a bf16 checkpoint into float32 parameters on CPU).
 GGUF: a sidecar directory (`sluice.model_spec.gguf.prepare_gguf`) holds the marker
 `sluice_gguf.json` naming the .gguf file; its tensors are dequantized one at a time by
-`sluice.model.gguf_weights.iterate_gguf`.
+`sluice.model.gguf_weights.iterate_gguf`. Under tensor parallelism each rank dequantizes a
+whole tensor and then keeps its slice (quantized blocks do not split on arbitrary rows): one
+tensor's float32 copy at a time, never the whole model.
 Every failure is a `ModelLoadError` naming the path and the problem.
 """
 
@@ -25,6 +29,7 @@ from sluice.hf_config import ModelSpec
 from sluice.model.fused_decode import install_fused_decode
 from sluice.model.host_memory import place_parameters_in_huge_pages
 from sluice.model.layers.layer_ops import install_layer_ops
+from sluice.model.layers.linear import LazyTensor
 from sluice.model.models.registry import get_model_class
 from sluice.model_spec.gguf import GGUF_MARKER, read_marker
 
@@ -75,8 +80,9 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
-def iterate_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor, memory-mapped on CPU (no copy yet).
+def iterate_safetensors(files: list[Path]) -> Iterator[tuple[str, LazyTensor]]:
+    """(name, lazy tensor) for every tensor, memory-mapped on CPU: nothing is read until the
+    consumer narrows or materializes it (valid until the iterator moves to the next file).
 
     A corrupt or truncated file raises ModelLoadError naming it."""
     from safetensors import SafetensorError, safe_open
@@ -85,7 +91,7 @@ def iterate_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    yield name, LazyTensor(f.get_slice(name))
         except SafetensorError as e:
             raise ModelLoadError(f"{path} is not a readable safetensors file ({e}); it may be "
                                  "truncated or corrupt — re-download it.") from None
@@ -94,7 +100,8 @@ def iterate_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]
 
 
 def weight_source(model_dir: str | Path, load_format: str
-                  ) -> Callable[[torch.dtype], Iterator[tuple[str, torch.Tensor]]] | None:
+                  ) -> Callable[[torch.dtype], Iterator[tuple[str, torch.Tensor | LazyTensor]]
+                                ] | None:
     """What `load_model` reads for `load_format` in `model_dir`, validated before the model is
     built: a function dtype -> (name, tensor) iterator, or None for dummy weights.
 
@@ -122,7 +129,9 @@ def weight_source(model_dir: str | Path, load_format: str
 
 
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
-    """Seeded random weights (same values on every device): norms 1, others N(0, 0.02)."""
+    """Seeded random weights (same values on every device): norms 1, others N(0, 0.02).
+    Under tensor parallelism every rank draws its (equal-shaped) shards from the same sequence,
+    so replicated parameters agree across ranks; the model is valid but not the TP=1 one."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):

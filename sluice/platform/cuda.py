@@ -21,6 +21,10 @@ class CudaPlatform(Platform):
         import torch
         return torch.device("cuda", torch.cuda.current_device() if index is None else index)
 
+    def set_device(self, local_rank: int) -> None:
+        import torch
+        torch.cuda.set_device(local_rank)
+
     def device_name(self) -> str:
         import torch
         return torch.cuda.get_device_name(torch.cuda.current_device())

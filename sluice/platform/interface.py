@@ -64,6 +64,11 @@ class Platform(ABC):
     def default_dtype(self, checkpoint_dtype: "str | torch.dtype | None") -> "torch.dtype":
         """The dtype `--dtype auto` means for a checkpoint stored in `checkpoint_dtype`."""
 
+    def set_device(self, local_rank: int) -> None:
+        """Make device `local_rank` (this rank's index on its machine) the process's current
+        device, before the process group and the model are created (default: nothing to
+        choose, e.g. the CPU)."""
+
     def prepare_worker_process(self) -> None:
         """Process-wide settings of a worker process, made once before its model loads
         (default: none)."""

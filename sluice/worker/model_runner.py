@@ -4,6 +4,14 @@ Contract: `execute_model(scheduler_output)` applies the step diff (drop finished
 new ones, append new blocks), flattens the batch (`input_batch.build_step_batch`), runs one
 forward under the attention forward context, samples the rows that reached their last known
 token, appends those tokens to its own state and returns a `ModelRunnerOutput`.
+
+Tensor parallelism: every TP rank runs the same steps on its shard of the model. The LM head
+gathers the logits to tp rank 0 (the driver), which alone samples (and computes logprobs) and
+broadcasts the sampled token ids over the TP group; every rank appends them to its own state,
+so per-request state stays identical without the ranks having to sample identically (random
+sampling uses only the driver's generators). Only the driver's `ModelRunnerOutput` is
+returned to the scheduler. The TP group is read from `sluice.distributed` when the model is
+loaded.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import logging
 import torch
 
 from sluice.config import EngineConfig
+from sluice.distributed.parallel_state import get_tp_group
 from sluice.hf_config import ModelSpec
 from sluice.messages import TokenLogprobs
 from sluice.model.attention.forward_context import set_forward_context
@@ -63,9 +72,11 @@ class ModelRunner:
         self.requests: dict[str, CachedRequestState] = {}
         self.sampler = Sampler()
         self.shared_generator = torch.Generator(device="cpu").manual_seed(config.model.seed)
+        self.tp_group = get_tp_group()  # re-read in load_model, once the groups exist
 
     # ---- setup -------------------------------------------------------------------------
     def load_model(self) -> None:
+        self.tp_group = get_tp_group()
         self.model = load_model(self.spec, self.dtype, self.device, self.config.load.load_format,
                                 max_model_len=self.max_model_len, seed=self.config.model.seed,
                                 attn_backend=self.attn_backend,
@@ -101,7 +112,8 @@ class ModelRunner:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.num_kv_blocks = num_blocks
         self.kv_caches = allocate_kv_caches(self.spec, num_blocks, self.block_size,
-                                            self.kv_cache_dtype, self.device)
+                                            self.kv_cache_dtype, self.device,
+                                            tp_size=self.tp_group.size)
 
     # ---- sleep mode ----------------------------------------------------------------------
     def sleep(self, level: int) -> None:
@@ -143,7 +155,7 @@ class ModelRunner:
                    for r in range(num_reqs)]
         blocks_per_req = [-(-n // self.block_size) for n in per_req]
         kv = allocate_kv_caches(self.spec, 1 + sum(blocks_per_req), self.block_size,
-                                self.kv_cache_dtype, self.device)
+                                self.kv_cache_dtype, self.device, tp_size=self.tp_group.size)
         states, next_block = [], 1
         for r, n in enumerate(per_req):
             ids = list(range(next_block, next_block + blocks_per_req[r]))
@@ -204,19 +216,36 @@ class ModelRunner:
         """One token per row of `batch.sample_rows`. A plain greedy step (all rows greedy,
         nothing edits the logits, no logprobs) asks the model for its greedy tokens directly
         (`greedy_tokens`: the LM head's bf16 screen, no full float32 logits); everything else,
-        or a step the screen cannot decide, computes the logits and runs the sampler."""
+        or a step the screen cannot decide, computes the logits and runs the sampler.
+
+        With tp > 1 the driver (tp rank 0) samples and broadcasts the token ids; the other
+        ranks take part in the logits gather and receive them (see the module docstring)."""
         hidden_rows = hidden[torch.from_numpy(batch.logits_indices)]
         rows = [states[r] for r in batch.sample_rows.tolist()]
+        tp = self.tp_group
+        if tp.rank != 0:
+            self.model.compute_logits(hidden_rows)   # collective: its gather goes to the driver
+            token_ids = tp.broadcast(torch.empty(len(rows), dtype=torch.long,
+                                                 device=self.device), src=0)
+            for state, token_id in zip(rows, token_ids.tolist()):
+                state.token_ids.append(token_id)
+                output.sampled_token_ids[state.request_id] = [token_id]
+            return
         metadata = build_sampling_metadata(
             [SamplingRow(s.sampling_params, s.prompt_token_ids, s.output_token_ids,
                          s.eos_token_id, s.generator) for s in rows],
             vocab_size=self.spec.vocab_size, device=self.device,
             shared_generator=self.shared_generator)
-        token_ids = self.model.greedy_tokens(hidden_rows) if metadata.is_plain_greedy else None
+        # the greedy screen exists with one TP rank only (layer_ops): under TP every rank must
+        # reach compute_logits, whose gather is a collective
+        token_ids = (self.model.greedy_tokens(hidden_rows)
+                     if metadata.is_plain_greedy and tp.size == 1 else None)
         logprobs = None
         if token_ids is None:
             result = self.sampler(self.model.compute_logits(hidden_rows), metadata)
             token_ids, logprobs = result.sampled_token_ids, result.logprobs
+        if tp.size > 1:
+            tp.broadcast(token_ids.to(device=self.device, dtype=torch.long).contiguous(), src=0)
         for i, (state, token_id) in enumerate(zip(rows, token_ids.tolist())):
             state.token_ids.append(token_id)
             output.sampled_token_ids[state.request_id] = [token_id]
@@ -238,7 +267,9 @@ class ModelRunner:
                 continue
             flat = torch.arange(start, start + end_pos - c)
             targets = torch.tensor(state.token_ids[c + 1:end_pos + 1])
-            logits = self.model.compute_logits(hidden[flat])
+            logits = self.model.compute_logits(hidden[flat])  # every TP rank: a collective
+            if logits is None:                                 # not the driver
+                continue
             lp = compute_prompt_logprobs(logits, targets, k)
             entries: list[TokenLogprobs] = [to_token_logprobs(lp, i, k)
                                             for i in range(len(targets))]

@@ -23,12 +23,19 @@ _PROFILE_TOKENS = 256  # tokens of the profiling/warm-up forward; kept small for
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, spec: ModelSpec, max_model_len: int, rank: int = 0):
+    """One rank. `rank` is its global rank (0: the driver), `local_rank` its index on this
+    machine (the device it uses). The process group, if any, is joined before construction
+    (`sluice.distributed.init_parallel_state`, by the executor's worker process).
+    `num_threads` is this rank's share of `--threads` (None: `--threads` itself)."""
+
+    def __init__(self, config: EngineConfig, spec: ModelSpec, max_model_len: int, rank: int = 0,
+                 local_rank: int = 0, num_threads: int | None = None):
         self.config = config
         self.spec = spec
         self.rank = rank
+        self.local_rank = local_rank
         self.platform = current_platform(config.device)
-        self.device = self.platform.torch_device()
+        self.device = self.platform.torch_device(local_rank)
         self.dtype = resolve_dtype(config.model.dtype, spec, self.device)
         self.kv_cache_dtype = self.platform.resolve_kv_cache_dtype(config.cache.kv_cache_dtype,
                                                                    self.dtype)
@@ -36,7 +43,7 @@ class Worker:
             for note in self.platform.ineffective_options(config):
                 logger.info(note)
         self.platform.prepare_worker_process()
-        self.platform.set_num_threads(config.device.num_threads)
+        self.platform.set_num_threads(num_threads or config.device.num_threads)
         torch.manual_seed(config.model.seed)
         kernels = config.device.kernels
         self.model_runner = ModelRunner(
@@ -51,7 +58,8 @@ class Worker:
 
     def kv_cache_bytes_per_block(self) -> int:
         return kv_cache_bytes_per_block(self.spec, self.config.cache.block_size,
-                                        self.kv_cache_dtype)
+                                        self.kv_cache_dtype,
+                                        tp_size=self.model_runner.tp_group.size)
 
     def determine_available_kv_memory(self) -> int:
         """Bytes for the KV cache, after a profiling forward: `--kv-cache-memory` if set; else

@@ -220,7 +220,8 @@ VLLM_FLAGS = ["--model", "--max-model-len", "--max-num-seqs", "--max-num-batched
               "--seed", "--kv-cache-memory", "--tensor-parallel-size", "-tp",
               "--scheduling-policy", "--host", "--port", "--api-key", "--allowed-origins",
               "--enable-chunked-prefill", "--no-enable-chunked-prefill", "--tokenizer",
-              "--served-model-name", "--pipeline-parallel-size", "--data-parallel-size",
+              "--served-model-name", "--pipeline-parallel-size", "-pp", "--data-parallel-size",
+              "--distributed-executor-backend", "--master-addr", "--master-port",
               "--load-format", "--config"]
 
 
@@ -247,6 +248,12 @@ def test_bool_flags_and_alias():
                                    "--enable-chunked-prefill"])
     assert ns.enable_prefix_caching is False and ns.enable_chunked_prefill is True
     assert ns.tensor_parallel_size == "1"
+    ns = make_parser().parse_args(["-tp", "2", "-pp", "1", "--distributed-executor-backend",
+                                   "mp", "--master-port", "29500"])
+    assert (ns.tensor_parallel_size, ns.pipeline_parallel_size) == ("2", "1")
+    cfg = engine_config_from_args(ns)
+    assert cfg.parallel.tensor_parallel_size == 2 and cfg.parallel.master_port == 29500
+    assert cfg.parallel.executor_backend == "mp"
 
 
 def test_help_uses_field_metadata():

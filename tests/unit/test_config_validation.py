@@ -128,13 +128,38 @@ def test_unknown_override_and_cli_key():
     assert "unknown option 'blocksize'" in one_problem(cli_args={"blocksize": 4})
 
 
-@pytest.mark.parametrize("name,flag", [("tensor_parallel_size", "--tensor-parallel-size"),
-                                       ("pipeline_parallel_size", "--pipeline-parallel-size"),
-                                       ("data_parallel_size", "--data-parallel-size")])
-def test_parallelism_not_supported_yet(name, flag):
-    msg = one_problem(cli_args={name: "2"})
-    assert msg.startswith(flag) and "2" in msg and "not supported yet" in msg
+def test_data_parallelism_not_supported_yet():
+    msg = one_problem(cli_args={"data_parallel_size": "2"})
+    assert msg.startswith("--data-parallel-size") and "2" in msg and "not supported yet" in msg
     assert "set it to 1" in msg
+
+
+def test_pipeline_parallelism_not_implemented_yet():
+    msg = one_problem(cli_args={"pipeline_parallel_size": "2"})
+    assert msg.startswith("--pipeline-parallel-size: 2")
+    assert "pipeline parallelism is not implemented yet" in msg and "Fix:" in msg
+
+
+def test_executor_backend_defaults_from_the_number_of_ranks():
+    one = build_engine_config(env={}).parallel
+    assert one.distributed_executor_backend is None and one.executor_backend == "uni"
+    assert (one.master_addr, one.master_port) == ("127.0.0.1", None)
+    two = build_engine_config({"tensor_parallel_size": "2"}, env={}).parallel
+    assert two.world_size == 2 and two.executor_backend == "mp"
+    mp_one = build_engine_config({"distributed_executor_backend": "mp"}, env={}).parallel
+    assert mp_one.executor_backend == "mp"
+
+
+def test_executor_backend_refusals():
+    msg = one_problem(cli_args={"distributed_executor_backend": "ray"})
+    assert msg.startswith("--distributed-executor-backend") and "'ray'" in msg
+    assert "not implemented yet" in msg and "mp" in msg
+    msg = one_problem(cli_args={"distributed_executor_backend": "uni",
+                                "tensor_parallel_size": "2"})
+    assert "'uni'" in msg and "2 ranks" in msg and "Fix: use 'mp'" in msg
+    msg = one_problem(cli_args={"distributed_executor_backend": "threads"})
+    assert "one of uni, mp, ray" in msg
+    assert "--master-port" in one_problem(cli_args={"master_port": "70000"})
 
 
 def test_batched_tokens_below_num_seqs():
@@ -163,14 +188,14 @@ def test_many_problems_reported_together(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("max_num_seq: 8\nblock_size: 7\n")
     with pytest.raises(ConfigError) as info:
-        build_engine_config(cli_args={"port": "99999", "dtype": "fp8", "tensor_parallel_size": 4},
+        build_engine_config(cli_args={"port": "99999", "dtype": "fp8", "pipeline_parallel_size": 4},
                             config_file=str(path), env={"SLUICE_SEED": "x"})
     err = info.value
     assert len(err.problems) == 6
     text = str(err)
     assert text.startswith("6 configuration problems:")
     for needle in ("did you mean --max-num-seqs?", "--block-size", "--port", "--dtype",
-                   "--tensor-parallel-size", "--seed"):
+                   "--pipeline-parallel-size", "--seed"):
         assert needle in text
 
 

@@ -48,3 +48,12 @@ def test_device_side_never_imports_the_scheduler():
                  for folder in ("worker", "model", "sample")
                  for p in (PACKAGE_DIR / folder).rglob("*.py") if pattern.search(p.read_text())]
     assert offenders == []
+
+
+def test_only_distributed_calls_torch_distributed():
+    """Process groups and collectives live behind sluice.distributed (ARCHITECTURE.md:
+    'parallelism is owned by distributed/ and passed in')."""
+    pattern = re.compile(r"torch\.distributed|from torch import distributed")
+    offenders = [str(p.relative_to(PACKAGE_DIR)) for p in PACKAGE_DIR.rglob("*.py")
+                 if p.parent.name != "distributed" and pattern.search(p.read_text())]
+    assert offenders == []

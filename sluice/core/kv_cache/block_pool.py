@@ -10,6 +10,10 @@ Contract:
   go to the front; hashed blocks go to the back in the order given, so callers free a request's
   blocks tail-first and its tail blocks are evicted before its (more shareable) head blocks.
 
+* KV events (off unless `enable_kv_cache_events()`): registering hashes records a
+  `BlockStored`, evicting one a `BlockRemoved`, a reset `AllBlocksCleared`, in the order they
+  happen; `take_events()` hands them over (see `events.py`).
+
 Every operation on the hot path is O(1) per block; nothing calls `list.remove`.
 """
 
@@ -18,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
+from sluice.core.kv_cache.events import (MEDIUM_DEVICE, AllBlocksCleared, BlockRemoved,
+                                         BlockStored, KVEvent)
 from sluice.core.kv_cache.hashing import BlockHash
 
 
@@ -132,6 +138,20 @@ class BlockPool:
         self.free_queue = FreeBlockQueue(self.blocks[1:])
         self.cached_blocks: dict[BlockHash, KVCacheBlock] = {}
         self.prefix_cache_stats = PrefixCacheStats()
+        self.kv_event_queue: list[KVEvent] | None = None  # None: events off (no cost)
+
+    def enable_kv_cache_events(self) -> None:
+        """Start recording KV events (see the module docstring); idempotent."""
+        if self.kv_event_queue is None:
+            self.kv_event_queue = []
+
+    def take_events(self) -> list[KVEvent]:
+        """The events recorded since the previous call, oldest first (empty when off)."""
+        events = self.kv_event_queue
+        if not events:
+            return []
+        self.kv_event_queue = []
+        return events
 
     @property
     def num_usable_blocks(self) -> int:
@@ -153,10 +173,15 @@ class BlockPool:
         hashes. The caller checks `n <= get_num_free_blocks()` first."""
         assert n <= len(self.free_queue), f"asked for {n} blocks, {len(self.free_queue)} free"
         blocks = self.free_queue.popleft_n(n)
+        removed: list[BlockHash] = []
         for block in blocks:
             assert block.ref_cnt == 0
-            self._evict(block)
+            if block.block_hash is not None:
+                removed.append(block.block_hash)
+                self._evict(block)
             block.ref_cnt = 1
+        if removed and self.kv_event_queue is not None:
+            self.kv_event_queue.append(BlockRemoved(removed, MEDIUM_DEVICE))
         return blocks
 
     def touch(self, blocks: Iterable[KVCacheBlock]) -> None:
@@ -181,14 +206,19 @@ class BlockPool:
 
     def cache_full_blocks(self, block_hashes: Sequence[BlockHash],
                           blocks: Sequence[KVCacheBlock], num_cached_blocks: int,
-                          num_full_blocks: int) -> None:
+                          num_full_blocks: int, *, token_ids: Sequence[int] = (),
+                          block_size: int = 0) -> None:
         """Register blocks `num_cached_blocks .. num_full_blocks-1` of one request under
         `block_hashes[i]`. A block already hashed (a cache hit) is left as it is; a block whose
         hash already names another block (the same content computed twice) stays unhashed, so
-        the map never holds two blocks for one hash."""
+        the map never holds two blocks for one hash.
+
+        With events on, each run of consecutive newly registered blocks is one `BlockStored`
+        (its tokens are cut from the request's `token_ids` in `block_size` pieces)."""
         if not self.enable_caching:
             return
         assert num_full_blocks <= min(len(block_hashes), len(blocks))
+        stored: list[int] = []  # indices newly registered, ascending
         for i in range(num_cached_blocks, num_full_blocks):
             block = blocks[i]
             if block.block_hash is not None:
@@ -197,6 +227,31 @@ class BlockPool:
             if block_hash not in self.cached_blocks:
                 block.block_hash = block_hash
                 self.cached_blocks[block_hash] = block
+                stored.append(i)
+        if stored and self.kv_event_queue is not None:
+            assert block_size > 0 and len(token_ids) >= (stored[-1] + 1) * block_size
+            self._record_stored(block_hashes, stored, token_ids, block_size)
+
+    def _record_stored(self, block_hashes: Sequence[BlockHash], stored: list[int],
+                       token_ids: Sequence[int], block_size: int) -> None:
+        """One `BlockStored` per run of consecutive indices in `stored`::
+
+            stored = [2, 3, 5]  ->  BlockStored(hashes 2..3, parent = hash 1)
+                                    BlockStored(hashes 5,    parent = hash 4)
+        """
+        assert self.kv_event_queue is not None
+        start = prev = stored[0]
+        for i in [*stored[1:], None]:
+            if i is not None and i == prev + 1:
+                prev = i
+                continue
+            self.kv_event_queue.append(BlockStored(
+                block_hashes=list(block_hashes[start:prev + 1]),
+                parent_block_hash=block_hashes[start - 1] if start > 0 else None,
+                token_ids=list(token_ids[start * block_size:(prev + 1) * block_size]),
+                block_size=block_size, lora_id=None, medium=MEDIUM_DEVICE))
+            if i is not None:
+                start = prev = i
 
     def _evict(self, block: KVCacheBlock) -> None:
         if block.block_hash is not None:
@@ -215,6 +270,8 @@ class BlockPool:
         for block in self.cached_blocks.values():
             block.block_hash = None
         self.cached_blocks.clear()
+        if self.kv_event_queue is not None:
+            self.kv_event_queue.append(AllBlocksCleared())
         return True
 
     def take_prefix_cache_stats(self) -> PrefixCacheStats:

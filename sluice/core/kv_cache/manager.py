@@ -20,6 +20,7 @@ Blocks of a request are freed tail-first, so its tail blocks are evicted before 
 from __future__ import annotations
 
 from sluice.core.kv_cache.block_pool import BlockPool, KVCacheBlock, PrefixCacheStats
+from sluice.core.kv_cache.events import KVEvent
 from sluice.core.request import Request
 from sluice.errors import KVCacheTooSmallError
 
@@ -144,7 +145,9 @@ class KVCacheManager:
             num_full = min(num_known // self.block_size, len(request.block_hashes))
             if num_full > self.num_cached_blocks[rid]:
                 self.block_pool.cache_full_blocks(request.block_hashes, req_blocks,
-                                                  self.num_cached_blocks[rid], num_full)
+                                                  self.num_cached_blocks[rid], num_full,
+                                                  token_ids=request.all_token_ids,
+                                                  block_size=self.block_size)
                 self.num_cached_blocks[rid] = num_full
         return [b.block_id for b in new_blocks]
 
@@ -165,3 +168,12 @@ class KVCacheManager:
 
     def take_prefix_cache_stats(self) -> PrefixCacheStats:
         return self.block_pool.take_prefix_cache_stats()
+
+    # ---- KV events (`events.py`) -----------------------------------------------------------
+    def enable_kv_cache_events(self) -> None:
+        """Record BlockStored / BlockRemoved / AllBlocksCleared from now on."""
+        self.block_pool.enable_kv_cache_events()
+
+    def take_events(self) -> list[KVEvent]:
+        """The KV events since the previous call, oldest first (empty when off)."""
+        return self.block_pool.take_events()

@@ -1,5 +1,9 @@
 """KV cache tensors: one per layer, shape [2, num_blocks, block_size, num_kv_heads, head_dim].
 
+`num_kv_heads` is this rank's: num_key_value_heads / tp, or 1 when tp > num_key_value_heads
+(the KV heads are replicated; `sluice.model_spec.parallel_check.local_kv_heads`, the rule
+`QKVLinear` follows too). Callers pass tp_size from `get_tp_group().size`.
+
 Index arithmetic: token slot s = block_id * block_size + offset lives at
 cache[:, s // block_size, s % block_size] (K at [0], V at [1]). Block 0 is the null block:
 zero-filled, never handed to a request, used to pad block tables.
@@ -20,6 +24,7 @@ import torch
 
 from sluice.hf_config import ModelSpec
 from sluice.model.host_memory import huge_page_buffer
+from sluice.model_spec.parallel_check import local_kv_heads
 
 
 def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,
@@ -31,7 +36,7 @@ def kv_cache_bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtyp
                              tp_size: int = 1) -> int:
     """Bytes one block takes across all layers (K and V) on one rank."""
     elem = torch.empty((), dtype=dtype).element_size()
-    kv_heads = max(1, spec.num_key_value_heads // tp_size)
+    kv_heads = local_kv_heads(spec.num_key_value_heads, tp_size)
     return 2 * spec.num_hidden_layers * block_size * kv_heads * spec.head_dim * elem
 
 
@@ -40,7 +45,7 @@ def allocate_kv_caches(spec: ModelSpec, num_blocks: int, block_size: int, dtype:
     """One zero-filled cache per layer (block 0 is the null block; see the module docstring
     for why the rest is zeroed too)."""
     assert num_blocks >= 2, "need the null block plus at least one usable block"
-    kv_heads = max(1, spec.num_key_value_heads // tp_size)
+    kv_heads = local_kv_heads(spec.num_key_value_heads, tp_size)
     shape = kv_cache_shape(num_blocks, block_size, kv_heads, spec.head_dim)
     device = torch.device(device)
     caches = [_zeroed(shape, dtype, device) for _ in range(spec.num_hidden_layers)]

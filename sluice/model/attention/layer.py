@@ -12,6 +12,8 @@ from sluice.model.attention.forward_context import get_forward_context
 class Attention(nn.Module):
     """forward(q [T, H*D], k [T, Hkv*D], v [T, Hkv*D]) -> [T, H*D] (also accepts [T, heads, D]).
 
+    `num_heads` / `num_kv_heads` are this tensor-parallel rank's (local) heads, as
+    `QKVLinear` holds them; the KV cache is allocated with the same local count.
     Reads `kv_caches[layer_idx]` and the step's metadata from the active forward context and
     delegates to an attention backend (`backend` instance, shared across layers by the model;
     default: a new `torch_paged` instance). With metadata None (dummy/profiling run) it skips

@@ -18,6 +18,16 @@
              Used for float32 CPU tensors with contiguous rows outside autograd; anything else
              takes the torch code. 'cpu' means 'torch' when the operators cannot be built.
 
+What each fast path supports (and where it steps aside):
+    packed weights / C++ GEMM   every linear layer and the LM head, also under tensor
+                                parallelism: each rank packs its own shard, and the
+                                all-reduce / logits gather stay in the layers' Python.
+    greedy screen               one rank only: with a vocabulary split over tp > 1 ranks no
+                                rank holds the whole LM head, so `greedy` stays None and the
+                                runner computes the (gathered) logits. Also needs bf16 dot
+                                products and the packed copy.
+    fused decode stack          see `sluice.model.fused_decode` (one rank only).
+
 Layers carry the hooks: `gemm` (LinearBase, LMHead; default F.linear), `greedy` (LMHead;
 default None) and `cpu_ops` (RMSNorm, SiluAndMul, LlamaAttention's RoPE; default None).
 `install_layer_ops(model, name)`, called by the model loader with the platform's choice
@@ -172,7 +182,8 @@ def install_layer_ops(model: nn.Module, name: str) -> ModuleType | None:
                            else gemm)
         if hasattr(module, "greedy"):
             from sluice.model.layers.greedy import make_greedy_screen
-            module.greedy = make_greedy_screen(ops if pack else None,
+            whole_vocab = getattr(module, "tp_size", 1) == 1   # steps aside for a split vocab
+            module.greedy = make_greedy_screen(ops if pack and whole_vocab else None,
                                                getattr(module, "lm_weight", None),
                                                PACK_ROWS_HINT)
         if hasattr(module, "cpu_ops"):

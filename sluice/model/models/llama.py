@@ -4,11 +4,18 @@ Model interface (shared by every registered architecture):
     __init__(spec, dtype, *, max_model_len=None, attn_backend=None)
     forward(input_ids [T] long, positions [T] long) -> hidden [T, hidden_size]
         (all scheduled tokens of the step flattened; must run inside set_forward_context)
-    compute_logits(hidden [n, hidden_size]) -> [n, vocab] float32
+    compute_logits(hidden [n, hidden_size]) -> [n, vocab] float32 (None on tensor-parallel
+        ranks other than 0: the LM head gathers the logits to the driver; every TP rank must
+        call it, as it takes part in the gather)
     load_weights(iterable of (hf_name, tensor)) -> None, ModelLoadError on any mismatch
 
 Module names mirror HF's, except the fused `qkv_proj` (q_proj|k_proj|v_proj) and
 `gate_up_proj` (gate_proj|up_proj), so checkpoint names map by suffix replacement.
+
+Tensor parallelism: every parallel layer reads `get_tp_group()` once in its constructor (the
+model is built after `sluice.distributed` is initialised) and holds its shard: q/k/v, gate/up
+and the vocabulary split by rows, o_proj and down_proj by columns with an all-reduce. Attention
+sees the rank's local heads. The split rules: `sluice.model_spec.parallel_check`.
 """
 
 from __future__ import annotations
@@ -20,13 +27,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from sluice.distributed.parallel_state import get_tp_group
 from sluice.errors import ModelLoadError
 from sluice.hf_config import ModelSpec
 from sluice.model.attention import Attention, AttentionBackend, get_attn_backend
 from sluice.model.layers import (LMHead, MergedColumnLinear, QKVLinear, RMSNorm,
                                  RotaryEmbedding, RowParallelLinear, VocabEmbedding,
                                  default_weight_loader, get_act_and_mul)
+from sluice.model.layers.linear import LazyTensor
 from sluice.model.layers.rotary import default_cache_len
+from sluice.model_spec.parallel_check import check_tensor_parallel
 
 if TYPE_CHECKING:
     from sluice.model.fused_decode import FusedDecode
@@ -57,10 +67,14 @@ class LlamaAttention(nn.Module):
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, layer_idx: int, o_bias: bool,
                  backend: AttentionBackend) -> None:
         super().__init__()
-        h, kvh, d = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
+        d = spec.head_dim
+        self.qkv_proj = QKVLinear(spec.hidden_size, d, spec.num_attention_heads,
+                                  spec.num_key_value_heads, spec.attention_bias, dtype)
+        self.o_proj = RowParallelLinear(spec.num_attention_heads * d, spec.hidden_size, o_bias,
+                                        dtype)
+        # this rank's heads (all of them with one rank)
+        h, kvh = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
-        self.qkv_proj = QKVLinear(spec.hidden_size, d, h, kvh, spec.attention_bias, dtype)
-        self.o_proj = RowParallelLinear(h * d, spec.hidden_size, o_bias, dtype)
         self.q_norm = RMSNorm(d, spec.rms_norm_eps, dtype) if spec.qk_norm else None
         self.k_norm = RMSNorm(d, spec.rms_norm_eps, dtype) if spec.qk_norm else None
         self.attn = Attention(h, d, kvh, d ** -0.5, layer_idx, backend)
@@ -155,6 +169,7 @@ class LlamaForCausalLM(nn.Module):
                  max_model_len: int | None = None, attn_backend: str | None = None) -> None:
         super().__init__()
         check_supported(spec, max_model_len)
+        check_tensor_parallel(spec, get_tp_group().size)
         self.spec = spec
         self.dtype = dtype
         o_bias = spec.attention_bias and self.o_proj_bias_follows_attention_bias
@@ -169,8 +184,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [n, hidden_size] (only the rows that need logits) -> [n, vocab] float32."""
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [n, hidden_size] (only the rows that need logits) -> [n, vocab] float32 on
+        tp rank 0, None on the other tensor-parallel ranks (see the module docstring)."""
         return self.lm_head(hidden)
 
     def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -198,9 +214,10 @@ class LlamaForCausalLM(nn.Module):
                 return name.replace(f".{hf}.", f".{ours}."), shard
         return name, None
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors into parameters; ModelLoadError lists every missing,
-        unexpected or shape-mismatched tensor. Tied models skip `lm_head.weight`."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | LazyTensor]]) -> None:
+        """Copy checkpoint tensors (or this rank's slices of lazy ones) into parameters;
+        ModelLoadError lists every missing, unexpected or shape-mismatched tensor. Tied models
+        skip `lm_head.weight`."""
         params = dict(self.named_parameters())
         seen: set[str] = set()
         unexpected: list[str] = []
