@@ -145,6 +145,7 @@ class SchedulerConfig:
 
 
 EXECUTOR_BACKENDS = ("uni", "mp", "ray")
+MULTINODE_MASTER_PORT = 29501   # vLLM's default --master-port
 
 
 @dataclass(frozen=True)
@@ -157,25 +158,51 @@ class ParallelConfig:
     tensor_parallel_size: int = option(1, "Number of tensor-parallel ranks: each layer's "
                                        "weights are split over this many worker processes "
                                        "(-tp).", ge=1)
-    pipeline_parallel_size: int = option(1, "Number of pipeline-parallel stages (-pp). "
-                                         "Pipeline parallelism is not implemented yet: only 1 "
-                                         "is accepted.", ge=1)
+    pipeline_parallel_size: int = option(1, "Number of pipeline-parallel stages (-pp): the "
+                                         "decoder layers are split into this many contiguous "
+                                         "ranges, one per stage (the first also embeds, the "
+                                         "last holds the final norm and LM head), and as many "
+                                         "batches are kept in flight.", ge=1)
+    pp_layer_partition: str | None = option(
+        None, "Layers per pipeline stage, comma separated (e.g. '3,5'; they must add up to the "
+        "model's layer count; vLLM's VLLM_PP_LAYER_PARTITION). Default: an even split, the "
+        "remainder going to the stages before the last.")
     data_parallel_size: int = option(1, "Number of data-parallel engine replicas.", ge=1)
     distributed_executor_backend: str | None = option(
         None, "How the ranks run: 'uni' (one worker inside the engine-core process; one rank "
-        "only), 'mp' (one worker process per rank on this machine), 'ray' (one Ray actor per "
-        "rank; not available yet). Default: uni for one rank, mp for more. With mp, a worker "
-        "that dies stops the engine (HTTP 503, the server exits non-zero), and so does a step "
-        "that takes longer than $SLUICE_EXECUTE_MODEL_TIMEOUT seconds (default 300).",
+        "only), 'mp' (one worker process per rank, on this machine or over --nnodes machines), "
+        "'ray' (one Ray actor per rank in a placement group on the Ray cluster at $RAY_ADDRESS, "
+        "else a local Ray instance; needs `pip install sluice[ray]`). Default: uni for one "
+        "rank, mp for more. A worker that dies stops the engine (HTTP 503, the server exits "
+        "non-zero), and so does a step that takes longer than $SLUICE_EXECUTE_MODEL_TIMEOUT "
+        "seconds (default 300).",
         choices=EXECUTOR_BACKENDS)
+    nnodes: int = option(1, "Number of machines (nodes) the mp executor's ranks run on, "
+                         "world_size / nnodes ranks each: node 0 runs the API server, the "
+                         "engine core and ranks [0, world_size/nnodes); node k runs the next "
+                         "share as `sluice serve --headless --node-rank k` with the same "
+                         "--nnodes, --master-addr and --master-port.", ge=1)
+    node_rank: int = option(0, "This machine's node index, 0 to --nnodes minus 1 (0: the head, "
+                            "which runs the engine; the others run with --headless).", ge=0)
     master_addr: str = option("127.0.0.1", "Address of rank 0's rendezvous: the TCP store "
-                              "where the ranks meet to form their process groups.")
-    master_port: int | None = option(None, "Port of that rendezvous. Default: a free port "
-                                     "picked at startup.", ge=1, le=65535)
+                              "where the ranks meet to form their process groups. With "
+                              "--nnodes > 1: node 0's address as the other nodes reach it "
+                              "(node 0 binds its executor's sockets there).")
+    master_port: int | None = option(None, "Port of that rendezvous. With --nnodes > 1 the "
+                                     "head also listens on the next port (master port + 1) for "
+                                     "headless nodes to join. Default: a free port picked at "
+                                     "startup on one node, 29501 (vLLM's) with --nnodes > 1.",
+                                     ge=1, le=65535)
 
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def output_rank(self) -> int:
+        """The rank whose `ModelRunnerOutput` is the step's result: the driver (tp rank 0) of
+        the last pipeline stage, which samples (rank 0 without pipeline parallelism)."""
+        return (self.pipeline_parallel_size - 1) * self.tensor_parallel_size
 
     @property
     def executor_backend(self) -> str:
@@ -183,6 +210,19 @@ class ParallelConfig:
         if self.distributed_executor_backend is not None:
             return self.distributed_executor_backend
         return "uni" if self.world_size == 1 else "mp"
+
+    @property
+    def ranks_per_node(self) -> int:
+        """Ranks on each node (all of them on one node)."""
+        return self.world_size // self.nnodes
+
+    @property
+    def rendezvous_port(self) -> int | None:
+        """`master_port`, resolved: vLLM's 29501 with --nnodes > 1 (every node must agree on
+        it), else None (a free port picked by the head)."""
+        if self.master_port is None and self.nnodes > 1:
+            return MULTINODE_MASTER_PORT
+        return self.master_port
 
 
 @dataclass(frozen=True)
@@ -450,6 +490,7 @@ def cross_field_problems(cfg: EngineConfig, skip: typing.AbstractSet[str] = froz
                 f"{flag}: {value} is not supported yet in this version of sluice (only "
                 f"{flag} {limit} is). Fix: remove {flag} or set it to {limit}.")
     problems += _parallel_problems(cfg.parallel, skip)
+    problems += _multinode_problems(cfg.parallel, skip)
     if "kv_events_config" not in skip and cfg.cache.kv_events_config is not None:
         from sluice.kv_events.config import parse_kv_events_config
         try:
@@ -480,24 +521,48 @@ def _parallel_problems(par: ParallelConfig, skip: typing.AbstractSet[str]) -> li
     """What this version cannot run of the parallel config (see `cross_field_problems`)."""
     problems: list[str] = []
     pp = par.pipeline_parallel_size
-    if "pipeline_parallel_size" not in skip and pp > 1:
-        problems.append(
-            f"--pipeline-parallel-size: {pp}: pipeline parallelism is not implemented yet in "
-            "this version of sluice. Fix: remove --pipeline-parallel-size (or set it to 1); "
-            "use --tensor-parallel-size to spread a model over several ranks.")
+    partition = par.pp_layer_partition
+    if partition is not None and not {"pp_layer_partition", "pipeline_parallel_size"} & skip:
+        counts = [part.strip() for part in partition.split(",")]
+        if len(counts) != pp or not all(c.isdigit() and int(c) >= 1 for c in counts):
+            problems.append(
+                f"--pp-layer-partition: {partition!r} must be {pp} comma-separated layer counts "
+                f"of at least 1 (one per stage of --pipeline-parallel-size {pp}). Fix: give "
+                f"{pp} counts that add up to the model's layers, or leave it out.")
     backend = par.distributed_executor_backend
     if "distributed_executor_backend" in skip or {"tensor_parallel_size",
                                                   "pipeline_parallel_size"} & skip:
         return problems
-    if backend == "ray":
-        problems.append(
-            "--distributed-executor-backend: 'ray' is not implemented yet in this version of "
-            "sluice. Fix: use 'mp' (one process per rank on this machine), or leave the flag "
-            "out.")
-    elif backend == "uni" and par.world_size > 1:
+    if backend == "uni" and par.world_size > 1:
         problems.append(
             f"--distributed-executor-backend: 'uni' runs a single rank in the engine-core "
             f"process, but --tensor-parallel-size {par.tensor_parallel_size} x "
             f"--pipeline-parallel-size {pp} asks for {par.world_size} ranks. Fix: use 'mp', "
             "or leave the flag out.")
     return problems
+
+
+def _multinode_problems(par: ParallelConfig, skip: typing.AbstractSet[str]) -> list[str]:
+    """--nnodes / --node-rank against the ranks and the executor (see `cross_field_problems`)."""
+    if {"nnodes", "node_rank", "tensor_parallel_size", "pipeline_parallel_size",
+            "distributed_executor_backend", "master_port"} & skip:
+        return []
+    nnodes, world = par.nnodes, par.world_size
+    if par.node_rank >= nnodes:
+        return [f"--node-rank: {par.node_rank} is not a node of --nnodes {nnodes} (node ranks "
+                f"are 0 to {nnodes - 1}). Fix: pass --node-rank below {nnodes}."]
+    if nnodes == 1:
+        return []
+    if world % nnodes:
+        return [f"--nnodes: {nnodes} nodes cannot share {world} ranks (--tensor-parallel-size "
+                f"{par.tensor_parallel_size} x --pipeline-parallel-size "
+                f"{par.pipeline_parallel_size}) evenly. Fix: pick --nnodes that divides {world}."]
+    if par.executor_backend != "mp":
+        return [f"--nnodes: {nnodes} nodes need --distributed-executor-backend mp, not "
+                f"{par.executor_backend!r} (Ray places its actors on the cluster's nodes "
+                "itself). Fix: drop --distributed-executor-backend, or drop --nnodes and "
+                "--node-rank."]
+    if par.rendezvous_port == 65535:
+        return ["--master-port: 65535 leaves no room for the head's join port (master port + "
+                "1) with --nnodes > 1. Fix: pick a lower port."]
+    return []

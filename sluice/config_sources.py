@@ -59,8 +59,9 @@ CONFIG_FILE_ENV = "SLUICE_CONFIG"
 
 ENGINE_STARTUP_TIMEOUT_ENV = "SLUICE_ENGINE_STARTUP_TIMEOUT"  # seconds; read by engine/launch.py
 EXECUTE_MODEL_TIMEOUT_ENV = "SLUICE_EXECUTE_MODEL_TIMEOUT"  # seconds; read by executor/multiproc.py
+NODE_TIMEOUT_ENV = "SLUICE_NODE_TIMEOUT"  # seconds; read by executor/nodes.py (--nnodes > 1)
 OTHER_ENV_VARS: frozenset[str] = frozenset({CONFIG_FILE_ENV, ENGINE_STARTUP_TIMEOUT_ENV,
-                                            EXECUTE_MODEL_TIMEOUT_ENV})
+                                            EXECUTE_MODEL_TIMEOUT_ENV, NODE_TIMEOUT_ENV})
 """`SLUICE_*` variables that are not config fields but are known (not warned about). Modules that
 read their own `SLUICE_*` variable add its name here."""
 

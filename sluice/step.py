@@ -4,6 +4,15 @@ A `SchedulerOutput` sends each request in full once (`NewRequestData`), then onl
 (`CachedRequestData`: newly allocated block ids and the computed-token count). Workers keep
 their own per-request state and append the tokens they sample themselves.
 
+Pipeline parallelism: only the last stage samples (its driver, tp rank 0, which returns the
+step's `ModelRunnerOutput`; its TP peers get the tokens by broadcast), so the earlier stages
+learn the sampled tokens from the engine core, as in vLLM v1: with pp > 1 each
+`CachedRequestData.new_token_ids` carries the request's tokens that this step computes and
+that were sampled (`all_token_ids[max(num_computed, num_prompt) : num_computed +
+num_scheduled]`), and a worker appends the ones its copy lacks. The core only has them after
+`update_from_output` of the step that sampled them; that is guaranteed because the scheduler
+never schedules a request whose previous step is still in the pipeline (`Scheduler.in_flight`).
+
 Index arithmetic for one request in one step::
 
     token index:  0 ........ num_computed_tokens ........ num_computed_tokens + num_scheduled
@@ -39,10 +48,16 @@ class NewRequestData:
 @dataclass
 class CachedRequestData:
     """A request the worker already holds: blocks appended since last step and the count of
-    tokens already in the KV cache (the worker's own sampled tokens are already in its copy)."""
+    tokens already in the KV cache (the worker's own sampled tokens are already in its copy).
+
+    `new_token_ids` (pipeline parallelism only; empty otherwise): the sampled tokens among those
+    this step computes, i.e. the last `len(new_token_ids)` of the request's first
+    num_computed_tokens + num_scheduled tokens; stages that do not sample append the ones
+    they lack (see the module docstring)."""
     request_id: str
     new_block_ids: list[int]
     num_computed_tokens: int
+    new_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -67,7 +82,8 @@ class SchedulerOutput:
 
 @dataclass
 class ModelRunnerOutput:
-    """What rank 0 returns for one step.
+    """What the output rank (the driver of the last pipeline stage; rank 0 without pipeline
+    parallelism) returns for one step.
 
     `sampled_token_ids[request_id]` is a list (empty for a partial prefill chunk; one token in
     plain decoding; several with speculative decoding). `logprobs[request_id]` has one entry per

@@ -4,8 +4,9 @@ the pipeline-parallel (PP) group of this rank, each behind a `Communicator`.
 Rank layout (vLLM's): world_size = pp_size * tp_size and global rank
     rank = pp_rank * tp_size + tp_rank
 so TP group p holds ranks [p*tp, (p+1)*tp) and PP group t holds ranks {t, t+tp, t+2*tp, ...}.
-Rank 0 (tp_rank 0 of the first stage) is the driver: it receives scheduler outputs first and
-returns the step's result.
+Rank 0 (tp_rank 0 of the first stage) is the driver; the step's result comes from tp_rank 0
+of the last stage (`ParallelConfig.output_rank`; rank 0 itself without pipeline parallelism),
+which samples.
 
 Before `init_parallel_state` runs (the single-process engine, unit tests), every group is a
 `SingleRankCommunicator`, so code written for TP/PP runs unchanged with one rank and never

@@ -1,6 +1,11 @@
 """EngineCore: the scheduler, the KV-cache manager and the executor, stepping together.
 
-One step is `schedule()` → `executor.execute_model()` → `update_from_output()`. Construction
+One step is `schedule()` → `executor.execute_model()` → `update_from_output()`. With pipeline
+parallelism (pp > 1) `step` is `step_with_batch_queue` instead (vLLM's): up to pp scheduled
+steps are in the pipeline at once (`executor.submit_step` futures in `batch_queue`), so the
+stages work on different batches at the same time; the scheduler keeps a request out of later
+batches while it is in flight (`Scheduler.in_flight`). `max_batches_in_flight` records the
+most steps seen in the pipeline at once. Construction
 runs the startup stages (load weights → size and allocate the KV cache → warm up), each timed in
 `startup_seconds`, and publishes the runtime facts as an `EngineReady`.
 
@@ -17,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import deque
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
@@ -30,7 +37,7 @@ from sluice.messages import (EngineCoreOutput, EngineCoreOutputs, EngineCoreRequ
 from sluice.core.request import Request, RequestStatus
 from sluice.core.kv_cache.events import KVEventBatch
 from sluice.core.sched.scheduler import Scheduler
-from sluice.step import SchedulerOutput
+from sluice.step import ModelRunnerOutput, SchedulerOutput
 
 if TYPE_CHECKING:
     from sluice.kv_events.publisher import EventPublisher
@@ -107,8 +114,14 @@ class EngineCore:
         except BaseException:
             self.executor.shutdown()   # no worker process outlives a failed startup
             raise
+        pp = config.parallel.pipeline_parallel_size
         self.scheduler = Scheduler(config.scheduler, config.cache, self.max_model_len,
-                                   self.num_kv_blocks)
+                                   self.num_kv_blocks, pipeline_parallel_size=pp)
+        # pp > 1: the steps in the pipeline, oldest first (see step_with_batch_queue)
+        self.batch_queue_size = pp
+        self.batch_queue: deque[tuple[SchedulerOutput, Future[ModelRunnerOutput]]] | None = (
+            deque() if pp > 1 else None)
+        self.max_batches_in_flight = 0
         self.kv_event_publisher = self._start_kv_event_publisher()
         self.ready = EngineReady(
             num_kv_blocks=self.num_kv_blocks, block_size=config.cache.block_size,
@@ -154,21 +167,51 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._refused) or self.scheduler.has_unfinished_requests()
+        return (bool(self._refused) or self.scheduler.has_unfinished_requests()
+                or bool(self.batch_queue))
 
     def step(self) -> EngineCoreOutputs:
         """Run one engine step and return what it produced."""
+        if self.batch_queue is not None:
+            return self.step_with_batch_queue()
         if self._refused:
             return self._refused_outputs()
         if not self.scheduler.has_unfinished_requests():
-            return EngineCoreOutputs(scheduler_stats=self.scheduler.make_stats(),
-                                     timestamp=time.monotonic())
+            return self._outputs([])
         scheduler_output = self.scheduler.schedule()
         self._stamp_scheduled(scheduler_output)
         runner_output = self.executor.execute_model(scheduler_output)
+        return self._update(scheduler_output, runner_output)
+
+    def step_with_batch_queue(self) -> EngineCoreOutputs:
+        """One step with up to pp batches in the pipeline: schedule and submit a batch while
+        the queue has room and something can run; while the pipeline is still filling, return
+        at once (no outputs); otherwise wait for the oldest batch and update from it."""
+        if self._refused:
+            return self._refused_outputs()
+        queue, submitted = self.batch_queue, False
+        if len(queue) < self.batch_queue_size and self.scheduler.has_unfinished_requests():
+            scheduler_output = self.scheduler.schedule()
+            # an empty batch still goes if it carries finished ids for the workers to drop
+            if not scheduler_output.is_empty or scheduler_output.finished_request_ids:
+                self._stamp_scheduled(scheduler_output)
+                queue.append((scheduler_output, self.executor.submit_step(scheduler_output)))
+                self.max_batches_in_flight = max(self.max_batches_in_flight, len(queue))
+                submitted = True
+        if not queue or (submitted and len(queue) < self.batch_queue_size):
+            return self._outputs([])
+        scheduler_output, future = queue.popleft()
+        return self._update(scheduler_output, future.result())
+
+    def _update(self, scheduler_output: SchedulerOutput,
+                runner_output: ModelRunnerOutput) -> EngineCoreOutputs:
+        """The end of a step: update the scheduler from its output, publish, report."""
         outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
         self._attach_scheduled_times(outputs)
         self._publish_kv_events()
+        return self._outputs(outputs)
+
+    def _outputs(self, outputs: list[EngineCoreOutput]) -> EngineCoreOutputs:
         return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.scheduler.make_stats(),
                                  timestamp=time.monotonic())
 

@@ -25,6 +25,13 @@ error (streams get an error event and `[DONE]`), and once their responses are ou
 stops, shuts the engine down and exits 0. A second signal stops at once. If the engine core
 dies while serving, /health answers 503, in-flight requests fail with a 503-type error, and the
 server stops and exits 1.
+
+Multi-node (vLLM's flags): node 0 runs `sluice serve MODEL -tp 4 --nnodes 2 --node-rank 0
+--master-addr IP0 --master-port P` (the server, the engine core and ranks 0-1); node 1 runs
+`sluice serve MODEL -tp 4 --nnodes 2 --node-rank 1 --master-addr IP0 --master-port P
+--headless`: no HTTP server and no engine, only ranks 2-3, driven by node 0's engine
+(`sluice.executor.headless`). It runs the head's engine config (its own copy of the model when
+it is given one) and exits when the head shuts down (0), goes silent or loses a rank (1).
 """
 
 from __future__ import annotations
@@ -61,6 +68,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "/v1/chat/completions, /v1/models, /tokenize, /detokenize, /health, "
                     "/metrics, /version).")
     add_engine_args(parser, positional_model=True)
+    parser.add_argument(
+        "--headless", action="store_true",
+        help="Run this node's ranks for the engine on node 0 (--nnodes > 1, --node-rank 1 or "
+             "more): no API server, no engine core. Exits when node 0 shuts down.")
     return parser
 
 
@@ -296,6 +307,8 @@ def run(args: argparse.Namespace) -> int:
         if config.model.chat_template is not None:
             from sluice.frontend.tokenizer import resolve_chat_template
             resolve_chat_template(config.model.chat_template)
+    if getattr(args, "headless", False) or config.parallel.node_rank > 0:
+        return run_headless_node(config, headless=getattr(args, "headless", False))
     with stage("detect hardware"):
         logger.info(hardware_summary())
     with stage("bind port"):
@@ -323,3 +336,27 @@ def run(args: argparse.Namespace) -> int:
     if signals.received:
         logger.info("Shut down on %s.", signal.Signals(signals.received[-1]).name)
     return 0
+
+
+def run_headless_node(config: Any, headless: bool) -> int:
+    """`sluice serve --headless`: this node's ranks, no server (see the module docstring)."""
+    from sluice.config_sources import default_model_path
+    from sluice.errors import ConfigError
+    from sluice.executor.headless import run_headless
+    par = config.parallel
+    if not headless:
+        raise ConfigError(f"--node-rank {par.node_rank}: only node 0 runs the API server and "
+                          "the engine. Fix: add --headless to run this node's ranks.")
+    if par.nnodes < 2 or par.node_rank == 0:
+        raise ConfigError(f"--headless: a headless node runs ranks for node 0's engine, so it "
+                          f"needs --nnodes 2 or more and --node-rank 1 or more (got --nnodes "
+                          f"{par.nnodes} --node-rank {par.node_rank}). Fix: pass both, or drop "
+                          "--headless on node 0.")
+    with stage("detect hardware"):
+        logger.info(hardware_summary())
+    local_model = None
+    if config.model.model != str(default_model_path()):   # given here: this machine's copy
+        with stage("resolve model"):
+            from sluice.model_spec.resolve import resolve_model_config
+            local_model = resolve_model_config(config).model.model
+    return run_headless(config, local_model)

@@ -3,11 +3,20 @@
 `UniprocExecutor` holds one in-process worker (one rank); `MultiprocExecutor` drives one worker
 process per rank with the same methods. `factory.make_executor` picks one from the parallel
 config.
+
+A step's result is the `ModelRunnerOutput` of the output rank (`ParallelConfig.output_rank`:
+the driver of the last pipeline stage). `execute_model` runs one step and waits for it;
+`submit_step` starts one and returns a `Future` at once, so that under pipeline parallelism the
+engine core keeps up to `pipeline_parallel_size` steps in the pipeline (its batch queue). Steps
+complete in submission order; their futures must be waited for in that order, and no other
+call is made while one is pending. An executor that cannot overlap steps inherits the default
+`submit_step`, which runs the step at once and returns a finished future.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from concurrent.futures import Future
 
 from sluice.step import ModelRunnerOutput, SchedulerOutput
 
@@ -31,6 +40,16 @@ class Executor(ABC):
 
     @abstractmethod
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+
+    def submit_step(self, scheduler_output: SchedulerOutput) -> Future[ModelRunnerOutput]:
+        """Start one step without waiting for it (see the module docstring). Default: run it
+        now; the future is already done."""
+        future: Future[ModelRunnerOutput] = Future()
+        try:
+            future.set_result(self.execute_model(scheduler_output))
+        except Exception as e:   # raised where the caller waits, as a real future would
+            future.set_exception(e)
+        return future
 
     @abstractmethod
     def sleep(self, level: int) -> None:

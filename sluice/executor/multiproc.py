@@ -7,7 +7,12 @@ on this machine, driven over ZeroMQ with typed msgspec messages (no pickle on so
 
 Every call is encoded once and the same bytes are pushed to every rank (`wire`); setup calls
 wait for every rank's answer (available KV memory is the minimum over ranks), a step waits for
-the driver's `ModelRunnerOutput` only (rank 0 returns the step's result).
+the output rank's `ModelRunnerOutput` only (`ParallelConfig.output_rank`: the driver of the
+last pipeline stage; rank 0 without pipeline parallelism). `submit_step` sends a step and
+returns a future at once (the engine core's batch queue keeps one step per pipeline stage in
+flight): the futures are answered in call order, the waiting done by whoever calls
+`result()` (the output rank answers its steps in order on one socket, so waiting for a later
+step first collects the earlier ones).
 
 Startup: create a private IPC directory (0700) with the endpoints, spawn the ranks (spawn
 context), a HELLO round trip with each (both sockets proven connected), then the directory is
@@ -26,12 +31,22 @@ seconds for a step (default 300, vLLM's value: generous for a slow CPU step, bou
 An exception in a worker is answered as FAILED and raised as `WorkerFailedError`, with the
 worker's own message (if another rank died meanwhile, the death is reported as the cause).
 
+Multi-node (`--nnodes N`, see `nodes.py`): this executor runs on node 0 and spawns only its
+own ranks [0, world_size/N); the other nodes' ranks are started by `sluice serve --headless`
+on their machines and reach this process over TCP: each remote rank's call socket and a second
+endpoint of the reply socket are bound on tcp://--master-addr (ephemeral ports, announced to
+the nodes through the `NodeMonitor` at master port + 1), and the rendezvous is
+tcp://--master-addr:--master-port (29501 unless given). Startup waits for every node to join
+before HELLO; a remote rank's death (reported by its node) or a silent node is raised like a
+local death, and shutdown says Bye to every node after SHUTDOWN to every rank.
+
 Shutdown (idempotent): SHUTDOWN to every rank, a short wait, then SIGTERM and SIGKILL; workers
 also exit by themselves when this process dies (see `worker_proc`). No torch in this module.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import multiprocessing
@@ -42,6 +57,7 @@ import socket
 import tempfile
 import threading
 import time
+from concurrent.futures import Future
 from typing import Any
 
 import zmq
@@ -51,6 +67,7 @@ from sluice.config_sources import ENGINE_STARTUP_TIMEOUT_ENV, EXECUTE_MODEL_TIME
 from sluice.engine.serial import EngineFailure
 from sluice.errors import ConfigError, EngineDeadError, SluiceError
 from sluice.executor.base import Executor
+from sluice.executor.nodes import NodeAssignment, NodeMonitor, headless_command
 from sluice.executor.wire import CallCodec, ReplyCodec, ReplyType, WorkerMethod
 from sluice.executor.worker_proc import WorkerArgs, process_name, run_worker
 from sluice.hf_config import ModelSpec
@@ -94,9 +111,9 @@ def env_seconds(name: str, default: float) -> float:
 
 def threads_per_rank(config: EngineConfig) -> int:
     """This machine's share of `--threads` for one rank: the CPUs (`--threads`, else the
-    affinity mask) split evenly over the ranks, at least one each."""
+    affinity mask) split evenly over the ranks on this machine, at least one each."""
     total = config.device.num_threads or affinity_cpus()
-    return max(1, total // config.parallel.world_size)
+    return max(1, total // config.parallel.ranks_per_node)
 
 
 def free_port(host: str) -> int:
@@ -114,6 +131,8 @@ class MultiprocExecutor(Executor):
     def __init__(self, config: EngineConfig, spec: ModelSpec, max_model_len: int):
         par = config.parallel
         self.world_size = par.world_size
+        self.output_rank = par.output_rank
+        self._steps: collections.deque[_StepFuture] = collections.deque()  # in call order
         self.execute_timeout_s = env_seconds(EXECUTE_MODEL_TIMEOUT_ENV,
                                              DEFAULT_EXECUTE_MODEL_TIMEOUT_S)
         self.setup_timeout_s = env_seconds(ENGINE_STARTUP_TIMEOUT_ENV, DEFAULT_SETUP_TIMEOUT_S)
@@ -127,7 +146,12 @@ class MultiprocExecutor(Executor):
         self._calls: list[zmq.Socket] = []
         self.processes: list[multiprocessing.process.BaseProcess] = []
         self._poll: tuple[zmq.Poller, set[int]] | None = None
+        self._nodes: NodeMonitor | None = None   # the other nodes (--nnodes > 1)
         try:
+            if par.node_rank != 0:
+                raise ConfigError(
+                    f"--node-rank {par.node_rank}: only node 0 runs the engine; the other "
+                    f"nodes run their ranks with `{headless_command(par, par.node_rank)}`.")
             self._replies = self._ctx.socket(zmq.PULL)
             self._replies.setsockopt(zmq.LINGER, 0)
             self._replies.bind(f"ipc://{self.ipc_dir}/reply")
@@ -135,12 +159,18 @@ class MultiprocExecutor(Executor):
                 sock = self._ctx.socket(zmq.PUSH)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.SNDHWM, 0)
-                sock.bind(f"ipc://{self.ipc_dir}/call-{rank}")
+                sock.bind(f"ipc://{self.ipc_dir}/call-{rank}" if rank < par.ranks_per_node
+                          else _tcp_any(par.master_addr))
                 self._calls.append(sock)
-            if par.master_port is not None and self.world_size > 1:
-                check_master_port(par.master_addr, par.master_port)
-            port = par.master_port or free_port(par.master_addr)
-            self._spawn(config, spec, max_model_len, f"tcp://{par.master_addr}:{port}")
+            if par.rendezvous_port is not None and self.world_size > 1:
+                check_master_port(par.master_addr, par.rendezvous_port)
+            port = par.rendezvous_port or free_port(par.master_addr)
+            init_method = f"tcp://{par.master_addr}:{port}"
+            if par.nnodes > 1:
+                self._nodes = self._start_node_monitor(config, spec, max_model_len, init_method)
+            self._spawn(config, spec, max_model_len, init_method)
+            if self._nodes is not None:
+                self._wait_for_nodes()
             self._call_all(WorkerMethod.HELLO, timeout_s=self.setup_timeout_s)
             shutil.rmtree(self.ipc_dir, ignore_errors=True)  # connected: no file needed now
             self._call_all(WorkerMethod.INIT, timeout_s=self.setup_timeout_s)
@@ -148,9 +178,36 @@ class MultiprocExecutor(Executor):
             self._failed = True
             self.shutdown()
             raise
-        logger.info("%d worker processes ready (pids %s), rendezvous tcp://%s:%d",
+        logger.info("%d worker processes ready (pids %s%s), rendezvous tcp://%s:%d",
                     self.world_size, ", ".join(str(p.pid) for p in self.processes),
-                    par.master_addr, port)
+                    f"; {self.world_size - len(self.processes)} on {par.nnodes - 1} other "
+                    "node(s)" if par.nnodes > 1 else "", par.master_addr, port)
+
+    def _start_node_monitor(self, config: EngineConfig, spec: ModelSpec, max_model_len: int,
+                            init_method: str) -> NodeMonitor:
+        """Open the reply socket to TCP and listen for the other nodes (see `nodes.py`)."""
+        par = config.parallel
+        self._replies.bind(_tcp_any(par.master_addr))
+        reply = _endpoint(self._replies)
+        n = par.ranks_per_node
+        assignments = {
+            node: NodeAssignment(config, spec, max_model_len, init_method, node * n,
+                                 [_endpoint(s) for s in self._calls[node * n:(node + 1) * n]],
+                                 reply)
+            for node in range(1, par.nnodes)}
+        return NodeMonitor(par, assignments)
+
+    def _wait_for_nodes(self) -> None:
+        assert self._nodes is not None
+        missing = self._nodes.wait_joined(
+            self.setup_timeout_s, lambda: self._raise_if_dead("waiting for the other nodes"))
+        if missing:
+            self._failed = True
+            raise WorkerHungError(
+                f"node(s) {', '.join(map(str, missing))} did not join at {self._nodes.address} "
+                f"within {self.setup_timeout_s:g}s. Fix: start each one with `"
+                f"{headless_command(self._nodes.par, missing[0])}` (its own --node-rank), or "
+                f"raise {ENGINE_STARTUP_TIMEOUT_ENV}.")
 
     def _spawn(self, config: EngineConfig, spec: ModelSpec, max_model_len: int,
                init_method: str) -> None:
@@ -158,7 +215,7 @@ class MultiprocExecutor(Executor):
         context = multiprocessing.get_context("spawn")
         threads = threads_per_rank(config)
         on_main_thread = threading.current_thread() is threading.main_thread()
-        for rank in range(self.world_size):
+        for rank in range(par.ranks_per_node):   # this node's ranks; see nodes.py for others
             args = WorkerArgs(
                 config=config, spec=spec, max_model_len=max_model_len,
                 tp_size=par.tensor_parallel_size, pp_size=par.pipeline_parallel_size,
@@ -193,9 +250,27 @@ class MultiprocExecutor(Executor):
         self._call_all(WorkerMethod.WARM_UP)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.submit_step(scheduler_output).result()
+
+    def submit_step(self, scheduler_output: SchedulerOutput) -> Future[ModelRunnerOutput]:
         call_id = self._broadcast(WorkerMethod.EXECUTE_MODEL, scheduler_output)
-        return self._collect(WorkerMethod.EXECUTE_MODEL, call_id, (0,),
-                             self.execute_timeout_s)[0]
+        future = _StepFuture(self, call_id)
+        self._steps.append(future)
+        return future
+
+    def _wait_step(self, future: _StepFuture) -> None:
+        """Collect the output rank's answers, oldest step first, until `future` is done. A
+        failure fails every pending step (the engine cannot continue)."""
+        while not future.done():
+            oldest = self._steps[0]
+            try:
+                value = self._collect(WorkerMethod.EXECUTE_MODEL, oldest.call_id,
+                                      (self.output_rank,), self.execute_timeout_s)
+            except Exception as e:
+                while self._steps:
+                    self._steps.popleft().set_exception(e)
+                return
+            self._steps.popleft().set_result(value[self.output_rank])
 
     def sleep(self, level: int) -> None:
         self._call_all(WorkerMethod.SLEEP, level)
@@ -212,6 +287,7 @@ class MultiprocExecutor(Executor):
     def _call_all(self, method: WorkerMethod, arg: Any = None,
                   timeout_s: float | None = None) -> list[int]:
         """Call `method` on every rank and return their answers in rank order."""
+        assert not self._steps, f"{method.name} while {len(self._steps)} step(s) are in flight"
         call_id = self._broadcast(method, arg, timeout_s or self.setup_timeout_s)
         answers = self._collect(method, call_id, range(self.world_size),
                                 timeout_s or self.setup_timeout_s)
@@ -259,10 +335,10 @@ class MultiprocExecutor(Executor):
 
     def _poller(self) -> tuple[zmq.Poller, set[int]]:
         """One poller over the reply socket and every worker's sentinel (built once)."""
-        if self._poll is None or len(self._poll[1]) != len(self.processes):
+        if self._poll is None or len(self._poll[1]) != len(self._watched_fds()):
             poller = zmq.Poller()
             poller.register(self._replies, zmq.POLLIN)
-            sentinels = {p.sentinel for p in self.processes}
+            sentinels = set(self._watched_fds())
             for fd in sentinels:
                 poller.register(fd, zmq.POLLIN)
             self._poll = (poller, sentinels)
@@ -270,7 +346,10 @@ class MultiprocExecutor(Executor):
 
     def _drain(self, method: WorkerMethod, call_id: int, pending: set[int],
                answers: dict[int, Any]) -> None:
-        while True:
+        """Read answers until `pending` is empty or none is waiting. It stops at the last
+        one it needs: with several steps in flight the answers to later steps queue behind
+        it, in call order, for their own `_collect`."""
+        while pending:
             try:
                 frames = self._replies.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -278,7 +357,7 @@ class MultiprocExecutor(Executor):
             kind, rank, cid, value = self._reply_codec.decode([f.buffer for f in frames])
             if kind == ReplyType.FAILED:
                 self._raise_failure(rank, value, method)
-            if cid != call_id:   # cannot happen while calls stay strictly sequential
+            if cid != call_id:   # cannot happen: every rank answers in call order
                 logger.warning("dropping rank %d's answer to an earlier call (%d, now %d)",
                                rank, cid, call_id)
                 continue
@@ -296,12 +375,23 @@ class MultiprocExecutor(Executor):
         where = f" (worker rank {rank})" if self.world_size > 1 else ""
         raise _worker_error(failure, where)
 
+    def _watched_fds(self) -> list[int]:
+        """What a death makes readable: every local worker's sentinel, and the node monitor's
+        wake-up pipe (a remote rank died or a node went silent)."""
+        fds = [p.sentinel for p in self.processes]
+        return fds + ([self._nodes.wakeup_fd] if self._nodes is not None else [])
+
     def _raise_if_dead(self, doing: str, wait_s: float = 0.0, also: str = "") -> None:
         if self._closed:
             return
         if wait_s > 0:
-            multiprocessing.connection.wait([p.sentinel for p in self.processes], wait_s)
+            multiprocessing.connection.wait(self._watched_fds(), wait_s)
         dead = [(rank, p) for rank, p in enumerate(self.processes) if p.exitcode is not None]
+        if not dead and self._nodes is not None and self._nodes.failure is not None:
+            self._failed = True
+            raise WorkerDiedError(
+                f"{self._nodes.failure} while {doing}; the engine cannot continue and in-flight "
+                f"requests are lost.{' ' + also if also else ''}")
         if not dead:
             return
         self._failed = True
@@ -344,6 +434,9 @@ class MultiprocExecutor(Executor):
                     pass
             self._stop_processes(0.5 if self._failed else _SHUTDOWN_GRACE_S)
         finally:
+            if self._nodes is not None:   # after SHUTDOWN went out to the remote ranks
+                self._nodes.close("the engine failed" if self._failed else
+                                  "the engine shut down")
             for sock in [*self._calls, getattr(self, "_replies", None)]:
                 if sock is not None:
                     sock.close(linger=0)
@@ -368,6 +461,20 @@ class MultiprocExecutor(Executor):
                 p.join(max(0.0, deadline - time.monotonic()))
         for p in started:
             p.join(0)
+
+
+class _StepFuture(Future):
+    """A step sent to the ranks; `result()` collects the output rank's answer (and those of
+    earlier steps) on the calling thread."""
+
+    def __init__(self, executor: MultiprocExecutor, call_id: int) -> None:
+        super().__init__()
+        self.executor, self.call_id = executor, call_id
+
+    def result(self, timeout: float | None = None) -> ModelRunnerOutput:
+        if not self.done():
+            self.executor._wait_step(self)
+        return super().result(timeout)
 
 
 def _worker_error(failure: EngineFailure, where: str) -> SluiceError:
@@ -395,6 +502,16 @@ def check_master_port(host: str, port: int) -> None:
                 f"--master-port: {port} on {host} cannot be used for the ranks' rendezvous "
                 f"({e.strerror or e}). Fix: pick a free port, or leave --master-port out to "
                 "use a free one.") from None
+
+
+def _tcp_any(host: str) -> str:
+    """A TCP endpoint on `host` (an address of this machine) with a port the OS picks."""
+    return f"tcp://{socket.gethostbyname(host)}:*"
+
+
+def _endpoint(sock: zmq.Socket) -> str:
+    """The endpoint `sock` bound last (with the port the OS picked)."""
+    return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
 
 
 def _make_ipc_dir() -> str:

@@ -11,7 +11,7 @@ and every answer is two frames from a rank's PUSH socket to the executor's one P
     header = struct "<BHQ": (ReplyType tag, rank, call_id)   body = msgspec-msgpack
 
     VALUE    int                (setup calls: bytes of KV memory, bytes per block, pid, 0)
-    OUTPUT   ModelRunnerOutput  (EXECUTE_MODEL, from the driver rank only)
+    OUTPUT   ModelRunnerOutput  (EXECUTE_MODEL, from the output rank only: the last stage's driver)
     FAILED   EngineFailure      (any rank, any call: the exception as text)
 
 Each method's argument and answer are listed in `WorkerMethod`. `call_id` increases by one
@@ -42,7 +42,7 @@ class WorkerMethod(enum.IntEnum):
     KV_BYTES_PER_BLOCK = 4      # nothing → bytes of one KV block on this rank
     INITIALIZE_KV_CACHE = 5     # int num_blocks → 0
     WARM_UP = 6                 # nothing → 0
-    EXECUTE_MODEL = 7           # SchedulerOutput → ModelRunnerOutput from the driver only
+    EXECUTE_MODEL = 7           # SchedulerOutput → ModelRunnerOutput from the output rank only
     SLEEP = 8                   # int level → 0
     WAKE_UP = 9                 # nothing → 0
     SHUTDOWN = 10               # nothing → no answer; the process exits

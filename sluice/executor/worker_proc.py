@@ -65,7 +65,7 @@ class WorkerArgs:
     call_address: str         # this rank's PULL endpoint (the executor binds a PUSH there)
     reply_address: str        # the executor's PULL endpoint
     init_method: str          # the process-group rendezvous, "tcp://addr:port"
-    ipc_dir: str              # holds both endpoints until the executor removes it
+    ipc_dir: str              # holds both endpoints until the executor removes it ("": none)
     parent_pid: int
     pdeathsig: bool           # the parent thread outlives the executor (its main thread)
 
@@ -90,11 +90,7 @@ def run_worker(args: WorkerArgs) -> None:
             method, call_id, arg = call_codec.decode(calls.recv_multipart(copy=False))
             if method == WorkerMethod.SHUTDOWN:
                 break
-            try:
-                kind, value = server.call(method, arg)
-            except Exception as e:
-                logger.debug("rank %d: %s failed", args.rank, method.name, exc_info=True)
-                kind, value = ReplyType.FAILED, EngineFailure.from_exception(e)
+            kind, value = server.answer(method, arg)
             if kind is not None:
                 replies.send_multipart(reply_codec.encode(kind, args.rank, call_id, value),
                                        copy=False)
@@ -112,6 +108,14 @@ class _WorkerServer:
         self.args = args
         self.worker: Any = None
 
+    def answer(self, method: WorkerMethod, arg: Any) -> tuple[ReplyType | None, Any]:
+        """`call`, with an exception answered as FAILED (the worker's error as text)."""
+        try:
+            return self.call(method, arg)
+        except Exception as e:
+            logger.debug("rank %d: %s failed", self.args.rank, method.name, exc_info=True)
+            return ReplyType.FAILED, EngineFailure.from_exception(e)
+
     def call(self, method: WorkerMethod, arg: Any) -> tuple[ReplyType | None, Any]:
         """`(reply kind, value)`, or `(None, None)` when this rank does not answer."""
         if method == WorkerMethod.HELLO:
@@ -123,7 +127,9 @@ class _WorkerServer:
         w = self.worker
         if method == WorkerMethod.EXECUTE_MODEL:
             output = w.execute_model(arg)
-            return (ReplyType.OUTPUT, output) if self.args.rank == 0 else (None, None)
+            # the step's result comes from the driver of the last pipeline stage only
+            is_output_rank = self.args.rank == self.args.config.parallel.output_rank
+            return (ReplyType.OUTPUT, output) if is_output_rank else (None, None)
         value = 0
         if method == WorkerMethod.LOAD_MODEL:
             w.load_model()
@@ -173,15 +179,20 @@ def _setup_process(args: WorkerArgs) -> None:
     """Logging like the engine core's, tagged with the rank (ranks other than the driver log
     warnings and errors only, unless --log-level debug: their info lines repeat the driver's);
     Ctrl-C ignored; the parent watch started."""
+    setup_logging(args)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _prctl(_PR_SET_NAME, ctypes.c_char_p(process_name(args.rank).encode()[:15]))
+    _watch_parent(args)
+
+
+def setup_logging(args: WorkerArgs) -> None:
+    """A rank's log lines, tagged with the rank (shared with the Ray executor's actors)."""
     if not logging.getLogger().handlers:
         level = args.config.observability.log_level.upper()
         if args.rank != 0 and level == "INFO":
             level = "WARNING"
         logging.basicConfig(level=level, format=f"%(levelname)s %(asctime)s [rank {args.rank}] "
                                                 "%(name)s: %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _prctl(_PR_SET_NAME, ctypes.c_char_p(process_name(args.rank).encode()[:15]))
-    _watch_parent(args)
 
 
 def _watch_parent(args: WorkerArgs) -> None:
@@ -198,7 +209,8 @@ def _watch_parent(args: WorkerArgs) -> None:
                 threading.Event().wait(1.0)
             if os.getppid() != args.parent_pid:
                 break
-        shutil.rmtree(args.ipc_dir, ignore_errors=True)
+        if args.ipc_dir:   # "" on a headless node (tcp endpoints only)
+            shutil.rmtree(args.ipc_dir, ignore_errors=True)
         os._exit(1)
 
     threading.Thread(target=watch, name="sluice-worker-parent-watch", daemon=True).start()

@@ -21,7 +21,11 @@ and once per step (all scheduled tokens flattened, requests in any order and mix
                                                                # screen: use the logits)
 
 Under tensor parallelism (`sluice.distributed` initialised before the model is built) every
-TP rank runs the same calls on its shard; the layers read their group at construction.
+TP rank runs the same calls on its shard; the layers read their group at construction. Under
+pipeline parallelism each stage builds its layer range (`load_model(..., layer_range=)`),
+allocates caches for those layers only (`allocate_kv_caches(..., num_layers=)`), takes the
+previous stage's hand-off (`model(input_ids, positions, intermediate)`) and returns its own;
+only the last stage computes logits.
 
 Modules import torch; nothing here imports `core/`.
 """

@@ -10,9 +10,12 @@ anything the stack does not cover, run the Python layers.
 `FusedDecode` to `model.model.fused_decode` when the model is a Llama-family decoder whose
 attention layers use the C++ paged kernel and whose weights are float32 on the CPU.
 
-Supported: one tensor-parallel rank only. The C++ stack has no all-reduce between o_proj /
-down_proj and the residual, so with tp > 1 (any layer with `tp_size` > 1) it is not installed
-and decode steps run the Python layers, which all-reduce over the TP group.
+Supported: one tensor-parallel rank and one pipeline stage only. The C++ stack has no
+all-reduce between o_proj / down_proj and the residual, so with tp > 1 (any layer with
+`tp_size` > 1) it is not installed and decode steps run the Python layers, which all-reduce over
+the TP group; and it runs embeddings through every layer to the final norm, so a model holding
+one pipeline stage's layers (`start_layer`/`end_layer` not the whole model) runs the Python
+layers too.
 """
 
 from __future__ import annotations
@@ -100,7 +103,9 @@ def install_fused_decode(model: nn.Module, ops: ModuleType | None) -> bool:
     if ops is None or inner is None or not hasattr(inner, "fused_decode"):
         return False
     layers = list(inner.layers)
-    if not layers or not _weights_ok(inner) or not all(
+    whole = (getattr(inner, "start_layer", 0) == 0
+             and getattr(inner, "end_layer", len(layers)) == len(layers))
+    if not layers or not whole or not _weights_ok(inner) or not all(
             isinstance(l.self_attn.attn.backend, CpuPagedBackend) for l in layers):
         return False
     inner.fused_decode = FusedDecode(ops, inner)

@@ -12,6 +12,8 @@ GGUF: a sidecar directory (`sluice.model_spec.gguf.prepare_gguf`) holds the mark
 `sluice.model.gguf_weights.iterate_gguf`. Under tensor parallelism each rank dequantizes a
 whole tensor and then keeps its slice (quantized blocks do not split on arbitrary rows): one
 tensor's float32 copy at a time, never the whole model.
+Under pipeline parallelism the model skips the tensors of other stages' layers (safetensors:
+never read; GGUF: dequantized and dropped).
 Every failure is a `ModelLoadError` naming the path and the problem.
 """
 
@@ -131,7 +133,8 @@ def weight_source(model_dir: str | Path, load_format: str
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
     """Seeded random weights (same values on every device): norms 1, others N(0, 0.02).
     Under tensor parallelism every rank draws its (equal-shaped) shards from the same sequence,
-    so replicated parameters agree across ranks; the model is valid but not the TP=1 one."""
+    so replicated parameters agree across ranks; the model is valid but not the TP=1 one (nor,
+    with pipeline stages, each holding some layers, the PP=1 one)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
@@ -145,18 +148,20 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
 def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
                load_format: str = "auto", *, max_model_len: int | None = None,
                attn_backend: str | None = None, layer_ops: str = "torch",
-               seed: int = 0) -> nn.Module:
+               seed: int = 0, layer_range: tuple[int, int] | None = None) -> nn.Module:
     """Build `spec.architecture` on `device` in `dtype` and load its weights; returns the
     model in eval mode with requires_grad off, its layers computing with `layer_ops`
     ('torch' or 'cpu', see `sluice.model.layers.layer_ops`). `load_format`:
     'auto'/'safetensors' read the checkpoint, 'dummy' fills seeded random weights without
     touching files; 'gguf' (or 'auto' on a GGUF sidecar directory) reads the GGUF file the
-    directory's marker names."""
+    directory's marker names. `layer_range` (a pipeline stage's decoder layers; default all)
+    builds and loads only that stage's part of the model (see the model interface)."""
     weights = weight_source(spec.path, load_format)
     model_cls = get_model_class(spec.architecture)
     device = torch.device(device)
     with torch.device(device):
-        model = model_cls(spec, dtype, max_model_len=max_model_len, attn_backend=attn_backend)
+        model = model_cls(spec, dtype, max_model_len=max_model_len, attn_backend=attn_backend,
+                          layer_range=layer_range)
     if device.type == "cpu":  # before the weights are written: parameters are re-pointed
         place_parameters_in_huge_pages(model)
     if weights is None:

@@ -12,6 +12,18 @@ so per-request state stays identical without the ranks having to sample identica
 sampling uses only the driver's generators). Only the driver's `ModelRunnerOutput` is
 returned to the scheduler. The TP group is read from `sluice.distributed` when the model is
 loaded.
+
+Pipeline parallelism: this rank's stage (the PP group's rank) holds the decoder layers
+`layer_range` (`sluice.model_spec.parallel_check.stage_layer_range`) and KV caches for those
+layers only. A stage other than the first receives the previous stage's hand-off tensor
+[2, T, hidden] (hidden and residual stacked; T = the step's scheduled token count, so both
+ends know the shape from the `SchedulerOutput` alone) before its forward, and a stage other
+than the last sends its own to the next stage after it, both point-to-point on the PP group
+(tp rank r of one stage to tp rank r of the next). Only the last stage computes logits and
+samples (its tp rank 0; its `ModelRunnerOutput` is the step's result); the others return an
+empty output and learn the sampled tokens from the next `SchedulerOutput`
+(`CachedRequestData.new_token_ids`, see `sluice.step`). Profiling and warm-up forwards run
+each stage on its own (zeros as the hand-off, nothing sent).
 """
 
 from __future__ import annotations
@@ -23,7 +35,7 @@ import logging
 import torch
 
 from sluice.config import EngineConfig
-from sluice.distributed.parallel_state import get_tp_group
+from sluice.distributed.parallel_state import get_pp_group, get_tp_group
 from sluice.hf_config import ModelSpec
 from sluice.messages import TokenLogprobs
 from sluice.model.attention.forward_context import set_forward_context
@@ -32,6 +44,7 @@ from sluice.model.attention.metadata import build_attention_metadata
 from sluice.model.cpu_ops import load_cpu_ops
 from sluice.model.layers.layer_ops import make_argmax
 from sluice.model.loader import load_model
+from sluice.model_spec.parallel_check import stage_layer_range
 from sluice.sample.metadata import SamplingRow, build_sampling_metadata, request_generator
 from sluice.sample.logprobs import compute_prompt_logprobs, to_token_logprobs
 from sluice.sample.sampler import Sampler
@@ -72,15 +85,28 @@ class ModelRunner:
         self.requests: dict[str, CachedRequestState] = {}
         self.sampler = Sampler()
         self.shared_generator = torch.Generator(device="cpu").manual_seed(config.model.seed)
-        self.tp_group = get_tp_group()  # re-read in load_model, once the groups exist
+        self._read_groups()  # again in load_model, once the groups exist
+
+    def _read_groups(self) -> None:
+        """This rank's TP and PP groups and its stage's layer range."""
+        self.tp_group, self.pp_group = get_tp_group(), get_pp_group()
+        pp = self.pp_group
+        self.layer_range = stage_layer_range(self.spec.num_hidden_layers, pp.size, pp.rank,
+                                             self.config.parallel.pp_layer_partition)
+        self.is_first_stage, self.is_last_stage = pp.rank == 0, pp.rank == pp.size - 1
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers (and KV caches) this rank holds: its pipeline stage's."""
+        return self.layer_range[1] - self.layer_range[0]
 
     # ---- setup -------------------------------------------------------------------------
     def load_model(self) -> None:
-        self.tp_group = get_tp_group()
+        self._read_groups()
         self.model = load_model(self.spec, self.dtype, self.device, self.config.load.load_format,
                                 max_model_len=self.max_model_len, seed=self.config.model.seed,
                                 attn_backend=self.attn_backend,
-                                layer_ops=self.layer_ops)
+                                layer_ops=self.layer_ops, layer_range=self.layer_range)
         if self.layer_ops == "cpu":
             self.sampler = Sampler(argmax=make_argmax(load_cpu_ops()))
 
@@ -113,7 +139,8 @@ class ModelRunner:
         self.num_kv_blocks = num_blocks
         self.kv_caches = allocate_kv_caches(self.spec, num_blocks, self.block_size,
                                             self.kv_cache_dtype, self.device,
-                                            tp_size=self.tp_group.size)
+                                            tp_size=self.tp_group.size,
+                                            num_layers=self.num_layers)
 
     # ---- sleep mode ----------------------------------------------------------------------
     def sleep(self, level: int) -> None:
@@ -155,14 +182,17 @@ class ModelRunner:
                    for r in range(num_reqs)]
         blocks_per_req = [-(-n // self.block_size) for n in per_req]
         kv = allocate_kv_caches(self.spec, 1 + sum(blocks_per_req), self.block_size,
-                                self.kv_cache_dtype, self.device, tp_size=self.tp_group.size)
+                                self.kv_cache_dtype, self.device, tp_size=self.tp_group.size,
+                                num_layers=self.num_layers)
         states, next_block = [], 1
         for r, n in enumerate(per_req):
             ids = list(range(next_block, next_block + blocks_per_req[r]))
             next_block += blocks_per_req[r]
             states.append(CachedRequestState(f"dummy-{r}", [1] * n, n, None, ids, 0, None, None))
         batch = build_step_batch(states, per_req, self.block_size)
-        hidden = self._forward(batch, kv)
+        hidden = self._forward(batch, kv, exchange=False)
+        if hidden is None:   # not the last pipeline stage
+            return
         hidden_rows = hidden[torch.from_numpy(batch.logits_indices)]
         self.model.compute_logits(hidden_rows)
         self.model.greedy_tokens(hidden_rows)
@@ -180,6 +210,10 @@ class ModelRunner:
         batch = build_step_batch(states, num_scheduled, self.block_size)
 
         hidden = self._forward(batch, self.kv_caches)
+        if hidden is None:   # a pipeline stage before the last: nothing to sample
+            for state, n in zip(states, num_scheduled):
+                state.num_computed_tokens += n
+            return ModelRunnerOutput()
         output = ModelRunnerOutput(sampled_token_ids={rid: [] for rid in request_ids})
         self._prompt_logprobs(batch, states, hidden, output)
         if len(batch.sample_rows):
@@ -188,14 +222,31 @@ class ModelRunner:
             state.num_computed_tokens += n
         return output
 
-    def _forward(self, batch: StepBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
+    def _forward(self, batch: StepBatch, kv_caches: list[torch.Tensor],
+                 exchange: bool = True) -> torch.Tensor | None:
+        """This stage's forward: the final hidden states [T, hidden] on the last stage, else
+        None after sending the hand-off on (`exchange`; without it, for profiling, a stage
+        other than the first starts from zeros and nothing is sent)."""
         attn_metadata = build_attention_metadata(
             batch.query_start_loc, batch.seq_lens, batch.block_table, batch.slot_mapping,
             self.block_size, self.device)
         input_ids = torch.from_numpy(batch.input_ids).to(self.device)
         positions = torch.from_numpy(batch.positions).to(self.device)
+        pp, intermediate = self.pp_group, None
+        if not self.is_first_stage:
+            shape = (2, len(input_ids), self.spec.hidden_size)
+            if exchange:
+                intermediate = pp.recv(torch.empty(shape, dtype=self.dtype, device=self.device),
+                                       src=pp.rank - 1)
+            else:
+                intermediate = torch.zeros(shape, dtype=self.dtype, device=self.device)
         with set_forward_context(attn_metadata, kv_caches):
-            return self.model(input_ids, positions)
+            out = self.model(input_ids, positions, intermediate)
+        if self.is_last_stage:
+            return out
+        if exchange:
+            pp.send(out, dst=pp.rank + 1)
+        return None
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for rid in so.finished_request_ids:
@@ -210,6 +261,12 @@ class ModelRunner:
             state = self.requests[cached.request_id]
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
+            if cached.new_token_ids:   # pp > 1: the tokens a later stage sampled
+                new = cached.new_token_ids
+                start = (cached.num_computed_tokens + so.num_scheduled_tokens[cached.request_id]
+                         - len(new))   # index of new[0] in the request's tokens
+                assert len(state.token_ids) >= start, (cached.request_id, start)
+                state.token_ids.extend(new[len(state.token_ids) - start:])
 
     def _sample(self, batch: StepBatch, states: list[CachedRequestState],
                 hidden: torch.Tensor, output: ModelRunnerOutput) -> None:

@@ -1,5 +1,5 @@
-"""Worker: one per tensor-parallel rank. Sets up the device, loads the model, measures memory,
-allocates the KV cache and runs steps through its `ModelRunner`."""
+"""Worker: one per rank (a tensor-parallel rank of a pipeline stage). Sets up the device, loads
+the model, measures memory, allocates the KV cache and runs steps through its `ModelRunner`."""
 
 from __future__ import annotations
 
@@ -57,9 +57,11 @@ class Worker:
         self.model_runner.load_model()
 
     def kv_cache_bytes_per_block(self) -> int:
+        """Bytes of one KV block on this rank: its local KV heads of its stage's layers."""
         return kv_cache_bytes_per_block(self.spec, self.config.cache.block_size,
                                         self.kv_cache_dtype,
-                                        tp_size=self.model_runner.tp_group.size)
+                                        tp_size=self.model_runner.tp_group.size,
+                                        num_layers=self.model_runner.num_layers)
 
     def determine_available_kv_memory(self) -> int:
         """Bytes for the KV cache, after a profiling forward: `--kv-cache-memory` if set; else

@@ -134,10 +134,18 @@ def test_data_parallelism_not_supported_yet():
     assert "set it to 1" in msg
 
 
-def test_pipeline_parallelism_not_implemented_yet():
-    msg = one_problem(cli_args={"pipeline_parallel_size": "2"})
-    assert msg.startswith("--pipeline-parallel-size: 2")
-    assert "pipeline parallelism is not implemented yet" in msg and "Fix:" in msg
+def test_pipeline_parallelism_and_its_layer_partition():
+    par = build_engine_config({"pipeline_parallel_size": "2", "tensor_parallel_size": "2"},
+                              env={}).parallel
+    assert (par.world_size, par.executor_backend, par.output_rank) == (4, "mp", 2)
+    par = build_engine_config({"pipeline_parallel_size": "2"},
+                              env={"SLUICE_PP_LAYER_PARTITION": "3,5"}).parallel
+    assert par.pp_layer_partition == "3,5"
+    msg = one_problem(cli_args={"pipeline_parallel_size": "2", "pp_layer_partition": "3"})
+    assert msg.startswith("--pp-layer-partition: '3' must be 2 comma-separated")
+    assert "Fix:" in msg
+    assert "at least 1" in one_problem(cli_args={"pipeline_parallel_size": "2",
+                                                 "pp_layer_partition": "3,0"})
 
 
 def test_executor_backend_defaults_from_the_number_of_ranks():
@@ -151,9 +159,12 @@ def test_executor_backend_defaults_from_the_number_of_ranks():
 
 
 def test_executor_backend_refusals():
-    msg = one_problem(cli_args={"distributed_executor_backend": "ray"})
-    assert msg.startswith("--distributed-executor-backend") and "'ray'" in msg
-    assert "not implemented yet" in msg and "mp" in msg
+    par = build_engine_config({"distributed_executor_backend": "ray",
+                               "tensor_parallel_size": "2"}, env={}).parallel
+    assert par.executor_backend == "ray"
+    msg = one_problem(cli_args={"distributed_executor_backend": "ray", "nnodes": "2",
+                                "tensor_parallel_size": "2"})
+    assert msg.startswith("--nnodes") and "'ray'" in msg and "Fix:" in msg
     msg = one_problem(cli_args={"distributed_executor_backend": "uni",
                                 "tensor_parallel_size": "2"})
     assert "'uni'" in msg and "2 ranks" in msg and "Fix: use 'mp'" in msg
@@ -188,14 +199,14 @@ def test_many_problems_reported_together(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("max_num_seq: 8\nblock_size: 7\n")
     with pytest.raises(ConfigError) as info:
-        build_engine_config(cli_args={"port": "99999", "dtype": "fp8", "pipeline_parallel_size": 4},
+        build_engine_config(cli_args={"port": "99999", "dtype": "fp8", "pp_layer_partition": "x"},
                             config_file=str(path), env={"SLUICE_SEED": "x"})
     err = info.value
     assert len(err.problems) == 6
     text = str(err)
     assert text.startswith("6 configuration problems:")
     for needle in ("did you mean --max-num-seqs?", "--block-size", "--port", "--dtype",
-                   "--pipeline-parallel-size", "--seed"):
+                   "--pp-layer-partition", "--seed"):
         assert needle in text
 
 

@@ -25,6 +25,15 @@ Policy:
 New and resumed requests are sent in full (`NewRequestData`, prompt + outputs so far, all block
 ids); running ones as diffs (`CachedRequestData`, only newly allocated block ids).
 `finished_request_ids` = requests finished, aborted or preempted since the previous `schedule()`.
+
+In flight: a request scheduled in a step whose `update_from_output` has not run yet is in
+`in_flight`. With pipeline parallelism the engine core keeps several steps in the pipeline (its
+batch queue), and such a request is skipped by later `schedule()` calls until its output is
+back: it is neither scheduled again (its next token is not known yet) nor chosen for
+preemption (its blocks are still being written); a request that must preempt someone and
+finds only in-flight requests behind it preempts itself. Without pipeline parallelism each
+step is updated before the next is scheduled, so `in_flight` is empty at every `schedule()`.
+With pp > 1 the cached requests also carry their sampled tokens (`sluice.step`).
 """
 
 from __future__ import annotations
@@ -59,7 +68,7 @@ class Scheduler:
     """Decides, each step, which tokens of which requests run. Pure Python; no torch."""
 
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
-                 max_model_len: int, num_kv_blocks: int):
+                 max_model_len: int, num_kv_blocks: int, pipeline_parallel_size: int = 1):
         self.config = scheduler_config
         self.max_model_len = max_model_len
         self.max_num_seqs = scheduler_config.max_num_seqs
@@ -84,6 +93,8 @@ class Scheduler:
         self.waiting = create_request_queue(self.policy)
         self.running: list[Request] = []
         self.finished_req_ids: set[str] = set()
+        self.in_flight: set[str] = set()   # scheduled, output not back yet (see module doc)
+        self.send_token_ids = pipeline_parallel_size > 1
         # Counters since the previous make_stats().
         self._num_preemptions = 0
         self._num_prompt_tokens = 0
@@ -147,6 +158,7 @@ class Scheduler:
             self._schedule_waiting(plan)
         output = self._make_output(plan)
         self._advance_computed_tokens(plan)
+        self.in_flight.update(plan.num_scheduled)
         return output
 
     def _schedule_running(self, plan: _StepPlan) -> None:
@@ -154,7 +166,7 @@ class Scheduler:
         while i < len(self.running) and plan.budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, plan.budget)
-            if num_new <= 0:
+            if num_new <= 0 or request.request_id in self.in_flight:
                 i += 1
                 continue
             while (new_ids := self.kv_cache_manager.allocate_slots(request, num_new)) is None:
@@ -175,11 +187,17 @@ class Scheduler:
 
     def _victim_index(self) -> int:
         """Index in `running` of the request to preempt: the tail (fcfs), or the largest
-        (priority, arrival_time) (priority policy)."""
+        (priority, arrival_time) (priority policy), among those not in flight (the request
+        being scheduled is not, so there is always one)."""
+        running, in_flight = self.running, self.in_flight
         if self.policy == "priority":
-            return max(range(len(self.running)),
-                       key=lambda j: (self.running[j].priority, self.running[j].arrival_time))
-        return len(self.running) - 1
+            return max((j for j in range(len(running))
+                        if running[j].request_id not in in_flight),
+                       key=lambda j: (running[j].priority, running[j].arrival_time))
+        j = len(running) - 1
+        while running[j].request_id in in_flight:
+            j -= 1
+        return j
 
     def _preempt(self, request: Request, plan: _StepPlan) -> None:
         """Free `request`'s blocks and send it back to the front of the waiting queue (it is
@@ -235,7 +253,8 @@ class Scheduler:
         cached_reqs = [
             CachedRequestData(request_id=r.request_id,
                               new_block_ids=plan.new_block_ids[r.request_id],
-                              num_computed_tokens=r.num_computed_tokens)
+                              num_computed_tokens=r.num_computed_tokens,
+                              new_token_ids=self._sampled_token_ids(r, plan))
             for r in plan.cached_reqs]
         finished, self.finished_req_ids = self.finished_req_ids, set()
         return SchedulerOutput(
@@ -243,6 +262,14 @@ class Scheduler:
             num_scheduled_tokens=dict(plan.num_scheduled),
             total_num_scheduled_tokens=sum(plan.num_scheduled.values()),
             finished_request_ids=finished)
+
+    def _sampled_token_ids(self, request: Request, plan: _StepPlan) -> list[int]:
+        """With pp > 1: the sampled tokens among those this step computes (`sluice.step`)."""
+        if not self.send_token_ids:
+            return []
+        start = request.num_computed_tokens
+        end = start + plan.num_scheduled[request.request_id]
+        return request.all_token_ids[max(start, request.num_prompt_tokens):end]
 
     def _advance_computed_tokens(self, plan: _StepPlan) -> None:
         for rid, num_new in plan.num_scheduled.items():
@@ -258,6 +285,7 @@ class Scheduler:
         """Append each scheduled request's sampled tokens, check stops, free finished
         requests. Returns one output per request that produced tokens or finished; requests
         aborted since `schedule()` are skipped."""
+        self.in_flight.difference_update(scheduler_output.num_scheduled_tokens)
         outputs: list[EngineCoreOutput] = []
         finished_ids: set[str] = set()
         sampled_by_id = model_runner_output.sampled_token_ids

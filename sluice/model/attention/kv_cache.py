@@ -2,7 +2,9 @@
 
 `num_kv_heads` is this rank's: num_key_value_heads / tp, or 1 when tp > num_key_value_heads
 (the KV heads are replicated; `sluice.model_spec.parallel_check.local_kv_heads`, the rule
-`QKVLinear` follows too). Callers pass tp_size from `get_tp_group().size`.
+`QKVLinear` follows too). Callers pass tp_size from `get_tp_group().size`. Under pipeline
+parallelism a rank caches only its stage's layers: callers pass `num_layers` (the length of its
+layer range), and cache i belongs to the stage's i-th layer (`Attention.layer_idx`).
 
 Index arithmetic: token slot s = block_id * block_size + offset lives at
 cache[:, s // block_size, s % block_size] (K at [0], V at [1]). Block 0 is the null block:
@@ -33,22 +35,27 @@ def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,
 
 
 def kv_cache_bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype,
-                             tp_size: int = 1) -> int:
-    """Bytes one block takes across all layers (K and V) on one rank."""
+                             tp_size: int = 1, num_layers: int | None = None) -> int:
+    """Bytes one block takes across this rank's layers (K and V): `num_layers` (default: all
+    of the model's) of its local KV heads."""
     elem = torch.empty((), dtype=dtype).element_size()
     kv_heads = local_kv_heads(spec.num_key_value_heads, tp_size)
-    return 2 * spec.num_hidden_layers * block_size * kv_heads * spec.head_dim * elem
+    layers = spec.num_hidden_layers if num_layers is None else num_layers
+    return 2 * layers * block_size * kv_heads * spec.head_dim * elem
 
 
 def allocate_kv_caches(spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype,
-                       device: torch.device | str, tp_size: int = 1) -> list[torch.Tensor]:
-    """One zero-filled cache per layer (block 0 is the null block; see the module docstring
-    for why the rest is zeroed too)."""
+                       device: torch.device | str, tp_size: int = 1,
+                       num_layers: int | None = None) -> list[torch.Tensor]:
+    """One zero-filled cache for each of this rank's `num_layers` layers (default: all of the
+    model's); block 0 is the null block (see the module docstring for why the rest is zeroed
+    too)."""
     assert num_blocks >= 2, "need the null block plus at least one usable block"
     kv_heads = local_kv_heads(spec.num_key_value_heads, tp_size)
     shape = kv_cache_shape(num_blocks, block_size, kv_heads, spec.head_dim)
     device = torch.device(device)
-    caches = [_zeroed(shape, dtype, device) for _ in range(spec.num_hidden_layers)]
+    layers = spec.num_hidden_layers if num_layers is None else num_layers
+    caches = [_zeroed(shape, dtype, device) for _ in range(layers)]
     if device.type == "cpu":
         for cache in caches:
             cache.zero_()   # commit every page now (see `_zeroed`)

@@ -1,13 +1,25 @@
 """Llama-family decoder (Llama, Mistral, Qwen2, Qwen3 differ only in flags), on paged attention.
 
 Model interface (shared by every registered architecture):
-    __init__(spec, dtype, *, max_model_len=None, attn_backend=None)
-    forward(input_ids [T] long, positions [T] long) -> hidden [T, hidden_size]
-        (all scheduled tokens of the step flattened; must run inside set_forward_context)
+    __init__(spec, dtype, *, max_model_len=None, attn_backend=None, layer_range=None)
+    forward(input_ids [T] long, positions [T] long, intermediate=None) -> hidden [T, hidden_size]
+        (all scheduled tokens of the step flattened; must run inside set_forward_context);
+        on a pipeline stage other than the last it returns the stage's hand-off instead
+        (below), and a stage other than the first takes the previous one's as `intermediate`
     compute_logits(hidden [n, hidden_size]) -> [n, vocab] float32 (None on tensor-parallel
         ranks other than 0: the LM head gathers the logits to the driver; every TP rank must
         call it, as it takes part in the gather)
     load_weights(iterable of (hf_name, tensor)) -> None, ModelLoadError on any mismatch
+
+Pipeline parallelism: `layer_range=(start, end)` (the stage's range, from
+`sluice.model_spec.parallel_check.stage_layer_range`; default all layers) builds only decoder
+layers [start, end): the others are parameter-free `PPMissingLayer` placeholders (module names
+stay HF's, no memory for other stages' weights, `load_weights` skips their tensors). The stage
+with start == 0 owns the embedding, the one with end == num_hidden_layers the final norm and
+the LM head (with tied embeddings and more than one stage, that head is a copy loaded from
+`model.embed_tokens.weight`). A stage hands on `hand-off [2, T, hidden_size]` = stack(hidden,
+residual) after its last layer. Attention layer i of the stage reads KV cache i - start (the
+stage's caches hold its layers only).
 
 Module names mirror HF's, except the fused `qkv_proj` (q_proj|k_proj|v_proj) and
 `gate_up_proj` (gate_proj|up_proj), so checkpoint names map by suffix replacement.
@@ -20,6 +32,7 @@ sees the rank's local heads. The split rules: `sluice.model_spec.parallel_check`
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -47,6 +60,14 @@ STACKED_PARAMS: tuple[tuple[str, str, str | int], ...] = (
     ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1),
 )
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
+
+
+class PPMissingLayer(nn.Module):
+    """Stands in for a decoder layer another pipeline stage holds: no parameters, never run."""
+
+    def forward(self, *args: object) -> None:
+        raise AssertionError("a layer of another pipeline stage was called")
 
 
 class LlamaMLP(nn.Module):
@@ -119,26 +140,44 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    """The decoder layers [start, end) of `layer_range` (see the module docstring)."""
+
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, o_bias: bool, max_position: int,
-                 backend: AttentionBackend) -> None:
+                 backend: AttentionBackend, layer_range: tuple[int, int] | None = None) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(spec.vocab_size, spec.hidden_size, dtype)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(spec, dtype, i, o_bias, backend)
-                                    for i in range(spec.num_hidden_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        n = spec.num_hidden_layers
+        start, end = self.start_layer, self.end_layer = layer_range or (0, n)
+        assert 0 <= start < end <= n or n == 0, (layer_range, n)
+        self.is_first_stage, self.is_last_stage = start == 0, end == n
+        self.embed_tokens = (VocabEmbedding(spec.vocab_size, spec.hidden_size, dtype)
+                             if self.is_first_stage else None)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(spec, dtype, i - start, o_bias, backend) if start <= i < end
+            else PPMissingLayer() for i in range(n))
+        self.norm = (RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+                     if self.is_last_stage else None)
         self.rotary_emb = RotaryEmbedding(spec.head_dim, max_position, spec.rope,
                                           spec.max_position_embeddings)
         # the layers of a decode step in one C++ call (sluice.model.fused_decode), or None
         self.fused_decode: FusedDecode | None = None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                intermediate: torch.Tensor | None = None) -> torch.Tensor:
+        """-> final hidden [T, hidden] on the last stage, else the hand-off [2, T, hidden]."""
+        residual = None
+        if self.is_first_stage:
+            hidden = self.embed_tokens(input_ids)
+        else:
+            hidden, residual = intermediate[0], intermediate[1]
         cos, sin = self.rotary_emb.cos_sin(positions, hidden.dtype)  # once per step
         if self.fused_decode is not None and self.fused_decode.applies(hidden):
             return self.fused_decode(hidden, cos, sin)
-        residual = None
-        for layer in self.layers:
+        layers = (self.layers if self.start_layer == 0 and self.is_last_stage
+                  else self.layers[self.start_layer:self.end_layer])
+        for layer in layers:
             hidden, residual = layer(hidden, residual, cos, sin)
+        if not self.is_last_stage:
+            return torch.stack((hidden, residual))
         if residual is None:          # no layers
             return self.norm(hidden)
         hidden, _ = self.norm(hidden, residual)
@@ -166,7 +205,8 @@ class LlamaForCausalLM(nn.Module):
     o_proj_bias_follows_attention_bias: bool = True
 
     def __init__(self, spec: ModelSpec, dtype: torch.dtype = torch.float32, *,
-                 max_model_len: int | None = None, attn_backend: str | None = None) -> None:
+                 max_model_len: int | None = None, attn_backend: str | None = None,
+                 layer_range: tuple[int, int] | None = None) -> None:
         super().__init__()
         check_supported(spec, max_model_len)
         check_tensor_parallel(spec, get_tp_group().size)
@@ -175,18 +215,25 @@ class LlamaForCausalLM(nn.Module):
         o_bias = spec.attention_bias and self.o_proj_bias_follows_attention_bias
         backend = get_attn_backend(attn_backend)  # one instance shared by all layers
         max_position = default_cache_len(spec.rope, spec.max_position_embeddings, max_model_len)
-        self.model = LlamaModel(spec, dtype, o_bias, max_position, backend)
-        self.lm_head = LMHead(spec.vocab_size, spec.hidden_size, dtype,
-                              tied_to=self.model.embed_tokens if spec.tie_word_embeddings
-                              else None)
+        self.model = LlamaModel(spec, dtype, o_bias, max_position, backend, layer_range)
+        # a last stage without the embedding loads a tied head from the embedding's tensor
+        self._head_copies_embedding = (spec.tie_word_embeddings and self.model.is_last_stage
+                                       and not self.model.is_first_stage)
+        self.lm_head = (LMHead(spec.vocab_size, spec.hidden_size, dtype,
+                               tied_to=self.model.embed_tokens if spec.tie_word_embeddings
+                               and self.model.is_first_stage else None)
+                        if self.model.is_last_stage else None)
         self._expected = self._expected_checkpoint_names()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                intermediate: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, positions, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """hidden [n, hidden_size] (only the rows that need logits) -> [n, vocab] float32 on
-        tp rank 0, None on the other tensor-parallel ranks (see the module docstring)."""
+        tp rank 0, None on the other tensor-parallel ranks (see the module docstring). Last
+        pipeline stage only."""
+        assert self.lm_head is not None, "compute_logits on a pipeline stage before the last"
         return self.lm_head(hidden)
 
     def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -195,6 +242,17 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head.greedy_tokens(hidden)
 
     # ---- weights -------------------------------------------------------------------------
+
+    def _other_stage_holds(self, name: str) -> bool:
+        """Whether checkpoint tensor `name` belongs to another pipeline stage (never with
+        one stage)."""
+        m = self.model
+        match = _LAYER_NAME.match(name)
+        if match:
+            return not m.start_layer <= int(match.group(1)) < m.end_layer
+        if name.startswith("model.embed_tokens."):
+            return not (m.is_first_stage or self._head_copies_embedding)
+        return name.startswith(("model.norm.", "lm_head.")) and not m.is_last_stage
 
     def _expected_checkpoint_names(self) -> set[str]:
         """HF names the checkpoint must hold: one per parameter, fused ones expanded."""
@@ -217,7 +275,7 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | LazyTensor]]) -> None:
         """Copy checkpoint tensors (or this rank's slices of lazy ones) into parameters;
         ModelLoadError lists every missing, unexpected or shape-mismatched tensor. Tied models
-        skip `lm_head.weight`."""
+        skip `lm_head.weight`; tensors of other pipeline stages are skipped unread."""
         params = dict(self.named_parameters())
         seen: set[str] = set()
         unexpected: list[str] = []
@@ -227,6 +285,10 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.spec.tie_word_embeddings:
                 continue
+            if self._other_stage_holds(name):
+                continue
+            if self._head_copies_embedding and name == "model.embed_tokens.weight":
+                name = "lm_head.weight"
             target, shard = self.map_checkpoint_name(name)
             param = params.get(target)
             if param is None or name not in self._expected:
