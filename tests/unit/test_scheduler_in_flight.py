@@ -46,6 +46,24 @@ def test_a_request_in_flight_is_not_scheduled_again_until_its_output_is_back():
     assert not s.in_flight
 
 
+def test_a_burst_spreads_over_pp_batches():
+    """With pp stages, one step takes at most ceil(max_num_seqs / pp) sequences, so a burst
+    fills pp batches that overlap in the pipeline instead of one batch holding everyone."""
+    s, w = make_pp_scheduler(max_num_seqs=4, pp=2), FakeWorker()
+    for name in "abcd":
+        add(s, name, range(3))
+    so1, so2 = s.schedule(), s.schedule()
+    assert sorted(so1.num_scheduled_tokens) == ["a", "b"]
+    assert sorted(so2.num_scheduled_tokens) == ["c", "d"]
+    assert s.schedule().is_empty                          # everyone is in the pipeline
+    s.update_from_output(so1, w.execute(so1))
+    assert sorted(s.schedule().num_scheduled_tokens) == ["a", "b"]
+    unlimited = make_pp_scheduler(max_num_seqs=4, pp=1)
+    for name in "abcd":
+        add(unlimited, name, range(3))
+    assert len(unlimited.schedule().num_scheduled_tokens) == 4
+
+
 def test_without_pipeline_parallelism_no_tokens_are_sent():
     s, w = make_pp_scheduler(pp=1), FakeWorker()
     add(s, "a", range(5))

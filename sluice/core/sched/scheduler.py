@@ -33,7 +33,9 @@ back: it is neither scheduled again (its next token is not known yet) nor chosen
 preemption (its blocks are still being written); a request that must preempt someone and
 finds only in-flight requests behind it preempts itself. Without pipeline parallelism each
 step is updated before the next is scheduled, so `in_flight` is empty at every `schedule()`.
-With pp > 1 the cached requests also carry their sampled tokens (`sluice.step`).
+With pp > 1 the cached requests also carry their sampled tokens (`sluice.step`), and one step
+schedules at most ceil(max_num_seqs / pp) sequences (`max_seqs_per_step`), so the running
+requests spread over pp batches that overlap in the pipeline.
 """
 
 from __future__ import annotations
@@ -95,6 +97,10 @@ class Scheduler:
         self.finished_req_ids: set[str] = set()
         self.in_flight: set[str] = set()   # scheduled, output not back yet (see module doc)
         self.send_token_ids = pipeline_parallel_size > 1
+        # Sequences one step may schedule: with pp stages in flight, each batch takes its share
+        # of max_num_seqs, so a burst of requests fills pp batches and the stages overlap
+        # instead of one batch holding every request while the other stages idle.
+        self.max_seqs_per_step = -(-self.max_num_seqs // pipeline_parallel_size)
         # Counters since the previous make_stats().
         self._num_preemptions = 0
         self._num_prompt_tokens = 0
@@ -163,7 +169,8 @@ class Scheduler:
 
     def _schedule_running(self, plan: _StepPlan) -> None:
         i = 0
-        while i < len(self.running) and plan.budget > 0:
+        while (i < len(self.running) and plan.budget > 0
+               and len(plan.num_scheduled) < self.max_seqs_per_step):
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, plan.budget)
             if num_new <= 0 or request.request_id in self.in_flight:
@@ -219,7 +226,8 @@ class Scheduler:
 
     def _schedule_waiting(self, plan: _StepPlan) -> None:
         kv = self.kv_cache_manager
-        while self.waiting and plan.budget > 0 and len(self.running) < self.max_num_seqs:
+        while (self.waiting and plan.budget > 0 and len(self.running) < self.max_num_seqs
+               and len(plan.num_scheduled) < self.max_seqs_per_step):
             request = self.waiting.peek()
             hit_blocks, num_hit = kv.get_computed_blocks(request)
             num_new = request.num_tokens - num_hit
