@@ -167,7 +167,19 @@ class ParallelConfig:
         None, "Layers per pipeline stage, comma separated (e.g. '3,5'; they must add up to the "
         "model's layer count; vLLM's VLLM_PP_LAYER_PARTITION). Default: an even split, the "
         "remainder going to the stages before the last.")
-    data_parallel_size: int = option(1, "Number of data-parallel engine replicas.", ge=1)
+    data_parallel_size: int = option(
+        1, "Number of data-parallel engines (-dp): this many engine-core processes behind one "
+        "API server, each a full copy of the model (itself -tp x -pp ranks, with its own "
+        "workers and rendezvous port). Each request goes to the engine with the fewest "
+        "outstanding requests, or, while that keeps it within 4 requests of the least-loaded "
+        "engine, to the engine that last served the longest prefix of its prompt (prefix-cache "
+        "affinity). --kv-cache-memory applies to each engine; --num-threads (default: all "
+        "usable CPUs) is split evenly over the engines.", ge=1)
+    data_parallel_rank: int | None = option(
+        None, "vLLM's external load-balancing mode (-dpn): this server runs only engine R of a "
+        "--data-parallel-size group, as its own server (its metrics labelled engine=\"R\", its "
+        "KV-event ports shifted by R); a load balancer in front spreads requests over the "
+        "group's servers. Default: this server runs all --data-parallel-size engines.", ge=0)
     distributed_executor_backend: str | None = option(
         None, "How the ranks run: 'uni' (one worker inside the engine-core process; one rank "
         "only), 'mp' (one worker process per rank, on this machine or over --nnodes machines), "
@@ -197,6 +209,14 @@ class ParallelConfig:
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def engine_indexes(self) -> tuple[int, ...]:
+        """The data-parallel engines this process runs: all of them, or only
+        --data-parallel-rank's (a `dp_engine_config` carries its own rank)."""
+        if self.data_parallel_rank is not None:
+            return (self.data_parallel_rank,)
+        return tuple(range(self.data_parallel_size))
 
     @property
     def output_rank(self) -> int:
@@ -230,9 +250,10 @@ class DeviceConfig:
     device: str = option("auto", "Device to run on; 'auto' picks CUDA when present, else CPU.",
                          choices=("auto", "cpu", "cuda"))
     num_threads: int | None = option(None, "CPU threads for torch compute, split evenly over "
-                                     "the ranks (at least one each) when several worker "
-                                     "processes run. Default: the number of CPUs in this "
-                                     "process's affinity mask.", ge=1)
+                                     "the data-parallel engines, then over the ranks (at least "
+                                     "one each) when several worker processes run. "
+                                     "Default: the number of CPUs in this process's affinity "
+                                     "mask.", ge=1)
     kernels: str = option("auto", "Compute kernels: 'auto' uses the platform's fast operators "
                           "(on CPU: sluice's C++ paged attention, tiled GEMM and fused "
                           "elementwise ops, built at install time for AVX2 and AVX-512 and "
@@ -362,7 +383,7 @@ ENV_PREFIX = "SLUICE_"
 
 # Values that parse and fit their range but that this version cannot run yet. Raise the limit
 # here when the feature lands.
-SUPPORTED_MAX: dict[str, int] = {"data_parallel_size": 1}
+SUPPORTED_MAX: dict[str, int] = {}
 
 
 @dataclass(frozen=True)
@@ -490,6 +511,7 @@ def cross_field_problems(cfg: EngineConfig, skip: typing.AbstractSet[str] = froz
                 f"{flag}: {value} is not supported yet in this version of sluice (only "
                 f"{flag} {limit} is). Fix: remove {flag} or set it to {limit}.")
     problems += _parallel_problems(cfg.parallel, skip)
+    problems += _data_parallel_problems(cfg.parallel, skip)
     problems += _multinode_problems(cfg.parallel, skip)
     if "kv_events_config" not in skip and cfg.cache.kv_events_config is not None:
         from sluice.kv_events.config import parse_kv_events_config
@@ -540,6 +562,22 @@ def _parallel_problems(par: ParallelConfig, skip: typing.AbstractSet[str]) -> li
             f"--pipeline-parallel-size {pp} asks for {par.world_size} ranks. Fix: use 'mp', "
             "or leave the flag out.")
     return problems
+
+
+def _data_parallel_problems(par: ParallelConfig, skip: typing.AbstractSet[str]) -> list[str]:
+    """--data-parallel-size / --data-parallel-rank (see `cross_field_problems`)."""
+    if {"data_parallel_size", "data_parallel_rank", "nnodes"} & skip:
+        return []
+    size, rank = par.data_parallel_size, par.data_parallel_rank
+    if rank is not None and rank >= size:
+        return [f"--data-parallel-rank: {rank} is not an engine of --data-parallel-size {size} "
+                f"(ranks are 0 to {size - 1}). Fix: pass --data-parallel-size {rank + 1} or "
+                f"more, or a rank below {size}."]
+    if rank is None and size > 1 and par.nnodes > 1:
+        return [f"--data-parallel-size: {size} engines in one server with --nnodes "
+                f"{par.nnodes} is not supported yet. Fix: run one server per engine with "
+                "--data-parallel-rank (each with its own --master-port), or drop --nnodes."]
+    return []
 
 
 def _multinode_problems(par: ParallelConfig, skip: typing.AbstractSet[str]) -> list[str]:

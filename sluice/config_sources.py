@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 FLAG_ALIASES: dict[str, tuple[str, ...]] = {
     "tensor_parallel_size": ("-tp",), "pipeline_parallel_size": ("-pp",),
-    "data_parallel_size": ("-dp",),
+    "data_parallel_size": ("-dp",), "data_parallel_rank": ("-dpn",),
 }
 """Extra option strings (vLLM's short names) per field."""
 

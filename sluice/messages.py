@@ -76,13 +76,16 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     num_preemptions: int = 0             # since the previous snapshot
     num_prompt_tokens: int = 0           # prompt tokens computed this step (excl. cache hits)
     num_generation_tokens: int = 0       # tokens sampled this step
+    engine_index: int = 0                # the data-parallel engine that took the snapshot
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
-    """One step's outputs for all requests that produced something."""
+    """One step's outputs for all requests that produced something, from the data-parallel
+    engine `engine_index` (0 without data parallelism)."""
     outputs: list[EngineCoreOutput] = msgspec.field(default_factory=list)
     scheduler_stats: SchedulerStats | None = None
     timestamp: float = 0.0
+    engine_index: int = 0
 
 
 class EngineReady(msgspec.Struct):

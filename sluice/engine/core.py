@@ -223,7 +223,8 @@ class EngineCore:
         from sluice.kv_events.publisher import make_event_publisher
         try:
             publisher = make_event_publisher(
-                parse_kv_events_config(self.config.cache.kv_events_config))
+                parse_kv_events_config(self.config.cache.kv_events_config),
+                self.config.parallel.data_parallel_rank)   # one port set per DP engine
         except BaseException:
             self.executor.shutdown()
             raise

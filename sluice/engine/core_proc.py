@@ -67,10 +67,14 @@ class EngineCoreProc:
     """Runs `engine` behind two sockets: PULL bound at `input_address`, PUSH connected to
     `output_address`. Sockets are created (and bound) in the constructor so address errors
     surface during startup; afterwards each socket is used only by its own I/O thread.
-    Call `run_busy_loop()` on the main thread, then `close()`."""
+    Every `EngineCoreOutputs` (and its scheduler stats) leaves stamped with `engine_index`,
+    this engine's data-parallel rank. Call `run_busy_loop()` on the main thread, then
+    `close()`."""
 
-    def __init__(self, engine: Engine, input_address: str, output_address: str):
+    def __init__(self, engine: Engine, input_address: str, output_address: str,
+                 engine_index: int = 0):
         self.engine = engine
+        self.engine_index = engine_index
         self.input_queue: queue.Queue[tuple[RequestType, Any]] = queue.Queue()
         self.output_queue: queue.Queue[Any] = queue.Queue()
         self._shutdown_requested = False
@@ -104,7 +108,7 @@ class EngineCoreProc:
             if self._shutdown_requested:
                 break
             if self.engine.has_unfinished_requests():
-                self.output_queue.put((OutputType.OUTPUTS, self.engine.step()))
+                self._put_outputs(self.engine.step())
                 continue
             self.engine.check_health()   # idle: a dead worker still ends the engine (<= 1 s)
             if self._aborted:
@@ -112,7 +116,13 @@ class EngineCoreProc:
                 # gives one) so that running/waiting gauges do not stay stale.
                 outputs = self.engine.step()
                 if outputs.scheduler_stats is not None:
-                    self.output_queue.put((OutputType.OUTPUTS, outputs))
+                    self._put_outputs(outputs)
+
+    def _put_outputs(self, outputs: EngineCoreOutputs) -> None:
+        outputs.engine_index = self.engine_index
+        if outputs.scheduler_stats is not None:
+            outputs.scheduler_stats.engine_index = self.engine_index
+        self.output_queue.put((OutputType.OUTPUTS, outputs))
 
     def request_shutdown(self) -> None:
         """Ask the loop to finish after its current step (thread-safe)."""
@@ -227,7 +237,8 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     engine = None
     try:
         engine = _load_factory(engine_factory)(config)
-        proc = EngineCoreProc(engine, input_address, output_address)
+        proc = EngineCoreProc(engine, input_address, output_address,
+                              config.parallel.data_parallel_rank or 0)
     except BaseException as e:  # incl. SystemExit from SIGTERM during startup
         logger.debug("engine core startup failed", exc_info=True)
         _send_handshake(handshake, HandshakeFailed(EngineFailure.from_exception(e)))
@@ -274,8 +285,10 @@ def _setup_child_process(config: EngineConfig) -> None:
     """Logging like the parent's; Ctrl-C belongs to the parent (which shuts us down);
     SIGTERM ends the loop cleanly via SystemExit."""
     if not logging.getLogger().handlers:
+        rank = config.parallel.data_parallel_rank
+        name = "engine" if config.parallel.data_parallel_size == 1 else f"engine {rank or 0}"
         logging.basicConfig(level=config.observability.log_level.upper(),
-                            format="%(levelname)s %(asctime)s [engine] %(name)s: %(message)s")
+                            format=f"%(levelname)s %(asctime)s [{name}] %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def on_sigterm(signum: int, frame: Any) -> None:

@@ -12,12 +12,17 @@ Contract:
   then SIGKILLs it and removes the IPC directory; every live `EngineProcess` is also shut down
   atexit and on SIGTERM (a handler is installed only where SIGTERM has its default action), and
   the child watches our sentinel pipe and exits when we die, even by SIGKILL.
+* Data parallelism (--data-parallel-size N): `launch_engines(config)` starts one
+  `EngineProcess` per engine at once, each with its own config (`dp_engine_configs`: its rank,
+  its share of the CPU threads, its own rendezvous port), and `wait_all_ready` waits for every
+  handshake; the first engine that fails stops them all, its error naming the engine.
 No torch here: this module runs in the API-server process.
 """
 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -25,6 +30,7 @@ import multiprocessing.util  # noqa: F401  (registers its atexit hook before our
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -96,6 +102,9 @@ class EngineProcess:
     `shutdown`, `is_alive`, `exitcode`, `wait_exit`."""
 
     def __init__(self, config: EngineConfig, *, engine_factory: str | None = None):
+        self.config = config
+        self.engine_index = config.parallel.data_parallel_rank or 0
+        self.started_at = time.monotonic()
         self.addresses = make_ipc_dir()
         self.ready: EngineReady | None = None
         self._closed = False
@@ -103,7 +112,9 @@ class EngineProcess:
         context = multiprocessing.get_context("spawn")
         self._handshake, child_end = context.Pipe(duplex=False)
         self.process = context.Process(
-            target=run_engine_core, name="sluice-engine-core", daemon=False,
+            target=run_engine_core, daemon=False,
+            name="sluice-engine-core" + (f"-{self.engine_index}"
+                                         if config.parallel.data_parallel_size > 1 else ""),
             args=(config, self.addresses.input, self.addresses.output, child_end,
                   self.addresses.ipc_dir, engine_factory))
         try:
@@ -114,7 +125,13 @@ class EngineProcess:
         finally:
             child_end.close()  # only the child holds the write end: EOF if it dies silently
         _register(self)
-        logger.info("started engine core process (pid %d)", self.process.pid)
+        logger.info("started engine core %sprocess (pid %d)", self.label,
+                    self.process.pid)
+
+    @property
+    def label(self) -> str:
+        """"" without data parallelism, else "N " (this engine's index, for log lines)."""
+        return f"{self.engine_index} " if self.config.parallel.data_parallel_size > 1 else ""
 
     @property
     def pid(self) -> int:
@@ -148,13 +165,9 @@ class EngineProcess:
             raise
 
     def _wait_handshake(self, timeout_s: float) -> EngineReady:
-        start = time.monotonic()
         if not multiprocessing.connection.wait([self._handshake], timeout_s):
             self.shutdown(grace_s=0.0)
-            raise EngineStartupError(
-                f"The engine core process did not finish starting within {timeout_s:g}s "
-                "(loading weights, sizing the KV cache or warming up) and was killed. Set "
-                f"{STARTUP_TIMEOUT_ENV} to allow more time.")
+            raise _startup_timeout_error(timeout_s)
         try:
             message = decode_handshake(self._handshake.recv_bytes())
         except EOFError:  # the child died before answering
@@ -174,7 +187,8 @@ class EngineProcess:
             error.error_type = failure.error_type  # type: ignore[attr-defined]
             error.child_traceback = failure.traceback  # type: ignore[attr-defined]
             raise error
-        logger.info("engine core ready in %.1fs", time.monotonic() - start)
+        logger.info("engine core %sready %.1fs after its start", self.label,
+                    time.monotonic() - self.started_at)
         return message.ready
 
     def shutdown(self, grace_s: float = 5.0) -> None:
@@ -202,6 +216,109 @@ class EngineProcess:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def handshake_pipe(self) -> multiprocessing.connection.Connection:
+        """The read end of the handshake pipe (readable once the child answered or died)."""
+        return self._handshake
+
+
+def _startup_timeout_error(timeout_s: float) -> EngineStartupError:
+    return EngineStartupError(
+        f"The engine core process did not finish starting within {timeout_s:g}s (loading "
+        "weights, sizing the KV cache or warming up) and was killed. Set "
+        f"{STARTUP_TIMEOUT_ENV} to allow more time.")
+
+
+# ---- data parallelism: several engines ---------------------------------------------------
+
+def dp_engine_configs(config: EngineConfig) -> list[EngineConfig]:
+    """One config per engine this process runs. `config` itself without data parallelism or
+    with --data-parallel-rank (one engine of a group run by separate servers); else one per
+    rank 0..N-1, each carrying its rank (its engine index and KV-event port offset), its share
+    of --threads (default: the usable CPUs) and, when its ranks meet over TCP (mp executor,
+    several ranks), its own rendezvous port: --master-port + rank, or a free port picked here
+    for each engine (all held open together, so no two engines get the same one)."""
+    par = config.parallel
+    if par.data_parallel_rank is not None or par.data_parallel_size == 1:
+        return [config]
+    from sluice.platform.host import affinity_cpus
+    n = par.data_parallel_size
+    threads = max(1, (config.device.num_threads or affinity_cpus()) // n)
+    ports: list[int | None] = [None] * n
+    if par.world_size > 1 and par.executor_backend == "mp":
+        ports = ([par.master_port + rank for rank in range(n)] if par.master_port is not None
+                 else _free_ports(par.master_addr, n))
+    return [dataclasses.replace(
+        config, device=dataclasses.replace(config.device, num_threads=threads),
+        parallel=dataclasses.replace(par, data_parallel_rank=rank, master_port=ports[rank]))
+        for rank in range(n)]
+
+
+def _free_ports(host: str, count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def launch_engines(config: EngineConfig, *,
+                   engine_factory: str | None = None) -> list[EngineProcess]:
+    """Start every engine of `config` (see `dp_engine_configs`) without waiting for any."""
+    processes: list[EngineProcess] = []
+    try:
+        for engine_config in dp_engine_configs(config):
+            processes.append(EngineProcess(engine_config, engine_factory=engine_factory))
+    except BaseException:
+        shutdown_processes(processes)
+        raise
+    return processes
+
+
+def wait_all_ready(processes: list[EngineProcess],
+                   timeout_s: float | None = None) -> list[EngineReady]:
+    """Wait for every handshake (one deadline for all). The first engine to fail, or the
+    timeout, shuts all of them down and raises `EngineStartupError`: with several engines, its
+    message starts with the engine ("data-parallel engine 1: ...")."""
+    timeout_s = startup_timeout_s() if timeout_s is None else timeout_s
+    deadline = time.monotonic() + timeout_s
+    pending = list(processes)
+    try:
+        while pending:
+            ready = multiprocessing.connection.wait(
+                [p.handshake_pipe for p in pending], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise _startup_timeout_error(timeout_s)
+            for proc in [p for p in pending if p.handshake_pipe in ready]:
+                try:
+                    proc.wait_ready(0.0)
+                except EngineStartupError as e:
+                    if len(processes) == 1:
+                        raise
+                    raise _for_engine(e, proc.engine_index) from None
+                pending.remove(proc)
+    except BaseException:
+        shutdown_processes(processes)
+        raise
+    return [p.ready for p in processes]  # type: ignore[misc]
+
+
+def _for_engine(error: EngineStartupError, index: int) -> EngineStartupError:
+    """`error` with its message prefixed by the engine that failed (attributes kept)."""
+    named = EngineStartupError(f"data-parallel engine {index}: {error}")
+    named.__dict__.update(error.__dict__)
+    return named
+
+
+def shutdown_processes(processes: list[EngineProcess], grace_s: float = 0.0) -> None:
+    """Stop every process of `processes` (idempotent): each may exit on its own for
+    `grace_s`, then gets SIGTERM, then SIGKILL."""
+    for proc in processes:
+        proc.shutdown(grace_s)
 
 
 # ---- never outlive the parent -----------------------------------------------------------

@@ -26,6 +26,12 @@ stops, shuts the engine down and exits 0. A second signal stops at once. If the 
 dies while serving, /health answers 503, in-flight requests fail with a 503-type error, and the
 server stops and exits 1.
 
+Data parallelism (vLLM's flags): `-dp N` runs N engine cores behind this one server (each
+request to the least-loaded engine, with prefix affinity; see `sluice.frontend.dp_client`);
+every engine's death is the engine's death (503, exit 1). `-dp N --data-parallel-rank R` runs
+only engine R of such a group as its own server (vLLM's external load balancing): engine index
+R in its outputs and metrics, KV-event ports shifted by R.
+
 Multi-node (vLLM's flags): node 0 runs `sluice serve MODEL -tp 4 --nnodes 2 --node-rank 0
 --master-addr IP0 --master-port P` (the server, the engine core and ranks 0-1); node 1 runs
 `sluice serve MODEL -tp 4 --nnodes 2 --node-rank 1 --master-addr IP0 --master-port P
@@ -280,8 +286,10 @@ async def serve_engine(engine: Any, config: Any, sock: socket.socket) -> int:
 
     host, port = sock.getsockname()[:2]
     scheme = "https" if srv.ssl_certfile else "http"
-    logger.info("Serving model '%s' on %s://%s:%d (max_model_len %d)",
-                engine.ready.model_name, scheme, host, port, engine.ready.max_model_len)
+    engines = getattr(engine, "engine_indexes", (0,))
+    logger.info("Serving model '%s' on %s://%s:%d (max_model_len %d%s)",
+                engine.ready.model_name, scheme, host, port, engine.ready.max_model_len,
+                f", {len(engines)} data-parallel engines" if len(engines) > 1 else "")
     task = asyncio.create_task(watchdog())
     try:
         await server.serve(sockets=[sock])
@@ -322,7 +330,12 @@ def run(args: argparse.Namespace) -> int:
             spec = load_model_spec(config.model.model)
             where = "" if given == config.model.model else f" (from {config.model.model})"
             logger.info("Model %s%s: %s", given, where, spec.architecture)
-        with stage("start engine"):
+        engines = config.parallel.engine_indexes
+        if config.parallel.data_parallel_rank is not None:
+            logger.info("Data-parallel rank %d of %d (external load balancing): this server "
+                        "runs engine %d only", engines[0], config.parallel.data_parallel_size,
+                        engines[0])
+        with stage("start engine" if len(engines) == 1 else f"start {len(engines)} engines"):
             engine = start_engine(config)
         for name, seconds in (getattr(engine.ready, "startup_seconds", None) or {}).items():
             logger.info("  engine stage '%s': %.2f s", name, seconds)

@@ -16,6 +16,10 @@ Contract:
 * One background task per event loop (the output handler) pulls `EngineCoreOutputs`, runs
   `process_outputs`, aborts stop-string hits in the engine, routes each `RequestOutput` by
   request id, and calls the stats listeners.
+* Data parallelism (--data-parallel-size N): the client is a `DPAsyncMPClient` over N engine
+  cores (`dp_client.py`); each step's outputs and stats name their engine (`engine_index`),
+  utility calls (reset_prefix_cache, sleep, wake_up, is_sleeping, health) reach every engine,
+  and one engine dying is the engine dying.
 * When the engine core dies, every waiting and later `generate` raises `EngineDeadError`
   (naming the cause), `is_dead` turns True and `check_health` raises. After `shutdown()` calls
   raise `EngineDeadError` too; `shutdown` is idempotent.
@@ -33,10 +37,10 @@ import threading
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from sluice.config import EngineConfig
-from sluice.engine.launch import EngineProcess
+from sluice.engine.launch import launch_engines, shutdown_processes, wait_all_ready
 from sluice.errors import (EngineBusyError, EngineDeadError, EngineSleepingError,
                            InvalidRequestError)
-from sluice.frontend.client import HEALTH_TIMEOUT_S, AsyncMPClient
+from sluice.frontend.client import HEALTH_TIMEOUT_S, EngineCoreClient, client_for
 from sluice.frontend.input_processor import InputProcessor
 from sluice.frontend.offload import Offloader
 from sluice.frontend.output_processor import OutputProcessor
@@ -52,22 +56,25 @@ logger = logging.getLogger(__name__)
 StatsListener = Callable[[SchedulerStats | None, FrontendStats], None]
 """Called on the event loop once per engine step's outputs with that step's scheduler stats
 (None if the step carried none) and the frontend stats gathered since the previous call (the
-same `FrontendStats` object is passed to every listener; do not mutate it)."""
+same `FrontendStats` object is passed to every listener; do not mutate it). Both name the
+engine that stepped (`engine_index`)."""
 
 _ABORTED = object()  # queued by `abort()`: end the matching generate() quietly
 
 
 class AsyncLLM:
-    """An engine core in a child process behind an asyncio API (see the module docstring).
+    """Engine core(s) in child processes behind an asyncio API (see the module docstring).
 
-    Attributes: `config`, `ready` (EngineReady), `model_name`, `tokenizer`, `client`.
+    Attributes: `config`, `ready` (EngineReady), `model_name`, `tokenizer`, `client`,
+    `engine_indexes` (the data-parallel engines served: (0,) without data parallelism).
     Use one event loop at a time; a new loop may take over after the previous one closed.
     """
 
-    def __init__(self, config: EngineConfig, client: AsyncMPClient, tokenizer: Tokenizer):
+    def __init__(self, config: EngineConfig, client: EngineCoreClient, tokenizer: Tokenizer):
         self.config = config
         self.client = client
         self.ready = client.ready
+        self.engine_indexes = client.engine_indexes
         self.model_name: str = client.ready.model_name
         self.tokenizer = tokenizer
         self.input_processor = InputProcessor.from_ready(tokenizer, self.ready,
@@ -79,18 +86,18 @@ class AsyncLLM:
         self._handler_loop: asyncio.AbstractEventLoop | None = None
         self._handler_error: str | None = None
         self._stats_listeners: list[StatsListener] = []
-        self._latest_scheduler_stats: SchedulerStats | None = None
+        self._scheduler_stats: dict[int, SchedulerStats] = {}  # the latest, per engine
         self._log_requests = not config.observability.disable_log_requests
         self._sleep_level = 0
 
     @classmethod
     def from_config(cls, config: EngineConfig, *,
                     startup_timeout_s: float | None = None) -> "AsyncLLM":
-        """Spawn the engine core and load the tokenizer meanwhile; block until both are ready.
-        Raises `EngineStartupError` with the engine's own message, or the tokenizer's
+        """Spawn the engine core(s) and load the tokenizer meanwhile; block until all are
+        ready. Raises `EngineStartupError` with the engine's own message, or the tokenizer's
         `ModelLoadError`. A hub id or .gguf model is resolved to a local directory first."""
         config = resolve_model_config(config)
-        process = EngineProcess(config)
+        processes = launch_engines(config)
         loaded: dict[str, Any] = {}
 
         def load() -> None:
@@ -103,13 +110,13 @@ class AsyncLLM:
         thread = threading.Thread(target=load, name="sluice-load-tokenizer", daemon=True)
         thread.start()
         try:
-            process.wait_ready(startup_timeout_s)  # the engine's error wins over the tokenizer's
+            wait_all_ready(processes, startup_timeout_s)  # its error wins over the tokenizer's
             thread.join()
             if "error" in loaded:
                 raise loaded["error"]
-            client = AsyncMPClient(config, process=process)
+            client = client_for(processes)
         except BaseException:
-            process.shutdown(grace_s=0.0)
+            shutdown_processes(processes)
             raise
         return cls(config, client, loaded["tokenizer"])
 
@@ -216,8 +223,9 @@ class AsyncLLM:
             if queue is not None:
                 queue.put_nowait(request_output)
         if outputs.scheduler_stats is not None:
-            self._latest_scheduler_stats = outputs.scheduler_stats
+            self._scheduler_stats[outputs.engine_index] = outputs.scheduler_stats
         frontend_stats = self.output_processor.take_stats()
+        frontend_stats.engine_index = outputs.engine_index
         for listener in list(self._stats_listeners):
             try:
                 listener(outputs.scheduler_stats, frontend_stats)
@@ -317,8 +325,15 @@ class AsyncLLM:
 
     @property
     def latest_scheduler_stats(self) -> SchedulerStats | None:
-        """The scheduler snapshot of the most recent engine step (None before the first)."""
-        return self._latest_scheduler_stats
+        """The scheduler snapshot of the most recent engine step (None before the first);
+        with several engines, their latest snapshots summed (KV-cache usage: the mean)."""
+        snapshots = list(self._scheduler_stats.values())
+        if len(snapshots) <= 1:
+            return snapshots[0] if snapshots else None
+        return SchedulerStats(
+            num_running_reqs=sum(s.num_running_reqs for s in snapshots),
+            num_waiting_reqs=sum(s.num_waiting_reqs for s in snapshots),
+            kv_cache_usage=sum(s.kv_cache_usage for s in snapshots) / len(snapshots))
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -329,7 +344,7 @@ class AsyncLLM:
     def num_waiting_requests(self) -> int:
         """Estimate of requests not yet running: unfinished here minus the engine's running
         count at its last step (n > 1 requests count once here, n times there)."""
-        stats = self._latest_scheduler_stats
+        stats = self.latest_scheduler_stats
         running = stats.num_running_reqs if stats is not None else 0
         return max(0, self.num_unfinished_requests - running)
 
@@ -339,7 +354,8 @@ class AsyncLLM:
         return self.config.scheduler.max_num_queued_requests
 
     def shutdown(self) -> None:
-        """Stop the engine core; waiting generate() calls raise EngineDeadError. Idempotent."""
+        """Stop the engine core(s); waiting generate() calls raise EngineDeadError.
+        Idempotent."""
         self.client.shutdown()
         self.offloader.shutdown()
 

@@ -1,11 +1,15 @@
-"""Engine-core clients: how a frontend talks to an engine core.
+"""Engine-core clients: how a frontend talks to its engine core(s).
 
-* `InprocClient` runs the engine core in this process (the offline `LLM` default): `get_output`
-  runs one step.
-* `SyncMPClient` / `AsyncMPClient` run it in a spawned child process (`sluice.engine.launch`)
-  and talk over two ZeroMQ `ipc://` sockets with msgspec-encoded messages
-  (`sluice.engine.serial`): requests PUSH → child, outputs child → PULL. `get_output` returns
-  the next step's outputs as the child pushes them.
+The client is written once, for asyncio (`EngineCoreClient`):
+
+* `AsyncMPClient` runs one engine core in a spawned child process (`sluice.engine.launch`) and
+  talks to it over two ZeroMQ `ipc://` sockets with msgspec-encoded messages
+  (`sluice.engine.serial`): requests PUSH → child, outputs child → PULL.
+* `DPAsyncMPClient` (`dp_client.py`) spreads requests over several of them (data parallelism).
+
+`start_engine_client(config)` spawns the engine core(s) `config` asks for and returns the right
+one. Blocking callers (the offline `LLM`) use `sync_client.py`: a thin wrapper that carries
+calls to a private event-loop thread, or the engine core in-process.
 
 Death contract of the MP clients: a monitor thread waits on the child's exit, and the child
 reports a crash of its busy loop as an ENGINE_DEAD message. Either way the client is marked
@@ -19,10 +23,8 @@ The engine is imported lazily / spawned, so importing the frontend never imports
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import itertools
 import logging
-import queue
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -32,7 +34,8 @@ import zmq
 import zmq.asyncio
 
 from sluice.config import EngineConfig
-from sluice.engine.launch import EngineProcess, describe_exit
+from sluice.engine.launch import (EngineProcess, describe_exit, launch_engines,
+                                  shutdown_processes, wait_all_ready)
 from sluice.engine.serial import (EngineFailure, OutputType, RequestType, UtilityMethod,
                                   UtilityRequest, UtilityResult, output_codec, request_codec)
 from sluice.errors import (ConfigError, EngineBusyError, EngineDeadError,
@@ -47,58 +50,67 @@ _DEAD = object()  # queued to wake output waiters once the client is dead or clo
 
 
 class EngineCoreClient(ABC):
-    """Typed calls into an engine core. `ready` holds the runtime facts from startup."""
+    """The engine-core client interface (asyncio). `ready` holds the runtime facts from
+    startup, `engine_indexes` the data-parallel engines behind it. Use it from one event loop
+    at a time (a later loop may take over once the previous one closed); `shutdown`,
+    `abort_requests_nowait` and the state properties may be used from any thread."""
 
     ready: EngineReady
+    engine_indexes: tuple[int, ...]
+
+    @property
+    @abstractmethod
+    def is_dead(self) -> bool:
+        """True once an engine core died (not after a clean `shutdown`)."""
+
+    @property
+    @abstractmethod
+    def closed(self) -> bool: ...
 
     @abstractmethod
-    def add_request(self, request: EngineCoreRequest) -> None: ...
+    def dead_error(self) -> EngineDeadError:
+        """A fresh `EngineDeadError` saying why this client cannot serve."""
 
     @abstractmethod
-    def abort_requests(self, request_ids: Iterable[str]) -> None: ...
+    async def add_request(self, request: EngineCoreRequest) -> None: ...
 
     @abstractmethod
-    def get_output(self) -> EngineCoreOutputs:
-        """The next batch of outputs (blocks until the engine produced a step)."""
+    async def abort_requests(self, request_ids: Iterable[str]) -> None: ...
+
+    @abstractmethod
+    def abort_requests_nowait(self, request_ids: Iterable[str]) -> None:
+        """Best-effort abort that never blocks or raises (for `finally` blocks)."""
+
+    @abstractmethod
+    async def get_output(self) -> EngineCoreOutputs:
+        """The next step's outputs (of any engine); raises `EngineDeadError` once dead."""
+
+    @abstractmethod
+    async def ping(self, timeout_s: float = HEALTH_TIMEOUT_S) -> float:
+        """Round trip through the engine loop(s); the slowest one's seconds."""
+
+    @abstractmethod
+    async def check_health(self, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
+        """Raise `EngineDeadError` if an engine died or does not answer a ping in time."""
+
+    @abstractmethod
+    async def reset_prefix_cache(self) -> bool:
+        """Drop the cached prefix blocks; False while requests hold blocks."""
+
+    @abstractmethod
+    async def sleep(self, level: int = 1) -> None:
+        """See `EngineCore.sleep`; raises `EngineBusyError` while requests are in flight."""
+
+    @abstractmethod
+    async def wake_up(self) -> None: ...
+
+    @abstractmethod
+    async def sleep_level(self) -> int:
+        """The engine's sleep level (0: awake)."""
 
     @abstractmethod
     def shutdown(self) -> None:
-        """Stop the engine core; safe to call twice."""
-
-
-class InprocClient(EngineCoreClient):
-    """The engine core in this process, stepped by the caller."""
-
-    def __init__(self, config: EngineConfig):
-        from sluice.engine.core import EngineCore  # lazy: keeps torch out of frontend imports
-        self.engine = EngineCore(config)
-        self.ready = self.engine.ready
-
-    def add_request(self, request: EngineCoreRequest) -> None:
-        self.engine.add_request(request)
-
-    def abort_requests(self, request_ids: Iterable[str]) -> None:
-        self.engine.abort_requests(request_ids)
-
-    def get_output(self) -> EngineCoreOutputs:
-        return self.engine.step()
-
-    def reset_prefix_cache(self) -> bool:
-        return self.engine.reset_prefix_cache()
-
-    def sleep(self, level: int = 1) -> None:
-        self.engine.sleep(level)
-
-    def wake_up(self) -> None:
-        self.engine.wake_up()
-
-    def sleep_level(self) -> int:
-        return self.engine.sleep_level
-
-    def shutdown(self) -> None:
-        if self.engine is not None:
-            self.engine.shutdown()
-            self.engine = None
+        """Stop the engine core(s); idempotent."""
 
 
 class MPClient:
@@ -115,6 +127,7 @@ class MPClient:
         self.process = process or EngineProcess(config, engine_factory=engine_factory)
         self._dead: str | None = None
         self._closed = False
+        self._stopping = False   # SHUTDOWN sent by `request_stop`: an exit is expected
         self._state_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._call_ids = itertools.count()
@@ -171,7 +184,7 @@ class MPClient:
 
     def _monitor(self) -> None:
         self.process.wait_exit()
-        if not self._closed and not self.process.closed:  # else: shut down on purpose
+        if not (self._closed or self._stopping or self.process.closed):  # else: on purpose
             self._set_dead(
                 f"The engine core process (pid {self.process.pid}) exited unexpectedly with "
                 f"{describe_exit(self.process.exitcode)}; in-flight requests cannot complete. "
@@ -195,6 +208,16 @@ class MPClient:
         self._wake_waiters()
         return True
 
+    def request_stop(self) -> None:
+        """Ask the engine to finish and exit, without waiting (`shutdown` still reaps it), so
+        that several engines stop at the same time."""
+        if self._dead is None and not self._closed:
+            self._stopping = True
+            try:
+                self._send_raw(RequestType.SHUTDOWN, None)
+            except zmq.ZMQError:
+                pass
+
     # ---- sending ----------------------------------------------------------------------------
 
     def _send(self, kind: RequestType, payload: Any) -> None:
@@ -207,130 +230,7 @@ class MPClient:
                                        flags=zmq.NOBLOCK, copy=False)
 
 
-class SyncMPClient(MPClient, EngineCoreClient):
-    """Blocking client for the offline `LLM` with the engine core in a child process.
-    A reader thread decodes outputs into a queue; methods may be called from any thread."""
-
-    def __init__(self, config: EngineConfig, **kwargs: Any):
-        super().__init__(config, **kwargs)
-        self._outputs: queue.Queue[Any] = queue.Queue()
-        self._pending: dict[int, concurrent.futures.Future[int]] = {}
-        try:
-            self._output = self._ctx.socket(zmq.PULL)
-            self._output.setsockopt(zmq.RCVHWM, 0)
-            self._output.bind(self.process.addresses.output)
-        except BaseException:
-            self.process.shutdown(grace_s=0.0)
-            raise
-        self._reader = threading.Thread(target=self._read_loop, name="sluice-client-output",
-                                        daemon=True)
-        self._reader.start()
-        self._start_monitor()
-
-    def add_request(self, request: EngineCoreRequest) -> None:
-        self._send(RequestType.ADD, request)
-
-    def abort_requests(self, request_ids: Iterable[str]) -> None:
-        request_ids = list(request_ids)
-        if request_ids:
-            self._send(RequestType.ABORT, request_ids)
-
-    def get_output(self, timeout_s: float | None = None) -> EngineCoreOutputs:
-        """The next step's outputs; raises `EngineDeadError`, or `TimeoutError` after
-        `timeout_s`."""
-        try:
-            item = self._outputs.get(timeout=timeout_s)
-        except queue.Empty:
-            raise TimeoutError(f"no engine output within {timeout_s}s") from None
-        if item is _DEAD:
-            self._outputs.put(_DEAD)
-            raise self.dead_error()
-        return item
-
-    def call_utility(self, method: UtilityMethod, timeout_s: float | None = None,
-                     arg: int = 0) -> int:
-        """Run `method(arg)` in the engine's loop and return its value (see `UtilityMethod`);
-        raises `TimeoutError`, `EngineDeadError`, or the engine's error (`utility_error`)."""
-        future: concurrent.futures.Future[int] = concurrent.futures.Future()
-        call_id = next(self._call_ids)
-        self._pending[call_id] = future
-        try:
-            self._send(RequestType.UTILITY, UtilityRequest(call_id, method, arg))
-            if self._dead is not None or self._closed:  # died between check and register
-                raise self.dead_error()
-            return future.result(timeout_s)
-        except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"engine utility call {method.name} timed out after "
-                               f"{timeout_s}s") from None
-        finally:
-            self._pending.pop(call_id, None)
-
-    def ping(self, timeout_s: float = HEALTH_TIMEOUT_S) -> float:
-        """Round trip through the engine loop; returns its duration in seconds."""
-        start = time.perf_counter()
-        self.call_utility(UtilityMethod.PING, timeout_s)
-        return time.perf_counter() - start
-
-    def check_health(self, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
-        """Raise `EngineDeadError` if the engine died or does not answer a ping in time."""
-        self._check_alive()
-        try:
-            self.ping(timeout_s)
-        except TimeoutError:
-            raise EngineDeadError(_hung_message(self.process.pid, timeout_s)) from None
-
-    def reset_prefix_cache(self) -> bool:
-        """Drop the engine's cached prefix blocks; False while requests hold blocks."""
-        return bool(self.call_utility(UtilityMethod.RESET_PREFIX_CACHE))
-
-    def sleep(self, level: int = 1) -> None:
-        """See `EngineCore.sleep`; raises `EngineBusyError` while requests are in flight."""
-        self.call_utility(UtilityMethod.SLEEP, arg=level)
-
-    def wake_up(self) -> None:
-        self.call_utility(UtilityMethod.WAKE_UP)
-
-    def sleep_level(self) -> int:
-        """The engine's sleep level (0: awake)."""
-        return self.call_utility(UtilityMethod.IS_SLEEPING)
-
-    def shutdown(self) -> None:
-        if not self._begin_close():
-            return
-        self._reader.join(2.0)
-        self._input.close(linger=0)
-        if not self._reader.is_alive():
-            self._ctx.term()
-
-    def _read_loop(self) -> None:
-        codec = output_codec()
-        try:
-            while not self._closed:
-                if not self._output.poll(100, zmq.POLLIN):
-                    continue
-                frames = self._output.recv_multipart(copy=False)
-                kind, payload = codec.decode([f.buffer for f in frames])
-                if kind == OutputType.OUTPUTS:
-                    self._outputs.put(payload)
-                elif kind == OutputType.UTILITY_RESULT:
-                    _resolve(self._pending.pop(payload.call_id, None), payload)
-                else:
-                    self._on_engine_dead_message(payload)
-        except Exception as e:
-            if not self._closed:
-                self._set_dead(f"Reading the engine core's output failed: {e!r}")
-        finally:
-            self._output.close(linger=0)
-
-    def _wake_waiters(self) -> None:
-        for call_id in list(self._pending):
-            future = self._pending.pop(call_id, None)
-            if future is not None and not future.done():
-                future.set_exception(self.dead_error())
-        self._outputs.put(_DEAD)
-
-
-class AsyncMPClient(MPClient):
+class AsyncMPClient(MPClient, EngineCoreClient):
     """asyncio client for `AsyncLLM` with the engine core in a child process.
 
     Construction blocks (spawn + handshake). The output socket and its reader task are bound
@@ -346,7 +246,13 @@ class AsyncMPClient(MPClient):
         self._output: zmq.asyncio.Socket | None = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[int]] = {}
+        self.engine_index = self.process.engine_index
+        self.engine_indexes = (self.engine_index,)
         self._start_monitor()
+
+    @property
+    def processes(self) -> list[EngineProcess]:
+        return [self.process]
 
     def _ensure_started(self) -> asyncio.Queue[Any]:
         """Bind the output socket and start the reader in the running loop (once per loop)."""
@@ -506,6 +412,33 @@ class AsyncMPClient(MPClient):
                 future.set_exception(self.dead_error())
         if self._outputs is not None:
             self._outputs.put_nowait(_DEAD)
+
+
+# ---- construction --------------------------------------------------------------------------
+
+def client_for(processes: list[EngineProcess]) -> EngineCoreClient:
+    """The client over started engine processes (handshakes done): an `AsyncMPClient` for
+    one, a `DPAsyncMPClient` for several. On failure every process is shut down."""
+    clients: list[AsyncMPClient] = []
+    try:
+        for process in processes:
+            clients.append(AsyncMPClient(process.config, process=process))
+    except BaseException:
+        shutdown_processes(processes)
+        raise
+    if len(clients) == 1:
+        return clients[0]
+    from sluice.frontend.dp_client import DPAsyncMPClient
+    return DPAsyncMPClient(clients)
+
+
+def start_engine_client(config: EngineConfig, *, startup_timeout_s: float | None = None,
+                        engine_factory: str | None = None) -> EngineCoreClient:
+    """Spawn the engine core(s) of `config` (one per data-parallel engine this process runs),
+    wait for their handshakes and return their client. Raises `EngineStartupError`."""
+    processes = launch_engines(config, engine_factory=engine_factory)
+    wait_all_ready(processes, startup_timeout_s)
+    return client_for(processes)
 
 
 _UTILITY_ERRORS: dict[str, type[Exception]] = {

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from sluice.config import EngineConfig
 from sluice.config_sources import build_engine_config
 from sluice.frontend.chat_template import message_for_template, template_kwargs
-from sluice.frontend.client import EngineCoreClient, InprocClient, SyncMPClient
+from sluice.frontend.sync_client import InprocClient, SyncEngineCoreClient, SyncMPClient
 from sluice.frontend.input_processor import InputProcessor
 from sluice.frontend.output_processor import OutputProcessor
 from sluice.frontend.tokenizer import Tokenizer, load_tokenizer, resolve_chat_template
@@ -61,7 +61,8 @@ class LLM:
     `LLM(model, **engine_kwargs)` takes the config fields by their flat names
     (`max_num_seqs=8`, `enable_prefix_caching=False`, `kv_cache_memory="1GiB"` …);
     `model=None` uses the built-in demo model. Pass `config=` to use a prebuilt EngineConfig.
-    `use_process=True` runs the engine core in a child process (`SyncMPClient`).
+    `use_process=True` runs the engine core in a child process (`SyncMPClient`); so does
+    `data_parallel_size=N` (N engine cores, requests spread over them as by the server).
     """
 
     def __init__(self, model: str | None = None, *, config: EngineConfig | None = None,
@@ -78,8 +79,9 @@ class LLM:
         # Read before the engine starts, so that a bad --generation-config fails fast.
         self._default_sampling = generation_defaults(config.model.generation_config,
                                                      config.model.model)
-        self.client: EngineCoreClient = (SyncMPClient(config) if use_process
-                                         else InprocClient(config))
+        several = len(config.parallel.engine_indexes) > 1
+        self.client: SyncEngineCoreClient = (SyncMPClient(config) if use_process or several
+                                             else InprocClient(config))
         ready = self.client.ready
         self.tokenizer: Tokenizer = load_tokenizer(config.model.tokenizer or config.model.model,
                                                    chat_template=config.model.chat_template)

@@ -88,3 +88,4 @@ class FrontendStats:
     n_params: list[int] = field(default_factory=list)  # `n` of each user request added
     # per finished user request: the most tokens one of its samples generated
     max_num_generation_tokens: list[int] = field(default_factory=list)
+    engine_index: int = 0               # the data-parallel engine whose outputs these are

@@ -1,11 +1,12 @@
-"""A periodic statistics log line, as vLLM's `LoggingStatLogger`:
+"""A periodic statistics log line per engine, as vLLM's `LoggingStatLogger`:
 
-    Engine: Avg prompt throughput: 120.3 tokens/s, Avg generation throughput: 45.1 tokens/s,
+    Engine 000: Avg prompt throughput: 120.3 tokens/s, Avg generation throughput: 45.1 tokens/s,
     Running: 3 reqs, Waiting: 0 reqs, KV cache usage: 12.5%, Prefix cache hit rate: 40.0%
 
-`record` is an engine stats listener (it only accumulates); `log` is called every
-`interval_s` (by `run_periodically`) and writes one line when there was activity since the
-previous line, or when the previous line showed activity (so the last line shows idle).
+`record` is an engine stats listener (it only accumulates, per `FrontendStats.engine_index`);
+`log` is called every `interval_s` (by `run_periodically`) and writes one line for each engine
+that was active since the previous call, or whose previous line showed activity (so the last
+line shows idle).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import logging
 import threading
 import time
+from dataclasses import dataclass
 
 from sluice.frontend.stats import FrontendStats
 from sluice.messages import SchedulerStats
@@ -23,9 +25,35 @@ logger = logging.getLogger("sluice.stats")
 DEFAULT_INTERVAL_S = 10.0
 
 
+@dataclass
+class _EngineTotals:
+    """What one engine did since the previous line, and its latest scheduler snapshot."""
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    queries: int = 0
+    hits: int = 0
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    was_active: bool = False
+
+    @property
+    def active(self) -> bool:
+        return bool(self.prompt_tokens or self.generation_tokens or self.running
+                    or self.waiting)
+
+    def line(self, engine_index: int, elapsed: float) -> str:
+        hit_rate = self.hits / self.queries if self.queries else 0.0
+        return (f"Engine {engine_index:03d}: Avg prompt throughput: "
+                f"{self.prompt_tokens / elapsed:.1f} tokens/s, Avg generation throughput: "
+                f"{self.generation_tokens / elapsed:.1f} tokens/s, Running: {self.running} "
+                f"reqs, Waiting: {self.waiting} reqs, KV cache usage: "
+                f"{self.kv_usage * 100:.1f}%, Prefix cache hit rate: {hit_rate * 100:.1f}%")
+
+
 class LoggingStatLogger:
-    """Accumulates token counts and the latest scheduler snapshot; logs one line per call to
-    `log()` when anything happened."""
+    """Accumulates token counts and the latest scheduler snapshot of each engine; logs one
+    line per engine per call to `log()` when anything happened there."""
 
     def __init__(self, interval_s: float = DEFAULT_INTERVAL_S,
                  log: logging.Logger | None = None):
@@ -33,50 +61,41 @@ class LoggingStatLogger:
         self._log = log or logger
         self._lock = threading.Lock()
         self._last_time = time.monotonic()
-        self._prompt_tokens = 0
-        self._generation_tokens = 0
-        self._queries = 0
-        self._hits = 0
-        self._running = 0
-        self._waiting = 0
-        self._kv_usage = 0.0
-        self._was_active = False
+        self._engines: dict[int, _EngineTotals] = {}
 
     def record(self, scheduler_stats: SchedulerStats | None,
                frontend_stats: FrontendStats) -> None:
         """Engine stats listener: accumulate one report."""
         with self._lock:
-            self._prompt_tokens += frontend_stats.num_prompt_tokens
-            self._generation_tokens += frontend_stats.num_generation_tokens
+            totals = self._engines.setdefault(frontend_stats.engine_index, _EngineTotals())
+            totals.prompt_tokens += frontend_stats.num_prompt_tokens
+            totals.generation_tokens += frontend_stats.num_generation_tokens
             if scheduler_stats is not None:
-                self._running = scheduler_stats.num_running_reqs
-                self._waiting = scheduler_stats.num_waiting_reqs
-                self._kv_usage = scheduler_stats.kv_cache_usage
-                self._queries += scheduler_stats.prefix_cache_queries
-                self._hits += scheduler_stats.prefix_cache_hits
+                totals.running = scheduler_stats.num_running_reqs
+                totals.waiting = scheduler_stats.num_waiting_reqs
+                totals.kv_usage = scheduler_stats.kv_cache_usage
+                totals.queries += scheduler_stats.prefix_cache_queries
+                totals.hits += scheduler_stats.prefix_cache_hits
 
     def log(self, now: float | None = None) -> str | None:
-        """Write (and return) the line for the period since the previous call, or None when
-        the engine stayed idle."""
+        """Write (and return, one per line) the lines for the period since the previous call,
+        or None when every engine stayed idle."""
         now = time.monotonic() if now is None else now
+        lines: list[str] = []
         with self._lock:
             elapsed = max(now - self._last_time, 1e-9)
-            active = bool(self._prompt_tokens or self._generation_tokens or self._running
-                          or self._waiting)
-            if not active and not self._was_active:
-                self._last_time = now
-                return None
-            hit_rate = self._hits / self._queries if self._queries else 0.0
-            line = (f"Engine: Avg prompt throughput: {self._prompt_tokens / elapsed:.1f} "
-                    f"tokens/s, Avg generation throughput: "
-                    f"{self._generation_tokens / elapsed:.1f} tokens/s, Running: "
-                    f"{self._running} reqs, Waiting: {self._waiting} reqs, KV cache usage: "
-                    f"{self._kv_usage * 100:.1f}%, Prefix cache hit rate: {hit_rate * 100:.1f}%")
-            self._prompt_tokens = self._generation_tokens = self._queries = self._hits = 0
+            for index in sorted(self._engines):
+                totals = self._engines[index]
+                active = totals.active
+                if active or totals.was_active:
+                    lines.append(totals.line(index, elapsed))
+                self._engines[index] = _EngineTotals(
+                    running=totals.running, waiting=totals.waiting, kv_usage=totals.kv_usage,
+                    was_active=active)
             self._last_time = now
-            self._was_active = active
-        self._log.info(line)
-        return line
+        for line in lines:
+            self._log.info(line)
+        return "\n".join(lines) or None
 
     async def run_periodically(self) -> None:
         """Call `log()` every `interval_s` until cancelled."""

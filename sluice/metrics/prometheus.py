@@ -16,15 +16,17 @@ dashboards and alerts written for vLLM work unchanged. docs/metrics.md lists eve
                 vllm:request_prefill_time_seconds, vllm:request_decode_time_seconds
 
 Every metric carries vLLM v1's labels `model_name` (the served model name) and `engine` (the
-engine-core index, always "0": one engine core per server). Counters are exported with
-prometheus' `_total` suffix, as vLLM's. Feed it with `engine.add_stats_listener(metrics.record)`
-and `set_sleep_level` on sleep / wake-up; `render()` gives the text exposition. Each instance
-owns its `CollectorRegistry`, so several apps can live in one process.
+engine-core index: "0" to "N-1" with --data-parallel-size N, each engine its own series; "R"
+for a server run with --data-parallel-rank R). Counters are exported with prometheus' `_total`
+suffix, as vLLM's. Feed it with `engine.add_stats_listener(metrics.record)` (each report is
+booked to the engine its `FrontendStats.engine_index` names) and `set_sleep_level` on sleep /
+wake-up; `render()` gives the text exposition. Each instance owns its `CollectorRegistry`, so
+several apps can live in one process.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
                                Histogram, disable_created_metrics, generate_latest)
@@ -33,7 +35,6 @@ from sluice.frontend.stats import FinishedRequestStats, FrontendStats
 from sluice.messages import SchedulerStats
 
 PREFIX = "vllm:"
-ENGINE_INDEX = "0"
 LABELS = ("model_name", "engine")
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
@@ -64,101 +65,154 @@ def build_1_2_5_buckets(max_value: int) -> list[int]:
 
 
 class PrometheusMetrics:
-    """The server's metrics for one served model (see the module docstring)."""
+    """The server's metrics for one served model: one `EngineMetrics` (one set of series) per
+    engine in `engine_indexes` (see the module docstring)."""
 
     def __init__(self, model_name: str, max_model_len: int,
-                 registry: CollectorRegistry | None = None):
+                 registry: CollectorRegistry | None = None,
+                 engine_indexes: Sequence[int] = (0,)):
         disable_created_metrics()  # no `*_created` series (as vLLM)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.model_name = model_name
-        self._labels = (model_name, ENGINE_INDEX)
-        reg = self.registry
+        self._families = _families(self.registry, max_model_len)
+        self._sleep_level = 0
+        self.engines: dict[int, EngineMetrics] = {}
+        for index in engine_indexes:
+            self.engine(index)
 
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(PREFIX + name, doc, LABELS, registry=reg).labels(*self._labels)
+    def engine(self, index: int) -> "EngineMetrics":
+        """The series of engine `index` (created on first use)."""
+        metrics = self.engines.get(index)
+        if metrics is None:
+            metrics = EngineMetrics(self._families, (self.model_name, str(index)))
+            metrics.set_sleep_level(self._sleep_level)
+            self.engines[index] = metrics
+        return metrics
 
-        def counter(name: str, doc: str) -> Counter:
-            return Counter(PREFIX + name, doc, LABELS, registry=reg).labels(*self._labels)
+    def set_sleep_level(self, level: int) -> None:
+        """Show sleep level `level` (0: awake) in every engine's `vllm:engine_sleep_state`."""
+        self._sleep_level = level
+        for metrics in self.engines.values():
+            metrics.set_sleep_level(level)
 
-        def histogram(name: str, doc: str, buckets: Sequence[float]) -> Histogram:
-            return Histogram(PREFIX + name, doc, LABELS, buckets=buckets,
-                             registry=reg).labels(*self._labels)
+    def record(self, scheduler_stats: SchedulerStats | None,
+               frontend_stats: FrontendStats) -> None:
+        """Fold one stats report in (the signature of an engine stats listener), under the
+        engine that produced it."""
+        self.engine(frontend_stats.engine_index).record(scheduler_stats, frontend_stats)
 
-        # scheduler state
-        self.num_requests_running = gauge("num_requests_running",
-                                          "Number of requests in model execution batches.")
-        self.num_requests_waiting = gauge("num_requests_waiting",
-                                          "Number of requests waiting to be processed.")
-        self.kv_cache_usage_perc = gauge("kv_cache_usage_perc",
-                                         "KV-cache usage. 1 means 100 percent usage.")
-        self.gpu_cache_usage_perc = gauge(
-            "gpu_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage. "
-            "DEPRECATED: Use vllm:kv_cache_usage_perc instead.")
-        sleep_state = Gauge(PREFIX + "engine_sleep_state",
-                            "Engine sleep state; awake = 0 means engine is sleeping; awake = 1 "
-                            "means engine is awake; weights_offloaded = 1 means sleep level 1; "
-                            "discard_all = 1 means sleep level 2.",
-                            (*LABELS, "sleep_state"), registry=reg)
-        self.engine_sleep_state = {s: sleep_state.labels(*self._labels, s) for s in SLEEP_STATES}
-        self.set_sleep_level(0)
-        # counters
-        self.prefix_cache_queries = counter(
-            "prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.")
-        self.prefix_cache_hits = counter(
-            "prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.")
-        self.num_preemptions = counter("num_preemptions",
-                                       "Cumulative number of preemption from the engine.")
-        self.prompt_tokens = counter("prompt_tokens", "Number of prefill tokens processed.")
-        self.generation_tokens = counter("generation_tokens",
-                                         "Number of generation tokens processed.")
-        success = Counter(PREFIX + "request_success", "Count of successfully processed requests.",
-                          (*LABELS, "finished_reason"), registry=reg)
-        self.request_success = {r: success.labels(*self._labels, r) for r in FINISHED_REASONS}
-        # histograms of token counts
-        tokens = build_1_2_5_buckets(max_model_len)
-        self.request_prompt_tokens = histogram(
-            "request_prompt_tokens", "Number of prefill tokens processed.", tokens)
-        self.request_generation_tokens = histogram(
-            "request_generation_tokens", "Number of generation tokens processed.", tokens)
-        self.request_prefill_kv_computed_tokens = histogram(
-            "request_prefill_kv_computed_tokens", "Histogram of new KV tokens computed during "
-            "prefill (excluding cached tokens).", tokens)
-        self.iteration_tokens = histogram(
-            "iteration_tokens_total", "Histogram of number of tokens per engine_step.",
-            ITERATION_TOKEN_BUCKETS)
-        self.request_max_num_generation_tokens = histogram(
-            "request_max_num_generation_tokens",
-            "Histogram of maximum number of requested generation tokens.", tokens)
-        self.request_params_n = histogram("request_params_n",
-                                          "Histogram of the n request parameter.", N_BUCKETS)
-        self.request_params_max_tokens = histogram(
-            "request_params_max_tokens", "Histogram of the max_tokens request parameter.", tokens)
-        # histograms of latencies
-        self.ttft = histogram("time_to_first_token_seconds",
-                              "Histogram of time to first token in seconds.", TTFT_BUCKETS)
-        self.itl = histogram("inter_token_latency_seconds",
-                             "Histogram of inter-token latency in seconds.", ITL_BUCKETS)
-        self.tpot = histogram("time_per_output_token_seconds",
-                              "Histogram of time per output token in seconds. DEPRECATED: Use "
-                              "vllm:inter_token_latency_seconds instead.", ITL_BUCKETS)
-        self.request_tpot = histogram("request_time_per_output_token_seconds",
-                                      "Histogram of time_per_output_token_seconds per request.",
-                                      ITL_BUCKETS)
-        self.e2e = histogram("e2e_request_latency_seconds",
-                             "Histogram of e2e request latency in seconds.",
-                             REQUEST_LATENCY_BUCKETS)
-        self.queue_time = histogram("request_queue_time_seconds",
-                                    "Histogram of time spent in WAITING phase for request.",
-                                    REQUEST_LATENCY_BUCKETS)
-        self.inference_time = histogram("request_inference_time_seconds",
-                                        "Histogram of time spent in RUNNING phase for request.",
-                                        REQUEST_LATENCY_BUCKETS)
-        self.prefill_time = histogram("request_prefill_time_seconds",
-                                      "Histogram of time spent in PREFILL phase for request.",
-                                      REQUEST_LATENCY_BUCKETS)
-        self.decode_time = histogram("request_decode_time_seconds",
-                                     "Histogram of time spent in DECODE phase for request.",
-                                     REQUEST_LATENCY_BUCKETS)
+    def render(self) -> tuple[bytes, str]:
+        """(body, content type) of the Prometheus text exposition."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _families(reg: CollectorRegistry, max_model_len: int) -> dict[str, Any]:
+    """Every metric family (labels `LABELS`, plus sleep_state / finished_reason where named),
+    by the attribute name `EngineMetrics` gives its series."""
+    families: dict[str, Any] = {}
+
+    def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> None:
+        families[name] = Gauge(PREFIX + name, doc, (*LABELS, *extra), registry=reg)
+
+    def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> None:
+        families[name] = Counter(PREFIX + name, doc, (*LABELS, *extra), registry=reg)
+
+    def histogram(attr: str, name: str, doc: str, buckets: Sequence[float]) -> None:
+        families[attr] = Histogram(PREFIX + name, doc, LABELS, buckets=buckets, registry=reg)
+
+    # scheduler state
+    gauge("num_requests_running", "Number of requests in model execution batches.")
+    gauge("num_requests_waiting", "Number of requests waiting to be processed.")
+    gauge("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
+    gauge("gpu_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage. "
+          "DEPRECATED: Use vllm:kv_cache_usage_perc instead.")
+    gauge("engine_sleep_state", "Engine sleep state; awake = 0 means engine is sleeping; awake "
+          "= 1 means engine is awake; weights_offloaded = 1 means sleep level 1; discard_all = 1 "
+          "means sleep level 2.", ("sleep_state",))
+    # counters
+    counter("prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.")
+    counter("prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.")
+    counter("num_preemptions", "Cumulative number of preemption from the engine.")
+    counter("prompt_tokens", "Number of prefill tokens processed.")
+    counter("generation_tokens", "Number of generation tokens processed.")
+    counter("request_success", "Count of successfully processed requests.",
+            ("finished_reason",))
+    # histograms of token counts
+    tokens = build_1_2_5_buckets(max_model_len)
+    for name, doc in (
+            ("request_prompt_tokens", "Number of prefill tokens processed."),
+            ("request_generation_tokens", "Number of generation tokens processed."),
+            ("request_prefill_kv_computed_tokens", "Histogram of new KV tokens computed during "
+             "prefill (excluding cached tokens)."),
+            ("request_max_num_generation_tokens",
+             "Histogram of maximum number of requested generation tokens."),
+            ("request_params_max_tokens", "Histogram of the max_tokens request parameter.")):
+        histogram(name, name, doc, tokens)
+    histogram("iteration_tokens", "iteration_tokens_total",
+              "Histogram of number of tokens per engine_step.", ITERATION_TOKEN_BUCKETS)
+    histogram("request_params_n", "request_params_n", "Histogram of the n request parameter.",
+              N_BUCKETS)
+    # histograms of latencies
+    histogram("ttft", "time_to_first_token_seconds",
+              "Histogram of time to first token in seconds.", TTFT_BUCKETS)
+    histogram("itl", "inter_token_latency_seconds",
+              "Histogram of inter-token latency in seconds.", ITL_BUCKETS)
+    histogram("tpot", "time_per_output_token_seconds",
+              "Histogram of time per output token in seconds. DEPRECATED: Use "
+              "vllm:inter_token_latency_seconds instead.", ITL_BUCKETS)
+    histogram("request_tpot", "request_time_per_output_token_seconds",
+              "Histogram of time_per_output_token_seconds per request.", ITL_BUCKETS)
+    for attr, name, doc in (
+            ("e2e", "e2e_request_latency_seconds", "Histogram of e2e request latency in seconds."),
+            ("queue_time", "request_queue_time_seconds",
+             "Histogram of time spent in WAITING phase for request."),
+            ("inference_time", "request_inference_time_seconds",
+             "Histogram of time spent in RUNNING phase for request."),
+            ("prefill_time", "request_prefill_time_seconds",
+             "Histogram of time spent in PREFILL phase for request."),
+            ("decode_time", "request_decode_time_seconds",
+             "Histogram of time spent in DECODE phase for request.")):
+        histogram(attr, name, doc, REQUEST_LATENCY_BUCKETS)
+    return families
+
+
+class EngineMetrics:
+    """The series of one engine (labels: model name, engine index)."""
+
+    def __init__(self, families: dict[str, Any], labels: tuple[str, str]):
+        def series(name: str) -> Any:
+            return families[name].labels(*labels)
+
+        self.num_requests_running = series("num_requests_running")
+        self.num_requests_waiting = series("num_requests_waiting")
+        self.kv_cache_usage_perc = series("kv_cache_usage_perc")
+        self.gpu_cache_usage_perc = series("gpu_cache_usage_perc")
+        self.engine_sleep_state = {s: families["engine_sleep_state"].labels(*labels, s)
+                                   for s in SLEEP_STATES}
+        self.prefix_cache_queries = series("prefix_cache_queries")
+        self.prefix_cache_hits = series("prefix_cache_hits")
+        self.num_preemptions = series("num_preemptions")
+        self.prompt_tokens = series("prompt_tokens")
+        self.generation_tokens = series("generation_tokens")
+        self.request_success = {r: families["request_success"].labels(*labels, r)
+                                for r in FINISHED_REASONS}
+        self.request_prompt_tokens = series("request_prompt_tokens")
+        self.request_generation_tokens = series("request_generation_tokens")
+        self.request_prefill_kv_computed_tokens = series("request_prefill_kv_computed_tokens")
+        self.iteration_tokens = series("iteration_tokens")
+        self.request_max_num_generation_tokens = series("request_max_num_generation_tokens")
+        self.request_params_n = series("request_params_n")
+        self.request_params_max_tokens = series("request_params_max_tokens")
+        self.ttft = series("ttft")
+        self.itl = series("itl")
+        self.tpot = series("tpot")
+        self.request_tpot = series("request_tpot")
+        self.e2e = series("e2e")
+        self.queue_time = series("queue_time")
+        self.inference_time = series("inference_time")
+        self.prefill_time = series("prefill_time")
+        self.decode_time = series("decode_time")
 
     def set_sleep_level(self, level: int) -> None:
         """Show sleep level `level` (0: awake) in `vllm:engine_sleep_state`."""
@@ -168,7 +222,7 @@ class PrometheusMetrics:
 
     def record(self, scheduler_stats: SchedulerStats | None,
                frontend_stats: FrontendStats) -> None:
-        """Fold one stats report in (the signature of an engine stats listener)."""
+        """Fold one stats report of this engine in."""
         if scheduler_stats is not None:
             self._record_scheduler(scheduler_stats)
         self.prompt_tokens.inc(frontend_stats.num_prompt_tokens)
@@ -218,7 +272,3 @@ class PrometheusMetrics:
                 histogram.observe(value)
         if finished.first_token_time is not None:
             self.decode_time.observe(finished.decode_time)
-
-    def render(self) -> tuple[bytes, str]:
-        """(body, content type) of the Prometheus text exposition."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -16,7 +16,7 @@ import pytest
 
 from sluice.engine.launch import EngineProcess
 from sluice.errors import EngineDeadError, EngineStartupError, ModelLoadError
-from sluice.frontend.client import SyncMPClient
+from sluice.frontend.sync_client import SyncMPClient
 from sluice.frontend.llm import LLM
 from sluice.hf_config import load_model_spec
 from sluice.messages import EngineCoreRequest
@@ -143,7 +143,7 @@ def test_child_never_outlives_its_parent(llama_dir, tmp_path, sig):
     script.write_text(textwrap.dedent(f"""
         import os, time
         from sluice.config_sources import build_engine_config
-        from sluice.frontend.client import SyncMPClient
+        from sluice.frontend.sync_client import SyncMPClient
 
         if __name__ == "__main__":
             config = build_engine_config(overrides={{

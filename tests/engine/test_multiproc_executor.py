@@ -19,7 +19,7 @@ import pytest
 
 from sluice.errors import ConfigError, EngineDeadError
 from sluice.executor.worker_proc import process_name
-from sluice.frontend.client import SyncMPClient
+from sluice.frontend.sync_client import SyncMPClient
 from sluice.frontend.llm import LLM
 from sluice.messages import EngineCoreRequest
 from sluice.sampling_params import SamplingParams

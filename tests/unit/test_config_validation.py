@@ -128,10 +128,19 @@ def test_unknown_override_and_cli_key():
     assert "unknown option 'blocksize'" in one_problem(cli_args={"blocksize": 4})
 
 
-def test_data_parallelism_not_supported_yet():
-    msg = one_problem(cli_args={"data_parallel_size": "2"})
-    assert msg.startswith("--data-parallel-size") and "2" in msg and "not supported yet" in msg
-    assert "set it to 1" in msg
+def test_data_parallel_size_and_rank():
+    par = build_engine_config({"data_parallel_size": "2"}, env={}).parallel
+    assert (par.data_parallel_size, par.data_parallel_rank, par.engine_indexes) == (2, None,
+                                                                                    (0, 1))
+    par = build_engine_config({"data_parallel_size": "4", "data_parallel_rank": "3"},
+                              env={}).parallel
+    assert par.engine_indexes == (3,)
+    msg = one_problem(cli_args={"data_parallel_size": "2", "data_parallel_rank": "2"})
+    assert msg.startswith("--data-parallel-rank: 2 is not an engine of --data-parallel-size 2")
+    assert "Fix:" in msg
+    msg = one_problem(cli_args={"data_parallel_size": "2", "tensor_parallel_size": "2",
+                                "nnodes": "2"})
+    assert msg.startswith("--data-parallel-size: 2 engines in one server with --nnodes 2")
 
 
 def test_pipeline_parallelism_and_its_layer_partition():

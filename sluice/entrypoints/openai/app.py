@@ -193,7 +193,8 @@ class SleepingMiddleware:
 def build_app(engine: Any, config: EngineConfig) -> FastAPI:
     """The FastAPI app serving `engine` (an `AsyncLLM`, already started) under `config`."""
     ready = engine.ready
-    metrics = PrometheusMetrics(ready.model_name, ready.max_model_len)
+    metrics = PrometheusMetrics(ready.model_name, ready.max_model_len,
+                                engine_indexes=getattr(engine, "engine_indexes", (0,)))
     engine.add_stats_listener(metrics.record)
     stat_logger: LoggingStatLogger | None = None
     if not config.observability.disable_log_stats:
