@@ -66,7 +66,7 @@ from sluice.config import EngineConfig
 from sluice.config_sources import ENGINE_STARTUP_TIMEOUT_ENV, EXECUTE_MODEL_TIMEOUT_ENV
 from sluice.engine.serial import EngineFailure
 from sluice.errors import ConfigError, EngineDeadError, SluiceError
-from sluice.executor.base import Executor
+from sluice.executor.ranked import RankedExecutor
 from sluice.executor.nodes import NodeAssignment, NodeMonitor, headless_command
 from sluice.executor.wire import CallCodec, ReplyCodec, ReplyType, WorkerMethod
 from sluice.executor.worker_proc import WorkerArgs, process_name, run_worker
@@ -127,7 +127,7 @@ def describe_exit(exitcode: int | None) -> str:
     return describe(exitcode)
 
 
-class MultiprocExecutor(Executor):
+class MultiprocExecutor(RankedExecutor):
     def __init__(self, config: EngineConfig, spec: ModelSpec, max_model_len: int):
         par = config.parallel
         self.world_size = par.world_size
@@ -230,25 +230,6 @@ class MultiprocExecutor(Executor):
 
     # ---- the Executor's methods --------------------------------------------------------------
 
-    def load_model(self) -> None:
-        self._call_all(WorkerMethod.LOAD_MODEL)
-
-    def determine_available_kv_memory(self) -> int:
-        per_rank = self._call_all(WorkerMethod.DETERMINE_KV_MEMORY)
-        if len(set(per_rank)) > 1:
-            logger.info("KV memory available per rank: %s; using the minimum",
-                        ", ".join(f"{b / 2**20:.0f} MiB" for b in per_rank))
-        return min(per_rank)
-
-    def kv_cache_bytes_per_block(self) -> int:
-        return max(self._call_all(WorkerMethod.KV_BYTES_PER_BLOCK))
-
-    def initialize_kv_cache(self, num_blocks: int) -> None:
-        self._call_all(WorkerMethod.INITIALIZE_KV_CACHE, num_blocks)
-
-    def warm_up(self) -> None:
-        self._call_all(WorkerMethod.WARM_UP)
-
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.submit_step(scheduler_output).result()
 
@@ -271,12 +252,6 @@ class MultiprocExecutor(Executor):
                     self._steps.popleft().set_exception(e)
                 return
             self._steps.popleft().set_result(value[self.output_rank])
-
-    def sleep(self, level: int) -> None:
-        self._call_all(WorkerMethod.SLEEP, level)
-
-    def wake_up(self) -> None:
-        self._call_all(WorkerMethod.WAKE_UP)
 
     def check_health(self) -> None:
         """Raise `WorkerDiedError` if a worker process has exited."""

@@ -37,7 +37,7 @@ from typing import Any
 from sluice.config import EngineConfig
 from sluice.config_sources import ENGINE_STARTUP_TIMEOUT_ENV, EXECUTE_MODEL_TIMEOUT_ENV
 from sluice.errors import ConfigError, EngineDeadError
-from sluice.executor.base import Executor
+from sluice.executor.ranked import RankedExecutor
 from sluice.executor.multiproc import (DEFAULT_EXECUTE_MODEL_TIMEOUT_S, DEFAULT_SETUP_TIMEOUT_S,
                                        WorkerDiedError, WorkerHungError, _worker_error,
                                        env_seconds, threads_per_rank)
@@ -105,7 +105,7 @@ class RankActor:
         self._stopped.set()
 
 
-class RayExecutor(Executor):
+class RayExecutor(RankedExecutor):
     def __init__(self, config: EngineConfig, spec: ModelSpec, max_model_len: int):
         ray = self._ray = import_ray()
         from ray.util.placement_group import placement_group
@@ -185,35 +185,10 @@ class RayExecutor(Executor):
 
     # ---- the Executor's methods --------------------------------------------------------------
 
-    def load_model(self) -> None:
-        self._call_all(WorkerMethod.LOAD_MODEL)
-
-    def determine_available_kv_memory(self) -> int:
-        per_rank = self._call_all(WorkerMethod.DETERMINE_KV_MEMORY)
-        if len(set(per_rank)) > 1:
-            logger.info("KV memory available per rank: %s; using the minimum",
-                        ", ".join(f"{b / 2**20:.0f} MiB" for b in per_rank))
-        return min(per_rank)
-
-    def kv_cache_bytes_per_block(self) -> int:
-        return max(self._call_all(WorkerMethod.KV_BYTES_PER_BLOCK))
-
-    def initialize_kv_cache(self, num_blocks: int) -> None:
-        self._call_all(WorkerMethod.INITIALIZE_KV_CACHE, num_blocks)
-
-    def warm_up(self) -> None:
-        self._call_all(WorkerMethod.WARM_UP)
-
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         answers = self._call(WorkerMethod.EXECUTE_MODEL, scheduler_output,
                              self.execute_timeout_s)
         return answers[self.output_rank]
-
-    def sleep(self, level: int) -> None:
-        self._call_all(WorkerMethod.SLEEP, level)
-
-    def wake_up(self) -> None:
-        self._call_all(WorkerMethod.WAKE_UP)
 
     def check_health(self) -> None:
         """Raise `WorkerDiedError` if an actor has died."""
