@@ -77,6 +77,7 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1
         self.num_preemptions = 0
+        self.scheduled_time = 0.0   # time.monotonic() when first scheduled (0.0: not yet)
         # Prompt logprobs arrive per prefill chunk; they are held here until the output that
         # carries the first sampled token (see `messages.EngineCoreOutput`).
         self.pending_prompt_logprobs: list[TokenLogprobs] = []

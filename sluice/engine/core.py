@@ -131,8 +131,6 @@ class EngineCore:
             startup_seconds=timings)
         self.sleep_level = 0  # 0 awake; 1: KV cache released; 2: weights released too
         self._refused: list[str] = []  # requests that arrived while asleep, to abort
-        # request id -> when first scheduled (None: not yet); cleared at its first output
-        self._scheduled_at: dict[str, float | None] = {}
         logger.info("engine ready: %d KV blocks of %d tokens, max_model_len %d",
                     self.num_kv_blocks, config.cache.block_size, self.max_model_len)
 
@@ -158,12 +156,9 @@ class EngineCore:
             self._refused.append(request.request_id)
             return
         self.scheduler.add_request(Request.from_engine_core_request(request))
-        self._scheduled_at[request.request_id] = None
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
         request_ids = list(request_ids)
-        for request_id in request_ids:
-            self._scheduled_at.pop(request_id, None)
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
@@ -179,7 +174,6 @@ class EngineCore:
         if not self.scheduler.has_unfinished_requests():
             return self._outputs([])
         scheduler_output = self.scheduler.schedule()
-        self._stamp_scheduled(scheduler_output)
         runner_output = self.executor.execute_model(scheduler_output)
         return self._update(scheduler_output, runner_output)
 
@@ -194,7 +188,6 @@ class EngineCore:
             scheduler_output = self.scheduler.schedule()
             # an empty batch still goes if it carries finished ids for the workers to drop
             if not scheduler_output.is_empty or scheduler_output.finished_request_ids:
-                self._stamp_scheduled(scheduler_output)
                 queue.append((scheduler_output, self.executor.submit_step(scheduler_output)))
                 self.max_batches_in_flight = max(self.max_batches_in_flight, len(queue))
                 submitted = True
@@ -207,7 +200,6 @@ class EngineCore:
                 runner_output: ModelRunnerOutput) -> EngineCoreOutputs:
         """The end of a step: update the scheduler from its output, publish, report."""
         outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
-        self._attach_scheduled_times(outputs)
         self._publish_kv_events()
         return self._outputs(outputs)
 
@@ -242,21 +234,6 @@ class EngineCore:
         events = self.scheduler.kv_cache_manager.take_events()
         if events:
             self.kv_event_publisher.publish(KVEventBatch(ts=time.time(), events=events))
-
-    # ---- step hooks: when each request was first scheduled (for queue/prefill metrics) -----
-    def _stamp_scheduled(self, scheduler_output: SchedulerOutput) -> None:
-        now = time.monotonic()
-        for new in scheduler_output.scheduled_new_reqs:
-            if new.request_id in self._scheduled_at and \
-                    self._scheduled_at[new.request_id] is None:
-                self._scheduled_at[new.request_id] = now
-
-    def _attach_scheduled_times(self, outputs: list[EngineCoreOutput]) -> None:
-        """Put the first-scheduled time on each request's first output (once)."""
-        for out in outputs:
-            scheduled = self._scheduled_at.pop(out.request_id, None)
-            if scheduled is not None:
-                out.scheduled_time = scheduled
 
     def _refused_outputs(self) -> EngineCoreOutputs:
         outputs = [EngineCoreOutput(request_id, [], finish_reason=FinishReason.ABORT)

@@ -30,7 +30,6 @@ import multiprocessing.util  # noqa: F401  (registers its atexit hook before our
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import threading
 import time
@@ -43,6 +42,7 @@ from sluice.engine.core_proc import run_engine_core
 from sluice.engine.serial import HandshakeFailed, decode_handshake
 from sluice.errors import EngineStartupError
 from sluice.messages import EngineReady
+from sluice.platform.host import describe_exit, free_ports
 
 logger = logging.getLogger(__name__)
 
@@ -83,18 +83,6 @@ def make_ipc_dir() -> EngineAddresses:
     path = tempfile.mkdtemp(prefix="sluice-", dir=base)
     os.chmod(path, 0o700)
     return EngineAddresses(path, f"ipc://{path}/input", f"ipc://{path}/output")
-
-
-def describe_exit(exitcode: int | None) -> str:
-    """"exit code 1", "signal SIGKILL", or "an unknown status"."""
-    if exitcode is None:
-        return "an unknown status"
-    if exitcode < 0:
-        try:
-            return f"signal {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"signal {-exitcode}"
-    return f"exit code {exitcode}"
 
 
 class EngineProcess:
@@ -248,22 +236,11 @@ def dp_engine_configs(config: EngineConfig) -> list[EngineConfig]:
     ports: list[int | None] = [None] * n
     if par.world_size > 1 and par.executor_backend == "mp":
         ports = ([par.master_port + rank for rank in range(n)] if par.master_port is not None
-                 else _free_ports(par.master_addr, n))
+                 else free_ports(par.master_addr, n))
     return [dataclasses.replace(
         config, device=dataclasses.replace(config.device, num_threads=threads),
         parallel=dataclasses.replace(par, data_parallel_rank=rank, master_port=ports[rank]))
         for rank in range(n)]
-
-
-def _free_ports(host: str, count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def launch_engines(config: EngineConfig, *,

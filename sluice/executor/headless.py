@@ -34,6 +34,7 @@ from sluice.executor.nodes import (HEARTBEAT_INTERVAL_S, Bye, Heartbeat, NodeAss
                                    NodeHello, NodeLeaving, NodeRefused, Pong, RankDied, ToNode,
                                    join_address, node_timeout_s)
 from sluice.executor.worker_proc import WorkerArgs, process_name, run_worker
+from sluice.platform.host import describe_exit
 
 logger = logging.getLogger("sluice.headless")
 
@@ -186,7 +187,6 @@ class HeadlessNode:
                     poller.unregister(fd)
                     del sentinels[fd]
                 else:
-                    from sluice.executor.nodes import describe_exit
                     logger.error("Node %d: worker rank %d (pid %d) died with %s",
                                  self.node_rank, rank, process.pid,
                                  describe_exit(process.exitcode))

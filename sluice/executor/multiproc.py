@@ -71,7 +71,7 @@ from sluice.executor.nodes import NodeAssignment, NodeMonitor, headless_command
 from sluice.executor.wire import CallCodec, ReplyCodec, ReplyType, WorkerMethod
 from sluice.executor.worker_proc import WorkerArgs, process_name, run_worker
 from sluice.hf_config import ModelSpec
-from sluice.platform.host import affinity_cpus
+from sluice.platform.host import affinity_cpus, describe_exit, free_ports
 from sluice.step import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -116,17 +116,6 @@ def threads_per_rank(config: EngineConfig) -> int:
     return max(1, total // config.parallel.ranks_per_node)
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def describe_exit(exitcode: int | None) -> str:
-    from sluice.engine.launch import describe_exit as describe
-    return describe(exitcode)
-
-
 class MultiprocExecutor(RankedExecutor):
     def __init__(self, config: EngineConfig, spec: ModelSpec, max_model_len: int):
         par = config.parallel
@@ -164,7 +153,7 @@ class MultiprocExecutor(RankedExecutor):
                 self._calls.append(sock)
             if par.rendezvous_port is not None and self.world_size > 1:
                 check_master_port(par.master_addr, par.rendezvous_port)
-            port = par.rendezvous_port or free_port(par.master_addr)
+            port = par.rendezvous_port or free_ports(par.master_addr)[0]
             init_method = f"tcp://{par.master_addr}:{port}"
             if par.nnodes > 1:
                 self._nodes = self._start_node_monitor(config, spec, max_model_len, init_method)

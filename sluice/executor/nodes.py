@@ -42,6 +42,7 @@ import sluice
 from sluice.config import EngineConfig, ParallelConfig
 from sluice.errors import ConfigError
 from sluice.hf_config import ModelSpec
+from sluice.platform.host import describe_exit
 
 logger = logging.getLogger(__name__)
 
@@ -120,11 +121,6 @@ def node_timeout_s() -> float:
     from sluice.config_sources import NODE_TIMEOUT_ENV
     from sluice.executor.multiproc import env_seconds
     return env_seconds(NODE_TIMEOUT_ENV, DEFAULT_NODE_TIMEOUT_S)
-
-
-def describe_exit(exitcode: int | None) -> str:
-    from sluice.engine.launch import describe_exit as describe
-    return describe(exitcode)
 
 
 # ---- the head's side -------------------------------------------------------------------------

@@ -34,13 +34,13 @@ import zmq
 import zmq.asyncio
 
 from sluice.config import EngineConfig
-from sluice.engine.launch import (EngineProcess, describe_exit, launch_engines,
-                                  shutdown_processes, wait_all_ready)
+from sluice.engine.launch import EngineProcess, launch_engines, shutdown_processes, wait_all_ready
 from sluice.engine.serial import (EngineFailure, OutputType, RequestType, UtilityMethod,
                                   UtilityRequest, UtilityResult, output_codec, request_codec)
 from sluice.errors import (ConfigError, EngineBusyError, EngineDeadError,
                            InvalidRequestError)
 from sluice.messages import EngineCoreOutputs, EngineCoreRequest, EngineReady
+from sluice.platform.host import describe_exit
 
 logger = logging.getLogger(__name__)
 

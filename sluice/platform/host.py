@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import platform as _pyplatform
+import signal
+import socket
 from pathlib import Path
 
 X86_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
@@ -129,3 +131,29 @@ def memory_bytes() -> tuple[int, int]:
         limit, used = cg
         total, available = min(total, limit), min(available, max(0, limit - used))
     return total, available
+
+
+def free_ports(host: str, count: int = 1) -> list[int]:
+    """`count` distinct TCP ports free on `host` right now (the OS picks them; all sockets are
+    held open together, so the ports differ)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """A process exit status in words: "exit code 1", "signal SIGKILL", or "an unknown
+    status" (`multiprocessing`'s convention: negative = killed by that signal)."""
+    if exitcode is None:
+        return "an unknown status"
+    if exitcode < 0:
+        try:
+            return f"signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit code {exitcode}"

@@ -293,10 +293,9 @@ class ModelRunner:
                          s.eos_token_id, s.generator) for s in rows],
             vocab_size=self.spec.vocab_size, device=self.device,
             shared_generator=self.shared_generator)
-        # the greedy screen exists with one TP rank only (layer_ops): under TP every rank must
-        # reach compute_logits, whose gather is a collective
-        token_ids = (self.model.greedy_tokens(hidden_rows)
-                     if metadata.is_plain_greedy and tp.size == 1 else None)
+        # (under TP there is no greedy screen, `layer_ops`: every rank reaches the collective
+        # compute_logits)
+        token_ids = self.model.greedy_tokens(hidden_rows) if metadata.is_plain_greedy else None
         logprobs = None
         if token_ids is None:
             result = self.sampler(self.model.compute_logits(hidden_rows), metadata)

@@ -40,6 +40,8 @@ requests spread over pp batches that overlap in the pipeline.
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -238,8 +240,9 @@ class Scheduler:
             if kv.allocate_slots(request, num_new, num_hit, hit_blocks) is None:
                 break
             self.waiting.pop()
-            if request.status == RequestStatus.WAITING:
+            if request.status == RequestStatus.WAITING:   # first admission
                 request.num_cached_tokens = num_hit
+                request.scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_hit
             self.running.append(request)
@@ -336,7 +339,8 @@ class Scheduler:
             request_id=request.request_id, new_token_ids=new_token_ids,
             new_logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             finish_reason=request.finish_reason, stop_reason=request.stop_reason,
-            num_cached_tokens=max(0, request.num_cached_tokens))
+            num_cached_tokens=max(0, request.num_cached_tokens),
+            scheduled_time=request.scheduled_time if first_tokens else 0.0)
 
     def _free_finished(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
