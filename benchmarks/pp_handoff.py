@@ -18,15 +18,10 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import socket
 import statistics
 import time
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from sluice.platform.host import free_ports
 
 
 def _rank(rank: int, port: int, hidden: int, tokens: list[int], iters: int, out) -> None:
@@ -67,7 +62,7 @@ def main() -> None:
     tokens = [int(t) for t in args.tokens.split(",")]
     ctx = multiprocessing.get_context("spawn")
     recv_end, send_end = ctx.Pipe(duplex=False)
-    port = _free_port()
+    port = free_ports("127.0.0.1")[0]
     procs = [ctx.Process(target=_rank, args=(r, port, args.hidden, tokens, args.iters,
                                              send_end)) for r in range(2)]
     for p in procs:

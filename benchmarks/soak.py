@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,14 +25,9 @@ import httpx
 
 from sluice import event_loop
 from sluice.bench.soak import RoundResult, SoakConfig, engine_processes, rss_breakdown, soak
+from sluice.platform.host import free_ports
 
 _LAUNCH = "import sys; from sluice.entrypoints.cli import main; sys.exit(main())"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model: str | None, port: int, extra: list[str]) -> subprocess.Popen:
@@ -97,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                         disconnect_fraction=args.disconnect_fraction,
                         max_tokens=(1, args.max_tokens), prompt_words=(1, args.prompt_words),
                         seed=args.seed)
-    port = free_port()
+    port = free_ports("127.0.0.1")[0]
     url = f"http://127.0.0.1:{port}"
     proc = start_server(args.model, port, shlex.split(args.serve_args))
     results: list[RoundResult] = []

@@ -15,7 +15,6 @@ driver samples (rank 1 has no sampler at all) and both ranks end with the same t
 
 from __future__ import annotations
 
-import socket
 import traceback
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch.multiprocessing as mp
 from _sluice_model_helpers import randomize_vectors
 from sluice.errors import ConfigError
 from sluice.model_spec.parallel_check import check_tensor_parallel, padded_vocab_size
+from sluice.platform.host import free_ports
 from sluice.testing.tiny_models import TinyModelSpec
 
 TP = 2
@@ -184,19 +184,13 @@ def _rank_main(rank: int, port: int, cases: dict, results) -> None:
         ps.destroy_parallel_state()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(300)
 def test_tp2_matches_tp1_for_every_architecture(case_dirs):
     cases = {name: (case_dirs[name], ops, backend)
              for name, (_, ops, backend) in CASES.items()}
     ctx = mp.get_context("spawn")
     results = ctx.Manager().dict()
-    port = _free_port()
+    port = free_ports("127.0.0.1")[0]
     procs = [ctx.Process(target=_rank_main, args=(r, port, cases, results)) for r in range(TP)]
     for p in procs:
         p.start()

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.multiprocessing as mp
 
 from sluice.distributed import parallel_state as ps
 from sluice.distributed.comm import SingleRankCommunicator
+from sluice.platform.host import free_ports
 
 
 def test_layout_follows_vllm_rank_order():
@@ -32,12 +32,6 @@ def test_groups_are_single_rank_until_initialised():
     assert comm.broadcast_object({"a": 1}) == {"a": 1}
     with pytest.raises(RuntimeError, match="single-rank"):
         comm.send(x, 1)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, port: int, results) -> None:
@@ -68,7 +62,7 @@ def _rank_main(rank: int, port: int, results) -> None:
 def test_collectives_on_gloo_groups_tp2_pp2():
     ctx = mp.get_context("spawn")
     results = ctx.Manager().dict()
-    port = _free_port()
+    port = free_ports("127.0.0.1")[0]
     procs = [ctx.Process(target=_rank_main, args=(r, port, results)) for r in range(4)]
     for p in procs:
         p.start()
