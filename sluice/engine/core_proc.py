@@ -38,6 +38,7 @@ from sluice.engine.serial import (EngineFailure, HandshakeFailed, HandshakeReady
                                   encode_handshake, output_codec, request_codec)
 from sluice.errors import SluiceError
 from sluice.messages import EngineCoreOutputs, EngineCoreRequest, EngineReady
+from sluice.platform.host import wait_for_parent_exit
 
 logger = logging.getLogger(__name__)
 
@@ -300,18 +301,10 @@ def _watch_parent(ipc_dir: str, get_proc: Callable[[], EngineCoreProc | None]) -
     """Start a thread that ends this process when the parent dies (even by SIGKILL): the
     parent's sentinel pipe closes, or we get re-parented. A running loop gets a short grace
     period to shut down cleanly, then the process exits hard."""
-    parent = multiprocessing.parent_process()
     ppid = os.getppid()
 
     def watch() -> None:
-        while True:
-            if parent is not None:
-                if multiprocessing.connection.wait([parent.sentinel], timeout=1.0):
-                    break
-            else:
-                threading.Event().wait(1.0)
-            if os.getppid() != ppid:
-                break
+        wait_for_parent_exit(ppid)
         logger.warning("engine core: the parent process is gone; exiting")
         shutil.rmtree(ipc_dir, ignore_errors=True)
         proc = get_proc()

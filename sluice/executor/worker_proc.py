@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import multiprocessing
-import multiprocessing.connection
 import os
 import shutil
 import signal
@@ -38,6 +36,7 @@ from sluice.config import EngineConfig
 from sluice.engine.serial import EngineFailure
 from sluice.executor.wire import CallCodec, ReplyCodec, ReplyType, WorkerMethod
 from sluice.hf_config import ModelSpec
+from sluice.platform.host import wait_for_parent_exit
 
 logger = logging.getLogger(__name__)
 
@@ -198,17 +197,8 @@ def setup_logging(args: WorkerArgs) -> None:
 def _watch_parent(args: WorkerArgs) -> None:
     """Exit this process when the parent dies: its sentinel pipe closes, or we get
     re-parented."""
-    parent = multiprocessing.parent_process()
-
     def watch() -> None:
-        while True:
-            if parent is not None:
-                if multiprocessing.connection.wait([parent.sentinel], timeout=1.0):
-                    break
-            else:
-                threading.Event().wait(1.0)
-            if os.getppid() != args.parent_pid:
-                break
+        wait_for_parent_exit(args.parent_pid)
         if args.ipc_dir:   # "" on a headless node (tcp endpoints only)
             shutil.rmtree(args.ipc_dir, ignore_errors=True)
         os._exit(1)

@@ -6,10 +6,13 @@ cgroup)). Used by `platform.cpu` and by `sluice env`.
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.connection
 import os
 import platform as _pyplatform
 import signal
 import socket
+import threading
 from pathlib import Path
 
 X86_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
@@ -157,3 +160,18 @@ def describe_exit(exitcode: int | None) -> str:
         except ValueError:
             return f"signal {-exitcode}"
     return f"exit code {exitcode}"
+
+
+def wait_for_parent_exit(parent_pid: int) -> None:
+    """Block until this process's parent is gone: the `multiprocessing` parent's sentinel
+    pipe closes (it died, even by SIGKILL), or we were re-parented away from `parent_pid`.
+    Checks once a second; meant for a daemon watcher thread."""
+    parent = multiprocessing.parent_process()
+    while True:
+        if parent is not None:
+            if multiprocessing.connection.wait([parent.sentinel], timeout=1.0):
+                return
+        else:
+            threading.Event().wait(1.0)
+        if os.getppid() != parent_pid:
+            return
