@@ -34,6 +34,55 @@ class RequestOutputKind(IntEnum):
     FINAL_ONLY = 2  # one output, when the request finishes
 
 
+class StructuredOutputsParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One output constraint, as vLLM's `StructuredOutputsParams`: exactly one of
+
+    * `json`: a JSON schema (a dict, or its JSON text) the output must validate against;
+    * `json_object`: True for any JSON object (OpenAI's `response_format: json_object`);
+    * `regex`: the output matches this regular expression in full;
+    * `choice`: the output is exactly one of these strings;
+    * `grammar`: a context-free grammar (Lark, or GBNF/EBNF as llama.cpp and vLLM write it);
+    * `structural_tag`: vLLM's structural tag (JSON text: tagged regions whose bodies follow
+      a schema, free text elsewhere).
+
+    `disable_any_whitespace` makes JSON compact; `disable_additional_properties` treats every
+    object schema without `additionalProperties` as closed; `whitespace_pattern` is vLLM's
+    JSON whitespace regex. The grammar backend (`sluice.structured_output`) compiles it; a
+    constraint it cannot compile is an `InvalidRequestError` naming the field.
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in CONSTRAINT_KINDS if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise InvalidRequestError(
+                "structured_outputs must set exactly one of "
+                f"{', '.join(CONSTRAINT_KINDS)}; got {', '.join(given) or 'none'}.",
+                param="structured_outputs")
+        if self.choice is not None and (not self.choice
+                                        or not all(isinstance(c, str) for c in self.choice)):
+            raise InvalidRequestError("structured_outputs.choice must be a non-empty list of "
+                                      "strings.", param="structured_outputs.choice")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint is set: one of `CONSTRAINT_KINDS`."""
+        return next(n for n in CONSTRAINT_KINDS if getattr(self, n) not in (None, False))
+
+
+CONSTRAINT_KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
+"""The fields of `StructuredOutputsParams` that name a constraint (exactly one is set)."""
+
+
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Decoding parameters, named as in vLLM and the OpenAI API.
 
@@ -53,6 +102,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
       `bad_words_token_ids` may also be given directly (token-level bad words).
     * `truncate_prompt_tokens=k`: keep only the last k prompt tokens (-1: the last
       max_model_len tokens).
+    * `structured_outputs`: constrain the output to a JSON schema, regex, choice or grammar
+      (`StructuredOutputsParams`).
     """
 
     n: int = 1
@@ -78,6 +129,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     bad_words: list[str] | None = None
     bad_words_token_ids: list[list[int]] | None = None
     truncate_prompt_tokens: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
