@@ -6,20 +6,29 @@ operators the Python layers call with layer ops 'cpu', without returning to Pyth
 them. At one request that Python is about a third of the step. Prefill and mixed steps, and
 anything the stack does not cover, run the Python layers.
 
-`install_fused_decode(model)` (called by the model loader for layer ops 'cpu') attaches a
-`FusedDecode` to `model.model.fused_decode` when the model is a Llama-family decoder whose
-attention layers use the C++ paged kernel and whose weights are float32 on the CPU.
+`install_fused_decode(model, ops)` (called by the model loader after the weights are loaded,
+with the C++ operators of layer ops 'cpu') attaches a `FusedDecode` to
+`model.model.fused_decode` when the model is a Llama-family decoder whose attention layers use
+the C++ paged kernel and whose layers are all ones the stack supports.
 
-Supported: one tensor-parallel rank and one pipeline stage only. The C++ stack has no
-all-reduce between o_proj / down_proj and the residual, so with tp > 1 (any layer with
-`tp_size` > 1) it is not installed and decode steps run the Python layers, which all-reduce over
-the TP group; and it runs embeddings through every layer to the final norm, so a model holding
-one pipeline stage's layers (`start_layer`/`end_layer` not the whole model) runs the Python
-layers too.
+Supported (`FUSED_DECODE_SUPPORT`, the one declaration; anything else runs the Python layers,
+which are always correct):
+* linear methods `DenseLinearMethod` and `CpuPackedLinearMethod` only (the stack reads each
+  projection's plain float32 weight and its oneDNN packed copy, `layer.packed_weight`, or
+  none): a method that changes the product — an adapter wrapping a method, a quantized one —
+  is not seen by the C++ stack, so the stack steps aside for it;
+* float32 weights (the stack's arithmetic) and a float32 KV cache (`FusedDecode.applies`);
+* one tensor-parallel rank: the C++ stack has no all-reduce between o_proj / down_proj and the
+  residual, so with tp > 1 (any layer with `tp_size` > 1) decode steps run the Python layers,
+  which all-reduce over the TP group;
+* the whole model on one pipeline stage: it runs embeddings through every layer to the final
+  norm, so a model holding one stage's layers (`start_layer`/`end_layer` not the whole model)
+  runs the Python layers.
 """
 
 from __future__ import annotations
 
+import logging
 from types import ModuleType
 
 import torch
@@ -28,6 +37,15 @@ from torch import nn
 from sluice.model.attention.backends.cpu_paged import CpuPagedBackend
 from sluice.model.attention.forward_context import get_forward_context
 from sluice.model.layers.layer_ops import fast_path_ok
+from sluice.model.layers.linear_method import (CpuPackedLinearMethod, DenseLinearMethod,
+                                               FastPathSupport)
+
+logger = logging.getLogger(__name__)
+
+#: the layers the C++ stack computes (module doc); any other layer makes it step aside
+FUSED_DECODE_SUPPORT = FastPathSupport(
+    "fused decode stack", methods=(DenseLinearMethod, CpuPackedLinearMethod),
+    dtypes=(torch.float32,), single_rank=True)
 
 
 class FusedDecode:
@@ -43,8 +61,8 @@ class FusedDecode:
         def bias(m: nn.Module) -> torch.Tensor | None:
             return getattr(m, "bias", None)
 
-        def packed(m: nn.Module) -> torch.Tensor | None:  # the oneDNN copy, see layer_ops
-            return getattr(m.gemm, "packed", None)
+        def packed(m: nn.Module) -> torch.Tensor | None:  # CpuPackedLinearMethod's copy
+            return m.__dict__.get("packed_weight")
 
         self.stack = ops.DecodeStack(
             n_heads=attn.num_heads, n_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim,
@@ -60,8 +78,7 @@ class FusedDecode:
             gate_up=[l.mlp.gate_up_proj.weight for l in layers],
             down=[l.mlp.down_proj.weight for l in layers],
             final_norm=model.norm.weight,
-            packed=[packed(m) for l in layers for m in (l.self_attn.qkv_proj, l.self_attn.o_proj,
-                                                        l.mlp.gate_up_proj, l.mlp.down_proj)])
+            packed=[packed(m) for l in layers for m in _projections(l)])
 
     @staticmethod
     def applies(hidden: torch.Tensor) -> bool:
@@ -88,6 +105,12 @@ class FusedDecode:
                                   block_ids, nb, md.seq_lens)
 
 
+def _projections(layer: nn.Module) -> tuple[nn.Module, ...]:
+    """The linear layers of a decoder layer the stack computes."""
+    return (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+            layer.mlp.down_proj)
+
+
 def _weights_ok(model: nn.Module) -> bool:
     """float32 CPU contiguous weights, no tensor-parallel sharding (the stack does no
     all-reduce)."""
@@ -102,11 +125,16 @@ def install_fused_decode(model: nn.Module, ops: ModuleType | None) -> bool:
     inner = getattr(model, "model", None)
     if ops is None or inner is None or not hasattr(inner, "fused_decode"):
         return False
+    inner.fused_decode = None  # a re-install starts from the Python layers
     layers = list(inner.layers)
     whole = (getattr(inner, "start_layer", 0) == 0
              and getattr(inner, "end_layer", len(layers)) == len(layers))
     if not layers or not whole or not _weights_ok(inner) or not all(
             isinstance(l.self_attn.attn.backend, CpuPagedBackend) for l in layers):
+        return False
+    reason = FUSED_DECODE_SUPPORT.first_unsupported(m for l in layers for m in _projections(l))
+    if reason is not None:
+        logger.info("Decode steps run the Python layers: %s.", reason)
         return False
     inner.fused_decode = FusedDecode(ops, inner)
     return True

@@ -30,8 +30,9 @@ from sluice.errors import ConfigError, ModelLoadError
 from sluice.hf_config import ModelSpec
 from sluice.model.fused_decode import install_fused_decode
 from sluice.model.host_memory import place_parameters_in_huge_pages
-from sluice.model.layers.layer_ops import install_layer_ops
+from sluice.model.layers.layer_ops import LayerOps, building_with, select_layer_ops
 from sluice.model.layers.linear import LazyTensor
+from sluice.model.layers.linear_method import process_weights_after_loading
 from sluice.model.models.registry import get_model_class
 from sluice.model_spec.gguf import GGUF_MARKER, read_marker
 
@@ -147,19 +148,26 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
 
 def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
                load_format: str = "auto", *, max_model_len: int | None = None,
-               attn_backend: str | None = None, layer_ops: str = "torch",
+               attn_backend: str | None = None, layer_ops: str | LayerOps = "torch",
                seed: int = 0, layer_range: tuple[int, int] | None = None) -> nn.Module:
     """Build `spec.architecture` on `device` in `dtype` and load its weights; returns the
     model in eval mode with requires_grad off, its layers computing with `layer_ops`
-    ('torch' or 'cpu', see `sluice.model.layers.layer_ops`). `load_format`:
+    ('torch' or 'cpu', see `sluice.model.layers.layer_ops`, resolved for this dtype and device
+    by `select_layer_ops` before the model is built; or a ready `LayerOps`). `load_format`:
     'auto'/'safetensors' read the checkpoint, 'dummy' fills seeded random weights without
     touching files; 'gguf' (or 'auto' on a GGUF sidecar directory) reads the GGUF file the
     directory's marker names. `layer_range` (a pipeline stage's decoder layers; default all)
-    builds and loads only that stage's part of the model (see the model interface)."""
+    builds and loads only that stage's part of the model (see the model interface).
+
+    Order: layer ops chosen -> model built (each linear layer takes its `LinearMethod`) ->
+    weights placed and loaded -> `process_weights_after_loading` (packed copies, the greedy
+    screen) -> the fused decode stack where it supports every layer."""
     weights = weight_source(spec.path, load_format)
     model_cls = get_model_class(spec.architecture)
     device = torch.device(device)
-    with torch.device(device):
+    ops = (layer_ops if isinstance(layer_ops, LayerOps)
+           else select_layer_ops(layer_ops, dtype, device))
+    with torch.device(device), building_with(ops):
         model = model_cls(spec, dtype, max_model_len=max_model_len, attn_backend=attn_backend,
                           layer_range=layer_range)
     if device.type == "cpu":  # before the weights are written: parameters are re-pointed
@@ -170,5 +178,6 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
         with torch.no_grad():
             model.load_weights(weights(dtype))
     model.requires_grad_(False)
-    install_fused_decode(model, install_layer_ops(model, layer_ops))
+    process_weights_after_loading(model)
+    install_fused_decode(model, ops.cpu_ops)
     return model.eval()

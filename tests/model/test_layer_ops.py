@@ -1,5 +1,6 @@
-"""sluice's C++ CPU layer ops (tiled GEMM, fused RMSNorm, SiLU-and-mul, RoPE) against the torch
-code they replace, and how `install_layer_ops` hooks them into a model."""
+"""sluice's C++ CPU layer ops (tiled GEMM, oneDNN on packed weights, fused RMSNorm,
+SiLU-and-mul, RoPE) against the torch code they replace. How a model is built with them:
+tests/model/test_linear_method.py."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sluice.model.cpu_ops import load_cpu_ops
-from sluice.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
-from sluice.model.layers.layer_ops import (PackedGemm, install_layer_ops, make_argmax,
-                                          make_tiled_gemm, onednn_linear, packed_weight)
+from sluice.model.layers import ReplicatedLinear, RMSNorm, RotaryEmbedding, SiluAndMul
+from sluice.model.layers.layer_ops import (make_argmax, make_tiled_gemm, onednn_linear,
+                                          packed_weight)
+from sluice.model.layers.linear_method import CpuPackedLinearMethod
 
 
 @pytest.fixture(scope="module")
@@ -55,23 +56,36 @@ def test_tiled_gemm_leaves_autograd_and_other_dtypes_to_torch(tiled):
     assert tiled(xb, wb, None).dtype == torch.bfloat16
 
 
+def _packed_layer(ops, w: torch.Tensor, b: torch.Tensor | None) -> ReplicatedLinear:
+    """A layer holding `w` (and `b`) with CpuPackedLinearMethod, its weight packed."""
+    layer = ReplicatedLinear(w.shape[1], w.shape[0], bias=b is not None,
+                             linear_method=CpuPackedLinearMethod(ops))
+    layer.weight.data.copy_(w)
+    if b is not None:
+        layer.bias.data.copy_(b)
+    layer.process_weights_after_loading()
+    return layer
+
+
 @pytest.mark.parametrize("m", [1, 2, 5, 64, 300])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_packed_gemm_matches_linear(cpu_ops, m, with_bias):
     """oneDNN on the pre-packed weight for 2+ rows, the streaming GEMV for one row."""
-    w = packed = None
     gen = torch.Generator().manual_seed(m)
     w = torch.randn(300, 96, generator=gen)
-    packed = packed_weight(w)
-    if packed is None:
+    if packed_weight(w) is None:
         pytest.skip("this torch has no oneDNN")
-    gemm = PackedGemm(packed, make_tiled_gemm(cpu_ops))
     x = torch.randn(m, 96, generator=gen)
     b = torch.randn(300, generator=gen) if with_bias else None
+    layer = _packed_layer(cpu_ops, w, b)
     with torch.inference_mode():
-        got = gemm(x.view(1, m, 96), w, b)
+        got = layer(x.view(1, m, 96))
     assert got.shape == (1, m, 300)
     torch.testing.assert_close(got[0], F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+    packed = packed_weight(w)    # torch's unpadded op on the same packed layout
+    with torch.inference_mode():
+        torch.testing.assert_close(onednn_linear(x, packed, b), F.linear(x, w, b),
+                                   rtol=1e-5, atol=1e-4)
 
 
 def test_onednn_rows_is_a_small_set_with_little_padding(cpu_ops):
@@ -89,17 +103,16 @@ def test_onednn_rows_is_a_small_set_with_little_padding(cpu_ops):
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_padded_onednn_gemm_matches_linear(cpu_ops, m, with_bias):
     """The C++ `onednn_linear` (rows padded to onednn_rows(M), the first M returned) as
-    install_layer_ops sets it up: same values as F.linear, an [M, N] contiguous result."""
+    CpuPackedLinearMethod runs it: same values as F.linear, an [M, N] contiguous result."""
     gen = torch.Generator().manual_seed(m)
     w = torch.randn(200, 48, generator=gen)
-    packed = packed_weight(w)
-    if packed is None:
+    if packed_weight(w) is None:
         pytest.skip("this torch has no oneDNN")
-    gemm = PackedGemm(packed, make_tiled_gemm(cpu_ops), cpu_ops.onednn_linear)
     x = torch.randn(m, 48, generator=gen)
     b = torch.randn(200, generator=gen) if with_bias else None
+    layer = _packed_layer(cpu_ops, w, b)
     with torch.inference_mode():
-        got = gemm(x, w, b)
+        got = layer(x)
     assert got.shape == (m, 200) and got.is_contiguous()
     torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
 
@@ -151,32 +164,16 @@ def test_weights_are_packed_only_when_the_copy_fits(tiny_model_dir, cpu_ops, mon
     from _sluice_model_helpers import load_ours
 
     import sluice.platform.host as host
-    model = load_ours(tiny_model_dir("LlamaForCausalLM"), layer_ops="cpu")
-    if packed_weight(model.lm_head.lm_weight) is None:
-        pytest.skip("this torch has no oneDNN")
-    assert isinstance(model.lm_head.gemm, PackedGemm)
+    from sluice.model.layers.linear_method import linear_layers
     monkeypatch.setattr(host, "memory_bytes", lambda: (1 << 30, 1 << 10))  # 1 KiB free
-    install_layer_ops(model, "cpu")
-    gemms = [m.gemm for m in model.modules() if hasattr(m, "gemm")]
-    assert gemms and not any(isinstance(g, PackedGemm) for g in gemms)
-    assert all(g is not F.linear for g in gemms)
-    assert model.lm_head.greedy is None  # the screen's bf16 copies follow the same rule
-
-
-def test_install_layer_ops_sets_every_hook(tiny_model_dir):
-    from _sluice_model_helpers import load_ours
     model = load_ours(tiny_model_dir("LlamaForCausalLM"), layer_ops="cpu")
-    if load_cpu_ops() is None:
-        pytest.skip("no C++ compiler")
-    hooked = [m for m in model.modules() if hasattr(m, "gemm") or hasattr(m, "cpu_ops")]
-    assert hooked and all(getattr(m, "cpu_ops", load_cpu_ops()) is load_cpu_ops()
-                          for m in hooked)
-    assert model.lm_head.gemm is not F.linear
-    install_layer_ops(model, "torch")
-    assert all(getattr(m, "gemm", F.linear) is F.linear and getattr(m, "cpu_ops", None) is None
-               for m in hooked)
-    with pytest.raises(ValueError, match="unknown layer ops 'blas'"):
-        install_layer_ops(model, "blas")
+    layers = linear_layers(model)
+    assert layers and all(m.packed_weight is None for m in layers)
+    assert model.lm_head.greedy is None  # the screen's bf16 copies follow the same rule
+    x = torch.randn(5, model.spec.hidden_size)
+    with torch.inference_mode():
+        torch.testing.assert_close(model.compute_logits(x), F.linear(x, model.lm_head.weight),
+                                   rtol=1e-5, atol=1e-4)
 
 
 # ---- fused elementwise operators vs the torch code they replace --------------------------

@@ -8,16 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sluice.model.layers.layer_ops import fast_path_ok
+from sluice.model.layers.layer_ops import current_layer_ops, fast_path_ok
 
 
 class SiluAndMul(nn.Module):
     """[..., 2*d] -> [..., d]: silu(x[..., :d]) * x[..., d:] (gate first, then up).
-    With `cpu_ops` installed, 2-D float32 inputs run as one fused C++ pass."""
+    With `cpu_ops` (the model's layer ops, read at construction), 2-D float32 inputs run as
+    one fused C++ pass."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.cpu_ops: ModuleType | None = None
+        self.cpu_ops: ModuleType | None = current_layer_ops().cpu_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = x.shape[-1] // 2

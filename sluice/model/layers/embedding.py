@@ -23,7 +23,9 @@ from torch import nn
 
 from sluice.distributed.comm import Communicator
 from sluice.distributed.parallel_state import get_tp_group
+from sluice.model.layers.layer_ops import current_layer_ops
 from sluice.model.layers.linear import LazyTensor, _check_shape, set_weight_loader
+from sluice.model.layers.linear_method import LinearMethod
 from sluice.model_spec.parallel_check import padded_vocab_size
 
 
@@ -77,37 +79,51 @@ class VocabEmbedding(nn.Module, _VocabShard):
 class LMHead(nn.Module, _VocabShard):
     """hidden [n, dim] -> logits [n, vocab] in float32 (on tp rank 0; None on the others).
 
-    `gemm` computes hidden @ W.T: F.linear unless `layer_ops.install_layer_ops` installs the
-    CPU operators. `greedy` (set by the same call where the CPU has bf16 dot products, with one
-    rank only) maps hidden rows straight to their greedy tokens
-    (`sluice.model.layers.greedy.GreedyScreen`). With `tied_to`, the head shares the
-    embedding's weight Parameter (no own parameter, so `named_parameters()` lists it once,
-    under the embedding).
+    `linear_method` (by default the model's, `layer_ops.current_layer_ops()`, read once here)
+    computes hidden @ W.T, as for the linear layers. `greedy`, made by
+    `process_weights_after_loading` where the LM head's method, dtype and rank count are in
+    `greedy.GREEDY_SCREEN_SUPPORT` and the CPU has bf16 dot products, maps hidden rows straight
+    to their greedy tokens (`sluice.model.layers.greedy.GreedyScreen`). With `tied_to`, the
+    head shares the embedding's weight Parameter (no own parameter, so `named_parameters()`
+    lists it once, under the embedding); `weight` (and `lm_weight`) read it.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int,
                  dtype: torch.dtype | None = None, tied_to: VocabEmbedding | None = None,
-                 tp_group: Communicator | None = None) -> None:
+                 tp_group: Communicator | None = None,
+                 linear_method: LinearMethod | None = None) -> None:
         super().__init__()
         rows = self._init_shard(num_embeddings, tp_group if tp_group is not None
                                 else getattr(tied_to, "tp_group", None))
-        self.gemm = F.linear
+        self.linear_method = (linear_method if linear_method is not None
+                              else current_layer_ops().linear_method)
         self.greedy: Callable[[torch.Tensor], torch.Tensor | None] | None = None
         self.tied = tied_to is not None
         if tied_to is not None:
             assert tied_to.weight.shape == (rows, embedding_dim)
             self._embedding = [tied_to]  # list: do not register the embedding as a submodule
         else:
-            self.weight = nn.Parameter(torch.empty(rows, embedding_dim, dtype=dtype),
-                                       requires_grad=False)
-            set_weight_loader(self.weight, self._load_rows)
+            self.linear_method.create_weights(self, embedding_dim, rows, bias=False,
+                                              dtype=dtype, weight_loader=self._load_rows)
+
+    def __getattr__(self, name: str):
+        # a tied head's `weight` is the embedding's Parameter (not registered here)
+        if name == "weight" and self.__dict__.get("tied"):
+            return self.__dict__["_embedding"][0].weight
+        return super().__getattr__(name)
 
     @property
     def lm_weight(self) -> torch.Tensor:
-        return self._embedding[0].weight if self.tied else self.weight
+        return self.weight
+
+    def process_weights_after_loading(self) -> None:
+        """The method's after-load step (packing), then the greedy screen where it applies."""
+        from sluice.model.layers.greedy import greedy_screen_for
+        self.linear_method.process_weights_after_loading(self)
+        self.greedy = greedy_screen_for(self)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        logits = self.gemm(hidden, self.lm_weight, None).float()
+        logits = self.linear_method.apply(self, hidden, None).float()
         if self.tp_size == 1:
             return logits
         full = self.tp_group.gather(logits, dst=0, dim=-1)
@@ -116,6 +132,6 @@ class LMHead(nn.Module, _VocabShard):
     def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """hidden [n, dim] -> argmax of each row's logits [n] int64, without the full logits;
         None when there is no screen or it could not decide (compute the logits instead).
-        Always None with tp > 1 (the screen steps aside for a split vocabulary: see
-        `sluice.model.layers.layer_ops`)."""
+        Always None with tp > 1 (the screen steps aside for a split vocabulary:
+        `greedy.GREEDY_SCREEN_SUPPORT`)."""
         return self.greedy(hidden) if self.greedy is not None else None

@@ -19,6 +19,14 @@ and sum_i |x_i w_ij| <= ||x|| ||w_j||. The kernel uses c = 1.25 c0 (room for the
 arithmetic of the bound itself, ~2^-23 relative against c0 >= 3u) plus an absolute `a` for
 bf16 denormals flushed to zero. On the reference model (K = 512, vocab 32000) about ten tokens
 per row remain to recompute.
+
+Where it applies (`GREEDY_SCREEN_SUPPORT`, the one declaration): an LM head whose linear method
+is `CpuPackedLinearMethod` over float32 weights (the screen reads the plain float32 weight and
+needs the C++ operators; an adapter or a quantized method would change the logits it does not
+see), on one tensor-parallel rank (with a vocabulary split no rank holds the whole head), with
+the packed copies made (the memory-fit rule) and bf16 dot products on the CPU. Elsewhere the
+head has no screen and the runner computes the logits. Which requests may use it (plain greedy
+sampling) is the sampler's decision.
 """
 
 from __future__ import annotations
@@ -28,12 +36,21 @@ from types import ModuleType
 
 import torch
 
+from torch import nn
+
 from sluice.model.host_memory import huge_page_buffer
+from sluice.model.layers.layer_ops import PACK_ROWS_HINT
+from sluice.model.layers.linear_method import CpuPackedLinearMethod, FastPathSupport
 from sluice.platform.host import isa_flags
 
 BF16_UNIT_ROUNDOFF = 2.0 ** -8
 BOUND_SAFETY = 1.25
 NORM_CHUNK_ROWS = 4096  # rows per float64 chunk when measuring the weight's row norms
+
+#: the LM heads the screen takes (module doc); any other method, dtype or a split vocabulary
+#: leaves the head without a screen
+GREEDY_SCREEN_SUPPORT = FastPathSupport("greedy screen", methods=(CpuPackedLinearMethod,),
+                                        dtypes=(torch.float32,), single_rank=True)
 
 
 def native_bf16_dot() -> bool:
@@ -125,3 +142,13 @@ def make_greedy_screen(ops: ModuleType | None, weight: torch.Tensor | None,
         return GreedyScreen(ops, weight, rows_hint)
     except (RuntimeError, AttributeError):  # a torch without the oneDNN bf16 ops
         return None
+
+
+def greedy_screen_for(head: nn.Module) -> GreedyScreen | None:
+    """The screen for a loaded LM head (`embedding.LMHead`), or None where it steps aside:
+    outside `GREEDY_SCREEN_SUPPORT`, no packed copy (the memory-fit rule), or what
+    `make_greedy_screen` refuses."""
+    if GREEDY_SCREEN_SUPPORT.unsupported(head) is not None \
+            or head.__dict__.get("packed_weight") is None:
+        return None
+    return make_greedy_screen(head.linear_method.ops, head.lm_weight, PACK_ROWS_HINT)

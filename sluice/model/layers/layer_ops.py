@@ -2,15 +2,17 @@
 
     'torch'  F.linear and torch elementwise ops (the reference; any device, dtype, autograd)
     'cpu'    the operators of `sluice.model.cpu_ops` (sluice/model/csrc/):
-             * GEMM of every linear layer and the LM head (`PackedGemm`): for 2+ rows
-               oneDNN's GEMM on a weight pre-packed at load (`packed_weight`; on this AMD
-               CPU 1.2-1.6x faster than MKL's sgemm, which is what torch.mm runs), for one
-               row `tiled_linear`'s GEMV that streams each weight row once (faster than
-               oneDNN there). Without oneDNN: `tiled_linear` for every shape (row x column
-               tiles, each a single-threaded sgemm, spread over the threads; 1-4 rows
-               streamed). The packed copies double the weights' memory. oneDNN builds
-               a primitive (~0.5 MiB, cached) per input shape, so its row counts are padded
-               to a fixed set (`onednn_rows` in csrc/ops.h: exact below 32, < 1/16 extra above);
+             * the product of every linear layer and the LM head, through the layer's
+               `LinearMethod` (`sluice.model.layers.linear_method`): for float32 with oneDNN
+               `CpuPackedLinearMethod` (for 2+ rows oneDNN's GEMM on a weight pre-packed at
+               load, on this AMD CPU 1.2-1.6x faster than MKL's sgemm, which is what torch.mm
+               runs; for one row `tiled_linear`'s GEMV that streams each weight row once,
+               faster than oneDNN there; the packed copies double the weights' memory;
+               oneDNN builds a primitive (~0.5 MiB, cached) per input shape, so its row
+               counts are padded to a fixed set, `onednn_rows` in csrc/ops.h: exact below
+               32, < 1/16 extra above); otherwise `DenseLinearMethod` over `tiled_linear`
+               for every shape (row x column tiles, each a single-threaded sgemm, spread over
+               the threads; 1-4 rows streamed);
              * RMSNorm (with the fused residual add), SiLU-and-mul and RoPE as one pass each;
              * with packing and bf16 dot products on the CPU, the LM head's `greedy` screen
                (`sluice.model.layers.greedy`: exact greedy tokens from bf16 scores; two bf16
@@ -18,31 +20,43 @@
              Used for float32 CPU tensors with contiguous rows outside autograd; anything else
              takes the torch code. 'cpu' means 'torch' when the operators cannot be built.
 
-What each fast path supports (and where it steps aside):
-    packed weights / C++ GEMM   every linear layer and the LM head, also under tensor
-                                parallelism: each rank packs its own shard, and the
-                                all-reduce / logits gather stay in the layers' Python.
-    greedy screen               one rank only: with a vocabulary split over tp > 1 ranks no
-                                rank holds the whole LM head, so `greedy` stays None and the
-                                runner computes the (gathered) logits. Also needs bf16 dot
-                                products and the packed copy.
-    fused decode stack          see `sluice.model.fused_decode` (one rank only).
+The choice is made once, before the model is built: `select_layer_ops(name, dtype, device)`
+returns a `LayerOps` record (the C++ module or None, and the linear method), and the model
+loader builds the model inside `building_with(layer_ops)`. Layers read
+`current_layer_ops()` once in their constructors (as they read their tensor-parallel group):
+linear layers and the LM head take its `linear_method`, RMSNorm / SiluAndMul / the attention
+layer's RoPE its `cpu_ops`. Nothing is patched onto the layers after loading; the loader only
+calls `linear_method.process_weights_after_loading(model)` (packing, the greedy screen) and
+`fused_decode.install_fused_decode`.
 
-Layers carry the hooks: `gemm` (LinearBase, LMHead; default F.linear), `greedy` (LMHead;
-default None) and `cpu_ops` (RMSNorm, SiluAndMul, LlamaAttention's RoPE; default None).
-`install_layer_ops(model, name)`, called by the model loader with the platform's choice
-(`Platform.layer_ops_name`), sets all three.
+What each fast path supports (and where it steps aside), each declared in one place:
+    packed weights              `CpuPackedLinearMethod.supports` (float32 on a CPU with
+                                oneDNN); every linear layer and the LM head, also under tensor
+                                parallelism: each rank packs its own shard, and the all-reduce
+                                / logits gather stay in the layers' Python.
+    greedy screen               `greedy.GREEDY_SCREEN_SUPPORT`: the LM head's method is
+                                CpuPackedLinearMethod over float32, one rank only (with a
+                                vocabulary split over tp > 1 ranks no rank holds the whole LM
+                                head); also needs bf16 dot products and the packed copy.
+    fused decode stack          `fused_decode.FUSED_DECODE_SUPPORT` (dense or packed float32
+                                weights, one rank, the whole model; see that module).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+if TYPE_CHECKING:
+    from sluice.model.layers.linear_method import LinearMethod
 
 logger = logging.getLogger(__name__)
 
@@ -116,76 +130,56 @@ def onednn_linear(x: torch.Tensor, packed: torch.Tensor,
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
 
-def _packing_fits(model: nn.Module) -> bool:
-    """Whether a packed copy of the model's linear weights (~their float32 size, plus the LM
-    head's float32 size again for the greedy screen's two bf16 copies) takes at most
-    PACK_MEMORY_FRACTION of the memory still available; else the GEMMs stay on MKL tiles (a
-    large model keeps its memory for the KV cache)."""
-    from sluice.platform.host import memory_bytes
-    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 2)
-    weights += sum(m.lm_weight.numel() * 4 for m in model.modules() if hasattr(m, "greedy"))
-    available = memory_bytes()[1]
-    if weights <= PACK_MEMORY_FRACTION * available:
-        return True
-    logger.info("Not pre-packing %.1f GiB of weights for oneDNN (more than %d%% of the %.1f "
-                "GiB available); GEMMs run on MKL tiles.", weights / 2**30,
-                100 * PACK_MEMORY_FRACTION, available / 2**30)
-    return False
 
 
-class PackedGemm:
-    """y = x @ W.T (+ b): oneDNN's GEMM on the pre-packed weight `packed` for 2+ rows (prefill
-    and batched decode), `fallback` (`make_tiled_gemm`: the weight-streaming GEMV for one row,
-    F.linear where the C++ ops do not apply) otherwise. `packed` must be `packed_weight` of the
-    weight the layer passes. `linear(x, packed, bias)` runs the oneDNN GEMM: the C++
-    operators' `onednn_linear` (row counts padded to a bounded set, so oneDNN's per-shape
-    primitive cache stays small), by default the unpadded torch op."""
+@dataclass(frozen=True)
+class LayerOps:
+    """What computes the layers of one model, chosen before it is built (module doc): the
+    layer-ops `name`, the C++ operator module (None: torch code) for the elementwise layers,
+    and the `linear_method` every linear layer and the LM head is built with."""
 
-    def __init__(self, packed: torch.Tensor, fallback: Gemm,
-                 linear: Gemm = onednn_linear) -> None:
-        self.packed = packed
-        self._fallback = fallback
-        self._linear = linear
-
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] <= 1 or not fast_path_ok(x2, weight, bias) \
-                or (bias is not None and not bias.is_contiguous()):
-            return self._fallback(x, weight, bias)
-        out = self._linear(x2, self.packed, bias)
-        return out.view(*x.shape[:-1], out.shape[-1])
+    name: str
+    cpu_ops: ModuleType | None
+    linear_method: LinearMethod
 
 
-def install_layer_ops(model: nn.Module, name: str) -> ModuleType | None:
-    """Point every layer hook of `model` at the implementation `name` (see module doc) and
-    return the C++ operator module in use (None: pure torch). Call after the weights are
-    loaded: with 'cpu' each linear layer's weight is also pre-packed for oneDNN (a second copy
-    of the weights; GEMMs of 2+ rows ran 1.2-1.6x faster than MKL's sgemm tiles here), when
-    that copy fits in PACK_MEMORY_FRACTION of the available memory."""
+_BUILDING: ContextVar[LayerOps | None] = ContextVar("sluice_layer_ops", default=None)
+
+
+def current_layer_ops() -> LayerOps:
+    """The `LayerOps` of the model being built (`building_with`); outside a build, pure torch
+    (F.linear, no C++ operators): what layers made on their own (tests) compute with."""
+    current = _BUILDING.get()
+    if current is not None:
+        return current
+    from sluice.model.layers.linear_method import DenseLinearMethod
+    return LayerOps("torch", None, DenseLinearMethod(F.linear))
+
+
+@contextmanager
+def building_with(layer_ops: LayerOps) -> Iterator[LayerOps]:
+    """Layers constructed inside this block compute with `layer_ops`."""
+    token = _BUILDING.set(layer_ops)
+    try:
+        yield layer_ops
+    finally:
+        _BUILDING.reset(token)
+
+
+def select_layer_ops(name: str, dtype: torch.dtype, device: torch.device | str) -> LayerOps:
+    """The `LayerOps` for layer ops `name` ('torch' or 'cpu') and a model of `dtype` on
+    `device`: 'cpu' loads the C++ operators (falling back to 'torch' where they cannot be
+    built) and picks `CpuPackedLinearMethod` where it supports (dtype, device), else
+    `DenseLinearMethod` over the C++ tiles. One fresh record (and method objects) per model."""
     if name not in LAYER_OPS:
         raise ValueError(f"unknown layer ops '{name}'; available: {', '.join(LAYER_OPS)}")
+    from sluice.model.layers.linear_method import CpuPackedLinearMethod, DenseLinearMethod
     ops = None
     if name == "cpu":
         from sluice.model.cpu_ops import load_cpu_ops
         ops = load_cpu_ops()
-    gemm: Gemm = make_tiled_gemm(ops) if ops is not None else F.linear
-    pack = ops is not None and _packing_fits(model)
-    for module in model.modules():
-        if hasattr(module, "gemm"):
-            packed = None
-            if pack:
-                weight = getattr(module, "lm_weight", None)
-                weight = weight if weight is not None else getattr(module, "weight", None)
-                packed = packed_weight(weight) if isinstance(weight, torch.Tensor) else None
-            module.gemm = (PackedGemm(packed, gemm, ops.onednn_linear) if packed is not None
-                           else gemm)
-        if hasattr(module, "greedy"):
-            from sluice.model.layers.greedy import make_greedy_screen
-            whole_vocab = getattr(module, "tp_size", 1) == 1   # steps aside for a split vocab
-            module.greedy = make_greedy_screen(ops if pack and whole_vocab else None,
-                                               getattr(module, "lm_weight", None),
-                                               PACK_ROWS_HINT)
-        if hasattr(module, "cpu_ops"):
-            module.cpu_ops = ops
-    return ops
+    if ops is None:
+        return LayerOps("torch", None, DenseLinearMethod(F.linear))
+    if CpuPackedLinearMethod.supports(dtype, torch.device(device)):
+        return LayerOps(name, ops, CpuPackedLinearMethod(ops))
+    return LayerOps(name, ops, DenseLinearMethod(make_tiled_gemm(ops)))

@@ -7,6 +7,13 @@ checkpoint tensor not read yet: loaders `narrow` it, so each rank reads only its
 Loaders check shapes and raise `ValueError` with both shapes; the model's `load_weights` turns
 that into a `ModelLoadError` naming the HF tensor.
 
+The product: each layer holds a `LinearMethod` (`sluice.model.layers.linear_method`) chosen
+when the model is built (`layer_ops.current_layer_ops()`, read once in the constructor, or the
+`linear_method` argument). The method creates `weight` / `bias` (with the layer's loader
+attached), derives what it needs after loading (`process_weights_after_loading`: e.g. a oneDNN
+pre-packed copy) and computes `apply(layer, x, bias)`; the layer keeps its shapes, its shard and
+its TP group, and does the all-reduce itself.
+
 Tensor parallelism: each parallel layer takes its `tp_group` (a `sluice.distributed`
 `Communicator`) at construction, by default `get_tp_group()` read once there, and keeps its
 rank and size. Column layers keep `out/tp` output rows per rank and their loaders narrow dim 0
@@ -24,17 +31,17 @@ Fused layouts (rows of `weight`, i.e. output features):
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sluice.distributed.comm import Communicator
 from sluice.distributed.parallel_state import get_tp_group
+from sluice.model.layers.layer_ops import current_layer_ops
+from sluice.model.layers.linear_method import (LinearMethod, WeightLoader,  # noqa: F401
+                                               set_weight_loader)
 from sluice.model_spec.parallel_check import kv_head_start, local_kv_heads
-
-WeightLoader = Callable[[nn.Parameter, Any, "str | int | None"], None]
 
 
 class LazyTensor:
@@ -63,11 +70,6 @@ def materialize(loaded: torch.Tensor | LazyTensor) -> torch.Tensor:
     return loaded.materialize() if isinstance(loaded, LazyTensor) else loaded
 
 
-def set_weight_loader(param: nn.Parameter, loader: WeightLoader) -> None:
-    """Attach `loader` to `param` (read back by `default_weight_loader`'s callers)."""
-    param.weight_loader = loader  # type: ignore[attr-defined]
-
-
 def _check_shape(param_shape: torch.Size | tuple, loaded: torch.Tensor | LazyTensor) -> None:
     if tuple(param_shape) != tuple(loaded.shape):
         raise ValueError(f"shape mismatch: expected {tuple(param_shape)}, "
@@ -90,31 +92,36 @@ def _divide(n: int, d: int, what: str) -> int:
 
 class LinearBase(nn.Module):
     """y = x @ W.T (+ b) with W of shape [out_local, in_local]; parameters are uninitialised.
-    `gemm` computes it: F.linear unless `layer_ops.install_layer_ops` installs the
-    CPU operators."""
+    `linear_method` (by default the one of the model being built,
+    `layer_ops.current_layer_ops()`, read once here) creates the parameters and computes the
+    product (`sluice.model.layers.linear_method`); the layer keeps the shapes, the shard and
+    the weight loaders."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None,
+                 linear_method: LinearMethod | None = None) -> None:
         super().__init__()
-        self.gemm: Callable[..., torch.Tensor] = F.linear
         self.in_features = in_features
         self.out_features = out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype),
-                                   requires_grad=False)
-        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
-                     if bias else None)
-        for p in self.parameters(recurse=False):
-            set_weight_loader(p, self.weight_loader)
+        self.linear_method = (linear_method if linear_method is not None
+                              else current_layer_ops().linear_method)
+        self.linear_method.create_weights(self, in_features, out_features, bias=bias,
+                                          dtype=dtype, weight_loader=self.weight_loader)
+
+    def process_weights_after_loading(self) -> None:
+        """The method's after-load step (packing); see `linear_method`."""
+        self.linear_method.process_weights_after_loading(self)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
                       shard_id: str | int | None = None) -> None:
         default_weight_loader(param, loaded, shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gemm(x, self.weight, self.bias)
+        return self.linear_method.apply(self, x, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+        return (f"in={self.in_features}, out={self.out_features}, "
+                f"bias={self.bias is not None}, method={self.linear_method!r}")
 
 
 class ReplicatedLinear(LinearBase):
@@ -126,10 +133,12 @@ class ColumnParallelLinear(LinearBase):
     rank r keeps rows [r*out/tp, (r+1)*out/tp). Its output stays split (no gather)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
-                 dtype: torch.dtype | None = None, tp_group: Communicator | None = None) -> None:
+                 dtype: torch.dtype | None = None, tp_group: Communicator | None = None,
+                 linear_method: LinearMethod | None = None) -> None:
         self.tp_group = tp_group if tp_group is not None else get_tp_group()
         self.tp_rank, self.tp_size = self.tp_group.rank, self.tp_group.size
-        super().__init__(in_features, self._local_out_features(out_features), bias, dtype)
+        super().__init__(in_features, self._local_out_features(out_features), bias, dtype,
+                         linear_method)
 
     def _local_out_features(self, out_features: int) -> int:
         return _divide(out_features, self.tp_size, "out_features")
@@ -147,11 +156,12 @@ class RowParallelLinear(LinearBase):
     all-reduce over it. The bias is added once (after the reduction), so it is not split."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
-                 dtype: torch.dtype | None = None, tp_group: Communicator | None = None) -> None:
+                 dtype: torch.dtype | None = None, tp_group: Communicator | None = None,
+                 linear_method: LinearMethod | None = None) -> None:
         self.tp_group = tp_group if tp_group is not None else get_tp_group()
         self.tp_rank, self.tp_size = self.tp_group.rank, self.tp_group.size
         super().__init__(_divide(in_features, self.tp_size, "in_features"), out_features, bias,
-                         dtype)
+                         dtype, linear_method)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor | LazyTensor,
                       shard_id: str | int | None = None) -> None:
@@ -165,8 +175,8 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return self.gemm(x, self.weight, self.bias)
-        out = self.tp_group.all_reduce(self.gemm(x, self.weight, None))
+            return self.linear_method.apply(self, x, self.bias)
+        out = self.tp_group.all_reduce(self.linear_method.apply(self, x, None))
         return out if self.bias is None else out + self.bias
 
 
@@ -178,9 +188,10 @@ class MergedColumnLinear(ColumnParallelLinear):
     """
 
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool,
-                 dtype: torch.dtype | None = None, tp_group: Communicator | None = None) -> None:
+                 dtype: torch.dtype | None = None, tp_group: Communicator | None = None,
+                 linear_method: LinearMethod | None = None) -> None:
         self.output_sizes = list(output_sizes)
-        super().__init__(in_features, sum(output_sizes), bias, dtype, tp_group)
+        super().__init__(in_features, sum(output_sizes), bias, dtype, tp_group, linear_method)
         self._local_sizes = [_divide(s, self.tp_size, "output size") for s in output_sizes]
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor | LazyTensor,
@@ -206,7 +217,8 @@ class QKVLinear(ColumnParallelLinear):
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
                  bias: bool, dtype: torch.dtype | None = None,
-                 tp_group: Communicator | None = None) -> None:
+                 tp_group: Communicator | None = None,
+                 linear_method: LinearMethod | None = None) -> None:
         group = tp_group if tp_group is not None else get_tp_group()
         tp = group.size
         if tp > num_kv_heads and tp % num_kv_heads:
@@ -222,7 +234,7 @@ class QKVLinear(ColumnParallelLinear):
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
         super().__init__(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias, dtype,
-                         group)
+                         group, linear_method)
 
     def _local_out_features(self, out_features: int) -> int:
         return self.q_size + 2 * self.kv_size

@@ -7,7 +7,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from sluice.model.layers.layer_ops import fast_path_ok
+from sluice.model.layers.layer_ops import current_layer_ops, fast_path_ok
 
 
 class RMSNorm(nn.Module):
@@ -16,7 +16,8 @@ class RMSNorm(nn.Module):
     `forward(x)` returns the normed tensor. `forward(x, residual)` first adds, then norms, and
     returns `(normed, x + residual)` — the fused residual add used between decoder sub-blocks
     (the new residual is the sum, un-normed, in the input dtype).
-    With `cpu_ops` installed, 2-D float32 inputs run as one fused C++ pass.
+    With `cpu_ops` (the model's layer ops, read at construction), 2-D float32 inputs run as
+    one fused C++ pass.
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6,
@@ -25,7 +26,7 @@ class RMSNorm(nn.Module):
         self.hidden_size = hidden_size
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
-        self.cpu_ops: ModuleType | None = None
+        self.cpu_ops: ModuleType | None = current_layer_ops().cpu_ops
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype

@@ -47,6 +47,7 @@ from sluice.model.attention import Attention, AttentionBackend, get_attn_backend
 from sluice.model.layers import (LMHead, MergedColumnLinear, QKVLinear, RMSNorm,
                                  RotaryEmbedding, RowParallelLinear, VocabEmbedding,
                                  default_weight_loader, get_act_and_mul)
+from sluice.model.layers.layer_ops import current_layer_ops
 from sluice.model.layers.linear import LazyTensor
 from sluice.model.layers.rotary import default_cache_len
 from sluice.model_spec.parallel_check import check_tensor_parallel
@@ -99,7 +100,8 @@ class LlamaAttention(nn.Module):
         self.q_norm = RMSNorm(d, spec.rms_norm_eps, dtype) if spec.qk_norm else None
         self.k_norm = RMSNorm(d, spec.rms_norm_eps, dtype) if spec.qk_norm else None
         self.attn = Attention(h, d, kvh, d ** -0.5, layer_idx, backend)
-        self.cpu_ops: ModuleType | None = None  # fused RoPE (layer_ops.install_layer_ops)
+        # fused RoPE: the C++ operators of the model's layer ops, or None
+        self.cpu_ops: ModuleType | None = current_layer_ops().cpu_ops
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                 ) -> torch.Tensor:
