@@ -84,6 +84,11 @@ class ModelConfig:
                                      "code from a model repository; a model whose config needs "
                                      "remote code (auto_map, an architecture sluice lacks) is "
                                      "refused with or without this flag.")
+    structured_outputs_config: str | None = option(
+        None, "Structured-output (grammar) backend settings as vLLM's JSON object, e.g. "
+        "'{\"backend\": \"guidance\", \"disable_any_whitespace\": false, "
+        "\"disable_additional_properties\": false}'. backend: guidance (llguidance) or auto "
+        "(the same); xgrammar is not available. Default: guidance.")
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,13 @@ class CacheConfig:
         "\"endpoint\": \"tcp://*:5557\", \"replay_endpoint\": \"tcp://*:5558\"}' "
         "(also buffer_steps: batches kept for replay, hwm, max_queue_size, topic). Off when "
         "unset.")
+    kv_transfer_config: str | None = option(
+        None, "A KV connector for disaggregated prefill/decode: a JSON object with vLLM's "
+        "keys, e.g. '{\"kv_connector\": \"ZmqPullConnector\", \"kv_role\": "
+        "\"kv_producer\", \"kv_ip\": \"127.0.0.1\", \"kv_port\": 14579}' (kv_role: "
+        "kv_producer | kv_consumer | kv_both; also engine_id, kv_connector_extra_config: "
+        "lease_seconds, transfer_timeout_seconds, advertise_host). See docs/disaggregation.md. "
+        "Off when unset.")
 
 
 @dataclass(frozen=True)
@@ -314,6 +326,21 @@ class ServerConfig:
     shutdown_timeout: float = option(5.0, "On SIGTERM/SIGINT: seconds in-flight requests may "
                                      "run on (new ones get 503) before the rest are ended with "
                                      "an error.", ge=0)
+    enable_auto_tool_choice: bool = option(False, "Let the model decide when to call tools "
+                                           "(tool_choice 'auto', the default when a chat "
+                                           "request sends tools): its output is parsed by "
+                                           "--tool-call-parser. Without it such requests get "
+                                           "HTTP 400.")
+    tool_call_parser: str | None = option(None, "How tool calls are found in a model's output "
+                                          "for tool_choice 'auto' (vLLM's names): 'hermes' "
+                                          "(<tool_call>{...}</tool_call>: Hermes, Qwen 2.5/3) "
+                                          "or 'llama3_json' (Llama 3.x JSON calls), or a name "
+                                          "registered by --tool-parser-plugin.")
+    tool_parser_plugin: str | None = option(None, "A Python file that registers a tool parser "
+                                            "(@ToolParserManager.register_module('name') on a "
+                                            "ToolParser subclass, from "
+                                            "sluice.entrypoints.openai.tool_parsers); use its "
+                                            "name with --tool-call-parser.")
 
 
 @dataclass(frozen=True)
@@ -513,10 +540,29 @@ def cross_field_problems(cfg: EngineConfig, skip: typing.AbstractSet[str] = froz
     problems += _parallel_problems(cfg.parallel, skip)
     problems += _data_parallel_problems(cfg.parallel, skip)
     problems += _multinode_problems(cfg.parallel, skip)
+    if "structured_outputs_config" not in skip and cfg.model.structured_outputs_config:
+        from sluice.structured_output.config import parse_structured_outputs_config
+        try:
+            parse_structured_outputs_config(cfg.model.structured_outputs_config)
+        except ConfigError as e:
+            problems += e.problems
     if "kv_events_config" not in skip and cfg.cache.kv_events_config is not None:
         from sluice.kv_events.config import parse_kv_events_config
         try:
             parse_kv_events_config(cfg.cache.kv_events_config)
+        except ConfigError as e:
+            problems += e.problems
+    if (cfg.server.enable_auto_tool_choice and cfg.server.tool_call_parser is None
+            and "enable_auto_tool_choice" not in skip):
+        problems.append("--enable-auto-tool-choice: needs --tool-call-parser (e.g. hermes or "
+                        "llama3_json) to find the calls in the model's output. Fix: add "
+                        "--tool-call-parser NAME.")
+    if "kv_transfer_config" not in skip and cfg.cache.kv_transfer_config is not None:
+        from sluice.kv_transfer.config import parse_kv_transfer_config
+        from sluice.kv_transfer.factory import parallel_problems
+        try:
+            parse_kv_transfer_config(cfg.cache.kv_transfer_config)
+            problems += parallel_problems(cfg)
         except ConfigError as e:
             problems += e.problems
     sched, mml = cfg.scheduler, cfg.model.max_model_len

@@ -6,6 +6,7 @@ These cross the ZeroMQ sockets encoded with msgspec msgpack; never pickle. No to
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 import msgspec
 
@@ -43,6 +44,7 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     arrival_time: float
     priority: int = 0
     cache_salt: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None   # for a KV connector (disaggregation)
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -60,6 +62,8 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     # output only (0: not carried). With the frontend's arrival time it splits the latency
     # into queue / prefill / decode phases for metrics.
     scheduled_time: float = 0.0
+    # A KV connector's parameters for the next engine (on a producer's finished output).
+    kv_transfer_params: dict[str, Any] | None = None
 
     @property
     def finished(self) -> bool:
@@ -77,6 +81,9 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     num_prompt_tokens: int = 0           # prompt tokens computed this step (excl. cache hits)
     num_generation_tokens: int = 0       # tokens sampled this step
     engine_index: int = 0                # the data-parallel engine that took the snapshot
+    kv_transfer_failures: int = 0        # KV loads that fell back to recompute, since previous
+    kv_transfer_bytes: int = 0           # KV bytes loaded from remote engines, since previous
+    kv_transfer_seconds: list[float] = msgspec.field(default_factory=list)  # per request load
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -65,3 +65,6 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     extra: dict = field(default_factory=dict)
+    # A KV connector's parameters for the next engine (a prefill's finished output; vLLM's
+    # `RequestOutput.kv_transfer_params`), else None.
+    kv_transfer_params: dict | None = None

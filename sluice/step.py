@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sluice.kv_transfer.metadata import KVConnectorMetadata, KVConnectorOutput
 from sluice.messages import TokenLogprobs
 from sluice.sampling_params import SamplingParams
 
@@ -74,6 +75,8 @@ class SchedulerOutput:
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     total_num_scheduled_tokens: int = 0
     finished_request_ids: set[str] = field(default_factory=set)
+    # A KV connector's instructions for this step (`sluice.kv_transfer`); None without one.
+    kv_connector_metadata: KVConnectorMetadata | None = None
 
     @property
     def is_empty(self) -> bool:
@@ -93,3 +96,5 @@ class ModelRunnerOutput:
     sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    # What a KV connector's worker half finished this step (None without a connector).
+    kv_connector_output: KVConnectorOutput | None = None

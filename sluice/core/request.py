@@ -24,13 +24,16 @@ if TYPE_CHECKING:
 
 
 class RequestStatus(enum.IntEnum):
-    """Lifecycle: WAITING → RUNNING ⇄ PREEMPTED → FINISHED_* (any state may be aborted)."""
+    """Lifecycle: WAITING → RUNNING ⇄ PREEMPTED → FINISHED_* (any state may be aborted).
+    With a KV connector: WAITING → WAITING_FOR_REMOTE_KV (holding its blocks while they are
+    loaded; neither scheduled nor freed) → WAITING → RUNNING ... (`core.sched.hooks`)."""
     WAITING = 0
     RUNNING = 1
     PREEMPTED = 2
     FINISHED_STOPPED = 3
     FINISHED_LENGTH_CAPPED = 4
     FINISHED_ABORTED = 5
+    WAITING_FOR_REMOTE_KV = -1   # below WAITING so that `is_finished` stays a comparison
 
     @property
     def is_finished(self) -> bool:
@@ -59,7 +62,8 @@ class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int],
                  sampling_params: SamplingParams, eos_token_id: int | None,
                  arrival_time: float, priority: int = 0, cache_salt: str | None = None,
-                 block_hasher: "BlockHasher | None" = None):
+                 block_hasher: "BlockHasher | None" = None,
+                 kv_transfer_params: dict | None = None):
         assert prompt_token_ids, "a request needs at least one prompt token"
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -68,6 +72,7 @@ class Request:
         self.arrival_time = arrival_time
         self.priority = priority
         self.cache_salt = cache_salt
+        self.kv_transfer_params = kv_transfer_params   # for a KV connector (`sluice.kv_transfer`)
 
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
@@ -92,7 +97,7 @@ class Request:
                                  block_hasher: "BlockHasher | None" = None) -> "Request":
         return cls(request.request_id, request.prompt_token_ids, request.sampling_params,
                    request.eos_token_id, request.arrival_time, request.priority,
-                   request.cache_salt, block_hasher)
+                   request.cache_salt, block_hasher, request.kv_transfer_params)
 
     def set_block_hasher(self, block_hasher: "BlockHasher") -> None:
         """Attach a hasher and hash every block that is already full."""

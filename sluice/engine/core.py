@@ -1,6 +1,10 @@
 """EngineCore: the scheduler, the KV-cache manager and the executor, stepping together.
 
-One step is `schedule()` → `executor.execute_model()` → `update_from_output()`. With pipeline
+One step is `schedule()` → `executor.execute_model()` (the forward starts) → the grammar
+bitmask of the step's structured-output requests, computed here meanwhile
+(`sluice.structured_output`) → `executor.sample_tokens(bitmask)` → `update_from_output()`, then
+each grammar advances with its request's new tokens. A request with a grammar waits outside
+the scheduler until its grammar has compiled (on a pool thread). With pipeline
 parallelism (pp > 1) `step` is `step_with_batch_queue` instead (vLLM's): up to pp scheduled
 steps are in the pipeline at once (`executor.submit_step` futures in `batch_queue`), so the
 stages work on different batches at the same time; the scheduler keeps a request out of later
@@ -38,6 +42,7 @@ from sluice.core.request import Request, RequestStatus
 from sluice.core.kv_cache.events import KVEventBatch
 from sluice.core.sched.scheduler import Scheduler
 from sluice.step import ModelRunnerOutput, SchedulerOutput
+from sluice.structured_output import make_manager as make_structured_output_manager
 
 if TYPE_CHECKING:
     from sluice.kv_events.publisher import EventPublisher
@@ -115,13 +120,16 @@ class EngineCore:
             self.executor.shutdown()   # no worker process outlives a failed startup
             raise
         pp = config.parallel.pipeline_parallel_size
+        from sluice.kv_transfer.factory import make_scheduler_hooks   # None without a connector
         self.scheduler = Scheduler(config.scheduler, config.cache, self.max_model_len,
-                                   self.num_kv_blocks, pipeline_parallel_size=pp)
+                                   self.num_kv_blocks, pipeline_parallel_size=pp,
+                                   hooks=make_scheduler_hooks(config, self.spec))
         # pp > 1: the steps in the pipeline, oldest first (see step_with_batch_queue)
         self.batch_queue_size = pp
         self.batch_queue: deque[tuple[SchedulerOutput, Future[ModelRunnerOutput]]] | None = (
             deque() if pp > 1 else None)
         self.max_batches_in_flight = 0
+        self.structured_output = make_structured_output_manager(config, self.spec)
         self.kv_event_publisher = self._start_kv_event_publisher()
         self.ready = EngineReady(
             num_kv_blocks=self.num_kv_blocks, block_size=config.cache.block_size,
@@ -155,15 +163,19 @@ class EngineCore:
                            request.request_id)
             self._refused.append(request.request_id)
             return
+        if request.sampling_params.structured_outputs is not None:   # scheduled once compiled
+            self.structured_output.hold(Request.from_engine_core_request(request))
+            return
         self.scheduler.add_request(Request.from_engine_core_request(request))
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
         request_ids = list(request_ids)
+        self.structured_output.drop(request_ids)
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
         return (bool(self._refused) or self.scheduler.has_unfinished_requests()
-                or bool(self.batch_queue))
+                or bool(self.batch_queue) or self.structured_output.num_waiting > 0)
 
     def step(self) -> EngineCoreOutputs:
         """Run one engine step and return what it produced."""
@@ -171,11 +183,15 @@ class EngineCore:
             return self.step_with_batch_queue()
         if self._refused:
             return self._refused_outputs()
+        failed = self._admit_compiled()
         if not self.scheduler.has_unfinished_requests():
-            return self._outputs([])
+            return self._outputs(failed)
         scheduler_output = self.scheduler.schedule()
-        runner_output = self.executor.execute_model(scheduler_output)
-        return self._update(scheduler_output, runner_output)
+        structured = self.structured_output
+        self.executor.execute_model(scheduler_output, grammar_follows=structured.active)
+        grammar = structured.grammar_output(scheduler_output, self.scheduler.requests)
+        runner_output = self.executor.sample_tokens(grammar)
+        return self._update(scheduler_output, runner_output, failed)
 
     def step_with_batch_queue(self) -> EngineCoreOutputs:
         """One step with up to pp batches in the pipeline: schedule and submit a batch while
@@ -183,25 +199,50 @@ class EngineCore:
         at once (no outputs); otherwise wait for the oldest batch and update from it."""
         if self._refused:
             return self._refused_outputs()
+        failed = self._admit_compiled()
         queue, submitted = self.batch_queue, False
         if len(queue) < self.batch_queue_size and self.scheduler.has_unfinished_requests():
             scheduler_output = self.scheduler.schedule()
             # an empty batch still goes if it carries finished ids for the workers to drop
             if not scheduler_output.is_empty or scheduler_output.finished_request_ids:
-                queue.append((scheduler_output, self.executor.submit_step(scheduler_output)))
+                # a request is in one batch at a time, so its grammar is current already
+                grammar = self.structured_output.grammar_output(scheduler_output,
+                                                                self.scheduler.requests)
+                queue.append((scheduler_output,
+                              self.executor.submit_step(scheduler_output, grammar)))
                 self.max_batches_in_flight = max(self.max_batches_in_flight, len(queue))
                 submitted = True
         if not queue or (submitted and len(queue) < self.batch_queue_size):
-            return self._outputs([])
+            return self._outputs(failed)
         scheduler_output, future = queue.popleft()
-        return self._update(scheduler_output, future.result())
+        return self._update(scheduler_output, future.result(), failed)
 
-    def _update(self, scheduler_output: SchedulerOutput,
-                runner_output: ModelRunnerOutput) -> EngineCoreOutputs:
-        """The end of a step: update the scheduler from its output, publish, report."""
+    def _update(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput,
+                extra: list[EngineCoreOutput] | None = None) -> EngineCoreOutputs:
+        """The end of a step: update the scheduler from its output, advance the grammars
+        (one that has ended finishes its request as stopped), publish, report."""
         outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        ended = self.structured_output.advance(outputs)
+        if ended:   # finished in an output of their own: their last token is text, not EOS
+            ids = self.scheduler.finish_requests(ended, RequestStatus.FINISHED_STOPPED)
+            self.structured_output.drop(ended)
+            outputs += [EngineCoreOutput(rid, [], finish_reason=FinishReason.STOP) for rid in ids]
         self._publish_kv_events()
-        return self._outputs(outputs)
+        return self._outputs(outputs + extra if extra else outputs)
+
+    def _admit_compiled(self) -> list[EngineCoreOutput]:
+        """Hand requests whose grammar has compiled to the scheduler; outputs aborting those
+        whose grammar failed. With nothing else to run, wait briefly for a compilation
+        instead of spinning."""
+        structured = self.structured_output
+        if not structured.num_waiting:
+            return []
+        if not self.scheduler.has_unfinished_requests() and not self.batch_queue:
+            structured.wait_for_any(0.05)
+        ready, failed = structured.take_ready()
+        for request in ready:
+            self.scheduler.add_request(request)
+        return failed
 
     def _outputs(self, outputs: list[EngineCoreOutput]) -> EngineCoreOutputs:
         return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.scheduler.make_stats(),
@@ -284,6 +325,7 @@ class EngineCore:
         self.executor.check_health()
 
     def shutdown(self) -> None:
+        self.structured_output.shutdown()
         if self.kv_event_publisher is not None:
             self.kv_event_publisher.shutdown()
         self.executor.shutdown()

@@ -315,6 +315,8 @@ def run(args: argparse.Namespace) -> int:
         if config.model.chat_template is not None:
             from sluice.frontend.tokenizer import resolve_chat_template
             resolve_chat_template(config.model.chat_template)
+        from sluice.entrypoints.openai.tools import server_tool_parser
+        server_tool_parser(config.server)  # a bad --tool-call-parser / plugin fails here
     if getattr(args, "headless", False) or config.parallel.node_rank > 0:
         return run_headless_node(config, headless=getattr(args, "headless", False))
     with stage("detect hardware"):

@@ -4,13 +4,23 @@
 process per rank with the same methods. `factory.make_executor` picks one from the parallel
 config.
 
-A step's result is the `ModelRunnerOutput` of the output rank (`ParallelConfig.output_rank`:
-the driver of the last pipeline stage). `execute_model` runs one step and waits for it;
-`submit_step` starts one and returns a `Future` at once, so that under pipeline parallelism the
-engine core keeps up to `pipeline_parallel_size` steps in the pipeline (its batch queue). Steps
-complete in submission order; their futures must be waited for in that order, and no other
-call is made while one is pending. An executor that cannot overlap steps inherits the default
-`submit_step`, which runs the step at once and returns a finished future.
+A step is two calls, as vLLM's: `execute_model(scheduler_output)` starts the forward (the
+multi-process executor returns while the workers compute), then `sample_tokens(grammar_output)`
+hands over the step's grammar bitmask (structured output, computed by the engine core
+meanwhile; None when no sampling row has a grammar) and returns the step's result, the
+`ModelRunnerOutput` of the output rank (`ParallelConfig.output_rank`: the driver of the last
+pipeline stage; only it samples and applies the mask). Every `execute_model` is followed by
+exactly one `sample_tokens`. `grammar_follows=False` promises `sample_tokens(None)`: an
+executor may then send forward and sampling as one message, so a step without grammars costs
+what it did before the split.
+
+`submit_step(scheduler_output, grammar_output)` sends a whole step and returns a `Future` at
+once, so that under pipeline parallelism the engine core keeps up to `pipeline_parallel_size`
+steps in the pipeline (its batch queue; the bitmask is computed before submitting, since a
+request is never in two batches at once). Steps complete in submission order; their futures
+must be waited for in that order, and no other call is made while one is pending. An executor
+that cannot overlap steps inherits the default `submit_step`, which runs the step at once and
+returns a finished future.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from abc import ABC, abstractmethod
 from concurrent.futures import Future
 
 from sluice.step import ModelRunnerOutput, SchedulerOutput
+from sluice.structured_output.output import GrammarOutput
 
 
 class Executor(ABC):
@@ -39,14 +50,27 @@ class Executor(ABC):
     def warm_up(self) -> None: ...
 
     @abstractmethod
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+    def execute_model(self, scheduler_output: SchedulerOutput, *,
+                      grammar_follows: bool = True) -> None:
+        """Start the step's forward (see the module docstring)."""
 
-    def submit_step(self, scheduler_output: SchedulerOutput) -> Future[ModelRunnerOutput]:
+    @abstractmethod
+    def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
+        """Sample the step `execute_model` started, under `grammar_output`; its result."""
+
+    def step(self, scheduler_output: SchedulerOutput,
+             grammar_output: GrammarOutput | None = None) -> ModelRunnerOutput:
+        """One whole step whose bitmask is known up front."""
+        self.execute_model(scheduler_output, grammar_follows=grammar_output is not None)
+        return self.sample_tokens(grammar_output)
+
+    def submit_step(self, scheduler_output: SchedulerOutput,
+                    grammar_output: GrammarOutput | None = None) -> Future[ModelRunnerOutput]:
         """Start one step without waiting for it (see the module docstring). Default: run it
         now; the future is already done."""
         future: Future[ModelRunnerOutput] = Future()
         try:
-            future.set_result(self.execute_model(scheduler_output))
+            future.set_result(self.step(scheduler_output, grammar_output))
         except Exception as e:   # raised where the caller waits, as a real future would
             future.set_exception(e)
         return future

@@ -68,13 +68,17 @@ from sluice.engine.serial import EngineFailure
 from sluice.errors import ConfigError, EngineDeadError, SluiceError
 from sluice.executor.ranked import RankedExecutor
 from sluice.executor.nodes import NodeAssignment, NodeMonitor, headless_command
-from sluice.executor.wire import CallCodec, ReplyCodec, ReplyType, WorkerMethod
+from sluice.executor.wire import (STEP_METHODS, CallCodec, ReplyCodec, ReplyType, SampleCall,
+                                  StepCall, WorkerMethod)
 from sluice.executor.worker_proc import WorkerArgs, process_name, run_worker
 from sluice.hf_config import ModelSpec
 from sluice.platform.host import affinity_cpus, describe_exit, free_ports
 from sluice.step import ModelRunnerOutput, SchedulerOutput
+from sluice.structured_output.output import GrammarOutput
 
 logger = logging.getLogger(__name__)
+
+_FORWARD_SENT = object()   # execute_model sent EXECUTE_MODEL; SAMPLE_TOKENS is next
 
 DEFAULT_EXECUTE_MODEL_TIMEOUT_S = 300.0
 DEFAULT_SETUP_TIMEOUT_S = 600.0
@@ -122,6 +126,8 @@ class MultiprocExecutor(RankedExecutor):
         self.world_size = par.world_size
         self.output_rank = par.output_rank
         self._steps: collections.deque[_StepFuture] = collections.deque()  # in call order
+        # between execute_model and sample_tokens: the step to send, or _FORWARD_SENT
+        self._deferred: SchedulerOutput | object | None = None
         self.execute_timeout_s = env_seconds(EXECUTE_MODEL_TIMEOUT_ENV,
                                              DEFAULT_EXECUTE_MODEL_TIMEOUT_S)
         self.setup_timeout_s = env_seconds(ENGINE_STARTUP_TIMEOUT_ENV, DEFAULT_SETUP_TIMEOUT_S)
@@ -219,11 +225,35 @@ class MultiprocExecutor(RankedExecutor):
 
     # ---- the Executor's methods --------------------------------------------------------------
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.submit_step(scheduler_output).result()
+    def execute_model(self, scheduler_output: SchedulerOutput, *,
+                      grammar_follows: bool = True) -> None:
+        """With a grammar to follow: send EXECUTE_MODEL now (the ranks start the forward while
+        the engine core computes the bitmask). Without: keep the step for `sample_tokens`,
+        which sends it as one STEP message (no extra message when no request has a grammar)."""
+        assert self._deferred is None, "execute_model twice without sample_tokens"
+        if grammar_follows:
+            self._broadcast(WorkerMethod.EXECUTE_MODEL, scheduler_output)
+            self._deferred = _FORWARD_SENT
+        else:
+            self._deferred = scheduler_output
 
-    def submit_step(self, scheduler_output: SchedulerOutput) -> Future[ModelRunnerOutput]:
-        call_id = self._broadcast(WorkerMethod.EXECUTE_MODEL, scheduler_output)
+    def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
+        deferred, self._deferred = self._deferred, None
+        assert deferred is not None, "sample_tokens without execute_model"
+        if deferred is _FORWARD_SENT:
+            call_id = self._broadcast(WorkerMethod.SAMPLE_TOKENS, SampleCall(grammar_output))
+            future = _StepFuture(self, call_id)
+            self._steps.append(future)
+            return future.result()
+        return self.submit_step(deferred, grammar_output).result()
+
+    def step(self, scheduler_output: SchedulerOutput,
+             grammar_output: GrammarOutput | None = None) -> ModelRunnerOutput:
+        return self.submit_step(scheduler_output, grammar_output).result()
+
+    def submit_step(self, scheduler_output: SchedulerOutput,
+                    grammar_output: GrammarOutput | None = None) -> Future[ModelRunnerOutput]:
+        call_id = self._broadcast(WorkerMethod.STEP, StepCall(scheduler_output, grammar_output))
         future = _StepFuture(self, call_id)
         self._steps.append(future)
         return future
@@ -234,7 +264,7 @@ class MultiprocExecutor(RankedExecutor):
         while not future.done():
             oldest = self._steps[0]
             try:
-                value = self._collect(WorkerMethod.EXECUTE_MODEL, oldest.call_id,
+                value = self._collect(WorkerMethod.STEP, oldest.call_id,
                                       (self.output_rank,), self.execute_timeout_s)
             except Exception as e:
                 while self._steps:
@@ -372,7 +402,7 @@ class MultiprocExecutor(RankedExecutor):
 
     def _hung(self, method: WorkerMethod, ranks: list[int], timeout_s: float) -> WorkerHungError:
         self._failed = True
-        env = EXECUTE_MODEL_TIMEOUT_ENV if method == WorkerMethod.EXECUTE_MODEL else \
+        env = EXECUTE_MODEL_TIMEOUT_ENV if method in STEP_METHODS else \
             ENGINE_STARTUP_TIMEOUT_ENV
         return WorkerHungError(
             f"Worker rank(s) {', '.join(map(str, ranks))} did not answer "

@@ -41,10 +41,11 @@ from sluice.executor.ranked import RankedExecutor
 from sluice.executor.multiproc import (DEFAULT_EXECUTE_MODEL_TIMEOUT_S, DEFAULT_SETUP_TIMEOUT_S,
                                        WorkerDiedError, WorkerHungError, _worker_error,
                                        env_seconds, threads_per_rank)
-from sluice.executor.wire import CallCodec, ReplyCodec, ReplyType, WorkerMethod
+from sluice.executor.wire import CallCodec, ReplyCodec, ReplyType, StepCall, WorkerMethod
 from sluice.executor.worker_proc import WorkerArgs, _WorkerServer, setup_logging
 from sluice.hf_config import ModelSpec
 from sluice.step import ModelRunnerOutput, SchedulerOutput
+from sluice.structured_output.output import GrammarOutput
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ class RayExecutor(RankedExecutor):
         self._call_codec, self._reply_codec = CallCodec(), ReplyCodec()
         self._lock = threading.Lock()
         self._closed = self._failed = False
+        self._deferred: SchedulerOutput | None = None   # execute_model → sample_tokens
         self._owns_ray = not ray.is_initialized()
         self.actors: list[Any] = []
         self.pids: list[int] = []
@@ -185,8 +187,17 @@ class RayExecutor(RankedExecutor):
 
     # ---- the Executor's methods --------------------------------------------------------------
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        answers = self._call(WorkerMethod.EXECUTE_MODEL, scheduler_output,
+    def execute_model(self, scheduler_output: SchedulerOutput, *,
+                      grammar_follows: bool = True) -> None:
+        """Kept for `sample_tokens`, which sends the whole step as one STEP call (Ray actor
+        calls are not overlapped with the engine core's bitmask here: one call per step)."""
+        assert self._deferred is None, "execute_model twice without sample_tokens"
+        self._deferred = scheduler_output
+
+    def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
+        deferred, self._deferred = self._deferred, None
+        assert deferred is not None, "sample_tokens without execute_model"
+        answers = self._call(WorkerMethod.STEP, StepCall(deferred, grammar_output),
                              self.execute_timeout_s)
         return answers[self.output_rank]
 

@@ -6,6 +6,7 @@ from sluice.config import EngineConfig
 from sluice.executor.base import Executor
 from sluice.hf_config import ModelSpec
 from sluice.step import ModelRunnerOutput, SchedulerOutput
+from sluice.structured_output.output import GrammarOutput
 from sluice.worker.worker import Worker
 
 
@@ -28,8 +29,12 @@ class UniprocExecutor(Executor):
     def warm_up(self) -> None:
         self.worker.warm_up()
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.worker.execute_model(scheduler_output)
+    def execute_model(self, scheduler_output: SchedulerOutput, *,
+                      grammar_follows: bool = True) -> None:
+        self.worker.execute_model(scheduler_output)   # in this process: runs to completion
+
+    def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
+        return self.worker.sample_tokens(grammar_output)
 
     def sleep(self, level: int) -> None:
         self.worker.sleep(level)

@@ -11,23 +11,32 @@ and every answer is two frames from a rank's PUSH socket to the executor's one P
     header = struct "<BHQ": (ReplyType tag, rank, call_id)   body = msgspec-msgpack
 
     VALUE    int                (setup calls: bytes of KV memory, bytes per block, pid, 0)
-    OUTPUT   ModelRunnerOutput  (EXECUTE_MODEL, from the output rank only: the last stage's driver)
+    OUTPUT   ModelRunnerOutput  (SAMPLE_TOKENS / STEP, from the output rank only: the last
+                                stage's driver)
     FAILED   EngineFailure      (any rank, any call: the exception as text)
 
 Each method's argument and answer are listed in `WorkerMethod`. `call_id` increases by one
 per call, so an answer always names the call it belongs to.
+
+A step is either two messages, EXECUTE_MODEL (the forward; nobody answers) then SAMPLE_TOKENS
+(the grammar bitmask the engine core computed meanwhile; the output rank answers), or one
+STEP message carrying both when the bitmask is known before the forward starts: a step where
+no request has a grammar (bitmask None), or a pipeline-parallel step (the batch queue computes
+it before submitting). Either way a step costs one round trip.
 """
 
 from __future__ import annotations
 
 import enum
 import struct
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import msgspec
 
 from sluice.engine.serial import EngineFailure
 from sluice.step import ModelRunnerOutput, SchedulerOutput
+from sluice.structured_output.output import GrammarOutput
 
 _CALL = struct.Struct("<BQ")
 _REPLY = struct.Struct("<BHQ")
@@ -42,10 +51,30 @@ class WorkerMethod(enum.IntEnum):
     KV_BYTES_PER_BLOCK = 4      # nothing → bytes of one KV block on this rank
     INITIALIZE_KV_CACHE = 5     # int num_blocks → 0
     WARM_UP = 6                 # nothing → 0
-    EXECUTE_MODEL = 7           # SchedulerOutput → ModelRunnerOutput from the output rank only
+    EXECUTE_MODEL = 7           # SchedulerOutput → no answer (the forward; SAMPLE_TOKENS next)
     SLEEP = 8                   # int level → 0
     WAKE_UP = 9                 # nothing → 0
     SHUTDOWN = 10               # nothing → no answer; the process exits
+    SAMPLE_TOKENS = 11          # SampleCall → ModelRunnerOutput from the output rank only
+    STEP = 12                   # StepCall → ModelRunnerOutput from the output rank only
+
+
+STEP_METHODS = frozenset({WorkerMethod.EXECUTE_MODEL, WorkerMethod.SAMPLE_TOKENS,
+                          WorkerMethod.STEP})
+"""The calls that make up a step (bounded by the step timeout, not the setup one)."""
+
+
+@dataclass
+class SampleCall:
+    """SAMPLE_TOKENS' argument: the step's bitmask, None when no sampling row has one."""
+    grammar_output: GrammarOutput | None = None
+
+
+@dataclass
+class StepCall:
+    """STEP's argument: a whole step (forward and sampling) in one message."""
+    scheduler_output: SchedulerOutput
+    grammar_output: GrammarOutput | None = None
 
 
 class ReplyType(enum.IntEnum):
@@ -56,7 +85,7 @@ class ReplyType(enum.IntEnum):
 
 _ARG_TYPES: dict[WorkerMethod, Any] = {
     WorkerMethod.INITIALIZE_KV_CACHE: int, WorkerMethod.EXECUTE_MODEL: SchedulerOutput,
-    WorkerMethod.SLEEP: int,
+    WorkerMethod.SLEEP: int, WorkerMethod.SAMPLE_TOKENS: SampleCall, WorkerMethod.STEP: StepCall,
 }
 _REPLY_TYPES: dict[ReplyType, Any] = {
     ReplyType.VALUE: int, ReplyType.OUTPUT: ModelRunnerOutput, ReplyType.FAILED: EngineFailure,

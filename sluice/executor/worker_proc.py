@@ -125,7 +125,11 @@ class _WorkerServer:
         assert self.worker is not None, f"{method.name} before INIT"
         w = self.worker
         if method == WorkerMethod.EXECUTE_MODEL:
-            output = w.execute_model(arg)
+            w.execute_model(arg)   # the forward; SAMPLE_TOKENS follows
+            return None, None
+        if method in (WorkerMethod.SAMPLE_TOKENS, WorkerMethod.STEP):
+            output = (w.sample_tokens(arg.grammar_output) if method == WorkerMethod.SAMPLE_TOKENS
+                      else w.step(arg.scheduler_output, arg.grammar_output))
             # the step's result comes from the driver of the last pipeline stage only
             is_output_rank = self.args.rank == self.args.config.parallel.output_rank
             return (ReplyType.OUTPUT, output) if is_output_rank else (None, None)

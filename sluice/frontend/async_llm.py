@@ -124,8 +124,8 @@ class AsyncLLM:
 
     async def generate(self, prompt: str | Sequence[int], sampling_params: SamplingParams,
                        request_id: str, *, priority: int = 0, add_special_tokens: bool = True,
-                       prompt_text: str | None = None,
-                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       prompt_text: str | None = None, cache_salt: str | None = None,
+                       kv_transfer_params: dict | None = None) -> AsyncIterator[RequestOutput]:
         """Stream the `RequestOutput`s of one request (kind per `sampling_params.output_kind`);
         the last one has `finished=True`. `prompt_text` is echoed as `RequestOutput.prompt`
         (default: the prompt when it is text); `cache_salt` keeps its prefix-cache blocks apart
@@ -137,7 +137,8 @@ class AsyncLLM:
         self._ensure_output_handler(loop)
         request = await self.offloader.run_if_large(
             len(prompt), self.input_processor.process, request_id, prompt, sampling_params,
-            None, priority, add_special_tokens=add_special_tokens, cache_salt=cache_salt)
+            None, priority, add_special_tokens=add_special_tokens, cache_salt=cache_salt,
+            kv_transfer_params=kv_transfer_params)
         if prompt_text is None and isinstance(prompt, str):
             prompt_text = prompt
         self._check_awake()  # again: sleep() may have begun while the prompt was tokenized

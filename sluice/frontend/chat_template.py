@@ -5,6 +5,10 @@ Contract:
   parts becomes its text parts joined by newlines, missing/None content becomes "". A non-text
   part (image, audio …) is an `InvalidRequestError(param="messages")` naming its type: sluice
   serves text-only models.
+* An assistant message's `tool_calls` reach the template with each `function.arguments` that
+  is JSON text of an object decoded into a dict (as vLLM: HF templates write
+  `arguments | tojson` or iterate its items); a `role: "tool"` message keeps its
+  `tool_call_id` (and every other extra key) as given.
 * `template_kwargs(...)` are the keywords for `Tokenizer.apply_chat_template`:
   `add_generation_prompt`, `continue_final_message` (when set), `tools` and `documents` (when
   given; transformers hands them to the template), then the
@@ -16,6 +20,7 @@ Contract:
 
 from __future__ import annotations
 
+import json
 from typing import Any, Mapping
 
 from sluice.errors import InvalidRequestError
@@ -45,7 +50,25 @@ def message_for_template(message: Mapping[str, Any]) -> dict[str, Any]:
                     param="messages")
             texts.append(text)
         data["content"] = "\n".join(texts)
+    if isinstance(data.get("tool_calls"), list):
+        data["tool_calls"] = [_call_for_template(call) for call in data["tool_calls"]]
     return data
+
+
+def _call_for_template(call: Any) -> Any:
+    """A tool call with its `function.arguments` JSON text decoded (see the module docstring);
+    anything else unchanged."""
+    function = call.get("function") if isinstance(call, Mapping) else None
+    arguments = function.get("arguments") if isinstance(function, Mapping) else None
+    if not isinstance(arguments, str):
+        return call
+    try:
+        decoded = json.loads(arguments)
+    except ValueError:
+        return call
+    if not isinstance(decoded, dict):
+        return call
+    return {**call, "function": {**function, "arguments": decoded}}
 
 
 def template_kwargs(add_generation_prompt: bool, chat_template: str | None,

@@ -123,8 +123,8 @@ class InputProcessor:
 
     def process(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams,
                 arrival_time: float | None = None, priority: int = 0, *,
-                add_special_tokens: bool = True,
-                cache_salt: str | None = None) -> EngineCoreRequest:
+                add_special_tokens: bool = True, cache_salt: str | None = None,
+                kv_transfer_params: dict | None = None) -> EngineCoreRequest:
         """Tokenize and validate; return the request to hand to `OutputProcessor.add_request`.
 
         `prompt` is text (tokenized with `add_special_tokens`; pass False for chat-template
@@ -142,7 +142,7 @@ class InputProcessor:
             request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=params,
             eos_token_id=self.eos_token_id,
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
-            priority=priority, cache_salt=cache_salt)
+            priority=priority, cache_salt=cache_salt, kv_transfer_params=kv_transfer_params)
 
     def _tokenize(self, prompt: str | Sequence[int], add_special_tokens: bool) -> list[int]:
         if isinstance(prompt, str):
@@ -196,6 +196,9 @@ class InputProcessor:
                                                      *bad_words_token_ids(self.tokenizer,
                                                                           params.bad_words)])
         params.check_against_model(self.vocab_size, self.max_logprobs)
+        if params.structured_outputs is not None:   # a 400 naming the field, before the engine
+            from sluice.structured_output.grammar import check_structured_outputs
+            check_structured_outputs(params.structured_outputs)
         if params.stop and not params.detokenize:
             raise InvalidRequestError("stop strings need detokenize=True (use stop_token_ids "
                                       "to stop on tokens without detokenizing).", param="stop")

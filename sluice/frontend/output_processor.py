@@ -99,7 +99,7 @@ class _UserRequest:
             prompt_token_ids=self.prompt_token_ids,
             outputs=outputs, finished=finished,
             prompt_logprobs=prompt_logprobs, num_cached_tokens=self.samples[0].num_cached_tokens,
-            metrics=self.metrics())
+            metrics=self.metrics(), kv_transfer_params=self.samples[0].kv_transfer_params)
 
     def best_outputs(self, outputs: list[CompletionOutput]) -> list[CompletionOutput]:
         """The `n` outputs with the highest cumulative logprob (ties: lower index), best first,

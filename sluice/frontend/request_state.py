@@ -68,6 +68,7 @@ class SampleState:
         self.finished_time: float | None = None
         self.scheduled_time: float | None = None  # from the engine's first output
         self.num_cached_tokens = 0
+        self.kv_transfer_params: dict | None = None   # a KV connector's, on the last output
         self._sent_text = 0      # DELTA cursor: characters of `text` already delivered
         self._sent_tokens = 0    # DELTA cursor: tokens (and logprob positions) delivered
 
@@ -87,6 +88,8 @@ class SampleState:
             self.num_cached_tokens = out.num_cached_tokens
         if out.scheduled_time and self.scheduled_time is None:
             self.scheduled_time = out.scheduled_time
+        if out.kv_transfer_params is not None:
+            self.kv_transfer_params = out.kv_transfer_params
         new_ids = out.new_token_ids
         if new_ids:
             self._record_times(now, len(new_ids), stats)

@@ -41,6 +41,8 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
                7.5, 10.0, 20.0, 40.0, 80.0)
+KV_TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                       10.0)
 REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
                            50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -138,6 +140,13 @@ def _families(reg: CollectorRegistry, max_model_len: int) -> dict[str, Any]:
     counter("generation_tokens", "Number of generation tokens processed.")
     counter("request_success", "Count of successfully processed requests.",
             ("finished_reason",))
+    # KV transfer (disaggregated prefill/decode: --kv-transfer-config)
+    counter("kv_transfer_failures", "KV transfers (loads of a remote engine's KV) that failed "
+            "or were refused; the request recomputed its prompt.")
+    counter("kv_transfer_bytes", "Bytes of KV cache loaded from remote engines.")
+    histogram("kv_transfer_latency", "kv_transfer_latency_seconds",
+              "Histogram of the time one request's KV load took, in seconds.",
+              KV_TRANSFER_BUCKETS)
     # histograms of token counts
     tokens = build_1_2_5_buckets(max_model_len)
     for name, doc in (
@@ -213,6 +222,9 @@ class EngineMetrics:
         self.inference_time = series("inference_time")
         self.prefill_time = series("prefill_time")
         self.decode_time = series("decode_time")
+        self.kv_transfer_failures = series("kv_transfer_failures")
+        self.kv_transfer_bytes = series("kv_transfer_bytes")
+        self.kv_transfer_latency = series("kv_transfer_latency")
 
     def set_sleep_level(self, level: int) -> None:
         """Show sleep level `level` (0: awake) in `vllm:engine_sleep_state`."""
@@ -247,6 +259,10 @@ class EngineMetrics:
         self.prefix_cache_queries.inc(stats.prefix_cache_queries)
         self.prefix_cache_hits.inc(stats.prefix_cache_hits)
         self.num_preemptions.inc(stats.num_preemptions)
+        self.kv_transfer_failures.inc(stats.kv_transfer_failures)
+        self.kv_transfer_bytes.inc(stats.kv_transfer_bytes)
+        for seconds in stats.kv_transfer_seconds:
+            self.kv_transfer_latency.observe(seconds)
         step_tokens = stats.num_prompt_tokens + stats.num_generation_tokens
         if step_tokens:  # idle snapshots are not engine steps
             self.iteration_tokens.observe(step_tokens)

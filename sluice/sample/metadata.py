@@ -86,6 +86,10 @@ class SamplingMetadata:
     min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None = None
     # Largest `logprobs` among rows that asked for logprobs; None when no row did.
     max_num_logprobs: int | None = None
+    # Structured output: (rows, drop mask [len(rows), vocab], True = not allowed by the
+    # request's grammar); set by the model runner from the step's `GrammarOutput`
+    # (`sample.grammar.grammar_mask`). Applied before every other stage.
+    grammar_mask: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def no_logits_processing(self) -> bool:
@@ -93,15 +97,17 @@ class SamplingMetadata:
         word to ban this step, logit_bias, min_tokens (still unmet) or a penalty. A new
         feature that edits logits must be added here, or the greedy fast path skips it."""
         return (self.no_penalties and self.logit_bias is None and self.min_tokens_mask is None
-                and self.allowed_token_mask is None and self.bad_words_mask is None)
+                and self.allowed_token_mask is None and self.bad_words_mask is None
+                and self.grammar_mask is None)
 
     @property
     def is_plain_greedy(self) -> bool:
         """True when the whole step is one argmax over the raw logits: every row greedy, no
-        logprobs, and `no_logits_processing` (so no allowed_token_ids, bad_words, logit_bias,
-        min_tokens or penalties). This is the one gate of the greedy fast paths (the
-        `Sampler`'s plain argmax and the model runner's `greedy_tokens` screen); everything
-        else steps aside to the full sampler."""
+        logprobs, and `no_logits_processing` (so no grammar mask, allowed_token_ids,
+        bad_words, logit_bias, min_tokens or penalties). This is the one gate of the greedy
+        fast paths (the `Sampler`'s plain argmax and the model runner's `greedy_tokens`
+        screen, which support none of those features); a step with any of them, e.g. one row
+        with a structured-output grammar, steps aside to the full sampler."""
         return self.all_greedy and self.no_logits_processing and self.max_num_logprobs is None
 
 

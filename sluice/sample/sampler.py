@@ -4,6 +4,7 @@ Order of operations (vLLM v1, with its default raw logprobs)::
 
     raw logits ──► logprobs = log_softmax(raw logits)       (only if some row asked for logprobs)
         │
+        ├─ grammar mask            structured output: tokens the row's grammar forbids -> -inf
         ├─ allowed_token_ids       every other token -> -inf
         ├─ bad_words               a bad word's last token -> -inf when the output ends with
         │                          the word's other tokens
@@ -81,8 +82,11 @@ class Sampler:
 
 
 def apply_logits_processing(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-    """allowed_token_ids, bad_words, logit_bias, min_tokens, then penalties; in place on
-    contiguous float32 logits."""
+    """The grammar mask, allowed_token_ids, bad_words, logit_bias, min_tokens, then
+    penalties; in place on contiguous float32 logits."""
+    if md.grammar_mask is not None:
+        rows, drop = md.grammar_mask
+        logits[rows] = logits[rows].masked_fill_(drop, _NEG_INF)
     if md.allowed_token_mask is not None:
         rows, drop = md.allowed_token_mask
         logits[rows] = logits[rows].masked_fill_(drop, _NEG_INF)

@@ -1,9 +1,13 @@
 """ModelRunner: owns the model, the KV-cache tensors and per-request state; runs one step.
 
-Contract: `execute_model(scheduler_output)` applies the step diff (drop finished requests, add
-new ones, append new blocks), flattens the batch (`input_batch.build_step_batch`), runs one
-forward under the attention forward context, samples the rows that reached their last known
-token, appends those tokens to its own state and returns a `ModelRunnerOutput`.
+Contract: one step is two calls, as vLLM's. `execute_model(scheduler_output)` applies the step
+diff (drop finished requests, add new ones, append new blocks), flattens the batch
+(`input_batch.build_step_batch`), runs one forward under the attention forward context and
+keeps what sampling needs (`_PendingStep`: the batch, the final hidden states). Then
+`sample_tokens(grammar_output)` applies the step's grammar bitmask (structured output; None
+when no sampling row has a grammar), samples the rows that reached their last known token,
+appends those tokens to its own state and returns a `ModelRunnerOutput`. `step(so, grammar)`
+does both. Every `execute_model` is followed by exactly one `sample_tokens`.
 
 Tensor parallelism: every TP rank runs the same steps on its shard of the model. The LM head
 gathers the logits to tp rank 0 (the driver), which alone samples (and computes logprobs) and
@@ -31,6 +35,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -45,10 +50,12 @@ from sluice.model.cpu_ops import load_cpu_ops
 from sluice.model.layers.layer_ops import make_argmax
 from sluice.model.loader import load_model
 from sluice.model_spec.parallel_check import stage_layer_range
+from sluice.sample.grammar import grammar_mask
 from sluice.sample.metadata import SamplingRow, build_sampling_metadata, request_generator
 from sluice.sample.logprobs import compute_prompt_logprobs, to_token_logprobs
 from sluice.sample.sampler import Sampler
 from sluice.step import ModelRunnerOutput, SchedulerOutput
+from sluice.structured_output.output import GrammarOutput
 from sluice.worker.input_batch import StepBatch, build_step_batch
 from sluice.worker.request_state import CachedRequestState
 
@@ -63,6 +70,17 @@ def _release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+@dataclass
+class _PendingStep:
+    """A step between `execute_model` and `sample_tokens`: `batch` None for an empty step;
+    `hidden` [T, hidden] on the last pipeline stage, else None (nothing to sample)."""
+    batch: StepBatch | None
+    request_ids: list[str]
+    states: list[CachedRequestState]
+    num_scheduled: list[int]
+    hidden: torch.Tensor | None
 
 
 class ModelRunner:
@@ -85,6 +103,7 @@ class ModelRunner:
         self.requests: dict[str, CachedRequestState] = {}
         self.sampler = Sampler()
         self.shared_generator = torch.Generator(device="cpu").manual_seed(config.model.seed)
+        self._pending: _PendingStep | None = None   # between execute_model and sample_tokens
         self._read_groups()  # again in load_model, once the groups exist
 
     def _read_groups(self) -> None:
@@ -198,27 +217,45 @@ class ModelRunner:
         self.model.greedy_tokens(hidden_rows)
 
     # ---- one step ----------------------------------------------------------------------
+    def step(self, scheduler_output: SchedulerOutput,
+             grammar_output: GrammarOutput | None = None) -> ModelRunnerOutput:
+        """`execute_model` then `sample_tokens`: one whole step."""
+        self.execute_model(scheduler_output)
+        return self.sample_tokens(grammar_output)
+
     @torch.inference_mode()
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(self, scheduler_output: SchedulerOutput) -> None:
+        """The step's forward; `sample_tokens` samples from it (see the module docstring)."""
+        assert self._pending is None, "execute_model twice without sample_tokens"
         self._update_states(scheduler_output)
         if scheduler_output.total_num_scheduled_tokens == 0:
-            return ModelRunnerOutput()
+            self._pending = _PendingStep(None, [], [], [], None)
+            return
         request_ids = ([r.request_id for r in scheduler_output.scheduled_new_reqs]
                        + [r.request_id for r in scheduler_output.scheduled_cached_reqs])
         states = [self.requests[rid] for rid in request_ids]
         num_scheduled = [scheduler_output.num_scheduled_tokens[rid] for rid in request_ids]
         batch = build_step_batch(states, num_scheduled, self.block_size)
-
         hidden = self._forward(batch, self.kv_caches)
-        if hidden is None:   # a pipeline stage before the last: nothing to sample
-            for state, n in zip(states, num_scheduled):
-                state.num_computed_tokens += n
+        self._pending = _PendingStep(batch, request_ids, states, num_scheduled, hidden)
+
+    @torch.inference_mode()
+    def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
+        """Sample the pending step's rows under `grammar_output`'s bitmask (read by the
+        sampling rank only: tp rank 0 of the last stage) and return its output."""
+        pending, self._pending = self._pending, None
+        assert pending is not None, "sample_tokens without execute_model"
+        batch, request_ids, states, hidden = (pending.batch, pending.request_ids,
+                                              pending.states, pending.hidden)
+        if batch is None:
             return ModelRunnerOutput()
-        output = ModelRunnerOutput(sampled_token_ids={rid: [] for rid in request_ids})
-        self._prompt_logprobs(batch, states, hidden, output)
-        if len(batch.sample_rows):
-            self._sample(batch, states, hidden, output)
-        for state, n in zip(states, num_scheduled):
+        output = ModelRunnerOutput()
+        if hidden is not None:   # the last pipeline stage: sample
+            output = ModelRunnerOutput(sampled_token_ids={rid: [] for rid in request_ids})
+            self._prompt_logprobs(batch, states, hidden, output)
+            if len(batch.sample_rows):
+                self._sample(batch, states, hidden, output, grammar_output)
+        for state, n in zip(states, pending.num_scheduled):
             state.num_computed_tokens += n
         return output
 
@@ -269,7 +306,8 @@ class ModelRunner:
                 state.token_ids.extend(new[len(state.token_ids) - start:])
 
     def _sample(self, batch: StepBatch, states: list[CachedRequestState],
-                hidden: torch.Tensor, output: ModelRunnerOutput) -> None:
+                hidden: torch.Tensor, output: ModelRunnerOutput,
+                grammar_output: GrammarOutput | None = None) -> None:
         """One token per row of `batch.sample_rows`. A plain greedy step (all rows greedy,
         nothing edits the logits, no logprobs) asks the model for its greedy tokens directly
         (`greedy_tokens`: the LM head's bf16 screen, no full float32 logits); everything else,
@@ -293,6 +331,11 @@ class ModelRunner:
                          s.eos_token_id, s.generator) for s in rows],
             vocab_size=self.spec.vocab_size, device=self.device,
             shared_generator=self.shared_generator)
+        metadata.grammar_mask = grammar_mask(
+            grammar_output, {s.request_id: i for i, s in enumerate(rows)}, self.spec.vocab_size,
+            self.device)
+        # The greedy screen supports no logits processing: `is_plain_greedy` is False when a
+        # row has a grammar mask (or any other feature), and the full sampler runs instead.
         # (under TP there is no greedy screen, `layer_ops`: every rank reaches the collective
         # compute_logits)
         token_ids = self.model.greedy_tokens(hidden_rows) if metadata.is_plain_greedy else None

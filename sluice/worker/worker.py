@@ -15,6 +15,7 @@ from sluice.model.attention.kv_cache import kv_cache_bytes_per_block
 from sluice.model.loader import resolve_dtype
 from sluice.platform import current_platform
 from sluice.step import ModelRunnerOutput, SchedulerOutput
+from sluice.structured_output.output import GrammarOutput
 from sluice.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class Worker:
             kv_cache_dtype=self.kv_cache_dtype,
             attn_backend=self.platform.attention_backend_name(kernels),
             layer_ops=self.platform.layer_ops_name(kernels))
+        self.kv_hooks = None   # a KV connector's worker half (`sluice.kv_transfer`), if any
 
     def load_model(self) -> None:
         self.memory_at_start = self.platform.memory_for_utilization()
@@ -113,6 +115,13 @@ class Worker:
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.model_runner.initialize_kv_cache(num_blocks)
+        if self.config.cache.kv_transfer_config is not None and self.kv_hooks is None:
+            from sluice.kv_transfer.factory import make_worker_connector
+            from sluice.kv_transfer.worker_hooks import WorkerConnectorHooks
+            tp = self.model_runner.tp_group
+            self.kv_hooks = WorkerConnectorHooks(make_worker_connector(self.config, tp.rank,
+                                                                       tp.size))
+            self.kv_hooks.connector.register_kv_caches(self.model_runner.kv_caches)
         logger.info("KV cache: %.2f GiB in %d blocks of %d tokens (resident from startup)",
                     num_blocks * self.kv_cache_bytes_per_block() / 2**30, num_blocks,
                     self.config.cache.block_size)
@@ -121,8 +130,25 @@ class Worker:
         """A decode-shaped step so the first real request does not pay for lazy init."""
         self.model_runner.dummy_run(num_tokens=8, num_reqs=8)
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.model_runner.execute_model(scheduler_output)
+    def execute_model(self, scheduler_output: SchedulerOutput) -> None:
+        """The step's forward; `sample_tokens` must follow (see `ModelRunner`). A KV
+        connector's hooks run around it (`kv_transfer.worker_hooks`)."""
+        if self.kv_hooks is not None:
+            self.kv_hooks.before_forward(scheduler_output, self.model_runner.kv_caches)
+        self.model_runner.execute_model(scheduler_output)
+        if self.kv_hooks is not None:
+            self.kv_hooks.after_forward()
+
+    def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
+        """Sample the step `execute_model` ran, under the grammar bitmask (or None)."""
+        output = self.model_runner.sample_tokens(grammar_output)
+        return output if self.kv_hooks is None else self.kv_hooks.attach(output)
+
+    def step(self, scheduler_output: SchedulerOutput,
+             grammar_output: GrammarOutput | None = None) -> ModelRunnerOutput:
+        """Both halves of a step at once."""
+        self.execute_model(scheduler_output)
+        return self.sample_tokens(grammar_output)
 
     def sleep(self, level: int) -> None:
         """Release the KV cache (level 1) and the weights too (level 2); see

@@ -318,3 +318,17 @@ def test_a_refused_connection_fails_over_before_the_canary(workers, start_router
         assert r.status_code == 200 and r.headers["x-sluice-worker"] == real
     assert router.metric("sluice_router_worker_errors_total", worker=stub.url,
                          kind="connect") == 1
+
+
+def test_api_key(workers, start_router):
+    router = start_router("--api-key", "router-key", "--router-mode", "least-load",
+                          "--worker", workers[0][1])
+    wait_for(lambda: httpx.get(router.url + "/health", timeout=10).status_code == 200, "health")
+    body = {"prompt": "Hello", "max_tokens": 1}
+    r = httpx.post(router.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 401 and r.json()["error"]["code"] == 401
+    assert httpx.get(router.url + "/metrics", timeout=10).status_code == 401
+    assert httpx.get(router.url + "/workers", timeout=10).status_code == 401
+    r = httpx.post(router.url + "/v1/completions", json=body, timeout=60,
+                   headers={"Authorization": "Bearer router-key"})
+    assert r.status_code == 200, r.text

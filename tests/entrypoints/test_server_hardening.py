@@ -125,7 +125,8 @@ BAD_REQUESTS = [
      "response_format.type"),
     ("/v1/chat/completions", {"messages": USER, "response_format": "json"},
      "response_format"),
-    ("/v1/chat/completions", {"messages": USER, "response_format": {"type": "json_object"}},
+    ("/v1/chat/completions", {"messages": USER, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
      "response_format"),
     ("/v1/chat/completions", {"messages": USER, "tools": [
         {"type": "function", "function": {"name": "get_weather"}}]}, "tools"),

@@ -20,18 +20,9 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "openai_api.md"
 
 # One request per refused field: (field, a value that asks for something).
 REFUSED_CHAT = [
-    ("structured_outputs", {"choice": ["a", "b"]}),
-    ("guided_json", {"type": "object"}),
-    ("guided_regex", "[a-z]+"),
-    ("guided_choice", ["red", "blue"]),
-    ("guided_grammar", "root ::= \"x\""),
     ("structural_tag", "{}"),
     ("guided_decoding_backend", "xgrammar"),
-    ("guided_whitespace_pattern", " *"),
-    ("response_format", {"type": "json_object"}),
-    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
-    ("tools", [TOOL]),
-    ("parallel_tool_calls", False),
+    ("tools", [TOOL]),  # tool_choice "auto" without --enable-auto-tool-choice
     ("functions", [{"name": "f", "parameters": {}}]),
     ("function_call", "auto"),
     ("audio", {"voice": "alloy", "format": "wav"}),
@@ -62,9 +53,6 @@ REFUSED_CHAT = [
 REFUSED_COMPLETION = [
     ("prompt_embeds", "AAAA"),
     ("suffix", "end"),
-    ("guided_choice", ["red", "blue"]),
-    ("structured_outputs", {"regex": "[a-z]+"}),
-    ("response_format", {"type": "json_object"}),
     ("tools", [TOOL]),
     ("logits_processors", ["my.module.Processor"]),
     ("vllm_xargs", {"x": 1}),

@@ -154,13 +154,13 @@ def run_model_runner(model_dir: str) -> dict:
     prompts = {"rand": [5, 9, 13, 200, 7], "greedy": [11, 3, 70, 8, 21, 99, 4]}
     new = [NewRequestData(rid, prompts[rid], len(prompts[rid]), params[rid],
                           [1 + 2 * i, 2 + 2 * i], 0) for i, rid in enumerate(prompts)]
-    outputs = [runner.execute_model(SchedulerOutput(
+    outputs = [runner.step(SchedulerOutput(
         scheduled_new_reqs=new, num_scheduled_tokens={r: len(p) for r, p in prompts.items()},
         total_num_scheduled_tokens=sum(map(len, prompts.values()))))]
     for _ in range(3):
         cached = [CachedRequestData(rid, [], runner.requests[rid].num_computed_tokens)
                   for rid in prompts]
-        outputs.append(runner.execute_model(SchedulerOutput(
+        outputs.append(runner.step(SchedulerOutput(
             scheduled_cached_reqs=cached, num_scheduled_tokens={r: 1 for r in prompts},
             total_num_scheduled_tokens=len(prompts))))
     return {"tokens": {rid: runner.requests[rid].token_ids for rid in prompts},

@@ -104,10 +104,14 @@ class KVCacheManager:
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        num_new_computed_tokens: int = 0,
                        new_computed_blocks: list[KVCacheBlock] | None = None,
-                       num_lookahead_tokens: int = 0) -> list[int] | None:
+                       num_lookahead_tokens: int = 0,
+                       delay_cache_blocks: bool = False) -> list[int] | None:
         """Make room for `num_new_tokens` tokens after `request.num_computed_tokens` (plus a
         prefix hit of `num_new_computed_tokens` tokens in `new_computed_blocks`, which only a
         request holding no blocks may pass).
+
+        `delay_cache_blocks`: do not offer the new full blocks to the prefix cache yet (their
+        KV arrives later, from a KV connector's load); `cache_blocks` does it once it has.
 
         Returns the ids of the newly allocated blocks (not the hit blocks; possibly empty), or
         `None` when the free queue cannot supply them — then nothing changed. Hit blocks that
@@ -141,15 +145,23 @@ class KVCacheManager:
         new_blocks = self.block_pool.get_new_blocks(num_new_blocks)
         req_blocks.extend(new_blocks)
 
-        if self.enable_caching:
-            num_full = min(num_known // self.block_size, len(request.block_hashes))
-            if num_full > self.num_cached_blocks[rid]:
-                self.block_pool.cache_full_blocks(request.block_hashes, req_blocks,
-                                                  self.num_cached_blocks[rid], num_full,
-                                                  token_ids=request.all_token_ids,
-                                                  block_size=self.block_size)
-                self.num_cached_blocks[rid] = num_full
+        if not delay_cache_blocks:
+            self.cache_blocks(request, num_known)
         return [b.block_id for b in new_blocks]
+
+    def cache_blocks(self, request: Request, num_computed_tokens: int) -> None:
+        """Offer the request's blocks that `num_computed_tokens` known tokens fill to the
+        prefix cache (those not offered yet). No-op without prefix caching."""
+        rid = request.request_id
+        if not self.enable_caching or rid not in self.req_to_blocks:
+            return
+        num_full = min(num_computed_tokens // self.block_size, len(request.block_hashes))
+        if num_full > self.num_cached_blocks[rid]:
+            self.block_pool.cache_full_blocks(request.block_hashes, self.req_to_blocks[rid],
+                                              self.num_cached_blocks[rid], num_full,
+                                              token_ids=request.all_token_ids,
+                                              block_size=self.block_size)
+            self.num_cached_blocks[rid] = num_full
 
     def free(self, request: Request) -> None:
         """Release all of the request's blocks, tail first. No-op if it holds none."""

@@ -36,6 +36,15 @@ step is updated before the next is scheduled, so `in_flight` is empty at every `
 With pp > 1 the cached requests also carry their sampled tokens (`sluice.step`), and one step
 schedules at most ceil(max_num_seqs / pp) sequences (`max_seqs_per_step`), so the running
 requests spread over pp batches that overlap in the pipeline.
+
+Hooks (`core.sched.hooks`, e.g. a KV connector; None: none of this happens): a waiting request
+whose prompt an outside source supplies is allocated blocks and parked in
+`waiting_for_remote_kv` (status WAITING_FOR_REMOTE_KV: neither scheduled nor freed) until a
+step's output reports its load done (back to the front of the waiting queue with the loaded
+tokens computed) or failed (blocks freed, recomputed from scratch). A finished request whose
+blocks a hook holds (`on_finish`) leaves `requests` but keeps its blocks in `held` until the
+hook releases them (`on_output` or `released`); `has_unfinished_requests` stays True meanwhile
+so that the engine keeps stepping.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from sluice.config import CacheConfig, SchedulerConfig
 from sluice.core.kv_cache.hashing import make_block_hasher
 from sluice.core.kv_cache.manager import KVCacheManager
 from sluice.core.request import Request, RequestStatus
+from sluice.core.sched.hooks import HookReport, SchedulerHooks
 from sluice.core.sched.queues import create_request_queue
 from sluice.core.sched.stop import check_stop
 from sluice.errors import ConfigError
@@ -72,8 +82,10 @@ class Scheduler:
     """Decides, each step, which tokens of which requests run. Pure Python; no torch."""
 
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
-                 max_model_len: int, num_kv_blocks: int, pipeline_parallel_size: int = 1):
+                 max_model_len: int, num_kv_blocks: int, pipeline_parallel_size: int = 1,
+                 hooks: SchedulerHooks | None = None):
         self.config = scheduler_config
+        self.hooks = hooks   # `core.sched.hooks`: a KV connector; None: none of that
         self.max_model_len = max_model_len
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.token_budget = scheduler_config.token_budget
@@ -98,6 +110,10 @@ class Scheduler:
         self.running: list[Request] = []
         self.finished_req_ids: set[str] = set()
         self.in_flight: set[str] = set()   # scheduled, output not back yet (see module doc)
+        # hooks: requests in WAITING_FOR_REMOTE_KV -> tokens computed once their load is done;
+        # finished requests whose blocks a hook holds (`on_finish`) until it releases them
+        self.waiting_for_remote_kv: dict[str, tuple[Request, int]] = {}
+        self.held: dict[str, Request] = {}
         self.send_token_ids = pipeline_parallel_size > 1
         # Sequences one step may schedule: with pp stages in flight, each batch takes its share
         # of max_num_seqs, so a burst of requests fills pp batches and the stages overlap
@@ -135,9 +151,11 @@ class Scheduler:
             if request.status == RequestStatus.RUNNING:
                 running_ids.add(rid)
                 self.finished_req_ids.add(rid)  # the worker holds its state
-            else:
+            elif self.waiting_for_remote_kv.pop(rid, None) is None:
                 waiting_ids.add(rid)
             request.status = finished_status
+            if self.hooks is not None:   # an abort never holds blocks
+                self.hooks.on_finish(request, self.kv_cache_manager.get_block_ids(rid))
             self.kv_cache_manager.free(request)
         if running_ids:
             self.running = [r for r in self.running if r.request_id not in running_ids]
@@ -146,10 +164,11 @@ class Scheduler:
         return [*running_ids, *waiting_ids]
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.running) + len(self.waiting_for_remote_kv)
 
     def has_unfinished_requests(self) -> bool:
-        return self.get_num_unfinished_requests() > 0
+        """Unfinished requests, or (with hooks) held blocks that a later step releases."""
+        return self.get_num_unfinished_requests() > 0 or bool(self.held)
 
     def has_finished_requests(self) -> bool:
         """Whether finished ids still have to reach the workers (via the next schedule())."""
@@ -161,6 +180,8 @@ class Scheduler:
     # ---- schedule ----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         plan = _StepPlan(budget=self.token_budget)
+        if self.hooks is not None:
+            self._release_held(self.hooks.released())
         self._schedule_running(plan)
         if plan.num_preempted == 0:
             self._schedule_waiting(plan)
@@ -231,8 +252,19 @@ class Scheduler:
         while (self.waiting and plan.budget > 0 and len(self.running) < self.max_num_seqs
                and len(plan.num_scheduled) < self.max_seqs_per_step):
             request = self.waiting.peek()
-            hit_blocks, num_hit = kv.get_computed_blocks(request)
-            num_new = request.num_tokens - num_hit
+            if request.num_computed_tokens:   # back from a remote KV load, holding its blocks
+                hit_blocks, num_hit = [], 0
+            else:
+                hit_blocks, num_hit = kv.get_computed_blocks(request)
+                if self.hooks is not None and request.num_cached_tokens < 0:
+                    num_external, load_async = self.hooks.on_admit(request, num_hit)
+                    if num_external:
+                        assert load_async, "only asynchronous external loads are supported"
+                        if not self._wait_for_remote_kv(request, hit_blocks, num_hit,
+                                                        num_external):
+                            break
+                        continue
+            num_new = request.num_tokens - request.num_computed_tokens - num_hit
             if num_new > plan.budget:
                 if not self.enable_chunked_prefill:
                     break
@@ -240,15 +272,60 @@ class Scheduler:
             if kv.allocate_slots(request, num_new, num_hit, hit_blocks) is None:
                 break
             self.waiting.pop()
-            if request.status == RequestStatus.WAITING:   # first admission
+            if request.num_cached_tokens < 0:   # first admission
                 request.num_cached_tokens = num_hit
                 request.scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
-            request.num_computed_tokens = num_hit
+            request.num_computed_tokens += num_hit
             self.running.append(request)
             plan.new_reqs.append(request)
             plan.num_scheduled[request.request_id] = num_new
             plan.budget -= num_new
+
+    # ---- hooks: external KV (`core.sched.hooks`) -------------------------------------------
+    def _wait_for_remote_kv(self, request: Request, hit_blocks: list, num_hit: int,
+                            num_external: int) -> bool:
+        """Allocate blocks for the local hit plus `num_external` tokens loaded from outside
+        (not offered to the prefix cache until they have arrived) and park the request in
+        WAITING_FOR_REMOTE_KV. False (nothing changed) when the blocks do not fit."""
+        kv = self.kv_cache_manager
+        if kv.allocate_slots(request, num_external, num_hit, hit_blocks,
+                             delay_cache_blocks=True) is None:
+            return False
+        self.waiting.pop()
+        request.num_cached_tokens = num_hit + num_external
+        request.scheduled_time = time.monotonic()
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        request.num_computed_tokens = num_hit
+        self.hooks.after_allocate(request, kv.get_block_ids(request.request_id), num_external)
+        self.waiting_for_remote_kv[request.request_id] = (request, num_hit + num_external)
+        return True
+
+    def _apply_hook_report(self, report: HookReport) -> None:
+        """Loads done: the request is schedulable with the loaded tokens computed. Loads
+        failed: its blocks are freed and it is recomputed from scratch. Held: freed."""
+        for rid in report.finished_loading:
+            request, num_loaded = self.waiting_for_remote_kv.pop(rid, (None, 0))
+            if request is not None:
+                self.kv_cache_manager.cache_blocks(request, num_loaded)
+                request.num_computed_tokens = num_loaded
+                request.status = RequestStatus.WAITING
+                self.waiting.prepend(request)
+        for rid in report.failed_loading:
+            request, _ = self.waiting_for_remote_kv.pop(rid, (None, 0))
+            if request is not None:
+                self.kv_cache_manager.free(request)
+                request.num_computed_tokens = 0
+                request.num_cached_tokens = -1
+                request.status = RequestStatus.WAITING
+                self.waiting.prepend(request)
+        self._release_held(report.released)
+
+    def _release_held(self, request_ids: Iterable[str]) -> None:
+        for rid in request_ids:
+            request = self.held.pop(rid, None)
+            if request is not None:
+                self.kv_cache_manager.free(request)
 
     def _make_output(self, plan: _StepPlan) -> SchedulerOutput:
         """Build the step's diff; must run before `_advance_computed_tokens`."""
@@ -272,7 +349,8 @@ class Scheduler:
             scheduled_new_reqs=new_reqs, scheduled_cached_reqs=cached_reqs,
             num_scheduled_tokens=dict(plan.num_scheduled),
             total_num_scheduled_tokens=sum(plan.num_scheduled.values()),
-            finished_request_ids=finished)
+            finished_request_ids=finished,
+            kv_connector_metadata=self.hooks.step_metadata() if self.hooks else None)
 
     def _sampled_token_ids(self, request: Request, plan: _StepPlan) -> list[int]:
         """With pp > 1: the sampled tokens among those this step computes (`sluice.step`)."""
@@ -297,6 +375,8 @@ class Scheduler:
         requests. Returns one output per request that produced tokens or finished; requests
         aborted since `schedule()` are skipped."""
         self.in_flight.difference_update(scheduler_output.num_scheduled_tokens)
+        if self.hooks is not None:
+            self._apply_hook_report(self.hooks.on_output(model_runner_output))
         outputs: list[EngineCoreOutput] = []
         finished_ids: set[str] = set()
         sampled_by_id = model_runner_output.sampled_token_ids
@@ -320,7 +400,7 @@ class Scheduler:
                                                   before_first_token))
             if request.is_finished:
                 finished_ids.add(rid)
-                self._free_finished(request)
+                outputs[-1].kv_transfer_params = self._free_finished(request)
         if finished_ids:
             self.running = [r for r in self.running if r.request_id not in finished_ids]
         return outputs
@@ -342,10 +422,20 @@ class Scheduler:
             num_cached_tokens=max(0, request.num_cached_tokens),
             scheduled_time=request.scheduled_time if first_tokens else 0.0)
 
-    def _free_finished(self, request: Request) -> None:
-        self.kv_cache_manager.free(request)
+    def _free_finished(self, request: Request) -> dict | None:
+        """Free a finished request's blocks, unless a hook holds them (`self.held`); returns
+        the hook's parameters for its output (kv_transfer_params)."""
+        hold, params = False, None
+        if self.hooks is not None:
+            hold, params = self.hooks.on_finish(
+                request, self.kv_cache_manager.get_block_ids(request.request_id))
+        if hold:
+            self.held[request.request_id] = request
+        else:
+            self.kv_cache_manager.free(request)
         del self.requests[request.request_id]
         self.finished_req_ids.add(request.request_id)
+        return params
 
     # ---- stats -------------------------------------------------------------------------
     def make_stats(self) -> SchedulerStats:
@@ -358,4 +448,9 @@ class Scheduler:
             num_preemptions=self._num_preemptions, num_prompt_tokens=self._num_prompt_tokens,
             num_generation_tokens=self._num_generation_tokens)
         self._num_preemptions = self._num_prompt_tokens = self._num_generation_tokens = 0
+        if self.hooks is not None:
+            hook_stats = self.hooks.take_stats()
+            stats.kv_transfer_failures = hook_stats.transfer_failures
+            stats.kv_transfer_bytes = hook_stats.bytes_received
+            stats.kv_transfer_seconds = hook_stats.transfer_seconds
         return stats

@@ -29,8 +29,9 @@ from sluice.entrypoints.openai.serving import (MIN_LOGPROB, SSE_DONE,
                                                ServerState, base_request_id, get_state,
                                                prompt_error_param, prompt_logprobs_body,
                                                render_conversation, run_unless_disconnected,
-                                               sampling_defaults, sse, start_generations,
-                                               token_text)
+                                               kv_transfer_extra, sampling_defaults, sse,
+                                               start_generations, token_text)
+from sluice.entrypoints.openai.tools import ToolPlan, plan_tools
 from sluice.errors import InvalidRequestError
 from sluice.outputs import PositionLogprobs, RequestOutput
 
@@ -65,8 +66,9 @@ async def create_chat_completion(body: ChatCompletionRequest, raw_request: Reque
     state = get_state(raw_request)
     state.check_model(body.model)
     body.check_supported()
+    tools = plan_tools(body, state.config.server)
     state.limits.check_sampling(body, num_prompts=1)
-    params = body.to_sampling_params(sampling_defaults(state))
+    params = tools.sampling_params(body.to_sampling_params(sampling_defaults(state)))
     prompt = await render_conversation(state, body.conversation(), body.template_kwargs())
     response_id = f"chatcmpl-{base_request_id(raw_request, body.request_id)}"
     ticket = state.admit(params.num_sequences)
@@ -74,7 +76,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw_request: Reque
         generations = start_generations(
             state, [prompt], params, f"{response_id}-{random_id()[:8]}",
             priority=body.priority, add_special_tokens=body.add_special_tokens,
-            cache_salt=body.cache_salt)
+            cache_salt=body.cache_salt, kv_transfer_params=body.kv_transfer_params)
         if body.stream:
             await run_unless_disconnected(raw_request, generations.start())
         else:
@@ -87,14 +89,14 @@ async def create_chat_completion(body: ChatCompletionRequest, raw_request: Reque
         raise
     if not body.stream:
         ticket.release()
-        return JSONResponse(_full_response(body, state, response_id, outputs[0]))
+        return JSONResponse(_full_response(body, state, response_id, outputs[0], tools))
 
     def cleanup() -> None:
         generations.abort()
         ticket.release()
 
-    return CleanupStreamingResponse(_stream(body, state, response_id, generations, params.n),
-                                    cleanup)
+    return CleanupStreamingResponse(_stream(body, state, response_id, generations, params.n,
+                                            tools), cleanup)
 
 
 def _logprobs(body: ChatCompletionRequest, state: ServerState, token_ids: Sequence[int],
@@ -106,14 +108,19 @@ def _logprobs(body: ChatCompletionRequest, state: ServerState, token_ids: Sequen
 
 
 def _full_response(body: ChatCompletionRequest, state: ServerState, response_id: str,
-                   output: RequestOutput) -> dict[str, Any]:
+                   output: RequestOutput, tools: ToolPlan) -> dict[str, Any]:
     echo = body.echo_text()
-    choices = [
-        ChatChoice(index=sample.index,
-                   message=ChatMessage(role="assistant", content=echo + sample.text),
-                   logprobs=_logprobs(body, state, sample.token_ids, sample.logprobs),
-                   finish_reason=sample.finish_reason, stop_reason=sample.stop_reason)
-        for sample in sorted(output.outputs, key=lambda s: s.index)]
+    choices = []
+    for sample in sorted(output.outputs, key=lambda s: s.index):
+        content, tool_calls = tools.message(sample.text, state.tokenizer, body)
+        if echo:
+            content = echo + (content or "")
+        choices.append(ChatChoice(
+            index=sample.index,
+            message=ChatMessage(role="assistant", content=content, tool_calls=tool_calls),
+            logprobs=_logprobs(body, state, sample.token_ids, sample.logprobs),
+            finish_reason="tool_calls" if tool_calls else sample.finish_reason,
+            stop_reason=sample.stop_reason))
     num_generated = sum(len(s.token_ids) for s in output.outputs)
     prompt_logprobs = None
     if body.prompt_logprobs is not None:
@@ -122,13 +129,14 @@ def _full_response(body: ChatCompletionRequest, state: ServerState, response_id:
     response = ChatCompletionResponse(
         id=response_id, model=state.model_name, choices=choices,
         usage=usage(len(output.prompt_token_ids), num_generated),
-        prompt_logprobs=prompt_logprobs)
+        prompt_logprobs=prompt_logprobs, **kv_transfer_extra([output]))
     return response.model_dump()
 
 
 async def _stream(body: ChatCompletionRequest, state: ServerState, response_id: str,
-                  generations: Generations, n: int) -> AsyncIterator[str]:
+                  generations: Generations, n: int, tools: ToolPlan) -> AsyncIterator[str]:
     created = now_seconds()
+    tool_streams = [tools.stream(state.tokenizer, body) for _ in range(n)]
 
     def chunk(choices: list[ChatStreamChoice], **extra: Any) -> str:
         return sse(ChatCompletionStreamResponse(
@@ -157,14 +165,27 @@ async def _stream(body: ChatCompletionRequest, state: ServerState, response_id: 
             for sample in output.outputs:
                 generated[sample.index] += len(sample.token_ids)
                 logprobs = _logprobs(body, state, sample.token_ids, sample.logprobs)
+                tool_stream = tool_streams[sample.index]
+                delta: DeltaMessage | None = DeltaMessage(content=sample.text)
+                if tool_stream is not None:  # parsed deltas; None: nothing to send yet
+                    delta = tool_stream.feed(sample.text, sample.token_ids)
+                    if delta is None and logprobs is not None and logprobs.content:
+                        delta = DeltaMessage()
                 # Tokens with an empty text delta still get their chunk (as in vLLM).
-                if sample.text or sample.token_ids or (logprobs is not None and logprobs.content):
-                    yield choice_chunk(ChatStreamChoice(index=sample.index,
-                                                        delta=DeltaMessage(content=sample.text),
+                if delta is not None and (sample.text or sample.token_ids or delta.tool_calls
+                                          or (logprobs is not None and logprobs.content)):
+                    yield choice_chunk(ChatStreamChoice(index=sample.index, delta=delta,
                                                         logprobs=logprobs))
                 if sample.finish_reason is not None:
+                    finish_reason = sample.finish_reason
+                    if tool_stream is not None:
+                        rest = tool_stream.finish()
+                        if rest is not None:
+                            yield choice_chunk(ChatStreamChoice(index=sample.index, delta=rest))
+                        if tool_stream.called:
+                            finish_reason = "tool_calls"
                     yield choice_chunk(ChatStreamChoice(index=sample.index, delta=DeltaMessage(),
-                                                        finish_reason=sample.finish_reason,
+                                                        finish_reason=finish_reason,
                                                         stop_reason=sample.stop_reason))
         if body.include_usage:
             yield chunk([], usage=usage(num_prompt_tokens, sum(generated)))

@@ -24,8 +24,8 @@ from sluice.entrypoints.openai.serving import (MIN_LOGPROB, SSE_DONE,
                                                CleanupStreamingResponse, Generations,
                                                ServerState, base_request_id, get_state,
                                                prompt_logprobs_body, run_unless_disconnected,
-                                               sampling_defaults, sse, start_generations,
-                                               token_text)
+                                               kv_transfer_extra, sampling_defaults, sse,
+                                               start_generations, token_text)
 from sluice.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 
 router = APIRouter()
@@ -128,7 +128,7 @@ async def create_completion(body: CompletionRequest, raw_request: Request) -> An
         generations = start_generations(
             state, prompts, params, f"{response_id}-{random_id()[:8]}",
             priority=body.priority, add_special_tokens=body.add_special_tokens,
-            cache_salt=body.cache_salt)
+            cache_salt=body.cache_salt, kv_transfer_params=body.kv_transfer_params)
         if body.stream:
             await run_unless_disconnected(raw_request, generations.start())
         else:
@@ -159,7 +159,8 @@ def _full_response(body: CompletionRequest, state: ServerState, response_id: str
             choices.append(_ChoiceBuilder(body, state.tokenizer).build(
                 i * n + sample.index, output, sample))
     response = CompletionResponse(id=response_id, model=state.model_name, choices=choices,
-                                  usage=usage(num_prompt_tokens, num_generated))
+                                  usage=usage(num_prompt_tokens, num_generated),
+                                  **kv_transfer_extra(outputs))
     return response.model_dump()
 
 

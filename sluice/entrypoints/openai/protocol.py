@@ -22,6 +22,8 @@ from typing import Any, ClassVar, Literal, Mapping
 from pydantic import (BaseModel, ConfigDict, Field, ValidationInfo, field_validator,
                       model_serializer, model_validator)
 
+from sluice.entrypoints.openai.structured import (StructuredOutputFields,
+                                                  structured_outputs_params)
 from sluice.entrypoints.openai.unsupported import check_fields
 from sluice.errors import InvalidRequestError
 from sluice.frontend.chat_template import message_for_template, template_kwargs
@@ -137,7 +139,7 @@ class StreamOptions(BaseModel):
 _SAFE_REQUEST_ID = r"^[A-Za-z0-9._:\-]{1,128}$"
 
 
-class SamplingFields(RequestModel):
+class SamplingFields(RequestModel, StructuredOutputFields):
     """Fields shared by completion and chat requests (OpenAI's and vLLM's extras). Fields no
     model defines are kept (`model_extra`) so that `check_supported` can refuse them by name."""
 
@@ -176,10 +178,12 @@ class SamplingFields(RequestModel):
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = None
-    response_format: ResponseFormat | None = None  # only {"type": "text"} (unsupported.py)
+    response_format: ResponseFormat | None = None  # structured output (structured.py)
     return_tokens_as_token_ids: bool | None = None
     request_id: str | None = Field(default=None, pattern=_SAFE_REQUEST_ID)
     cache_salt: str | None = Field(default=None, min_length=1)
+    # disaggregated prefill/decode (vLLM's): checked in serving (sluice.kv_transfer.params)
+    kv_transfer_params: dict[str, Any] | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -255,6 +259,7 @@ class SamplingFields(RequestModel):
             "prompt_logprobs": self.prompt_logprobs,
             "allowed_token_ids": self.allowed_token_ids, "bad_words": self.bad_words or None,
             "truncate_prompt_tokens": self.truncate_prompt_tokens,
+            "structured_outputs": structured_outputs_params(self),
             "output_kind": RequestOutputKind.DELTA if self.stream
             else RequestOutputKind.FINAL_ONLY,
         }
@@ -435,6 +440,7 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     echo: bool = False
     documents: list[dict[str, str]] | None = None
 
@@ -446,8 +452,8 @@ class ChatCompletionRequest(SamplingFields):
 
     def template_kwargs(self) -> dict[str, Any]:
         """Keywords for `Tokenizer.apply_chat_template` (`chat_template.template_kwargs`):
-        `add_generation_prompt`, `continue_final_message`, `tools` (when sent with tool_choice
-        'none'), `documents`, then `chat_template_kwargs` (which win, as in vLLM), then
+        `add_generation_prompt`, `continue_final_message`, `tools` (whatever the
+        tool_choice, as vLLM), `documents`, then `chat_template_kwargs` (which win, as in vLLM), then
         `chat_template`. Reserved keywords are a 400 naming chat_template_kwargs."""
         return template_kwargs(self.add_generation_prompt, self.chat_template,
                                self.chat_template_kwargs,
@@ -458,8 +464,8 @@ class ChatCompletionRequest(SamplingFields):
 
     def check_supported(self) -> None:
         """As `SamplingFields.check_supported`; first, tool_choice other than 'none' without
-        tools is malformed (400 naming tool_choice). Tools with tool_choice 'none' are
-        honoured: the template renders them and no call is parsed."""
+        tools is malformed (400 naming tool_choice). The rest of the tool fields is checked
+        by `tools.plan_tools`."""
         if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
             raise InvalidRequestError("tool_choice needs tools.", param="tool_choice")
         super().check_supported()
@@ -493,9 +499,53 @@ class ChatCompletionRequest(SamplingFields):
         return SamplingParams(**kwargs)
 
 
+class FunctionCall(ResponseModel):
+    name: str
+    arguments: str
+    """The arguments as JSON text, as the model wrote them."""
+
+
+class ToolCall(ResponseModel):
+    """A tool call of a response message (`id` is `chatcmpl-tool-…`, as vLLM)."""
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class _DropNone(ResponseModel):
+    """A stream piece whose None fields are left out."""
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaFunctionCall(_DropNone):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_DropNone):
+    """One piece of a streamed tool call: the first carries `id`, `type` and the name, later
+    ones only argument fragments (the `openai` client concatenates them by `index`)."""
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class ChatMessage(ResponseModel):
+    """A response message; `tool_calls` is left out when None."""
     role: str
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_no_tool_calls(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatLogprob(ResponseModel):
@@ -535,6 +585,7 @@ class DeltaMessage(ResponseModel):
     """A stream delta; fields that are None are left out (`{}` for the finish chunk)."""
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: Any) -> dict[str, Any]:

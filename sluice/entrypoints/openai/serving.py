@@ -269,7 +269,8 @@ class Generations:
 
 def start_generations(state: ServerState, prompts: Sequence[str | list[int]],
                       params: SamplingParams, request_id: str, *, priority: int,
-                      add_special_tokens: bool, cache_salt: str | None = None) -> Generations:
+                      add_special_tokens: bool, cache_salt: str | None = None,
+                      kv_transfer_params: dict[str, Any] | None = None) -> Generations:
     """One engine generation per prompt, ids `{request_id}-{i}` (registered for the drain).
     A non-zero `priority` needs --scheduling-policy priority (else a 400 naming it: fcfs would
     ignore it)."""
@@ -279,6 +280,13 @@ def start_generations(state: ServerState, prompts: Sequence[str | list[int]],
             "this one schedules first come, first served (send priority 0 or leave it out).",
             param="priority")
     extra: dict[str, Any] = {} if cache_salt is None else {"cache_salt": cache_salt}
+    if kv_transfer_params is not None:   # a 400 naming the key unless a connector takes it
+        from sluice.kv_transfer.params import check_for_server
+        extra["kv_transfer_params"] = check_for_server(
+            kv_transfer_params, state.config.cache.kv_transfer_config, n=params.n)
+        if len(prompts) != 1:
+            raise InvalidRequestError("kv_transfer_params needs exactly one prompt.",
+                                      param="prompt")
     generations = Generations([
         state.engine.generate(prompt, params, f"{request_id}-{i}", priority=priority,
                               add_special_tokens=add_special_tokens, **extra)
@@ -379,3 +387,12 @@ def prompt_error_param(exc: InvalidRequestError, is_chat: bool) -> InvalidReques
     if is_chat and exc.param == "prompt":
         return InvalidRequestError(exc.message.replace("prompt", "conversation"), "messages")
     return exc
+
+
+def kv_transfer_extra(outputs: Sequence[RequestOutput]) -> dict[str, Any]:
+    """The response's `kv_transfer_params` (vLLM's: what a prefill engine returns for the
+    decode request), as an extra field only when an output carries them."""
+    for output in outputs:
+        if output.kv_transfer_params is not None:
+            return {"kv_transfer_params": output.kv_transfer_params}
+    return {}

@@ -41,13 +41,6 @@ def neutral_values(*values: Any) -> Callable[[Any, Body], bool]:
     return lambda value, body: absent(value) or any(_same(value, v) for v in values)
 
 
-def _kind(value: Any) -> Any:
-    """`type` of a response_format, parsed (a model) or raw (a dict)."""
-    if isinstance(value, Mapping):
-        return value.get("type")
-    return getattr(value, "type", None)
-
-
 @dataclass(frozen=True)
 class Refusal:
     """`what`: what the field asks for, in words; `accepts(value, body)`: True when the value
@@ -68,33 +61,17 @@ class Refusal:
             f"null{also}.", param=name)
 
 
-_NO_TOOLS = "tool calling"
-_NO_GUIDED = "structured output / guided decoding"
+_NO_FUNCTIONS = "the deprecated function calling; send tools and tool_choice"
 _TEXT_ONLY = "sluice serves text-only models"
 _NO_REASONING = "sluice has no reasoning parser"
 
 REFUSED: dict[str, Refusal] = {
-    # Structured output (OpenAI's response_format, vLLM's structured_outputs / guided_*).
-    "response_format": Refusal(
-        _NO_GUIDED, lambda v, body: absent(v) or _kind(v) == "text", "{\"type\": \"text\"}"),
-    "structured_outputs": Refusal(_NO_GUIDED),
-    "guided_json": Refusal(_NO_GUIDED),
-    "guided_regex": Refusal(_NO_GUIDED),
-    "guided_choice": Refusal(_NO_GUIDED),
-    "guided_grammar": Refusal(_NO_GUIDED),
-    "structural_tag": Refusal(_NO_GUIDED),
-    "guided_decoding_backend": Refusal(_NO_GUIDED),
-    "guided_whitespace_pattern": Refusal(_NO_GUIDED),
-    # Tool and function calling: tools are honoured with tool_choice "none" (the template
-    # renders them; no call is parsed).
-    "tools": Refusal(
-        _NO_TOOLS, lambda v, body: absent(v) or body.get("tool_choice") == "none",
-        message="Tool calling is not supported by this server yet; send tool_choice 'none' "
-                "to show the tools to the model without calls being parsed."),
-    "tool_choice": Refusal(_NO_TOOLS, neutral_values("none"), "\"none\""),
-    "parallel_tool_calls": Refusal(_NO_TOOLS),
-    "functions": Refusal(_NO_TOOLS),
-    "function_call": Refusal(_NO_TOOLS, neutral_values("none"), "\"none\""),
+    # Structured output (response_format, structured_outputs, guided_*) is honoured: see
+    # structured.py.
+    # The deprecated function-calling fields (tools, tool_choice and parallel_tool_calls are
+    # honoured: see tools.py).
+    "functions": Refusal(_NO_FUNCTIONS),
+    "function_call": Refusal(_NO_FUNCTIONS, neutral_values("none"), "\"none\""),
     # Other modalities and hosted features.
     "audio": Refusal(f"audio output; {_TEXT_ONLY}"),
     "modalities": Refusal(_TEXT_ONLY, neutral_values(["text"]), "[\"text\"]"),
@@ -128,7 +105,6 @@ REFUSED: dict[str, Refusal] = {
     "logits_processors": Refusal("custom logits processors"),
     "repetition_detection": Refusal("stopping on repeated n-grams"),
     "return_token_ids": Refusal("token ids in the response", neutral_values(False), "false"),
-    "kv_transfer_params": Refusal("disaggregated prefill / KV transfer"),
     "vllm_xargs": Refusal("arguments for vLLM extensions"),
 }
 

@@ -1,4 +1,5 @@
-"""`sluice router`: a KV-aware OpenAI front over several engines (aggregated mode).
+"""`sluice router`: a KV-aware OpenAI front over several engines (aggregated mode), or over
+prefill and decode workers (disaggregated mode, `disagg.py`).
 
     client ─HTTP─► router (app.py) ─ routing.py picks a worker ─HTTP─► sluice serve ×N
                      ▲  workers.py: registry, load, canary /health
@@ -6,5 +7,5 @@
 
 Modules: `cli.py` (flags, startup), `app.py` (routes, proxying), `routing.py` (round-robin,
 least-load, kv cost), `workers.py` (registration, health), `kv_index.py` (event subscriber and
-index), `metrics.py` (/metrics). Torch-free; no tokenizer is loaded (the workers tokenize).
+index), `disagg.py` (the prefill → decode hops), `metrics.py` (/metrics). Torch-free; no tokenizer is loaded (the workers tokenize).
 """

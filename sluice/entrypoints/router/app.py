@@ -7,7 +7,12 @@
     GET  /health                                  200 while a worker is healthy, else 503
     GET  /metrics                                 Prometheus text (metrics.py)
     GET|POST|DELETE /workers                      list / register {"url", "kv_events_endpoint"?,
-                                                  "kv_replay_endpoint"?} / unregister {"url"}
+                                                  "kv_replay_endpoint"?, "role"?} / unregister
+                                                  {"url"}
+
+Disaggregated mode (`--prefill`/`--decode`, `disagg.py`): a generation request goes to a prefill
+worker, then to a decode worker with the KV parameters the prefill returned. `--api-key`:
+every route but /health needs `Authorization: Bearer KEY` (forwarded to the workers).
 
 kv mode needs the prompt's token ids: the router asks a worker's POST /tokenize (the prompt, or
 the chat messages rendered with the worker's own chat template), so it tokenizes exactly as the
@@ -33,7 +38,8 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from sluice.entrypoints.router.metrics import RouterStats, make_registry, render
+from sluice.entrypoints.router.metrics import (RouterStats, make_registry, render,
+                                               scrape_kv_transfer)
 from sluice.entrypoints.router.routing import Decision, PromptHashes, Router
 from sluice.entrypoints.router.workers import (HealthChecker, Worker, WorkerPool, mark_down,
                                                normalize_url)
@@ -49,10 +55,10 @@ _CHAT_TOKENIZE_KEYS = ("messages", "add_generation_prompt", "add_special_tokens"
 TOKENIZE_TIMEOUT_S = 10.0
 
 
-def error_json(status: int, message: str) -> JSONResponse:
+def error_json(status: int, message: str, param: str | None = None) -> JSONResponse:
     """An OpenAI-shaped error from the router itself."""
     from sluice.entrypoints.openai.errors import error_body
-    return JSONResponse(error_body(status, message), status_code=status)
+    return JSONResponse(error_body(status, message, param), status_code=status)
 
 
 @dataclass
@@ -62,6 +68,9 @@ class RouterState:
     client: httpx.AsyncClient
     health: HealthChecker
     stats: RouterStats = field(default_factory=RouterStats)
+    disaggregated: bool = False   # prefill/decode roles (disagg.py)
+    api_key: str | None = None    # --api-key: required on every route but /health
+    public_metrics: bool = False
 
     def least_loaded(self) -> Worker | None:
         healthy = self.pool.healthy()
@@ -179,8 +188,12 @@ def _record(state: RouterState, decision: Decision, status: int) -> None:
         state.stats.kv_overlap_blocks += decision.overlap_blocks
 
 
-async def proxy_generation(state: RouterState, request: Request, path: str) -> Response:
-    body = await request.body()
+async def proxy_generation(state: RouterState, request: Request, path: str,
+                           body: bytes | None = None, role: str | None = None) -> Response:
+    """Route and proxy one generation request (`body`: instead of the request's own; `role`:
+    only workers with that role, disaggregated mode's decode hop)."""
+    if body is None:
+        body = await request.body()
     headers = _request_headers(request)
     try:
         payload = json.loads(body)
@@ -189,10 +202,10 @@ async def proxy_generation(state: RouterState, request: Request, path: str) -> R
     payload = payload if isinstance(payload, dict) else None
     stream = bool(payload and payload.get("stream"))
     prompt = None
-    if payload is not None and state.router.mode == "kv":
+    if payload is not None and state.router.mode == "kv" and role is None:
         prompt = await prompt_hashes(state, path, payload, headers)
     tried: set[Worker] = set()
-    while candidates := [w for w in state.pool.healthy() if w not in tried]:
+    while candidates := [w for w in state.pool.healthy(role) if w not in tried]:
         decision = state.router.choose(candidates, prompt)
         worker = decision.worker
         lease = _Lease(worker)
@@ -223,7 +236,8 @@ async def proxy_generation(state: RouterState, request: Request, path: str) -> R
         return Response(content, status_code=upstream.status_code,
                         headers=_response_headers(upstream, worker))
     state.stats.responses["5xx"] += 1
-    return error_json(503, "No healthy worker to route the request to "
+    what = "worker" if role is None else f"{role} worker"
+    return error_json(503, f"No healthy {what} to route the request to "
                            f"({len(state.pool)} registered).")
 
 
@@ -261,14 +275,21 @@ def build_app(state: RouterState) -> FastAPI:
     app = FastAPI(title="sluice router", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     registry = make_registry(state.pool, state.stats)
+    if state.api_key:
+        from sluice.entrypoints.openai.app import PUBLIC_PATHS, APIKeyMiddleware
+        public = PUBLIC_PATHS | ({"/metrics"} if state.public_metrics else set())
+        app.add_middleware(APIKeyMiddleware, api_key=state.api_key, public_paths=public)
+
+    from sluice.entrypoints.router.disagg import proxy_disaggregated
+    generate = proxy_disaggregated if state.disaggregated else proxy_generation
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await proxy_generation(state, request, "/v1/completions")
+        return await generate(state, request, "/v1/completions")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await proxy_generation(state, request, "/v1/chat/completions")
+        return await generate(state, request, "/v1/chat/completions")
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -291,6 +312,8 @@ def build_app(state: RouterState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        if state.disaggregated:
+            await scrape_kv_transfer(state.pool, state.client, state.api_key)
         return Response(render(registry), media_type="text/plain; version=0.0.4")
 
     @app.get("/workers")
@@ -305,13 +328,17 @@ def build_app(state: RouterState) -> FastAPI:
         try:
             url = normalize_url(str(data.get("url", "")))
             events, replay = data.get("kv_events_endpoint"), data.get("kv_replay_endpoint")
+            role = data.get("role", "both")
+            from sluice.entrypoints.router.disagg import ROLES
+            if role not in ROLES:
+                raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
             for name, value in (("kv_events_endpoint", events), ("kv_replay_endpoint", replay)):
                 if value is not None and (not isinstance(value, str) or "://" not in value):
                     raise ValueError(f"{name} must be a ZeroMQ endpoint such as "
                                      "tcp://HOST:PORT")
         except ValueError as e:
             return error_json(400, str(e))
-        worker, created = state.pool.add(url, events, replay)
+        worker, created = state.pool.add(url, events, replay, role)
         await state.health.check(worker)
         return JSONResponse(worker.describe(), status_code=201 if created else 200)
 

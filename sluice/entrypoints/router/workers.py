@@ -54,6 +54,7 @@ class Worker:
     url: str
     kv_events_endpoint: str | None = None
     kv_replay_endpoint: str | None = None
+    role: str = "both"             # disaggregated mode: prefill | decode | both
     healthy: bool = False          # in the routing set (set by the canary)
     outstanding: int = 0           # requests this router has in flight on it
     consecutive_failures: int = 0
@@ -61,6 +62,10 @@ class Worker:
     errors: Counter = field(default_factory=Counter)   # kind -> count
     index: KVIndex = field(default_factory=KVIndex)
     subscriber: KVEventSubscriber | None = None
+    kv_transfer: dict[str, float] = field(default_factory=dict)  # scraped from its /metrics
+
+    def has_role(self, role: str | None) -> bool:
+        return role is None or self.role in (role, "both")
 
     def start_events(self) -> None:
         if self.kv_events_endpoint is not None and self.subscriber is None:
@@ -73,7 +78,8 @@ class Worker:
             self.subscriber = None
 
     def describe(self) -> dict:
-        return {"url": self.url, "healthy": self.healthy, "outstanding": self.outstanding,
+        return {"url": self.url, "role": self.role, "healthy": self.healthy,
+                "outstanding": self.outstanding,
                 "kv_events_endpoint": self.kv_events_endpoint,
                 "kv_replay_endpoint": self.kv_replay_endpoint, "kv_blocks": len(self.index),
                 "kv_block_size": self.index.block_size, "routed": dict(self.routed)}
@@ -86,12 +92,14 @@ class WorkerPool:
         self._workers: dict[str, Worker] = {}
 
     def add(self, url: str, kv_events_endpoint: str | None = None,
-            kv_replay_endpoint: str | None = None) -> tuple[Worker, bool]:
+            kv_replay_endpoint: str | None = None,
+            role: str = "both") -> tuple[Worker, bool]:
         """Register a worker (not yet healthy: the canary admits it). Re-registering a URL
         with other endpoints replaces its KV subscription. Returns (worker, created)."""
         url = normalize_url(url)
         worker = self._workers.get(url)
         if worker is not None:
+            worker.role = role
             if (worker.kv_events_endpoint, worker.kv_replay_endpoint) != (
                     kv_events_endpoint, kv_replay_endpoint):
                 worker.stop_events()
@@ -100,10 +108,11 @@ class WorkerPool:
                 worker.kv_replay_endpoint = kv_replay_endpoint
                 worker.start_events()
             return worker, False
-        worker = Worker(url, kv_events_endpoint, kv_replay_endpoint)
+        worker = Worker(url, kv_events_endpoint, kv_replay_endpoint, role)
         worker.start_events()
         self._workers[url] = worker
-        logger.info("registered worker %s (KV events: %s)", url, kv_events_endpoint or "none")
+        logger.info("registered worker %s (role %s, KV events: %s)", url, role,
+                    kv_events_endpoint or "none")
         return worker, True
 
     def remove(self, url: str) -> bool:
@@ -123,8 +132,12 @@ class WorkerPool:
     def __len__(self) -> int:
         return len(self._workers)
 
-    def healthy(self) -> list[Worker]:
-        return [w for w in self._workers.values() if w.healthy]
+    def healthy(self, role: str | None = None) -> list[Worker]:
+        """Healthy workers (that can take `role`: prefill / decode; None: any)."""
+        return [w for w in self._workers.values() if w.healthy and w.has_role(role)]
+
+    def with_role(self, role: str) -> list[Worker]:
+        return [w for w in self._workers.values() if w.has_role(role)]
 
     def close(self) -> None:
         for worker in self:
