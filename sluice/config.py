@@ -356,10 +356,24 @@ class ObservabilityConfig:
                                      "shown in a request's log line. Default: all.", ge=0)
 
 
+@dataclass(frozen=True)
+class LoRAConfig:
+    enable_lora: bool = option(False, "Serve LoRA adapters (PEFT format) over the base model: "
+                               "requests name one as `model` (or `lora_request` offline).")
+    lora_modules: tuple[str, ...] = option(
+        default_factory=tuple, help="Adapters loaded at startup: 'name=path', or vLLM's JSON "
+        "form '{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'.")
+    max_loras: int = option(1, "Most distinct adapters that run in one step (others wait).",
+                            ge=1)
+    max_lora_rank: int = option(16, "Largest adapter rank accepted.", ge=1, le=64)
+    max_cpu_loras: int | None = option(None, "Adapters kept loaded (least recently used one "
+                                       "evicted beyond that); default --max-loras.", ge=1)
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
     "parallel": ParallelConfig, "device": DeviceConfig, "load": LoadConfig,
-    "server": ServerConfig, "observability": ObservabilityConfig,
+    "server": ServerConfig, "observability": ObservabilityConfig, "lora": LoRAConfig,
 }
 
 
@@ -376,6 +390,7 @@ class EngineConfig:
     load: LoadConfig = field(default_factory=LoadConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
@@ -400,7 +415,7 @@ class EngineConfig:
 
 
 Section = Literal["model", "cache", "scheduler", "parallel", "device", "load", "server",
-                  "observability"]
+                  "observability", "lora"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 
+from sluice.lora.request import LoRARequest
 from sluice.sampling_params import SamplingParams
 
 
@@ -45,6 +46,7 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     priority: int = 0
     cache_salt: str | None = None
     kv_transfer_params: dict[str, Any] | None = None   # for a KV connector (disaggregation)
+    lora_request: LoRARequest | None = None   # the adapter (None: the base model)
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):

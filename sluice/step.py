@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sluice.kv_transfer.metadata import KVConnectorMetadata, KVConnectorOutput
+from sluice.lora.request import LoRARequest
 from sluice.messages import TokenLogprobs
 from sluice.sampling_params import SamplingParams
 
@@ -44,6 +45,7 @@ class NewRequestData:
     block_ids: list[int]
     num_computed_tokens: int
     eos_token_id: int | None = None
+    lora_request: LoRARequest | None = None   # the adapter the request runs with (None: base)
 
 
 @dataclass
