@@ -4,10 +4,12 @@ grammar compile time of the 20 test schemas.
 
     python benchmarks/structured_output.py [--model DIR] [--rounds 3] [--num-prompts 64]
 
-* Throughput: the same random-token prompts (64..256 tokens, seeded) each round; "none"
-  rounds generate exactly --output-len tokens (ignore_eos, as W1); "schema" rounds constrain
-  every request with SCHEMA (bounded, so the grammar ends each output; ignore_eos too, the
-  grammar's end finishes it) and are reported per output token. Greedy, prefix caching off,
+* Throughput: the same random-token prompts (64..256 tokens, seeded) each round; "schema"
+  rounds constrain every request with SCHEMA (bounded, so the grammar ends each output;
+  ignore_eos, the grammar's end finishes it); "none" rounds generate, unconstrained, exactly as
+  many tokens per request as the schema warm-up run gave that request (ignore_eos), so both
+  rounds do the same work with the same batch sizes step by step and differ only by the grammar
+  (bitmask, mask, the full sampler instead of the greedy argmax). Greedy, prefix caching off,
   the engine in this process (the default `LLM`).
 * Mask cost per step: `StructuredOutputManager.grammar_output` for --num-prompts requests of
   SCHEMA at a mid-output state, timed alone (what the engine core adds per step, overlapped with
@@ -55,7 +57,8 @@ def throughput(args: argparse.Namespace) -> None:
     plain = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     schema = plain.with_updates(max_tokens=4 * args.output_len,
                                 structured_outputs=StructuredOutputsParams(json=SCHEMA))
-    llm.generate([{"prompt_token_ids": p} for p in prompts[:4]], schema, use_tqdm=False)
+    warm = llm.generate([{"prompt_token_ids": p} for p in prompts], schema, use_tqdm=False)
+    plain = [plain.with_updates(max_tokens=len(o.outputs[0].token_ids)) for o in warm]
     rates: dict[str, list[float]] = {"none": [], "schema": []}
     for r in range(args.rounds):
         for name, params in (("none", plain), ("schema", schema)):
