@@ -1,7 +1,7 @@
 """`sluice serve -tp 2`: one engine core driving two worker processes (the `mp` executor).
 
 End to end with the official `openai` client (greedy text identical to the single-rank engine),
-SIGTERM ends server, engine core and workers with exit 0; a worker killed mid-stream fails the
+a regex-constrained answer equals the single-rank one; SIGTERM ends server, engine core and workers with exit 0; a worker killed mid-stream fails the
 in-flight requests with 503s, /health answers 503, the server exits non-zero, and no process,
 executor IPC directory or /dev/shm entry is left behind.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import tempfile
 import threading
@@ -54,21 +55,28 @@ def _assert_gone(pids: list[int], timeout_s: float = 15.0) -> None:
         time.sleep(0.1)
 
 
-def _single_rank_text(llama_dir, max_tokens: int) -> str:
+REGEX = "[a-z]{2,6}( [a-z]{2,6}){1,3}"
+
+
+def _single_rank_texts(llama_dir, max_tokens: int) -> tuple[str, str]:
+    """Greedy text of PROMPT on one rank: plain, and constrained by REGEX."""
     from sluice.config_sources import build_engine_config
     from sluice.frontend.llm import LLM
-    from sluice.sampling_params import SamplingParams
+    from sluice.sampling_params import SamplingParams, StructuredOutputsParams
     config = build_engine_config(overrides={"model": str(llama_dir), "kv_cache_memory": "16MiB",
                                             "max_model_len": 256, "max_num_seqs": 4}, env={})
     with LLM(config=config) as llm:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        return llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0].text
+        constrained = params.with_updates(max_tokens=40, structured_outputs=(
+            StructuredOutputsParams(regex=REGEX)))
+        outs = llm.generate([PROMPT, PROMPT], [params, constrained], use_tqdm=False)
+        return outs[0].outputs[0].text, outs[1].outputs[0].text
 
 
 def test_serve_tp2_with_openai_client_then_sigterm(start_server, llama_dir):
     import openai
     before = _leftovers()
-    expected = _single_rank_text(llama_dir, 12)
+    expected, expected_regex = _single_rank_texts(llama_dir, 12)
     server = start_server(llama_dir, *TP_FLAGS, "--served-model-name", "tiny-tp")
     engine, workers = _tree(server)
     pids = [engine.pid, *(w.pid for w in workers)]
@@ -86,6 +94,12 @@ def test_serve_tp2_with_openai_client_then_sigterm(start_server, llama_dir):
             model="tiny-tp", messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
             temperature=0, extra_body={"ignore_eos": True})
         assert chat.usage.completion_tokens == 5
+        # structured output under TP: the driver applies the grammar mask
+        constrained = client.completions.create(
+            model="tiny-tp", prompt=PROMPT, max_tokens=40, temperature=0,
+            extra_body={"ignore_eos": True, "structured_outputs": {"regex": REGEX}})
+        assert re.fullmatch(REGEX, constrained.choices[0].text)
+        assert constrained.choices[0].text == expected_regex
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(timeout=60.0) == 0, server.log()[-3000:]
     assert "Traceback" not in server.log()
