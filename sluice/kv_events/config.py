@@ -11,10 +11,9 @@ types are refused with the key's name (`ConfigError`). No torch, no zmq.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
+from sluice.config_json import decode_json_object
 from sluice.errors import ConfigError
 
 FLAG = "--kv-events-config"
@@ -57,31 +56,15 @@ def parse_kv_events_config(text: str | dict | None) -> KVEventsConfig | None:
     Raises `ConfigError` naming the offending key."""
     if text is None:
         return None
-    data: Any = text
-    if isinstance(text, str):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{FLAG}: not valid JSON ({e.msg} at character {e.pos}); "
-                              "pass an object such as '{\"enable_kv_cache_events\": true, "
-                              "\"endpoint\": \"tcp://*:5557\"}'.") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{FLAG}: must be a JSON object, got {type(data).__name__}.")
-    known = [f.name for f in fields(KVEventsConfig)]
+    data = decode_json_object(FLAG, text, '{"enable_kv_cache_events": true, "endpoint": '
+                              '"tcp://*:5557"}', _TYPES)
     problems = []
-    for key, value in data.items():
-        if key not in _TYPES:
-            problems.append(f"{FLAG}: unknown key {key!r}; known keys: {', '.join(known)}.")
-        elif not isinstance(value, _TYPES[key]) or (isinstance(value, bool)
-                                                      and bool not in _TYPES[key]):
-            problems.append(f"{FLAG}: {key} has the wrong type ({type(value).__name__}).")
-    if not problems:
-        if data.get("publisher") not in (None, *PUBLISHERS):
-            problems.append(f"{FLAG}: publisher {data['publisher']!r} is not one of "
-                            f"{', '.join(PUBLISHERS)}.")
-        for key in ("buffer_steps", "hwm", "max_queue_size"):
-            if key in data and data[key] < (1 if key == "buffer_steps" else 0):
-                problems.append(f"{FLAG}: {key} {data[key]} is out of range.")
+    if data.get("publisher") not in (None, *PUBLISHERS):
+        problems.append(f"{FLAG}: publisher {data['publisher']!r} is not one of "
+                        f"{', '.join(PUBLISHERS)}.")
+    for key in ("buffer_steps", "hwm", "max_queue_size"):
+        if key in data and data[key] < (1 if key == "buffer_steps" else 0):
+            problems.append(f"{FLAG}: {key} {data[key]} is out of range.")
     if problems:
         raise ConfigError(problems)
     return KVEventsConfig(**data)

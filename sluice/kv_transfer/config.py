@@ -13,11 +13,11 @@ with the key's name (`ConfigError`). No torch, no zmq.
 
 from __future__ import annotations
 
-import json
 import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from sluice.config_json import decode_json_object
 from sluice.errors import ConfigError
 
 FLAG = "--kv-transfer-config"
@@ -92,23 +92,9 @@ def parse_kv_transfer_config(text: str | dict | None) -> KVTransferConfig | None
     Raises `ConfigError` naming the offending key."""
     if text is None:
         return None
-    data: Any = text
-    if isinstance(text, str):
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise ConfigError(f"{FLAG}: not valid JSON ({e}); expected an object such as "
-                              '\'{"kv_connector": "ZmqPullConnector", "kv_role": '
-                              '"kv_producer"}\'') from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{FLAG}: expected a JSON object, got {type(data).__name__}.")
+    data = decode_json_object(FLAG, text, '{"kv_connector": "ZmqPullConnector", "kv_role": '
+                              '"kv_producer"}', _TYPES)
     problems = []
-    for key, value in data.items():
-        if key not in _TYPES:
-            problems.append(f"{FLAG}: unknown key {key!r}; known keys: {', '.join(_TYPES)}.")
-        elif isinstance(value, bool) or not isinstance(value, _TYPES[key]):
-            problems.append(f"{FLAG}: {key} has the wrong type ({type(value).__name__}: "
-                            f"{value!r}).")
     for key in ("kv_connector", "kv_role"):
         if key not in data:
             problems.append(f"{FLAG}: {key} is required.")

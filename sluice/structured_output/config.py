@@ -15,9 +15,9 @@ naming the key.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
+from sluice.config_json import decode_json_object
 from sluice.errors import ConfigError
 
 FLAG = "--structured-outputs-config"
@@ -39,30 +39,22 @@ class StructuredOutputsConfig:
     disable_fallback: bool = False
 
 
+_TYPES: dict[str, tuple[type, ...]] = {
+    "backend": (str,), "disable_any_whitespace": (bool,),
+    "disable_additional_properties": (bool,), "disable_fallback": (bool,),
+    **{key: (str, bool, type(None)) for key in _REASONING_KEYS},
+}
+
+
 def parse_structured_outputs_config(text: str | None) -> StructuredOutputsConfig:
     """The flag's JSON object as a `StructuredOutputsConfig` (defaults when None/empty)."""
     if not text:
         return StructuredOutputsConfig()
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{FLAG}: not valid JSON ({e}). Fix: pass a JSON object such as "
-                          "'{\"backend\": \"guidance\"}'.") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{FLAG}: expected a JSON object, got {type(raw).__name__}.")
-    fields = StructuredOutputsConfig.__dataclass_fields__
-    for key, value in raw.items():
-        if key in _REASONING_KEYS:
-            if value in (None, False, ""):
-                continue
+    raw = decode_json_object(FLAG, text, '{"backend": "guidance"}', _TYPES)
+    for key in _REASONING_KEYS:
+        if raw.pop(key, None) not in (None, False, ""):
             raise ConfigError(f"{FLAG}: {key} is not supported (sluice has no reasoning "
                               "parser); leave it out.")
-        if key not in fields:
-            raise ConfigError(f"{FLAG}: unknown key {key!r}; known keys: "
-                              f"{', '.join(fields)}.")
-        expected = str if key == "backend" else bool
-        if not isinstance(value, expected):
-            raise ConfigError(f"{FLAG}: {key} must be a {expected.__name__}, got {value!r}.")
     backend = raw.get("backend", "guidance")
     if backend in _NOT_AVAILABLE:
         raise ConfigError(f"{FLAG}: backend {backend!r} is not available ({_NOT_AVAILABLE[backend]})."
@@ -70,4 +62,4 @@ def parse_structured_outputs_config(text: str | None) -> StructuredOutputsConfig
     if backend not in BACKENDS:
         raise ConfigError(f"{FLAG}: unknown backend {backend!r}; choose one of "
                           f"{', '.join(BACKENDS)}.")
-    return StructuredOutputsConfig(**{k: v for k, v in raw.items() if k in fields})
+    return StructuredOutputsConfig(**raw)
