@@ -23,28 +23,8 @@ SLUICE="${SLUICE:-sluice}"
 LOG_DIR="${LOG_DIR:-$(mktemp -d -t sluice-agg.XXXXXX)}"
 THREADS=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))   # the two workers share the cores
 
-pids=()
-stop() {
-    trap - INT TERM EXIT
-    echo "stopping router and workers (logs in $LOG_DIR)..."
-    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-}
-trap stop INT TERM EXIT
-
-wait_healthy() {   # URL NAME PID
-    for _ in $(seq 1 600); do
-        if ! kill -0 "$3" 2>/dev/null; then
-            echo "$2 exited; see $LOG_DIR/$2.log" >&2
-            tail -n 20 "$LOG_DIR/$2.log" >&2
-            exit 1
-        fi
-        if curl -fs -o /dev/null "$1/health"; then return 0; fi
-        sleep 0.5
-    done
-    echo "$2 not healthy after 300 s; see $LOG_DIR/$2.log" >&2
-    exit 1
-}
+# shellcheck source=examples/_processes.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_processes.sh"   # pids, stop (on exit), wait_healthy
 
 worker_specs=()
 for i in 1 2; do
