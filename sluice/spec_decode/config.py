@@ -1,0 +1,91 @@
+"""`--speculative-config`: vLLM's JSON keys for speculative decoding. No torch.
+
+    '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}'
+    '{"model": "PATH_OR_HUB_ID", "num_speculative_tokens": 4}'     (a draft model: method draft_model)
+
+Keys (as vLLM's `SpeculativeConfig`):
+* `method`: "ngram" or "draft_model" (the default when `model` is given); vLLM's other methods
+  (eagle, eagle3, medusa, mtp, suffix, ...) are refused by name.
+* `num_speculative_tokens` (required, >= 1): tokens proposed per step.
+* `prompt_lookup_min` / `prompt_lookup_max` (ngram): the n-gram sizes tried, longest first.
+  Missing both: 5 and 5; one missing: it takes the other's value (vLLM's rule).
+* `model` (draft_model): a local directory, .gguf file or hub id; it must share the target's
+  tokenizer vocabulary (checked when the engine starts).
+* `draft_tensor_parallel_size`: only 1 (the draft runs unsharded next to the driver).
+* `disable_by_batch_size`: speculation is skipped in a step whose running batch holds at least
+  this many requests (large batches are compute-bound; verifying proposals then costs more
+  than it saves). Default: none (always speculate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from sluice.config_json import decode_json_object
+from sluice.errors import ConfigError
+
+FLAG = "--speculative-config"
+METHODS = ("ngram", "draft_model")
+_OTHER_VLLM_METHODS = ("eagle", "eagle3", "medusa", "mlp_speculator", "mtp", "suffix",
+                       "deepseek_mtp")
+_DEFAULT_LOOKUP = 5
+_TYPES: dict[str, tuple[type, ...]] = {
+    "method": (str,), "model": (str,), "num_speculative_tokens": (int,),
+    "prompt_lookup_min": (int,), "prompt_lookup_max": (int,),
+    "draft_tensor_parallel_size": (int,), "disable_by_batch_size": (int,),
+}
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_min: int = _DEFAULT_LOOKUP
+    prompt_lookup_max: int = _DEFAULT_LOOKUP
+    model: str | None = None
+    disable_by_batch_size: int | None = None
+
+
+def parse_speculative_config(text: str | Mapping[str, Any] | None) -> SpeculativeConfig | None:
+    """The flag's value (JSON text or a dict, as `LLM(speculative_config={...})` passes it) as
+    a `SpeculativeConfig`; None when `text` is None or empty. Raises `ConfigError` naming the
+    key."""
+    if not text:
+        return None
+    data = decode_json_object(FLAG, text, '{"method": "ngram", "num_speculative_tokens": 4}',
+                              _TYPES)
+    method = data.get("method") or ("draft_model" if "model" in data else None)
+    if method is None:
+        raise ConfigError(f"{FLAG}: give \"method\": \"ngram\", or a draft \"model\".")
+    if method in _OTHER_VLLM_METHODS:
+        raise ConfigError(f"{FLAG}: method {method!r} is not supported; sluice speculates "
+                          f"with {' or '.join(METHODS)}.")
+    if method not in METHODS:
+        raise ConfigError(f"{FLAG}: unknown method {method!r}; choose one of "
+                          f"{', '.join(METHODS)}.")
+    problems = []
+    k = data.get("num_speculative_tokens")
+    if k is None or k < 1:
+        problems.append(f"{FLAG}: num_speculative_tokens is required and must be >= 1.")
+    if method == "draft_model" and not data.get("model"):
+        problems.append(f"{FLAG}: method draft_model needs \"model\".")
+    if method == "ngram" and "model" in data:
+        problems.append(f"{FLAG}: method ngram takes no \"model\".")
+    lo, hi = data.get("prompt_lookup_min"), data.get("prompt_lookup_max")
+    if method != "ngram" and (lo is not None or hi is not None):
+        problems.append(f"{FLAG}: prompt_lookup_min/max apply to method ngram only.")
+    lo, hi = (lo or hi or _DEFAULT_LOOKUP), (hi or lo or _DEFAULT_LOOKUP)
+    if not 1 <= lo <= hi:
+        problems.append(f"{FLAG}: need 1 <= prompt_lookup_min ({lo}) <= prompt_lookup_max "
+                        f"({hi}).")
+    if data.get("draft_tensor_parallel_size", 1) != 1:
+        problems.append(f"{FLAG}: draft_tensor_parallel_size must be 1.")
+    batch = data.get("disable_by_batch_size")
+    if batch is not None and batch < 1:
+        problems.append(f"{FLAG}: disable_by_batch_size must be >= 1, got {batch}.")
+    if problems:
+        raise ConfigError(problems)
+    return SpeculativeConfig(method=method, num_speculative_tokens=k, prompt_lookup_min=lo,
+                             prompt_lookup_max=hi, model=data.get("model"),
+                             disable_by_batch_size=batch)
