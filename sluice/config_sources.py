@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sluice.config import (ENV_PREFIX, SECTIONS, EngineConfig, FieldSpec, cross_field_problems,
-                           field_specs)
+from sluice.config import ENV_PREFIX, SECTIONS, EngineConfig, FieldSpec, field_specs
+from sluice.config_rules import cross_field_problems
 from sluice.errors import ConfigError
 
 logger = logging.getLogger(__name__)
