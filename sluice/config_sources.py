@@ -60,8 +60,10 @@ CONFIG_FILE_ENV = "SLUICE_CONFIG"
 ENGINE_STARTUP_TIMEOUT_ENV = "SLUICE_ENGINE_STARTUP_TIMEOUT"  # seconds; read by engine/launch.py
 EXECUTE_MODEL_TIMEOUT_ENV = "SLUICE_EXECUTE_MODEL_TIMEOUT"  # seconds; read by executor/multiproc.py
 NODE_TIMEOUT_ENV = "SLUICE_NODE_TIMEOUT"  # seconds; read by executor/nodes.py (--nnodes > 1)
+RUNTIME_LORA_ENV = "SLUICE_ALLOW_RUNTIME_LORA_UPDATING"  # 1: /v1/(un)load_lora_adapter routes
 OTHER_ENV_VARS: frozenset[str] = frozenset({CONFIG_FILE_ENV, ENGINE_STARTUP_TIMEOUT_ENV,
-                                            EXECUTE_MODEL_TIMEOUT_ENV, NODE_TIMEOUT_ENV})
+                                            EXECUTE_MODEL_TIMEOUT_ENV, NODE_TIMEOUT_ENV,
+                                            RUNTIME_LORA_ENV})
 """`SLUICE_*` variables that are not config fields but are known (not warned about). Modules that
 read their own `SLUICE_*` variable add its name here."""
 
@@ -148,10 +150,13 @@ def _to_tuple(spec: FieldSpec, raw: Any) -> tuple[str, ...]:
         except json.JSONDecodeError:
             raise _BadValue("is not a valid JSON list") from None
     if isinstance(raw, str):
-        return tuple(part.strip() for part in raw.split(",") if part.strip())
+        raw = [raw]
     if isinstance(raw, (list, tuple)) and all(isinstance(x, str) for x in raw):
-        # space-separated flag values (nargs="+") may each still be comma separated
-        return tuple(part.strip() for item in raw for part in item.split(",") if part.strip())
+        # space-separated flag values (nargs="+") may each still be comma separated, except
+        # a JSON object (vLLM's --lora-modules '{"name": ..., "path": ...}'), kept whole
+        return tuple(part.strip() for item in raw
+                     for part in ([item] if item.strip().startswith("{") else item.split(","))
+                     if part.strip())
     raise _BadValue("is not a list of strings")
 
 

@@ -86,6 +86,9 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     kv_transfer_failures: int = 0        # KV loads that fell back to recompute, since previous
     kv_transfer_bytes: int = 0           # KV bytes loaded from remote engines, since previous
     kv_transfer_seconds: list[float] = msgspec.field(default_factory=list)  # per request load
+    # with --enable-lora: adapter name -> requests running / waiting (vllm:lora_requests_info)
+    running_lora_adapters: dict[str, int] = msgspec.field(default_factory=dict)
+    waiting_lora_adapters: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):

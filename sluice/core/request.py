@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING
 
+from sluice.lora.request import LoRARequest
 from sluice.messages import EngineCoreRequest, FinishReason, TokenLogprobs
 from sluice.sampling_params import SamplingParams
 
@@ -63,7 +64,8 @@ class Request:
                  sampling_params: SamplingParams, eos_token_id: int | None,
                  arrival_time: float, priority: int = 0, cache_salt: str | None = None,
                  block_hasher: "BlockHasher | None" = None,
-                 kv_transfer_params: dict | None = None):
+                 kv_transfer_params: dict | None = None,
+                 lora_request: LoRARequest | None = None):
         assert prompt_token_ids, "a request needs at least one prompt token"
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -73,6 +75,7 @@ class Request:
         self.priority = priority
         self.cache_salt = cache_salt
         self.kv_transfer_params = kv_transfer_params   # for a KV connector (`sluice.kv_transfer`)
+        self.lora_request = lora_request   # the adapter (None: the base model)
 
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
@@ -97,7 +100,8 @@ class Request:
                                  block_hasher: "BlockHasher | None" = None) -> "Request":
         return cls(request.request_id, request.prompt_token_ids, request.sampling_params,
                    request.eos_token_id, request.arrival_time, request.priority,
-                   request.cache_salt, block_hasher, request.kv_transfer_params)
+                   request.cache_salt, block_hasher, request.kv_transfer_params,
+                   request.lora_request)
 
     def set_block_hasher(self, block_hasher: "BlockHasher") -> None:
         """Attach a hasher and hash every block that is already full."""
@@ -108,6 +112,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def lora_int_id(self) -> int:
+        """The adapter's id (`LoRARequest.lora_int_id`, >= 1), or 0 for the base model."""
+        return self.lora_request.lora_int_id if self.lora_request is not None else 0
 
     @property
     def num_output_tokens(self) -> int:

@@ -121,9 +121,12 @@ class EngineCore:
             raise
         pp = config.parallel.pipeline_parallel_size
         from sluice.kv_transfer.factory import make_scheduler_hooks   # None without a connector
+        from sluice.lora.admission import LoRAAdmission   # --max-loras adapters per step
         self.scheduler = Scheduler(config.scheduler, config.cache, self.max_model_len,
                                    self.num_kv_blocks, pipeline_parallel_size=pp,
-                                   hooks=make_scheduler_hooks(config, self.spec))
+                                   hooks=make_scheduler_hooks(config, self.spec),
+                                   admission=(LoRAAdmission(config.lora.max_loras)
+                                              if config.lora.enable_lora else None))
         # pp > 1: the steps in the pipeline, oldest first (see step_with_batch_queue)
         self.batch_queue_size = pp
         self.batch_queue: deque[tuple[SchedulerOutput, Future[ModelRunnerOutput]]] | None = (
@@ -162,6 +165,11 @@ class EngineCore:
             logger.warning("request %s arrived while the engine sleeps; aborting it",
                            request.request_id)
             self._refused.append(request.request_id)
+            return
+        if request.lora_request is not None and not self.config.lora.enable_lora:
+            logger.error("request %s names adapter %r but LoRA is off (--enable-lora); "
+                         "aborting it", request.request_id, request.lora_request.lora_name)
+            self._refused.append(request.request_id)   # the frontends refuse it first
             return
         if request.sampling_params.structured_outputs is not None:   # scheduled once compiled
             self.structured_output.hold(Request.from_engine_core_request(request))

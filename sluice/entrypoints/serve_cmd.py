@@ -237,14 +237,16 @@ def _draining_server_class() -> type:
     return DrainingServer
 
 
-async def serve_engine(engine: Any, config: Any, sock: socket.socket) -> int:
+async def serve_engine(engine: Any, config: Any, sock: socket.socket,
+                       lora_registry: Any = None) -> int:
     """Serve `engine` on the bound `sock` until a signal (returns 0); raises SluiceError when
-    the engine dies (after answering 503 for `ENGINE_DEAD_GRACE_S`)."""
+    the engine dies (after answering 503 for `ENGINE_DEAD_GRACE_S`). `lora_registry`: the
+    adapters checked at startup (None: built by `build_app` when LoRA is on)."""
     import uvicorn
 
     from sluice.entrypoints.openai.app import build_app
 
-    app = build_app(engine, config)
+    app = build_app(engine, config, lora_registry)
     state = app.state.sluice
     obs = config.observability
     srv = config.server
@@ -332,6 +334,14 @@ def run(args: argparse.Namespace) -> int:
             spec = load_model_spec(config.model.model)
             where = "" if given == config.model.model else f" (from {config.model.model})"
             logger.info("Model %s%s: %s", given, where, spec.architecture)
+        lora_registry = None
+        if config.lora.enable_lora or config.lora.lora_modules:
+            with stage("check LoRA adapters"):   # a bad --lora-modules entry fails here
+                from pathlib import Path
+
+                from sluice.lora.registry import registry_from_config
+                lora_registry = registry_from_config(
+                    config, config.model.served_model_name or (Path(spec.path).name,))
         engines = config.parallel.engine_indexes
         if config.parallel.data_parallel_rank is not None:
             logger.info("Data-parallel rank %d of %d (external load balancing): this server "
@@ -343,7 +353,7 @@ def run(args: argparse.Namespace) -> int:
             logger.info("  engine stage '%s': %.2f s", name, seconds)
         try:
             with _Signals() as signals:
-                event_loop.run(serve_engine(engine, config, sock))
+                event_loop.run(serve_engine(engine, config, sock, lora_registry))
         finally:
             engine.shutdown()
     finally:

@@ -46,6 +46,8 @@ from sluice.frontend.offload import Offloader
 from sluice.frontend.output_processor import OutputProcessor
 from sluice.frontend.stats import FrontendStats
 from sluice.frontend.tokenizer import Tokenizer, load_tokenizer
+from sluice.lora.registry import check_lora_request, validator_from_config
+from sluice.lora.request import LoRARequest
 from sluice.model_spec.resolve import resolve_model_config
 from sluice.messages import EngineCoreOutputs, SchedulerStats
 from sluice.outputs import RequestOutput
@@ -89,6 +91,7 @@ class AsyncLLM:
         self._scheduler_stats: dict[int, SchedulerStats] = {}  # the latest, per engine
         self._log_requests = not config.observability.disable_log_requests
         self._sleep_level = 0
+        self._lora_validator = validator_from_config(config)   # None without --enable-lora
 
     @classmethod
     def from_config(cls, config: EngineConfig, *,
@@ -125,20 +128,24 @@ class AsyncLLM:
     async def generate(self, prompt: str | Sequence[int], sampling_params: SamplingParams,
                        request_id: str, *, priority: int = 0, add_special_tokens: bool = True,
                        prompt_text: str | None = None, cache_salt: str | None = None,
-                       kv_transfer_params: dict | None = None) -> AsyncIterator[RequestOutput]:
+                       kv_transfer_params: dict | None = None,
+                       lora_request: LoRARequest | None = None,
+                       ) -> AsyncIterator[RequestOutput]:
         """Stream the `RequestOutput`s of one request (kind per `sampling_params.output_kind`);
         the last one has `finished=True`. `prompt_text` is echoed as `RequestOutput.prompt`
         (default: the prompt when it is text); `cache_salt` keeps its prefix-cache blocks apart
-        from those of other salts. Raises `InvalidRequestError` before the first
+        from those of other salts; `lora_request` runs it with that adapter (needs
+        --enable-lora; None: the base model). Raises `InvalidRequestError` before the first
         output, `EngineDeadError` whenever the engine is or becomes dead."""
         self._check_alive()
         self._check_awake()
+        check_lora_request(self._lora_validator, lora_request)
         loop = asyncio.get_running_loop()
         self._ensure_output_handler(loop)
         request = await self.offloader.run_if_large(
             len(prompt), self.input_processor.process, request_id, prompt, sampling_params,
             None, priority, add_special_tokens=add_special_tokens, cache_salt=cache_salt,
-            kv_transfer_params=kv_transfer_params)
+            kv_transfer_params=kv_transfer_params, lora_request=lora_request)
         if prompt_text is None and isinstance(prompt, str):
             prompt_text = prompt
         self._check_awake()  # again: sleep() may have begun while the prompt was tokenized

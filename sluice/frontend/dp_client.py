@@ -78,8 +78,10 @@ class DPRouter:
         """The engine for `request`; remembers its prefix blocks as served there."""
         token_ids = request.prompt_token_ids
         # the blocks a prefix-cache hit can cover (the last prompt token is always computed)
+        lora_id = request.lora_request.lora_int_id if request.lora_request is not None else 0
         hashes = (hash_token_blocks(token_ids[:max(0, len(token_ids) - 1)], self.block_size,
-                                    request.cache_salt) if self.prefix_affinity else [])
+                                    request.cache_salt, lora_int_id=lora_id)
+                  if self.prefix_affinity else [])
         bound = min(self.loads) + self.max_imbalance
         engine = next((e for e in map(self._last_engine.get, reversed(hashes))
                        if e is not None and self.loads[e] <= bound), None)

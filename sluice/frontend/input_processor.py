@@ -26,6 +26,7 @@ from typing import Sequence
 
 from sluice.errors import InvalidRequestError
 from sluice.frontend.tokenizer import Tokenizer
+from sluice.lora.request import LoRARequest
 from sluice.messages import EngineCoreRequest, EngineReady
 from sluice.sampling_params import INT64_MIN, SamplingParams, in_int64
 
@@ -85,7 +86,8 @@ def fan_out(request: EngineCoreRequest) -> list[EngineCoreRequest]:
             request_id=child_request_id(request.request_id, i),
             prompt_token_ids=request.prompt_token_ids, sampling_params=child_params,
             eos_token_id=request.eos_token_id, arrival_time=request.arrival_time,
-            priority=request.priority, cache_salt=request.cache_salt))
+            priority=request.priority, cache_salt=request.cache_salt,
+            lora_request=request.lora_request))
     return children
 
 
@@ -124,12 +126,14 @@ class InputProcessor:
     def process(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams,
                 arrival_time: float | None = None, priority: int = 0, *,
                 add_special_tokens: bool = True, cache_salt: str | None = None,
-                kv_transfer_params: dict | None = None) -> EngineCoreRequest:
+                kv_transfer_params: dict | None = None,
+                lora_request: LoRARequest | None = None) -> EngineCoreRequest:
         """Tokenize and validate; return the request to hand to `OutputProcessor.add_request`.
 
         `prompt` is text (tokenized with `add_special_tokens`; pass False for chat-template
         output, which already holds BOS) or token ids. `arrival_time` is `time.monotonic()`
-        seconds, defaulting to now. Raises `InvalidRequestError`.
+        seconds, defaulting to now. `lora_request` (the adapter; None: the base model) must
+        already be checked by the caller (`sluice.lora.registry`). Raises `InvalidRequestError`.
         """
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError("request_id must be a non-empty string.", param="request_id")
@@ -142,7 +146,8 @@ class InputProcessor:
             request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=params,
             eos_token_id=self.eos_token_id,
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
-            priority=priority, cache_salt=cache_salt, kv_transfer_params=kv_transfer_params)
+            priority=priority, cache_salt=cache_salt, kv_transfer_params=kv_transfer_params,
+            lora_request=lora_request)
 
     def _tokenize(self, prompt: str | Sequence[int], add_special_tokens: bool) -> list[int]:
         if isinstance(prompt, str):

@@ -16,6 +16,10 @@ Its calls take what vLLM's take, so vLLM code runs unchanged:
 * `chat(messages)`: one conversation (a list of message dicts) or a list of them, rendered by
   the same code as the server's chat endpoint (`chat_template.template_kwargs`).
 * `get_tokenizer()`: the Hugging Face tokenizer.
+* `lora_request=` on both (with `LLM(..., enable_lora=True, max_loras=...)`): one
+  `LoRARequest` for every prompt, a list with one per prompt (None entries: the base model), or
+  None (the base model). Each adapter is checked once (`sluice.lora.registry.AdapterValidator`);
+  without --enable-lora a `LoRARequest` is a `ValueError`.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from sluice.frontend.input_processor import InputProcessor
 from sluice.frontend.output_processor import OutputProcessor
 from sluice.frontend.tokenizer import Tokenizer, load_tokenizer, resolve_chat_template
 from sluice.hf_config import generation_defaults
+from sluice.lora.registry import check_lora_request, validator_from_config
+from sluice.lora.request import LoRARequest
 from sluice.model_spec.resolve import resolve_model_config
 from sluice.outputs import RequestOutput
 from sluice.sampling_params import RequestOutputKind, SamplingParams
@@ -89,6 +95,7 @@ class LLM:
                                                          config.model.max_logprobs)
         self.output_processor = OutputProcessor(self.tokenizer, log_stats=False)
         self._request_counter = itertools.count()
+        self._lora_validator = validator_from_config(config)   # None without --enable-lora
 
     def get_tokenizer(self) -> Any:
         """The Hugging Face tokenizer (`PreTrainedTokenizerFast`: `tok("hi")`, `tok.encode`,
@@ -103,19 +110,23 @@ class LLM:
     def generate(self, prompts: PromptInput | Sequence[PromptInput],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  *, use_tqdm: bool = True, priority: Sequence[int] | None = None,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
                  ) -> list[RequestOutput]:
-        """Generate for each prompt (see the module docstring for the prompt forms); returns
-        outputs in input order. Raises `ValueError` (`InvalidRequestError`) for a bad prompt
-        or parameter, before anything is sent to the engine."""
+        """Generate for each prompt (see the module docstring for the prompt forms and
+        `lora_request`); returns outputs in input order. Raises `ValueError`
+        (`InvalidRequestError`) for a bad prompt, parameter or adapter, before anything is
+        sent to the engine."""
         return self._run(_parse_prompts(prompts), sampling_params, use_tqdm, priority,
-                         add_special_tokens=True)
+                         add_special_tokens=True, lora_request=lora_request)
 
     def chat(self, messages: Messages | Sequence[Messages],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              *, use_tqdm: bool = True, chat_template: str | None = None,
              chat_template_kwargs: dict[str, Any] | None = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
-             tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
+             tools: list[dict[str, Any]] | None = None,
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+             ) -> list[RequestOutput]:
         """Render each conversation with the chat template, then generate (outputs in input
         order). `messages` is one conversation (a list of `{"role", "content"}` dicts; content
         may be a list of text parts) or a list of conversations. The template is
@@ -135,15 +146,21 @@ class LLM:
             text = self.tokenizer.apply_chat_template(
                 [message_for_template(m) for m in conversation], **kwargs)
             prompts.append(_Prompt(text, text))
-        return self._run(prompts, sampling_params, use_tqdm, None, add_special_tokens=False)
+        return self._run(prompts, sampling_params, use_tqdm, None, add_special_tokens=False,
+                         lora_request=lora_request)
 
     def _run(self, prompts: list[_Prompt],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None,
              use_tqdm: bool, priority: Sequence[int] | None,
-             add_special_tokens: bool) -> list[RequestOutput]:
+             add_special_tokens: bool,
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+             ) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         params_list = _broadcast_params(sampling_params, len(prompts))
+        loras = _broadcast_loras(lora_request, len(prompts))
+        for lora in loras:   # each adapter's files are checked once (then a dict lookup)
+            check_lora_request(self._lora_validator, lora)
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts; pass "
                              "one per prompt.")
@@ -154,7 +171,7 @@ class LLM:
             requests.append((prompt, self.input_processor.process(
                 str(next(self._request_counter)), prompt.source, params, time.monotonic(),
                 priority=priority[i] if priority else 0, add_special_tokens=add_special_tokens,
-                cache_salt=prompt.cache_salt)))
+                cache_salt=prompt.cache_salt, lora_request=loras[i])))
         for prompt, request in requests:
             for engine_request in self.output_processor.add_request(request, prompt.text):
                 self.client.add_request(engine_request)
@@ -255,3 +272,18 @@ def _broadcast_params(params: SamplingParams | Sequence[SamplingParams] | None,
         raise ValueError(f"got {len(params)} sampling params for {count} prompts; pass one "
                          "SamplingParams or one per prompt.")
     return params
+
+
+def _broadcast_loras(lora_request: LoRARequest | Sequence[LoRARequest | None] | None,
+                     count: int) -> list[LoRARequest | None]:
+    """One adapter (or None) per prompt from one for all, or a list of one per prompt."""
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        return [lora_request] * count
+    if isinstance(lora_request, (str, bytes)) or not isinstance(lora_request, Sequence):
+        raise ValueError(f"lora_request must be a LoRARequest, a list of them (one per "
+                         f"prompt) or None, got {type(lora_request).__name__}.")
+    loras = list(lora_request)
+    if len(loras) != count:
+        raise ValueError(f"got {len(loras)} lora requests for {count} prompts; pass one "
+                         "LoRARequest or one per prompt.")
+    return loras

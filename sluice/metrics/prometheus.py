@@ -14,6 +14,8 @@ dashboards and alerts written for vLLM work unchanged. docs/metrics.md lists eve
                 vllm:request_time_per_output_token_seconds, vllm:e2e_request_latency_seconds,
                 vllm:request_queue_time_seconds, vllm:request_inference_time_seconds,
                 vllm:request_prefill_time_seconds, vllm:request_decode_time_seconds
+    info        vllm:lora_requests_info{max_lora, waiting_lora_adapters, running_lora_adapters}
+                (with --enable-lora only; no model_name/engine labels, as vLLM's; lora.py)
 
 Every metric carries vLLM v1's labels `model_name` (the served model name) and `engine` (the
 engine-core index: "0" to "N-1" with --data-parallel-size N, each engine its own series; "R"
@@ -33,6 +35,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 
 from sluice.frontend.stats import FinishedRequestStats, FrontendStats
 from sluice.messages import SchedulerStats
+from sluice.metrics.lora import LoRAInfoGauge
 
 PREFIX = "vllm:"
 LABELS = ("model_name", "engine")
@@ -72,12 +75,15 @@ class PrometheusMetrics:
 
     def __init__(self, model_name: str, max_model_len: int,
                  registry: CollectorRegistry | None = None,
-                 engine_indexes: Sequence[int] = (0,)):
+                 engine_indexes: Sequence[int] = (0,), max_loras: int | None = None):
         disable_created_metrics()  # no `*_created` series (as vLLM)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.model_name = model_name
         self._families = _families(self.registry, max_model_len)
         self._sleep_level = 0
+        # with --enable-lora (`max_loras` given): vllm:lora_requests_info
+        self.lora_info = (LoRAInfoGauge(self.registry, max_loras) if max_loras is not None
+                          else None)
         self.engines: dict[int, EngineMetrics] = {}
         for index in engine_indexes:
             self.engine(index)
@@ -102,6 +108,8 @@ class PrometheusMetrics:
         """Fold one stats report in (the signature of an engine stats listener), under the
         engine that produced it."""
         self.engine(frontend_stats.engine_index).record(scheduler_stats, frontend_stats)
+        if self.lora_info is not None and scheduler_stats is not None:
+            self.lora_info.record(scheduler_stats)
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) of the Prometheus text exposition."""

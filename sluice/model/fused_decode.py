@@ -16,7 +16,11 @@ which are always correct):
 * linear methods `DenseLinearMethod` and `CpuPackedLinearMethod` only (the stack reads each
   projection's plain float32 weight and its oneDNN packed copy, `layer.packed_weight`, or
   none): a method that changes the product — an adapter wrapping a method, a quantized one —
-  is not seen by the C++ stack, so the stack steps aside for it;
+  is not seen by the C++ stack, so the stack steps aside for it. LoRA (`--enable-lora`,
+  `sluice.lora.layers.LoRALinearMethod` around one of those two) is a step wrapper: the stack
+  is installed, and runs only the decode steps in which no token uses an adapter
+  (`FusedDecode.applies`: no `current_lora_mapping()`); steps with adapter tokens run the
+  Python layers, which add the adapters' deltas;
 * float32 weights (the stack's arithmetic) and a float32 KV cache (`FusedDecode.applies`);
 * one tensor-parallel rank: the C++ stack has no all-reduce between o_proj / down_proj and the
   residual, so with tp > 1 (any layer with `tp_size` > 1) decode steps run the Python layers,
@@ -34,6 +38,8 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from sluice.lora.forward_context import current_lora_mapping
+from sluice.lora.layers import LoRALinearMethod
 from sluice.model.attention.backends.cpu_paged import CpuPagedBackend
 from sluice.model.attention.forward_context import get_forward_context
 from sluice.model.layers.layer_ops import fast_path_ok
@@ -45,7 +51,7 @@ logger = logging.getLogger(__name__)
 #: the layers the C++ stack computes (module doc); any other layer makes it step aside
 FUSED_DECODE_SUPPORT = FastPathSupport(
     "fused decode stack", methods=(DenseLinearMethod, CpuPackedLinearMethod),
-    dtypes=(torch.float32,), single_rank=True)
+    dtypes=(torch.float32,), single_rank=True, step_wrappers=(LoRALinearMethod,))
 
 
 class FusedDecode:
@@ -84,11 +90,12 @@ class FusedDecode:
     def applies(hidden: torch.Tensor) -> bool:
         """True in a decode step (attention metadata whose T tokens are T one-token requests)
         over a float32 KV cache: the C++ stack reads the cache as float32, so a cache stored in
-        another dtype (`--kv-cache-dtype`) takes the Python layers."""
+        another dtype (`--kv-cache-dtype`) takes the Python layers; and no token uses a LoRA
+        adapter (the stack cannot add their deltas)."""
         ctx = get_forward_context()
         md = ctx.attn_metadata
-        return (md is not None and md.num_reqs > 0 and md.max_query_len == 1
-                and md.num_actual_tokens == md.num_reqs and fast_path_ok(hidden)
+        return (current_lora_mapping() is None and md is not None and md.num_reqs > 0
+                and md.max_query_len == 1 and md.num_actual_tokens == md.num_reqs and fast_path_ok(hidden)
                 and hidden.is_contiguous() and bool(ctx.kv_caches)
                 and ctx.kv_caches[0].dtype == torch.float32)
 

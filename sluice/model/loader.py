@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sluice.config import LoRAConfig
 from sluice.errors import ConfigError, ModelLoadError
 from sluice.hf_config import ModelSpec
 from sluice.model.fused_decode import install_fused_decode
@@ -149,7 +150,8 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
 def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
                load_format: str = "auto", *, max_model_len: int | None = None,
                attn_backend: str | None = None, layer_ops: str | LayerOps = "torch",
-               seed: int = 0, layer_range: tuple[int, int] | None = None) -> nn.Module:
+               seed: int = 0, layer_range: tuple[int, int] | None = None,
+               lora: LoRAConfig | None = None) -> nn.Module:
     """Build `spec.architecture` on `device` in `dtype` and load its weights; returns the
     model in eval mode with requires_grad off, its layers computing with `layer_ops`
     ('torch' or 'cpu', see `sluice.model.layers.layer_ops`, resolved for this dtype and device
@@ -157,7 +159,11 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
     'auto'/'safetensors' read the checkpoint, 'dummy' fills seeded random weights without
     touching files; 'gguf' (or 'auto' on a GGUF sidecar directory) reads the GGUF file the
     directory's marker names. `layer_range` (a pipeline stage's decoder layers; default all)
-    builds and loads only that stage's part of the model (see the model interface).
+    builds and loads only that stage's part of the model (see the model interface). With
+    `lora.enable_lora` the decoder projections are wrapped in `LoRALinearMethod`s
+    (`sluice.lora.layers.wrap_lora_layers`: `lora.max_loras` zeroed adapter slots of rank
+    `lora.max_lora_rank` each) right after the model is built, before the fast paths read
+    the layers' methods (the fused decode stack then runs only steps without adapter tokens).
 
     Order: layer ops chosen -> model built (each linear layer takes its `LinearMethod`) ->
     weights placed and loaded -> `process_weights_after_loading` (packed copies, the greedy
@@ -170,6 +176,9 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
     with torch.device(device), building_with(ops):
         model = model_cls(spec, dtype, max_model_len=max_model_len, attn_backend=attn_backend,
                           layer_range=layer_range)
+    if lora is not None and lora.enable_lora:
+        from sluice.lora.layers import wrap_lora_layers
+        wrap_lora_layers(model, lora.max_loras, lora.max_lora_rank)
     if device.type == "cpu":  # before the weights are written: parameters are re-pointed
         place_parameters_in_huge_pages(model)
     if weights is None:

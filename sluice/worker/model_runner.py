@@ -28,6 +28,11 @@ samples (its tp rank 0; its `ModelRunnerOutput` is the step's result); the other
 empty output and learn the sampled tokens from the next `SchedulerOutput`
 (`CachedRequestData.new_token_ids`, see `sluice.step`). Profiling and warm-up forwards run
 each stage on its own (zeros as the hand-off, nothing sent).
+
+LoRA (`--enable-lora`): before the forward, `lora_manager.prepare`
+(`sluice.lora.worker_manager`) loads and activates the step's adapters (each request's
+`lora_request`) and returns the batch order, requests grouped by adapter, and the token ->
+adapter-slot mapping the wrapped layers read (`sluice.lora.forward_context`).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import torch
 from sluice.config import EngineConfig
 from sluice.distributed.parallel_state import get_pp_group, get_tp_group
 from sluice.hf_config import ModelSpec
+from sluice.lora.forward_context import LoRAMapping, set_lora_mapping
 from sluice.messages import TokenLogprobs
 from sluice.model.attention.forward_context import set_forward_context
 from sluice.model.attention.kv_cache import allocate_kv_caches
@@ -104,6 +110,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.shared_generator = torch.Generator(device="cpu").manual_seed(config.model.seed)
         self._pending: _PendingStep | None = None   # between execute_model and sample_tokens
+        self.lora_manager = None   # `sluice.lora.worker_manager.LoRAWorkerManager` (--enable-lora)
         self._read_groups()  # again in load_model, once the groups exist
 
     def _read_groups(self) -> None:
@@ -125,7 +132,13 @@ class ModelRunner:
         self.model = load_model(self.spec, self.dtype, self.device, self.config.load.load_format,
                                 max_model_len=self.max_model_len, seed=self.config.model.seed,
                                 attn_backend=self.attn_backend,
-                                layer_ops=self.layer_ops, layer_range=self.layer_range)
+                                layer_ops=self.layer_ops, layer_range=self.layer_range,
+                                lora=self.config.lora)
+        if self.config.lora.enable_lora:
+            from sluice.lora.layers import lora_layers
+            from sluice.lora.worker_manager import LoRAWorkerManager
+            self.lora_manager = LoRAWorkerManager(self.config.lora, self.spec,
+                                                  lora_layers(self.model), self.dtype, self.device)
         if self.layer_ops == "cpu":
             self.sampler = Sampler(argmax=make_argmax(load_cpu_ops()))
 
@@ -152,6 +165,9 @@ class ModelRunner:
                     for inner in vars(value).values():
                         if isinstance(inner, torch.Tensor):
                             add(inner)
+        lora = getattr(self, "lora_manager", None)   # adapters loaded later: their room
+        if lora is not None:
+            total += lora.reserved_bytes()
         return total
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
@@ -209,7 +225,15 @@ class ModelRunner:
             next_block += blocks_per_req[r]
             states.append(CachedRequestState(f"dummy-{r}", [1] * n, n, None, ids, 0, None, None))
         batch = build_step_batch(states, per_req, self.block_size)
-        hidden = self._forward(batch, kv, exchange=False)
+        lora = None
+        if self.lora_manager is not None:   # max_loras adapters of rank max_lora_rank
+            self.lora_manager.activate_dummy()
+            lora = self.lora_manager.dummy_mapping(per_req)
+        try:
+            hidden = self._forward(batch, kv, exchange=False, lora=lora)
+        finally:
+            if self.lora_manager is not None:
+                self.lora_manager.deactivate_dummy()
         if hidden is None:   # not the last pipeline stage
             return
         hidden_rows = hidden[torch.from_numpy(batch.logits_indices)]
@@ -235,8 +259,16 @@ class ModelRunner:
                        + [r.request_id for r in scheduler_output.scheduled_cached_reqs])
         states = [self.requests[rid] for rid in request_ids]
         num_scheduled = [scheduler_output.num_scheduled_tokens[rid] for rid in request_ids]
+        lora = None
+        if self.lora_manager is not None:   # requests grouped by adapter (the same order on
+            # every rank; outputs are keyed by request id), the step's token -> slot mapping
+            order, lora = self.lora_manager.prepare([s.lora_request for s in states],
+                                                    num_scheduled)
+            if order is not None:
+                request_ids, states, num_scheduled = ([xs[i] for i in order] for xs in
+                                                      (request_ids, states, num_scheduled))
         batch = build_step_batch(states, num_scheduled, self.block_size)
-        hidden = self._forward(batch, self.kv_caches)
+        hidden = self._forward(batch, self.kv_caches, lora=lora)
         self._pending = _PendingStep(batch, request_ids, states, num_scheduled, hidden)
 
     @torch.inference_mode()
@@ -260,10 +292,11 @@ class ModelRunner:
         return output
 
     def _forward(self, batch: StepBatch, kv_caches: list[torch.Tensor],
-                 exchange: bool = True) -> torch.Tensor | None:
+                 exchange: bool = True, lora: LoRAMapping | None = None) -> torch.Tensor | None:
         """This stage's forward: the final hidden states [T, hidden] on the last stage, else
         None after sending the hand-off on (`exchange`; without it, for profiling, a stage
-        other than the first starts from zeros and nothing is sent)."""
+        other than the first starts from zeros and nothing is sent). `lora`: the step's
+        token -> adapter slot mapping (`sluice.lora.forward_context`), None for none."""
         attn_metadata = build_attention_metadata(
             batch.query_start_loc, batch.seq_lens, batch.block_table, batch.slot_mapping,
             self.block_size, self.device)
@@ -277,7 +310,7 @@ class ModelRunner:
                                        src=pp.rank - 1)
             else:
                 intermediate = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        with set_forward_context(attn_metadata, kv_caches):
+        with set_forward_context(attn_metadata, kv_caches), set_lora_mapping(lora):
             out = self.model(input_ids, positions, intermediate)
         if self.is_last_stage:
             return out
@@ -293,7 +326,8 @@ class ModelRunner:
                                           len(new.token_ids) - new.num_prompt_tokens)
             self.requests[new.request_id] = CachedRequestState(
                 new.request_id, list(new.token_ids), new.num_prompt_tokens, new.sampling_params,
-                list(new.block_ids), new.num_computed_tokens, generator, new.eos_token_id)
+                list(new.block_ids), new.num_computed_tokens, generator, new.eos_token_id,
+                new.lora_request)
         for cached in so.scheduled_cached_reqs:
             state = self.requests[cached.request_id]
             state.block_ids.extend(cached.new_block_ids)

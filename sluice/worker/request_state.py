@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sluice.lora.request import LoRARequest
 from sluice.sampling_params import SamplingParams
 
 
@@ -24,6 +25,7 @@ class CachedRequestState:
     num_computed_tokens: int
     generator: torch.Generator | None
     eos_token_id: int | None
+    lora_request: LoRARequest | None = None   # the adapter it runs with (None: base model)
 
     @property
     def output_token_ids(self) -> list[int]:

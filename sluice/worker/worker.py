@@ -82,6 +82,8 @@ class Worker:
         if cache.gpu_memory_utilization is not None:
             return self._kv_memory_for_utilization(cache.gpu_memory_utilization)
         free = self.platform.free_memory_bytes()
+        lora = self.model_runner.lora_manager   # adapters loaded later (--max-cpu-loras)
+        free -= lora.reserved_bytes() if lora is not None else 0
         return int(max(0, free - self._activation_peak_bytes())
                    * self.config.cache.kv_cache_memory_fraction)
 

@@ -207,7 +207,7 @@ class BlockPool:
     def cache_full_blocks(self, block_hashes: Sequence[BlockHash],
                           blocks: Sequence[KVCacheBlock], num_cached_blocks: int,
                           num_full_blocks: int, *, token_ids: Sequence[int] = (),
-                          block_size: int = 0) -> None:
+                          block_size: int = 0, lora_id: int | None = None) -> None:
         """Register blocks `num_cached_blocks .. num_full_blocks-1` of one request under
         `block_hashes[i]`. A block already hashed (a cache hit) is left as it is; a block whose
         hash already names another block (the same content computed twice) stays unhashed, so
@@ -230,11 +230,12 @@ class BlockPool:
                 stored.append(i)
         if stored and self.kv_event_queue is not None:
             assert block_size > 0 and len(token_ids) >= (stored[-1] + 1) * block_size
-            self._record_stored(block_hashes, stored, token_ids, block_size)
+            self._record_stored(block_hashes, stored, token_ids, block_size, lora_id)
 
     def _record_stored(self, block_hashes: Sequence[BlockHash], stored: list[int],
-                       token_ids: Sequence[int], block_size: int) -> None:
-        """One `BlockStored` per run of consecutive indices in `stored`::
+                       token_ids: Sequence[int], block_size: int,
+                       lora_id: int | None = None) -> None:
+        """One `BlockStored` (carrying the blocks' adapter id, None: base model) per run of consecutive indices in `stored`::
 
             stored = [2, 3, 5]  ->  BlockStored(hashes 2..3, parent = hash 1)
                                     BlockStored(hashes 5,    parent = hash 4)
@@ -249,7 +250,7 @@ class BlockPool:
                 block_hashes=list(block_hashes[start:prev + 1]),
                 parent_block_hash=block_hashes[start - 1] if start > 0 else None,
                 token_ids=list(token_ids[start * block_size:(prev + 1) * block_size]),
-                block_size=block_size, lora_id=None, medium=MEDIUM_DEVICE))
+                block_size=block_size, lora_id=lora_id, medium=MEDIUM_DEVICE))
             if i is not None:
                 start = prev = i
 

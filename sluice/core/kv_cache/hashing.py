@@ -13,8 +13,11 @@ Python's `hash()`, which is salted per process. The digests are 32 raw bytes (`B
 they can later be used to route requests across engine instances.
 
 Extra keys separate blocks whose tokens match but whose KV must not be shared: the request's
-`cache_salt` (mixed into the first block only; the chain carries it into every later block).
-A LoRA adapter id would go into every block's extra keys (`block_extra_keys`).
+`cache_salt` (mixed into the first block only; the chain carries it into every later block) and
+its LoRA adapter's `lora_int_id` (in every block's extra keys, so that a block computed under
+one adapter is never found by a lookup under another adapter or the base model, whatever the
+parent chain). A base-model request without a salt has no extra keys at all, so its hashes are
+the same as before adapters existed (`block_extra_keys`).
 """
 
 from __future__ import annotations
@@ -50,20 +53,25 @@ def hash_block_tokens(parent_hash: BlockHash | None, token_ids: Sequence[int],
     return hashlib.sha256(payload).digest()
 
 
-def block_extra_keys(block_index: int, cache_salt: str | None) -> tuple | None:
-    """Extra keys of block `block_index`: the cache salt on block 0, nothing elsewhere.
-
-    (A LoRA id, when supported, is appended here for every block.)
-    """
+def block_extra_keys(block_index: int, cache_salt: str | None,
+                     lora_int_id: int = 0) -> tuple | None:
+    """Extra keys of block `block_index`: `("salt", cache_salt)` on block 0, then
+    `("lora", lora_int_id)` on every block when the request runs with an adapter (id >= 1;
+    0 is the base model). None when neither applies."""
+    keys: tuple = ()
     if block_index == 0 and cache_salt is not None:
-        return ("salt", cache_salt)
-    return None
+        keys = ("salt", cache_salt)
+    if lora_int_id:
+        keys = (*keys, "lora", lora_int_id)
+    return keys or None
 
 
 def hash_token_blocks(token_ids: Sequence[int], block_size: int,
                       cache_salt: str | None = None,
-                      parent_hashes: Sequence[BlockHash] = ()) -> list[BlockHash]:
-    """Hashes of the full blocks of `token_ids` after the `len(parent_hashes)` already known.
+                      parent_hashes: Sequence[BlockHash] = (),
+                      lora_int_id: int = 0) -> list[BlockHash]:
+    """Hashes of the full blocks of `token_ids` after the `len(parent_hashes)` already known,
+    for a request with `cache_salt` running under adapter `lora_int_id` (0: base model).
 
     Returns only the new hashes: blocks `len(parent_hashes) .. len(token_ids) // block_size - 1`.
     """
@@ -72,7 +80,8 @@ def hash_token_blocks(token_ids: Sequence[int], block_size: int,
     new_hashes: list[BlockHash] = []
     for index in range(start, len(token_ids) // block_size):
         block = token_ids[index * block_size:(index + 1) * block_size]
-        parent = hash_block_tokens(parent, block, block_extra_keys(index, cache_salt))
+        parent = hash_block_tokens(parent, block,
+                                   block_extra_keys(index, cache_salt, lora_int_id))
         new_hashes.append(parent)
     return new_hashes
 
@@ -87,6 +96,6 @@ def make_block_hasher(block_size: int) -> BlockHasher:
         if (num_known + 1) * block_size > request.num_tokens:
             return []  # fast path: no new full block (every decode step but one in 16)
         return hash_token_blocks(request.all_token_ids, block_size, request.cache_salt,
-                                 request.block_hashes)
+                                 request.block_hashes, request.lora_int_id)
 
     return hasher

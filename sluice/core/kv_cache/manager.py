@@ -160,7 +160,8 @@ class KVCacheManager:
             self.block_pool.cache_full_blocks(request.block_hashes, self.req_to_blocks[rid],
                                               self.num_cached_blocks[rid], num_full,
                                               token_ids=request.all_token_ids,
-                                              block_size=self.block_size)
+                                              block_size=self.block_size,
+                                              lora_id=request.lora_int_id or None)
             self.num_cached_blocks[rid] = num_full
 
     def free(self, request: Request) -> None:

@@ -17,12 +17,21 @@ Where each hook runs in one step (`sluice.core.sched.scheduler`)::
     update_from_output():
         on_output(model_runner_output) → HookReport: loads finished / failed, holds released
         on_finish(request, block_ids)  → (hold_blocks, kv_transfer_params) for a finished request
+
+A second, independent seam decides which waiting requests may join a step at all
+(`AdmissionPolicy`, e.g. the `--max-loras` limit of `sluice.lora.admission`)::
+
+    _schedule_waiting():
+        begin_step(running)           → once, before the waiting queue is walked
+        per waiting request, in queue order:
+          may_admit(request)          → False: skipped this step, keeps its place in the queue
+          admitted(request)             (after its blocks were allocated)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 if TYPE_CHECKING:
     from sluice.core.request import Request
@@ -72,3 +81,18 @@ class SchedulerHooks(Protocol):
         """Held requests whose hold ended without a report (a lease expired)."""
 
     def take_stats(self) -> HookStats: ...
+
+
+class AdmissionPolicy(Protocol):
+    """Which waiting requests may be admitted this step, beyond budget and blocks. A skipped
+    request stays where it was in the waiting queue; the scheduler keeps walking the queue
+    behind it (unlike a budget or block shortage, which ends the walk). The policy owns its
+    fairness rule (no starvation of skipped requests)."""
+
+    def begin_step(self, running: Sequence["Request"]) -> None:
+        """A new walk of the waiting queue starts; `running` are the running requests."""
+
+    def may_admit(self, request: "Request") -> bool: ...
+
+    def admitted(self, request: "Request") -> None:
+        """`request` was admitted (it runs from this step on)."""

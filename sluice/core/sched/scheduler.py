@@ -20,7 +20,9 @@ Policy:
    until the allocation fits or the request preempted itself.
 2. Only if nobody was preempted this step: admit WAITING requests in queue order while the budget,
    `max_num_seqs` and free blocks allow: prefix-cache lookup, then a (possibly chunked) prefill.
-   The head of the queue is never skipped.
+   The head of the queue is never skipped for budget or blocks (the walk ends there). Only an
+   admission policy (`hooks.AdmissionPolicy`, e.g. `--max-loras`: `sluice.lora.admission`)
+   may skip a request: it keeps its place in the queue and the walk goes on behind it.
 
 New and resumed requests are sent in full (`NewRequestData`, prompt + outputs so far, all block
 ids); running ones as diffs (`CachedRequestData`, only newly allocated block ids).
@@ -58,7 +60,7 @@ from sluice.config import CacheConfig, SchedulerConfig
 from sluice.core.kv_cache.hashing import make_block_hasher
 from sluice.core.kv_cache.manager import KVCacheManager
 from sluice.core.request import Request, RequestStatus
-from sluice.core.sched.hooks import HookReport, SchedulerHooks
+from sluice.core.sched.hooks import AdmissionPolicy, HookReport, SchedulerHooks
 from sluice.core.sched.queues import create_request_queue
 from sluice.core.sched.stop import check_stop
 from sluice.errors import ConfigError
@@ -83,9 +85,11 @@ class Scheduler:
 
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
                  max_model_len: int, num_kv_blocks: int, pipeline_parallel_size: int = 1,
-                 hooks: SchedulerHooks | None = None):
+                 hooks: SchedulerHooks | None = None,
+                 admission: AdmissionPolicy | None = None):
         self.config = scheduler_config
         self.hooks = hooks   # `core.sched.hooks`: a KV connector; None: none of that
+        self.admission = admission   # e.g. the --max-loras limit; None: budget and blocks only
         self.max_model_len = max_model_len
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.token_budget = scheduler_config.token_budget
@@ -248,10 +252,29 @@ class Scheduler:
         self._num_preemptions += 1
 
     def _schedule_waiting(self, plan: _StepPlan) -> None:
+        admission = self.admission
+        if admission is None:
+            self._admit_waiting(plan, None)
+            return
+        admission.begin_step(self.running)
+        skipped: list[Request] = []
+        try:
+            self._admit_waiting(plan, skipped)
+        finally:   # the skipped requests go back to their places, in order
+            for request in reversed(skipped):
+                self.waiting.prepend(request)
+
+    def _admit_waiting(self, plan: _StepPlan, skipped: list[Request] | None) -> None:
+        """Admit from the head of the waiting queue; requests the admission policy refuses
+        are moved to `skipped` (None: there is no policy)."""
         kv = self.kv_cache_manager
+        admission = self.admission
         while (self.waiting and plan.budget > 0 and len(self.running) < self.max_num_seqs
                and len(plan.num_scheduled) < self.max_seqs_per_step):
             request = self.waiting.peek()
+            if admission is not None and not admission.may_admit(request):
+                skipped.append(self.waiting.pop())
+                continue
             if request.num_computed_tokens:   # back from a remote KV load, holding its blocks
                 hit_blocks, num_hit = [], 0
             else:
@@ -278,6 +301,8 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens += num_hit
             self.running.append(request)
+            if admission is not None:
+                admission.admitted(request)
             plan.new_reqs.append(request)
             plan.num_scheduled[request.request_id] = num_new
             plan.budget -= num_new
@@ -336,7 +361,7 @@ class Scheduler:
                            sampling_params=r.sampling_params,
                            block_ids=kv.get_block_ids(r.request_id),
                            num_computed_tokens=r.num_computed_tokens,
-                           eos_token_id=r.eos_token_id)
+                           eos_token_id=r.eos_token_id, lora_request=r.lora_request)
             for r in plan.new_reqs]
         cached_reqs = [
             CachedRequestData(request_id=r.request_id,
@@ -448,9 +473,22 @@ class Scheduler:
             num_preemptions=self._num_preemptions, num_prompt_tokens=self._num_prompt_tokens,
             num_generation_tokens=self._num_generation_tokens)
         self._num_preemptions = self._num_prompt_tokens = self._num_generation_tokens = 0
+        if self.admission is not None:   # with --enable-lora (the only policy so far)
+            stats.running_lora_adapters = _count_adapters(self.running)
+            stats.waiting_lora_adapters = _count_adapters(self.waiting)
         if self.hooks is not None:
             hook_stats = self.hooks.take_stats()
             stats.kv_transfer_failures = hook_stats.transfer_failures
             stats.kv_transfer_bytes = hook_stats.bytes_received
             stats.kv_transfer_seconds = hook_stats.transfer_seconds
         return stats
+
+
+def _count_adapters(requests: Iterable[Request]) -> dict[str, int]:
+    """Adapter name -> number of `requests` with that adapter (base-model requests omitted)."""
+    counts: dict[str, int] = {}
+    for request in requests:
+        if request.lora_request is not None:
+            name = request.lora_request.lora_name
+            counts[name] = counts.get(name, 0) + 1
+    return counts

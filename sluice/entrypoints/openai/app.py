@@ -3,7 +3,9 @@
 Routes (one module each): /v1/models (models.py), /v1/completions (completions.py),
 /v1/chat/completions (chat.py), /tokenize + /detokenize (tokenize.py), /health, /ping,
 /version, /metrics (health.py), /reset_prefix_cache and, with --enable-sleep-mode, /sleep,
-/wake_up, /is_sleeping (ops.py). Errors use OpenAI's shape (errors.py).
+/wake_up, /is_sleeping (ops.py); with SLUICE_ALLOW_RUNTIME_LORA_UPDATING=1,
+/v1/load_lora_adapter and /v1/unload_lora_adapter (lora.py). Errors use OpenAI's shape
+(errors.py).
 
 Middleware, outermost first:
 1. CORS (only with --allowed-origins);
@@ -33,7 +35,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from sluice import __version__
 from sluice.config import EngineConfig
-from sluice.entrypoints.openai import chat, completions, health, models, ops, tokenize
+from sluice.entrypoints.openai import chat, completions, health, lora, models, ops, tokenize
 from sluice.entrypoints.openai.errors import (error_response, install_exception_handlers,
                                               send_error)
 from sluice.entrypoints.openai.limits import RequestLimits
@@ -190,11 +192,15 @@ class SleepingMiddleware:
         await self.app(scope, receive, send)
 
 
-def build_app(engine: Any, config: EngineConfig) -> FastAPI:
-    """The FastAPI app serving `engine` (an `AsyncLLM`, already started) under `config`."""
+def build_app(engine: Any, config: EngineConfig, lora_registry: Any = None) -> FastAPI:
+    """The FastAPI app serving `engine` (an `AsyncLLM`, already started) under `config`.
+    `lora_registry` (`sluice.lora.registry.LoRARegistry`): the adapters served by name; with
+    --enable-lora and none given, one is built from --lora-modules."""
     ready = engine.ready
     metrics = PrometheusMetrics(ready.model_name, ready.max_model_len,
-                                engine_indexes=getattr(engine, "engine_indexes", (0,)))
+                                engine_indexes=getattr(engine, "engine_indexes", (0,)),
+                                max_loras=(config.lora.max_loras if config.lora.enable_lora
+                                           else None))
     engine.add_stats_listener(metrics.record)
     stat_logger: LoggingStatLogger | None = None
     if not config.observability.disable_log_stats:
@@ -204,6 +210,10 @@ def build_app(engine: Any, config: EngineConfig) -> FastAPI:
     state = ServerState(engine=engine, config=config, model_name=ready.model_name,
                         max_model_len=ready.max_model_len, metrics=metrics,
                         limits=RequestLimits.from_config(config, ready.max_model_len))
+    if lora_registry is None and config.lora.enable_lora:
+        from sluice.lora.registry import registry_from_config
+        lora_registry = registry_from_config(config, state.served_model_names)
+    state.lora = lora_registry
     sampling_defaults(state)  # a bad --generation-config fails here, not on the first request
 
     @contextlib.asynccontextmanager
@@ -232,6 +242,8 @@ def build_app(engine: Any, config: EngineConfig) -> FastAPI:
         app.include_router(module.router)
     if config.model.enable_sleep_mode:
         app.include_router(ops.sleep_router)
+    if lora.runtime_updating_allowed():
+        app.include_router(lora.router)
 
     # add_middleware wraps: the last one added runs first.
     server = config.server

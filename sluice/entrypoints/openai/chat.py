@@ -64,7 +64,7 @@ def chat_logprobs(token_ids: Sequence[int], positions: Sequence[PositionLogprobs
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, raw_request: Request) -> Any:
     state = get_state(raw_request)
-    state.check_model(body.model)
+    lora_request = state.resolve_model(body.model)
     body.check_supported()
     tools = plan_tools(body, state.config.server)
     state.limits.check_sampling(body, num_prompts=1)
@@ -76,7 +76,8 @@ async def create_chat_completion(body: ChatCompletionRequest, raw_request: Reque
         generations = start_generations(
             state, [prompt], params, f"{response_id}-{random_id()[:8]}",
             priority=body.priority, add_special_tokens=body.add_special_tokens,
-            cache_salt=body.cache_salt, kv_transfer_params=body.kv_transfer_params)
+            cache_salt=body.cache_salt, kv_transfer_params=body.kv_transfer_params,
+            lora_request=lora_request)
         if body.stream:
             await run_unless_disconnected(raw_request, generations.start())
         else:
@@ -127,7 +128,7 @@ def _full_response(body: ChatCompletionRequest, state: ServerState, response_id:
         prompt_logprobs = prompt_logprobs_body(output.prompt_token_ids, output.prompt_logprobs,
                                                body.prompt_logprobs, state.tokenizer)
     response = ChatCompletionResponse(
-        id=response_id, model=state.model_name, choices=choices,
+        id=response_id, model=state.reported_model(body.model), choices=choices,
         usage=usage(len(output.prompt_token_ids), num_generated),
         prompt_logprobs=prompt_logprobs, **kv_transfer_extra([output]))
     return response.model_dump()
@@ -140,8 +141,8 @@ async def _stream(body: ChatCompletionRequest, state: ServerState, response_id: 
 
     def chunk(choices: list[ChatStreamChoice], **extra: Any) -> str:
         return sse(ChatCompletionStreamResponse(
-            id=response_id, created=created, model=state.model_name, choices=choices,
-            **extra).model_dump_json())
+            id=response_id, created=created, model=state.reported_model(body.model),
+            choices=choices, **extra).model_dump_json())
 
     first = generations.first_outputs()
     num_prompt_tokens = len(first[0][1].prompt_token_ids) if first else 0

@@ -114,7 +114,7 @@ class _ChoiceBuilder:
 @router.post("/v1/completions")
 async def create_completion(body: CompletionRequest, raw_request: Request) -> Any:
     state = get_state(raw_request)
-    state.check_model(body.model)
+    lora_request = state.resolve_model(body.model)
     body.check_supported()
     prompts = body.prompts()
     state.limits.check_sampling(body, num_prompts=len(prompts))
@@ -128,7 +128,8 @@ async def create_completion(body: CompletionRequest, raw_request: Request) -> An
         generations = start_generations(
             state, prompts, params, f"{response_id}-{random_id()[:8]}",
             priority=body.priority, add_special_tokens=body.add_special_tokens,
-            cache_salt=body.cache_salt, kv_transfer_params=body.kv_transfer_params)
+            cache_salt=body.cache_salt, kv_transfer_params=body.kv_transfer_params,
+            lora_request=lora_request)
         if body.stream:
             await run_unless_disconnected(raw_request, generations.start())
         else:
@@ -158,8 +159,8 @@ def _full_response(body: CompletionRequest, state: ServerState, response_id: str
             num_generated += len(sample.token_ids)
             choices.append(_ChoiceBuilder(body, state.tokenizer).build(
                 i * n + sample.index, output, sample))
-    response = CompletionResponse(id=response_id, model=state.model_name, choices=choices,
-                                  usage=usage(num_prompt_tokens, num_generated),
+    response = CompletionResponse(id=response_id, model=state.reported_model(body.model),
+                                  choices=choices, usage=usage(num_prompt_tokens, num_generated),
                                   **kv_transfer_extra(outputs))
     return response.model_dump()
 
@@ -188,13 +189,15 @@ async def _stream(body: CompletionRequest, state: ServerState, response_id: str,
                         and not (choice.logprobs and choice.logprobs.tokens):
                     continue
                 chunk = CompletionStreamResponse(
-                    id=response_id, created=created, model=state.model_name, choices=[choice],
+                    id=response_id, created=created, model=state.reported_model(body.model),
+                    choices=[choice],
                     usage=usage(prompt_tokens[i], generated[index])
                     if body.continuous_usage else None)
                 yield sse(chunk.model_dump_json(exclude=_NO_PROMPT_LOGPROBS))
         if body.include_usage:
             chunk = CompletionStreamResponse(
-                id=response_id, created=created, model=state.model_name, choices=[],
+                id=response_id, created=created, model=state.reported_model(body.model),
+                choices=[],
                 usage=usage(sum(prompt_tokens.values()), sum(generated)))
             yield sse(chunk.model_dump_json())
     except Exception as e:  # noqa: BLE001 - the status is sent; report in the stream

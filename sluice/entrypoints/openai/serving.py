@@ -66,6 +66,9 @@ class ServerState:
     """Sequences (prompts x n) admitted and not yet answered."""
     draining: bool = False
     offloader: Offloader = field(default_factory=lambda: Offloader(name="sluice-api"))
+    lora: Any = None
+    """The adapters served by name (`sluice.lora.registry.LoRARegistry`; None without
+    --enable-lora)."""
     generations: "weakref.WeakSet[Generations]" = field(default_factory=weakref.WeakSet)
 
     @property
@@ -79,9 +82,23 @@ class ServerState:
         return names if self.model_name in names else (self.model_name, *names)
 
     def check_model(self, model: str | None) -> None:
-        """404 unless `model` is None or one of the served model's names."""
-        if model is not None and model not in self.served_model_names:
+        """404 unless `model` is None, one of the served model's names or an adapter's."""
+        self.resolve_model(model)
+
+    def resolve_model(self, model: str | None) -> Any:
+        """The `LoRARequest` of adapter `model`, None for the base model (None or one of its
+        names); 404 naming `model` otherwise (also for any adapter without --enable-lora)."""
+        if model is None or model in self.served_model_names:
+            return None
+        lora_request = self.lora.get(model) if self.lora is not None else None
+        if lora_request is None:
             raise APIError(404, f"The model `{model}` does not exist.", param="model")
+        return lora_request
+
+    def reported_model(self, model: str | None) -> str:
+        """The `model` a response reports: the adapter's name for an adapter request (already
+        resolved), else the served model's first name."""
+        return self.model_name if model is None or model in self.served_model_names else model
 
     def num_queued(self) -> int:
         """Sequences admitted but not running: unfinished (counted here and by the engine,
@@ -270,8 +287,10 @@ class Generations:
 def start_generations(state: ServerState, prompts: Sequence[str | list[int]],
                       params: SamplingParams, request_id: str, *, priority: int,
                       add_special_tokens: bool, cache_salt: str | None = None,
-                      kv_transfer_params: dict[str, Any] | None = None) -> Generations:
-    """One engine generation per prompt, ids `{request_id}-{i}` (registered for the drain).
+                      kv_transfer_params: dict[str, Any] | None = None,
+                      lora_request: Any = None) -> Generations:
+    """One engine generation per prompt, ids `{request_id}-{i}` (registered for the drain),
+    under adapter `lora_request` (`ServerState.resolve_model`; None: the base model).
     A non-zero `priority` needs --scheduling-policy priority (else a 400 naming it: fcfs would
     ignore it)."""
     if priority != 0 and state.config.scheduler.scheduling_policy != "priority":
@@ -280,6 +299,8 @@ def start_generations(state: ServerState, prompts: Sequence[str | list[int]],
             "this one schedules first come, first served (send priority 0 or leave it out).",
             param="priority")
     extra: dict[str, Any] = {} if cache_salt is None else {"cache_salt": cache_salt}
+    if lora_request is not None:
+        extra["lora_request"] = lora_request
     if kv_transfer_params is not None:   # a 400 naming the key unless a connector takes it
         from sluice.kv_transfer.params import check_for_server
         extra["kv_transfer_params"] = check_for_server(

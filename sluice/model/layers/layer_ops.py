@@ -39,7 +39,8 @@ What each fast path supports (and where it steps aside), each declared in one pl
                                 vocabulary split over tp > 1 ranks no rank holds the whole LM
                                 head); also needs bf16 dot products and the packed copy.
     fused decode stack          `fused_decode.FUSED_DECODE_SUPPORT` (dense or packed float32
-                                weights, one rank, the whole model; see that module).
+                                weights, one rank, the whole model; with LoRA only the steps
+                                without adapter tokens; see that module).
 """
 
 from __future__ import annotations

@@ -177,17 +177,25 @@ class CpuPackedLinearMethod(LinearMethod):
 class FastPathSupport:
     """What a fast path that reads layers' weights directly handles; it steps aside (the
     plain layers run) for any layer outside this. `methods` are compared by exact type: a
-    subclass or a wrapper (LoRA) is a different feature until listed."""
+    subclass or a wrapper (LoRA) is a different feature until listed.
+
+    `step_wrappers`: wrapper methods (exact types, holding the wrapped method as `.base`) that
+    add nothing to the product in some steps, e.g. LoRA in a step without adapter tokens. A
+    layer with one is judged by its base method, and the path itself must step aside in the
+    steps where the wrapper adds something (its `applies` check says how)."""
 
     name: str
     methods: tuple[type[LinearMethod], ...]
     dtypes: tuple[torch.dtype, ...]
     single_rank: bool  # no tensor-parallel split: the path has no collective of its own
+    step_wrappers: tuple[type[LinearMethod], ...] = ()
 
     def unsupported(self, layer: nn.Module) -> str | None:
         """Why this path cannot take `layer` (a module with `linear_method` and `weight`), or
         None when it can."""
         method = getattr(layer, "linear_method", None)
+        if type(method) in self.step_wrappers:
+            method = method.base
         if type(method) not in self.methods:
             return (f"the {self.name} supports linear methods "
                     f"{', '.join(m.__name__ for m in self.methods)}, not {method!r}")
