@@ -114,3 +114,48 @@ def hf_logits(hf_model, token_ids: list[int]) -> torch.Tensor:
 def prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def _tp_rank_main(rank: int, tp_size: int, port: int, fn, args: tuple, results) -> None:
+    """One spawned rank of `run_on_tp_ranks`: join the gloo TP group, run fn(*args)."""
+    import traceback
+
+    from sluice.distributed import parallel_state as ps
+    torch.set_num_threads(1)
+    ps.init_parallel_state(ps.ParallelLayout(tp_size=tp_size, rank=rank),
+                           f"tcp://127.0.0.1:{port}", "gloo", timeout_s=60)
+    try:
+        results[rank] = fn(*args)
+    except BaseException:
+        results[rank] = traceback.format_exc()
+        raise
+    finally:
+        ps.destroy_parallel_state()
+
+
+def run_on_tp_ranks(fn, args: tuple, tp_size: int = 2, local=None, timeout_s: float = 240):
+    """Run `fn(*args)` on `tp_size` spawned processes forming one tensor-parallel group on gloo
+    (one torch thread each); meanwhile run `local()` here (e.g. the TP=1 reference). `fn` must
+    be importable (module level). Returns (the ranks' results in rank order, local's result);
+    fails the test with a rank's traceback if one failed or did not finish."""
+    import torch.multiprocessing as mp
+
+    from sluice.platform.host import free_ports
+    ctx = mp.get_context("spawn")
+    results = ctx.Manager().dict()
+    port = free_ports("127.0.0.1")[0]
+    procs = [ctx.Process(target=_tp_rank_main, args=(r, tp_size, port, fn, args, results))
+             for r in range(tp_size)]
+    for p in procs:
+        p.start()
+    here = local() if local is not None else None
+    for p in procs:
+        p.join(timeout_s)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    got = dict(results)
+    for r in range(tp_size):
+        assert not isinstance(got.get(r), (str, type(None))), f"rank {r} failed:\n{got.get(r)}"
+    assert [p.exitcode for p in procs] == [0] * tp_size
+    return [got[r] for r in range(tp_size)], here

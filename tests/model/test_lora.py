@@ -11,14 +11,12 @@ o/down before the all-reduce.
 
 from __future__ import annotations
 
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from _sluice_model_helpers import load_hf, prompts
+from _sluice_model_helpers import load_hf, prompts, run_on_tp_ranks
 
 peft = pytest.importorskip("peft")
 
@@ -279,38 +277,10 @@ def _mixed_run(model_dir: str, adapter_dirs: dict, prompt_ids, layer_ops: str) -
     return {"logits": got, "tokens": {rid: driver.tokens(rid) for rid in driver.rids}}
 
 
-def _tp_rank_main(rank: int, port: int, args: tuple, results) -> None:
-    from sluice.distributed import parallel_state as ps
-    torch.set_num_threads(1)
-    ps.init_parallel_state(ps.ParallelLayout(tp_size=2, rank=rank),
-                           f"tcp://127.0.0.1:{port}", "gloo", timeout_s=60)
-    try:
-        results[rank] = _mixed_run(*args)
-    except BaseException:
-        results[rank] = traceback.format_exc()
-        raise
-    finally:
-        ps.destroy_parallel_state()
-
-
 @pytest.mark.timeout(300)
 def test_tp2_matches_tp1(llama_dir, adapter_dirs, prompt_ids):
-    from sluice.platform.host import free_ports
     args = (str(llama_dir), {k: str(v) for k, v in adapter_dirs.items()}, prompt_ids, "torch")
-    ctx = mp.get_context("spawn")
-    results = ctx.Manager().dict()
-    port = free_ports("127.0.0.1")[0]
-    procs = [ctx.Process(target=_tp_rank_main, args=(r, port, args, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    want = _mixed_run(*args)
-    for p in procs:
-        p.join(240)
-        if p.is_alive():
-            p.kill()
-    got = dict(results)
-    for r in range(2):
-        assert isinstance(got.get(r), dict), f"rank {r} failed:\n{got.get(r)}"
+    got, want = run_on_tp_ranks(_mixed_run, args, local=lambda: _mixed_run(*args))
     for rid, logits in want["logits"].items():
         torch.testing.assert_close(got[0]["logits"][rid], logits, atol=1e-4, rtol=0)
     assert got[0]["tokens"] == got[1]["tokens"] == want["tokens"]

@@ -15,17 +15,14 @@ driver samples (rank 1 has no sampler at all) and both ranks end with the same t
 
 from __future__ import annotations
 
-import traceback
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from _sluice_model_helpers import randomize_vectors
+from _sluice_model_helpers import randomize_vectors, run_on_tp_ranks
 from sluice.errors import ConfigError
 from sluice.model_spec.parallel_check import check_tensor_parallel, padded_vocab_size
-from sluice.platform.host import free_ports
 from sluice.testing.tiny_models import TinyModelSpec
 
 TP = 2
@@ -168,45 +165,21 @@ def run_model_runner(model_dir: str) -> dict:
             "prompt_logprobs": len(outputs[0].prompt_logprobs.get("greedy", []))}
 
 
-def _rank_main(rank: int, port: int, cases: dict, results) -> None:
-    from sluice.distributed import parallel_state as ps
-    torch.set_num_threads(1)
-    ps.init_parallel_state(ps.ParallelLayout(tp_size=TP, rank=rank),
-                           f"tcp://127.0.0.1:{port}", "gloo", timeout_s=60)
-    try:
-        out = {name: run_greedy(*args) for name, args in cases.items()}
-        out["runner"] = run_model_runner(cases["llama"][0])
-        results[rank] = out
-    except BaseException:
-        results[rank] = traceback.format_exc()
-        raise
-    finally:
-        ps.destroy_parallel_state()
+def _rank_run(cases: dict) -> dict:
+    """What each TP rank (and the TP=1 reference) computes: every case's greedy run, and the
+    model runner's steps on the llama case."""
+    out = {name: run_greedy(*args) for name, args in cases.items()}
+    out["runner"] = run_model_runner(cases["llama"][0])
+    return out
 
 
 @pytest.mark.timeout(300)
 def test_tp2_matches_tp1_for_every_architecture(case_dirs):
     cases = {name: (case_dirs[name], ops, backend)
              for name, (_, ops, backend) in CASES.items()}
-    ctx = mp.get_context("spawn")
-    results = ctx.Manager().dict()
-    port = free_ports("127.0.0.1")[0]
-    procs = [ctx.Process(target=_rank_main, args=(r, port, cases, results)) for r in range(TP)]
-    for p in procs:
-        p.start()
     torch.set_num_threads(1)
-    want = {name: run_greedy(*args) for name, args in cases.items()}
-    want_runner = run_model_runner(cases["llama"][0])
-    for p in procs:
-        p.join(240)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    got = dict(results)
-    for r in range(TP):
-        assert isinstance(got.get(r), dict), f"rank {r} failed:\n{got.get(r)}"
-    assert [p.exitcode for p in procs] == [0] * TP
-
+    got, want = run_on_tp_ranks(_rank_run, (cases,), tp_size=TP, local=lambda: _rank_run(cases))
+    want_runner = want["runner"]
     for name, (spec, ops, _) in CASES.items():
         ref, r0, r1 = want[name], got[0][name], got[1][name]
         for step, (a, b) in enumerate(zip(r0["logits"], ref["logits"])):
