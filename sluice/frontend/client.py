@@ -57,6 +57,21 @@ class EngineCoreClient(ABC):
 
     ready: EngineReady
     engine_indexes: tuple[int, ...]
+    # The loop the client's output queue belongs to (set by the subclass when it binds).
+    _loop: asyncio.AbstractEventLoop | None
+    _outputs: asyncio.Queue[Any] | None
+
+    def _outputs_of(self, loop: asyncio.AbstractEventLoop) -> asyncio.Queue[Any] | None:
+        """The output queue if the client is bound to `loop` already; None when the caller
+        must bind it to `loop` (never bound, or the previous loop closed). Raises while
+        another loop that is still open owns the client."""
+        if self._loop is loop:
+            assert self._outputs is not None
+            return self._outputs
+        if self._loop is not None and not self._loop.is_closed():
+            raise RuntimeError(f"{type(self).__name__} is in use by another running event "
+                               "loop.")
+        return None
 
     @property
     @abstractmethod
@@ -257,11 +272,8 @@ class AsyncMPClient(MPClient, EngineCoreClient):
     def _ensure_started(self) -> asyncio.Queue[Any]:
         """Bind the output socket and start the reader in the running loop (once per loop)."""
         loop = asyncio.get_running_loop()
-        if self._loop is loop:
-            assert self._outputs is not None
-            return self._outputs
-        if self._loop is not None and not self._loop.is_closed():
-            raise RuntimeError("AsyncMPClient is in use by another running event loop.")
+        if (outputs := self._outputs_of(loop)) is not None:
+            return outputs
         if self._closed:  # sockets are gone: only report
             self._loop, self._outputs = loop, asyncio.Queue()
             self._outputs.put_nowait(_DEAD)

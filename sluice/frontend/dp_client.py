@@ -187,11 +187,8 @@ class DPAsyncMPClient(EngineCoreClient):
     def _ensure_started(self) -> asyncio.Queue[Any]:
         """Start the pumps in the running loop (once per loop, as `AsyncMPClient`)."""
         loop = asyncio.get_running_loop()
-        if self._loop is loop:
-            assert self._outputs is not None
-            return self._outputs
-        if self._loop is not None and not self._loop.is_closed():
-            raise RuntimeError("DPAsyncMPClient is in use by another running event loop.")
+        if (outputs := self._outputs_of(loop)) is not None:
+            return outputs
         self._loop, self._outputs = loop, asyncio.Queue()
         for i, client in enumerate(self.clients):
             loop.create_task(self._pump(i, client, self._outputs), name=f"sluice-dp-pump-{i}")
