@@ -165,8 +165,9 @@ class ModelRunner:
                     for inner in vars(value).values():
                         if isinstance(inner, torch.Tensor):
                             add(inner)
-        if self.lora_manager is not None:   # adapters loaded later: their room
-            total += self.lora_manager.reserved_bytes()
+        lora = getattr(self, "lora_manager", None)   # adapters loaded later: their room
+        if lora is not None:
+            total += lora.reserved_bytes()
         return total
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
