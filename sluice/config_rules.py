@@ -33,6 +33,9 @@ def cross_field_problems(cfg: EngineConfig, skip: typing.AbstractSet[str] = froz
             parse_structured_outputs_config(cfg.model.structured_outputs_config)
         except ConfigError as e:
             problems += e.problems
+    if "speculative_config" not in skip and cfg.scheduler.speculative_config:
+        from sluice.spec_decode.config import speculative_problems
+        problems += speculative_problems(cfg)
     if "kv_events_config" not in skip and cfg.cache.kv_events_config is not None:
         from sluice.kv_events.config import parse_kv_events_config
         try:

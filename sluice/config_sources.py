@@ -163,6 +163,8 @@ def _to_tuple(spec: FieldSpec, raw: Any) -> tuple[str, ...]:
 def _to_str(spec: FieldSpec, raw: Any) -> str:
     if isinstance(raw, str):
         return raw
+    if isinstance(raw, dict) and spec.name.endswith("_config"):
+        return json.dumps(raw)   # a JSON-object option given as a mapping (LLM(...), YAML)
     if isinstance(raw, (int, float)) and not isinstance(raw, bool):
         return str(raw)  # e.g. `api_key: 12345` in YAML
     raise _BadValue("is not a string")

@@ -89,6 +89,13 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     # with --enable-lora: adapter name -> requests running / waiting (vllm:lora_requests_info)
     running_lora_adapters: dict[str, int] = msgspec.field(default_factory=dict)
     waiting_lora_adapters: dict[str, int] = msgspec.field(default_factory=dict)
+    # with --speculative-config, since the previous snapshot (vllm:spec_decode_*): requests
+    # given drafts (summed over steps), drafts proposed, drafts accepted, and accepted drafts
+    # per draft position
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
+    spec_decode_accepted_per_position: list[int] = msgspec.field(default_factory=list)
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):

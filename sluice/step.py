@@ -77,6 +77,11 @@ class SchedulerOutput:
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     total_num_scheduled_tokens: int = 0
     finished_request_ids: set[str] = field(default_factory=set)
+    # Speculative decoding: request id -> the draft tokens this step verifies (`spec_decode`).
+    # Such a request's num_scheduled_tokens = 1 + len(drafts): its last sampled token, then
+    # the drafts at the next positions; the worker samples at all 1 + len(drafts) positions
+    # and emits the accepted drafts plus one token of its own (`sample.rejection`).
+    scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
     # A KV connector's instructions for this step (`sluice.kv_transfer`); None without one.
     kv_connector_metadata: KVConnectorMetadata | None = None
 

@@ -89,6 +89,9 @@ class Request:
         # Prompt logprobs arrive per prefill chunk; they are held here until the output that
         # carries the first sampled token (see `messages.EngineCoreOutput`).
         self.pending_prompt_logprobs: list[TokenLogprobs] = []
+        # Speculative decoding: the draft proposer's own state for this request
+        # (`sluice.spec_decode.planner`); None until it first proposes.
+        self.draft_state: object | None = None
 
         self.block_hashes: list[BlockHash] = []
         self.block_hasher: BlockHasher | None = None

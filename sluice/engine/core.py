@@ -122,11 +122,14 @@ class EngineCore:
         pp = config.parallel.pipeline_parallel_size
         from sluice.kv_transfer.factory import make_scheduler_hooks   # None without a connector
         from sluice.lora.admission import LoRAAdmission   # --max-loras adapters per step
+        from sluice.spec_decode.planner import make_speculation_planner   # None: off
         self.scheduler = Scheduler(config.scheduler, config.cache, self.max_model_len,
                                    self.num_kv_blocks, pipeline_parallel_size=pp,
                                    hooks=make_scheduler_hooks(config, self.spec),
                                    admission=(LoRAAdmission(config.lora.max_loras)
-                                              if config.lora.enable_lora else None))
+                                              if config.lora.enable_lora else None),
+                                   speculation=make_speculation_planner(config,
+                                                                        self.max_model_len))
         # pp > 1: the steps in the pipeline, oldest first (see step_with_batch_queue)
         self.batch_queue_size = pp
         self.batch_queue: deque[tuple[SchedulerOutput, Future[ModelRunnerOutput]]] | None = (

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sluice.frontend.stats import FrontendStats
 from sluice.messages import SchedulerStats
@@ -36,6 +36,12 @@ class _EngineTotals:
     waiting: int = 0
     kv_usage: float = 0.0
     was_active: bool = False
+    # speculative decoding (--speculative-config): drafts, draft tokens, accepted tokens,
+    # accepted drafts per position
+    spec_drafts: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted: int = 0
+    spec_accepted_per_position: list[int] = field(default_factory=list)
 
     @property
     def active(self) -> bool:
@@ -48,7 +54,22 @@ class _EngineTotals:
                 f"{self.prompt_tokens / elapsed:.1f} tokens/s, Avg generation throughput: "
                 f"{self.generation_tokens / elapsed:.1f} tokens/s, Running: {self.running} "
                 f"reqs, Waiting: {self.waiting} reqs, KV cache usage: "
-                f"{self.kv_usage * 100:.1f}%, Prefix cache hit rate: {hit_rate * 100:.1f}%")
+                f"{self.kv_usage * 100:.1f}%, Prefix cache hit rate: {hit_rate * 100:.1f}%"
+                + self._spec_decode_part())
+
+    def _spec_decode_part(self) -> str:
+        """vLLM's spec-decode figures: mean acceptance length (tokens emitted per verified
+        step, 1 + accepted drafts / drafts), draft acceptance rate, per-position rates."""
+        if not self.spec_drafts:
+            return ""
+        per_position = ", ".join(f"{n / self.spec_drafts:.3f}"
+                                 for n in self.spec_accepted_per_position)
+        rate = self.spec_accepted / self.spec_draft_tokens if self.spec_draft_tokens else 0.0
+        return (f", SpecDecoding: Mean acceptance length: "
+                f"{1 + self.spec_accepted / self.spec_drafts:.2f}, Drafted tokens: "
+                f"{self.spec_draft_tokens}, Accepted tokens: {self.spec_accepted}, Draft "
+                f"acceptance rate: {rate * 100:.1f}%, Per-position acceptance rate: "
+                f"{per_position}")
 
 
 class LoggingStatLogger:
@@ -76,6 +97,15 @@ class LoggingStatLogger:
                 totals.kv_usage = scheduler_stats.kv_cache_usage
                 totals.queries += scheduler_stats.prefix_cache_queries
                 totals.hits += scheduler_stats.prefix_cache_hits
+                if scheduler_stats.spec_decode_num_drafts:
+                    totals.spec_drafts += scheduler_stats.spec_decode_num_drafts
+                    totals.spec_draft_tokens += scheduler_stats.spec_decode_num_draft_tokens
+                    totals.spec_accepted += scheduler_stats.spec_decode_num_accepted_tokens
+                    per_position = scheduler_stats.spec_decode_accepted_per_position
+                    mine = totals.spec_accepted_per_position
+                    mine.extend([0] * (len(per_position) - len(mine)))
+                    for j, n in enumerate(per_position):
+                        mine[j] += n
 
     def log(self, now: float | None = None) -> str | None:
         """Write (and return, one per line) the lines for the period since the previous call,

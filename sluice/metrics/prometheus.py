@@ -14,6 +14,7 @@ dashboards and alerts written for vLLM work unchanged. docs/metrics.md lists eve
                 vllm:request_time_per_output_token_seconds, vllm:e2e_request_latency_seconds,
                 vllm:request_queue_time_seconds, vllm:request_inference_time_seconds,
                 vllm:request_prefill_time_seconds, vllm:request_decode_time_seconds
+    spec decode vllm:spec_decode_* (with --speculative-config only; spec_decode.py)
     info        vllm:lora_requests_info{max_lora, waiting_lora_adapters, running_lora_adapters}
                 (with --enable-lora only; no model_name/engine labels, as vLLM's; lora.py)
 
@@ -36,6 +37,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 from sluice.frontend.stats import FinishedRequestStats, FrontendStats
 from sluice.messages import SchedulerStats
 from sluice.metrics.lora import LoRAInfoGauge
+from sluice.metrics.spec_decode import SpecDecodeMetrics
 
 PREFIX = "vllm:"
 LABELS = ("model_name", "engine")
@@ -75,7 +77,8 @@ class PrometheusMetrics:
 
     def __init__(self, model_name: str, max_model_len: int,
                  registry: CollectorRegistry | None = None,
-                 engine_indexes: Sequence[int] = (0,), max_loras: int | None = None):
+                 engine_indexes: Sequence[int] = (0,), max_loras: int | None = None,
+                 speculative: bool = False):
         disable_created_metrics()  # no `*_created` series (as vLLM)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.model_name = model_name
@@ -84,6 +87,8 @@ class PrometheusMetrics:
         # with --enable-lora (`max_loras` given): vllm:lora_requests_info
         self.lora_info = (LoRAInfoGauge(self.registry, max_loras) if max_loras is not None
                           else None)
+        # with --speculative-config: vllm:spec_decode_*
+        self.spec_decode = SpecDecodeMetrics(self.registry) if speculative else None
         self.engines: dict[int, EngineMetrics] = {}
         for index in engine_indexes:
             self.engine(index)
@@ -110,6 +115,9 @@ class PrometheusMetrics:
         self.engine(frontend_stats.engine_index).record(scheduler_stats, frontend_stats)
         if self.lora_info is not None and scheduler_stats is not None:
             self.lora_info.record(scheduler_stats)
+        if self.spec_decode is not None and scheduler_stats is not None:
+            self.spec_decode.record(scheduler_stats,
+                                    (self.model_name, str(frontend_stats.engine_index)))
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) of the Prometheus text exposition."""

@@ -138,6 +138,11 @@ def request_generator(params: SamplingParams, device: torch.device | str = "cpu"
     return generator
 
 
+def is_greedy(params: SamplingParams) -> bool:
+    """Whether rows of `params` decode greedily: temperature < 1e-5 or top_k == 1."""
+    return params.is_greedy or params.top_k == 1
+
+
 def build_sampling_metadata(rows: Sequence[SamplingRow], vocab_size: int,
                             device: torch.device | str = "cpu", *,
                             shared_generator: torch.Generator | None = None) -> SamplingMetadata:
@@ -147,7 +152,7 @@ def build_sampling_metadata(rows: Sequence[SamplingRow], vocab_size: int,
     use penalties (converted to tensors and concatenated).
     `shared_generator` feeds every unseeded random row (None = torch's default generator).
     """
-    greedy = [p.is_greedy or p.top_k == 1 for p in (r.params for r in rows)]
+    greedy = [is_greedy(r.params) for r in rows]
     num_greedy = sum(greedy)
     max_num_logprobs = max((r.params.logprobs for r in rows if r.params.logprobs is not None),
                            default=None)

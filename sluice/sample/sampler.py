@@ -137,17 +137,23 @@ def sample_tokens(logits: torch.Tensor, md: SamplingMetadata,
         greedy_tokens = argmax(logits)
         if md.all_greedy:
             return greedy_tokens
+    uniform = draw_uniform(md, logits.device)
+    random_tokens = sample_from_weights(sampling_weights(logits, md), uniform)
+    if greedy_tokens is None:
+        return random_tokens
+    return torch.where(md.greedy_mask, greedy_tokens, random_tokens)
+
+
+def sampling_weights(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """Processed `logits` -> each row's unnormalised sampling weights (>= 0, the row's
+    largest is 1): / temperature, top-k, top-p, min-p, then exp(logit - max). In place: the
+    returned tensor is `logits`. Greedy rows' weights are those of temperature 1."""
     if md.temperature is not None:
         logits.div_(md.temperature.unsqueeze(1))
     apply_top_k_top_p(logits, md.top_k, md.max_top_k, md.top_p)
     if md.min_p is not None:
         apply_min_p(logits, md.min_p)
-    uniform = draw_uniform(md, logits.device)
-    weights = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
-    random_tokens = sample_from_weights(weights, uniform)
-    if greedy_tokens is None:
-        return random_tokens
-    return torch.where(md.greedy_mask, greedy_tokens, random_tokens)
+    return logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
 
 
 def draw_uniform(md: SamplingMetadata, device: torch.device) -> torch.Tensor:

@@ -14,22 +14,27 @@ Keys (as vLLM's `SpeculativeConfig`):
 * `draft_tensor_parallel_size`: only 1 (the draft runs unsharded next to the driver).
 * `disable_by_batch_size`: speculation is skipped in a step whose running batch holds at least
   this many requests (large batches are compute-bound; verifying proposals then costs more
-  than it saves). Default: none (always speculate).
+  than it saves). Default: 4 (sluice's; vLLM never disables by default). Pass a large
+  number to always speculate.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from sluice.config_json import decode_json_object
 from sluice.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sluice.config import EngineConfig
 
 FLAG = "--speculative-config"
 METHODS = ("ngram", "draft_model")
 _OTHER_VLLM_METHODS = ("eagle", "eagle3", "medusa", "mlp_speculator", "mtp", "suffix",
                        "deepseek_mtp")
 _DEFAULT_LOOKUP = 5
+DEFAULT_DISABLE_BY_BATCH_SIZE = 4
 _TYPES: dict[str, tuple[type, ...]] = {
     "method": (str,), "model": (str,), "num_speculative_tokens": (int,),
     "prompt_lookup_min": (int,), "prompt_lookup_max": (int,),
@@ -44,7 +49,7 @@ class SpeculativeConfig:
     prompt_lookup_min: int = _DEFAULT_LOOKUP
     prompt_lookup_max: int = _DEFAULT_LOOKUP
     model: str | None = None
-    disable_by_batch_size: int | None = None
+    disable_by_batch_size: int | None = DEFAULT_DISABLE_BY_BATCH_SIZE
 
 
 def parse_speculative_config(text: str | Mapping[str, Any] | None) -> SpeculativeConfig | None:
@@ -88,4 +93,23 @@ def parse_speculative_config(text: str | Mapping[str, Any] | None) -> Speculativ
         raise ConfigError(problems)
     return SpeculativeConfig(method=method, num_speculative_tokens=k, prompt_lookup_min=lo,
                              prompt_lookup_max=hi, model=data.get("model"),
-                             disable_by_batch_size=batch)
+                             disable_by_batch_size=(DEFAULT_DISABLE_BY_BATCH_SIZE
+                                                    if batch is None else batch))
+
+
+def speculative_problems(cfg: "EngineConfig") -> list[str]:
+    """The flag's own problems and what this version cannot combine it with."""
+    try:
+        spec = parse_speculative_config(cfg.scheduler.speculative_config)
+    except ConfigError as e:
+        return e.problems
+    problems = []
+    if spec is not None and spec.method == "draft_model":
+        problems.append(f"{FLAG}: method draft_model (a \"model\") is not available in this "
+                        f"version of sluice yet. Fix: use '{{\"method\": \"ngram\", "
+                        f"\"num_speculative_tokens\": {spec.num_speculative_tokens}}}'.")
+    if spec is not None and cfg.parallel.pipeline_parallel_size > 1:
+        problems.append(f"{FLAG}: speculative decoding does not run with pipeline parallelism "
+                        f"(-pp {cfg.parallel.pipeline_parallel_size}) yet. Fix: drop one of "
+                        f"the two.")
+    return problems

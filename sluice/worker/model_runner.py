@@ -33,6 +33,12 @@ LoRA (`--enable-lora`): before the forward, `lora_manager.prepare`
 (`sluice.lora.worker_manager`) loads and activates the step's adapters (each request's
 `lora_request`) and returns the batch order, requests grouped by adapter, and the token ->
 adapter-slot mapping the wrapped layers read (`sluice.lora.forward_context`).
+
+Speculative decoding: a request with draft tokens (`SchedulerOutput.scheduled_spec_decode_tokens`)
+runs them after its last sampled token (`input_batch`), and its row is sampled at every draft
+position (`spec_decode.verify`); it appends the 1..d + 1 emitted tokens and counts only the
+positions whose tokens it kept as computed. Under TP the driver broadcasts the emitted tokens
+as one [rows, max drafts + 1] tensor padded with -1.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ from sluice.sample.grammar import grammar_mask
 from sluice.sample.metadata import SamplingRow, build_sampling_metadata, request_generator
 from sluice.sample.logprobs import compute_prompt_logprobs, to_token_logprobs
 from sluice.sample.sampler import Sampler
+from sluice.spec_decode.verify import draft_positions, verify_drafts
 from sluice.step import ModelRunnerOutput, SchedulerOutput
 from sluice.structured_output.output import GrammarOutput
 from sluice.worker.input_batch import StepBatch, build_step_batch
@@ -87,6 +94,7 @@ class _PendingStep:
     states: list[CachedRequestState]
     num_scheduled: list[int]
     hidden: torch.Tensor | None
+    drafts: list[list[int]] | None = None   # per batch row (speculative decoding); None: none
 
 
 class ModelRunner:
@@ -133,7 +141,8 @@ class ModelRunner:
                                 max_model_len=self.max_model_len, seed=self.config.model.seed,
                                 attn_backend=self.attn_backend,
                                 layer_ops=self.layer_ops, layer_range=self.layer_range,
-                                lora=self.config.lora)
+                                lora=self.config.lora,
+                                quantization=self.config.model.quantization)
         if self.config.lora.enable_lora:
             from sluice.lora.layers import lora_layers
             from sluice.lora.worker_manager import LoRAWorkerManager
@@ -267,9 +276,11 @@ class ModelRunner:
             if order is not None:
                 request_ids, states, num_scheduled = ([xs[i] for i in order] for xs in
                                                       (request_ids, states, num_scheduled))
-        batch = build_step_batch(states, num_scheduled, self.block_size)
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        drafts = [spec.get(rid, []) for rid in request_ids] if spec else None
+        batch = build_step_batch(states, num_scheduled, self.block_size, drafts)
         hidden = self._forward(batch, self.kv_caches, lora=lora)
-        self._pending = _PendingStep(batch, request_ids, states, num_scheduled, hidden)
+        self._pending = _PendingStep(batch, request_ids, states, num_scheduled, hidden, drafts)
 
     @torch.inference_mode()
     def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
@@ -285,9 +296,13 @@ class ModelRunner:
         if hidden is not None:   # the last pipeline stage: sample
             output = ModelRunnerOutput(sampled_token_ids={rid: [] for rid in request_ids})
             self._prompt_logprobs(batch, states, hidden, output)
-            if len(batch.sample_rows):
+            if pending.drafts is not None:
+                self._sample_speculative(batch, states, hidden, output, pending.drafts)
+            elif len(batch.sample_rows):
                 self._sample(batch, states, hidden, output, grammar_output)
-        for state, n in zip(states, pending.num_scheduled):
+        for r, (state, n) in enumerate(zip(states, pending.num_scheduled)):
+            if pending.drafts is not None and pending.drafts[r]:   # rejected drafts: not kept
+                n -= len(pending.drafts[r]) + 1 - len(output.sampled_token_ids[state.request_id])
             state.num_computed_tokens += n
         return output
 
@@ -385,6 +400,40 @@ class ModelRunner:
             k = state.sampling_params.logprobs
             if k is not None and logprobs is not None:
                 output.logprobs[state.request_id] = [to_token_logprobs(logprobs, i, k)]
+
+    def _sample_speculative(self, batch: StepBatch, states: list[CachedRequestState],
+                            hidden: torch.Tensor, output: ModelRunnerOutput,
+                            drafts: list[list[int]]) -> None:
+        """Sample every draft position of the sampling rows and keep each row's accepted
+        drafts plus one token (`spec_decode.verify`); under TP the driver decides and
+        broadcasts (see the module docstring)."""
+        sample_rows = batch.sample_rows.tolist()
+        rows = [states[r] for r in sample_rows]
+        row_drafts = [drafts[r] for r in sample_rows]
+        positions = draft_positions(batch.logits_indices, [len(d) for d in row_drafts])
+        hidden_rows = hidden[torch.from_numpy(positions)]
+        tp = self.tp_group
+        width = 1 + max((len(d) for d in row_drafts), default=0)
+        if tp.rank != 0:
+            self.model.compute_logits(hidden_rows)   # collective: its gather goes to the driver
+            padded = tp.broadcast(torch.empty(len(rows), width, dtype=torch.long,
+                                              device=self.device), src=0).tolist()
+            emitted = [[t for t in row if t >= 0] for row in padded]
+            logprobs: list = [None] * len(rows)
+        else:
+            emitted, logprobs = verify_drafts(
+                self.model, self.sampler.argmax, hidden_rows, rows, row_drafts,
+                self.spec.vocab_size, self.device, self.shared_generator)
+            if tp.size > 1:
+                padded = torch.full((len(rows), width), -1, dtype=torch.long)
+                for i, tokens in enumerate(emitted):
+                    padded[i, :len(tokens)] = torch.tensor(tokens)
+                tp.broadcast(padded.to(self.device), src=0)
+        for state, tokens, entries in zip(rows, emitted, logprobs):
+            state.token_ids.extend(tokens)
+            output.sampled_token_ids[state.request_id] = tokens
+            if entries is not None:
+                output.logprobs[state.request_id] = entries
 
     def _prompt_logprobs(self, batch: StepBatch, states: list[CachedRequestState],
                          hidden: torch.Tensor, output: ModelRunnerOutput) -> None:

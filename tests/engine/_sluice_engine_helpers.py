@@ -47,6 +47,8 @@ class CoreRun:
     preemptions: int = 0
     prefix_hits: int = 0
     max_running: int = 0
+    spec_draft_tokens: int = 0   # speculative decoding: drafts proposed / accepted
+    spec_accepted_tokens: int = 0
 
 
 def run_engine_core(engine, prompts: list[list[int]], params, arrival_gap_steps: int = 0,
@@ -70,6 +72,8 @@ def run_engine_core(engine, prompts: list[list[int]], params, arrival_gap_steps:
             run.preemptions += stats.num_preemptions
             run.prefix_hits += stats.prefix_cache_hits
             run.max_running = max(run.max_running, stats.num_running_reqs)
+            run.spec_draft_tokens += stats.spec_decode_num_draft_tokens
+            run.spec_accepted_tokens += stats.spec_decode_num_accepted_tokens
         for out in outputs.outputs:
             run.tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
             if out.num_cached_tokens:

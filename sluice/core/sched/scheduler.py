@@ -47,6 +47,17 @@ tokens computed) or failed (blocks freed, recomputed from scratch). A finished r
 blocks a hook holds (`on_finish`) leaves `requests` but keeps its blocks in `held` until the
 hook releases them (`on_output` or `released`); `has_unfinished_requests` stays True meanwhile
 so that the engine keeps stepping.
+
+Speculative decoding (`speculation`, a `spec_decode.planner.SpeculationPlanner`; None: off):
+a running request that has caught up (its one uncomputed token is the last sampled one) may
+get d draft tokens this step. It is scheduled for 1 + d tokens, its KV slots cover the d
+lookahead positions, and the drafts travel in `SchedulerOutput.scheduled_spec_decode_tokens`.
+`num_computed_tokens` advances by 1 + d at schedule time like any scheduled token; when the
+worker emits e tokens (e - 1 drafts accepted, 1 <= e <= d + 1), `update_from_output` takes
+the d + 1 - e rejected positions back off `num_computed_tokens` (their KV slots stay
+allocated and are overwritten by later steps; only full blocks of known tokens are ever
+offered to the prefix cache, so rejected KV is never cached). Drafts ride on the token
+budget: a request gets only as many as the budget left after its own token.
 """
 
 from __future__ import annotations
@@ -65,6 +76,7 @@ from sluice.core.sched.queues import create_request_queue
 from sluice.core.sched.stop import check_stop
 from sluice.errors import ConfigError
 from sluice.messages import EngineCoreOutput, SchedulerStats
+from sluice.spec_decode.planner import SpeculationPlanner
 from sluice.step import (CachedRequestData, ModelRunnerOutput, NewRequestData,
                          SchedulerOutput)
 
@@ -77,6 +89,7 @@ class _StepPlan:
     cached_reqs: list[Request] = field(default_factory=list)   # running from before
     num_scheduled: dict[str, int] = field(default_factory=dict)
     new_block_ids: dict[str, list[int]] = field(default_factory=dict)
+    spec_tokens: dict[str, list[int]] = field(default_factory=dict)   # draft tokens
     num_preempted: int = 0
 
 
@@ -86,8 +99,10 @@ class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
                  max_model_len: int, num_kv_blocks: int, pipeline_parallel_size: int = 1,
                  hooks: SchedulerHooks | None = None,
-                 admission: AdmissionPolicy | None = None):
+                 admission: AdmissionPolicy | None = None,
+                 speculation: SpeculationPlanner | None = None):
         self.config = scheduler_config
+        self.speculation = speculation   # speculative decoding's drafts; None: off
         self.hooks = hooks   # `core.sched.hooks`: a KV connector; None: none of that
         self.admission = admission   # e.g. the --max-loras limit; None: budget and blocks only
         self.max_model_len = max_model_len
@@ -196,6 +211,9 @@ class Scheduler:
 
     def _schedule_running(self, plan: _StepPlan) -> None:
         i = 0
+        speculation = self.speculation
+        if speculation is not None and not speculation.drafts_enabled(len(self.running)):
+            speculation = None
         while (i < len(self.running) and plan.budget > 0
                and len(plan.num_scheduled) < self.max_seqs_per_step):
             request = self.running[i]
@@ -203,7 +221,12 @@ class Scheduler:
             if num_new <= 0 or request.request_id in self.in_flight:
                 i += 1
                 continue
-            while (new_ids := self.kv_cache_manager.allocate_slots(request, num_new)) is None:
+            drafts: list[int] = []
+            if speculation is not None and num_new == 1 == (request.num_tokens
+                                                            - request.num_computed_tokens):
+                drafts = speculation.propose(request)[:plan.budget - 1]
+            while (new_ids := self.kv_cache_manager.allocate_slots(
+                    request, num_new, num_lookahead_tokens=len(drafts))) is None:
                 victim_index = self._victim_index()
                 victim = self.running.pop(victim_index)
                 self._preempt(victim, plan)
@@ -215,6 +238,9 @@ class Scheduler:
                 continue  # `request` preempted itself; running[i] is the next one
             plan.cached_reqs.append(request)
             plan.new_block_ids[request.request_id] = new_ids
+            if drafts:
+                plan.spec_tokens[request.request_id] = drafts
+                num_new += len(drafts)
             plan.num_scheduled[request.request_id] = num_new
             plan.budget -= num_new
             i += 1
@@ -245,6 +271,7 @@ class Scheduler:
         if rid in plan.num_scheduled:  # undo its place in this step
             plan.budget += plan.num_scheduled.pop(rid)
             plan.new_block_ids.pop(rid)
+            plan.spec_tokens.pop(rid, None)
             plan.cached_reqs = [r for r in plan.cached_reqs if r is not request]
         self.waiting.prepend(request)
         self.finished_req_ids.add(rid)  # the worker must forget it
@@ -375,6 +402,7 @@ class Scheduler:
             num_scheduled_tokens=dict(plan.num_scheduled),
             total_num_scheduled_tokens=sum(plan.num_scheduled.values()),
             finished_request_ids=finished,
+            scheduled_spec_decode_tokens=plan.spec_tokens,
             kv_connector_metadata=self.hooks.step_metadata() if self.hooks else None)
 
     def _sampled_token_ids(self, request: Request, plan: _StepPlan) -> list[int]:
@@ -405,10 +433,14 @@ class Scheduler:
         outputs: list[EngineCoreOutput] = []
         finished_ids: set[str] = set()
         sampled_by_id = model_runner_output.sampled_token_ids
+        spec_tokens = scheduler_output.scheduled_spec_decode_tokens
         for rid in scheduler_output.num_scheduled_tokens:
             request = self.requests.get(rid)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue
+            if rid in spec_tokens:
+                self._take_back_rejected(request, len(spec_tokens[rid]),
+                                         len(sampled_by_id.get(rid, ())))
             before_first_token = request.num_output_tokens == 0
             if before_first_token and rid in model_runner_output.prompt_logprobs:
                 request.pending_prompt_logprobs.extend(model_runner_output.prompt_logprobs[rid])
@@ -429,6 +461,12 @@ class Scheduler:
         if finished_ids:
             self.running = [r for r in self.running if r.request_id not in finished_ids]
         return outputs
+
+    def _take_back_rejected(self, request: Request, num_draft: int, num_emitted: int) -> None:
+        """Speculative decoding: of the 1 + num_draft positions computed, the last
+        num_draft + 1 - num_emitted held rejected drafts; they are not computed after all."""
+        request.num_computed_tokens -= num_draft + 1 - num_emitted
+        self.speculation.record(num_draft, num_emitted)
 
     def _make_core_output(self, request: Request, new_token_ids: list[int],
                           model_runner_output: ModelRunnerOutput,
@@ -476,6 +514,12 @@ class Scheduler:
         if self.admission is not None:   # with --enable-lora (the only policy so far)
             stats.running_lora_adapters = _count_adapters(self.running)
             stats.waiting_lora_adapters = _count_adapters(self.waiting)
+        if self.speculation is not None:
+            spec = self.speculation.take_counters()
+            stats.spec_decode_num_drafts = spec.num_drafts
+            stats.spec_decode_num_draft_tokens = spec.num_draft_tokens
+            stats.spec_decode_num_accepted_tokens = spec.num_accepted_tokens
+            stats.spec_decode_accepted_per_position = spec.accepted_per_position
         if self.hooks is not None:
             hook_stats = self.hooks.take_stats()
             stats.kv_transfer_failures = hook_stats.transfer_failures

@@ -200,7 +200,8 @@ def build_app(engine: Any, config: EngineConfig, lora_registry: Any = None) -> F
     metrics = PrometheusMetrics(ready.model_name, ready.max_model_len,
                                 engine_indexes=getattr(engine, "engine_indexes", (0,)),
                                 max_loras=(config.lora.max_loras if config.lora.enable_lora
-                                           else None))
+                                           else None),
+                                speculative=config.scheduler.speculative_config is not None)
     engine.add_stats_listener(metrics.record)
     stat_logger: LoggingStatLogger | None = None
     if not config.observability.disable_log_stats:

@@ -1,0 +1,133 @@
+"""The engine side of speculative decoding: which requests get draft tokens this step, how
+many, and the counters of what was accepted. Torch-free; the scheduler calls it.
+
+Contract with the scheduler (`core.sched.scheduler`):
+
+* `drafts_enabled(num_running)` once per step: False when the running batch holds at least
+  `disable_by_batch_size` requests (a large batch is compute-bound, so verifying proposals
+  costs more than the weight reads it saves) — then nobody speculates this step.
+* `propose(request)` for a running request that has caught up (its only uncomputed token is
+  the last sampled one): at most `limit(request)` draft tokens, each to be verified by this
+  step's forward. The limit keeps the step inside max_model_len (positions of the drafts are
+  num_tokens .. num_tokens + d - 1, so num_tokens + d <= max_model_len) and inside
+  max_tokens (a step emits at most d + 1 tokens; d <= max_tokens - num_output - 1).
+* `record(num_draft, num_emitted)` after the step: the worker emitted `num_emitted` tokens,
+  i.e. accepted num_emitted - 1 drafts (the last one is the target's own token).
+
+A request with structured output never gets drafts (its grammar bitmask is computed for one
+position per step): speculation steps aside for it.
+
+The n-gram proposer reads the request's tokens as a numpy array; appending to a per-request
+buffer (`Request.draft_state`) keeps that O(new tokens) per step instead of O(length).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sluice.core.request import Request
+from sluice.config import EngineConfig
+from sluice.spec_decode.config import SpeculativeConfig, parse_speculative_config
+from sluice.spec_decode.ngram import NgramProposer
+
+
+@dataclass
+class SpecDecodeCounters:
+    """Counts since the previous `take_counters` (vLLM's spec-decode metrics)."""
+    num_drafts: int = 0            # requests that were given drafts, summed over steps
+    num_draft_tokens: int = 0      # draft tokens proposed
+    num_accepted_tokens: int = 0   # of which accepted
+    # accepted_per_position[j]: drafts at position j (0-based) that were accepted
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    @property
+    def num_emitted_tokens(self) -> int:
+        """Tokens the speculative steps emitted: accepted drafts plus one token per draft."""
+        return self.num_accepted_tokens + self.num_drafts
+
+
+class _TokenBuffer:
+    """A request's tokens as a growing int64 array (amortised O(1) append)."""
+
+    __slots__ = ("array", "length")
+
+    def __init__(self) -> None:
+        self.array = np.empty(256, dtype=np.int64)
+        self.length = 0
+
+    def sync(self, token_ids: list[int]) -> np.ndarray:
+        """The buffer brought up to `token_ids` (only ever appended to); a view."""
+        n = len(token_ids)
+        if n > len(self.array):
+            grown = np.empty(max(n, 2 * len(self.array)), dtype=np.int64)
+            grown[:self.length] = self.array[:self.length]
+            self.array = grown
+        if n > self.length:
+            self.array[self.length:n] = token_ids[self.length:n]
+            self.length = n
+        return self.array[:n]
+
+
+class SpeculationPlanner:
+    """See the module docstring. Built by the engine core from `--speculative-config` (n-gram
+    method; a draft model proposes in the worker and is not handled here)."""
+
+    def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
+        self.config = config
+        self.num_speculative_tokens = config.num_speculative_tokens
+        self.disable_by_batch_size = config.disable_by_batch_size
+        self.max_model_len = max_model_len
+        self.proposer = NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min,
+                                      config.prompt_lookup_max)
+        self.counters = SpecDecodeCounters(
+            accepted_per_position=[0] * config.num_speculative_tokens)
+
+    def drafts_enabled(self, num_running: int) -> bool:
+        limit = self.disable_by_batch_size
+        return limit is None or num_running < limit
+
+    def limit(self, request: Request) -> int:
+        """The most drafts `request` may take this step (see the module docstring)."""
+        params = request.sampling_params
+        if params.structured_outputs is not None:
+            return 0
+        room = self.max_model_len - request.num_tokens
+        if params.max_tokens is not None:
+            room = min(room, params.max_tokens - request.num_output_tokens - 1)
+        return max(0, min(self.num_speculative_tokens, room))
+
+    def propose(self, request: Request) -> list[int]:
+        """Draft tokens for `request`'s next positions (possibly none)."""
+        limit = self.limit(request)
+        if limit <= 0:
+            return []
+        buffer = request.draft_state
+        if buffer is None:
+            buffer = request.draft_state = _TokenBuffer()
+        return self.proposer.propose(buffer.sync(request.all_token_ids), limit)
+
+    def record(self, num_draft: int, num_emitted: int) -> None:
+        """One request's verified step: `num_draft` drafts, `num_emitted` tokens emitted
+        (1..num_draft + 1)."""
+        accepted = num_emitted - 1
+        c = self.counters
+        c.num_drafts += 1
+        c.num_draft_tokens += num_draft
+        c.num_accepted_tokens += accepted
+        for j in range(accepted):
+            c.accepted_per_position[j] += 1
+
+    def take_counters(self) -> SpecDecodeCounters:
+        """The counters since the previous call (and reset them)."""
+        counters, self.counters = self.counters, SpecDecodeCounters(
+            accepted_per_position=[0] * self.num_speculative_tokens)
+        return counters
+
+
+def make_speculation_planner(config: EngineConfig, max_model_len: int
+                             ) -> SpeculationPlanner | None:
+    """The planner for `--speculative-config` (validated at config time), None when unset."""
+    spec = parse_speculative_config(config.scheduler.speculative_config)
+    return None if spec is None else SpeculationPlanner(spec, max_model_len)
