@@ -83,6 +83,9 @@ class SpeculationPlanner:
                                       config.prompt_lookup_max)
         self.counters = SpecDecodeCounters(
             accepted_per_position=[0] * config.num_speculative_tokens)
+        # the same counts since the engine started (never reset; benchmarks read them)
+        self.totals = SpecDecodeCounters(
+            accepted_per_position=[0] * config.num_speculative_tokens)
 
     def drafts_enabled(self, num_running: int) -> bool:
         limit = self.disable_by_batch_size
@@ -112,12 +115,12 @@ class SpeculationPlanner:
         """One request's verified step: `num_draft` drafts, `num_emitted` tokens emitted
         (1..num_draft + 1)."""
         accepted = num_emitted - 1
-        c = self.counters
-        c.num_drafts += 1
-        c.num_draft_tokens += num_draft
-        c.num_accepted_tokens += accepted
-        for j in range(accepted):
-            c.accepted_per_position[j] += 1
+        for c in (self.counters, self.totals):
+            c.num_drafts += 1
+            c.num_draft_tokens += num_draft
+            c.num_accepted_tokens += accepted
+            for j in range(accepted):
+                c.accepted_per_position[j] += 1
 
     def take_counters(self) -> SpecDecodeCounters:
         """The counters since the previous call (and reset them)."""

@@ -174,3 +174,23 @@ def test_sampling_keeps_the_target_distribution(llama_dir):
     wanted = [expected[k] * samples for k in big] + [samples * (1 - sum(expected[k]
                                                                          for k in big))]
     assert chisquare(observed, wanted).pvalue > 1e-3
+
+
+def test_tensor_parallel_greedy_and_seeded_sampling(llama_dir):
+    """-tp 2 (one process per rank, gloo): the driver verifies the drafts and broadcasts the
+    emitted tokens; greedy output equals the single-rank plain run, and a seeded sampled
+    request equals the single-rank speculative run with the same seed."""
+    from sluice.frontend.llm import LLM
+    prompts = [{"prompt_token_ids": p} for p in _prompts()]
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=24, ignore_eos=True)
+    runs = []
+    for kwargs in ({}, {"speculative_config": NGRAM},
+                   {"speculative_config": NGRAM, "tensor_parallel_size": 2}):
+        with LLM(str(llama_dir), kv_cache_memory="32MiB", max_model_len=256, **kwargs) as llm:
+            runs.append([[o.outputs[0].token_ids for o in llm.generate(prompts, p,
+                                                                        use_tqdm=False)]
+                         for p in (greedy, seeded)])
+    plain, spec, spec_tp = runs
+    assert spec[0] == plain[0] and spec_tp[0] == plain[0]
+    assert spec_tp[1] == spec[1]
