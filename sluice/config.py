@@ -149,6 +149,14 @@ class SchedulerConfig:
     max_num_queued_requests: int | None = option(None, "Reject new requests (HTTP 429, with "
                                                  "Retry-After) when this many sequences "
                                                  "(prompts x n) are already waiting.", ge=1)
+    speculative_config: str | None = option(
+        None, "Speculative decoding as vLLM's JSON object: '{\"method\": \"ngram\", "
+        "\"num_speculative_tokens\": 4, \"prompt_lookup_min\": 2, \"prompt_lookup_max\": "
+        "5}', or a draft model sharing the model's tokenizer: '{\"model\": PATH_OR_ID, "
+        "\"num_speculative_tokens\": 4}' (also disable_by_batch_size: no speculation in a "
+        "step with at least that many running requests; default 4). Greedy outputs are "
+        "unchanged and sampled ones keep the model's distribution. See "
+        "docs/speculative_decoding.md. Off when unset.")
 
     @property
     def token_budget(self) -> int:
@@ -157,12 +165,6 @@ class SchedulerConfig:
 
 
 EXECUTOR_BACKENDS = ("uni", "mp", "ray")
-    speculative_config: str | None = option(
-        None, "Speculative decoding as vLLM's JSON object: '{\"method\": \"ngram\", "
-        "\"num_speculative_tokens\": 4, \"prompt_lookup_min\": 2, \"prompt_lookup_max\": "
-        "5}' (also disable_by_batch_size: no speculation in a step with at least that many "
-        "running requests; default 4). Greedy outputs are unchanged and sampled ones keep the "
-        "model's distribution. See docs/speculative_decoding.md. Off when unset.")
 MULTINODE_MASTER_PORT = 29501   # vLLM's default --master-port
 
 

@@ -82,6 +82,9 @@ class SchedulerOutput:
     # the drafts at the next positions; the worker samples at all 1 + len(drafts) positions
     # and emits the accepted drafts plus one token of its own (`sample.rejection`).
     scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
+    # Speculative decoding with a draft model: the worker's drafter proposes the next drafts
+    # of this step's sampling rows (their KV lookahead slots are allocated).
+    propose_drafts: bool = False
     # A KV connector's instructions for this step (`sluice.kv_transfer`); None without one.
     kv_connector_metadata: KVConnectorMetadata | None = None
 
@@ -103,5 +106,8 @@ class ModelRunnerOutput:
     sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    # Speculative decoding with a draft model: request id -> the drafts proposed after its
+    # tokens of this step (`spec_decode.draft_model`), for the scheduler's next step.
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
     # What a KV connector's worker half finished this step (None without a connector).
     kv_connector_output: KVConnectorOutput | None = None

@@ -43,10 +43,28 @@ def resolve_model_config(config: EngineConfig) -> EngineConfig:
         tokenizer = str(resolve_tokenizer(tokenizer, revision=model_cfg.revision,
                                           download_dir=load.download_dir,
                                           hf_token=load.hf_token))
+    config = _resolve_draft_model(config)
     if str(model_dir) == model_cfg.model and tokenizer == model_cfg.tokenizer:
         return config
     return dataclasses.replace(config, model=dataclasses.replace(
         model_cfg, model=str(model_dir), tokenizer=tokenizer))
+
+
+def _resolve_draft_model(config: EngineConfig) -> EngineConfig:
+    """A `--speculative-config` draft "model" (directory, .gguf file or hub id) resolved the
+    same way as the model."""
+    from sluice.spec_decode.config import parse_speculative_config, with_draft_model
+    text = config.scheduler.speculative_config
+    spec = parse_speculative_config(text)
+    if spec is None or spec.model is None:
+        return config
+    load = config.load
+    draft_dir = str(resolve_model(spec.model, revision=None, download_dir=load.download_dir,
+                                  hf_token=load.hf_token))
+    if draft_dir == spec.model:
+        return config
+    return dataclasses.replace(config, scheduler=dataclasses.replace(
+        config.scheduler, speculative_config=with_draft_model(text, draft_dir)))
 
 
 def resolve_model(name: str, *, load_format: str = "auto", revision: str | None = None,

@@ -11,7 +11,8 @@ Keys (as vLLM's `SpeculativeConfig`):
   Missing both: 5 and 5; one missing: it takes the other's value (vLLM's rule).
 * `model` (draft_model): a local directory, .gguf file or hub id; it must share the target's
   tokenizer vocabulary (checked when the engine starts).
-* `draft_tensor_parallel_size`: only 1 (the draft runs unsharded next to the driver).
+* `draft_tensor_parallel_size`: only 1 (the draft runs unsharded in the driver; a draft model
+  with -tp > 1 or with a KV connector is refused for now).
 * `disable_by_batch_size`: speculation is skipped in a step whose running batch holds at least
   this many requests (large batches are compute-bound; verifying proposals then costs more
   than it saves). Default: 4 (sluice's; vLLM never disables by default). Pass a large
@@ -20,6 +21,7 @@ Keys (as vLLM's `SpeculativeConfig`):
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -97,6 +99,14 @@ def parse_speculative_config(text: str | Mapping[str, Any] | None) -> Speculativ
                                                     if batch is None else batch))
 
 
+def with_draft_model(text: str, model: str) -> str:
+    """The flag's JSON `text` with its draft "model" replaced by `model` (the resolved local
+    directory, `model_spec.resolve`)."""
+    data = json.loads(text)
+    data["model"] = model
+    return json.dumps(data)
+
+
 def speculative_problems(cfg: "EngineConfig") -> list[str]:
     """The flag's own problems and what this version cannot combine it with."""
     try:
@@ -105,9 +115,13 @@ def speculative_problems(cfg: "EngineConfig") -> list[str]:
         return e.problems
     problems = []
     if spec is not None and spec.method == "draft_model":
-        problems.append(f"{FLAG}: method draft_model (a \"model\") is not available in this "
-                        f"version of sluice yet. Fix: use '{{\"method\": \"ngram\", "
-                        f"\"num_speculative_tokens\": {spec.num_speculative_tokens}}}'.")
+        if cfg.parallel.tensor_parallel_size > 1:
+            problems.append(f"{FLAG}: a draft model does not run with tensor parallelism "
+                            f"(-tp {cfg.parallel.tensor_parallel_size}) yet. Fix: use method "
+                            "ngram, or -tp 1.")
+        if cfg.cache.kv_transfer_config is not None:
+            problems.append(f"{FLAG}: a draft model does not run with --kv-transfer-config "
+                            "(loaded KV has no draft KV). Fix: use method ngram.")
     if spec is not None and cfg.parallel.pipeline_parallel_size > 1:
         problems.append(f"{FLAG}: speculative decoding does not run with pipeline parallelism "
                         f"(-pp {cfg.parallel.pipeline_parallel_size}) yet. Fix: drop one of "

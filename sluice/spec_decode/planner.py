@@ -14,6 +14,17 @@ Contract with the scheduler (`core.sched.scheduler`):
 * `record(num_draft, num_emitted)` after the step: the worker emitted `num_emitted` tokens,
   i.e. accepted num_emitted - 1 drafts (the last one is the target's own token).
 
+Where drafts come from (`method`):
+
+* ngram: proposed here, over the request's tokens (`spec_decode.ngram`).
+* draft_model: proposed by the worker's draft model after it sampled (`spec_decode.draft_model`)
+  and handed back in `ModelRunnerOutput.draft_token_ids`; `take_worker_drafts` keeps them on
+  the request with the token count they continue, and `propose` hands them out in the next
+  step (only if the request has not changed since: a stop, preemption or a draft from an older
+  state is never used). The worker writes its draft KV up to k positions past the step's own
+  tokens, so every scheduled request gets `extra_lookahead` = k more KV slots while
+  speculation is on, and the scheduler tells the worker to propose (`propose_drafts`).
+
 A request with structured output never gets drafts (its grammar bitmask is computed for one
 position per step): speculation steps aside for it.
 
@@ -70,17 +81,28 @@ class _TokenBuffer:
         return self.array[:n]
 
 
+@dataclass
+class _WorkerDrafts:
+    """Drafts the worker proposed for a request when it held `num_tokens` tokens."""
+    num_tokens: int
+    token_ids: list[int]
+
+
 class SpeculationPlanner:
-    """See the module docstring. Built by the engine core from `--speculative-config` (n-gram
-    method; a draft model proposes in the worker and is not handled here)."""
+    """See the module docstring. Built by the engine core from `--speculative-config`."""
 
     def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
         self.config = config
         self.num_speculative_tokens = config.num_speculative_tokens
         self.disable_by_batch_size = config.disable_by_batch_size
         self.max_model_len = max_model_len
-        self.proposer = NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min,
-                                      config.prompt_lookup_max)
+        self.uses_draft_model = config.method == "draft_model"
+        self.proposer = (None if self.uses_draft_model else
+                         NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min,
+                                       config.prompt_lookup_max))
+        # KV slots beyond a request's own positions and drafts: where the worker's draft
+        # model writes while proposing (draft_model only)
+        self.extra_lookahead = config.num_speculative_tokens if self.uses_draft_model else 0
         self.counters = SpecDecodeCounters(
             accepted_per_position=[0] * config.num_speculative_tokens)
         # the same counts since the engine started (never reset; benchmarks read them)
@@ -106,10 +128,19 @@ class SpeculationPlanner:
         limit = self.limit(request)
         if limit <= 0:
             return []
+        if self.uses_draft_model:
+            drafts = request.draft_state
+            if isinstance(drafts, _WorkerDrafts) and drafts.num_tokens == request.num_tokens:
+                return drafts.token_ids[:limit]
+            return []
         buffer = request.draft_state
         if buffer is None:
             buffer = request.draft_state = _TokenBuffer()
         return self.proposer.propose(buffer.sync(request.all_token_ids), limit)
+
+    def take_worker_drafts(self, request: Request, token_ids: list[int]) -> None:
+        """The worker's draft model proposed `token_ids` after `request`'s latest tokens."""
+        request.draft_state = _WorkerDrafts(request.num_tokens, token_ids)
 
     def record(self, num_draft: int, num_emitted: int) -> None:
         """One request's verified step: `num_draft` drafts, `num_emitted` tokens emitted

@@ -38,7 +38,10 @@ Speculative decoding: a request with draft tokens (`SchedulerOutput.scheduled_sp
 runs them after its last sampled token (`input_batch`), and its row is sampled at every draft
 position (`spec_decode.verify`); it appends the 1..d + 1 emitted tokens and counts only the
 positions whose tokens it kept as computed. Under TP the driver broadcasts the emitted tokens
-as one [rows, max drafts + 1] tensor padded with -1.
+as one [rows, max drafts + 1] tensor padded with -1. With a draft model (`drafter`,
+`spec_decode.draft_model`; pp and tp 1 only) the rows that sampled then propose the next
+step's drafts when the scheduler asks (`SchedulerOutput.propose_drafts`), returned in
+`ModelRunnerOutput.draft_token_ids`; the draft's KV cache has as many blocks as the target's.
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ class _PendingStep:
     num_scheduled: list[int]
     hidden: torch.Tensor | None
     drafts: list[list[int]] | None = None   # per batch row (speculative decoding); None: none
+    propose_drafts: bool = False            # the draft model proposes after sampling
 
 
 class ModelRunner:
@@ -119,6 +123,7 @@ class ModelRunner:
         self.shared_generator = torch.Generator(device="cpu").manual_seed(config.model.seed)
         self._pending: _PendingStep | None = None   # between execute_model and sample_tokens
         self.lora_manager = None   # `sluice.lora.worker_manager.LoRAWorkerManager` (--enable-lora)
+        self.drafter = None   # `spec_decode.draft_model.DraftModelProposer` (method draft_model)
         self._read_groups()  # again in load_model, once the groups exist
 
     def _read_groups(self) -> None:
@@ -141,8 +146,7 @@ class ModelRunner:
                                 max_model_len=self.max_model_len, seed=self.config.model.seed,
                                 attn_backend=self.attn_backend,
                                 layer_ops=self.layer_ops, layer_range=self.layer_range,
-                                lora=self.config.lora,
-                                quantization=self.config.model.quantization)
+                                lora=self.config.lora)
         if self.config.lora.enable_lora:
             from sluice.lora.layers import lora_layers
             from sluice.lora.worker_manager import LoRAWorkerManager
@@ -150,6 +154,21 @@ class ModelRunner:
                                                   lora_layers(self.model), self.dtype, self.device)
         if self.layer_ops == "cpu":
             self.sampler = Sampler(argmax=make_argmax(load_cpu_ops()))
+        self._load_drafter()
+
+    def _load_drafter(self) -> None:
+        """The draft model of `--speculative-config` method draft_model (none otherwise)."""
+        from sluice.spec_decode.config import parse_speculative_config
+        spec = parse_speculative_config(self.config.scheduler.speculative_config)
+        if spec is None or spec.method != "draft_model":
+            return
+        if self.drafter is None:
+            from sluice.spec_decode.draft_model import DraftModelProposer
+            self.drafter = DraftModelProposer(
+                spec.model, self.spec, spec.num_speculative_tokens, self.device, self.dtype,
+                self.kv_cache_dtype, self.block_size, self.max_model_len, self.attn_backend,
+                self.layer_ops, self.config.model.seed)
+        self.drafter.load()
 
     def model_memory_bytes(self) -> int:
         """Bytes of the tensors the loaded model holds: parameters, buffers, and tensors kept on
@@ -164,7 +183,9 @@ class ModelRunner:
                 seen.add(id(t))
                 total += t.numel() * t.element_size()
 
-        for module in self.model.modules():
+        drafter = getattr(self, "drafter", None)
+        models = [self.model] + ([drafter.model] if drafter is not None else [])
+        for module in (m for model in models for m in model.modules()):
             for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
                 add(t)
             for value in vars(module).values():
@@ -185,6 +206,8 @@ class ModelRunner:
                                             self.kv_cache_dtype, self.device,
                                             tp_size=self.tp_group.size,
                                             num_layers=self.num_layers)
+        if self.drafter is not None:
+            self.drafter.initialize_kv_cache(num_blocks)
 
     # ---- sleep mode ----------------------------------------------------------------------
     def sleep(self, level: int) -> None:
@@ -201,8 +224,12 @@ class ModelRunner:
         if level not in (1, 2):
             raise ValueError(f"sleep level must be 1 or 2, got {level}")
         self.kv_caches = []
+        if self.drafter is not None:
+            self.drafter.kv_caches = []
         if level == 2:
             self.model = None
+            if self.drafter is not None:
+                self.drafter.model = None
         self.sleep_level = max(self.sleep_level, level)
         _release_freed_memory()
 
@@ -280,7 +307,8 @@ class ModelRunner:
         drafts = [spec.get(rid, []) for rid in request_ids] if spec else None
         batch = build_step_batch(states, num_scheduled, self.block_size, drafts)
         hidden = self._forward(batch, self.kv_caches, lora=lora)
-        self._pending = _PendingStep(batch, request_ids, states, num_scheduled, hidden, drafts)
+        self._pending = _PendingStep(batch, request_ids, states, num_scheduled, hidden, drafts,
+                                     scheduler_output.propose_drafts)
 
     @torch.inference_mode()
     def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
@@ -300,6 +328,9 @@ class ModelRunner:
                 self._sample_speculative(batch, states, hidden, output, pending.drafts)
             elif len(batch.sample_rows):
                 self._sample(batch, states, hidden, output, grammar_output)
+            if pending.propose_drafts and self.drafter is not None and len(batch.sample_rows):
+                output.draft_token_ids = self.drafter.propose(
+                    [states[r] for r in batch.sample_rows.tolist()])
         for r, (state, n) in enumerate(zip(states, pending.num_scheduled)):
             if pending.drafts is not None and pending.drafts[r]:   # rejected drafts: not kept
                 n -= len(pending.drafts[r]) + 1 - len(output.sampled_token_ids[state.request_id])
@@ -336,6 +367,8 @@ class ModelRunner:
     def _update_states(self, so: SchedulerOutput) -> None:
         for rid in so.finished_request_ids:
             self.requests.pop(rid, None)
+            if self.drafter is not None:
+                self.drafter.forget(rid)
         for new in so.scheduled_new_reqs:
             generator = request_generator(new.sampling_params, "cpu",
                                           len(new.token_ids) - new.num_prompt_tokens)

@@ -60,10 +60,12 @@ class Worker:
 
     def kv_cache_bytes_per_block(self) -> int:
         """Bytes of one KV block on this rank: its local KV heads of its stage's layers."""
+        drafter = self.model_runner.drafter   # a draft model's cache has as many blocks
         return kv_cache_bytes_per_block(self.spec, self.config.cache.block_size,
                                         self.kv_cache_dtype,
                                         tp_size=self.model_runner.tp_group.size,
-                                        num_layers=self.model_runner.num_layers)
+                                        num_layers=self.model_runner.num_layers) + (
+            drafter.kv_cache_bytes_per_block() if drafter is not None else 0)
 
     def determine_available_kv_memory(self) -> int:
         """Bytes for the KV cache, after a profiling forward: `--kv-cache-memory` if set; else

@@ -194,3 +194,93 @@ def test_tensor_parallel_greedy_and_seeded_sampling(llama_dir):
     plain, spec, spec_tp = runs
     assert spec[0] == plain[0] and spec_tp[0] == plain[0]
     assert spec_tp[1] == spec[1]
+
+
+# ---- draft model ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def draft_dir(tiny_model_factory):
+    """A one-layer random llama with the tiny models' tokenizer: a weak but valid draft."""
+    from sluice.testing.tiny_models import TinyModelSpec
+    return tiny_model_factory("draft-llama", TinyModelSpec(num_hidden_layers=1), seed=5)
+
+
+def _draft(model_dir, k: int = 3) -> dict:
+    return {"model": str(model_dir), "num_speculative_tokens": k, "disable_by_batch_size": 1000}
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM",
+                                  "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
+def test_draft_model_greedy_is_token_identical(tiny_model_dir, draft_dir, arch):
+    model_dir = tiny_model_dir(arch)
+    prompts = _prompts()
+    plain = run_engine_core(_engine(model_dir), prompts, GREEDY)
+    with_draft = run_engine_core(_engine(model_dir, _draft(draft_dir)), prompts, GREEDY)
+    assert with_draft.tokens == plain.tokens
+    assert with_draft.spec_draft_tokens > 0
+    # the target as its own draft proposes exactly what it then generates
+    itself = run_engine_core(_engine(model_dir, _draft(model_dir)), prompts, GREEDY)
+    assert itself.tokens == plain.tokens
+    assert itself.spec_accepted_tokens == itself.spec_draft_tokens > 0
+
+
+def test_demo_model_as_its_own_draft():
+    from sluice.config_sources import default_model_path
+    demo = default_model_path()
+    prompts = _prompts(vocab=4096)
+    plain = run_engine_core(_engine(demo), prompts, GREEDY)
+    itself = run_engine_core(_engine(demo, _draft(demo, k=4)), prompts, GREEDY)
+    assert itself.tokens == plain.tokens
+    assert itself.spec_accepted_tokens == itself.spec_draft_tokens > 0
+
+
+def test_draft_model_with_chunked_prefill_and_preemption(llama_dir, draft_dir):
+    from sluice.hf_config import load_model_spec
+    from sluice.model.attention.kv_cache import kv_cache_bytes_per_block
+    def block_bytes(model_dir) -> int:
+        return kv_cache_bytes_per_block(load_model_spec(model_dir), 16, torch.float32)
+
+    overrides = dict(max_model_len=96, block_size=16, max_num_batched_tokens=6,
+                     max_num_seqs=4)
+    blocks = 8   # each engine: 8 blocks of its own size (a draft's cache adds to a block)
+    plain = run_engine_core(_engine(llama_dir, kv_cache_memory=blocks * block_bytes(llama_dir),
+                                    **overrides), _prompts(), GREEDY)
+    for draft in (draft_dir, llama_dir):   # a weak draft (rejections), the target itself
+        memory = blocks * (block_bytes(llama_dir) + block_bytes(draft))
+        run = run_engine_core(_engine(llama_dir, _draft(draft), kv_cache_memory=memory,
+                                      **overrides), _prompts(), GREEDY)
+        assert run.preemptions > 0
+        assert run.tokens == plain.tokens
+        assert run.spec_draft_tokens > 0
+    assert run.spec_accepted_tokens == run.spec_draft_tokens
+
+
+def test_draft_model_sampling_is_seeded_and_logprobs_match(llama_dir, draft_dir):
+    from sluice.frontend.llm import LLM
+    prompts = [{"prompt_token_ids": p} for p in _prompts()]
+    logprobs = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=2)
+    seeded = SamplingParams(temperature=1.0, seed=3, max_tokens=16, ignore_eos=True)
+    runs = []
+    for kwargs in ({}, {"speculative_config": _draft(llama_dir)},
+                   {"speculative_config": _draft(llama_dir)}):
+        with LLM(str(llama_dir), kv_cache_memory="32MiB", max_model_len=256, **kwargs) as llm:
+            runs.append((llm.generate(prompts, logprobs, use_tqdm=False),
+                         [o.outputs[0].token_ids for o in llm.generate(prompts, seeded,
+                                                                       use_tqdm=False)]))
+    (plain, _), (spec, sampled), (_, sampled_again) = runs
+    assert sampled == sampled_again   # a seeded request is reproducible with speculation
+    for a, b in zip(plain, spec):
+        assert b.outputs[0].token_ids == a.outputs[0].token_ids
+        for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert list(step_b) == list(step_a)
+            for token in step_a:
+                assert step_b[token].logprob == pytest.approx(step_a[token].logprob, abs=1e-4)
+
+
+def test_a_draft_with_another_vocabulary_is_refused(llama_dir, tiny_model_factory):
+    from sluice.errors import ConfigError
+    from sluice.testing.tiny_models import TinyModelSpec
+    other = tiny_model_factory("draft-small-vocab", TinyModelSpec(vocab_size=1024,
+                                                                  num_hidden_layers=1))
+    with pytest.raises(ConfigError, match="vocabulary of 1024 tokens.*2048"):
+        _engine(llama_dir, _draft(other))

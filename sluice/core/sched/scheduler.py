@@ -57,7 +57,10 @@ worker emits e tokens (e - 1 drafts accepted, 1 <= e <= d + 1), `update_from_out
 the d + 1 - e rejected positions back off `num_computed_tokens` (their KV slots stay
 allocated and are overwritten by later steps; only full blocks of known tokens are ever
 offered to the prefix cache, so rejected KV is never cached). Drafts ride on the token
-budget: a request gets only as many as the budget left after its own token.
+budget: a request gets only as many as the budget left after its own token. With a draft
+model the drafts come from the worker (`ModelRunnerOutput.draft_token_ids`, kept by the
+planner), and while speculation is on every scheduled request gets `extra_lookahead` more KV
+slots, where the draft model writes while it proposes (`spec_decode.draft_model`).
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ class _StepPlan:
     new_block_ids: dict[str, list[int]] = field(default_factory=dict)
     spec_tokens: dict[str, list[int]] = field(default_factory=dict)   # draft tokens
     num_preempted: int = 0
+    lookahead: int = 0   # extra KV slots for every scheduled request (a draft model's)
 
 
 class Scheduler:
@@ -214,6 +218,8 @@ class Scheduler:
         speculation = self.speculation
         if speculation is not None and not speculation.drafts_enabled(len(self.running)):
             speculation = None
+        if speculation is not None:
+            plan.lookahead = speculation.extra_lookahead
         while (i < len(self.running) and plan.budget > 0
                and len(plan.num_scheduled) < self.max_seqs_per_step):
             request = self.running[i]
@@ -225,8 +231,9 @@ class Scheduler:
             if speculation is not None and num_new == 1 == (request.num_tokens
                                                             - request.num_computed_tokens):
                 drafts = speculation.propose(request)[:plan.budget - 1]
+            lookahead = len(drafts) + plan.lookahead
             while (new_ids := self.kv_cache_manager.allocate_slots(
-                    request, num_new, num_lookahead_tokens=len(drafts))) is None:
+                    request, num_new, num_lookahead_tokens=lookahead)) is None:
                 victim_index = self._victim_index()
                 victim = self.running.pop(victim_index)
                 self._preempt(victim, plan)
@@ -319,7 +326,8 @@ class Scheduler:
                 if not self.enable_chunked_prefill:
                     break
                 num_new = plan.budget
-            if kv.allocate_slots(request, num_new, num_hit, hit_blocks) is None:
+            if kv.allocate_slots(request, num_new, num_hit, hit_blocks,
+                                 num_lookahead_tokens=plan.lookahead) is None:
                 break
             self.waiting.pop()
             if request.num_cached_tokens < 0:   # first admission
@@ -403,6 +411,7 @@ class Scheduler:
             total_num_scheduled_tokens=sum(plan.num_scheduled.values()),
             finished_request_ids=finished,
             scheduled_spec_decode_tokens=plan.spec_tokens,
+            propose_drafts=plan.lookahead > 0,
             kv_connector_metadata=self.hooks.step_metadata() if self.hooks else None)
 
     def _sampled_token_ids(self, request: Request, plan: _StepPlan) -> list[int]:
@@ -453,6 +462,9 @@ class Scheduler:
             if not new_token_ids:
                 continue
             self._num_generation_tokens += len(new_token_ids)
+            if rid in model_runner_output.draft_token_ids and not request.is_finished:
+                self.speculation.take_worker_drafts(request,
+                                                    model_runner_output.draft_token_ids[rid])
             outputs.append(self._make_core_output(request, new_token_ids, model_runner_output,
                                                   before_first_token))
             if request.is_finished:
