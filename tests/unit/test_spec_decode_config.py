@@ -43,3 +43,28 @@ def test_errors_name_the_key(value, needle):
     with pytest.raises(ConfigError) as e:
         parse_speculative_config(value)
     assert needle.replace("\\", "") in str(e.value)
+
+
+def test_disable_by_batch_size_defaults_to_four():
+    assert parse_speculative_config({"method": "ngram", "num_speculative_tokens": 2}
+                                    ).disable_by_batch_size == 4
+    assert parse_speculative_config({"method": "ngram", "num_speculative_tokens": 2,
+                                     "disable_by_batch_size": 64}).disable_by_batch_size == 64
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"pipeline_parallel_size": 2}, "pipeline parallelism"),
+    ({"tensor_parallel_size": 2, "draft": True}, "tensor parallelism"),
+    ({"kv_transfer_config": '{"kv_connector": "ZmqPullConnector", "kv_role": "kv_both"}',
+      "draft": True}, "--kv-transfer-config"),
+])
+def test_what_speculation_does_not_combine_with(overrides, needle):
+    from sluice.config_sources import build_engine_config
+    overrides = dict(overrides)
+    spec = ({"model": "/models/draft", "num_speculative_tokens": 2} if overrides.pop("draft", 0)
+            else {"method": "ngram", "num_speculative_tokens": 2})
+    with pytest.raises(ConfigError, match=needle):
+        build_engine_config(overrides={"speculative_config": spec, **overrides})
+    spec_text = build_engine_config(overrides={"speculative_config": spec}
+                                    ).scheduler.speculative_config
+    assert parse_speculative_config(spec_text).num_speculative_tokens == 2  # a dict is JSON

@@ -212,3 +212,27 @@ def test_log_line_and_prometheus_series():
             ('vllm:spec_decode_draft_acceptance_rate{engine="0",model_name="m"}', 0.5),
             ('vllm:spec_decode_mean_acceptance_length{engine="0",model_name="m"}', 2.5)):
         assert f"{series} {value}" in text, series
+
+
+def test_worker_drafts_are_used_only_for_the_state_they_continue():
+    spec = parse_speculative_config({"model": "/draft", "num_speculative_tokens": 3,
+                                     "disable_by_batch_size": 100})
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8),
+                          CacheConfig(block_size=4, enable_prefix_caching=True), 64,
+                          num_kv_blocks=64, speculation=SpeculationPlanner(spec, 64))
+    request = _request(prompt=[1, 2, 3, 4, 5])
+    scheduler.add_request(request)
+    so = scheduler.schedule()
+    assert so.propose_drafts   # the worker's draft model is asked to propose
+    assert len(scheduler.kv_cache_manager.get_block_ids("r")) * 4 >= 5 + 3   # lookahead slots
+    scheduler.update_from_output(so, ModelRunnerOutput(sampled_token_ids={"r": [6]},
+                                                       draft_token_ids={"r": [7, 8, 9]}))
+    so = scheduler.schedule()
+    assert so.scheduled_spec_decode_tokens == {"r": [7, 8, 9]}
+    scheduler.update_from_output(so, ModelRunnerOutput(sampled_token_ids={"r": [7, 1]},
+                                                       draft_token_ids={"r": [2, 3, 4]}))
+    assert request.num_computed_tokens == request.num_tokens - 1 == 7
+    # drafts proposed for an older state of the request are not used
+    scheduler.speculation.take_worker_drafts(request, [5, 5, 5])
+    request.append_output_token_ids(9)   # the request moved on since
+    assert scheduler.speculation.propose(request) == []
