@@ -91,7 +91,9 @@ class FusedDecode:
         """True in a decode step (attention metadata whose T tokens are T one-token requests)
         over a float32 KV cache: the C++ stack reads the cache as float32, so a cache stored in
         another dtype (`--kv-cache-dtype`) takes the Python layers; and no token uses a LoRA
-        adapter (the stack cannot add their deltas)."""
+        adapter (the stack cannot add their deltas). A speculative-decoding step verifies 1 + d
+        tokens of a request (`spec_decode.verify`), so it never is a decode step here and runs
+        the Python layers; a draft model's own one-token proposal steps may use its stack."""
         ctx = get_forward_context()
         md = ctx.attn_metadata
         return (current_lora_mapping() is None and md is not None and md.num_reqs > 0

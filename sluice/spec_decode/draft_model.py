@@ -167,10 +167,3 @@ class DraftModelProposer:
         if tokens is None:
             tokens = self.model.compute_logits(rows).argmax(dim=-1)
         return tokens.tolist()
-
-    def memory_bytes(self) -> int:
-        """Bytes of the draft's parameters and buffers (its KV cache is counted per block)."""
-        if self.model is None:
-            return 0
-        return sum(t.numel() * t.element_size()
-                   for t in (*self.model.parameters(), *self.model.buffers()))

@@ -184,7 +184,8 @@ class ModelRunner:
                 total += t.numel() * t.element_size()
 
         drafter = getattr(self, "drafter", None)
-        models = [self.model] + ([drafter.model] if drafter is not None else [])
+        models = [self.model] + ([drafter.model] if drafter is not None and drafter.model
+                                 is not None else [])
         for module in (m for model in models for m in model.modules()):
             for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
                 add(t)

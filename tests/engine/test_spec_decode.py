@@ -284,3 +284,17 @@ def test_a_draft_with_another_vocabulary_is_refused(llama_dir, tiny_model_factor
                                                                   num_hidden_layers=1))
     with pytest.raises(ConfigError, match="vocabulary of 1024 tokens.*2048"):
         _engine(llama_dir, _draft(other))
+
+
+def test_prefix_cache_hits_with_speculation(llama_dir, draft_dir):
+    """Requests arriving one after another share their prefixes through the prefix cache
+    (blocks written while drafts were verified included): same tokens as without."""
+    base = _prompts()[2]
+    prompts = [base, base + [5, 6, 7], base[:32] + [9, 9]]
+    plain = run_engine_core(_engine(llama_dir, block_size=16), prompts, GREEDY,
+                            arrival_gap_steps=12)
+    for spec in (NGRAM, _draft(draft_dir)):
+        run = run_engine_core(_engine(llama_dir, spec, block_size=16), prompts, GREEDY,
+                              arrival_gap_steps=12)
+        assert run.prefix_hits > 0 and run.spec_draft_tokens > 0
+        assert run.tokens == plain.tokens
