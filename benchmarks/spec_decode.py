@@ -77,8 +77,9 @@ def _engine_counters(llm: Any) -> tuple[int, int, int]:
 def _prompts(llm: Any, instruct: bool) -> list[list[int]]:
     tok = llm.get_tokenizer()
     if instruct and tok.chat_template:
-        return [tok.apply_chat_template([{"role": "user", "content": p}],
-                                        add_generation_prompt=True, tokenize=True)
+        return [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}],
+                                                   add_generation_prompt=True, tokenize=False),
+                           add_special_tokens=False)
                 for p in INSTRUCT_PROMPTS]
     return [tok.encode(p) for p in BASE_PROMPTS]
 
