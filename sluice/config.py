@@ -60,6 +60,15 @@ class ModelConfig:
     dtype: str = option("auto", "Weight and activation dtype. 'auto' is float32 on CPU and the "
                         "checkpoint's dtype on CUDA. vLLM's spellings 'half' (float16) and "
                         "'float' (float32) are accepted.", choices=DTYPES)
+    quantization: str | None = option(
+        None, "How quantized weights run (vLLM's flag). Unset: as stored; for a .gguf model "
+        "the Q8_0/Q4_0/Q4_1/Q4_K/Q6_K weights of the linear layers, embedding and LM head "
+        "stay in their blocks and are dequantized on the fly inside sluice's CPU kernels "
+        "(with --kernels auto on CPU in float32; llama.cpp's memory), other tensors are "
+        "dequantized to --dtype at load. "
+        "'gguf': keep the GGUF blocks in any case (without the C++ kernels a slow pure-torch "
+        "reference). 'none': dequantize every GGUF tensor to --dtype at load (the float path).",
+        choices=("gguf", "none"))
     max_model_len: int | None = option(None, "Maximum tokens per request (prompt + output). "
                                        "Default: the model's max_position_embeddings.", ge=1)
     seed: int = option(0, "Global random seed for sampling without a per-request seed.", ge=0)

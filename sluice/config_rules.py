@@ -42,6 +42,11 @@ def cross_field_problems(cfg: EngineConfig, skip: typing.AbstractSet[str] = froz
             parse_kv_events_config(cfg.cache.kv_events_config)
         except ConfigError as e:
             problems += e.problems
+    if (cfg.model.quantization == "gguf" and cfg.load.load_format in ("safetensors", "dummy")
+            and not {"quantization", "load_format"} & skip):
+        problems.append(f"--quantization gguf: runs the blocks of a GGUF file, but --load-format "
+                        f"is {cfg.load.load_format}. Fix: pass a .gguf model with --load-format "
+                        "auto or gguf, or drop --quantization.")
     if (cfg.server.enable_auto_tool_choice and cfg.server.tool_call_parser is None
             and "enable_auto_tool_choice" not in skip):
         problems.append("--enable-auto-tool-choice: needs --tool-call-parser (e.g. hermes or "

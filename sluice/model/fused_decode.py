@@ -13,15 +13,17 @@ the C++ paged kernel and whose layers are all ones the stack supports.
 
 Supported (`FUSED_DECODE_SUPPORT`, the one declaration; anything else runs the Python layers,
 which are always correct):
-* linear methods `DenseLinearMethod` and `CpuPackedLinearMethod` only (the stack reads each
+* linear methods `DenseLinearMethod` and `CpuPackedLinearMethod` (the stack reads each
   projection's plain float32 weight and its oneDNN packed copy, `layer.packed_weight`, or
-  none): a method that changes the product — an adapter wrapping a method, a quantized one —
-  is not seen by the C++ stack, so the stack steps aside for it. LoRA (`--enable-lora`,
+  none) and `GgufBlockLinearMethod` (the uint8 GGUF blocks and their GGML type id: the stack
+  runs the same `gguf_linear` as the layer); a method that changes the product otherwise is
+  not seen by the C++ stack, so the stack steps aside for it. LoRA (`--enable-lora`,
   `sluice.lora.layers.LoRALinearMethod` around one of those two) is a step wrapper: the stack
   is installed, and runs only the decode steps in which no token uses an adapter
   (`FusedDecode.applies`: no `current_lora_mapping()`); steps with adapter tokens run the
   Python layers, which add the adapters' deltas;
-* float32 weights (the stack's arithmetic) and a float32 KV cache (`FusedDecode.applies`);
+* float32 weights (the stack's arithmetic; uint8 for GGUF blocks) and a float32 KV cache
+  (`FusedDecode.applies`);
 * one tensor-parallel rank: the C++ stack has no all-reduce between o_proj / down_proj and the
   residual, so with tp > 1 (any layer with `tp_size` > 1) decode steps run the Python layers,
   which all-reduce over the TP group;
@@ -42,6 +44,7 @@ from sluice.lora.forward_context import current_lora_mapping
 from sluice.lora.layers import LoRALinearMethod
 from sluice.model.attention.backends.cpu_paged import CpuPagedBackend
 from sluice.model.attention.forward_context import get_forward_context
+from sluice.model.layers.gguf_linear import GgufBlockLinearMethod
 from sluice.model.layers.layer_ops import fast_path_ok
 from sluice.model.layers.linear_method import (CpuPackedLinearMethod, DenseLinearMethod,
                                                FastPathSupport)
@@ -50,8 +53,9 @@ logger = logging.getLogger(__name__)
 
 #: the layers the C++ stack computes (module doc); any other layer makes it step aside
 FUSED_DECODE_SUPPORT = FastPathSupport(
-    "fused decode stack", methods=(DenseLinearMethod, CpuPackedLinearMethod),
-    dtypes=(torch.float32,), single_rank=True, step_wrappers=(LoRALinearMethod,))
+    "fused decode stack", methods=(DenseLinearMethod, CpuPackedLinearMethod,
+                                   GgufBlockLinearMethod),
+    dtypes=(torch.float32, torch.uint8), single_rank=True, step_wrappers=(LoRALinearMethod,))
 
 
 class FusedDecode:
@@ -84,7 +88,8 @@ class FusedDecode:
             gate_up=[l.mlp.gate_up_proj.weight for l in layers],
             down=[l.mlp.down_proj.weight for l in layers],
             final_norm=model.norm.weight,
-            packed=[packed(m) for l in layers for m in _projections(l)])
+            packed=[packed(m) for l in layers for m in _projections(l)],
+            quant_types=[_quant_type(m) for l in layers for m in _projections(l)])
 
     @staticmethod
     def applies(hidden: torch.Tensor) -> bool:
@@ -120,10 +125,22 @@ def _projections(layer: nn.Module) -> tuple[nn.Module, ...]:
             layer.mlp.down_proj)
 
 
+def _quant_type(layer: nn.Module) -> int:
+    """The GGML type id of a projection holding GGUF blocks, 0 for a float weight."""
+    method = layer.linear_method
+    if isinstance(method, LoRALinearMethod):
+        method = method.base
+    return method.block_type.ggml_id if isinstance(method, GgufBlockLinearMethod) else 0
+
+
 def _weights_ok(model: nn.Module) -> bool:
-    """float32 CPU contiguous weights, no tensor-parallel sharding (the stack does no
-    all-reduce)."""
-    return all(p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous()
+    """float32 CPU contiguous weights (uint8 for GGUF-block projections), no tensor-parallel
+    sharding (the stack does no all-reduce)."""
+    blocks = {id(m.weight) for l in model.layers for m in _projections(l) if _quant_type(m)}
+    if getattr(model.embed_tokens, "gguf_blocks", None) is not None:  # read by Python only
+        blocks.add(id(model.embed_tokens.weight))
+    return all((p.dtype == torch.float32 or (p.dtype == torch.uint8 and id(p) in blocks))
+               and p.device.type == "cpu" and p.is_contiguous()
                for p in model.parameters()) and all(
         getattr(m, "tp_size", 1) == 1 for m in model.modules())
 
@@ -138,12 +155,14 @@ def install_fused_decode(model: nn.Module, ops: ModuleType | None) -> bool:
     layers = list(inner.layers)
     whole = (getattr(inner, "start_layer", 0) == 0
              and getattr(inner, "end_layer", len(layers)) == len(layers))
-    if not layers or not whole or not _weights_ok(inner) or not all(
+    if not layers or not whole or not all(
             isinstance(l.self_attn.attn.backend, CpuPagedBackend) for l in layers):
         return False
     reason = FUSED_DECODE_SUPPORT.first_unsupported(m for l in layers for m in _projections(l))
     if reason is not None:
         logger.info("Decode steps run the Python layers: %s.", reason)
+        return False
+    if not _weights_ok(inner):
         return False
     inner.fused_decode = FusedDecode(ops, inner)
     return True

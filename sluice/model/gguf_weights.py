@@ -19,11 +19,15 @@ Layout conventions of llama.cpp's converter, undone here:
 
   `unpermute_qk` moves it back; heads = num_attention_heads for Q, num_key_value_heads for K.
   qwen2 and qwen3 files are not permuted.
+
+Tensors named in `keep_quantized` (linear weights that run from their blocks, chosen by
+`sluice.model.gguf_quant`) are yielded as their raw blocks instead: uint8 [rows, row bytes],
+a copy of the file's bytes with the Q/K rows un-permuted the same way (a row is whole blocks).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -62,9 +66,11 @@ def dequantize_tensor(tensor) -> np.ndarray:
     return values
 
 
-def iterate_gguf(gguf_path: str | Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """(hf_name, tensor in `dtype`) for every weight in the GGUF file `gguf_path` (see the
-    module docstring). Raises `ModelLoadError` naming the file for an unreadable or
+def iterate_gguf(gguf_path: str | Path, dtype: torch.dtype,
+                 keep_quantized: Collection[str] = frozenset()
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(hf_name, tensor in `dtype`) for every weight in the GGUF file `gguf_path`, or its raw
+    blocks for names in `keep_quantized` (see the module docstring). Raises `ModelLoadError` naming the file for an unreadable or
     unsupported file or a tensor that cannot be dequantized."""
     path = Path(gguf_path)
     reader = open_gguf(path)
@@ -86,6 +92,12 @@ def iterate_gguf(gguf_path: str | Path, dtype: torch.dtype) -> Iterator[tuple[st
             raise ModelLoadError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which "
                                  f"is not supported; supported: "
                                  f"{', '.join(SUPPORTED_TENSOR_TYPES)}.")
+        if name in keep_quantized:
+            blocks = np.array(t.data, dtype=np.uint8, order="C", copy=True)
+            if permuted and (".q_proj." in name or ".k_proj." in name):
+                blocks = unpermute_qk(blocks, num_heads if ".q_proj." in name else num_kv_heads)
+            yield name, torch.from_numpy(np.ascontiguousarray(blocks))
+            continue
         try:
             values = dequantize_tensor(t)
             if permuted and (".q_proj." in name or ".k_proj." in name):

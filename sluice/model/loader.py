@@ -11,7 +11,10 @@ GGUF: a sidecar directory (`sluice.model_spec.gguf.prepare_gguf`) holds the mark
 `sluice_gguf.json` naming the .gguf file; its tensors are dequantized one at a time by
 `sluice.model.gguf_weights.iterate_gguf`. Under tensor parallelism each rank dequantizes a
 whole tensor and then keeps its slice (quantized blocks do not split on arbitrary rows): one
-tensor's float32 copy at a time, never the whole model.
+tensor's float32 copy at a time, never the whole model. Linear weights of the types sluice's
+kernels run (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) keep their blocks instead (`--quantization`, see
+`sluice.model.gguf_quant`): their layers get a `GgufBlockLinearMethod` right after the model is
+built and are filled with the file's bytes.
 Under pipeline parallelism the model skips the tensors of other stages' layers (safetensors:
 never read; GGUF: dequantized and dropped).
 Every failure is a `ModelLoadError` naming the path and the problem.
@@ -151,7 +154,7 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
                load_format: str = "auto", *, max_model_len: int | None = None,
                attn_backend: str | None = None, layer_ops: str | LayerOps = "torch",
                seed: int = 0, layer_range: tuple[int, int] | None = None,
-               lora: LoRAConfig | None = None) -> nn.Module:
+               lora: LoRAConfig | None = None, quantization: str | None = None) -> nn.Module:
     """Build `spec.architecture` on `device` in `dtype` and load its weights; returns the
     model in eval mode with requires_grad off, its layers computing with `layer_ops`
     ('torch' or 'cpu', see `sluice.model.layers.layer_ops`, resolved for this dtype and device
@@ -164,8 +167,11 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
     (`sluice.lora.layers.wrap_lora_layers`: `lora.max_loras` zeroed adapter slots of rank
     `lora.max_lora_rank` each) right after the model is built, before the fast paths read
     the layers' methods (the fused decode stack then runs only steps without adapter tokens).
+    `quantization` (`ModelConfig.quantization`: None, 'gguf' or 'none') says which GGUF linear
+    weights keep their blocks (`sluice.model.gguf_quant`).
 
-    Order: layer ops chosen -> model built (each linear layer takes its `LinearMethod`) ->
+    Order: layer ops chosen -> model built (each linear layer takes its `LinearMethod`; GGUF
+    layers that keep their blocks take a `GgufBlockLinearMethod`) ->
     weights placed and loaded -> `process_weights_after_loading` (packed copies, the greedy
     screen) -> the fused decode stack where it supports every layer."""
     weights = weight_source(spec.path, load_format)
@@ -176,6 +182,17 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
     with torch.device(device), building_with(ops):
         model = model_cls(spec, dtype, max_model_len=max_model_len, attn_backend=attn_backend,
                           layer_range=layer_range)
+    gguf_file = read_marker(spec.path) if load_format in ("auto", "gguf") else None
+    if gguf_file is None and quantization == "gguf":
+        raise ConfigError(f"--quantization gguf needs a GGUF model (a .gguf file); {spec.path} "
+                          f"is not one (--load-format {load_format}).")
+    if gguf_file is not None:
+        from sluice.model.gguf_quant import keep_gguf_blocks
+        from sluice.model.gguf_weights import iterate_gguf
+        keep = keep_gguf_blocks(model, gguf_file, quantization, ops.cpu_ops, dtype, device,
+                                lora_enabled=lora is not None and lora.enable_lora)
+        if keep:
+            weights = lambda dtype: iterate_gguf(gguf_file, dtype, keep)  # noqa: E731
     if lora is not None and lora.enable_lora:
         from sluice.lora.layers import wrap_lora_layers
         wrap_lora_layers(model, lora.max_loras, lora.max_lora_rank)

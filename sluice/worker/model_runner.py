@@ -146,7 +146,8 @@ class ModelRunner:
                                 max_model_len=self.max_model_len, seed=self.config.model.seed,
                                 attn_backend=self.attn_backend,
                                 layer_ops=self.layer_ops, layer_range=self.layer_range,
-                                lora=self.config.lora)
+                                lora=self.config.lora,
+                                quantization=self.config.model.quantization)
         if self.config.lora.enable_lora:
             from sluice.lora.layers import lora_layers
             from sluice.lora.worker_manager import LoRAWorkerManager

@@ -24,7 +24,7 @@ class PagedRunner:
                  shuffle_seed: int | None = 0) -> None:
         self.model = model
         self.block_size = block_size
-        dtype = next(model.parameters()).dtype
+        dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
         self.kv_caches = allocate_kv_caches(model.spec, num_blocks, block_size, dtype, "cpu")
         for cache in self.kv_caches:  # stale finite garbage in unused blocks must be masked
             cache[:, 1:].uniform_(-1e3, 1e3)

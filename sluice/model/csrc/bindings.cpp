@@ -23,6 +23,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x @ W.T (+ bias) on oneDNN with W pre-packed; rows padded to onednn_rows(M)",
         py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
   m.def("onednn_rows", &onednn_rows, "Rows oneDNN's GEMM runs for an M-row input");
+  m.def("gguf_linear", &gguf_linear, nogil,
+        "out = x @ dequant(w).T (+ bias) for GGUF blocks w (uint8 [N, row bytes]) of a GGML type",
+        py::arg("out"), py::arg("x"), py::arg("w"), py::arg("type"), py::arg("bias") = py::none());
+  m.def("gguf_dequantize", &gguf_dequantize, nogil,
+        "out [N, K] float32 = the GGUF blocks w (uint8 [N, row bytes]) of a GGML type",
+        py::arg("out"), py::arg("w"), py::arg("type"));
+  m.def("gguf_block_elems", &gguf_block_elems, "Elements per block of a GGML type");
+  m.def("gguf_block_bytes", &gguf_block_bytes, "Bytes per block of a GGML type");
   m.def("rms_norm", &rms_norm, nogil, "out = RMSNorm(x) (CPU, fp32)");
   m.def("add_rms_norm", &add_rms_norm, nogil,
         "sum = x + residual; out = RMSNorm(sum) (CPU, fp32)");
@@ -46,12 +54,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     std::vector<std::optional<at::Tensor>>, std::vector<at::Tensor>,
                     std::vector<std::optional<at::Tensor>>, std::vector<at::Tensor>,
                     std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor,
-                    std::vector<std::optional<at::Tensor>>>(),
+                    std::vector<std::optional<at::Tensor>>, std::vector<int64_t>>(),
            py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("eps"),
            py::arg("scale"), py::arg("input_norm"), py::arg("qkv"), py::arg("qkv_bias"),
            py::arg("q_norm"), py::arg("k_norm"), py::arg("o"), py::arg("o_bias"),
            py::arg("post_norm"), py::arg("gate_up"), py::arg("down"), py::arg("final_norm"),
-           py::arg("packed"))
+           py::arg("packed"), py::arg("quant_types") = std::vector<int64_t>())
       .def("forward", &DecodeStack::forward, nogil,
            "x [T, hidden] of T one-token decode requests -> final-norm output [T, hidden]");
 }

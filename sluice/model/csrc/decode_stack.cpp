@@ -13,6 +13,8 @@
 //   h, res  = add_rms_norm(attn @ Wo.T (+ b), res)                         post_attention
 //   mlp_out = silu_and_mul(h @ Wgate_up.T) @ Wdown.T
 // and at the end out = add_rms_norm(mlp_out, res) with the final norm's weight.
+// A projection whose `quant_types` entry is a GGML type id (not 0) holds GGUF blocks (uint8
+// [N, row bytes]) and runs gguf_linear (quant_linear.cpp), as GgufBlockLinearMethod does.
 #include "ops.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -47,13 +49,18 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
   return rows == m ? out : out.narrow(0, 0, m);
 }
 
-// out = x @ w.T (+ b): oneDNN on the packed weight for 2+ rows when there is one, else
-// tiled_linear (whose one-row path streams the weight once).
+// out = x @ w.T (+ b): GGUF blocks through gguf_linear (quant_type != 0); oneDNN on the
+// packed weight for 2+ rows when there is one, else tiled_linear (whose one-row path streams
+// the weight once).
 at::Tensor DecodeStack::linear(const at::Tensor& x, const at::Tensor& w,
                                const std::optional<at::Tensor>& bias,
-                               const std::optional<at::Tensor>& packed) const {
-  if (packed && x.size(0) >= 2) return onednn_linear(x, *packed, bias);
+                               const std::optional<at::Tensor>& packed, int64_t quant_type) const {
   at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
+  if (quant_type != 0) {
+    gguf_linear(out, x.contiguous(), w, quant_type, bias);
+    return out;
+  }
+  if (packed && x.size(0) >= 2) return onednn_linear(x, *packed, bias);
   tiled_linear(out, x, w, bias);
   return out;
 }
@@ -67,7 +74,8 @@ DecodeStack::DecodeStack(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, 
                          std::vector<std::optional<at::Tensor>> o_bias,
                          std::vector<at::Tensor> post_norm, std::vector<at::Tensor> gate_up,
                          std::vector<at::Tensor> down, at::Tensor final_norm,
-                         std::vector<std::optional<at::Tensor>> packed)
+                         std::vector<std::optional<at::Tensor>> packed,
+                         std::vector<int64_t> quant_types)
     : n_heads_(n_heads), n_kv_heads_(n_kv_heads), head_dim_(head_dim), eps_(eps),
       scale_(scale), final_norm_(std::move(final_norm)) {
   const size_t n = input_norm.size();
@@ -77,11 +85,15 @@ DecodeStack::DecodeStack(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, 
               "DecodeStack: one entry per layer expected in every weight list");
   TORCH_CHECK(packed.empty() || packed.size() == 4 * n,
               "DecodeStack: packed holds qkv, o, gate_up, down per layer, or nothing");
+  TORCH_CHECK(quant_types.empty() || quant_types.size() == 4 * n,
+              "DecodeStack: quant_types holds qkv, o, gate_up, down per layer, or nothing");
   auto pk = [&](size_t i) { return packed.empty() ? std::nullopt : packed[i]; };
+  auto qt = [&](size_t i) { return quant_types.empty() ? int64_t{0} : quant_types[i]; };
   for (size_t l = 0; l < n; ++l)
     layers_.push_back({input_norm[l], qkv[l], qkv_bias[l], q_norm[l], k_norm[l], o[l],
                        o_bias[l], post_norm[l], gate_up[l], down[l], pk(4 * l), pk(4 * l + 1),
-                       pk(4 * l + 2), pk(4 * l + 3)});
+                       pk(4 * l + 2), pk(4 * l + 3), qt(4 * l), qt(4 * l + 1), qt(4 * l + 2),
+                       qt(4 * l + 3)});
 }
 
 at::Tensor DecodeStack::forward(at::Tensor x, at::Tensor cos, at::Tensor sin,
@@ -104,7 +116,7 @@ at::Tensor DecodeStack::forward(at::Tensor x, at::Tensor cos, at::Tensor sin,
     } else {
       add_rms_norm(h, res, mlp_out, res, w.input_norm, eps_);
     }
-    at::Tensor qkv = linear(h, w.qkv, w.qkv_bias, w.qkv_packed);
+    at::Tensor qkv = linear(h, w.qkv, w.qkv_bias, w.qkv_packed, w.qkv_type);
     at::Tensor q, k;
     if (!w.q_norm) {  // q and k are adjacent columns: one RoPE pass over both
       at::Tensor qk = at::empty({T, H + Hkv, D}, x.options());
@@ -135,12 +147,12 @@ at::Tensor DecodeStack::forward(at::Tensor x, at::Tensor cos, at::Tensor sin,
     }
     at::Tensor attn = at::empty({T, H, D}, x.options());
     paged_decode_attention(attn, q, cache, block_ids, nb, seq_lens, scale_);
-    at::Tensor o = linear(attn.view({T, q_cols}), w.o, w.o_bias, w.o_packed);
+    at::Tensor o = linear(attn.view({T, q_cols}), w.o, w.o_bias, w.o_packed, w.o_type);
     add_rms_norm(h, res, o, res, w.post_norm, eps_);
-    at::Tensor gate_up = linear(h, w.gate_up, std::nullopt, w.gate_up_packed);
+    at::Tensor gate_up = linear(h, w.gate_up, std::nullopt, w.gate_up_packed, w.gate_up_type);
     at::Tensor act = at::empty({T, w.gate_up.size(0) / 2}, x.options());
     silu_and_mul(act, gate_up);
-    mlp_out = linear(act, w.down, std::nullopt, w.down_packed);
+    mlp_out = linear(act, w.down, std::nullopt, w.down_packed, w.down_type);
   }
   at::Tensor out = at::empty_like(x);
   add_rms_norm(out, res, mlp_out, res, final_norm_, eps_);

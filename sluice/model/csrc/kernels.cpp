@@ -7,4 +7,5 @@
 #include "greedy_screen.cpp"
 #include "paged_decode.cpp"
 #include "paged_prefill.cpp"
+#include "quant_linear.cpp"
 #include "tiled_linear.cpp"

@@ -19,6 +19,15 @@ void paged_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
 void tiled_linear(at::Tensor out, at::Tensor x, at::Tensor w,
                   std::optional<at::Tensor> bias);
 
+// Linear layers over GGUF block-quantized weights (quant_linear.cpp; block layouts there):
+// out [M, N] = x [M, K] @ dequant(w).T (+ bias), w uint8 [N, row bytes] of GGML type `type`
+// (2 Q4_0, 3 Q4_1, 8 Q8_0, 12 Q4_K, 14 Q6_K), dequantized on the fly; and the dequantization.
+void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
+                 std::optional<at::Tensor> bias);
+void gguf_dequantize(at::Tensor out, at::Tensor w, int64_t type);
+int64_t gguf_block_elems(int64_t type);
+int64_t gguf_block_bytes(int64_t type);
+
 // Fused elementwise operators of the decoder layers (elementwise.cpp).
 void rms_norm(at::Tensor out, at::Tensor x, at::Tensor w, double eps);
 void add_rms_norm(at::Tensor out, at::Tensor sum, at::Tensor x, at::Tensor residual,
@@ -54,7 +63,8 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
 
 // A decode step through every decoder layer of a Llama-family model (decode_stack.cpp).
 // Built once from the model's weights (per layer; optional entries are None/nullopt) and,
-// optionally, their oneDNN-packed copies (qkv, o, gate_up, down per layer: used for 2+ rows),
+// optionally, their oneDNN-packed copies (qkv, o, gate_up, down per layer: used for 2+ rows)
+// and GGML type ids (the same four per layer; 0: float, else GGUF blocks run by gguf_linear),
 // then `forward` runs one step. The weight tensors are shared with the model, not copied.
 class DecodeStack {
  public:
@@ -65,7 +75,8 @@ class DecodeStack {
               std::vector<std::optional<at::Tensor>> k_norm, std::vector<at::Tensor> o,
               std::vector<std::optional<at::Tensor>> o_bias, std::vector<at::Tensor> post_norm,
               std::vector<at::Tensor> gate_up, std::vector<at::Tensor> down,
-              at::Tensor final_norm, std::vector<std::optional<at::Tensor>> packed);
+              at::Tensor final_norm, std::vector<std::optional<at::Tensor>> packed,
+              std::vector<int64_t> quant_types);
 
   // x [T, hidden]: the embeddings of T decode tokens (token t = request t); cos/sin [T, D/2];
   // kv_caches: one per layer; slot_mapping [T]; block_ids/nb/seq_lens as
@@ -84,9 +95,11 @@ class DecodeStack {
     at::Tensor post_norm, gate_up, down;
     // oneDNN-packed weights (sluice.model.layers.layer_ops.packed_weight), used for 2+ rows
     std::optional<at::Tensor> qkv_packed, o_packed, gate_up_packed, down_packed;
+    // GGML type ids of GGUF-block projections (weights uint8 [N, row bytes]); 0: float
+    int64_t qkv_type, o_type, gate_up_type, down_type;
   };
   at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                    const std::optional<at::Tensor>& packed) const;
+                    const std::optional<at::Tensor>& packed, int64_t quant_type) const;
   int64_t n_heads_, n_kv_heads_, head_dim_;
   double eps_, scale_;
   at::Tensor final_norm_;

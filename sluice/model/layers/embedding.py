@@ -11,6 +11,10 @@ holds rows [r*Vp/tp, (r+1)*Vp/tp); padded rows are zero.
   driver, which samples) and trimmed to the real vocabulary. Other ranks get None from
   `forward`: they only take part in the gather.
 * Tied: the head shares the embedding's (local) weight Parameter, so both are split alike.
+* GGUF blocks (`sluice.model.gguf_quant`): the embedding's weight may be a file's quantized
+  rows (uint8 [Vp/tp, row bytes], `gguf_blocks` = the `GgufBlockLinearMethod` that reads them):
+  a lookup dequantizes just the looked-up rows; a head over blocks (its own, or tied to such an
+  embedding) computes its logits with that method.
 """
 
 from __future__ import annotations
@@ -62,16 +66,24 @@ class VocabEmbedding(nn.Module, _VocabShard):
         super().__init__()
         rows = self._init_shard(num_embeddings, tp_group)
         self.embedding_dim = embedding_dim
+        self.dtype = dtype
+        self.gguf_blocks = None  # a GgufBlockLinearMethod when the weight holds GGUF blocks
         self.weight = nn.Parameter(torch.empty(rows, embedding_dim, dtype=dtype),
                                    requires_grad=False)
         set_weight_loader(self.weight, self._load_rows)
 
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.gguf_blocks is None:
+            return F.embedding(ids, self.weight)
+        rows = self.gguf_blocks.dequantize_rows(self.weight, ids.reshape(-1))
+        return rows.to(self.dtype or rows.dtype).view(*ids.shape, self.embedding_dim)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self._lookup(input_ids)
         outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)
         local = torch.where(outside, 0, input_ids - self.vocab_start)
-        out = F.embedding(local, self.weight)
+        out = self._lookup(local)
         out.masked_fill_(outside.unsqueeze(-1), 0)
         return self.tp_group.all_reduce(out)
 

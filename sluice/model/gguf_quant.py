@@ -1,0 +1,173 @@
+"""Which linear layers of a GGUF model keep the file's quantized blocks (`--quantization`).
+
+`keep_gguf_blocks(model, gguf_file, mode, ops, dtype, device, lora_enabled)` runs after the
+model is built and before its weights load. For every linear layer (`LinearBase`: the decoder
+projections) it collects the GGUF tensors that fill its weight (q/k/v, gate/up fused ones
+included) and keeps the blocks when
+
+* they share one type of `gguf_linear.BLOCK_TYPES` (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K), and
+* the layer's local `in_features` is a whole number of blocks (a row-parallel shard under
+  tensor parallelism must start on a block boundary; column shards split rows, never blocks).
+
+Such a layer gets a `GgufBlockLinearMethod` of that type (its weight re-created as uint8
+blocks). The token embedding and the LM head follow the same rule on their own tensors
+(`token_embd`, `output`; a tied head is the embedding's): an embedding over blocks dequantizes
+the rows it looks up, a head over blocks computes its logits with the method (the greedy
+screen, which needs a float head, steps aside). Every other tensor is dequantized to `dtype`
+at load as before. Returns the HF tensor
+names to be read as raw blocks (`gguf_weights.iterate_gguf(..., keep_quantized=)`), and logs one
+line naming the types kept quantized and those dequantized.
+
+Modes (`ModelConfig.quantization`):
+    None (default)  keep blocks where sluice's C++ kernels run them: layer ops 'cpu' (the
+                    operators built), float32, CPU; else dequantize everything
+    'gguf'          keep blocks whatever the layer ops (without the C++ operators the products
+                    run the pure-torch reference, which dequantizes per call: slow)
+    'none'          dequantize everything (the float path)
+With LoRA enabled nothing is kept (the adapters' slots take the base weight's float dtype).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from sluice.errors import ConfigError
+from sluice.model.layers.gguf_linear import BLOCK_TYPES, GgufBlockLinearMethod
+from sluice.model.layers.linear import LinearBase
+from sluice.model.layers.linear_method import set_weight_loader
+from sluice.model_spec.gguf import NON_WEIGHT_TENSORS, hf_tensor_name, open_gguf
+
+logger = logging.getLogger(__name__)
+
+QUANTIZATION_MODES = (None, "gguf", "none")
+
+
+def gguf_tensor_types(gguf_file: str | Path) -> dict[str, str]:
+    """HF tensor name -> GGUF type name (e.g. 'Q4_1') of every weight in the file (header
+    only; no tensor data is read)."""
+    reader = open_gguf(gguf_file)
+    types = {}
+    for t in reader.tensors:
+        name = hf_tensor_name(t.name) if t.name not in NON_WEIGHT_TENSORS else None
+        if name is not None:
+            types[name] = t.tensor_type.name
+    return types
+
+
+def _wanted(mode: str | None, ops: ModuleType | None, dtype: torch.dtype,
+            device: torch.device, lora_enabled: bool) -> bool:
+    if mode not in QUANTIZATION_MODES:
+        raise ConfigError(f"--quantization {mode!r} is not supported; choose gguf or none "
+                          "(or leave it unset).")
+    if mode == "none":
+        return False
+    if lora_enabled:
+        logger.info("GGUF weights are dequantized to %s: LoRA adapters need float base "
+                    "weights.", dtype)
+        return False
+    if mode == "gguf":
+        return True
+    return ops is not None and dtype == torch.float32 and device.type == "cpu"
+
+
+def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path, mode: str | None,
+                     ops: ModuleType | None, dtype: torch.dtype, device: torch.device,
+                     lora_enabled: bool = False) -> frozenset[str]:
+    """Give the layers that keep their blocks a `GgufBlockLinearMethod` (module doc); returns
+    the HF names of the tensors to load as blocks (empty: everything dequantized)."""
+    types = gguf_tensor_types(gguf_file)
+    if not _wanted(mode, ops, dtype, device, lora_enabled):
+        logger.info("GGUF weights dequantized to %s at load (%s).", dtype, _summary(types))
+        return frozenset()
+    sources: dict[str, list[str]] = defaultdict(list)  # our param name -> HF tensor names
+    for hf in types:
+        target, _ = model.map_checkpoint_name(hf)
+        sources[target].append(hf)
+    methods: dict[str, GgufBlockLinearMethod] = {}
+    kept: set[str] = set()
+    why_not: Counter[str] = Counter()
+    for name, module in model.named_modules():
+        if not isinstance(module, LinearBase) or f"{name}.weight" not in sources:
+            continue
+        hf_names = sources[f"{name}.weight"]
+        kinds = {types[h] for h in hf_names}
+        qtype = next(iter(kinds)) if len(kinds) == 1 else None
+        if qtype not in BLOCK_TYPES:
+            why_not[", ".join(sorted(kinds))] += 1
+            continue
+        if module.in_features % BLOCK_TYPES[qtype].block_elems:
+            why_not[f"{qtype} (row shards of {module.in_features} columns split blocks)"] += 1
+            continue
+        method = methods.setdefault(qtype, GgufBlockLinearMethod(ops, qtype))
+        bias = module.bias
+        module.linear_method = method
+        method.create_weights(module, module.in_features, module.out_features,
+                              bias=bias is not None,
+                              dtype=bias.dtype if bias is not None else dtype,
+                              weight_loader=module.weight_loader)
+        kept.update(hf_names)
+    kept |= _keep_vocab_blocks(model, types, methods, ops)
+    kept_types = Counter(types[h] for h in kept)
+    rest = {h: t for h, t in types.items() if h not in kept}
+    logger.info("GGUF weights kept quantized: %s; dequantized to %s: %s%s.",
+                ", ".join(f"{t} ({n} tensors)" for t, n in sorted(kept_types.items()))
+                or "none", dtype, _summary(rest),
+                "".join(f"; linear layers left float ({n}): {k}" for k, n in why_not.items()))
+    return frozenset(kept)
+
+
+def _vocab_method(qtype: str, cols: int, methods: dict[str, GgufBlockLinearMethod],
+                  ops: ModuleType | None) -> GgufBlockLinearMethod | None:
+    if qtype not in BLOCK_TYPES or cols % BLOCK_TYPES[qtype].block_elems:
+        return None
+    return methods.setdefault(qtype, GgufBlockLinearMethod(ops, qtype))
+
+
+def _keep_vocab_blocks(model: nn.Module, types: dict[str, str],
+                       methods: dict[str, GgufBlockLinearMethod],
+                       ops: ModuleType | None) -> set[str]:
+    """Blocks for the embedding and the LM head where their types allow (module doc); returns
+    the HF names kept."""
+    kept: set[str] = set()
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    name = "model.embed_tokens.weight"
+    if embed is not None and name in types:
+        method = _vocab_method(types[name], embed.embedding_dim, methods, ops)
+        if method is not None:
+            rows = embed.weight.shape[0]
+            embed.weight = nn.Parameter(torch.empty(
+                rows, method.block_type.row_bytes(embed.embedding_dim), dtype=torch.uint8),
+                requires_grad=False)
+            set_weight_loader(embed.weight, embed._load_rows)
+            embed.gguf_blocks = method
+            kept.add(name)
+    head = getattr(model, "lm_head", None)
+    if head is None:
+        return kept
+    if head.tied:
+        if embed is not None and embed.gguf_blocks is not None:
+            head.linear_method = embed.gguf_blocks
+        return kept
+    source = "lm_head.weight" if "lm_head.weight" in types else name  # a tied head on a
+    if source not in types:                                            # later pipeline stage
+        return kept
+    cols = head.weight.shape[1]
+    method = _vocab_method(types[source], cols, methods, ops)
+    if method is not None:
+        head.linear_method = method
+        method.create_weights(head, cols, head.weight.shape[0], bias=False,
+                              dtype=head.weight.dtype, weight_loader=head._load_rows)
+        kept.add(source)
+    return kept
+
+
+def _summary(types: dict[str, str]) -> str:
+    """'Q8_0 (1 tensors), F32 (61 tensors)' for a name -> type map."""
+    counts = Counter(types.values())
+    return ", ".join(f"{t} ({n} tensors)" for t, n in counts.most_common()) or "none"

@@ -1,0 +1,136 @@
+"""Linear layers that keep a GGUF file's quantized blocks: `GgufBlockLinearMethod`.
+
+llama.cpp's quantized types store a weight row (one output channel, `in_features` values) as
+consecutive blocks; each block holds `block_elems` values in `block_bytes` bytes (fp16 scales
+and packed integers; the byte layouts of each type are spelled out in
+sluice/model/csrc/quant_linear.cpp):
+
+    type   GGML id  block_elems  block_bytes  bits/weight
+    Q4_0      2         32           18          4.5
+    Q4_1      3         32           20          5.0
+    Q8_0      8         32           34          8.5
+    Q4_K     12        256          144          4.5
+    Q6_K     14        256          210          6.56
+
+A layer with this method holds `layer.weight` = the file's bytes as a uint8 Parameter
+[out_features, in_features / block_elems * block_bytes] (row n = output channel n, as in the
+file: GGUF dims [in, out] are the row-major [out, in] of the HF layout) and a float `bias`.
+Because blocks run along the input dimension, every row operation of the loaders works on the
+packed rows unchanged: the Q/K row un-permutation of llama files (`gguf_weights.unpermute_qk`),
+the fused QKV / gate-up row offsets and column-parallel row shards. A row-parallel shard
+(columns) narrows whole blocks, so it needs `in_features` per rank to be a multiple of
+`block_elems` (checked by `sluice.model.gguf_quant`, which leaves such a layer dequantized).
+
+The product: the C++ `gguf_linear` (layer ops 'cpu', float32 activations): one to eight rows
+stream each weight row's blocks once, unpacked in registers (fp32 FMA with the activations);
+more rows dequantize panels of rows into an fp32 tile and run sgemm on it. Anything else (no
+C++ operators, another activation dtype, autograd) takes `dequantize_blocks` (gguf-py's numpy
+decoder, the reference) and F.linear: exact, but it dequantizes the whole weight per call.
+
+Fast paths that read `layer.weight` as a float matrix (the fused decode stack, the greedy
+screen) do not list this method in their `FastPathSupport`, so they step aside for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sluice.model.layers.layer_ops import fast_path_ok
+from sluice.model.layers.linear_method import LinearMethod, WeightLoader, set_weight_loader
+
+
+@dataclass(frozen=True)
+class BlockType:
+    """A GGML block type the kernels run (module doc)."""
+    name: str
+    ggml_id: int
+    block_elems: int
+    block_bytes: int
+
+    def row_bytes(self, in_features: int) -> int:
+        """Bytes of one weight row of `in_features` values (a multiple of block_elems)."""
+        if in_features % self.block_elems:
+            raise ValueError(f"{self.name} rows hold multiples of {self.block_elems} values, "
+                             f"not {in_features}")
+        return in_features // self.block_elems * self.block_bytes
+
+
+BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
+    BlockType("Q4_0", 2, 32, 18), BlockType("Q4_1", 3, 32, 20), BlockType("Q8_0", 8, 32, 34),
+    BlockType("Q4_K", 12, 256, 144), BlockType("Q6_K", 14, 256, 210))}
+"""The GGML types whose blocks the linear layers run directly, by GGUF type name."""
+
+
+def dequantize_blocks(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
+    """uint8 [N, row bytes] blocks of type `qtype` -> float32 [N, in_features], decoded by
+    gguf-py (numpy; the reference the kernels are tested against)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    values = dequantize(np.ascontiguousarray(blocks.detach().cpu().numpy()),
+                        GGMLQuantizationType[qtype])
+    return torch.from_numpy(np.asarray(values, dtype=np.float32))
+
+
+class GgufBlockLinearMethod(LinearMethod):
+    """The weight as GGUF blocks of one type (module doc); one instance per type per model.
+
+    `create_weights` registers `layer.weight` uint8 [out, row bytes] and `layer.bias` (float, of
+    the given dtype, or None); `apply` computes x @ dequant(W).T (+ bias) through `ops`'
+    `gguf_linear` where it applies (float32 CPU activations), else the reference."""
+
+    def __init__(self, ops: ModuleType | None, qtype: str) -> None:
+        self.ops = ops
+        self.block_type = BLOCK_TYPES[qtype]
+
+    @property
+    def qtype(self) -> str:
+        return self.block_type.name
+
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int, *,
+                       bias: bool, dtype: torch.dtype | None,
+                       weight_loader: WeightLoader) -> None:
+        row_bytes = self.block_type.row_bytes(in_features)
+        layer.weight = nn.Parameter(torch.empty(out_features, row_bytes, dtype=torch.uint8),
+                                    requires_grad=False)
+        layer.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
+                      if bias else None)
+        for p in (layer.weight, layer.bias):
+            if p is not None:
+                set_weight_loader(p, weight_loader)
+
+    def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
+        """The layer's weight as float32 [out, in] (a fresh tensor)."""
+        return dequantize_blocks(layer.weight, self.qtype)
+
+    def dequantize_rows(self, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` [n] of a block weight (uint8 [N, row bytes]) as float32 [n, in] (an
+        embedding lookup): the C++ `gguf_dequantize` of just those rows, or the reference."""
+        rows = weight.index_select(0, ids)
+        if self.ops is None or rows.device.type != "cpu":
+            return dequantize_blocks(rows, self.qtype).to(rows.device)
+        out = torch.empty(rows.shape[0], rows.shape[1] // self.block_type.block_bytes
+                          * self.block_type.block_elems)
+        self.ops.gguf_dequantize(out, rows, self.block_type.ggml_id)
+        return out
+
+    def apply(self, layer: nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        weight = layer.weight
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.ops is None or not fast_path_ok(x2, bias) or x.device != weight.device \
+                or (bias is not None and not bias.is_contiguous()):
+            w = self.dequantized_weight(layer).to(device=x.device, dtype=x.dtype)
+            return F.linear(x, w, bias)
+        out = x2.new_empty(x2.shape[0], weight.shape[0])
+        self.ops.gguf_linear(out, x2, weight, self.block_type.ggml_id, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.qtype})"
