@@ -44,6 +44,9 @@ from sluice.spec_decode.config import SpeculativeConfig, parse_speculative_confi
 from sluice.spec_decode.ngram import NgramProposer
 
 
+MAX_BACKOFF_STEPS = 8   # n-gram: most steps a request skips proposing after a full rejection
+
+
 @dataclass
 class SpecDecodeCounters:
     """Counts since the previous `take_counters` (vLLM's spec-decode metrics)."""
@@ -60,13 +63,25 @@ class SpecDecodeCounters:
 
 
 class _TokenBuffer:
-    """A request's tokens as a growing int64 array (amortised O(1) append)."""
+    """A request's tokens as a growing int64 array (amortised O(1) append), and its n-gram
+    backoff: after a verification that accepted no draft, the request skips proposing for
+    `backoff` steps (1, 2, 4, ... up to MAX_BACKOFF_STEPS; reset by any acceptance), since a
+    step whose drafts are all rejected costs a verification forward for one token."""
 
-    __slots__ = ("array", "length")
+    __slots__ = ("array", "length", "skip", "backoff")
 
     def __init__(self) -> None:
         self.array = np.empty(256, dtype=np.int64)
         self.length = 0
+        self.skip = 0
+        self.backoff = 0
+
+    def after_verification(self, accepted: int) -> None:
+        if accepted:
+            self.backoff = 0
+        else:
+            self.backoff = min(2 * self.backoff or 1, MAX_BACKOFF_STEPS)
+            self.skip = self.backoff
 
     def sync(self, token_ids: list[int]) -> np.ndarray:
         """The buffer brought up to `token_ids` (only ever appended to); a view."""
@@ -136,16 +151,21 @@ class SpeculationPlanner:
         buffer = request.draft_state
         if buffer is None:
             buffer = request.draft_state = _TokenBuffer()
+        if buffer.skip:
+            buffer.skip -= 1
+            return []
         return self.proposer.propose(buffer.sync(request.all_token_ids), limit)
 
     def take_worker_drafts(self, request: Request, token_ids: list[int]) -> None:
         """The worker's draft model proposed `token_ids` after `request`'s latest tokens."""
         request.draft_state = _WorkerDrafts(request.num_tokens, token_ids)
 
-    def record(self, num_draft: int, num_emitted: int) -> None:
-        """One request's verified step: `num_draft` drafts, `num_emitted` tokens emitted
+    def record(self, request: Request, num_draft: int, num_emitted: int) -> None:
+        """One verified step of `request`: `num_draft` drafts, `num_emitted` tokens emitted
         (1..num_draft + 1)."""
         accepted = num_emitted - 1
+        if isinstance(request.draft_state, _TokenBuffer):
+            request.draft_state.after_verification(accepted)
         for c in (self.counters, self.totals):
             c.num_drafts += 1
             c.num_draft_tokens += num_draft

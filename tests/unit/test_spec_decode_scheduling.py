@@ -99,12 +99,11 @@ def test_limits_of_the_draft_count():
     request = _request(max_tokens=3)
     _prefilled(scheduler, request, 8)
     assert scheduler.schedule().scheduled_spec_decode_tokens == {"r": [9]}
-    # max_model_len: drafts stay inside the context (10 tokens known, 11 allowed -> 1)
+    # max_model_len: drafts stay inside the context (9 tokens known, 11 allowed -> 2)
     scheduler = _scheduler(max_model_len=11)
     request = _request(max_tokens=None)
     _prefilled(scheduler, request, 8)
-    _step_plain(scheduler, "r", 9)
-    assert scheduler.schedule().scheduled_spec_decode_tokens == {"r": [5]}
+    assert scheduler.schedule().scheduled_spec_decode_tokens == {"r": [9, 5]}
     # the token budget: what is left after the request's own token
     scheduler = _scheduler(budget=10)
     request = _request()
@@ -119,12 +118,6 @@ def test_limits_of_the_draft_count():
     so = scheduler.schedule()       # a decodes with its drafts, b's prefill takes the rest
     assert so.scheduled_spec_decode_tokens == {"a": [9, 5, 6]}
     assert so.num_scheduled_tokens == {"a": 4, "b": 4}
-
-
-def _step_plain(scheduler: Scheduler, rid: str, token: int) -> None:
-    """One step in which the worker rejects every draft and emits `token`."""
-    so = scheduler.schedule()
-    scheduler.update_from_output(so, ModelRunnerOutput(sampled_token_ids={rid: [token]}))
 
 
 def test_no_drafts_for_large_batches_structured_output_or_without_a_match():
@@ -236,3 +229,26 @@ def test_worker_drafts_are_used_only_for_the_state_they_continue():
     scheduler.speculation.take_worker_drafts(request, [5, 5, 5])
     request.append_output_token_ids(9)   # the request moved on since
     assert scheduler.speculation.propose(request) == []
+
+
+def test_ngram_backs_off_after_full_rejections():
+    """A request whose drafts were all rejected skips proposing for 1, then 2, then 4 steps
+    (drafts would cost a verification forward for one token); an acceptance resets it."""
+    scheduler = _scheduler()
+    request = _request(prompt=[5, 6, 7, 8] * 3, max_tokens=60)
+    _prefilled(scheduler, request, 5)
+    pattern = []
+    for _ in range(10):
+        so = scheduler.schedule()
+        drafts = so.scheduled_spec_decode_tokens.get("r", [])
+        pattern.append(len(drafts) > 0)
+        # reject everything: emit a token that never continues the pattern's n-grams
+        scheduler.update_from_output(so, ModelRunnerOutput(sampled_token_ids={"r": [5]}))
+    assert pattern[:8] == [True, False, True, False, False, True, False, False]
+    so = scheduler.schedule()
+    while not so.scheduled_spec_decode_tokens:
+        scheduler.update_from_output(so, ModelRunnerOutput(sampled_token_ids={"r": [5]}))
+        so = scheduler.schedule()
+    drafts = so.scheduled_spec_decode_tokens["r"]
+    scheduler.update_from_output(so, ModelRunnerOutput(sampled_token_ids={"r": drafts[:1] + [5]}))
+    assert request.draft_state.backoff == 0   # an acceptance resets the backoff

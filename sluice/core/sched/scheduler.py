@@ -478,7 +478,7 @@ class Scheduler:
         """Speculative decoding: of the 1 + num_draft positions computed, the last
         num_draft + 1 - num_emitted held rejected drafts; they are not computed after all."""
         request.num_computed_tokens -= num_draft + 1 - num_emitted
-        self.speculation.record(num_draft, num_emitted)
+        self.speculation.record(request, num_draft, num_emitted)
 
     def _make_core_output(self, request: Request, new_token_ids: list[int],
                           model_runner_output: ModelRunnerOutput,
