@@ -1,10 +1,15 @@
 """The fused decode step: every decoder layer of a Llama-family model in one C++ call.
 
-In a step where every request decodes one token (most steps of a generation), the decoder
-layers run as `cpu_ops.DecodeStack.forward` (sluice/model/csrc/decode_stack.cpp): the same C++
-operators the Python layers call with layer ops 'cpu', without returning to Python between
-them. At one request that Python is about a third of the step. Prefill and mixed steps, and
-anything the stack does not cover, run the Python layers.
+In a step where every request computes at most `FUSED_MAX_QUERY_LEN` tokens (every decode step,
+a speculative verification of 1 + k tokens, a short prompt), the decoder layers run as
+`cpu_ops.DecodeStack.forward` (sluice/model/csrc/decode_stack.cpp): the same C++ operators the
+Python layers call with layer ops 'cpu', without returning to Python between them. At one
+request that Python is about a third of the step. The C++ stack's attention takes one query row
+per "request"; a request computing q > 1 tokens is given as q rows (`_token_rows`), row j
+(position p = seq_len - q + j) attending keys 0..p through the request's block table. Every
+row's k/v is written to the cache before any attention of that layer, so row j sees the keys of
+rows 0..j-1 of its own request, which is exactly causal attention. Longer queries (prefill
+chunks) and anything the stack does not cover run the Python layers.
 
 `install_fused_decode(model, ops)` (called by the model loader after the weights are loaded,
 with the C++ operators of layer ops 'cpu') attaches a `FusedDecode` to
@@ -37,6 +42,7 @@ from __future__ import annotations
 import logging
 from types import ModuleType
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,6 +50,7 @@ from sluice.lora.forward_context import current_lora_mapping
 from sluice.lora.layers import LoRALinearMethod
 from sluice.model.attention.backends.cpu_paged import CpuPagedBackend
 from sluice.model.attention.forward_context import get_forward_context
+from sluice.model.attention.metadata import AttentionMetadata
 from sluice.model.layers.gguf_linear import GgufBlockLinearMethod
 from sluice.model.layers.layer_ops import fast_path_ok
 from sluice.model.layers.linear_method import (CpuPackedLinearMethod, DenseLinearMethod,
@@ -56,6 +63,11 @@ FUSED_DECODE_SUPPORT = FastPathSupport(
     "fused decode stack", methods=(DenseLinearMethod, CpuPackedLinearMethod,
                                    GgufBlockLinearMethod),
     dtypes=(torch.float32, torch.uint8), single_rank=True, step_wrappers=(LoRALinearMethod,))
+
+#: the longest query (tokens of one request in one step) the stack takes: it recomputes each
+#: query token's attention over the request's keys on its own, which beats the Python layers
+#: for a speculative verification (1 + k tokens, k <= 15) but not for a prefill chunk
+FUSED_MAX_QUERY_LEN = 16
 
 
 class FusedDecode:
@@ -93,30 +105,49 @@ class FusedDecode:
 
     @staticmethod
     def applies(hidden: torch.Tensor) -> bool:
-        """True in a decode step (attention metadata whose T tokens are T one-token requests)
-        over a float32 KV cache: the C++ stack reads the cache as float32, so a cache stored in
-        another dtype (`--kv-cache-dtype`) takes the Python layers; and no token uses a LoRA
-        adapter (the stack cannot add their deltas). A speculative-decoding step verifies 1 + d
-        tokens of a request (`spec_decode.verify`), so it never is a decode step here and runs
-        the Python layers; a draft model's own one-token proposal steps may use its stack."""
+        """True in a step whose requests each compute 1..`FUSED_MAX_QUERY_LEN` tokens (a decode
+        step; a speculative verification of 1 + d tokens, `spec_decode.verify`; a short
+        prompt) over a float32 KV cache: the C++ stack reads the cache as float32, so a cache
+        stored in another dtype (`--kv-cache-dtype`) takes the Python layers; and no token uses
+        a LoRA adapter (the stack cannot add their deltas)."""
         ctx = get_forward_context()
         md = ctx.attn_metadata
         return (current_lora_mapping() is None and md is not None and md.num_reqs > 0
-                and md.max_query_len == 1 and md.num_actual_tokens == md.num_reqs and fast_path_ok(hidden)
+                and md.max_query_len <= FUSED_MAX_QUERY_LEN
+                and hidden.shape[0] == md.num_actual_tokens and fast_path_ok(hidden)
                 and hidden.is_contiguous() and bool(ctx.kv_caches)
                 and ctx.kv_caches[0].dtype == torch.float32)
 
     def __call__(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                  ) -> torch.Tensor:
         """hidden [T, hidden] embeddings, cos/sin [T, 1, D/2] -> final-norm output; writes the
-        step's k/v into the context's caches. Request r's keys: its block-table row truncated
-        to nb = ceil(max seq_len / block_size) blocks."""
+        step's k/v into the context's caches. Row t's keys: its request's block-table row
+        truncated to nb = ceil(max seq_len / block_size) blocks."""
         ctx = get_forward_context()
         md = ctx.attn_metadata
         nb = -(-md.max_seq_len // md.block_size)
-        block_ids = md.block_table[:, :nb].to(torch.long).reshape(-1)
+        if md.max_query_len == 1 and md.num_actual_tokens == md.num_reqs:  # row t = request t
+            block_ids = md.block_table[:, :nb].to(torch.long).reshape(-1)
+            seq_lens = md.seq_lens
+        else:
+            block_ids, seq_lens = _token_rows(md, nb)
         return self.stack.forward(hidden, cos, sin, list(ctx.kv_caches), md.slot_mapping,
-                                  block_ids, nb, md.seq_lens)
+                                  block_ids, nb, seq_lens)
+
+
+def _token_rows(md: AttentionMetadata, nb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One attention row per query token: (block ids [T * nb] int64, seq lens [T] int64).
+    Token t is query token j = t - query_start[r] of request r; it sits at position
+    seq_len[r] - q_len[r] + j, so it attends seq_len[r] - q_len[r] + j + 1 keys through
+    request r's first nb block-table entries."""
+    h = md.host
+    req = np.repeat(np.arange(len(h.q_lens)), h.q_lens)              # [T] request of token t
+    j = np.arange(len(req)) - h.qsl[:-1][req]
+    lens = (h.seq - h.q_lens)[req] + j + 1
+    block_ids = np.ascontiguousarray(h.bt[req, :nb], dtype=np.int64).reshape(-1)
+    device = md.slot_mapping.device
+    return (torch.from_numpy(block_ids).to(device),
+            torch.from_numpy(lens.astype(np.int64)).to(device))
 
 
 def _projections(layer: nn.Module) -> tuple[nn.Module, ...]:

@@ -106,11 +106,13 @@ def test_dynamic_rope_past_max_position_matches_hf_generation(tiny_model_factory
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fused_decode_steps_match_hf(tiny_model_dir, tmp_path, arch, cpu_ops, monkeypatch):
-    """With the C++ kernels, a step of one-token decodes runs every layer in one C++ call
-    (sluice.model.fused_decode; oneDNN's GEMM for batched rows, the streaming GEMV for one):
-    batched decodes of different lengths and a long one alone (split-KV attention) give HF's
-    logits; prefill steps stay in Python."""
-    from sluice.model.fused_decode import FusedDecode
+    """With the C++ kernels, a step whose requests compute <= FUSED_MAX_QUERY_LEN tokens each
+    runs every layer in one C++ call (sluice.model.fused_decode; oneDNN's GEMM for batched
+    rows, the streaming GEMV for one): batched decodes of different lengths, a step of
+    multi-token queries as a speculative verification makes (one query row per token, causal
+    within the request), a long decode alone (split-KV attention) give HF's logits; a prefill
+    step with longer queries stays in Python."""
+    from sluice.model.fused_decode import FUSED_MAX_QUERY_LEN, FusedDecode
     calls = []
     real_call = FusedDecode.__call__
     monkeypatch.setattr(FusedDecode, "__call__",
@@ -119,7 +121,7 @@ def test_fused_decode_steps_match_hf(tiny_model_dir, tmp_path, arch, cpu_ops, mo
     ours = load_ours(d, layer_ops="cpu", attn_backend="cpu_paged")
     assert ours.model.fused_decode is not None
     hf = load_hf(d)
-    seqs = dict(zip("abc", prompts(ours.spec.vocab_size, [12, 75, 200])))
+    seqs = dict(zip("abc", prompts(ours.spec.vocab_size, [20, 75, 230])))
     prefill = {"a": 8, "b": 70, "c": 190}
     runner = PagedRunner(ours, num_blocks=64, block_size=16)
     for rid, toks in seqs.items():
@@ -127,13 +129,15 @@ def test_fused_decode_steps_match_hf(tiny_model_dir, tmp_path, arch, cpu_ops, mo
     runner.step([(rid, n) for rid, n in prefill.items()])
     assert calls == []                                   # a prefill step is not fused
     got = {rid: [] for rid in seqs}
-    steps = [list(seqs)] * 3 + [["c"]] * 3          # batched decodes, then "c" alone
+    steps = ([{"a": 1, "b": 1, "c": 1}] * 3             # batched decodes
+             + [{"a": 3, "b": 1, "c": 5}, {"c": 4}]      # verification-shaped queries
+             + [{"c": 1}] * 3 + [{"c": FUSED_MAX_QUERY_LEN}])   # "c" alone (split-KV)
     for step in steps:
-        for rid, out in runner.step([(rid, 1) for rid in step]).items():
+        for rid, out in runner.step(list(step.items())).items():
             got[rid].append(out)
-    assert calls == [len(s) for s in steps]
+    assert calls == [sum(s.values()) for s in steps]
     for rid, toks in seqs.items():
-        done = prefill[rid] + len(got[rid])
+        done = prefill[rid] + sum(len(o) for o in got[rid])
         want = hf_logits(hf, toks[:done])[prefill[rid]:]
         torch.testing.assert_close(torch.cat(got[rid]), want, **ATOL)
 

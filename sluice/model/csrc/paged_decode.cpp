@@ -95,6 +95,33 @@ inline v16 transpose_sum(const v16* a) {
                                  29, 31);
 }
 
+// out[i] = sum over c < dv of a[16c + i] * b[16c + i] (in order of c), i < 16. Without
+// AVX-512 a 16-float value is two registers, and GCC spilled a v16 accumulator (and the v16
+// result) through the stack lane by lane (16-byte stores reloaded as 32-byte vectors: failed
+// store forwards, ~4x the whole attention); two 8-float accumulators stay in registers and
+// are stored as they are, giving the same lanes, so the scores are bit-identical.
+inline void dot_lanes(float* out, const float* a, const float* b, int64_t dv) {
+#if defined(__AVX512F__)
+  v16 s = {};
+  for (int64_t c = 0; c < dv; ++c) s += load16(a + 16 * c) * load16(b + 16 * c);
+  std::memcpy(out, &s, sizeof s);
+#else
+  using v8 = float __attribute__((vector_size(32)));
+  auto load8 = [](const float* p) {
+    v8 v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  };
+  v8 lo = {}, hi = {};
+  for (int64_t c = 0; c < dv; ++c) {
+    lo += load8(a + 16 * c) * load8(b + 16 * c);
+    hi += load8(a + 16 * c + 8) * load8(b + 16 * c + 8);
+  }
+  std::memcpy(out, &lo, sizeof lo);
+  std::memcpy(out + 8, &hi, sizeof hi);
+#endif
+}
+
 // Per-thread scratch of attend_range: scores/probabilities p [H][len] and, for a tile of 16
 // keys, part [H][16] (16-lane partial sums of q_h . k_t over the first 16 * (D / 16) dims) and
 // tail [H][16] (the sum over the D % 16 dims left; zero when D % 16 == 0).
@@ -132,9 +159,7 @@ void attend_range(const Geometry& g, int64_t n, const float* q, int64_t t0, int6
     for (int64_t h = 0; h < H; ++h) {
       const float* qh = q + h * d;
       const float* kh = row + (h / g.group) * d;
-      v16 s = {};
-      for (int64_t c = 0; c < dv; ++c) s += load16(qh + 16 * c) * load16(kh + 16 * c);
-      part[h * 16 + j] = s;
+      dot_lanes(reinterpret_cast<float*>(part + h * 16 + j), qh, kh, dv);
       if (16 * dv < d) {
         float rest = 0.f;
         for (int64_t e = 16 * dv; e < d; ++e) rest += qh[e] * kh[e];
