@@ -67,8 +67,12 @@ class ModelConfig:
         "(with --kernels auto on CPU in float32; llama.cpp's memory), other tensors are "
         "dequantized to --dtype at load. "
         "'gguf': keep the GGUF blocks in any case (without the C++ kernels a slow pure-torch "
-        "reference). 'none': dequantize every GGUF tensor to --dtype at load (the float path).",
-        choices=("gguf", "none"))
+        "reference). 'none': dequantize every GGUF tensor to --dtype at load (the float path). "
+        "'int8': the decoder's linear weights quantized at load to int8 with one scale per "
+        "32 weights of an output channel (llama.cpp's Q8_0 blocks, run by the same kernels; "
+        "any model, a GGUF file dequantized first); activations, embedding and LM head stay "
+        "float.",
+        choices=("gguf", "none", "int8"))
     max_model_len: int | None = option(None, "Maximum tokens per request (prompt + output). "
                                        "Default: the model's max_position_embeddings.", ge=1)
     seed: int = option(0, "Global random seed for sampling without a per-request seed.", ge=0)

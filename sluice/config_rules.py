@@ -47,6 +47,10 @@ def cross_field_problems(cfg: EngineConfig, skip: typing.AbstractSet[str] = froz
         problems.append(f"--quantization gguf: runs the blocks of a GGUF file, but --load-format "
                         f"is {cfg.load.load_format}. Fix: pass a .gguf model with --load-format "
                         "auto or gguf, or drop --quantization.")
+    if (cfg.model.quantization == "int8" and cfg.lora.enable_lora
+            and not {"quantization", "enable_lora"} & skip):
+        problems.append("--quantization int8 with --enable-lora: LoRA adapters need the base "
+                        "weights in float. Fix: drop one of the two.")
     if (cfg.server.enable_auto_tool_choice and cfg.server.tool_call_parser is None
             and "enable_auto_tool_choice" not in skip):
         problems.append("--enable-auto-tool-choice: needs --tool-call-parser (e.g. hermes or "

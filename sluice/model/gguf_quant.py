@@ -24,6 +24,8 @@ Modes (`ModelConfig.quantization`):
     'gguf'          keep blocks whatever the layer ops (without the C++ operators the products
                     run the pure-torch reference, which dequantizes per call: slow)
     'none'          dequantize everything (the float path)
+    'int8'          dequantize everything; the loader then gives the linear layers int8
+                    weights (`sluice.model.layers.int8_linear`)
 With LoRA enabled nothing is kept (the adapters' slots take the base weight's float dtype).
 """
 
@@ -45,7 +47,7 @@ from sluice.model_spec.gguf import NON_WEIGHT_TENSORS, hf_tensor_name, open_gguf
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATION_MODES = (None, "gguf", "none")
+QUANTIZATION_MODES = (None, "gguf", "none", "int8")
 
 
 def gguf_tensor_types(gguf_file: str | Path) -> dict[str, str]:
@@ -63,9 +65,9 @@ def gguf_tensor_types(gguf_file: str | Path) -> dict[str, str]:
 def _wanted(mode: str | None, ops: ModuleType | None, dtype: torch.dtype,
             device: torch.device, lora_enabled: bool) -> bool:
     if mode not in QUANTIZATION_MODES:
-        raise ConfigError(f"--quantization {mode!r} is not supported; choose gguf or none "
-                          "(or leave it unset).")
-    if mode == "none":
+        raise ConfigError(f"--quantization {mode!r} is not supported; choose gguf, none or "
+                          "int8 (or leave it unset).")
+    if mode in ("none", "int8"):  # int8 quantizes the dequantized float weights
         return False
     if lora_enabled:
         logger.info("GGUF weights are dequantized to %s: LoRA adapters need float base "

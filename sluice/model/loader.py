@@ -168,11 +168,13 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
     `lora.max_lora_rank` each) right after the model is built, before the fast paths read
     the layers' methods (the fused decode stack then runs only steps without adapter tokens).
     `quantization` (`ModelConfig.quantization`: None, 'gguf' or 'none') says which GGUF linear
-    weights keep their blocks (`sluice.model.gguf_quant`).
+    weights keep their blocks (`sluice.model.gguf_quant`); 'int8' quantizes the decoder's
+    linear weights to int8 Q8_0 blocks once loaded (`sluice.model.int8_quant`).
 
     Order: layer ops chosen -> model built (each linear layer takes its `LinearMethod`; GGUF
     layers that keep their blocks take a `GgufBlockLinearMethod`) ->
-    weights placed and loaded -> `process_weights_after_loading` (packed copies, the greedy
+    weights placed and loaded -> int8 quantization (`--quantization int8`) ->
+    `process_weights_after_loading` (packed copies, the greedy
     screen) -> the fused decode stack where it supports every layer."""
     weights = weight_source(spec.path, load_format)
     model_cls = get_model_class(spec.architecture)
@@ -193,6 +195,9 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
                                 lora_enabled=lora is not None and lora.enable_lora)
         if keep:
             weights = lambda dtype: iterate_gguf(gguf_file, dtype, keep)  # noqa: E731
+    if quantization == "int8" and lora is not None and lora.enable_lora:
+        raise ConfigError("--quantization int8 with --enable-lora: LoRA adapters need the base "
+                          "weights in float. Fix: drop one of the two.")
     if lora is not None and lora.enable_lora:
         from sluice.lora.layers import wrap_lora_layers
         wrap_lora_layers(model, lora.max_loras, lora.max_lora_rank)
@@ -204,6 +209,9 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
         with torch.no_grad():
             model.load_weights(weights(dtype))
     model.requires_grad_(False)
+    if quantization == "int8":
+        from sluice.model.int8_quant import quantize_linear_layers
+        quantize_linear_layers(model, ops.cpu_ops)
     process_weights_after_loading(model)
     install_fused_decode(model, ops.cpu_ops)
     return model.eval()

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from sluice.config_sources import default_model_path
+from sluice.testing.perplexity import engine_perplexity, heldout_prompts
 
 DEMO_DIR = default_model_path()
 HAVE_DEMO = (DEMO_DIR / "config.json").is_file() and any(DEMO_DIR.glob("*.safetensors"))
@@ -25,10 +26,6 @@ HAVE_DEMO = (DEMO_DIR / "config.json").is_file() and any(DEMO_DIR.glob("*.safete
 pytestmark = pytest.mark.skipif(
     not HAVE_DEMO, reason=f"demo model absent at {DEMO_DIR}; build it with "
                           "`python tools/train_demo_model.py`")
-
-PROMPT_CHARS = 1000
-"""heldout.txt is scored as independent prompts of whole paragraphs, about this many characters
-(~300 tokens) each."""
 
 MAX_PPL_RATIO = 0.05
 """The demo model's held-out perplexity must be below this fraction of the random model's.
@@ -42,36 +39,6 @@ GREEDY_PROMPTS = ("The json module", "Return a list of", "class Decimal",
                   "The with statement is used to", "If the file does not exist,")
 CHAT = [{"role": "user", "content": "What does json.dumps do?"}]
 MAX_NEW_TOKENS = 32
-
-
-def _heldout_prompts() -> list[str]:
-    text = (DEMO_DIR / "heldout.txt").read_text(encoding="utf-8")
-    prompts: list[str] = []
-    for para in text.strip().split("\n\n"):
-        if prompts and len(prompts[-1]) + len(para) + 2 <= PROMPT_CHARS:
-            prompts[-1] += "\n\n" + para
-        else:
-            prompts.append(para)
-    return prompts
-
-
-def _engine_perplexity(llm, prompts: list[str]) -> tuple[float, list[list[int]]]:
-    """exp(-mean logprob) of every prompt token after each prompt's first, from sluice's prompt
-    logprobs; also returns the prompts' token ids."""
-    from sluice.sampling_params import SamplingParams
-
-    outputs = llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=0),
-                           use_tqdm=False)
-    total, count = 0.0, 0
-    for out in outputs:
-        ids = out.prompt_token_ids
-        assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(ids)
-        assert out.prompt_logprobs[0] is None
-        for token_id, position in zip(ids[1:], out.prompt_logprobs[1:]):
-            assert token_id in position, "prompt logprobs must include the actual prompt token"
-            total += position[token_id].logprob
-            count += 1
-    return math.exp(-total / count), [out.prompt_token_ids for out in outputs]
 
 
 def _hf_perplexity(model_dir: Path, prompts: list[str]) -> tuple[float, list[list[int]]]:
@@ -123,10 +90,10 @@ def random_model_dir(tmp_path_factory) -> Path:
 def test_demo_model_perplexity_far_below_random(demo_llm, random_model_dir):
     from sluice.frontend.llm import LLM
 
-    prompts = _heldout_prompts()
-    demo_ppl, demo_ids = _engine_perplexity(demo_llm, prompts)
+    prompts = heldout_prompts()
+    demo_ppl, demo_ids = engine_perplexity(demo_llm, prompts)
     with LLM(str(random_model_dir), kv_cache_memory="256MiB") as random_llm:
-        random_ppl, _ = _engine_perplexity(random_llm, prompts)
+        random_ppl, _ = engine_perplexity(random_llm, prompts)
     num_tokens = sum(len(ids) - 1 for ids in demo_ids)
     print(f"\nheld-out perplexity over {num_tokens} tokens ({len(prompts)} prompts): demo model "
           f"{demo_ppl:.2f}, random weights of the same shape {random_ppl:.1f} "
@@ -137,6 +104,23 @@ def test_demo_model_perplexity_far_below_random(demo_llm, random_model_dir):
     hf_ppl, hf_ids = _hf_perplexity(DEMO_DIR, prompts)
     assert demo_ids == hf_ids
     assert math.log(demo_ppl) == pytest.approx(math.log(hf_ppl), abs=1e-3), (demo_ppl, hf_ppl)
+
+
+MAX_INT8_PPL_INCREASE = 0.02
+"""`--quantization int8` (int8 Q8_0 weights, tests/model/test_int8_quant.py): held-out
+perplexity within 2% of float32 (observed +0.003%)."""
+
+
+def test_demo_model_int8_perplexity_within_2_percent(demo_llm):
+    from sluice.frontend.llm import LLM
+
+    prompts = heldout_prompts()
+    ppl, ids = engine_perplexity(demo_llm, prompts)
+    with LLM(str(DEMO_DIR), kv_cache_memory="256MiB", quantization="int8") as int8_llm:
+        int8_ppl, int8_ids = engine_perplexity(int8_llm, prompts)
+    assert int8_ids == ids
+    assert int8_ppl != ppl                        # the int8 weights were used
+    assert int8_ppl <= ppl * (1 + MAX_INT8_PPL_INCREASE), (int8_ppl, ppl)
 
 
 def _hf_greedy(model, tokenizer, prompt_ids: list[int]) -> list[int]:

@@ -27,8 +27,10 @@ more rows dequantize panels of rows into an fp32 tile and run sgemm on it. Anyth
 C++ operators, another activation dtype, autograd) takes `dequantize_blocks` (gguf-py's numpy
 decoder, the reference) and F.linear: exact, but it dequantizes the whole weight per call.
 
-Fast paths that read `layer.weight` as a float matrix (the fused decode stack, the greedy
-screen) do not list this method in their `FastPathSupport`, so they step aside for it.
+The fused decode stack lists this method in its `FastPathSupport` (its projections run
+`gguf_linear` in C++); the greedy screen, which reads a float LM head, does not and steps aside.
+`--quantization int8` (`sluice.model.int8_quant`) gives float checkpoints' linear layers this
+method too, with weights quantized to Q8_0 at load.
 """
 
 from __future__ import annotations
