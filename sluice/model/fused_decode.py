@@ -157,11 +157,12 @@ def _projections(layer: nn.Module) -> tuple[nn.Module, ...]:
 
 
 def _quant_type(layer: nn.Module) -> int:
-    """The GGML type id of a projection holding GGUF blocks, 0 for a float weight."""
+    """The kernel type id of a projection holding GGUF blocks (`kernel_type`: the GGML id, | 256
+    for int8 activations), 0 for a float weight."""
     method = layer.linear_method
     if isinstance(method, LoRALinearMethod):
         method = method.base
-    return method.block_type.ggml_id if isinstance(method, GgufBlockLinearMethod) else 0
+    return method.kernel_type if isinstance(method, GgufBlockLinearMethod) else 0
 
 
 def _weights_ok(model: nn.Module) -> bool:

@@ -10,17 +10,19 @@ share one fp16 scale
     d[n, b] = max_k |W[n, k]| / 127,   q[n, k] = round(W[n, k] / d[n, b])  in [-127, 127]
 
 (34 bytes per 32 weights: 8.5 bits per weight, 27% of float32), and the layer takes the
-`GgufBlockLinearMethod` of type Q8_0: the same kernels as a Q8_0 GGUF file (the C++
-`gguf_linear`: the int8 weights unpacked in registers into fp32 FMAs with the activations for
-up to 8 rows, dequantized panels + sgemm beyond; the fused decode stack runs them). A scale per
-32 weights rather than one per output channel costs 6% more memory and keeps the error of a
-channel with one large weight local to its block.
+`GgufBlockLinearMethod` of type Q8_0 with int8 activations: the C++ `gguf_linear` for up to 8
+rows (decode) quantizes each activation row per 32-element block the same way (xd = max / 127)
+and computes llama.cpp's integer dot products (vpmaddubsw/vpmaddwd, int32 per block, one FMA
+per block with d * xd: ~1.9x the float-activation kernel at one row, 1.3x at 5); more rows
+(prefill) run dequantized panels + sgemm with float activations. The fused decode stack runs
+these layers. A scale per 32 weights rather than one per output channel costs 6% more memory
+and keeps the error of a channel with one large weight local to its block.
 
-Activations stay float32: per-token int8 activations (W8A8, one scale per token) were measured
-on SmolLM2-135M-Instruct's held-out perplexity at +2.8% with 127 levels and +11.9% with the 63
-levels that AVX2's int16-saturating u8 x s8 products allow (20.95 -> 21.53 / 23.44), against
-+0.25% for int8 weights alone, outside the 2% this mode promises; activation outliers need
-finer scales than a token's.
+Why per 32 values and not per token / per channel (vLLM's W8A8): per-token int8 activations
+were measured on SmolLM2-135M-Instruct's held-out perplexity at +2.8% with 127 levels and
++11.9% with the 63 levels that AVX2's int16-saturating u8 x s8 products leave to oneDNN
+(20.95 -> 21.53 / 23.44): activation outliers need finer scales than a token's. Per-block
+activations with per-block weights: +0.62% (21.08) with every forward on the int8 path.
 
 The embedding and the LM head stay float (as vLLM's int8 schemes keep them), as does a layer
 whose in_features is not a multiple of 32 (a row-parallel shard) — logged with the count.
@@ -57,7 +59,7 @@ def quantize_linear_layers(model: nn.Module, ops: ModuleType | None) -> int:
     """Give the loaded `model`'s decoder linear layers Q8_0 int8 weights (module doc); returns
     how many were quantized."""
     block = BLOCK_TYPES[INT8_BLOCK_TYPE]
-    method = GgufBlockLinearMethod(ops, INT8_BLOCK_TYPE)
+    method = GgufBlockLinearMethod(ops, INT8_BLOCK_TYPE, int8_activations=True)
     quantized, left_float = 0, 0
     for module in model.modules():
         if not isinstance(module, LinearBase):
@@ -72,8 +74,8 @@ def quantize_linear_layers(model: nn.Module, ops: ModuleType | None) -> int:
         module.weight = nn.Parameter(blocks, requires_grad=False)
         module.linear_method = method
         quantized += 1
-    logger.info("int8: %d linear layers quantized to int8 (Q8_0 blocks)%s; activations, "
-                "embedding and LM head float%s.", quantized,
+    logger.info("int8: %d linear layers quantized to int8 (Q8_0 blocks, int8 activations up to "
+                "8 rows)%s; embedding and LM head float%s.", quantized,
                 "" if ops is not None else " run by the pure-torch reference (no C++ kernels)",
                 f"; {left_float} layers left float (in_features not a multiple of "
                 f"{block.block_elems})" if left_float else "")

@@ -1,6 +1,7 @@
 """`--quantization int8` (`sluice.model.int8_quant`): the decoder's linear weights quantized at
 load to int8 Q8_0 blocks (one fp16 scale per 32 weights of an output channel), run by the GGUF
-block kernels; activations, embedding and LM head float.
+block kernels with int8 activations (per 32-element block) for up to 8 rows; embedding and LM
+head float.
 
 Tolerances:
 * Quantization: every weight within half a quantization step of its value, the step being its
@@ -11,8 +12,12 @@ Tolerances:
   step, RMS ~0.6% of a Gaussian row's values, compounded over 2 layers x 4 projections of
   width 64); greedy tokens equal where the float top-2 gap is more than twice the largest
   difference.
+* int8-activation kernels vs their reference (F.linear in float64 of the block-quantized
+  activations and the dequantized weight): the fp32 summation-order bound KERNEL_RTOL of
+  test_gguf_quantized (the integer products are exact).
 * Perplexity within 2% of float32 (the issue's bound) on the demo model (tests/engine/
-  test_demo_model.py) and SmolLM2 (here): observed +0.003% and +0.17%.
+  test_demo_model.py) and SmolLM2 (here), with at most 8 tokens per step so that every forward
+  runs int8 activations: observed +0.07% and +0.62%.
 """
 
 from __future__ import annotations
@@ -20,15 +25,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sluice.model.fused_decode import FUSED_DECODE_SUPPORT
 from sluice.model.int8_quant import quantize_q8_0
-from sluice.model.layers.gguf_linear import dequantize_blocks
-from sluice.model.layers.linear_method import linear_layers
+from sluice.model.layers.gguf_linear import (BLOCK_TYPES, INT8_ACTIVATION_TYPES,
+                                             INT8_ACTIVATIONS_FLAG, GgufBlockLinearMethod,
+                                             dequantize_blocks, quantize_activations_q8)
 from sluice.model.layers.linear import LinearBase
 
 from _sluice_model_helpers import load_ours
-from test_gguf_quantized import _logits
+from test_gguf_quantized import KERNEL_RTOL, _logits, block_layer, random_blocks
 
 INT8_LOGITS_RTOL = 0.05
 MAX_PPL_INCREASE = 0.02
@@ -50,11 +57,46 @@ def test_q8_0_weights_within_half_a_step():
     assert err[3, 1].max() == 0
 
 
+def test_activation_quantization_per_32_values():
+    x = torch.tensor([[0.0] * 32 + [1.0, -2.54, 0.01] + [0.0] * 29])
+    q = quantize_activations_q8(x)
+    assert torch.equal(q[0, :32], torch.zeros(32))                  # an all-zero block
+    d = 2.54 / 127
+    torch.testing.assert_close(q[0, 32:35], torch.tensor([round(1 / d) * d, -2.54, 0.0]))
+
+
+@pytest.mark.parametrize("qtype", INT8_ACTIVATION_TYPES)
+def test_int8_activation_kernel_matches_reference(cpu_ops, qtype):
+    rng = np.random.default_rng(3)
+    n, k = 80, 512
+    blocks = random_blocks(qtype, n, k, rng)
+    weight = dequantize_blocks(torch.from_numpy(blocks), qtype).double()
+    bias = torch.randn(n)
+    method = GgufBlockLinearMethod(cpu_ops, qtype, int8_activations=True)
+    reference = GgufBlockLinearMethod(None, qtype, int8_activations=True)
+    assert method.kernel_type == BLOCK_TYPES[qtype].ggml_id | INT8_ACTIVATIONS_FLAG
+    layer = block_layer(method, blocks, k, bias)
+    for m in (1, 2, 3, 5, 8, 9, 20):
+        x = torch.randn(m, k) * torch.logspace(-2, 1, k)       # outlier columns
+        y = method.apply(layer, x, bias)
+        xa = quantize_activations_q8(x) if m <= 8 else x     # beyond 8 rows: float activations
+        ref = F.linear(xa.double(), weight, bias.double())
+        bound = xa.abs().double() @ weight.abs().T
+        excess = ((y.double() - ref).abs() / (bound + 1e-30)).max().item()
+        assert excess <= KERNEL_RTOL, (qtype, m, excess)
+        torch.testing.assert_close(reference.apply(layer, x, bias), y, rtol=1e-5, atol=1e-5)
+        if m <= 8:   # the activations' quantization is visible: not the float product
+            assert (y.double() - F.linear(x.double(), weight, bias.double())).abs().max() > 1e-4
+    # other types ignore the request (their kernels take float activations)
+    assert not GgufBlockLinearMethod(cpu_ops, "Q4_K", int8_activations=True).int8_activations
+
+
 def test_int8_model_layers_logits_and_fast_paths(cpu_ops, llama_dir):
     ours = load_ours(llama_dir, layer_ops="cpu", attn_backend="cpu_paged", quantization="int8")
     dense = load_ours(llama_dir, layer_ops="cpu", attn_backend="cpu_paged")
     decoder = [m for m in ours.model.modules() if isinstance(m, LinearBase)]
-    assert decoder and all(repr(m.linear_method) == "GgufBlockLinearMethod(Q8_0)"
+    assert decoder and all(repr(m.linear_method) == "GgufBlockLinearMethod(Q8_0, int8 "
+                           "activations)"
                            and m.weight.dtype == torch.uint8 for m in decoder)
     assert ours.lm_head.weight.dtype == torch.float32          # the LM head stays float
     assert ours.model.embed_tokens.weight.dtype == torch.float32
@@ -70,7 +112,8 @@ def test_int8_model_layers_logits_and_fast_paths(cpu_ops, llama_dir):
         top2 = b[key].topk(2, dim=-1).values
         clear = (top2[:, 0] - top2[:, 1]) > 2 * (a[key] - b[key]).abs().max()
         assert torch.equal(a[key].argmax(-1)[clear], b[key].argmax(-1)[clear])
-    # the reference path (no C++ operators) gives the same logits as the kernels
+    # the reference path (no C++ operators) gives the same logits as the kernels (prefill:
+    # float activations, the decode step of 4 rows: int8)
     ref = load_ours(llama_dir, quantization="int8")
     assert all(m.linear_method.ops is None for m in ref.model.modules()
                if isinstance(m, LinearBase))
@@ -90,7 +133,8 @@ def test_int8_flag_rules(llama_dir):
 
 def test_smollm2_int8_perplexity_within_2_percent(cpu_ops, smollm2_gguf):
     """SmolLM2 (its Q4_1 file dequantized, then int8) vs the same model in float32, on the demo
-    model's held-out CPython documentation (8 prompts, ~1800 tokens)."""
+    model's held-out CPython documentation (8 prompts, ~1800 tokens), one request and at most 8
+    tokens per step: every forward runs int8 activations, as decoding does."""
     from sluice.frontend.llm import LLM
     from sluice.testing.perplexity import engine_perplexity, heldout_prompts
 
@@ -98,7 +142,7 @@ def test_smollm2_int8_perplexity_within_2_percent(cpu_ops, smollm2_gguf):
     ppl = {}
     for quantization in ("none", "int8"):
         with LLM(str(smollm2_gguf), kv_cache_memory="64MiB", max_model_len=512,
-                 quantization=quantization) as llm:
+                 quantization=quantization, max_num_batched_tokens=8, max_num_seqs=1) as llm:
             ppl[quantization] = engine_perplexity(llm, prompts)[0]
     assert ppl["int8"] <= ppl["none"] * (1 + MAX_PPL_INCREASE), ppl
     assert ppl["int8"] != ppl["none"]     # the int8 weights were used

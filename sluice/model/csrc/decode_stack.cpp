@@ -15,8 +15,9 @@
 //   h, res  = add_rms_norm(attn @ Wo.T (+ b), res)                         post_attention
 //   mlp_out = silu_and_mul(h @ Wgate_up.T) @ Wdown.T
 // and at the end out = add_rms_norm(mlp_out, res) with the final norm's weight.
-// A projection whose `quant_types` entry is a GGML type id (not 0) holds GGUF blocks (uint8
-// [N, row bytes]) and runs gguf_linear (quant_linear.cpp), as GgufBlockLinearMethod does.
+// A projection whose `quant_types` entry is a GGML type id (not 0; | 256 for int8 activations)
+// holds GGUF blocks (uint8 [N, row bytes]) and runs gguf_linear (quant_linear.cpp), as
+// GgufBlockLinearMethod does.
 #include "ops.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>

@@ -1,6 +1,7 @@
 // Linear layers over GGUF (llama.cpp) block-quantized weights, dequantized on the fly.
 //
 //   gguf_linear(out, x, w, type, bias):  out[M, N] = x[M, K] @ dequant(w)[N, K]^T (+ bias[N])
+//                                        (type | 256: x quantized to int8 first, see below)
 //   gguf_dequantize(out, w, type):       out[N, K] = dequant(w)
 //
 // w is uint8 [N, row_bytes]: row n holds output channel n as K / block_elems consecutive blocks
@@ -30,6 +31,13 @@
 // over each (sub-)block computed once per call. Rows are spread over the threads in dynamic
 // chunks. Results equal F.linear on the dequantized weight up to summation order.
 //
+// int8 activations (type | kInt8Activations = 256, for Q4_0, Q4_1, Q8_0 and M <= 8; otherwise
+// the flag is ignored): llama.cpp's dot product. Each x row is quantized per 32-element block
+// (xd = max|x| / 127, xq = round(x / xd), ties to even) and the weight's integer quants meet
+// xq in vpmaddubsw / vpmaddwd (exact int32 sums per block), one FMA per block and row with
+// d_w * xd; about 1.8x the float path's speed at one row, 1.3x at 8 (Zen 3, one thread).
+// Results equal x_q @ dequant(w)^T for x_q = xq * xd, up to summation order.
+//
 // Prefill / batched decode (more rows): each work item dequantizes a panel of weight rows into
 // a float32 scratch tile (in L2) and runs a single-threaded BLAS sgemm of all M rows against
 // it, so one dequantization serves every row of x.
@@ -58,6 +66,11 @@ namespace {
 
 constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14;
 constexpr int kMaxQuantSkinnyRows = 8;
+constexpr int64_t kInt8Activations = 256;  // a flag on the type id (see the file comment)
+
+bool takes_int8_activations(int64_t type) {
+  return type == kQ4_0 || type == kQ4_1 || type == kQ8_0;
+}
 
 struct QuantFormat {
   int64_t block_elems, block_bytes, sub_elems;  // sub_elems: the span of one x-sum (0: none)
@@ -355,6 +368,56 @@ void dot_row(int64_t type, const uint8_t* w, int64_t k, const float* x, int64_t 
   for (int r = 0; r < R; ++r) out[r * ldo] = hsum(acc[r]) + off[r] + b;
 }
 
+// ---- int8 activations (llama.cpp's Q8 x Q4/Q8 dot) ---------------------------------------
+// out[r * ldo] = sum_i d_w,i * xd[r][i] * (q_w,i . xq_r,i) + c_w,i * xs[r][i] (+ b): x row r
+// quantized per 32-element block i (xq int8, scale xd, xs = xd * sum(xq)); the weight's
+// quants q (Q4: 0..15, Q8_0: -127..127) meet xq in vpmaddubsw (u8 x s8 pairs summed in int16:
+// 2 * 15 * 127 and 2 * 128 * 127 fit) + vpmaddwd into int32, one FMA per block and row.
+template <int R>
+void dot_row_a8(int64_t type, const uint8_t* w, int64_t k, const int8_t* xq, const float* xd,
+                const float* xs, float* out, int64_t ldo, float b) {
+  __m256 acc[R];
+  float off[R];
+  for (int r = 0; r < R; ++r) {
+    acc[r] = _mm256_setzero_ps();
+    off[r] = 0.f;
+  }
+  const int64_t nb = k / 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  auto xv = [&](int r, int64_t i) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * k + i * 32));
+  };
+  if (type == kQ8_0) {
+    for (int64_t i = 0; i < nb; ++i) {
+      const uint8_t* blk = w + i * 34;
+      const float d = f16(blk);
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+      const __m256i aq = _mm256_abs_epi8(q);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, _mm256_sign_epi8(xv(r, i), q)), ones);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[r * nb + i]), acc[r]);
+      }
+    }
+  } else {  // Q4_0, Q4_1
+    const int64_t bytes = type == kQ4_1 ? 20 : 18;
+    const __m256i low = _mm256_set1_epi8(15);
+    for (int64_t i = 0; i < nb; ++i) {
+      const uint8_t* blk = w + i * bytes;
+      const float d = f16(blk), m = type == kQ4_1 ? f16(blk + 2) : -8.f * d;
+      const __m128i q = load128(blk + (type == kQ4_1 ? 4 : 2));
+      const __m256i uq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), low);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(uq, xv(r, i)), ones);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[r * nb + i]), acc[r]);
+        off[r] += m * xs[r * nb + i];
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r * ldo] = hsum(acc[r]) + off[r] + b;
+}
+
 #else
 // ---- other CPUs (the per-machine build): the scalar reference ------------------------------
 
@@ -370,6 +433,25 @@ void dot_row(int64_t type, const uint8_t* w, int64_t k, const float* x, int64_t 
   dequant_row_scalar(type, w, row.data(), k);
   for (int r = 0; r < R; ++r) out[r * ldo] = sluice::dot(x + r * ldx, row.data(), k) + b;
 }
+
+// The same sums as the vector code: the weight dequantized, the activations xq * xd.
+template <int R>
+void dot_row_a8(int64_t type, const uint8_t* w, int64_t k, const int8_t* xq, const float* xd,
+                const float*, float* out, int64_t ldo, float b) {
+  thread_local std::vector<float> row;
+  row.resize(k);
+  dequant_row_scalar(type, w, row.data(), k);
+  const int64_t nb = k / 32;
+  for (int r = 0; r < R; ++r) {
+    float s = 0.f;
+    for (int64_t i = 0; i < nb; ++i) {
+      float t = 0.f;
+      for (int j = 0; j < 32; ++j) t += row[i * 32 + j] * xq[r * k + i * 32 + j];
+      s += t * xd[r * nb + i];
+    }
+    out[r * ldo] = s + b;
+  }
+}
 #endif
 
 template <int R>
@@ -382,6 +464,15 @@ void skinny_quant_linear(int64_t type, const uint8_t* wp, int64_t ldw, const flo
                bp != nullptr ? bp[c] : 0.f);
 }
 
+template <int R>
+void skinny_quant_linear_a8(int64_t type, const uint8_t* wp, int64_t ldw, const int8_t* xq,
+                            const float* xd, const float* xs, const float* bp, float* op,
+                            int64_t k, int64_t n, int64_t chunk) {
+#pragma omp parallel for schedule(dynamic, chunk)
+  for (int64_t c = 0; c < n; ++c)
+    dot_row_a8<R>(type, wp + c * ldw, k, xq, xd, xs, op + c, n, bp != nullptr ? bp[c] : 0.f);
+}
+
 int64_t num_threads() { return std::max(1, omp_get_max_threads()); }
 
 }  // namespace
@@ -390,6 +481,28 @@ int64_t gguf_block_elems(int64_t type) { return quant_format(type).block_elems; 
 int64_t gguf_block_bytes(int64_t type) { return quant_format(type).block_bytes; }
 
 namespace {
+// x [m, k] (row stride ldx) per 32-element block i of row r: xd = max|x| / 127, xq = the
+// nearest integer (ties to even) of x * (1 / xd), xs = xd * sum(xq); an all-zero block: 0s.
+void quantize_activations(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq,
+                          float* xd, float* xs) {
+  const int64_t nb = k / 32;
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t i = 0; i < nb; ++i) {
+      const float* v = x + r * ldx + i * 32;
+      float amax = 0.f;
+      for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(v[j]));
+      const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+      int sum = 0;
+      for (int j = 0; j < 32; ++j) {
+        const int q = static_cast<int>(std::nearbyint(v[j] * inv));
+        xq[r * k + i * 32 + j] = static_cast<int8_t>(q);
+        sum += q;
+      }
+      xd[r * nb + i] = d;
+      xs[r * nb + i] = d * static_cast<float>(sum);
+    }
+}
+
 void check_weight(const at::Tensor& w, int64_t type, int64_t k, const char* who) {
   const QuantFormat f = quant_format(type);
   TORCH_CHECK(w.dim() == 2 && w.dtype() == at::kByte && w.device().is_cpu() && w.stride(1) == 1,
@@ -415,6 +528,8 @@ void gguf_dequantize(at::Tensor out, at::Tensor w, int64_t type) {
 
 void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
                  std::optional<at::Tensor> bias) {
+  const bool int8_act = (type & kInt8Activations) != 0;
+  type &= ~kInt8Activations;
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2, "gguf_linear: 2-D x and out expected");
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   check_weight(w, type, k, "gguf_linear");
@@ -438,6 +553,27 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t threads = num_threads();
+
+  if (m <= kMaxQuantSkinnyRows && int8_act && takes_int8_activations(type)) {
+    const int64_t nb = k / 32;
+    std::vector<int8_t> xq(m * k);
+    std::vector<float> xd(m * nb), xs(m * nb);
+    quantize_activations(xp, ldx, m, k, xq.data(), xd.data(), xs.data());
+    const int64_t chunk = std::clamp<int64_t>(n / (8 * threads), 4, 64);
+    const int8_t* q = xq.data();
+    const float *d = xd.data(), *s = xs.data();
+    switch (m) {
+      case 1: skinny_quant_linear_a8<1>(type, wp, ldw, q, d, s, bp, op, k, n, chunk); break;
+      case 2: skinny_quant_linear_a8<2>(type, wp, ldw, q, d, s, bp, op, k, n, chunk); break;
+      case 3: skinny_quant_linear_a8<3>(type, wp, ldw, q, d, s, bp, op, k, n, chunk); break;
+      case 4: skinny_quant_linear_a8<4>(type, wp, ldw, q, d, s, bp, op, k, n, chunk); break;
+      case 5: skinny_quant_linear_a8<5>(type, wp, ldw, q, d, s, bp, op, k, n, chunk); break;
+      case 6: skinny_quant_linear_a8<6>(type, wp, ldw, q, d, s, bp, op, k, n, chunk); break;
+      case 7: skinny_quant_linear_a8<7>(type, wp, ldw, q, d, s, bp, op, k, n, chunk); break;
+      default: skinny_quant_linear_a8<8>(type, wp, ldw, q, d, s, bp, op, k, n, chunk); break;
+    }
+    return;
+  }
 
   if (m <= kMaxQuantSkinnyRows) {
     const QuantFormat f = quant_format(type);
@@ -485,3 +621,4 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
     }
   }
 }
+

@@ -27,6 +27,11 @@ more rows dequantize panels of rows into an fp32 tile and run sgemm on it. Anyth
 C++ operators, another activation dtype, autograd) takes `dequantize_blocks` (gguf-py's numpy
 decoder, the reference) and F.linear: exact, but it dequantizes the whole weight per call.
 
+`int8_activations` (Q4_0, Q4_1, Q8_0; `--quantization int8` sets it, a GGUF file's blocks run
+float activations): up to MAX_INT8_ACTIVATION_ROWS rows, the activations are quantized per
+32-element block (`quantize_activations_q8`) and the kernels compute integer dot products;
+the reference path applies the same quantization before F.linear.
+
 The fused decode stack lists this method in its `FastPathSupport` (its projections run
 `gguf_linear` in C++); the greedy screen, which reads a float LM head, does not and steps aside.
 `--quantization int8` (`sluice.model.int8_quant`) gives float checkpoints' linear layers this
@@ -68,6 +73,20 @@ BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
     BlockType("Q4_K", 12, 256, 144), BlockType("Q6_K", 14, 256, 210))}
 """The GGML types whose blocks the linear layers run directly, by GGUF type name."""
 
+INT8_ACTIVATION_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+INT8_ACTIVATIONS_FLAG = 256     # or'ed into the type id given to gguf_linear
+MAX_INT8_ACTIVATION_ROWS = 8    # the kernels' row limit for int8 activations (kMaxQuantSkinnyRows)
+
+
+def quantize_activations_q8(x: torch.Tensor) -> torch.Tensor:
+    """float32 [..., K] (K a multiple of 32) -> the same shape, each 32-element block b of a row
+    replaced by xq * xd: xd = max|x_b| / 127, xq = round(x_b * (1 / xd)) (ties to even), as the
+    kernels quantize activations (an all-zero block stays 0)."""
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return (torch.round(blocks * inv) * d).reshape(x.shape)
+
 
 def dequantize_blocks(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
     """uint8 [N, row bytes] blocks of type `qtype` -> float32 [N, in_features], decoded by
@@ -87,13 +106,21 @@ class GgufBlockLinearMethod(LinearMethod):
     the given dtype, or None); `apply` computes x @ dequant(W).T (+ bias) through `ops`'
     `gguf_linear` where it applies (float32 CPU activations), else the reference."""
 
-    def __init__(self, ops: ModuleType | None, qtype: str) -> None:
+    def __init__(self, ops: ModuleType | None, qtype: str,
+                 int8_activations: bool = False) -> None:
         self.ops = ops
         self.block_type = BLOCK_TYPES[qtype]
+        self.int8_activations = int8_activations and qtype in INT8_ACTIVATION_TYPES
 
     @property
     def qtype(self) -> str:
         return self.block_type.name
+
+    @property
+    def kernel_type(self) -> int:
+        """The type id `gguf_linear` (and the fused decode stack) take: the GGML id, with
+        INT8_ACTIVATIONS_FLAG set for int8 activations."""
+        return self.block_type.ggml_id | (INT8_ACTIVATIONS_FLAG if self.int8_activations else 0)
 
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int, *,
                        bias: bool, dtype: torch.dtype | None,
@@ -129,10 +156,12 @@ class GgufBlockLinearMethod(LinearMethod):
         if self.ops is None or not fast_path_ok(x2, bias) or x.device != weight.device \
                 or (bias is not None and not bias.is_contiguous()):
             w = self.dequantized_weight(layer).to(device=x.device, dtype=x.dtype)
+            if self.int8_activations and x2.shape[0] <= MAX_INT8_ACTIVATION_ROWS:
+                x = quantize_activations_q8(x.float()).to(x.dtype)
             return F.linear(x, w, bias)
         out = x2.new_empty(x2.shape[0], weight.shape[0])
-        self.ops.gguf_linear(out, x2, weight, self.block_type.ggml_id, bias)
+        self.ops.gguf_linear(out, x2, weight, self.kernel_type, bias)
         return out.view(*x.shape[:-1], weight.shape[0])
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.qtype})"
+        return f"{type(self).__name__}({self.qtype}{', int8 activations' if self.int8_activations else ''})"
