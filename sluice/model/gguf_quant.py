@@ -24,8 +24,11 @@ Modes (`ModelConfig.quantization`):
     'gguf'          keep blocks whatever the layer ops (without the C++ operators the products
                     run the pure-torch reference, which dequantizes per call: slow)
     'none'          dequantize everything (the float path)
-    'int8'          dequantize everything; the loader then gives the linear layers int8
-                    weights (`sluice.model.layers.int8_linear`)
+    'int8'          as None, and the kept Q4_0/Q4_1/Q8_0 blocks (linear layers, embedding
+                    lookups aside, LM head) compute with int8 activations in decode steps
+                    (`GgufBlockLinearMethod.int8_activations`, llama.cpp's dot products); the
+                    loader then quantizes the linear layers left float to Q8_0
+                    (`sluice.model.int8_quant`)
 With LoRA enabled nothing is kept (the adapters' slots take the base weight's float dtype).
 """
 
@@ -67,7 +70,7 @@ def _wanted(mode: str | None, ops: ModuleType | None, dtype: torch.dtype,
     if mode not in QUANTIZATION_MODES:
         raise ConfigError(f"--quantization {mode!r} is not supported; choose gguf, none or "
                           "int8 (or leave it unset).")
-    if mode in ("none", "int8"):  # int8 quantizes the dequantized float weights
+    if mode == "none":
         return False
     if lora_enabled:
         logger.info("GGUF weights are dequantized to %s: LoRA adapters need float base "
@@ -106,7 +109,7 @@ def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path, mode: str | None,
         if module.in_features % BLOCK_TYPES[qtype].block_elems:
             why_not[f"{qtype} (row shards of {module.in_features} columns split blocks)"] += 1
             continue
-        method = methods.setdefault(qtype, GgufBlockLinearMethod(ops, qtype))
+        method = methods.setdefault(qtype, GgufBlockLinearMethod(ops, qtype, mode == "int8"))
         bias = module.bias
         module.linear_method = method
         method.create_weights(module, module.in_features, module.out_features,
@@ -114,7 +117,7 @@ def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path, mode: str | None,
                               dtype=bias.dtype if bias is not None else dtype,
                               weight_loader=module.weight_loader)
         kept.update(hf_names)
-    kept |= _keep_vocab_blocks(model, types, methods, ops)
+    kept |= _keep_vocab_blocks(model, types, methods, ops, mode == "int8")
     kept_types = Counter(types[h] for h in kept)
     rest = {h: t for h, t in types.items() if h not in kept}
     logger.info("GGUF weights kept quantized: %s; dequantized to %s: %s%s.",
@@ -125,22 +128,22 @@ def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path, mode: str | None,
 
 
 def _vocab_method(qtype: str, cols: int, methods: dict[str, GgufBlockLinearMethod],
-                  ops: ModuleType | None) -> GgufBlockLinearMethod | None:
+                  ops: ModuleType | None, int8: bool) -> GgufBlockLinearMethod | None:
     if qtype not in BLOCK_TYPES or cols % BLOCK_TYPES[qtype].block_elems:
         return None
-    return methods.setdefault(qtype, GgufBlockLinearMethod(ops, qtype))
+    return methods.setdefault(qtype, GgufBlockLinearMethod(ops, qtype, int8))
 
 
 def _keep_vocab_blocks(model: nn.Module, types: dict[str, str],
                        methods: dict[str, GgufBlockLinearMethod],
-                       ops: ModuleType | None) -> set[str]:
+                       ops: ModuleType | None, int8: bool) -> set[str]:
     """Blocks for the embedding and the LM head where their types allow (module doc); returns
     the HF names kept."""
     kept: set[str] = set()
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
     name = "model.embed_tokens.weight"
     if embed is not None and name in types:
-        method = _vocab_method(types[name], embed.embedding_dim, methods, ops)
+        method = _vocab_method(types[name], embed.embedding_dim, methods, ops, int8)
         if method is not None:
             rows = embed.weight.shape[0]
             embed.weight = nn.Parameter(torch.empty(
@@ -160,7 +163,7 @@ def _keep_vocab_blocks(model: nn.Module, types: dict[str, str],
     if source not in types:                                            # later pipeline stage
         return kept
     cols = head.weight.shape[1]
-    method = _vocab_method(types[source], cols, methods, ops)
+    method = _vocab_method(types[source], cols, methods, ops, int8)
     if method is not None:
         head.linear_method = method
         method.create_weights(head, cols, head.weight.shape[0], bias=False,

@@ -24,7 +24,11 @@ were measured on SmolLM2-135M-Instruct's held-out perplexity at +2.8% with 127 l
 (20.95 -> 21.53 / 23.44): activation outliers need finer scales than a token's. Per-block
 activations with per-block weights: +0.62% (21.08) with every forward on the int8 path.
 
-The embedding and the LM head stay float (as vLLM's int8 schemes keep them), as does a layer
+A GGUF model keeps its file's blocks (`sluice.model.gguf_quant` with mode 'int8'): its
+Q4_0/Q4_1/Q8_0 blocks, the LM head's included, compute with int8 activations in decode steps,
+and only linear layers the file stores in another form are quantized here.
+
+The embedding and the LM head of a float checkpoint stay float (as vLLM's int8 schemes keep them), as does a layer
 whose in_features is not a multiple of 32 (a row-parallel shard) — logged with the count.
 """
 

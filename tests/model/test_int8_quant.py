@@ -35,7 +35,8 @@ from sluice.model.layers.gguf_linear import (BLOCK_TYPES, INT8_ACTIVATION_TYPES,
 from sluice.model.layers.linear import LinearBase
 
 from _sluice_model_helpers import load_ours
-from test_gguf_quantized import KERNEL_RTOL, _logits, block_layer, random_blocks
+from test_gguf_quantized import (KERNEL_RTOL, _logits, block_layer, random_blocks,  # noqa: F401
+                                 tiny_gguf)
 
 INT8_LOGITS_RTOL = 0.05
 MAX_PPL_INCREASE = 0.02
@@ -146,3 +147,32 @@ def test_smollm2_int8_perplexity_within_2_percent(cpu_ops, smollm2_gguf):
             ppl[quantization] = engine_perplexity(llm, prompts)[0]
     assert ppl["int8"] <= ppl["none"] * (1 + MAX_PPL_INCREASE), ppl
     assert ppl["int8"] != ppl["none"]     # the int8 weights were used
+
+
+def test_gguf_int8_keeps_the_files_blocks_with_int8_activations(cpu_ops, tiny_gguf):
+    """On a GGUF model int8 keeps the file's blocks (no re-quantization); the Q8_0 / Q4_1 ones
+    (gate/up, down, embedding-tied LM head) compute with int8 activations, Q4_K (attention)
+    with float activations; logits close to the float-activation run's, and the engine runs."""
+    from sluice.frontend.llm import LLM
+    from sluice.sampling_params import SamplingParams
+
+    ours = load_ours(tiny_gguf, layer_ops="cpu", attn_backend="cpu_paged", quantization="int8")
+    plain = load_ours(tiny_gguf, layer_ops="cpu", attn_backend="cpu_paged")
+    layer = ours.model.layers[0]
+    assert repr(layer.mlp.gate_up_proj.linear_method) == (
+        "GgufBlockLinearMethod(Q8_0, int8 activations)")
+    assert repr(layer.mlp.down_proj.linear_method) == (
+        "GgufBlockLinearMethod(Q4_1, int8 activations)")
+    assert repr(layer.self_attn.qkv_proj.linear_method) == "GgufBlockLinearMethod(Q4_K)"
+    assert repr(ours.lm_head.linear_method) == "GgufBlockLinearMethod(Q8_0, int8 activations)"
+    for a, b in zip(ours.parameters(), plain.parameters()):
+        assert torch.equal(a, b)                                  # the file's bytes, as kept
+    a, b = _logits(ours), _logits(plain)
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("p"))   # prefill: float
+    worst = max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in a if k.startswith("d"))
+    assert 0 < worst <= INT8_LOGITS_RTOL, worst
+    with LLM(str(tiny_gguf), kv_cache_memory="16MiB", max_model_len=256,
+             quantization="int8") as llm:
+        out = llm.generate(["The quick brown fox"], SamplingParams(temperature=0.0,
+                                                                   max_tokens=8, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 8
