@@ -14,7 +14,10 @@ engine, rotating which goes first, and the table reports medians over rounds:
   (ignore EOS), seed 0 — `sluice bench throughput`'s W1.
 * **perplexity**: exp(-mean prompt logprob) over the demo model's held-out CPython
   documentation (`sluice/assets/demo_model/heldout.txt`, ~1000-character prompts; the first
-  `--ppl-prompts`), once per engine (deterministic), with its ratio to the first variant.
+  `--ppl-prompts`), once per variant (deterministic), with its ratio to the first variant, on
+  a separate engine of that variant that computes at most 8 tokens per step (one request at a
+  time, chunked prefill), so every forward takes the decode-sized kernels (int8's int8
+  activations run up to 8 rows; prefill-sized steps compute in float).
 """
 
 from __future__ import annotations
@@ -64,9 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     ppl_prompts = heldout_prompts(args.ppl_prompts)
 
     results: dict[str, dict[str, list[float]]] = {name: {} for name in engines}
-    for name, llm in engines.items():   # warm-up; perplexity is deterministic: once
+    for name, opts in variants.items():   # perplexity is deterministic: once, 8-token steps
+        with LLM(model, kv_cache_memory=args.kv_cache_memory, max_num_batched_tokens=8,
+                 max_num_seqs=1, max_model_len=1024, **opts) as llm:
+            results[name]["perplexity"] = [engine_perplexity(llm, ppl_prompts)[0]]
+    for llm in engines.values():   # warm-up
         _single(llm, single[0], 8, ignore_eos=True)
-        results[name]["perplexity"] = [engine_perplexity(llm, ppl_prompts)[0]]
     names = list(engines)
     for round_index in range(args.rounds):
         order = names[round_index % len(names):] + names[:round_index % len(names)]
