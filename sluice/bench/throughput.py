@@ -148,11 +148,22 @@ def _model_vocab_size(model: str) -> int:
         return int(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"--model: cannot read vocab_size from {model}/config.json ({e}). "
-                          "Fix: pass a model directory in Hugging Face format.") from None
+                          "Fix: pass a model directory in Hugging Face format or a .gguf "
+                          "file.") from None
+
+
+def _model_dir(model: str) -> str:
+    """The HF-format directory holding `model`'s config and tokenizer: `model` itself, or the
+    converted sidecar of a .gguf file (`sluice.model_spec.resolve.resolve_model`)."""
+    if Path(model).is_file():
+        from sluice.model_spec.resolve import resolve_model as resolve_local
+        return str(resolve_local(model))
+    return model
 
 
 def build_workload(args: argparse.Namespace, model: str, seed: int) -> list[BenchRequest]:
     """The requests described by the workload flags."""
+    model = _model_dir(model)
     tokenizer = _load_tokenizer(model)
     vocab_size = _model_vocab_size(model)
     if args.dataset is not None:
@@ -197,6 +208,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """
     cfg = engine_config_from_bench_args(args)
     model = str(cfg.model.model)
+    if args.backend in ("hf", "both") and Path(model).is_file():
+        raise ConfigError(f"--backend {args.backend}: HF transformers runs a model directory in "
+                          f"Hugging Face format, not the GGUF file {model}. Fix: --backend "
+                          "sluice, or pass an HF directory.")
     requests = build_workload(args, model, cfg.model.seed)
     kwargs = engine_kwargs(cfg)
     results: dict[str, BackendResult] = {}

@@ -148,3 +148,17 @@ def test_sluice_bench_cli_group(llama_dir, capsys):
     assert main(["bench", "throughput", str(llama_dir), "--backend", "hf", "--num-prompts",
                  "2", "--input-len-min", "3", "--input-len-max", "5", "--output-len", "2"]) == 0
     assert "[hf] Total num output tokens:  4" in capsys.readouterr().out
+
+
+def test_cli_takes_a_gguf_file(smollm2_gguf, monkeypatch, capsys):
+    """A .gguf model: the workload reads its converted sidecar's config and tokenizer, the
+    engine gets the file; the HF backend, which cannot load it, is refused by name."""
+    FakeLLM.instances.clear()
+    monkeypatch.setattr(backends, "_default_llm_factory", FakeLLM)
+    assert throughput.main([str(smollm2_gguf), "--num-prompts", "2", "--input-len", "8",
+                            "--output-len", "3"]) == 0
+    assert FakeLLM.instances[-1].model == str(smollm2_gguf)
+    assert len(FakeLLM.instances[-1].params) == 2
+    assert "[sluice] Throughput: " in capsys.readouterr().out
+    assert throughput.main([str(smollm2_gguf), "--backend", "both", "--num-prompts", "2"]) == 2
+    assert "not the GGUF file" in capsys.readouterr().err
