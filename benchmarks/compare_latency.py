@@ -19,6 +19,13 @@ One request, prompt = 128 token ids (seed 0, the reference model's non-special i
 sluice runs in this interpreter (`LLM`, prefix caching off, defaults otherwise); llama.cpp runs
 its high-level API (`llama_cpp.Llama.generate`, n_threads=2, f32 GGUF) in the `llamacpp` venv of
 compare_peers.py. Both read the same prompt from `<work-dir>/latency-prompt.json`.
+
+`--gguf FILE` (e.g. ~/.cache/sluice-tests/SmolLM2-135M-Instruct.Q4_1.gguf): both backends run
+that quantized file instead (needs only `compare_peers.py --setup`); sluice once per
+`--sluice-quantization` value (default `default,int8`: the file's blocks with float
+activations, and with int8 activations as llama.cpp computes them), and the floor counts the
+file's bytes per decode token (every weight but the embedding table, plus the LM head: the
+embedding's blocks again when tied).
 """
 
 from __future__ import annotations
@@ -113,9 +120,19 @@ def decode_weight_bytes(model: str) -> int:
     return total
 
 
-def sluice_latency(model: str, prompt: list[int]) -> dict:
+def gguf_decode_weight_bytes(path: Path) -> int:
+    """Bytes of a GGUF file's weights one decode token reads (module doc)."""
+    from gguf import GGUFReader
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
+    total = sum(n for name, n in tensors.items() if name != "token_embd.weight")
+    if "output.weight" not in tensors:
+        total += tensors.get("token_embd.weight", 0)
+    return total
+
+
+def sluice_latency(model: str, prompt: list[int], quantization: str | None = None) -> dict:
     from sluice import LLM, SamplingParams
-    llm = LLM(model, enable_prefix_caching=False)
+    llm = LLM(model, enable_prefix_caching=False, quantization=quantization)
 
     def run(n: int) -> float:
         params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
@@ -133,15 +150,16 @@ def sluice_latency(model: str, prompt: list[int]) -> dict:
     return {"ttft_s": ttft, "tpot_s": (full - ttft) / (OUTPUT_LEN - 1)}
 
 
-def llamacpp_latency(work: Work, prompt_file: Path) -> dict:
-    if not work.py("llamacpp").exists() or not work.gguf.exists():
+def llamacpp_latency(work: Work, prompt_file: Path, gguf: Path | None = None) -> dict:
+    gguf = gguf or work.gguf
+    if not work.py("llamacpp").exists() or not gguf.exists():
         raise RuntimeError("llama.cpp not set up: run compare_peers.py --setup --convert")
     runner = work.root / "runner_llamacpp_latency.py"
     runner.write_text(LLAMACPP_RUNNER)
     out = work.root / "results" / "latency-llama.cpp.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([str(work.py("llamacpp")), str(runner), str(prompt_file), str(out),
-                    str(work.gguf)], check=True, timeout=900)
+                    str(gguf)], check=True, timeout=900)
     return json.loads(out.read_text())
 
 
@@ -150,52 +168,65 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/sluice-peers"))
     parser.add_argument("--model", default="reference")
     parser.add_argument("--skip-llamacpp", action="store_true")
+    parser.add_argument("--gguf", type=Path, default=None,
+                        help="run this GGUF file in both backends (module doc)")
+    parser.add_argument("--sluice-quantization", default="default,int8",
+                        help="with --gguf: sluice's --quantization values, comma separated")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
     from sluice.bench.datasets import random_requests
     from sluice.bench.reference_model import resolve_model
-    from sluice.bench.throughput import _load_tokenizer, _model_vocab_size
+    from sluice.bench.throughput import _load_tokenizer, _model_dir, _model_vocab_size
 
     work = Work(args.work_dir)
     work.root.mkdir(parents=True, exist_ok=True)
-    model = resolve_model(args.model)
-    prompt = list(random_requests(1, 1, _model_vocab_size(model), 0, input_len=PROMPT_LEN,
-                                  tokenizer=_load_tokenizer(model))[0].prompt_token_ids)
+    model = str(args.gguf.expanduser()) if args.gguf else resolve_model(args.model)
+    meta = _model_dir(str(model))
+    prompt = list(random_requests(1, 1, _model_vocab_size(meta), 0, input_len=PROMPT_LEN,
+                                  tokenizer=_load_tokenizer(meta))[0].prompt_token_ids)
     prompt_file = work.root / "latency-prompt.json"
     prompt_file.write_text(json.dumps(prompt))
 
-    weight_bytes = decode_weight_bytes(model)
+    weight_bytes = (gguf_decode_weight_bytes(Path(model)) if args.gguf
+                    else decode_weight_bytes(model))
+    variants = ([None if q == "default" else q for q in args.sluice_quantization.split(",")]
+                if args.gguf else [None])
     rows: dict[str, dict] = {}
-    log("sluice ...")
-    rows["sluice"] = between_bandwidth_readings(lambda: sluice_latency(model, prompt),
-                                                weight_bytes)
+    for q in variants:
+        name = "sluice" if q is None else f"sluice {q}"
+        log(f"{name} ...")
+        rows[name] = between_bandwidth_readings(
+            lambda q=q: sluice_latency(model, prompt, q), weight_bytes)
     if not args.skip_llamacpp:
         log("llama.cpp ...")
         try:
             rows["llama.cpp"] = between_bandwidth_readings(
-                lambda: llamacpp_latency(work, prompt_file), weight_bytes)
+                lambda: llamacpp_latency(work, prompt_file, args.gguf), weight_bytes)
         except Exception as e:  # a peer that fails is a row with the reason
             rows["llama.cpp"] = {"error": f"{type(e).__name__}: {e}"[:300]}
 
     print(f"prompt {PROMPT_LEN} token ids; floor = {weight_bytes / 1e6:.1f} MB of weights per "
           f"token / the bandwidth read around each backend's runs")
-    print(f"{'backend':<12}{'TTFT(128) ms':>14}{'TPOT ms':>10}{'GB/s before/after':>19}"
+    print(f"{'backend':<14}{'TTFT(128) ms':>14}{'TPOT ms':>10}{'GB/s before/after':>19}"
           f"{'floor ms':>10}{'TPOT/floor':>12}")
     for name, r in rows.items():
         if "error" in r:
-            print(f"{name:<12}  {r['error']}")
+            print(f"{name:<14}  {r['error']}")
             continue
         before, after = r["bandwidth_gbs"]
-        print(f"{name:<12}{r['ttft_s'] * 1e3:>14.1f}{r['tpot_s'] * 1e3:>10.2f}"
+        print(f"{name:<14}{r['ttft_s'] * 1e3:>14.1f}{r['tpot_s'] * 1e3:>10.2f}"
               f"{before:>10.1f} / {after:<6.1f}{r['floor_s'] * 1e3:>10.2f}"
               f"{r['tpot_s'] / r['floor_s']:>11.2f}x")
     ok = {k: v for k, v in rows.items() if "error" not in v}
     if "llama.cpp" in ok:
-        s, llama = ok["sluice"], ok["llama.cpp"]
-        print(f"sluice/llama.cpp: TTFT {s['ttft_s'] / llama['ttft_s']:.2f}x, "
-              f"TPOT {s['tpot_s'] / llama['tpot_s']:.2f}x (below 1 = sluice faster)")
-    report = {"rows": rows, "decode_weight_bytes": weight_bytes, "prompt_len": PROMPT_LEN,
-              "output_len": OUTPUT_LEN}
+        llama = ok["llama.cpp"]
+        for name, s in ok.items():
+            if name != "llama.cpp":
+                print(f"{name}/llama.cpp: TTFT {s['ttft_s'] / llama['ttft_s']:.2f}x, "
+                      f"TPOT {s['tpot_s'] / llama['tpot_s']:.2f}x (below 1 = sluice faster)")
+    report = {"model": str(model), "rows": rows, "decode_weight_bytes": weight_bytes,
+              "prompt_len": PROMPT_LEN, "output_len": OUTPUT_LEN}
+    (work.root / "results").mkdir(parents=True, exist_ok=True)
     (work.root / "results" / "latency.json").write_text(json.dumps(report, indent=2))
     return 0
 
