@@ -65,9 +65,9 @@ def test_kernel_matches_torch_oracle(kernel, heads, kv_heads, head_dim, mix):
 @pytest.mark.parametrize("seq_lens", [[1000], [700, 3, 64], list(range(5, 500, 20))],
                          ids=["one-long", "few", "many"])
 def test_decode_split_and_unsplit_paths_match_oracle(kernel, seq_lens):
-    """One kernel call over all requests (as the fused decode step makes it). Few requests
-    split their keys into chunks merged by log-sum-exp (split-KV), including chunks past a
-    short request's end; many requests take one work item each. Both match torch."""
+    """One kernel call over all requests (as the fused decode step makes it). Rows longer
+    than one key chunk (128) split their keys into chunks merged by log-sum-exp (split-KV);
+    shorter rows take one work item each. Both match torch."""
     rng = np.random.default_rng(len(seq_lens))
     num_blocks = 2 + sum(-(-s // BLOCK) for s in seq_lens)
     metadata = _random_step(rng, [1] * len(seq_lens), seq_lens, num_blocks)
@@ -80,6 +80,28 @@ def test_decode_split_and_unsplit_paths_match_oracle(kernel, seq_lens):
     kernel.paged_decode_attention(got, q, cache, metadata.block_table[:, :nb].long().reshape(-1),
                                   nb, metadata.seq_lens, 0.2)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_row_does_not_depend_on_the_other_rows(kernel):
+    """A row's result is bit-identical alone and in any batch (its key chunks follow its own
+    length): speculative verification steps (several rows) then equal plain decode steps,
+    which int8 activations would otherwise amplify into different tokens."""
+    rng = np.random.default_rng(7)
+    seq_lens = [1000, 3, 64, 129, 300, 2000]
+    num_blocks = 2 + sum(-(-s // BLOCK) for s in seq_lens)
+    metadata = _random_step(rng, [1] * len(seq_lens), seq_lens, num_blocks)
+    cache = torch.randn(2, num_blocks, BLOCK, 2, 32)
+    n = len(seq_lens)
+    q = torch.randn(n, 8, 32)
+    table = metadata.block_table.long()
+    nb = table.shape[1]
+    batch = torch.empty_like(q)
+    kernel.paged_decode_attention(batch, q, cache, table.reshape(-1), nb, metadata.seq_lens, 0.2)
+    for r in range(n):
+        alone = torch.empty_like(q[r:r + 1])
+        kernel.paged_decode_attention(alone, q[r:r + 1].contiguous(), cache,
+                                      table[r].contiguous(), nb, metadata.seq_lens[r:r + 1], 0.2)
+        assert torch.equal(alone[0], batch[r]), r
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 64), (6, 3, 20)])

@@ -11,12 +11,13 @@
 // Key t of request n lives at block block_ids[n*nb + t/B], offset t%B.
 // Sums and exp come from vec_math.h (vectorised without -ffast-math).
 //
-// Work item i = (request n = i / S, key chunk c = i % S). A chunk is a run of whole blocks, so
-// the item reads cached token rows (all kv heads, contiguous) in one forward sweep, which the
-// hardware prefetcher follows. With many requests S = 1 and the item writes the normalised
-// output. With few requests (a single long decode) the keys are split (S > 1, "split-KV"):
-// each item keeps its chunk's running max m, exp-sum l and unnormalised sum acc per query head,
-// and a second pass merges the chunks: out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c.
+// Work item = (request n, key chunk c): row n's keys in chunks of kChunkTokens (whole blocks),
+// cut by its own length only, so a row's result never depends on the other rows of the step.
+// A chunk is a run of whole blocks, so the item reads cached token rows (all kv heads,
+// contiguous) in one forward sweep, which the hardware prefetcher follows. A row of one chunk
+// writes its normalised output. A longer row is split ("split-KV"): each item keeps its
+// chunk's running max m, exp-sum l and unnormalised sum acc per query head, and a second pass
+// merges the chunks: out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c.
 #include "ops.h"
 #include "vec_math.h"
 
@@ -28,7 +29,7 @@
 
 namespace {
 
-constexpr int64_t kMinChunkTokens = 64;  // a split chunk is at least this many keys
+constexpr int64_t kChunkTokens = 128;  // keys per chunk of a row (rounded to blocks)
 constexpr int64_t kPrefetchRows = 8;     // rows ahead the key/value sweeps prefetch (into L2)
 
 struct Geometry {
@@ -219,47 +220,46 @@ void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
   const float fscale = static_cast<float>(scale);
   const int64_t hd = n_heads * d, ldq = q.stride(0);
 
-  // S chunks per request so that there are about 4 items per thread; a chunk is a whole number
-  // of blocks and at least kMinChunkTokens keys, so short sequences are not split.
-  const int64_t max_len = n_reqs ? *std::max_element(lens, lens + n_reqs) : 0;
-  const int64_t want = (4 * omp_get_max_threads() + n_reqs - 1) / std::max<int64_t>(n_reqs, 1);
-  const int64_t split = std::max<int64_t>(1, std::min(want, max_len / kMinChunkTokens));
-  const int64_t chunk_blocks = (max_len + split * bs - 1) / (split * bs);  // blocks per chunk
-  if (split == 1) {
-#pragma omp parallel
-    {
-      Scratch p;
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t n = 0; n < n_reqs; ++n)
-        attend_range(g, n, qp + n * ldq, 0, lens[n], fscale, true, p, op + n * hd, nullptr,
-                     nullptr);
-    }
-    return;
-  }
-  // Split-KV: partial results [n][c] (acc: H*D floats, m and l: H floats each), then merge.
-  std::vector<float> acc(n_reqs * split * hd), mx(n_reqs * split * n_heads),
-      ls(n_reqs * split * n_heads);
+  // Each row's keys are cut into chunks of kChunkTokens (whole blocks) by its own length only,
+  // so a row's result does not depend on the other rows of the step (a verification step's
+  // row equals the plain decode step's row, bit for bit). A one-chunk row writes its
+  // normalised output directly; a longer row's chunks keep partial results, merged below.
+  const int64_t chunk = std::max<int64_t>(1, kChunkTokens / bs) * bs;
+  std::vector<int64_t> first(n_reqs + 1, 0);  // row n's items: first[n] .. first[n + 1] - 1
+  for (int64_t n = 0; n < n_reqs; ++n)
+    first[n + 1] = first[n] + std::max<int64_t>(1, (lens[n] + chunk - 1) / chunk);
+  const int64_t items = first[n_reqs];
+  std::vector<int64_t> row_of(items);
+  for (int64_t n = 0; n < n_reqs; ++n)
+    std::fill(row_of.begin() + first[n], row_of.begin() + first[n + 1], n);
+  // partial results of item i (used by rows of 2+ chunks): acc H*D floats, m and l H each
+  std::vector<float> acc(items * hd), mx(items * n_heads), ls(items * n_heads);
 #pragma omp parallel
   {
     Scratch p;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < n_reqs * split; ++i) {
-      const int64_t n = i / split, c = i % split;
-      const int64_t t0 = std::min(c * chunk_blocks * bs, lens[n]);
-      const int64_t t1 = std::min((c + 1) * chunk_blocks * bs, lens[n]);
+    for (int64_t i = 0; i < items; ++i) {
+      const int64_t n = row_of[i], c = i - first[n];
+      if (first[n + 1] - first[n] == 1) {
+        attend_range(g, n, qp + n * ldq, 0, lens[n], fscale, true, p, op + n * hd, nullptr,
+                     nullptr);
+        continue;
+      }
+      const int64_t t0 = std::min(c * chunk, lens[n]), t1 = std::min((c + 1) * chunk, lens[n]);
       attend_range(g, n, qp + n * ldq, t0, t1, fscale, false, p, acc.data() + i * hd,
                    mx.data() + i * n_heads, ls.data() + i * n_heads);
     }
 #pragma omp for
     for (int64_t j = 0; j < n_reqs * n_heads; ++j) {
       const int64_t n = j / n_heads, h = j % n_heads;
+      if (first[n + 1] - first[n] == 1) continue;  // written directly
       float big = -std::numeric_limits<float>::infinity();
-      for (int64_t c = 0; c < split; ++c) big = std::max(big, mx[(n * split + c) * n_heads + h]);
+      for (int64_t part = first[n]; part < first[n + 1]; ++part)
+        big = std::max(big, mx[part * n_heads + h]);
       float denom = 0.f;
       float* o = op + n * hd + h * d;
       std::fill(o, o + d, 0.f);
-      for (int64_t c = 0; c < split; ++c) {
-        const int64_t part = n * split + c;
+      for (int64_t part = first[n]; part < first[n + 1]; ++part) {
         if (ls[part * n_heads + h] == 0.f) continue;  // empty chunk
         const float w = sluice::exp_approx(mx[part * n_heads + h] - big);
         denom += w * ls[part * n_heads + h];
