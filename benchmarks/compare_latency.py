@@ -122,8 +122,8 @@ def decode_weight_bytes(model: str) -> int:
 
 def gguf_decode_weight_bytes(path: Path) -> int:
     """Bytes of a GGUF file's weights one decode token reads (module doc)."""
-    from gguf import GGUFReader
-    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
+    from sluice.model_spec.gguf import open_gguf
+    tensors = {t.name: int(t.n_bytes) for t in open_gguf(path).tensors}
     total = sum(n for name, n in tensors.items() if name != "token_embd.weight")
     if "output.weight" not in tensors:
         total += tensors.get("token_embd.weight", 0)

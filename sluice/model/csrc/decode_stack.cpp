@@ -1,9 +1,10 @@
 // A decode step through every decoder layer of a Llama-family model, in one call.
 //
 // Every query token t is one attention row: block_ids[t], seq_lens[t] say which KV it attends
-// to (T tokens = T rows). In a plain decode step row r is request r; a request computing several
-// tokens (speculative verification, a short prompt) gets one row per token from Python
-// (fused_decode.py), each seeing its causal prefix, since all rows' k/v are cached first. The step runs the same operators, in the same order, as the Python
+// to (T tokens = T rows). In a plain decode step row r is request r; a request computing
+// several tokens (speculative verification, a short prompt) gets one row per token from
+// Python (fused_decode.py), each seeing its causal prefix, since all rows' k/v are cached
+// first. The step runs the same operators, in the same order, as the Python
 // layers with layer ops 'cpu' and the cpu_paged backend (sluice/model/models/llama.py); only
 // the Python between them is gone, which at one request is ~1/3 of the step. Per layer l:
 //

@@ -60,6 +60,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -395,8 +396,10 @@ void dot_row_a8(int64_t type, const uint8_t* w, int64_t k, const int8_t* xq, con
       const __m256i aq = _mm256_abs_epi8(q);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, _mm256_sign_epi8(xv(r, i), q)), ones);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[r * nb + i]), acc[r]);
+        const __m256i sx = _mm256_sign_epi8(xv(r, i), q);  // x * sign(q): |q| . sx = q . x
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, sx), ones);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[r * nb + i]),
+                                 acc[r]);
       }
     }
   } else {  // Q4_0, Q4_1
@@ -410,7 +413,8 @@ void dot_row_a8(int64_t type, const uint8_t* w, int64_t k, const int8_t* xq, con
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(uq, xv(r, i)), ones);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[r * nb + i]), acc[r]);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[r * nb + i]),
+                                 acc[r]);
         off[r] += m * xs[r * nb + i];
       }
     }
@@ -454,23 +458,20 @@ void dot_row_a8(int64_t type, const uint8_t* w, int64_t k, const int8_t* xq, con
 }
 #endif
 
-template <int R>
-void skinny_quant_linear(int64_t type, const uint8_t* wp, int64_t ldw, const float* xp,
-                         int64_t ldx, const float* xs, int64_t ldxs, const float* bp, float* op,
-                         int64_t k, int64_t n, int64_t chunk) {
-#pragma omp parallel for schedule(dynamic, chunk)
-  for (int64_t c = 0; c < n; ++c)
-    dot_row<R>(type, wp + c * ldw, k, xp, ldx, xs, ldxs, op + c, n,
-               bp != nullptr ? bp[c] : 0.f);
-}
-
-template <int R>
-void skinny_quant_linear_a8(int64_t type, const uint8_t* wp, int64_t ldw, const int8_t* xq,
-                            const float* xd, const float* xs, const float* bp, float* op,
-                            int64_t k, int64_t n, int64_t chunk) {
-#pragma omp parallel for schedule(dynamic, chunk)
-  for (int64_t c = 0; c < n; ++c)
-    dot_row_a8<R>(type, wp + c * ldw, k, xq, xd, xs, op + c, n, bp != nullptr ? bp[c] : 0.f);
+// f(std::integral_constant<int, R>{}) for R = m (1..kMaxQuantSkinnyRows): the row count as a
+// template argument of the register-blocked kernels.
+template <typename F>
+void with_rows(int64_t m, F&& f) {
+  switch (m) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
 }
 
 int64_t num_threads() { return std::max(1, omp_get_max_threads()); }
@@ -554,24 +555,19 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
   float* op = out.data_ptr<float>();
   const int64_t threads = num_threads();
 
+  // decode (m <= kMaxQuantSkinnyRows): output channels spread over the threads in chunks
+  const int64_t chunk = std::clamp<int64_t>(n / (8 * threads), 4, 64);
   if (m <= kMaxQuantSkinnyRows && int8_act && takes_int8_activations(type)) {
     const int64_t nb = k / 32;
     std::vector<int8_t> xq(m * k);
     std::vector<float> xd(m * nb), xs(m * nb);
     quantize_activations(xp, ldx, m, k, xq.data(), xd.data(), xs.data());
-    const int64_t chunk = std::clamp<int64_t>(n / (8 * threads), 4, 64);
-    const int8_t* q = xq.data();
-    const float *d = xd.data(), *s = xs.data();
-    switch (m) {
-      case 1: skinny_quant_linear_a8<1>(type, wp, ldw, q, d, s, bp, op, k, n, chunk); break;
-      case 2: skinny_quant_linear_a8<2>(type, wp, ldw, q, d, s, bp, op, k, n, chunk); break;
-      case 3: skinny_quant_linear_a8<3>(type, wp, ldw, q, d, s, bp, op, k, n, chunk); break;
-      case 4: skinny_quant_linear_a8<4>(type, wp, ldw, q, d, s, bp, op, k, n, chunk); break;
-      case 5: skinny_quant_linear_a8<5>(type, wp, ldw, q, d, s, bp, op, k, n, chunk); break;
-      case 6: skinny_quant_linear_a8<6>(type, wp, ldw, q, d, s, bp, op, k, n, chunk); break;
-      case 7: skinny_quant_linear_a8<7>(type, wp, ldw, q, d, s, bp, op, k, n, chunk); break;
-      default: skinny_quant_linear_a8<8>(type, wp, ldw, q, d, s, bp, op, k, n, chunk); break;
-    }
+    with_rows(m, [&](auto rows) {
+#pragma omp parallel for schedule(dynamic, chunk)
+      for (int64_t c = 0; c < n; ++c)
+        dot_row_a8<decltype(rows)::value>(type, wp + c * ldw, k, xq.data(), xd.data(), xs.data(),
+                                          op + c, n, bp != nullptr ? bp[c] : 0.f);
+    });
     return;
   }
 
@@ -583,17 +579,12 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
     for (int64_t r = 0; r < m; ++r)
       for (int64_t s = 0; s < subs; ++s)
         xs[r * subs + s] = sluice::sum(xp + r * ldx + s * f.sub_elems, f.sub_elems);
-    const int64_t chunk = std::clamp<int64_t>(n / (8 * threads), 4, 64);
-    switch (m) {
-      case 1: skinny_quant_linear<1>(type, wp, ldw, xp, ldx, xs.data(), subs, bp, op, k, n, chunk); break;
-      case 2: skinny_quant_linear<2>(type, wp, ldw, xp, ldx, xs.data(), subs, bp, op, k, n, chunk); break;
-      case 3: skinny_quant_linear<3>(type, wp, ldw, xp, ldx, xs.data(), subs, bp, op, k, n, chunk); break;
-      case 4: skinny_quant_linear<4>(type, wp, ldw, xp, ldx, xs.data(), subs, bp, op, k, n, chunk); break;
-      case 5: skinny_quant_linear<5>(type, wp, ldw, xp, ldx, xs.data(), subs, bp, op, k, n, chunk); break;
-      case 6: skinny_quant_linear<6>(type, wp, ldw, xp, ldx, xs.data(), subs, bp, op, k, n, chunk); break;
-      case 7: skinny_quant_linear<7>(type, wp, ldw, xp, ldx, xs.data(), subs, bp, op, k, n, chunk); break;
-      default: skinny_quant_linear<8>(type, wp, ldw, xp, ldx, xs.data(), subs, bp, op, k, n, chunk); break;
-    }
+    with_rows(m, [&](auto rows) {
+#pragma omp parallel for schedule(dynamic, chunk)
+      for (int64_t c = 0; c < n; ++c)
+        dot_row<decltype(rows)::value>(type, wp + c * ldw, k, xp, ldx, xs.data(), subs, op + c,
+                                       n, bp != nullptr ? bp[c] : 0.f);
+    });
     return;
   }
 
@@ -621,4 +612,3 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
     }
   }
 }
-
