@@ -57,9 +57,14 @@ class ModelConfig:
         "the first is the one reported. Default: the model as given.")
     revision: str | None = option(None, "Hub revision (branch, tag or commit) of a hub model. "
                                   "Default: main.")
-    dtype: str = option("auto", "Weight and activation dtype. 'auto' is float32 on CPU and the "
-                        "checkpoint's dtype on CUDA. vLLM's spellings 'half' (float16) and "
-                        "'float' (float32) are accepted.", choices=DTYPES)
+    dtype: str = option("auto", "Weight and activation dtype. On CPU (--kernels auto) "
+                        "bfloat16/float16 store the linear layers', embedding's and LM head's "
+                        "weights in 16 bits and compute activations in float32 (bf16 GEMMs on "
+                        "AMX/AVX-512-BF16, a bf16-weight GEMV everywhere). 'auto': on CPU a "
+                        "bfloat16 checkpoint's dtype where the CPU has AMX-BF16 or "
+                        "AVX-512-BF16, else float32; on CUDA the checkpoint's dtype. vLLM's "
+                        "spellings 'half' (float16) and 'float' (float32) are accepted.",
+                        choices=DTYPES)
     quantization: str | None = option(
         None, "How quantized weights run (vLLM's flag). Unset: as stored; for a .gguf model "
         "the Q8_0/Q4_0/Q4_1/Q4_K/Q6_K weights of the linear layers, embedding and LM head "
@@ -126,9 +131,10 @@ class CacheConfig:
         "the RAM available when the engine starts); the KV cache gets what the rest leaves. "
         "Ignored when --kv-cache-memory is set; replaces --kv-cache-memory-fraction when set.",
         gt=0, le=1)
-    kv_cache_dtype: str = option("auto", "dtype the KV cache is stored in; 'auto' is the model's "
-                                 "--dtype. bfloat16/float16 halve the cache's memory per token "
-                                 "of float32 (attention computes in the model's dtype).",
+    kv_cache_dtype: str = option("auto", "dtype the KV cache is stored in; 'auto' is the dtype "
+                                 "activations compute in: --dtype, or float32 for 16-bit weights "
+                                 "on CPU. bfloat16/float16 halve the cache's memory per token "
+                                 "of float32 (attention computes in the activations' dtype).",
                                  choices=("auto", "float32", "bfloat16", "float16"))
     swap_space: float | None = option(None, "vLLM's CPU swap space for preempted requests, in "
                                       "GiB. Accepted with no effect (logged at startup): sluice "

@@ -20,14 +20,16 @@ Supported (`FUSED_DECODE_SUPPORT`, the one declaration; anything else runs the P
 which are always correct):
 * linear methods `DenseLinearMethod` and `CpuPackedLinearMethod` (the stack reads each
   projection's plain float32 weight and its oneDNN packed copy, `layer.packed_weight`, or
-  none) and `GgufBlockLinearMethod` (the uint8 GGUF blocks and their GGML type id: the stack
-  runs the same `gguf_linear` as the layer); a method that changes the product otherwise is
-  not seen by the C++ stack, so the stack steps aside for it. LoRA (`--enable-lora`,
-  `sluice.lora.layers.LoRALinearMethod` around one of those two) is a step wrapper: the stack
-  is installed, and runs only the decode steps in which no token uses an adapter
+  none), `GgufBlockLinearMethod` (the uint8 GGUF blocks and their GGML type id: the stack
+  runs the same `gguf_linear` as the layer) and `HalfWeightLinearMethod` (bf16 / fp16 weights,
+  `gguf_linear` with type BF16 / F16, as the layer for up to 8 rows); a method that changes
+  the product otherwise is not seen by the C++ stack, so the stack steps aside for it. LoRA
+  (`--enable-lora`, `sluice.lora.layers.LoRALinearMethod` around one of those) is a step
+  wrapper: the stack is installed, and runs only the decode steps in which no token uses an adapter
   (`FusedDecode.applies`: no `current_lora_mapping()`); steps with adapter tokens run the
   Python layers, which add the adapters' deltas;
-* float32 weights (the stack's arithmetic; uint8 for GGUF blocks) and a float32 KV cache
+* float32 activations and weights (the stack's arithmetic; uint8 for GGUF blocks, bf16 / fp16
+  for 16-bit weights, which it widens to float32) and a float32 KV cache
   (`FusedDecode.applies`);
 * one tensor-parallel rank: the C++ stack has no all-reduce between o_proj / down_proj and the
   residual, so with tp > 1 (any layer with `tp_size` > 1) decode steps run the Python layers,
@@ -52,6 +54,7 @@ from sluice.model.attention.backends.cpu_paged import CpuPagedBackend
 from sluice.model.attention.forward_context import get_forward_context
 from sluice.model.attention.metadata import AttentionMetadata
 from sluice.model.layers.gguf_linear import GgufBlockLinearMethod
+from sluice.model.layers.half_linear import HalfWeightLinearMethod
 from sluice.model.layers.layer_ops import fast_path_ok
 from sluice.model.layers.linear_method import (CpuPackedLinearMethod, DenseLinearMethod,
                                                FastPathSupport)
@@ -61,8 +64,10 @@ logger = logging.getLogger(__name__)
 #: the layers the C++ stack computes (module doc); any other layer makes it step aside
 FUSED_DECODE_SUPPORT = FastPathSupport(
     "fused decode stack", methods=(DenseLinearMethod, CpuPackedLinearMethod,
-                                   GgufBlockLinearMethod),
-    dtypes=(torch.float32, torch.uint8), single_rank=True, step_wrappers=(LoRALinearMethod,))
+                                   GgufBlockLinearMethod, HalfWeightLinearMethod),
+    dtypes=(torch.float32,), single_rank=True, step_wrappers=(LoRALinearMethod,),
+    method_dtypes=((GgufBlockLinearMethod, (torch.uint8,)),
+                   (HalfWeightLinearMethod, HalfWeightLinearMethod.DTYPES)))
 
 #: the longest query (tokens of one request in one step) the stack takes: it recomputes each
 #: query token's attention over the request's keys on its own, which beats the Python layers
@@ -157,21 +162,23 @@ def _projections(layer: nn.Module) -> tuple[nn.Module, ...]:
 
 
 def _quant_type(layer: nn.Module) -> int:
-    """The kernel type id of a projection holding GGUF blocks (`kernel_type`: the GGML id, | 256
-    for int8 activations), 0 for a float weight."""
+    """The `gguf_linear` type id of a projection that runs it (`kernel_type`: a GGUF block
+    type's GGML id, | 256 for int8 activations; BF16 / F16 for 16-bit weights), 0 for a
+    float32 weight."""
     method = layer.linear_method
     if isinstance(method, LoRALinearMethod):
         method = method.base
-    return method.kernel_type if isinstance(method, GgufBlockLinearMethod) else 0
+    return (method.kernel_type
+            if isinstance(method, (GgufBlockLinearMethod, HalfWeightLinearMethod)) else 0)
 
 
 def _weights_ok(model: nn.Module) -> bool:
-    """float32 CPU contiguous weights (uint8 for GGUF-block projections), no tensor-parallel
-    sharding (the stack does no all-reduce)."""
+    """float32 CPU contiguous weights (GGUF blocks or 16-bit weights for the projections that
+    run `gguf_linear`, and an embedding read by Python), no tensor-parallel sharding (the
+    stack does no all-reduce)."""
     blocks = {id(m.weight) for l in model.layers for m in _projections(l) if _quant_type(m)}
-    if getattr(model.embed_tokens, "gguf_blocks", None) is not None:  # read by Python only
-        blocks.add(id(model.embed_tokens.weight))
-    return all((p.dtype == torch.float32 or (p.dtype == torch.uint8 and id(p) in blocks))
+    blocks.add(id(model.embed_tokens.weight))  # looked up by Python, whatever its form
+    return all((p.dtype == torch.float32 or id(p) in blocks)
                and p.device.type == "cpu" and p.is_contiguous()
                for p in model.parameters()) and all(
         getattr(m, "tp_size", 1) == 1 for m in model.modules())

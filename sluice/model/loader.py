@@ -48,11 +48,13 @@ _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.b
 
 
 def resolve_dtype(config_dtype: str, spec: ModelSpec, device: torch.device | str) -> torch.dtype:
-    """'auto' -> float32 on CPU, the checkpoint's dtype (float32 if unknown) elsewhere;
-    an explicit name maps to that dtype."""
+    """'auto' -> on CPU the platform's rule (`CpuPlatform.default_dtype`: a bf16 checkpoint
+    stays bf16 where the CPU multiplies bf16 natively, else float32), the checkpoint's dtype
+    (float32 if unknown) elsewhere; an explicit name maps to that dtype."""
     if config_dtype == "auto":
         if torch.device(device).type == "cpu":
-            return torch.float32
+            from sluice.platform.cpu import CpuPlatform
+            return CpuPlatform().default_dtype(spec.torch_dtype)
         return _DTYPES.get(spec.torch_dtype or "float32", torch.float32)
     if config_dtype not in _DTYPES:
         raise ConfigError(f"--dtype {config_dtype!r} is not supported; choose auto, float32, "
@@ -181,6 +183,7 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
     device = torch.device(device)
     ops = (layer_ops if isinstance(layer_ops, LayerOps)
            else select_layer_ops(layer_ops, dtype, device))
+    weight_dtype, dtype = dtype, ops.model_dtype(dtype)  # 16-bit weights, float32 compute
     with torch.device(device), building_with(ops):
         model = model_cls(spec, dtype, max_model_len=max_model_len, attn_backend=attn_backend,
                           layer_range=layer_range)
@@ -195,6 +198,10 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
                                 lora_enabled=lora is not None and lora.enable_lora)
         if keep:
             weights = lambda dtype: iterate_gguf(gguf_file, dtype, keep)  # noqa: E731
+    if weight_dtype != dtype:
+        embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+        if embed is not None and hasattr(embed, "store_weight_in"):
+            embed.store_weight_in(weight_dtype)
     if quantization == "int8" and lora is not None and lora.enable_lora:
         raise ConfigError("--quantization int8 with --enable-lora: LoRA adapters need the base "
                           "weights in float. Fix: drop one of the two.")

@@ -9,7 +9,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Callable
 
 from sluice.platform import host
-from sluice.platform.interface import Platform
+from sluice.platform.interface import Platform, dtype_name
 
 if TYPE_CHECKING:
     import torch
@@ -85,9 +85,15 @@ class CpuPlatform(Platform):
         return notes
 
     def default_dtype(self, checkpoint_dtype: "str | torch.dtype | None") -> "torch.dtype":
-        """float32 regardless of the checkpoint: bf16/fp16 matmuls are slow or inexact on
-        most CPUs; pass --dtype bfloat16 explicitly on CPUs with AMX/avx512_bf16."""
+        """A bfloat16 checkpoint stays bfloat16 where the CPU multiplies bf16 natively (it
+        reports AMX-BF16 or AVX-512-BF16 and torch's oneDNN takes bf16:
+        `half_linear.native_bf16_gemm`); everything else runs in float32 — float16 and float32
+        checkpoints, and bf16 ones on CPUs without bf16 products, where the GEMMs would widen
+        the weights to float32 anyway (`--dtype bfloat16` still halves their bytes there)."""
         import torch
+        from sluice.model.layers.half_linear import native_bf16_gemm
+        if dtype_name(checkpoint_dtype) == "bfloat16" and native_bf16_gemm():
+            return torch.bfloat16
         return torch.float32
 
     def default_num_threads(self) -> int:

@@ -62,7 +62,7 @@ from sluice.model.attention.forward_context import set_forward_context
 from sluice.model.attention.kv_cache import allocate_kv_caches
 from sluice.model.attention.metadata import build_attention_metadata
 from sluice.model.cpu_ops import load_cpu_ops
-from sluice.model.layers.layer_ops import make_argmax
+from sluice.model.layers.layer_ops import make_argmax, model_compute_dtype
 from sluice.model.loader import load_model
 from sluice.model_spec.parallel_check import stage_layer_range
 from sluice.sample.grammar import grammar_mask
@@ -108,8 +108,10 @@ class ModelRunner:
         self.config = config
         self.spec = spec
         self.device = device
-        self.dtype = dtype
-        self.kv_cache_dtype = kv_cache_dtype or dtype
+        self.dtype = dtype   # --dtype; the weights' dtype
+        # the activations' dtype: float32 under 16-bit weights on a CPU (`half_linear`)
+        self.compute_dtype = model_compute_dtype(layer_ops, dtype, device)
+        self.kv_cache_dtype = kv_cache_dtype or self.compute_dtype
         self.max_model_len = max_model_len
         self.attn_backend = attn_backend
         self.layer_ops = layer_ops
@@ -152,7 +154,8 @@ class ModelRunner:
             from sluice.lora.layers import lora_layers
             from sluice.lora.worker_manager import LoRAWorkerManager
             self.lora_manager = LoRAWorkerManager(self.config.lora, self.spec,
-                                                  lora_layers(self.model), self.dtype, self.device)
+                                                  lora_layers(self.model), self.compute_dtype,
+                                                  self.device)
         if self.layer_ops == "cpu":
             self.sampler = Sampler(argmax=make_argmax(load_cpu_ops()))
         self._load_drafter()
@@ -354,10 +357,11 @@ class ModelRunner:
         if not self.is_first_stage:
             shape = (2, len(input_ids), self.spec.hidden_size)
             if exchange:
-                intermediate = pp.recv(torch.empty(shape, dtype=self.dtype, device=self.device),
+                intermediate = pp.recv(torch.empty(shape, dtype=self.compute_dtype,
+                                                   device=self.device),
                                        src=pp.rank - 1)
             else:
-                intermediate = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                intermediate = torch.zeros(shape, dtype=self.compute_dtype, device=self.device)
         with set_forward_context(attn_metadata, kv_caches), set_lora_mapping(lora):
             out = self.model(input_ids, positions, intermediate)
         if self.is_last_stage:

@@ -12,6 +12,7 @@ from sluice.config import EngineConfig
 from sluice.errors import ConfigError
 from sluice.hf_config import ModelSpec
 from sluice.model.attention.kv_cache import kv_cache_bytes_per_block
+from sluice.model.layers.layer_ops import model_compute_dtype
 from sluice.model.loader import resolve_dtype
 from sluice.platform import current_platform
 from sluice.step import ModelRunnerOutput, SchedulerOutput
@@ -38,8 +39,10 @@ class Worker:
         self.platform = current_platform(config.device)
         self.device = self.platform.torch_device(local_rank)
         self.dtype = resolve_dtype(config.model.dtype, spec, self.device)
-        self.kv_cache_dtype = self.platform.resolve_kv_cache_dtype(config.cache.kv_cache_dtype,
-                                                                   self.dtype)
+        layer_ops = self.platform.layer_ops_name(config.device.kernels)
+        # 'auto' is the dtype activations compute in: float32 under 16-bit weights on a CPU
+        self.kv_cache_dtype = self.platform.resolve_kv_cache_dtype(
+            config.cache.kv_cache_dtype, model_compute_dtype(layer_ops, self.dtype, self.device))
         if rank == 0:
             for note in self.platform.ineffective_options(config):
                 logger.info(note)
@@ -51,7 +54,7 @@ class Worker:
             config, spec, self.device, self.dtype, max_model_len,
             kv_cache_dtype=self.kv_cache_dtype,
             attn_backend=self.platform.attention_backend_name(kernels),
-            layer_ops=self.platform.layer_ops_name(kernels))
+            layer_ops=layer_ops)
         self.kv_hooks = None   # a KV connector's worker half (`sluice.kv_transfer`), if any
 
     def load_model(self) -> None:
@@ -114,7 +117,7 @@ class Worker:
         s = self.spec
         per_token = (4 * s.hidden_size + 3 * s.intermediate_size
                      + (s.num_attention_heads + 2 * s.num_key_value_heads) * s.head_dim)
-        element_size = torch.empty((), dtype=self.dtype).element_size()
+        element_size = torch.empty((), dtype=self.model_runner.compute_dtype).element_size()
         return 2 * self.config.scheduler.token_budget * per_token * element_size
 
     def initialize_kv_cache(self, num_blocks: int) -> None:

@@ -40,6 +40,7 @@ from test_gguf_quantized import (KERNEL_RTOL, _logits, block_layer, random_block
 
 INT8_LOGITS_RTOL = 0.05
 MAX_PPL_INCREASE = 0.02
+MAX_BF16_PPL_CHANGE = 0.01
 
 
 def test_q8_0_weights_within_half_a_step():
@@ -132,21 +133,26 @@ def test_int8_flag_rules(llama_dir):
         EngineConfig.from_kwargs(quantization="int8", enable_lora=True)
 
 
-def test_smollm2_int8_perplexity_within_2_percent(cpu_ops, smollm2_gguf):
-    """SmolLM2 (its Q4_1 file dequantized, then int8) vs the same model in float32, on the demo
-    model's held-out CPython documentation (8 prompts, ~1800 tokens), one request and at most 8
-    tokens per step: every forward runs int8 activations, as decoding does."""
+def test_smollm2_int8_and_bf16_perplexity(cpu_ops, smollm2_gguf):
+    """SmolLM2 (its Q4_1 file dequantized) in float32 vs int8 (within 2%) and vs bf16 weights
+    (`--dtype bfloat16`, `half_linear`: within 1%, the issue's bounds), on the demo model's
+    held-out CPython documentation (8 prompts, ~1800 tokens), one request and at most 8 tokens
+    per step: every forward runs the decode-sized kernels (int8 activations; the bf16 GEMV)."""
     from sluice.frontend.llm import LLM
     from sluice.testing.perplexity import engine_perplexity, heldout_prompts
 
     prompts = heldout_prompts(8)
     ppl = {}
-    for quantization in ("none", "int8"):
+    for name, options in (("none", {"dtype": "float32"}), ("int8", {"quantization": "int8"}),
+                          ("bf16", {"dtype": "bfloat16"})):
         with LLM(str(smollm2_gguf), kv_cache_memory="64MiB", max_model_len=512,
-                 quantization=quantization, max_num_batched_tokens=8, max_num_seqs=1) as llm:
-            ppl[quantization] = engine_perplexity(llm, prompts)[0]
+                 max_num_batched_tokens=8, max_num_seqs=1,
+                 **{"quantization": "none", **options}) as llm:
+            ppl[name] = engine_perplexity(llm, prompts)[0]
     assert ppl["int8"] <= ppl["none"] * (1 + MAX_PPL_INCREASE), ppl
     assert ppl["int8"] != ppl["none"]     # the int8 weights were used
+    assert abs(ppl["bf16"] / ppl["none"] - 1) <= MAX_BF16_PPL_CHANGE, ppl
+    assert ppl["bf16"] != ppl["none"]     # the bf16-rounded weights were used
 
 
 def test_gguf_int8_keeps_the_files_blocks_with_int8_activations(cpu_ops, tiny_gguf):

@@ -15,6 +15,7 @@ from sluice.model.fused_decode import FUSED_DECODE_SUPPORT
 from sluice.model.layers import ReplicatedLinear, RowParallelLinear
 from sluice.model.layers.greedy import GREEDY_SCREEN_SUPPORT
 from sluice.model.layers.layer_ops import LayerOps, building_with, current_layer_ops
+from sluice.model.layers.half_linear import HalfWeightLinearMethod
 from sluice.model.layers.linear_method import (CpuPackedLinearMethod, DenseLinearMethod,
                                                LinearMethod, linear_layers)
 from sluice.model.loader import load_model
@@ -58,11 +59,16 @@ def test_layers_take_the_method_chosen_at_construction(tiny_model_dir, cpu_ops):
     assert all(getattr(m, "cpu_ops", None) is None for m in torch_model.modules())
     assert torch_model.model.fused_decode is None and torch_model.lm_head.greedy is None
 
+    # bf16 on the C++ ops: 16-bit weights over float32 activations (tests/model/
+    # test_half_weights.py); the fused decode stack takes them, the greedy screen does not
     bf16 = _load(d, "cpu", torch.bfloat16)
-    assert all(type(m.linear_method) is DenseLinearMethod and m.linear_method.gemm
-               is not F.linear for m in linear_layers(bf16))
-    assert "DenseLinearMethod" in GREEDY_SCREEN_SUPPORT.unsupported(bf16.lm_head)
-    assert bf16.model.fused_decode is None and bf16.lm_head.greedy is None
+    assert all(type(m.linear_method) is HalfWeightLinearMethod for m in linear_layers(bf16))
+    assert "HalfWeightLinearMethod" in GREEDY_SCREEN_SUPPORT.unsupported(bf16.lm_head)
+    assert bf16.model.fused_decode is not None and bf16.lm_head.greedy is None
+    # float16 on the torch reference: the weight as loaded, F.linear
+    fp16 = _load(d, "torch", torch.float16)
+    assert all(type(m.linear_method) is DenseLinearMethod and m.linear_method.gemm is F.linear
+               and m.weight.dtype == torch.float16 for m in linear_layers(fp16))
     with pytest.raises(ValueError, match="unknown layer ops 'blas'"):
         _load(d, "blas")
 

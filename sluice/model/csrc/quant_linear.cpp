@@ -18,6 +18,9 @@
 //                  (get_scale_min_k4); group g = 0..3 covers elements 64g..64g+63 from
 //                  qs[32g..32g+31]: low nibbles sub-block 2g, high nibbles sub-block 2g + 1;
 //                  v = d * sc_j * q - dmin * m_j
+//   F16 (type 1), BF16 (type 30)  1 elem, 2 B: the value as IEEE fp16 / bfloat16 (a float
+//                  weight stored in 16 bits; `w` may also be a float16 / bfloat16 [N, K]
+//                  tensor, read as its bytes)
 //   Q6_K (type 14) 256 elems, 210 B: ql[128] | qh[64] | scales[16] (int8) | d
 //                  halves h = 0, 1 of 128 elements (ql + 64h, qh + 32h, scales + 8h); for
 //                  l < 32, element 128h + l + 32t (t = 0..3) is
@@ -46,6 +49,7 @@
 // with AVX2 intrinsics (vpmovzxbd / vpmovsxbd + vcvtdq2ps: GCC scalarises
 // __builtin_convertvector from bytes to floats, ~3x slower) into 8-float vectors; any other CPU
 // (the per-machine build) runs `dequant_row_scalar` and a plain dot product.
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include "blas.h"
@@ -65,7 +69,7 @@
 
 namespace {
 
-constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14;
+constexpr int64_t kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14, kBF16 = 30;
 constexpr int kMaxQuantSkinnyRows = 8;
 constexpr int64_t kInt8Activations = 256;  // a flag on the type id (see the file comment)
 
@@ -84,6 +88,7 @@ QuantFormat quant_format(int64_t type) {
     case kQ8_0: return {32, 34, 0};
     case kQ4_K: return {256, 144, 32};
     case kQ6_K: return {256, 210, 16};
+    case kF16: case kBF16: return {1, 2, 0};
     default: break;
   }
   TORCH_CHECK(false, "gguf_linear: unsupported GGML type ", type);
@@ -95,6 +100,14 @@ inline float f16(const uint8_t* p) {
   std::memcpy(&bits, p, 2);
   return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
 }
+
+inline float bf16(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits()));
+}
+
+bool is_half_type(int64_t type) { return type == kF16 || type == kBF16; }
 
 // ggml-quants.c get_scale_min_k4: 6-bit scale and min j (0..7) of a Q4_K block's scales[12].
 inline void scale_min_k4(int j, const uint8_t* q, int* sc, int* m) {
@@ -118,6 +131,10 @@ inline int q6k_quant(const uint8_t* blk, int e) {
 // Scalar dequantization of one row of k elements (every CPU; the reference for the vector code).
 void dequant_row_scalar(int64_t type, const uint8_t* w, float* y, int64_t k) {
   const QuantFormat f = quant_format(type);
+  if (is_half_type(type)) {
+    for (int64_t i = 0; i < k; ++i) y[i] = type == kBF16 ? bf16(w + 2 * i) : f16(w + 2 * i);
+    return;
+  }
   for (int64_t b = 0; b < k / f.block_elems; ++b) {
     const uint8_t* blk = w + b * f.block_bytes;
     float* o = y + b * f.block_elems;
@@ -204,7 +221,60 @@ inline __m256 affine(__m256 q, float a, float c) {  // a * q + c
   return _mm256_fmadd_ps(q, _mm256_set1_ps(a), _mm256_set1_ps(c));
 }
 
+// 8 consecutive 16-bit floats (BF16: the high half of a float32; F16: F16C's vcvtph2ps).
+template <bool kIsBf16>
+inline __m256 load8_half(const uint8_t* p) {
+  const __m128i h = load128(p);
+  if constexpr (kIsBf16)
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  else
+    return _mm256_cvtph_ps(h);
+}
+
+template <bool kIsBf16>
+void dequant_row_half(const uint8_t* w, float* y, int64_t k) {
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) store(y + i, load8_half<kIsBf16>(w + 2 * i));
+  for (; i < k; ++i) y[i] = kIsBf16 ? bf16(w + 2 * i) : f16(w + 2 * i);
+}
+
+// out[r * ldo] = x_r . w (+ b) for a row of k 16-bit floats. 32 elements per step; each x row
+// keeps kChains = 4 / R (at least 1) independent accumulators so that at least four FMA chains
+// are in flight (an FMA's latency is ~4 cycles, two issue per cycle).
+template <int R, bool kIsBf16>
+void dot_row_half(const uint8_t* w, int64_t k, const float* x, int64_t ldx, float* out,
+                  int64_t ldo, float b) {
+  constexpr int kChains = R >= 4 ? 1 : 4 / R;
+  __m256 acc[R][kChains];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kChains; ++c) acc[r][c] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= k; i += 32) {
+    __m256 wv[4];
+    for (int j = 0; j < 4; ++j) wv[j] = load8_half<kIsBf16>(w + 2 * (i + 8 * j));
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 4; ++j)
+        acc[r][j % kChains] = _mm256_fmadd_ps(wv[j], _mm256_loadu_ps(x + r * ldx + i + 8 * j),
+                                              acc[r][j % kChains]);
+  }
+  for (; i + 8 <= k; i += 8) {
+    const __m256 w0 = load8_half<kIsBf16>(w + 2 * i);
+    for (int r = 0; r < R; ++r)
+      acc[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * ldx + i), acc[r][0]);
+  }
+  for (int r = 0; r < R; ++r) {
+    __m256 t = acc[r][0];
+    for (int c = 1; c < kChains; ++c) t = _mm256_add_ps(t, acc[r][c]);
+    float s = hsum(t);
+    for (int64_t j = i; j < k; ++j)
+      s += (kIsBf16 ? bf16(w + 2 * j) : f16(w + 2 * j)) * x[r * ldx + j];
+    out[r * ldo] = s + b;
+  }
+}
+
 void dequant_row(int64_t type, const uint8_t* w, float* y, int64_t k) {
+  if (type == kBF16) return dequant_row_half<true>(w, y, k);
+  if (type == kF16) return dequant_row_half<false>(w, y, k);
   const QuantFormat f = quant_format(type);
   const int64_t nb = k / f.block_elems;
   for (int64_t b = 0; b < nb; ++b) {
@@ -281,6 +351,8 @@ inline __m256 scaled_dot(const __m256* w, const float* x, __m256 a, __m256 acc) 
 template <int R>
 void dot_row(int64_t type, const uint8_t* w, int64_t k, const float* x, int64_t ldx,
              const float* xs, int64_t ldxs, float* out, int64_t ldo, float b) {
+  if (type == kBF16) return dot_row_half<R, true>(w, k, x, ldx, out, ldo, b);
+  if (type == kF16) return dot_row_half<R, false>(w, k, x, ldx, out, ldo, b);
   __m256 acc[R];
   float off[R];
   for (int r = 0; r < R; ++r) {
@@ -504,13 +576,26 @@ void quantize_activations(const float* x, int64_t ldx, int64_t m, int64_t k, int
     }
 }
 
-void check_weight(const at::Tensor& w, int64_t type, int64_t k, const char* who) {
+// w's rows as bytes: uint8 [N, row_bytes], or for F16 / BF16 also a float16 / bfloat16 [N, K]
+// tensor (its 2 K bytes per row); checked against K and the type's row size.
+struct WeightBytes {
+  const uint8_t* data;
+  int64_t ld;  // bytes between rows
+};
+
+WeightBytes check_weight(const at::Tensor& w, int64_t type, int64_t k, const char* who) {
   const QuantFormat f = quant_format(type);
-  TORCH_CHECK(w.dim() == 2 && w.dtype() == at::kByte && w.device().is_cpu() && w.stride(1) == 1,
-              who, ": w must be a CPU uint8 [N, row_bytes] tensor with contiguous rows");
-  TORCH_CHECK(k % f.block_elems == 0 && w.size(1) == k / f.block_elems * f.block_bytes, who,
-              ": K = ", k, " does not match the weight's ", w.size(1), " bytes per row of type ",
+  const bool half_tensor = (type == kBF16 && w.dtype() == at::kBFloat16) ||
+                           (type == kF16 && w.dtype() == at::kHalf);
+  TORCH_CHECK(w.dim() == 2 && (w.dtype() == at::kByte || half_tensor) && w.device().is_cpu() &&
+                  w.stride(1) == 1,
+              who, ": w must be a CPU uint8 [N, row_bytes] tensor with contiguous rows (or a "
+              "float16 / bfloat16 [N, K] one for types 1 / 30)");
+  const int64_t row_bytes = w.size(1) * w.element_size();
+  TORCH_CHECK(k % f.block_elems == 0 && row_bytes == k / f.block_elems * f.block_bytes, who,
+              ": K = ", k, " does not match the weight's ", row_bytes, " bytes per row of type ",
               type);
+  return {static_cast<const uint8_t*>(w.data_ptr()), w.stride(0) * w.element_size()};
 }
 }  // namespace
 
@@ -518,11 +603,11 @@ void gguf_dequantize(at::Tensor out, at::Tensor w, int64_t type) {
   TORCH_CHECK(out.dim() == 2 && out.dtype() == at::kFloat && out.is_contiguous() &&
               out.device().is_cpu(), "gguf_dequantize: out must be a contiguous float32 [N, K]");
   const int64_t n = out.size(0), k = out.size(1);
-  check_weight(w, type, k, "gguf_dequantize");
+  const WeightBytes wb = check_weight(w, type, k, "gguf_dequantize");
   TORCH_CHECK(w.size(0) == n, "gguf_dequantize: row count mismatch");
-  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const uint8_t* wp = wb.data;
   float* op = out.data_ptr<float>();
-  const int64_t ldw = w.stride(0);
+  const int64_t ldw = wb.ld;
 #pragma omp parallel for schedule(dynamic, 64)
   for (int64_t r = 0; r < n; ++r) dequant_row(type, wp + r * ldw, op + r * k, k);
 }
@@ -533,7 +618,7 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
   type &= ~kInt8Activations;
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2, "gguf_linear: 2-D x and out expected");
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
-  check_weight(w, type, k, "gguf_linear");
+  const WeightBytes wb = check_weight(w, type, k, "gguf_linear");
   TORCH_CHECK(out.size(0) == m && out.size(1) == n, "gguf_linear: out shape mismatch");
   TORCH_CHECK(x.dtype() == at::kFloat && out.dtype() == at::kFloat,
               "gguf_linear: float32 x and out expected");
@@ -549,8 +634,8 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
     bp = bias->data_ptr<float>();
   }
   if (m == 0 || n == 0) return;
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const int64_t ldw = w.stride(0), ldx = x.stride(0);
+  const uint8_t* wp = wb.data;
+  const int64_t ldw = wb.ld, ldx = x.stride(0);
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t threads = num_threads();

@@ -72,9 +72,18 @@ class VocabEmbedding(nn.Module, _VocabShard):
                                    requires_grad=False)
         set_weight_loader(self.weight, self._load_rows)
 
+    def store_weight_in(self, weight_dtype: torch.dtype) -> None:
+        """Keep the (not yet loaded) weight in `weight_dtype` (16-bit weights over float32
+        activations, `half_linear`); lookups return `self.dtype`. A tied LM head shares it."""
+        if self.gguf_blocks is None and self.weight.dtype != weight_dtype:
+            self.weight = nn.Parameter(torch.empty(self.weight.shape, dtype=weight_dtype,
+                                                   device=self.weight.device), requires_grad=False)
+            set_weight_loader(self.weight, self._load_rows)
+
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         if self.gguf_blocks is None:
-            return F.embedding(ids, self.weight)
+            rows = F.embedding(ids, self.weight)
+            return rows if self.dtype is None else rows.to(self.dtype)
         rows = self.gguf_blocks.dequantize_rows(self.weight, ids.reshape(-1))
         return rows.to(self.dtype or rows.dtype).view(*ids.shape, self.embedding_dim)
 

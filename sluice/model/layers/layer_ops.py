@@ -12,7 +12,9 @@
                counts are padded to a fixed set, `onednn_rows` in csrc/ops.h: exact below
                32, < 1/16 extra above); otherwise `DenseLinearMethod` over `tiled_linear`
                for every shape (row x column tiles, each a single-threaded sgemm, spread over
-               the threads; 1-4 rows streamed);
+               the threads; 1-4 rows streamed); for bfloat16 / float16
+               `HalfWeightLinearMethod` (16-bit weights, the model computing in float32:
+               `LayerOps.compute_dtype`; `sluice.model.layers.half_linear`);
              * RMSNorm (with the fused residual add), SiLU-and-mul and RoPE as one pass each;
              * with packing and bf16 dot products on the CPU, the LM head's `greedy` screen
                (`sluice.model.layers.greedy`: exact greedy tokens from bf16 scores; two bf16
@@ -137,11 +139,19 @@ def onednn_linear(x: torch.Tensor, packed: torch.Tensor,
 class LayerOps:
     """What computes the layers of one model, chosen before it is built (module doc): the
     layer-ops `name`, the C++ operator module (None: torch code) for the elementwise layers,
-    and the `linear_method` every linear layer and the LM head is built with."""
+    the `linear_method` every linear layer and the LM head is built with, and
+    `compute_dtype`: the dtype the model is built in when it differs from the requested one
+    (16-bit weights over float32 activations, `half_linear`); None: the requested dtype."""
 
     name: str
     cpu_ops: ModuleType | None
     linear_method: LinearMethod
+    compute_dtype: torch.dtype | None = None
+
+    def model_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the model's activations and non-linear parameters take for `--dtype`
+        `dtype`."""
+        return self.compute_dtype or dtype
 
 
 _BUILDING: ContextVar[LayerOps | None] = ContextVar("sluice_layer_ops", default=None)
@@ -170,8 +180,10 @@ def building_with(layer_ops: LayerOps) -> Iterator[LayerOps]:
 def select_layer_ops(name: str, dtype: torch.dtype, device: torch.device | str) -> LayerOps:
     """The `LayerOps` for layer ops `name` ('torch' or 'cpu') and a model of `dtype` on
     `device`: 'cpu' loads the C++ operators (falling back to 'torch' where they cannot be
-    built) and picks `CpuPackedLinearMethod` where it supports (dtype, device), else
-    `DenseLinearMethod` over the C++ tiles. One fresh record (and method objects) per model."""
+    built) and picks `CpuPackedLinearMethod` where it supports (dtype, device); for bfloat16 /
+    float16 on a CPU `HalfWeightLinearMethod` (16-bit weights) with float32 as the compute
+    dtype; else `DenseLinearMethod` over the C++ tiles. One fresh record (and method objects)
+    per model."""
     if name not in LAYER_OPS:
         raise ValueError(f"unknown layer ops '{name}'; available: {', '.join(LAYER_OPS)}")
     from sluice.model.layers.linear_method import CpuPackedLinearMethod, DenseLinearMethod
@@ -183,4 +195,13 @@ def select_layer_ops(name: str, dtype: torch.dtype, device: torch.device | str) 
         return LayerOps("torch", None, DenseLinearMethod(F.linear))
     if CpuPackedLinearMethod.supports(dtype, torch.device(device)):
         return LayerOps(name, ops, CpuPackedLinearMethod(ops))
+    from sluice.model.layers.half_linear import HalfWeightLinearMethod
+    if torch.device(device).type == "cpu" and dtype in HalfWeightLinearMethod.DTYPES:
+        return LayerOps(name, ops, HalfWeightLinearMethod(ops, dtype), torch.float32)
     return LayerOps(name, ops, DenseLinearMethod(make_tiled_gemm(ops)))
+
+
+def model_compute_dtype(name: str, dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """The dtype a model requested in `dtype` computes in under layer ops `name`: float32 for
+    16-bit weights on a CPU with the C++ operators (`LayerOps.model_dtype`), else `dtype`."""
+    return select_layer_ops(name, dtype, device).model_dtype(dtype)

@@ -182,13 +182,17 @@ class FastPathSupport:
     `step_wrappers`: wrapper methods (exact types, holding the wrapped method as `.base`) that
     add nothing to the product in some steps, e.g. LoRA in a step without adapter tokens. A
     layer with one is judged by its base method, and the path itself must step aside in the
-    steps where the wrapper adds something (its `applies` check says how)."""
+    steps where the wrapper adds something (its `applies` check says how).
+
+    `method_dtypes`: the weight dtypes of the listed methods that differ from `dtypes` (e.g.
+    uint8 GGUF blocks), by exact type."""
 
     name: str
     methods: tuple[type[LinearMethod], ...]
     dtypes: tuple[torch.dtype, ...]
     single_rank: bool  # no tensor-parallel split: the path has no collective of its own
     step_wrappers: tuple[type[LinearMethod], ...] = ()
+    method_dtypes: tuple[tuple[type[LinearMethod], tuple[torch.dtype, ...]], ...] = ()
 
     def unsupported(self, layer: nn.Module) -> str | None:
         """Why this path cannot take `layer` (a module with `linear_method` and `weight`), or
@@ -199,9 +203,11 @@ class FastPathSupport:
         if type(method) not in self.methods:
             return (f"the {self.name} supports linear methods "
                     f"{', '.join(m.__name__ for m in self.methods)}, not {method!r}")
+        dtypes = dict(self.method_dtypes).get(type(method), self.dtypes)
         dtype = layer.weight.dtype
-        if dtype not in self.dtypes:
-            return f"the {self.name} supports {', '.join(map(str, self.dtypes))}, not {dtype}"
+        if dtype not in dtypes:
+            return (f"the {self.name} supports {', '.join(map(str, dtypes))} weights with "
+                    f"{type(method).__name__}, not {dtype}")
         if self.single_rank and getattr(layer, "tp_size", 1) != 1:
             return f"the {self.name} runs on one tensor-parallel rank only"
         return None

@@ -1,0 +1,134 @@
+"""Linear layers with 16-bit weights and float32 activations: `HalfWeightLinearMethod`.
+
+What `--dtype bfloat16` (or float16) means on a CPU with layer ops 'cpu'
+(`layer_ops.select_layer_ops`): the linear layers' and the LM head's weights — nearly all of a
+model's bytes — are stored in the 16-bit dtype, and everything else computes in float32 (the
+model is built in `LayerOps.compute_dtype` = float32: the residual stream, RMSNorm, RoPE,
+attention, logits and sampling, through the float32 C++ operators and the fused decode stack).
+The token embedding is stored in the 16-bit dtype too and looked up into float32. This is the
+mixed precision that keeps a bf16 checkpoint's weights exact, halves the weight bytes every
+decode step streams, and adds no rounding of activations beyond what the GEMM hardware needs.
+
+The product, per call (`apply`):
+* up to MAX_STREAMED_ROWS rows (decode), on every x86 CPU: the C++ `gguf_linear` with GGML
+  type BF16 (30) / F16 (1): each weight row is streamed once and widened to float32 in
+  registers (bf16: a 16-bit shift; f16: F16C), fp32 FMA with the activations — half the bytes
+  of the float32 GEMV;
+* more rows (prefill, batched decode) where the CPU has native bf16 products (`native_bf16`:
+  AMX-BF16 or AVX-512-BF16 reported, and torch's oneDNN takes bf16): oneDNN's GEMM on a copy of
+  the weight pre-packed at load (`layer.packed_weight`), activations rounded to bf16 at its
+  input (what AMX multiplies), float32 accumulation, the result widened to float32;
+* more rows elsewhere: `gguf_linear`'s panel path (weight rows widened into an fp32 tile in
+  L2, one sgemm of all rows against it);
+* anything the C++ operators do not take (no operators, autograd, another device): F.linear on
+  the weight widened to the activations' dtype (the reference).
+Results equal float32 F.linear on the 16-bit weight up to summation order, except the oneDNN
+path, which also rounds the activations to bf16 (as HF's bf16 model does).
+
+The fused decode stack lists this method in its `FastPathSupport` (its projections call the same
+`gguf_linear` on the 16-bit weight); the greedy screen, which reads a float32 head, does not.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sluice.model.layers.layer_ops import fast_path_ok
+from sluice.model.layers.linear_method import LinearMethod, WeightLoader, set_weight_loader
+
+logger = logging.getLogger(__name__)
+
+#: the GGML type id `gguf_linear` takes for a weight stored in each 16-bit dtype
+HALF_KERNEL_TYPES: dict[torch.dtype, int] = {torch.float16: 1, torch.bfloat16: 30}
+#: the most rows the weight-streaming GEMV takes; more run a GEMM
+MAX_STREAMED_ROWS = 8
+
+
+def native_bf16_gemm() -> bool:
+    """Whether this CPU multiplies bf16 natively (it reports AMX-BF16 or AVX-512-BF16) and
+    torch's oneDNN runs bf16 GEMMs on it: where a bf16 GEMM beats widening to float32."""
+    from sluice.platform.host import isa_flags
+    flags = isa_flags()
+    if not (flags.get("amx_bf16") or flags.get("avx512_bf16")):
+        return False
+    try:
+        return bool(torch.backends.mkldnn.is_available()
+                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def packed_bf16_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's pre-packed copy of a bf16 [N, K] weight, or None where oneDNN refuses it."""
+    try:
+        with torch.no_grad():
+            return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)
+    except (RuntimeError, AttributeError) as e:
+        logger.warning("oneDNN did not pack a bf16 weight (%s); its GEMMs widen to float32.", e)
+        return None
+
+
+class HalfWeightLinearMethod(LinearMethod):
+    """The weight in `weight_dtype` (bfloat16 or float16) [out, in], activations and bias in
+    the model's float32 (module doc). `native_gemm`: pack bf16 weights for oneDNN's GEMM
+    (default: `native_bf16_gemm()` for bfloat16)."""
+
+    DTYPES: tuple[torch.dtype, ...] = tuple(HALF_KERNEL_TYPES)
+
+    def __init__(self, ops: ModuleType | None, weight_dtype: torch.dtype,
+                 native_gemm: bool | None = None) -> None:
+        if weight_dtype not in HALF_KERNEL_TYPES:
+            raise ValueError("HalfWeightLinearMethod stores bfloat16 or float16, not "
+                             f"{weight_dtype}")
+        self.ops = ops
+        self.weight_dtype = weight_dtype
+        self.kernel_type = HALF_KERNEL_TYPES[weight_dtype]
+        self.native_gemm = (weight_dtype == torch.bfloat16 and ops is not None
+                            and (native_bf16_gemm() if native_gemm is None else native_gemm))
+
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int, *,
+                       bias: bool, dtype: torch.dtype | None,
+                       weight_loader: WeightLoader) -> None:
+        """`layer.weight` in `weight_dtype`; `layer.bias` in `dtype` (the compute dtype). The
+        loaders' copies convert the checkpoint's values to the parameters' dtypes."""
+        layer.weight = nn.Parameter(torch.empty(out_features, in_features,
+                                                dtype=self.weight_dtype), requires_grad=False)
+        layer.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
+                      if bias else None)
+        for p in (layer.weight, layer.bias):
+            if p is not None:
+                set_weight_loader(p, weight_loader)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        weight = layer.weight
+        layer.packed_weight = (packed_bf16_weight(weight) if self.native_gemm
+                               and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+                               else None)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        weight = layer.weight
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.ops is None or weight.dtype != self.weight_dtype or weight.stride(-1) != 1 \
+                or not fast_path_ok(x2, bias) or weight.device != x.device \
+                or (bias is not None and not bias.is_contiguous()):
+            return F.linear(x, weight.to(x.dtype), bias)
+        rows = x2.shape[0]
+        packed = layer.__dict__.get("packed_weight")  # a plain attribute; absent before loading
+        if packed is not None and rows > MAX_STREAMED_ROWS:
+            out = self.ops.onednn_linear(x2.to(torch.bfloat16), packed, None).float()
+            if bias is not None:
+                out += bias
+        else:
+            out = x2.new_empty(rows, weight.shape[0])
+            self.ops.gguf_linear(out, x2, weight, self.kernel_type, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    def __repr__(self) -> str:
+        native = ", oneDNN bf16 GEMM" if self.native_gemm else ""
+        return f"{type(self).__name__}({str(self.weight_dtype).removeprefix('torch.')}{native})"

@@ -1,0 +1,191 @@
+"""16-bit weights over float32 activations (`sluice.model.layers.half_linear`): what
+`--dtype bfloat16` / `float16` mean on a CPU with layer ops 'cpu', and the `--dtype auto` rule.
+
+Tolerances:
+* Kernels (`gguf_linear` types BF16 = 30, F16 = 1) vs F.linear in float64 on the widened weight
+  (widening is exact: `gguf_dequantize` must equal `weight.float()` bit for bit): the fp32
+  summation-order bound KERNEL_RTOL of test_gguf_quantized, on K with a tail that is not a
+  multiple of the kernels' 8 / 32-element steps.
+* Tiny model: logits of the bf16-weight model (fused decode stack, C++ kernels) vs the float32
+  torch-reference model whose weights were rounded to bf16 — the same arithmetic up to summation
+  order — within LOGITS_ATOL = 1e-4 of test_gguf_quantized (observed ~1e-6), except on a CPU
+  whose oneDNN bf16 GEMM runs prefill (there the activations are rounded to bf16 too, a
+  relative change of ~2^-9 per product: PREFILL_BF16_RTOL = 2% of the logits' norm).
+* Perplexity within 1% of float32 (the issue's bound): the demo model (tests/engine/
+  test_demo_model.py) and SmolLM2 (tests/model/test_int8_quant.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sluice.model.fused_decode import FUSED_DECODE_SUPPORT
+from sluice.model.layers.greedy import GREEDY_SCREEN_SUPPORT
+from sluice.model.layers.half_linear import (HALF_KERNEL_TYPES, HalfWeightLinearMethod,
+                                             native_bf16_gemm)
+from sluice.model.layers.layer_ops import model_compute_dtype
+from sluice.model.layers.linear_method import linear_layers
+
+from _sluice_model_helpers import load_ours
+from test_gguf_quantized import KERNEL_RTOL, LOGITS_ATOL, _logits
+
+PREFILL_BF16_RTOL = 0.02
+NEAR_TIE = 1e-3
+
+
+def _layer(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
+    layer = torch.nn.Module()
+    layer.weight, layer.bias = torch.nn.Parameter(weight, requires_grad=False), bias
+    return layer
+
+
+@pytest.mark.parametrize("dtype", list(HALF_KERNEL_TYPES))
+@pytest.mark.parametrize("k", [37, 64, 200])
+def test_half_weight_kernels_match_reference(cpu_ops, dtype, k):
+    g = torch.Generator().manual_seed(k)
+    n = 70
+    weight = (torch.randn(n, k, generator=g) * torch.logspace(-2, 1, k)).to(dtype)
+    wide = weight.float()
+    out = torch.empty(n, k)
+    cpu_ops.gguf_dequantize(out, weight, HALF_KERNEL_TYPES[dtype])
+    assert torch.equal(out, wide)                                   # widening is exact
+    cpu_ops.gguf_dequantize(out, weight.view(torch.uint8), HALF_KERNEL_TYPES[dtype])
+    assert torch.equal(out, wide)                                   # the same bytes as uint8
+    bias = torch.randn(n, generator=g)
+    method = HalfWeightLinearMethod(cpu_ops, dtype, native_gemm=False)
+    layer = _layer(weight, bias)
+    for m in (1, 2, 3, 4, 5, 8, 9, 33):
+        x = torch.randn(m, k, generator=g)
+        y = method.apply(layer, x, bias)
+        ref = F.linear(x.double(), wide.double(), bias.double())
+        bound = x.abs().double() @ wide.abs().double().T + bias.abs().double()
+        excess = ((y.double() - ref).abs() / bound).max().item()
+        assert excess <= KERNEL_RTOL, (dtype, k, m, excess)
+    # strided rows (a column-parallel shard's view) and a mismatched K are refused or honoured
+    wide_rows = torch.randn(n, k + 16, generator=g).to(dtype)[:, :k]
+    x = torch.randn(3, k, generator=g)
+    y = torch.empty(3, n)
+    cpu_ops.gguf_linear(y, x, wide_rows, HALF_KERNEL_TYPES[dtype], None)
+    torch.testing.assert_close(y, x @ wide_rows.float().T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="bytes per row"):
+        cpu_ops.gguf_linear(torch.empty(1, n), torch.randn(1, k + 1), weight,
+                            HALF_KERNEL_TYPES[dtype], None)
+
+
+@pytest.mark.skipif(not native_bf16_gemm(), reason="no native bf16 GEMM (AMX-BF16 or "
+                    "AVX-512-BF16 with oneDNN) on this CPU")
+def test_native_bf16_gemm_rounds_only_the_activations(cpu_ops):
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 256, generator=g).to(torch.bfloat16)
+    bias = torch.randn(96, generator=g)
+    method = HalfWeightLinearMethod(cpu_ops, torch.bfloat16)
+    assert method.native_gemm
+    layer = _layer(weight, bias)
+    method.process_weights_after_loading(layer)
+    assert layer.packed_weight is not None
+    x = torch.randn(40, 256, generator=g)
+    y = method.apply(layer, x, bias)
+    ref = F.linear(x.to(torch.bfloat16).double(), weight.double(), bias.double())
+    bound = x.abs().double() @ weight.abs().double().T
+    # fp32 accumulation, the result rounded to bf16 by oneDNN before it is widened
+    assert ((y.double() - ref).abs() / (bound + ref.abs())).max().item() <= 2 ** -7
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen3ForCausalLM"])
+def test_bf16_model_equals_float32_on_rounded_weights(cpu_ops, tiny_model_dir, arch):
+    model_dir = tiny_model_dir(arch)
+    ours = load_ours(model_dir, torch.bfloat16, layer_ops="cpu", attn_backend="cpu_paged")
+    layers = linear_layers(ours)
+    assert layers and all(type(l.linear_method) is HalfWeightLinearMethod
+                          and l.weight.dtype == torch.bfloat16 for l in layers)
+    assert ours.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert ours.lm_head.weight.dtype == torch.bfloat16
+    # everything that is not a linear weight or the embedding computes in float32
+    others = [p for n, p in ours.named_parameters() if p.dim() == 1]
+    assert others and all(p.dtype == torch.float32 for p in others)
+    assert ours.model.fused_decode is not None                      # the decode stack runs them
+    assert FUSED_DECODE_SUPPORT.first_unsupported(layers[:-1]) is None
+    assert "not HalfWeightLinearMethod" in GREEDY_SCREEN_SUPPORT.unsupported(ours.lm_head)
+    half_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    reference = load_ours(model_dir)                                 # float32, torch layers
+    float_bytes = sum(p.numel() * p.element_size() for p in reference.parameters())
+    assert half_bytes < 0.6 * float_bytes
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    a, b = _logits(ours), _logits(reference)
+    native = ours.lm_head.linear_method.native_gemm
+    for key in a:
+        if key.startswith("p") and native:   # oneDNN's bf16 GEMM rounds prefill activations
+            assert ((a[key] - b[key]).norm() / b[key].norm()).item() <= PREFILL_BF16_RTOL
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=LOGITS_ATOL)
+
+
+def test_dtype_auto_and_compute_dtype_rules(monkeypatch):
+    from sluice.model.layers import half_linear
+    from sluice.platform.cpu import CpuPlatform
+
+    plat = CpuPlatform()
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(half_linear, "native_bf16_gemm", lambda native=native: native)
+        assert plat.resolve_dtype("auto", "bfloat16") == want
+        assert plat.resolve_dtype("auto", "float16") == torch.float32
+        assert plat.resolve_dtype("auto", "float32") == torch.float32
+        assert plat.resolve_dtype("auto", None) == torch.float32
+        assert plat.resolve_dtype("bfloat16", "float32") == torch.bfloat16   # explicit wins
+    # 16-bit weights compute in float32 on the C++ layer ops; the torch reference keeps bf16
+    assert model_compute_dtype("cpu", torch.bfloat16, "cpu") == torch.float32
+    assert model_compute_dtype("cpu", torch.float16, "cpu") == torch.float32
+    assert model_compute_dtype("torch", torch.bfloat16, "cpu") == torch.bfloat16
+    assert model_compute_dtype("cpu", torch.float32, "cpu") == torch.float32
+
+
+def test_bf16_worker_dtypes(llama_dir):
+    """`--dtype bfloat16` on a CPU: bf16 weights, float32 activations, and the KV cache's 'auto'
+    is the compute dtype (float32: the fused decode stack and the C++ attention read it); an
+    explicit `--kv-cache-dtype bfloat16` is honoured."""
+    from sluice.config import EngineConfig
+    from sluice.hf_config import load_model_spec
+    from sluice.worker.worker import Worker
+
+    spec = load_model_spec(llama_dir)
+    worker = Worker(EngineConfig.from_kwargs(model=str(llama_dir), dtype="bfloat16"), spec, 256)
+    assert worker.dtype == torch.bfloat16
+    assert worker.model_runner.compute_dtype == torch.float32
+    assert worker.kv_cache_dtype == torch.float32
+    explicit = Worker(EngineConfig.from_kwargs(model=str(llama_dir), dtype="bfloat16",
+                                               kv_cache_dtype="bfloat16"), spec, 256)
+    assert explicit.kv_cache_dtype == torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tiny_model_factory):
+    """A tiny Llama saved in bfloat16: its weights are exact in both dtypes."""
+    from sluice.testing.tiny_models import TinyModelSpec
+    return tiny_model_factory("llama-bf16", TinyModelSpec(architecture="LlamaForCausalLM"),
+                              dtype="bfloat16")
+
+
+def test_bf16_engine_greedy_equals_float32_on_a_bf16_checkpoint(bf16_checkpoint):
+    """Through the engine (prefill, decode on the fused stack): greedy tokens of `--dtype
+    bfloat16` equal float32's on a bf16 checkpoint; a first difference is accepted only at a
+    near-tie of float32's top-2 logprobs (< NEAR_TIE)."""
+    from sluice.frontend.llm import LLM
+    from sluice.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=2)
+    prompts = ["The quick brown fox", "one two three four five", "a b a b a b"]
+    outs = {}
+    for dtype in ("float32", "bfloat16"):
+        with LLM(str(bf16_checkpoint), dtype=dtype, kv_cache_memory="16MiB") as llm:
+            outs[dtype] = [o.outputs[0] for o in llm.generate(prompts, params)]
+    for ref, got in zip(outs["float32"], outs["bfloat16"]):
+        assert len(got.token_ids) == 16
+        for i, (a, b) in enumerate(zip(ref.token_ids, got.token_ids)):
+            if a != b:
+                top2 = sorted((lp.logprob for lp in ref.logprobs[i].values()), reverse=True)
+                assert top2[0] - top2[1] < NEAR_TIE, (i, a, b, top2)
+                break
