@@ -123,12 +123,13 @@ class LoRALinearMethod(LinearMethod):
         return f"LoRA({self.base!r})"
 
 
-def wrap_lora_layers(model: nn.Module, max_loras: int, max_lora_rank: int) -> list[nn.Module]:
+def wrap_lora_layers(model: nn.Module, max_loras: int, max_lora_rank: int,
+                     dtype: torch.dtype | None = None) -> list[nn.Module]:
     """Wrap every decoder projection of `model` (LORA_TARGETS) in a `LoRALinearMethod`; each
     gets `lora_target` = (layer index, HF sub-projections), `lora_stride` = len(subs) *
-    max_lora_rank and zero slots `lora_a` / `lora_b` / `lora_ranks` (module doc) in its
-    weight's dtype and device. Returns the wrapped layers in module order. Called before the
-    weights load."""
+    max_lora_rank and zero slots `lora_a` / `lora_b` / `lora_ranks` (module doc) in `dtype`
+    (the activations' dtype; default: the weight's) on the weight's device. Returns the wrapped
+    layers in module order. Called before the weights load."""
     wrapped = []
     for name, module in model.named_modules():
         match = _LAYER.match(name)
@@ -141,9 +142,9 @@ def wrap_lora_layers(model: nn.Module, max_loras: int, max_lora_rank: int) -> li
         module.lora_target = (int(match[1]), subs)
         module.lora_stride = stride
         module.lora_a = torch.zeros(max_loras * stride, module.in_features,
-                                    dtype=weight.dtype, device=weight.device)
+                                    dtype=dtype or weight.dtype, device=weight.device)
         module.lora_b = torch.zeros(max_loras * stride, module.out_features,
-                                    dtype=weight.dtype, device=weight.device)
+                                    dtype=dtype or weight.dtype, device=weight.device)
         module.lora_ranks = [0] * max_loras
         wrapped.append(module)
     return wrapped

@@ -207,7 +207,7 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
                           "weights in float. Fix: drop one of the two.")
     if lora is not None and lora.enable_lora:
         from sluice.lora.layers import wrap_lora_layers
-        wrap_lora_layers(model, lora.max_loras, lora.max_lora_rank)
+        wrap_lora_layers(model, lora.max_loras, lora.max_lora_rank, dtype)
     if device.type == "cpu":  # before the weights are written: parameters are re-pointed
         place_parameters_in_huge_pages(model)
     if weights is None:

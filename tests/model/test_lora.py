@@ -55,7 +55,8 @@ def _requests(adapter_dirs):
             for name, (lid, _) in ADAPTERS.items()}
 
 
-def _runner(model_dir: Path, layer_ops: str = "cpu", enable_lora: bool = True, **lora):
+def _runner(model_dir: Path, layer_ops: str = "cpu", enable_lora: bool = True,
+            dtype: torch.dtype = torch.float32, **lora):
     from sluice.config_sources import build_engine_config
     from sluice.hf_config import load_model_spec
     from sluice.worker.model_runner import ModelRunner
@@ -63,7 +64,7 @@ def _runner(model_dir: Path, layer_ops: str = "cpu", enable_lora: bool = True, *
         "model": str(model_dir), "kv_cache_memory": "16MiB", "max_model_len": 128,
         "block_size": BLOCK, "enable_lora": enable_lora, **lora})
     runner = ModelRunner(config, load_model_spec(model_dir), torch.device("cpu"),
-                         torch.float32, 128, layer_ops=layer_ops)
+                         dtype, 128, layer_ops=layer_ops)
     runner.load_model()
     runner.initialize_kv_cache(64)
     return runner
@@ -195,6 +196,25 @@ def test_merged_weights_agree(llama_dir, adapter_dirs, prompt_ids):
                                    ("y", prompt_ids[2], lora["a"])])
     torch.testing.assert_close(got["x"], hf_logits(merged, prompt_ids[0]), atol=1e-4, rtol=0)
     torch.testing.assert_close(got["y"], hf_logits(merged, prompt_ids[2]), atol=1e-4, rtol=0)
+
+
+def test_adapters_over_bf16_weights(llama_dir, adapter_dirs, prompt_ids):
+    """`--dtype bfloat16` on CPU (16-bit base weights, float32 activations, `half_linear`): the
+    adapter slots take the activations' float32, so adapter a through the runner == PEFT's
+    merge of a into the HF model whose base weights were rounded to bf16."""
+    base = load_hf(llama_dir)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    merged = peft.PeftModel.from_pretrained(base, str(adapter_dirs["a"])).merge_and_unload()
+    from _sluice_model_helpers import hf_logits
+    runner = _runner(llama_dir, max_loras=1, dtype=torch.bfloat16)
+    layer = runner.model.model.layers[0].self_attn.qkv_proj
+    assert layer.weight.dtype == torch.bfloat16 and layer.lora_a.dtype == torch.float32
+    lora = _requests(adapter_dirs)
+    got = _Driver(runner).prefill([("x", prompt_ids[0], lora["a"]), ("y", prompt_ids[1], None)])
+    torch.testing.assert_close(got["x"], hf_logits(merged.eval(), prompt_ids[0]), atol=1e-4,
+                               rtol=0)
 
 
 def test_lru_eviction_and_reload(llama_dir, adapter_dirs, prompt_ids):
