@@ -131,10 +131,11 @@ class CacheConfig:
         "the RAM available when the engine starts); the KV cache gets what the rest leaves. "
         "Ignored when --kv-cache-memory is set; replaces --kv-cache-memory-fraction when set.",
         gt=0, le=1)
-    kv_cache_dtype: str = option("auto", "dtype the KV cache is stored in; 'auto' is the dtype "
-                                 "activations compute in: --dtype, or float32 for 16-bit weights "
-                                 "on CPU. bfloat16/float16 halve the cache's memory per token "
-                                 "of float32 (attention computes in the activations' dtype).",
+    kv_cache_dtype: str = option("auto", "dtype the KV cache is stored in; 'auto' is --dtype "
+                                 "(on CPU float32 for --dtype float16, whose cache the C++ "
+                                 "attention does not read). bfloat16/float16 halve the cache's "
+                                 "memory per token of float32 (attention computes in the "
+                                 "activations' dtype).",
                                  choices=("auto", "float32", "bfloat16", "float16"))
     swap_space: float | None = option(None, "vLLM's CPU swap space for preempted requests, in "
                                       "GiB. Accepted with no effect (logged at startup): sluice "

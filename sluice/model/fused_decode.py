@@ -29,7 +29,7 @@ which are always correct):
   (`FusedDecode.applies`: no `current_lora_mapping()`); steps with adapter tokens run the
   Python layers, which add the adapters' deltas;
 * float32 activations and weights (the stack's arithmetic; uint8 for GGUF blocks, bf16 / fp16
-  for 16-bit weights, which it widens to float32) and a float32 KV cache
+  for 16-bit weights, which it widens to float32) and a float32 or bfloat16 KV cache
   (`FusedDecode.applies`);
 * one tensor-parallel rank: the C++ stack has no all-reduce between o_proj / down_proj and the
   residual, so with tp > 1 (any layer with `tp_size` > 1) decode steps run the Python layers,
@@ -50,7 +50,7 @@ from torch import nn
 
 from sluice.lora.forward_context import current_lora_mapping
 from sluice.lora.layers import LoRALinearMethod
-from sluice.model.attention.backends.cpu_paged import CpuPagedBackend
+from sluice.model.attention.backends.cpu_paged import KERNEL_CACHE_DTYPES, CpuPagedBackend
 from sluice.model.attention.forward_context import get_forward_context
 from sluice.model.attention.metadata import AttentionMetadata
 from sluice.model.layers.gguf_linear import GgufBlockLinearMethod
@@ -112,16 +112,16 @@ class FusedDecode:
     def applies(hidden: torch.Tensor) -> bool:
         """True in a step whose requests each compute 1..`FUSED_MAX_QUERY_LEN` tokens (a decode
         step; a speculative verification of 1 + d tokens, `spec_decode.verify`; a short
-        prompt) over a float32 KV cache: the C++ stack reads the cache as float32, so a cache
-        stored in another dtype (`--kv-cache-dtype`) takes the Python layers; and no token uses
-        a LoRA adapter (the stack cannot add their deltas)."""
+        prompt) over a KV cache the C++ attention reads (float32 or bfloat16,
+        `KERNEL_CACHE_DTYPES`; float16 takes the Python layers); and no token uses a LoRA
+        adapter (the stack cannot add their deltas)."""
         ctx = get_forward_context()
         md = ctx.attn_metadata
         return (current_lora_mapping() is None and md is not None and md.num_reqs > 0
                 and md.max_query_len <= FUSED_MAX_QUERY_LEN
                 and hidden.shape[0] == md.num_actual_tokens and fast_path_ok(hidden)
                 and hidden.is_contiguous() and bool(ctx.kv_caches)
-                and ctx.kv_caches[0].dtype == torch.float32)
+                and ctx.kv_caches[0].dtype in KERNEL_CACHE_DTYPES)
 
     def __call__(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                  ) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 from sluice.config import EngineConfig
 from sluice.errors import ConfigError
 from sluice.hf_config import ModelSpec
+from sluice.model.attention.backends.cpu_paged import KERNEL_CACHE_DTYPES
 from sluice.model.attention.kv_cache import kv_cache_bytes_per_block
 from sluice.model.layers.layer_ops import model_compute_dtype
 from sluice.model.loader import resolve_dtype
@@ -22,6 +23,15 @@ from sluice.worker.model_runner import ModelRunner
 logger = logging.getLogger(__name__)
 
 _PROFILE_TOKENS = 256  # tokens of the profiling/warm-up forward; kept small for fast startup
+
+
+def kv_cache_auto_dtype(dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.dtype:
+    """What `--kv-cache-dtype auto` stores for `--dtype` `dtype` computing in `compute_dtype`:
+    `dtype`, except float16 weights over float32 activations on a CPU, whose cache is float32
+    (the C++ attention reads float32 and bfloat16 caches: `KERNEL_CACHE_DTYPES`)."""
+    if dtype != compute_dtype and dtype not in KERNEL_CACHE_DTYPES:
+        return compute_dtype
+    return dtype
 
 
 class Worker:
@@ -40,9 +50,9 @@ class Worker:
         self.device = self.platform.torch_device(local_rank)
         self.dtype = resolve_dtype(config.model.dtype, spec, self.device)
         layer_ops = self.platform.layer_ops_name(config.device.kernels)
-        # 'auto' is the dtype activations compute in: float32 under 16-bit weights on a CPU
         self.kv_cache_dtype = self.platform.resolve_kv_cache_dtype(
-            config.cache.kv_cache_dtype, model_compute_dtype(layer_ops, self.dtype, self.device))
+            config.cache.kv_cache_dtype, kv_cache_auto_dtype(
+                self.dtype, model_compute_dtype(layer_ops, self.dtype, self.device)))
         if rank == 0:
             for note in self.platform.ineffective_options(config):
                 logger.info(note)

@@ -31,6 +31,23 @@ from sluice.model.layers.linear_method import linear_layers
 from _sluice_model_helpers import load_ours
 from test_gguf_quantized import KERNEL_RTOL, LOGITS_ATOL, _logits
 
+
+def _logits_with(runner) -> dict[str, torch.Tensor]:
+    """Prefill of 3 prompts, then 3 decode steps of all of them (logits of every step)."""
+    out = {}
+    for i, n in enumerate((5, 17, 33)):
+        runner.add(str(i), [(7 * j + i) % 100 + 1 for j in range(n)])
+    first = runner.step([(str(i), n) for i, n in enumerate((5, 17, 33))])
+    out.update({f"p{k}": v for k, v in first.items()})
+    last = {k: int(v[-1].argmax()) for k, v in first.items()}
+    for step in range(3):
+        for rid, tok in last.items():
+            runner.extend(rid, [tok])
+        got = runner.step([(rid, 1) for rid in last])
+        out.update({f"d{step}{k}": v for k, v in got.items()})
+        last = {k: int(v[-1].argmax()) for k, v in got.items()}
+    return out
+
 PREFILL_BF16_RTOL = 0.02
 NEAR_TIE = 1e-3
 
@@ -143,22 +160,53 @@ def test_dtype_auto_and_compute_dtype_rules(monkeypatch):
     assert model_compute_dtype("cpu", torch.float32, "cpu") == torch.float32
 
 
-def test_bf16_worker_dtypes(llama_dir):
-    """`--dtype bfloat16` on a CPU: bf16 weights, float32 activations, and the KV cache's 'auto'
-    is the compute dtype (float32: the fused decode stack and the C++ attention read it); an
-    explicit `--kv-cache-dtype bfloat16` is honoured."""
+def test_16_bit_worker_dtypes(llama_dir):
+    """`--dtype bfloat16` on a CPU: bf16 weights, float32 activations, a bf16 KV cache ('auto':
+    the C++ attention and the fused decode stack read it); float16 weights keep a float32
+    cache (the kernels do not read fp16); an explicit `--kv-cache-dtype` is honoured."""
     from sluice.config import EngineConfig
     from sluice.hf_config import load_model_spec
     from sluice.worker.worker import Worker
 
     spec = load_model_spec(llama_dir)
-    worker = Worker(EngineConfig.from_kwargs(model=str(llama_dir), dtype="bfloat16"), spec, 256)
-    assert worker.dtype == torch.bfloat16
-    assert worker.model_runner.compute_dtype == torch.float32
-    assert worker.kv_cache_dtype == torch.float32
-    explicit = Worker(EngineConfig.from_kwargs(model=str(llama_dir), dtype="bfloat16",
-                                               kv_cache_dtype="bfloat16"), spec, 256)
-    assert explicit.kv_cache_dtype == torch.bfloat16
+
+    def worker(**options) -> Worker:
+        return Worker(EngineConfig.from_kwargs(model=str(llama_dir), **options), spec, 256)
+
+    bf16 = worker(dtype="bfloat16")
+    assert bf16.dtype == torch.bfloat16 and bf16.model_runner.compute_dtype == torch.float32
+    assert bf16.kv_cache_dtype == torch.bfloat16
+    assert worker(dtype="float16").kv_cache_dtype == torch.float32
+    assert worker(dtype="bfloat16", kv_cache_dtype="float32").kv_cache_dtype == torch.float32
+    assert worker(dtype="float32").kv_cache_dtype == torch.float32
+    assert worker(dtype="bfloat16", kernels="torch").kv_cache_dtype == torch.bfloat16
+
+
+def test_fused_decode_over_a_bf16_cache_equals_the_python_layers(cpu_ops, llama_dir,
+                                                                 monkeypatch):
+    """The fused decode stack writes k/v into a bf16 cache rounded as torch rounds them, and
+    reads it as the Python layers' attention kernels do: the same logits."""
+    from _sluice_model_helpers import PagedRunner
+    from sluice.model.fused_decode import FusedDecode
+
+    calls = []
+    real_call = FusedDecode.__call__
+    monkeypatch.setattr(FusedDecode, "__call__",
+                        lambda self, *a: calls.append(a[0].shape[0]) or real_call(self, *a))
+    ours = load_ours(llama_dir, torch.bfloat16, layer_ops="cpu", attn_backend="cpu_paged")
+    assert ours.model.fused_decode is not None
+    results = []
+    for fused in (True, False):
+        if not fused:
+            ours.model.fused_decode = None
+        runner = PagedRunner(ours)
+        runner.kv_caches = [c.to(torch.bfloat16) for c in runner.kv_caches]
+        results.append(_logits_with(runner))
+        assert all(c.dtype == torch.bfloat16 for c in runner.kv_caches)
+        # the stack ran the 3 decode steps (3 rows each) of the first run, none of the second
+        assert calls == [3, 3, 3]
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key], rtol=0, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """A KV cache stored in another dtype than the model's (`--kv-cache-dtype`): the attention
-backends write k/v in the cache's dtype and attend over exactly the values it holds, and the
-fast paths that read the cache as float32 step aside."""
+backends write k/v in the cache's dtype and attend over exactly the values it holds; the C++
+kernels and the fused decode stack read float32 and bfloat16 caches (`KERNEL_CACHE_DTYPES`) and
+step aside for others."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sluice.model.attention.backends.cpu_paged import CpuPagedBackend
+from sluice.model.attention.backends.cpu_paged import KERNEL_CACHE_DTYPES, CpuPagedBackend
 from sluice.model.attention.backends.torch_paged import TorchPagedBackend
 from sluice.model.attention.forward_context import set_forward_context
 from sluice.model.attention.metadata import build_attention_metadata
@@ -64,14 +65,20 @@ def test_low_precision_cache_equals_float32_cache_of_rounded_values(cache_dtype,
     torch.testing.assert_close(low.float(), ref_cache, rtol=0, atol=0)  # same values written
     slot = int(md.slot_mapping[-1])
     assert torch.equal(low.view(2, -1, 2, 32)[0, slot], k[-1].to(cache_dtype))
+    if backend == "cpu_paged" and cache_dtype in KERNEL_CACHE_DTYPES:
+        # the kernels read a bf16 cache themselves (rows widened exactly): bit for bit their
+        # result over a float32 cache of the same values
+        again = low.clone()
+        torch.testing.assert_close(impl.forward(q, k, v, again, md, 0.2),
+                                   impl.forward(q, *rounded, ref_cache.clone(), md, 0.2),
+                                   rtol=0, atol=0)
 
 
-def test_fused_decode_steps_aside_for_a_non_float32_cache():
+def test_fused_decode_takes_the_caches_the_kernels_read():
     from sluice.model.fused_decode import FusedDecode
     md = _step([1, 1], [5, 9], 4)
     hidden = torch.randn(2, 64)
     with torch.inference_mode():
-        with set_forward_context(md, [torch.zeros(2, 4, BLOCK, 2, 32)]):
-            assert FusedDecode.applies(hidden)
-        with set_forward_context(md, [torch.zeros(2, 4, BLOCK, 2, 32, dtype=torch.bfloat16)]):
-            assert not FusedDecode.applies(hidden)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            with set_forward_context(md, [torch.zeros(2, 4, BLOCK, 2, 32, dtype=dtype)]):
+                assert FusedDecode.applies(hidden) == (dtype in KERNEL_CACHE_DTYPES)

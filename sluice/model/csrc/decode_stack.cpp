@@ -19,6 +19,7 @@
 // A projection whose `quant_types` entry is a GGML type id (not 0; | 256 for int8 activations)
 // holds GGUF blocks (uint8 [N, row bytes]) and runs gguf_linear (quant_linear.cpp), as
 // GgufBlockLinearMethod does.
+#include "kv_rows.h"
 #include "ops.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -138,17 +139,23 @@ at::Tensor DecodeStack::forward(at::Tensor x, at::Tensor cos, at::Tensor sin,
     }
     // Cache write: token t's k and v rows go to slot slots[t] of this layer's cache.
     at::Tensor& cache = kv_caches[l];
-    TORCH_CHECK(cache.is_contiguous() && cache.size(3) == Hkv && cache.size(4) == D,
-                "DecodeStack: KV cache [2, blocks, B, Hkv, D] contiguous expected");
-    float* kc = cache.data_ptr<float>();
-    float* vc = kc + cache.numel() / 2;
+    TORCH_CHECK(cache.is_contiguous() && cache.size(3) == Hkv && cache.size(4) == D &&
+                    (cache.dtype() == at::kFloat || cache.dtype() == at::kBFloat16),
+                "DecodeStack: KV cache [2, blocks, B, Hkv, D] contiguous, float32 or bfloat16 "
+                "expected");
     const float* kp = k.data_ptr<float>();  // row stride (H + Hkv) D or Hkv D
     const float* vp = qkv.data_ptr<float>() + q_cols + kv_cols;
-    const int64_t ldk = k.stride(0), ldv = qkv.stride(0);
-    for (int64_t t = 0; t < T; ++t) {
-      std::memcpy(kc + slots[t] * kv_cols, kp + t * ldk, kv_cols * sizeof(float));
-      std::memcpy(vc + slots[t] * kv_cols, vp + t * ldv, kv_cols * sizeof(float));
-    }
+    const int64_t ldk = k.stride(0), ldv = qkv.stride(0), half = cache.numel() / 2;
+    auto write = [&](auto* kc) {  // rows stored in the cache's dtype (kv_rows.h)
+      for (int64_t t = 0; t < T; ++t) {
+        sluice::kv_row_store(kc + slots[t] * kv_cols, kp + t * ldk, kv_cols);
+        sluice::kv_row_store(kc + half + slots[t] * kv_cols, vp + t * ldv, kv_cols);
+      }
+    };
+    if (cache.dtype() == at::kBFloat16)
+      write(cache.data_ptr<c10::BFloat16>());
+    else
+      write(cache.data_ptr<float>());
     at::Tensor attn = at::empty({T, H, D}, x.options());
     paged_decode_attention(attn, q, cache, block_ids, nb, seq_lens, scale_);
     at::Tensor o = linear(attn.view({T, q_cols}), w.o, w.o_bias, w.o_packed, w.o_type);

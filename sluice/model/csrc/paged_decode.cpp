@@ -1,5 +1,7 @@
 // Paged decode attention for CPU: one query token per request, keys and values read in place
-// from the block-structured KV cache (no gather copy). fp32; OpenMP over (request, key chunk).
+// from the block-structured KV cache (no gather copy). fp32 arithmetic over a float32 or
+// bfloat16 cache (a bf16 key/value row is widened to fp32 as it is read: `kv_rows.h`); OpenMP
+// over (request, key chunk).
 //
 // Shapes (all contiguous):
 //   q          [N, H, D]                 query of each decode request (rows may be strided)
@@ -18,6 +20,7 @@
 // writes its normalised output. A longer row is split ("split-KV"): each item keeps its
 // chunk's running max m, exp-sum l and unnormalised sum acc per query head, and a second pass
 // merges the chunks: out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c.
+#include "kv_rows.h"
 #include "ops.h"
 #include "vec_math.h"
 
@@ -32,37 +35,41 @@ namespace {
 constexpr int64_t kChunkTokens = 128;  // keys per chunk of a row (rounded to blocks)
 constexpr int64_t kPrefetchRows = 8;     // rows ahead the key/value sweeps prefetch (into L2)
 
+template <typename T>  // the cache's element type: float or c10::BFloat16
 struct Geometry {
   int64_t n_heads, kvh, d, group, bs;
-  const float* k;   // keys of the whole cache
-  const float* v;   // values
+  const T* k;   // keys of the whole cache
+  const T* v;   // values
   const int64_t* bid;
   int64_t nb;
 };
 
 // f(t, row) for keys t in [t0, t1) of request n in order, row = the token's cached row (all kv
-// heads) in `cache` (keys or values). Walks whole blocks (no division per key) and prefetches
+// heads) in `cache` (keys or values) as float32 (a bf16 row widened into `wide`, one row of
+// scratch). Walks whole blocks (no division per key) and prefetches
 // the row kPrefetchRows ahead, into the next block at a block's end: blocks are scattered,
 // and the hardware prefetcher, which restarts at every block, left the sweep latency-bound
 // (~12 GB/s for 64 requests on 2 threads). The prefetch goes to L2 (locality hint 2), whose
 // miss queue holds more lines in flight than L1's: 10-30% faster than prefetching 4 rows
 // ahead into L1, for 64 requests with 16- or 64-token blocks.
-template <typename F>
-inline void for_each_key(const Geometry& g, int64_t n, int64_t t0, int64_t t1, const float* cache,
-                         F&& f) {
+template <typename T, typename F>
+inline void for_each_key(const Geometry<T>& g, int64_t n, int64_t t0, int64_t t1, const T* cache,
+                         std::vector<float>& wide, F&& f) {
   const int64_t row_len = g.kvh * g.d, block_len = g.bs * row_len;
   const int64_t last_block = (t1 - 1) / g.bs;
+  constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
+  wide.resize(row_len);
   for (int64_t b = t0 / g.bs; b <= last_block; ++b) {
-    const float* block = cache + g.bid[n * g.nb + b] * block_len;
-    const float* next = b < last_block ? cache + g.bid[n * g.nb + b + 1] * block_len : nullptr;
+    const T* block = cache + g.bid[n * g.nb + b] * block_len;
+    const T* next = b < last_block ? cache + g.bid[n * g.nb + b + 1] * block_len : nullptr;
     const int64_t first = std::max(t0, b * g.bs), last = std::min(t1, (b + 1) * g.bs);
     for (int64_t t = first; t < last; ++t) {
       const int64_t ahead = t - b * g.bs + kPrefetchRows;
-      const float* pf = ahead < g.bs ? block + ahead * row_len
-                        : next != nullptr ? next + (ahead - g.bs) * row_len : nullptr;
+      const T* pf = ahead < g.bs ? block + ahead * row_len
+                    : next != nullptr ? next + (ahead - g.bs) * row_len : nullptr;
       if (pf != nullptr)
-        for (int64_t c = 0; c < row_len; c += 16) __builtin_prefetch(pf + c, 0, 2);
-      f(t, block + (t - b * g.bs) * row_len);
+        for (int64_t c = 0; c < row_len; c += kLine) __builtin_prefetch(pf + c, 0, 2);
+      f(t, sluice::kv_row_as_float(block + (t - b * g.bs) * row_len, row_len, wide.data()));
     }
   }
 }
@@ -130,6 +137,7 @@ struct Scratch {
   std::vector<float> p;
   std::vector<v16> part;
   std::vector<float> tail;
+  std::vector<float> wide;  // one cache row widened to float32 (a bf16 cache)
 };
 
 // Attention of query heads q[0..H) of request n over keys [t0, t1): writes p (scores, then
@@ -139,7 +147,8 @@ struct Scratch {
 // m = -inf, l = 0, acc = 0. Scores are made 16 keys at a time: each (head, key) gives a
 // 16-lane partial product vector, and one transpose_sum per head turns a tile's 16 vectors into
 // 16 scores (~1.1x faster than a reduction per score with 64-token blocks here).
-void attend_range(const Geometry& g, int64_t n, const float* q, int64_t t0, int64_t t1,
+template <typename T>
+void attend_range(const Geometry<T>& g, int64_t n, const float* q, int64_t t0, int64_t t1,
                   float scale, bool normalise, Scratch& scratch, float* acc, float* m,
                   float* l) {
   const int64_t len = t1 - t0, H = g.n_heads, d = g.d, dv = d / 16;  // dv full 16-dim chunks
@@ -155,7 +164,7 @@ void attend_range(const Geometry& g, int64_t n, const float* q, int64_t t0, int6
   scratch.tail.resize(static_cast<size_t>(H * 16), 0.f);
   v16* part = scratch.part.data();
   float* tail = scratch.tail.data();
-  for_each_key(g, n, t0, t1, g.k, [&](int64_t t, const float* row) {
+  for_each_key(g, n, t0, t1, g.k, scratch.wide, [&](int64_t t, const float* row) {
     const int64_t j = (t - t0) % 16;
     for (int64_t h = 0; h < H; ++h) {
       const float* qh = q + h * d;
@@ -188,7 +197,7 @@ void attend_range(const Geometry& g, int64_t n, const float* q, int64_t t0, int6
       l[h] = total;
     }
   }
-  for_each_key(g, n, t0, t1, g.v, [&](int64_t t, const float* row) {
+  for_each_key(g, n, t0, t1, g.v, scratch.wide, [&](int64_t t, const float* row) {
     for (int64_t h = 0; h < H; ++h) {
       const float w = p[h * len + (t - t0)];
       const float* vr = row + (h / g.group) * d;
@@ -200,20 +209,16 @@ void attend_range(const Geometry& g, int64_t n, const float* q, int64_t t0, int6
 
 }  // namespace
 
-void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
-                            at::Tensor block_ids, int64_t nb, at::Tensor seq_lens,
-                            double scale) {
-  TORCH_CHECK(q.dtype() == at::kFloat && kv_cache.dtype() == at::kFloat,
-              "paged_decode_attention: float32 only");
-  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && kv_cache.is_contiguous() &&
-                  out.is_contiguous() &&
-                  block_ids.is_contiguous() && seq_lens.is_contiguous(),
-              "paged_decode_attention: contiguous tensors (q: contiguous rows) expected");
+namespace {
+template <typename T>
+void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
+                      const at::Tensor& block_ids, int64_t nb, const at::Tensor& seq_lens,
+                      double scale) {
   const int64_t n_reqs = q.size(0), n_heads = q.size(1), d = q.size(2);
   const int64_t n_blocks = kv_cache.size(1), bs = kv_cache.size(2), kvh = kv_cache.size(3);
-  const float* kp = kv_cache.data_ptr<float>();
-  const Geometry g{n_heads, kvh, d, n_heads / kvh, bs, kp, kp + n_blocks * bs * kvh * d,
-                   block_ids.data_ptr<int64_t>(), nb};
+  const T* kp = static_cast<const T*>(kv_cache.data_ptr());
+  const Geometry<T> g{n_heads, kvh, d, n_heads / kvh, bs, kp, kp + n_blocks * bs * kvh * d,
+                      block_ids.data_ptr<int64_t>(), nb};
   const float* qp = q.data_ptr<float>();
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
@@ -270,4 +275,21 @@ void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
       for (int64_t e = 0; e < d; ++e) o[e] *= inv;
     }
   }
+}
+}  // namespace
+
+void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
+                            at::Tensor block_ids, int64_t nb, at::Tensor seq_lens,
+                            double scale) {
+  TORCH_CHECK(q.dtype() == at::kFloat && out.dtype() == at::kFloat &&
+                  (kv_cache.dtype() == at::kFloat || kv_cache.dtype() == at::kBFloat16),
+              "paged_decode_attention: float32 q/out and a float32 or bfloat16 cache expected");
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && kv_cache.is_contiguous() &&
+                  out.is_contiguous() &&
+                  block_ids.is_contiguous() && seq_lens.is_contiguous(),
+              "paged_decode_attention: contiguous tensors (q: contiguous rows) expected");
+  if (kv_cache.dtype() == at::kBFloat16)
+    decode_attention<c10::BFloat16>(out, q, kv_cache, block_ids, nb, seq_lens, scale);
+  else
+    decode_attention<float>(out, q, kv_cache, block_ids, nb, seq_lens, scale);
 }

@@ -4,7 +4,8 @@
 //
 // Shapes:
 //   q                [T, H, D]     the step's flat queries (rows may be strided)
-//   kv_cache         [2, num_blocks, B, Hkv, D] contiguous; [0] keys, [1] values
+//   kv_cache         [2, num_blocks, B, Hkv, D] contiguous; [0] keys, [1] values; float32 or
+//                    bfloat16 (rows widened to fp32 as they are copied out, `kv_rows.h`)
 //   block_table      [R, MB] int32 request r's blocks
 //   query_start_loc  [R + 1] int64 request r owns flat tokens [qsl[r], qsl[r+1])
 //   seq_lens         [R] int64     context length after this step
@@ -22,6 +23,7 @@
 //   l = l e^(m - m') + sum_t p;  O = O e^(m - m') + p V (sgemm);  finally out = O / l.
 // Items are handed out dynamically, the most expensive (most keys x queries) first.
 #include "blas.h"
+#include "kv_rows.h"
 #include "ops.h"
 #include "vec_math.h"
 
@@ -44,9 +46,9 @@ struct Item {
 void paged_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
                              at::Tensor block_table, at::Tensor query_start_loc,
                              at::Tensor seq_lens, double scale) {
-  TORCH_CHECK(q.dtype() == at::kFloat && kv_cache.dtype() == at::kFloat &&
-                  out.dtype() == at::kFloat,
-              "paged_prefill_attention: float32 only");
+  TORCH_CHECK(q.dtype() == at::kFloat && out.dtype() == at::kFloat &&
+                  (kv_cache.dtype() == at::kFloat || kv_cache.dtype() == at::kBFloat16),
+              "paged_prefill_attention: float32 q/out and a float32 or bfloat16 cache expected");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2) &&
                   kv_cache.is_contiguous() && out.is_contiguous() && out.sizes() == q.sizes(),
               "paged_prefill_attention: q [T, H, D] with contiguous rows, contiguous cache/out");
@@ -62,8 +64,10 @@ void paged_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
   const int64_t* qsl = query_start_loc.data_ptr<int64_t>();
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
   const float* qp = q.data_ptr<float>();
-  const float* kc = kv_cache.data_ptr<float>();
-  const float* vc = kc + n_blocks * bs * row_len;
+  const bool bf16 = kv_cache.dtype() == at::kBFloat16;
+  const float* kc = bf16 ? nullptr : kv_cache.data_ptr<float>();
+  const auto* kc16 = bf16 ? kv_cache.data_ptr<c10::BFloat16>() : nullptr;
+  const int64_t v_offset = n_blocks * bs * row_len;  // elements from keys to values
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
 
@@ -104,10 +108,16 @@ void paged_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
         const int64_t kn = std::min(kTileK, key_end - k0);
         for (int64_t t = k0; t < k0 + kn; ++t) {
           const int64_t slot = static_cast<int64_t>(blocks[t / bs]) * bs + t % bs;
-          const float* krow = kc + slot * row_len + w.g * d;
-          const float* vrow = vc + slot * row_len + w.g * d;
-          std::copy(krow, krow + d, kbuf.data() + (t - k0) * d);
-          std::copy(vrow, vrow + d, vbuf.data() + (t - k0) * d);
+          const int64_t at = slot * row_len + w.g * d;  // key row of head g
+          float* kdst = kbuf.data() + (t - k0) * d;
+          float* vdst = vbuf.data() + (t - k0) * d;
+          if (bf16) {
+            sluice::kv_row_as_float(kc16 + at, d, kdst);
+            sluice::kv_row_as_float(kc16 + v_offset + at, d, vdst);
+          } else {
+            std::copy(kc + at, kc + at + d, kdst);
+            std::copy(kc + v_offset + at, kc + v_offset + at + d, vdst);
+          }
         }
         sluice::gemm_row_major(static_cast<int>(rows), static_cast<int>(kn), D, qbuf.data(), D,
                                kbuf.data(), D, true, 0.f, s.data(), static_cast<int>(kTileK));

@@ -1,5 +1,6 @@
 """The CPU paged backend: C++/OpenMP kernels that read keys and values in place from the
-block-structured cache. Decode groups run `paged_decode_attention`; all multi-token requests of
+block-structured cache (float32 or bfloat16, `KERNEL_CACHE_DTYPES`; float32 queries). Decode
+groups run `paged_decode_attention`; all multi-token requests of
 a step (whole prompts and chunks after earlier context) run one `paged_prefill_attention` call,
 without the padding and gather of the torch path. Cache writes are the torch backend's, which
 stays the test oracle.
@@ -20,6 +21,11 @@ from sluice.model import cpu_ops
 from sluice.model.attention.backends.torch_paged import (TorchPagedBackend, place_rows,
                                                         take_tokens, write_kv)
 from sluice.model.attention.metadata import AttentionMetadata, DecodeGroup
+
+
+#: the cache dtypes the kernels read (a bf16 row is widened to float32 as it is read; the
+#: arithmetic is float32 with float32 queries); others take the torch backend
+KERNEL_CACHE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class CpuPagedBackend(TorchPagedBackend):
@@ -58,7 +64,7 @@ class CpuPagedBackend(TorchPagedBackend):
         return out
 
     def supports(self, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-        return q.dtype == torch.float32 and kv_cache.dtype == torch.float32 and \
+        return q.dtype == torch.float32 and kv_cache.dtype in KERNEL_CACHE_DTYPES and \
             kv_cache.device.type == "cpu" and kv_cache.is_contiguous()
 
 
