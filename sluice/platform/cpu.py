@@ -87,12 +87,12 @@ class CpuPlatform(Platform):
     def default_dtype(self, checkpoint_dtype: "str | torch.dtype | None") -> "torch.dtype":
         """A bfloat16 checkpoint stays bfloat16 where the CPU multiplies bf16 natively (it
         reports AMX-BF16 or AVX-512-BF16 and torch's oneDNN takes bf16:
-        `half_linear.native_bf16_gemm`); everything else runs in float32 — float16 and float32
+        `layer_ops.native_bf16_products`); everything else runs in float32 — float16 and float32
         checkpoints, and bf16 ones on CPUs without bf16 products, where the GEMMs would widen
         the weights to float32 anyway (`--dtype bfloat16` still halves their bytes there)."""
         import torch
-        from sluice.model.layers.half_linear import native_bf16_gemm
-        if dtype_name(checkpoint_dtype) == "bfloat16" and native_bf16_gemm():
+        from sluice.model.layers.layer_ops import native_bf16_products
+        if dtype_name(checkpoint_dtype) == "bfloat16" and native_bf16_products():
             return torch.bfloat16
         return torch.float32
 

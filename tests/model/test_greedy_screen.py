@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from sluice.model.layers import greedy
-from sluice.model.layers.greedy import (bound_constants, make_greedy_screen, native_bf16_dot,
-                                        row_norms)
+from sluice.model.layers.greedy import bound_constants, make_greedy_screen, row_norms
+from sluice.model.layers.layer_ops import native_bf16_products
 
-needs_bf16 = pytest.mark.skipif(not native_bf16_dot(),
+needs_bf16 = pytest.mark.skipif(not native_bf16_products(),
                                 reason="the CPU has no bf16 dot products: the screen is off")
 
 
@@ -126,7 +126,7 @@ def test_kernel_declines_rows_it_cannot_decide(cpu_ops, poison):
 
 
 def test_screen_is_off_without_bf16_dot_products(cpu_ops, monkeypatch):
-    monkeypatch.setattr(greedy, "isa_flags", lambda: {"avx2": True})
+    monkeypatch.setattr(greedy, "native_bf16_products", lambda: False)
     assert make_greedy_screen(cpu_ops, torch.randn(64, 32), 64) is None
     monkeypatch.undo()
     assert make_greedy_screen(None, torch.randn(64, 32), 64) is None

@@ -23,9 +23,8 @@ import torch.nn.functional as F
 
 from sluice.model.fused_decode import FUSED_DECODE_SUPPORT
 from sluice.model.layers.greedy import GREEDY_SCREEN_SUPPORT
-from sluice.model.layers.half_linear import (HALF_KERNEL_TYPES, HalfWeightLinearMethod,
-                                             native_bf16_gemm)
-from sluice.model.layers.layer_ops import model_compute_dtype
+from sluice.model.layers.half_linear import HALF_KERNEL_TYPES, HalfWeightLinearMethod
+from sluice.model.layers.layer_ops import model_compute_dtype, native_bf16_products
 from sluice.model.layers.linear_method import linear_layers
 
 from _sluice_model_helpers import load_ours
@@ -91,7 +90,7 @@ def test_half_weight_kernels_match_reference(cpu_ops, dtype, k):
                             HALF_KERNEL_TYPES[dtype], None)
 
 
-@pytest.mark.skipif(not native_bf16_gemm(), reason="no native bf16 GEMM (AMX-BF16 or "
+@pytest.mark.skipif(not native_bf16_products(), reason="no native bf16 GEMM (AMX-BF16 or "
                     "AVX-512-BF16 with oneDNN) on this CPU")
 def test_native_bf16_gemm_rounds_only_the_activations(cpu_ops):
     g = torch.Generator().manual_seed(0)
@@ -142,12 +141,12 @@ def test_bf16_model_equals_float32_on_rounded_weights(cpu_ops, tiny_model_dir, a
 
 
 def test_dtype_auto_and_compute_dtype_rules(monkeypatch):
-    from sluice.model.layers import half_linear
+    from sluice.model.layers import layer_ops
     from sluice.platform.cpu import CpuPlatform
 
     plat = CpuPlatform()
     for native, want in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(half_linear, "native_bf16_gemm", lambda native=native: native)
+        monkeypatch.setattr(layer_ops, "native_bf16_products", lambda native=native: native)
         assert plat.resolve_dtype("auto", "bfloat16") == want
         assert plat.resolve_dtype("auto", "float16") == torch.float32
         assert plat.resolve_dtype("auto", "float32") == torch.float32

@@ -39,9 +39,8 @@ import torch
 from torch import nn
 
 from sluice.model.host_memory import huge_page_buffer
-from sluice.model.layers.layer_ops import PACK_ROWS_HINT
+from sluice.model.layers.layer_ops import PACK_ROWS_HINT, native_bf16_products
 from sluice.model.layers.linear_method import CpuPackedLinearMethod, FastPathSupport
-from sluice.platform.host import isa_flags
 
 BF16_UNIT_ROUNDOFF = 2.0 ** -8
 BOUND_SAFETY = 1.25
@@ -51,19 +50,6 @@ NORM_CHUNK_ROWS = 4096  # rows per float64 chunk when measuring the weight's row
 #: leaves the head without a screen
 GREEDY_SCREEN_SUPPORT = FastPathSupport("greedy screen", methods=(CpuPackedLinearMethod,),
                                         dtypes=(torch.float32,), single_rank=True)
-
-
-def native_bf16_dot() -> bool:
-    """Whether this CPU has bf16 dot-product instructions (avx512_bf16 or AMX) and torch's
-    oneDNN uses them: without them a bf16 GEMM is no faster than float32."""
-    flags = isa_flags()
-    if not (flags.get("avx512_bf16") or flags.get("amx_bf16")):
-        return False
-    try:
-        return bool(torch.backends.mkldnn.is_available()
-                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (RuntimeError, AttributeError):
-        return False
 
 
 def bound_constants(k: int, max_row_norm: float) -> tuple[float, float]:
@@ -136,7 +122,7 @@ def make_greedy_screen(ops: ModuleType | None, weight: torch.Tensor | None,
     no C++ ops, no native bf16 dot products, or a weight that is not a float32 CPU matrix."""
     if ops is None or not isinstance(weight, torch.Tensor) or weight.dim() != 2 \
             or weight.dtype != torch.float32 or weight.device.type != "cpu" \
-            or not weight.is_contiguous() or not native_bf16_dot():
+            or not weight.is_contiguous() or not native_bf16_products():
         return None
     try:
         return GreedyScreen(ops, weight, rows_hint)

@@ -14,10 +14,11 @@ The product, per call (`apply`):
   type BF16 (30) / F16 (1): each weight row is streamed once and widened to float32 in
   registers (bf16: a 16-bit shift; f16: F16C), fp32 FMA with the activations — half the bytes
   of the float32 GEMV;
-* more rows (prefill, batched decode) where the CPU has native bf16 products (`native_bf16`:
-  AMX-BF16 or AVX-512-BF16 reported, and torch's oneDNN takes bf16): oneDNN's GEMM on a copy of
-  the weight pre-packed at load (`layer.packed_weight`), activations rounded to bf16 at its
-  input (what AMX multiplies), float32 accumulation, the result widened to float32;
+* more rows (prefill, batched decode) where the CPU has native bf16 products
+  (`layer_ops.native_bf16_products`: AMX-BF16 or AVX-512-BF16 reported, oneDNN takes bf16):
+  oneDNN's GEMM on a copy of the weight pre-packed at load (`layer.packed_weight`),
+  activations rounded to bf16 at its input (what AMX multiplies), float32 accumulation, the
+  result widened to float32;
 * more rows elsewhere: `gguf_linear`'s panel path (weight rows widened into an fp32 tile in
   L2, one sgemm of all rows against it);
 * anything the C++ operators do not take (no operators, autograd, another device): F.linear on
@@ -38,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sluice.model.layers.layer_ops import fast_path_ok
-from sluice.model.layers.linear_method import LinearMethod, WeightLoader, set_weight_loader
+from sluice.model.layers.layer_ops import fast_path_ok, native_bf16_products
+from sluice.model.layers.linear_method import LinearMethod
 
 logger = logging.getLogger(__name__)
 
@@ -47,20 +48,6 @@ logger = logging.getLogger(__name__)
 HALF_KERNEL_TYPES: dict[torch.dtype, int] = {torch.float16: 1, torch.bfloat16: 30}
 #: the most rows the weight-streaming GEMV takes; more run a GEMM
 MAX_STREAMED_ROWS = 8
-
-
-def native_bf16_gemm() -> bool:
-    """Whether this CPU multiplies bf16 natively (it reports AMX-BF16 or AVX-512-BF16) and
-    torch's oneDNN runs bf16 GEMMs on it: where a bf16 GEMM beats widening to float32."""
-    from sluice.platform.host import isa_flags
-    flags = isa_flags()
-    if not (flags.get("amx_bf16") or flags.get("avx512_bf16")):
-        return False
-    try:
-        return bool(torch.backends.mkldnn.is_available()
-                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def packed_bf16_weight(weight: torch.Tensor) -> torch.Tensor | None:
@@ -74,35 +61,27 @@ def packed_bf16_weight(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 class HalfWeightLinearMethod(LinearMethod):
-    """The weight in `weight_dtype` (bfloat16 or float16) [out, in], activations and bias in
+    """The weight in `storage_dtype` (bfloat16 or float16) [out, in], activations and bias in
     the model's float32 (module doc). `native_gemm`: pack bf16 weights for oneDNN's GEMM
-    (default: `native_bf16_gemm()` for bfloat16)."""
+    (default: `native_bf16_products()` for bfloat16)."""
 
     DTYPES: tuple[torch.dtype, ...] = tuple(HALF_KERNEL_TYPES)
 
-    def __init__(self, ops: ModuleType | None, weight_dtype: torch.dtype,
+    def __init__(self, ops: ModuleType | None, storage_dtype: torch.dtype,
                  native_gemm: bool | None = None) -> None:
-        if weight_dtype not in HALF_KERNEL_TYPES:
+        if storage_dtype not in HALF_KERNEL_TYPES:
             raise ValueError("HalfWeightLinearMethod stores bfloat16 or float16, not "
-                             f"{weight_dtype}")
+                             f"{storage_dtype}")
         self.ops = ops
-        self.weight_dtype = weight_dtype
-        self.kernel_type = HALF_KERNEL_TYPES[weight_dtype]
-        self.native_gemm = (weight_dtype == torch.bfloat16 and ops is not None
-                            and (native_bf16_gemm() if native_gemm is None else native_gemm))
+        self.storage_dtype = storage_dtype
+        self.kernel_type = HALF_KERNEL_TYPES[storage_dtype]
+        self.native_gemm = (storage_dtype == torch.bfloat16 and ops is not None
+                            and (native_bf16_products() if native_gemm is None else native_gemm))
 
-    def create_weights(self, layer: nn.Module, in_features: int, out_features: int, *,
-                       bias: bool, dtype: torch.dtype | None,
-                       weight_loader: WeightLoader) -> None:
-        """`layer.weight` in `weight_dtype`; `layer.bias` in `dtype` (the compute dtype). The
-        loaders' copies convert the checkpoint's values to the parameters' dtypes."""
-        layer.weight = nn.Parameter(torch.empty(out_features, in_features,
-                                                dtype=self.weight_dtype), requires_grad=False)
-        layer.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
-                      if bias else None)
-        for p in (layer.weight, layer.bias):
-            if p is not None:
-                set_weight_loader(p, weight_loader)
+    def weight_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
+        """`storage_dtype`, whatever the layer's (compute) dtype; the bias stays in that dtype.
+        The loaders' copies convert the checkpoint's values to the parameters' dtypes."""
+        return self.storage_dtype
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         weight = layer.weight
@@ -114,7 +93,7 @@ class HalfWeightLinearMethod(LinearMethod):
               bias: torch.Tensor | None) -> torch.Tensor:
         weight = layer.weight
         x2 = x.reshape(-1, x.shape[-1])
-        if self.ops is None or weight.dtype != self.weight_dtype or weight.stride(-1) != 1 \
+        if self.ops is None or weight.dtype != self.storage_dtype or weight.stride(-1) != 1 \
                 or not fast_path_ok(x2, bias) or weight.device != x.device \
                 or (bias is not None and not bias.is_contiguous()):
             return F.linear(x, weight.to(x.dtype), bias)
@@ -131,4 +110,4 @@ class HalfWeightLinearMethod(LinearMethod):
 
     def __repr__(self) -> str:
         native = ", oneDNN bf16 GEMM" if self.native_gemm else ""
-        return f"{type(self).__name__}({str(self.weight_dtype).removeprefix('torch.')}{native})"
+        return f"{type(self).__name__}({str(self.storage_dtype).removeprefix('torch.')}{native})"

@@ -81,6 +81,21 @@ def fast_path_ok(*tensors: torch.Tensor | None) -> bool:
     return True
 
 
+def native_bf16_products() -> bool:
+    """Whether this CPU multiplies bf16 natively (it reports AVX-512-BF16 or AMX-BF16) and
+    torch's oneDNN runs bf16 GEMMs on it: where a bf16 GEMM beats widening to float32 (the
+    greedy screen, 16-bit weights' GEMMs, `--dtype auto`)."""
+    from sluice.platform.host import isa_flags
+    flags = isa_flags()
+    if not (flags.get("avx512_bf16") or flags.get("amx_bf16")):
+        return False
+    try:
+        return bool(torch.backends.mkldnn.is_available()
+                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (RuntimeError, AttributeError):
+        return False
+
+
 def make_tiled_gemm(ops: ModuleType) -> Gemm:
     """y = x @ W.T (+ b) through `ops.tiled_linear`, F.linear where it does not apply."""
 

@@ -73,15 +73,21 @@ class LinearMethod(ABC):
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int, *,
                        bias: bool, dtype: torch.dtype | None,
                        weight_loader: WeightLoader) -> None:
-        """Register `layer.weight` [out_features, in_features] (uninitialised, no gradient) and
-        `layer.bias` [out_features] or None, each with `weight_loader` attached."""
-        layer.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype),
+        """Register `layer.weight` [out_features, in_features] in `weight_dtype(dtype)`
+        (uninitialised, no gradient) and `layer.bias` [out_features] in `dtype` or None, each
+        with `weight_loader` attached."""
+        layer.weight = nn.Parameter(torch.empty(out_features, in_features,
+                                                dtype=self.weight_dtype(dtype)),
                                     requires_grad=False)
         layer.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
                       if bias else None)
         for p in (layer.weight, layer.bias):
             if p is not None:
                 set_weight_loader(p, weight_loader)
+
+    def weight_dtype(self, dtype: torch.dtype | None) -> torch.dtype | None:
+        """The dtype the weight is stored in for a layer built in `dtype` (the same here)."""
+        return dtype
 
     def plan(self, model: nn.Module) -> None:
         """Decisions over the whole loaded `model`, made once before its layers' processing."""
