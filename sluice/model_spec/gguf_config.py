@@ -61,12 +61,13 @@ def _float(reader: GGUFReader, key: str, path: Path, default: float | None = Non
 
 def _dominant_dtype(reader: GGUFReader) -> str:
     """The float dtype that holds the weights without loss: float32/float16/bfloat16 for
-    files of that type, bfloat16 (range of float32) for quantized files."""
+    files of that type, float32 for quantized files (a block's fp16 scale times its integer,
+    plus its fp16 minimum, is exact in float32, not in bfloat16)."""
     from collections import Counter
 
     counts = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) == 2)
     top = counts.most_common(1)[0][0] if counts else "F32"
-    return {"F32": "float32", "F16": "float16"}.get(top, "bfloat16")
+    return {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(top, "float32")
 
 
 def hf_config(reader: GGUFReader, path: Path) -> dict[str, Any]:

@@ -177,15 +177,21 @@ class ModelRunner:
     def model_memory_bytes(self) -> int:
         """Bytes of the tensors the loaded model holds: parameters, buffers, and tensors kept on
         its modules' helper objects (e.g. the pre-packed GEMM weights of layer ops 'cpu');
-        each counted once."""
-        seen: set[int] = set()
+        each counted once, also when held through another tensor object over the same memory
+        (a `detach()`ed alias, as the greedy screen keeps of the LM head)."""
+        seen: set[tuple[int, int]] = set()
         total = 0
 
         def add(t: torch.Tensor) -> None:
             nonlocal total
-            if id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
+            nbytes = t.numel() * t.element_size()
+            try:
+                key = (t.data_ptr(), nbytes)
+            except RuntimeError:   # an opaque tensor (a oneDNN packed weight): no alias of it
+                key = (id(t), -1)
+            if key not in seen:
+                seen.add(key)
+                total += nbytes
 
         drafter = getattr(self, "drafter", None)
         models = [self.model] + ([drafter.model] if drafter is not None and drafter.model

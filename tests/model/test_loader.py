@@ -40,7 +40,11 @@ def test_sharded_checkpoint_loads(tiny_model_factory, tiny_model_dir):
                                logits_for(load_ours(single), tokens), atol=0, rtol=0)
 
 
-def test_bf16_checkpoint_becomes_float32(tiny_model_factory):
+def test_bf16_checkpoint_becomes_float32(tiny_model_factory, monkeypatch):
+    """On a CPU without native bf16 products, `--dtype auto` loads a bf16 checkpoint in
+    float32 (test_half_weights covers the CPUs that keep it in bf16)."""
+    from sluice.model.layers import layer_ops
+    monkeypatch.setattr(layer_ops, "native_bf16_products", lambda: False)
     d = tiny_model_factory("bf16", TinyModelSpec(), dtype="bfloat16")
     spec = load_model_spec(d)
     assert spec.torch_dtype == "bfloat16"
@@ -145,9 +149,12 @@ def test_registry():
         get_model_class("GPT2LMHeadModel")
 
 
-def test_resolve_dtype(tiny_model_factory):
+def test_resolve_dtype(tiny_model_factory, monkeypatch):
+    from sluice.model.layers import layer_ops
     spec = load_model_spec(tiny_model_factory("bf16", TinyModelSpec(), dtype="bfloat16"))
-    assert resolve_dtype("auto", spec, "cpu") == torch.float32
+    for native, on_cpu in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr(layer_ops, "native_bf16_products", lambda native=native: native)
+        assert resolve_dtype("auto", spec, "cpu") == on_cpu
     assert resolve_dtype("auto", spec, "cuda") == torch.bfloat16
     assert resolve_dtype("float16", spec, "cpu") == torch.float16
 

@@ -30,11 +30,14 @@ def test_cpu_platform_basics():
     plat.synchronize()
 
 
-def test_cpu_dtypes_and_threads():
+def test_cpu_dtypes_and_threads(monkeypatch):
     torch = pytest.importorskip("torch")
+    from sluice.model.layers import layer_ops
     plat = current_platform("cpu")
     assert plat.torch_device() == torch.device("cpu")
-    assert plat.default_dtype("bfloat16") == torch.float32
+    for native, want in ((False, torch.float32), (True, torch.bfloat16)):  # bf16 kept if native
+        monkeypatch.setattr(layer_ops, "native_bf16_products", lambda native=native: native)
+        assert plat.default_dtype("bfloat16") == want
     assert plat.resolve_dtype("auto", torch.float16) == torch.float32
     assert plat.resolve_dtype("bfloat16", None) == torch.bfloat16
     before = torch.get_num_threads()

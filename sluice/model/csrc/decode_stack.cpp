@@ -54,12 +54,19 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
   return rows == m ? out : out.narrow(0, 0, m);
 }
 
-// out = x @ w.T (+ b): GGUF blocks through gguf_linear (quant_type != 0); oneDNN on the
-// packed weight for 2+ rows when there is one, else tiled_linear (whose one-row path streams
-// the weight once).
+// out = x @ w.T (+ b): GGUF blocks and 16-bit weights through gguf_linear (quant_type != 0),
+// except a bf16 weight with a oneDNN packed copy (HalfWeightLinearMethod on a CPU with native
+// bf16 products) on more than kMaxStreamedHalfRows rows: x rounded to bf16, oneDNN's GEMM
+// (AMX / AVX-512-BF16), widened back to float32. Float32 weights: oneDNN on the packed weight
+// for 2+ rows when there is one, else tiled_linear (whose one-row path streams the weight once).
 at::Tensor DecodeStack::linear(const at::Tensor& x, const at::Tensor& w,
                                const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& packed, int64_t quant_type) const {
+  if (packed && w.scalar_type() == at::kBFloat16 && x.size(0) > kMaxStreamedHalfRows) {
+    at::Tensor out = onednn_linear(x.to(at::kBFloat16), *packed, std::nullopt).to(at::kFloat);
+    if (bias) out.add_(*bias);
+    return out;
+  }
   at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
   if (quant_type != 0) {
     gguf_linear(out, x.contiguous(), w, quant_type, bias);
