@@ -41,8 +41,9 @@ SEQ_LENS = [7, 33, 130, 40, 90]
 
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("backend", ["torch_paged", "cpu_paged"])
+@pytest.mark.parametrize("head_dim", [32, 64])   # 64: the kernels' compile-time D / 16
 def test_low_precision_cache_equals_float32_cache_of_rounded_values(cache_dtype, backend,
-                                                                    request):
+                                                                    head_dim, request):
     """Attention over a bf16/fp16 cache == attention over a float32 cache holding the same
     (rounded) numbers, with this step's k/v rounded the same way; the cache keeps its dtype
     and holds k/v rounded to it."""
@@ -53,8 +54,9 @@ def test_low_precision_cache_equals_float32_cache_of_rounded_values(cache_dtype,
     torch.manual_seed(0)
     md = _step(QUERY_LENS, SEQ_LENS, 40)
     tokens = sum(QUERY_LENS)
-    q, k, v = torch.randn(tokens, 8, 32), torch.randn(tokens, 2, 32), torch.randn(tokens, 2, 32)
-    low = torch.randn(2, 40, BLOCK, 2, 32).to(cache_dtype)
+    q, k, v = torch.randn(tokens, 8, head_dim), torch.randn(tokens, 2, head_dim), \
+        torch.randn(tokens, 2, head_dim)
+    low = torch.randn(2, 40, BLOCK, 2, head_dim).to(cache_dtype)
     low[:, 0] = 0
     ref_cache = low.float()
     rounded = [x.to(cache_dtype).float() for x in (k, v)]
@@ -64,7 +66,7 @@ def test_low_precision_cache_equals_float32_cache_of_rounded_values(cache_dtype,
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(low.float(), ref_cache, rtol=0, atol=0)  # same values written
     slot = int(md.slot_mapping[-1])
-    assert torch.equal(low.view(2, -1, 2, 32)[0, slot], k[-1].to(cache_dtype))
+    assert torch.equal(low.view(2, -1, 2, head_dim)[0, slot], k[-1].to(cache_dtype))
     if backend == "cpu_paged" and cache_dtype in KERNEL_CACHE_DTYPES:
         # the kernels read a bf16 cache themselves (rows widened exactly): bit for bit their
         # result over a float32 cache of the same values

@@ -1,7 +1,7 @@
 // Paged decode attention for CPU: one query token per request, keys and values read in place
 // from the block-structured KV cache (no gather copy). fp32 arithmetic over a float32 or
-// bfloat16 cache (a bf16 key/value row is widened to fp32 as it is read: `kv_rows.h`); OpenMP
-// over (request, key chunk).
+// bfloat16 cache (bf16 keys/values are widened to fp32 in registers as they are read, exactly);
+// OpenMP over (request, key chunk).
 //
 // Shapes (all contiguous):
 //   q          [N, H, D]                 query of each decode request (rows may be strided)
@@ -20,12 +20,16 @@
 // writes its normalised output. A longer row is split ("split-KV"): each item keeps its
 // chunk's running max m, exp-sum l and unnormalised sum acc per query head, and a second pass
 // merges the chunks: out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c.
+// Within a chunk, keys go in tiles of up to kTile rows of one block: a tile's scores for one
+// head are 16 lane-vectors summed by one transpose, and its value sweep keeps the head's
+// output in registers over the tile's keys (same per-element order as key by key).
 #include "kv_rows.h"
 #include "ops.h"
 #include "vec_math.h"
 
 #include <algorithm>
 #include <cstring>
+#include <immintrin.h>
 #include <limits>
 #include <omp.h>
 #include <vector>
@@ -44,32 +48,32 @@ struct Geometry {
   int64_t nb;
 };
 
-// f(t, row) for keys t in [t0, t1) of request n in order, row = the token's cached row (all kv
-// heads) in `cache` (keys or values) as float32 (a bf16 row widened into `wide`, one row of
-// scratch). Walks whole blocks (no division per key) and prefetches
-// the row kPrefetchRows ahead, into the next block at a block's end: blocks are scattered,
-// and the hardware prefetcher, which restarts at every block, left the sweep latency-bound
-// (~12 GB/s for 64 requests on 2 threads). The prefetch goes to L2 (locality hint 2), whose
-// miss queue holds more lines in flight than L1's: 10-30% faster than prefetching 4 rows
-// ahead into L1, for 64 requests with 16- or 64-token blocks.
+// f(t, rows, nt) for keys t in [t0, t1) of request n in order, in tiles of at most kTile keys
+// within one block: rows = the cached row (all kv heads, row_len elements, consecutive rows
+// row_len apart) of key t, the tile's first, in `cache` (keys or values). Walks whole blocks
+// (no division per key) and, before a tile, prefetches the next tile's rows, into the next
+// block at a block's end: blocks are scattered, and the hardware prefetcher, which restarts at
+// every block, left the sweep latency-bound (~12 GB/s for 64 requests on 2 threads). The
+// prefetch goes to L2 (locality hint 2), whose miss queue holds more lines in flight than L1's.
+constexpr int64_t kTile = 16;
 template <typename T, typename F>
-inline void for_each_key(const Geometry<T>& g, int64_t n, int64_t t0, int64_t t1, const T* cache,
-                         std::vector<float>& wide, F&& f) {
+inline void for_each_tile(const Geometry<T>& g, int64_t n, int64_t t0, int64_t t1,
+                          const T* cache, F&& f) {
   const int64_t row_len = g.kvh * g.d, block_len = g.bs * row_len;
   const int64_t last_block = (t1 - 1) / g.bs;
   constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
-  wide.resize(row_len);
   for (int64_t b = t0 / g.bs; b <= last_block; ++b) {
     const T* block = cache + g.bid[n * g.nb + b] * block_len;
     const T* next = b < last_block ? cache + g.bid[n * g.nb + b + 1] * block_len : nullptr;
     const int64_t first = std::max(t0, b * g.bs), last = std::min(t1, (b + 1) * g.bs);
-    for (int64_t t = first; t < last; ++t) {
-      const int64_t ahead = t - b * g.bs + kPrefetchRows;
-      const T* pf = ahead < g.bs ? block + ahead * row_len
-                    : next != nullptr ? next + (ahead - g.bs) * row_len : nullptr;
-      if (pf != nullptr)
-        for (int64_t c = 0; c < row_len; c += kLine) __builtin_prefetch(pf + c, 0, 2);
-      f(t, sluice::kv_row_as_float(block + (t - b * g.bs) * row_len, row_len, wide.data()));
+    for (int64_t t = first; t < last; t += kTile) {
+      const int64_t nt = std::min(kTile, last - t);
+      // the next tile: the rest of this block, else the start of the next one
+      const int64_t ahead = t + nt - b * g.bs;
+      const T* pf = ahead < g.bs ? block + ahead * row_len : next;
+      const int64_t pf_rows = ahead < g.bs ? std::min(kTile, g.bs - ahead) : next ? kTile : 0;
+      for (int64_t c = 0; c < pf_rows * row_len; c += kLine) __builtin_prefetch(pf + c, 0, 2);
+      f(t, block + (t - b * g.bs) * row_len, nt);
     }
   }
 }
@@ -103,15 +107,39 @@ inline v16 transpose_sum(const v16* a) {
                                  29, 31);
 }
 
+// 16 cache elements as float32: a float row as it is, a bf16 one widened exactly (its 16 bits
+// are the high half of the float32).
+inline v16 load16_kv(const float* p) { return load16(p); }
+inline v16 load16_kv(const c10::BFloat16* p) {
+#if defined(__AVX512F__)  // zero-extend 16 halves to 32 bits, shift into the high half
+  const __m512i wide = _mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+  return reinterpret_cast<v16>(_mm512_castsi512_ps(wide));
+#else
+  const __m128i* h = reinterpret_cast<const __m128i*>(p);
+  const __m256 lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
+                        _mm_loadu_si128(h)), 16));
+  const __m256 hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
+                        _mm_loadu_si128(h + 1)), 16));
+  v16 f;
+  std::memcpy(&f, &lo, sizeof lo);
+  std::memcpy(reinterpret_cast<char*>(&f) + sizeof lo, &hi, sizeof hi);
+  return f;
+#endif
+}
+inline float load1_kv(const float* p) { return *p; }
+inline float load1_kv(const c10::BFloat16* p) { return static_cast<float>(*p); }
+
 // out[i] = sum over c < dv of a[16c + i] * b[16c + i] (in order of c), i < 16. Without
 // AVX-512 a 16-float value is two registers, and GCC spilled a v16 accumulator (and the v16
 // result) through the stack lane by lane (16-byte stores reloaded as 32-byte vectors: failed
 // store forwards, ~4x the whole attention); two 8-float accumulators stay in registers and
 // are stored as they are, giving the same lanes, so the scores are bit-identical.
-inline void dot_lanes(float* out, const float* a, const float* b, int64_t dv) {
+template <typename T>
+inline void dot_lanes(float* out, const float* a, const T* b, int64_t dv) {
 #if defined(__AVX512F__)
   v16 s = {};
-  for (int64_t c = 0; c < dv; ++c) s += load16(a + 16 * c) * load16(b + 16 * c);
+  for (int64_t c = 0; c < dv; ++c) s += load16(a + 16 * c) * load16_kv(b + 16 * c);
   std::memcpy(out, &s, sizeof s);
 #else
   using v8 = float __attribute__((vector_size(32)));
@@ -122,12 +150,74 @@ inline void dot_lanes(float* out, const float* a, const float* b, int64_t dv) {
   };
   v8 lo = {}, hi = {};
   for (int64_t c = 0; c < dv; ++c) {
-    lo += load8(a + 16 * c) * load8(b + 16 * c);
-    hi += load8(a + 16 * c + 8) * load8(b + 16 * c + 8);
+    const v16 k = load16_kv(b + 16 * c);
+    v8 klo, khi;
+    std::memcpy(&klo, &k, sizeof klo);
+    std::memcpy(&khi, reinterpret_cast<const char*>(&k) + sizeof klo, sizeof khi);
+    lo += load8(a + 16 * c) * klo;
+    hi += load8(a + 16 * c + 8) * khi;
   }
   std::memcpy(out, &lo, sizeof lo);
   std::memcpy(out + 8, &hi, sizeof hi);
 #endif
+}
+
+// part[j] = the 16-lane partial products of q_h . k_j (dot_lanes' lanes and order) for the
+// nt <= 16 keys of a tile, k_j = kh + j * stride, DV = D / 16 known at compile time. With
+// AVX-512, q_h stays in registers over the tile and the loop keeps its state in registers
+// (GCC kept dot_lanes' runtime-length loop counters on the stack inside the OpenMP body: a
+// store-forward per 16 dims, ~1.5x the whole attention).
+template <int DV, typename T>
+inline void score_tile(v16* part, const float* qh, const T* kh, int64_t stride, int64_t nt) {
+#if defined(__AVX512F__)
+  v16 qv[DV];
+  for (int c = 0; c < DV; ++c) qv[c] = load16(qh + 16 * c);
+  for (int64_t j = 0; j < nt; ++j) {
+    const T* k = kh + j * stride;
+    v16 s = {};
+    for (int c = 0; c < DV; ++c) s += qv[c] * load16_kv(k + 16 * c);
+    part[j] = s;
+  }
+#else
+  for (int64_t j = 0; j < nt; ++j)
+    dot_lanes(reinterpret_cast<float*>(part + j), qh, kh + j * stride, DV);
+#endif
+}
+
+// The widest float vector this build keeps in one register (AVX-512: 16 lanes, else 8) and
+// its loads from a float32 / bfloat16 cache row.
+#if defined(__AVX512F__)
+using vreg = v16;
+inline vreg load_vreg(const float* p) { return load16(p); }
+inline vreg load_vreg(const c10::BFloat16* p) { return load16_kv(p); }
+#else
+using vreg = float __attribute__((vector_size(32)));
+inline vreg load_vreg(const float* p) {
+  vreg v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline vreg load_vreg(const c10::BFloat16* p) {
+  const __m256i wide = _mm256_slli_epi32(
+      _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+  return reinterpret_cast<vreg>(_mm256_castsi256_ps(wide));
+}
+#endif
+constexpr int kRegLanes = sizeof(vreg) / sizeof(float);
+
+// o[16c + i] += sum over j < nt, in order of j, of w[j] * rows[j * stride + 16c + i], for the
+// NC 16-dim chunks c < NC: the chunks' sums stay in registers (vreg-sized) over the tile's
+// keys (one load and store of o per tile, not per key).
+template <int NC, typename T>
+inline void axpy_tile(float* o, const float* w, const T* rows, int64_t stride, int64_t nt) {
+  constexpr int R = NC * 16 / kRegLanes;
+  vreg acc[R];
+  for (int c = 0; c < R; ++c) acc[c] = load_vreg(o + kRegLanes * c);
+  for (int64_t j = 0; j < nt; ++j) {
+    const T* r = rows + j * stride;
+    for (int c = 0; c < R; ++c) acc[c] += w[j] * load_vreg(r + kRegLanes * c);
+  }
+  for (int c = 0; c < R; ++c) std::memcpy(o + kRegLanes * c, &acc[c], sizeof(vreg));
 }
 
 // Per-thread scratch of attend_range: scores/probabilities p [H][len] and, for a tile of 16
@@ -137,7 +227,6 @@ struct Scratch {
   std::vector<float> p;
   std::vector<v16> part;
   std::vector<float> tail;
-  std::vector<float> wide;  // one cache row widened to float32 (a bf16 cache)
 };
 
 // Attention of query heads q[0..H) of request n over keys [t0, t1): writes p (scores, then
@@ -147,7 +236,7 @@ struct Scratch {
 // m = -inf, l = 0, acc = 0. Scores are made 16 keys at a time: each (head, key) gives a
 // 16-lane partial product vector, and one transpose_sum per head turns a tile's 16 vectors into
 // 16 scores (~1.1x faster than a reduction per score with 64-token blocks here).
-template <typename T>
+template <int DV, typename T>  // DV: D / 16 where known at compile time (score_tile), else 0
 void attend_range(const Geometry<T>& g, int64_t n, const float* q, int64_t t0, int64_t t1,
                   float scale, bool normalise, Scratch& scratch, float* acc, float* m,
                   float* l) {
@@ -164,24 +253,26 @@ void attend_range(const Geometry<T>& g, int64_t n, const float* q, int64_t t0, i
   scratch.tail.resize(static_cast<size_t>(H * 16), 0.f);
   v16* part = scratch.part.data();
   float* tail = scratch.tail.data();
-  for_each_key(g, n, t0, t1, g.k, scratch.wide, [&](int64_t t, const float* row) {
-    const int64_t j = (t - t0) % 16;
+  const int64_t row_len = g.kvh * d;
+  for_each_tile(g, n, t0, t1, g.k, [&](int64_t t, const T* rows, int64_t nt) {
     for (int64_t h = 0; h < H; ++h) {
       const float* qh = q + h * d;
-      const float* kh = row + (h / g.group) * d;
-      dot_lanes(reinterpret_cast<float*>(part + h * 16 + j), qh, kh, dv);
+      const T* kh = rows + (h / g.group) * d;
+      if constexpr (DV > 0) {
+        score_tile<DV>(part + h * 16, qh, kh, row_len, nt);
+      } else {
+        for (int64_t j = 0; j < nt; ++j)
+          dot_lanes(reinterpret_cast<float*>(part + h * 16 + j), qh, kh + j * row_len, dv);
+      }
       if (16 * dv < d) {
-        float rest = 0.f;
-        for (int64_t e = 16 * dv; e < d; ++e) rest += qh[e] * kh[e];
-        tail[h * 16 + j] = rest;
+        for (int64_t j = 0; j < nt; ++j) {
+          float rest = 0.f;
+          for (int64_t e = 16 * dv; e < d; ++e) rest += qh[e] * load1_kv(kh + j * row_len + e);
+          tail[h * 16 + j] = rest;
+        }
       }
-    }
-    if (j == 15 || t == t1 - 1) {
-      const int64_t base = t - t0 - j;
-      for (int64_t h = 0; h < H; ++h) {
-        const v16 tile = (transpose_sum(part + h * 16) + load16(tail + h * 16)) * scale;
-        std::memcpy(p.data() + h * len + base, &tile, (j + 1) * sizeof(float));
-      }
+      const v16 tile = (transpose_sum(part + h * 16) + load16(tail + h * 16)) * scale;
+      std::memcpy(p.data() + h * len + (t - t0), &tile, nt * sizeof(float));
     }
   });
   for (int64_t h = 0; h < H; ++h) {
@@ -197,12 +288,16 @@ void attend_range(const Geometry<T>& g, int64_t n, const float* q, int64_t t0, i
       l[h] = total;
     }
   }
-  for_each_key(g, n, t0, t1, g.v, scratch.wide, [&](int64_t t, const float* row) {
+  for_each_tile(g, n, t0, t1, g.v, [&](int64_t t, const T* rows, int64_t nt) {
     for (int64_t h = 0; h < H; ++h) {
-      const float w = p[h * len + (t - t0)];
-      const float* vr = row + (h / g.group) * d;
+      const float* w = p.data() + h * len + (t - t0);
+      const T* vh = rows + (h / g.group) * d;
       float* o = acc + h * d;
-      for (int64_t e = 0; e < d; ++e) o[e] += w * vr[e];
+      int64_t c = 0;
+      for (; c + 4 <= dv; c += 4) axpy_tile<4>(o + 16 * c, w, vh + 16 * c, row_len, nt);
+      for (; c < dv; ++c) axpy_tile<1>(o + 16 * c, w, vh + 16 * c, row_len, nt);
+      for (int64_t j = 0; j < nt; ++j)
+        for (int64_t e = 16 * dv; e < d; ++e) o[e] += w[j] * load1_kv(vh + j * row_len + e);
     }
   });
 }
@@ -210,7 +305,7 @@ void attend_range(const Geometry<T>& g, int64_t n, const float* q, int64_t t0, i
 }  // namespace
 
 namespace {
-template <typename T>
+template <typename T, int DV>  // DV: attend_range's compile-time D / 16 (0: any)
 void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
                       const at::Tensor& block_ids, int64_t nb, const at::Tensor& seq_lens,
                       double scale) {
@@ -246,12 +341,12 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv
     for (int64_t i = 0; i < items; ++i) {
       const int64_t n = row_of[i], c = i - first[n];
       if (first[n + 1] - first[n] == 1) {
-        attend_range(g, n, qp + n * ldq, 0, lens[n], fscale, true, p, op + n * hd, nullptr,
+        attend_range<DV>(g, n, qp + n * ldq, 0, lens[n], fscale, true, p, op + n * hd, nullptr,
                      nullptr);
         continue;
       }
       const int64_t t0 = std::min(c * chunk, lens[n]), t1 = std::min((c + 1) * chunk, lens[n]);
-      attend_range(g, n, qp + n * ldq, t0, t1, fscale, false, p, acc.data() + i * hd,
+      attend_range<DV>(g, n, qp + n * ldq, t0, t1, fscale, false, p, acc.data() + i * hd,
                    mx.data() + i * n_heads, ls.data() + i * n_heads);
     }
 #pragma omp for
@@ -276,6 +371,17 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv
     }
   }
 }
+// decode_attention with D / 16 as a compile-time constant for the common head sizes.
+template <typename T>
+void decode_attention_for_d(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
+                            const at::Tensor& block_ids, int64_t nb, const at::Tensor& seq_lens,
+                            double scale) {
+  switch (q.size(2) / 16) {
+    case 4: return decode_attention<T, 4>(out, q, kv_cache, block_ids, nb, seq_lens, scale);
+    case 8: return decode_attention<T, 8>(out, q, kv_cache, block_ids, nb, seq_lens, scale);
+    default: return decode_attention<T, 0>(out, q, kv_cache, block_ids, nb, seq_lens, scale);
+  }
+}
 }  // namespace
 
 void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
@@ -289,7 +395,7 @@ void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
                   block_ids.is_contiguous() && seq_lens.is_contiguous(),
               "paged_decode_attention: contiguous tensors (q: contiguous rows) expected");
   if (kv_cache.dtype() == at::kBFloat16)
-    decode_attention<c10::BFloat16>(out, q, kv_cache, block_ids, nb, seq_lens, scale);
+    decode_attention_for_d<c10::BFloat16>(out, q, kv_cache, block_ids, nb, seq_lens, scale);
   else
-    decode_attention<float>(out, q, kv_cache, block_ids, nb, seq_lens, scale);
+    decode_attention_for_d<float>(out, q, kv_cache, block_ids, nb, seq_lens, scale);
 }
