@@ -111,6 +111,27 @@ def test_native_bf16_gemm_rounds_only_the_activations(cpu_ops):
     assert ((y.double() - ref).abs() / (bound + ref.abs())).max().item() <= 2 ** -7
 
 
+@pytest.mark.skipif(not native_bf16_products(), reason="no native bf16 GEMM (AMX-BF16 or "
+                    "AVX-512-BF16 with oneDNN) on this CPU")
+def test_onednn_bf16_linear_rounds_like_torch(cpu_ops):
+    """`onednn_bf16_linear` narrows float32 activations to bf16 bit for bit as torch's
+    .to(torch.bfloat16) does (nearest-even, ties included; NaN stays NaN) and widens oneDNN's
+    bf16 result exactly: through an identity weight, out == x.to(bf16).float()."""
+    from sluice.model.layers.half_linear import packed_bf16_weight
+    k = 72
+    eye = packed_bf16_weight(torch.eye(k, dtype=torch.bfloat16))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(20, k, generator=g) * torch.logspace(-30, 30, k)
+    x[1, :4] = torch.tensor([1.00390625, 1.01171875, -1.00390625, 3.0e38])  # ties, near max
+    got = cpu_ops.onednn_bf16_linear(x, eye)
+    assert torch.equal(got, x.to(torch.bfloat16).float())
+    bias = torch.randn(k, generator=g)
+    torch.testing.assert_close(cpu_ops.onednn_bf16_linear(x[:9], eye, bias),
+                               x[:9].to(torch.bfloat16).float() + bias, rtol=0, atol=0)
+    x[3, 5] = float("nan")
+    assert cpu_ops.onednn_bf16_linear(x, eye)[3].isnan().any()
+
+
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen3ForCausalLM"])
 def test_bf16_model_equals_float32_on_rounded_weights(cpu_ops, tiny_model_dir, arch):
     model_dir = tiny_model_dir(arch)

@@ -22,6 +22,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("onednn_linear", &onednn_linear, nogil,
         "x @ W.T (+ bias) on oneDNN with W pre-packed; rows padded to onednn_rows(M)",
         py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
+  m.def("onednn_bf16_linear", &onednn_bf16_linear, nogil,
+        "float32 x @ W.T (+ bias) through oneDNN's bf16 GEMM on a packed bf16 W; float32 out",
+        py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
   m.def("onednn_rows", &onednn_rows, "Rows oneDNN's GEMM runs for an M-row input");
   m.def("gguf_linear", &gguf_linear, nogil,
         "out = x @ dequant(w).T (+ bias) for GGUF blocks w (uint8 [N, row bytes]) of a GGML type",

@@ -19,11 +19,14 @@
 // A projection whose `quant_types` entry is a GGML type id (not 0; | 256 for int8 activations)
 // holds GGUF blocks (uint8 [N, row bytes]) and runs gguf_linear (quant_linear.cpp), as
 // GgufBlockLinearMethod does.
+#include "bf16_rows.h"
 #include "kv_rows.h"
 #include "ops.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
 #include <cstring>
 
 int64_t onednn_rows(int64_t m) {
@@ -34,14 +37,25 @@ int64_t onednn_rows(int64_t m) {
   return (m + step - 1) / step * step;
 }
 
-at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
-                         const std::optional<at::Tensor>& bias) {
+namespace {
+// torch.ops.mkldnn._linear_pointwise(input, packed, bias, "none", [], ""), looked up once.
+at::Tensor linear_pointwise(const at::Tensor& input, const at::Tensor& packed,
+                            const std::optional<at::Tensor>& bias) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                             c10::string_view, c10::List<std::optional<at::Scalar>>,
                             std::optional<c10::string_view>)>();
+  return op.call(input, packed, bias, "none", c10::List<std::optional<at::Scalar>>(), "");
+}
+
+// Rows per task of the conversions around onednn_bf16_linear: at least ~16k elements each.
+int64_t conversion_grain(int64_t cols) { return std::max<int64_t>(1, (1 << 14) / cols); }
+}  // namespace
+
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
+                         const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2, "onednn_linear: x [M, K] expected");
   const int64_t m = x.size(0), rows = onednn_rows(m);
   at::Tensor input = x.contiguous();
@@ -50,8 +64,38 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
     input.narrow(0, 0, m).copy_(x);
     input.narrow(0, m, rows - m).zero_();
   }
-  at::Tensor out = op.call(input, packed, bias, "none", c10::List<std::optional<at::Scalar>>(), "");
+  at::Tensor out = linear_pointwise(input, packed, bias);
   return rows == m ? out : out.narrow(0, 0, m);
+}
+
+at::Tensor onednn_bf16_linear(const at::Tensor& x, const at::Tensor& packed,
+                              const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1,
+              "onednn_bf16_linear: float32 x [M, K] with contiguous rows expected");
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous()),
+              "onednn_bf16_linear: a contiguous float32 bias expected");
+  const int64_t m = x.size(0), k = x.size(1), rows = onednn_rows(m), ldx = x.stride(0);
+  at::Tensor input = at::empty({rows, k}, x.options().dtype(at::kBFloat16));
+  const float* src = x.data_ptr<float>();
+  auto* in16 = input.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, m, conversion_grain(k), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) sluice::narrow_to_bf16(in16 + r * k, src + r * ldx, k);
+  });
+  if (rows > m) std::memset(static_cast<void*>(in16 + m * k), 0, (rows - m) * k * 2);
+  const at::Tensor out16 = linear_pointwise(input, packed, std::nullopt);  // [rows, N] bf16
+  const int64_t n = out16.size(1);
+  at::Tensor out = at::empty({m, n}, x.options());
+  const auto* o16 = out16.data_ptr<c10::BFloat16>();
+  float* o = out.data_ptr<float>();
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  at::parallel_for(0, m, conversion_grain(n), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      sluice::widen_from_bf16(o + r * n, o16 + r * n, n);
+      if (b != nullptr)
+        for (int64_t j = 0; j < n; ++j) o[r * n + j] += b[j];
+    }
+  });
+  return out;
 }
 
 // out = x @ w.T (+ b): GGUF blocks and 16-bit weights through gguf_linear (quant_type != 0),
@@ -62,11 +106,8 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
 at::Tensor DecodeStack::linear(const at::Tensor& x, const at::Tensor& w,
                                const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& packed, int64_t quant_type) const {
-  if (packed && w.scalar_type() == at::kBFloat16 && x.size(0) > kMaxStreamedHalfRows) {
-    at::Tensor out = onednn_linear(x.to(at::kBFloat16), *packed, std::nullopt).to(at::kFloat);
-    if (bias) out.add_(*bias);
-    return out;
-  }
+  if (packed && w.scalar_type() == at::kBFloat16 && x.size(0) > kMaxStreamedHalfRows)
+    return onednn_bf16_linear(x.contiguous(), *packed, bias);
   at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
   if (quant_type != 0) {
     gguf_linear(out, x.contiguous(), w, quant_type, bias);

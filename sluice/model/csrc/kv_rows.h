@@ -4,6 +4,8 @@
 // torch's .to(torch.bfloat16) does, so the C++ and torch cache writes store the same bits.
 #pragma once
 
+#include "bf16_rows.h"
+
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
@@ -14,11 +16,7 @@ namespace sluice {
 inline const float* kv_row_as_float(const float* row, int64_t, float*) { return row; }
 
 inline const float* kv_row_as_float(const c10::BFloat16* row, int64_t n, float* wide) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(row);
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t u = static_cast<uint32_t>(bits[i]) << 16;
-    std::memcpy(wide + i, &u, sizeof u);
-  }
+  widen_from_bf16(wide, row, n);
   return wide;
 }
 
@@ -28,7 +26,7 @@ inline void kv_row_store(float* dst, const float* src, int64_t n) {
 }
 
 inline void kv_row_store(c10::BFloat16* dst, const float* src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = c10::BFloat16(src[i]);  // round to nearest even
+  narrow_to_bf16(dst, src, n);  // round to nearest even
 }
 
 }  // namespace sluice

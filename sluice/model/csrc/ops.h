@@ -63,6 +63,11 @@ constexpr int64_t kMaxStreamedHalfRows = 8;
 int64_t onednn_rows(int64_t m);
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
                          const std::optional<at::Tensor>& bias);
+// float32 x [M, K] @ W.T (+ bias) for a bf16 W packed as above: x rounded to bf16 (nearest-
+// even) into the padded input, oneDNN's bf16 GEMM (AMX / AVX-512-BF16), its bf16 result widened
+// to float32 [M, N] and the float32 bias added — the conversions in one pass each.
+at::Tensor onednn_bf16_linear(const at::Tensor& x, const at::Tensor& packed,
+                              const std::optional<at::Tensor>& bias);
 
 // A decode step through every decoder layer of a Llama-family model (decode_stack.cpp).
 // Built once from the model's weights (per layer; optional entries are None/nullopt) and,

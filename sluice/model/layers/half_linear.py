@@ -18,7 +18,8 @@ The product, per call (`apply`):
   (`layer_ops.native_bf16_products`: AMX-BF16 or AVX-512-BF16 reported, oneDNN takes bf16):
   oneDNN's GEMM on a copy of the weight pre-packed at load (`layer.packed_weight`),
   activations rounded to bf16 at its input (what AMX multiplies), float32 accumulation, the
-  result widened to float32;
+  result (rounded to bf16 by oneDNN) widened to float32 — the C++ `onednn_bf16_linear`, which
+  does both conversions in one vectorised pass each;
 * more rows elsewhere: `gguf_linear`'s panel path (weight rows widened into an fp32 tile in
   L2, one sgemm of all rows against it);
 * anything the C++ operators do not take (no operators, autograd, another device): F.linear on
@@ -100,9 +101,7 @@ class HalfWeightLinearMethod(LinearMethod):
         rows = x2.shape[0]
         packed = layer.__dict__.get("packed_weight")  # a plain attribute; absent before loading
         if packed is not None and rows > MAX_STREAMED_ROWS:
-            out = self.ops.onednn_linear(x2.to(torch.bfloat16), packed, None).float()
-            if bias is not None:
-                out += bias
+            out = self.ops.onednn_bf16_linear(x2, packed, bias)
         else:
             out = x2.new_empty(rows, weight.shape[0])
             self.ops.gguf_linear(out, x2, weight, self.kernel_type, bias)
