@@ -38,7 +38,8 @@ def kernel(cpu_ops):
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 64), (4, 4, 32), (6, 2, 64),
-                                                     (4, 1, 20), (2, 1, 8), (4, 2, 128)])
+                                                     (4, 1, 20), (2, 1, 8), (4, 2, 128),
+                                                     (8, 2, 64), (3, 1, 128)])
 @pytest.mark.parametrize("mix", ["decode", "mixed"])
 def test_kernel_matches_torch_oracle(kernel, heads, kv_heads, head_dim, mix):
     rng = np.random.default_rng(heads * 100 + head_dim)

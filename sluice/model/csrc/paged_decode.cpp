@@ -162,25 +162,33 @@ inline void dot_lanes(float* out, const float* a, const T* b, int64_t dv) {
 #endif
 }
 
-// part[j] = the 16-lane partial products of q_h . k_j (dot_lanes' lanes and order) for the
-// nt <= 16 keys of a tile, k_j = kh + j * stride, DV = D / 16 known at compile time. With
-// AVX-512, q_h stays in registers over the tile and the loop keeps its state in registers
-// (GCC kept dot_lanes' runtime-length loop counters on the stack inside the OpenMP body: a
-// store-forward per 16 dims, ~1.5x the whole attention).
-template <int DV, typename T>
-inline void score_tile(v16* part, const float* qh, const T* kh, int64_t stride, int64_t nt) {
+// part[16 g + j] = the 16-lane partial products of q_(h0+g) . k_j (dot_lanes' lanes and
+// order) for the GS query heads h0 + g sharing one kv head (q_(h0+g) = q0 + g * D) and the
+// nt <= 16 keys of a tile, k_j = kh + j * stride; DV = D / 16 known at compile time. With
+// AVX-512 the heads' q stay in registers over the tile and each key is loaded (and widened)
+// once for the GS heads; the loop state stays in registers (GCC kept dot_lanes' runtime-length
+// loop counters on the stack inside the OpenMP body: a store-forward per 16 dims, ~1.5x the
+// whole attention).
+template <int DV, int GS, typename T>
+inline void score_tile(v16* part, const float* q0, int64_t d, const T* kh, int64_t stride,
+                       int64_t nt) {
 #if defined(__AVX512F__)
-  v16 qv[DV];
-  for (int c = 0; c < DV; ++c) qv[c] = load16(qh + 16 * c);
+  v16 qv[GS][DV];
+  for (int g = 0; g < GS; ++g)
+    for (int c = 0; c < DV; ++c) qv[g][c] = load16(q0 + g * d + 16 * c);
   for (int64_t j = 0; j < nt; ++j) {
-    const T* k = kh + j * stride;
-    v16 s = {};
-    for (int c = 0; c < DV; ++c) s += qv[c] * load16_kv(k + 16 * c);
-    part[j] = s;
+    v16 k[DV];
+    for (int c = 0; c < DV; ++c) k[c] = load16_kv(kh + j * stride + 16 * c);
+    for (int g = 0; g < GS; ++g) {
+      v16 s = {};
+      for (int c = 0; c < DV; ++c) s += qv[g][c] * k[c];
+      part[16 * g + j] = s;
+    }
   }
 #else
-  for (int64_t j = 0; j < nt; ++j)
-    dot_lanes(reinterpret_cast<float*>(part + j), qh, kh + j * stride, DV);
+  for (int g = 0; g < GS; ++g)
+    for (int64_t j = 0; j < nt; ++j)
+      dot_lanes(reinterpret_cast<float*>(part + 16 * g + j), q0 + g * d, kh + j * stride, DV);
 #endif
 }
 
@@ -205,19 +213,27 @@ inline vreg load_vreg(const c10::BFloat16* p) {
 #endif
 constexpr int kRegLanes = sizeof(vreg) / sizeof(float);
 
-// o[16c + i] += sum over j < nt, in order of j, of w[j] * rows[j * stride + 16c + i], for the
-// NC 16-dim chunks c < NC: the chunks' sums stay in registers (vreg-sized) over the tile's
-// keys (one load and store of o per tile, not per key).
-template <int NC, typename T>
-inline void axpy_tile(float* o, const float* w, const T* rows, int64_t stride, int64_t nt) {
+// For the GS query heads g sharing one kv head: o_g[16c + i] += sum over j < nt, in order of
+// j, of w_g[j] * rows[j * stride + 16c + i], o_g = o0 + g * ldo, w_g = w0 + g * ldw, for the NC
+// 16-dim chunks c < NC. The sums stay in registers (vreg-sized) over the tile's keys (one load
+// and store of o per tile, not per key), and each value row is loaded (and widened) once for
+// the GS heads.
+template <int NC, int GS, typename T>
+inline void axpy_tile(float* o0, int64_t ldo, const float* w0, int64_t ldw, const T* rows,
+                      int64_t stride, int64_t nt) {
   constexpr int R = NC * 16 / kRegLanes;
-  vreg acc[R];
-  for (int c = 0; c < R; ++c) acc[c] = load_vreg(o + kRegLanes * c);
+  vreg acc[GS][R];
+  for (int g = 0; g < GS; ++g)
+    for (int c = 0; c < R; ++c) acc[g][c] = load_vreg(o0 + g * ldo + kRegLanes * c);
   for (int64_t j = 0; j < nt; ++j) {
-    const T* r = rows + j * stride;
-    for (int c = 0; c < R; ++c) acc[c] += w[j] * load_vreg(r + kRegLanes * c);
+    vreg v[R];
+    for (int c = 0; c < R; ++c) v[c] = load_vreg(rows + j * stride + kRegLanes * c);
+    for (int g = 0; g < GS; ++g)
+      for (int c = 0; c < R; ++c) acc[g][c] += w0[g * ldw + j] * v[c];
   }
-  for (int c = 0; c < R; ++c) std::memcpy(o + kRegLanes * c, &acc[c], sizeof(vreg));
+  for (int g = 0; g < GS; ++g)
+    for (int c = 0; c < R; ++c)
+      std::memcpy(o0 + g * ldo + kRegLanes * c, &acc[g][c], sizeof(vreg));
 }
 
 // Per-thread scratch of attend_range: scores/probabilities p [H][len] and, for a tile of 16
@@ -236,7 +252,9 @@ struct Scratch {
 // m = -inf, l = 0, acc = 0. Scores are made 16 keys at a time: each (head, key) gives a
 // 16-lane partial product vector, and one transpose_sum per head turns a tile's 16 vectors into
 // 16 scores (~1.1x faster than a reduction per score with 64-token blocks here).
-template <int DV, typename T>  // DV: D / 16 where known at compile time (score_tile), else 0
+// DV: D / 16 where known at compile time (score_tile), else 0; GS: query heads computed
+// together, a divisor of the group size (heads h .. h + GS - 1 share a kv head).
+template <int DV, int GS, typename T>
 void attend_range(const Geometry<T>& g, int64_t n, const float* q, int64_t t0, int64_t t1,
                   float scale, bool normalise, Scratch& scratch, float* acc, float* m,
                   float* l) {
@@ -255,15 +273,20 @@ void attend_range(const Geometry<T>& g, int64_t n, const float* q, int64_t t0, i
   float* tail = scratch.tail.data();
   const int64_t row_len = g.kvh * d;
   for_each_tile(g, n, t0, t1, g.k, [&](int64_t t, const T* rows, int64_t nt) {
+    for (int64_t h = 0; h < H; h += GS) {
+      const T* kh = rows + (h / g.group) * d;
+      if constexpr (DV > 0) {
+        score_tile<DV, GS>(part + h * 16, q + h * d, d, kh, row_len, nt);
+      } else {
+        for (int64_t gi = 0; gi < GS; ++gi)
+          for (int64_t j = 0; j < nt; ++j)
+            dot_lanes(reinterpret_cast<float*>(part + (h + gi) * 16 + j), q + (h + gi) * d,
+                      kh + j * row_len, dv);
+      }
+    }
     for (int64_t h = 0; h < H; ++h) {
       const float* qh = q + h * d;
       const T* kh = rows + (h / g.group) * d;
-      if constexpr (DV > 0) {
-        score_tile<DV>(part + h * 16, qh, kh, row_len, nt);
-      } else {
-        for (int64_t j = 0; j < nt; ++j)
-          dot_lanes(reinterpret_cast<float*>(part + h * 16 + j), qh, kh + j * row_len, dv);
-      }
       if (16 * dv < d) {
         for (int64_t j = 0; j < nt; ++j) {
           float rest = 0.f;
@@ -289,15 +312,18 @@ void attend_range(const Geometry<T>& g, int64_t n, const float* q, int64_t t0, i
     }
   }
   for_each_tile(g, n, t0, t1, g.v, [&](int64_t t, const T* rows, int64_t nt) {
-    for (int64_t h = 0; h < H; ++h) {
+    for (int64_t h = 0; h < H; h += GS) {
       const float* w = p.data() + h * len + (t - t0);
       const T* vh = rows + (h / g.group) * d;
       float* o = acc + h * d;
       int64_t c = 0;
-      for (; c + 4 <= dv; c += 4) axpy_tile<4>(o + 16 * c, w, vh + 16 * c, row_len, nt);
-      for (; c < dv; ++c) axpy_tile<1>(o + 16 * c, w, vh + 16 * c, row_len, nt);
-      for (int64_t j = 0; j < nt; ++j)
-        for (int64_t e = 16 * dv; e < d; ++e) o[e] += w[j] * load1_kv(vh + j * row_len + e);
+      for (; c + 4 <= dv; c += 4)
+        axpy_tile<4, GS>(o + 16 * c, d, w, len, vh + 16 * c, row_len, nt);
+      for (; c < dv; ++c) axpy_tile<1, GS>(o + 16 * c, d, w, len, vh + 16 * c, row_len, nt);
+      for (int64_t gi = 0; gi < GS; ++gi)
+        for (int64_t j = 0; j < nt; ++j)
+          for (int64_t e = 16 * dv; e < d; ++e)
+            o[gi * d + e] += w[gi * len + j] * load1_kv(vh + j * row_len + e);
     }
   });
 }
@@ -305,7 +331,7 @@ void attend_range(const Geometry<T>& g, int64_t n, const float* q, int64_t t0, i
 }  // namespace
 
 namespace {
-template <typename T, int DV>  // DV: attend_range's compile-time D / 16 (0: any)
+template <typename T, int DV, int GS>  // attend_range's compile-time D / 16 (0: any), GS
 void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
                       const at::Tensor& block_ids, int64_t nb, const at::Tensor& seq_lens,
                       double scale) {
@@ -341,12 +367,12 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv
     for (int64_t i = 0; i < items; ++i) {
       const int64_t n = row_of[i], c = i - first[n];
       if (first[n + 1] - first[n] == 1) {
-        attend_range<DV>(g, n, qp + n * ldq, 0, lens[n], fscale, true, p, op + n * hd, nullptr,
+        attend_range<DV, GS>(g, n, qp + n * ldq, 0, lens[n], fscale, true, p, op + n * hd, nullptr,
                      nullptr);
         continue;
       }
       const int64_t t0 = std::min(c * chunk, lens[n]), t1 = std::min((c + 1) * chunk, lens[n]);
-      attend_range<DV>(g, n, qp + n * ldq, t0, t1, fscale, false, p, acc.data() + i * hd,
+      attend_range<DV, GS>(g, n, qp + n * ldq, t0, t1, fscale, false, p, acc.data() + i * hd,
                    mx.data() + i * n_heads, ls.data() + i * n_heads);
     }
 #pragma omp for
@@ -371,16 +397,33 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv
     }
   }
 }
-// decode_attention with D / 16 as a compile-time constant for the common head sizes.
+// decode_attention with D / 16 a compile-time constant for the common head sizes, and (AVX-512
+// builds) the query heads of a group computed GS at a time: the largest of 4, 3, 2 dividing the
+// group whose q and sums fit the 32 vector registers (D = 128: at most 2), else 1.
 template <typename T>
 void decode_attention_for_d(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
                             const at::Tensor& block_ids, int64_t nb, const at::Tensor& seq_lens,
                             double scale) {
-  switch (q.size(2) / 16) {
-    case 4: return decode_attention<T, 4>(out, q, kv_cache, block_ids, nb, seq_lens, scale);
-    case 8: return decode_attention<T, 8>(out, q, kv_cache, block_ids, nb, seq_lens, scale);
-    default: return decode_attention<T, 0>(out, q, kv_cache, block_ids, nb, seq_lens, scale);
+  const int64_t dv = q.size(2) / 16, group = q.size(1) / kv_cache.size(3);
+#define SLUICE_DECODE(DV, GS) \
+  return decode_attention<T, DV, GS>(out, q, kv_cache, block_ids, nb, seq_lens, scale)
+#if defined(__AVX512F__)
+  if (dv == 4) {
+    if (group % 4 == 0) SLUICE_DECODE(4, 4);
+    if (group % 3 == 0) SLUICE_DECODE(4, 3);
+    if (group % 2 == 0) SLUICE_DECODE(4, 2);
+    SLUICE_DECODE(4, 1);
   }
+  if (dv == 8) {
+    if (group % 2 == 0) SLUICE_DECODE(8, 2);
+    SLUICE_DECODE(8, 1);
+  }
+#else
+  if (dv == 4) SLUICE_DECODE(4, 1);
+  if (dv == 8) SLUICE_DECODE(8, 1);
+#endif
+  SLUICE_DECODE(0, 1);
+#undef SLUICE_DECODE
 }
 }  // namespace
 
