@@ -132,6 +132,38 @@ def test_onednn_bf16_linear_rounds_like_torch(cpu_ops):
     assert cpu_ops.onednn_bf16_linear(x, eye)[3].isnan().any()
 
 
+def test_argmax_rows_bf16_is_torch_argmax_of_the_widened_rows(cpu_ops):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 2500, generator=g).to(torch.bfloat16)   # 3 chunks of the kernel's 1024
+    x[1, 1500] = x[1, 40] = 9.0                  # a tie across chunks: the first one wins
+    x[2, :] = -float("inf")                      # all -inf: index 0
+    x[3, 2000], x[3, 2100] = float("nan"), 50.0  # a NaN wins, as in torch.argmax
+    x[4, 7] = float("inf")
+    out = torch.empty(6, dtype=torch.long)
+    cpu_ops.argmax_rows_bf16(out, x)
+    assert out.tolist() == torch.argmax(x.float(), dim=1).tolist()
+    assert out[1] == 40 and out[3] == 2000
+
+
+@pytest.mark.skipif(not native_bf16_products(), reason="no native bf16 GEMM (AMX-BF16 or "
+                    "AVX-512-BF16 with oneDNN) on this CPU")
+def test_bf16_head_greedy_tokens_are_the_argmax_of_its_logits(cpu_ops, tiny_model_dir):
+    """A bf16 LM head's greedy path (`greedy_bf16`): for more than 8 rows the argmax of
+    oneDNN's bf16 logits, the exact tokens of argmax over the head's float32 logits; for fewer
+    rows it steps aside (None)."""
+    from sluice.model.layers.greedy_bf16 import Bf16HeadArgmax
+    ours = load_ours(tiny_model_dir("LlamaForCausalLM"), torch.bfloat16, layer_ops="cpu",
+                     attn_backend="cpu_paged")
+    head = ours.lm_head
+    assert isinstance(head.greedy, Bf16HeadArgmax)
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(40, head.weight.shape[1], generator=g)
+    with torch.inference_mode():
+        want = torch.argmax(head(hidden), dim=1)
+        assert torch.equal(head.greedy_tokens(hidden), want)
+        assert head.greedy_tokens(hidden[:8]) is None
+
+
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen3ForCausalLM"])
 def test_bf16_model_equals_float32_on_rounded_weights(cpu_ops, tiny_model_dir, arch):
     model_dir = tiny_model_dir(arch)

@@ -23,8 +23,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x @ W.T (+ bias) on oneDNN with W pre-packed; rows padded to onednn_rows(M)",
         py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
   m.def("onednn_bf16_linear", &onednn_bf16_linear, nogil,
-        "float32 x @ W.T (+ bias) through oneDNN's bf16 GEMM on a packed bf16 W; float32 out",
-        py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
+        "float32 x @ W.T (+ bias) through oneDNN's bf16 GEMM on a packed bf16 W; float32 out "
+        "(float_out=False: its bf16 result)",
+        py::arg("x"), py::arg("packed"), py::arg("bias") = py::none(),
+        py::arg("float_out") = true);
   m.def("onednn_rows", &onednn_rows, "Rows oneDNN's GEMM runs for an M-row input");
   m.def("gguf_linear", &gguf_linear, nogil,
         "out = x @ dequant(w).T (+ bias) for GGUF blocks w (uint8 [N, row bytes]) of a GGML type",
@@ -39,6 +41,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "sum = x + residual; out = RMSNorm(sum) (CPU, fp32)");
   m.def("silu_and_mul", &silu_and_mul, nogil, "out = silu(x[:, :d]) * x[:, d:] (CPU, fp32)");
   m.def("rotary", &rotary, nogil, "out = rotate-half RoPE of x [T, heads, D] (CPU, fp32)");
+  m.def("argmax_rows_bf16", &argmax_rows_bf16, nogil,
+        "out[t] = first argmax of bf16 x[t] (as torch.argmax on x.float())", py::arg("out"),
+        py::arg("x"));
   m.def("argmax_rows", &argmax_rows, nogil,
         "out[t] = first index of the maximum of x[t] (CPU, fp32 -> int64)");
   m.def("greedy_screen", &greedy_screen, nogil,

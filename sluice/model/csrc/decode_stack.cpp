@@ -69,7 +69,7 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
 }
 
 at::Tensor onednn_bf16_linear(const at::Tensor& x, const at::Tensor& packed,
-                              const std::optional<at::Tensor>& bias) {
+                              const std::optional<at::Tensor>& bias, bool float_out) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1,
               "onednn_bf16_linear: float32 x [M, K] with contiguous rows expected");
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous()),
@@ -83,6 +83,10 @@ at::Tensor onednn_bf16_linear(const at::Tensor& x, const at::Tensor& packed,
   });
   if (rows > m) std::memset(static_cast<void*>(in16 + m * k), 0, (rows - m) * k * 2);
   const at::Tensor out16 = linear_pointwise(input, packed, std::nullopt);  // [rows, N] bf16
+  if (!float_out) {
+    TORCH_CHECK(!bias, "onednn_bf16_linear: a bias needs float_out");
+    return rows == m ? out16 : out16.narrow(0, 0, m);
+  }
   const int64_t n = out16.size(1);
   at::Tensor out = at::empty({m, n}, x.options());
   const auto* o16 = out16.data_ptr<c10::BFloat16>();
@@ -107,7 +111,7 @@ at::Tensor DecodeStack::linear(const at::Tensor& x, const at::Tensor& w,
                                const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& packed, int64_t quant_type) const {
   if (packed && w.scalar_type() == at::kBFloat16 && x.size(0) > kMaxStreamedHalfRows)
-    return onednn_bf16_linear(x.contiguous(), *packed, bias);
+    return onednn_bf16_linear(x.contiguous(), *packed, bias, true);
   at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
   if (quant_type != 0) {
     gguf_linear(out, x.contiguous(), w, quant_type, bias);

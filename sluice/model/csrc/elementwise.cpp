@@ -8,6 +8,8 @@
 //                                     out[t, h, i]        = x1 * cos[t, i] - x2 * sin[t, i]
 //                                     out[t, h, i + half] = x2 * cos[t, i] + x1 * sin[t, i]
 //                                     with x1 = x[t, h, i], x2 = x[t, h, i + half] (rotate-half)
+//   argmax_rows_bf16(out, x)          the same over a bf16 x (the index argmax_rows gives on x's
+//                                     exact float32 widening)
 //   argmax_rows(out, x)               out[t] = index of the first maximum of x[t] (torch.argmax:
 //                                     the first NaN if any), vectorised (torch's is ~10x slower)
 // Rows of x/r may be strided (stride(-1) == 1); outputs are contiguous. The operation order
@@ -15,6 +17,7 @@
 // (16-lane mean, polynomial exp with ~2e-7 relative error). Loops hand out rows dynamically, so
 // a thread preempted by another process (the API server on the same cores) delays only its
 // own chunk, not the whole step.
+#include "bf16_rows.h"
 #include "ops.h"
 #include "vec_math.h"
 
@@ -177,4 +180,33 @@ void argmax_rows(at::Tensor out, at::Tensor x) {
   int64_t* op = out.data_ptr<int64_t>();
 #pragma omp parallel for schedule(dynamic, 1) if (rows * n >= 4 * kParallelMin)
   for (int64_t t = 0; t < rows; ++t) op[t] = argmax_row(xp + t * ldx, n);
+}
+
+// argmax_row over bf16 values, widened exactly in L1-sized chunks: the same index torch.argmax
+// gives on x.float() (first maximum; the first NaN if any).
+int64_t argmax_row_bf16(const c10::BFloat16* x, int64_t n) {
+  constexpr int64_t kChunk = 1024;
+  float wide[kChunk];
+  float best = -std::numeric_limits<float>::infinity();
+  int64_t best_at = 0;
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t len = std::min(kChunk, n - c0);
+    sluice::widen_from_bf16(wide, x + c0, len);
+    const int64_t at = argmax_row(wide, len);
+    if (wide[at] != wide[at]) return c0 + at;  // the first NaN (earlier chunks had none)
+    if (wide[at] > best) best = wide[at], best_at = c0 + at;  // strictly: keeps the first
+  }
+  return best_at;
+}
+
+void argmax_rows_bf16(at::Tensor out, at::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1,
+              "argmax_rows_bf16 x: bfloat16 [rows, n] with contiguous rows expected");
+  TORCH_CHECK(out.dtype() == at::kLong && out.is_contiguous() && out.numel() == x.size(0),
+              "argmax_rows_bf16 out: contiguous int64 [rows] expected");
+  const int64_t rows = x.size(0), n = x.size(1), ldx = x.stride(0);
+  const auto* xp = x.data_ptr<c10::BFloat16>();
+  int64_t* op = out.data_ptr<int64_t>();
+#pragma omp parallel for schedule(dynamic, 1) if (rows * n >= 4 * kParallelMin)
+  for (int64_t t = 0; t < rows; ++t) op[t] = argmax_row_bf16(xp + t * ldx, n);
 }

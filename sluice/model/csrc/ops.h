@@ -35,6 +35,7 @@ void add_rms_norm(at::Tensor out, at::Tensor sum, at::Tensor x, at::Tensor resid
 void silu_and_mul(at::Tensor out, at::Tensor x);
 void rotary(at::Tensor out, at::Tensor x, at::Tensor cos, at::Tensor sin);
 void argmax_rows(at::Tensor out, at::Tensor x);
+void argmax_rows_bf16(at::Tensor out, at::Tensor x);
 
 // Exact greedy tokens from bfloat16 screen scores of the LM head (greedy_screen.cpp).
 void greedy_screen(at::Tensor out, at::Tensor scores, at::Tensor x, at::Tensor w,
@@ -65,9 +66,10 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
                          const std::optional<at::Tensor>& bias);
 // float32 x [M, K] @ W.T (+ bias) for a bf16 W packed as above: x rounded to bf16 (nearest-
 // even) into the padded input, oneDNN's bf16 GEMM (AMX / AVX-512-BF16), its bf16 result widened
-// to float32 [M, N] and the float32 bias added — the conversions in one pass each.
+// to float32 [M, N] and the float32 bias added — the conversions in one pass each. With
+// float_out false (no bias): oneDNN's bf16 result [M, N] as it is.
 at::Tensor onednn_bf16_linear(const at::Tensor& x, const at::Tensor& packed,
-                              const std::optional<at::Tensor>& bias);
+                              const std::optional<at::Tensor>& bias, bool float_out);
 
 // A decode step through every decoder layer of a Llama-family model (decode_stack.cpp).
 // Built once from the model's weights (per layer; optional entries are None/nullopt) and,

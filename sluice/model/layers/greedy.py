@@ -32,6 +32,7 @@ sampling) is the sampler's decision.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -39,6 +40,7 @@ import torch
 from torch import nn
 
 from sluice.model.host_memory import huge_page_buffer
+from sluice.model.layers.greedy_bf16 import bf16_head_argmax_for
 from sluice.model.layers.layer_ops import PACK_ROWS_HINT, native_bf16_products
 from sluice.model.layers.linear_method import CpuPackedLinearMethod, FastPathSupport
 
@@ -130,10 +132,14 @@ def make_greedy_screen(ops: ModuleType | None, weight: torch.Tensor | None,
         return None
 
 
-def greedy_screen_for(head: nn.Module) -> GreedyScreen | None:
-    """The screen for a loaded LM head (`embedding.LMHead`), or None where it steps aside:
-    outside `GREEDY_SCREEN_SUPPORT`, no packed copy (the memory-fit rule), or what
-    `make_greedy_screen` refuses."""
+def greedy_screen_for(head: nn.Module) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
+    """The greedy fast path for a loaded LM head (`embedding.LMHead.greedy`): a bf16 head's
+    argmax over its bf16 logits (`greedy_bf16`) where that applies, else the screen, or None
+    where both step aside: outside `GREEDY_SCREEN_SUPPORT`, no packed copy (the memory-fit
+    rule), or what `make_greedy_screen` refuses."""
+    argmax = bf16_head_argmax_for(head)
+    if argmax is not None:
+        return argmax
     if GREEDY_SCREEN_SUPPORT.unsupported(head) is not None \
             or head.__dict__.get("packed_weight") is None:
         return None
