@@ -14,6 +14,7 @@ from sluice.hf_config import load_model_spec
 from sluice.model.fused_decode import FUSED_DECODE_SUPPORT
 from sluice.model.layers import ReplicatedLinear, RowParallelLinear
 from sluice.model.layers.greedy import GREEDY_SCREEN_SUPPORT
+from sluice.model.layers.greedy_bf16 import Bf16HeadArgmax
 from sluice.model.layers.layer_ops import LayerOps, building_with, current_layer_ops
 from sluice.model.layers.half_linear import HalfWeightLinearMethod
 from sluice.model.layers.linear_method import (CpuPackedLinearMethod, DenseLinearMethod,
@@ -60,11 +61,14 @@ def test_layers_take_the_method_chosen_at_construction(tiny_model_dir, cpu_ops):
     assert torch_model.model.fused_decode is None and torch_model.lm_head.greedy is None
 
     # bf16 on the C++ ops: 16-bit weights over float32 activations (tests/model/
-    # test_half_weights.py); the fused decode stack takes them, the greedy screen does not
+    # test_half_weights.py); the fused decode stack takes them, the greedy screen does not (the
+    # head's greedy path is the bf16 argmax where oneDNN packed it, `greedy_bf16`)
     bf16 = _load(d, "cpu", torch.bfloat16)
     assert all(type(m.linear_method) is HalfWeightLinearMethod for m in linear_layers(bf16))
     assert "HalfWeightLinearMethod" in GREEDY_SCREEN_SUPPORT.unsupported(bf16.lm_head)
-    assert bf16.model.fused_decode is not None and bf16.lm_head.greedy is None
+    assert bf16.model.fused_decode is not None
+    assert isinstance(bf16.lm_head.greedy, Bf16HeadArgmax) == (
+        bf16.lm_head.__dict__.get("packed_weight") is not None)
     # float16 on the torch reference: the weight as loaded, F.linear
     fp16 = _load(d, "torch", torch.float16)
     assert all(type(m.linear_method) is DenseLinearMethod and m.linear_method.gemm is F.linear
@@ -204,7 +208,7 @@ def test_the_screen_is_built_exactly_for_heads_it_supports(tiny_model_dir, cpu_o
     calls.clear()
     assert _load(d, LayerOps("cpu", cpu_ops, EchoLinearMethod())).lm_head.greedy is None
     assert _load(d, "torch").lm_head.greedy is None
-    assert _load(d, "cpu", torch.bfloat16).lm_head.greedy is None
+    assert not isinstance(_load(d, "cpu", torch.bfloat16).lm_head.greedy, str)  # no screen
     assert calls == []
     bf16_layer = ReplicatedLinear(8, 8, bias=False, dtype=torch.bfloat16,
                                   linear_method=CpuPackedLinearMethod(cpu_ops))
