@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -39,12 +40,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_peers import REPO, Work, log  # noqa: E402
+from compare_peers import (  # noqa: E402
+    LLAMACPP_EXTRA_BUFTS_ENV, LLAMACPP_PRELUDE, REPO, Work, log)
 
 PROMPT_LEN = 128
 OUTPUT_LEN = 129  # TPOT is measured over the 128 tokens after the first
 
-LLAMACPP_RUNNER = r"""
+LLAMACPP_RUNNER = LLAMACPP_PRELUDE + r"""
 import json, sys, time
 import llama_cpp
 prompt = json.load(open(sys.argv[1]))
@@ -172,7 +174,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="run this GGUF file in both backends (module doc)")
     parser.add_argument("--sluice-quantization", default="default,int8",
                         help="with --gguf: sluice's --quantization values, comma separated")
+    parser.add_argument("--llamacpp-no-extra-bufts", action="store_true",
+                        help="llama.cpp without its AMX / repacked weight buffers "
+                        "(compare_peers.LLAMACPP_PRELUDE)")
     args = parser.parse_args(argv)
+    if args.llamacpp_no_extra_bufts:
+        os.environ[LLAMACPP_EXTRA_BUFTS_ENV] = "0"
     sys.path.insert(0, str(REPO))
     from sluice.bench.datasets import random_requests
     from sluice.bench.reference_model import resolve_model

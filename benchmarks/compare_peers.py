@@ -330,7 +330,26 @@ def do_convert(work: Work, model: str, dtype: str = "float32") -> None:
 
 # ----------------------------------------------------------------------------------------- run
 
-LLAMACPP_RUNNER = r"""
+# Prepended to every llama.cpp runner: with LLAMACPP_EXTRA_BUFTS_ENV=0 (--llamacpp-no-extra-bufts)
+# models load without llama.cpp's extra buffer types (the AMX / repacked weight layouts), i.e.
+# on its plain CPU kernels. Its AMX path crashed (SIGSEGV at the first decode) on the Q4_1 and
+# Q8_0 SmolLM2 files on a Xeon with AMX; the f32/bf16 files and the plain kernels run.
+LLAMACPP_EXTRA_BUFTS_ENV = "SLUICE_BENCH_LLAMACPP_EXTRA_BUFTS"
+LLAMACPP_PRELUDE = r"""
+import os
+import llama_cpp
+import llama_cpp.llama_cpp as _low
+if os.environ.get("SLUICE_BENCH_LLAMACPP_EXTRA_BUFTS", "1") == "0":
+    _default_params = _low.llama_model_default_params
+    def _plain_cpu_params():
+        params = _default_params()
+        params.use_extra_bufts = False
+        return params
+    _low.llama_model_default_params = _plain_cpu_params
+    llama_cpp.llama_model_default_params = _plain_cpu_params
+"""
+
+LLAMACPP_RUNNER = LLAMACPP_PRELUDE + r"""
 import json, sys, time
 import llama_cpp
 wl = json.load(open(sys.argv[1]))
@@ -365,7 +384,7 @@ json.dump({"backend": "llama.cpp", "elapsed_time": el, "num_requests": len(reqs)
 # The low-level batched API (llama.cpp's own multi-sequence decode, as in its `batched`
 # example): every prompt prefilled in n_batch-token chunks packed across sequences, then one
 # llama_decode per step carrying the next token of every live sequence; per-sequence KV.
-LLAMACPP_BATCHED_RUNNER = r"""
+LLAMACPP_BATCHED_RUNNER = LLAMACPP_PRELUDE + r"""
 import json, sys, time, ctypes
 import numpy as np
 import llama_cpp as L
@@ -692,7 +711,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vllm-threads-bind", default="0-1",
                    help="VLLM_CPU_OMP_THREADS_BIND for vLLM-CPU (default '0-1': both cores; "
                    "'auto' is vLLM's default, which reserves one core of two). '' = unset.")
+    p.add_argument("--llamacpp-no-extra-bufts", action="store_true",
+                   help="Load llama.cpp's models without its extra buffer types (AMX / "
+                   "repacked weights): its plain CPU kernels (see LLAMACPP_PRELUDE).")
     a = p.parse_args(argv)
+    if a.llamacpp_no_extra_bufts:
+        os.environ[LLAMACPP_EXTRA_BUFTS_ENV] = "0"
     peers = [x.strip() for x in a.backends.split(",") if x.strip()]
     unknown = set(peers) - set(PEERS)
     if unknown:

@@ -22,8 +22,8 @@ which are always correct):
   projection's plain float32 weight and its oneDNN packed copy, `layer.packed_weight`, or
   none), `GgufBlockLinearMethod` (the uint8 GGUF blocks and their GGML type id: the stack
   runs the same `gguf_linear` as the layer) and `HalfWeightLinearMethod` (bf16 / fp16 weights,
-  as the layer: `gguf_linear` with type BF16 / F16 up to 8 rows, and above that oneDNN's bf16
-  GEMM on the layer's packed copy where there is one); a method that changes
+  as the layer: oneDNN's bf16 GEMM on the layer's packed copy where there is one, else
+  `gguf_linear` with type BF16 / F16); a method that changes
   the product otherwise is not seen by the C++ stack, so the stack steps aside for it. LoRA
   (`--enable-lora`, `sluice.lora.layers.LoRALinearMethod` around one of those) is a step
   wrapper: the stack is installed, and runs only the decode steps in which no token uses an adapter

@@ -148,9 +148,8 @@ def test_argmax_rows_bf16_is_torch_argmax_of_the_widened_rows(cpu_ops):
 @pytest.mark.skipif(not native_bf16_products(), reason="no native bf16 GEMM (AMX-BF16 or "
                     "AVX-512-BF16 with oneDNN) on this CPU")
 def test_bf16_head_greedy_tokens_are_the_argmax_of_its_logits(cpu_ops, tiny_model_dir):
-    """A bf16 LM head's greedy path (`greedy_bf16`): for more than 8 rows the argmax of
-    oneDNN's bf16 logits, the exact tokens of argmax over the head's float32 logits; for fewer
-    rows it steps aside (None)."""
+    """A bf16 LM head's greedy path (`greedy_bf16`): the argmax of oneDNN's bf16 logits, the
+    exact tokens of argmax over the head's float32 logits, for one row or many."""
     from sluice.model.layers.greedy_bf16 import Bf16HeadArgmax
     ours = load_ours(tiny_model_dir("LlamaForCausalLM"), torch.bfloat16, layer_ops="cpu",
                      attn_backend="cpu_paged")
@@ -160,8 +159,8 @@ def test_bf16_head_greedy_tokens_are_the_argmax_of_its_logits(cpu_ops, tiny_mode
     hidden = torch.randn(40, head.weight.shape[1], generator=g)
     with torch.inference_mode():
         want = torch.argmax(head(hidden), dim=1)
-        assert torch.equal(head.greedy_tokens(hidden), want)
-        assert head.greedy_tokens(hidden[:8]) is None
+        for rows in (40, 3, 1):
+            assert torch.equal(head.greedy_tokens(hidden[:rows]), want[:rows])
 
 
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen3ForCausalLM"])
@@ -241,8 +240,8 @@ def test_fused_decode_over_a_bf16_cache_equals_the_python_layers(cpu_ops, llama_
                                                                  monkeypatch, lengths):
     """The fused decode stack writes k/v into a bf16 cache rounded as torch rounds them, and
     reads it as the Python layers' attention kernels do, and takes the same product per row
-    count (3 rows: the streaming GEMV; 12: oneDNN's bf16 GEMM where the CPU has it): the same
-    logits."""
+    count (oneDNN's bf16 GEMM where the CPU has native bf16 products, else the streaming GEMV
+    for 3 rows and the panels for 12): the same logits."""
     from _sluice_model_helpers import PagedRunner
     from sluice.model.fused_decode import FusedDecode
 

@@ -102,15 +102,15 @@ at::Tensor onednn_bf16_linear(const at::Tensor& x, const at::Tensor& packed,
   return out;
 }
 
-// out = x @ w.T (+ b): GGUF blocks and 16-bit weights through gguf_linear (quant_type != 0),
-// except a bf16 weight with a oneDNN packed copy (HalfWeightLinearMethod on a CPU with native
-// bf16 products) on more than kMaxStreamedHalfRows rows: x rounded to bf16, oneDNN's GEMM
-// (AMX / AVX-512-BF16), widened back to float32. Float32 weights: oneDNN on the packed weight
-// for 2+ rows when there is one, else tiled_linear (whose one-row path streams the weight once).
+// out = x @ w.T (+ b): a bf16 weight with a oneDNN packed copy (HalfWeightLinearMethod on a
+// CPU with native bf16 products) through onednn_bf16_linear, any row count, as the layer does;
+// other GGUF blocks and 16-bit weights through gguf_linear (quant_type != 0); float32 weights
+// on oneDNN's packed copy for 2+ rows when there is one, else tiled_linear (whose one-row path
+// streams the weight once).
 at::Tensor DecodeStack::linear(const at::Tensor& x, const at::Tensor& w,
                                const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& packed, int64_t quant_type) const {
-  if (packed && w.scalar_type() == at::kBFloat16 && x.size(0) > kMaxStreamedHalfRows)
+  if (packed && w.scalar_type() == at::kBFloat16)
     return onednn_bf16_linear(x.contiguous(), *packed, bias, true);
   at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
   if (quant_type != 0) {

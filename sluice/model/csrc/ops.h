@@ -58,9 +58,7 @@ void bf16_scores(at::Tensor scores, at::Tensor x, at::Tensor w);
 // throughput: at the small models' sizes even an 8-row GEMM is compute bound (2 rows padded
 // to 8 ran ~2x slower).
 constexpr int64_t kOnednnRowsPerOctave = 16;
-// A bf16 weight's product runs gguf_linear's weight-streaming GEMV up to this many rows and
-// oneDNN's bf16 GEMM above, where there is a packed copy (half_linear.MAX_STREAMED_ROWS).
-constexpr int64_t kMaxStreamedHalfRows = 8;
+
 int64_t onednn_rows(int64_t m);
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
                          const std::optional<at::Tensor>& bias);

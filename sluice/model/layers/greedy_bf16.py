@@ -1,13 +1,12 @@
 """Greedy tokens of a bf16 LM head without float32 logits: `Bf16HeadArgmax`.
 
 With `--dtype bfloat16` on a CPU with native bf16 products (`HalfWeightLinearMethod` holding
-its oneDNN packed copy), the head's logits for more than `MAX_STREAMED_ROWS` rows are oneDNN's
-bf16 GEMM result widened to float32 (`onednn_bf16_linear`). Widening is exact and keeps the
-order, so the argmax of that bf16 result is the very token the sampler's argmax takes over the
-float32 logits (first maximum; a NaN first): `Bf16HeadArgmax` computes it without writing and
-re-reading the float32 logits (64 rows x a 49,152-token vocabulary: 12.6 MB per step). For up to
-`MAX_STREAMED_ROWS` rows the head runs the float32-output GEMV instead; there, and for inputs
-the C++ operators do not take, it returns None and the runner computes the logits.
+its oneDNN packed copy), the head's logits are oneDNN's bf16 GEMM result widened to float32
+(`onednn_bf16_linear`). Widening is exact and keeps the order, so the argmax of that bf16 result
+is the very token the sampler's argmax takes over the float32 logits (first maximum; a NaN
+first): `Bf16HeadArgmax` computes it without writing and re-reading the float32 logits (64 rows
+x a 49,152-token vocabulary: 12.6 MB per step). For inputs the C++ operators do not take it
+returns None and the runner computes the logits.
 
 Where it applies (`BF16_HEAD_ARGMAX_SUPPORT`): an LM head whose method is exactly
 `HalfWeightLinearMethod` over bf16 weights, with the packed copy made, on one tensor-parallel
@@ -22,7 +21,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from sluice.model.layers.half_linear import MAX_STREAMED_ROWS, HalfWeightLinearMethod
+from sluice.model.layers.half_linear import HalfWeightLinearMethod
 from sluice.model.layers.layer_ops import fast_path_ok
 from sluice.model.layers.linear_method import FastPathSupport
 
@@ -42,7 +41,7 @@ class Bf16HeadArgmax:
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor | None:
         x = hidden.contiguous()
         packed = self._head.__dict__.get("packed_weight")
-        if x.shape[0] <= MAX_STREAMED_ROWS or packed is None or not fast_path_ok(x):
+        if packed is None or not fast_path_ok(x):
             return None
         logits = self._ops.onednn_bf16_linear(x, packed, None, False)   # [n, V] bf16
         tokens = torch.empty(x.shape[0], dtype=torch.long)
