@@ -23,9 +23,10 @@
 // Within a chunk, keys go in tiles of up to kTile rows of one block: a tile's scores for one
 // head are 16 lane-vectors summed by one transpose, and its value sweep keeps the head's
 // output in registers over the tile's keys (same per-element order as key by key).
-#include "kv_rows.h"
 #include "ops.h"
 #include "vec_math.h"
+
+#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cstring>
@@ -107,25 +108,44 @@ inline v16 transpose_sum(const v16* a) {
                                  29, 31);
 }
 
-// 16 cache elements as float32: a float row as it is, a bf16 one widened exactly (its 16 bits
-// are the high half of the float32).
-inline v16 load16_kv(const float* p) { return load16(p); }
-inline v16 load16_kv(const c10::BFloat16* p) {
-#if defined(__AVX512F__)  // zero-extend 16 halves to 32 bits, shift into the high half
+// The widest float vector this build keeps in one register (AVX-512: 16 lanes, else 8) and
+// its loads from a float32 / bfloat16 cache row: a bf16 element widened exactly (its 16 bits
+// are the high half of the float32: zero-extend to 32 bits, shift into the high half).
+#if defined(__AVX512F__)
+using vreg = v16;
+inline vreg load_vreg(const float* p) { return load16(p); }
+inline vreg load_vreg(const c10::BFloat16* p) {
   const __m512i wide = _mm512_slli_epi32(
       _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
   return reinterpret_cast<v16>(_mm512_castsi512_ps(wide));
+}
 #else
-  const __m128i* h = reinterpret_cast<const __m128i*>(p);
-  const __m256 lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
-                        _mm_loadu_si128(h)), 16));
-  const __m256 hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
-                        _mm_loadu_si128(h + 1)), 16));
-  v16 f;
-  std::memcpy(&f, &lo, sizeof lo);
-  std::memcpy(reinterpret_cast<char*>(&f) + sizeof lo, &hi, sizeof hi);
-  return f;
+using vreg = float __attribute__((vector_size(32)));
+inline vreg load_vreg(const float* p) {
+  vreg v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline vreg load_vreg(const c10::BFloat16* p) {
+  const __m256i wide = _mm256_slli_epi32(
+      _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+  return reinterpret_cast<vreg>(_mm256_castsi256_ps(wide));
+}
 #endif
+constexpr int kRegLanes = sizeof(vreg) / sizeof(float);
+
+// 16 cache elements as float32 (one or two vregs).
+template <typename T>
+inline v16 load16_kv(const T* p) {
+  if constexpr (kRegLanes == 16) {
+    return load_vreg(p);
+  } else {
+    const vreg lo = load_vreg(p), hi = load_vreg(p + kRegLanes);
+    v16 f;
+    std::memcpy(&f, &lo, sizeof lo);
+    std::memcpy(reinterpret_cast<char*>(&f) + sizeof lo, &hi, sizeof hi);
+    return f;
+  }
 }
 inline float load1_kv(const float* p) { return *p; }
 inline float load1_kv(const c10::BFloat16* p) { return static_cast<float>(*p); }
@@ -142,20 +162,10 @@ inline void dot_lanes(float* out, const float* a, const T* b, int64_t dv) {
   for (int64_t c = 0; c < dv; ++c) s += load16(a + 16 * c) * load16_kv(b + 16 * c);
   std::memcpy(out, &s, sizeof s);
 #else
-  using v8 = float __attribute__((vector_size(32)));
-  auto load8 = [](const float* p) {
-    v8 v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-  };
-  v8 lo = {}, hi = {};
+  vreg lo = {}, hi = {};  // 8 lanes each
   for (int64_t c = 0; c < dv; ++c) {
-    const v16 k = load16_kv(b + 16 * c);
-    v8 klo, khi;
-    std::memcpy(&klo, &k, sizeof klo);
-    std::memcpy(&khi, reinterpret_cast<const char*>(&k) + sizeof klo, sizeof khi);
-    lo += load8(a + 16 * c) * klo;
-    hi += load8(a + 16 * c + 8) * khi;
+    lo += load_vreg(a + 16 * c) * load_vreg(b + 16 * c);
+    hi += load_vreg(a + 16 * c + 8) * load_vreg(b + 16 * c + 8);
   }
   std::memcpy(out, &lo, sizeof lo);
   std::memcpy(out + 8, &hi, sizeof hi);
@@ -192,26 +202,6 @@ inline void score_tile(v16* part, const float* q0, int64_t d, const T* kh, int64
 #endif
 }
 
-// The widest float vector this build keeps in one register (AVX-512: 16 lanes, else 8) and
-// its loads from a float32 / bfloat16 cache row.
-#if defined(__AVX512F__)
-using vreg = v16;
-inline vreg load_vreg(const float* p) { return load16(p); }
-inline vreg load_vreg(const c10::BFloat16* p) { return load16_kv(p); }
-#else
-using vreg = float __attribute__((vector_size(32)));
-inline vreg load_vreg(const float* p) {
-  vreg v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline vreg load_vreg(const c10::BFloat16* p) {
-  const __m256i wide = _mm256_slli_epi32(
-      _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
-  return reinterpret_cast<vreg>(_mm256_castsi256_ps(wide));
-}
-#endif
-constexpr int kRegLanes = sizeof(vreg) / sizeof(float);
 
 // For the GS query heads g sharing one kv head: o_g[16c + i] += sum over j < nt, in order of
 // j, of w_g[j] * rows[j * stride + 16c + i], o_g = o0 + g * ldo, w_g = w0 + g * ldw, for the NC
