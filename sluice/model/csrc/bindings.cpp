@@ -39,7 +39,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, nogil, "out = RMSNorm(x) (CPU, fp32)");
   m.def("add_rms_norm", &add_rms_norm, nogil,
         "sum = x + residual; out = RMSNorm(sum) (CPU, fp32)");
-  m.def("silu_and_mul", &silu_and_mul, nogil, "out = silu(x[:, :d]) * x[:, d:] (CPU, fp32)");
+  m.def("silu_and_mul", &silu_and_mul, nogil,
+        "out = silu(x[:, :d]) * x[:, d:] (CPU: fp32, or bf16 in and out computed in fp32)");
   m.def("rotary", &rotary, nogil, "out = rotate-half RoPE of x [T, heads, D] (CPU, fp32)");
   m.def("argmax_rows_bf16", &argmax_rows_bf16, nogil,
         "out[t] = first argmax of bf16 x[t] (as torch.argmax on x.float())", py::arg("out"),

@@ -14,7 +14,7 @@
 //   cache   [slot_mapping[t]] = k[t], v[t]        kv_caches[l]: [2, blocks, B, Hkv, D]
 //   attn    = paged_decode_attention(q, cache)
 //   h, res  = add_rms_norm(attn @ Wo.T (+ b), res)                         post_attention
-//   mlp_out = silu_and_mul(h @ Wgate_up.T) @ Wdown.T
+//   mlp_out = silu_and_mul(h @ Wgate_up.T) @ Wdown.T   (bf16 between the GEMMs: bf16_mlp)
 // and at the end out = add_rms_norm(mlp_out, res) with the final norm's weight.
 // A projection whose `quant_types` entry is a GGML type id (not 0; | 256 for int8 activations)
 // holds GGUF blocks (uint8 [N, row bytes]) and runs gguf_linear (quant_linear.cpp), as
@@ -70,25 +70,36 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
 
 at::Tensor onednn_bf16_linear(const at::Tensor& x, const at::Tensor& packed,
                               const std::optional<at::Tensor>& bias, bool float_out) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1,
-              "onednn_bf16_linear: float32 x [M, K] with contiguous rows expected");
+  const bool x16 = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x16) && x.stride(1) == 1,
+              "onednn_bf16_linear: float32 or bfloat16 x [M, K] with contiguous rows expected");
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous()),
               "onednn_bf16_linear: a contiguous float32 bias expected");
   const int64_t m = x.size(0), k = x.size(1), rows = onednn_rows(m), ldx = x.stride(0);
-  at::Tensor input = at::empty({rows, k}, x.options().dtype(at::kBFloat16));
-  const float* src = x.data_ptr<float>();
-  auto* in16 = input.data_ptr<c10::BFloat16>();
-  at::parallel_for(0, m, conversion_grain(k), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) sluice::narrow_to_bf16(in16 + r * k, src + r * ldx, k);
-  });
-  if (rows > m) std::memset(static_cast<void*>(in16 + m * k), 0, (rows - m) * k * 2);
+  at::Tensor input;
+  if (x16 && rows == m && x.is_contiguous()) {
+    input = x;  // already oneDNN's input
+  } else {
+    input = at::empty({rows, k}, x.options().dtype(at::kBFloat16));
+    auto* in16 = input.data_ptr<c10::BFloat16>();
+    if (x16) {
+      const auto* src = x.data_ptr<c10::BFloat16>();
+      for (int64_t r = 0; r < m; ++r) std::memcpy(in16 + r * k, src + r * ldx, k * 2);
+    } else {
+      const float* src = x.data_ptr<float>();
+      at::parallel_for(0, m, conversion_grain(k), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) sluice::narrow_to_bf16(in16 + r * k, src + r * ldx, k);
+      });
+    }
+    if (rows > m) std::memset(static_cast<void*>(in16 + m * k), 0, (rows - m) * k * 2);
+  }
   const at::Tensor out16 = linear_pointwise(input, packed, std::nullopt);  // [rows, N] bf16
   if (!float_out) {
     TORCH_CHECK(!bias, "onednn_bf16_linear: a bias needs float_out");
     return rows == m ? out16 : out16.narrow(0, 0, m);
   }
   const int64_t n = out16.size(1);
-  at::Tensor out = at::empty({m, n}, x.options());
+  at::Tensor out = at::empty({m, n}, x.options().dtype(at::kFloat));
   const auto* o16 = out16.data_ptr<c10::BFloat16>();
   float* o = out.data_ptr<float>();
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
@@ -100,6 +111,16 @@ at::Tensor onednn_bf16_linear(const at::Tensor& x, const at::Tensor& packed,
     }
   });
   return out;
+}
+
+// Whether layer w's MLP runs in bf16 between its GEMMs: gate_up and down both bf16 with packed
+// copies. oneDNN's gate_up result is bf16 already; silu_and_mul reads and writes bf16 rows in
+// float32 arithmetic, and down takes its bf16 result as oneDNN's input: the same bits as
+// widening gate_up, silu_and_mul in float32 and rounding its result to bf16 at down's input,
+// without the two float32 [T, 2 I] / [T, I] round trips.
+bool DecodeStack::bf16_mlp(const Layer& w) const {
+  return w.gate_up_packed && w.down_packed && w.gate_up.scalar_type() == at::kBFloat16 &&
+         w.down.scalar_type() == at::kBFloat16;
 }
 
 // out = x @ w.T (+ b): a bf16 weight with a oneDNN packed copy (HalfWeightLinearMethod on a
@@ -212,10 +233,17 @@ at::Tensor DecodeStack::forward(at::Tensor x, at::Tensor cos, at::Tensor sin,
     paged_decode_attention(attn, q, cache, block_ids, nb, seq_lens, scale_);
     at::Tensor o = linear(attn.view({T, q_cols}), w.o, w.o_bias, w.o_packed, w.o_type);
     add_rms_norm(h, res, o, res, w.post_norm, eps_);
-    at::Tensor gate_up = linear(h, w.gate_up, std::nullopt, w.gate_up_packed, w.gate_up_type);
-    at::Tensor act = at::empty({T, w.gate_up.size(0) / 2}, x.options());
-    silu_and_mul(act, gate_up);
-    mlp_out = linear(act, w.down, std::nullopt, w.down_packed, w.down_type);
+    if (bf16_mlp(w)) {  // gate_up -> silu -> down in bf16 (see bf16_mlp)
+      at::Tensor gate_up = onednn_bf16_linear(h, *w.gate_up_packed, std::nullopt, false);
+      at::Tensor act = at::empty({T, w.gate_up.size(0) / 2}, gate_up.options());
+      silu_and_mul(act, gate_up);
+      mlp_out = onednn_bf16_linear(act, *w.down_packed, std::nullopt, true);
+    } else {
+      at::Tensor gate_up = linear(h, w.gate_up, std::nullopt, w.gate_up_packed, w.gate_up_type);
+      at::Tensor act = at::empty({T, w.gate_up.size(0) / 2}, x.options());
+      silu_and_mul(act, gate_up);
+      mlp_out = linear(act, w.down, std::nullopt, w.down_packed, w.down_type);
+    }
   }
   at::Tensor out = at::empty_like(x);
   add_rms_norm(out, res, mlp_out, res, final_norm_, eps_);

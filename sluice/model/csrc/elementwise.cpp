@@ -4,6 +4,7 @@
 //   rms_norm(out, x, w, eps)          out[t] = w * (x[t] * 1/sqrt(mean(x[t]^2) + eps))
 //   add_rms_norm(out, sum, x, r, w, eps)   sum[t] = x[t] + r[t];  out[t] = rms_norm(sum[t])
 //   silu_and_mul(out, x)              out[t, i] = silu(x[t, i]) * x[t, d + i],  d = out.size(1)
+//                                     (float32, or bf16 in and out: computed in float32)
 //   rotary(out, x, cos, sin)          x [T, Hh, D], half = D/2, cos/sin [T, half]:
 //                                     out[t, h, i]        = x1 * cos[t, i] - x2 * sin[t, i]
 //                                     out[t, h, i + half] = x2 * cos[t, i] + x1 * sin[t, i]
@@ -21,6 +22,7 @@
 #include "ops.h"
 #include "vec_math.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -87,24 +89,53 @@ void add_rms_norm(at::Tensor out, at::Tensor sum, at::Tensor x, at::Tensor resid
   }
 }
 
-void silu_and_mul(at::Tensor out, at::Tensor x) {
-  check_rows(x, "silu_and_mul x");
-  check_rows(out, "silu_and_mul out");
-  const int64_t rows = x.size(0), d = out.size(1);
-  TORCH_CHECK(x.size(1) == 2 * d && out.size(0) == rows, "silu_and_mul: shape mismatch");
-  const int64_t ldx = x.stride(0), ldo = out.stride(0);
-  const float* xp = x.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-#pragma omp parallel for schedule(dynamic, kRowChunk) if (rows * d >= kParallelMin)
-  for (int64_t t = 0; t < rows; ++t) {
-    const float* gate = xp + t * ldx;
-    const float* up = gate + d;
-    float* o = op + t * ldo;
-    for (int64_t i = 0; i < d; ++i) {
-      const float g = gate[i];
-      o[i] = g / (1.f + sluice::exp_approx(-g)) * up[i];
-    }
+namespace {
+// o[i] = silu(gate[i]) * up[i], i < d.
+inline void silu_mul_row(float* o, const float* gate, const float* up, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) {
+    const float g = gate[i];
+    o[i] = g / (1.f + sluice::exp_approx(-g)) * up[i];
   }
+}
+
+// The same over bf16 rows: widened exactly in chunks, the float32 arithmetic above, the result
+// rounded to nearest-even — bit for bit the float32 op on the widened rows, then narrowed.
+inline void silu_mul_row(c10::BFloat16* o, const c10::BFloat16* gate, const c10::BFloat16* up,
+                         int64_t d) {
+  constexpr int64_t kChunk = 64;
+  float g[kChunk], u[kChunk], r[kChunk];
+  for (int64_t i = 0; i < d; i += kChunk) {
+    const int64_t n = std::min(kChunk, d - i);
+    sluice::widen_from_bf16(g, gate + i, n);
+    sluice::widen_from_bf16(u, up + i, n);
+    silu_mul_row(r, g, u, n);
+    sluice::narrow_to_bf16(o + i, r, n);
+  }
+}
+
+template <typename T>
+void silu_and_mul_rows(at::Tensor& out, const at::Tensor& x) {
+  const int64_t rows = x.size(0), d = out.size(1), ldx = x.stride(0), ldo = out.stride(0);
+  const T* xp = x.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+#pragma omp parallel for schedule(dynamic, kRowChunk) if (rows * d >= kParallelMin)
+  for (int64_t t = 0; t < rows; ++t) silu_mul_row(op + t * ldo, xp + t * ldx, xp + t * ldx + d, d);
+}
+}  // namespace
+
+void silu_and_mul(at::Tensor out, at::Tensor x) {
+  const bool bf16 = x.dtype() == at::kBFloat16 && out.dtype() == at::kBFloat16;
+  TORCH_CHECK(bf16 || (x.dtype() == at::kFloat && out.dtype() == at::kFloat),
+              "silu_and_mul: x and out both float32 or both bfloat16 expected");
+  TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu() && x.dim() == 2 && out.dim() == 2 &&
+                  x.stride(1) == 1 && out.stride(1) == 1,
+              "silu_and_mul: 2-D CPU tensors with contiguous rows expected");
+  TORCH_CHECK(x.size(1) == 2 * out.size(1) && out.size(0) == x.size(0),
+              "silu_and_mul: shape mismatch");
+  if (bf16)
+    silu_and_mul_rows<c10::BFloat16>(out, x);
+  else
+    silu_and_mul_rows<float>(out, x);
 }
 
 void rotary(at::Tensor out, at::Tensor x, at::Tensor cos, at::Tensor sin) {

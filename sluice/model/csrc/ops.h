@@ -32,7 +32,7 @@ int64_t gguf_block_bytes(int64_t type);
 void rms_norm(at::Tensor out, at::Tensor x, at::Tensor w, double eps);
 void add_rms_norm(at::Tensor out, at::Tensor sum, at::Tensor x, at::Tensor residual,
                   at::Tensor w, double eps);
-void silu_and_mul(at::Tensor out, at::Tensor x);
+void silu_and_mul(at::Tensor out, at::Tensor x);  // float32, or bf16 in and out
 void rotary(at::Tensor out, at::Tensor x, at::Tensor cos, at::Tensor sin);
 void argmax_rows(at::Tensor out, at::Tensor x);
 void argmax_rows_bf16(at::Tensor out, at::Tensor x);
@@ -63,9 +63,10 @@ int64_t onednn_rows(int64_t m);
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
                          const std::optional<at::Tensor>& bias);
 // float32 x [M, K] @ W.T (+ bias) for a bf16 W packed as above: x rounded to bf16 (nearest-
-// even) into the padded input, oneDNN's bf16 GEMM (AMX / AVX-512-BF16), its bf16 result widened
-// to float32 [M, N] and the float32 bias added — the conversions in one pass each. With
-// float_out false (no bias): oneDNN's bf16 result [M, N] as it is.
+// even) into the padded input (a bfloat16 x is taken as it is, copied only to pad), oneDNN's
+// bf16 GEMM (AMX / AVX-512-BF16), its bf16 result widened to float32 [M, N] and the float32
+// bias added — the conversions in one pass each. With float_out false (no bias): oneDNN's bf16
+// result [M, N] as it is.
 at::Tensor onednn_bf16_linear(const at::Tensor& x, const at::Tensor& packed,
                               const std::optional<at::Tensor>& bias, bool float_out);
 
@@ -108,6 +109,7 @@ class DecodeStack {
   };
   at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                     const std::optional<at::Tensor>& packed, int64_t quant_type) const;
+  bool bf16_mlp(const Layer& w) const;
   int64_t n_heads_, n_kv_heads_, head_dim_;
   double eps_, scale_;
   at::Tensor final_norm_;
