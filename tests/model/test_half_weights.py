@@ -130,6 +130,11 @@ def test_onednn_bf16_linear_rounds_like_torch(cpu_ops):
                                x[:9].to(torch.bfloat16).float() + bias, rtol=0, atol=0)
     x[3, 5] = float("nan")
     assert cpu_ops.onednn_bf16_linear(x, eye)[3].isnan().any()
+    # a bf16 input is oneDNN's input as it is: contiguous, strided rows, a padded row count
+    for x16 in (x.nan_to_num().to(torch.bfloat16),
+                torch.randn(33, 2 * k, generator=g).bfloat16()[:, :k]):
+        got = cpu_ops.onednn_bf16_linear(x16, eye)
+        assert got.dtype == torch.float32 and torch.equal(got, x16.float())
 
 
 def test_argmax_rows_bf16_is_torch_argmax_of_the_widened_rows(cpu_ops):

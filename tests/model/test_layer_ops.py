@@ -212,6 +212,21 @@ def test_silu_and_mul_matches_torch(ops, rows):
     torch.testing.assert_close(act(x), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("rows,d", [(1, 5), (3, 64), (9, 100), (64, 1536)])
+def test_silu_and_mul_bf16_is_the_float32_op_rounded(ops, rows, d):
+    """bf16 in and out (the decode stack's bf16 MLP): bit for bit the float32 op on the widened
+    rows, rounded to nearest-even — d not a multiple of the 64-element chunk or 16 lanes too."""
+    x = (torch.randn(rows, 2 * d) * 4).bfloat16()
+    x[0, :3] = torch.tensor([-100.0, 100.0, 0.0])
+    got = torch.empty(rows, d, dtype=torch.bfloat16)
+    ops.silu_and_mul(got, x)
+    wide = torch.empty(rows, d)
+    ops.silu_and_mul(wide, x.float())
+    assert torch.equal(got.view(torch.int16), wide.bfloat16().view(torch.int16))
+    with pytest.raises(RuntimeError, match="both float32 or both bfloat16"):
+        ops.silu_and_mul(wide, x)
+
+
 @pytest.mark.parametrize("rows,heads", [(1, 12), (33, 3), (300, 12)])
 def test_rotary_matches_torch(ops, rows, heads):
     qkv = torch.randn(rows, (heads + 4) * 64)
