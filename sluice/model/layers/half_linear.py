@@ -27,7 +27,10 @@ The product, per call (`apply`):
 * anything the C++ operators do not take (no operators, autograd, another device): F.linear on
   the weight widened to the activations' dtype (the reference).
 Results equal float32 F.linear on the 16-bit weight up to summation order, except the oneDNN
-path, which also rounds the activations to bf16 (as HF's bf16 model does).
+path, which also rounds the activations to bf16 (as HF's bf16 model does). On that path a bf16
+x is taken as oneDNN's input as it is, and `bf16_product` hands out oneDNN's bf16 result
+unwidened: a gated MLP whose two projections both take the path (`bf16_mlp_layers`) keeps its
+[T, 2I] and [T, I] activations in bf16 — the same bits as widening them and rounding again.
 
 The fused decode stack lists this method in its `FastPathSupport` (its projections take the same
 paths on the same weights); the greedy screen, which reads a float32 head, does not (a packed
@@ -97,6 +100,9 @@ class HalfWeightLinearMethod(LinearMethod):
               bias: torch.Tensor | None) -> torch.Tensor:
         weight = layer.weight
         x2 = x.reshape(-1, x.shape[-1])
+        if x.dtype == torch.bfloat16 and self.bf16_product_ok(layer, x2, bias):
+            out = self.ops.onednn_bf16_linear(x2, layer.packed_weight, bias)   # float32
+            return out.view(*x.shape[:-1], weight.shape[0])
         if self.ops is None or weight.dtype != self.storage_dtype or weight.stride(-1) != 1 \
                 or not fast_path_ok(x2, bias) or weight.device != x.device \
                 or (bias is not None and not bias.is_contiguous()):
@@ -110,6 +116,37 @@ class HalfWeightLinearMethod(LinearMethod):
             self.ops.gguf_linear(out, x2, weight, self.kernel_type, bias)
         return out.view(*x.shape[:-1], weight.shape[0])
 
+    def bf16_product_ok(self, layer: nn.Module, x2: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> bool:
+        """Whether `layer` runs oneDNN's bf16 GEMM (a packed weight) on the 2-D CPU x2, float32
+        or bfloat16 (a bf16 x is oneDNN's input as it is, rounded before)."""
+        return (self.ops is not None and layer.__dict__.get("packed_weight") is not None
+                and x2.dtype in (torch.float32, torch.bfloat16) and x2.device.type == "cpu"
+                and x2.stride(-1) == 1 and not (torch.is_grad_enabled() and x2.requires_grad)
+                and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())))
+
+    def bf16_product(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """oneDNN's bf16 result of x @ W.T (no bias) as it is, [*, out] bfloat16: what `apply`
+        widens to float32. None where the layer does not take that path."""
+        x2 = x.reshape(-1, x.shape[-1])
+        if layer.bias is not None or not self.bf16_product_ok(layer, x2):
+            return None
+        out = self.ops.onednn_bf16_linear(x2, layer.packed_weight, None, False)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
     def __repr__(self) -> str:
         native = ", oneDNN bf16 GEMM" if self.native_gemm else ""
         return f"{type(self).__name__}({str(self.storage_dtype).removeprefix('torch.')}{native})"
+
+
+def bf16_mlp_layers(gate_up: nn.Module, down: nn.Module) -> HalfWeightLinearMethod | None:
+    """gate_up's method when a gated MLP can stay in bf16 between its GEMMs: gate_up (no bias)
+    and down both HalfWeightLinearMethod (exactly: not wrapped, e.g. by LoRA) with packed
+    weights. None otherwise."""
+    gm, dm = getattr(gate_up, "linear_method", None), getattr(down, "linear_method", None)
+    if type(gm) is not HalfWeightLinearMethod or type(dm) is not HalfWeightLinearMethod:
+        return None
+    if gate_up.bias is not None or gate_up.__dict__.get("packed_weight") is None \
+            or down.__dict__.get("packed_weight") is None:
+        return None
+    return gm

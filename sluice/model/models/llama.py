@@ -47,6 +47,7 @@ from sluice.model.attention import Attention, AttentionBackend, get_attn_backend
 from sluice.model.layers import (LMHead, MergedColumnLinear, QKVLinear, RMSNorm,
                                  RotaryEmbedding, RowParallelLinear, VocabEmbedding,
                                  default_weight_loader, get_act_and_mul)
+from sluice.model.layers.half_linear import bf16_mlp_layers
 from sluice.model.layers.layer_ops import current_layer_ops
 from sluice.model.layers.linear import LazyTensor
 from sluice.model.layers.rotary import default_cache_len
@@ -80,6 +81,11 @@ class LlamaMLP(nn.Module):
         self.act_fn = get_act_and_mul(spec.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        method = bf16_mlp_layers(self.gate_up_proj, self.down_proj)
+        if method is not None:
+            gate_up = method.bf16_product(self.gate_up_proj, x)   # bf16, rounded by oneDNN
+            if gate_up is not None:
+                return self.down_proj(self.act_fn(gate_up))     # silu in bf16 rows, then down
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
