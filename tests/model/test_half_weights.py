@@ -137,6 +137,32 @@ def test_onednn_bf16_linear_rounds_like_torch(cpu_ops):
         assert got.dtype == torch.float32 and torch.equal(got, x16.float())
 
 
+@pytest.mark.skipif(not native_bf16_products(), reason="no native bf16 GEMM (AMX-BF16 or "
+                    "AVX-512-BF16 with oneDNN) on this CPU")
+def test_bf16_mlp_keeps_bf16_between_its_gemms_with_the_same_bits(cpu_ops, llama_dir,
+                                                                  monkeypatch):
+    """A prefill MLP whose gate_up and down both run oneDNN's bf16 GEMM hands gate_up's bf16
+    result to silu_and_mul and its bf16 result to down: the bits of the float32 round trip."""
+    import sluice.model.models.llama as llama
+    from sluice.model.layers import half_linear
+
+    ours = load_ours(llama_dir, torch.bfloat16, layer_ops="cpu", attn_backend="cpu_paged")
+    mlp = ours.model.layers[0].mlp
+    method = half_linear.bf16_mlp_layers(mlp.gate_up_proj, mlp.down_proj)
+    assert method is mlp.gate_up_proj.linear_method
+    products = []
+    real = HalfWeightLinearMethod.bf16_product
+    monkeypatch.setattr(HalfWeightLinearMethod, "bf16_product",
+                        lambda self, *a: products.append(1) or real(self, *a))
+    x = torch.randn(37, mlp.gate_up_proj.in_features)
+    with torch.no_grad():
+        fast = mlp(x)
+        monkeypatch.setattr(llama, "bf16_mlp_layers", lambda *a: None)
+        plain = mlp(x)
+    assert products == [1] and fast.dtype == torch.float32
+    assert torch.equal(fast, plain)
+
+
 def test_argmax_rows_bf16_is_torch_argmax_of_the_widened_rows(cpu_ops):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(6, 2500, generator=g).to(torch.bfloat16)   # 3 chunks of the kernel's 1024
