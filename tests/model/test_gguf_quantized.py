@@ -118,6 +118,34 @@ def test_kernel_takes_strided_rows_and_batched_inputs(ops):
     torch.testing.assert_close(y, F.linear(x, weight), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("qtype", TYPES)
+def test_decode_kernels_every_row_count_and_panel_remainder(ops, qtype):
+    """The decode kernels run panels of 4 / 2 / 1 weight rows (by the x row count, 1..8) and
+    prefetch rows ahead: N = 4 * 9 + 3 leaves a remainder for every panel size, and narrowed
+    rows (a row stride larger than the row) keep the prefetch and the panels on the row stride.
+    Float and (Q4_0, Q4_1, Q8_0) int8 activations, against the float64 references."""
+    from sluice.model.layers.gguf_linear import (INT8_ACTIVATION_TYPES, INT8_ACTIVATIONS_FLAG,
+                                                 quantize_activations_q8)
+    rng = np.random.default_rng(4)
+    n, k = 39, 512
+    blocks = random_blocks(qtype, n, k, rng)
+    wide = torch.from_numpy(np.concatenate([blocks, blocks[:, :24]], axis=1))[:, :blocks.shape[1]]
+    weight = dequantize_blocks(torch.from_numpy(blocks), qtype).double()
+    bias = torch.randn(n)
+    ggml_id = BLOCK_TYPES[qtype].ggml_id
+    flags = (0, INT8_ACTIVATIONS_FLAG) if qtype in INT8_ACTIVATION_TYPES else (0,)
+    for m in range(1, 9):
+        x = torch.randn(m, k)
+        for flag in flags:
+            out = torch.empty(m, n)
+            ops.gguf_linear(out, x, wide, ggml_id | flag, bias)
+            xa = quantize_activations_q8(x) if flag else x
+            ref = F.linear(xa.double(), weight, bias.double())
+            bound = xa.abs().double() @ weight.abs().T + bias.abs().double()
+            excess = ((out.double() - ref).abs() / bound).max().item()
+            assert excess <= KERNEL_RTOL, (qtype, m, flag, excess)
+
+
 # ---- a tiny GGUF model: mixed Q4_K / Q8_0 / Q4_1 linear weights --------------------------------
 
 @pytest.fixture(scope="module")

@@ -27,19 +27,25 @@
 //                  q = (ql[l + 32(t&1)] >> 4(t>>1) & 15) | ((qh[l] >> 2t) & 3) << 4,
 //                  v = d * scales[l / 16 + 2t] * (q - 32)   (16 sub-blocks of 16)
 //
-// Decode (M <= kMaxQuantSkinnyRows): every weight row is streamed once; each block is unpacked
-// into float32 vectors in registers and multiplied with the M activation rows (fp32 FMA, fp32
-// accumulation in 8 lanes). The per-block constant terms (the min of Q4_1 / Q4_K, the -8 and
-// -32 offsets) are folded out: sum_i (a q_i + c) x_i = a (q . x) + c sum(x), with the sums of x
-// over each (sub-)block computed once per call. Rows are spread over the threads in dynamic
-// chunks. Results equal F.linear on the dequantized weight up to summation order.
+// Decode (M <= kMaxQuantSkinnyRows): every weight row is streamed once, in panels of NW
+// consecutive rows per kernel call (NW = 4 for M = 1, 2 for M = 2..3, else 1: panel_rows; the
+// last N % NW rows as panels of one), each panel with one accumulator per (x row, weight row)
+// pair so that several FMA chains are in flight. Each block is unpacked into float32 vectors in
+// registers and multiplied with the M activation rows (fp32 FMA, fp32 accumulation). The
+// per-block constant terms (the min of Q4_1 / Q4_K, the -8 and -32 offsets) are folded out:
+// sum_i (a q_i + c) x_i = a (q . x) + c sum(x), with the sums of x over each (sub-)block computed
+// once per call. As it reads block i of its rows, a kernel prefetches block i of the rows
+// prefetch_rows(ldw) ahead (~kPrefetchBytes = 4 KiB; clamped to the tensor's last rows): the
+// hardware prefetchers stop at 4 KiB pages and out-of-order execution alone keeps too few cache
+// misses in flight (~6 GB/s from memory without). Panels are spread over the threads in dynamic
+// chunks (for_panels). Results equal F.linear on the dequantized weight up to summation order.
 //
 // int8 activations (type | kInt8Activations = 256, for Q4_0, Q4_1, Q8_0 and M <= 8; otherwise
 // the flag is ignored): llama.cpp's dot product. Each x row is quantized per 32-element block
 // (xd = max|x| / 127, xq = round(x / xd), ties to even) and the weight's integer quants meet
-// xq in vpmaddubsw / vpmaddwd (exact int32 sums per block), one FMA per block and row with
-// d_w * xd; about 1.8x the float path's speed at one row, 1.3x at 8 (Zen 3, one thread).
-// Results equal x_q @ dequant(w)^T for x_q = xq * xd, up to summation order.
+// xq in vpmaddubsw / vpmaddwd (exact int32 sums per block), one FMA per block, x row and weight
+// row with d_w * xd; panels and prefetch as above. Results equal x_q @ dequant(w)^T for
+// x_q = xq * xd, up to summation order.
 //
 // Prefill / batched decode (more rows): each work item dequantizes a panel of weight rows into
 // a float32 scratch tile (in L2) and runs a single-threaded BLAS sgemm of all M rows against
@@ -47,8 +53,10 @@
 //
 // Instruction sets: the x86 variants (x86-64-v3 and -v4 both have AVX2 + FMA) unpack blocks
 // with AVX2 intrinsics (vpmovzxbd / vpmovsxbd + vcvtdq2ps: GCC scalarises
-// __builtin_convertvector from bytes to floats, ~3x slower) into 8-float vectors; any other CPU
-// (the per-machine build) runs `dequant_row_scalar` and a plain dot product.
+// __builtin_convertvector from bytes to floats, ~3x slower) into 8-float vectors; x86-64-v4
+// (AVX-512 F/BW, no VNNI) runs the float decode of Q4_0 / Q4_1 / Q8_0 in 16-float vectors
+// (dot_rows_q4q8_512). Any other CPU (the per-machine build) runs `dequant_row_scalar` and a
+// plain dot product.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -108,6 +116,19 @@ inline float bf16(const uint8_t* p) {
 }
 
 bool is_half_type(int64_t type) { return type == kF16 || type == kBF16; }
+
+// A panel of NW consecutive weight rows for the decode kernels (dot_rows, dot_rows_a8): weight
+// row j (j < NW) at w + j * ldw; its outputs for x row r go to out[r * ldo + j]; bias: bias[j]
+// (nullptr: none). pf: the same panel some rows later (row stride ldw), whose bytes the kernel
+// prefetches as it reads w's: rows beyond the tensor's last are never addressed.
+struct RowPanel {
+  const uint8_t* w;
+  int64_t ldw;
+  const uint8_t* pf;
+  float* out;
+  int64_t ldo;
+  const float* bias;
+};
 
 // ggml-quants.c get_scale_min_k4: 6-bit scale and min j (0..7) of a Q4_K block's scales[12].
 inline void scale_min_k4(int j, const uint8_t* q, int* sc, int* m) {
@@ -346,52 +367,155 @@ inline __m256 scaled_dot(const __m256* w, const float* x, __m256 a, __m256 acc) 
   return _mm256_fmadd_ps(t, a, acc);
 }
 
-// out[r * ldo] = x_r . dequant(w row) (+ b) for R rows x_r = x + r * ldx; xs + r * ldxs: the
-// sums of x_r over each sub-block (QuantFormat::sub_elems) of the row.
-template <int R>
-void dot_row(int64_t type, const uint8_t* w, int64_t k, const float* x, int64_t ldx,
-             const float* xs, int64_t ldxs, float* out, int64_t ldo, float b) {
-  if (type == kBF16) return dot_row_half<R, true>(w, k, x, ldx, out, ldo, b);
-  if (type == kF16) return dot_row_half<R, false>(w, k, x, ldx, out, ldo, b);
-  __m256 acc[R];
-  float off[R];
-  for (int r = 0; r < R; ++r) {
-    acc[r] = _mm256_setzero_ps();
-    off[r] = 0.f;
+// The fp16 at p (F16C: exact, as f16() but one instruction).
+inline float f16c(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return _cvtsh_ss(bits);
+}
+
+// Hints the cache lines of [p, p + bytes) into L1 (never faults). __builtin_prefetch: GCC 12
+// dropped every _mm_prefetch of these kernels.
+inline void prefetch(const uint8_t* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+}
+
+// The scale d and the per-element constant m of a Q4_0 / Q4_1 block (v = d * q + m).
+inline void q4_scale_min(int64_t type, const uint8_t* blk, float* d, float* m) {
+  *d = f16c(blk);
+  *m = type == kQ4_1 ? f16c(blk + 2) : -8.f * *d;
+}
+
+// body(i, j, blk) for block i (0 .. nb - 1, outer) of the panel's weight rows j (0 .. NW - 1,
+// inner; blk = p.w + j * p.ldw + i * bytes), prefetching the same block of the later panel
+// p.pf. Unrolled over j so that the callers' acc[r][j] arrays stay in registers.
+template <int NW, typename F>
+__attribute__((always_inline)) inline void for_blocks(const RowPanel& p, int64_t nb,
+                                                      int64_t bytes, F&& body) {
+  for (int64_t i = 0; i < nb; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NW; ++j) {
+      prefetch(p.pf + j * p.ldw + i * bytes, bytes);
+      body(i, j, p.w + j * p.ldw + i * bytes);
+    }
   }
+}
+
+// Forces a kernel's per-block lambda inline into for_blocks (else acc[r][j] lives in memory).
+#define SLUICE_INLINE __attribute__((always_inline))
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// ---- x86-64-v4: the Q4_0 / Q4_1 / Q8_0 float path in 16-float vectors ---------------------
+inline __m512 cvt16_u8(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
+inline __m512 cvt16_i8(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
+
+// dot_rows for Q4_0, Q4_1 and Q8_0 (its contract; kType the type): block i unpacked into two
+// vectors w[0] = elements 0..15, w[1] = 16..31; acc[r][j] += (w[0] . x + w[1] . x') * d.
+template <int R, int NW, int64_t kType>
+void dot_rows_q4q8_512(const RowPanel& p, int64_t k, const float* x, int64_t ldx,
+                       const float* xs, int64_t ldxs) {
+  __m512 acc[R][NW];
+  float off[R][NW];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NW; ++j) {
+      acc[r][j] = _mm512_setzero_ps();
+      off[r][j] = 0.f;
+    }
+  const __m128i low = _mm_set1_epi8(15);
+  for_blocks<NW>(p, k / 32, quant_format(kType).block_bytes,
+                 [&](int64_t i, int j, const uint8_t* blk) SLUICE_INLINE {
+    float d, m = 0.f;
+    __m512 w[2];
+    if constexpr (kType == kQ8_0) {
+      d = f16c(blk);
+      w[0] = cvt16_i8(load128(blk + 2));
+      w[1] = cvt16_i8(load128(blk + 18));
+    } else {
+      q4_scale_min(kType, blk, &d, &m);
+      const __m128i q = load128(blk + (kType == kQ4_1 ? 4 : 2));
+      w[0] = cvt16_u8(_mm_and_si128(q, low));
+      w[1] = cvt16_u8(_mm_and_si128(_mm_srli_epi16(q, 4), low));
+    }
+    const __m512 dv = _mm512_set1_ps(d);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * ldx + i * 32;
+      const __m512 t = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xr + 16),
+                                       _mm512_mul_ps(w[0], _mm512_loadu_ps(xr)));
+      acc[r][j] = _mm512_fmadd_ps(t, dv, acc[r][j]);
+      if constexpr (kType != kQ8_0) off[r][j] += m * xs[r * ldxs + i];
+    }
+  });
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NW; ++j)
+      p.out[r * p.ldo + j] = _mm512_reduce_add_ps(acc[r][j]) + off[r][j] +
+                             (p.bias != nullptr ? p.bias[j] : 0.f);
+}
+#endif
+
+// out[r * ldo + j] = x_r . dequant(w_j) (+ bias[j]) for R rows x_r = x + r * ldx and the NW
+// weight rows w_j of the panel; xs + r * ldxs: the sums of x_r over each sub-block
+// (QuantFormat::sub_elems). Each (r, j) pair has its own accumulator (R x NW chains); blocks
+// are read and prefetched by for_blocks.
+template <int R, int NW>
+void dot_rows(int64_t type, const RowPanel& p, int64_t k, const float* x, int64_t ldx,
+              const float* xs, int64_t ldxs) {
+  if (is_half_type(type)) {
+    for (int j = 0; j < NW; ++j) {
+      const float b = p.bias != nullptr ? p.bias[j] : 0.f;
+      if (type == kBF16)
+        dot_row_half<R, true>(p.w + j * p.ldw, k, x, ldx, p.out + j, p.ldo, b);
+      else
+        dot_row_half<R, false>(p.w + j * p.ldw, k, x, ldx, p.out + j, p.ldo, b);
+    }
+    return;
+  }
+#if defined(__AVX512F__) && defined(__AVX512BW__)
   switch (type) {
-    case kQ4_0: case kQ4_1: {
-      const int64_t bytes = type == kQ4_1 ? 20 : 18, nb = k / 32;
-      for (int64_t i = 0; i < nb; ++i) {
-        const uint8_t* blk = w + i * bytes;
-        const float d = f16(blk), m = type == kQ4_1 ? f16(blk + 2) : -8.f * d;
+    case kQ4_0: return dot_rows_q4q8_512<R, NW, kQ4_0>(p, k, x, ldx, xs, ldxs);
+    case kQ4_1: return dot_rows_q4q8_512<R, NW, kQ4_1>(p, k, x, ldx, xs, ldxs);
+    case kQ8_0: return dot_rows_q4q8_512<R, NW, kQ8_0>(p, k, x, ldx, xs, ldxs);
+    default: break;
+  }
+#endif
+  __m256 acc[R][NW];
+  float off[R][NW];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NW; ++j) {
+      acc[r][j] = _mm256_setzero_ps();
+      off[r][j] = 0.f;
+    }
+  const QuantFormat f = quant_format(type);
+  const int64_t nb = k / f.block_elems, bytes = f.block_bytes;
+  switch (type) {
+    case kQ4_0: case kQ4_1:
+      for_blocks<NW>(p, nb, bytes, [&](int64_t i, int j, const uint8_t* blk) SLUICE_INLINE {
+        float d, m;
+        q4_scale_min(type, blk, &d, &m);
         __m256 q[4];
         nibbles(blk + (type == kQ4_1 ? 4 : 2), q, q + 2);
         const __m256 dv = _mm256_set1_ps(d);
+#pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
-          acc[r] = scaled_dot<4>(q, x + r * ldx + i * 32, dv, acc[r]);
-          off[r] += m * xs[r * ldxs + i];
+          acc[r][j] = scaled_dot<4>(q, x + r * ldx + i * 32, dv, acc[r][j]);
+          off[r][j] += m * xs[r * ldxs + i];
         }
-      }
+      });
       break;
-    }
-    case kQ8_0: {
-      const int64_t nb = k / 32;
-      for (int64_t i = 0; i < nb; ++i) {
-        const uint8_t* blk = w + i * 34;
-        const __m256 dv = _mm256_set1_ps(f16(blk));
+    case kQ8_0:
+      for_blocks<NW>(p, nb, bytes, [&](int64_t i, int j, const uint8_t* blk) SLUICE_INLINE {
+        const __m256 dv = _mm256_set1_ps(f16c(blk));
         const __m128i a = load128(blk + 2), c = load128(blk + 18);
         const __m256 q[4] = {cvt_i8(a), cvt_i8(_mm_srli_si128(a, 8)), cvt_i8(c),
                              cvt_i8(_mm_srli_si128(c, 8))};
-        for (int r = 0; r < R; ++r) acc[r] = scaled_dot<4>(q, x + r * ldx + i * 32, dv, acc[r]);
-      }
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r)
+          acc[r][j] = scaled_dot<4>(q, x + r * ldx + i * 32, dv, acc[r][j]);
+      });
       break;
-    }
-    case kQ4_K: {
-      const int64_t nb = k / 256;
-      for (int64_t i = 0; i < nb; ++i) {
-        const uint8_t* blk = w + i * 144;
-        const float d = f16(blk), dmin = f16(blk + 2);
+    case kQ4_K:
+      for_blocks<NW>(p, nb, bytes, [&](int64_t i, int j, const uint8_t* blk) SLUICE_INLINE {
+        const float d = f16c(blk), dmin = f16c(blk + 2);
         for (int g = 0; g < 4; ++g) {
           int sc1, m1, sc2, m2;
           scale_min_k4(2 * g, blk + 4, &sc1, &m1);
@@ -401,22 +525,20 @@ void dot_row(int64_t type, const uint8_t* w, int64_t k, const float* x, int64_t 
           __m256 lo[4], hi[4];  // elements 64g + [0, 32) and 64g + [32, 64)
           nibbles(blk + 16 + 32 * g, lo, hi);
           nibbles(blk + 16 + 32 * g + 16, lo + 2, hi + 2);
+#pragma GCC unroll 8
           for (int r = 0; r < R; ++r) {
             const float* xr = x + r * ldx + i * 256 + 64 * g;
-            acc[r] = scaled_dot<4>(lo, xr, a1, acc[r]);
-            acc[r] = scaled_dot<4>(hi, xr + 32, a2, acc[r]);
+            acc[r][j] = scaled_dot<4>(lo, xr, a1, acc[r][j]);
+            acc[r][j] = scaled_dot<4>(hi, xr + 32, a2, acc[r][j]);
             const float* s = xs + r * ldxs + i * 8 + 2 * g;
-            off[r] -= c1 * s[0] + c2 * s[1];
+            off[r][j] -= c1 * s[0] + c2 * s[1];
           }
         }
-      }
+      });
       break;
-    }
-    case kQ6_K: {
-      const int64_t nb = k / 256;
-      for (int64_t i = 0; i < nb; ++i) {
-        const uint8_t* blk = w + i * 210;
-        const float d = f16(blk + 208);
+    case kQ6_K:
+      for_blocks<NW>(p, nb, bytes, [&](int64_t i, int j, const uint8_t* blk) SLUICE_INLINE {
+        const float d = f16c(blk + 208);
         const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
         for (int half = 0; half < 2; ++half)
           for (int g = 0; g < 2; ++g) {
@@ -428,70 +550,80 @@ void dot_row(int64_t type, const uint8_t* w, int64_t k, const float* x, int64_t 
               const int64_t e = i * 256 + 128 * half + 16 * g + 32 * t;  // first element
               __m256 v[2];
               widen16(q[t], v);
+#pragma GCC unroll 8
               for (int r = 0; r < R; ++r) {
-                acc[r] = scaled_dot<2>(v, x + r * ldx + e, av, acc[r]);
-                off[r] -= 32.f * a * xs[r * ldxs + e / 16];
+                acc[r][j] = scaled_dot<2>(v, x + r * ldx + e, av, acc[r][j]);
+                off[r][j] -= 32.f * a * xs[r * ldxs + e / 16];
               }
             }
           }
-      }
+      });
       break;
-    }
   }
-  for (int r = 0; r < R; ++r) out[r * ldo] = hsum(acc[r]) + off[r] + b;
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NW; ++j)
+      p.out[r * p.ldo + j] = hsum(acc[r][j]) + off[r][j] + (p.bias != nullptr ? p.bias[j] : 0.f);
 }
 
 // ---- int8 activations (llama.cpp's Q8 x Q4/Q8 dot) ---------------------------------------
-// out[r * ldo] = sum_i d_w,i * xd[r][i] * (q_w,i . xq_r,i) + c_w,i * xs[r][i] (+ b): x row r
-// quantized per 32-element block i (xq int8, scale xd, xs = xd * sum(xq)); the weight's
-// quants q (Q4: 0..15, Q8_0: -127..127) meet xq in vpmaddubsw (u8 x s8 pairs summed in int16:
-// 2 * 15 * 127 and 2 * 128 * 127 fit) + vpmaddwd into int32, one FMA per block and row.
-template <int R>
-void dot_row_a8(int64_t type, const uint8_t* w, int64_t k, const int8_t* xq, const float* xd,
-                const float* xs, float* out, int64_t ldo, float b) {
-  __m256 acc[R];
-  float off[R];
-  for (int r = 0; r < R; ++r) {
-    acc[r] = _mm256_setzero_ps();
-    off[r] = 0.f;
-  }
+// out[r * ldo + j] = sum_i d_j,i * xd[r][i] * (q_j,i . xq_r,i) + c_j,i * xs[r][i] (+ bias[j]):
+// x row r quantized per 32-element block i (xq int8, scale xd, xs = xd * sum(xq)); the quants
+// q of weight row j (Q4: 0..15, Q8_0: -127..127) meet xq in vpmaddubsw (u8 x s8 pairs summed
+// in int16: 2 * 15 * 127 and 2 * 128 * 127 fit) + vpmaddwd into int32, one FMA per block, row
+// and weight row; R x NW accumulators, blocks read and prefetched by for_blocks.
+template <int R, int NW, int64_t kType>
+void dot_rows_a8_typed(const RowPanel& p, int64_t k, const int8_t* xq, const float* xd,
+                       const float* xs) {
+  __m256 acc[R][NW];
+  float off[R][NW];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NW; ++j) {
+      acc[r][j] = _mm256_setzero_ps();
+      off[r][j] = 0.f;
+    }
   const int64_t nb = k / 32;
-  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
   auto xv = [&](int r, int64_t i) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * k + i * 32));
   };
-  if (type == kQ8_0) {
-    for (int64_t i = 0; i < nb; ++i) {
-      const uint8_t* blk = w + i * 34;
-      const float d = f16(blk);
+  for_blocks<NW>(p, nb, quant_format(kType).block_bytes,
+                 [&](int64_t i, int j, const uint8_t* blk) SLUICE_INLINE {
+    if constexpr (kType == kQ8_0) {
+      const float d = f16c(blk);
       const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
       const __m256i aq = _mm256_abs_epi8(q);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const __m256i sx = _mm256_sign_epi8(xv(r, i), q);  // x * sign(q): |q| . sx = q . x
-        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, sx), ones);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[r * nb + i]),
-                                 acc[r]);
+        const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, sx), ones);
+        acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * xd[r * nb + i]),
+                                    acc[r][j]);
       }
-    }
-  } else {  // Q4_0, Q4_1
-    const int64_t bytes = type == kQ4_1 ? 20 : 18;
-    const __m256i low = _mm256_set1_epi8(15);
-    for (int64_t i = 0; i < nb; ++i) {
-      const uint8_t* blk = w + i * bytes;
-      const float d = f16(blk), m = type == kQ4_1 ? f16(blk + 2) : -8.f * d;
-      const __m128i q = load128(blk + (type == kQ4_1 ? 4 : 2));
+    } else {  // Q4_0, Q4_1
+      float d, m;
+      q4_scale_min(kType, blk, &d, &m);
+      const __m128i q = load128(blk + (kType == kQ4_1 ? 4 : 2));
       const __m256i uq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), low);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(uq, xv(r, i)), ones);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[r * nb + i]),
-                                 acc[r]);
-        off[r] += m * xs[r * nb + i];
+        const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(uq, xv(r, i)), ones);
+        acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * xd[r * nb + i]),
+                                    acc[r][j]);
+        off[r][j] += m * xs[r * nb + i];
       }
     }
-  }
-  for (int r = 0; r < R; ++r) out[r * ldo] = hsum(acc[r]) + off[r] + b;
+  });
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NW; ++j)
+      p.out[r * p.ldo + j] = hsum(acc[r][j]) + off[r][j] + (p.bias != nullptr ? p.bias[j] : 0.f);
+}
+
+template <int R, int NW>
+void dot_rows_a8(int64_t type, const RowPanel& p, int64_t k, const int8_t* xq, const float* xd,
+                 const float* xs) {
+  if (type == kQ8_0) return dot_rows_a8_typed<R, NW, kQ8_0>(p, k, xq, xd, xs);
+  if (type == kQ4_1) return dot_rows_a8_typed<R, NW, kQ4_1>(p, k, xq, xd, xs);
+  return dot_rows_a8_typed<R, NW, kQ4_0>(p, k, xq, xd, xs);
 }
 
 #else
@@ -501,31 +633,37 @@ void dequant_row(int64_t type, const uint8_t* w, float* y, int64_t k) {
   dequant_row_scalar(type, w, y, k);
 }
 
-template <int R>
-void dot_row(int64_t type, const uint8_t* w, int64_t k, const float* x, int64_t ldx,
-             const float*, int64_t, float* out, int64_t ldo, float b) {
+// As the vector dot_rows: weight row j dequantized, then a plain dot product per x row.
+template <int R, int NW>
+void dot_rows(int64_t type, const RowPanel& p, int64_t k, const float* x, int64_t ldx,
+              const float*, int64_t) {
   thread_local std::vector<float> row;
   row.resize(k);
-  dequant_row_scalar(type, w, row.data(), k);
-  for (int r = 0; r < R; ++r) out[r * ldo] = sluice::dot(x + r * ldx, row.data(), k) + b;
+  for (int j = 0; j < NW; ++j) {
+    dequant_row_scalar(type, p.w + j * p.ldw, row.data(), k);
+    const float b = p.bias != nullptr ? p.bias[j] : 0.f;
+    for (int r = 0; r < R; ++r) p.out[r * p.ldo + j] = sluice::dot(x + r * ldx, row.data(), k) + b;
+  }
 }
 
 // The same sums as the vector code: the weight dequantized, the activations xq * xd.
-template <int R>
-void dot_row_a8(int64_t type, const uint8_t* w, int64_t k, const int8_t* xq, const float* xd,
-                const float*, float* out, int64_t ldo, float b) {
+template <int R, int NW>
+void dot_rows_a8(int64_t type, const RowPanel& p, int64_t k, const int8_t* xq, const float* xd,
+                 const float*) {
   thread_local std::vector<float> row;
   row.resize(k);
-  dequant_row_scalar(type, w, row.data(), k);
   const int64_t nb = k / 32;
-  for (int r = 0; r < R; ++r) {
-    float s = 0.f;
-    for (int64_t i = 0; i < nb; ++i) {
-      float t = 0.f;
-      for (int j = 0; j < 32; ++j) t += row[i * 32 + j] * xq[r * k + i * 32 + j];
-      s += t * xd[r * nb + i];
+  for (int j = 0; j < NW; ++j) {
+    dequant_row_scalar(type, p.w + j * p.ldw, row.data(), k);
+    for (int r = 0; r < R; ++r) {
+      float s = 0.f;
+      for (int64_t i = 0; i < nb; ++i) {
+        float t = 0.f;
+        for (int e = 0; e < 32; ++e) t += row[i * 32 + e] * xq[r * k + i * 32 + e];
+        s += t * xd[r * nb + i];
+      }
+      p.out[r * p.ldo + j] = s + (p.bias != nullptr ? p.bias[j] : 0.f);
     }
-    out[r * ldo] = s + b;
   }
 }
 #endif
@@ -547,6 +685,33 @@ void with_rows(int64_t m, F&& f) {
 }
 
 int64_t num_threads() { return std::max(1, omp_get_max_threads()); }
+
+// Weight rows per decode kernel call for R x rows: 4 chains (or more) of accumulation in flight
+// while the register file holds the R x NW accumulators and one block's unpacked quants.
+constexpr int panel_rows(int r) { return r == 1 ? 4 : r <= 3 ? 2 : 1; }
+
+// How many rows of ldw bytes ahead the decode kernels prefetch: kPrefetchBytes or just over
+// (at least one row), so that ~64 cache lines are in flight while a thread streams its rows.
+constexpr int64_t kPrefetchBytes = 4096;
+int64_t prefetch_rows(int64_t ldw) {
+  return std::max<int64_t>(1, (kPrefetchBytes + ldw - 1) / ldw);
+}
+
+// f(std::integral_constant<int, NW>{}, c) for the panels c = 0, NW, 2 NW, ... of n weight rows,
+// then f(std::integral_constant<int, 1>{}, c) for each of the last n % NW rows; spread over the
+// threads in dynamic chunks of about n / (8 threads) rows (at least 16, at most 64).
+template <int NW, typename F>
+void for_panels(int64_t n, int64_t threads, F&& f) {
+  const int64_t full = n / NW, items = full + n % NW;
+  const int64_t chunk = std::clamp<int64_t>(n / (8 * threads), 16, 64) / NW;
+#pragma omp parallel for schedule(dynamic, chunk)
+  for (int64_t t = 0; t < items; ++t) {
+    if (t < full)
+      f(std::integral_constant<int, NW>{}, t * NW);
+    else
+      f(std::integral_constant<int, 1>{}, full * NW + (t - full));
+  }
+}
 
 }  // namespace
 
@@ -640,18 +805,24 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
   float* op = out.data_ptr<float>();
   const int64_t threads = num_threads();
 
-  // decode (m <= kMaxQuantSkinnyRows): output channels spread over the threads in chunks
-  const int64_t chunk = std::clamp<int64_t>(n / (8 * threads), 4, 64);
+  // decode (m <= kMaxQuantSkinnyRows): panels of weight rows spread over the threads
+  const int64_t ahead = prefetch_rows(ldw);
+  auto panel = [&](int64_t c, int nw) {  // weight rows c .. c + nw - 1
+    const int64_t later = std::min(c + ahead, n - nw);
+    return RowPanel{wp + c * ldw, ldw, wp + later * ldw, op + c, n,
+                    bp != nullptr ? bp + c : nullptr};
+  };
   if (m <= kMaxQuantSkinnyRows && int8_act && takes_int8_activations(type)) {
     const int64_t nb = k / 32;
     std::vector<int8_t> xq(m * k);
     std::vector<float> xd(m * nb), xs(m * nb);
     quantize_activations(xp, ldx, m, k, xq.data(), xd.data(), xs.data());
     with_rows(m, [&](auto rows) {
-#pragma omp parallel for schedule(dynamic, chunk)
-      for (int64_t c = 0; c < n; ++c)
-        dot_row_a8<decltype(rows)::value>(type, wp + c * ldw, k, xq.data(), xd.data(), xs.data(),
-                                          op + c, n, bp != nullptr ? bp[c] : 0.f);
+      constexpr int R = decltype(rows)::value;
+      for_panels<panel_rows(R)>(n, threads, [&](auto nw, int64_t c) {
+        constexpr int NW = decltype(nw)::value;
+        dot_rows_a8<R, NW>(type, panel(c, NW), k, xq.data(), xd.data(), xs.data());
+      });
     });
     return;
   }
@@ -665,10 +836,11 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
       for (int64_t s = 0; s < subs; ++s)
         xs[r * subs + s] = sluice::sum(xp + r * ldx + s * f.sub_elems, f.sub_elems);
     with_rows(m, [&](auto rows) {
-#pragma omp parallel for schedule(dynamic, chunk)
-      for (int64_t c = 0; c < n; ++c)
-        dot_row<decltype(rows)::value>(type, wp + c * ldw, k, xp, ldx, xs.data(), subs, op + c,
-                                       n, bp != nullptr ? bp[c] : 0.f);
+      constexpr int R = decltype(rows)::value;
+      for_panels<panel_rows(R)>(n, threads, [&](auto nw, int64_t c) {
+        constexpr int NW = decltype(nw)::value;
+        dot_rows<R, NW>(type, panel(c, NW), k, xp, ldx, xs.data(), subs);
+      });
     });
     return;
   }
