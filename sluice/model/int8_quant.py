@@ -13,7 +13,7 @@ share one fp16 scale
 `GgufBlockLinearMethod` of type Q8_0 with int8 activations: the C++ `gguf_linear` for up to 8
 rows (decode) quantizes each activation row per 32-element block the same way (xd = max / 127)
 and computes llama.cpp's integer dot products (vpmaddubsw/vpmaddwd, int32 per block, one FMA
-per block with d * xd: ~1.9x the float-activation kernel at one row, 1.3x at 5); more rows
+per block with d * xd: 1.1-1.9x the float-activation kernel at one row, by CPU and file); more rows
 (prefill) run dequantized panels + sgemm with float activations. The fused decode stack runs
 these layers. A scale per 32 weights rather than one per output channel costs 6% more memory
 and keeps the error of a channel with one large weight local to its block.
