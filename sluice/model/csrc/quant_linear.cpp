@@ -414,13 +414,8 @@ inline __m512 cvt16_i8(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi
 template <int R, int NW, int64_t kType>
 void dot_rows_q4q8_512(const RowPanel& p, int64_t k, const float* x, int64_t ldx,
                        const float* xs, int64_t ldxs) {
-  __m512 acc[R][NW];
-  float off[R][NW];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NW; ++j) {
-      acc[r][j] = _mm512_setzero_ps();
-      off[r][j] = 0.f;
-    }
+  __m512 acc[R][NW] = {};  // per (x row, weight row) pair, zeroed
+  float off[R][NW] = {};
   const __m128i low = _mm_set1_epi8(15);
   for_blocks<NW>(p, k / 32, quant_format(kType).block_bytes,
                  [&](int64_t i, int j, const uint8_t* blk) SLUICE_INLINE {
@@ -478,13 +473,8 @@ void dot_rows(int64_t type, const RowPanel& p, int64_t k, const float* x, int64_
     default: break;
   }
 #endif
-  __m256 acc[R][NW];
-  float off[R][NW];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NW; ++j) {
-      acc[r][j] = _mm256_setzero_ps();
-      off[r][j] = 0.f;
-    }
+  __m256 acc[R][NW] = {};  // per (x row, weight row) pair, zeroed
+  float off[R][NW] = {};
   const QuantFormat f = quant_format(type);
   const int64_t nb = k / f.block_elems, bytes = f.block_bytes;
   switch (type) {
@@ -574,13 +564,8 @@ void dot_rows(int64_t type, const RowPanel& p, int64_t k, const float* x, int64_
 template <int R, int NW, int64_t kType>
 void dot_rows_a8_typed(const RowPanel& p, int64_t k, const int8_t* xq, const float* xd,
                        const float* xs) {
-  __m256 acc[R][NW];
-  float off[R][NW];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NW; ++j) {
-      acc[r][j] = _mm256_setzero_ps();
-      off[r][j] = 0.f;
-    }
+  __m256 acc[R][NW] = {};  // per (x row, weight row) pair, zeroed
+  float off[R][NW] = {};
   const int64_t nb = k / 32;
   const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
   auto xv = [&](int r, int64_t i) {
