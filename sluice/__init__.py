@@ -8,7 +8,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from sluice.openmp_env import apply_openmp_defaults
+
 __version__ = "0.1.0"
+
+apply_openmp_defaults()   # before anything loads OpenMP (torch): see sluice.openmp_env
 
 _LAZY = {
     "LLM": "sluice.frontend.llm",
