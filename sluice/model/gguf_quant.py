@@ -26,9 +26,11 @@ Modes (`ModelConfig.quantization`):
     'none'          dequantize everything (the float path)
     'int8'          as None, and the kept Q4_0/Q4_1/Q8_0 blocks (linear layers, embedding
                     lookups aside, LM head) compute with int8 activations in decode steps
-                    (`GgufBlockLinearMethod.int8_activations`, llama.cpp's dot products); the
+                    (`GgufBlockLinearMethod.int8_activations`, llama.cpp's dot products) and
+                    every kept type with bf16 products for more rows (`bf16_products`); the
                     loader then quantizes the linear layers left float to Q8_0
                     (`sluice.model.int8_quant`)
+The loader passes `bf16_products` for `--dtype bfloat16` (see gguf_linear's module doc).
 With LoRA enabled nothing is kept (the adapters' slots take the base weight's float dtype).
 """
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -83,9 +86,11 @@ def _wanted(mode: str | None, ops: ModuleType | None, dtype: torch.dtype,
 
 def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path, mode: str | None,
                      ops: ModuleType | None, dtype: torch.dtype, device: torch.device,
-                     lora_enabled: bool = False) -> frozenset[str]:
+                     lora_enabled: bool = False, bf16_products: bool = False) -> frozenset[str]:
     """Give the layers that keep their blocks a `GgufBlockLinearMethod` (module doc); returns
-    the HF names of the tensors to load as blocks (empty: everything dequantized)."""
+    the HF names of the tensors to load as blocks (empty: everything dequantized).
+    `bf16_products`: the methods' flag (bf16 products for more rows on AMX), which mode
+    'int8' sets in any case."""
     types = gguf_tensor_types(gguf_file)
     if not _wanted(mode, ops, dtype, device, lora_enabled):
         logger.info("GGUF weights dequantized to %s at load (%s).", dtype, _summary(types))
@@ -95,6 +100,12 @@ def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path, mode: str | None,
         target, _ = model.map_checkpoint_name(hf)
         sources[target].append(hf)
     methods: dict[str, GgufBlockLinearMethod] = {}
+
+    def method_for(qtype: str) -> GgufBlockLinearMethod:  # one per type
+        int8 = mode == "int8"
+        return methods.setdefault(qtype, GgufBlockLinearMethod(ops, qtype, int8,
+                                                               bf16_products or int8))
+
     kept: set[str] = set()
     why_not: Counter[str] = Counter()
     for name, module in model.named_modules():
@@ -109,7 +120,7 @@ def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path, mode: str | None,
         if module.in_features % BLOCK_TYPES[qtype].block_elems:
             why_not[f"{qtype} (row shards of {module.in_features} columns split blocks)"] += 1
             continue
-        method = methods.setdefault(qtype, GgufBlockLinearMethod(ops, qtype, mode == "int8"))
+        method = method_for(qtype)
         bias = module.bias
         module.linear_method = method
         method.create_weights(module, module.in_features, module.out_features,
@@ -117,7 +128,7 @@ def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path, mode: str | None,
                               dtype=bias.dtype if bias is not None else dtype,
                               weight_loader=module.weight_loader)
         kept.update(hf_names)
-    kept |= _keep_vocab_blocks(model, types, methods, ops, mode == "int8")
+    kept |= _keep_vocab_blocks(model, types, method_for)
     kept_types = Counter(types[h] for h in kept)
     rest = {h: t for h, t in types.items() if h not in kept}
     logger.info("GGUF weights kept quantized: %s; dequantized to %s: %s%s.",
@@ -127,23 +138,22 @@ def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path, mode: str | None,
     return frozenset(kept)
 
 
-def _vocab_method(qtype: str, cols: int, methods: dict[str, GgufBlockLinearMethod],
-                  ops: ModuleType | None, int8: bool) -> GgufBlockLinearMethod | None:
+def _vocab_method(qtype: str, cols: int, method_for: Callable[[str], GgufBlockLinearMethod]
+                  ) -> GgufBlockLinearMethod | None:
     if qtype not in BLOCK_TYPES or cols % BLOCK_TYPES[qtype].block_elems:
         return None
-    return methods.setdefault(qtype, GgufBlockLinearMethod(ops, qtype, int8))
+    return method_for(qtype)
 
 
 def _keep_vocab_blocks(model: nn.Module, types: dict[str, str],
-                       methods: dict[str, GgufBlockLinearMethod],
-                       ops: ModuleType | None, int8: bool) -> set[str]:
+                       method_for: Callable[[str], GgufBlockLinearMethod]) -> set[str]:
     """Blocks for the embedding and the LM head where their types allow (module doc); returns
     the HF names kept."""
     kept: set[str] = set()
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
     name = "model.embed_tokens.weight"
     if embed is not None and name in types:
-        method = _vocab_method(types[name], embed.embedding_dim, methods, ops, int8)
+        method = _vocab_method(types[name], embed.embedding_dim, method_for)
         if method is not None:
             rows = embed.weight.shape[0]
             embed.weight = nn.Parameter(torch.empty(
@@ -163,7 +173,7 @@ def _keep_vocab_blocks(model: nn.Module, types: dict[str, str],
     if source not in types:                                            # later pipeline stage
         return kept
     cols = head.weight.shape[1]
-    method = _vocab_method(types[source], cols, methods, ops, int8)
+    method = _vocab_method(types[source], cols, method_for)
     if method is not None:
         head.linear_method = method
         method.create_weights(head, cols, head.weight.shape[0], bias=False,

@@ -63,7 +63,8 @@ def quantize_linear_layers(model: nn.Module, ops: ModuleType | None) -> int:
     """Give the loaded `model`'s decoder linear layers Q8_0 int8 weights (module doc); returns
     how many were quantized."""
     block = BLOCK_TYPES[INT8_BLOCK_TYPE]
-    method = GgufBlockLinearMethod(ops, INT8_BLOCK_TYPE, int8_activations=True)
+    method = GgufBlockLinearMethod(ops, INT8_BLOCK_TYPE, int8_activations=True,
+                                   bf16_products=True)
     quantized, left_float = 0, 0
     for module in model.modules():
         if not isinstance(module, LinearBase):

@@ -195,7 +195,8 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
         from sluice.model.gguf_quant import keep_gguf_blocks
         from sluice.model.gguf_weights import iterate_gguf
         keep = keep_gguf_blocks(model, gguf_file, quantization, ops.cpu_ops, dtype, device,
-                                lora_enabled=lora is not None and lora.enable_lora)
+                                lora_enabled=lora is not None and lora.enable_lora,
+                                bf16_products=weight_dtype == torch.bfloat16)
         if keep:
             weights = lambda dtype: iterate_gguf(gguf_file, dtype, keep)  # noqa: E731
     if weight_dtype != dtype:

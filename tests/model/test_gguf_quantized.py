@@ -146,6 +146,55 @@ def test_decode_kernels_every_row_count_and_panel_remainder(ops, qtype):
             assert excess <= KERNEL_RTOL, (qtype, m, flag, excess)
 
 
+def _check_bf16_products(ops, w: torch.Tensor, ggml_id: int, weight: torch.Tensor,
+                         rows: tuple[int, ...]) -> None:
+    """gguf_linear with BF16_PRODUCTS_FLAG against x @ W.T + bias computed in float64 from x and
+    the dequantized `weight` rounded to bf16; the unrounded product must differ by far more
+    (the check tells the two apart)."""
+    from sluice.model.layers.gguf_linear import BF16_PRODUCTS_FLAG
+    n, k = weight.shape
+    bias = torch.randn(n)
+    for m in rows:
+        x = torch.randn(m, k)
+        out = torch.empty(m, n)
+        ops.gguf_linear(out, x, w, ggml_id | BF16_PRODUCTS_FLAG, bias)
+        xr, wr = x.bfloat16().double(), weight.bfloat16().double()
+        ref = F.linear(xr, wr, bias.double())
+        bound = xr.abs() @ wr.abs().T + bias.abs().double()
+        excess = ((out.double() - ref).abs() / bound).max().item()
+        assert excess <= KERNEL_RTOL, (ggml_id, m, excess)
+        exact = F.linear(x.double(), weight.double(), bias.double())
+        assert ((exact - ref).abs() / bound).max().item() > 100 * KERNEL_RTOL
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_bf16_products_round_inputs_to_bf16(ops, qtype):
+    """BF16_PRODUCTS_FLAG with more than 8 rows: x and the weight rounded to bf16, float32 sums
+    — on AMX tiles where the CPU has AMX-BF16 (amx_gemm.cpp), through the sgemm elsewhere.
+    Row counts and N = 2 * 32 + 6 leave remainders of AMX's 16-row x tiles and 32-row weight
+    panels; the weight rows are narrowed (a row stride above the row)."""
+    from sluice.model.cpu_ops import kernels_info
+    from sluice.platform.cpu_kernels import cpu_flags
+    if {"amx_tile", "amx_bf16", "avx512_bf16"} <= cpu_flags() \
+            and kernels_info()["variant"] == "x86_64_v4":
+        assert ops.amx_bf16_available()   # an AMX CPU with the AVX-512 build runs the tiles
+    rng = np.random.default_rng(5)
+    n, k = 70, 512
+    blocks = random_blocks(qtype, n, k, rng)
+    wide = torch.from_numpy(np.concatenate([blocks, blocks[:, :24]], axis=1))[:, :blocks.shape[1]]
+    weight = dequantize_blocks(torch.from_numpy(blocks), qtype)
+    _check_bf16_products(ops, wide, BLOCK_TYPES[qtype].ggml_id, weight, (9, 16, 17, 33, 64))
+    # a K that AMX's 32-value chunks do not divide takes the sgemm with the same roundings
+    half = (torch.randn(n, 48) * 0.05).half()
+    _check_bf16_products(ops, half, 1, half.float(), (9, 20))
+    # the pure-torch reference rounds alike
+    method = GgufBlockLinearMethod(None, qtype, bf16_products=True)
+    layer = block_layer(method, blocks, k, None)
+    x = torch.randn(12, k)
+    torch.testing.assert_close(method.apply(layer, x, None),
+                               F.linear(x.bfloat16().float(), weight.bfloat16().float()))
+
+
 # ---- a tiny GGUF model: mixed Q4_K / Q8_0 / Q4_1 linear weights --------------------------------
 
 @pytest.fixture(scope="module")

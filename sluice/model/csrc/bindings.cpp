@@ -34,6 +34,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_dequantize", &gguf_dequantize, nogil,
         "out [N, K] float32 = the GGUF blocks w (uint8 [N, row bytes]) of a GGML type",
         py::arg("out"), py::arg("w"), py::arg("type"));
+  m.def("amx_bf16_available", &amx_bf16_available,
+        "Whether gguf_linear's bf16 products run on AMX here (amx_gemm.cpp)");
   m.def("gguf_block_elems", &gguf_block_elems, "Elements per block of a GGML type");
   m.def("gguf_block_bytes", &gguf_block_bytes, "Bytes per block of a GGML type");
   m.def("rms_norm", &rms_norm, nogil, "out = RMSNorm(x) (CPU, fp32)");

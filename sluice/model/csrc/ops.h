@@ -26,6 +26,9 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
                  std::optional<at::Tensor> bias);
 void gguf_dequantize(at::Tensor out, at::Tensor w, int64_t type);
 int64_t gguf_block_elems(int64_t type);
+// Whether this process runs gguf_linear's bf16 products (type flag 512) on AMX (amx_gemm.cpp):
+// the CPU has AMX-BF16 and Linux granted the tile state; elsewhere the flag changes nothing.
+bool amx_bf16_available();
 int64_t gguf_block_bytes(int64_t type);
 
 // Fused elementwise operators of the decoder layers (elementwise.cpp).

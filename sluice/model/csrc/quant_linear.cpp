@@ -1,7 +1,8 @@
 // Linear layers over GGUF (llama.cpp) block-quantized weights, dequantized on the fly.
 //
 //   gguf_linear(out, x, w, type, bias):  out[M, N] = x[M, K] @ dequant(w)[N, K]^T (+ bias[N])
-//                                        (type | 256: x quantized to int8 first, see below)
+//                                        (type | 256: x quantized to int8 first for up to 8
+//                                        rows; type | 512: bf16 products for more; see below)
 //   gguf_dequantize(out, w, type):       out[N, K] = dequant(w)
 //
 // w is uint8 [N, row_bytes]: row n holds output channel n as K / block_elems consecutive blocks
@@ -49,7 +50,11 @@
 //
 // Prefill / batched decode (more rows): each work item dequantizes a panel of weight rows into
 // a float32 scratch tile (in L2) and runs a single-threaded BLAS sgemm of all M rows against
-// it, so one dequantization serves every row of x.
+// it, so one dequantization serves every row of x. With bf16 products (type | kBf16Products =
+// 512) x and the weight are rounded to bf16 first (round to nearest even; float32 sums): on a
+// CPU with AMX-BF16 amx::bf16_linear (amx_gemm.cpp) computes that product on tiles, elsewhere
+// the rounded values go through the same sgemm, so results agree across CPUs up to summation
+// order.
 //
 // Instruction sets: the x86 variants (x86-64-v3 and -v4 both have AVX2 + FMA) unpack blocks
 // with AVX2 intrinsics (vpmovzxbd / vpmovsxbd + vcvtdq2ps: GCC scalarises
@@ -80,6 +85,7 @@ namespace {
 constexpr int64_t kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14, kBF16 = 30;
 constexpr int kMaxQuantSkinnyRows = 8;
 constexpr int64_t kInt8Activations = 256;  // a flag on the type id (see the file comment)
+constexpr int64_t kBf16Products = 512;     // another: more rows may run amx::bf16_linear
 
 bool takes_int8_activations(int64_t type) {
   return type == kQ4_0 || type == kQ4_1 || type == kQ8_0;
@@ -116,6 +122,11 @@ inline float bf16(const uint8_t* p) {
 }
 
 bool is_half_type(int64_t type) { return type == kF16 || type == kBF16; }
+
+// v[i] = the float32 value of bf16(v[i]) (round to nearest even): bf16 products without AMX.
+void round_to_bf16(float* v, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) v[i] = static_cast<float>(c10::BFloat16(v[i]));
+}
 
 // A panel of NW consecutive weight rows for the decode kernels (dot_rows, dot_rows_a8): weight
 // row j (j < NW) at w + j * ldw; its outputs for x row r go to out[r * ldo + j]; bias: bias[j]
@@ -765,7 +776,8 @@ void gguf_dequantize(at::Tensor out, at::Tensor w, int64_t type) {
 void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
                  std::optional<at::Tensor> bias) {
   const bool int8_act = (type & kInt8Activations) != 0;
-  type &= ~kInt8Activations;
+  const bool bf16_products = (type & kBf16Products) != 0;
+  type &= ~(kInt8Activations | kBf16Products);
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2, "gguf_linear: 2-D x and out expected");
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   const WeightBytes wb = check_weight(w, type, k, "gguf_linear");
@@ -786,7 +798,7 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
   if (m == 0 || n == 0) return;
   const uint8_t* wp = wb.data;
   const int64_t ldw = wb.ld, ldx = x.stride(0);
-  const float* xp = x.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();  // re-pointed to a rounded copy for bf16 products
   float* op = out.data_ptr<float>();
   const int64_t threads = num_threads();
 
@@ -830,12 +842,31 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
     return;
   }
 
+  if (bf16_products && k % amx::kTileK == 0 && amx::available()) {
+    amx::bf16_linear(op, m, n, k, xp, ldx, bp,
+                     [&](int64_t j, float* y) { dequant_row(type, wp + j * ldw, y, k); });
+    return;
+  }
+  // bf16 products without AMX: the same roundings of x and the weight, then the sgemm below
+  std::vector<float> x_rounded;
+  int64_t ldx_used = ldx;
+  if (bf16_products) {
+    x_rounded.resize(m * k);
+    for (int64_t r = 0; r < m; ++r) {
+      std::copy(xp + r * ldx, xp + r * ldx + k, x_rounded.data() + r * k);
+      round_to_bf16(x_rounded.data() + r * k, k);
+    }
+    xp = x_rounded.data();
+    ldx_used = k;
+  }
+
   // Panels of nt weight rows, dequantized into a per-thread scratch tile (nt x k floats, kept
   // in L2: at most ~256 KiB), then one sgemm of all m rows against it.
   int64_t nt = std::clamp<int64_t>(n / (4 * threads), 16, 128);
   nt = std::max<int64_t>(8, std::min<int64_t>(nt, (64 * 1024) / std::max<int64_t>(1, k)) / 8 * 8);
   const int64_t panels = (n + nt - 1) / nt;
-  const int ik = static_cast<int>(k), ildx = static_cast<int>(ldx), ldo = static_cast<int>(n);
+  const int ik = static_cast<int>(k), ildx = static_cast<int>(ldx_used);
+  const int ldo = static_cast<int>(n);
   const float one = 1.f, zero = 0.f;
 #pragma omp parallel
   {
@@ -845,6 +876,7 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
       const int64_t n0 = p * nt;
       const int tn = static_cast<int>(std::min(n, n0 + nt) - n0);
       for (int r = 0; r < tn; ++r) dequant_row(type, wp + (n0 + r) * ldw, tile.data() + r * k, k);
+      if (bf16_products) round_to_bf16(tile.data(), tn * k);
       float* c = op + n0;
       if (bp != nullptr)
         for (int64_t r = 0; r < m; ++r) std::copy(bp + n0, bp + n0 + tn, c + r * n);

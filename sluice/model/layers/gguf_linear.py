@@ -23,9 +23,17 @@ the fused QKV / gate-up row offsets and column-parallel row shards. A row-parall
 
 The product: the C++ `gguf_linear` (layer ops 'cpu', float32 activations): one to eight rows
 stream each weight row's blocks once, unpacked in registers (fp32 FMA with the activations);
-more rows dequantize panels of rows into an fp32 tile and run sgemm on it. Anything else (no
-C++ operators, another activation dtype, autograd) takes `dequantize_blocks` (gguf-py's numpy
-decoder, the reference) and F.linear: exact, but it dequantizes the whole weight per call.
+more rows dequantize panels of rows into an fp32 tile and run sgemm on it. With
+`bf16_products`, more than eight rows multiply x and the weight rounded to bf16 (float32 sums)
+on every CPU: on one with AMX-BF16 as bf16 tiles on AMX (csrc/amx_gemm.cpp: 3-25x the sgemm at
+64 rows), elsewhere by rounding before the sgemm. Anything else (no C++ operators, another
+activation dtype, autograd) takes `dequantize_blocks` (gguf-py's numpy decoder, the reference)
+and F.linear, with the same roundings: exact, but it dequantizes the whole weight per call.
+
+`bf16_products` is the model's choice (`sluice.model.gguf_quant`, `sluice.model.int8_quant`):
+set where bf16 rounding is already the contract — `--dtype bfloat16` (a bf16 GEMM rounds its
+inputs to bf16 for every 16-bit weight too) and `--quantization int8` (whose decode steps round
+activations far more coarsely, to int8 per 32 values).
 
 `int8_activations` (Q4_0, Q4_1, Q8_0; `--quantization int8` sets it, a GGUF file's blocks run
 float activations): up to MAX_INT8_ACTIVATION_ROWS rows, the activations are quantized per
@@ -75,6 +83,7 @@ BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
 
 INT8_ACTIVATION_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 INT8_ACTIVATIONS_FLAG = 256     # or'ed into the type id given to gguf_linear
+BF16_PRODUCTS_FLAG = 512        # likewise: more rows may multiply in bf16 on AMX
 MAX_INT8_ACTIVATION_ROWS = 8    # the kernels' row limit for int8 activations (kMaxQuantSkinnyRows)
 
 
@@ -107,10 +116,11 @@ class GgufBlockLinearMethod(LinearMethod):
     `gguf_linear` where it applies (float32 CPU activations), else the reference."""
 
     def __init__(self, ops: ModuleType | None, qtype: str,
-                 int8_activations: bool = False) -> None:
+                 int8_activations: bool = False, bf16_products: bool = False) -> None:
         self.ops = ops
         self.block_type = BLOCK_TYPES[qtype]
         self.int8_activations = int8_activations and qtype in INT8_ACTIVATION_TYPES
+        self.bf16_products = bf16_products
 
     @property
     def qtype(self) -> str:
@@ -119,8 +129,10 @@ class GgufBlockLinearMethod(LinearMethod):
     @property
     def kernel_type(self) -> int:
         """The type id `gguf_linear` (and the fused decode stack) take: the GGML id, with
-        INT8_ACTIVATIONS_FLAG set for int8 activations."""
-        return self.block_type.ggml_id | (INT8_ACTIVATIONS_FLAG if self.int8_activations else 0)
+        INT8_ACTIVATIONS_FLAG set for int8 activations and BF16_PRODUCTS_FLAG for bf16
+        products."""
+        return (self.block_type.ggml_id | (INT8_ACTIVATIONS_FLAG if self.int8_activations else 0)
+                | (BF16_PRODUCTS_FLAG if self.bf16_products else 0))
 
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int, *,
                        bias: bool, dtype: torch.dtype | None,
@@ -158,10 +170,13 @@ class GgufBlockLinearMethod(LinearMethod):
             w = self.dequantized_weight(layer).to(device=x.device, dtype=x.dtype)
             if self.int8_activations and x2.shape[0] <= MAX_INT8_ACTIVATION_ROWS:
                 x = quantize_activations_q8(x.float()).to(x.dtype)
+            elif self.bf16_products and x2.shape[0] > MAX_INT8_ACTIVATION_ROWS:
+                x, w = (t.to(torch.bfloat16).to(x.dtype) for t in (x, w))
             return F.linear(x, w, bias)
         out = x2.new_empty(x2.shape[0], weight.shape[0])
         self.ops.gguf_linear(out, x2, weight, self.kernel_type, bias)
         return out.view(*x.shape[:-1], weight.shape[0])
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.qtype}{', int8 activations' if self.int8_activations else ''})"
+        notes = ", int8 activations" * self.int8_activations + ", bf16 products" * self.bf16_products
+        return f"{type(self).__name__}({self.qtype}{notes})"
