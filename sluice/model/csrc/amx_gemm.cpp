@@ -4,14 +4,15 @@
 //   amx::bf16_linear(out, m, n, k, x, ldx, bias, dequant):
 //       out[i, j] = sum_c bf16(x[i, c]) * bf16(W[j, c]) (+ bias[j])   for i < m, j < n
 //
-// where dequant(j, y) writes weight row j (k floats) into y. Products are exact in float32
+// where dequant(j, y, step) writes weight row j rounded to bf16 (as uint16 bits), values
+// 32c..32c+31 at y + c * step. Products are exact in float32
 // (bf16 x bf16) and summed in float32; the only roundings are x and W to bf16 (round to
 // nearest even), the same as oneDNN's bf16 GEMM on a bf16 weight.
 //
 // Layout (Intel AMX: 8 tile registers of up to 16 rows x 64 bytes). The weight is the A operand,
 // so it needs no transposition: a panel of kPanelRows = 32 weight rows is dequantized once into
-// bf16 [k / 32][32 rows][32 values] (A tile t of K chunk c = rows 16t..16t+15 of chunk c, 64
-// bytes apart). The activations are the B operand in the pair-interleaved (VNNI) layout built
+// bf16 [k / 32][32 rows][32 values] (A tile t of K chunk c = rows 16t..16t+15 of chunk c: 1 KiB,
+// contiguous). The activations are the B operand in the pair-interleaved (VNNI) layout built
 // once per call: for each 16-row group g of x and K chunk c, a 1 KiB tile whose row p holds, for
 // the 16 x rows i, the pair (x[16g + i, 32c + 2p], x[16g + i, 32c + 2p + 1]) (zero rows pad m
 // to a multiple of 16). TDPBF16PS then accumulates C[j][i] += sum_p A[j][2p..2p+1] . B[p][i],
@@ -143,6 +144,25 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void panel_product(
   }
 }
 
+// out[i * ldo + j] = c[j][i] (+ bias[j]) for i < xs, j < ws: c = float32 [32][32] (C tiles
+// as panel_product stores them), gathered a column at a time (16 weight rows per gather).
+inline void write_transposed(const float* c, int64_t xs, int64_t ws, const float* bias,
+                             float* out, int64_t ldo) {
+  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6,
+                                                             5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(2 * kTileRows));
+  for (int64_t h = 0; h < 2 && h * kTileRows < ws; ++h) {
+    const int64_t cols = std::min(kTileRows, ws - h * kTileRows);
+    const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
+    const __m512 b = bias != nullptr ? _mm512_maskz_loadu_ps(mask, bias + h * kTileRows)
+                                     : _mm512_setzero_ps();
+    const float* ch = c + h * kTileRows * 2 * kTileRows;
+    for (int64_t i = 0; i < xs; ++i)
+      _mm512_mask_storeu_ps(out + i * ldo + h * kTileRows, mask,
+                            _mm512_add_ps(_mm512_i32gather_ps(column, ch + i, 4), b));
+  }
+}
+
 template <typename Dequant>
 __attribute__((target("amx-tile,amx-bf16,avx512bf16,avx512f,avx512bw"))) void bf16_linear(
     float* out, int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx, const float* bias,
@@ -155,19 +175,18 @@ __attribute__((target("amx-tile,amx-bf16,avx512bf16,avx512f,avx512bw"))) void bf
 #pragma omp parallel
   {
     configure_tiles();
-    std::vector<float> row(k);
     std::vector<uint16_t> wt(kPanelRows * k);  // [chunk][32 rows][32 values]
     alignas(64) float c_out[kPanelRows * 2 * kTileRows];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t p = 0; p < panels; ++p) {
       const int64_t n0 = p * kPanelRows, rows = std::min(kPanelRows, n - n0);
       for (int64_t j = 0; j < kPanelRows; ++j) {
-        if (j < rows)
-          dequant(n0 + j, row.data());
-        else
-          std::fill(row.begin(), row.end(), 0.f);
-        for (int64_t c = 0; c < chunks; ++c)
-          store_bf16x32(wt.data() + (c * kPanelRows + j) * kTileK, row.data() + c * kTileK);
+        if (j < rows) {
+          dequant(n0 + j, wt.data() + j * kTileK, kPanelRows * kTileK);
+        } else {
+          for (int64_t c = 0; c < chunks; ++c)
+            std::fill_n(wt.data() + (c * kPanelRows + j) * kTileK, kTileK, uint16_t{0});
+        }
       }
       for (int64_t g = 0; g < groups; g += 2) {
         const uint16_t* b0 = xt.data() + g * x_tile_stride;
@@ -176,13 +195,9 @@ __attribute__((target("amx-tile,amx-bf16,avx512bf16,avx512f,avx512bw"))) void bf
           panel_product<2>(wt.data(), b0, b0 + x_tile_stride, chunks, c_out);
         else
           panel_product<1>(wt.data(), b0, nullptr, chunks, c_out);
-        const int64_t i_end = std::min(m, (g + u) * kTileRows);
-        for (int64_t i = g * kTileRows; i < i_end; ++i) {
-          float* o = out + i * n + n0;
-          const float* col = c_out + (i - g * kTileRows);
-          for (int64_t j = 0; j < rows; ++j)
-            o[j] = col[j * 2 * kTileRows] + (bias != nullptr ? bias[n0 + j] : 0.f);
-        }
+        const int64_t i0 = g * kTileRows, i_end = std::min(m, (g + u) * kTileRows);
+        write_transposed(c_out, i_end - i0, rows, bias != nullptr ? bias + n0 : nullptr,
+                         out + i0 * n + n0, n);
       }
     }
     _tile_release();

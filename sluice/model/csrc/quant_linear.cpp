@@ -457,7 +457,51 @@ void dot_rows_q4q8_512(const RowPanel& p, int64_t k, const float* x, int64_t ldx
       p.out[r * p.ldo + j] = _mm512_reduce_add_ps(acc[r][j]) + off[r][j] +
                              (p.bias != nullptr ? p.bias[j] : 0.f);
 }
-#endif
+
+void dequant_row(int64_t type, const uint8_t* w, float* y, int64_t k);
+
+// A weight row (k values, a multiple of 32) as bf16 (round to nearest even) for
+// amx::bf16_linear, values 32c..32c+31 at y + c * step: Q4_0 / Q4_1 / Q8_0 blocks unpacked as dot_rows_q4q8_512 does (the values
+// of dequant_row, bit for bit, then rounded), other types through dequant_row's float32.
+__attribute__((target("avx512bf16,avx512f,avx512bw"))) inline void store32(uint16_t* dst,
+                                                                           __m512 lo, __m512 hi) {
+  _mm512_storeu_si512(dst, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+}
+
+__attribute__((target("avx512bf16,avx512f,avx512bw"))) void dequant_row_bf16(
+    int64_t type, const uint8_t* w, uint16_t* y, int64_t step, int64_t k) {
+  const int64_t nb = k / 32;
+  const __m128i low = _mm_set1_epi8(15);
+  if (type == kQ8_0) {
+    for (int64_t i = 0; i < nb; ++i) {
+      const uint8_t* blk = w + i * 34;
+      const __m512 d = _mm512_set1_ps(f16c(blk));
+      store32(y + i * step, _mm512_mul_ps(cvt16_i8(load128(blk + 2)), d),
+              _mm512_mul_ps(cvt16_i8(load128(blk + 18)), d));
+    }
+  } else if (type == kQ4_0 || type == kQ4_1) {
+    const int64_t bytes = quant_format(type).block_bytes, qs = type == kQ4_1 ? 4 : 2;
+    for (int64_t i = 0; i < nb; ++i) {
+      const uint8_t* blk = w + i * bytes;
+      float d, m;
+      q4_scale_min(type, blk, &d, &m);
+      const __m512 dv = _mm512_set1_ps(d), mv = _mm512_set1_ps(m);
+      const __m128i q = load128(blk + qs);
+      store32(y + i * step, _mm512_fmadd_ps(cvt16_u8(_mm_and_si128(q, low)), dv, mv),
+              _mm512_fmadd_ps(cvt16_u8(_mm_and_si128(_mm_srli_epi16(q, 4), low)), dv, mv));
+    }
+  } else {
+    thread_local std::vector<float> row;
+    row.resize(k);
+    dequant_row(type, w, row.data(), k);
+    for (int64_t i = 0; i < nb; ++i)
+      store32(y + i * step, _mm512_loadu_ps(row.data() + i * 32),
+              _mm512_loadu_ps(row.data() + i * 32 + 16));
+  }
+}
+#else
+void dequant_row_bf16(int64_t, const uint8_t*, uint16_t*, int64_t, int64_t) {}  // amx::bf16_linear's
+#endif                                                                  // only, never called
 
 // out[r * ldo + j] = x_r . dequant(w_j) (+ bias[j]) for R rows x_r = x + r * ldx and the NW
 // weight rows w_j of the panel; xs + r * ldxs: the sums of x_r over each sub-block
@@ -844,7 +888,9 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
 
   if (bf16_products && k % amx::kTileK == 0 && amx::available()) {
     amx::bf16_linear(op, m, n, k, xp, ldx, bp,
-                     [&](int64_t j, float* y) { dequant_row(type, wp + j * ldw, y, k); });
+                     [&](int64_t j, uint16_t* y, int64_t step) {
+                       dequant_row_bf16(type, wp + j * ldw, y, step, k);
+                     });
     return;
   }
   // bf16 products without AMX: the same roundings of x and the weight, then the sgemm below
