@@ -889,7 +889,8 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
   if (bf16_products && k % amx::kTileK == 0 && amx::available()) {
     amx::bf16_linear(op, m, n, k, xp, ldx, bp,
                      [&](int64_t j, uint16_t* y, int64_t step) {
-                       dequant_row_bf16(type, wp + j * ldw, y, step, k);
+                       prefetch(wp + std::min(j + ahead, n - 1) * ldw, ldw);  // as the decode
+                       dequant_row_bf16(type, wp + j * ldw, y, step, k);      // kernels do
                      });
     return;
   }
