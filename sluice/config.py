@@ -76,7 +76,8 @@ class ModelConfig:
         "'int8': the decoder's linear weights quantized at load to int8 with one scale per "
         "32 weights of an output channel (llama.cpp's Q8_0 blocks), decode steps' "
         "activations to int8 per 32 values (integer dot products, as llama.cpp); prefill "
-        "activations, embedding and LM head stay float. A .gguf model keeps its blocks and "
+        "and batched steps (more than 8 rows) multiply in bf16 (on AMX where the CPU has "
+        "it), embedding and LM head stay float. A .gguf model keeps its blocks and "
         "its Q4_0/Q4_1/Q8_0 ones (LM head included) decode with int8 activations.",
         choices=("gguf", "none", "int8"))
     max_model_len: int | None = option(None, "Maximum tokens per request (prompt + output). "
