@@ -41,6 +41,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -49,17 +50,20 @@ from sluice.errors import ConfigError
 from sluice.model.layers.gguf_linear import BLOCK_TYPES, GgufBlockLinearMethod
 from sluice.model.layers.linear import LinearBase
 from sluice.model.layers.linear_method import set_weight_loader
-from sluice.model_spec.gguf import NON_WEIGHT_TENSORS, hf_tensor_name, open_gguf
+from sluice.model_spec.gguf import NON_WEIGHT_TENSORS, gguf_reader, hf_tensor_name
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 logger = logging.getLogger(__name__)
 
 QUANTIZATION_MODES = (None, "gguf", "none", "int8")
 
 
-def gguf_tensor_types(gguf_file: str | Path) -> dict[str, str]:
-    """HF tensor name -> GGUF type name (e.g. 'Q4_1') of every weight in the file (header
-    only; no tensor data is read)."""
-    reader = open_gguf(gguf_file)
+def gguf_tensor_types(gguf_file: str | Path | GGUFReader) -> dict[str, str]:
+    """HF tensor name -> GGUF type name (e.g. 'Q4_1') of every weight in the file (a path or
+    an open reader; header only, no tensor data is read)."""
+    reader = gguf_reader(gguf_file)
     types = {}
     for t in reader.tensors:
         name = hf_tensor_name(t.name) if t.name not in NON_WEIGHT_TENSORS else None
@@ -84,7 +88,7 @@ def _wanted(mode: str | None, ops: ModuleType | None, dtype: torch.dtype,
     return ops is not None and dtype == torch.float32 and device.type == "cpu"
 
 
-def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path, mode: str | None,
+def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path | GGUFReader, mode: str | None,
                      ops: ModuleType | None, dtype: torch.dtype, device: torch.device,
                      lora_enabled: bool = False, bf16_products: bool = False) -> frozenset[str]:
     """Give the layers that keep their blocks a `GgufBlockLinearMethod` (module doc); returns

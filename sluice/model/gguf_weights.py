@@ -29,13 +29,17 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from sluice.errors import ModelLoadError
 from sluice.model_spec.gguf import (GGUF_ARCHITECTURES, NON_WEIGHT_TENSORS, SUPPORTED_TENSOR_TYPES,
-                                    field_value, hf_tensor_name, open_gguf)
+                                    field_value, gguf_reader, hf_tensor_name)
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 PERMUTED_QK_ARCHITECTURES = ("llama",)
 
@@ -66,14 +70,15 @@ def dequantize_tensor(tensor) -> np.ndarray:
     return values
 
 
-def iterate_gguf(gguf_path: str | Path, dtype: torch.dtype,
+def iterate_gguf(gguf_path: str | Path | GGUFReader, dtype: torch.dtype,
                  keep_quantized: Collection[str] = frozenset()
                  ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(hf_name, tensor in `dtype`) for every weight in the GGUF file `gguf_path`, or its raw
-    blocks for names in `keep_quantized` (see the module docstring). Raises `ModelLoadError` naming the file for an unreadable or
-    unsupported file or a tensor that cannot be dequantized."""
-    path = Path(gguf_path)
-    reader = open_gguf(path)
+    """(hf_name, tensor in `dtype`) for every weight in the GGUF file `gguf_path` (a path or
+    an open reader), or its raw blocks for names in `keep_quantized` (see the module
+    docstring). Raises `ModelLoadError` naming the file for an unreadable or unsupported file
+    or a tensor that cannot be dequantized."""
+    reader = gguf_reader(gguf_path)
+    path = Path(reader.data.filename)
     arch = field_value(reader, "general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "

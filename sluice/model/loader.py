@@ -194,11 +194,12 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
     if gguf_file is not None:
         from sluice.model.gguf_quant import keep_gguf_blocks
         from sluice.model.gguf_weights import iterate_gguf
-        keep = keep_gguf_blocks(model, gguf_file, quantization, ops.cpu_ops, dtype, device,
+        from sluice.model_spec.gguf import open_gguf
+        reader = open_gguf(gguf_file)  # the header parsed once for both steps
+        keep = keep_gguf_blocks(model, reader, quantization, ops.cpu_ops, dtype, device,
                                 lora_enabled=lora is not None and lora.enable_lora,
                                 bf16_products=weight_dtype == torch.bfloat16)
-        if keep:
-            weights = lambda dtype: iterate_gguf(gguf_file, dtype, keep)  # noqa: E731
+        weights = lambda dtype: iterate_gguf(reader, dtype, keep)  # noqa: E731
     if weight_dtype != dtype:
         embed = getattr(getattr(model, "model", None), "embed_tokens", None)
         if embed is not None and hasattr(embed, "store_weight_in"):

@@ -8,6 +8,10 @@ Contract:
   download), the architecture (`GGUF_ARCHITECTURES`), every tensor type
   (`SUPPORTED_TENSOR_TYPES`), every tensor name (`hf_tensor_name`) and the hyper-parameters
   (`gguf_config.hf_config`). Any problem is one `ModelLoadError` line naming the file.
+* `open_gguf(path) -> GGUFReader` — the `gguf` package's reader (memory-mapped), its header
+  parsed ~3x faster than `gguf.GGUFReader` does it (`_fast_reader_class`) and every tensor's
+  bytes checked to lie inside the file; `gguf_reader(source)` passes an open reader through,
+  so one model load parses the header once.
 * `prepare_gguf(path, cache_root=None) -> Path` — the file's Hugging Face-format "sidecar"
   directory: config.json and generation_config.json (built here from the metadata, see
   `gguf_config`), tokenizer.json + tokenizer_config.json (+ chat_template.jinja) written by
@@ -30,6 +34,7 @@ config.json's `rope_scaling` and is not a weight.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -136,7 +141,7 @@ def open_gguf(path: str | Path) -> GGUFReader:
         raise ModelLoadError(f"{path} is not a GGUF file (it does not start with the GGUF "
                              "magic bytes).")
     try:
-        reader = gguf.GGUFReader(path)
+        reader = _fast_reader_class()(path)
     except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError,
             MemoryError) as e:
         raise ModelLoadError(f"{path} is not a readable GGUF file: {_reader_error(e)}") from None
@@ -149,6 +154,45 @@ def open_gguf(path: str | Path) -> GGUFReader:
             raise ModelLoadError(f"{path} is truncated: tensor {t.name} needs bytes up to "
                                  f"{end}, the file has {size}; re-download it.")
     return reader
+
+
+@functools.cache
+def _fast_reader_class() -> type[GGUFReader]:
+    """`gguf.GGUFReader`, its header parsed ~3x faster (SmolLM2's 100 MB file: 2.9 s -> 0.9 s,
+    most of a GGUF model's load time before): the reader takes a numpy view for every value
+    of the metadata (~200k for a 49k-token vocabulary: tokens, scores, types, merges), and a
+    view of its `np.memmap` costs ~10x one of a plain ndarray (memmap's `__getitem__` and
+    `__array_finalize__`). This subclass slices a plain ndarray over the same mapping; the
+    fields, tensors and their bytes are the same arrays' values (the views keep the mapping
+    alive through their base)."""
+    import inspect
+
+    import gguf
+    import numpy as np
+
+    expected = ["self", "offset", "dtype", "count", "override_order"]
+    if list(inspect.signature(gguf.GGUFReader._get).parameters) != expected:
+        return gguf.GGUFReader  # another gguf release: its own reader, as it is
+
+    class FastHeaderReader(gguf.GGUFReader):
+        def _get(self, offset: int, dtype: Any, count: int = 1,
+                 override_order: str | None = None) -> np.ndarray:
+            plain = self.__dict__.get("_plain")
+            if plain is None:
+                plain = self._plain = self.data.view(np.ndarray)
+            dt = np.dtype(dtype)
+            count = int(count)
+            arr = plain[offset:offset + dt.itemsize * count].view(dt)[:count]
+            order = self.byte_order if override_order is None else override_order
+            return arr if order == "I" else arr.view(arr.dtype.newbyteorder(order))
+
+    return FastHeaderReader
+
+
+def gguf_reader(source: str | Path | GGUFReader) -> GGUFReader:
+    """`source` itself when it is an open reader, else `open_gguf(source)`: lets one load
+    parse a file's header once for every step that reads it."""
+    return open_gguf(source) if isinstance(source, (str, os.PathLike)) else source
 
 
 def _reader_error(e: Exception) -> str:

@@ -43,8 +43,8 @@ from sluice.frontend.tokenizer import load_tokenizer
 from sluice.hf_config import load_model_spec
 from sluice.model.gguf_weights import iterate_gguf
 from sluice.model.loader import weight_source
-from sluice.model_spec.gguf import (GGUF_MARKER, inspect_gguf, is_gguf_file, prepare_gguf,
-                                    read_marker)
+from sluice.model_spec.gguf import (GGUF_MARKER, field_value, inspect_gguf, is_gguf_file,
+                                    open_gguf, prepare_gguf, read_marker)
 from sluice.model_spec.gguf_config import llama3_factors, llama3_rope_scaling
 from sluice.testing.tiny_models import TinyModelSpec
 
@@ -125,6 +125,36 @@ def test_quantized_weights_are_gguf_py_round_trip(models, gguf_files, name, qtyp
         want = expected[hf_name]
         want = dequantize_like_gguf(want, qtype) if want.ndim == 2 else want
         assert torch.equal(tensor, torch.from_numpy(want)), hf_name
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q4_1"])
+def test_open_gguf_reads_what_gguf_py_reads(gguf_files, qtype):
+    """`open_gguf`'s faster header parsing (a plain-ndarray view of the mapping) gives every
+    metadata field (the tokenizer's arrays included) and every tensor exactly as gguf-py's
+    own reader does, and `iterate_gguf` over that open reader the same tensors as over the
+    path."""
+    import gguf
+
+    path = gguf_files("LlamaForCausalLM", qtype)
+    ours, theirs = open_gguf(path), gguf.GGUFReader(path)
+    assert type(ours) is not gguf.GGUFReader   # the fast subclass is in use with this gguf
+    assert list(ours.fields) == list(theirs.fields)
+    assert len(ours.fields["tokenizer.ggml.tokens"].data) > 100
+    for key, field in theirs.fields.items():
+        mine = ours.fields[key]
+        assert (mine.types, mine.data, mine.offset) == (field.types, field.data, field.offset), key
+        assert len(mine.parts) == len(field.parts), key
+        for a, b in zip(mine.parts, field.parts):
+            assert a.dtype == b.dtype and np.array_equal(a, b), key
+        assert field_value(ours, key) == field_value(theirs, key), key
+    assert [(t.name, t.tensor_type, t.data_offset, t.shape.tolist()) for t in ours.tensors] == \
+        [(t.name, t.tensor_type, t.data_offset, t.shape.tolist()) for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data), a.name
+    from_path = dict(iterate_gguf(path, torch.float32))
+    from_reader = dict(iterate_gguf(ours, torch.float32))
+    assert from_path.keys() == from_reader.keys()
+    assert all(torch.equal(from_path[k], from_reader[k]) for k in from_path)
 
 
 def test_weights_come_in_the_requested_dtype(gguf_files):
