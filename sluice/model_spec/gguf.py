@@ -8,10 +8,12 @@ Contract:
   download), the architecture (`GGUF_ARCHITECTURES`), every tensor type
   (`SUPPORTED_TENSOR_TYPES`), every tensor name (`hf_tensor_name`) and the hyper-parameters
   (`gguf_config.hf_config`). Any problem is one `ModelLoadError` line naming the file.
-* `open_gguf(path) -> GGUFReader` — the `gguf` package's reader (memory-mapped), its header
-  parsed ~3x faster than `gguf.GGUFReader` does it (`_fast_reader_class`) and every tensor's
-  bytes checked to lie inside the file; `gguf_reader(source)` passes an open reader through,
-  so one model load parses the header once.
+* `open_gguf(path, metadata_arrays=True) -> GGUFReader` — the `gguf` package's reader
+  (memory-mapped), its header parsed ~3x faster than `gguf.GGUFReader` does it
+  (`_fast_reader_class`), or ~30x with `metadata_arrays=False` (the weight loader's: the
+  tokenizer's arrays stepped over), and every tensor's bytes checked to lie inside the file;
+  `gguf_reader(source)` passes an open reader through, so one model load parses the header
+  once.
 * `prepare_gguf(path, cache_root=None) -> Path` — the file's Hugging Face-format "sidecar"
   directory: config.json and generation_config.json (built here from the metadata, see
   `gguf_config`), tokenizer.json + tokenizer_config.json (+ chat_template.jinja) written by
@@ -129,9 +131,12 @@ def is_gguf_file(path: str | Path) -> bool:
         return False
 
 
-def open_gguf(path: str | Path) -> GGUFReader:
+def open_gguf(path: str | Path, *, metadata_arrays: bool = True) -> GGUFReader:
     """A `gguf.GGUFReader` over `path` (memory-mapped), its header parsed and every tensor's
-    bytes checked to lie inside the file. Raises `ModelLoadError` naming the file."""
+    bytes checked to lie inside the file. Raises `ModelLoadError` naming the file.
+    `metadata_arrays=False` (for reading weights): the metadata's arrays (the tokenizer's
+    vocabulary, merges, scores: ~90% of a header's parse time) are stepped over, not parsed;
+    `field_value` refuses them (`skipped_array`), scalars and tensors are read as ever."""
     import gguf
 
     path = Path(path)
@@ -141,7 +146,7 @@ def open_gguf(path: str | Path) -> GGUFReader:
         raise ModelLoadError(f"{path} is not a GGUF file (it does not start with the GGUF "
                              "magic bytes).")
     try:
-        reader = _fast_reader_class()(path)
+        reader = _fast_reader_class(skip_arrays=not metadata_arrays)(path)
     except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError,
             MemoryError) as e:
         raise ModelLoadError(f"{path} is not a readable GGUF file: {_reader_error(e)}") from None
@@ -157,21 +162,27 @@ def open_gguf(path: str | Path) -> GGUFReader:
 
 
 @functools.cache
-def _fast_reader_class() -> type[GGUFReader]:
+def _fast_reader_class(skip_arrays: bool = False) -> type[GGUFReader]:
     """`gguf.GGUFReader`, its header parsed ~3x faster (SmolLM2's 100 MB file: 2.9 s -> 0.9 s,
     most of a GGUF model's load time before): the reader takes a numpy view for every value
     of the metadata (~200k for a 49k-token vocabulary: tokens, scores, types, merges), and a
     view of its `np.memmap` costs ~10x one of a plain ndarray (memmap's `__getitem__` and
     `__array_finalize__`). This subclass slices a plain ndarray over the same mapping; the
     fields, tensors and their bytes are the same arrays' values (the views keep the mapping
-    alive through their base)."""
+    alive through their base). With `skip_arrays` a further subclass steps over metadata
+    arrays (`open_gguf(metadata_arrays=False)`): such a field keeps its header parts (item
+    type, length) and no items."""
     import inspect
+    import struct
 
     import gguf
     import numpy as np
 
-    expected = ["self", "offset", "dtype", "count", "override_order"]
-    if list(inspect.signature(gguf.GGUFReader._get).parameters) != expected:
+    def params(f: Any) -> list[str]:
+        return list(inspect.signature(f).parameters)
+
+    if params(gguf.GGUFReader._get) != ["self", "offset", "dtype", "count", "override_order"] \
+            or params(gguf.GGUFReader._get_field_parts) != ["self", "orig_offs", "raw_type"]:
         return gguf.GGUFReader  # another gguf release: its own reader, as it is
 
     class FastHeaderReader(gguf.GGUFReader):
@@ -186,13 +197,36 @@ def _fast_reader_class() -> type[GGUFReader]:
             order = self.byte_order if override_order is None else override_order
             return arr if order == "I" else arr.view(arr.dtype.newbyteorder(order))
 
-    return FastHeaderReader
+    class ArraysSkippedReader(FastHeaderReader):
+        def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list, list,
+                                                                           list]:
+            if raw_type != gguf.GGUFValueType.ARRAY:
+                return super()._get_field_parts(orig_offs, raw_type)
+            raw_itype, length = self._get(orig_offs, np.uint32), self._get(orig_offs + 4,
+                                                                          np.uint64)
+            itype, n, offs = gguf.GGUFValueType(raw_itype[0]), int(length[0]), orig_offs + 12
+            scalar = self.gguf_scalar_to_np.get(itype)
+            if scalar is not None:
+                offs += n * np.dtype(scalar).itemsize
+            elif itype == gguf.GGUFValueType.STRING:  # each: uint64 byte count, then bytes
+                fmt, buf = ("<Q" if self.endianess == gguf.GGUFEndian.LITTLE else ">Q",
+                            memoryview(self._plain))
+                for _ in range(n):
+                    offs += 8 + struct.unpack_from(fmt, buf, offs)[0]
+            else:  # arrays of arrays: parsed as ever
+                return super()._get_field_parts(orig_offs, raw_type)
+            return offs - orig_offs, [raw_itype, length], [], [gguf.GGUFValueType.ARRAY, itype]
+
+    return ArraysSkippedReader if skip_arrays else FastHeaderReader
 
 
 def gguf_reader(source: str | Path | GGUFReader) -> GGUFReader:
-    """`source` itself when it is an open reader, else `open_gguf(source)`: lets one load
-    parse a file's header once for every step that reads it."""
-    return open_gguf(source) if isinstance(source, (str, os.PathLike)) else source
+    """For the weight readers: `source` itself when it is an open reader (one load parses a
+    file's header once for every step that reads it), else `open_gguf(source,
+    metadata_arrays=False)`."""
+    if isinstance(source, (str, os.PathLike)):
+        return open_gguf(source, metadata_arrays=False)
+    return source
 
 
 def _reader_error(e: Exception) -> str:
@@ -230,8 +264,20 @@ def field_value(reader: GGUFReader, key: str, default: Any = None) -> Any:
         return value
 
     if types and types[0] == gguf.GGUFValueType.ARRAY:
+        if skipped_array(field):
+            raise ValueError(f"GGUF metadata {key!r} is an array this reader stepped over "
+                             "(open_gguf(metadata_arrays=False)); open the file with its arrays")
         return [one(i, types[-1]) for i in field.data]
     return one(field.data[0], types[0])
+
+
+def skipped_array(field: Any) -> bool:
+    """Whether `field` (a `ReaderField`) is a non-empty array whose items were stepped over
+    (`open_gguf(metadata_arrays=False)`)."""
+    import gguf
+
+    return (bool(field.types) and field.types[0] == gguf.GGUFValueType.ARRAY
+            and not field.data and len(field.parts) >= 2 and int(field.parts[-1][0]) > 0)
 
 
 def _metadata(reader: GGUFReader) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from sluice.hf_config import load_model_spec
 from sluice.model.gguf_weights import iterate_gguf
 from sluice.model.loader import weight_source
 from sluice.model_spec.gguf import (GGUF_MARKER, field_value, inspect_gguf, is_gguf_file,
-                                    open_gguf, prepare_gguf, read_marker)
+                                    open_gguf, prepare_gguf, read_marker, skipped_array)
 from sluice.model_spec.gguf_config import llama3_factors, llama3_rope_scaling
 from sluice.testing.tiny_models import TinyModelSpec
 
@@ -155,6 +155,51 @@ def test_open_gguf_reads_what_gguf_py_reads(gguf_files, qtype):
     from_reader = dict(iterate_gguf(ours, torch.float32))
     assert from_path.keys() == from_reader.keys()
     assert all(torch.equal(from_path[k], from_reader[k]) for k in from_path)
+    _check_arrays_skipped(open_gguf(path, metadata_arrays=False), theirs)
+
+
+def _check_arrays_skipped(lean, full) -> None:
+    """`lean` (open_gguf(metadata_arrays=False)) against `full` (gguf-py's reader, same file):
+    the same fields in order, scalars equal, arrays stepped over with their lengths kept and
+    refused by `field_value`, the same tensors and bytes."""
+    import gguf
+
+    assert list(lean.fields) == list(full.fields)
+    skipped = 0
+    for key, field in full.fields.items():
+        mine = lean.fields[key]
+        assert mine.offset == field.offset, key
+        if field.types[0] == gguf.GGUFValueType.ARRAY and field.data:
+            assert skipped_array(mine) and int(mine.parts[-1][0]) == len(field.data), key
+            with pytest.raises(ValueError, match="stepped over"):
+                field_value(lean, key)
+            skipped += 1
+        else:
+            assert not skipped_array(mine), key
+            assert field_value(lean, key) == field_value(full, key), key
+    assert skipped > 0
+    for a, b in zip(lean.tensors, full.tensors, strict=True):
+        assert (a.name, a.tensor_type, a.data_offset) == (b.name, b.tensor_type, b.data_offset)
+        assert np.array_equal(a.data, b.data), a.name
+
+
+@pytest.mark.parametrize("endian", ["LITTLE", "BIG"])
+def test_arrays_skipped_reader_steps_over_strings_in_either_byte_order(tmp_path, endian):
+    """String arrays are stepped over by their byte counts, read in the file's byte order."""
+    import gguf
+
+    path = tmp_path / f"{endian}.gguf"
+    writer = gguf.GGUFWriter(path, "llama", endianess=gguf.GGUFEndian[endian])
+    writer.add_array("tokenizer.ggml.tokens", ["a", "bcd", "", "é" * 300])
+    writer.add_array("tokenizer.ggml.scores", [0.5, -1.0, 2.0, 3.0])
+    writer.add_uint32("llama.attention.head_count", 7)
+    writer.add_string("general.name", "after the arrays")
+    writer.add_tensor("token_embd.weight", np.arange(12, dtype=np.float32).reshape(3, 4))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    _check_arrays_skipped(open_gguf(path, metadata_arrays=False), gguf.GGUFReader(path))
 
 
 def test_weights_come_in_the_requested_dtype(gguf_files):
