@@ -58,6 +58,8 @@ if TYPE_CHECKING:
 GGUF_MAGIC = b"GGUF"
 GGUF_MARKER = "sluice_gguf.json"
 """The file in a sidecar directory naming its GGUF weights: {"gguf_file": "<absolute path>"}."""
+SMALL_ARRAY_ITEMS = 16
+"""Metadata arrays up to this length are always parsed (`GGUFInfo.metadata` holds them)."""
 SIDECAR_FORMAT = 1
 """Bumped whenever what a sidecar holds changes, so old caches are rebuilt."""
 
@@ -118,7 +120,7 @@ class GGUFInfo:
     name: str | None                 # general.name
     num_tensors: int
     tensor_types: dict[str, int]     # type name -> number of tensors, e.g. {"Q4_K": 154, ...}
-    metadata: dict[str, Any]         # every scalar key (and arrays of <= 16 items)
+    metadata: dict[str, Any]         # every scalar key (and arrays of <= SMALL_ARRAY_ITEMS)
     config: dict[str, Any]           # the config.json the sidecar will hold
 
 
@@ -135,10 +137,9 @@ def open_gguf(path: str | Path, *, metadata_arrays: bool = True) -> GGUFReader:
     """A `gguf.GGUFReader` over `path` (memory-mapped), its header parsed and every tensor's
     bytes checked to lie inside the file. Raises `ModelLoadError` naming the file.
     `metadata_arrays=False` (for reading weights): the metadata's arrays (the tokenizer's
-    vocabulary, merges, scores: ~90% of a header's parse time) are stepped over, not parsed;
-    `field_value` refuses them (`skipped_array`), scalars and tensors are read as ever."""
-    import gguf
-
+    vocabulary, merges, scores: ~90% of a header's parse time; those of more than
+    SMALL_ARRAY_ITEMS items) are stepped over, not parsed; `field_value` refuses them
+    (`skipped_array`), scalars, short arrays and tensors are read as ever."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"GGUF file {path} does not exist or is not a file.")
@@ -206,6 +207,8 @@ def _fast_reader_class(skip_arrays: bool = False) -> type[GGUFReader]:
                                                                           np.uint64)
             itype, n, offs = gguf.GGUFValueType(raw_itype[0]), int(length[0]), orig_offs + 12
             scalar = self.gguf_scalar_to_np.get(itype)
+            if n <= SMALL_ARRAY_ITEMS:  # kept: `GGUFInfo.metadata` holds short arrays
+                return super()._get_field_parts(orig_offs, raw_type)
             if scalar is not None:
                 offs += n * np.dtype(scalar).itemsize
             elif itype == gguf.GGUFValueType.STRING:  # each: uint64 byte count, then bytes
@@ -283,7 +286,7 @@ def skipped_array(field: Any) -> bool:
 def _metadata(reader: GGUFReader) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, field in reader.fields.items():
-        if len(field.data) <= 16:
+        if len(field.data) <= SMALL_ARRAY_ITEMS and not skipped_array(field):
             out[key] = field_value(reader, key)
     return out
 
@@ -293,7 +296,7 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
     from sluice.model_spec.gguf_config import hf_config
 
     path = Path(path).expanduser().absolute()
-    reader = open_gguf(path)
+    reader = open_gguf(path, metadata_arrays=False)  # the config reads scalars only
     arch = field_value(reader, "general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
