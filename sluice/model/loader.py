@@ -194,8 +194,8 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
     if gguf_file is not None:
         from sluice.model.gguf_quant import keep_gguf_blocks
         from sluice.model.gguf_weights import iterate_gguf
-        from sluice.model_spec.gguf import open_gguf
-        reader = open_gguf(gguf_file, metadata_arrays=False)  # parsed once for both steps
+        from sluice.model_spec.gguf import gguf_reader
+        reader = gguf_reader(gguf_file)  # the header parsed once for both steps
         keep = keep_gguf_blocks(model, reader, quantization, ops.cpu_ops, dtype, device,
                                 lora_enabled=lora is not None and lora.enable_lora,
                                 bf16_products=weight_dtype == torch.bfloat16)

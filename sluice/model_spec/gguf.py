@@ -203,12 +203,13 @@ def _fast_reader_class(skip_arrays: bool = False) -> type[GGUFReader]:
                                                                            list]:
             if raw_type != gguf.GGUFValueType.ARRAY:
                 return super()._get_field_parts(orig_offs, raw_type)
-            raw_itype, length = self._get(orig_offs, np.uint32), self._get(orig_offs + 4,
-                                                                          np.uint64)
-            itype, n, offs = gguf.GGUFValueType(raw_itype[0]), int(length[0]), orig_offs + 12
-            scalar = self.gguf_scalar_to_np.get(itype)
+            raw_itype = self._get(orig_offs, np.uint32)
+            length = self._get(orig_offs + 4, np.uint64)
+            n, offs = int(length[0]), orig_offs + 12
             if n <= SMALL_ARRAY_ITEMS:  # kept: `GGUFInfo.metadata` holds short arrays
                 return super()._get_field_parts(orig_offs, raw_type)
+            itype = gguf.GGUFValueType(raw_itype[0])
+            scalar = self.gguf_scalar_to_np.get(itype)
             if scalar is not None:
                 offs += n * np.dtype(scalar).itemsize
             elif itype == gguf.GGUFValueType.STRING:  # each: uint64 byte count, then bytes
