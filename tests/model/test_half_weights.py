@@ -165,15 +165,16 @@ def test_bf16_mlp_keeps_bf16_between_its_gemms_with_the_same_bits(cpu_ops, llama
 
 def test_argmax_rows_bf16_is_torch_argmax_of_the_widened_rows(cpu_ops):
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(6, 2500, generator=g).to(torch.bfloat16)   # 3 chunks of the kernel's 1024
-    x[1, 1500] = x[1, 40] = 9.0                  # a tie across chunks: the first one wins
+    x = torch.randn(6, 2500, generator=g).to(torch.bfloat16)   # 39 groups of 64 and a tail
+    x[1, 1500] = x[1, 40] = 9.0                  # a tie across groups: the first one wins
     x[2, :] = -float("inf")                      # all -inf: index 0
     x[3, 2000], x[3, 2100] = float("nan"), 50.0  # a NaN wins, as in torch.argmax
     x[4, 7] = float("inf")
+    x[5, 2499] = 20.0                            # the maximum in the tail past the last group
     out = torch.empty(6, dtype=torch.long)
     cpu_ops.argmax_rows_bf16(out, x)
     assert out.tolist() == torch.argmax(x.float(), dim=1).tolist()
-    assert out[1] == 40 and out[3] == 2000
+    assert out[1] == 40 and out[3] == 2000 and out[5] == 2499
 
 
 @pytest.mark.skipif(not native_bf16_products(), reason="no native bf16 GEMM (AMX-BF16 or "

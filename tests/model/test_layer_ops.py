@@ -239,7 +239,7 @@ def test_rotary_matches_torch(ops, rows, heads):
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("vocab", [1, 15, 16, 17, 32000])
+@pytest.mark.parametrize("vocab", [1, 15, 16, 17, 63, 64, 65, 32000])
 def test_argmax_matches_torch_with_ties_nan_and_inf(cpu_ops, vocab):
     """The greedy-sampling argmax: torch's first-maximum rule on random rows, ties (first
     index wins), a NaN (torch returns the first NaN), all -inf, and strided rows."""

@@ -170,33 +170,67 @@ void rotary(at::Tensor out, at::Tensor x, at::Tensor cos, at::Tensor sin) {
 
 namespace {
 
-// Index of the first maximum of x[0..n) as torch.argmax: the first NaN if there is one.
-int64_t argmax_row(const float* x, int64_t n) {
-  constexpr int L = sluice::kLanes;
-  float m[L];
-  int nan[L] = {0};
-  for (int j = 0; j < L; ++j) m[j] = -std::numeric_limits<float>::infinity();
+// 16 values of a row as float32: a bf16 value widened exactly (its bits are the high half).
+inline sluice::v16 load16_wide(const float* p) { return sluice::load16(p); }
+inline sluice::v16 load16_wide(const c10::BFloat16* p) {
+  using u16x16 = uint16_t __attribute__((vector_size(32)));
+  using u32x16 = uint32_t __attribute__((vector_size(64)));
+  u16x16 half;
+  std::memcpy(&half, p, sizeof half);
+  const u32x16 u = __builtin_convertvector(half, u32x16) << 16;
+  sluice::v16 f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline float wide(float v) { return v; }
+inline float wide(c10::BFloat16 v) { return static_cast<float>(v); }
+
+// Index of the first maximum of x[0..n) as torch.argmax on x's float32 values: the first NaN
+// if there is one. Pass 1 keeps kVecs vectors of lane maxima (m = m < x ? x : m, which skips
+// NaNs as std::max does) and a NaN flag per lane, independent chains the compiler keeps in
+// registers (a scalar loop compiled to one vmaxss per element); pass 2 finds the first element
+// equal to the maximum (or the first NaN), kVecs * 16 values per test. bf16 values are widened
+// in registers, so both passes read the row itself.
+template <typename T>
+int64_t argmax_row(const T* x, int64_t n) {
+  using sluice::v16;
+  using i16 = int32_t __attribute__((vector_size(64)));
+  constexpr int kVecs = 4, kStep = 16 * kVecs;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  v16 m[kVecs];
+  i16 nan[kVecs];
+  for (int v = 0; v < kVecs; ++v) {
+    m[v] = v16{} + kNegInf;
+    nan[v] = i16{};
+  }
   int64_t i = 0;
-  for (; i + L <= n; i += L)
-    for (int j = 0; j < L; ++j) {
-      m[j] = std::max(m[j], x[i + j]);
-      nan[j] |= x[i + j] != x[i + j];
+  for (; i + kStep <= n; i += kStep)
+    for (int v = 0; v < kVecs; ++v) {
+      const v16 a = load16_wide(x + i + 16 * v);
+      m[v] = m[v] < a ? a : m[v];
+      nan[v] |= a != a;
     }
-  float best = -std::numeric_limits<float>::infinity();
-  int any_nan = 0;
-  for (int j = 0; j < L; ++j) best = std::max(best, m[j]), any_nan |= nan[j];
-  for (int64_t t = i; t < n; ++t) best = std::max(best, x[t]), any_nan |= x[t] != x[t];
+  float best = kNegInf;
+  bool any_nan = false;
+  for (int v = 0; v < kVecs; ++v)
+    for (int j = 0; j < 16; ++j) best = std::max(best, m[v][j]), any_nan |= nan[v][j] != 0;
+  for (int64_t t = i; t < n; ++t) {
+    const float v = wide(x[t]);
+    best = std::max(best, v), any_nan |= v != v;
+  }
   if (any_nan) {
     for (int64_t t = 0; t < n; ++t)
-      if (x[t] != x[t]) return t;
+      if (wide(x[t]) != wide(x[t])) return t;
   }
-  for (i = 0; i + L <= n; i += L) {  // first block holding `best`, then its first lane
-    int hit = 0;
-    for (int j = 0; j < L; ++j) hit |= x[i + j] == best;
-    if (hit) break;
+  for (i = 0; i + kStep <= n; i += kStep) {  // first group holding `best`, then its first lane
+    i16 hit = {};
+    for (int v = 0; v < kVecs; ++v) hit |= load16_wide(x + i + 16 * v) == best;
+    bool any = false;
+    for (int j = 0; j < 16; ++j) any |= hit[j] != 0;
+    if (any) break;
   }
   for (; i < n; ++i)
-    if (x[i] == best) return i;
+    if (wide(x[i]) == best) return i;
   return 0;  // n == 0, or every value is -inf
 }
 
@@ -213,23 +247,6 @@ void argmax_rows(at::Tensor out, at::Tensor x) {
   for (int64_t t = 0; t < rows; ++t) op[t] = argmax_row(xp + t * ldx, n);
 }
 
-// argmax_row over bf16 values, widened exactly in L1-sized chunks: the same index torch.argmax
-// gives on x.float() (first maximum; the first NaN if any).
-int64_t argmax_row_bf16(const c10::BFloat16* x, int64_t n) {
-  constexpr int64_t kChunk = 1024;
-  float wide[kChunk];
-  float best = -std::numeric_limits<float>::infinity();
-  int64_t best_at = 0;
-  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-    const int64_t len = std::min(kChunk, n - c0);
-    sluice::widen_from_bf16(wide, x + c0, len);
-    const int64_t at = argmax_row(wide, len);
-    if (wide[at] != wide[at]) return c0 + at;  // the first NaN (earlier chunks had none)
-    if (wide[at] > best) best = wide[at], best_at = c0 + at;  // strictly: keeps the first
-  }
-  return best_at;
-}
-
 void argmax_rows_bf16(at::Tensor out, at::Tensor x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1,
               "argmax_rows_bf16 x: bfloat16 [rows, n] with contiguous rows expected");
@@ -239,5 +256,5 @@ void argmax_rows_bf16(at::Tensor out, at::Tensor x) {
   const auto* xp = x.data_ptr<c10::BFloat16>();
   int64_t* op = out.data_ptr<int64_t>();
 #pragma omp parallel for schedule(dynamic, 1) if (rows * n >= 4 * kParallelMin)
-  for (int64_t t = 0; t < rows; ++t) op[t] = argmax_row_bf16(xp + t * ldx, n);
+  for (int64_t t = 0; t < rows; ++t) op[t] = argmax_row(xp + t * ldx, n);
 }
