@@ -29,16 +29,25 @@ inline void narrow_to_bf16(c10::BFloat16* dst, const float* src, int64_t n) {
   for (; i < n; ++i) dst[i] = c10::BFloat16(src[i]);
 }
 
-// dst[0 .. n) = float(src[0 .. n)), exactly.
-inline void widen_from_bf16(float* dst, const c10::BFloat16* src, int64_t n) {
+// 16 bf16 values at p widened exactly to float32 (their bits are the high halves).
+inline float __attribute__((vector_size(64))) load16_from_bf16(const c10::BFloat16* p) {
   using u32x16 = uint32_t __attribute__((vector_size(64)));
   using u16x16 = uint16_t __attribute__((vector_size(32)));
+  using f32x16 = float __attribute__((vector_size(64)));
+  u16x16 half;
+  std::memcpy(&half, p, sizeof half);
+  const u32x16 u = __builtin_convertvector(half, u32x16) << 16;
+  f32x16 f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// dst[0 .. n) = float(src[0 .. n)), exactly.
+inline void widen_from_bf16(float* dst, const c10::BFloat16* src, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    u16x16 half;
-    std::memcpy(&half, src + i, sizeof half);
-    const u32x16 u = __builtin_convertvector(half, u32x16) << 16;
-    std::memcpy(dst + i, &u, sizeof u);
+    const auto f = load16_from_bf16(src + i);
+    std::memcpy(dst + i, &f, sizeof f);
   }
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }

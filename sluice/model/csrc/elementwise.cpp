@@ -170,18 +170,9 @@ void rotary(at::Tensor out, at::Tensor x, at::Tensor cos, at::Tensor sin) {
 
 namespace {
 
-// 16 values of a row as float32: a bf16 value widened exactly (its bits are the high half).
+// 16 values of a row as float32 (bf16 widened exactly, bf16_rows.h).
 inline sluice::v16 load16_wide(const float* p) { return sluice::load16(p); }
-inline sluice::v16 load16_wide(const c10::BFloat16* p) {
-  using u16x16 = uint16_t __attribute__((vector_size(32)));
-  using u32x16 = uint32_t __attribute__((vector_size(64)));
-  u16x16 half;
-  std::memcpy(&half, p, sizeof half);
-  const u32x16 u = __builtin_convertvector(half, u32x16) << 16;
-  sluice::v16 f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
+inline sluice::v16 load16_wide(const c10::BFloat16* p) { return sluice::load16_from_bf16(p); }
 inline float wide(float v) { return v; }
 inline float wide(c10::BFloat16 v) { return static_cast<float>(v); }
 
