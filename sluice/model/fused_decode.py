@@ -164,13 +164,14 @@ def _projections(layer: nn.Module) -> tuple[nn.Module, ...]:
 
 def _quant_type(layer: nn.Module) -> int:
     """The `gguf_linear` type id of a projection that runs it (`kernel_type`: a GGUF block
-    type's GGML id, | 256 for int8 activations; BF16 / F16 for 16-bit weights), 0 for a
-    float32 weight."""
+    type's GGML id, | 256 for int8 activations, | 1024 VNNI-packed; BF16 / F16 for 16-bit
+    weights), 0 for a float32 weight."""
     method = layer.linear_method
     if isinstance(method, LoRALinearMethod):
         method = method.base
-    return (method.kernel_type
-            if isinstance(method, (GgufBlockLinearMethod, HalfWeightLinearMethod)) else 0)
+    if isinstance(method, GgufBlockLinearMethod):
+        return method.layer_kernel_type(layer)
+    return method.kernel_type if isinstance(method, HalfWeightLinearMethod) else 0
 
 
 def _weights_ok(model: nn.Module) -> bool:

@@ -86,6 +86,7 @@ constexpr int64_t kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ6_K =
 constexpr int kMaxQuantSkinnyRows = 8;
 constexpr int64_t kInt8Activations = 256;  // a flag on the type id (see the file comment)
 constexpr int64_t kBf16Products = 512;     // another: more rows may run amx::bf16_linear
+constexpr int64_t kVnniPacked = 1024;      // Q8_0 in vnni_q8.cpp's packed layout: every M
 
 bool takes_int8_activations(int64_t type) {
   return type == kQ4_0 || type == kQ4_1 || type == kQ8_0;
@@ -821,7 +822,8 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
                  std::optional<at::Tensor> bias) {
   const bool int8_act = (type & kInt8Activations) != 0;
   const bool bf16_products = (type & kBf16Products) != 0;
-  type &= ~(kInt8Activations | kBf16Products);
+  const bool vnni_packed = (type & kVnniPacked) != 0;
+  type &= ~(kInt8Activations | kBf16Products | kVnniPacked);
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2, "gguf_linear: 2-D x and out expected");
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   const WeightBytes wb = check_weight(w, type, k, "gguf_linear");
@@ -840,6 +842,15 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
     bp = bias->data_ptr<float>();
   }
   if (m == 0 || n == 0) return;
+  if (vnni_packed) {
+    TORCH_CHECK(type == kQ8_0 && vnni::available() && n % vnni::kTileCols == 0 &&
+                    wb.ld == k / 32 * vnni::kQ8Bytes,
+                "gguf_linear: a VNNI-packed weight (type | 1024) must be contiguous Q8_0 with "
+                "N a multiple of 16, on a CPU with AVX512-VNNI");
+    vnni::q8_linear(out.data_ptr<float>(), m, n, k, x.data_ptr<float>(), x.stride(0), wb.data,
+                    bp);
+    return;
+  }
   const uint8_t* wp = wb.data;
   const int64_t ldw = wb.ld, ldx = x.stride(0);
   const float* xp = x.data_ptr<float>();  // re-pointed to a rounded copy for bf16 products
