@@ -77,7 +77,9 @@ class ModelConfig:
         "32 weights of an output channel (llama.cpp's Q8_0 blocks), decode steps' "
         "activations to int8 per 32 values (integer dot products, as llama.cpp); prefill "
         "and batched steps (more than 8 rows) multiply in bf16 (on AMX where the CPU has "
-        "it), embedding and LM head stay float. A .gguf model keeps its blocks and "
+        "it), or on a CPU with AVX512-VNNI take int8 activations too (vpdpbusd on the Q8_0 "
+        "blocks regrouped at load), embedding and LM head stay float. A .gguf model keeps "
+        "its blocks and "
         "its Q4_0/Q4_1/Q8_0 ones (LM head included) decode with int8 activations.",
         choices=("gguf", "none", "int8"))
     max_model_len: int | None = option(None, "Maximum tokens per request (prompt + output). "

@@ -2,7 +2,9 @@
 //
 //   gguf_linear(out, x, w, type, bias):  out[M, N] = x[M, K] @ dequant(w)[N, K]^T (+ bias[N])
 //                                        (type | 256: x quantized to int8 first for up to 8
-//                                        rows; type | 512: bf16 products for more; see below)
+//                                        rows; type | 512: bf16 products for more; see below;
+//                                        Q8_0 | 256 | 1024: w in vnni_q8.cpp's packed layout,
+//                                        int8 x at every M on AVX512-VNNI)
 //   gguf_dequantize(out, w, type):       out[N, K] = dequant(w)
 //
 // w is uint8 [N, row_bytes]: row n holds output channel n as K / block_elems consecutive blocks
