@@ -16,7 +16,7 @@ and computes llama.cpp's integer dot products (vpmaddubsw/vpmaddwd, int32 per bl
 per block with d * xd: 1.1-1.9x the float-activation kernel at one row, by CPU and file); more rows
 (prefill) run dequantized panels + sgemm with float activations — except on a CPU with
 AVX512-VNNI, where the layers' blocks are regrouped in place at load and every row count runs
-int8 activations on vpdpbusd (`gguf_linear`'s VNNI_PACKED_FLAG; csrc/vnni_q8.cpp). The fused decode stack runs
+int8 activations on vpdpbusd (`gguf_linear`'s VNNI_PACKED_FLAG; csrc/vnni_linear.cpp). The fused decode stack runs
 these layers. A scale per 32 weights rather than one per output channel costs 6% more memory
 and keeps the error of a channel with one large weight local to its block.
 

@@ -34,7 +34,7 @@ from sluice.model.int8_quant import quantize_q8_0
 from sluice.model.layers.gguf_linear import (BLOCK_TYPES, INT8_ACTIVATION_TYPES,
                                              INT8_ACTIVATIONS_FLAG, VNNI_PACKED_FLAG,
                                              GgufBlockLinearMethod, dequantize_blocks,
-                                             quantize_activations_q8, vnni_unpacked_q8_0)
+                                             quantize_activations_q8, vnni_unpacked)
 from sluice.model.layers.linear import LinearBase
 
 from _sluice_model_helpers import load_ours
@@ -99,52 +99,59 @@ def test_int8_activation_kernel_matches_reference(cpu_ops, qtype):
 
 def vnni_note(ops) -> str:
     """The repr note of a Q8_0 int8-activation method on this CPU."""
-    return ", VNNI" if ops.vnni_q8_available() else ""
+    return ", VNNI" if ops.vnni_available() else ""
 
 
-def q8_reference(x: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None):
-    """float64 F.linear of the block-quantized activations and the dequantized Q8_0 weight, and
+def int8_reference(x: torch.Tensor, blocks: torch.Tensor, qtype: str,
+                   bias: torch.Tensor | None):
+    """float64 F.linear of the block-quantized activations and the dequantized weight, and
     the fp32 summation-order scale |xq| @ |w|.T of each output."""
     xa = quantize_activations_q8(x).double()
-    weight = dequantize_blocks(blocks, "Q8_0").double()
+    weight = dequantize_blocks(blocks, qtype).double()
     return (F.linear(xa, weight, None if bias is None else bias.double()),
             xa.abs() @ weight.abs().T)
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 9, 64, 130])
-def test_vnni_q8_kernel_matches_reference(cpu_ops, m):
-    """VNNI-packed Q8_0 (csrc/vnni_q8.cpp): packing is exact and reversible; any row count
-    (row tiles of 4 and remainders; 3 channel tiles: a pair and a single) equals int8
-    activations x the Q8_0 weight within fp32 summation order, with and without a bias."""
-    if not cpu_ops.vnni_q8_available():
+def test_vnni_kernel_matches_reference(cpu_ops, qtype, m):
+    """VNNI-packed blocks (csrc/vnni_linear.cpp): packing is exact and reversible (the C++
+    inverse and the documented layout in Python); any row count (row tiles of 4 and
+    remainders; 3 channel tiles: a pair and a single) equals int8 activations x the dequantized
+    weight within fp32 summation order, with and without a bias."""
+    if not cpu_ops.vnni_available():
         pytest.skip("this CPU does not report AVX512-VNNI")
     g = torch.Generator().manual_seed(m)
     n, k = 48, 96
-    blocks = quantize_q8_0(torch.randn(n, k, generator=g) * torch.logspace(-2, 0, k))
+    ggml_id = BLOCK_TYPES[qtype].ggml_id
+    blocks = torch.from_numpy(random_blocks(qtype, n, k, np.random.default_rng(m)))
     packed = blocks.clone()
-    cpu_ops.vnni_pack_q8_0(packed)
+    cpu_ops.vnni_pack(packed, ggml_id)
     assert packed.shape == blocks.shape and not torch.equal(packed, blocks)
     restored = packed.clone()
-    cpu_ops.vnni_unpack_q8_0(restored)
+    cpu_ops.vnni_unpack(restored, ggml_id)
     assert torch.equal(restored, blocks)
-    assert torch.equal(vnni_unpacked_q8_0(packed), blocks)    # the layout as documented
+    assert torch.equal(vnni_unpacked(packed, qtype), blocks)    # the layout as documented
     x = torch.randn(m, k, generator=g) * torch.logspace(-2, 1, k)    # outlier columns
+    flags = ggml_id | INT8_ACTIVATIONS_FLAG | VNNI_PACKED_FLAG
     for bias in (None, torch.randn(n, generator=g)):
         out = torch.full((m, n), float("nan"))
-        cpu_ops.gguf_linear(out, x, packed, 8 | INT8_ACTIVATIONS_FLAG | VNNI_PACKED_FLAG, bias)
-        ref, bound = q8_reference(x, blocks, bias)
+        cpu_ops.gguf_linear(out, x, packed, flags, bias)
+        ref, bound = int8_reference(x, blocks, qtype, bias)
         excess = ((out.double() - ref).abs() / (bound + 1e-30)).max().item()
         assert excess <= KERNEL_RTOL, (m, excess)
-        assert (out.double() - F.linear(x.double(), dequantize_blocks(blocks, "Q8_0").double(),
+        assert (out.double() - F.linear(x.double(), dequantize_blocks(blocks, qtype).double(),
                                         None if bias is None else bias.double())
                 ).abs().max() > 1e-4          # the activations were quantized
 
 
-def test_vnni_q8_rejects_what_it_cannot_pack(cpu_ops):
+def test_vnni_rejects_what_it_cannot_pack(cpu_ops):
     odd = quantize_q8_0(torch.randn(40, 64))       # 40 rows: not whole tiles of 16
     with pytest.raises(RuntimeError, match="multiple of 16"):
-        cpu_ops.vnni_pack_q8_0(odd)
-    if cpu_ops.vnni_q8_available():
+        cpu_ops.vnni_pack(odd, 8)
+    with pytest.raises(RuntimeError, match="no VNNI layout"):
+        cpu_ops.vnni_pack(quantize_q8_0(torch.randn(16, 64)), 12)     # Q4_K
+    if cpu_ops.vnni_available():
         with pytest.raises(RuntimeError, match="VNNI-packed weight"):
             cpu_ops.gguf_linear(torch.empty(1, 40), torch.randn(1, 64), odd,
                                 8 | INT8_ACTIVATIONS_FLAG | VNNI_PACKED_FLAG)
@@ -158,7 +165,7 @@ def test_vnni_layer_packs_at_load_and_every_path_agrees(cpu_ops):
     n, k = 64, 128
     blocks = quantize_q8_0(torch.randn(n, k, generator=g))
     method = GgufBlockLinearMethod(cpu_ops, "Q8_0", int8_activations=True)
-    assert method.vnni == cpu_ops.vnni_q8_available()
+    assert method.vnni == cpu_ops.vnni_available()
     if not method.vnni:
         pytest.skip("this CPU does not report AVX512-VNNI")
     layer = block_layer(method, blocks.numpy(), k, None)
@@ -170,7 +177,7 @@ def test_vnni_layer_packs_at_load_and_every_path_agrees(cpu_ops):
     for m in (2, 20):
         x = torch.randn(m, k, generator=g)
         y = method.apply(layer, x, None)
-        ref, bound = q8_reference(x, blocks, None)
+        ref, bound = int8_reference(x, blocks, "Q8_0", None)
         assert ((y.double() - ref).abs() / bound).max().item() <= KERNEL_RTOL
         torch.testing.assert_close(reference.apply(layer, x, None), y, rtol=1e-5, atol=1e-5)
 
@@ -202,7 +209,7 @@ def test_int8_model_layers_logits_and_fast_paths(cpu_ops, llama_dir):
                            f"activations, bf16 products{vnni_note(cpu_ops)})"
                            and m.weight.dtype == torch.uint8 for m in decoder)
     # on a CPU with AVX512-VNNI every layer (out_features 64 / 128 / 256) is packed for it
-    assert all(m.vnni_packed == cpu_ops.vnni_q8_available() for m in decoder)
+    assert all(m.vnni_packed == cpu_ops.vnni_available() for m in decoder)
     assert ours.lm_head.weight.dtype == torch.float32          # the LM head stays float
     assert ours.model.embed_tokens.weight.dtype == torch.float32
     int8_bytes = sum(m.weight.numel() for m in decoder)
@@ -224,12 +231,12 @@ def test_int8_model_layers_logits_and_fast_paths(cpu_ops, llama_dir):
     ref_layers = [m for m in ref.model.modules() if isinstance(m, LinearBase)]
     assert all(m.linear_method.ops is None for m in ref_layers)
     for m in ref_layers:     # packed alike: int8 activations at every row count
-        if cpu_ops.vnni_q8_available():
-            cpu_ops.vnni_pack_q8_0(m.weight.data)
+        if cpu_ops.vnni_available():
+            cpu_ops.vnni_pack(m.weight.data, 8)
             m.vnni_packed = True
     r = _logits(ref)
     for key in a:
-        if not cpu_ops.vnni_q8_available():
+        if not cpu_ops.vnni_available():
             torch.testing.assert_close(r[key], a[key], rtol=0, atol=1e-4)
             continue
         # int8 activations in prefill too: where the kernel's and the reference's float32
@@ -275,7 +282,8 @@ def test_smollm2_int8_and_bf16_perplexity(cpu_ops, smollm2_gguf):
 def test_gguf_int8_keeps_the_files_blocks_with_int8_activations(cpu_ops, tiny_gguf):
     """On a GGUF model int8 keeps the file's blocks (no re-quantization); the Q8_0 / Q4_1 ones
     (gate/up, down, embedding-tied LM head) compute with int8 activations in decode steps, Q4_K
-    (attention) with float activations, all with bf16 products in prefill; logits close to the
+    (attention) with float activations, all with bf16 products in prefill (on a CPU with
+    AVX512-VNNI the Q8_0 / Q4_1 ones with int8 activations there too); logits close to the
     float-activation run's, and the engine runs."""
     from sluice.frontend.llm import LLM
     from sluice.sampling_params import SamplingParams
@@ -283,12 +291,13 @@ def test_gguf_int8_keeps_the_files_blocks_with_int8_activations(cpu_ops, tiny_gg
     ours = load_ours(tiny_gguf, layer_ops="cpu", attn_backend="cpu_paged", quantization="int8")
     plain = load_ours(tiny_gguf, layer_ops="cpu", attn_backend="cpu_paged")
     layer = ours.model.layers[0]
-    vnni = cpu_ops.vnni_q8_available()
+    vnni = cpu_ops.vnni_available()
     assert repr(layer.mlp.gate_up_proj.linear_method) == (
         f"GgufBlockLinearMethod(Q8_0, int8 activations, bf16 products{vnni_note(cpu_ops)})")
     assert layer.mlp.gate_up_proj.vnni_packed == vnni
     assert repr(layer.mlp.down_proj.linear_method) == (
-        "GgufBlockLinearMethod(Q4_1, int8 activations, bf16 products)")
+        f"GgufBlockLinearMethod(Q4_1, int8 activations, bf16 products{vnni_note(cpu_ops)})")
+    assert layer.mlp.down_proj.vnni_packed == vnni
     assert repr(layer.self_attn.qkv_proj.linear_method) == (
         "GgufBlockLinearMethod(Q4_K, bf16 products)")
     assert repr(ours.lm_head.linear_method) == (
@@ -297,11 +306,12 @@ def test_gguf_int8_keeps_the_files_blocks_with_int8_activations(cpu_ops, tiny_gg
     # embedding (rows dequantized by lookups) keeps the file's layout
     assert not ours.lm_head.tied and ours.lm_head.vnni_packed == vnni
     assert torch.equal(ours.model.embed_tokens.weight, plain.model.embed_tokens.weight)
-    packed = {id(m.weight) for m in ours.modules() if getattr(m, "vnni_packed", False)}
+    packed = {id(m.weight): m.linear_method.qtype for m in ours.modules()
+              if getattr(m, "vnni_packed", False)}
+    assert set(packed.values()) == ({"Q8_0", "Q4_1"} if vnni else set())
     for a, b in zip(ours.parameters(), plain.parameters()):
         if id(a) in packed:
-            a = a.detach().clone()
-            cpu_ops.vnni_unpack_q8_0(a)
+            a = vnni_unpacked(a, packed[id(a)])
         assert torch.equal(a, b)                                  # the file's bytes, as kept
     a, b = _logits(ours), _logits(plain)
     def worst(step: str) -> float:

@@ -36,12 +36,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out"), py::arg("w"), py::arg("type"));
   m.def("amx_bf16_available", &amx_bf16_available,
         "Whether gguf_linear's bf16 products run on AMX here (amx_gemm.cpp)");
-  m.def("vnni_q8_available", &vnni_q8_available,
-        "Whether gguf_linear runs VNNI-packed Q8_0 weights (type flag 1024) here (vnni_q8.cpp)");
-  m.def("vnni_pack_q8_0", &vnni_pack_q8_0, nogil,
-        "Q8_0 blocks uint8 [N, row bytes] -> the VNNI-packed layout, in place (N % 16 == 0)");
-  m.def("vnni_unpack_q8_0", &vnni_unpack_q8_0, nogil,
-        "The VNNI-packed layout -> Q8_0 blocks, in place (exact inverse of vnni_pack_q8_0)");
+  m.def("vnni_available", &vnni_available,
+        "Whether gguf_linear runs VNNI-packed Q8_0/Q4_0/Q4_1 weights (type flag 1024) here "
+        "(vnni_linear.cpp)");
+  m.def("vnni_pack", &vnni_pack, nogil,
+        "GGUF blocks uint8 [N, row bytes] of type 8, 2 or 3 -> the VNNI-packed layout, in place "
+        "(N % 16 == 0)", py::arg("w"), py::arg("type"));
+  m.def("vnni_unpack", &vnni_unpack, nogil,
+        "The VNNI-packed layout -> GGUF blocks, in place (exact inverse of vnni_pack)",
+        py::arg("w"), py::arg("type"));
   m.def("gguf_block_elems", &gguf_block_elems, "Elements per block of a GGML type");
   m.def("gguf_block_bytes", &gguf_block_bytes, "Bytes per block of a GGML type");
   m.def("rms_norm", &rms_norm, nogil, "out = RMSNorm(x) (CPU, fp32)");

@@ -8,6 +8,6 @@
 #include "greedy_screen.cpp"
 #include "paged_decode.cpp"
 #include "paged_prefill.cpp"
-#include "vnni_q8.cpp"
+#include "vnni_linear.cpp"
 #include "quant_linear.cpp"
 #include "tiled_linear.cpp"

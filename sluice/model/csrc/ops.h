@@ -30,12 +30,12 @@ int64_t gguf_block_elems(int64_t type);
 // the CPU has AMX-BF16 and Linux granted the tile state; elsewhere the flag changes nothing.
 bool amx_bf16_available();
 int64_t gguf_block_bytes(int64_t type);
-// Q8_0 weights in vnni_q8.cpp's packed layout (the same bytes, regrouped per 16 rows), run by
-// gguf_linear with type 8 | 256 | 1024 for any M on AVX512-VNNI: whether this CPU has it, and
-// the in-place conversions between the Q8_0 and packed layouts (N a multiple of 16).
-bool vnni_q8_available();
-void vnni_pack_q8_0(at::Tensor w);
-void vnni_unpack_q8_0(at::Tensor w);
+// Q8_0 / Q4_0 / Q4_1 weights in vnni_linear.cpp's packed layout (the same bytes, regrouped per
+// 16 rows), run by gguf_linear with type | 256 | 1024 for any M on AVX512-VNNI: whether this
+// CPU has it, and the in-place conversions between the GGUF and packed layouts (N % 16 == 0).
+bool vnni_available();
+void vnni_pack(at::Tensor w, int64_t type);
+void vnni_unpack(at::Tensor w, int64_t type);
 
 // Fused elementwise operators of the decoder layers (elementwise.cpp).
 void rms_norm(at::Tensor out, at::Tensor x, at::Tensor w, double eps);

@@ -40,14 +40,15 @@ float activations): up to MAX_INT8_ACTIVATION_ROWS rows, the activations are qua
 32-element block (`quantize_activations_q8`) and the kernels compute integer dot products;
 the reference path applies the same quantization before F.linear.
 
-VNNI-packed Q8_0 (`vnni_packed`): on a CPU that reports AVX512-VNNI, a Q8_0 layer with int8
-activations and `out_features` a multiple of 16 has its blocks regrouped in place at load
-(`process_weights_after_loading`: the C++ `vnni_pack_q8_0`, the same bytes per 16 rows in
-vpdpbusd's order; csrc/vnni_q8.cpp) and every row count — prefill too — quantizes its
-activations per 32 values and runs integer block sums (1.5-1.9x oneDNN's bf16 GEMM on an AMD
-EPYC with AVX-512 at 64-512 rows, where the float path above ran at ~0.4x). Such a layer's
-`layer_kernel_type` carries VNNI_PACKED_FLAG; `dequantized_weight` unpacks a copy. A weight
-that another module also reads (a tied embedding) is never regrouped (`plan`).
+VNNI-packed blocks (`vnni_packed`): on a CPU that reports AVX512-VNNI, a Q8_0 / Q4_0 / Q4_1
+layer with int8 activations and `out_features` a multiple of 16 has its blocks regrouped in
+place at load (`process_weights_after_loading`: the C++ `vnni_pack`, the same bytes per 16 rows
+in vpdpbusd's order; csrc/vnni_linear.cpp) and every row count — prefill too — quantizes its
+activations per 32 values and runs integer block sums (Q8_0: 1.5-1.9x oneDNN's bf16 GEMM on
+an AMD EPYC with AVX-512 at 64-512 rows, where the float path above ran at ~0.4x). Such a
+layer's `layer_kernel_type` carries VNNI_PACKED_FLAG; `dequantized_weight` unpacks a copy
+(`vnni_unpacked`). A weight that another module also reads (a tied embedding) is never
+regrouped (`plan`).
 
 The fused decode stack lists this method in its `FastPathSupport` (its projections run
 `gguf_linear` in C++); the greedy screen, which reads a float LM head, does not and steps aside.
@@ -93,7 +94,7 @@ BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
 INT8_ACTIVATION_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 INT8_ACTIVATIONS_FLAG = 256     # or'ed into the type id given to gguf_linear
 BF16_PRODUCTS_FLAG = 512        # likewise: more rows may multiply in bf16 on AMX
-VNNI_PACKED_FLAG = 1024         # likewise: Q8_0 blocks regrouped for vpdpbusd, int8 at any M
+VNNI_PACKED_FLAG = 1024         # likewise: blocks regrouped for vpdpbusd, int8 at any M
 MAX_INT8_ACTIVATION_ROWS = 8    # the kernels' row limit for int8 activations (kMaxQuantSkinnyRows)
 
 
@@ -118,18 +119,34 @@ def dequantize_blocks(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
     return torch.from_numpy(np.asarray(values, dtype=np.float32))
 
 
-def vnni_unpacked_q8_0(packed: torch.Tensor) -> torch.Tensor:
-    """A VNNI-packed Q8_0 weight uint8 [N, K / 32 * 34] -> its Q8_0 blocks (a new tensor; the
-    reference of the C++ `vnni_unpack_q8_0`). Per tile g of 16 rows, block record b holds the
-    quants + 128 at [64 j + 4 c + i] for channel c, value 4 j + i, then the 16 fp16 scales."""
+def vnni_unpacked(packed: torch.Tensor, qtype: str) -> torch.Tensor:
+    """A VNNI-packed Q8_0 / Q4_0 / Q4_1 weight uint8 [N, row bytes] -> its GGUF blocks (a new
+    tensor; the reference of the C++ `vnni_unpack`, layout in csrc/vnni_linear.cpp). Per tile
+    g of 16 rows, block record b holds for channel c, value e: Q8_0 the quant + 128 at
+    [64 (e / 4) + 4 c + e % 4]; Q4 the nibble at [64 (e / 8) + 4 c + e % 4], low for e % 8 < 4,
+    high otherwise; then the 16 fp16 scales (and Q4_1's 16 fp16 mins)."""
+    block = BLOCK_TYPES[qtype]
     n, row_bytes = packed.shape
-    nb = row_bytes // 34
-    records = packed.detach().cpu().reshape(n // 16, nb, 544)
-    quants = records[..., :512].reshape(n // 16, nb, 8, 16, 4).permute(0, 3, 1, 2, 4)
-    quants = (quants.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)
-    scales = records[..., 512:].reshape(n // 16, nb, 16, 2).permute(0, 2, 1, 3)
-    blocks = torch.cat([scales, quants.reshape(n // 16, 16, nb, 32)], dim=-1)
+    nb, groups = row_bytes // block.block_bytes, n // 16
+    records = packed.detach().cpu().reshape(groups, nb, 16 * block.block_bytes)
+    if qtype == "Q8_0":
+        raw = records[..., :512].reshape(groups, nb, 8, 16, 4).permute(0, 3, 1, 2, 4)
+        quants = (raw.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)
+        quants = quants.reshape(groups, 16, nb, 32)
+        tail = records[..., 512:]
+    else:
+        raw = records[..., :256].reshape(groups, nb, 4, 16, 4)
+        values = torch.stack([raw & 15, raw >> 4], dim=3)          # [g, b, j, half, c, i]
+        values = values.permute(0, 4, 1, 2, 3, 5).reshape(groups, 16, nb, 32)
+        quants = values[..., :16] | (values[..., 16:] << 4)        # GGUF's qs bytes
+        tail = records[..., 256:]
+    scalars = tail.reshape(groups, nb, -1, 16, 2).permute(0, 3, 1, 2, 4)  # d (then m)
+    blocks = torch.cat([scalars.reshape(groups, 16, nb, -1), quants], dim=-1)
     return blocks.reshape(n, row_bytes).to(packed.device)
+
+
+VNNI_TYPES = ("Q8_0", "Q4_0", "Q4_1")
+"""The block types `vnni_pack` regroups (with int8 activations, on a CPU with AVX512-VNNI)."""
 
 
 class GgufBlockLinearMethod(LinearMethod):
@@ -145,9 +162,10 @@ class GgufBlockLinearMethod(LinearMethod):
         self.block_type = BLOCK_TYPES[qtype]
         self.int8_activations = int8_activations and qtype in INT8_ACTIVATION_TYPES
         self.bf16_products = bf16_products
-        #: Q8_0 with int8 activations on a CPU with AVX512-VNNI: layers get packed at load
-        self.vnni = (qtype == "Q8_0" and self.int8_activations and ops is not None
-                     and hasattr(ops, "vnni_q8_available") and ops.vnni_q8_available())
+        #: Q8_0 / Q4_0 / Q4_1 with int8 activations on a CPU with AVX512-VNNI: layers get
+        #: packed at load
+        self.vnni = (qtype in VNNI_TYPES and self.int8_activations and ops is not None
+                     and hasattr(ops, "vnni_available") and ops.vnni_available())
         self._shared_weights: set[int] = set()
 
     @property
@@ -169,7 +187,7 @@ class GgufBlockLinearMethod(LinearMethod):
 
     def plan(self, model: nn.Module) -> None:
         """Note the parameters that more than one module holds (a tied LM head's weight is the
-        embedding's) or that a module without a linear method reads: those keep the Q8_0
+        embedding's) or that a module without a linear method reads: those keep the GGUF
         layout."""
         if self.vnni:
             holders: dict[int, int] = {}
@@ -180,14 +198,14 @@ class GgufBlockLinearMethod(LinearMethod):
             self._shared_weights = {key for key, count in holders.items() if count > 1}
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        """With `vnni`: regroup the layer's Q8_0 blocks in place for the VNNI kernel (module
+        """With `vnni`: regroup the layer's blocks in place for the VNNI kernel (module
         doc) where its shape allows and no other module reads the weight."""
         weight = layer.weight
         layer.vnni_packed = False
         if (self.vnni and weight.device.type == "cpu" and weight.dtype == torch.uint8
                 and weight.is_contiguous() and weight.shape[0] % 16 == 0
                 and id(weight) not in self._shared_weights):
-            self.ops.vnni_pack_q8_0(weight.data)
+            self.ops.vnni_pack(weight.data, self.block_type.ggml_id)
             layer.vnni_packed = True
 
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int, *,
@@ -206,7 +224,7 @@ class GgufBlockLinearMethod(LinearMethod):
         """The layer's weight as float32 [out, in] (a fresh tensor)."""
         blocks = layer.weight
         if getattr(layer, "vnni_packed", False):
-            blocks = vnni_unpacked_q8_0(blocks)
+            blocks = vnni_unpacked(blocks, self.qtype)
         return dequantize_blocks(blocks, self.qtype)
 
     def dequantize_rows(self, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
