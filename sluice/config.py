@@ -79,8 +79,8 @@ class ModelConfig:
         "and batched steps (more than 8 rows) multiply in bf16 (on AMX where the CPU has "
         "it), or on a CPU with AVX512-VNNI take int8 activations too (vpdpbusd on the Q8_0 "
         "blocks regrouped at load), embedding and LM head stay float. A .gguf model keeps "
-        "its blocks and "
-        "its Q4_0/Q4_1/Q8_0 ones (LM head included) decode with int8 activations.",
+        "its blocks and its Q4_0/Q4_1/Q8_0 ones (LM head included) decode with int8 "
+        "activations (with AVX512-VNNI: every step).",
         choices=("gguf", "none", "int8"))
     max_model_len: int | None = option(None, "Maximum tokens per request (prompt + output). "
                                        "Default: the model's max_position_embeddings.", ge=1)
