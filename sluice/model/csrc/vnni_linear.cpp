@@ -153,6 +153,7 @@ inline bool available() {
 
 constexpr int kRows = 4;           // rows of x per register tile
 constexpr int64_t kRowChunk = 64;  // rows of x per work item
+constexpr int64_t kSerialQuantizeRows = 8;  // up to this many rows: x quantized by one thread
 
 // x [m, k] (row stride ldx) -> xq [m, k] int8, xd [m, k / 32], xs [m, k / 32] = the block's
 // sum of xq.
@@ -281,12 +282,17 @@ void linear(float* out, int64_t m, int64_t n, int64_t k, const float* x, int64_t
   std::vector<int32_t> xs(m * nb);
   const int64_t tiles = n / kTileCols, pairs = (tiles + 1) / 2;
   const int64_t chunks = (m + kRowChunk - 1) / kRowChunk;
+  // a few rows (decode) are quantized before the parallel region: one barrier less
+  const bool serial_quantize = m <= kSerialQuantizeRows;
+  if (serial_quantize) quantize_rows(x, ldx, m, k, xq.data(), xd.data(), xs.data());
 #pragma omp parallel
   {
+    if (!serial_quantize) {
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < m; ++r)
-      quantize_rows(x + r * ldx, ldx, 1, k, xq.data() + r * k, xd.data() + r * nb,
-                    xs.data() + r * nb);
+      for (int64_t r = 0; r < m; ++r)
+        quantize_rows(x + r * ldx, ldx, 1, k, xq.data() + r * k, xd.data() + r * nb,
+                      xs.data() + r * nb);
+    }
     // items: row chunk major, so a thread's consecutive items share x rows
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < chunks * pairs; ++item) {
