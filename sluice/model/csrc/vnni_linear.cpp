@@ -351,22 +351,21 @@ void check_packable(const at::Tensor& w, int64_t type, const char* who) {
               ": N must be a multiple of 16 and row_bytes of ", block_bytes, ", got [",
               w.size(0), ", ", w.size(1), "]");
 }
+
+// pack (GGUF -> packed) or unpack (packed -> GGUF) w's tiles in place.
+void regroup(at::Tensor& w, int64_t type, bool pack) {
+  check_packable(w, type, pack ? "vnni_pack" : "vnni_unpack");
+  const int64_t row_bytes = w.size(1);
+  vnni::each_tile_in_place(w.data_ptr<uint8_t>(), w.size(0), row_bytes,
+                           [&](uint8_t* dst, const uint8_t* src) {
+                             if (pack)
+                               vnni::pack_tile(type, dst, src, row_bytes);
+                             else
+                               vnni::unpack_tile(type, dst, src, row_bytes);
+                           });
+}
 }  // namespace
 
-void vnni_pack(at::Tensor w, int64_t type) {
-  check_packable(w, type, "vnni_pack");
-  const int64_t row_bytes = w.size(1);
-  vnni::each_tile_in_place(w.data_ptr<uint8_t>(), w.size(0), row_bytes,
-                           [&](uint8_t* dst, const uint8_t* src) {
-                             vnni::pack_tile(type, dst, src, row_bytes);
-                           });
-}
+void vnni_pack(at::Tensor w, int64_t type) { regroup(w, type, true); }
 
-void vnni_unpack(at::Tensor w, int64_t type) {
-  check_packable(w, type, "vnni_unpack");
-  const int64_t row_bytes = w.size(1);
-  vnni::each_tile_in_place(w.data_ptr<uint8_t>(), w.size(0), row_bytes,
-                           [&](uint8_t* dst, const uint8_t* src) {
-                             vnni::unpack_tile(type, dst, src, row_bytes);
-                           });
-}
+void vnni_unpack(at::Tensor w, int64_t type) { regroup(w, type, false); }
