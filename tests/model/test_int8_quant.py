@@ -201,6 +201,30 @@ def test_vnni_leaves_a_weight_another_module_reads(cpu_ops):
     assert not model.tied.vnni_packed and torch.equal(model.tied.weight, blocks)
 
 
+def test_vnni_tied_head_packs_and_embedding_lookups_follow(cpu_ops):
+    """An LM head tied to a block embedding (one Parameter, `gguf_blocks` on the embedding)
+    is packed; the embedding's lookups unpack the tiles holding the ids, with or without the
+    C++ operators, and equal the rows of the file's blocks."""
+    method = GgufBlockLinearMethod(cpu_ops, "Q8_0", int8_activations=True)
+    if not method.vnni:
+        pytest.skip("this CPU does not report AVX512-VNNI")
+    blocks = quantize_q8_0(torch.randn(64, 96))
+    model = nn.Module()
+    model.head = block_layer(method, blocks.numpy(), 96, None)
+    model.head.linear_method = method
+    model.embed = nn.Module()
+    model.embed.weight = model.head.weight
+    model.embed.gguf_blocks = method
+    method.plan(model)
+    method.process_weights_after_loading(model.head)
+    assert model.head.vnni_packed and model.embed.weight.vnni_packed
+    ids = torch.tensor([63, 0, 17, 17, 40, 1, 15, 16])
+    want = dequantize_blocks(blocks, "Q8_0")[ids]
+    assert torch.equal(method.dequantize_rows(model.embed.weight, ids), want)
+    reference = GgufBlockLinearMethod(None, "Q8_0", int8_activations=True)
+    assert torch.equal(reference.dequantize_rows(model.embed.weight, ids), want)
+
+
 def test_int8_model_layers_logits_and_fast_paths(cpu_ops, llama_dir):
     ours = load_ours(llama_dir, layer_ops="cpu", attn_backend="cpu_paged", quantization="int8")
     dense = load_ours(llama_dir, layer_ops="cpu", attn_backend="cpu_paged")

@@ -186,16 +186,15 @@ class GgufBlockLinearMethod(LinearMethod):
                                    else 0)
 
     def plan(self, model: nn.Module) -> None:
-        """Note the parameters that more than one module holds (a tied LM head's weight is the
-        embedding's) or that a module without a linear method reads: those keep the GGUF
-        layout."""
+        """Note the parameters that a module other than a linear layer or a block embedding
+        reads (`_shared_weights`): those keep the GGUF layout. An embedding whose weight a tied
+        LM head packs reads its rows through `dequantize_rows`, which follows the packing."""
         if self.vnni:
-            holders: dict[int, int] = {}
-            for m in model.modules():
-                plain = not isinstance(m.__dict__.get("linear_method"), LinearMethod)
-                for p in m.parameters(recurse=False):
-                    holders[id(p)] = holders.get(id(p), 0) + (2 if plain else 1)
-            self._shared_weights = {key for key, count in holders.items() if count > 1}
+            self._shared_weights = {
+                id(p) for m in model.modules()
+                if not isinstance(m.__dict__.get("linear_method"), LinearMethod)
+                and not isinstance(getattr(m, "gguf_blocks", None), GgufBlockLinearMethod)
+                for p in m.parameters(recurse=False)}
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """With `vnni`: regroup the layer's blocks in place for the VNNI kernel (module
@@ -207,6 +206,7 @@ class GgufBlockLinearMethod(LinearMethod):
                 and id(weight) not in self._shared_weights):
             self.ops.vnni_pack(weight.data, self.block_type.ggml_id)
             layer.vnni_packed = True
+            weight.vnni_packed = True    # for a tied embedding's lookups (`dequantize_rows`)
 
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int, *,
                        bias: bool, dtype: torch.dtype | None,
@@ -229,8 +229,20 @@ class GgufBlockLinearMethod(LinearMethod):
 
     def dequantize_rows(self, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` [n] of a block weight (uint8 [N, row bytes]) as float32 [n, in] (an
-        embedding lookup): the C++ `gguf_dequantize` of just those rows, or the reference."""
-        rows = weight.index_select(0, ids)
+        embedding lookup): the C++ `gguf_dequantize` of just those rows, or the reference. A
+        weight a tied LM head packed for VNNI (`weight.vnni_packed`) is read by unpacking the
+        16-row tiles that hold the ids."""
+        if getattr(weight, "vnni_packed", False):
+            tiles, where = torch.unique(ids // 16, return_inverse=True)
+            rows = weight.view(-1, 16 * weight.shape[1]).index_select(0, tiles)
+            rows = rows.view(-1, weight.shape[1])
+            if self.ops is not None and rows.device.type == "cpu":
+                self.ops.vnni_unpack(rows, self.block_type.ggml_id)   # a fresh copy
+            else:
+                rows = vnni_unpacked(rows, self.qtype)
+            rows = rows.index_select(0, where * 16 + ids % 16)
+        else:
+            rows = weight.index_select(0, ids)
         if self.ops is None or rows.device.type != "cpu":
             return dequantize_blocks(rows, self.qtype).to(rows.device)
         out = torch.empty(rows.shape[0], rows.shape[1] // self.block_type.block_bytes
