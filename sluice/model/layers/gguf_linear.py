@@ -47,8 +47,9 @@ in vpdpbusd's order; csrc/vnni_linear.cpp) and every row count â€” prefill too â
 activations per 32 values and runs integer block sums (Q8_0: 1.5-1.9x oneDNN's bf16 GEMM on
 an AMD EPYC with AVX-512 at 64-512 rows, where the float path above ran at ~0.4x). Such a
 layer's `layer_kernel_type` carries VNNI_PACKED_FLAG; `dequantized_weight` unpacks a copy
-(`vnni_unpacked`). A weight that another module also reads (a tied embedding) is never
-regrouped (`plan`).
+(`vnni_unpacked`). An LM head tied to a block embedding is regrouped too (the embedding's
+lookups, `dequantize_rows`, unpack the 16-row tiles that hold their ids); a weight that any
+other module reads is never regrouped (`plan`).
 
 The fused decode stack lists this method in its `FastPathSupport` (its projections run
 `gguf_linear` in C++); the greedy screen, which reads a float LM head, does not and steps aside.
