@@ -91,7 +91,8 @@ inline void set_gguf_quant(int64_t type, uint8_t* blk, int64_t e, int q) {
 
 // Byte and shift of value e of channel c in a packed record (layout above).
 inline int64_t packed_byte(int64_t type, int64_t c, int64_t e) {
-  return type == kQ8_0 ? 64 * (e / 4) + 4 * c + e % 4 : 64 * (e / 8) + 4 * c + e % 4;
+  const int64_t per_load = type == kQ8_0 ? 4 : 8;  // values of a channel per 64-byte load
+  return 64 * (e / per_load) + 4 * c + e % 4;
 }
 inline int packed_shift(int64_t type, int64_t e) {
   return type == kQ8_0 ? 0 : (e % 8 < 4 ? 0 : 4);

@@ -166,7 +166,7 @@ class GgufBlockLinearMethod(LinearMethod):
         #: Q8_0 / Q4_0 / Q4_1 with int8 activations on a CPU with AVX512-VNNI: layers get
         #: packed at load
         self.vnni = (qtype in VNNI_TYPES and self.int8_activations and ops is not None
-                     and hasattr(ops, "vnni_available") and ops.vnni_available())
+                     and ops.vnni_available())
         self._shared_weights: set[int] = set()
 
     @property
