@@ -22,8 +22,10 @@ compare_peers.py. Both read the same prompt from `<work-dir>/latency-prompt.json
 
 `--gguf FILE` (e.g. ~/.cache/sluice-tests/SmolLM2-135M-Instruct.Q4_1.gguf): both backends run
 that quantized file instead (needs only `compare_peers.py --setup`); sluice once per
-`--sluice-quantization` value (default `default,int8`: the file's blocks with float
-activations, and with int8 activations as llama.cpp computes them), and the floor counts the
+`--sluice-quantization` value (default `gguf,default`: the file's blocks with float
+activations, and sluice's default, which on a CPU with AVX512-VNNI runs the Q4_0/Q4_1/Q8_0
+blocks with int8 activations as llama.cpp computes them; `int8` adds bf16 products for the
+other types' prefill), and the floor counts the
 file's bytes per decode token (every weight but the embedding table, plus the LM head: the
 embedding's blocks again when tied).
 """
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-llamacpp", action="store_true")
     parser.add_argument("--gguf", type=Path, default=None,
                         help="run this GGUF file in both backends (module doc)")
-    parser.add_argument("--sluice-quantization", default="default,int8",
+    parser.add_argument("--sluice-quantization", default="gguf,default",
                         help="with --gguf: sluice's --quantization values, comma separated")
     parser.add_argument("--llamacpp-no-extra-bufts", action="store_true",
                         help="llama.cpp without its AMX / repacked weight buffers "

@@ -5,7 +5,9 @@
 
 One engine per variant lives in this process (`--variants`, a JSON object name -> engine
 options; default fp32 = `--quantization none`, int8 = `--quantization int8`, and for a .gguf
-model also gguf = its blocks kept, the default); each round runs every workload on every
+model also gguf = its blocks kept, the default (int8 activations for Q4_0/Q4_1/Q8_0 blocks on a
+CPU with AVX512-VNNI), and gguf-float = its blocks with float activations, `--quantization
+gguf`); each round runs every workload on every
 engine, rotating which goes first, and the table reports medians over rounds:
 
 * **TPOT / TTFT**: single-request greedy decoding of 3 random-token prompts of 64..256 tokens,
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     variants: dict[str, dict[str, Any]] = (
         json.loads(args.variants) if args.variants else
         {"fp32": {"quantization": "none"}, "int8": {"quantization": "int8"},
-         **({"gguf": {}} if model and model.endswith(".gguf") else {})})
+         **({"gguf": {}, "gguf-float": {"quantization": "gguf"}}
+            if model and model.endswith(".gguf") else {})})
     engines = {name: LLM(model, enable_prefix_caching=False,
                          kv_cache_memory=args.kv_cache_memory, **opts)
                for name, opts in variants.items()}

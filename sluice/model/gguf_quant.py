@@ -20,9 +20,13 @@ line naming the types kept quantized and those dequantized.
 
 Modes (`ModelConfig.quantization`):
     None (default)  keep blocks where sluice's C++ kernels run them: layer ops 'cpu' (the
-                    operators built), float32, CPU; else dequantize everything
+                    operators built), float32, CPU; else dequantize everything. On a CPU
+                    with AVX512-VNNI the kept Q4_0/Q4_1/Q8_0 blocks compute with int8
+                    activations at every step (`llama_cpp_numerics`), elsewhere with float
+                    activations
     'gguf'          keep blocks whatever the layer ops (without the C++ operators the products
-                    run the pure-torch reference, which dequantizes per call: slow)
+                    run the pure-torch reference, which dequantizes per call: slow), always
+                    with float activations (the blocks' exact dequantization times x)
     'none'          dequantize everything (the float path)
     'int8'          as None, and the kept Q4_0/Q4_1/Q8_0 blocks (linear layers, embedding
                     lookups aside, LM head) compute with int8 activations in decode steps
@@ -88,6 +92,15 @@ def _wanted(mode: str | None, ops: ModuleType | None, dtype: torch.dtype,
     return ops is not None and dtype == torch.float32 and device.type == "cpu"
 
 
+def llama_cpp_numerics(mode: str | None, ops: ModuleType | None) -> bool:
+    """Whether the default mode runs the kept Q4_0/Q4_1/Q8_0 blocks with int8 activations
+    quantized per 32 values, as llama.cpp computes these types (its `vec_dot_type` Q8_0 /
+    Q8_1): where the C++ operators run on a CPU with AVX512-VNNI, whose integer kernel
+    (csrc/vnni_linear.cpp) is 2-4x the float-activation one. Elsewhere the default keeps float
+    activations, and `--quantization gguf` asks for them on any CPU."""
+    return mode is None and ops is not None and ops.vnni_available()
+
+
 def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path | GGUFReader, mode: str | None,
                      ops: ModuleType | None, dtype: torch.dtype, device: torch.device,
                      lora_enabled: bool = False, bf16_products: bool = False) -> frozenset[str]:
@@ -105,10 +118,11 @@ def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path | GGUFReader, mode:
         sources[target].append(hf)
     methods: dict[str, GgufBlockLinearMethod] = {}
 
+    int8 = mode == "int8" or llama_cpp_numerics(mode, ops)
+
     def method_for(qtype: str) -> GgufBlockLinearMethod:  # one per type
-        int8 = mode == "int8"
-        return methods.setdefault(qtype, GgufBlockLinearMethod(ops, qtype, int8,
-                                                               bf16_products or int8))
+        return methods.setdefault(qtype, GgufBlockLinearMethod(
+            ops, qtype, int8, bf16_products or mode == "int8"))
 
     kept: set[str] = set()
     why_not: Counter[str] = Counter()
@@ -135,9 +149,11 @@ def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path | GGUFReader, mode:
     kept |= _keep_vocab_blocks(model, types, method_for)
     kept_types = Counter(types[h] for h in kept)
     rest = {h: t for h, t in types.items() if h not in kept}
-    logger.info("GGUF weights kept quantized: %s; dequantized to %s: %s%s.",
+    int8_types = sorted(q for q, m in methods.items() if m.int8_activations)
+    logger.info("GGUF weights kept quantized: %s; dequantized to %s: %s%s%s.",
                 ", ".join(f"{t} ({n} tensors)" for t, n in sorted(kept_types.items()))
                 or "none", dtype, _summary(rest),
+                f"; int8 activations for {', '.join(int8_types)}" * bool(int8_types),
                 "".join(f"; linear layers left float ({n}): {k}" for k, n in why_not.items()))
     return frozenset(kept)
 

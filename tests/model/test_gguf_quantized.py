@@ -8,6 +8,8 @@ Tolerances:
   few float32 roundings of the sum of |x_i w_i|: |y - ref| <= KERNEL_RTOL * (|x| @ |W|.T),
   KERNEL_RTOL = 2e-6 (K = 512 terms; observed <= 1.4e-7, i.e. >10x headroom; a wrong scale, a
   swapped nibble or a wrong sub-block is off by ~1e-1 of that bound or more).
+The model-level checks run the blocks with float activations (`--quantization gguf`; the
+default's int8 activations on a CPU with AVX512-VNNI are checked in test_int8_quant):
 * Tiny model (Q4_K attention, Q8_0 gate/up, Q4_1 down): logits of the quantized and
   dequantized paths agree to LOGITS_ATOL = 1e-4 (only summation order differs; observed ~1e-6)
   and greedy tokens through the engine are identical: the smallest top-2 logit gap of the
@@ -237,7 +239,9 @@ def _logits(model) -> dict[str, torch.Tensor]:
 
 def test_tiny_model_quantized_logits_equal_dequantized(ops, tiny_gguf, caplog):
     with caplog.at_level(logging.INFO, logger="sluice.model"):
-        quant = load_ours(tiny_gguf, layer_ops="cpu", attn_backend="cpu_paged")
+        quant = load_ours(tiny_gguf, layer_ops="cpu", attn_backend="cpu_paged",
+                          quantization="gguf")
+    # float activations (the default's int8 ones on AVX512-VNNI: test_int8_quant);
     # gate/up + embedding + LM head Q8_0; only the norms (F32) are dequantized
     assert ("kept quantized: Q4_1 (2 tensors), Q4_K (8 tensors), Q8_0 (6 tensors); "
             "dequantized to torch.float32: F32 (5 tensors)") in caplog.text
@@ -290,7 +294,7 @@ def test_engine_greedy_tokens_quantized_equal_dequantized(tiny_gguf):
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     texts = ["The quick brown fox", "def main():", "Numbers: 1, 2, 3,"]
     runs = []
-    for quantization in (None, "none"):
+    for quantization in ("gguf", "none"):
         with LLM(str(tiny_gguf), kv_cache_memory="16MiB", max_model_len=256,
                  quantization=quantization) as llm:
             runs.append([o.outputs[0].token_ids for o in
@@ -359,7 +363,7 @@ def test_smollm2_linear_weights_take_the_files_bytes(ops, smol_sidecar, smollm2_
 
     model = load_ours(smol_sidecar, layer_ops="cpu")
     layers = linear_layers(model.model)
-    assert {repr(layer.linear_method) for layer in layers} == {"GgufBlockLinearMethod(Q4_1)"}
+    assert {layer.linear_method.qtype for layer in layers} == {"Q4_1"}
     linear_bytes = sum(layer.weight.numel() for layer in layers)
     file_bytes = sum(int(t.n_bytes) for t in open_gguf(smollm2_gguf).tensors
                      if t.name.startswith("blk.") and t.tensor_type.name == "Q4_1")
@@ -381,7 +385,7 @@ def test_smollm2_greedy_quantized_equals_dequantized(ops, smol_sidecar):
 
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     runs = []
-    for quantization in (None, "none"):
+    for quantization in ("gguf", "none"):
         with LLM(str(smol_sidecar), kv_cache_memory="64MiB", max_model_len=256,
                  quantization=quantization) as llm:
             runs.append([list(o.outputs[0].token_ids) for o in
