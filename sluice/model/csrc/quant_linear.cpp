@@ -67,6 +67,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "act_quant.h"
 #include "blas.h"
 #include "ops.h"
 #include "vec_math.h"
@@ -762,25 +763,17 @@ int64_t gguf_block_elems(int64_t type) { return quant_format(type).block_elems; 
 int64_t gguf_block_bytes(int64_t type) { return quant_format(type).block_bytes; }
 
 namespace {
-// x [m, k] (row stride ldx) per 32-element block i of row r: xd = max|x| / 127, xq = the
-// nearest integer (ties to even) of x * (1 / xd), xs = xd * sum(xq); an all-zero block: 0s.
+// x [m, k] (row stride ldx) per 32-element block i of row r (act_quant.h): xq, its scale xd
+// and xs = xd * sum(xq).
 void quantize_activations(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq,
                           float* xd, float* xs) {
-  const int64_t nb = k / 32;
+  const int64_t nb = k / sluice::kActBlock;
   for (int64_t r = 0; r < m; ++r)
     for (int64_t i = 0; i < nb; ++i) {
-      const float* v = x + r * ldx + i * 32;
-      float amax = 0.f;
-      for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(v[j]));
-      const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-      int sum = 0;
-      for (int j = 0; j < 32; ++j) {
-        const int q = static_cast<int>(std::nearbyint(v[j] * inv));
-        xq[r * k + i * 32 + j] = static_cast<int8_t>(q);
-        sum += q;
-      }
-      xd[r * nb + i] = d;
-      xs[r * nb + i] = d * static_cast<float>(sum);
+      int32_t sum;
+      sluice::quantize_act_block(x + r * ldx + i * sluice::kActBlock,
+                                 xq + r * k + i * sluice::kActBlock, &xd[r * nb + i], &sum);
+      xs[r * nb + i] = xd[r * nb + i] * static_cast<float>(sum);
     }
 }
 

@@ -40,6 +40,7 @@
 #include <cstring>
 #include <vector>
 
+#include "act_quant.h"
 #include "ops.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -50,7 +51,7 @@
 namespace vnni {
 
 constexpr int64_t kTileCols = 16;  // output channels per packed tile
-constexpr int64_t kBlock = 32;     // K values per block
+constexpr int64_t kBlock = sluice::kActBlock;  // K values per block
 constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8;  // the GGML type ids it packs
 
 // The per-type constants of the layout above.
@@ -161,27 +162,14 @@ constexpr int64_t kSerialQuantizeRows = 8;  // up to this many rows: x quantized
 constexpr int64_t kPrefetchAhead = 4096;
 
 // x [m, k] (row stride ldx) -> xq [m, k] int8, xd [m, k / 32], xs [m, k / 32] = the block's
-// sum of xq.
+// sum of xq (act_quant.h).
 inline void quantize_rows(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq,
                           float* xd, int32_t* xs) {
   const int64_t nb = k / kBlock;
   for (int64_t r = 0; r < m; ++r)
-    for (int64_t b = 0; b < nb; ++b) {
-      const float* v = x + r * ldx + b * kBlock;
-      const __m512 lo = _mm512_loadu_ps(v), hi = _mm512_loadu_ps(v + 16);
-      const float amax =
-          _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-      const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-      const __m512 vinv = _mm512_set1_ps(inv);
-      // products as in the scalar quantizer; the default rounding mode is nearest-even
-      const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, vinv));
-      const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, vinv));
-      int8_t* q = xq + r * k + b * kBlock;
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(qlo));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtsepi32_epi8(qhi));
-      xd[r * nb + b] = d;
-      xs[r * nb + b] = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
-    }
+    for (int64_t b = 0; b < nb; ++b)
+      sluice::quantize_act_block(x + r * ldx + b * kBlock, xq + r * k + b * kBlock,
+                                 &xd[r * nb + b], &xs[r * nb + b]);
 }
 
 inline __m512i broadcast4(const int8_t* p) {
