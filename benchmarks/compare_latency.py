@@ -23,9 +23,9 @@ compare_peers.py. Both read the same prompt from `<work-dir>/latency-prompt.json
 `--gguf FILE` (e.g. ~/.cache/sluice-tests/SmolLM2-135M-Instruct.Q4_1.gguf): both backends run
 that quantized file instead (needs only `compare_peers.py --setup`); sluice once per
 `--sluice-quantization` value (default `gguf,default`: the file's blocks with float
-activations, and sluice's default, which on a CPU with AVX512-VNNI runs the Q4_0/Q4_1/Q8_0
-blocks with int8 activations as llama.cpp computes them; `int8` adds bf16 products for the
-other types' prefill), and the floor counts the
+activations, and sluice's default, which runs the Q4_0/Q4_1/Q8_0 blocks with int8
+activations as llama.cpp computes them; `int8` adds bf16 products for more rows), and the
+floor counts the
 file's bytes per decode token (every weight but the embedding table, plus the LM head: the
 embedding's blocks again when tied).
 """

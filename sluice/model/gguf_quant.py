@@ -20,10 +20,10 @@ line naming the types kept quantized and those dequantized.
 
 Modes (`ModelConfig.quantization`):
     None (default)  keep blocks where sluice's C++ kernels run them: layer ops 'cpu' (the
-                    operators built), float32, CPU; else dequantize everything. On a CPU
-                    with AVX512-VNNI the kept Q4_0/Q4_1/Q8_0 blocks compute with int8
-                    activations at every step (`llama_cpp_numerics`), elsewhere with float
-                    activations
+                    operators built), float32, CPU; else dequantize everything. The kept
+                    Q4_0/Q4_1/Q8_0 blocks compute with int8 activations (`llama_cpp_numerics`):
+                    on a CPU with AVX512-VNNI at every step, elsewhere in calls of up to 8
+                    rows (decode), more rows with float activations
     'gguf'          keep blocks whatever the layer ops (without the C++ operators the products
                     run the pure-torch reference, which dequantizes per call: slow), always
                     with float activations (the blocks' exact dequantization times x)
@@ -95,10 +95,12 @@ def _wanted(mode: str | None, ops: ModuleType | None, dtype: torch.dtype,
 def llama_cpp_numerics(mode: str | None, ops: ModuleType | None) -> bool:
     """Whether the default mode runs the kept Q4_0/Q4_1/Q8_0 blocks with int8 activations
     quantized per 32 values, as llama.cpp computes these types (its `vec_dot_type` Q8_0 /
-    Q8_1): where the C++ operators run on a CPU with AVX512-VNNI, whose integer kernel
-    (csrc/vnni_linear.cpp) is 2-4x the float-activation one. Elsewhere the default keeps float
-    activations, and `--quantization gguf` asks for them on any CPU."""
-    return mode is None and ops is not None and ops.vnni_available()
+    Q8_1): wherever the C++ operators run. On a CPU with AVX512-VNNI every call takes them
+    (csrc/vnni_linear.cpp: batched W1 3.7x the float activations' on SmolLM2 Q4_1); elsewhere
+    calls of up to 8 rows do (quant_linear.cpp's integer decode kernels: TPOT ~1.3x lower on
+    the x86-64-v3 build) and larger ones keep float activations. `--quantization gguf` asks
+    for float activations on any CPU."""
+    return mode is None and ops is not None
 
 
 def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path | GGUFReader, mode: str | None,

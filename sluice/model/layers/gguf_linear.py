@@ -35,8 +35,8 @@ set where bf16 rounding is already the contract — `--dtype bfloat16` (a bf16 G
 inputs to bf16 for every 16-bit weight too) and `--quantization int8` (whose decode steps round
 activations far more coarsely, to int8 per 32 values).
 
-`int8_activations` (Q4_0, Q4_1, Q8_0; `--quantization int8` sets it, and a GGUF file's default
-on a CPU with AVX512-VNNI, `gguf_quant.llama_cpp_numerics`): up to MAX_INT8_ACTIVATION_ROWS rows, the activations are quantized per
+`int8_activations` (Q4_0, Q4_1, Q8_0; `--quantization int8` sets it, and so does a GGUF file's
+default, `gguf_quant.llama_cpp_numerics`): up to MAX_INT8_ACTIVATION_ROWS rows, the activations are quantized per
 32-element block (`quantize_activations_q8`) and the kernels compute integer dot products;
 the reference path applies the same quantization before F.linear.
 
