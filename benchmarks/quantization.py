@@ -6,9 +6,9 @@
 One engine per variant lives in this process (`--variants`, a JSON object name -> engine
 options; default fp32 = `--quantization none`, int8 = `--quantization int8`, and for a .gguf
 model also gguf = its blocks kept, the default (int8 activations for Q4_0/Q4_1/Q8_0 blocks:
-every step on a CPU with AVX512-VNNI, else up to 8 rows), and gguf-float = its blocks with float activations, `--quantization
-gguf`); each round runs every workload on every
-engine, rotating which goes first, and the table reports medians over rounds:
+every step on a CPU with AVX512-VNNI, else up to 8 rows), and gguf-float = its blocks with
+float activations, `--quantization gguf`); each round runs every workload on every engine,
+rotating which goes first, and the table reports medians over rounds:
 
 * **TPOT / TTFT**: single-request greedy decoding of 3 random-token prompts of 64..256 tokens,
   `--output-len` tokens each (ignore EOS); TPOT = (generation time - TTFT) / (tokens - 1).

@@ -36,9 +36,10 @@ inputs to bf16 for every 16-bit weight too) and `--quantization int8` (whose dec
 activations far more coarsely, to int8 per 32 values).
 
 `int8_activations` (Q4_0, Q4_1, Q8_0; `--quantization int8` sets it, and so does a GGUF file's
-default, `gguf_quant.llama_cpp_numerics`): up to MAX_INT8_ACTIVATION_ROWS rows, the activations are quantized per
-32-element block (`quantize_activations_q8`) and the kernels compute integer dot products;
-the reference path applies the same quantization before F.linear.
+default, `gguf_quant.llama_cpp_numerics`): up to MAX_INT8_ACTIVATION_ROWS rows, the
+activations are quantized per 32-element block (`quantize_activations_q8`) and the kernels
+compute integer dot products; the reference path applies the same quantization before
+F.linear.
 
 VNNI-packed blocks (`vnni_packed`): on a CPU that reports AVX512-VNNI, a Q8_0 / Q4_0 / Q4_1
 layer with int8 activations and `out_features` a multiple of 16 has its blocks regrouped in
