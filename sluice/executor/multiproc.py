@@ -362,7 +362,7 @@ class MultiprocExecutor(RankedExecutor):
         """A worker raised. If a rank died meanwhile (its peers then fail inside collectives),
         report the death as the cause; else the worker's own error."""
         self._failed = True
-        self._raise_if_dead(f"running {method.name.lower()}", wait_s=0.5,
+        self._raise_if_dead(f"running {method.name.lower()}", wait_s=1.0,
                             also=f"rank {rank} then failed: {failure.describe()}")
         logger.error("worker rank %d failed in %s:\n%s", rank, method.name.lower(),
                      failure.traceback)
@@ -375,12 +375,23 @@ class MultiprocExecutor(RankedExecutor):
         fds = [p.sentinel for p in self.processes]
         return fds + ([self._nodes.wakeup_fd] if self._nodes is not None else [])
 
+    def _dead_ranks(self, wait_s: float) -> list[tuple[int, multiprocessing.process.BaseProcess]]:
+        """The local workers that have exited, as (rank, process). With `wait_s` > 0, first
+        wait up to that long for a death; a process whose sentinel is readable has closed its
+        files but may not be reapable yet (the kernel notifies the parent a moment later,
+        longer on a busy machine), so its exit code is awaited within the same budget."""
+        deadline = time.monotonic() + wait_s
+        if wait_s > 0:
+            ready = set(multiprocessing.connection.wait(self._watched_fds(), wait_s))
+            while time.monotonic() < deadline and any(
+                    p.sentinel in ready and p.exitcode is None for p in self.processes):
+                time.sleep(0.01)
+        return [(rank, p) for rank, p in enumerate(self.processes) if p.exitcode is not None]
+
     def _raise_if_dead(self, doing: str, wait_s: float = 0.0, also: str = "") -> None:
         if self._closed:
             return
-        if wait_s > 0:
-            multiprocessing.connection.wait(self._watched_fds(), wait_s)
-        dead = [(rank, p) for rank, p in enumerate(self.processes) if p.exitcode is not None]
+        dead = self._dead_ranks(wait_s)
         if not dead and self._nodes is not None and self._nodes.failure is not None:
             self._failed = True
             raise WorkerDiedError(
