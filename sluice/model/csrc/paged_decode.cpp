@@ -38,7 +38,6 @@
 namespace {
 
 constexpr int64_t kChunkTokens = 128;  // keys per chunk of a row (rounded to blocks)
-constexpr int64_t kPrefetchRows = 8;     // rows ahead the key/value sweeps prefetch (into L2)
 
 template <typename T>  // the cache's element type: float or c10::BFloat16
 struct Geometry {
@@ -49,34 +48,46 @@ struct Geometry {
   int64_t nb;
 };
 
-// f(t, rows, nt) for keys t in [t0, t1) of request n in order, in tiles of at most kTile keys
-// within one block: rows = the cached row (all kv heads, row_len elements, consecutive rows
-// row_len apart) of key t, the tile's first, in `cache` (keys or values). Walks whole blocks
-// (no division per key) and, before a tile, prefetches the next tile's rows, into the next
-// block at a block's end: blocks are scattered, and the hardware prefetcher, which restarts at
-// every block, left the sweep latency-bound (~12 GB/s for 64 requests on 2 threads). The
-// prefetch goes to L2 (locality hint 2), whose miss queue holds more lines in flight than L1's.
+// f(t, rows, nt, next, next_rows) for keys t in [t0, t1) of request n in order, in tiles of at
+// most kTile keys within one block: rows = the cached row (all kv heads, row_len elements,
+// consecutive rows row_len apart) of key t, the tile's first, in `cache` (keys or values);
+// next = the first row of the tile after it (the rest of this block, else the start of the
+// next block), next_rows of them (0 after the last block, next then = rows' block). f
+// prefetches next's rows one by one as it reads its own (prefetch_span). Walks whole blocks
+// (no division per key). Blocks are scattered, and the hardware prefetcher, which restarts at
+// every block, left the sweep latency-bound; hints for a whole tile issued in one burst before
+// it stalled the core until the miss queue drained (memory and compute in series: 18 GB/s for
+// W1's 64 rows of SmolLM2's bf16 cache on 2 Zen 5 threads), hints spread over the tile's keys
+// overlap the two (27 GB/s; one tile ahead beat two or three).
 constexpr int64_t kTile = 16;
 template <typename T, typename F>
 inline void for_each_tile(const Geometry<T>& g, int64_t n, int64_t t0, int64_t t1,
                           const T* cache, F&& f) {
   const int64_t row_len = g.kvh * g.d, block_len = g.bs * row_len;
   const int64_t last_block = (t1 - 1) / g.bs;
-  constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
   for (int64_t b = t0 / g.bs; b <= last_block; ++b) {
     const T* block = cache + g.bid[n * g.nb + b] * block_len;
     const T* next = b < last_block ? cache + g.bid[n * g.nb + b + 1] * block_len : nullptr;
     const int64_t first = std::max(t0, b * g.bs), last = std::min(t1, (b + 1) * g.bs);
     for (int64_t t = first; t < last; t += kTile) {
       const int64_t nt = std::min(kTile, last - t);
-      // the next tile: the rest of this block, else the start of the next one
-      const int64_t ahead = t + nt - b * g.bs;
-      const T* pf = ahead < g.bs ? block + ahead * row_len : next;
+      const int64_t ahead = t + nt - b * g.bs;  // the next tile's offset in this block
+      const T* pf = ahead < g.bs ? block + ahead * row_len : next ? next : block;
       const int64_t pf_rows = ahead < g.bs ? std::min(kTile, g.bs - ahead) : next ? kTile : 0;
-      for (int64_t c = 0; c < pf_rows * row_len; c += kLine) __builtin_prefetch(pf + c, 0, 2);
-      f(t, block + (t - b * g.bs) * row_len, nt);
+      f(t, block + (t - b * g.bs) * row_len, nt, pf, pf_rows);
     }
   }
+}
+
+// Hints the n elements at p into L2 (locality 2: its miss queue holds more lines in flight
+// than L1's), one hint per cache line touched.
+template <typename T>
+inline void prefetch_span(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  const char* end = c + n * static_cast<int64_t>(sizeof(T));
+  const char* line =
+      reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(c) & ~uintptr_t{63});
+  for (; line < end; line += 64) __builtin_prefetch(line, 0, 2);
 }
 
 using sluice::load16;
@@ -178,15 +189,17 @@ inline void dot_lanes(float* out, const float* a, const T* b, int64_t dv) {
 // AVX-512 the heads' q stay in registers over the tile and each key is loaded (and widened)
 // once for the GS heads; the loop state stays in registers (GCC kept dot_lanes' runtime-length
 // loop counters on the stack inside the OpenMP body: a store-forward per 16 dims, ~1.5x the
-// whole attention).
+// whole attention). Reading key j, it prefetches the same DV * 16 columns of row j of the next
+// tile, pf (j < pf_rows; rows `stride` apart).
 template <int DV, int GS, typename T>
 inline void score_tile(v16* part, const float* q0, int64_t d, const T* kh, int64_t stride,
-                       int64_t nt) {
+                       int64_t nt, const T* pf, int64_t pf_rows) {
 #if defined(__AVX512F__)
   v16 qv[GS][DV];
   for (int g = 0; g < GS; ++g)
     for (int c = 0; c < DV; ++c) qv[g][c] = load16(q0 + g * d + 16 * c);
   for (int64_t j = 0; j < nt; ++j) {
+    if (j < pf_rows) prefetch_span(pf + j * stride, DV * 16);
     v16 k[DV];
     for (int c = 0; c < DV; ++c) k[c] = load16_kv(kh + j * stride + 16 * c);
     for (int g = 0; g < GS; ++g) {
@@ -196,6 +209,7 @@ inline void score_tile(v16* part, const float* q0, int64_t d, const T* kh, int64
     }
   }
 #else
+  for (int64_t j = 0; j < pf_rows; ++j) prefetch_span(pf + j * stride, DV * 16);
   for (int g = 0; g < GS; ++g)
     for (int64_t j = 0; j < nt; ++j)
       dot_lanes(reinterpret_cast<float*>(part + 16 * g + j), q0 + g * d, kh + j * stride, DV);
@@ -207,15 +221,17 @@ inline void score_tile(v16* part, const float* q0, int64_t d, const T* kh, int64
 // j, of w_g[j] * rows[j * stride + 16c + i], o_g = o0 + g * ldo, w_g = w0 + g * ldw, for the NC
 // 16-dim chunks c < NC. The sums stay in registers (vreg-sized) over the tile's keys (one load
 // and store of o per tile, not per key), and each value row is loaded (and widened) once for
-// the GS heads.
+// the GS heads. Reading row j, it prefetches the same NC * 16 columns of row j of the next
+// tile, pf (j < pf_rows).
 template <int NC, int GS, typename T>
 inline void axpy_tile(float* o0, int64_t ldo, const float* w0, int64_t ldw, const T* rows,
-                      int64_t stride, int64_t nt) {
+                      int64_t stride, int64_t nt, const T* pf, int64_t pf_rows) {
   constexpr int R = NC * 16 / kRegLanes;
   vreg acc[GS][R];
   for (int g = 0; g < GS; ++g)
     for (int c = 0; c < R; ++c) acc[g][c] = load_vreg(o0 + g * ldo + kRegLanes * c);
   for (int64_t j = 0; j < nt; ++j) {
+    if (j < pf_rows) prefetch_span(pf + j * stride, NC * 16);
     vreg v[R];
     for (int c = 0; c < R; ++c) v[c] = load_vreg(rows + j * stride + kRegLanes * c);
     for (int g = 0; g < GS; ++g)
@@ -262,12 +278,16 @@ void attend_range(const Geometry<T>& g, int64_t n, const float* q, int64_t t0, i
   v16* part = scratch.part.data();
   float* tail = scratch.tail.data();
   const int64_t row_len = g.kvh * d;
-  for_each_tile(g, n, t0, t1, g.k, [&](int64_t t, const T* rows, int64_t nt) {
+  for_each_tile(g, n, t0, t1, g.k, [&](int64_t t, const T* rows, int64_t nt, const T* pf,
+                                       int64_t pf_rows) {
     for (int64_t h = 0; h < H; h += GS) {
-      const T* kh = rows + (h / g.group) * d;
+      const int64_t col = (h / g.group) * d;  // the kv head's columns in a row
+      const T* kh = rows + col;
+      const int64_t pfr = h % g.group == 0 ? pf_rows : 0;  // the kv head's first visit
       if constexpr (DV > 0) {
-        score_tile<DV, GS>(part + h * 16, q + h * d, d, kh, row_len, nt);
+        score_tile<DV, GS>(part + h * 16, q + h * d, d, kh, row_len, nt, pf + col, pfr);
       } else {
+        for (int64_t j = 0; j < pfr; ++j) prefetch_span(pf + j * row_len + col, d);
         for (int64_t gi = 0; gi < GS; ++gi)
           for (int64_t j = 0; j < nt; ++j)
             dot_lanes(reinterpret_cast<float*>(part + (h + gi) * 16 + j), q + (h + gi) * d,
@@ -285,7 +305,11 @@ void attend_range(const Geometry<T>& g, int64_t n, const float* q, int64_t t0, i
         }
       }
       const v16 tile = (transpose_sum(part + h * 16) + load16(tail + h * 16)) * scale;
-      std::memcpy(p.data() + h * len + (t - t0), &tile, nt * sizeof(float));
+      float* dst = p.data() + h * len + (t - t0);
+      if (nt == kTile)  // a constant size: one vector store (a runtime size became rep movsq)
+        std::memcpy(dst, &tile, sizeof tile);
+      else
+        std::memcpy(dst, &tile, nt * sizeof(float));
     }
   });
   for (int64_t h = 0; h < H; ++h) {
@@ -301,15 +325,20 @@ void attend_range(const Geometry<T>& g, int64_t n, const float* q, int64_t t0, i
       l[h] = total;
     }
   }
-  for_each_tile(g, n, t0, t1, g.v, [&](int64_t t, const T* rows, int64_t nt) {
+  for_each_tile(g, n, t0, t1, g.v, [&](int64_t t, const T* rows, int64_t nt, const T* pf,
+                                       int64_t pf_rows) {
     for (int64_t h = 0; h < H; h += GS) {
       const float* w = p.data() + h * len + (t - t0);
-      const T* vh = rows + (h / g.group) * d;
+      const int64_t col = (h / g.group) * d;
+      const T* vh = rows + col;
+      const T* pfh = pf + col;
+      const int64_t pfr = h % g.group == 0 ? pf_rows : 0;
       float* o = acc + h * d;
       int64_t c = 0;
       for (; c + 4 <= dv; c += 4)
-        axpy_tile<4, GS>(o + 16 * c, d, w, len, vh + 16 * c, row_len, nt);
-      for (; c < dv; ++c) axpy_tile<1, GS>(o + 16 * c, d, w, len, vh + 16 * c, row_len, nt);
+        axpy_tile<4, GS>(o + 16 * c, d, w, len, vh + 16 * c, row_len, nt, pfh + 16 * c, pfr);
+      for (; c < dv; ++c)
+        axpy_tile<1, GS>(o + 16 * c, d, w, len, vh + 16 * c, row_len, nt, pfh + 16 * c, pfr);
       for (int64_t gi = 0; gi < GS; ++gi)
         for (int64_t j = 0; j < nt; ++j)
           for (int64_t e = 16 * dv; e < d; ++e)
