@@ -33,6 +33,24 @@ class RopeSpec:
     scaling: dict[str, Any] = field(default_factory=dict)
 
 
+#: the one stored-quantized checkpoint format sluice reads (`checkpoint_quantization`)
+SUPPORTED_CHECKPOINT_QUANTIZATION = (
+    "compressed-tensors W8A8 int8 (format int-quantized or naive-quantized; int8 weights, "
+    "symmetric, one scale per output channel or per tensor; int8 activations, dynamic, "
+    "symmetric; no quantized KV cache)")
+
+
+@dataclass(frozen=True)
+class CheckpointQuantization:
+    """A checkpoint stored quantized (config.json's `quantization_config`), as sluice reads
+    it: `method` 'compressed-tensors', `scheme` 'w8a8-int8' — the linear layers listed by
+    their `weight_scale` tensors hold int8 weights `weight` [out, in] with scales [out, 1]
+    (per channel) or [1] (per tensor); the rest is float (`sluice.model.checkpoint_int8`)."""
+    method: str
+    scheme: str
+    weight_strategy: str        # 'channel' or 'tensor'
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """The architecture facts of one checkpoint, as our model code needs them."""
@@ -57,6 +75,7 @@ class ModelSpec:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     sliding_window: int | None = None
+    quantization: CheckpointQuantization | None = None  # a stored-quantized checkpoint
 
 
 
@@ -161,6 +180,73 @@ def generation_defaults(mode: str, model_dir: str | None) -> dict[str, Any]:
     return dict(_generation_defaults(mode, model_dir))
 
 
+def _unsupported_quantization(path: Path, what: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"{path}: quantization_config {what} is not supported; sluice reads "
+        f"{SUPPORTED_CHECKPOINT_QUANTIZATION}. Load the float checkpoint instead (with "
+        "--quantization int8 for int8 weights) or a GGUF file.")
+
+
+def _int8_scheme(args: Any, path: Path, where: str, strategies: tuple[str, ...],
+                 dynamic: bool) -> str:
+    """The strategy of a compressed-tensors quantization-args object that is 8-bit symmetric
+    int with `dynamic` scales and a strategy in `strategies`; else ModelLoadError naming
+    `where` and the field."""
+    if not isinstance(args, dict):
+        raise _unsupported_quantization(path, f"{where} = {args!r}")
+    wanted = {"num_bits": 8, "type": "int", "symmetric": True}
+    for key, value in wanted.items():
+        if args.get(key, value if key == "symmetric" else None) != value:
+            raise _unsupported_quantization(path, f"{where}.{key} = {args.get(key)!r}")
+    if bool(args.get("dynamic", False)) != dynamic:
+        raise _unsupported_quantization(
+            path, f"{where}.dynamic = {args.get('dynamic')!r} ("
+            f"{'dynamic' if dynamic else 'static'} scales expected)")
+    strategy = args.get("strategy")
+    if strategy not in strategies or args.get("group_size") is not None:
+        raise _unsupported_quantization(
+            path, f"{where}.strategy = {strategy!r}, group_size = {args.get('group_size')!r}")
+    return strategy
+
+
+def checkpoint_quantization(cfg: dict, path: Path) -> CheckpointQuantization | None:
+    """config.json's `quantization_config` as a CheckpointQuantization (None without one), or
+    ModelLoadError naming the method or field sluice does not read (nothing quantized is loaded
+    as if it were float)."""
+    qc = cfg.get("quantization_config")
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        raise _unsupported_quantization(path, f"= {qc!r}")
+    method = qc.get("quant_method")
+    if method != "compressed-tensors":
+        raise _unsupported_quantization(path, f"quant_method {method!r}")
+    if qc.get("format") not in ("int-quantized", "naive-quantized"):
+        raise _unsupported_quantization(path, f"format {qc.get('format')!r}")
+    if qc.get("kv_cache_scheme") is not None:
+        raise _unsupported_quantization(path, "kv_cache_scheme (a quantized KV cache)")
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise _unsupported_quantization(path, f"config_groups = {groups!r}")
+    strategies = set()
+    for name, group in groups.items():
+        where = f"config_groups.{name}"
+        if not isinstance(group, dict):
+            raise _unsupported_quantization(path, f"{where} = {group!r}")
+        if group.get("targets") != ["Linear"]:
+            raise _unsupported_quantization(
+                path, f"{where}.targets = {group.get('targets')!r} (['Linear'] expected)")
+        if group.get("output_activations") is not None:
+            raise _unsupported_quantization(path, f"{where}.output_activations")
+        strategies.add(_int8_scheme(group.get("weights"), path, f"{where}.weights",
+                                    ("channel", "tensor"), dynamic=False))
+        _int8_scheme(group.get("input_activations"), path, f"{where}.input_activations",
+                     ("token", "tensor"), dynamic=True)
+    if len(strategies) > 1:
+        raise _unsupported_quantization(path, f"weight strategies {sorted(strategies)} mixed")
+    return CheckpointQuantization("compressed-tensors", "w8a8-int8", strategies.pop())
+
+
 def _eos_ids(cfg: dict, model_dir: Path) -> tuple[int, ...]:
     ids: list[int] = []
     sources = [read_generation_config(model_dir).get("eos_token_id"), cfg.get("eos_token_id")]
@@ -241,4 +327,5 @@ def load_model_spec(model_dir: str | Path) -> ModelSpec:
         eos_token_ids=_eos_ids(cfg, model_dir),
         bos_token_id=cfg.get("bos_token_id"),
         sliding_window=sliding,
+        quantization=checkpoint_quantization(cfg, path),
     )

@@ -103,6 +103,17 @@ def llama_cpp_numerics(mode: str | None, ops: ModuleType | None) -> bool:
     return mode is None and ops is not None
 
 
+def use_block_method(module: LinearBase, method: GgufBlockLinearMethod,
+                     dtype: torch.dtype) -> None:
+    """Give the (not yet loaded) linear layer `module` the block `method`: its weight re-created
+    as uint8 blocks, its bias (if any) kept in its dtype (else `dtype`), the layer's loader."""
+    bias = module.bias
+    module.linear_method = method
+    method.create_weights(module, module.in_features, module.out_features,
+                          bias=bias is not None, dtype=bias.dtype if bias is not None else dtype,
+                          weight_loader=module.weight_loader)
+
+
 def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path | GGUFReader, mode: str | None,
                      ops: ModuleType | None, dtype: torch.dtype, device: torch.device,
                      lora_enabled: bool = False, bf16_products: bool = False) -> frozenset[str]:
@@ -140,13 +151,7 @@ def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path | GGUFReader, mode:
         if module.in_features % BLOCK_TYPES[qtype].block_elems:
             why_not[f"{qtype} (row shards of {module.in_features} columns split blocks)"] += 1
             continue
-        method = method_for(qtype)
-        bias = module.bias
-        module.linear_method = method
-        method.create_weights(module, module.in_features, module.out_features,
-                              bias=bias is not None,
-                              dtype=bias.dtype if bias is not None else dtype,
-                              weight_loader=module.weight_loader)
+        use_block_method(module, method_for(qtype), dtype)
         kept.update(hf_names)
     kept |= _keep_vocab_blocks(model, types, method_for)
     kept_types = Counter(types[h] for h in kept)

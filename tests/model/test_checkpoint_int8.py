@@ -1,0 +1,177 @@
+"""Checkpoints stored in int8 (compressed-tensors W8A8, `sluice.model.checkpoint_int8`).
+
+The checkpoint here is the tiny random Llama's, its seven linear weights per layer quantized
+per output channel as llm-compressor writes them (int8 `weight` [out, in], bf16 `weight_scale`
+[out, 1], `quantization_config` in config.json); `dequantized` is the same model saved as the
+float32 values W = weight * scale, the oracle.
+
+* The int8 layers hold exactly the checkpoint's integers and scales (their Q8_0 blocks decode
+  to W bit for bit: a bf16 scale is exact in fp16).
+* Logits against the float32 model on W: within INT8_LOGITS_RTOL (the activations alone are
+  quantized, per 32 values), greedy tokens equal where the float top-2 gap is more than twice
+  the largest difference (test_int8_quant's rule).
+* `--quantization none`: the float model on W, logits bit-identical to loading `dequantized`.
+* What sluice does not read is a ModelLoadError naming the field, before any weight loads.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sluice.errors import ModelLoadError
+from sluice.hf_config import load_model_spec
+from sluice.model.layers.gguf_linear import GgufBlockLinearMethod
+from sluice.model.layers.linear import LinearBase
+
+from _sluice_model_helpers import load_ours, run_on_tp_ranks
+from test_gguf_quantized import _logits
+from test_int8_quant import INT8_LOGITS_RTOL
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def w8a8_config(strategy: str = "channel", **changes) -> dict:
+    """llm-compressor's quantization_config of an int8 W8A8 (dynamic per-token) checkpoint."""
+    group = {"targets": ["Linear"], "output_activations": None,
+             "weights": {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": False,
+                         "strategy": strategy, "group_size": None, "observer": "minmax"},
+             "input_activations": {"num_bits": 8, "type": "int", "symmetric": True,
+                                   "dynamic": True, "strategy": "token", "group_size": None}}
+    config = {"quant_method": "compressed-tensors", "format": "int-quantized",
+              "quantization_status": "compressed", "ignore": ["lm_head"],
+              "kv_cache_scheme": None, "config_groups": {"group_0": group}}
+    config.update(changes)
+    return config
+
+
+def write_checkpoint(src: Path, dst: Path, quantization_config: dict | None,
+                     tensors: dict[str, torch.Tensor]) -> Path:
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        f.unlink()
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def w8a8(llama_dir, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """(int8 checkpoint dir, float32 dir of its dequantized values, {name: (q, scale)})."""
+    tensors = {}
+    for f in sorted(llama_dir.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    quantized, dequantized, parts = {}, {}, {}
+    for name, w in tensors.items():
+        if name.endswith(".weight") and name.split(".")[-2] in LINEARS:
+            scale = (w.abs().amax(dim=1, keepdim=True) / 127).to(torch.bfloat16)
+            q = torch.round(w / scale.float()).clamp(-127, 127).to(torch.int8)
+            quantized[name] = q
+            quantized[name[:-len("weight")] + "weight_scale"] = scale
+            dequantized[name] = q.float() * scale.float()
+            parts[name] = (q, scale.float())
+        else:
+            quantized[name] = dequantized[name] = w
+    root = tmp_path_factory.mktemp("w8a8")
+    return (write_checkpoint(llama_dir, root / "int8", w8a8_config(), quantized),
+            write_checkpoint(llama_dir, root / "float", None, dequantized), parts)
+
+
+def test_int8_checkpoint_runs_its_integers_and_matches_float(cpu_ops, w8a8):
+    int8_dir, float_dir, parts = w8a8
+    spec = load_model_spec(int8_dir)
+    assert spec.quantization is not None and spec.quantization.scheme == "w8a8-int8"
+    ours = load_ours(int8_dir, layer_ops="cpu", attn_backend="cpu_paged")
+    dense = load_ours(float_dir, layer_ops="cpu", attn_backend="cpu_paged")
+    layers = {n: m for n, m in ours.named_modules() if isinstance(m, LinearBase)}
+    assert layers and all(isinstance(m.linear_method, GgufBlockLinearMethod)
+                          and m.linear_method.int8_activations for m in layers.values())
+    assert ours.lm_head.weight.dtype == torch.float32               # ignored: float
+    # every layer's blocks decode to the checkpoint's q * scale exactly (fused parts stacked)
+    layer0 = "model.layers.0"
+    expect = torch.cat([parts[f"{layer0}.self_attn.{p}.weight"][0].float()
+                        * parts[f"{layer0}.self_attn.{p}.weight"][1]
+                        for p in ("q_proj", "k_proj", "v_proj")])
+    qkv = layers[f"{layer0}.self_attn.qkv_proj"]
+    assert torch.equal(qkv.linear_method.dequantized_weight(qkv), expect)
+    down = layers[f"{layer0}.mlp.down_proj"]
+    q, scale = parts[f"{layer0}.mlp.down_proj.weight"]
+    assert torch.equal(down.linear_method.dequantized_weight(down), q.float() * scale)
+    a, b = _logits(ours), _logits(dense)
+    worst = max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in a)
+    assert 0 < worst <= INT8_LOGITS_RTOL, worst
+    for key in a:
+        top2 = b[key].topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 2 * (a[key] - b[key]).abs().max()
+        assert torch.equal(a[key].argmax(-1)[clear], b[key].argmax(-1)[clear])
+
+
+def test_int8_checkpoint_dequantized_with_quantization_none(w8a8):
+    int8_dir, float_dir, _ = w8a8
+    ours = load_ours(int8_dir, quantization="none")
+    dense = load_ours(float_dir)
+    assert all(m.weight.dtype == torch.float32 for m in ours.modules()
+               if isinstance(m, LinearBase))
+    a, b = _logits(ours), _logits(dense)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"quant_method": "gptq"}, "quant_method 'gptq'"),
+    ({"format": "pack-quantized"}, "format 'pack-quantized'"),
+    ({"kv_cache_scheme": {"num_bits": 8}}, "kv_cache_scheme"),
+    ({"config_groups": {"g": {**w8a8_config()["config_groups"]["group_0"],
+                              "input_activations": None}}}, "input_activations"),
+    ({"config_groups": {"g": {**w8a8_config()["config_groups"]["group_0"],
+                              "input_activations": {"num_bits": 8, "type": "int",
+                                                    "symmetric": True, "dynamic": False,
+                                                    "strategy": "tensor"}}}},
+     "input_activations.dynamic"),
+    ({"config_groups": {"g": {**w8a8_config()["config_groups"]["group_0"],
+                              "weights": {"num_bits": 4, "type": "int", "symmetric": True,
+                                          "strategy": "group", "group_size": 128}}}},
+     "weights.num_bits = 4"),
+])
+def test_unsupported_quantization_configs_fail_naming_the_field(llama_dir, tmp_path, change,
+                                                                field):
+    tensors = {}
+    for f in sorted(llama_dir.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    model_dir = write_checkpoint(llama_dir, tmp_path / "m", w8a8_config(**change), tensors)
+    with pytest.raises(ModelLoadError, match="quantization_config") as info:
+        load_model_spec(model_dir)
+    assert field in str(info.value) and "compressed-tensors W8A8 int8" in str(info.value)
+
+
+def test_a_fused_layer_stored_half_int8_fails(w8a8, tmp_path):
+    int8_dir, _, _ = w8a8
+    tensors = load_file(str(int8_dir / "model.safetensors"))
+    name = "model.layers.0.self_attn.k_proj.weight"
+    tensors[name] = tensors[name].float() * tensors.pop(name + "_scale").float()
+    model_dir = write_checkpoint(int8_dir, tmp_path / "half", None, tensors)
+    with pytest.raises(ModelLoadError, match="parts of a fused layer must be all int8"):
+        load_ours(model_dir, layer_ops="cpu")
+
+
+@pytest.mark.timeout(300)
+def test_int8_checkpoint_tp2_matches_tp1(cpu_ops, w8a8):
+    """Two gloo ranks: each reads the whole int8 tensors and keeps its shard's blocks (column
+    shards split rows; row shards split whole 32-value blocks, so every activation block is
+    quantized as at TP=1 and only the summation order changes)."""
+    from test_tensor_parallel import run_greedy
+
+    int8_dir = str(w8a8[0])
+    torch.set_num_threads(1)
+    got, want = run_on_tp_ranks(run_greedy, (int8_dir, "cpu", "cpu_paged"), tp_size=2,
+                                local=lambda: run_greedy(int8_dir, "cpu", "cpu_paged"))
+    for step, (a, b) in enumerate(zip(got[0]["logits"], want["logits"])):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=lambda m: f"step {step}: {m}")
+    assert got[0]["tokens"] == want["tokens"] == got[1]["tokens"]
