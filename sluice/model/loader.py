@@ -195,6 +195,11 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
     if gguf_file is None and quantization == "gguf":
         raise ConfigError(f"--quantization gguf needs a GGUF model (a .gguf file); {spec.path} "
                           f"is not one (--load-format {load_format}).")
+    if quantization == "compressed-tensors" and (spec.quantization is None
+                                                 or gguf_file is not None):
+        raise ConfigError(f"--quantization compressed-tensors needs a compressed-tensors "
+                          f"checkpoint (config.json's quantization_config); {spec.path} is not "
+                          "one. Leave --quantization unset for the model's own weights.")
     if gguf_file is not None:
         from sluice.model.gguf_quant import keep_gguf_blocks
         from sluice.model.gguf_weights import iterate_gguf
@@ -241,7 +246,7 @@ def _int8_checkpoint_source(model: nn.Module, spec: ModelSpec, weights: Callable
     layers keep int8 blocks where the kernels run them (C++ operators, float32 compute, CPU),
     unless `--quantization none` or LoRA asks for float weights."""
     from sluice.model.checkpoint_int8 import int8_checkpoint_weights
-    keep = (quantization in (None, "int8") and ops.cpu_ops is not None
+    keep = (quantization in (None, "int8", "compressed-tensors") and ops.cpu_ops is not None
             and dtype == torch.float32 and device.type == "cpu"
             and not (lora is not None and lora.enable_lora))
     return int8_checkpoint_weights(model, safetensors_files(spec.path), weights, keep,

@@ -156,3 +156,15 @@ def test_smollm2_w8a8_checkpoint_perplexity(cpu_ops, smollm2_gguf, tmp_path):
             ppl[name] = engine_perplexity(llm, prompts)[0]
     assert ppl["w8a8"] != ppl["float32"]           # the int8 weights were used
     assert ppl["w8a8"] <= ppl["float32"] * (1 + MAX_PPL_INCREASE), ppl
+
+
+def test_vllms_quantization_name_is_accepted_for_such_a_checkpoint_only(cpu_ops, w8a8):
+    from sluice.errors import ConfigError
+
+    int8_dir, float_dir, _ = w8a8
+    ours = load_ours(int8_dir, layer_ops="cpu", quantization="compressed-tensors")
+    assert all(m.weight.dtype == torch.uint8 for m in ours.modules()
+               if isinstance(m, LinearBase))
+    with pytest.raises(ConfigError, match="--quantization compressed-tensors needs a "
+                                          "compressed-tensors checkpoint"):
+        load_ours(float_dir, quantization="compressed-tensors")
