@@ -83,10 +83,11 @@ class ModelConfig:
         "it), or on a CPU with AVX512-VNNI take int8 activations too (vpdpbusd on the Q8_0 "
         "blocks regrouped at load), embedding and LM head stay float. A .gguf model keeps "
         "its blocks and its Q4_0/Q4_1/Q8_0 ones (LM head included) decode with int8 "
-        "activations (with AVX512-VNNI: every step). A checkpoint stored in int8 "
-        "(compressed-tensors W8A8, vLLM's format) runs its integers in those int8 kernels "
-        "when unset, 'int8' or 'compressed-tensors' (vLLM's name for it, accepted for such "
-        "a checkpoint only), and is dequantized to --dtype with 'none'.",
+        "activations (with AVX512-VNNI: every step). A compressed-tensors checkpoint (vLLM's "
+        "format: W8A8 int8, W4A16 int4) runs its integers in those block kernels when "
+        "unset, 'int8' (W4A16 then with int8 activations too) or 'compressed-tensors' "
+        "(vLLM's name for it, accepted for such a checkpoint only), and is dequantized to "
+        "--dtype with 'none'.",
         choices=("gguf", "none", "int8", "compressed-tensors"))
     max_model_len: int | None = option(None, "Maximum tokens per request (prompt + output). "
                                        "Default: the model's max_position_embeddings.", ge=1)

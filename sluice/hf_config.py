@@ -35,20 +35,25 @@ class RopeSpec:
 
 #: the one stored-quantized checkpoint format sluice reads (`checkpoint_quantization`)
 SUPPORTED_CHECKPOINT_QUANTIZATION = (
-    "compressed-tensors W8A8 int8 (format int-quantized or naive-quantized; int8 weights, "
-    "symmetric, one scale per output channel or per tensor; int8 activations, dynamic, "
-    "symmetric; no quantized KV cache)")
+    "compressed-tensors W8A8 int8 (format int-quantized or naive-quantized: int8 weights, "
+    "symmetric, a scale per output channel or per tensor; int8 activations, dynamic) and "
+    "W4A16 int4 (format pack-quantized: int4 weights, symmetric, a scale per output channel "
+    "or per group of a multiple of 32 inputs, no activation order; 16-bit activations); no "
+    "quantized KV cache")
 
 
 @dataclass(frozen=True)
 class CheckpointQuantization:
     """A checkpoint stored quantized (config.json's `quantization_config`), as sluice reads
-    it: `method` 'compressed-tensors', `scheme` 'w8a8-int8' — the linear layers listed by
-    their `weight_scale` tensors hold int8 weights `weight` [out, in] with scales [out, 1]
-    (per channel) or [1] (per tensor); the rest is float (`sluice.model.checkpoint_int8`)."""
+    it (`sluice.model.compressed_tensors` loads it): `method` 'compressed-tensors' and
+    `scheme` 'w8a8-int8' (int8 `weight` [out, in], `weight_scale` [out, 1] or [1]) or
+    'w4a16-int4' (int4 `weight_packed` [out, in / 8] int32, `weight_scale` [out, in /
+    group_size] or [out, 1]); the linear layers listed by their `weight_scale` tensors hold
+    them, the rest is float."""
     method: str
     scheme: str
-    weight_strategy: str        # 'channel' or 'tensor'
+    weight_strategy: str        # 'channel', 'tensor' or 'group'
+    group_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -187,26 +192,53 @@ def _unsupported_quantization(path: Path, what: str) -> ModelLoadError:
         "--quantization int8 for int8 weights) or a GGUF file.")
 
 
-def _int8_scheme(args: Any, path: Path, where: str, strategies: tuple[str, ...],
-                 dynamic: bool) -> str:
-    """The strategy of a compressed-tensors quantization-args object that is 8-bit symmetric
-    int with `dynamic` scales and a strategy in `strategies`; else ModelLoadError naming
-    `where` and the field."""
+def _int_scheme(args: Any, path: Path, where: str, bits: int, strategies: tuple[str, ...],
+                dynamic: bool) -> tuple[str, int | None]:
+    """(strategy, group_size) of a compressed-tensors quantization-args object that is `bits`-bit
+    symmetric int with `dynamic` scales, a strategy in `strategies`, a group size (a multiple
+    of 32) only for 'group', and no activation order; else ModelLoadError naming `where` and
+    the field."""
     if not isinstance(args, dict):
         raise _unsupported_quantization(path, f"{where} = {args!r}")
-    wanted = {"num_bits": 8, "type": "int", "symmetric": True}
-    for key, value in wanted.items():
+    for key, value in {"num_bits": bits, "type": "int", "symmetric": True}.items():
         if args.get(key, value if key == "symmetric" else None) != value:
             raise _unsupported_quantization(path, f"{where}.{key} = {args.get(key)!r}")
     if bool(args.get("dynamic", False)) != dynamic:
         raise _unsupported_quantization(
             path, f"{where}.dynamic = {args.get('dynamic')!r} ("
             f"{'dynamic' if dynamic else 'static'} scales expected)")
-    strategy = args.get("strategy")
-    if strategy not in strategies or args.get("group_size") is not None:
+    if args.get("actorder") not in (None, False):
+        raise _unsupported_quantization(path, f"{where}.actorder = {args.get('actorder')!r}")
+    strategy, group = args.get("strategy"), args.get("group_size")
+    grouped = strategy == "group" and isinstance(group, int) and group > 0 and group % 32 == 0
+    if strategy not in strategies or (group is not None and not grouped) \
+            or (strategy == "group" and not grouped):
         raise _unsupported_quantization(
-            path, f"{where}.strategy = {strategy!r}, group_size = {args.get('group_size')!r}")
-    return strategy
+            path, f"{where}.strategy = {strategy!r}, group_size = {group!r}")
+    return strategy, group
+
+
+def _group_scheme(group: Any, path: Path, where: str, fmt: str) -> tuple[str, str, int | None]:
+    """(scheme, weight strategy, group size) of one config group of a `fmt` checkpoint."""
+    if not isinstance(group, dict):
+        raise _unsupported_quantization(path, f"{where} = {group!r}")
+    if group.get("targets") != ["Linear"]:
+        raise _unsupported_quantization(
+            path, f"{where}.targets = {group.get('targets')!r} (['Linear'] expected)")
+    if group.get("output_activations") is not None:
+        raise _unsupported_quantization(path, f"{where}.output_activations")
+    weights, activations = group.get("weights"), group.get("input_activations")
+    if fmt == "pack-quantized":
+        if activations is not None:
+            raise _unsupported_quantization(
+                path, f"{where}.input_activations of a pack-quantized (W4A16) checkpoint")
+        return ("w4a16-int4", *_int_scheme(weights, path, f"{where}.weights", 4,
+                                           ("channel", "group"), dynamic=False))
+    strategy, _ = _int_scheme(weights, path, f"{where}.weights", 8, ("channel", "tensor"),
+                              dynamic=False)
+    _int_scheme(activations, path, f"{where}.input_activations", 8, ("token", "tensor"),
+                dynamic=True)
+    return "w8a8-int8", strategy, None
 
 
 def checkpoint_quantization(cfg: dict, path: Path) -> CheckpointQuantization | None:
@@ -221,30 +253,21 @@ def checkpoint_quantization(cfg: dict, path: Path) -> CheckpointQuantization | N
     method = qc.get("quant_method")
     if method != "compressed-tensors":
         raise _unsupported_quantization(path, f"quant_method {method!r}")
-    if qc.get("format") not in ("int-quantized", "naive-quantized"):
-        raise _unsupported_quantization(path, f"format {qc.get('format')!r}")
+    fmt = qc.get("format")
+    if fmt not in ("int-quantized", "naive-quantized", "pack-quantized"):
+        raise _unsupported_quantization(path, f"format {fmt!r}")
     if qc.get("kv_cache_scheme") is not None:
         raise _unsupported_quantization(path, "kv_cache_scheme (a quantized KV cache)")
     groups = qc.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise _unsupported_quantization(path, f"config_groups = {groups!r}")
-    strategies = set()
-    for name, group in groups.items():
-        where = f"config_groups.{name}"
-        if not isinstance(group, dict):
-            raise _unsupported_quantization(path, f"{where} = {group!r}")
-        if group.get("targets") != ["Linear"]:
-            raise _unsupported_quantization(
-                path, f"{where}.targets = {group.get('targets')!r} (['Linear'] expected)")
-        if group.get("output_activations") is not None:
-            raise _unsupported_quantization(path, f"{where}.output_activations")
-        strategies.add(_int8_scheme(group.get("weights"), path, f"{where}.weights",
-                                    ("channel", "tensor"), dynamic=False))
-        _int8_scheme(group.get("input_activations"), path, f"{where}.input_activations",
-                     ("token", "tensor"), dynamic=True)
-    if len(strategies) > 1:
-        raise _unsupported_quantization(path, f"weight strategies {sorted(strategies)} mixed")
-    return CheckpointQuantization("compressed-tensors", "w8a8-int8", strategies.pop())
+    schemes = {_group_scheme(group, path, f"config_groups.{name}", fmt)
+               for name, group in groups.items()}
+    if len(schemes) > 1:
+        raise _unsupported_quantization(path, f"config groups of different schemes "
+                                              f"{sorted(map(str, schemes))}")
+    scheme, strategy, group_size = schemes.pop()
+    return CheckpointQuantization("compressed-tensors", scheme, strategy, group_size)
 
 
 def _eos_ids(cfg: dict, model_dir: Path) -> tuple[int, ...]:

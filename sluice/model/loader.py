@@ -15,9 +15,9 @@ tensor's float32 copy at a time, never the whole model. Linear weights of the ty
 kernels run (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) keep their blocks instead (`--quantization`, see
 `sluice.model.gguf_quant`): their layers get a `GgufBlockLinearMethod` right after the model is
 built and are filled with the file's bytes.
-A checkpoint stored in int8 (compressed-tensors W8A8, `ModelSpec.quantization`) keeps its
-integers as Q8_0 blocks where the int8 kernels run (`sluice.model.checkpoint_int8`), else is
-dequantized exactly as it loads.
+A checkpoint stored quantized (compressed-tensors W8A8 / W4A16, `ModelSpec.quantization`) keeps
+its integers as Q8_0 / Q4_0 blocks where the block kernels run
+(`sluice.model.compressed_tensors`), else is dequantized exactly as it loads.
 Under pipeline parallelism the model skips the tensors of other stages' layers (safetensors:
 never read; GGUF: dequantized and dropped).
 Every failure is a `ModelLoadError` naming the path and the problem.
@@ -177,7 +177,7 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
     linear weights to int8 Q8_0 blocks once loaded (`sluice.model.int8_quant`).
 
     Order: layer ops chosen -> model built (each linear layer takes its `LinearMethod`; GGUF
-    layers that keep their blocks, and an int8 checkpoint's layers, take a
+    layers that keep their blocks, and a compressed-tensors checkpoint's layers, take a
     `GgufBlockLinearMethod`) ->
     weights placed and loaded -> int8 quantization (`--quantization int8`) ->
     `process_weights_after_loading` (packed copies, the greedy
@@ -210,8 +210,8 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
                                 bf16_products=weight_dtype == torch.bfloat16)
         weights = lambda dtype: iterate_gguf(reader, dtype, keep)  # noqa: E731
     if spec.quantization is not None and weights is not None and gguf_file is None:
-        weights = _int8_checkpoint_source(model, spec, weights, quantization, ops, dtype,
-                                          device, lora, weight_dtype)
+        weights = _compressed_source(model, spec, weights, quantization, ops, dtype, device,
+                                     lora, weight_dtype)
     if weight_dtype != dtype:
         embed = getattr(getattr(model, "model", None), "embed_tokens", None)
         if embed is not None and hasattr(embed, "store_weight_in"):
@@ -238,16 +238,18 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
     return model.eval()
 
 
-def _int8_checkpoint_source(model: nn.Module, spec: ModelSpec, weights: Callable,
-                            quantization: str | None, ops: LayerOps, dtype: torch.dtype,
-                            device: torch.device, lora: LoRAConfig | None,
-                            weight_dtype: torch.dtype) -> Callable:
-    """The weight source of a checkpoint stored in int8 (`sluice.model.checkpoint_int8`): its
-    layers keep int8 blocks where the kernels run them (C++ operators, float32 compute, CPU),
-    unless `--quantization none` or LoRA asks for float weights."""
-    from sluice.model.checkpoint_int8 import int8_checkpoint_weights
+def _compressed_source(model: nn.Module, spec: ModelSpec, weights: Callable,
+                       quantization: str | None, ops: LayerOps, dtype: torch.dtype,
+                       device: torch.device, lora: LoRAConfig | None,
+                       weight_dtype: torch.dtype) -> Callable:
+    """The weight source of a compressed-tensors checkpoint (`sluice.model.compressed_tensors`):
+    its layers keep their blocks where the block kernels run them (C++ operators, float32
+    compute, CPU), unless `--quantization none` or LoRA asks for float weights;
+    `--quantization int8` gives int4 layers int8 activations too."""
+    from sluice.model.compressed_tensors import compressed_weights
     keep = (quantization in (None, "int8", "compressed-tensors") and ops.cpu_ops is not None
             and dtype == torch.float32 and device.type == "cpu"
             and not (lora is not None and lora.enable_lora))
-    return int8_checkpoint_weights(model, safetensors_files(spec.path), weights, keep,
-                                   ops.cpu_ops, dtype, weight_dtype == torch.bfloat16)
+    return compressed_weights(model, spec.quantization, safetensors_files(spec.path), weights,
+                              keep, quantization == "int8", ops.cpu_ops, dtype,
+                              weight_dtype == torch.bfloat16)

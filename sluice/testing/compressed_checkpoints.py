@@ -1,0 +1,117 @@
+"""Checkpoints in compressed-tensors' layouts as llm-compressor writes them (round to nearest,
+symmetric), for tests and benchmarks (`benchmarks/make_compressed_checkpoint.py`); the format
+`sluice.model.compressed_tensors` reads. Each decoder linear weight W [out, in] is stored as
+
+    W8A8 (int-quantized): weight = round(W / s) in [-127, 127] int8, s = max_k |W[n, k]| / 127
+        per output channel (`weight_scale` bf16 [out, 1]); activations: dynamic per-token int8
+    W4A16 (pack-quantized): q = round(W / s) in [-8, 7] with s = max |W| / 7.5 over each group
+        of `group_size` inputs (`weight_scale` bf16 [out, in / group_size]), packed eight per
+        int32 (`weight_packed` [out, in / 8], value 8j + i in bits 4i.., stored as q + 8) with
+        `weight_shape`; activations stay 16-bit
+
+and config.json gains the matching `quantization_config`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+#: the decoder linear weights quantized (HF names: `...{name}.weight`)
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def w4a16_config(group_size: int | None = 128, **changes) -> dict:
+    """llm-compressor's quantization_config of an int4 W4A16 (pack-quantized) checkpoint:
+    per group of `group_size` inputs, or per channel for None."""
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "dynamic": False,
+               "strategy": "group" if group_size else "channel", "group_size": group_size,
+               "actorder": None, "observer": "minmax"}
+    config = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+              "quantization_status": "compressed", "ignore": ["lm_head"],
+              "kv_cache_scheme": None,
+              "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                            "input_activations": None,
+                                            "output_activations": None}}}
+    config.update(changes)
+    return config
+
+
+def w8a8_config(strategy: str = "channel", **changes) -> dict:
+    """llm-compressor's quantization_config of an int8 W8A8 (dynamic per-token) checkpoint."""
+    group = {"targets": ["Linear"], "output_activations": None,
+             "weights": {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": False,
+                         "strategy": strategy, "group_size": None, "observer": "minmax"},
+             "input_activations": {"num_bits": 8, "type": "int", "symmetric": True,
+                                   "dynamic": True, "strategy": "token", "group_size": None}}
+    config = {"quant_method": "compressed-tensors", "format": "int-quantized",
+              "quantization_status": "compressed", "ignore": ["lm_head"],
+              "kv_cache_scheme": None, "config_groups": {"group_0": group}}
+    config.update(changes)
+    return config
+
+
+def quantize_w8a8(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
+    """A float checkpoint's tensors -> (its W8A8 tensors: each decoder linear weight as int8 per
+    output channel + a bf16 `weight_scale` [out, 1]; the same with every such weight as float32
+    q * scale; {weight name: (q, float32 scale)})."""
+    quantized, dequantized, parts = {}, {}, {}
+    for name, w in tensors.items():
+        if name.endswith(".weight") and name.split(".")[-2] in LINEARS:
+            w = w.float()
+            scale = (w.abs().amax(dim=1, keepdim=True) / 127).to(torch.bfloat16)
+            q = torch.round(w / scale.float()).clamp(-127, 127).to(torch.int8)
+            quantized[name] = q
+            quantized[name[:-len("weight")] + "weight_scale"] = scale
+            dequantized[name] = q.float() * scale.float()
+            parts[name] = (q, scale.float())
+        else:
+            quantized[name] = dequantized[name] = w
+    return quantized, dequantized, parts
+
+
+def quantize_w4a16(tensors: dict[str, torch.Tensor], group_size: int | None
+                   ) -> tuple[dict, dict, dict]:
+    """A float checkpoint's tensors -> (its W4A16 tensors (module doc); the same with every
+    quantized weight as float32 q * scale; {weight name: (q int8 [out, in], float32 scale
+    [out, groups])})."""
+    quantized, dequantized, parts = {}, {}, {}
+    for name, w in tensors.items():
+        if name.endswith(".weight") and name.split(".")[-2] in LINEARS:
+            w = w.float()
+            n, k = w.shape
+            g = group_size or k
+            groups = w.view(n, k // g, g)
+            scale = (groups.abs().amax(dim=2) / 7.5).clamp_min(1e-8).to(torch.bfloat16)
+            q = torch.round(groups / scale.float().unsqueeze(2)).clamp(-8, 7)
+            q = q.to(torch.int8).view(n, k)
+            u = (q.to(torch.int32) + 8).view(n, k // 8, 8)
+            packed = sum(u[:, :, i] << (4 * i) for i in range(8)).to(torch.int32)
+            base = name[:-len("weight")]
+            quantized[base + "weight_packed"] = packed
+            quantized[base + "weight_scale"] = scale
+            quantized[base + "weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
+            dequantized[name] = (q.float().view(n, k // g, g)
+                                 * scale.float().unsqueeze(2)).view(n, k)
+            parts[name] = (q, scale.float())
+        else:
+            quantized[name] = dequantized[name] = w
+    return quantized, dequantized, parts
+
+
+def write_checkpoint(src: Path, dst: Path, quantization_config: dict | None,
+                     tensors: dict[str, torch.Tensor], torch_dtype: str | None = None) -> Path:
+    """`src`'s config and tokenizer files (config.json with `quantization_config` and
+    `torch_dtype` set where given) and `tensors` as dst/model.safetensors."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "sluice_gguf.json"))
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
+    if torch_dtype is not None:
+        config["torch_dtype"] = torch_dtype
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
