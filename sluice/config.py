@@ -84,10 +84,10 @@ class ModelConfig:
         "blocks regrouped at load), embedding and LM head stay float. A .gguf model keeps "
         "its blocks and its Q4_0/Q4_1/Q8_0 ones (LM head included) decode with int8 "
         "activations (with AVX512-VNNI: every step). A compressed-tensors checkpoint (vLLM's "
-        "format: W8A8 int8, W4A16 int4) runs its integers in those block kernels when "
-        "unset, 'int8' (W4A16 then with int8 activations too) or 'compressed-tensors' "
-        "(vLLM's name for it, accepted for such a checkpoint only), and is dequantized to "
-        "--dtype with 'none'.",
+        "format: W8A8 int8, W4A16 int4) runs its integers in those block kernels with int8 "
+        "activations when unset or 'int8', as stored with 'compressed-tensors' (vLLM's name, "
+        "accepted for such a checkpoint only: W4A16 then keeps float activations), and is "
+        "dequantized to --dtype with 'none'.",
         choices=("gguf", "none", "int8", "compressed-tensors"))
     max_model_len: int | None = option(None, "Maximum tokens per request (prompt + output). "
                                        "Default: the model's max_position_embeddings.", ge=1)

@@ -244,12 +244,16 @@ def _compressed_source(model: nn.Module, spec: ModelSpec, weights: Callable,
                        weight_dtype: torch.dtype) -> Callable:
     """The weight source of a compressed-tensors checkpoint (`sluice.model.compressed_tensors`):
     its layers keep their blocks where the block kernels run them (C++ operators, float32
-    compute, CPU), unless `--quantization none` or LoRA asks for float weights;
-    `--quantization int8` gives int4 layers int8 activations too."""
+    compute, CPU), unless `--quantization none` or LoRA asks for float weights. W4A16 layers
+    take int8 activations (llama.cpp's Q4_0 numerics) as a GGUF file's blocks do by default
+    (`gguf_quant.llama_cpp_numerics`) and under `--quantization int8`; `--quantization
+    compressed-tensors` keeps the scheme's float activations."""
     from sluice.model.compressed_tensors import compressed_weights
+    from sluice.model.gguf_quant import llama_cpp_numerics
     keep = (quantization in (None, "int8", "compressed-tensors") and ops.cpu_ops is not None
             and dtype == torch.float32 and device.type == "cpu"
             and not (lora is not None and lora.enable_lora))
     return compressed_weights(model, spec.quantization, safetensors_files(spec.path), weights,
-                              keep, quantization == "int8", ops.cpu_ops, dtype,
+                              keep, quantization == "int8"
+                              or llama_cpp_numerics(quantization, ops.cpu_ops), ops.cpu_ops, dtype,
                               weight_dtype == torch.bfloat16)
