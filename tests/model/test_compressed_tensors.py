@@ -138,16 +138,20 @@ def test_a_fused_layer_stored_half_int8_fails(w8a8, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_int8_checkpoint_tp2_matches_tp1(cpu_ops, w8a8):
-    """Two gloo ranks: each reads the whole int8 tensors and keeps its shard's blocks (column
-    shards split rows; row shards split whole 32-value blocks, so every activation block is
-    quantized as at TP=1 and only the summation order changes)."""
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a16"])
+def test_checkpoint_tp2_matches_tp1(cpu_ops, llama_dir, tmp_path, scheme):
+    """Two gloo ranks: each reads the whole quantized tensors and keeps its shard's blocks
+    (column shards split rows; row shards split whole 32-value blocks, so every activation
+    block is quantized as at TP=1 and only the summation order changes)."""
     from test_tensor_parallel import run_greedy
 
-    int8_dir = str(w8a8[0])
+    tensors = load_file(str(llama_dir / "model.safetensors"))
+    quantized, config = ((quantize_w8a8(tensors)[0], w8a8_config()) if scheme == "w8a8" else
+                         (quantize_w4a16(tensors, 32)[0], w4a16_config(32)))
+    model_dir = str(write_checkpoint(llama_dir, tmp_path / scheme, config, quantized))
     torch.set_num_threads(1)
-    got, want = run_on_tp_ranks(run_greedy, (int8_dir, "cpu", "cpu_paged"), tp_size=2,
-                                local=lambda: run_greedy(int8_dir, "cpu", "cpu_paged"))
+    got, want = run_on_tp_ranks(run_greedy, (model_dir, "cpu", "cpu_paged"), tp_size=2,
+                                local=lambda: run_greedy(model_dir, "cpu", "cpu_paged"))
     for step, (a, b) in enumerate(zip(got[0]["logits"], want["logits"])):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=lambda m: f"step {step}: {m}")
     assert got[0]["tokens"] == want["tokens"] == got[1]["tokens"]
