@@ -57,6 +57,8 @@ WeightSource = Callable[[torch.dtype], Iterator[tuple[str, torch.Tensor | LazyTe
 SCALE_SUFFIX = ".weight_scale"
 PACKED_SUFFIX = ".weight_packed"
 SHAPE_SUFFIX = ".weight_shape"
+ZERO_POINT_SUFFIX = ".weight_zero_point"  # all zeros in a symmetric checkpoint (some writers
+                                          # save them): checked and dropped
 WEIGHT_SUFFIX = ".weight"
 #: scheme -> the GGML block type its rows become
 BLOCK_TYPE_OF = {"w8a8-int8": "Q8_0", "w4a16-int4": "Q4_0"}
@@ -64,14 +66,17 @@ BLOCK = 32  # values per block (Q8_0 and Q4_0)
 
 
 def read_weight_scales(files: list[Path]) -> tuple[list[str], dict[str, torch.Tensor]]:
-    """(every tensor name of the safetensors `files`, HF weight name ('...q_proj.weight') ->
-    its float32 scales [out, groups] ([1, 1] per tensor), from its `*.weight_scale`)."""
+    """(every tensor name of the safetensors `files` (zero points aside), HF weight name
+    ('...q_proj.weight') -> its float32 scales [out, groups] ([1, 1] per tensor), from its
+    `*.weight_scale`)."""
     from safetensors import safe_open
 
     names, scales = [], {}
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
+                if name.endswith(ZERO_POINT_SUFFIX):
+                    continue
                 names.append(name)
                 if name.endswith(SCALE_SUFFIX):
                     scale = f.get_tensor(name).to(torch.float32)
@@ -95,11 +100,11 @@ def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
 def group_scales(scale: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """float32 [n, k / 32]: the scale of each 32-value block of an [n, k] weight, from scales
     [n or 1, groups] (groups dividing k into runs of a multiple of 32)."""
-    scale = scale.expand(n, -1)
-    if (k // BLOCK) % scale.shape[1]:
+    if scale.shape[0] not in (1, n) or (k // BLOCK) % scale.shape[1]:
         raise ModelLoadError(f"{scale.shape[1]} scale groups do not split {k} inputs into "
-                             "whole 32-value blocks.")
-    return scale.repeat_interleave(k // BLOCK // scale.shape[1], dim=1)
+                             f"whole 32-value blocks (scales {tuple(scale.shape)} for a weight "
+                             f"[{n}, {k}]).")
+    return scale.expand(n, -1).repeat_interleave(k // BLOCK // scale.shape[1], dim=1)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -190,6 +195,11 @@ def compressed_weights(model: nn.Module, scheme: CheckpointQuantization, files: 
     def source(load_dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor | LazyTensor]]:
         for stored, tensor in weights(load_dtype):
             if stored.endswith((SCALE_SUFFIX, SHAPE_SUFFIX)):
+                continue
+            if stored.endswith(ZERO_POINT_SUFFIX):
+                if bool(materialize(tensor).any()):
+                    raise ModelLoadError(f"{stored}: a nonzero zero point in a checkpoint "
+                                         "declared symmetric.")
                 continue
             name = weight_name(stored)
             if name not in scales:

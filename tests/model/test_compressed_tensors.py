@@ -250,3 +250,19 @@ def test_int4_checkpoint_dequantized_with_quantization_none(w4a16):
     int4_dir, float_dir, _ = w4a16
     a, b = _logits(load_ours(int4_dir, quantization="none")), _logits(load_ours(float_dir))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_zero_points_of_a_symmetric_checkpoint_are_checked_and_dropped(w8a8, tmp_path):
+    """Some writers save all-zero `weight_zero_point` tensors for symmetric schemes."""
+    int8_dir, float_dir, _ = w8a8
+    tensors = load_file(str(int8_dir / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight_zero_point"
+    tensors[name] = torch.zeros(tensors[name.replace("zero_point", "scale")].shape,
+                                dtype=torch.int8)
+    ok_dir = write_checkpoint(int8_dir, tmp_path / "zeros", None, tensors)
+    a, b = _logits(load_ours(ok_dir, quantization="none")), _logits(load_ours(float_dir))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    tensors[name][3] = 1
+    bad_dir = write_checkpoint(int8_dir, tmp_path / "nonzero", None, tensors)
+    with pytest.raises(ModelLoadError, match="nonzero zero point"):
+        load_ours(bad_dir, quantization="none")
