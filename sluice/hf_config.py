@@ -37,9 +37,9 @@ class RopeSpec:
 SUPPORTED_CHECKPOINT_QUANTIZATION = (
     "compressed-tensors W8A8 int8 (format int-quantized or naive-quantized: int8 weights, "
     "symmetric, a scale per output channel or per tensor; int8 activations, dynamic) and "
-    "W4A16 int4 (format pack-quantized: int4 weights, symmetric, a scale per output channel "
-    "or per group of a multiple of 32 inputs, no activation order; 16-bit activations); no "
-    "quantized KV cache")
+    "W4A16 int4 (format pack-quantized: int4 weights, symmetric or with zero points, a scale "
+    "per output channel or per group of a multiple of 32 inputs, no activation order; 16-bit "
+    "activations); no quantized KV cache")
 
 
 @dataclass(frozen=True)
@@ -48,12 +48,14 @@ class CheckpointQuantization:
     it (`sluice.model.compressed_tensors` loads it): `method` 'compressed-tensors' and
     `scheme` 'w8a8-int8' (int8 `weight` [out, in], `weight_scale` [out, 1] or [1]) or
     'w4a16-int4' (int4 `weight_packed` [out, in / 8] int32, `weight_scale` [out, in /
-    group_size] or [out, 1]); the linear layers listed by their `weight_scale` tensors hold
-    them, the rest is float."""
+    group_size] or [out, 1], with `symmetric` False also `weight_zero_point` int32 [out / 8,
+    groups]); the linear layers listed by their `weight_scale` tensors hold them, the rest is
+    float."""
     method: str
     scheme: str
     weight_strategy: str        # 'channel', 'tensor' or 'group'
     group_size: int | None = None
+    symmetric: bool = True
 
 
 @dataclass(frozen=True)
@@ -193,16 +195,19 @@ def _unsupported_quantization(path: Path, what: str) -> ModelLoadError:
 
 
 def _int_scheme(args: Any, path: Path, where: str, bits: int, strategies: tuple[str, ...],
-                dynamic: bool) -> tuple[str, int | None]:
-    """(strategy, group_size) of a compressed-tensors quantization-args object that is `bits`-bit
-    symmetric int with `dynamic` scales, a strategy in `strategies`, a group size (a multiple
-    of 32) only for 'group', and no activation order; else ModelLoadError naming `where` and
-    the field."""
+                dynamic: bool, zero_points: bool = False) -> tuple[str, int | None, bool]:
+    """(strategy, group_size, symmetric) of a compressed-tensors quantization-args object that is
+    `bits`-bit int, symmetric (or not, where `zero_points` are read), with `dynamic` scales, a
+    strategy in `strategies`, a group size (a multiple of 32) only for 'group', and no
+    activation order; else ModelLoadError naming `where` and the field."""
     if not isinstance(args, dict):
         raise _unsupported_quantization(path, f"{where} = {args!r}")
-    for key, value in {"num_bits": bits, "type": "int", "symmetric": True}.items():
-        if args.get(key, value if key == "symmetric" else None) != value:
+    for key, value in {"num_bits": bits, "type": "int"}.items():
+        if args.get(key) != value:
             raise _unsupported_quantization(path, f"{where}.{key} = {args.get(key)!r}")
+    symmetric = args.get("symmetric", True)
+    if symmetric is not True and not (zero_points and symmetric is False):
+        raise _unsupported_quantization(path, f"{where}.symmetric = {symmetric!r}")
     if bool(args.get("dynamic", False)) != dynamic:
         raise _unsupported_quantization(
             path, f"{where}.dynamic = {args.get('dynamic')!r} ("
@@ -215,11 +220,13 @@ def _int_scheme(args: Any, path: Path, where: str, bits: int, strategies: tuple[
             or (strategy == "group" and not grouped):
         raise _unsupported_quantization(
             path, f"{where}.strategy = {strategy!r}, group_size = {group!r}")
-    return strategy, group
+    return strategy, group, symmetric
 
 
-def _group_scheme(group: Any, path: Path, where: str, fmt: str) -> tuple[str, str, int | None]:
-    """(scheme, weight strategy, group size) of one config group of a `fmt` checkpoint."""
+def _group_scheme(group: Any, path: Path, where: str,
+                  fmt: str) -> tuple[str, str, int | None, bool]:
+    """(scheme, weight strategy, group size, symmetric) of one config group of a `fmt`
+    checkpoint."""
     if not isinstance(group, dict):
         raise _unsupported_quantization(path, f"{where} = {group!r}")
     if group.get("targets") != ["Linear"]:
@@ -233,12 +240,13 @@ def _group_scheme(group: Any, path: Path, where: str, fmt: str) -> tuple[str, st
             raise _unsupported_quantization(
                 path, f"{where}.input_activations of a pack-quantized (W4A16) checkpoint")
         return ("w4a16-int4", *_int_scheme(weights, path, f"{where}.weights", 4,
-                                           ("channel", "group"), dynamic=False))
-    strategy, _ = _int_scheme(weights, path, f"{where}.weights", 8, ("channel", "tensor"),
-                              dynamic=False)
+                                           ("channel", "group"), dynamic=False,
+                                           zero_points=True))
+    strategy, _, _ = _int_scheme(weights, path, f"{where}.weights", 8, ("channel", "tensor"),
+                                 dynamic=False)
     _int_scheme(activations, path, f"{where}.input_activations", 8, ("token", "tensor"),
                 dynamic=True)
-    return "w8a8-int8", strategy, None
+    return "w8a8-int8", strategy, None, True
 
 
 def checkpoint_quantization(cfg: dict, path: Path) -> CheckpointQuantization | None:
@@ -266,8 +274,8 @@ def checkpoint_quantization(cfg: dict, path: Path) -> CheckpointQuantization | N
     if len(schemes) > 1:
         raise _unsupported_quantization(path, f"config groups of different schemes "
                                               f"{sorted(map(str, schemes))}")
-    scheme, strategy, group_size = schemes.pop()
-    return CheckpointQuantization("compressed-tensors", scheme, strategy, group_size)
+    scheme, strategy, group_size, symmetric = schemes.pop()
+    return CheckpointQuantization("compressed-tensors", scheme, strategy, group_size, symmetric)
 
 
 def _eos_ids(cfg: dict, model_dir: Path) -> tuple[int, ...]:

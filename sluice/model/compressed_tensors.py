@@ -6,14 +6,17 @@ Each quantized linear layer X is stored with `X.weight_scale` and either
     W8A8: X.weight int8 [out, in];  scale [out, 1] (per channel) or [1] (per tensor)
     W4A16: X.weight_packed int32 [out, in / 8], eight values per int32 (value 8j + i in bits
           4i .. 4i + 3, stored as q + 8), X.weight_shape [2];  scale [out, in / group_size]
-          (per group) or [out, 1] (per channel)
+          (per group) or [out, 1] (per channel); asymmetric ones also X.weight_zero_point
+          int32 [out / 8, groups], packed the same way along the output dimension
 
-    W[n, k] = q[n, k] * scale[n, k / group]        (symmetric: no zero point)
+    W[n, k] = (q[n, k] - z[n, k / group]) * scale[n, k / group]    (symmetric: z = 0)
 
 sluice computes with these integers as stored: each row becomes llama.cpp blocks of 32 values
 that carry their group's scale — Q8_0 for int8 (the values unchanged), Q4_0 for int4 (whose
-nibble is exactly the stored q + 8) — with the scale in fp16 (exact for a bf16 or fp16 scale
-within fp16's range, else rounded by at most 2^-11 relative, which is logged). The layers take
+nibble is exactly the stored q + 8; Q4_1 with zero points, d = scale and min m = -(8 + z) *
+scale) — with d and m in fp16 (d exact for a bf16 or fp16 scale within fp16's range, else
+rounded by at most 2^-11 relative; m rounded by at most 2^-11 of itself, under 0.01 of a step:
+the largest change is logged). The layers take
 `GgufBlockLinearMethod` of that type, the kernels GGUF files run:
 * W8A8: int8 activations, quantized per 32 values at run time (llama.cpp's Q8_0 rule, finer
   than the checkpoint's per-token scales; `sluice.model.int8_quant` has the measurements), on a
@@ -57,32 +60,42 @@ WeightSource = Callable[[torch.dtype], Iterator[tuple[str, torch.Tensor | LazyTe
 SCALE_SUFFIX = ".weight_scale"
 PACKED_SUFFIX = ".weight_packed"
 SHAPE_SUFFIX = ".weight_shape"
-ZERO_POINT_SUFFIX = ".weight_zero_point"  # all zeros in a symmetric checkpoint (some writers
-                                          # save them): checked and dropped
+ZERO_POINT_SUFFIX = ".weight_zero_point"  # asymmetric int4; all zeros in a symmetric
+                                          # checkpoint (some writers save them): checked
 WEIGHT_SUFFIX = ".weight"
-#: scheme -> the GGML block type its rows become
-BLOCK_TYPE_OF = {"w8a8-int8": "Q8_0", "w4a16-int4": "Q4_0"}
+#: (scheme, symmetric) -> the GGML block type its rows become
+BLOCK_TYPE_OF = {("w8a8-int8", True): "Q8_0", ("w4a16-int4", True): "Q4_0",
+                 ("w4a16-int4", False): "Q4_1"}
 BLOCK = 32  # values per block (Q8_0 and Q4_0)
 
 
-def read_weight_scales(files: list[Path]) -> tuple[list[str], dict[str, torch.Tensor]]:
-    """(every tensor name of the safetensors `files` (zero points aside), HF weight name
+def read_weight_scales(files: list[Path], symmetric: bool = True
+                       ) -> tuple[list[str], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(every tensor name of the safetensors `files` but zero points; HF weight name
     ('...q_proj.weight') -> its float32 scales [out, groups] ([1, 1] per tensor), from its
-    `*.weight_scale`)."""
+    `*.weight_scale`; the same -> its int8 zero points [out, groups] (asymmetric: unpacked
+    from int32 along the output dimension)). A symmetric checkpoint's zero points must be 0."""
     from safetensors import safe_open
 
-    names, scales = [], {}
+    names, scales, zeros = [], {}, {}
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
                 if name.endswith(ZERO_POINT_SUFFIX):
+                    zero = f.get_tensor(name)
+                    if symmetric and bool(zero.any()):
+                        raise ModelLoadError(f"{name}: a nonzero zero point in a checkpoint "
+                                             "declared symmetric.")
+                    if not symmetric:
+                        zeros[name[:-len(ZERO_POINT_SUFFIX)] + WEIGHT_SUFFIX] = unpack_int4(
+                            zero.t().contiguous(), zero.shape[0] * 8).t()
                     continue
                 names.append(name)
                 if name.endswith(SCALE_SUFFIX):
                     scale = f.get_tensor(name).to(torch.float32)
                     scale = scale.reshape(scale.shape[0] if scale.dim() else 1, -1)
                     scales[name[:-len(SCALE_SUFFIX)] + WEIGHT_SUFFIX] = scale
-    return names, scales
+    return names, scales, zeros
 
 
 def weight_name(name: str) -> str:
@@ -107,37 +120,55 @@ def group_scales(scale: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return scale.expand(n, -1).repeat_interleave(k // BLOCK // scale.shape[1], dim=1)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """float32 W = q * its group's scale: exact (an int8 or int4 times a 16-bit scale fits
-    float32's significand; a float32 scale: one rounding)."""
+def dequantize(q: torch.Tensor, scale: torch.Tensor,
+               zero: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 W = (q - its group's zero point) * its group's scale: exact (a small integer
+    times a 16-bit scale fits float32's significand; a float32 scale: one rounding)."""
     n, k = q.shape
-    per_block = group_scales(scale, n, k).repeat_interleave(BLOCK, dim=1)
-    return q.to(torch.float32) * per_block
+    values = q.to(torch.float32)
+    if zero is not None:
+        z = group_scales(zero.to(torch.float32), n, k)
+        values = values - z.repeat_interleave(BLOCK, dim=1)
+    return values * group_scales(scale, n, k).repeat_interleave(BLOCK, dim=1)
 
 
-def to_blocks(q: torch.Tensor, scale: torch.Tensor, qtype: str) -> tuple[torch.Tensor, float]:
-    """int8 values q [N, K] (K a multiple of 32; int4 ones in [-8, 7] for Q4_0) and their
-    scales -> (uint8 blocks [N, K / 32 * bytes] of `qtype` (Q8_0: fp16 d + 32 int8; Q4_0: fp16
-    d + 16 bytes, byte j holding value j + 8 low and value j + 16 + 8 high) whose values are q
-    and whose d is fp16 of the block's scale, the largest relative change of a scale by that
-    rounding). ModelLoadError where a scale does not fit fp16."""
+def _fp16(values: torch.Tensor, what: str) -> tuple[torch.Tensor, float]:
+    """(values in fp16, the largest change by that rounding relative to max(|value|, ref))."""
+    half = values.to(torch.float16)
+    bad = ~torch.isfinite(half) | ((half == 0) & (values != 0))
+    if bool(bad.any()):
+        raise ModelLoadError(f"weight {what} {values[bad][0].item():g} does not fit the fp16 "
+                             f"{what} of a block.")
+    err = ((half.to(torch.float32) - values).abs() / values.abs().clamp_min(1e-30)).max()
+    return half, err.item()
+
+
+def to_blocks(q: torch.Tensor, scale: torch.Tensor, qtype: str,
+              zero: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """int8 values q [N, K] (K a multiple of 32; int4 ones in [-8, 7] for Q4_0 / Q4_1), their
+    scales and (Q4_1) zero points -> (uint8 blocks [N, K / 32 * bytes] of `qtype` whose values
+    are q, the largest relative change of a scale or min by fp16 rounding):
+        Q8_0: fp16 d + 32 int8;  Q4_0: fp16 d + 16 bytes, byte j holding q_j + 8 low and
+        q_(j+16) + 8 high;  Q4_1: fp16 d, fp16 m = -(8 + z) * d, then Q4_0's 16 bytes
+    with d the block's scale. ModelLoadError where a scale or min does not fit fp16."""
     n, k = q.shape
     scale = group_scales(scale, n, k)
-    half = scale.to(torch.float16)
-    bad = ~torch.isfinite(half) | ((half == 0) & (scale != 0))
-    if bool(bad.any()):
-        raise ModelLoadError(f"weight scale {scale[bad][0].item():g} does not fit the fp16 "
-                             "scale of a block.")
-    err = ((half.to(torch.float32) - scale).abs() / scale.abs().clamp_min(1e-30)).max().item()
+    half, err = _fp16(scale, "scale")
     block_type = BLOCK_TYPES[qtype]
     blocks = torch.empty(n, k // BLOCK, block_type.block_bytes, dtype=torch.uint8)
     blocks[:, :, :2] = half.contiguous().view(torch.uint8).view(n, -1, 2)  # little-endian d
     values = q.contiguous().view(n, -1, BLOCK)
     if qtype == "Q8_0":
         blocks[:, :, 2:] = values.view(torch.uint8)
-    else:
-        u = (values + 8).to(torch.uint8)
-        blocks[:, :, 2:] = u[:, :, :16] | (u[:, :, 16:] << 4)
+        return blocks.view(n, -1), err
+    start = 2
+    if qtype == "Q4_1":
+        mins = -(8 + group_scales(zero.to(torch.float32), n, k)) * scale
+        half_min, min_err = _fp16(mins, "min")
+        blocks[:, :, 2:4] = half_min.contiguous().view(torch.uint8).view(n, -1, 2)
+        err, start = max(err, min_err), 4
+    u = (values + 8).to(torch.uint8)
+    blocks[:, :, start:] = u[:, :, :16] | (u[:, :, 16:] << 4)
     return blocks.view(n, -1), err
 
 
@@ -179,9 +210,9 @@ def compressed_weights(model: nn.Module, scheme: CheckpointQuantization, files: 
     turned into blocks for a layer that keeps them (`keep`: the kernels run here and the mode
     allows it; `int8_activations`: the W4A16 layers' too, W8A8's always) or into float32, and
     the scale and shape tensors consumed."""
-    qtype = BLOCK_TYPE_OF[scheme.scheme]
+    qtype = BLOCK_TYPE_OF[scheme.scheme, scheme.symmetric]
     int8 = int8_activations or scheme.scheme == "w8a8-int8"
-    names, scales = read_weight_scales(files)
+    names, scales, zeros = read_weight_scales(files, scheme.symmetric)
     method = GgufBlockLinearMethod(ops, qtype, int8_activations=int8,
                                    bf16_products=bf16_products) if keep else None
     kept = keep_block_layers(model, names, scales, method, dtype)
@@ -194,27 +225,28 @@ def compressed_weights(model: nn.Module, scheme: CheckpointQuantization, files: 
 
     def source(load_dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor | LazyTensor]]:
         for stored, tensor in weights(load_dtype):
-            if stored.endswith((SCALE_SUFFIX, SHAPE_SUFFIX)):
-                continue
-            if stored.endswith(ZERO_POINT_SUFFIX):
-                if bool(materialize(tensor).any()):
-                    raise ModelLoadError(f"{stored}: a nonzero zero point in a checkpoint "
-                                         "declared symmetric.")
+            if stored.endswith((SCALE_SUFFIX, SHAPE_SUFFIX, ZERO_POINT_SUFFIX)):
                 continue
             name = weight_name(stored)
             if name not in scales:
                 yield stored, tensor
                 continue
             q = _values(stored, materialize(tensor), scheme)
+            zero = zeros.get(name)
+            if zero is not None:
+                zero = zero[:q.shape[0]]          # the packing pads rows to a multiple of 8
+            if not scheme.symmetric and zero is None:
+                raise ModelLoadError(f"{stored}: no {ZERO_POINT_SUFFIX} in an asymmetric "
+                                     "checkpoint.")
             if name in kept:
-                blocks, err = to_blocks(q, scales[name], qtype)
+                blocks, err = to_blocks(q, scales[name], qtype, zero)
                 worst[0] = max(worst[0], err)
                 yield name, blocks
             else:
-                yield name, dequantize(q, scales[name])
+                yield name, dequantize(q, scales[name], zero)
         if worst[0] > 0:
-            logger.info("compressed-tensors checkpoint: weight scales rounded to fp16 for the "
-                        "blocks (largest relative change %.2g).", worst[0])
+            logger.info("compressed-tensors checkpoint: weight scales / mins rounded to fp16 "
+                        "for the blocks (largest relative change %.2g).", worst[0])
 
     return source
 

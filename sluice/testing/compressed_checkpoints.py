@@ -24,10 +24,11 @@ from safetensors.torch import save_file
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def w4a16_config(group_size: int | None = 128, **changes) -> dict:
+def w4a16_config(group_size: int | None = 128, symmetric: bool = True, **changes) -> dict:
     """llm-compressor's quantization_config of an int4 W4A16 (pack-quantized) checkpoint:
-    per group of `group_size` inputs, or per channel for None."""
-    weights = {"num_bits": 4, "type": "int", "symmetric": True, "dynamic": False,
+    per group of `group_size` inputs, or per channel for None; with zero points unless
+    `symmetric`."""
+    weights = {"num_bits": 4, "type": "int", "symmetric": symmetric, "dynamic": False,
                "strategy": "group" if group_size else "channel", "group_size": group_size,
                "actorder": None, "observer": "minmax"}
     config = {"quant_method": "compressed-tensors", "format": "pack-quantized",
@@ -73,11 +74,20 @@ def quantize_w8a8(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
     return quantized, dequantized, parts
 
 
-def quantize_w4a16(tensors: dict[str, torch.Tensor], group_size: int | None
-                   ) -> tuple[dict, dict, dict]:
-    """A float checkpoint's tensors -> (its W4A16 tensors (module doc); the same with every
-    quantized weight as float32 q * scale; {weight name: (q int8 [out, in], float32 scale
-    [out, groups])})."""
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 values [rows, cols] in [-8, 7] (cols a multiple of 8) -> int32 [rows, cols / 8]:
+    value 8j + i of a row in bits 4i .. 4i + 3 of word j, stored as q + 8."""
+    u = (q.to(torch.int32) + 8).view(q.shape[0], -1, 8)
+    return sum(u[:, :, i] << (4 * i) for i in range(8)).to(torch.int32)
+
+
+def quantize_w4a16(tensors: dict[str, torch.Tensor], group_size: int | None,
+                   symmetric: bool = True) -> tuple[dict, dict, dict]:
+    """A float checkpoint's tensors -> (its W4A16 tensors (module doc; asymmetric: scale =
+    (max - min) / 15 per group, zero point z = -8 - round(min / scale), q = round(W / scale) +
+    z, `weight_zero_point` packed along the output dimension); the same with every quantized
+    weight as float32 (q - z) * scale; {weight name: (q int8 [out, in], float32 scale [out,
+    groups], int8 z [out, groups])})."""
     quantized, dequantized, parts = {}, {}, {}
     for name, w in tensors.items():
         if name.endswith(".weight") and name.split(".")[-2] in LINEARS:
@@ -85,18 +95,25 @@ def quantize_w4a16(tensors: dict[str, torch.Tensor], group_size: int | None
             n, k = w.shape
             g = group_size or k
             groups = w.view(n, k // g, g)
-            scale = (groups.abs().amax(dim=2) / 7.5).clamp_min(1e-8).to(torch.bfloat16)
-            q = torch.round(groups / scale.float().unsqueeze(2)).clamp(-8, 7)
-            q = q.to(torch.int8).view(n, k)
-            u = (q.to(torch.int32) + 8).view(n, k // 8, 8)
-            packed = sum(u[:, :, i] << (4 * i) for i in range(8)).to(torch.int32)
+            if symmetric:
+                scale = (groups.abs().amax(dim=2) / 7.5).clamp_min(1e-8).to(torch.bfloat16)
+                zero = torch.zeros(scale.shape, dtype=torch.int8)
+            else:
+                low, high = groups.amin(dim=2), groups.amax(dim=2)
+                scale = ((high - low) / 15).clamp_min(1e-8).to(torch.bfloat16)
+                zero = (-8 - torch.round(low / scale.float())).clamp(-8, 7).to(torch.int8)
+            q = torch.round(groups / scale.float().unsqueeze(2)) + zero.unsqueeze(2)
+            q = q.clamp(-8, 7).to(torch.int8).view(n, k)
             base = name[:-len("weight")]
-            quantized[base + "weight_packed"] = packed
+            quantized[base + "weight_packed"] = pack_int4(q)
             quantized[base + "weight_scale"] = scale
             quantized[base + "weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
-            dequantized[name] = (q.float().view(n, k // g, g)
+            if not symmetric:
+                packed_zero = pack_int4(zero.t().contiguous()).t()    # [out / 8, groups]
+                quantized[base + "weight_zero_point"] = packed_zero.contiguous()
+            dequantized[name] = ((q.float().view(n, k // g, g) - zero.float().unsqueeze(2))
                                  * scale.float().unsqueeze(2)).view(n, k)
-            parts[name] = (q, scale.float())
+            parts[name] = (q, scale.float(), zero)
         else:
             quantized[name] = dequantized[name] = w
     return quantized, dequantized, parts
