@@ -111,8 +111,9 @@ def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
 
 
 def group_scales(scale: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """float32 [n, k / 32]: the scale of each 32-value block of an [n, k] weight, from scales
-    [n or 1, groups] (groups dividing k into runs of a multiple of 32)."""
+    """float32 [n, k / 32]: the value (scale or zero point) of each 32-value block of an [n, k]
+    weight, from per-group values [n or 1, groups] (groups dividing k into runs of a multiple
+    of 32)."""
     if scale.shape[0] not in (1, n) or (k // BLOCK) % scale.shape[1]:
         raise ModelLoadError(f"{scale.shape[1]} scale groups do not split {k} inputs into "
                              f"whole 32-value blocks (scales {tuple(scale.shape)} for a weight "
@@ -133,7 +134,8 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor,
 
 
 def _fp16(values: torch.Tensor, what: str) -> tuple[torch.Tensor, float]:
-    """(values in fp16, the largest change by that rounding relative to max(|value|, ref))."""
+    """(values in fp16, the largest change of a value by that rounding, relative to it);
+    ModelLoadError naming `what` for a value fp16 cannot hold (overflow, or nonzero -> 0)."""
     half = values.to(torch.float16)
     bad = ~torch.isfinite(half) | ((half == 0) & (values != 0))
     if bool(bad.any()):
