@@ -215,9 +215,9 @@ def _int_scheme(args: Any, path: Path, where: str, bits: int, strategies: tuple[
     if args.get("actorder") not in (None, False):
         raise _unsupported_quantization(path, f"{where}.actorder = {args.get('actorder')!r}")
     strategy, group = args.get("strategy"), args.get("group_size")
-    grouped = strategy == "group" and isinstance(group, int) and group > 0 and group % 32 == 0
-    if strategy not in strategies or (group is not None and not grouped) \
-            or (strategy == "group" and not grouped):
+    # 'group' needs a positive multiple of 32 inputs per scale, the others no group size
+    grouped = isinstance(group, int) and group > 0 and group % 32 == 0
+    if strategy not in strategies or not (grouped if strategy == "group" else group is None):
         raise _unsupported_quantization(
             path, f"{where}.strategy = {strategy!r}, group_size = {group!r}")
     return strategy, group, symmetric

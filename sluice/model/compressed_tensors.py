@@ -69,7 +69,7 @@ BLOCK_TYPE_OF = {("w8a8-int8", True): "Q8_0", ("w4a16-int4", True): "Q4_0",
 BLOCK = 32  # values per block (Q8_0 and Q4_0)
 
 
-def read_weight_scales(files: list[Path], symmetric: bool = True
+def read_quantization_tensors(files: list[Path], symmetric: bool = True
                        ) -> tuple[list[str], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(every tensor name of the safetensors `files` but zero points; HF weight name
     ('...q_proj.weight') -> its float32 scales [out, groups] ([1, 1] per tensor), from its
@@ -214,7 +214,7 @@ def compressed_weights(model: nn.Module, scheme: CheckpointQuantization, files: 
     the scale and shape tensors consumed."""
     qtype = BLOCK_TYPE_OF[scheme.scheme, scheme.symmetric]
     int8 = int8_activations or scheme.scheme == "w8a8-int8"
-    names, scales, zeros = read_weight_scales(files, scheme.symmetric)
+    names, scales, zeros = read_quantization_tensors(files, scheme.symmetric)
     method = GgufBlockLinearMethod(ops, qtype, int8_activations=int8,
                                    bf16_products=bf16_products) if keep else None
     kept = keep_block_layers(model, names, scales, method, dtype)

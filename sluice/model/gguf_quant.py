@@ -76,15 +76,19 @@ def gguf_tensor_types(gguf_file: str | Path | GGUFReader) -> dict[str, str]:
     return types
 
 
-def _wanted(mode: str | None, ops: ModuleType | None, dtype: torch.dtype,
-            device: torch.device, lora_enabled: bool) -> bool:
+def blocks_wanted(mode: str | None, ops: ModuleType | None, dtype: torch.dtype,
+                  device: torch.device, lora_enabled: bool) -> bool:
+    """Whether quantized weights (a GGUF file's, a compressed-tensors checkpoint's) keep their
+    blocks under `--quantization` `mode`: never for 'none' or with LoRA (adapters need float
+    base weights), always for 'gguf', else where the C++ block kernels run (the operators,
+    float32 compute, CPU)."""
     if mode not in QUANTIZATION_MODES:
         raise ConfigError(f"--quantization {mode!r} is not supported; choose gguf, none or "
                           "int8 (or leave it unset).")
     if mode == "none":
         return False
     if lora_enabled:
-        logger.info("GGUF weights are dequantized to %s: LoRA adapters need float base "
+        logger.info("Quantized weights are dequantized to %s: LoRA adapters need float base "
                     "weights.", dtype)
         return False
     if mode == "gguf":
@@ -122,7 +126,7 @@ def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path | GGUFReader, mode:
     `bf16_products`: the methods' flag (bf16 products for more rows on AMX), which mode
     'int8' sets in any case."""
     types = gguf_tensor_types(gguf_file)
-    if not _wanted(mode, ops, dtype, device, lora_enabled):
+    if not blocks_wanted(mode, ops, dtype, device, lora_enabled):
         logger.info("GGUF weights dequantized to %s at load (%s).", dtype, _summary(types))
         return frozenset()
     sources: dict[str, list[str]] = defaultdict(list)  # our param name -> HF tensor names

@@ -249,11 +249,11 @@ def _compressed_source(model: nn.Module, spec: ModelSpec, weights: Callable,
     (`gguf_quant.llama_cpp_numerics`) and under `--quantization int8`; `--quantization
     compressed-tensors` keeps the scheme's float activations."""
     from sluice.model.compressed_tensors import compressed_weights
-    from sluice.model.gguf_quant import llama_cpp_numerics
-    keep = (quantization in (None, "int8", "compressed-tensors") and ops.cpu_ops is not None
-            and dtype == torch.float32 and device.type == "cpu"
-            and not (lora is not None and lora.enable_lora))
+    from sluice.model.gguf_quant import blocks_wanted, llama_cpp_numerics
+    mode = None if quantization == "compressed-tensors" else quantization  # 'gguf': refused
+    keep = blocks_wanted(mode, ops.cpu_ops, dtype, device,
+                         lora_enabled=lora is not None and lora.enable_lora)
+    int8_activations = quantization == "int8" or llama_cpp_numerics(quantization, ops.cpu_ops)
     return compressed_weights(model, spec.quantization, safetensors_files(spec.path), weights,
-                              keep, quantization == "int8"
-                              or llama_cpp_numerics(quantization, ops.cpu_ops), ops.cpu_ops, dtype,
+                              keep, int8_activations, ops.cpu_ops, dtype,
                               weight_dtype == torch.bfloat16)
