@@ -1,14 +1,18 @@
 """Write a model as a compressed-tensors checkpoint (W8A8 int8 or W4A16 int4, as
-llm-compressor writes them with round-to-nearest), or as a float checkpoint.
+llm-compressor writes them with round-to-nearest), a GPTQ or AWQ checkpoint (as AutoGPTQ /
+AutoAWQ lay them out, round-to-nearest), or as a float checkpoint.
 
-    python benchmarks/make_compressed_checkpoint.py SRC DST [--scheme w8a8|w4a16|float]
-        [--group-size 128] [--float-dtype bfloat16]
+    python benchmarks/make_compressed_checkpoint.py SRC DST
+        [--scheme w8a8|w4a16|gptq|awq|float] [--group-size 128] [--bits 4]
+        [--asymmetric] [--desc-act] [--float-dtype bfloat16]
 
 SRC: a Hugging Face model directory, or a .gguf file (its tensors dequantized, its config and
 tokenizer from sluice's sidecar). DST gets SRC's config (with `quantization_config`) and
 tokenizer files and one model.safetensors: every decoder linear weight quantized
 (`sluice.testing.compressed_checkpoints`: W8A8 int8 per output channel; W4A16 int4 per group
-of --group-size inputs, 0 = per channel), the other tensors in --float-dtype. `--scheme float`
+of --group-size inputs, 0 = per channel; `sluice.testing.gptq_awq_checkpoints`: GPTQ of --bits
+bits, symmetric unless --asymmetric, act-order groups with --desc-act; AWQ 4-bit with zero
+points), the other tensors in --float-dtype. `--scheme float`
 writes the float checkpoint (e.g. SmolLM2's bf16 directory of benchmarks/RESULTS.md from its
 Q4_1 file). sluice and vLLM-CPU both read these directories.
 """
@@ -40,9 +44,12 @@ def main() -> None:
     parser.add_argument("dst", type=Path)
     parser.add_argument("--float-dtype", default="bfloat16",
                         choices=("bfloat16", "float16", "float32"))
-    parser.add_argument("--scheme", default="w8a8", choices=("w8a8", "w4a16", "float"))
+    parser.add_argument("--scheme", default="w8a8", choices=("w8a8", "w4a16", "gptq", "awq", "float"))
     parser.add_argument("--group-size", type=int, default=128,
-                        help="W4A16: inputs per scale (a multiple of 32; 0: per channel).")
+                        help="W4A16 / GPTQ / AWQ: inputs per scale (0: per channel).")
+    parser.add_argument("--bits", type=int, default=4, choices=(4, 8), help="GPTQ: bits.")
+    parser.add_argument("--asymmetric", action="store_true", help="GPTQ: zero points.")
+    parser.add_argument("--desc-act", action="store_true", help="GPTQ: act-order groups.")
     args = parser.parse_args()
     from sluice.testing.compressed_checkpoints import (quantize_w4a16, quantize_w8a8,
                                                        w4a16_config, w8a8_config,
@@ -55,6 +62,16 @@ def main() -> None:
     elif args.scheme == "w4a16":
         group = args.group_size or None
         tensors, config = quantize_w4a16(tensors, group)[0], w4a16_config(group)
+    elif args.scheme in ("gptq", "awq"):
+        from sluice.testing.gptq_awq_checkpoints import (awq_config, gptq_config,
+                                                         quantize_awq, quantize_gptq)
+        group = args.group_size or -1
+        if args.scheme == "awq":
+            tensors, config = quantize_awq(tensors, group)[0], awq_config(group)
+        else:
+            options = dict(bits=args.bits, group_size=group, sym=not args.asymmetric,
+                           desc_act=args.desc_act)
+            tensors, config = quantize_gptq(tensors, **options)[0], gptq_config(**options)
     write_checkpoint(meta_dir, args.dst, config, tensors, torch_dtype=args.float_dtype)
     print(f"wrote {args.dst}")
 

@@ -87,8 +87,10 @@ class ModelConfig:
         "format: W8A8 int8, W4A16 int4) runs its integers in those block kernels with int8 "
         "activations when unset or 'int8', as stored with 'compressed-tensors' (vLLM's name, "
         "accepted for such a checkpoint only: W4A16 then keeps float activations), and is "
-        "dequantized to --dtype with 'none'.",
-        choices=("gguf", "none", "int8", "compressed-tensors"))
+        "dequantized to --dtype with 'none'. GPTQ (4- or 8-bit) and AWQ (4-bit) checkpoints "
+        "likewise, 'gptq' / 'awq' keeping their float activations; act-order GPTQ "
+        "(desc_act) and 8-bit GPTQ with zero points dequantize to --dtype at load.",
+        choices=("gguf", "none", "int8", "compressed-tensors", "gptq", "awq"))
     max_model_len: int | None = option(None, "Maximum tokens per request (prompt + output). "
                                        "Default: the model's max_position_embeddings.", ge=1)
     seed: int = option(0, "Global random seed for sampling without a per-request seed.", ge=0)

@@ -1,8 +1,10 @@
 """Read a Hugging Face model directory's `config.json` into a `ModelSpec`, and its optional
 `generation_config.json` (extra EOS ids; default sampling parameters, `generation_defaults`).
 
-This is the only module that parses HF configs. It checks that the directory looks like an HF
-model before anything heavy starts, and raises `ModelLoadError` naming the path and problem.
+This is the only module that parses HF configs (a stored-quantized checkpoint's
+`quantization_config`: `sluice.model_spec.quantization_config`). It checks that the directory
+looks like an HF model before anything heavy starts, and raises `ModelLoadError` naming the
+path and problem.
 No torch.
 """
 
@@ -17,6 +19,8 @@ from typing import Any
 
 from sluice.errors import ConfigError, ModelLoadError
 from sluice.model_spec.gguf import GGUF_MARKER
+from sluice.model_spec.quantization_config import (CheckpointQuantization,
+                                                  checkpoint_quantization)
 
 logger = logging.getLogger(__name__)
 
@@ -31,31 +35,6 @@ class RopeSpec:
     theta: float = 10000.0
     rope_type: str = "default"
     scaling: dict[str, Any] = field(default_factory=dict)
-
-
-#: the one stored-quantized checkpoint format sluice reads (`checkpoint_quantization`)
-SUPPORTED_CHECKPOINT_QUANTIZATION = (
-    "compressed-tensors W8A8 int8 (format int-quantized or naive-quantized: int8 weights, "
-    "symmetric, a scale per output channel or per tensor; int8 activations, dynamic) and "
-    "W4A16 int4 (format pack-quantized: int4 weights, symmetric or with zero points, a scale "
-    "per output channel or per group of a multiple of 32 inputs, no activation order; 16-bit "
-    "activations); no quantized KV cache")
-
-
-@dataclass(frozen=True)
-class CheckpointQuantization:
-    """A checkpoint stored quantized (config.json's `quantization_config`), as sluice reads
-    it (`sluice.model.compressed_tensors` loads it): `method` 'compressed-tensors' and
-    `scheme` 'w8a8-int8' (int8 `weight` [out, in], `weight_scale` [out, 1] or [1]) or
-    'w4a16-int4' (int4 `weight_packed` [out, in / 8] int32, `weight_scale` [out, in /
-    group_size] or [out, 1], with `symmetric` False also `weight_zero_point` int32 [out / 8,
-    groups]); the linear layers listed by their `weight_scale` tensors hold them, the rest is
-    float."""
-    method: str
-    scheme: str
-    weight_strategy: str        # 'channel', 'tensor' or 'group'
-    group_size: int | None = None
-    symmetric: bool = True
 
 
 @dataclass(frozen=True)
@@ -185,97 +164,6 @@ def generation_defaults(mode: str, model_dir: str | None) -> dict[str, Any]:
     repetition_penalty, max_tokens (from max_new_tokens); out-of-range values are ignored with
     a warning. They apply where a request leaves a field unset. Read once per (mode, dir)."""
     return dict(_generation_defaults(mode, model_dir))
-
-
-def _unsupported_quantization(path: Path, what: str) -> ModelLoadError:
-    return ModelLoadError(
-        f"{path}: quantization_config {what} is not supported; sluice reads "
-        f"{SUPPORTED_CHECKPOINT_QUANTIZATION}. Load the float checkpoint instead (with "
-        "--quantization int8 for int8 weights) or a GGUF file.")
-
-
-def _int_scheme(args: Any, path: Path, where: str, bits: int, strategies: tuple[str, ...],
-                dynamic: bool, zero_points: bool = False) -> tuple[str, int | None, bool]:
-    """(strategy, group_size, symmetric) of a compressed-tensors quantization-args object that is
-    `bits`-bit int, symmetric (or not, where `zero_points` are read), with `dynamic` scales, a
-    strategy in `strategies`, a group size (a multiple of 32) only for 'group', and no
-    activation order; else ModelLoadError naming `where` and the field."""
-    if not isinstance(args, dict):
-        raise _unsupported_quantization(path, f"{where} = {args!r}")
-    for key, value in {"num_bits": bits, "type": "int"}.items():
-        if args.get(key) != value:
-            raise _unsupported_quantization(path, f"{where}.{key} = {args.get(key)!r}")
-    symmetric = args.get("symmetric", True)
-    if symmetric is not True and not (zero_points and symmetric is False):
-        raise _unsupported_quantization(path, f"{where}.symmetric = {symmetric!r}")
-    if bool(args.get("dynamic", False)) != dynamic:
-        raise _unsupported_quantization(
-            path, f"{where}.dynamic = {args.get('dynamic')!r} ("
-            f"{'dynamic' if dynamic else 'static'} scales expected)")
-    if args.get("actorder") not in (None, False):
-        raise _unsupported_quantization(path, f"{where}.actorder = {args.get('actorder')!r}")
-    strategy, group = args.get("strategy"), args.get("group_size")
-    # 'group' needs a positive multiple of 32 inputs per scale, the others no group size
-    grouped = isinstance(group, int) and group > 0 and group % 32 == 0
-    if strategy not in strategies or not (grouped if strategy == "group" else group is None):
-        raise _unsupported_quantization(
-            path, f"{where}.strategy = {strategy!r}, group_size = {group!r}")
-    return strategy, group, symmetric
-
-
-def _group_scheme(group: Any, path: Path, where: str,
-                  fmt: str) -> tuple[str, str, int | None, bool]:
-    """(scheme, weight strategy, group size, symmetric) of one config group of a `fmt`
-    checkpoint."""
-    if not isinstance(group, dict):
-        raise _unsupported_quantization(path, f"{where} = {group!r}")
-    if group.get("targets") != ["Linear"]:
-        raise _unsupported_quantization(
-            path, f"{where}.targets = {group.get('targets')!r} (['Linear'] expected)")
-    if group.get("output_activations") is not None:
-        raise _unsupported_quantization(path, f"{where}.output_activations")
-    weights, activations = group.get("weights"), group.get("input_activations")
-    if fmt == "pack-quantized":
-        if activations is not None:
-            raise _unsupported_quantization(
-                path, f"{where}.input_activations of a pack-quantized (W4A16) checkpoint")
-        return ("w4a16-int4", *_int_scheme(weights, path, f"{where}.weights", 4,
-                                           ("channel", "group"), dynamic=False,
-                                           zero_points=True))
-    strategy, _, _ = _int_scheme(weights, path, f"{where}.weights", 8, ("channel", "tensor"),
-                                 dynamic=False)
-    _int_scheme(activations, path, f"{where}.input_activations", 8, ("token", "tensor"),
-                dynamic=True)
-    return "w8a8-int8", strategy, None, True
-
-
-def checkpoint_quantization(cfg: dict, path: Path) -> CheckpointQuantization | None:
-    """config.json's `quantization_config` as a CheckpointQuantization (None without one), or
-    ModelLoadError naming the method or field sluice does not read (nothing quantized is loaded
-    as if it were float)."""
-    qc = cfg.get("quantization_config")
-    if qc is None:
-        return None
-    if not isinstance(qc, dict):
-        raise _unsupported_quantization(path, f"= {qc!r}")
-    method = qc.get("quant_method")
-    if method != "compressed-tensors":
-        raise _unsupported_quantization(path, f"quant_method {method!r}")
-    fmt = qc.get("format")
-    if fmt not in ("int-quantized", "naive-quantized", "pack-quantized"):
-        raise _unsupported_quantization(path, f"format {fmt!r}")
-    if qc.get("kv_cache_scheme") is not None:
-        raise _unsupported_quantization(path, "kv_cache_scheme (a quantized KV cache)")
-    groups = qc.get("config_groups")
-    if not isinstance(groups, dict) or not groups:
-        raise _unsupported_quantization(path, f"config_groups = {groups!r}")
-    schemes = {_group_scheme(group, path, f"config_groups.{name}", fmt)
-               for name, group in groups.items()}
-    if len(schemes) > 1:
-        raise _unsupported_quantization(path, f"config groups of different schemes "
-                                              f"{sorted(map(str, schemes))}")
-    scheme, strategy, group_size, symmetric = schemes.pop()
-    return CheckpointQuantization("compressed-tensors", scheme, strategy, group_size, symmetric)
 
 
 def _eos_ids(cfg: dict, model_dir: Path) -> tuple[int, ...]:

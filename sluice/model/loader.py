@@ -15,9 +15,9 @@ tensor's float32 copy at a time, never the whole model. Linear weights of the ty
 kernels run (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) keep their blocks instead (`--quantization`, see
 `sluice.model.gguf_quant`): their layers get a `GgufBlockLinearMethod` right after the model is
 built and are filled with the file's bytes.
-A checkpoint stored quantized (compressed-tensors W8A8 / W4A16, `ModelSpec.quantization`) keeps
-its integers as Q8_0 / Q4_0 blocks where the block kernels run
-(`sluice.model.compressed_tensors`), else is dequantized exactly as it loads.
+A checkpoint stored quantized (compressed-tensors W8A8 / W4A16, GPTQ, AWQ:
+`ModelSpec.quantization`) keeps its integers as Q8_0 / Q4_0 / Q4_1 blocks where the block
+kernels run (`sluice.model.quantized_checkpoint`), else is dequantized exactly as it loads.
 Under pipeline parallelism the model skips the tensors of other stages' layers (safetensors:
 never read; GGUF: dequantized and dropped).
 Every failure is a `ModelLoadError` naming the path and the problem.
@@ -44,6 +44,9 @@ from sluice.model.models.registry import get_model_class
 from sluice.model_spec.gguf import GGUF_MARKER, read_marker
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+#: `--quantization` values naming a stored format (vLLM's names): accepted for such a
+#: checkpoint only, they keep the format's own (float) activations
+STORED_FORMAT_MODES = ("compressed-tensors", "gptq", "awq")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
@@ -172,13 +175,14 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
     (`sluice.lora.layers.wrap_lora_layers`: `lora.max_loras` zeroed adapter slots of rank
     `lora.max_lora_rank` each) right after the model is built, before the fast paths read
     the layers' methods (the fused decode stack then runs only steps without adapter tokens).
-    `quantization` (`ModelConfig.quantization`: None, 'gguf' or 'none') says which GGUF linear
+    `quantization` (`ModelConfig.quantization`: None, 'gguf', 'none', 'int8' or one of
+    STORED_FORMAT_MODES) says which GGUF linear
     weights keep their blocks (`sluice.model.gguf_quant`); 'int8' quantizes the decoder's
     linear weights to int8 Q8_0 blocks once loaded (`sluice.model.int8_quant`).
 
     Order: layer ops chosen -> model built (each linear layer takes its `LinearMethod`; GGUF
     layers that keep their blocks, and a compressed-tensors checkpoint's layers, take a
-    `GgufBlockLinearMethod`) ->
+    `GgufBlockLinearMethod`; a GPTQ / AWQ one's likewise) ->
     weights placed and loaded -> int8 quantization (`--quantization int8`) ->
     `process_weights_after_loading` (packed copies, the greedy
     screen) -> the fused decode stack where it supports every layer."""
@@ -195,11 +199,14 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
     if gguf_file is None and quantization == "gguf":
         raise ConfigError(f"--quantization gguf needs a GGUF model (a .gguf file); {spec.path} "
                           f"is not one (--load-format {load_format}).")
-    if quantization == "compressed-tensors" and (spec.quantization is None
-                                                 or gguf_file is not None):
-        raise ConfigError(f"--quantization compressed-tensors needs a compressed-tensors "
-                          f"checkpoint (config.json's quantization_config); {spec.path} is not "
-                          "one. Leave --quantization unset for the model's own weights.")
+    if quantization in STORED_FORMAT_MODES and (spec.quantization is None
+                                                or spec.quantization.method != quantization
+                                                or gguf_file is not None):
+        stored = "a float checkpoint" if spec.quantization is None or gguf_file is not None \
+            else f"a {spec.quantization.method} checkpoint"
+        raise ConfigError(f"--quantization {quantization} needs a {quantization} checkpoint "
+                          f"(config.json's quantization_config); {spec.path} is {stored}. "
+                          "Leave --quantization unset for the model's own weights.")
     if gguf_file is not None:
         from sluice.model.gguf_quant import keep_gguf_blocks
         from sluice.model.gguf_weights import iterate_gguf
@@ -242,18 +249,23 @@ def _compressed_source(model: nn.Module, spec: ModelSpec, weights: Callable,
                        quantization: str | None, ops: LayerOps, dtype: torch.dtype,
                        device: torch.device, lora: LoRAConfig | None,
                        weight_dtype: torch.dtype) -> Callable:
-    """The weight source of a compressed-tensors checkpoint (`sluice.model.compressed_tensors`):
-    its layers keep their blocks where the block kernels run them (C++ operators, float32
-    compute, CPU), unless `--quantization none` or LoRA asks for float weights. W4A16 layers
-    take int8 activations (llama.cpp's Q4_0 numerics) as a GGUF file's blocks do by default
+    """The weight source of a checkpoint stored quantized (`sluice.model.quantized_checkpoint`;
+    compressed-tensors, GPTQ, AWQ): its layers keep their blocks where the block kernels run
+    them (C++ operators, float32 compute, CPU), unless `--quantization none` or LoRA asks for
+    float weights. W8A8 layers take int8 activations; weight-only ones (W4A16, GPTQ 8-bit)
+    too (llama.cpp's Q4_0 / Q8_0 numerics), as a GGUF file's blocks do by default
     (`gguf_quant.llama_cpp_numerics`) and under `--quantization int8`; `--quantization
-    compressed-tensors` keeps the scheme's float activations."""
-    from sluice.model.compressed_tensors import compressed_weights
+    compressed-tensors|gptq|awq` (vLLM's names for the format) keeps their float activations."""
+    from sluice.model import compressed_tensors, gptq_awq
     from sluice.model.gguf_quant import blocks_wanted, llama_cpp_numerics
-    mode = None if quantization == "compressed-tensors" else quantization  # 'gguf': refused
+    from sluice.model.quantized_checkpoint import quantized_weight_source
+    scheme = spec.quantization
+    mode = None if quantization in STORED_FORMAT_MODES else quantization  # 'gguf': refused
     keep = blocks_wanted(mode, ops.cpu_ops, dtype, device,
                          lora_enabled=lora is not None and lora.enable_lora)
-    int8_activations = quantization == "int8" or llama_cpp_numerics(quantization, ops.cpu_ops)
-    return compressed_weights(model, spec.quantization, safetensors_files(spec.path), weights,
-                              keep, int8_activations, ops.cpu_ops, dtype,
-                              weight_dtype == torch.bfloat16)
+    int8_activations = (scheme.scheme == "w8a8-int8" or quantization == "int8"
+                        or llama_cpp_numerics(quantization, ops.cpu_ops))
+    reader = compressed_tensors if scheme.method == "compressed-tensors" else gptq_awq
+    stored = reader.read(safetensors_files(spec.path), scheme)
+    return quantized_weight_source(model, stored, weights, keep, int8_activations,
+                                   ops.cpu_ops, dtype, weight_dtype == torch.bfloat16)

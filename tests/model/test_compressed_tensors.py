@@ -95,7 +95,7 @@ W8A8_GROUP = w8a8_config()["config_groups"]["group_0"]
 
 
 @pytest.mark.parametrize("config,field", [
-    (w8a8_config(quant_method="gptq"), "quant_method 'gptq'"),
+    (w8a8_config(quant_method="bitsandbytes"), "quant_method 'bitsandbytes'"),
     (w8a8_config(format="float-quantized"), "format 'float-quantized'"),
     (w8a8_config(kv_cache_scheme={"num_bits": 8}), "kv_cache_scheme"),
     (w8a8_config(config_groups={"g": {**W8A8_GROUP, "input_activations": None}}),
@@ -115,7 +115,7 @@ W8A8_GROUP = w8a8_config()["config_groups"]["group_0"]
      "group_size = 48"),
     (w4a16_config(config_groups={"g": {**W8A8_GROUP, "weights": _w4a16_weights()}}),
      "input_activations of a pack-quantized"),
-], ids=["gptq", "fp8-format", "kv-cache", "w8a16", "static-activations", "int4-as-int8",
+], ids=["bitsandbytes", "fp8-format", "kv-cache", "w8a16", "static-activations", "int4-as-int8",
         "asymmetric-int8", "actorder", "group-48", "w4a8"])
 def test_unsupported_quantization_configs_fail_naming_the_field(llama_dir, tmp_path, config,
                                                                 field):

@@ -1,0 +1,228 @@
+"""A checkpoint stored quantized: config.json's `quantization_config` (or the sidecar file an
+older AutoGPTQ / AutoAWQ checkpoint keeps it in) read into a `CheckpointQuantization`.
+
+Three formats are read, the ones vLLM serves on CPU:
+
+* compressed-tensors (llm-compressor): W8A8 int8 and W4A16 int4, see
+  `sluice.model.compressed_tensors`;
+* GPTQ (AutoGPTQ / GPTQModel / optimum, `quant_method` 'gptq'): 4- or 8-bit weights packed
+  along the input dimension, zero points, scales per group or per channel, activation order
+  (`desc_act`) through `g_idx`; see `sluice.model.gptq_awq`;
+* AWQ (AutoAWQ, `quant_method` 'awq', version 'gemm'): 4-bit weights packed along the output
+  dimension in AWQ's interleaved order, with zero points; see `sluice.model.gptq_awq`.
+
+Anything else -- another method, a field value these readers would misread -- is a
+ModelLoadError naming the field: nothing quantized is ever loaded as if it were float. Fields
+that only describe how the quantization was computed (damp_percent, true_sequential, dataset,
+...) do not change what the tensors mean and are not read. No torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sluice.errors import ModelLoadError
+
+#: what `checkpoint_quantization` reads, for its error messages
+SUPPORTED_CHECKPOINT_QUANTIZATION = (
+    "compressed-tensors W8A8 int8 (format int-quantized or naive-quantized: int8 weights, "
+    "symmetric, a scale per output channel or per tensor; int8 activations, dynamic) and "
+    "W4A16 int4 (format pack-quantized: int4 weights, symmetric or with zero points, a scale "
+    "per output channel or per group of a multiple of 32 inputs, no activation order; 16-bit "
+    "activations), no quantized KV cache; GPTQ (bits 4 or 8, checkpoint_format gptq or "
+    "gptq_v2, any group_size, desc_act, no per-module `dynamic` overrides); AWQ (bits 4, "
+    "version gemm, zero_point true)")
+
+#: the sidecar files older checkpoints keep their quantization config in: file -> quant_method
+SIDECAR_CONFIGS = {"quantize_config.json": "gptq", "quant_config.json": "awq"}
+
+
+@dataclass(frozen=True)
+class CheckpointQuantization:
+    """A checkpoint stored quantized, as sluice reads it.
+
+    `method`: 'compressed-tensors', 'gptq' or 'awq' (the loader that reads its tensors).
+    `scheme`: 'w8a8-int8' (int8 weights, int8 activations), 'w4a16-int4' (int4 weights,
+    16-bit activations) or 'w8a16-int8' (GPTQ 8-bit: int8 weights, 16-bit activations).
+    `weight_strategy` 'channel', 'tensor' or 'group' (`group_size` inputs share a scale).
+    `symmetric`: no zero points (GPTQ: zero points stored, all at the midpoint, checked).
+    `act_order`: GPTQ `desc_act`, groups follow `g_idx` instead of runs of inputs.
+    `zero_point_offset`: added to each stored zero point (GPTQ's original format stores them
+    minus one)."""
+    method: str
+    scheme: str
+    weight_strategy: str
+    group_size: int | None = None
+    symmetric: bool = True
+    act_order: bool = False
+    zero_point_offset: int = 0
+
+
+def checkpoint_quantization(cfg: dict, path: Path) -> CheckpointQuantization | None:
+    """config.json's (`cfg`, read from `path`) `quantization_config`, or else a sidecar file's
+    (SIDECAR_CONFIGS) as a CheckpointQuantization; None for a float checkpoint; ModelLoadError
+    naming the method or field sluice does not read."""
+    qc = cfg.get("quantization_config")
+    if qc is None:
+        for name, method in SIDECAR_CONFIGS.items():
+            sidecar = path.parent / name
+            if sidecar.is_file():
+                path, qc = sidecar, {"quant_method": method, **_read_sidecar(sidecar)}
+                break
+        else:
+            return None
+    if not isinstance(qc, dict):
+        raise _unsupported(path, f"= {qc!r}")
+    method = qc.get("quant_method")
+    if method == "compressed-tensors":
+        return _compressed_tensors(qc, path)
+    if method == "gptq":
+        return _gptq(qc, path)
+    if method == "awq":
+        return _awq(qc, path)
+    raise _unsupported(path, f"quant_method {method!r}")
+
+
+def _read_sidecar(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: cannot read the quantization config: {e}") from e
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: a quantization config must be a JSON object.")
+    return data
+
+
+def _unsupported(path: Path, what: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"{path}: quantization_config {what} is not supported; sluice reads "
+        f"{SUPPORTED_CHECKPOINT_QUANTIZATION}. Load the float checkpoint instead (with "
+        "--quantization int8 for int8 weights) or a GGUF file.")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPTQ and AWQ
+
+def _group_size(qc: dict, path: Path, keys: tuple[str, ...]) -> int | None:
+    """The group size under the first of `keys` present: None for -1 (a scale per output
+    channel), else a positive int; ModelLoadError otherwise."""
+    key = next((k for k in keys if k in qc), keys[0])
+    group = qc.get(key, -1)
+    if not isinstance(group, int) or isinstance(group, bool) or (group != -1 and group <= 0):
+        raise _unsupported(path, f"{key} = {group!r}")
+    return None if group == -1 else group
+
+
+def _gptq(qc: dict, path: Path) -> CheckpointQuantization:
+    """GPTQ: `bits` 4 or 8, `group_size`, `sym`, `desc_act`, `checkpoint_format` ('gptq':
+    zero points stored minus one; 'gptq_v2': as they are); per-module `dynamic` overrides are
+    refused (one scheme for every layer)."""
+    bits = qc.get("bits")
+    if bits not in (4, 8) or isinstance(bits, bool):
+        raise _unsupported(path, f"bits = {bits!r}")
+    group = _group_size(qc, path, ("group_size",))
+    fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))
+    if fmt not in ("gptq", "gptq_v2"):
+        raise _unsupported(path, f"checkpoint_format = {fmt!r}")
+    if qc.get("dynamic"):
+        raise _unsupported(path, "dynamic (per-module quantization overrides)")
+    for key in ("sym", "desc_act"):
+        if not isinstance(qc.get(key, False), bool):
+            raise _unsupported(path, f"{key} = {qc.get(key)!r}")
+    return CheckpointQuantization(
+        "gptq", "w4a16-int4" if bits == 4 else "w8a16-int8",
+        "group" if group else "channel", group, symmetric=qc.get("sym", True),
+        act_order=qc.get("desc_act", False), zero_point_offset=1 if fmt == "gptq" else 0)
+
+
+def _awq(qc: dict, path: Path) -> CheckpointQuantization:
+    """AWQ (AutoAWQ's keys and transformers' spellings): 4 bits, version 'gemm', zero points."""
+    bits = qc.get("bits", qc.get("w_bit"))
+    if bits != 4 or isinstance(bits, bool):
+        raise _unsupported(path, f"bits = {bits!r}")
+    group = _group_size(qc, path, ("group_size", "q_group_size"))
+    version = qc.get("version", "gemm")
+    if not isinstance(version, str) or version.lower() != "gemm":
+        raise _unsupported(path, f"version = {version!r} (AWQ's 'gemm' layout is read)")
+    if qc.get("zero_point", True) is not True:
+        raise _unsupported(path, f"zero_point = {qc.get('zero_point')!r}")
+    return CheckpointQuantization("awq", "w4a16-int4", "group" if group else "channel", group,
+                                  symmetric=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# compressed-tensors
+
+def _int_scheme(args: Any, path: Path, where: str, bits: int, strategies: tuple[str, ...],
+                dynamic: bool, zero_points: bool = False) -> tuple[str, int | None, bool]:
+    """(strategy, group_size, symmetric) of a compressed-tensors quantization-args object that is
+    `bits`-bit int, symmetric (or not, where `zero_points` are read), with `dynamic` scales, a
+    strategy in `strategies`, a group size (a multiple of 32) only for 'group', and no
+    activation order; else ModelLoadError naming `where` and the field."""
+    if not isinstance(args, dict):
+        raise _unsupported(path, f"{where} = {args!r}")
+    for key, value in {"num_bits": bits, "type": "int"}.items():
+        if args.get(key) != value:
+            raise _unsupported(path, f"{where}.{key} = {args.get(key)!r}")
+    symmetric = args.get("symmetric", True)
+    if symmetric is not True and not (zero_points and symmetric is False):
+        raise _unsupported(path, f"{where}.symmetric = {symmetric!r}")
+    if bool(args.get("dynamic", False)) != dynamic:
+        raise _unsupported(
+            path, f"{where}.dynamic = {args.get('dynamic')!r} ("
+            f"{'dynamic' if dynamic else 'static'} scales expected)")
+    if args.get("actorder") not in (None, False):
+        raise _unsupported(path, f"{where}.actorder = {args.get('actorder')!r}")
+    strategy, group = args.get("strategy"), args.get("group_size")
+    # 'group' needs a positive multiple of 32 inputs per scale, the others no group size
+    grouped = isinstance(group, int) and group > 0 and group % 32 == 0
+    if strategy not in strategies or not (grouped if strategy == "group" else group is None):
+        raise _unsupported(path, f"{where}.strategy = {strategy!r}, group_size = {group!r}")
+    return strategy, group, symmetric
+
+
+def _group_scheme(group: Any, path: Path, where: str,
+                  fmt: str) -> tuple[str, str, int | None, bool]:
+    """(scheme, weight strategy, group size, symmetric) of one config group of a `fmt`
+    checkpoint."""
+    if not isinstance(group, dict):
+        raise _unsupported(path, f"{where} = {group!r}")
+    if group.get("targets") != ["Linear"]:
+        raise _unsupported(path, f"{where}.targets = {group.get('targets')!r} (['Linear'] "
+                                 "expected)")
+    if group.get("output_activations") is not None:
+        raise _unsupported(path, f"{where}.output_activations")
+    weights, activations = group.get("weights"), group.get("input_activations")
+    if fmt == "pack-quantized":
+        if activations is not None:
+            raise _unsupported(
+                path, f"{where}.input_activations of a pack-quantized (W4A16) checkpoint")
+        return ("w4a16-int4", *_int_scheme(weights, path, f"{where}.weights", 4,
+                                           ("channel", "group"), dynamic=False,
+                                           zero_points=True))
+    strategy, _, _ = _int_scheme(weights, path, f"{where}.weights", 8, ("channel", "tensor"),
+                                 dynamic=False)
+    _int_scheme(activations, path, f"{where}.input_activations", 8, ("token", "tensor"),
+                dynamic=True)
+    return "w8a8-int8", strategy, None, True
+
+
+def _compressed_tensors(qc: dict, path: Path) -> CheckpointQuantization:
+    fmt = qc.get("format")
+    if fmt not in ("int-quantized", "naive-quantized", "pack-quantized"):
+        raise _unsupported(path, f"format {fmt!r}")
+    if qc.get("kv_cache_scheme") is not None:
+        raise _unsupported(path, "kv_cache_scheme (a quantized KV cache)")
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise _unsupported(path, f"config_groups = {groups!r}")
+    schemes = {_group_scheme(group, path, f"config_groups.{name}", fmt)
+               for name, group in groups.items()}
+    if len(schemes) > 1:
+        raise _unsupported(path, f"config groups of different schemes "
+                                 f"{sorted(map(str, schemes))}")
+    scheme, strategy, group_size, symmetric = schemes.pop()
+    return CheckpointQuantization("compressed-tensors", scheme, strategy, group_size, symmetric)
