@@ -222,3 +222,17 @@ def test_gptq_awq_tp2_matches_tp1(cpu_ops, llama_dir, tmp_path, kind):
     for step, (a, b) in enumerate(zip(got[0]["logits"], want["logits"])):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=lambda m: f"step {step}: {m}")
     assert got[0]["tokens"] == want["tokens"] == got[1]["tokens"]
+
+
+def test_act_order_checkpoint_with_quantization_int8_runs_q8_0(cpu_ops, llama_dir, tmp_path):
+    """An act-order checkpoint's exact float weights take `--quantization int8` like any float
+    checkpoint's: Q8_0 blocks (8-bit memory) with int8 activations."""
+    quant_dir, float_dir = write(llama_dir, tmp_path, "gptq4-act-order",
+                                 FLOAT_CHECKPOINTS["gptq4-act-order"])
+    ours = load_ours(quant_dir, layer_ops="cpu", attn_backend="cpu_paged", quantization="int8")
+    layers = [m for m in ours.modules() if isinstance(m, LinearBase)]
+    assert layers and all(repr(m.linear_method).startswith("GgufBlockLinearMethod(Q8_0")
+                          for m in layers)
+    dense = load_ours(float_dir, layer_ops="cpu", attn_backend="cpu_paged")
+    assert_int8_logits_close({k: v for k, v in _logits(ours).items() if k.startswith("p")},
+                             _logits(dense))
