@@ -87,54 +87,59 @@ def _quantize(w: torch.Tensor, bits: int, g_idx: torch.Tensor, groups: int, sym:
     return u, zero, half
 
 
+def _quantize_linears(tensors: dict[str, torch.Tensor], quantize_one
+                      ) -> tuple[dict, dict]:
+    """(tensors with each decoder linear weight `...X.weight` replaced by the tensors
+    `quantize_one(W float32)` names by suffix (`...X.qweight`, ...), the same with each such
+    weight as the oracle it returns)."""
+    quantized, dequantized = {}, {}
+    for name, w in tensors.items():
+        if not (name.endswith(".weight") and name.split(".")[-2] in LINEARS):
+            quantized[name] = dequantized[name] = w
+            continue
+        stored, dequantized[name] = quantize_one(w.float())
+        quantized.update({name[:-len("weight")] + key: t for key, t in stored.items()})
+    return quantized, dequantized
+
+
 def quantize_gptq(tensors: dict[str, torch.Tensor], bits: int = 4, group_size: int = 128,
                   sym: bool = True, desc_act: bool = False, checkpoint_format: str = "gptq",
                   seed: int = 0) -> tuple[dict, dict]:
     """A float checkpoint's tensors -> (its GPTQ tensors (module doc), the same with every
     quantized weight as its float32 oracle W')."""
-    quantized, dequantized = {}, {}
     gen = torch.Generator().manual_seed(seed)
     offset = 1 if checkpoint_format == "gptq" else 0
     mask = (1 << bits) - 1
-    for name, w in tensors.items():
-        if not (name.endswith(".weight") and name.split(".")[-2] in LINEARS):
-            quantized[name] = dequantized[name] = w
-            continue
-        w = w.float()
+
+    def one(w: torch.Tensor) -> tuple[dict, torch.Tensor]:
         k = w.shape[1]
         gs = group_size if group_size > 0 else k
-        groups = -(-k // gs)
         order = torch.randperm(k, generator=gen) if desc_act else torch.arange(k)
         g_idx = torch.empty(k, dtype=torch.int64)
         g_idx[order] = torch.arange(k) // gs
-        u, zero, half = _quantize(w, bits, g_idx, groups, sym)
+        u, zero, half = _quantize(w, bits, g_idx, -(-k // gs), sym)
         stored_zero = zero - offset
         read_zero = (stored_zero & mask) + offset
-        base = name[:-len("weight")]
-        quantized[base + "qweight"] = pack(u.t().contiguous(), bits, dim=0)
-        quantized[base + "qzeros"] = pack(stored_zero.t().contiguous(), bits, dim=1)
-        quantized[base + "scales"] = half.t().contiguous()
-        quantized[base + "g_idx"] = g_idx.to(torch.int32)
-        dequantized[name] = (u - read_zero[:, g_idx]).float() * half.float()[:, g_idx]
-    return quantized, dequantized
+        return ({"qweight": pack(u.t().contiguous(), bits, dim=0),
+                 "qzeros": pack(stored_zero.t().contiguous(), bits, dim=1),
+                 "scales": half.t().contiguous(), "g_idx": g_idx.to(torch.int32)},
+                (u - read_zero[:, g_idx]).float() * half.float()[:, g_idx])
+
+    return _quantize_linears(tensors, one)
 
 
 def quantize_awq(tensors: dict[str, torch.Tensor], group_size: int = 128) -> tuple[dict, dict]:
     """A float checkpoint's tensors -> (its AWQ tensors (module doc), the same with every
     quantized weight as its float32 oracle W')."""
-    quantized, dequantized = {}, {}
-    for name, w in tensors.items():
-        if not (name.endswith(".weight") and name.split(".")[-2] in LINEARS):
-            quantized[name] = dequantized[name] = w
-            continue
-        w = w.float()
+
+    def one(w: torch.Tensor) -> tuple[dict, torch.Tensor]:
         k = w.shape[1]
         gs = group_size if group_size > 0 else k
         g_idx = torch.arange(k) // gs
         u, zero, half = _quantize(w, 4, g_idx, -(-k // gs), sym=False)
-        base = name[:-len("weight")]
-        quantized[base + "qweight"] = pack(u.t().contiguous(), 4, dim=1, order=AWQ_ORDER)
-        quantized[base + "qzeros"] = pack(zero.t().contiguous(), 4, dim=1, order=AWQ_ORDER)
-        quantized[base + "scales"] = half.t().contiguous()
-        dequantized[name] = (u - zero[:, g_idx]).float() * half.float()[:, g_idx]
-    return quantized, dequantized
+        return ({"qweight": pack(u.t().contiguous(), 4, dim=1, order=AWQ_ORDER),
+                 "qzeros": pack(zero.t().contiguous(), 4, dim=1, order=AWQ_ORDER),
+                 "scales": half.t().contiguous()},
+                (u - zero[:, g_idx]).float() * half.float()[:, g_idx])
+
+    return _quantize_linears(tensors, one)

@@ -144,14 +144,20 @@ def test_checkpoint_tp2_matches_tp1(cpu_ops, llama_dir, tmp_path, scheme):
     """Two gloo ranks: each reads the whole quantized tensors and keeps its shard's blocks
     (column shards split rows; row shards split whole 32-value blocks, so every activation
     block is quantized as at TP=1 and only the summation order changes)."""
-    from test_tensor_parallel import run_greedy
-
     tensors = load_file(str(llama_dir / "model.safetensors"))
     symmetric = scheme != "w4a16-zero-points"
     quantized, config = ((quantize_w8a8(tensors)[0], w8a8_config()) if scheme == "w8a8" else
                          (quantize_w4a16(tensors, 32, symmetric)[0],
                           w4a16_config(32, symmetric)))
-    model_dir = str(write_checkpoint(llama_dir, tmp_path / scheme, config, quantized))
+    assert_tp2_matches_tp1(str(write_checkpoint(llama_dir, tmp_path / scheme, config,
+                                                quantized)))
+
+
+def assert_tp2_matches_tp1(model_dir: str) -> None:
+    """Greedy decoding of `model_dir` on two gloo ranks gives TP=1's tokens, logits within
+    1e-4 (the row-parallel sums' order)."""
+    from test_tensor_parallel import run_greedy
+
     torch.set_num_threads(1)
     got, want = run_on_tp_ranks(run_greedy, (model_dir, "cpu", "cpu_paged"), tp_size=2,
                                 local=lambda: run_greedy(model_dir, "cpu", "cpu_paged"))

@@ -32,8 +32,8 @@ from sluice.testing.compressed_checkpoints import write_checkpoint
 from sluice.testing.gptq_awq_checkpoints import (awq_config, gptq_config, quantize_awq,
                                                  quantize_gptq)
 
-from _sluice_model_helpers import load_ours, run_on_tp_ranks
-from test_compressed_tensors import W4A16_ATOL
+from _sluice_model_helpers import load_ours
+from test_compressed_tensors import W4A16_ATOL, assert_tp2_matches_tp1
 from test_gguf_quantized import _logits
 from test_int8_quant import assert_int8_logits_close
 
@@ -213,16 +213,7 @@ def test_format_flag_needs_that_format(llama_dir, tmp_path):
 @pytest.mark.parametrize("kind", ["gptq4-zero-points", "awq"])
 def test_gptq_awq_tp2_matches_tp1(cpu_ops, llama_dir, tmp_path, kind):
     """Two gloo ranks, each keeping its shard's blocks (as test_compressed_tensors' TP test)."""
-    from test_tensor_parallel import run_greedy
-
-    model_dir = str(write(llama_dir, tmp_path, kind, CHECKPOINTS[kind])[0])
-    torch.set_num_threads(1)
-    got, want = run_on_tp_ranks(run_greedy, (model_dir, "cpu", "cpu_paged"), tp_size=2,
-                                local=lambda: run_greedy(model_dir, "cpu", "cpu_paged"))
-    for step, (a, b) in enumerate(zip(got[0]["logits"], want["logits"])):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=lambda m: f"step {step}: {m}")
-    assert got[0]["tokens"] == want["tokens"] == got[1]["tokens"]
-
+    assert_tp2_matches_tp1(str(write(llama_dir, tmp_path, kind, CHECKPOINTS[kind])[0]))
 
 def test_act_order_checkpoint_with_quantization_int8_runs_q8_0(cpu_ops, llama_dir, tmp_path):
     """An act-order checkpoint's exact float weights take `--quantization int8` like any float
