@@ -25,6 +25,11 @@ q + 8), Q4_1 with zero points -- run by `GgufBlockLinearMethod`, the kernels GGU
   keeps the scheme's float activations (the blocks dequantized inside the kernels; results
   equal the float model on W up to summation order).
 
+Activation order: `actorder` 'weight' / 'static' changed only the calibration (read as
+without); 'group' / 'dynamic' stores X.weight_g_idx int32 [in], each input's group: where that
+is not runs of inputs, the checkpoint is dequantized exactly (W[n, k] = (q - z) * s of group
+g_idx[k]; vLLM 0.32 refuses such checkpoints).
+
 Which layers: those whose checkpoint weight comes with a `weight_scale`; a fused layer (q/k/v,
 gate/up) keeps its blocks when all its parts are quantized alike (quantized_checkpoint's rules
 for what is dequantized instead).
@@ -39,13 +44,15 @@ import torch
 from sluice.errors import ModelLoadError
 from sluice.hf_config import CheckpointQuantization
 from sluice.model.layers.linear import LazyTensor, materialize
-from sluice.model.quantized_checkpoint import WEIGHT_SUFFIX, StoredQuantization
+from sluice.model.quantized_checkpoint import (WEIGHT_SUFFIX, StoredQuantization,
+                                               ordered_groups)
 
 SCALE_SUFFIX = ".weight_scale"
 PACKED_SUFFIX = ".weight_packed"
 SHAPE_SUFFIX = ".weight_shape"
 ZERO_POINT_SUFFIX = ".weight_zero_point"  # asymmetric int4; all zeros in a symmetric
                                           # checkpoint (some writers save them): checked
+G_IDX_SUFFIX = ".weight_g_idx"            # actorder 'group': each input's group
 #: (scheme, symmetric) -> the GGML block type its rows become
 BLOCK_TYPE_OF = {("w8a8-int8", True): "Q8_0", ("w4a16-int4", True): "Q4_0",
                  ("w4a16-int4", False): "Q4_1"}
@@ -57,12 +64,15 @@ def read(files: list[Path], scheme: CheckpointQuantization) -> StoredQuantizatio
     points must be 0 (some writers save them; they are checked and dropped)."""
     from safetensors import safe_open
 
-    names, scales, zeros, consumed = [], {}, {}, set()
+    names, scales, zeros, consumed, g_idx = [], {}, {}, set(), {}
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
-                if name.endswith((SCALE_SUFFIX, SHAPE_SUFFIX, ZERO_POINT_SUFFIX)):
+                if name.endswith((SCALE_SUFFIX, SHAPE_SUFFIX, ZERO_POINT_SUFFIX, G_IDX_SUFFIX)):
                     consumed.add(name)
+                if name.endswith(G_IDX_SUFFIX):
+                    g_idx[name[:-len(G_IDX_SUFFIX)] + WEIGHT_SUFFIX] = f.get_tensor(name)
+                    continue
                 if name.endswith(ZERO_POINT_SUFFIX):
                     zero = f.get_tensor(name)
                     if scheme.symmetric and bool(zero.any()):
@@ -89,9 +99,14 @@ def read(files: list[Path], scheme: CheckpointQuantization) -> StoredQuantizatio
                                  "checkpoint.")
         return name, q
 
+    groups = {name: order for name, order in
+              ((name, ordered_groups(name, g_idx[name], scales[name].shape[1]))
+               for name in g_idx if name in scales) if order is not None}
     return StoredQuantization(f"compressed-tensors {scheme.scheme}",
-                              BLOCK_TYPE_OF[scheme.scheme, scheme.symmetric], names, scales,
-                              values, zeros=zeros, consumed=consumed)
+                              None if groups else BLOCK_TYPE_OF[scheme.scheme, scheme.symmetric],
+                              names, scales, values, zeros=zeros, group_of_input=groups,
+                              consumed=consumed,
+                              why_float="activation order (actorder group)" if groups else "")
 
 
 def weight_name(name: str) -> str:

@@ -42,7 +42,7 @@ from sluice.errors import ModelLoadError
 from sluice.hf_config import CheckpointQuantization
 from sluice.model.layers.linear import LazyTensor, materialize
 from sluice.model.quantized_checkpoint import (BLOCK, WEIGHT_SUFFIX, StoredQuantization,
-                                               input_groups)
+                                               ordered_groups)
 
 logger = logging.getLogger(__name__)
 
@@ -113,17 +113,11 @@ def read(files: list[Path], scheme: CheckpointQuantization) -> StoredQuantizatio
                 disagreeing.append(prefix)
             elif not scheme.symmetric:
                 zeros[weight] = z
-        g_idx = parts.get(G_IDX)
-        if g_idx is not None:
-            g_idx = g_idx.to(torch.int64)
-            k, n_groups = g_idx.numel(), scale.shape[1]
-            runs = k % n_groups == 0 and torch.equal(g_idx, input_groups(k, n_groups))
-            if not runs:
-                if int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups:
-                    raise ModelLoadError(f"{prefix}{G_IDX} names groups outside the "
-                                         f"{n_groups} of {prefix}{SCALES}.")
-                groups[weight] = g_idx
-                reasons.add("activation order (desc_act)")
+        order = (ordered_groups(prefix + G_IDX, parts[G_IDX], scale.shape[1])
+                 if G_IDX in parts else None)
+        if order is not None:
+            groups[weight] = order
+            reasons.add("activation order (desc_act)")
         if scheme.group_size is not None and scheme.group_size % BLOCK:
             reasons.add(f"groups of {scheme.group_size} inputs are not whole 32-value blocks")
     if disagreeing:

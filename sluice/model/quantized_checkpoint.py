@@ -95,6 +95,19 @@ def input_groups(k: int, groups: int) -> torch.Tensor:
     return torch.arange(k) // (k // groups)
 
 
+def ordered_groups(name: str, g_idx: torch.Tensor, groups: int) -> torch.Tensor | None:
+    """A stored per-input group index (GPTQ `g_idx`, compressed-tensors `weight_g_idx`, named
+    `name`) as int64 [in] where it is not `groups` equal runs of inputs (activation order),
+    None where it is; ModelLoadError for a group outside 0 .. groups - 1."""
+    g_idx = g_idx.to(torch.int64).flatten()
+    k = g_idx.numel()
+    if k % groups == 0 and torch.equal(g_idx, input_groups(k, groups)):
+        return None
+    if k and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+        raise ModelLoadError(f"{name} names groups outside the weight's {groups} scale groups.")
+    return g_idx
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
                group_of_input: torch.Tensor | None = None) -> torch.Tensor:
     """float32 W [n, k] = (q - z[:, g(k)]) * s[:, g(k)] (module doc; `scale` [n or 1, groups],

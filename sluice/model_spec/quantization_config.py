@@ -31,7 +31,7 @@ SUPPORTED_CHECKPOINT_QUANTIZATION = (
     "compressed-tensors W8A8 int8 (format int-quantized or naive-quantized: int8 weights, "
     "symmetric, a scale per output channel or per tensor; int8 activations, dynamic) and "
     "W4A16 int4 (format pack-quantized: int4 weights, symmetric or with zero points, a scale "
-    "per output channel or per group of a multiple of 32 inputs, no activation order; 16-bit "
+    "per output channel or per group of a multiple of 32 inputs, any actorder; 16-bit "
     "activations), no quantized KV cache; GPTQ (bits 4 or 8, checkpoint_format gptq or "
     "gptq_v2, any group_size, desc_act, no per-module `dynamic` overrides); AWQ (bits 4, "
     "version gemm, zero_point true)")
@@ -49,7 +49,8 @@ class CheckpointQuantization:
     16-bit activations) or 'w8a16-int8' (GPTQ 8-bit: int8 weights, 16-bit activations).
     `weight_strategy` 'channel', 'tensor' or 'group' (`group_size` inputs share a scale).
     `symmetric`: no zero points (GPTQ: zero points stored, all at the midpoint, checked).
-    `act_order`: GPTQ `desc_act`, groups follow `g_idx` instead of runs of inputs.
+    `act_order`: GPTQ `desc_act` / compressed-tensors `actorder` 'group': groups follow a
+    stored per-input group index (`g_idx`, `weight_g_idx`) instead of runs of inputs.
     `zero_point_offset`: added to each stored zero point (GPTQ's original format stores them
     minus one)."""
     method: str
@@ -156,12 +157,22 @@ def _awq(qc: dict, path: Path) -> CheckpointQuantization:
 # ---------------------------------------------------------------------------------------------
 # compressed-tensors
 
+#: compressed-tensors `actorder` values: calibration order only, the stored format unchanged
+#: ('static' is an alias of 'weight') / groups follow a stored `weight_g_idx` ('dynamic' is an
+#: alias of 'group'; True means 'group')
+STATIC_ACTORDERS = (None, False, "weight", "static")
+GROUP_ACTORDERS = (True, "group", "dynamic")
+
+
 def _int_scheme(args: Any, path: Path, where: str, bits: int, strategies: tuple[str, ...],
-                dynamic: bool, zero_points: bool = False) -> tuple[str, int | None, bool]:
-    """(strategy, group_size, symmetric) of a compressed-tensors quantization-args object that is
-    `bits`-bit int, symmetric (or not, where `zero_points` are read), with `dynamic` scales, a
-    strategy in `strategies`, a group size (a multiple of 32) only for 'group', and no
-    activation order; else ModelLoadError naming `where` and the field."""
+                dynamic: bool, zero_points: bool = False
+                ) -> tuple[str, int | None, bool, bool]:
+    """(strategy, group_size, symmetric, act_order) of a compressed-tensors quantization-args
+    object that is `bits`-bit int, symmetric (or not, where `zero_points` are read), with
+    `dynamic` scales, a strategy in `strategies`, a group size (a multiple of 32) only for
+    'group', and an `actorder` that leaves the format as it is or (strategy 'group' only)
+    stores each input's group (act_order True); else ModelLoadError naming `where` and the
+    field."""
     if not isinstance(args, dict):
         raise _unsupported(path, f"{where} = {args!r}")
     for key, value in {"num_bits": bits, "type": "int"}.items():
@@ -174,20 +185,23 @@ def _int_scheme(args: Any, path: Path, where: str, bits: int, strategies: tuple[
         raise _unsupported(
             path, f"{where}.dynamic = {args.get('dynamic')!r} ("
             f"{'dynamic' if dynamic else 'static'} scales expected)")
-    if args.get("actorder") not in (None, False):
-        raise _unsupported(path, f"{where}.actorder = {args.get('actorder')!r}")
     strategy, group = args.get("strategy"), args.get("group_size")
+    actorder = args.get("actorder")
+    actorder = actorder.lower() if isinstance(actorder, str) else actorder
+    act_order = actorder in GROUP_ACTORDERS and strategy == "group"
+    if actorder not in STATIC_ACTORDERS and not act_order:
+        raise _unsupported(path, f"{where}.actorder = {args.get('actorder')!r}")
     # 'group' needs a positive multiple of 32 inputs per scale, the others no group size
     grouped = isinstance(group, int) and group > 0 and group % 32 == 0
     if strategy not in strategies or not (grouped if strategy == "group" else group is None):
         raise _unsupported(path, f"{where}.strategy = {strategy!r}, group_size = {group!r}")
-    return strategy, group, symmetric
+    return strategy, group, symmetric, act_order
 
 
 def _group_scheme(group: Any, path: Path, where: str,
-                  fmt: str) -> tuple[str, str, int | None, bool]:
-    """(scheme, weight strategy, group size, symmetric) of one config group of a `fmt`
-    checkpoint."""
+                  fmt: str) -> tuple[str, str, int | None, bool, bool]:
+    """(scheme, weight strategy, group size, symmetric, act order) of one config group of a
+    `fmt` checkpoint."""
     if not isinstance(group, dict):
         raise _unsupported(path, f"{where} = {group!r}")
     if group.get("targets") != ["Linear"]:
@@ -203,11 +217,11 @@ def _group_scheme(group: Any, path: Path, where: str,
         return ("w4a16-int4", *_int_scheme(weights, path, f"{where}.weights", 4,
                                            ("channel", "group"), dynamic=False,
                                            zero_points=True))
-    strategy, _, _ = _int_scheme(weights, path, f"{where}.weights", 8, ("channel", "tensor"),
-                                 dynamic=False)
+    strategy = _int_scheme(weights, path, f"{where}.weights", 8, ("channel", "tensor"),
+                           dynamic=False)[0]
     _int_scheme(activations, path, f"{where}.input_activations", 8, ("token", "tensor"),
                 dynamic=True)
-    return "w8a8-int8", strategy, None, True
+    return "w8a8-int8", strategy, None, True, False
 
 
 def _compressed_tensors(qc: dict, path: Path) -> CheckpointQuantization:
@@ -224,5 +238,6 @@ def _compressed_tensors(qc: dict, path: Path) -> CheckpointQuantization:
     if len(schemes) > 1:
         raise _unsupported(path, f"config groups of different schemes "
                                  f"{sorted(map(str, schemes))}")
-    scheme, strategy, group_size, symmetric = schemes.pop()
-    return CheckpointQuantization("compressed-tensors", scheme, strategy, group_size, symmetric)
+    scheme, strategy, group_size, symmetric, act_order = schemes.pop()
+    return CheckpointQuantization("compressed-tensors", scheme, strategy, group_size, symmetric,
+                                  act_order=act_order)

@@ -108,7 +108,9 @@ W8A8_GROUP = w8a8_config()["config_groups"]["group_0"]
     (w8a8_config(config_groups={"g": {**W8A8_GROUP, "weights": {
         **W8A8_GROUP["weights"], "symmetric": False}}}), "weights.symmetric = False"),
     (w4a16_config(config_groups={"g": {**W8A8_GROUP, "input_activations": None,
-                                       "weights": _w4a16_weights(actorder="group")}}),
+                                       "weights": _w4a16_weights(actorder="group",
+                                                                 strategy="channel",
+                                                                 group_size=None)}}),
      "weights.actorder = 'group'"),
     (w4a16_config(config_groups={"g": {**W8A8_GROUP, "input_activations": None,
                                        "weights": _w4a16_weights(group_size=48)}}),
@@ -291,3 +293,38 @@ def test_zero_points_of_a_symmetric_checkpoint_are_checked_and_dropped(w8a8, tmp
     bad_dir = write_checkpoint(int8_dir, tmp_path / "nonzero", None, tensors)
     with pytest.raises(ModelLoadError, match="nonzero zero point"):
         load_ours(bad_dir, quantization="none")
+
+
+@pytest.mark.parametrize("actorder", ["weight", "static", "group", True])
+def test_activation_ordered_int4_checkpoints(cpu_ops, llama_dir, tmp_path, actorder):
+    """actorder 'weight' / 'static' changed only how the checkpoint was calibrated: its layers
+    keep their Q4_0 blocks. 'group' (or True) stores `weight_g_idx`, each input's group: here a
+    seeded shuffle of the groups of 32, so W[n, k] = q[n, k] * scale[n, g_idx[k]]: dequantized
+    exactly (logits bit-identical to that float model)."""
+    from sluice.model.layers.gguf_linear import GgufBlockLinearMethod
+
+    tensors = load_file(str(llama_dir / "model.safetensors"))
+    quantized, dequantized, parts = quantize_w4a16(tensors, 32)
+    config = w4a16_config(32)
+    config["config_groups"]["group_0"]["weights"]["actorder"] = actorder
+    grouped = actorder in ("group", True)
+    if grouped:
+        gen = torch.Generator().manual_seed(0)
+        for name, (q, scale, _) in parts.items():
+            k = q.shape[1]
+            g_idx = (torch.arange(k) // 32)[torch.randperm(k, generator=gen)]
+            quantized[name + "_g_idx"] = g_idx.to(torch.int32)
+            dequantized[name] = q.float() * scale[:, g_idx]
+    quant_dir = write_checkpoint(llama_dir, tmp_path / "q", config, quantized)
+    float_dir = write_checkpoint(llama_dir, tmp_path / "f", None, dequantized)
+    assert load_model_spec(quant_dir).quantization.act_order == grouped
+    ours = load_ours(quant_dir, layer_ops="cpu", attn_backend="cpu_paged",
+                     quantization="compressed-tensors")
+    layers = [m for m in ours.modules() if isinstance(m, LinearBase)]
+    if grouped:
+        assert all(m.weight.dtype == torch.float32 for m in layers)
+        dense = load_ours(float_dir, layer_ops="cpu", attn_backend="cpu_paged")
+        a, b = _logits(ours), _logits(dense)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    else:
+        assert all(isinstance(m.linear_method, GgufBlockLinearMethod) for m in layers)
