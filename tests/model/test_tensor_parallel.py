@@ -58,9 +58,11 @@ def case_dirs(tiny_model_factory, tmp_path_factory):
 
 # ---- what every rank (and the TP=1 reference) runs --------------------------------------------
 
-def run_greedy(model_dir: str, layer_ops: str, attn_backend: str | None) -> dict:
-    """Prefill two prompts in one batch, then DECODE_STEPS greedy decode steps. Returns the
-    logits of every step (None off the driver), the tokens, and facts about the built model."""
+def run_greedy(model_dir: str, layer_ops: str, attn_backend: str | None,
+               quantization: str | None = None) -> dict:
+    """Prefill two prompts in one batch, then DECODE_STEPS greedy decode steps (the model loaded
+    with `quantization`). Returns the logits of every step (None off the driver), the tokens,
+    and facts about the built model."""
     from sluice.distributed.parallel_state import get_tp_group
     from sluice.hf_config import load_model_spec
     from sluice.model.attention import (allocate_kv_caches, build_attention_metadata,
@@ -81,7 +83,7 @@ def run_greedy(model_dir: str, layer_ops: str, attn_backend: str | None) -> dict
     LazyTensor.materialize = materialize
     try:
         model = load_model(spec, torch.float32, "cpu", layer_ops=layer_ops,
-                           attn_backend=attn_backend)
+                           attn_backend=attn_backend, quantization=quantization)
     finally:
         LazyTensor.materialize = real_materialize
     kv = allocate_kv_caches(spec, 16, BLOCK_SIZE, torch.float32, "cpu", tp_size=tp.size)

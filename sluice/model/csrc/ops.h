@@ -21,7 +21,8 @@ void tiled_linear(at::Tensor out, at::Tensor x, at::Tensor w,
 
 // Linear layers over GGUF block-quantized weights (quant_linear.cpp; block layouts there):
 // out [M, N] = x [M, K] @ dequant(w).T (+ bias), w uint8 [N, row bytes] of GGML type `type`
-// (2 Q4_0, 3 Q4_1, 8 Q8_0, 12 Q4_K, 14 Q6_K), dequantized on the fly; and the dequantization.
+// (2 Q4_0, 3 Q4_1, 8 Q8_0, 12 Q4_K, 13 Q5_K, 14 Q6_K), dequantized on the fly; and the
+// dequantization.
 void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
                  std::optional<at::Tensor> bias);
 void gguf_dequantize(at::Tensor out, at::Tensor w, int64_t type);

@@ -21,6 +21,10 @@
 //                  (get_scale_min_k4); group g = 0..3 covers elements 64g..64g+63 from
 //                  qs[32g..32g+31]: low nibbles sub-block 2g, high nibbles sub-block 2g + 1;
 //                  v = d * sc_j * q - dmin * m_j
+//   Q5_K (type 13) 256 elems, 176 B: d | dmin | scales[12] | qh[32] | qs[128]
+//                  as Q4_K, each quant q (0..31) with a fifth bit: element 64g + i (i < 32)
+//                  is (qs[32g + i] & 15) | ((qh[i] >> 2g) & 1) << 4, element 64g + 32 + i
+//                  (qs[32g + i] >> 4) | ((qh[i] >> (2g + 1)) & 1) << 4
 //   F16 (type 1), BF16 (type 30)  1 elem, 2 B: the value as IEEE fp16 / bfloat16 (a float
 //                  weight stored in 16 bits; `w` may also be a float16 / bfloat16 [N, K]
 //                  tensor, read as its bytes)
@@ -85,7 +89,8 @@
 
 namespace {
 
-constexpr int64_t kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14, kBF16 = 30;
+constexpr int64_t kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14,
+                  kBF16 = 30;
 constexpr int kMaxQuantSkinnyRows = 8;
 constexpr int64_t kInt8Activations = 256;  // a flag on the type id (see the file comment)
 constexpr int64_t kBf16Products = 512;     // another: more rows may run amx::bf16_linear
@@ -105,6 +110,7 @@ QuantFormat quant_format(int64_t type) {
     case kQ4_1: return {32, 20, 32};
     case kQ8_0: return {32, 34, 0};
     case kQ4_K: return {256, 144, 32};
+    case kQ5_K: return {256, 176, 32};
     case kQ6_K: return {256, 210, 16};
     case kF16: case kBF16: return {1, 2, 0};
     default: break;
@@ -184,16 +190,20 @@ void dequant_row_scalar(int64_t type, const uint8_t* w, float* y, int64_t k) {
     } else if (type == kQ8_0) {
       const float d = f16(blk);
       for (int i = 0; i < 32; ++i) o[i] = static_cast<int8_t>(blk[2 + i]) * d;
-    } else if (type == kQ4_K) {
+    } else if (type == kQ4_K || type == kQ5_K) {
       const float d = f16(blk), dmin = f16(blk + 2);
+      const bool q5 = type == kQ5_K;
+      const uint8_t* qh = blk + 16;  // Q5_K's fifth bits
       for (int g = 0; g < 4; ++g) {
         int sc1, m1, sc2, m2;
         scale_min_k4(2 * g, blk + 4, &sc1, &m1);
         scale_min_k4(2 * g + 1, blk + 4, &sc2, &m2);
-        const uint8_t* qs = blk + 16 + 32 * g;
+        const uint8_t* qs = blk + (q5 ? 48 : 16) + 32 * g;
         for (int i = 0; i < 32; ++i) {
-          o[64 * g + i] = d * sc1 * (qs[i] & 15) - dmin * m1;
-          o[64 * g + 32 + i] = d * sc2 * (qs[i] >> 4) - dmin * m2;
+          const int h1 = q5 ? ((qh[i] >> (2 * g)) & 1) << 4 : 0;
+          const int h2 = q5 ? ((qh[i] >> (2 * g + 1)) & 1) << 4 : 0;
+          o[64 * g + i] = d * sc1 * ((qs[i] & 15) | h1) - dmin * m1;
+          o[64 * g + 32 + i] = d * sc2 * ((qs[i] >> 4) | h2) - dmin * m2;
         }
       }
     } else {  // Q6_K
@@ -224,6 +234,31 @@ inline void nibbles(const uint8_t* qs, __m256 lo[2], __m256 hi[2]) {
   lo[1] = cvt_u8(_mm_srli_si128(l, 8));
   hi[0] = cvt_u8(h);
   hi[1] = cvt_u8(_mm_srli_si128(h, 8));
+}
+
+// Q5_K: 16 bytes of nibbles at qs and their fifth bits, bit 2g (low nibbles) and 2g + 1 (high
+// ones) of the 16 bytes at qh -> lo[0..1], hi[0..1] as `nibbles` gives them, values 0..31.
+inline void nibbles5(const uint8_t* qs, const uint8_t* qh, int g, __m256 lo[2], __m256 hi[2]) {
+  const __m128i q = load128(qs), h = load128(qh), mask = _mm_set1_epi8(15), one = _mm_set1_epi8(1);
+  // a 16-bit shift moves bits across bytes, but only bit 0 of each byte is kept before << 4
+  const __m128i h1 = _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(h, 2 * g), one), 4);
+  const __m128i h2 = _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(h, 2 * g + 1), one), 4);
+  const __m128i l = _mm_or_si128(_mm_and_si128(q, mask), h1);
+  const __m128i u = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(q, 4), mask), h2);
+  lo[0] = cvt_u8(l);
+  lo[1] = cvt_u8(_mm_srli_si128(l, 8));
+  hi[0] = cvt_u8(u);
+  hi[1] = cvt_u8(_mm_srli_si128(u, 8));
+}
+
+// The 16 elements at qs + 16h (h = 0, 1) of Q4_K / Q5_K group g as lo / hi (nibbles /
+// nibbles5): qs points at group g's 32 bytes, qh at the block's fifth bits (nullptr: Q4_K).
+inline void k_nibbles(const uint8_t* qs, const uint8_t* qh, int g, int h, __m256 lo[2],
+                      __m256 hi[2]) {
+  if (qh == nullptr)
+    nibbles(qs + 16 * h, lo, hi);
+  else
+    nibbles5(qs + 16 * h, qh + 16 * h, g, lo, hi);
 }
 
 // 16 bytes (one Q6_K sub-block) -> 2 vectors of floats.
@@ -334,15 +369,17 @@ void dequant_row(int64_t type, const uint8_t* w, float* y, int64_t k) {
                                              reinterpret_cast<const __m128i*>(blk + 2 + 8 * j))), d));
         break;
       }
-      case kQ4_K: {
+      case kQ4_K: case kQ5_K: {
         const float d = f16(blk), dmin = f16(blk + 2);
+        const uint8_t* qh = type == kQ5_K ? blk + 16 : nullptr;
+        const uint8_t* qs = blk + (type == kQ5_K ? 48 : 16);
         for (int g = 0; g < 4; ++g) {
           int sc1, m1, sc2, m2;
           scale_min_k4(2 * g, blk + 4, &sc1, &m1);
           scale_min_k4(2 * g + 1, blk + 4, &sc2, &m2);
           for (int h = 0; h < 2; ++h) {
             __m256 lo[2], hi[2];
-            nibbles(blk + 16 + 32 * g + 16 * h, lo, hi);
+            k_nibbles(qs + 32 * g, qh, g, h, lo, hi);
             float* e = o + 64 * g + 16 * h;
             store(e, affine(lo[0], d * sc1, -dmin * m1));
             store(e + 8, affine(lo[1], d * sc1, -dmin * m1));
@@ -562,9 +599,11 @@ void dot_rows(int64_t type, const RowPanel& p, int64_t k, const float* x, int64_
           acc[r][j] = scaled_dot<4>(q, x + r * ldx + i * 32, dv, acc[r][j]);
       });
       break;
-    case kQ4_K:
+    case kQ4_K: case kQ5_K:
       for_blocks<NW>(p, nb, bytes, [&](int64_t i, int j, const uint8_t* blk) SLUICE_INLINE {
         const float d = f16c(blk), dmin = f16c(blk + 2);
+        const uint8_t* qh = type == kQ5_K ? blk + 16 : nullptr;
+        const uint8_t* qs = blk + (type == kQ5_K ? 48 : 16);
         for (int g = 0; g < 4; ++g) {
           int sc1, m1, sc2, m2;
           scale_min_k4(2 * g, blk + 4, &sc1, &m1);
@@ -572,8 +611,8 @@ void dot_rows(int64_t type, const RowPanel& p, int64_t k, const float* x, int64_
           const __m256 a1 = _mm256_set1_ps(d * sc1), a2 = _mm256_set1_ps(d * sc2);
           const float c1 = dmin * m1, c2 = dmin * m2;
           __m256 lo[4], hi[4];  // elements 64g + [0, 32) and 64g + [32, 64)
-          nibbles(blk + 16 + 32 * g, lo, hi);
-          nibbles(blk + 16 + 32 * g + 16, lo + 2, hi + 2);
+          k_nibbles(qs + 32 * g, qh, g, 0, lo, hi);
+          k_nibbles(qs + 32 * g, qh, g, 1, lo + 2, hi + 2);
 #pragma GCC unroll 8
           for (int r = 0; r < R; ++r) {
             const float* xr = x + r * ldx + i * 256 + 64 * g;

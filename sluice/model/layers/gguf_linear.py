@@ -10,6 +10,7 @@ sluice/model/csrc/quant_linear.cpp):
     Q4_1      3         32           20          5.0
     Q8_0      8         32           34          8.5
     Q4_K     12        256          144          4.5
+    Q5_K     13        256          176          5.5
     Q6_K     14        256          210          6.56
 
 A layer with this method holds `layer.weight` = the file's bytes as a uint8 Parameter
@@ -90,7 +91,8 @@ class BlockType:
 
 BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
     BlockType("Q4_0", 2, 32, 18), BlockType("Q4_1", 3, 32, 20), BlockType("Q8_0", 8, 32, 34),
-    BlockType("Q4_K", 12, 256, 144), BlockType("Q6_K", 14, 256, 210))}
+    BlockType("Q4_K", 12, 256, 144), BlockType("Q5_K", 13, 256, 176),
+    BlockType("Q6_K", 14, 256, 210))}
 """The GGML types whose blocks the linear layers run directly, by GGUF type name."""
 
 INT8_ACTIVATION_TYPES = ("Q4_0", "Q4_1", "Q8_0")
