@@ -5,7 +5,7 @@ model is built and before its weights load. For every linear layer (`LinearBase`
 projections) it collects the GGUF tensors that fill its weight (q/k/v, gate/up fused ones
 included) and keeps the blocks when
 
-* they share one type of `gguf_linear.BLOCK_TYPES` (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K), and
+* they share one type of `gguf_linear.BLOCK_TYPES` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), and
 * the layer's local `in_features` is a whole number of blocks (a row-parallel shard under
   tensor parallelism must start on a block boundary; column shards split rows, never blocks).
 
@@ -23,12 +23,13 @@ Modes (`ModelConfig.quantization`):
                     operators built), float32, CPU; else dequantize everything. The kept
                     Q4_0/Q4_1/Q8_0 blocks compute with int8 activations (`llama_cpp_numerics`):
                     on a CPU with AVX512-VNNI at every step, elsewhere in calls of up to 8
-                    rows (decode), more rows with float activations
+                    rows (decode), more rows with float activations; Q5_0/Q5_1/Q4_K/Q5_K
+                    ones in calls of up to 8 rows on every CPU (Q6_K: float activations)
     'gguf'          keep blocks whatever the layer ops (without the C++ operators the products
                     run the pure-torch reference, which dequantizes per call: slow), always
                     with float activations (the blocks' exact dequantization times x)
     'none'          dequantize everything (the float path)
-    'int8'          as None, and the kept Q4_0/Q4_1/Q8_0 blocks (linear layers, embedding
+    'int8'          as None, and the kept blocks of INT8_ACTIVATION_TYPES (linear layers, embedding
                     lookups aside, LM head) compute with int8 activations in decode steps
                     (`GgufBlockLinearMethod.int8_activations`, llama.cpp's dot products) and
                     every kept type with bf16 products for more rows (`bf16_products`); the
@@ -97,9 +98,10 @@ def blocks_wanted(mode: str | None, ops: ModuleType | None, dtype: torch.dtype,
 
 
 def llama_cpp_numerics(mode: str | None, ops: ModuleType | None) -> bool:
-    """Whether the default mode runs the kept Q4_0/Q4_1/Q8_0 blocks with int8 activations
-    quantized per 32 values, as llama.cpp computes these types (its `vec_dot_type` Q8_0 /
-    Q8_1): wherever the C++ operators run. On a CPU with AVX512-VNNI every call takes them
+    """Whether the default mode runs the kept blocks of `gguf_linear.INT8_ACTIVATION_TYPES`
+    with int8 activations quantized per 32 values, as llama.cpp computes these types (its
+    `vec_dot_type` Q8_0 / Q8_1; the k-quants' Q8_K has one scale per 256 values, ours per 32):
+    wherever the C++ operators run. On a CPU with AVX512-VNNI every call takes them
     (csrc/vnni_linear.cpp: batched W1 3.7x the float activations' on SmolLM2 Q4_1); elsewhere
     calls of up to 8 rows do (quant_linear.cpp's integer decode kernels: TPOT ~1.3x lower on
     the x86-64-v3 build) and larger ones keep float activations. `--quantization gguf` asks

@@ -48,7 +48,7 @@ from sluice.testing.tiny_models import TinyModelSpec
 KERNEL_RTOL = 2e-6
 LOGITS_ATOL = 1e-4
 ROWS = (1, 2, 7, 8, 9, 64)
-TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,8 @@ def test_decode_kernels_every_row_count_and_panel_remainder(ops, qtype):
     """The decode kernels run panels of 4 / 2 / 1 weight rows (by the x row count, 1..8) and
     prefetch rows ahead: N = 4 * 9 + 3 leaves a remainder for every panel size, and narrowed
     rows (a row stride larger than the row) keep the prefetch and the panels on the row stride.
-    Float and (Q4_0, Q4_1, Q8_0) int8 activations, against the float64 references."""
+    Float and (INT8_ACTIVATION_TYPES: the legacy types, Q4_K, Q5_K) int8 activations, against
+    the float64 references."""
     from sluice.model.layers.gguf_linear import (INT8_ACTIVATION_TYPES, INT8_ACTIVATIONS_FLAG,
                                                  quantize_activations_q8)
     rng = np.random.default_rng(4)

@@ -15,6 +15,9 @@
 //   Q4_0 (type 2)  32 elems, 18 B: d | qs[16]          v = d * (q_i - 8)
 //   Q4_1 (type 3)  32 elems, 20 B: d | m | qs[16]      v = d * q_i + m
 //                  q_i = qs[i] & 15 for i < 16, qs[i - 16] >> 4 for i >= 16
+//   Q5_0 (type 6)  32 elems, 22 B: d | qh[4] | qs[16]  v = d * (q_i - 16)
+//   Q5_1 (type 7)  32 elems, 24 B: d | m | qh[4] | qs[16]   v = d * q_i + m
+//                  q_i = Q4_0's nibble q_i | (bit i of the little-endian uint32 qh) << 4
 //   Q8_0 (type 8)  32 elems, 34 B: d | qs[32] (int8)   v = d * qs[i]
 //   Q4_K (type 12) 256 elems, 144 B: d | dmin | scales[12] | qs[128]
 //                  8 sub-blocks of 32 with 6-bit scale sc_j and min m_j packed in scales
@@ -89,15 +92,16 @@
 
 namespace {
 
-constexpr int64_t kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14,
-                  kBF16 = 30;
+constexpr int64_t kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12,
+                  kQ5_K = 13, kQ6_K = 14, kBF16 = 30;
 constexpr int kMaxQuantSkinnyRows = 8;
 constexpr int64_t kInt8Activations = 256;  // a flag on the type id (see the file comment)
 constexpr int64_t kBf16Products = 512;     // another: more rows may run amx::bf16_linear
 constexpr int64_t kVnniPacked = 1024;      // vnni_linear.cpp's packed layout: every M
 
 bool takes_int8_activations(int64_t type) {
-  return type == kQ4_0 || type == kQ4_1 || type == kQ8_0;
+  return type == kQ4_0 || type == kQ4_1 || type == kQ8_0 || type == kQ5_0 || type == kQ5_1 ||
+         type == kQ4_K || type == kQ5_K;
 }
 
 struct QuantFormat {
@@ -108,6 +112,8 @@ QuantFormat quant_format(int64_t type) {
   switch (type) {
     case kQ4_0: return {32, 18, 32};
     case kQ4_1: return {32, 20, 32};
+    case kQ5_0: return {32, 22, 32};
+    case kQ5_1: return {32, 24, 32};
     case kQ8_0: return {32, 34, 0};
     case kQ4_K: return {256, 144, 32};
     case kQ5_K: return {256, 176, 32};
@@ -187,6 +193,15 @@ void dequant_row_scalar(int64_t type, const uint8_t* w, float* y, int64_t k) {
         o[i] = (qs[i] & 15) * d + m;
         o[i + 16] = (qs[i] >> 4) * d + m;
       }
+    } else if (type == kQ5_0 || type == kQ5_1) {
+      const float d = f16(blk), m = type == kQ5_1 ? f16(blk + 2) : -16.f * d;
+      const uint8_t* qh = blk + (type == kQ5_1 ? 4 : 2);
+      uint32_t bits;
+      std::memcpy(&bits, qh, 4);
+      for (int i = 0; i < 16; ++i) {
+        o[i] = ((qh[4 + i] & 15) | ((bits >> i) & 1) << 4) * d + m;
+        o[i + 16] = ((qh[4 + i] >> 4) | ((bits >> (i + 16)) & 1) << 4) * d + m;
+      }
     } else if (type == kQ8_0) {
       const float d = f16(blk);
       for (int i = 0; i < 32; ++i) o[i] = static_cast<int8_t>(blk[2 + i]) * d;
@@ -236,15 +251,54 @@ inline void nibbles(const uint8_t* qs, __m256 lo[2], __m256 hi[2]) {
   hi[1] = cvt_u8(_mm_srli_si128(h, 8));
 }
 
-// Q5_K: 16 bytes of nibbles at qs and their fifth bits, bit 2g (low nibbles) and 2g + 1 (high
-// ones) of the 16 bytes at qh -> lo[0..1], hi[0..1] as `nibbles` gives them, values 0..31.
+// 16 bits -> 16 bytes, byte j 0x10 where bit j is set, else 0 (a fifth bit in place).
+inline __m128i fifth_bits(uint32_t bits16) {
+  const __m128i v = _mm_set1_epi16(static_cast<int16_t>(bits16));
+  const __m128i spread = _mm_shuffle_epi8(v, _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1,
+                                                           1, 1, 1, 1));
+  const __m128i bit = _mm_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128);
+  return _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(spread, bit), bit), _mm_set1_epi8(0x10));
+}
+
+// Q5_0 / Q5_1: the 32 values (0..31) of a block as bytes, from its qh (4 bytes) and the qs
+// (16 bytes) after it: *l elements 0..15, *u elements 16..31.
+inline void legacy5_bytes(const uint8_t* qh, __m128i* l, __m128i* u) {
+  uint32_t bits;
+  std::memcpy(&bits, qh, 4);
+  const __m128i q = load128(qh + 4), mask = _mm_set1_epi8(15);
+  *l = _mm_or_si128(_mm_and_si128(q, mask), fifth_bits(bits & 0xFFFF));
+  *u = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(q, 4), mask), fifth_bits(bits >> 16));
+}
+
+// The same values as floats: lo[0..1] elements 0..15, hi[0..1] 16..31 (as `nibbles`).
+inline void legacy5(const uint8_t* qh, __m256 lo[2], __m256 hi[2]) {
+  __m128i l, u;
+  legacy5_bytes(qh, &l, &u);
+  lo[0] = cvt_u8(l);
+  lo[1] = cvt_u8(_mm_srli_si128(l, 8));
+  hi[0] = cvt_u8(u);
+  hi[1] = cvt_u8(_mm_srli_si128(u, 8));
+}
+
+// Q4_K / Q5_K group g's 16 bytes of nibbles at qs as bytes: *l the low nibbles (sub-block 2g),
+// *u the high ones (sub-block 2g + 1); Q5_K (qh not nullptr) adds the fifth bits, bit 2g
+// (low) and 2g + 1 (high) of the 16 bytes at qh: values 0..15, or 0..31.
+inline void k_bytes(const uint8_t* qs, const uint8_t* qh, int g, __m128i* l, __m128i* u) {
+  const __m128i q = load128(qs), mask = _mm_set1_epi8(15);
+  *l = _mm_and_si128(q, mask);
+  *u = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+  if (qh != nullptr) {
+    // a 16-bit shift moves bits across bytes, but only bit 0 of each byte is kept before << 4
+    const __m128i h = load128(qh), one = _mm_set1_epi8(1);
+    *l = _mm_or_si128(*l, _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(h, 2 * g), one), 4));
+    *u = _mm_or_si128(*u, _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(h, 2 * g + 1), one), 4));
+  }
+}
+
+// Q5_K: k_bytes with the fifth bits, as floats: lo[0..1], hi[0..1] as `nibbles` gives them.
 inline void nibbles5(const uint8_t* qs, const uint8_t* qh, int g, __m256 lo[2], __m256 hi[2]) {
-  const __m128i q = load128(qs), h = load128(qh), mask = _mm_set1_epi8(15), one = _mm_set1_epi8(1);
-  // a 16-bit shift moves bits across bytes, but only bit 0 of each byte is kept before << 4
-  const __m128i h1 = _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(h, 2 * g), one), 4);
-  const __m128i h2 = _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(h, 2 * g + 1), one), 4);
-  const __m128i l = _mm_or_si128(_mm_and_si128(q, mask), h1);
-  const __m128i u = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(q, 4), mask), h2);
+  __m128i l, u;
+  k_bytes(qs, qh, g, &l, &u);
   lo[0] = cvt_u8(l);
   lo[1] = cvt_u8(_mm_srli_si128(l, 8));
   hi[0] = cvt_u8(u);
@@ -362,6 +416,16 @@ void dequant_row(int64_t type, const uint8_t* w, float* y, int64_t k) {
         store(o + 24, affine(hi[1], d, m));
         break;
       }
+      case kQ5_0: case kQ5_1: {
+        const float d = f16(blk), m = type == kQ5_1 ? f16(blk + 2) : -16.f * d;
+        __m256 lo[2], hi[2];
+        legacy5(blk + (type == kQ5_1 ? 4 : 2), lo, hi);
+        store(o, affine(lo[0], d, m));
+        store(o + 8, affine(lo[1], d, m));
+        store(o + 16, affine(hi[0], d, m));
+        store(o + 24, affine(hi[1], d, m));
+        break;
+      }
       case kQ8_0: {
         const __m256 d = _mm256_set1_ps(f16(blk));
         for (int j = 0; j < 4; ++j)
@@ -432,10 +496,12 @@ inline void prefetch(const uint8_t* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
 }
 
-// The scale d and the per-element constant m of a Q4_0 / Q4_1 block (v = d * q + m).
+// The scale d and the per-element constant m of a Q4_0 / Q4_1 / Q5_0 / Q5_1 block
+// (v = d * q + m).
 inline void q4_scale_min(int64_t type, const uint8_t* blk, float* d, float* m) {
   *d = f16c(blk);
-  *m = type == kQ4_1 ? f16c(blk + 2) : -8.f * *d;
+  *m = type == kQ4_1 || type == kQ5_1 ? f16c(blk + 2)
+       : type == kQ5_0 ? -16.f * *d : -8.f * *d;
 }
 
 // body(i, j, blk) for block i (0 .. nb - 1, outer) of the panel's weight rows j (0 .. NW - 1,
@@ -588,6 +654,20 @@ void dot_rows(int64_t type, const RowPanel& p, int64_t k, const float* x, int64_
         }
       });
       break;
+    case kQ5_0: case kQ5_1:
+      for_blocks<NW>(p, nb, bytes, [&](int64_t i, int j, const uint8_t* blk) SLUICE_INLINE {
+        float d, m;
+        q4_scale_min(type, blk, &d, &m);
+        __m256 q[4];
+        legacy5(blk + (type == kQ5_1 ? 4 : 2), q, q + 2);
+        const __m256 dv = _mm256_set1_ps(d);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          acc[r][j] = scaled_dot<4>(q, x + r * ldx + i * 32, dv, acc[r][j]);
+          off[r][j] += m * xs[r * ldxs + i];
+        }
+      });
+      break;
     case kQ8_0:
       for_blocks<NW>(p, nb, bytes, [&](int64_t i, int j, const uint8_t* blk) SLUICE_INLINE {
         const __m256 dv = _mm256_set1_ps(f16c(blk));
@@ -657,7 +737,7 @@ void dot_rows(int64_t type, const RowPanel& p, int64_t k, const float* x, int64_
 // out[r * ldo + j] = sum_i d_j,i * xd[r][i] * (q_j,i . xq_r,i) + c_j,i * xs[r][i] (+ bias[j]):
 // x row r quantized per 32-element block i (xq int8, scale xd, xs = xd * sum(xq)); the quants
 // q of weight row j (Q4: 0..15, Q8_0: -127..127) meet xq in vpmaddubsw (u8 x s8 pairs summed
-// in int16: 2 * 15 * 127 and 2 * 128 * 127 fit) + vpmaddwd into int32, one FMA per block, row
+// in int16: 2 * 31 * 127 and 2 * 128 * 127 fit) + vpmaddwd into int32, one FMA per block, row
 // and weight row; R x NW accumulators, blocks read and prefetched by for_blocks.
 template <int R, int NW, int64_t kType>
 void dot_rows_a8_typed(const RowPanel& p, int64_t k, const int8_t* xq, const float* xd,
@@ -669,7 +749,8 @@ void dot_rows_a8_typed(const RowPanel& p, int64_t k, const int8_t* xq, const flo
   auto xv = [&](int r, int64_t i) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * k + i * 32));
   };
-  for_blocks<NW>(p, nb, quant_format(kType).block_bytes,
+  const QuantFormat f = quant_format(kType);  // nb: activation blocks of 32; weight blocks:
+  for_blocks<NW>(p, k / f.block_elems, f.block_bytes,  // of f.block_elems (256: k-quants)
                  [&](int64_t i, int j, const uint8_t* blk) SLUICE_INLINE {
     if constexpr (kType == kQ8_0) {
       const float d = f16c(blk);
@@ -682,11 +763,44 @@ void dot_rows_a8_typed(const RowPanel& p, int64_t k, const int8_t* xq, const flo
         acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * xd[r * nb + i]),
                                     acc[r][j]);
       }
-    } else {  // Q4_0, Q4_1
+    } else if constexpr (kType == kQ4_K || kType == kQ5_K) {
+      // block i of 256 = 8 sub-blocks of 32, each one activation block (i * 8 + sub) with
+      // its own scale d * sc and min dmin * m: sum = d sc xd (q . xq) - dmin m xs
+      const float d = f16c(blk), dmin = f16c(blk + 2);
+      const uint8_t* qh = kType == kQ5_K ? blk + 16 : nullptr;
+      const uint8_t* qs = blk + (kType == kQ5_K ? 48 : 16);
+      for (int g = 0; g < 4; ++g) {
+        int sc[2], mn[2];
+        scale_min_k4(2 * g, blk + 4, &sc[0], &mn[0]);
+        scale_min_k4(2 * g + 1, blk + 4, &sc[1], &mn[1]);
+        __m128i l0, u0, l1, u1;  // bytes 0..15 and 16..31 of the group
+        k_bytes(qs + 32 * g, qh, g, &l0, &u0);
+        k_bytes(qs + 32 * g + 16, qh == nullptr ? nullptr : qh + 16, g, &l1, &u1);
+        const __m256i uq[2] = {_mm256_set_m128i(l1, l0), _mm256_set_m128i(u1, u0)};
+        for (int h = 0; h < 2; ++h) {
+          const int64_t b = i * 8 + 2 * g + h;  // the activation block
+          const float a = d * sc[h], c = dmin * mn[h];
+#pragma GCC unroll 8
+          for (int r = 0; r < R; ++r) {
+            const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(uq[h], xv(r, b)), ones);
+            acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s),
+                                        _mm256_set1_ps(a * xd[r * nb + b]), acc[r][j]);
+            off[r][j] -= c * xs[r * nb + b];
+          }
+        }
+      }
+    } else {  // Q4_0, Q4_1, Q5_0, Q5_1
       float d, m;
       q4_scale_min(kType, blk, &d, &m);
-      const __m128i q = load128(blk + (kType == kQ4_1 ? 4 : 2));
-      const __m256i uq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), low);
+      __m256i uq;
+      if constexpr (kType == kQ5_0 || kType == kQ5_1) {
+        __m128i l, u;
+        legacy5_bytes(blk + (kType == kQ5_1 ? 4 : 2), &l, &u);
+        uq = _mm256_set_m128i(u, l);
+      } else {
+        const __m128i q = load128(blk + (kType == kQ4_1 ? 4 : 2));
+        uq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), low);
+      }
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(uq, xv(r, i)), ones);
@@ -704,9 +818,15 @@ void dot_rows_a8_typed(const RowPanel& p, int64_t k, const int8_t* xq, const flo
 template <int R, int NW>
 void dot_rows_a8(int64_t type, const RowPanel& p, int64_t k, const int8_t* xq, const float* xd,
                  const float* xs) {
-  if (type == kQ8_0) return dot_rows_a8_typed<R, NW, kQ8_0>(p, k, xq, xd, xs);
-  if (type == kQ4_1) return dot_rows_a8_typed<R, NW, kQ4_1>(p, k, xq, xd, xs);
-  return dot_rows_a8_typed<R, NW, kQ4_0>(p, k, xq, xd, xs);
+  switch (type) {
+    case kQ8_0: return dot_rows_a8_typed<R, NW, kQ8_0>(p, k, xq, xd, xs);
+    case kQ4_1: return dot_rows_a8_typed<R, NW, kQ4_1>(p, k, xq, xd, xs);
+    case kQ5_0: return dot_rows_a8_typed<R, NW, kQ5_0>(p, k, xq, xd, xs);
+    case kQ5_1: return dot_rows_a8_typed<R, NW, kQ5_1>(p, k, xq, xd, xs);
+    case kQ4_K: return dot_rows_a8_typed<R, NW, kQ4_K>(p, k, xq, xd, xs);
+    case kQ5_K: return dot_rows_a8_typed<R, NW, kQ5_K>(p, k, xq, xd, xs);
+    default: return dot_rows_a8_typed<R, NW, kQ4_0>(p, k, xq, xd, xs);
+  }
 }
 
 #else

@@ -8,6 +8,8 @@ sluice/model/csrc/quant_linear.cpp):
     type   GGML id  block_elems  block_bytes  bits/weight
     Q4_0      2         32           18          4.5
     Q4_1      3         32           20          5.0
+    Q5_0      6         32           22          5.5
+    Q5_1      7         32           24          6.0
     Q8_0      8         32           34          8.5
     Q4_K     12        256          144          4.5
     Q5_K     13        256          176          5.5
@@ -36,7 +38,9 @@ set where bf16 rounding is already the contract — `--dtype bfloat16` (a bf16 G
 inputs to bf16 for every 16-bit weight too) and `--quantization int8` (whose decode steps round
 activations far more coarsely, to int8 per 32 values).
 
-`int8_activations` (Q4_0, Q4_1, Q8_0; `--quantization int8` sets it, and so does a GGUF file's
+`int8_activations` (INT8_ACTIVATION_TYPES: Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, each
+32-value (sub-)block of the weight meeting one activation block: vpmaddubsw on its unsigned
+quants; `--quantization int8` sets it, and so does a GGUF file's
 default, `gguf_quant.llama_cpp_numerics`): up to MAX_INT8_ACTIVATION_ROWS rows, the
 activations are quantized per 32-element block (`quantize_activations_q8`) and the kernels
 compute integer dot products; the reference path applies the same quantization before
@@ -90,12 +94,13 @@ class BlockType:
 
 
 BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
-    BlockType("Q4_0", 2, 32, 18), BlockType("Q4_1", 3, 32, 20), BlockType("Q8_0", 8, 32, 34),
+    BlockType("Q4_0", 2, 32, 18), BlockType("Q4_1", 3, 32, 20), BlockType("Q5_0", 6, 32, 22),
+    BlockType("Q5_1", 7, 32, 24), BlockType("Q8_0", 8, 32, 34),
     BlockType("Q4_K", 12, 256, 144), BlockType("Q5_K", 13, 256, 176),
     BlockType("Q6_K", 14, 256, 210))}
 """The GGML types whose blocks the linear layers run directly, by GGUF type name."""
 
-INT8_ACTIVATION_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+INT8_ACTIVATION_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K")
 INT8_ACTIVATIONS_FLAG = 256     # or'ed into the type id given to gguf_linear
 BF16_PRODUCTS_FLAG = 512        # likewise: more rows may multiply in bf16 on AMX
 VNNI_PACKED_FLAG = 1024         # likewise: blocks regrouped for vpdpbusd, int8 at any M
