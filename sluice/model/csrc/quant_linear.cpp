@@ -406,20 +406,14 @@ void dequant_row(int64_t type, const uint8_t* w, float* y, int64_t k) {
     const uint8_t* blk = w + b * f.block_bytes;
     float* o = y + b * f.block_elems;
     switch (type) {
-      case kQ4_0: case kQ4_1: {
-        const float d = f16(blk), m = type == kQ4_1 ? f16(blk + 2) : -8.f * d;
+      case kQ4_0: case kQ4_1: case kQ5_0: case kQ5_1: {
+        const bool q5 = type == kQ5_0 || type == kQ5_1, with_min = type == kQ4_1 || type == kQ5_1;
+        const float d = f16(blk), m = with_min ? f16(blk + 2) : (q5 ? -16.f : -8.f) * d;
         __m256 lo[2], hi[2];
-        nibbles(blk + (type == kQ4_1 ? 4 : 2), lo, hi);
-        store(o, affine(lo[0], d, m));
-        store(o + 8, affine(lo[1], d, m));
-        store(o + 16, affine(hi[0], d, m));
-        store(o + 24, affine(hi[1], d, m));
-        break;
-      }
-      case kQ5_0: case kQ5_1: {
-        const float d = f16(blk), m = type == kQ5_1 ? f16(blk + 2) : -16.f * d;
-        __m256 lo[2], hi[2];
-        legacy5(blk + (type == kQ5_1 ? 4 : 2), lo, hi);
+        if (q5)
+          legacy5(blk + (with_min ? 4 : 2), lo, hi);
+        else
+          nibbles(blk + (with_min ? 4 : 2), lo, hi);
         store(o, affine(lo[0], d, m));
         store(o + 8, affine(lo[1], d, m));
         store(o + 16, affine(hi[0], d, m));
@@ -640,26 +634,16 @@ void dot_rows(int64_t type, const RowPanel& p, int64_t k, const float* x, int64_
   const QuantFormat f = quant_format(type);
   const int64_t nb = k / f.block_elems, bytes = f.block_bytes;
   switch (type) {
-    case kQ4_0: case kQ4_1:
+    case kQ4_0: case kQ4_1: case kQ5_0: case kQ5_1:
       for_blocks<NW>(p, nb, bytes, [&](int64_t i, int j, const uint8_t* blk) SLUICE_INLINE {
         float d, m;
         q4_scale_min(type, blk, &d, &m);
         __m256 q[4];
-        nibbles(blk + (type == kQ4_1 ? 4 : 2), q, q + 2);
-        const __m256 dv = _mm256_set1_ps(d);
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) {
-          acc[r][j] = scaled_dot<4>(q, x + r * ldx + i * 32, dv, acc[r][j]);
-          off[r][j] += m * xs[r * ldxs + i];
-        }
-      });
-      break;
-    case kQ5_0: case kQ5_1:
-      for_blocks<NW>(p, nb, bytes, [&](int64_t i, int j, const uint8_t* blk) SLUICE_INLINE {
-        float d, m;
-        q4_scale_min(type, blk, &d, &m);
-        __m256 q[4];
-        legacy5(blk + (type == kQ5_1 ? 4 : 2), q, q + 2);
+        const uint8_t* qs = blk + (type == kQ4_1 || type == kQ5_1 ? 4 : 2);
+        if (type == kQ5_0 || type == kQ5_1)
+          legacy5(qs, q, q + 2);
+        else
+          nibbles(qs, q, q + 2);
         const __m256 dv = _mm256_set1_ps(d);
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
