@@ -399,3 +399,43 @@ def test_gguf_int8_keeps_the_files_blocks_with_int8_activations(cpu_ops, tiny_gg
         out = llm.generate(["The quick brown fox"], SamplingParams(temperature=0.0,
                                                                    max_tokens=8, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 8
+
+
+def test_q5_0_layers_run_as_exact_q8_0_on_vnni(cpu_ops, tiny_model_factory, tmp_path):
+    """Q5_0 blocks are Q8_0 blocks of the same values (`gguf_convert`): bit-identical
+    dequantization; on a CPU with AVX512-VNNI the default mode loads a Q5_0 file's linear layers
+    as Q8_0 (the VNNI int8 kernel at every row count), elsewhere (and with `--quantization
+    gguf`) as Q5_0; the weights decode to the file's values either way and the logits stay
+    within the int8 rule (`assert_int8_logits_close`) of the float-activation run."""
+    from _gguf_helpers import gguf_name, load_hf_tensors, quantize, write_gguf
+    from sluice.model.gguf_convert import q5_0_as_q8_0
+    from sluice.model_spec.gguf import prepare_gguf
+    from sluice.testing.tiny_models import TinyModelSpec
+
+    rng = np.random.default_rng(0)
+    q5, _ = quantize((rng.standard_normal((16, 256)) * 0.05).astype(np.float32), "Q5_0")
+    assert torch.equal(dequantize_blocks(torch.from_numpy(q5_0_as_q8_0(q5)), "Q8_0"),
+                       dequantize_blocks(torch.from_numpy(q5), "Q5_0"))
+    src = tiny_model_factory("llama_h256_q5", TinyModelSpec(
+        hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2))
+    raw = {gguf_name(name): quantize(values, "Q5_0")
+           for name, values in load_hf_tensors(src).items() if values.ndim == 2}
+    model_dir = prepare_gguf(write_gguf(src, tmp_path / "q5.gguf", raw_tensors=raw),
+                             tmp_path / "sidecars")
+    default = load_ours(model_dir, layer_ops="cpu", attn_backend="cpu_paged")
+    floats = load_ours(model_dir, layer_ops="cpu", attn_backend="cpu_paged",
+                       quantization="gguf")
+    vnni = cpu_ops.vnni_available()
+    down, plain = default.model.layers[0].mlp.down_proj, floats.model.layers[0].mlp.down_proj
+    assert down.linear_method.qtype == ("Q8_0" if vnni else "Q5_0")
+    assert getattr(down, "vnni_packed", False) == vnni
+    assert plain.linear_method.qtype == "Q5_0" and not plain.linear_method.int8_activations
+    assert torch.equal(down.linear_method.dequantized_weight(down),
+                       plain.linear_method.dequantized_weight(plain))
+    # each decode row is fed its own model's prefill argmax: compared where the two agree
+    # (int8 activations may flip a float near-tie, as test_compressed_tensors notes)
+    a, b = _logits(default), _logits(floats)
+    same = {f"d{k[1:]}" for k in a if k.startswith("p")
+            and int(a[k][-1].argmax()) == int(b[k][-1].argmax())}
+    assert len(same) >= 2
+    assert_int8_logits_close({k: v for k, v in a.items() if k[0] == "p" or k in same}, b)
