@@ -227,3 +227,25 @@ def test_act_order_checkpoint_with_quantization_int8_runs_q8_0(cpu_ops, llama_di
     dense = load_ours(float_dir, layer_ops="cpu", attn_backend="cpu_paged")
     assert_int8_logits_close({k: v for k, v in _logits(ours).items() if k.startswith("p")},
                              _logits(dense))
+
+
+@pytest.mark.parametrize("kind", ["gptq4-sym", "awq"])
+def test_qwen2_checkpoint_with_qkv_bias(cpu_ops, tiny_model_dir, tmp_path, kind):
+    """Qwen2 (q/k/v biases stored in float beside the packed weights, as Qwen2.5's official
+    GPTQ-Int4 / AWQ checkpoints hold them): the biases load with the blocks, and the logits
+    equal the float model's on the weights the blocks hold."""
+    qwen_dir = tiny_model_dir("Qwen2ForCausalLM")
+    quant_dir, float_dir = write(qwen_dir, tmp_path, kind, CHECKPOINTS[kind])
+    assert any(name.endswith("q_proj.bias") for name in _tensors(quant_dir))
+    flag = "awq" if kind == "awq" else "gptq"
+    ours = load_ours(quant_dir, layer_ops="cpu", attn_backend="cpu_paged", quantization=flag)
+    qkv = ours.model.layers[0].self_attn.qkv_proj
+    assert repr(qkv.linear_method).startswith("GgufBlockLinearMethod(Q4_")
+    held = load_ours(float_dir)
+    for name, module in ours.named_modules():
+        if isinstance(module, LinearBase):
+            dict(held.named_modules())[name].weight.copy_(
+                module.linear_method.dequantized_weight(module))
+    a, b = _logits(ours), _logits(held)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], **W4A16_ATOL, msg=key)
