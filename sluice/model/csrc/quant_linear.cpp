@@ -251,29 +251,30 @@ inline void nibbles(const uint8_t* qs, __m256 lo[2], __m256 hi[2]) {
   hi[1] = cvt_u8(_mm_srli_si128(h, 8));
 }
 
-// 16 bits -> 16 bytes, byte j 0x10 where bit j is set, else 0 (a fifth bit in place).
-inline __m128i fifth_bits(uint32_t bits16) {
-  const __m128i v = _mm_set1_epi16(static_cast<int16_t>(bits16));
-  const __m128i spread = _mm_shuffle_epi8(v, _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1,
-                                                           1, 1, 1, 1));
-  const __m128i bit = _mm_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128);
-  return _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(spread, bit), bit), _mm_set1_epi8(0x10));
-}
-
-// Q5_0 / Q5_1: the 32 values (0..31) of a block as bytes, from its qh (4 bytes) and the qs
-// (16 bytes) after it: *l elements 0..15, *u elements 16..31.
-inline void legacy5_bytes(const uint8_t* qh, __m128i* l, __m128i* u) {
+// Q5_0 / Q5_1: the 32 values (0..31) of a block as bytes, from its qh (4 bytes: bit i is value
+// i's fifth bit) and the qs (16 bytes) after it: bytes 0..15 of the result elements 0..15 (the
+// low nibbles), bytes 16..31 elements 16..31 (the high ones). Each 128-bit lane spreads two
+// bytes of qh over its 16 bytes (vpshufb), picks bit j % 8 of byte j and turns it into 0x10.
+inline __m256i legacy5_bytes(const uint8_t* qh) {
   uint32_t bits;
   std::memcpy(&bits, qh, 4);
-  const __m128i q = load128(qh + 4), mask = _mm_set1_epi8(15);
-  *l = _mm_or_si128(_mm_and_si128(q, mask), fifth_bits(bits & 0xFFFF));
-  *u = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(q, 4), mask), fifth_bits(bits >> 16));
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(static_cast<int>(bits)),
+      _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3,
+                       3, 3, 3, 3, 3, 3, 3));
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+  const __m256i fifth = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit),
+                                         _mm256_set1_epi8(0x10));
+  const __m128i q = load128(qh + 4);
+  const __m256i nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q),
+                                           _mm256_set1_epi8(15));
+  return _mm256_or_si256(nibbles, fifth);
 }
 
 // The same values as floats: lo[0..1] elements 0..15, hi[0..1] 16..31 (as `nibbles`).
 inline void legacy5(const uint8_t* qh, __m256 lo[2], __m256 hi[2]) {
-  __m128i l, u;
-  legacy5_bytes(qh, &l, &u);
+  const __m256i both = legacy5_bytes(qh);
+  const __m128i l = _mm256_castsi256_si128(both), u = _mm256_extracti128_si256(both, 1);
   lo[0] = cvt_u8(l);
   lo[1] = cvt_u8(_mm_srli_si128(l, 8));
   hi[0] = cvt_u8(u);
@@ -778,9 +779,7 @@ void dot_rows_a8_typed(const RowPanel& p, int64_t k, const int8_t* xq, const flo
       q4_scale_min(kType, blk, &d, &m);
       __m256i uq;
       if constexpr (kType == kQ5_0 || kType == kQ5_1) {
-        __m128i l, u;
-        legacy5_bytes(blk + (kType == kQ5_1 ? 4 : 2), &l, &u);
-        uq = _mm256_set_m128i(u, l);
+        uq = legacy5_bytes(blk + (kType == kQ5_1 ? 4 : 2));
       } else {
         const __m128i q = load128(blk + (kType == kQ4_1 ? 4 : 2));
         uq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), low);
