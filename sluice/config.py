@@ -72,7 +72,7 @@ class ModelConfig:
         "stay in their blocks and are dequantized on the fly inside sluice's CPU kernels "
         "(with --kernels auto on CPU in float32; llama.cpp's memory), other tensors are "
         "dequantized to --dtype at load; the Q8_0/Q4_0/Q4_1 (and in decode steps the "
-        "Q5_0/Q5_1/Q4_K/Q5_K) blocks multiply activations "
+        "Q5_0/Q5_1/Q4_K/Q5_K/Q6_K) blocks multiply activations "
         "quantized to int8 per 32 values, as llama.cpp does (on a CPU with AVX512-VNNI at "
         "every step, elsewhere in decode steps of up to 8 rows). "
         "'gguf': keep the GGUF blocks in any case (without the C++ kernels a slow pure-torch "

@@ -24,8 +24,8 @@ Modes (`ModelConfig.quantization`):
                     operators built), float32, CPU; else dequantize everything. The kept
                     Q4_0/Q4_1/Q8_0 blocks compute with int8 activations (`llama_cpp_numerics`):
                     on a CPU with AVX512-VNNI at every step, elsewhere in calls of up to 8
-                    rows (decode), more rows with float activations; Q5_0/Q5_1/Q4_K/Q5_K
-                    ones in calls of up to 8 rows on every CPU (Q6_K: float activations)
+                    rows (decode), more rows with float activations; Q5_0/Q5_1/Q4_K/Q5_K/Q6_K
+                    ones in calls of up to 8 rows on every CPU
     'gguf'          keep blocks whatever the layer ops (without the C++ operators the products
                     run the pure-torch reference, which dequantizes per call: slow), always
                     with float activations (the blocks' exact dequantization times x)

@@ -50,8 +50,8 @@
 // misses in flight (~6 GB/s from memory without). Panels are spread over the threads in dynamic
 // chunks (for_panels). Results equal F.linear on the dequantized weight up to summation order.
 //
-// int8 activations (type | kInt8Activations = 256, for Q4_0, Q4_1, Q8_0 and M <= 8; otherwise
-// the flag is ignored): llama.cpp's dot product. Each x row is quantized per 32-element block
+// int8 activations (type | kInt8Activations = 256, for every block type above and M <= 8;
+// otherwise the flag is ignored): llama.cpp's dot product. Each x row is quantized per 32-element block
 // (xd = max|x| / 127, xq = round(x / xd), ties to even) and the weight's integer quants meet
 // xq in vpmaddubsw / vpmaddwd (exact int32 sums per block), one FMA per block, x row and weight
 // row with d_w * xd; panels and prefetch as above. Results equal x_q @ dequant(w)^T for
@@ -101,7 +101,7 @@ constexpr int64_t kVnniPacked = 1024;      // vnni_linear.cpp's packed layout: e
 
 bool takes_int8_activations(int64_t type) {
   return type == kQ4_0 || type == kQ4_1 || type == kQ8_0 || type == kQ5_0 || type == kQ5_1 ||
-         type == kQ4_K || type == kQ5_K;
+         type == kQ4_K || type == kQ5_K || type == kQ6_K;
 }
 
 struct QuantFormat {
@@ -774,6 +774,34 @@ void dot_rows_a8_typed(const RowPanel& p, int64_t k, const int8_t* xq, const flo
           }
         }
       }
+    } else if constexpr (kType == kQ6_K) {
+      // block i of 256 = 8 activation blocks (elements 128h + 32t + [0, 32)), each two 16-value
+      // sub-blocks with int8 scales sc_a, sc_b: sum = d xd (sc_a (q - 32) . xq over the first
+      // 16, sc_b over the next); q - 32 signed, so |q - 32| meets sign(q - 32) * xq (as Q8_0);
+      // int32 lanes 0..3 of a product cover the first 16 values, lanes 4..7 the next
+      const float d = f16c(blk + 208);
+      const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+      const __m256i m32 = _mm256_set1_epi8(32);
+      for (int h = 0; h < 2; ++h) {
+        __m128i lo[4], hi[4];  // elements 128h + 32t + [0, 16) and + [16, 32)
+        q6k_quads(blk + 64 * h, blk + 128 + 32 * h, 0, lo);
+        q6k_quads(blk + 64 * h, blk + 128 + 32 * h, 16, hi);
+        for (int t = 0; t < 4; ++t) {
+          const __m256i q = _mm256_sub_epi8(_mm256_set_m128i(hi[t], lo[t]), m32);
+          const __m256i aq = _mm256_abs_epi8(q);
+          const int64_t b = i * 8 + 4 * h + t;  // the activation block
+          const float sa = d * sc[8 * h + 2 * t], sb = d * sc[8 * h + 2 * t + 1];
+          const __m256 scales = _mm256_setr_ps(sa, sa, sa, sa, sb, sb, sb, sb);
+#pragma GCC unroll 8
+          for (int r = 0; r < R; ++r) {
+            const __m256i sx = _mm256_sign_epi8(xv(r, b), q);
+            const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, sx), ones);
+            acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s),
+                                        _mm256_mul_ps(scales, _mm256_set1_ps(xd[r * nb + b])),
+                                        acc[r][j]);
+          }
+        }
+      }
     } else {  // Q4_0, Q4_1, Q5_0, Q5_1
       float d, m;
       q4_scale_min(kType, blk, &d, &m);
@@ -808,6 +836,7 @@ void dot_rows_a8(int64_t type, const RowPanel& p, int64_t k, const int8_t* xq, c
     case kQ5_1: return dot_rows_a8_typed<R, NW, kQ5_1>(p, k, xq, xd, xs);
     case kQ4_K: return dot_rows_a8_typed<R, NW, kQ4_K>(p, k, xq, xd, xs);
     case kQ5_K: return dot_rows_a8_typed<R, NW, kQ5_K>(p, k, xq, xd, xs);
+    case kQ6_K: return dot_rows_a8_typed<R, NW, kQ6_K>(p, k, xq, xd, xs);
     default: return dot_rows_a8_typed<R, NW, kQ4_0>(p, k, xq, xd, xs);
   }
 }
