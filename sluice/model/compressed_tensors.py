@@ -45,7 +45,7 @@ from sluice.errors import ModelLoadError
 from sluice.hf_config import CheckpointQuantization
 from sluice.model.layers.linear import LazyTensor, materialize
 from sluice.model.quantized_checkpoint import (WEIGHT_SUFFIX, StoredQuantization,
-                                               ordered_groups)
+                                               ordered_groups, unpack_columns)
 
 SCALE_SUFFIX = ".weight_scale"
 PACKED_SUFFIX = ".weight_packed"
@@ -117,8 +117,7 @@ def weight_name(name: str) -> str:
 def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     """int32 [out, in / 8] of a pack-quantized weight -> its int8 values q [out, in] in
     [-8, 7] (module doc: value 8j + i in bits 4i .. 4i + 3, stored as q + 8)."""
-    nibbles = torch.stack([(packed >> (4 * i)) & 0xF for i in range(8)], dim=-1)
-    return (nibbles.reshape(packed.shape[0], -1)[:, :in_features] - 8).to(torch.int8)
+    return (unpack_columns(packed, 4)[:, :in_features] - 8).to(torch.int8)
 
 
 def _values(stored: str, tensor: torch.Tensor, scheme: CheckpointQuantization) -> torch.Tensor:

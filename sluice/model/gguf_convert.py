@@ -11,10 +11,9 @@ the file's types).
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Callable
 
-#: file type -> the type its blocks become where the VNNI int8 kernel runs (module doc)
-EXACT_VNNI_CONVERSIONS = {"Q5_0": "Q8_0"}
+import numpy as np
 
 Q5_0_BYTES, Q8_0_BYTES = 22, 34   # per 32-value block
 
@@ -37,8 +36,12 @@ def q5_0_as_q8_0(blocks: np.ndarray) -> np.ndarray:
     return out.reshape(n, -1)
 
 
+#: (file type, the type its blocks become where the VNNI int8 kernel runs) -> the conversion
+CONVERTERS: dict[tuple[str, str], Callable[[np.ndarray], np.ndarray]] = {
+    ("Q5_0", "Q8_0"): q5_0_as_q8_0}
+EXACT_VNNI_CONVERSIONS = {src: dst for src, dst in CONVERTERS}   # file type -> loaded as
+
+
 def convert_blocks(blocks: np.ndarray, src: str, dst: str) -> np.ndarray:
-    """`blocks` of GGML type `src` as type `dst` (EXACT_VNNI_CONVERSIONS)."""
-    if (src, dst) != ("Q5_0", "Q8_0"):
-        raise ValueError(f"no exact conversion of {src} blocks to {dst}")
-    return q5_0_as_q8_0(blocks)
+    """`blocks` of GGML type `src` as type `dst` (a pair of CONVERTERS)."""
+    return CONVERTERS[src, dst](blocks)

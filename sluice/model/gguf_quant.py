@@ -5,7 +5,8 @@ model is built and before its weights load. For every linear layer (`LinearBase`
 projections) it collects the GGUF tensors that fill its weight (q/k/v, gate/up fused ones
 included) and keeps the blocks when
 
-* they share one type of `gguf_linear.BLOCK_TYPES` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), and
+* they share one type of `gguf_linear.BLOCK_TYPES` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K,
+  Q6_K), and
 * the layer's local `in_features` is a whole number of blocks (a row-parallel shard under
   tensor parallelism must start on a block boundary; column shards split rows, never blocks).
 
@@ -14,10 +15,10 @@ blocks). The token embedding and the LM head follow the same rule on their own t
 (`token_embd`, `output`; a tied head is the embedding's): an embedding over blocks dequantizes
 the rows it looks up, a head over blocks computes its logits with the method (the greedy
 screen, which needs a float head, steps aside). Every other tensor is dequantized to `dtype`
-at load as before. Returns the HF tensor
-names to be read as raw blocks (with the type each loads as: a Q5_0 layer becomes Q8_0, exactly,
-where int8 activations run on AVX512-VNNI, `gguf_convert`) (`gguf_weights.iterate_gguf(..., keep_quantized=)`), and logs one
-line naming the types kept quantized and those dequantized.
+at load as before. Returns the HF tensor names to be read as raw blocks, each with the type
+it loads as (`gguf_weights.iterate_gguf(..., keep_quantized=)`: a Q5_0 layer becomes Q8_0,
+exactly, where int8 activations run on AVX512-VNNI, `gguf_convert`), and logs one line naming
+the types kept quantized and those dequantized.
 
 Modes (`ModelConfig.quantization`):
     None (default)  keep blocks where sluice's C++ kernels run them: layer ops 'cpu' (the
@@ -30,8 +31,8 @@ Modes (`ModelConfig.quantization`):
                     run the pure-torch reference, which dequantizes per call: slow), always
                     with float activations (the blocks' exact dequantization times x)
     'none'          dequantize everything (the float path)
-    'int8'          as None, and the kept blocks of INT8_ACTIVATION_TYPES (linear layers, embedding
-                    lookups aside, LM head) compute with int8 activations in decode steps
+    'int8'          as None, and the kept blocks (linear layers, embedding lookups aside,
+                    LM head) compute with int8 activations in decode steps
                     (`GgufBlockLinearMethod.int8_activations`, llama.cpp's dot products) and
                     every kept type with bf16 products for more rows (`bf16_products`); the
                     loader then quantizes the linear layers left float to Q8_0

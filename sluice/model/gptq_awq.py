@@ -42,31 +42,13 @@ from sluice.errors import ModelLoadError
 from sluice.hf_config import CheckpointQuantization
 from sluice.model.layers.linear import LazyTensor, materialize
 from sluice.model.quantized_checkpoint import (BLOCK, WEIGHT_SUFFIX, StoredQuantization,
-                                               ordered_groups)
+                                               ordered_groups, unpack_columns, unpack_rows)
 
 logger = logging.getLogger(__name__)
 
 #: AWQ's interleaving: output column 8m + j of a packed word sits in nibble AWQ_ORDER[j]
 AWQ_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
 QWEIGHT, QZEROS, SCALES, G_IDX = ".qweight", ".qzeros", ".scales", ".g_idx"
-
-
-def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """int32 [r, c] holding p = 32 / bits values per word along dim 0 -> int32 [r * p, c]:
-    row r * p + i is bits bits*i .. bits*i + bits - 1 of row r (unsigned)."""
-    per, mask = 32 // bits, (1 << bits) - 1
-    values = torch.stack([(packed >> (bits * i)) & mask for i in range(per)], dim=1)
-    return values.reshape(-1, packed.shape[1])
-
-
-def unpack_columns(packed: torch.Tensor, bits: int,
-                   order: tuple[int, ...] | None = None) -> torch.Tensor:
-    """int32 [r, c] holding p = 32 / bits values per word along dim 1 -> int32 [r, c * p]:
-    column c * p + j is the value in slot order[j] (default j) of word [r, c] (unsigned)."""
-    per, mask = 32 // bits, (1 << bits) - 1
-    slots = order or tuple(range(per))
-    values = torch.stack([(packed >> (bits * slots[j])) & mask for j in range(per)], dim=2)
-    return values.reshape(packed.shape[0], -1)
 
 
 def read(files: list[Path], scheme: CheckpointQuantization) -> StoredQuantization:

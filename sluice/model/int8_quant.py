@@ -27,8 +27,8 @@ were measured on SmolLM2-135M-Instruct's held-out perplexity at +2.8% with 127 l
 activations with per-block weights: +0.62% (21.08) with every forward on the int8 path.
 
 A GGUF model keeps its file's blocks (`sluice.model.gguf_quant` with mode 'int8'): its
-Q4_0/Q4_1/Q8_0/Q5_0/Q5_1/Q4_K/Q5_K/Q6_K blocks, the LM head's included, compute with int8 activations in decode steps,
-and only linear layers the file stores in another form are quantized here.
+Q4_0/Q4_1/Q8_0/Q5_0/Q5_1/Q4_K/Q5_K/Q6_K blocks, the LM head's included, compute with int8
+activations in decode steps, and only linear layers the file stores in another form are quantized here.
 
 The embedding and the LM head of a float checkpoint stay float (as vLLM's int8 schemes keep them), as does a layer
 whose in_features is not a multiple of 32 (a row-parallel shard) — logged with the count.

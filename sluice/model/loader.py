@@ -12,9 +12,9 @@ GGUF: a sidecar directory (`sluice.model_spec.gguf.prepare_gguf`) holds the mark
 `sluice.model.gguf_weights.iterate_gguf`. Under tensor parallelism each rank dequantizes a
 whole tensor and then keeps its slice (quantized blocks do not split on arbitrary rows): one
 tensor's float32 copy at a time, never the whole model. Linear weights of the types sluice's
-kernels run (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) keep their blocks instead (`--quantization`, see
-`sluice.model.gguf_quant`): their layers get a `GgufBlockLinearMethod` right after the model is
-built and are filled with the file's bytes.
+kernels run (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) keep their blocks instead
+(`--quantization`, see `sluice.model.gguf_quant`): their layers get a `GgufBlockLinearMethod`
+right after the model is built and are filled with the file's bytes.
 A checkpoint stored quantized (compressed-tensors W8A8 / W4A16, GPTQ, AWQ:
 `ModelSpec.quantization`) keeps its integers as Q8_0 / Q4_0 / Q4_1 blocks where the block
 kernels run (`sluice.model.quantized_checkpoint`), else is dequantized exactly as it loads.

@@ -77,6 +77,24 @@ class StoredQuantization:
     why_float: str = ""   # why block_type is None, for the log line
 
 
+def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 [r, c] holding p = 32 / bits values per word along dim 0 -> int32 [r * p, c]:
+    row r * p + i is bits bits*i .. bits*i + bits - 1 of row r (unsigned)."""
+    per, mask = 32 // bits, (1 << bits) - 1
+    values = torch.stack([(packed >> (bits * i)) & mask for i in range(per)], dim=1)
+    return values.reshape(-1, packed.shape[1])
+
+
+def unpack_columns(packed: torch.Tensor, bits: int,
+                   order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """int32 [r, c] holding p = 32 / bits values per word along dim 1 -> int32 [r, c * p]:
+    column c * p + j is the value in slot order[j] (default j) of word [r, c] (unsigned)."""
+    per, mask = 32 // bits, (1 << bits) - 1
+    slots = order or tuple(range(per))
+    values = torch.stack([(packed >> (bits * slots[j])) & mask for j in range(per)], dim=2)
+    return values.reshape(packed.shape[0], -1)
+
+
 def group_scales(scale: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """float32 [n, k / 32]: the value (scale or zero point) of each 32-value block of an [n, k]
     weight, from per-group values [n or 1, groups] (groups dividing k into runs of a multiple

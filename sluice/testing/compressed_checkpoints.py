@@ -17,6 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -74,11 +75,26 @@ def quantize_w8a8(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
     return quantized, dequantized, parts
 
 
+def pack(values: torch.Tensor, bits: int, dim: int,
+         order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Unsigned values < 2^bits [r, c] -> int32 words, p = 32 / bits values each along `dim`:
+    value j of a run of p goes to slot order[j] (default j), bits bits * slot .. ."""
+    per = 32 // bits
+    slots = order or tuple(range(per))
+    v = values.to(torch.int64) & ((1 << bits) - 1)
+    rows, cols = v.shape
+    # runs of p along `dim` as the middle (dim 0) or last (dim 1) axis
+    v = v.view(rows // per, per, cols) if dim == 0 else v.view(rows, cols // per, per)
+    words = torch.zeros(v.shape[0], v.shape[2] if dim == 0 else v.shape[1], dtype=torch.int64)
+    for j in range(per):
+        words |= (v[:, j, :] if dim == 0 else v[:, :, j]) << (bits * slots[j])
+    return torch.from_numpy(words.numpy().astype(np.uint32).view(np.int32))
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """int8 values [rows, cols] in [-8, 7] (cols a multiple of 8) -> int32 [rows, cols / 8]:
     value 8j + i of a row in bits 4i .. 4i + 3 of word j, stored as q + 8."""
-    u = (q.to(torch.int32) + 8).view(q.shape[0], -1, 8)
-    return sum(u[:, :, i] << (4 * i) for i in range(8)).to(torch.int32)
+    return pack(q.to(torch.int64) + 8, 4, dim=1)
 
 
 def quantize_w4a16(tensors: dict[str, torch.Tensor], group_size: int | None,

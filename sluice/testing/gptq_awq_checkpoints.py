@@ -23,11 +23,10 @@ format's known quirk).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from sluice.model.gptq_awq import AWQ_ORDER
-from sluice.testing.compressed_checkpoints import LINEARS
+from sluice.testing.compressed_checkpoints import LINEARS, pack
 
 
 def gptq_config(bits: int = 4, group_size: int = 128, sym: bool = True, desc_act: bool = False,
@@ -47,22 +46,6 @@ def awq_config(group_size: int = 128, **changes) -> dict:
               "version": "gemm", "modules_to_not_convert": None}
     config.update(changes)
     return config
-
-
-def pack(values: torch.Tensor, bits: int, dim: int,
-         order: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Unsigned values < 2^bits [r, c] -> int32 words, p = 32 / bits values each along `dim`:
-    value j of a run of p goes to slot order[j] (default j), bits bits * slot .. ."""
-    per = 32 // bits
-    slots = order or tuple(range(per))
-    v = values.to(torch.int64) & ((1 << bits) - 1)
-    rows, cols = v.shape
-    # runs of p along `dim` as the middle (dim 0) or last (dim 1) axis
-    v = v.view(rows // per, per, cols) if dim == 0 else v.view(rows, cols // per, per)
-    words = torch.zeros(v.shape[0], v.shape[2] if dim == 0 else v.shape[1], dtype=torch.int64)
-    for j in range(per):
-        words |= (v[:, j, :] if dim == 0 else v[:, :, j]) << (bits * slots[j])
-    return torch.from_numpy(words.numpy().astype(np.uint32).view(np.int32))
 
 
 def _quantize(w: torch.Tensor, bits: int, g_idx: torch.Tensor, groups: int, sym: bool

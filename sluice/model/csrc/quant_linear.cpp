@@ -51,10 +51,10 @@
 // chunks (for_panels). Results equal F.linear on the dequantized weight up to summation order.
 //
 // int8 activations (type | kInt8Activations = 256, for every block type above and M <= 8;
-// otherwise the flag is ignored): llama.cpp's dot product. Each x row is quantized per 32-element block
-// (xd = max|x| / 127, xq = round(x / xd), ties to even) and the weight's integer quants meet
-// xq in vpmaddubsw / vpmaddwd (exact int32 sums per block), one FMA per block, x row and weight
-// row with d_w * xd; panels and prefetch as above. Results equal x_q @ dequant(w)^T for
+// otherwise the flag is ignored): llama.cpp's dot product. Each x row is quantized per
+// 32-element block (xd = max|x| / 127, xq = round(x / xd), ties to even) and the weight's
+// integer quants meet xq in vpmaddubsw / vpmaddwd (exact int32 sums per block), one FMA per
+// block, x row and weight row with d_w * xd; panels and prefetch as above. Results equal x_q @ dequant(w)^T for
 // x_q = xq * xd, up to summation order.
 //
 // Prefill / batched decode (more rows): each work item dequantizes a panel of weight rows into
@@ -99,9 +99,17 @@ constexpr int64_t kInt8Activations = 256;  // a flag on the type id (see the fil
 constexpr int64_t kBf16Products = 512;     // another: more rows may run amx::bf16_linear
 constexpr int64_t kVnniPacked = 1024;      // vnni_linear.cpp's packed layout: every M
 
-bool takes_int8_activations(int64_t type) {
-  return type == kQ4_0 || type == kQ4_1 || type == kQ8_0 || type == kQ5_0 || type == kQ5_1 ||
-         type == kQ4_K || type == kQ5_K || type == kQ6_K;
+bool takes_int8_activations(int64_t type) {  // every block type; not F16 / BF16
+  return type != kF16 && type != kBF16;
+}
+
+// Bytes before a Q4_0 / Q4_1 / Q5_0 / Q5_1 block's quants (qh, qs): d, and m for _1 types.
+constexpr int64_t legacy_header(int64_t type) { return type == kQ4_1 || type == kQ5_1 ? 4 : 2; }
+
+// A Q4_K / Q5_K block's quants qs and Q5_K's fifth bits qh (nullptr for Q4_K).
+inline void k_quants(int64_t type, const uint8_t* blk, const uint8_t** qs, const uint8_t** qh) {
+  *qh = type == kQ5_K ? blk + 16 : nullptr;
+  *qs = blk + (type == kQ5_K ? 48 : 16);
 }
 
 struct QuantFormat {
@@ -195,7 +203,7 @@ void dequant_row_scalar(int64_t type, const uint8_t* w, float* y, int64_t k) {
       }
     } else if (type == kQ5_0 || type == kQ5_1) {
       const float d = f16(blk), m = type == kQ5_1 ? f16(blk + 2) : -16.f * d;
-      const uint8_t* qh = blk + (type == kQ5_1 ? 4 : 2);
+      const uint8_t* qh = blk + legacy_header(type);
       uint32_t bits;
       std::memcpy(&bits, qh, 4);
       for (int i = 0; i < 16; ++i) {
@@ -207,16 +215,16 @@ void dequant_row_scalar(int64_t type, const uint8_t* w, float* y, int64_t k) {
       for (int i = 0; i < 32; ++i) o[i] = static_cast<int8_t>(blk[2 + i]) * d;
     } else if (type == kQ4_K || type == kQ5_K) {
       const float d = f16(blk), dmin = f16(blk + 2);
-      const bool q5 = type == kQ5_K;
-      const uint8_t* qh = blk + 16;  // Q5_K's fifth bits
+      const uint8_t *quants, *qh;
+      k_quants(type, blk, &quants, &qh);
       for (int g = 0; g < 4; ++g) {
         int sc1, m1, sc2, m2;
         scale_min_k4(2 * g, blk + 4, &sc1, &m1);
         scale_min_k4(2 * g + 1, blk + 4, &sc2, &m2);
-        const uint8_t* qs = blk + (q5 ? 48 : 16) + 32 * g;
+        const uint8_t* qs = quants + 32 * g;
         for (int i = 0; i < 32; ++i) {
-          const int h1 = q5 ? ((qh[i] >> (2 * g)) & 1) << 4 : 0;
-          const int h2 = q5 ? ((qh[i] >> (2 * g + 1)) & 1) << 4 : 0;
+          const int h1 = qh != nullptr ? ((qh[i] >> (2 * g)) & 1) << 4 : 0;
+          const int h2 = qh != nullptr ? ((qh[i] >> (2 * g + 1)) & 1) << 4 : 0;
           o[64 * g + i] = d * sc1 * ((qs[i] & 15) | h1) - dmin * m1;
           o[64 * g + 32 + i] = d * sc2 * ((qs[i] >> 4) | h2) - dmin * m2;
         }
@@ -251,6 +259,12 @@ inline void nibbles(const uint8_t* qs, __m256 lo[2], __m256 hi[2]) {
   hi[1] = cvt_u8(_mm_srli_si128(h, 8));
 }
 
+// 16 bytes (one Q6_K sub-block; 16 unpacked quants of the other types) -> 2 vectors of floats.
+inline void widen16(__m128i q, __m256 v[2]) {
+  v[0] = cvt_u8(q);
+  v[1] = cvt_u8(_mm_srli_si128(q, 8));
+}
+
 // Q5_0 / Q5_1: the 32 values (0..31) of a block as bytes, from its qh (4 bytes: bit i is value
 // i's fifth bit) and the qs (16 bytes) after it: bytes 0..15 of the result elements 0..15 (the
 // low nibbles), bytes 16..31 elements 16..31 (the high ones). Each 128-bit lane spreads two
@@ -274,11 +288,8 @@ inline __m256i legacy5_bytes(const uint8_t* qh) {
 // The same values as floats: lo[0..1] elements 0..15, hi[0..1] 16..31 (as `nibbles`).
 inline void legacy5(const uint8_t* qh, __m256 lo[2], __m256 hi[2]) {
   const __m256i both = legacy5_bytes(qh);
-  const __m128i l = _mm256_castsi256_si128(both), u = _mm256_extracti128_si256(both, 1);
-  lo[0] = cvt_u8(l);
-  lo[1] = cvt_u8(_mm_srli_si128(l, 8));
-  hi[0] = cvt_u8(u);
-  hi[1] = cvt_u8(_mm_srli_si128(u, 8));
+  widen16(_mm256_castsi256_si128(both), lo);
+  widen16(_mm256_extracti128_si256(both, 1), hi);
 }
 
 // Q4_K / Q5_K group g's 16 bytes of nibbles at qs as bytes: *l the low nibbles (sub-block 2g),
@@ -296,30 +307,14 @@ inline void k_bytes(const uint8_t* qs, const uint8_t* qh, int g, __m128i* l, __m
   }
 }
 
-// Q5_K: k_bytes with the fifth bits, as floats: lo[0..1], hi[0..1] as `nibbles` gives them.
-inline void nibbles5(const uint8_t* qs, const uint8_t* qh, int g, __m256 lo[2], __m256 hi[2]) {
-  __m128i l, u;
-  k_bytes(qs, qh, g, &l, &u);
-  lo[0] = cvt_u8(l);
-  lo[1] = cvt_u8(_mm_srli_si128(l, 8));
-  hi[0] = cvt_u8(u);
-  hi[1] = cvt_u8(_mm_srli_si128(u, 8));
-}
-
-// The 16 elements at qs + 16h (h = 0, 1) of Q4_K / Q5_K group g as lo / hi (nibbles /
-// nibbles5): qs points at group g's 32 bytes, qh at the block's fifth bits (nullptr: Q4_K).
+// The same as floats for bytes 16h .. 16h + 15 (h = 0, 1) of group g: lo[0..1], hi[0..1] as
+// `nibbles` gives them; qs points at group g's 32 bytes, qh at the block's fifth bits.
 inline void k_nibbles(const uint8_t* qs, const uint8_t* qh, int g, int h, __m256 lo[2],
                       __m256 hi[2]) {
-  if (qh == nullptr)
-    nibbles(qs + 16 * h, lo, hi);
-  else
-    nibbles5(qs + 16 * h, qh + 16 * h, g, lo, hi);
-}
-
-// 16 bytes (one Q6_K sub-block) -> 2 vectors of floats.
-inline void widen16(__m128i q, __m256 v[2]) {
-  v[0] = cvt_u8(q);
-  v[1] = cvt_u8(_mm_srli_si128(q, 8));
+  __m128i l, u;
+  k_bytes(qs + 16 * h, qh == nullptr ? nullptr : qh + 16 * h, g, &l, &u);
+  widen16(l, lo);
+  widen16(u, hi);
 }
 
 // The Q6_K quants (0..63) of elements 128h + l0 + 32t + [0, 16), t = 0..3 (l0 = 0 or 16).
@@ -333,6 +328,21 @@ inline void q6k_quads(const uint8_t* ql, const uint8_t* qh, int l0, __m128i q[4]
   q[1] = _mm_or_si128(_mm_and_si128(b, m4), hbits(2));
   q[2] = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(a, 4), m4), hbits(4));
   q[3] = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(b, 4), m4), hbits(6));
+}
+
+// The fp16 at p (F16C: exact, as f16() but one instruction).
+inline float f16c(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return _cvtsh_ss(bits);
+}
+
+// The scale d and the per-element constant m of a Q4_0 / Q4_1 / Q5_0 / Q5_1 block
+// (v = d * q + m).
+inline void q4_scale_min(int64_t type, const uint8_t* blk, float* d, float* m) {
+  *d = f16c(blk);
+  *m = type == kQ4_1 || type == kQ5_1 ? f16c(blk + 2)
+       : type == kQ5_0 ? -16.f * *d : -8.f * *d;
 }
 
 inline float hsum(__m256 v) {
@@ -408,13 +418,13 @@ void dequant_row(int64_t type, const uint8_t* w, float* y, int64_t k) {
     float* o = y + b * f.block_elems;
     switch (type) {
       case kQ4_0: case kQ4_1: case kQ5_0: case kQ5_1: {
-        const bool q5 = type == kQ5_0 || type == kQ5_1, with_min = type == kQ4_1 || type == kQ5_1;
-        const float d = f16(blk), m = with_min ? f16(blk + 2) : (q5 ? -16.f : -8.f) * d;
+        float d, m;
+        q4_scale_min(type, blk, &d, &m);
         __m256 lo[2], hi[2];
-        if (q5)
-          legacy5(blk + (with_min ? 4 : 2), lo, hi);
+        if (type == kQ5_0 || type == kQ5_1)
+          legacy5(blk + legacy_header(type), lo, hi);
         else
-          nibbles(blk + (with_min ? 4 : 2), lo, hi);
+          nibbles(blk + legacy_header(type), lo, hi);
         store(o, affine(lo[0], d, m));
         store(o + 8, affine(lo[1], d, m));
         store(o + 16, affine(hi[0], d, m));
@@ -430,8 +440,8 @@ void dequant_row(int64_t type, const uint8_t* w, float* y, int64_t k) {
       }
       case kQ4_K: case kQ5_K: {
         const float d = f16(blk), dmin = f16(blk + 2);
-        const uint8_t* qh = type == kQ5_K ? blk + 16 : nullptr;
-        const uint8_t* qs = blk + (type == kQ5_K ? 48 : 16);
+        const uint8_t *qs, *qh;
+        k_quants(type, blk, &qs, &qh);
         for (int g = 0; g < 4; ++g) {
           int sc1, m1, sc2, m2;
           scale_min_k4(2 * g, blk + 4, &sc1, &m1);
@@ -478,12 +488,6 @@ inline __m256 scaled_dot(const __m256* w, const float* x, __m256 a, __m256 acc) 
   return _mm256_fmadd_ps(t, a, acc);
 }
 
-// The fp16 at p (F16C: exact, as f16() but one instruction).
-inline float f16c(const uint8_t* p) {
-  uint16_t bits;
-  std::memcpy(&bits, p, 2);
-  return _cvtsh_ss(bits);
-}
 
 // Hints the cache lines of [p, p + bytes) into L1 (never faults). __builtin_prefetch: GCC 12
 // dropped every _mm_prefetch of these kernels.
@@ -491,13 +495,6 @@ inline void prefetch(const uint8_t* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
 }
 
-// The scale d and the per-element constant m of a Q4_0 / Q4_1 / Q5_0 / Q5_1 block
-// (v = d * q + m).
-inline void q4_scale_min(int64_t type, const uint8_t* blk, float* d, float* m) {
-  *d = f16c(blk);
-  *m = type == kQ4_1 || type == kQ5_1 ? f16c(blk + 2)
-       : type == kQ5_0 ? -16.f * *d : -8.f * *d;
-}
 
 // body(i, j, blk) for block i (0 .. nb - 1, outer) of the panel's weight rows j (0 .. NW - 1,
 // inner; blk = p.w + j * p.ldw + i * bytes), prefetching the same block of the later panel
@@ -640,7 +637,7 @@ void dot_rows(int64_t type, const RowPanel& p, int64_t k, const float* x, int64_
         float d, m;
         q4_scale_min(type, blk, &d, &m);
         __m256 q[4];
-        const uint8_t* qs = blk + (type == kQ4_1 || type == kQ5_1 ? 4 : 2);
+        const uint8_t* qs = blk + legacy_header(type);
         if (type == kQ5_0 || type == kQ5_1)
           legacy5(qs, q, q + 2);
         else
@@ -667,8 +664,8 @@ void dot_rows(int64_t type, const RowPanel& p, int64_t k, const float* x, int64_
     case kQ4_K: case kQ5_K:
       for_blocks<NW>(p, nb, bytes, [&](int64_t i, int j, const uint8_t* blk) SLUICE_INLINE {
         const float d = f16c(blk), dmin = f16c(blk + 2);
-        const uint8_t* qh = type == kQ5_K ? blk + 16 : nullptr;
-        const uint8_t* qs = blk + (type == kQ5_K ? 48 : 16);
+        const uint8_t *qs, *qh;
+        k_quants(type, blk, &qs, &qh);
         for (int g = 0; g < 4; ++g) {
           int sc1, m1, sc2, m2;
           scale_min_k4(2 * g, blk + 4, &sc1, &m1);
@@ -752,8 +749,8 @@ void dot_rows_a8_typed(const RowPanel& p, int64_t k, const int8_t* xq, const flo
       // block i of 256 = 8 sub-blocks of 32, each one activation block (i * 8 + sub) with
       // its own scale d * sc and min dmin * m: sum = d sc xd (q . xq) - dmin m xs
       const float d = f16c(blk), dmin = f16c(blk + 2);
-      const uint8_t* qh = kType == kQ5_K ? blk + 16 : nullptr;
-      const uint8_t* qs = blk + (kType == kQ5_K ? 48 : 16);
+      const uint8_t *qs, *qh;
+      k_quants(kType, blk, &qs, &qh);
       for (int g = 0; g < 4; ++g) {
         int sc[2], mn[2];
         scale_min_k4(2 * g, blk + 4, &sc[0], &mn[0]);
@@ -807,9 +804,9 @@ void dot_rows_a8_typed(const RowPanel& p, int64_t k, const int8_t* xq, const flo
       q4_scale_min(kType, blk, &d, &m);
       __m256i uq;
       if constexpr (kType == kQ5_0 || kType == kQ5_1) {
-        uq = legacy5_bytes(blk + (kType == kQ5_1 ? 4 : 2));
+        uq = legacy5_bytes(blk + legacy_header(kType));
       } else {
-        const __m128i q = load128(blk + (kType == kQ4_1 ? 4 : 2));
+        const __m128i q = load128(blk + legacy_header(kType));
         uq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), low);
       }
 #pragma GCC unroll 8

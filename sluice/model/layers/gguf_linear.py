@@ -39,9 +39,10 @@ inputs to bf16 for every 16-bit weight too) and `--quantization int8` (whose dec
 activations far more coarsely, to int8 per 32 values).
 
 `int8_activations` (INT8_ACTIVATION_TYPES: every type here, each 32-value block of the weight
-(two 16-value sub-blocks for Q6_K) meeting one activation block in vpmaddubsw; `--quantization int8` sets it, and so does a GGUF file's
-default, `gguf_quant.llama_cpp_numerics`): up to MAX_INT8_ACTIVATION_ROWS rows, the
-activations are quantized per 32-element block (`quantize_activations_q8`) and the kernels
+(two 16-value sub-blocks for Q6_K) meeting one activation block in vpmaddubsw;
+`--quantization int8` sets it, and so does a GGUF file's default,
+`gguf_quant.llama_cpp_numerics`): up to MAX_INT8_ACTIVATION_ROWS rows, the activations are
+quantized per 32-element block (`quantize_activations_q8`) and the kernels
 compute integer dot products; the reference path applies the same quantization before
 F.linear.
 
@@ -99,7 +100,7 @@ BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
     BlockType("Q6_K", 14, 256, 210))}
 """The GGML types whose blocks the linear layers run directly, by GGUF type name."""
 
-INT8_ACTIVATION_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+INT8_ACTIVATION_TYPES = tuple(BLOCK_TYPES)   # the kernels take int8 activations for every type
 INT8_ACTIVATIONS_FLAG = 256     # or'ed into the type id given to gguf_linear
 BF16_PRODUCTS_FLAG = 512        # likewise: more rows may multiply in bf16 on AMX
 VNNI_PACKED_FLAG = 1024         # likewise: blocks regrouped for vpdpbusd, int8 at any M
