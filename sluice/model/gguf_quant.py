@@ -15,10 +15,9 @@ blocks). The token embedding and the LM head follow the same rule on their own t
 (`token_embd`, `output`; a tied head is the embedding's): an embedding over blocks dequantizes
 the rows it looks up, a head over blocks computes its logits with the method (the greedy
 screen, which needs a float head, steps aside). Every other tensor is dequantized to `dtype`
-at load as before. Returns the HF tensor names to be read as raw blocks, each with the type
-it loads as (`gguf_weights.iterate_gguf(..., keep_quantized=)`: a Q5_0 layer becomes Q8_0,
-exactly, where int8 activations run on AVX512-VNNI, `gguf_convert`), and logs one line naming
-the types kept quantized and those dequantized.
+at load as before. Returns the HF tensor names to be read as raw blocks
+(`gguf_weights.iterate_gguf(..., keep_quantized=)`), and logs one line naming the types kept
+quantized and those dequantized.
 
 Modes (`ModelConfig.quantization`):
     None (default)  keep blocks where sluice's C++ kernels run them: layer ops 'cpu' (the
@@ -54,7 +53,6 @@ import torch
 from torch import nn
 
 from sluice.errors import ConfigError
-from sluice.model.gguf_convert import EXACT_VNNI_CONVERSIONS
 from sluice.model.layers.gguf_linear import BLOCK_TYPES, GgufBlockLinearMethod
 from sluice.model.layers.linear import LinearBase
 from sluice.model.layers.linear_method import set_weight_loader
@@ -125,17 +123,15 @@ def use_block_method(module: LinearBase, method: GgufBlockLinearMethod,
 
 def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path | GGUFReader, mode: str | None,
                      ops: ModuleType | None, dtype: torch.dtype, device: torch.device,
-                     lora_enabled: bool = False, bf16_products: bool = False) -> dict[str, str]:
+                     lora_enabled: bool = False, bf16_products: bool = False) -> set[str]:
     """Give the layers that keep their blocks a `GgufBlockLinearMethod` (module doc); returns
-    the HF names of the tensors to load as blocks, each with the block type to load it as (its
-    file type, or where int8 activations run on AVX512-VNNI an exact conversion of it,
-    `gguf_convert.EXACT_VNNI_CONVERSIONS`); empty: everything dequantized. `bf16_products`:
+    the HF names of the tensors to load as blocks; empty: everything dequantized. `bf16_products`:
     the methods' flag (bf16 products for more rows on AMX), which mode 'int8' sets in any
     case."""
     types = gguf_tensor_types(gguf_file)
     if not blocks_wanted(mode, ops, dtype, device, lora_enabled):
         logger.info("GGUF weights dequantized to %s at load (%s).", dtype, _summary(types))
-        return {}
+        return set()
     sources: dict[str, list[str]] = defaultdict(list)  # our param name -> HF tensor names
     for hf in types:
         target, _ = model.map_checkpoint_name(hf)
@@ -149,8 +145,6 @@ def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path | GGUFReader, mode:
             ops, qtype, int8, bf16_products or mode == "int8"))
 
     kept: set[str] = set()
-    load_as: dict[str, str] = {}   # kept names loaded as another type than the file's
-    vnni = int8 and ops is not None and ops.vnni_available()
     why_not: Counter[str] = Counter()
     for name, module in model.named_modules():
         if not isinstance(module, LinearBase) or f"{name}.weight" not in sources:
@@ -164,23 +158,20 @@ def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path | GGUFReader, mode:
         if module.in_features % BLOCK_TYPES[qtype].block_elems:
             why_not[f"{qtype} (row shards of {module.in_features} columns split blocks)"] += 1
             continue
-        target = EXACT_VNNI_CONVERSIONS.get(qtype, qtype) if vnni else qtype
-        use_block_method(module, method_for(target), dtype)
+        use_block_method(module, method_for(qtype), dtype)
         kept.update(hf_names)
-        load_as.update({h: target for h in hf_names if target != qtype})
     kept |= _keep_vocab_blocks(model, types, method_for)
     kept_types = Counter(types[h] for h in kept)
     rest = {h: t for h, t in types.items() if h not in kept}
     int8_types = sorted(q for q, m in methods.items() if m.int8_activations)
-    converted = Counter(f"{types[h]} as {t}" for h, t in load_as.items())
+    vnni = sorted(q for q, m in methods.items() if m.vnni)
     logger.info("GGUF weights kept quantized: %s; dequantized to %s: %s%s%s%s.",
                 ", ".join(f"{t} ({n} tensors)" for t, n in sorted(kept_types.items()))
                 or "none", dtype, _summary(rest),
                 f"; int8 activations for {', '.join(int8_types)}" * bool(int8_types),
-                "".join(f"; {k} ({n} tensors, exact, for the VNNI kernel)"
-                        for k, n in sorted(converted.items())),
+                f"; regrouped for the AVX512-VNNI kernel: {', '.join(vnni)}" * bool(vnni),
                 "".join(f"; linear layers left float ({n}): {k}" for k, n in why_not.items()))
-    return {h: load_as.get(h, types[h]) for h in kept}
+    return kept
 
 
 def _vocab_method(qtype: str, cols: int, method_for: Callable[[str], GgufBlockLinearMethod]

@@ -27,16 +27,14 @@ a copy of the file's bytes with the Q/K rows un-permuted the same way (a row is 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator
 from pathlib import Path
-from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from sluice.errors import ModelLoadError
-from sluice.model.gguf_convert import convert_blocks
 from sluice.model_spec.gguf import (GGUF_ARCHITECTURES, NON_WEIGHT_TENSORS, SUPPORTED_TENSOR_TYPES,
                                     field_value, gguf_reader, hf_tensor_name)
 
@@ -73,12 +71,11 @@ def dequantize_tensor(tensor) -> np.ndarray:
 
 
 def iterate_gguf(gguf_path: str | Path | GGUFReader, dtype: torch.dtype,
-                 keep_quantized: Mapping[str, str] = MappingProxyType({})
+                 keep_quantized: Collection[str] = frozenset()
                  ) -> Iterator[tuple[str, torch.Tensor]]:
     """(hf_name, tensor in `dtype`) for every weight in the GGUF file `gguf_path` (a path or
-    an open reader), or its raw blocks for the names `keep_quantized` maps to the block type
-    to load each as (see the module docstring; a type other than the file's is converted
-    exactly, `gguf_convert.convert_blocks`). Raises `ModelLoadError` naming the file for an
+    an open reader), or its raw blocks for the names in `keep_quantized` (see the module
+    docstring). Raises `ModelLoadError` naming the file for an
     unreadable or unsupported file or a tensor that cannot be dequantized."""
     reader = gguf_reader(gguf_path)
     path = Path(reader.data.filename)
@@ -104,8 +101,6 @@ def iterate_gguf(gguf_path: str | Path | GGUFReader, dtype: torch.dtype,
             blocks = np.array(t.data, dtype=np.uint8, order="C", copy=True)
             if permuted and (".q_proj." in name or ".k_proj." in name):
                 blocks = unpermute_qk(blocks, num_heads if ".q_proj." in name else num_kv_heads)
-            if keep_quantized[name] != t.tensor_type.name:
-                blocks = convert_blocks(blocks, t.tensor_type.name, keep_quantized[name])
             yield name, torch.from_numpy(np.ascontiguousarray(blocks))
             continue
         try:

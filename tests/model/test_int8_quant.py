@@ -34,7 +34,7 @@ from sluice.model.int8_quant import quantize_q8_0
 from sluice.model.layers.gguf_linear import (BLOCK_TYPES, INT8_ACTIVATION_TYPES,
                                              INT8_ACTIVATIONS_FLAG, VNNI_PACKED_FLAG,
                                              GgufBlockLinearMethod, dequantize_blocks,
-                                             quantize_activations_q8, vnni_unpacked)
+                                             quantize_activations_q8)
 from sluice.model.layers.linear import LinearBase
 
 from _sluice_model_helpers import load_ours
@@ -114,26 +114,30 @@ def int8_reference(x: torch.Tensor, blocks: torch.Tensor, qtype: str,
             xa.abs() @ weight.abs().T)
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def unpacked(ops, packed: torch.Tensor, qtype: str) -> torch.Tensor:
+    """A copy of a VNNI-packed weight in the GGUF layout (the C++ `vnni_unpack`)."""
+    blocks = packed.detach().clone()
+    ops.vnni_unpack(blocks, BLOCK_TYPES[qtype].ggml_id)
+    return blocks
+
+
+@pytest.mark.parametrize("qtype", list(BLOCK_TYPES))
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 9, 64, 130])
 def test_vnni_kernel_matches_reference(cpu_ops, qtype, m):
-    """VNNI-packed blocks (csrc/vnni_linear.cpp): packing is exact and reversible (the C++
-    inverse and the documented layout in Python); any row count (row tiles of 4 and
-    remainders; 3 channel tiles: a pair and a single) equals int8 activations x the dequantized
-    weight within fp32 summation order, with and without a bias."""
+    """VNNI-packed blocks (csrc/vnni_linear.cpp), every block type: packing is exact and
+    reversible (`vnni_unpack`); any row count (row tiles of 4 and remainders; 3 channel tiles:
+    a pair and a single) equals int8 activations x the dequantized weight within fp32
+    summation order, with and without a bias (k-quants: two super-blocks of 256 per row)."""
     if not cpu_ops.vnni_available():
         pytest.skip("this CPU does not report AVX512-VNNI")
     g = torch.Generator().manual_seed(m)
-    n, k = 48, 96
+    n, k = 48, BLOCK_TYPES[qtype].block_elems * (2 if qtype.endswith("_K") else 3)
     ggml_id = BLOCK_TYPES[qtype].ggml_id
     blocks = torch.from_numpy(random_blocks(qtype, n, k, np.random.default_rng(m)))
     packed = blocks.clone()
     cpu_ops.vnni_pack(packed, ggml_id)
     assert packed.shape == blocks.shape and not torch.equal(packed, blocks)
-    restored = packed.clone()
-    cpu_ops.vnni_unpack(restored, ggml_id)
-    assert torch.equal(restored, blocks)
-    assert torch.equal(vnni_unpacked(packed, qtype), blocks)    # the layout as documented
+    assert torch.equal(unpacked(cpu_ops, packed, qtype), blocks)
     x = torch.randn(m, k, generator=g) * torch.logspace(-2, 1, k)    # outlier columns
     flags = ggml_id | INT8_ACTIVATIONS_FLAG | VNNI_PACKED_FLAG
     for bias in (None, torch.randn(n, generator=g)):
@@ -152,7 +156,7 @@ def test_vnni_rejects_what_it_cannot_pack(cpu_ops):
     with pytest.raises(RuntimeError, match="multiple of 16"):
         cpu_ops.vnni_pack(odd, 8)
     with pytest.raises(RuntimeError, match="no VNNI layout"):
-        cpu_ops.vnni_pack(quantize_q8_0(torch.randn(16, 64)), 12)     # Q4_K
+        cpu_ops.vnni_pack(quantize_q8_0(torch.randn(16, 64)), 1)      # F16
     if cpu_ops.vnni_available():
         with pytest.raises(RuntimeError, match="VNNI-packed weight"):
             cpu_ops.gguf_linear(torch.empty(1, 40), torch.randn(1, 64), odd,
@@ -161,8 +165,9 @@ def test_vnni_rejects_what_it_cannot_pack(cpu_ops):
 
 def test_vnni_layer_packs_at_load_and_every_path_agrees(cpu_ops):
     """The method packs a layer's Q8_0 weight in `process_weights_after_loading` (on a VNNI
-    CPU), keeps `dequantized_weight` exact, and its reference path (no operators) quantizes the
-    activations at every row count as the kernel does."""
+    CPU), keeps `dequantized_weight` exact, and its reference path (inputs the operators do
+    not take: here x that needs a gradient) quantizes the activations at every row count as
+    the kernel does."""
     g = torch.Generator().manual_seed(7)
     n, k = 64, 128
     blocks = quantize_q8_0(torch.randn(n, k, generator=g))
@@ -175,13 +180,14 @@ def test_vnni_layer_packs_at_load_and_every_path_agrees(cpu_ops):
     assert layer.vnni_packed and not torch.equal(layer.weight, blocks)
     assert method.layer_kernel_type(layer) == 8 | INT8_ACTIVATIONS_FLAG | VNNI_PACKED_FLAG
     assert torch.equal(method.dequantized_weight(layer), dequantize_blocks(blocks, "Q8_0"))
-    reference = GgufBlockLinearMethod(None, "Q8_0", int8_activations=True)
     for m in (2, 20):
         x = torch.randn(m, k, generator=g)
         y = method.apply(layer, x, None)
         ref, bound = int8_reference(x, blocks, "Q8_0", None)
         assert ((y.double() - ref).abs() / bound).max().item() <= KERNEL_RTOL
-        torch.testing.assert_close(reference.apply(layer, x, None), y, rtol=1e-5, atol=1e-5)
+        slow = method.apply(layer, x.clone().requires_grad_(), None)
+        assert slow.grad_fn is not None       # the reference path ran
+        torch.testing.assert_close(slow.detach(), y, rtol=1e-5, atol=1e-5)
 
 
 def test_vnni_leaves_a_weight_another_module_reads(cpu_ops):
@@ -206,7 +212,7 @@ def test_vnni_leaves_a_weight_another_module_reads(cpu_ops):
 def test_vnni_tied_head_packs_and_embedding_lookups_follow(cpu_ops):
     """An LM head tied to a block embedding (one Parameter, `gguf_blocks` on the embedding)
     is packed; the embedding's lookups unpack the tiles holding the ids, with or without the
-    C++ operators, and equal the rows of the file's blocks."""
+    C++ operators in the method, and equal the rows of the file's blocks."""
     method = GgufBlockLinearMethod(cpu_ops, "Q8_0", int8_activations=True)
     if not method.vnni:
         pytest.skip("this CPU does not report AVX512-VNNI")
@@ -320,10 +326,10 @@ def test_gguf_default_runs_llama_cpp_numerics(cpu_ops, tiny_gguf, caplog):
     """A GGUF file's default mode: its Q8_0 / Q4_1 blocks (gate/up, down, LM head) and the
     k-quants Q4_K / Q5_K (attention) compute with int8 activations, no bf16 products
     (`gguf_quant.llama_cpp_numerics`); decode logits within the int8 bound of the
-    float-activation run (`--quantization gguf`). On a CPU with AVX512-VNNI the int8 layers are
-    VNNI-packed and the prefill (56 rows) takes int8 activations in them; elsewhere (and in the
-    k-quant layers, which are not packed) calls of more than 8 rows keep float activations, so
-    without VNNI the prefill's logits are the float run's."""
+    float-activation run (`--quantization gguf`). On a CPU with AVX512-VNNI every layer is
+    VNNI-packed and the prefill (56 rows) takes int8 activations too; elsewhere calls of more
+    than 8 rows keep float activations, so without VNNI the prefill's logits are the float
+    run's."""
     import logging
     with caplog.at_level(logging.INFO, logger="sluice.model"):
         default = load_ours(tiny_gguf, layer_ops="cpu", attn_backend="cpu_paged")
@@ -335,12 +341,11 @@ def test_gguf_default_runs_llama_cpp_numerics(cpu_ops, tiny_gguf, caplog):
     assert repr(layer.mlp.gate_up_proj.linear_method) == f"GgufBlockLinearMethod(Q8_0{notes})"
     assert repr(layer.mlp.down_proj.linear_method) == f"GgufBlockLinearMethod(Q4_1{notes})"
     assert layer.mlp.down_proj.vnni_packed == vnni
-    assert repr(layer.self_attn.qkv_proj.linear_method) == (
-        "GgufBlockLinearMethod(Q4_K, int8 activations)")
-    assert repr(layer.self_attn.o_proj.linear_method) == (
-        "GgufBlockLinearMethod(Q5_K, int8 activations)")
+    assert repr(layer.self_attn.qkv_proj.linear_method) == f"GgufBlockLinearMethod(Q4_K{notes})"
+    assert repr(layer.self_attn.o_proj.linear_method) == f"GgufBlockLinearMethod(Q5_K{notes})"
+    assert layer.self_attn.o_proj.vnni_packed == vnni
     assert repr(default.lm_head.linear_method) == f"GgufBlockLinearMethod(Q8_0{notes})"
-    assert "; int8 activations for Q4_1, Q4_K, Q5_K, Q8_0." in caplog.text, caplog.text
+    assert "; int8 activations for Q4_1, Q4_K, Q5_K, Q8_0" in caplog.text, caplog.text
     assert not any(getattr(m.__dict__.get("linear_method"), "int8_activations", False)
                    for m in floats.modules())
     a, b = _logits(default), _logits(floats)
@@ -357,8 +362,8 @@ def test_gguf_int8_keeps_the_files_blocks_with_int8_activations(cpu_ops, tiny_gg
     """On a GGUF model int8 keeps the file's blocks (no re-quantization); the Q8_0 / Q4_1 ones
     (gate/up, down, embedding-tied LM head) and the Q4_K / Q5_K ones (attention) compute with
     int8 activations in decode steps, all with bf16 products in prefill (on a CPU with
-    AVX512-VNNI the Q8_0 / Q4_1 ones with int8 activations there too); logits close to the
-    float-activation run's, and the engine runs."""
+    AVX512-VNNI every layer is packed and takes int8 activations there too); logits close to
+    the float-activation run's, and the engine runs."""
     from sluice.frontend.llm import LLM
     from sluice.sampling_params import SamplingParams
 
@@ -373,7 +378,7 @@ def test_gguf_int8_keeps_the_files_blocks_with_int8_activations(cpu_ops, tiny_gg
         f"GgufBlockLinearMethod(Q4_1, int8 activations, bf16 products{vnni_note(cpu_ops)})")
     assert layer.mlp.down_proj.vnni_packed == vnni
     assert repr(layer.self_attn.qkv_proj.linear_method) == (
-        "GgufBlockLinearMethod(Q4_K, int8 activations, bf16 products)")
+        f"GgufBlockLinearMethod(Q4_K, int8 activations, bf16 products{vnni_note(cpu_ops)})")
     assert repr(ours.lm_head.linear_method) == (
         f"GgufBlockLinearMethod(Q8_0, int8 activations, bf16 products{vnni_note(cpu_ops)})")
     # the head holds its own copy of the embedding's blocks: packed like the rest, while the
@@ -382,10 +387,10 @@ def test_gguf_int8_keeps_the_files_blocks_with_int8_activations(cpu_ops, tiny_gg
     assert torch.equal(ours.model.embed_tokens.weight, plain.model.embed_tokens.weight)
     packed = {id(m.weight): m.linear_method.qtype for m in ours.modules()
               if getattr(m, "vnni_packed", False)}
-    assert set(packed.values()) == ({"Q8_0", "Q4_1"} if vnni else set())
+    assert set(packed.values()) == ({"Q8_0", "Q4_1", "Q4_K", "Q5_K"} if vnni else set())
     for a, b in zip(ours.parameters(), plain.parameters()):
         if id(a) in packed:
-            a = vnni_unpacked(a, packed[id(a)])
+            a = unpacked(cpu_ops, a, packed[id(a)])
         assert torch.equal(a, b)                                  # the file's bytes, as kept
     a, b = _logits(ours), _logits(plain)
     def worst(step: str) -> float:
@@ -400,21 +405,16 @@ def test_gguf_int8_keeps_the_files_blocks_with_int8_activations(cpu_ops, tiny_gg
     assert len(out[0].outputs[0].token_ids) == 8
 
 
-def test_q5_0_layers_run_as_exact_q8_0_on_vnni(cpu_ops, tiny_model_factory, tmp_path):
-    """Q5_0 blocks are Q8_0 blocks of the same values (`gguf_convert`): bit-identical
-    dequantization; on a CPU with AVX512-VNNI the default mode loads a Q5_0 file's linear layers
-    as Q8_0 (the VNNI int8 kernel at every row count), elsewhere (and with `--quantization
-    gguf`) as Q5_0; the weights decode to the file's values either way and the logits stay
-    within the int8 rule (`assert_int8_logits_close`) of the float-activation run."""
+def test_q5_0_layers_run_packed_on_vnni(cpu_ops, tiny_model_factory, tmp_path):
+    """A Q5_0 file (llama.cpp's fallback for rows that are not whole 256-value blocks): the
+    default mode keeps its linear layers as Q5_0 with int8 activations, on a CPU with
+    AVX512-VNNI packed for the VNNI kernel at every row count; the weights decode to the file's
+    values and the logits stay within the int8 rule (`assert_int8_logits_close`) of the
+    float-activation run (`--quantization gguf`)."""
     from _gguf_helpers import gguf_name, load_hf_tensors, quantize, write_gguf
-    from sluice.model.gguf_convert import q5_0_as_q8_0
     from sluice.model_spec.gguf import prepare_gguf
     from sluice.testing.tiny_models import TinyModelSpec
 
-    rng = np.random.default_rng(0)
-    q5, _ = quantize((rng.standard_normal((16, 256)) * 0.05).astype(np.float32), "Q5_0")
-    assert torch.equal(dequantize_blocks(torch.from_numpy(q5_0_as_q8_0(q5)), "Q8_0"),
-                       dequantize_blocks(torch.from_numpy(q5), "Q5_0"))
     src = tiny_model_factory("llama_h256_q5", TinyModelSpec(
         hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2))
     raw = {gguf_name(name): quantize(values, "Q5_0")
@@ -426,7 +426,7 @@ def test_q5_0_layers_run_as_exact_q8_0_on_vnni(cpu_ops, tiny_model_factory, tmp_
                        quantization="gguf")
     vnni = cpu_ops.vnni_available()
     down, plain = default.model.layers[0].mlp.down_proj, floats.model.layers[0].mlp.down_proj
-    assert down.linear_method.qtype == ("Q8_0" if vnni else "Q5_0")
+    assert down.linear_method.qtype == "Q5_0" and down.linear_method.int8_activations
     assert getattr(down, "vnni_packed", False) == vnni
     assert plain.linear_method.qtype == "Q5_0" and not plain.linear_method.int8_activations
     assert torch.equal(down.linear_method.dequantized_weight(down),

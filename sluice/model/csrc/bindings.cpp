@@ -37,10 +37,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_bf16_available", &amx_bf16_available,
         "Whether gguf_linear's bf16 products run on AMX here (amx_gemm.cpp)");
   m.def("vnni_available", &vnni_available,
-        "Whether gguf_linear runs VNNI-packed Q8_0/Q4_0/Q4_1 weights (type flag 1024) here "
+        "Whether gguf_linear runs VNNI-packed block weights (type flag 1024) here "
         "(vnni_linear.cpp)");
   m.def("vnni_pack", &vnni_pack, nogil,
-        "GGUF blocks uint8 [N, row bytes] of type 8, 2 or 3 -> the VNNI-packed layout, in place "
+        "GGUF blocks uint8 [N, row bytes] of a block type (2, 3, 6, 7, 8, 12, 13, 14) -> the "
+        "VNNI-packed layout, in place "
         "(N % 16 == 0)", py::arg("w"), py::arg("type"));
   m.def("vnni_unpack", &vnni_unpack, nogil,
         "The VNNI-packed layout -> GGUF blocks, in place (exact inverse of vnni_pack)",

@@ -31,8 +31,8 @@ int64_t gguf_block_elems(int64_t type);
 // the CPU has AMX-BF16 and Linux granted the tile state; elsewhere the flag changes nothing.
 bool amx_bf16_available();
 int64_t gguf_block_bytes(int64_t type);
-// Q8_0 / Q4_0 / Q4_1 weights in vnni_linear.cpp's packed layout (the same bytes, regrouped per
-// 16 rows), run by gguf_linear with type | 256 | 1024 for any M on AVX512-VNNI: whether this
+// GGUF block weights (every type gguf_linear runs but F16 / BF16) in vnni_linear.cpp's packed
+// layout (the same bytes, regrouped per 16 rows), run by gguf_linear with type | 256 | 1024 for any M on AVX512-VNNI: whether this
 // CPU has it, and the in-place conversions between the GGUF and packed layouts (N % 16 == 0).
 bool vnni_available();
 void vnni_pack(at::Tensor w, int64_t type);

@@ -3,8 +3,8 @@
 //   gguf_linear(out, x, w, type, bias):  out[M, N] = x[M, K] @ dequant(w)[N, K]^T (+ bias[N])
 //                                        (type | 256: x quantized to int8 first for up to 8
 //                                        rows; type | 512: bf16 products for more; see below;
-//                                        Q8_0 / Q4_0 / Q4_1 | 256 | 1024: w in vnni_linear.cpp's
-//                                        packed layout, int8 x at every M on AVX512-VNNI)
+//                                        type | 256 | 1024: w in vnni_linear.cpp's packed
+//                                        layout, int8 x at every M on AVX512-VNNI)
 //   gguf_dequantize(out, w, type):       out[N, K] = dequant(w)
 //
 // w is uint8 [N, row_bytes]: row n holds output channel n as K / block_elems consecutive blocks
@@ -1007,9 +1007,9 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
   if (m == 0 || n == 0) return;
   if (vnni_packed) {
     TORCH_CHECK(vnni::packable(type) && vnni::available() && n % vnni::kTileCols == 0 &&
-                    wb.ld == k / 32 * vnni::layout_of(type).block_bytes,
-                "gguf_linear: a VNNI-packed weight (type | 1024) must be contiguous Q8_0, Q4_0 "
-                "or Q4_1 with N a multiple of 16, on a CPU with AVX512-VNNI");
+                    wb.ld == k / vnni::layout_of(type).block_elems * vnni::layout_of(type).block_bytes,
+                "gguf_linear: a VNNI-packed weight (type | 1024) must be contiguous blocks of a "
+                "packable type with N a multiple of 16, on a CPU with AVX512-VNNI");
     vnni::run(type, out.data_ptr<float>(), m, n, k, x.data_ptr<float>(), x.stride(0), wb.data,
               bp);
     return;

@@ -1,31 +1,48 @@
-// GGUF Q8_0 / Q4_0 / Q4_1 weights x int8 activations on AVX-512 VNNI (vpdpbusd), any number of
-// rows:
+// GGUF block weights (Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K) x int8 activations
+// on AVX-512 VNNI (vpdpbusd), any number of rows:
 //
 //   vnni::linear<Type>(out, m, n, k, x, ldx, w, bias):
-//       out[i, j] = sum_b xd[i, b] * (wd[j, b] * sum_c xq[i, 32b + c] * (q[j, 32b + c] - o)
+//       out[i, j] = sum_b xd[i, b] * (sum_h wd[j, b, h] * sum_c xq[i, 32b + c] * (q[j, 32b + c] - o)
 //                                     + wm[j, b] * sum_c xq[i, 32b + c])     (+ bias[j])
-//   for i < m, j < n, b < k / 32, c < 32; (xq, xd) is x quantized per 32-element block exactly
-//   as quant_linear.cpp's quantize_activations does (xd = max|x| / 127, xq = nearbyint(x / xd)
-//   in [-127, 127]); the weight's value is wd (q - o) + wm:
-//       Q8_0: q = the int8 quant, o = 0, wm = 0;  Q4_0: q in 0..15, o = 8, wm = 0;
-//       Q4_1: q in 0..15, o = 0, wm = the block's fp16 min m.
+//   for i < m, j < n, b < k / 32 (an activation block), c < 32 (h: the 16-value halves of a
+//   Q6_K block, c in half h; one h = the whole block for the other types); (xq, xd) is x
+//   quantized per 32-element block exactly as quant_linear.cpp's quantize_activations does
+//   (xd = max|x| / 127, xq = nearbyint(x / xd) in [-127, 127]); the weight's value is
+//   wd (q - o) + wm, q its unsigned quant:
+//       Q8_0: q = int8 quant + 128, o = 128;  Q4_0 / Q5_0: q in 0..15 / 0..31, o = 8 / 16;
+//       Q4_1 / Q5_1: o = 0, wm = the block's fp16 min m;
+//       Q4_K / Q5_K: 32-value sub-block j of a 256-value block: wd = d * sc_j,
+//                    wm = -dmin * m_j (6-bit sc_j, m_j), o = 0;
+//       Q6_K: q in 0..63, o = 32, 16-value sub-block s: wd = d * sc_s (int8 sc_s), wm = 0.
 // The same product as gguf_linear's int8-activation decode kernels, whose results it equals up
-// to float32 summation order. A block's 32 products are summed exactly in int32; one float32
-// FMA per (row, channel, block) applies xd * wd (and one more the min of Q4_1).
+// to float32 summation order. A (half-)block's products are summed exactly in int32; one
+// float32 FMA per (row, channel, (half-)block) applies xd * wd (and one more the min).
 //
 // Packed weight (vnni::pack, in place, the same bytes as the GGUF rows: N a multiple of 16).
-// Rows [N, K / 32 * block_bytes] are regrouped per 16 output channels (a "tile"): tile g holds
-// rows 16g .. 16g + 15 in the same 16 * row_bytes bytes, as K / 32 block records of
-// 16 * block_bytes bytes (channel c < 16, value e < 32 of the block):
-//   Q8_0 (544 B): [64 (e / 4) + 4 c + e % 4] = u8(q + 128); [512 + 2c] the fp16 scale d
-//   Q4_0 (288 B): [64 (e / 8) + 4 c + e % 4] holds q in its low nibble for e % 8 < 4, in its
-//                 high nibble for e % 8 >= 4; [256 + 2c] d
-//   Q4_1 (320 B): as Q4_0; [256 + 2c] d, [288 + 2c] the fp16 min m
+// Rows [N, K / block_elems * block_bytes] are regrouped per 16 output channels (a "tile"): tile
+// g holds rows 16g .. 16g + 15 in the same 16 * row_bytes bytes, as K / block_elems records of
+// 16 * block_bytes bytes, one per GGUF block position. A record is block_elems / 32
+// sub-records (the quants of 32 consecutive values of the 16 channels), then the scalars.
+// Sub-record (channel c < 16, value e < 32):
+//   Q8_0 (512 B): [64 (e / 4) + 4 c + e % 4] = q
+//   others: [64 (e / 8) + 4 c + e % 4] holds q & 15 in its low nibble for e % 8 < 4, in its
+//           high nibble for e % 8 >= 4 (256 B); then
+//     Q5_0 / Q5_1 / Q5_K (+64 B): bit 4 of q as bit 4c + e % 4 of the little-endian uint64 at
+//           256 + 8 (2 (e / 8) + (e % 8) / 4): the mask of the lanes of load e / 8's low or
+//           high nibbles that add 16 (vpaddb under a mask);
+//     Q6_K (+128 B): bits 4-5 of q in byte 256 + 64 (e / 16) + 4 c + e % 4 at bit
+//           2 (2 ((e / 8) % 2) + (e % 8) / 4).
+// Scalars after the sub-records (fp16 values as stored, channel c at 2c):
+//   Q8_0 / Q4_0 / Q5_0: [0] d x 16;  Q4_1 / Q5_1: [0] d, [32] m;
+//   Q4_K / Q5_K: [0] d, [32] dmin, [64 + 16 j + c] (sc_j & 15) | (m_j & 15) << 4 (j < 8),
+//                [192 + 4 c] uint32 with bits 4j .. 4j + 3 = sc_j >> 4 | (m_j >> 4) << 2;
+//   Q6_K: [0] d, [32 + 16 s + c] the int8 scale of sub-block s (s < 16).
 // so one 64-byte load (or one nibble half of it) is four consecutive K values of 16 channels:
 // vpdpbusd's unsigned operand, against the signed activations broadcast four at a time. The
-// weight's offset (Q8_0: the +128 that makes it unsigned; Q4_0: its -8) contributes
-// -off * sum_c xq per (row, block), known once x is quantized: each block's int32 sum starts at
-// it. vnni::unpack restores the GGUF bytes exactly.
+// weight's offset o contributes -o * sum_c xq per (row, (half-)block), known once x is
+// quantized (Q6_K's halves: the first 16 values' sum, xs16): each int32 sum starts at it.
+// vnni::unpack restores the GGUF bytes exactly (both go through BlockFields, every bit of a
+// block).
 //
 // Work: tiles in pairs (32 channels) x row chunks of kRowChunk rows, spread over the threads;
 // within an item, kRows rows x two tiles accumulate in registers over all of K (8 float32 and
@@ -52,85 +69,251 @@ namespace vnni {
 
 constexpr int64_t kTileCols = 16;  // output channels per packed tile
 constexpr int64_t kBlock = sluice::kActBlock;  // K values per block
-constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8;  // the GGML type ids it packs
+// the GGML type ids it packs
+constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12,
+                  kQ5_K = 13, kQ6_K = 14;
 
 // The per-type constants of the layout above.
 struct Layout {
+  int64_t block_elems;  // values of one GGUF block (32, or 256 for the k-quants)
   int64_t block_bytes;  // bytes of one GGUF block
-  int64_t quant_bytes;  // bytes of one record's quants (512 or 256)
-  int offset;           // o: the int32 sum of a block starts at -offset * sum_c xq
-  bool has_min;         // Q4_1's fp16 min after the scales
-  int64_t record_bytes() const { return kTileCols * block_bytes; }
+  int64_t sub_bytes;    // bytes of one sub-record (the quants of 32 values x 16 channels)
+  int offset;           // o: a (half-)block's int32 sum starts at -offset * sum_c xq
+  bool has_min;         // a min term: Q4_1 / Q5_1 (fp16 m), Q4_K / Q5_K (-dmin * m_j)
+  bool fifth_bits;      // Q5_*: bit 4 of each quant in 64-bit lane masks
+  constexpr int64_t record_bytes() const { return kTileCols * block_bytes; }
+  constexpr int64_t subs() const { return block_elems / kBlock; }  // sub-records per record
+  constexpr int64_t scalars_at() const { return subs() * sub_bytes; }  // record offset of the scalars
 };
 
 constexpr Layout layout_of(int64_t type) {
-  return type == kQ8_0 ? Layout{34, 512, 128, false}
-       : type == kQ4_0 ? Layout{18, 256, 8, false}
-                       : Layout{20, 256, 0, true};
+  switch (type) {
+    case kQ8_0: return Layout{32, 34, 512, 128, false, false};
+    case kQ4_0: return Layout{32, 18, 256, 8, false, false};
+    case kQ4_1: return Layout{32, 20, 256, 0, true, false};
+    case kQ5_0: return Layout{32, 22, 320, 16, false, true};
+    case kQ5_1: return Layout{32, 24, 320, 0, true, true};
+    case kQ4_K: return Layout{256, 144, 256, 0, true, false};
+    case kQ5_K: return Layout{256, 176, 320, 0, true, true};
+    default: return Layout{256, 210, 384, 32, false, false};  // Q6_K
+  }
 }
 
-bool packable(int64_t type) { return type == kQ8_0 || type == kQ4_0 || type == kQ4_1; }
+constexpr bool is_kquant(int64_t type) { return type == kQ4_K || type == kQ5_K; }
 
-// The quant q of value e of a GGUF block (Q8_0: the int8; Q4: the nibble 0..15).
-inline int gguf_quant(int64_t type, const uint8_t* blk, int64_t e) {
-  if (type == kQ8_0) return static_cast<int8_t>(blk[2 + e]);
-  const uint8_t* qs = blk + (type == kQ4_1 ? 4 : 2);
-  return e < 16 ? qs[e] & 15 : qs[e - 16] >> 4;
+bool packable(int64_t type) {
+  switch (type) {
+    case kQ8_0: case kQ4_0: case kQ4_1: case kQ5_0: case kQ5_1: case kQ4_K: case kQ5_K:
+    case kQ6_K: return true;
+    default: return false;
+  }
 }
 
-inline void set_gguf_quant(int64_t type, uint8_t* blk, int64_t e, int q) {
-  if (type == kQ8_0) {
-    blk[2 + e] = static_cast<uint8_t>(static_cast<int8_t>(q));
+// Everything one GGUF block holds, decoded: the unsigned quants q[e] (Q8_0: int8 + 128; the
+// others their stored value, 0..15 / 0..31 / 0..63), the fp16 bits of d (and of Q4_1 / Q5_1's
+// m or the k-quants' dmin), the k-quants' 6-bit scales / mins sc[j], mn[j] (j < 8) and Q6_K's
+// int8 scales sc[s] (s < 16). `decode_gguf` and `encode_gguf` are exact inverses.
+struct BlockFields {
+  int q[256];
+  uint16_t d, dm;
+  uint8_t sc[16], mn[8];
+};
+
+inline uint16_t bits16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+void decode_gguf(int64_t type, const uint8_t* blk, BlockFields* f) {
+  const Layout l = layout_of(type);
+  if (type == kQ6_K) {
+    f->d = bits16(blk + 208);
+    std::memcpy(f->sc, blk + 192, 16);
+    for (int e = 0; e < 256; ++e) {
+      const int h = e / 128, i = e % 32, t = (e % 128) / 32;
+      f->q[e] = ((blk[64 * h + i + 32 * (t & 1)] >> (4 * (t >> 1))) & 15) |
+                (((blk[128 + 32 * h + i] >> (2 * t)) & 3) << 4);
+    }
     return;
   }
-  uint8_t* qs = blk + (type == kQ4_1 ? 4 : 2);
-  if (e < 16)
-    qs[e] = static_cast<uint8_t>((qs[e] & 0xF0) | q);
-  else
-    qs[e - 16] = static_cast<uint8_t>((qs[e - 16] & 0x0F) | (q << 4));
+  f->d = bits16(blk);
+  if (is_kquant(type)) {  // ggml's get_scale_min_k4
+    f->dm = bits16(blk + 2);
+    const uint8_t* s = blk + 4;
+    for (int j = 0; j < 8; ++j) {
+      f->sc[j] = j < 4 ? s[j] & 63 : (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
+      f->mn[j] = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+    const uint8_t* qh = blk + 16;
+    const uint8_t* qs = blk + (type == kQ5_K ? 48 : 16);
+    for (int e = 0; e < 256; ++e) {
+      const int g = e / 64, upper = (e % 64) / 32, i = e % 32;
+      f->q[e] = (qs[32 * g + i] >> (4 * upper)) & 15;
+      if (type == kQ5_K) f->q[e] |= ((qh[i] >> (2 * g + upper)) & 1) << 4;
+    }
+    return;
+  }
+  if (l.has_min) f->dm = bits16(blk + 2);
+  const uint8_t* q = blk + (l.has_min ? 4 : 2);
+  if (type == kQ8_0) {
+    for (int e = 0; e < 32; ++e) f->q[e] = static_cast<int8_t>(q[e]) + 128;
+    return;
+  }
+  uint32_t qh = 0;
+  if (l.fifth_bits) {
+    std::memcpy(&qh, q, 4);
+    q += 4;
+  }
+  for (int e = 0; e < 32; ++e)
+    f->q[e] = ((e < 16 ? q[e] : q[e - 16] >> 4) & 15) | ((qh >> e) & 1) << 4;
 }
 
-// Byte and shift of value e of channel c in a packed record (layout above).
-inline int64_t packed_byte(int64_t type, int64_t c, int64_t e) {
-  const int64_t per_load = type == kQ8_0 ? 4 : 8;  // values of a channel per 64-byte load
-  return 64 * (e / per_load) + 4 * c + e % 4;
+void encode_gguf(int64_t type, const BlockFields& f, uint8_t* blk) {
+  const Layout l = layout_of(type);
+  std::memset(blk, 0, l.block_bytes);
+  if (type == kQ6_K) {
+    std::memcpy(blk + 208, &f.d, 2);
+    std::memcpy(blk + 192, f.sc, 16);
+    for (int e = 0; e < 256; ++e) {
+      const int h = e / 128, i = e % 32, t = (e % 128) / 32;
+      blk[64 * h + i + 32 * (t & 1)] |= (f.q[e] & 15) << (4 * (t >> 1));
+      blk[128 + 32 * h + i] |= (f.q[e] >> 4) << (2 * t);
+    }
+    return;
+  }
+  std::memcpy(blk, &f.d, 2);
+  if (is_kquant(type)) {
+    std::memcpy(blk + 2, &f.dm, 2);
+    uint8_t* s = blk + 4;
+    for (int j = 0; j < 4; ++j) {
+      s[j] = f.sc[j] | (f.sc[j + 4] >> 4) << 6;
+      s[j + 4] = f.mn[j] | (f.mn[j + 4] >> 4) << 6;
+      s[j + 8] = (f.sc[j + 4] & 15) | (f.mn[j + 4] & 15) << 4;
+    }
+    uint8_t* qh = blk + 16;
+    uint8_t* qs = blk + (type == kQ5_K ? 48 : 16);
+    for (int e = 0; e < 256; ++e) {
+      const int g = e / 64, upper = (e % 64) / 32, i = e % 32;
+      qs[32 * g + i] |= (f.q[e] & 15) << (4 * upper);
+      if (type == kQ5_K) qh[i] |= ((f.q[e] >> 4) & 1) << (2 * g + upper);
+    }
+    return;
+  }
+  if (l.has_min) std::memcpy(blk + 2, &f.dm, 2);
+  uint8_t* q = blk + (l.has_min ? 4 : 2);
+  if (type == kQ8_0) {
+    for (int e = 0; e < 32; ++e) q[e] = static_cast<uint8_t>(f.q[e] - 128);
+    return;
+  }
+  if (l.fifth_bits) {
+    uint32_t qh = 0;
+    for (int e = 0; e < 32; ++e) qh |= static_cast<uint32_t>((f.q[e] >> 4) & 1) << e;
+    std::memcpy(q, &qh, 4);
+    q += 4;
+  }
+  for (int e = 0; e < 32; ++e) q[e % 16] |= (f.q[e] & 15) << (e < 16 ? 0 : 4);
 }
-inline int packed_shift(int64_t type, int64_t e) {
-  return type == kQ8_0 ? 0 : (e % 8 < 4 ? 0 : 4);
+
+// Where value e (< 32) of channel c sits in a sub-record (layout above): the byte of its
+// 8-bit quant (Q8_0) or low nibble, that nibble's shift, and the lane (bit index of a 64-bit
+// mask, byte of a 64-byte load) and load j = e / 8 (4-bit types; Q8_0: e / 4).
+inline int64_t quant_lane(int64_t c, int64_t e) { return 4 * c + e % 4; }
+inline int64_t quant_byte(int64_t type, int64_t c, int64_t e) {
+  return 64 * (e / (type == kQ8_0 ? 4 : 8)) + quant_lane(c, e);
+}
+inline int nibble_shift(int64_t e) { return e % 8 < 4 ? 0 : 4; }
+// Q5_*: the 64-bit mask of bit 4 for load j's low (h = 0) or high (h = 1) nibbles.
+inline int64_t fifth_mask_at(int64_t e) { return 256 + 8 * (2 * (e / 8) + (e % 8) / 4); }
+// Q6_K: bits 4-5 of a quant, 2 bits in the byte of its lane in one of two 64-byte vectors.
+inline int64_t q6_high_byte(int64_t c, int64_t e) { return 256 + 64 * (e / 16) + quant_lane(c, e); }
+inline int q6_high_shift(int64_t e) { return 2 * (2 * ((e / 8) % 2) + (e % 8) / 4); }
+
+// Channel c's fields into record `rec` (zeroed before its first channel), and back.
+void write_packed(int64_t type, const BlockFields& f, int64_t c, uint8_t* rec) {
+  const Layout l = layout_of(type);
+  for (int64_t s = 0; s < l.subs(); ++s) {
+    uint8_t* sub = rec + s * l.sub_bytes;
+    for (int64_t e = 0; e < kBlock; ++e) {
+      const int q = f.q[kBlock * s + e];
+      if (type == kQ8_0) {
+        sub[quant_byte(type, c, e)] = static_cast<uint8_t>(q);
+        continue;
+      }
+      sub[quant_byte(type, c, e)] |= static_cast<uint8_t>((q & 15) << nibble_shift(e));
+      const int64_t lane = quant_lane(c, e);
+      if (l.fifth_bits)
+        sub[fifth_mask_at(e) + lane / 8] |= static_cast<uint8_t>(((q >> 4) & 1) << (lane % 8));
+      if (type == kQ6_K)
+        sub[q6_high_byte(c, e)] |= static_cast<uint8_t>((q >> 4) << q6_high_shift(e));
+    }
+  }
+  uint8_t* scal = rec + l.scalars_at();
+  std::memcpy(scal + 2 * c, &f.d, 2);
+  if (l.has_min) std::memcpy(scal + 32 + 2 * c, &f.dm, 2);
+  if (is_kquant(type)) {
+    uint32_t high = 0;
+    for (int j = 0; j < 8; ++j) {
+      scal[64 + 16 * j + c] = static_cast<uint8_t>((f.sc[j] & 15) | (f.mn[j] & 15) << 4);
+      high |= static_cast<uint32_t>((f.sc[j] >> 4) | (f.mn[j] >> 4) << 2) << (4 * j);
+    }
+    std::memcpy(scal + 192 + 4 * c, &high, 4);
+  }
+  if (type == kQ6_K)
+    for (int s = 0; s < 16; ++s) scal[32 + 16 * s + c] = f.sc[s];
+}
+
+void read_packed(int64_t type, const uint8_t* rec, int64_t c, BlockFields* f) {
+  const Layout l = layout_of(type);
+  for (int64_t s = 0; s < l.subs(); ++s) {
+    const uint8_t* sub = rec + s * l.sub_bytes;
+    for (int64_t e = 0; e < kBlock; ++e) {
+      int q = sub[quant_byte(type, c, e)];
+      if (type != kQ8_0) {
+        q = (q >> nibble_shift(e)) & 15;
+        const int64_t lane = quant_lane(c, e);
+        if (l.fifth_bits) q |= ((sub[fifth_mask_at(e) + lane / 8] >> (lane % 8)) & 1) << 4;
+        if (type == kQ6_K) q |= ((sub[q6_high_byte(c, e)] >> q6_high_shift(e)) & 3) << 4;
+      }
+      f->q[kBlock * s + e] = q;
+    }
+  }
+  const uint8_t* scal = rec + l.scalars_at();
+  f->d = bits16(scal + 2 * c);
+  if (l.has_min) f->dm = bits16(scal + 32 + 2 * c);
+  if (is_kquant(type)) {
+    uint32_t high;
+    std::memcpy(&high, scal + 192 + 4 * c, 4);
+    for (int j = 0; j < 8; ++j) {
+      const int low = scal[64 + 16 * j + c], hi = (high >> (4 * j)) & 15;
+      f->sc[j] = static_cast<uint8_t>((low & 15) | (hi & 3) << 4);
+      f->mn[j] = static_cast<uint8_t>((low >> 4) | (hi >> 2) << 4);
+    }
+  }
+  if (type == kQ6_K)
+    for (int s = 0; s < 16; ++s) f->sc[s] = scal[32 + 16 * s + c];
 }
 
 // GGUF rows of one tile (16 rows of row_bytes) -> its packed records, and back.
 inline void pack_tile(int64_t type, uint8_t* dst, const uint8_t* rows, int64_t row_bytes) {
   const Layout l = layout_of(type);
   std::memset(dst, 0, kTileCols * row_bytes);
-  for (int64_t b = 0; b < row_bytes / l.block_bytes; ++b) {
-    uint8_t* rec = dst + b * l.record_bytes();
+  BlockFields f{};
+  for (int64_t b = 0; b < row_bytes / l.block_bytes; ++b)
     for (int64_t c = 0; c < kTileCols; ++c) {
-      const uint8_t* blk = rows + c * row_bytes + b * l.block_bytes;
-      std::memcpy(rec + l.quant_bytes + 2 * c, blk, 2);
-      if (l.has_min) std::memcpy(rec + l.quant_bytes + 32 + 2 * c, blk + 2, 2);
-      for (int64_t e = 0; e < kBlock; ++e) {
-        const int q = gguf_quant(type, blk, e) + (type == kQ8_0 ? 128 : 0);
-        rec[packed_byte(type, c, e)] |= static_cast<uint8_t>(q << packed_shift(type, e));
-      }
+      decode_gguf(type, rows + c * row_bytes + b * l.block_bytes, &f);
+      write_packed(type, f, c, dst + b * l.record_bytes());
     }
-  }
 }
 
 inline void unpack_tile(int64_t type, uint8_t* rows, const uint8_t* src, int64_t row_bytes) {
   const Layout l = layout_of(type);
-  for (int64_t b = 0; b < row_bytes / l.block_bytes; ++b) {
-    const uint8_t* rec = src + b * l.record_bytes();
+  BlockFields f{};
+  for (int64_t b = 0; b < row_bytes / l.block_bytes; ++b)
     for (int64_t c = 0; c < kTileCols; ++c) {
-      uint8_t* blk = rows + c * row_bytes + b * l.block_bytes;
-      std::memcpy(blk, rec + l.quant_bytes + 2 * c, 2);
-      if (l.has_min) std::memcpy(blk + 2, rec + l.quant_bytes + 32 + 2 * c, 2);
-      for (int64_t e = 0; e < kBlock; ++e) {
-        const int raw = rec[packed_byte(type, c, e)] >> packed_shift(type, e);
-        set_gguf_quant(type, blk, e, type == kQ8_0 ? raw - 128 : raw & 15);
-      }
+      read_packed(type, src + b * l.record_bytes(), c, &f);
+      encode_gguf(type, f, rows + c * row_bytes + b * l.block_bytes);
     }
-  }
 }
 
 // f(dst, src) over each 16-row tile of the contiguous uint8 [n, row_bytes] w, in place.
@@ -162,14 +345,20 @@ constexpr int64_t kSerialQuantizeRows = 8;  // up to this many rows: x quantized
 constexpr int64_t kPrefetchAhead = 4096;
 
 // x [m, k] (row stride ldx) -> xq [m, k] int8, xd [m, k / 32], xs [m, k / 32] = the block's
-// sum of xq (act_quant.h).
+// sum of xq (act_quant.h); xs16 (Q6_K; nullptr: not wanted) the sum of its first 16 values.
 inline void quantize_rows(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq,
-                          float* xd, int32_t* xs) {
+                          float* xd, int32_t* xs, int32_t* xs16) {
   const int64_t nb = k / kBlock;
   for (int64_t r = 0; r < m; ++r)
-    for (int64_t b = 0; b < nb; ++b)
-      sluice::quantize_act_block(x + r * ldx + b * kBlock, xq + r * k + b * kBlock,
-                                 &xd[r * nb + b], &xs[r * nb + b]);
+    for (int64_t b = 0; b < nb; ++b) {
+      int8_t* q = xq + r * k + b * kBlock;
+      sluice::quantize_act_block(x + r * ldx + b * kBlock, q, &xd[r * nb + b], &xs[r * nb + b]);
+      if (xs16 != nullptr) {
+        int32_t half = 0;
+        for (int i = 0; i < kBlock / 2; ++i) half += q[i];
+        xs16[r * nb + b] = half;
+      }
+    }
 }
 
 inline __m512i broadcast4(const int8_t* p) {
@@ -178,78 +367,139 @@ inline __m512i broadcast4(const int8_t* p) {
   return _mm512_set1_epi32(four);
 }
 
+inline __m512 half16(const uint8_t* p) {  // 16 fp16 -> float32
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// Load j (< 4) of a 4-bit sub-record: the unsigned quants of values 8j .. 8j + 3 (*lo) and
+// 8j + 4 .. 8j + 7 (*hi), four per channel lane, with Q5's fifth bits and Q6_K's bits 4-5.
+template <int64_t Type>
+SLUICE_VNNI inline void quant_pair(const uint8_t* sub, int j, __m512i* lo, __m512i* hi) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i raw = _mm512_loadu_si512(sub + 64 * j);
+  *lo = _mm512_and_si512(raw, nibble);
+  *hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
+  if constexpr (layout_of(Type).fifth_bits) {
+    const __m512i sixteen = _mm512_set1_epi8(16);
+    uint64_t masks[2];
+    std::memcpy(masks, sub + 256 + 16 * j, 16);
+    *lo = _mm512_mask_add_epi8(*lo, _cvtu64_mask64(masks[0]), *lo, sixteen);
+    *hi = _mm512_mask_add_epi8(*hi, _cvtu64_mask64(masks[1]), *hi, sixteen);
+  }
+  if constexpr (Type == kQ6_K) {  // bits 4-5 of both halves of loads 2p, 2p + 1 (p = j / 2)
+    const __m512i bits = _mm512_set1_epi8(0x30);
+    const __m512i h = _mm512_loadu_si512(sub + 256 + 64 * (j / 2));
+    const __m512i at_lo = j % 2 == 0 ? _mm512_slli_epi16(h, 4) : h;
+    const __m512i at_hi = j % 2 == 0 ? _mm512_slli_epi16(h, 2) : _mm512_srli_epi16(h, 2);
+    *lo = _mm512_or_si512(*lo, _mm512_and_si512(at_lo, bits));
+    *hi = _mm512_or_si512(*hi, _mm512_and_si512(at_hi, bits));
+  }
+}
+
+// The float factors of (half-)block h of sub-block s of a record whose scalars are at scal,
+// 16 channels: a value is wd[h] * (q - offset) + wm (wm: the types with a min).
+template <int64_t Type>
+SLUICE_VNNI inline void block_factors(const uint8_t* scal, int64_t s, __m512 wd[2], __m512* wm) {
+  const __m512 d = half16(scal);
+  if constexpr (Type == kQ6_K) {  // the int8 scales of 16-value sub-blocks 2s, 2s + 1
+    for (int h = 0; h < 2; ++h) {
+      const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(scal + 32 + 32 * s + 16 * h));
+      wd[h] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
+    }
+  } else if constexpr (is_kquant(Type)) {  // 6-bit scale and min of sub-block s
+    const __m512i low = _mm512_cvtepu8_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(scal + 64 + 16 * s)));
+    const __m512i high = _mm512_srl_epi32(_mm512_loadu_si512(scal + 192),
+                                          _mm_cvtsi32_si128(static_cast<int>(4 * s)));
+    const __m512i three = _mm512_set1_epi32(3), fifteen = _mm512_set1_epi32(15);
+    const __m512i sc = _mm512_or_si512(_mm512_and_si512(low, fifteen),
+                                       _mm512_slli_epi32(_mm512_and_si512(high, three), 4));
+    const __m512i mn = _mm512_or_si512(
+        _mm512_srli_epi32(low, 4),
+        _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(high, 2), three), 4));
+    wd[0] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
+    *wm = _mm512_sub_ps(_mm512_setzero_ps(),
+                        _mm512_mul_ps(half16(scal + 32), _mm512_cvtepi32_ps(mn)));
+  } else {
+    wd[0] = d;
+    if constexpr (layout_of(Type).has_min) *wm = half16(scal + 32);
+  }
+}
+
 // out[r, 16 t + c] for r < R, t < T, c < 16 of the R rows of xq (stride k) and the T packed
 // tiles at w (tile stride ld_tile bytes): int32 block sums on vpdpbusd, float32 over blocks.
-// `prefetch`: hint each tile's bytes kPrefetchAhead on (past a tile's end: the next tile's).
+// Q6_K sums each 32-value block in two halves of 16 (their own scales; xs16: the first half's
+// sum of xq). `prefetch`: hint each tile's bytes kPrefetchAhead on (past a tile's end: the
+// next tile's).
 template <int64_t Type, int R, int T>
 SLUICE_VNNI inline void tile_product(const int8_t* xq, const float* xd, const int32_t* xs,
-                                     int64_t k, const uint8_t* w, int64_t ld_tile,
-                                     const float* bias, float* out, int64_t ldo, bool prefetch) {
+                                     const int32_t* xs16, int64_t k, const uint8_t* w,
+                                     int64_t ld_tile, const float* bias, float* out, int64_t ldo,
+                                     bool prefetch) {
   constexpr Layout l = layout_of(Type);
+  constexpr int kHalves = Type == kQ6_K ? 2 : 1;
+  constexpr int64_t kBlockBytes = l.record_bytes() / l.subs();  // per 32 values, on average
   const int64_t nb = k / kBlock;
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     if (prefetch)
       for (int t = 0; t < T; ++t) {
-        const uint8_t* ahead = w + t * ld_tile + b * l.record_bytes() + kPrefetchAhead;
-        for (int64_t o = 0; o < l.record_bytes(); o += 64) __builtin_prefetch(ahead + o, 0, 3);
+        const uint8_t* ahead = w + t * ld_tile + b * kBlockBytes + kPrefetchAhead;
+        for (int64_t o = 0; o < kBlockBytes; o += 64) __builtin_prefetch(ahead + o, 0, 3);
       }
-    __m512i sum[R][T];
-    for (int r = 0; r < R; ++r) {
-      const __m512i start = _mm512_set1_epi32(-l.offset * xs[r * nb + b]);
-      for (int t = 0; t < T; ++t) sum[r][t] = start;
-    }
-    const uint8_t* rec = w + b * l.record_bytes();
+    const int64_t s = b % l.subs();
+    const uint8_t* rec = w + b / l.subs() * l.record_bytes();
+    const uint8_t* sub = rec + s * l.sub_bytes;
     const int8_t* xb = xq + b * kBlock;
-    if constexpr (Type == kQ8_0) {
-      for (int j = 0; j < 8; ++j) {
-        __m512i wv[T];
-        for (int t = 0; t < T; ++t) wv[t] = _mm512_loadu_si512(rec + t * ld_tile + 64 * j);
-        for (int r = 0; r < R; ++r) {
-          const __m512i xv = broadcast4(xb + r * k + 4 * j);
-          for (int t = 0; t < T; ++t) sum[r][t] = _mm512_dpbusd_epi32(sum[r][t], wv[t], xv);
-        }
+    __m512 wd[T][2], wm[T];
+    for (int t = 0; t < T; ++t)
+      block_factors<Type>(rec + t * ld_tile + l.scalars_at(), s, wd[t], &wm[t]);
+    for (int h = 0; h < kHalves; ++h) {
+      __m512i sum[R][T];
+      for (int r = 0; r < R; ++r) {
+        int32_t xsum = xs[r * nb + b];
+        if constexpr (kHalves == 2) xsum = h == 0 ? xs16[r * nb + b] : xsum - xs16[r * nb + b];
+        const __m512i start = _mm512_set1_epi32(-l.offset * xsum);
+        for (int t = 0; t < T; ++t) sum[r][t] = start;
       }
-    } else {
-      for (int j = 0; j < 4; ++j) {  // values 8j .. 8j + 3 (low nibbles), 8j + 4 .. 8j + 7
-        __m512i lo[T], hi[T];
-        for (int t = 0; t < T; ++t) {
-          const __m512i raw = _mm512_loadu_si512(rec + t * ld_tile + 64 * j);
-          lo[t] = _mm512_and_si512(raw, nibble);
-          hi[t] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
+      if constexpr (Type == kQ8_0) {
+        for (int j = 0; j < 8; ++j) {
+          __m512i wv[T];
+          for (int t = 0; t < T; ++t) wv[t] = _mm512_loadu_si512(sub + t * ld_tile + 64 * j);
+          for (int r = 0; r < R; ++r) {
+            const __m512i xv = broadcast4(xb + r * k + 4 * j);
+            for (int t = 0; t < T; ++t) sum[r][t] = _mm512_dpbusd_epi32(sum[r][t], wv[t], xv);
+          }
         }
-        for (int r = 0; r < R; ++r) {
-          const __m512i xlo = broadcast4(xb + r * k + 8 * j);
-          const __m512i xhi = broadcast4(xb + r * k + 8 * j + 4);
-          for (int t = 0; t < T; ++t) {
-            sum[r][t] = _mm512_dpbusd_epi32(sum[r][t], lo[t], xlo);
-            sum[r][t] = _mm512_dpbusd_epi32(sum[r][t], hi[t], xhi);
+      } else {
+        for (int j = 4 / kHalves * h; j < 4 / kHalves * (h + 1); ++j) {
+          __m512i lo[T], hi[T];
+          for (int t = 0; t < T; ++t) quant_pair<Type>(sub + t * ld_tile, j, &lo[t], &hi[t]);
+          for (int r = 0; r < R; ++r) {
+            const __m512i xlo = broadcast4(xb + r * k + 8 * j);
+            const __m512i xhi = broadcast4(xb + r * k + 8 * j + 4);
+            for (int t = 0; t < T; ++t) {
+              sum[r][t] = _mm512_dpbusd_epi32(sum[r][t], lo[t], xlo);
+              sum[r][t] = _mm512_dpbusd_epi32(sum[r][t], hi[t], xhi);
+            }
           }
         }
       }
-    }
-    __m512 wd[T], wm[T];
-    for (int t = 0; t < T; ++t) {
-      const uint8_t* scales = rec + t * ld_tile + l.quant_bytes;
-      wd[t] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales)));
-      if constexpr (l.has_min)
-        wm[t] = _mm512_cvtph_ps(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 32)));
-    }
-    for (int r = 0; r < R; ++r) {
-      const float dx = xd[r * nb + b];
-      const __m512 d = _mm512_set1_ps(dx);
-      for (int t = 0; t < T; ++t) {
-        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][t]), _mm512_mul_ps(wd[t], d),
-                                    acc[r][t]);
-        if constexpr (l.has_min)
-          acc[r][t] = _mm512_fmadd_ps(
-              wm[t], _mm512_set1_ps(dx * static_cast<float>(xs[r * nb + b])), acc[r][t]);
+      for (int r = 0; r < R; ++r) {
+        const __m512 d = _mm512_set1_ps(xd[r * nb + b]);
+        for (int t = 0; t < T; ++t)
+          acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][t]), _mm512_mul_ps(wd[t][h], d),
+                                      acc[r][t]);
       }
     }
+    if constexpr (l.has_min)
+      for (int r = 0; r < R; ++r) {
+        const __m512 dxs =
+            _mm512_set1_ps(xd[r * nb + b] * static_cast<float>(xs[r * nb + b]));
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(wm[t], dxs, acc[r][t]);
+      }
   }
   for (int t = 0; t < T; ++t) {
     const __m512 bv = bias != nullptr ? _mm512_loadu_ps(bias + 16 * t) : _mm512_setzero_ps();
@@ -261,38 +511,45 @@ SLUICE_VNNI inline void tile_product(const int8_t* xq, const float* xd, const in
 // The R-row kernel for R = rows (1..kRows), T tiles.
 template <int64_t Type, int T>
 SLUICE_VNNI inline void rows_product(int rows, const int8_t* xq, const float* xd,
-                                     const int32_t* xs, int64_t k, const uint8_t* w,
-                                     int64_t ld_tile, const float* bias, float* out,
-                                     int64_t ldo, bool prefetch) {
+                                     const int32_t* xs, const int32_t* xs16, int64_t k,
+                                     const uint8_t* w, int64_t ld_tile, const float* bias,
+                                     float* out, int64_t ldo, bool prefetch) {
   switch (rows) {
-    case 4: tile_product<Type, 4, T>(xq, xd, xs, k, w, ld_tile, bias, out, ldo, prefetch); break;
-    case 3: tile_product<Type, 3, T>(xq, xd, xs, k, w, ld_tile, bias, out, ldo, prefetch); break;
-    case 2: tile_product<Type, 2, T>(xq, xd, xs, k, w, ld_tile, bias, out, ldo, prefetch); break;
-    default: tile_product<Type, 1, T>(xq, xd, xs, k, w, ld_tile, bias, out, ldo, prefetch);
+#define SLUICE_ROWS(R)                                                                    \
+  case R:                                                                                 \
+    tile_product<Type, R, T>(xq, xd, xs, xs16, k, w, ld_tile, bias, out, ldo, prefetch); \
+    break;
+    SLUICE_ROWS(4)
+    SLUICE_ROWS(3)
+    SLUICE_ROWS(2)
+    default: tile_product<Type, 1, T>(xq, xd, xs, xs16, k, w, ld_tile, bias, out, ldo, prefetch);
+#undef SLUICE_ROWS
   }
 }
 
 template <int64_t Type>
 void linear(float* out, int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx,
             const uint8_t* w, const float* bias) {
-  const int64_t nb = k / kBlock, ld_tile = nb * layout_of(Type).record_bytes();
+  constexpr Layout l = layout_of(Type);
+  const int64_t nb = k / kBlock, ld_tile = k / l.block_elems * l.record_bytes();
   std::vector<int8_t> xq(m * k);
   std::vector<float> xd(m * nb);
-  std::vector<int32_t> xs(m * nb);
+  std::vector<int32_t> xs(m * nb), xs16(Type == kQ6_K ? m * nb : 0);
+  int32_t* xs16p = Type == kQ6_K ? xs16.data() : nullptr;
   const int64_t tiles = n / kTileCols, pairs = (tiles + 1) / 2;
   const int64_t chunks = (m + kRowChunk - 1) / kRowChunk;
   // a few rows (decode) are quantized before the parallel region: one barrier less
   const bool serial_quantize = m <= kSerialQuantizeRows;
   const int64_t grain =
       chunks > 1 ? 1 : std::max<int64_t>(1, pairs / (4 * std::max(1, omp_get_max_threads())));
-  if (serial_quantize) quantize_rows(x, ldx, m, k, xq.data(), xd.data(), xs.data());
+  if (serial_quantize) quantize_rows(x, ldx, m, k, xq.data(), xd.data(), xs.data(), xs16p);
 #pragma omp parallel
   {
     if (!serial_quantize) {
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < m; ++r)
         quantize_rows(x + r * ldx, ldx, 1, k, xq.data() + r * k, xd.data() + r * nb,
-                      xs.data() + r * nb);
+                      xs.data() + r * nb, xs16p != nullptr ? xs16p + r * nb : nullptr);
     }
     // items: row chunk major, so a thread's consecutive items share x rows; one row chunk
     // (decode): runs of consecutive tile pairs, so that a thread's prefetches run on into
@@ -308,12 +565,13 @@ void linear(float* out, int64_t m, int64_t n, int64_t k, const float* x, int64_t
         const int rows = static_cast<int>(std::min<int64_t>(kRows, r_end - r));
         float* o = out + r * n + t0 * kTileCols;
         const bool first = r == chunk * kRowChunk;  // the tiles' bytes come from memory
+        const int32_t* s16 = xs16p != nullptr ? xs16p + r * nb : nullptr;
         if (two)
           rows_product<Type, 2>(rows, xq.data() + r * k, xd.data() + r * nb,
-                                xs.data() + r * nb, k, wt, ld_tile, bt, o, n, first);
+                                xs.data() + r * nb, s16, k, wt, ld_tile, bt, o, n, first);
         else
           rows_product<Type, 1>(rows, xq.data() + r * k, xd.data() + r * nb,
-                                xs.data() + r * nb, k, wt, ld_tile, bt, o, n, first);
+                                xs.data() + r * nb, s16, k, wt, ld_tile, bt, o, n, first);
       }
     }
   }
@@ -322,9 +580,18 @@ void linear(float* out, int64_t m, int64_t n, int64_t k, const float* x, int64_t
 inline void run(int64_t type, float* out, int64_t m, int64_t n, int64_t k, const float* x,
                 int64_t ldx, const uint8_t* w, const float* bias) {
   switch (type) {
-    case kQ8_0: linear<kQ8_0>(out, m, n, k, x, ldx, w, bias); break;
-    case kQ4_0: linear<kQ4_0>(out, m, n, k, x, ldx, w, bias); break;
-    default: linear<kQ4_1>(out, m, n, k, x, ldx, w, bias); break;
+#define SLUICE_TYPE(T) \
+  case T: linear<T>(out, m, n, k, x, ldx, w, bias); break;
+    SLUICE_TYPE(kQ8_0)
+    SLUICE_TYPE(kQ4_0)
+    SLUICE_TYPE(kQ4_1)
+    SLUICE_TYPE(kQ5_0)
+    SLUICE_TYPE(kQ5_1)
+    SLUICE_TYPE(kQ4_K)
+    SLUICE_TYPE(kQ5_K)
+    SLUICE_TYPE(kQ6_K)
+#undef SLUICE_TYPE
+    default: break;
   }
 }
 
@@ -347,7 +614,7 @@ namespace {
 // (the packed form's contract).
 void check_packable(const at::Tensor& w, int64_t type, const char* who) {
   TORCH_CHECK(vnni::packable(type), who, ": GGML type ", type,
-              " has no VNNI layout (Q8_0 = 8, Q4_0 = 2, Q4_1 = 3 do)");
+              " has no VNNI layout (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K do)");
   TORCH_CHECK(w.dim() == 2 && w.dtype() == at::kByte && w.device().is_cpu() && w.is_contiguous(),
               who, ": a contiguous CPU uint8 [N, row_bytes] tensor expected");
   const int64_t block_bytes = vnni::layout_of(type).block_bytes;

@@ -46,14 +46,15 @@ quantized per 32-element block (`quantize_activations_q8`) and the kernels
 compute integer dot products; the reference path applies the same quantization before
 F.linear.
 
-VNNI-packed blocks (`vnni_packed`): on a CPU that reports AVX512-VNNI, a Q8_0 / Q4_0 / Q4_1
-layer with int8 activations and `out_features` a multiple of 16 has its blocks regrouped in
+VNNI-packed blocks (`vnni_packed`): on a CPU that reports AVX512-VNNI, a layer of any block
+type with int8 activations and `out_features` a multiple of 16 has its blocks regrouped in
 place at load (`process_weights_after_loading`: the C++ `vnni_pack`, the same bytes per 16 rows
-in vpdpbusd's order; csrc/vnni_linear.cpp) and every row count — prefill too — quantizes its
-activations per 32 values and runs integer block sums (Q8_0: 1.5-1.9x oneDNN's bf16 GEMM on
-an AMD EPYC with AVX-512 at 64-512 rows, where the float path above ran at ~0.4x). Such a
+in vpdpbusd's order, Q5's fifth bits as lane masks; csrc/vnni_linear.cpp) and every row count
+— prefill too — quantizes its activations per 32 values and runs integer block sums (Q8_0:
+1.5-1.9x oneDNN's bf16 GEMM on an AMD EPYC with AVX-512 at 64-512 rows, where the float path
+above ran at ~0.4x; the k-quants 5-6x their dequantize-and-sgemm path at 64 rows). Such a
 layer's `layer_kernel_type` carries VNNI_PACKED_FLAG; `dequantized_weight` unpacks a copy
-(`vnni_unpacked`). An LM head tied to a block embedding is regrouped too (the embedding's
+(`gguf_layout`). An LM head tied to a block embedding is regrouped too (the embedding's
 lookups, `dequantize_rows`, unpack the 16-row tiles that hold their ids); a weight that any
 other module reads is never regrouped (`plan`).
 
@@ -128,36 +129,6 @@ def dequantize_blocks(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
     return torch.from_numpy(np.asarray(values, dtype=np.float32))
 
 
-def vnni_unpacked(packed: torch.Tensor, qtype: str) -> torch.Tensor:
-    """A VNNI-packed Q8_0 / Q4_0 / Q4_1 weight uint8 [N, row bytes] -> its GGUF blocks (a new
-    tensor; the reference of the C++ `vnni_unpack`, layout in csrc/vnni_linear.cpp). Per tile
-    g of 16 rows, block record b holds for channel c, value e: Q8_0 the quant + 128 at
-    [64 (e / 4) + 4 c + e % 4]; Q4 the nibble at [64 (e / 8) + 4 c + e % 4], low for e % 8 < 4,
-    high otherwise; then the 16 fp16 scales (and Q4_1's 16 fp16 mins)."""
-    block = BLOCK_TYPES[qtype]
-    n, row_bytes = packed.shape
-    nb, groups = row_bytes // block.block_bytes, n // 16
-    records = packed.detach().cpu().reshape(groups, nb, 16 * block.block_bytes)
-    if qtype == "Q8_0":
-        raw = records[..., :512].reshape(groups, nb, 8, 16, 4).permute(0, 3, 1, 2, 4)
-        quants = (raw.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)
-        quants = quants.reshape(groups, 16, nb, 32)
-        tail = records[..., 512:]
-    else:
-        raw = records[..., :256].reshape(groups, nb, 4, 16, 4)
-        values = torch.stack([raw & 15, raw >> 4], dim=3)          # [g, b, j, half, c, i]
-        values = values.permute(0, 4, 1, 2, 3, 5).reshape(groups, 16, nb, 32)
-        quants = values[..., :16] | (values[..., 16:] << 4)        # GGUF's qs bytes
-        tail = records[..., 256:]
-    scalars = tail.reshape(groups, nb, -1, 16, 2).permute(0, 3, 1, 2, 4)  # d (then m)
-    blocks = torch.cat([scalars.reshape(groups, 16, nb, -1), quants], dim=-1)
-    return blocks.reshape(n, row_bytes).to(packed.device)
-
-
-VNNI_TYPES = ("Q8_0", "Q4_0", "Q4_1")
-"""The block types `vnni_pack` regroups (with int8 activations, on a CPU with AVX512-VNNI)."""
-
-
 class GgufBlockLinearMethod(LinearMethod):
     """The weight as GGUF blocks of one type (module doc); one instance per type per model.
 
@@ -171,10 +142,8 @@ class GgufBlockLinearMethod(LinearMethod):
         self.block_type = BLOCK_TYPES[qtype]
         self.int8_activations = int8_activations and qtype in INT8_ACTIVATION_TYPES
         self.bf16_products = bf16_products
-        #: Q8_0 / Q4_0 / Q4_1 with int8 activations on a CPU with AVX512-VNNI: layers get
-        #: packed at load
-        self.vnni = (qtype in VNNI_TYPES and self.int8_activations and ops is not None
-                     and ops.vnni_available())
+        #: int8 activations on a CPU with AVX512-VNNI: layers get packed at load
+        self.vnni = self.int8_activations and ops is not None and ops.vnni_available()
         self._shared_weights: set[int] = set()
 
     @property
@@ -233,8 +202,18 @@ class GgufBlockLinearMethod(LinearMethod):
         """The layer's weight as float32 [out, in] (a fresh tensor)."""
         blocks = layer.weight
         if getattr(layer, "vnni_packed", False):
-            blocks = vnni_unpacked(blocks, self.qtype)
+            blocks = self.gguf_layout(blocks)
         return dequantize_blocks(blocks, self.qtype)
+
+    def gguf_layout(self, packed: torch.Tensor) -> torch.Tensor:
+        """A copy of VNNI-packed blocks in the GGUF layout (the C++ `vnni_unpack`; only the
+        operators pack a weight, so they are loaded here for a method without them, as a
+        reference model's)."""
+        from sluice.model.cpu_ops import load_cpu_ops
+        ops = self.ops if self.ops is not None else load_cpu_ops()
+        blocks = packed.detach().cpu().clone()
+        ops.vnni_unpack(blocks, self.block_type.ggml_id)
+        return blocks.to(packed.device)
 
     def dequantize_rows(self, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` [n] of a block weight (uint8 [N, row bytes]) as float32 [n, in] (an
@@ -244,11 +223,7 @@ class GgufBlockLinearMethod(LinearMethod):
         if getattr(weight, "vnni_packed", False):
             tiles, where = torch.unique(ids // 16, return_inverse=True)
             rows = weight.view(-1, 16 * weight.shape[1]).index_select(0, tiles)
-            rows = rows.view(-1, weight.shape[1])
-            if self.ops is not None and rows.device.type == "cpu":
-                self.ops.vnni_unpack(rows, self.block_type.ggml_id)   # a fresh copy
-            else:
-                rows = vnni_unpacked(rows, self.qtype)
+            rows = self.gguf_layout(rows.view(-1, weight.shape[1]))
             rows = rows.index_select(0, where * 16 + ids % 16)
         else:
             rows = weight.index_select(0, ids)
