@@ -456,6 +456,7 @@ SLUICE_VNNI inline void tile_product(const int8_t* xq, const float* xd, const in
     __m512 wd[T][2], wm[T];
     for (int t = 0; t < T; ++t)
       block_factors<Type>(rec + t * ld_tile + l.scalars_at(), s, wd[t], &wm[t]);
+#pragma GCC unroll 2
     for (int h = 0; h < kHalves; ++h) {
       __m512i sum[R][T];
       for (int r = 0; r < R; ++r) {
@@ -474,6 +475,7 @@ SLUICE_VNNI inline void tile_product(const int8_t* xq, const float* xd, const in
           }
         }
       } else {
+#pragma GCC unroll 4
         for (int j = 4 / kHalves * h; j < 4 / kHalves * (h + 1); ++j) {
           __m512i lo[T], hi[T];
           for (int t = 0; t < T; ++t) quant_pair<Type>(sub + t * ld_tile, j, &lo[t], &hi[t]);
