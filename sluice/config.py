@@ -71,10 +71,10 @@ class ModelConfig:
         "and LM head "
         "stay in their blocks and are dequantized on the fly inside sluice's CPU kernels "
         "(with --kernels auto on CPU in float32; llama.cpp's memory), other tensors are "
-        "dequantized to --dtype at load; the Q8_0/Q4_0/Q4_1 (and in decode steps the "
-        "Q5_0/Q5_1/Q4_K/Q5_K/Q6_K) blocks multiply activations "
+        "dequantized to --dtype at load; these blocks multiply activations "
         "quantized to int8 per 32 values, as llama.cpp does (on a CPU with AVX512-VNNI at "
-        "every step, elsewhere in decode steps of up to 8 rows). "
+        "every step, on blocks regrouped at load for vpdpbusd; elsewhere in decode steps of "
+        "up to 8 rows). "
         "'gguf': keep the GGUF blocks in any case (without the C++ kernels a slow pure-torch "
         "reference), with float activations. 'none': dequantize every GGUF tensor to "
         "--dtype at load (the float path). "
@@ -84,14 +84,15 @@ class ModelConfig:
         "and batched steps (more than 8 rows) multiply in bf16 (on AMX where the CPU has "
         "it), or on a CPU with AVX512-VNNI take int8 activations too (vpdpbusd on the Q8_0 "
         "blocks regrouped at load), embedding and LM head stay float. A .gguf model keeps "
-        "its blocks and its Q4_0/Q4_1/Q8_0 ones (LM head included) decode with int8 "
-        "activations (with AVX512-VNNI: every step). A compressed-tensors checkpoint (vLLM's "
+        "its blocks, which (LM head included) decode with int8 activations (with "
+        "AVX512-VNNI: every step). A compressed-tensors checkpoint (vLLM's "
         "format: W8A8 int8, W4A16 int4) runs its integers in those block kernels with int8 "
         "activations when unset or 'int8', as stored with 'compressed-tensors' (vLLM's name, "
         "accepted for such a checkpoint only: W4A16 then keeps float activations), and is "
         "dequantized to --dtype with 'none'. GPTQ (4- or 8-bit) and AWQ (4-bit) checkpoints "
-        "likewise, 'gptq' / 'awq' keeping their float activations; act-order GPTQ "
-        "(desc_act) and 8-bit GPTQ with zero points dequantize to --dtype at load.",
+        "likewise, 'gptq' / 'awq' keeping their float activations (act-order GPTQ: blocks over "
+        "the inputs sorted by group); 8-bit GPTQ with zero points dequantizes to --dtype at "
+        "load.",
         choices=("gguf", "none", "int8", "compressed-tensors", "gptq", "awq"))
     max_model_len: int | None = option(None, "Maximum tokens per request (prompt + output). "
                                        "Default: the model's max_position_embeddings.", ge=1)

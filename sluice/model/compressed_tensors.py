@@ -27,8 +27,9 @@ q + 8), Q4_1 with zero points -- run by `GgufBlockLinearMethod`, the kernels GGU
 
 Activation order: `actorder` 'weight' / 'static' changed only the calibration (read as
 without); 'group' / 'dynamic' stores X.weight_g_idx int32 [in], each input's group: where that
-is not runs of inputs, the checkpoint is dequantized exactly (W[n, k] = (q - z) * s of group
-g_idx[k]; vLLM 0.32 refuses such checkpoints).
+is not runs of inputs, a layer keeps its blocks over the inputs sorted by group
+(`layers/act_order_linear.py`), or is dequantized exactly where the order does not fit blocks
+(W[n, k] = (q - z) * s of group g_idx[k]; vLLM 0.32 refuses such checkpoints).
 
 Which layers: those whose checkpoint weight comes with a `weight_scale`; a fused layer (q/k/v,
 gate/up) keeps its blocks when all its parts are quantized alike (quantized_checkpoint's rules
@@ -103,10 +104,9 @@ def read(files: list[Path], scheme: CheckpointQuantization) -> StoredQuantizatio
               ((name, ordered_groups(name, g_idx[name], scales[name].shape[1]))
                for name in g_idx if name in scales) if order is not None}
     return StoredQuantization(f"compressed-tensors {scheme.scheme}",
-                              None if groups else BLOCK_TYPE_OF[scheme.scheme, scheme.symmetric],
+                              BLOCK_TYPE_OF[scheme.scheme, scheme.symmetric],
                               names, scales, values, zeros=zeros, group_of_input=groups,
-                              consumed=consumed,
-                              why_float="activation order (actorder group)" if groups else "")
+                              consumed=consumed)
 
 
 def weight_name(name: str) -> str:

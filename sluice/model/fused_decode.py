@@ -21,7 +21,8 @@ which are always correct):
 * linear methods `DenseLinearMethod` and `CpuPackedLinearMethod` (the stack reads each
   projection's plain float32 weight and its oneDNN packed copy, `layer.packed_weight`, or
   none), `GgufBlockLinearMethod` (the uint8 GGUF blocks and their GGML type id: the stack
-  runs the same `gguf_linear` as the layer) and `HalfWeightLinearMethod` (bf16 / fp16 weights,
+  runs the same `gguf_linear` as the layer; `ActOrderBlockLinearMethod` likewise, on the
+  activations gathered in the layer's `input_order`) and `HalfWeightLinearMethod` (bf16 / fp16 weights,
   as the layer: oneDNN's bf16 GEMM on the layer's packed copy where there is one, else
   `gguf_linear` with type BF16 / F16); a method that changes
   the product otherwise is not seen by the C++ stack, so the stack steps aside for it. LoRA
@@ -54,6 +55,7 @@ from sluice.lora.layers import LoRALinearMethod
 from sluice.model.attention.backends.cpu_paged import KERNEL_CACHE_DTYPES, CpuPagedBackend
 from sluice.model.attention.forward_context import get_forward_context
 from sluice.model.attention.metadata import AttentionMetadata
+from sluice.model.layers.act_order_linear import ActOrderBlockLinearMethod
 from sluice.model.layers.gguf_linear import GgufBlockLinearMethod
 from sluice.model.layers.half_linear import HalfWeightLinearMethod
 from sluice.model.layers.layer_ops import fast_path_ok
@@ -65,9 +67,11 @@ logger = logging.getLogger(__name__)
 #: the layers the C++ stack computes (module doc); any other layer makes it step aside
 FUSED_DECODE_SUPPORT = FastPathSupport(
     "fused decode stack", methods=(DenseLinearMethod, CpuPackedLinearMethod,
-                                   GgufBlockLinearMethod, HalfWeightLinearMethod),
+                                   GgufBlockLinearMethod, ActOrderBlockLinearMethod,
+                                   HalfWeightLinearMethod),
     dtypes=(torch.float32,), single_rank=True, step_wrappers=(LoRALinearMethod,),
     method_dtypes=((GgufBlockLinearMethod, (torch.uint8,)),
+                   (ActOrderBlockLinearMethod, (torch.uint8,)),
                    (HalfWeightLinearMethod, HalfWeightLinearMethod.DTYPES)))
 
 #: the longest query (tokens of one request in one step) the stack takes: it recomputes each
@@ -107,7 +111,9 @@ class FusedDecode:
             down=[l.mlp.down_proj.weight for l in layers],
             final_norm=model.norm.weight,
             packed=[packed(m) for l in layers for m in _projections(l)],
-            quant_types=[_quant_type(m) for l in layers for m in _projections(l)])
+            quant_types=[_quant_type(m) for l in layers for m in _projections(l)],
+            input_orders=[getattr(m, "input_order", None)
+                          for l in layers for m in _projections(l)])
 
     @staticmethod
     def applies(hidden: torch.Tensor) -> bool:

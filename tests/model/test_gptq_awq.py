@@ -45,10 +45,12 @@ CHECKPOINTS = {
     "gptq4-zero-points-v2": dict(bits=4, group_size=64, sym=False, checkpoint_format="gptq_v2"),
     "gptq8-sym": dict(bits=8, group_size=32, sym=True),
     "awq": dict(group_size=32),
+    # activation order: blocks over the inputs sorted by group (ActOrderBlockLinearMethod)
+    "gptq4-act-order": dict(bits=4, group_size=32, sym=True, desc_act=True),
+    "gptq4-act-order-zero-points": dict(bits=4, group_size=32, sym=False, desc_act=True),
 }
 #: checkpoints that dequantize to float at load (logits bit-identical to the float model)
 FLOAT_CHECKPOINTS = {
-    "gptq4-act-order": dict(bits=4, group_size=32, sym=True, desc_act=True),
     "gptq8-zero-points": dict(bits=8, group_size=32, sym=False),
     "gptq4-group-48": dict(bits=4, group_size=48, sym=False),
 }
@@ -83,7 +85,11 @@ def packed(request, llama_dir, tmp_path_factory) -> tuple[str, Path, Path]:
 def _block_type(kind: str) -> str:
     if kind == "gptq8-sym":
         return "Q8_0"
-    return "Q4_0" if kind in ("gptq4-sym", "gptq4-channel") else "Q4_1"
+    return "Q4_0" if kind in ("gptq4-sym", "gptq4-channel", "gptq4-act-order") else "Q4_1"
+
+
+def _method_name(kind: str) -> str:
+    return "ActOrderBlockLinearMethod" if "act-order" in kind else "GgufBlockLinearMethod"
 
 
 def test_checkpoint_keeps_its_integers_as_blocks(cpu_ops, packed):
@@ -95,8 +101,12 @@ def test_checkpoint_keeps_its_integers_as_blocks(cpu_ops, packed):
     dense = load_ours(float_dir, layer_ops="cpu", attn_backend="cpu_paged")
     layers = {n: m for n, m in ours.named_modules() if isinstance(m, LinearBase)}
     qtype = _block_type(kind)
-    assert layers and all(repr(m.linear_method).startswith(f"GgufBlockLinearMethod({qtype}")
+    assert layers and all(repr(m.linear_method).startswith(f"{_method_name(kind)}({qtype}")
                           and not m.linear_method.int8_activations for m in layers.values())
+    if "act-order" in kind:    # every layer's inputs reordered (q/k/v and gate/up share one)
+        assert all(not torch.equal(m.input_order, torch.arange(m.in_features))
+                   for m in layers.values())
+    assert ours.model.fused_decode is not None    # decode steps run the C++ stack
     assert ours.lm_head.weight.dtype == torch.float32
     # the float model on the weights the blocks hold: W' itself where exact; with zero points
     # W' but for each block's min -(8 + z) * s rounded to fp16 (within 16 * s * 2^-11)
@@ -139,8 +149,7 @@ def test_what_blocks_cannot_hold_is_dequantized_exactly(cpu_ops, llama_dir, tmp_
     quant_dir, float_dir = write(llama_dir, tmp_path, kind, FLOAT_CHECKPOINTS[kind])
     with caplog.at_level("INFO", logger="sluice.model"):
         ours = load_ours(quant_dir, layer_ops="cpu", attn_backend="cpu_paged")
-    reason = {"gptq4-act-order": "activation order (desc_act)",
-              "gptq8-zero-points": "8-bit values with zero points",
+    reason = {"gptq8-zero-points": "8-bit values with zero points",
               "gptq4-group-48": "groups of 48 inputs"}[kind]
     assert "all 14 quantized weights dequantized" in caplog.text and reason in caplog.text
     assert all(m.weight.dtype == torch.float32 for m in ours.modules()
@@ -210,20 +219,55 @@ def test_format_flag_needs_that_format(llama_dir, tmp_path):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("kind", ["gptq4-zero-points", "awq"])
+@pytest.mark.parametrize("kind", ["gptq4-zero-points", "awq", "gptq4-act-order"])
 def test_gptq_awq_tp2_matches_tp1(cpu_ops, llama_dir, tmp_path, kind):
-    """Two gloo ranks, each keeping its shard's blocks (as test_compressed_tensors' TP test)."""
-    assert_tp2_matches_tp1(str(write(llama_dir, tmp_path, kind, CHECKPOINTS[kind])[0]))
+    """Two gloo ranks, each keeping its shard's blocks (as test_compressed_tensors' TP test);
+    with activation order the row-parallel layers (o, down) dequantize (a shard's inputs do not
+    follow the sorted order) and the column-parallel ones keep their reordered blocks, so the
+    two runs compare with float activations (`--quantization gptq`: both exact products of W)."""
+    assert_tp2_matches_tp1(str(write(llama_dir, tmp_path, kind, CHECKPOINTS[kind])[0]),
+                           "gptq" if "act-order" in kind else None)
 
-def test_act_order_checkpoint_with_quantization_int8_runs_q8_0(cpu_ops, llama_dir, tmp_path):
-    """An act-order checkpoint's exact float weights take `--quantization int8` like any float
-    checkpoint's: Q8_0 blocks (8-bit memory) with int8 activations."""
+def test_act_order_parts_with_different_orders_dequantize(cpu_ops, llama_dir, tmp_path,
+                                                          caplog):
+    """A fused layer whose parts sort their inputs differently (q/k/v, gate/up quantized in
+    orders of their own) cannot gather one input order: it is dequantized exactly and logged;
+    the single layers (o, down) keep their reordered blocks. Logits equal the float model's
+    on the same weights within the block kernels' tolerance."""
+    from sluice.testing import gptq_awq_checkpoints
+    from sluice.testing.gptq_awq_checkpoints import SHARED_INPUT
+    try:
+        saved = dict(SHARED_INPUT)
+        SHARED_INPUT.clear()                    # every linear layer its own order
+        quant_dir, float_dir = write(llama_dir, tmp_path, "gptq4-act-order",
+                                     CHECKPOINTS["gptq4-act-order"])
+    finally:
+        gptq_awq_checkpoints.SHARED_INPUT.update(saved)
+    with caplog.at_level("INFO", logger="sluice.model"):
+        ours = load_ours(quant_dir, layer_ops="cpu", attn_backend="cpu_paged",
+                         quantization="gptq")
+    assert "layers with activation order dequantized: its fused parts order their inputs " \
+           "differently" in caplog.text
+    layers = {n.rsplit(".", 1)[-1]: m for n, m in ours.named_modules()
+              if isinstance(m, LinearBase)}
+    for name in ("qkv_proj", "gate_up_proj"):
+        assert layers[name].weight.dtype == torch.float32, name
+    for name in ("o_proj", "down_proj"):
+        assert repr(layers[name].linear_method).startswith("ActOrderBlockLinearMethod"), name
+    a, b = _logits(ours), _logits(load_ours(float_dir))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], **W4A16_ATOL, msg=key)
+
+
+def test_act_order_checkpoint_with_quantization_int8(cpu_ops, llama_dir, tmp_path):
+    """An act-order checkpoint under `--quantization int8` keeps its reordered int4 blocks, as
+    any GPTQ checkpoint keeps its integers, with int8 activations."""
     quant_dir, float_dir = write(llama_dir, tmp_path, "gptq4-act-order",
-                                 FLOAT_CHECKPOINTS["gptq4-act-order"])
+                                 CHECKPOINTS["gptq4-act-order"])
     ours = load_ours(quant_dir, layer_ops="cpu", attn_backend="cpu_paged", quantization="int8")
     layers = [m for m in ours.modules() if isinstance(m, LinearBase)]
-    assert layers and all(repr(m.linear_method).startswith("GgufBlockLinearMethod(Q8_0")
-                          for m in layers)
+    assert layers and all(repr(m.linear_method).startswith("ActOrderBlockLinearMethod(Q4_0")
+                          and m.linear_method.int8_activations for m in layers)
     dense = load_ours(float_dir, layer_ops="cpu", attn_backend="cpu_paged")
     assert_int8_logits_close({k: v for k, v in _logits(ours).items() if k.startswith("p")},
                              _logits(dense))

@@ -128,9 +128,11 @@ bool DecodeStack::bf16_mlp(const Layer& w) const {
 // other GGUF blocks and 16-bit weights through gguf_linear (quant_type != 0); float32 weights
 // on oneDNN's packed copy for 2+ rows when there is one, else tiled_linear (whose one-row path
 // streams the weight once).
-at::Tensor DecodeStack::linear(const at::Tensor& x, const at::Tensor& w,
+at::Tensor DecodeStack::linear(const at::Tensor& x_in, const at::Tensor& w,
                                const std::optional<at::Tensor>& bias,
-                               const std::optional<at::Tensor>& packed, int64_t quant_type) const {
+                               const std::optional<at::Tensor>& packed, int64_t quant_type,
+                               const std::optional<at::Tensor>& order) const {
+  const at::Tensor x = order ? x_in.index_select(1, *order) : x_in;
   if (packed && w.scalar_type() == at::kBFloat16)
     return onednn_bf16_linear(x.contiguous(), *packed, bias, true);
   at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
@@ -153,7 +155,8 @@ DecodeStack::DecodeStack(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, 
                          std::vector<at::Tensor> post_norm, std::vector<at::Tensor> gate_up,
                          std::vector<at::Tensor> down, at::Tensor final_norm,
                          std::vector<std::optional<at::Tensor>> packed,
-                         std::vector<int64_t> quant_types)
+                         std::vector<int64_t> quant_types,
+                         std::vector<std::optional<at::Tensor>> input_orders)
     : n_heads_(n_heads), n_kv_heads_(n_kv_heads), head_dim_(head_dim), eps_(eps),
       scale_(scale), final_norm_(std::move(final_norm)) {
   const size_t n = input_norm.size();
@@ -165,13 +168,16 @@ DecodeStack::DecodeStack(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, 
               "DecodeStack: packed holds qkv, o, gate_up, down per layer, or nothing");
   TORCH_CHECK(quant_types.empty() || quant_types.size() == 4 * n,
               "DecodeStack: quant_types holds qkv, o, gate_up, down per layer, or nothing");
+  TORCH_CHECK(input_orders.empty() || input_orders.size() == 4 * n,
+              "DecodeStack: input_orders holds qkv, o, gate_up, down per layer, or nothing");
   auto pk = [&](size_t i) { return packed.empty() ? std::nullopt : packed[i]; };
+  auto io = [&](size_t i) { return input_orders.empty() ? std::nullopt : input_orders[i]; };
   auto qt = [&](size_t i) { return quant_types.empty() ? int64_t{0} : quant_types[i]; };
   for (size_t l = 0; l < n; ++l)
     layers_.push_back({input_norm[l], qkv[l], qkv_bias[l], q_norm[l], k_norm[l], o[l],
                        o_bias[l], post_norm[l], gate_up[l], down[l], pk(4 * l), pk(4 * l + 1),
                        pk(4 * l + 2), pk(4 * l + 3), qt(4 * l), qt(4 * l + 1), qt(4 * l + 2),
-                       qt(4 * l + 3)});
+                       qt(4 * l + 3), io(4 * l), io(4 * l + 1), io(4 * l + 2), io(4 * l + 3)});
 }
 
 at::Tensor DecodeStack::forward(at::Tensor x, at::Tensor cos, at::Tensor sin,
@@ -194,7 +200,7 @@ at::Tensor DecodeStack::forward(at::Tensor x, at::Tensor cos, at::Tensor sin,
     } else {
       add_rms_norm(h, res, mlp_out, res, w.input_norm, eps_);
     }
-    at::Tensor qkv = linear(h, w.qkv, w.qkv_bias, w.qkv_packed, w.qkv_type);
+    at::Tensor qkv = linear(h, w.qkv, w.qkv_bias, w.qkv_packed, w.qkv_type, w.qkv_order);
     at::Tensor q, k;
     if (!w.q_norm) {  // q and k are adjacent columns: one RoPE pass over both
       at::Tensor qk = at::empty({T, H + Hkv, D}, x.options());
@@ -231,7 +237,7 @@ at::Tensor DecodeStack::forward(at::Tensor x, at::Tensor cos, at::Tensor sin,
       write(cache.data_ptr<float>());
     at::Tensor attn = at::empty({T, H, D}, x.options());
     paged_decode_attention(attn, q, cache, block_ids, nb, seq_lens, scale_);
-    at::Tensor o = linear(attn.view({T, q_cols}), w.o, w.o_bias, w.o_packed, w.o_type);
+    at::Tensor o = linear(attn.view({T, q_cols}), w.o, w.o_bias, w.o_packed, w.o_type, w.o_order);
     add_rms_norm(h, res, o, res, w.post_norm, eps_);
     if (bf16_mlp(w)) {  // gate_up -> silu -> down in bf16 (see bf16_mlp)
       at::Tensor gate_up = onednn_bf16_linear(h, *w.gate_up_packed, std::nullopt, false);
@@ -239,10 +245,11 @@ at::Tensor DecodeStack::forward(at::Tensor x, at::Tensor cos, at::Tensor sin,
       silu_and_mul(act, gate_up);
       mlp_out = onednn_bf16_linear(act, *w.down_packed, std::nullopt, true);
     } else {
-      at::Tensor gate_up = linear(h, w.gate_up, std::nullopt, w.gate_up_packed, w.gate_up_type);
+      at::Tensor gate_up =
+          linear(h, w.gate_up, std::nullopt, w.gate_up_packed, w.gate_up_type, w.gate_up_order);
       at::Tensor act = at::empty({T, w.gate_up.size(0) / 2}, x.options());
       silu_and_mul(act, gate_up);
-      mlp_out = linear(act, w.down, std::nullopt, w.down_packed, w.down_type);
+      mlp_out = linear(act, w.down, std::nullopt, w.down_packed, w.down_type, w.down_order);
     }
   }
   at::Tensor out = at::empty_like(x);

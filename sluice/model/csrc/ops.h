@@ -83,8 +83,9 @@ at::Tensor onednn_bf16_linear(const at::Tensor& x, const at::Tensor& packed,
 // A decode step through every decoder layer of a Llama-family model (decode_stack.cpp).
 // Built once from the model's weights (per layer; optional entries are None/nullopt) and,
 // optionally, their oneDNN-packed copies (qkv, o, gate_up, down per layer: used for 2+ rows)
-// and GGML type ids (the same four per layer; 0: float, else GGUF blocks run by gguf_linear),
-// then `forward` runs one step. The weight tensors are shared with the model, not copied.
+// and GGML type ids (the same four per layer; 0: float, else GGUF blocks run by gguf_linear)
+// and input orders (the same four; int64 [in]: the projection multiplies x[:, order], as
+// ActOrderBlockLinearMethod does; nullopt: x as it is), then `forward` runs one step. The weight tensors are shared with the model, not copied.
 class DecodeStack {
  public:
   DecodeStack(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double eps, double scale,
@@ -95,7 +96,8 @@ class DecodeStack {
               std::vector<std::optional<at::Tensor>> o_bias, std::vector<at::Tensor> post_norm,
               std::vector<at::Tensor> gate_up, std::vector<at::Tensor> down,
               at::Tensor final_norm, std::vector<std::optional<at::Tensor>> packed,
-              std::vector<int64_t> quant_types);
+              std::vector<int64_t> quant_types,
+              std::vector<std::optional<at::Tensor>> input_orders);
 
   // x [T, hidden]: the embeddings of T decode tokens (token t = request t); cos/sin [T, D/2];
   // kv_caches: one per layer; slot_mapping [T]; block_ids/nb/seq_lens as
@@ -116,9 +118,12 @@ class DecodeStack {
     std::optional<at::Tensor> qkv_packed, o_packed, gate_up_packed, down_packed;
     // GGML type ids of GGUF-block projections (weights uint8 [N, row bytes]); 0: float
     int64_t qkv_type, o_type, gate_up_type, down_type;
+    // the projections' input orders (int64 [in]: they multiply x[:, order]), or nullopt
+    std::optional<at::Tensor> qkv_order, o_order, gate_up_order, down_order;
   };
   at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                    const std::optional<at::Tensor>& packed, int64_t quant_type) const;
+                    const std::optional<at::Tensor>& packed, int64_t quant_type,
+                    const std::optional<at::Tensor>& order) const;
   bool bf16_mlp(const Layer& w) const;
   int64_t n_heads_, n_kv_heads_, head_dim_;
   double eps_, scale_;
