@@ -7,8 +7,9 @@ For each block type, one weight [n, k] of random blocks (random bits, fp16 scale
 positive values so every weight is finite) is multiplied with random activations of each row
 count through `gguf_linear` with int8 activations: as stored (`gguf` column: quant_linear.cpp's
 decode kernels up to 8 rows, panels dequantized into an fp32 tile for sgemm beyond) and
-regrouped by `vnni_pack` (`vnni` column: vnni_linear.cpp's vpdpbusd kernel at every row count;
-only on a CPU that reports AVX512-VNNI). Each round times both layouts alternately (the
+regrouped by `vnni_pack` (`vnni` column: vnni_linear.cpp's int8 kernel at every row count,
+vpdpbusd on AVX512-VNNI, its AVX2 form elsewhere; `SLUICE_CPU_KERNELS=x86_64_v3` runs that
+build on any x86 CPU with AVX2). Each round times both layouts alternately (the
 median call time of `--calls` calls after one warm-up call); the table shows the medians over
 `--rounds` rounds and their ratio. Weights this small stay in the last-level cache: a model's
 decode steps stream theirs from memory (compare_latency.py measures those).
@@ -67,10 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     ops = load_cpu_ops()
     if ops is None:
         parser.error("sluice's CPU operators are not available here")
-    vnni = ops.vnni_available()
+    kernel = ops.packed_int8_kernel()
+    vnni = bool(kernel)
     rows = [int(r) for r in args.rows.split(",")]
     rng = np.random.default_rng(0)
-    print(f"[{args.n}, {args.k}] weights, int8 activations; AVX512-VNNI: {vnni}")
+    print(f"[{args.n}, {args.k}] weights, int8 activations; packed kernel: {kernel or 'none'}")
     print(f"{'type':6} {'rows':>5} {'gguf us':>9} {'vnni us':>9} {'gguf/vnni':>9}")
     for qtype in args.types.split(","):
         block = BLOCK_TYPES[qtype]

@@ -6,7 +6,7 @@
 One engine per variant lives in this process (`--variants`, a JSON object name -> engine
 options; default fp32 = `--quantization none`, int8 = `--quantization int8`, and for a .gguf
 model also gguf = its blocks kept, the default (int8 activations for every block type:
-every step on a CPU with AVX512-VNNI, else up to 8 rows), and gguf-float = its blocks with
+every step on an x86 CPU with AVX2 or AVX512-VNNI, else up to 8 rows), and gguf-float = its blocks with
 float activations, `--quantization gguf`); each round runs every workload on every engine,
 rotating which goes first, and the table reports medians over rounds:
 

@@ -18,7 +18,7 @@ int4: the stored value minus 8; zero points z likewise; per-tensor scales as [1,
 q + 8), Q4_1 with zero points -- run by `GgufBlockLinearMethod`, the kernels GGUF files run:
 * W8A8: int8 activations, quantized per 32 values at run time (llama.cpp's Q8_0 rule, finer
   than the checkpoint's per-token scales; `sluice.model.int8_quant` has the measurements), on a
-  CPU with AVX512-VNNI `vpdpbusd` at every step;
+  x86 CPU with AVX2 or AVX512-VNNI `vpdpbusd` at every step;
 * W4A16: by default (and under `--quantization int8`) int8 activations too, llama.cpp's Q4_0
   numerics as for a GGUF file's blocks (`gguf_quant.llama_cpp_numerics`: W1 on SmolLM2 ~3.5x
   the float activations', held-out perplexity +0.5%); `--quantization compressed-tensors`

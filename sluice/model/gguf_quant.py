@@ -23,7 +23,7 @@ Modes (`ModelConfig.quantization`):
     None (default)  keep blocks where sluice's C++ kernels run them: layer ops 'cpu' (the
                     operators built), float32, CPU; else dequantize everything. The kept
                     Q4_0/Q4_1/Q8_0 blocks compute with int8 activations (`llama_cpp_numerics`):
-                    on a CPU with AVX512-VNNI at every step, elsewhere in calls of up to 8
+                    on an x86 CPU with AVX2 or AVX512-VNNI at every step, elsewhere in calls of up to 8
                     rows (decode), more rows with float activations; Q5_0/Q5_1/Q4_K/Q5_K/Q6_K
                     ones in calls of up to 8 rows on every CPU
     'gguf'          keep blocks whatever the layer ops (without the C++ operators the products
@@ -102,7 +102,7 @@ def llama_cpp_numerics(mode: str | None, ops: ModuleType | None) -> bool:
     """Whether the default mode runs the kept blocks of `gguf_linear.INT8_ACTIVATION_TYPES`
     with int8 activations quantized per 32 values, as llama.cpp computes these types (its
     `vec_dot_type` Q8_0 / Q8_1; the k-quants' Q8_K has one scale per 256 values, ours per 32):
-    wherever the C++ operators run. On a CPU with AVX512-VNNI every call takes them
+    wherever the C++ operators run. On an x86 CPU with AVX2 or AVX512-VNNI every call takes them
     (csrc/vnni_linear.cpp: batched W1 3.7x the float activations' on SmolLM2 Q4_1); elsewhere
     calls of up to 8 rows do (quant_linear.cpp's integer decode kernels: TPOT ~1.3x lower on
     the x86-64-v3 build) and larger ones keep float activations. `--quantization gguf` asks
@@ -169,7 +169,7 @@ def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path | GGUFReader, mode:
                 ", ".join(f"{t} ({n} tensors)" for t, n in sorted(kept_types.items()))
                 or "none", dtype, _summary(rest),
                 f"; int8 activations for {', '.join(int8_types)}" * bool(int8_types),
-                f"; regrouped for the AVX512-VNNI kernel: {', '.join(vnni)}" * bool(vnni),
+                f"; regrouped for the packed int8 kernel: {', '.join(vnni)}" * bool(vnni),
                 "".join(f"; linear layers left float ({n}): {k}" for k, n in why_not.items()))
     return kept
 

@@ -14,9 +14,10 @@ share one fp16 scale
 rows (decode) quantizes each activation row per 32-element block the same way (xd = max / 127)
 and computes llama.cpp's integer dot products (vpmaddubsw/vpmaddwd, int32 per block, one FMA
 per block with d * xd: 1.1-1.9x the float-activation kernel at one row, by CPU and file); more rows
-(prefill) run dequantized panels + sgemm with float activations — except on a CPU with
-AVX512-VNNI, where the layers' blocks are regrouped in place at load and every row count runs
-int8 activations on vpdpbusd (`gguf_linear`'s VNNI_PACKED_FLAG; csrc/vnni_linear.cpp). The fused decode stack runs
+(prefill) run dequantized panels + sgemm with float activations — except on an x86 CPU with
+AVX2 or AVX512-VNNI, where the layers' blocks are regrouped in place at load and every row
+count runs int8 activations on vpdpbusd or its AVX2 form (`gguf_linear`'s VNNI_PACKED_FLAG;
+csrc/vnni_linear.cpp). The fused decode stack runs
 these layers. A scale per 32 weights rather than one per output channel costs 6% more memory
 and keeps the error of a channel with one large weight local to its block.
 

@@ -9,7 +9,7 @@ Tolerances:
   KERNEL_RTOL = 2e-6 (K = 512 terms; observed <= 1.4e-7, i.e. >10x headroom; a wrong scale, a
   swapped nibble or a wrong sub-block is off by ~1e-1 of that bound or more).
 The model-level checks run the blocks with float activations (`--quantization gguf`; the
-default's int8 activations on a CPU with AVX512-VNNI are checked in test_int8_quant):
+default's int8 activations on an x86 CPU with AVX2 or AVX512-VNNI are checked in test_int8_quant):
 * Tiny model (Q4_K attention, Q8_0 gate/up, Q4_1 down): logits of the quantized and
   dequantized paths agree to LOGITS_ATOL = 1e-4 (only summation order differs; observed ~1e-6)
   and greedy tokens through the engine are identical: the smallest top-2 logit gap of the
@@ -243,7 +243,7 @@ def test_tiny_model_quantized_logits_equal_dequantized(ops, tiny_gguf, caplog):
     with caplog.at_level(logging.INFO, logger="sluice.model"):
         quant = load_ours(tiny_gguf, layer_ops="cpu", attn_backend="cpu_paged",
                           quantization="gguf")
-    # float activations (the default's int8 ones on AVX512-VNNI: test_int8_quant);
+    # float activations (the default's int8 ones on AVX2 / AVX512-VNNI: test_int8_quant);
     # gate/up + embedding + LM head Q8_0; only the norms (F32) are dequantized
     assert ("kept quantized: Q4_1 (2 tensors), Q4_K (6 tensors), Q5_K (2 tensors), "
             "Q8_0 (6 tensors); "

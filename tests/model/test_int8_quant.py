@@ -1,7 +1,7 @@
 """`--quantization int8` (`sluice.model.int8_quant`): the decoder's linear weights quantized at
 load to int8 Q8_0 blocks (one fp16 scale per 32 weights of an output channel), run by the GGUF
 block kernels with int8 activations (per 32-element block) for up to 8 rows, and for every row
-count where the CPU has AVX512-VNNI (the layers' blocks regrouped for vpdpbusd at load);
+count on an x86 CPU with AVX2 or AVX512-VNNI (the layers' blocks regrouped for vpdpbusd at load);
 embedding and LM head float.
 
 Tolerances:
@@ -22,6 +22,8 @@ Tolerances:
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -101,7 +103,7 @@ def test_int8_activation_kernel_matches_reference(cpu_ops, qtype):
 
 def vnni_note(ops) -> str:
     """The repr note of a Q8_0 int8-activation method on this CPU."""
-    return ", VNNI" if ops.vnni_available() else ""
+    return ", VNNI" if bool(ops.packed_int8_kernel()) else ""
 
 
 def int8_reference(x: torch.Tensor, blocks: torch.Tensor, qtype: str,
@@ -128,8 +130,8 @@ def test_vnni_kernel_matches_reference(cpu_ops, qtype, m):
     reversible (`vnni_unpack`); any row count (row tiles of 4 and remainders; 3 channel tiles:
     a pair and a single) equals int8 activations x the dequantized weight within fp32
     summation order, with and without a bias (k-quants: two super-blocks of 256 per row)."""
-    if not cpu_ops.vnni_available():
-        pytest.skip("this CPU does not report AVX512-VNNI")
+    if not bool(cpu_ops.packed_int8_kernel()):
+        pytest.skip("no packed int8 kernel here (it needs an x86 CPU with AVX2)")
     g = torch.Generator().manual_seed(m)
     n, k = 48, BLOCK_TYPES[qtype].block_elems * (2 if qtype.endswith("_K") else 3)
     ggml_id = BLOCK_TYPES[qtype].ggml_id
@@ -151,13 +153,61 @@ def test_vnni_kernel_matches_reference(cpu_ops, qtype, m):
                 ).abs().max() > 1e-4          # the activations were quantized
 
 
+AVX2_CHECK = """
+import sys
+sys.path.insert(0, {helpers!r})
+import numpy as np, torch
+from sluice.model import cpu_ops
+from sluice.model.layers.gguf_linear import BLOCK_TYPES, dequantize_blocks, quantize_activations_q8
+from test_gguf_quantized import random_blocks
+ops = cpu_ops.load_cpu_ops()
+assert ops.packed_int8_kernel() == "avx2", (ops.packed_int8_kernel(), cpu_ops.kernels_info())
+for qtype, block in BLOCK_TYPES.items():
+    k = block.block_elems * (2 if qtype.endswith("_K") else 3)
+    blocks = torch.from_numpy(random_blocks(qtype, 48, k, np.random.default_rng(0)))
+    packed = blocks.clone()
+    ops.vnni_pack(packed, block.ggml_id)
+    for m in (1, 5, 9, 70):
+        x = torch.randn(m, k) * torch.logspace(-2, 1, k)
+        bias = torch.randn(48)
+        out = torch.full((m, 48), float("nan"))
+        ops.gguf_linear(out, x, packed, block.ggml_id | 256 | 1024, bias)
+        xa, w = quantize_activations_q8(x).double(), dequantize_blocks(blocks, qtype).double()
+        excess = ((out.double() - xa @ w.T - bias.double()).abs()
+                  / (xa.abs() @ w.abs().T + 1e-30)).max().item()
+        assert excess <= {rtol}, (qtype, m, excess)
+print("ok")
+"""
+
+
+def test_avx2_kernel_of_the_x86_64_v3_build_matches_reference(tmp_path):
+    """The x86-64-v3 build (what an x86 CPU without AVX-512 loads) runs the packed layout on
+    AVX2 (vpdpbusd as vpmaddubsw + vpmaddwd; Q8_0 through vpsignb): every block type, row
+    tiles of 4 and remainders, two channel tiles and a single, within fp32 summation order of
+    int8 activations x the dequantized weight, in a process that loads that build."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sluice.platform import cpu_kernels as K
+    variant = "x86_64_v3"
+    if variant not in K.VARIANTS or not K.VARIANTS[variant]["requires"] <= K.cpu_flags() \
+            or K.module_path(variant) is None:
+        pytest.skip("no prebuilt x86-64-v3 module this CPU can run")
+    code = AVX2_CHECK.format(helpers=str(Path(__file__).resolve().parent), rtol=KERNEL_RTOL)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, SLUICE_CPU_KERNELS=variant,
+                                                  TORCH_EXTENSIONS_DIR=str(tmp_path / "te")))
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
 def test_vnni_rejects_what_it_cannot_pack(cpu_ops):
     odd = quantize_q8_0(torch.randn(40, 64))       # 40 rows: not whole tiles of 16
     with pytest.raises(RuntimeError, match="multiple of 16"):
         cpu_ops.vnni_pack(odd, 8)
     with pytest.raises(RuntimeError, match="no VNNI layout"):
         cpu_ops.vnni_pack(quantize_q8_0(torch.randn(16, 64)), 1)      # F16
-    if cpu_ops.vnni_available():
+    if bool(cpu_ops.packed_int8_kernel()):
         with pytest.raises(RuntimeError, match="VNNI-packed weight"):
             cpu_ops.gguf_linear(torch.empty(1, 40), torch.randn(1, 64), odd,
                                 8 | INT8_ACTIVATIONS_FLAG | VNNI_PACKED_FLAG)
@@ -172,9 +222,9 @@ def test_vnni_layer_packs_at_load_and_every_path_agrees(cpu_ops):
     n, k = 64, 128
     blocks = quantize_q8_0(torch.randn(n, k, generator=g))
     method = GgufBlockLinearMethod(cpu_ops, "Q8_0", int8_activations=True)
-    assert method.vnni == cpu_ops.vnni_available()
+    assert method.vnni == bool(cpu_ops.packed_int8_kernel())
     if not method.vnni:
-        pytest.skip("this CPU does not report AVX512-VNNI")
+        pytest.skip("no packed int8 kernel here (it needs an x86 CPU with AVX2)")
     layer = block_layer(method, blocks.numpy(), k, None)
     method.process_weights_after_loading(layer)
     assert layer.vnni_packed and not torch.equal(layer.weight, blocks)
@@ -194,7 +244,7 @@ def test_vnni_leaves_a_weight_another_module_reads(cpu_ops):
     """A Parameter that a second module holds (a tied embedding) keeps the Q8_0 layout."""
     method = GgufBlockLinearMethod(cpu_ops, "Q8_0", int8_activations=True)
     if not method.vnni:
-        pytest.skip("this CPU does not report AVX512-VNNI")
+        pytest.skip("no packed int8 kernel here (it needs an x86 CPU with AVX2)")
     blocks = quantize_q8_0(torch.randn(32, 64))
     model = nn.Module()
     model.own, model.tied = (block_layer(method, blocks.numpy(), 64, None) for _ in range(2))
@@ -215,7 +265,7 @@ def test_vnni_tied_head_packs_and_embedding_lookups_follow(cpu_ops):
     C++ operators in the method, and equal the rows of the file's blocks."""
     method = GgufBlockLinearMethod(cpu_ops, "Q8_0", int8_activations=True)
     if not method.vnni:
-        pytest.skip("this CPU does not report AVX512-VNNI")
+        pytest.skip("no packed int8 kernel here (it needs an x86 CPU with AVX2)")
     blocks = quantize_q8_0(torch.randn(64, 96))
     model = nn.Module()
     model.head = block_layer(method, blocks.numpy(), 96, None)
@@ -252,8 +302,8 @@ def test_int8_model_layers_logits_and_fast_paths(cpu_ops, llama_dir):
     assert decoder and all(repr(m.linear_method) == "GgufBlockLinearMethod(Q8_0, int8 "
                            f"activations, bf16 products{vnni_note(cpu_ops)})"
                            and m.weight.dtype == torch.uint8 for m in decoder)
-    # on a CPU with AVX512-VNNI every layer (out_features 64 / 128 / 256) is packed for it
-    assert all(m.vnni_packed == cpu_ops.vnni_available() for m in decoder)
+    # on an x86 CPU with AVX2 or AVX512-VNNI every layer (out_features 64 / 128 / 256) is packed for it
+    assert all(m.vnni_packed == bool(cpu_ops.packed_int8_kernel()) for m in decoder)
     assert ours.lm_head.weight.dtype == torch.float32          # the LM head stays float
     assert ours.model.embed_tokens.weight.dtype == torch.float32
     int8_bytes = sum(m.weight.numel() for m in decoder)
@@ -270,12 +320,12 @@ def test_int8_model_layers_logits_and_fast_paths(cpu_ops, llama_dir):
     ref_layers = [m for m in ref.model.modules() if isinstance(m, LinearBase)]
     assert all(m.linear_method.ops is None for m in ref_layers)
     for m in ref_layers:     # packed alike: int8 activations at every row count
-        if cpu_ops.vnni_available():
+        if bool(cpu_ops.packed_int8_kernel()):
             cpu_ops.vnni_pack(m.weight.data, 8)
             m.vnni_packed = True
     r = _logits(ref)
     for key in a:
-        if not cpu_ops.vnni_available():
+        if not bool(cpu_ops.packed_int8_kernel()):
             torch.testing.assert_close(r[key], a[key], rtol=0, atol=1e-4)
             continue
         # int8 activations in prefill too: where the kernel's and the reference's float32
@@ -326,7 +376,7 @@ def test_gguf_default_runs_llama_cpp_numerics(cpu_ops, tiny_gguf, caplog):
     """A GGUF file's default mode: its Q8_0 / Q4_1 blocks (gate/up, down, LM head) and the
     k-quants Q4_K / Q5_K (attention) compute with int8 activations, no bf16 products
     (`gguf_quant.llama_cpp_numerics`); decode logits within the int8 bound of the
-    float-activation run (`--quantization gguf`). On a CPU with AVX512-VNNI every layer is
+    float-activation run (`--quantization gguf`). On an x86 CPU with AVX2 or AVX512-VNNI every layer is
     VNNI-packed and the prefill (56 rows) takes int8 activations too; elsewhere calls of more
     than 8 rows keep float activations, so without VNNI the prefill's logits are the float
     run's."""
@@ -335,7 +385,7 @@ def test_gguf_default_runs_llama_cpp_numerics(cpu_ops, tiny_gguf, caplog):
         default = load_ours(tiny_gguf, layer_ops="cpu", attn_backend="cpu_paged")
     floats = load_ours(tiny_gguf, layer_ops="cpu", attn_backend="cpu_paged",
                        quantization="gguf")
-    vnni = cpu_ops.vnni_available()
+    vnni = bool(cpu_ops.packed_int8_kernel())
     notes = ", int8 activations" + ", VNNI" * vnni
     layer = default.model.layers[0]
     assert repr(layer.mlp.gate_up_proj.linear_method) == f"GgufBlockLinearMethod(Q8_0{notes})"
@@ -361,8 +411,8 @@ def test_gguf_default_runs_llama_cpp_numerics(cpu_ops, tiny_gguf, caplog):
 def test_gguf_int8_keeps_the_files_blocks_with_int8_activations(cpu_ops, tiny_gguf):
     """On a GGUF model int8 keeps the file's blocks (no re-quantization); the Q8_0 / Q4_1 ones
     (gate/up, down, embedding-tied LM head) and the Q4_K / Q5_K ones (attention) compute with
-    int8 activations in decode steps, all with bf16 products in prefill (on a CPU with
-    AVX512-VNNI every layer is packed and takes int8 activations there too); logits close to
+    int8 activations in decode steps, all with bf16 products in prefill (on an x86 CPU with
+    AVX2 or AVX512-VNNI every layer is packed and takes int8 activations there too); logits close to
     the float-activation run's, and the engine runs."""
     from sluice.frontend.llm import LLM
     from sluice.sampling_params import SamplingParams
@@ -370,7 +420,7 @@ def test_gguf_int8_keeps_the_files_blocks_with_int8_activations(cpu_ops, tiny_gg
     ours = load_ours(tiny_gguf, layer_ops="cpu", attn_backend="cpu_paged", quantization="int8")
     plain = load_ours(tiny_gguf, layer_ops="cpu", attn_backend="cpu_paged", quantization="gguf")
     layer = ours.model.layers[0]
-    vnni = cpu_ops.vnni_available()
+    vnni = bool(cpu_ops.packed_int8_kernel())
     assert repr(layer.mlp.gate_up_proj.linear_method) == (
         f"GgufBlockLinearMethod(Q8_0, int8 activations, bf16 products{vnni_note(cpu_ops)})")
     assert layer.mlp.gate_up_proj.vnni_packed == vnni
@@ -407,8 +457,8 @@ def test_gguf_int8_keeps_the_files_blocks_with_int8_activations(cpu_ops, tiny_gg
 
 def test_q5_0_layers_run_packed_on_vnni(cpu_ops, tiny_model_factory, tmp_path):
     """A Q5_0 file (llama.cpp's fallback for rows that are not whole 256-value blocks): the
-    default mode keeps its linear layers as Q5_0 with int8 activations, on a CPU with
-    AVX512-VNNI packed for the VNNI kernel at every row count; the weights decode to the file's
+    default mode keeps its linear layers as Q5_0 with int8 activations, on an x86 CPU with
+    AVX2 or AVX512-VNNI packed for the int8 kernel at every row count; the weights decode to the file's
     values and the logits stay within the int8 rule (`assert_int8_logits_close`) of the
     float-activation run (`--quantization gguf`)."""
     from _gguf_helpers import gguf_name, load_hf_tensors, quantize, write_gguf
@@ -424,7 +474,7 @@ def test_q5_0_layers_run_packed_on_vnni(cpu_ops, tiny_model_factory, tmp_path):
     default = load_ours(model_dir, layer_ops="cpu", attn_backend="cpu_paged")
     floats = load_ours(model_dir, layer_ops="cpu", attn_backend="cpu_paged",
                        quantization="gguf")
-    vnni = cpu_ops.vnni_available()
+    vnni = bool(cpu_ops.packed_int8_kernel())
     down, plain = default.model.layers[0].mlp.down_proj, floats.model.layers[0].mlp.down_proj
     assert down.linear_method.qtype == "Q5_0" and down.linear_method.int8_activations
     assert getattr(down, "vnni_packed", False) == vnni

@@ -164,7 +164,7 @@ def _first_difference_is_a_near_tie(ours: list[int], ref_tokens: list[int],
 def test_greedy_continuations_match_transformers(sidecar, hf_reference):
     """Through the engine (`sluice.LLM` on the sidecar directory, its kernels on the file's
     blocks with float activations: `--quantization gguf`; the default's int8 activations on a
-    CPU with AVX512-VNNI are llama.cpp's numerics, held to a perplexity bound in
+    x86 CPU with AVX2 or AVX512-VNNI are llama.cpp's numerics, held to a perplexity bound in
     test_int8_quant)."""
     from sluice.frontend.llm import LLM
     from sluice.sampling_params import SamplingParams

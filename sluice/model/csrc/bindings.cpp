@@ -36,9 +36,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out"), py::arg("w"), py::arg("type"));
   m.def("amx_bf16_available", &amx_bf16_available,
         "Whether gguf_linear's bf16 products run on AMX here (amx_gemm.cpp)");
-  m.def("vnni_available", &vnni_available,
-        "Whether gguf_linear runs VNNI-packed block weights (type flag 1024) here "
-        "(vnni_linear.cpp)");
+  m.def("packed_int8_kernel", &packed_int8_kernel,
+        "The kernel gguf_linear runs VNNI-packed block weights (type flag 1024) with here: "
+        "'avx512vnni', 'avx2', or '' where none (vnni_linear.cpp)");
   m.def("vnni_pack", &vnni_pack, nogil,
         "GGUF blocks uint8 [N, row bytes] of a block type (2, 3, 6, 7, 8, 12, 13, 14) -> the "
         "VNNI-packed layout, in place "

@@ -32,9 +32,10 @@ int64_t gguf_block_elems(int64_t type);
 bool amx_bf16_available();
 int64_t gguf_block_bytes(int64_t type);
 // GGUF block weights (every type gguf_linear runs but F16 / BF16) in vnni_linear.cpp's packed
-// layout (the same bytes, regrouped per 16 rows), run by gguf_linear with type | 256 | 1024 for any M on AVX512-VNNI: whether this
-// CPU has it, and the in-place conversions between the GGUF and packed layouts (N % 16 == 0).
-bool vnni_available();
+// layout (the same bytes, regrouped per 16 rows), run by gguf_linear with type | 256 | 1024 for
+// any M: the kernel that runs it here ("avx512vnni", "avx2", or "" where none does), and the
+// in-place conversions between the GGUF and packed layouts (N % 16 == 0).
+std::string packed_int8_kernel();
 void vnni_pack(at::Tensor w, int64_t type);
 void vnni_unpack(at::Tensor w, int64_t type);
 

@@ -4,7 +4,7 @@
 //                                        (type | 256: x quantized to int8 first for up to 8
 //                                        rows; type | 512: bf16 products for more; see below;
 //                                        type | 256 | 1024: w in vnni_linear.cpp's packed
-//                                        layout, int8 x at every M on AVX512-VNNI)
+//                                        layout, int8 x at every M on AVX2 / AVX512-VNNI)
 //   gguf_dequantize(out, w, type):       out[N, K] = dequant(w)
 //
 // w is uint8 [N, row_bytes]: row n holds output channel n as K / block_elems consecutive blocks
@@ -1009,7 +1009,7 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
     TORCH_CHECK(vnni::packable(type) && vnni::available() && n % vnni::kTileCols == 0 &&
                     wb.ld == k / vnni::layout_of(type).block_elems * vnni::layout_of(type).block_bytes,
                 "gguf_linear: a VNNI-packed weight (type | 1024) must be contiguous blocks of a "
-                "packable type with N a multiple of 16, on a CPU with AVX512-VNNI");
+                "packable type with N a multiple of 16, on an x86 CPU with AVX2");
     vnni::run(type, out.data_ptr<float>(), m, n, k, x.data_ptr<float>(), x.stride(0), wb.data,
               bp);
     return;

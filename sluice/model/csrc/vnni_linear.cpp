@@ -1,5 +1,5 @@
 // GGUF block weights (Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K) x int8 activations
-// on AVX-512 VNNI (vpdpbusd), any number of rows:
+// on AVX-512 VNNI (vpdpbusd) or AVX2, any number of rows:
 //
 //   vnni::linear<Type>(out, m, n, k, x, ldx, w, bias):
 //       out[i, j] = sum_b xd[i, b] * (sum_h wd[j, b, h] * sum_c xq[i, 32b + c] * (q[j, 32b + c] - o)
@@ -48,9 +48,12 @@
 // within an item, kRows rows x two tiles accumulate in registers over all of K (8 float32 and
 // 8 int32 zmm accumulators). The activations are quantized once per call ([m, k] int8).
 //
-// Only the x86-64-v4 build holds the kernel (compiled for AVX512-VNNI by function attribute),
-// and it runs only where `available()`: the CPU reports AVX512-VNNI. Callers elsewhere keep
-// the GGUF layout and quant_linear.cpp's kernels.
+// Kernels (`kernel_name()`): the x86-64-v4 build holds the vpdpbusd one (compiled for
+// AVX512-VNNI by function attribute; it runs where the CPU reports AVX512-VNNI); both x86
+// builds hold an AVX2 one over the same layout (namespace avx2: each tile as two 8-channel
+// halves, vpdpbusd emulated), which runs everywhere else. A build without AVX2 (another
+// architecture's native build) has neither: callers keep the GGUF layout and
+// quant_linear.cpp's kernels there.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -60,7 +63,7 @@
 #include "act_quant.h"
 #include "ops.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #include <omp.h>
 #endif
@@ -327,14 +330,7 @@ void each_tile_in_place(uint8_t* w, int64_t n, int64_t row_bytes, F&& f) {
   }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-
-#define SLUICE_VNNI __attribute__((target("avx512vnni")))
-
-inline bool available() {
-  static const bool ok = __builtin_cpu_supports("avx512vnni");
-  return ok;
-}
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 
 constexpr int kRows = 4;           // rows of x per register tile
 constexpr int64_t kRowChunk = 64;  // rows of x per work item
@@ -359,6 +355,203 @@ inline void quantize_rows(const float* x, int64_t ldx, int64_t m, int64_t k, int
         xs16[r * nb + b] = half;
       }
     }
+}
+
+// ---- AVX2 (both x86 builds): the same packed layout, vpdpbusd emulated ------------------------
+// A 64-byte load of a record holds channels 0..7 in its first 32 bytes and 8..15 in the
+// second, so a tile is two 8-channel halves of one ymm each. vpdpbusd(acc, u, s) is
+// acc + vpmaddwd(vpmaddubsw(u, s), 1): the int16 pair sums do not saturate for quants up to
+// 63 (2 * 63 * 127 < 2^15); Q8_0 multiplies its signed quants (u ^ 0x80) through
+// vpsignb (|q| * sign(x, q): 2 * 128 * 127 < 2^15), so its sums start at 0, not -128 sum(xq).
+namespace avx2 {
+
+constexpr int kRows = 4;  // rows of x per register tile (8 accumulators: 16 ymm in all)
+
+inline bool available() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+inline __m256i broadcast4(const int8_t* p) {
+  int32_t four;
+  std::memcpy(&four, p, 4);
+  return _mm256_set1_epi32(four);
+}
+
+inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {  // vpdpbusd (header comment)
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s),
+                                                 _mm256_set1_epi16(1)));
+}
+
+inline __m256i load32(const uint8_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+inline __m128i load8(const uint8_t* p) {
+  return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+}
+inline __m256 half8(const uint8_t* p) {  // 8 fp16 -> float32
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// byte i = 16 where bit i of m is set, else 0
+inline __m256i bits_to_sixteens(uint32_t m) {
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(static_cast<int>(m)),
+      _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2,
+                       3, 3, 3, 3, 3, 3, 3, 3));
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit),
+                          _mm256_set1_epi8(16));
+}
+
+// Half h (channels 8h .. 8h + 7) of load j of a 4-bit sub-record: vnni's quant_pair.
+template <int64_t Type>
+inline void quant_pair(const uint8_t* sub, int h, int j, __m256i* lo, __m256i* hi) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m256i raw = load32(sub + 64 * j + 32 * h);
+  *lo = _mm256_and_si256(raw, nibble);
+  *hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+  if constexpr (layout_of(Type).fifth_bits) {
+    uint32_t mlo, mhi;  // bits 32h .. 32h + 31 of the two uint64 masks
+    std::memcpy(&mlo, sub + 256 + 16 * j + 4 * h, 4);
+    std::memcpy(&mhi, sub + 256 + 16 * j + 8 + 4 * h, 4);
+    *lo = _mm256_add_epi8(*lo, bits_to_sixteens(mlo));
+    *hi = _mm256_add_epi8(*hi, bits_to_sixteens(mhi));
+  }
+  if constexpr (Type == kQ6_K) {
+    const __m256i bits = _mm256_set1_epi8(0x30);
+    const __m256i hb = load32(sub + 256 + 64 * (j / 2) + 32 * h);
+    const __m256i at_lo = j % 2 == 0 ? _mm256_slli_epi16(hb, 4) : hb;
+    const __m256i at_hi = j % 2 == 0 ? _mm256_slli_epi16(hb, 2) : _mm256_srli_epi16(hb, 2);
+    *lo = _mm256_or_si256(*lo, _mm256_and_si256(at_lo, bits));
+    *hi = _mm256_or_si256(*hi, _mm256_and_si256(at_hi, bits));
+  }
+}
+
+// Half h of vnni's block_factors.
+template <int64_t Type>
+inline void block_factors(const uint8_t* scal, int h, int64_t s, __m256 wd[2], __m256* wm) {
+  const __m256 d = half8(scal + 16 * h);
+  if constexpr (Type == kQ6_K) {
+    for (int hh = 0; hh < 2; ++hh)
+      wd[hh] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                    load8(scal + 32 + 32 * s + 16 * hh + 8 * h))));
+  } else if constexpr (is_kquant(Type)) {
+    const __m256i low = _mm256_cvtepu8_epi32(load8(scal + 64 + 16 * s + 8 * h));
+    const __m256i high = _mm256_srl_epi32(load32(scal + 192 + 32 * h),
+                                          _mm_cvtsi32_si128(static_cast<int>(4 * s)));
+    const __m256i three = _mm256_set1_epi32(3), fifteen = _mm256_set1_epi32(15);
+    const __m256i sc = _mm256_or_si256(_mm256_and_si256(low, fifteen),
+                                       _mm256_slli_epi32(_mm256_and_si256(high, three), 4));
+    const __m256i mn = _mm256_or_si256(
+        _mm256_srli_epi32(low, 4),
+        _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(high, 2), three), 4));
+    wd[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc));
+    *wm = _mm256_sub_ps(_mm256_setzero_ps(),
+                        _mm256_mul_ps(half8(scal + 32 + 16 * h), _mm256_cvtepi32_ps(mn)));
+  } else {
+    wd[0] = d;
+    if constexpr (layout_of(Type).has_min) *wm = half8(scal + 32 + 16 * h);
+  }
+}
+
+// out[r, 8h + c] for r < R, c < 8: half h of the packed tile at w (vnni's tile_product for
+// one 8-channel half); `prefetch` as there.
+template <int64_t Type, int R>
+inline void half_tile_product(const int8_t* xq, const float* xd, const int32_t* xs,
+                              const int32_t* xs16, int64_t k, const uint8_t* w, int h,
+                              const float* bias, float* out, int64_t ldo, bool prefetch) {
+  constexpr Layout l = layout_of(Type);
+  constexpr int kHalves = Type == kQ6_K ? 2 : 1;
+  constexpr int kOffset = Type == kQ8_0 ? 0 : l.offset;  // Q8_0: signed quants
+  constexpr int64_t kBlockBytes = l.record_bytes() / l.subs();
+  const int64_t nb = k / kBlock;
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    if (prefetch) {
+      const uint8_t* ahead = w + b * kBlockBytes + kPrefetchAhead;
+      for (int64_t o = 0; o < kBlockBytes; o += 64) __builtin_prefetch(ahead + o, 0, 3);
+    }
+    const int64_t s = b % l.subs();
+    const uint8_t* rec = w + b / l.subs() * l.record_bytes();
+    const uint8_t* sub = rec + s * l.sub_bytes;
+    const int8_t* xb = xq + b * kBlock;
+    __m256 wd[2], wm;
+    block_factors<Type>(rec + l.scalars_at(), h, s, wd, &wm);
+#pragma GCC unroll 2
+    for (int hh = 0; hh < kHalves; ++hh) {
+      __m256i sum[R];
+      for (int r = 0; r < R; ++r) {
+        int32_t xsum = xs[r * nb + b];
+        if constexpr (kHalves == 2) xsum = hh == 0 ? xs16[r * nb + b] : xsum - xs16[r * nb + b];
+        sum[r] = _mm256_set1_epi32(-kOffset * xsum);
+      }
+      if constexpr (Type == kQ8_0) {
+        for (int j = 0; j < 8; ++j) {
+          const __m256i q = _mm256_xor_si256(load32(sub + 64 * j + 32 * h),
+                                             _mm256_set1_epi8(static_cast<char>(0x80)));
+          const __m256i mag = _mm256_sign_epi8(q, q);
+          for (int r = 0; r < R; ++r)
+            sum[r] = dot4(sum[r], mag, _mm256_sign_epi8(broadcast4(xb + r * k + 4 * j), q));
+        }
+      } else {
+#pragma GCC unroll 4
+        for (int j = 4 / kHalves * hh; j < 4 / kHalves * (hh + 1); ++j) {
+          __m256i lo, hi;
+          quant_pair<Type>(sub, h, j, &lo, &hi);
+          for (int r = 0; r < R; ++r) {
+            sum[r] = dot4(sum[r], lo, broadcast4(xb + r * k + 8 * j));
+            sum[r] = dot4(sum[r], hi, broadcast4(xb + r * k + 8 * j + 4));
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]),
+                                 _mm256_mul_ps(wd[hh], _mm256_set1_ps(xd[r * nb + b])), acc[r]);
+    }
+    if constexpr (l.has_min)
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm256_fmadd_ps(
+            wm, _mm256_set1_ps(xd[r * nb + b] * static_cast<float>(xs[r * nb + b])), acc[r]);
+  }
+  const __m256 bv = bias != nullptr ? _mm256_loadu_ps(bias + 8 * h) : _mm256_setzero_ps();
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * ldo + 8 * h, _mm256_add_ps(acc[r], bv));
+}
+
+// The driver's work for rows [0, rows) (rows <= kRows) and one or two tiles (`two`) at w.
+struct Kernel {
+  static constexpr int kRows = avx2::kRows;
+  template <int64_t Type>
+  static void rows(int rows, const int8_t* xq, const float* xd, const int32_t* xs,
+                   const int32_t* xs16, int64_t k, const uint8_t* w, int64_t ld_tile, bool two,
+                   const float* bias, float* out, int64_t ldo, bool prefetch) {
+    for (int t = 0; t < (two ? 2 : 1); ++t)
+      for (int h = 0; h < 2; ++h) {
+        const uint8_t* wt = w + t * ld_tile;
+        const float* bt = bias != nullptr ? bias + kTileCols * t : nullptr;
+        float* ot = out + kTileCols * t;
+        const bool pf = prefetch && h == 0;
+        switch (rows) {
+          case 4: half_tile_product<Type, 4>(xq, xd, xs, xs16, k, wt, h, bt, ot, ldo, pf); break;
+          case 3: half_tile_product<Type, 3>(xq, xd, xs, xs16, k, wt, h, bt, ot, ldo, pf); break;
+          case 2: half_tile_product<Type, 2>(xq, xd, xs, xs16, k, wt, h, bt, ot, ldo, pf); break;
+          default: half_tile_product<Type, 1>(xq, xd, xs, xs16, k, wt, h, bt, ot, ldo, pf);
+        }
+      }
+  }
+};
+
+}  // namespace avx2
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// ---- AVX-512 VNNI (the x86-64-v4 build) -------------------------------------------------------
+
+#define SLUICE_VNNI __attribute__((target("avx512vnni")))
+
+inline bool vnni_cpu() {
+  static const bool ok = __builtin_cpu_supports("avx512vnni");
+  return ok;
 }
 
 inline __m512i broadcast4(const int8_t* p) {
@@ -529,10 +722,35 @@ SLUICE_VNNI inline void rows_product(int rows, const int8_t* xq, const float* xd
   }
 }
 
-template <int64_t Type>
+// The driver's work for rows [0, rows) (rows <= kRows) and one or two tiles (`two`) at w.
+struct VnniKernel {
+  static constexpr int kRows = vnni::kRows;
+  template <int64_t Type>
+  static void rows(int rows, const int8_t* xq, const float* xd, const int32_t* xs,
+                   const int32_t* xs16, int64_t k, const uint8_t* w, int64_t ld_tile, bool two,
+                   const float* bias, float* out, int64_t ldo, bool prefetch) {
+    if (two)
+      rows_product<Type, 2>(rows, xq, xd, xs, xs16, k, w, ld_tile, bias, out, ldo, prefetch);
+    else
+      rows_product<Type, 1>(rows, xq, xd, xs, xs16, k, w, ld_tile, bias, out, ldo, prefetch);
+  }
+};
+
+#undef SLUICE_VNNI
+
+#else
+
+inline bool vnni_cpu() { return false; }
+
+#endif  // AVX-512
+
+// ---- the driver (both kernels) ------------------------------------------------------------
+
+template <int64_t Type, class Kernel>
 void linear(float* out, int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx,
             const uint8_t* w, const float* bias) {
   constexpr Layout l = layout_of(Type);
+  constexpr int kItemRows = Kernel::kRows;
   const int64_t nb = k / kBlock, ld_tile = k / l.block_elems * l.record_bytes();
   std::vector<int8_t> xq(m * k);
   std::vector<float> xd(m * nb);
@@ -563,27 +781,27 @@ void linear(float* out, int64_t m, int64_t n, int64_t k, const float* x, int64_t
       const bool two = t0 + 1 < tiles;
       const uint8_t* wt = w + t0 * ld_tile;
       const float* bt = bias != nullptr ? bias + t0 * kTileCols : nullptr;
-      for (int64_t r = chunk * kRowChunk; r < r_end; r += kRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kRows, r_end - r));
-        float* o = out + r * n + t0 * kTileCols;
+      for (int64_t r = chunk * kRowChunk; r < r_end; r += kItemRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kItemRows, r_end - r));
         const bool first = r == chunk * kRowChunk;  // the tiles' bytes come from memory
         const int32_t* s16 = xs16p != nullptr ? xs16p + r * nb : nullptr;
-        if (two)
-          rows_product<Type, 2>(rows, xq.data() + r * k, xd.data() + r * nb,
-                                xs.data() + r * nb, s16, k, wt, ld_tile, bt, o, n, first);
-        else
-          rows_product<Type, 1>(rows, xq.data() + r * k, xd.data() + r * nb,
-                                xs.data() + r * nb, s16, k, wt, ld_tile, bt, o, n, first);
+        Kernel::template rows<Type>(rows, xq.data() + r * k, xd.data() + r * nb,
+                                    xs.data() + r * nb, s16, k, wt, ld_tile, two, bt,
+                                    out + r * n + t0 * kTileCols, n, first);
       }
     }
   }
 }
 
-inline void run(int64_t type, float* out, int64_t m, int64_t n, int64_t k, const float* x,
-                int64_t ldx, const uint8_t* w, const float* bias) {
+// Which kernel runs the packed layout here: AVX512-VNNI where the CPU has it, else AVX2.
+inline const char* kernel_name() { return vnni_cpu() ? "avx512vnni" : avx2::available() ? "avx2" : ""; }
+
+template <class Kernel>
+void run_with(int64_t type, float* out, int64_t m, int64_t n, int64_t k, const float* x,
+              int64_t ldx, const uint8_t* w, const float* bias) {
   switch (type) {
 #define SLUICE_TYPE(T) \
-  case T: linear<T>(out, m, n, k, x, ldx, w, bias); break;
+  case T: linear<T, Kernel>(out, m, n, k, x, ldx, w, bias); break;
     SLUICE_TYPE(kQ8_0)
     SLUICE_TYPE(kQ4_0)
     SLUICE_TYPE(kQ4_1)
@@ -597,19 +815,27 @@ inline void run(int64_t type, float* out, int64_t m, int64_t n, int64_t k, const
   }
 }
 
-#undef SLUICE_VNNI
+inline void run(int64_t type, float* out, int64_t m, int64_t n, int64_t k, const float* x,
+                int64_t ldx, const uint8_t* w, const float* bias) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if (vnni_cpu()) return run_with<VnniKernel>(type, out, m, n, k, x, ldx, w, bias);
+#endif
+  run_with<avx2::Kernel>(type, out, m, n, k, x, ldx, w, bias);
+}
 
-#else
+#else  // no AVX2: the packed layout has no kernel here
 
-inline bool available() { return false; }
+inline const char* kernel_name() { return ""; }
 inline void run(int64_t, float*, int64_t, int64_t, int64_t, const float*, int64_t,
                 const uint8_t*, const float*) {}
 
 #endif
 
+inline bool available() { return kernel_name()[0] != '\0'; }
+
 }  // namespace vnni
 
-bool vnni_available() { return vnni::available(); }
+std::string packed_int8_kernel() { return vnni::kernel_name(); }
 
 namespace {
 // w: a contiguous uint8 [N, K / 32 * block_bytes] of a packable type with N a multiple of 16

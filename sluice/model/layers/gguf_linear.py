@@ -46,7 +46,7 @@ quantized per 32-element block (`quantize_activations_q8`) and the kernels
 compute integer dot products; the reference path applies the same quantization before
 F.linear.
 
-VNNI-packed blocks (`vnni_packed`): on a CPU that reports AVX512-VNNI, a layer of any block
+VNNI-packed blocks (`vnni_packed`): on an x86 CPU with AVX2 or AVX512-VNNI, a layer of any block
 type with int8 activations and `out_features` a multiple of 16 has its blocks regrouped in
 place at load (`process_weights_after_loading`: the C++ `vnni_pack`, the same bytes per 16 rows
 in vpdpbusd's order, Q5's fifth bits as lane masks; csrc/vnni_linear.cpp) and every row count
@@ -142,8 +142,8 @@ class GgufBlockLinearMethod(LinearMethod):
         self.block_type = BLOCK_TYPES[qtype]
         self.int8_activations = int8_activations and qtype in INT8_ACTIVATION_TYPES
         self.bf16_products = bf16_products
-        #: int8 activations on a CPU with AVX512-VNNI: layers get packed at load
-        self.vnni = self.int8_activations and ops is not None and ops.vnni_available()
+        #: int8 activations on an x86 CPU with AVX2 or AVX512-VNNI: layers get packed at load
+        self.vnni = self.int8_activations and ops is not None and bool(ops.packed_int8_kernel())
         self._shared_weights: set[int] = set()
 
     @property
