@@ -363,6 +363,15 @@ inline void quantize_rows(const float* x, int64_t ldx, int64_t m, int64_t k, int
 // acc + vpmaddwd(vpmaddubsw(u, s), 1): the int16 pair sums do not saturate for quants up to
 // 63 (2 * 63 * 127 < 2^15); Q8_0 multiplies its signed quants (u ^ 0x80) through
 // vpsignb (|q| * sign(x, q): 2 * 128 * 127 < 2^15), so its sums start at 0, not -128 sum(xq).
+// The k-quants' 6-bit scale and min of one sub-block for each channel lane (both kernels; V
+// is GCC's __v8si or __v16si): low = the lane's byte (sc & 15) | (m & 15) << 4, high = its
+// uint32 of high bits already shifted right by 4 s (layout above).
+template <class V>
+inline void kquant_scale_min(V low, V high, V* sc, V* mn) {
+  *sc = (low & 15) | ((high & 3) << 4);
+  *mn = (low >> 4) | (((high >> 2) & 3) << 4);
+}
+
 namespace avx2 {
 
 constexpr int kRows = 4;  // rows of x per register tile (8 accumulators: 16 ymm in all)
@@ -437,18 +446,15 @@ inline void block_factors(const uint8_t* scal, int h, int64_t s, __m256 wd[2], _
       wd[hh] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
                                     load8(scal + 32 + 32 * s + 16 * hh + 8 * h))));
   } else if constexpr (is_kquant(Type)) {
-    const __m256i low = _mm256_cvtepu8_epi32(load8(scal + 64 + 16 * s + 8 * h));
-    const __m256i high = _mm256_srl_epi32(load32(scal + 192 + 32 * h),
-                                          _mm_cvtsi32_si128(static_cast<int>(4 * s)));
-    const __m256i three = _mm256_set1_epi32(3), fifteen = _mm256_set1_epi32(15);
-    const __m256i sc = _mm256_or_si256(_mm256_and_si256(low, fifteen),
-                                       _mm256_slli_epi32(_mm256_and_si256(high, three), 4));
-    const __m256i mn = _mm256_or_si256(
-        _mm256_srli_epi32(low, 4),
-        _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(high, 2), three), 4));
-    wd[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc));
-    *wm = _mm256_sub_ps(_mm256_setzero_ps(),
-                        _mm256_mul_ps(half8(scal + 32 + 16 * h), _mm256_cvtepi32_ps(mn)));
+    __v8si sc, mn;
+    kquant_scale_min<__v8si>(
+        (__v8si)_mm256_cvtepu8_epi32(load8(scal + 64 + 16 * s + 8 * h)),
+        (__v8si)_mm256_srl_epi32(load32(scal + 192 + 32 * h),
+                                 _mm_cvtsi32_si128(static_cast<int>(4 * s))),
+        &sc, &mn);
+    wd[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps((__m256i)sc));
+    *wm = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(half8(scal + 32 + 16 * h),
+                                                           _mm256_cvtepi32_ps((__m256i)mn)));
   } else {
     wd[0] = d;
     if constexpr (layout_of(Type).has_min) *wm = half8(scal + 32 + 16 * h);
@@ -600,19 +606,16 @@ SLUICE_VNNI inline void block_factors(const uint8_t* scal, int64_t s, __m512 wd[
       wd[h] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
     }
   } else if constexpr (is_kquant(Type)) {  // 6-bit scale and min of sub-block s
-    const __m512i low = _mm512_cvtepu8_epi32(
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(scal + 64 + 16 * s)));
-    const __m512i high = _mm512_srl_epi32(_mm512_loadu_si512(scal + 192),
-                                          _mm_cvtsi32_si128(static_cast<int>(4 * s)));
-    const __m512i three = _mm512_set1_epi32(3), fifteen = _mm512_set1_epi32(15);
-    const __m512i sc = _mm512_or_si512(_mm512_and_si512(low, fifteen),
-                                       _mm512_slli_epi32(_mm512_and_si512(high, three), 4));
-    const __m512i mn = _mm512_or_si512(
-        _mm512_srli_epi32(low, 4),
-        _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(high, 2), three), 4));
-    wd[0] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
+    __v16si sc, mn;
+    kquant_scale_min<__v16si>(
+        (__v16si)_mm512_cvtepu8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(scal + 64 + 16 * s))),
+        (__v16si)_mm512_srl_epi32(_mm512_loadu_si512(scal + 192),
+                                  _mm_cvtsi32_si128(static_cast<int>(4 * s))),
+        &sc, &mn);
+    wd[0] = _mm512_mul_ps(d, _mm512_cvtepi32_ps((__m512i)sc));
     *wm = _mm512_sub_ps(_mm512_setzero_ps(),
-                        _mm512_mul_ps(half16(scal + 32), _mm512_cvtepi32_ps(mn)));
+                        _mm512_mul_ps(half16(scal + 32), _mm512_cvtepi32_ps((__m512i)mn)));
   } else {
     wd[0] = d;
     if constexpr (layout_of(Type).has_min) *wm = half16(scal + 32);
