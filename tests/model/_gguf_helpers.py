@@ -186,7 +186,11 @@ def write_gguf(model_dir: Path, out: Path, qtype: str = "F32", *, permute: bool 
 # ---- k-quants: random valid blocks and an independent decoder (llama.cpp ggml-quants.c) ------
 
 QK_K = 256
-BLOCK_BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+BLOCK_BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210,
+               "IQ4_NL": 18, "IQ4_XS": 136}
+BLOCK_ELEMS = {"IQ4_NL": 32}                  # every other type here: QK_K
+KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89,
+                          113], dtype=np.float32)   # ggml-common.h kvalues_iq4nl
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -199,7 +203,8 @@ def random_kquant_blocks(qtype: str, num_blocks: int, rng: np.random.Generator,
     (so the decoded weights are finite and of weight-like size)."""
     blocks = rng.integers(0, 256, size=(num_blocks, BLOCK_BYTES[qtype]), dtype=np.uint8)
     d = (rng.uniform(0.5, 1.5, size=(num_blocks, 2)) * scale).astype(np.float16).view(np.uint8)
-    at = {"Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}[qtype]
+    at = {"Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
+          "IQ4_NL": [0], "IQ4_XS": [0]}[qtype]
     for k, offset in enumerate(at):
         blocks[:, offset:offset + 2] = d[:, 2 * k:2 * k + 2]
     return blocks
@@ -215,10 +220,10 @@ def _scale_min_k4(scales: np.ndarray, j: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def reference_dequantize(qtype: str, blocks: np.ndarray) -> np.ndarray:
-    """[n, 256] float32 from [n, bytes] blocks, transcribed from ggml-quants.c
-    dequantize_row_q{2,3,4,5,6}_K."""
+    """[n, block elems] float32 from [n, bytes] blocks, transcribed from ggml-quants.c
+    dequantize_row_q{2,3,4,5,6}_K / dequantize_row_iq4_{nl,xs}."""
     n = blocks.shape[0]
-    y = np.zeros((n, QK_K), dtype=np.float32)
+    y = np.zeros((n, BLOCK_ELEMS.get(qtype, QK_K)), dtype=np.float32)
     b = blocks.astype(np.int32)
     if qtype == "Q4_K" or qtype == "Q5_K":
         d, dmin = _f16(blocks[:, 0:2])[:, None], _f16(blocks[:, 2:4])[:, None]
@@ -288,5 +293,18 @@ def reference_dequantize(qtype: str, blocks: np.ndarray) -> np.ndarray:
                     y[:, out:out + 16] = dl * (((q[:, off:off + 16] >> shift) & 3) - hbit)
                     out += 16
                 m <<= 1
+        return y
+    if qtype == "IQ4_NL":       # 32 values: d, qs[16] (value j < 16 low nibble of byte j)
+        d, qs = _f16(blocks[:, 0:2])[:, None], b[:, 2:18]
+        codes = np.concatenate([qs & 0xF, qs >> 4], axis=1)
+        return d * KVALUES_IQ4NL[codes]
+    if qtype == "IQ4_XS":       # d, scales_h (uint16), scales_l[4], qs[128]
+        d = _f16(blocks[:, 0:2])[:, None]
+        scales_h = b[:, 2] | (b[:, 3] << 8)
+        for ib in range(8):
+            ls = ((b[:, 4 + ib // 2] >> (4 * (ib % 2))) & 0xF) | (((scales_h >> (2 * ib)) & 3) << 4)
+            qs = b[:, 8 + 16 * ib:24 + 16 * ib]
+            codes = np.concatenate([qs & 0xF, qs >> 4], axis=1)
+            y[:, 32 * ib:32 * ib + 32] = d * (ls - 32)[:, None] * KVALUES_IQ4NL[codes]
         return y
     raise ValueError(qtype)

@@ -34,9 +34,9 @@ import numpy as np
 import pytest
 import torch
 
-from _gguf_helpers import (BLOCK_BYTES, QK_K, dequantize_like_gguf, gguf_name, llama3_rope_freqs,
-                           llama_cpp_unpermute, load_hf_tensors, random_kquant_blocks,
-                           reference_dequantize, write_gguf)
+from _gguf_helpers import (BLOCK_BYTES, BLOCK_ELEMS, QK_K, dequantize_like_gguf, gguf_name,
+                           llama3_rope_freqs, llama_cpp_unpermute, load_hf_tensors,
+                           random_kquant_blocks, reference_dequantize, write_gguf)
 from _sluice_model_helpers import PagedRunner, load_ours, prompts, randomize_vectors
 from sluice.errors import ModelLoadError
 from sluice.frontend.tokenizer import load_tokenizer
@@ -53,7 +53,7 @@ MODELS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3Fo
           "qwen3_hd32")
 QUANT_TYPES = ("F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1")
 ERROR_GAIN = (1.5, 4.5)
-K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")   # independent decoders
 LENGTHS = [5, 17, 33, 1]
 
 
@@ -230,13 +230,14 @@ def test_kquant_dequantization_matches_ggml_reference(kquant_model, tmp_path, qt
         if values.ndim != 2:
             continue
         rows, cols = values.shape
-        blocks = random_kquant_blocks(qtype, rows * cols // QK_K, rng)
+        elems = BLOCK_ELEMS.get(qtype, QK_K)
+        blocks = random_kquant_blocks(qtype, rows * cols // elems, rng)
         decoded = reference_dequantize(qtype, blocks).reshape(rows, cols)
         name = gguf_name(hf_name)
         if ".attn_q." in name or ".attn_k." in name:   # the file holds llama.cpp's row order
             decoded = llama_cpp_unpermute(decoded, cfg["num_attention_heads"] if ".attn_q." in
                                           name else cfg["num_key_value_heads"])
-        raw[name] = (blocks.reshape(rows, cols // QK_K * BLOCK_BYTES[qtype]),
+        raw[name] = (blocks.reshape(rows, cols // elems * BLOCK_BYTES[qtype]),
                      gguf.GGMLQuantizationType[qtype])
         expected[hf_name] = decoded
     path = write_gguf(kquant_model, tmp_path / f"{qtype}.gguf", raw_tensors=raw)
@@ -417,10 +418,10 @@ def _broken_files(gguf_files, models, root: Path) -> dict[str, tuple[Path, str]]
     unknown = write_gguf(src, root / "unknown_type.gguf")
     _patch_first_tensor_type(unknown, 99)
     files["unknown_type"] = (unknown, "not a readable GGUF file: unknown tensor type .*99")
-    iq4_nl = np.zeros((128, 64 // 32 * 18), np.uint8)   # [128, 64] in blocks of 32 -> 18 bytes
-    files["unsupported_type"] = (write_gguf(src, root / "iq4.gguf", raw_tensors={
-        "blk.0.ffn_up.weight": (iq4_nl, gguf.GGMLQuantizationType.IQ4_NL)}),
-        "IQ4_NL .*not supported")
+    mxfp4 = np.zeros((128, 64 // 32 * 17), np.uint8)   # [128, 64] in blocks of 32 -> 17 bytes
+    files["unsupported_type"] = (write_gguf(src, root / "mxfp4.gguf", raw_tensors={
+        "blk.0.ffn_up.weight": (mxfp4, gguf.GGMLQuantizationType.MXFP4)}),
+        "MXFP4 .*not supported")
     files["unknown_tensor"] = (write_gguf(src, root / "extra.gguf", raw_tensors={
         "blk.0.ffn_gate_exps.weight": (np.zeros((4, 4), np.float32), None)}),
         "blk.0.ffn_gate_exps.weight are not part of the llama architecture")
