@@ -46,9 +46,17 @@ MIN_LOGPROB = -9999.0
 REQUEST_ID_HEADER = "x-request-id"
 
 
+#: characters a JSON string may hold raw that line readers built on str.splitlines (httpx's
+#: `aiter_lines`, ...) take for line ends, splitting an event: sent as JSON escapes instead
+#: (the same string to any JSON parser; outside strings JSON never holds them)
+_LINE_BREAKING = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028",
+                                "\u2029": "\\u2029"})
+
+
 def sse(data: str) -> str:
-    """One server-sent event carrying `data` (a JSON document)."""
-    return f"data: {data}\n\n"
+    """One server-sent event carrying `data` (a JSON document), with U+0085 / U+2028 / U+2029
+    escaped (`_LINE_BREAKING`): each event stays one line for any client's line reader."""
+    return f"data: {data.translate(_LINE_BREAKING)}\n\n"
 
 
 @dataclass
