@@ -488,3 +488,51 @@ def test_q5_0_layers_run_packed_on_vnni(cpu_ops, tiny_model_factory, tmp_path):
             and int(a[k][-1].argmax()) == int(b[k][-1].argmax())}
     assert len(same) >= 2
     assert_int8_logits_close({k: v for k, v in a.items() if k[0] == "p" or k in same}, b)
+
+
+def test_iq4_nl_layers_load_as_exact_q8_0_blocks(cpu_ops, tiny_model_factory, tmp_path, caplog):
+    """IQ4_NL has no kernels of its own: its blocks load as the Q8_0 blocks of the same values
+    (`gguf_convert`: d and the 32 codebook entries, bit-identical dequantization, checked
+    against the decoder transcribed from ggml-quants.c) and run as Q8_0, packed on an x86 CPU
+    with AVX2; with float activations (`--quantization gguf`) the logits equal the same weights
+    dequantized to float (`--quantization none`) up to summation order."""
+    import gguf
+    from _gguf_helpers import gguf_name, load_hf_tensors, random_kquant_blocks, \
+        reference_dequantize, write_gguf
+    from sluice.model.gguf_convert import iq4_nl_as_q8_0
+    from sluice.model_spec.gguf import prepare_gguf
+    from sluice.testing.tiny_models import TinyModelSpec
+
+    rng = np.random.default_rng(0)
+    blocks = random_kquant_blocks("IQ4_NL", 64, rng, scale=1e-2).reshape(16, -1)
+    assert np.array_equal(dequantize_blocks(torch.from_numpy(iq4_nl_as_q8_0(blocks)),
+                                            "Q8_0").numpy(),
+                          reference_dequantize("IQ4_NL", blocks.reshape(-1, 18)).reshape(16, -1))
+    src = tiny_model_factory("llama_h256_iq4", TinyModelSpec(
+        hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2))
+    raw = {}
+    for name, values in load_hf_tensors(src).items():
+        if values.ndim == 2 and "embed" not in name:
+            rows, cols = values.shape
+            raw[gguf_name(name)] = (random_kquant_blocks("IQ4_NL", rows * cols // 32, rng,
+                                                         scale=1e-2).reshape(rows, -1),
+                                    gguf.GGMLQuantizationType.IQ4_NL)
+    model_dir = prepare_gguf(write_gguf(src, tmp_path / "iq4.gguf", raw_tensors=raw),
+                             tmp_path / "sidecars")
+    with caplog.at_level("INFO", logger="sluice.model"):
+        ours = load_ours(model_dir, layer_ops="cpu", attn_backend="cpu_paged")
+    assert "IQ4_NL as Q8_0 (" in caplog.text, caplog.text
+    floats = load_ours(model_dir, layer_ops="cpu", attn_backend="cpu_paged", quantization="none")
+    layers = {n: m for n, m in ours.named_modules() if isinstance(m, LinearBase)}
+    plain = dict(floats.named_modules())
+    assert layers and all(m.linear_method.qtype == "Q8_0" and m.linear_method.int8_activations
+                          for m in layers.values())
+    for name, module in layers.items():
+        assert torch.equal(module.linear_method.dequantized_weight(module),
+                           plain[name].weight), name
+    exact = load_ours(model_dir, layer_ops="cpu", attn_backend="cpu_paged", quantization="gguf")
+    assert all(m.linear_method.qtype == "Q8_0" and not m.linear_method.int8_activations
+               for m in exact.modules() if isinstance(m, LinearBase))
+    a, b = _logits(exact), _logits(floats)
+    for key in a:
+        assert ((a[key] - b[key]).norm() / b[key].norm()).item() <= 1e-5, key
