@@ -22,8 +22,8 @@ which are always correct):
   projection's plain float32 weight and its oneDNN packed copy, `layer.packed_weight`, or
   none), `GgufBlockLinearMethod` (the uint8 GGUF blocks and their GGML type id: the stack
   runs the same `gguf_linear` as the layer; `ActOrderBlockLinearMethod` likewise, on the
-  activations gathered in the layer's `input_order`) and `HalfWeightLinearMethod` (bf16 / fp16 weights,
-  as the layer: oneDNN's bf16 GEMM on the layer's packed copy where there is one, else
+  activations gathered in the layer's `input_order`) and `HalfWeightLinearMethod` (bf16 /
+  fp16 weights, as the layer: oneDNN's bf16 GEMM on the layer's packed copy where there is one, else
   `gguf_linear` with type BF16 / F16); a method that changes
   the product otherwise is not seen by the C++ stack, so the stack steps aside for it. LoRA
   (`--enable-lora`, `sluice.lora.layers.LoRALinearMethod` around one of those) is a step

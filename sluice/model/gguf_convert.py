@@ -12,16 +12,14 @@ them to float at load.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 IQ4_NL_BYTES, Q8_0_BYTES = 18, 34   # per 32-value block
 KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89,
                           113], dtype=np.int8)
 """ggml-common.h `kvalues_iq4nl`."""
-
-LOAD_AS = {"IQ4_NL": "Q8_0"}
-"""GGUF file type -> the block type its blocks load as (`convert_blocks`)."""
-
 
 def iq4_nl_as_q8_0(blocks: np.ndarray) -> np.ndarray:
     """uint8 IQ4_NL rows [n, nb * 18] -> uint8 Q8_0 rows [n, nb * 34] of the same values
@@ -36,8 +34,12 @@ def iq4_nl_as_q8_0(blocks: np.ndarray) -> np.ndarray:
     return out.reshape(n, -1)
 
 
+CONVERTERS: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
+    "IQ4_NL": ("Q8_0", iq4_nl_as_q8_0)}
+"""GGUF file type -> (the block type its blocks load as, the exact conversion)."""
+LOAD_AS = {src: dst for src, (dst, _) in CONVERTERS.items()}
+
+
 def convert_blocks(blocks: np.ndarray, src: str) -> np.ndarray:
-    """`blocks` of GGUF type `src` (a key of LOAD_AS) as blocks of LOAD_AS[src]."""
-    if src != "IQ4_NL":
-        raise ValueError(f"no exact conversion for {src}")
-    return iq4_nl_as_q8_0(blocks)
+    """`blocks` of GGUF type `src` (a key of CONVERTERS) as blocks of LOAD_AS[src]."""
+    return CONVERTERS[src][1](blocks)

@@ -9,8 +9,9 @@ A format's reader (`compressed_tensors.read`, `gptq_awq.read`) turns its files i
 
 with g(k) = k // (in / groups) (groups are runs of inputs) or, for GPTQ's activation order, a
 per-input group index (then a kept layer stores W[:, order], its inputs sorted by group, and
-gathers its activations in that order: `layers/act_order_linear.py`). Scales, zero points and group indexes are read up front (they are
-small); each weight's integers are unpacked as the weight streams past.
+gathers its activations in that order: `layers/act_order_linear.py`). Scales, zero points and
+group indexes are read up front (they are small); each weight's integers are unpacked as the
+weight streams past.
 
 `quantized_weight_source` then gives the decoder's linear layers whose weights are all
 quantized a `GgufBlockLinearMethod` of the reader's block type and yields their rows as
@@ -44,10 +45,9 @@ from torch import nn
 
 from sluice.errors import ModelLoadError
 from sluice.model.gguf_quant import use_block_method
-from sluice.model.layers.act_order_linear import (ActOrderBlockLinearMethod, act_order_fits,
-                                                  input_order)
+from sluice.model.layers.act_order_linear import ActOrderBlockLinearMethod, input_order
 from sluice.model.layers.gguf_linear import BLOCK_TYPES, GgufBlockLinearMethod
-from sluice.model.layers.linear import LazyTensor, LinearBase, materialize
+from sluice.model.layers.linear import LazyTensor, LinearBase, RowParallelLinear, materialize
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +184,21 @@ def to_blocks(q: torch.Tensor, scale: torch.Tensor, qtype: str,
     u = (values + 8).to(torch.uint8)
     blocks[:, :, start:] = u[:, :, :16] | (u[:, :, 16:] << 4)
     return blocks.view(n, -1), err
+
+
+def act_order_fits(module: nn.Module, groups: list[torch.Tensor]) -> str | None:
+    """Why the per-input groups of a layer's checkpoint parts (one int64 [in] per fused part)
+    cannot run as an `ActOrderBlockLinearMethod` (its inputs sorted by group, every block in
+    one group), or None where they can."""
+    first = groups[0]
+    if any(not torch.equal(first, g) for g in groups[1:]):
+        return "its fused parts order their inputs differently"
+    sizes = torch.bincount(first)
+    if bool((sizes != sizes[0]).any()) or int(sizes[0]) % BLOCK:
+        return "its groups are not equal runs of whole 32-value blocks"
+    if isinstance(module, RowParallelLinear) and module.tp_size > 1:
+        return "a row-parallel shard under tensor parallelism"
+    return None
 
 
 def keep_block_layers(model: nn.Module, stored: StoredQuantization,

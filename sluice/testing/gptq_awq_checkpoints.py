@@ -92,9 +92,10 @@ def _quantize_linears(tensors: dict[str, torch.Tensor], quantize_one
 
 def quantize_gptq(tensors: dict[str, torch.Tensor], bits: int = 4, group_size: int = 128,
                   sym: bool = True, desc_act: bool = False, checkpoint_format: str = "gptq",
-                  seed: int = 0) -> tuple[dict, dict]:
+                  seed: int = 0, shared_input_order: bool = True) -> tuple[dict, dict]:
     """A float checkpoint's tensors -> (its GPTQ tensors (module doc), the same with every
-    quantized weight as its float32 oracle W')."""
+    quantized weight as its float32 oracle W'). `shared_input_order` False: every linear layer
+    gets an activation order of its own (q/k/v, gate/up too), unlike GPTQ's."""
     gen = torch.Generator().manual_seed(seed)
     offset = 1 if checkpoint_format == "gptq" else 0
     mask = (1 << bits) - 1
@@ -103,7 +104,7 @@ def quantize_gptq(tensors: dict[str, torch.Tensor], bits: int = 4, group_size: i
 
     def input_order(name: str, k: int) -> torch.Tensor:
         prefix, linear = name.rsplit(".", 2)[:2]
-        reads = SHARED_INPUT.get(linear, linear)
+        reads = SHARED_INPUT.get(linear, linear) if shared_input_order else linear
         if (prefix, reads) not in orders:
             orders[prefix, reads] = torch.randperm(k, generator=gen)
         return orders[prefix, reads]

@@ -63,14 +63,16 @@ def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write(llama_dir: Path, root: Path, kind: str, options: dict) -> tuple[Path, Path]:
-    """(the quantized checkpoint dir, the float32 dir of its oracle W')."""
+def write(llama_dir: Path, root: Path, kind: str, options: dict,
+          **writer_only) -> tuple[Path, Path]:
+    """(the quantized checkpoint dir, the float32 dir of its oracle W'); `writer_only`: more
+    keywords of quantize_gptq (not config fields)."""
     tensors = _tensors(llama_dir)
     if kind == "awq":
         quantized, dequantized = quantize_awq(tensors, options["group_size"])
         config = awq_config(options["group_size"])
     else:
-        quantized, dequantized = quantize_gptq(tensors, **options)
+        quantized, dequantized = quantize_gptq(tensors, **options, **writer_only)
         config = gptq_config(**options)
     return (write_checkpoint(llama_dir, root / "quantized", config, quantized),
             write_checkpoint(llama_dir, root / "float", None, dequantized))
@@ -106,6 +108,13 @@ def test_checkpoint_keeps_its_integers_as_blocks(cpu_ops, packed):
     if "act-order" in kind:    # every layer's inputs reordered (q/k/v and gate/up share one)
         assert all(not torch.equal(m.input_order, torch.arange(m.in_features))
                    for m in layers.values())
+        # the reference path (x needing a gradient) multiplies the same reordered blocks
+        for module in layers.values():
+            x = torch.randn(3, module.in_features)
+            fast = module.linear_method.apply(module, x, None)
+            slow = module.linear_method.apply(module, x.clone().requires_grad_(), None)
+            assert slow.grad_fn is not None
+            torch.testing.assert_close(slow.detach(), fast, rtol=1e-5, atol=1e-5)
     assert ours.model.fused_decode is not None    # decode steps run the C++ stack
     assert ours.lm_head.weight.dtype == torch.float32
     # the float model on the weights the blocks hold: W' itself where exact; with zero points
@@ -234,15 +243,8 @@ def test_act_order_parts_with_different_orders_dequantize(cpu_ops, llama_dir, tm
     orders of their own) cannot gather one input order: it is dequantized exactly and logged;
     the single layers (o, down) keep their reordered blocks. Logits equal the float model's
     on the same weights within the block kernels' tolerance."""
-    from sluice.testing import gptq_awq_checkpoints
-    from sluice.testing.gptq_awq_checkpoints import SHARED_INPUT
-    try:
-        saved = dict(SHARED_INPUT)
-        SHARED_INPUT.clear()                    # every linear layer its own order
-        quant_dir, float_dir = write(llama_dir, tmp_path, "gptq4-act-order",
-                                     CHECKPOINTS["gptq4-act-order"])
-    finally:
-        gptq_awq_checkpoints.SHARED_INPUT.update(saved)
+    quant_dir, float_dir = write(llama_dir, tmp_path, "gptq4-act-order",
+                                 CHECKPOINTS["gptq4-act-order"], shared_input_order=False)
     with caplog.at_level("INFO", logger="sluice.model"):
         ours = load_ours(quant_dir, layer_ops="cpu", attn_backend="cpu_paged",
                          quantization="gptq")

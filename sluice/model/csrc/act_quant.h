@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -18,6 +19,16 @@
 namespace sluice {
 
 constexpr int64_t kActBlock = 32;  // activation values per quantization block
+
+// f(std::integral_constant<int, R>{}) for R = rows clamped to 1 .. Max: a row count as the
+// template argument of the int8 kernels' register blocks (quant_linear.cpp, vnni_linear.cpp).
+template <int Max, typename F>
+inline void with_rows(int64_t rows, F&& f) {
+  if constexpr (Max > 1) {
+    if (rows < Max) return with_rows<Max - 1>(rows, static_cast<F&&>(f));
+  }
+  f(std::integral_constant<int, Max>{});
+}
 
 // q[0 .. 32), *d, *sum of the 32 values at v (header doc).
 inline void quantize_act_block(const float* v, int8_t* q, float* d, int32_t* sum) {

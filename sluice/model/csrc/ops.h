@@ -86,7 +86,8 @@ at::Tensor onednn_bf16_linear(const at::Tensor& x, const at::Tensor& packed,
 // optionally, their oneDNN-packed copies (qkv, o, gate_up, down per layer: used for 2+ rows)
 // and GGML type ids (the same four per layer; 0: float, else GGUF blocks run by gguf_linear)
 // and input orders (the same four; int64 [in]: the projection multiplies x[:, order], as
-// ActOrderBlockLinearMethod does; nullopt: x as it is), then `forward` runs one step. The weight tensors are shared with the model, not copied.
+// ActOrderBlockLinearMethod does; nullopt: x as it is), then `forward` runs one step. The
+// weight tensors are shared with the model, not copied.
 class DecodeStack {
  public:
   DecodeStack(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double eps, double scale,

@@ -880,22 +880,6 @@ void dot_rows_a8(int64_t type, const RowPanel& p, int64_t k, const int8_t* xq, c
 }
 #endif
 
-// f(std::integral_constant<int, R>{}) for R = m (1..kMaxQuantSkinnyRows): the row count as a
-// template argument of the register-blocked kernels.
-template <typename F>
-void with_rows(int64_t m, F&& f) {
-  switch (m) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    default: f(std::integral_constant<int, 8>{}); break;
-  }
-}
-
 int64_t num_threads() { return std::max(1, omp_get_max_threads()); }
 
 // Weight rows per decode kernel call for R x rows: 4 chains (or more) of accumulation in flight
@@ -1032,7 +1016,7 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
     std::vector<int8_t> xq(m * k);
     std::vector<float> xd(m * nb), xs(m * nb);
     quantize_activations(xp, ldx, m, k, xq.data(), xd.data(), xs.data());
-    with_rows(m, [&](auto rows) {
+    sluice::with_rows<kMaxQuantSkinnyRows>(m, [&](auto rows) {
       constexpr int R = decltype(rows)::value;
       for_panels<panel_rows(R)>(n, threads, [&](auto nw, int64_t c) {
         constexpr int NW = decltype(nw)::value;
@@ -1050,7 +1034,7 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
     for (int64_t r = 0; r < m; ++r)
       for (int64_t s = 0; s < subs; ++s)
         xs[r * subs + s] = sluice::sum(xp + r * ldx + s * f.sub_elems, f.sub_elems);
-    with_rows(m, [&](auto rows) {
+    sluice::with_rows<kMaxQuantSkinnyRows>(m, [&](auto rows) {
       constexpr int R = decltype(rows)::value;
       for_panels<panel_rows(R)>(n, threads, [&](auto nw, int64_t c) {
         constexpr int NW = decltype(nw)::value;

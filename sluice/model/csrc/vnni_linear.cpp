@@ -532,19 +532,14 @@ struct Kernel {
   static void rows(int rows, const int8_t* xq, const float* xd, const int32_t* xs,
                    const int32_t* xs16, int64_t k, const uint8_t* w, int64_t ld_tile, bool two,
                    const float* bias, float* out, int64_t ldo, bool prefetch) {
-    for (int t = 0; t < (two ? 2 : 1); ++t)
-      for (int h = 0; h < 2; ++h) {
-        const uint8_t* wt = w + t * ld_tile;
-        const float* bt = bias != nullptr ? bias + kTileCols * t : nullptr;
-        float* ot = out + kTileCols * t;
-        const bool pf = prefetch && h == 0;
-        switch (rows) {
-          case 4: half_tile_product<Type, 4>(xq, xd, xs, xs16, k, wt, h, bt, ot, ldo, pf); break;
-          case 3: half_tile_product<Type, 3>(xq, xd, xs, xs16, k, wt, h, bt, ot, ldo, pf); break;
-          case 2: half_tile_product<Type, 2>(xq, xd, xs, xs16, k, wt, h, bt, ot, ldo, pf); break;
-          default: half_tile_product<Type, 1>(xq, xd, xs, xs16, k, wt, h, bt, ot, ldo, pf);
-        }
-      }
+    sluice::with_rows<kRows>(rows, [&](auto r) {
+      for (int t = 0; t < (two ? 2 : 1); ++t)
+        for (int h = 0; h < 2; ++h)
+          half_tile_product<Type, decltype(r)::value>(
+              xq, xd, xs, xs16, k, w + t * ld_tile, h,
+              bias != nullptr ? bias + kTileCols * t : nullptr, out + kTileCols * t, ldo,
+              prefetch && h == 0);
+    });
   }
 };
 
@@ -706,25 +701,6 @@ SLUICE_VNNI inline void tile_product(const int8_t* xq, const float* xd, const in
   }
 }
 
-// The R-row kernel for R = rows (1..kRows), T tiles.
-template <int64_t Type, int T>
-SLUICE_VNNI inline void rows_product(int rows, const int8_t* xq, const float* xd,
-                                     const int32_t* xs, const int32_t* xs16, int64_t k,
-                                     const uint8_t* w, int64_t ld_tile, const float* bias,
-                                     float* out, int64_t ldo, bool prefetch) {
-  switch (rows) {
-#define SLUICE_ROWS(R)                                                                    \
-  case R:                                                                                 \
-    tile_product<Type, R, T>(xq, xd, xs, xs16, k, w, ld_tile, bias, out, ldo, prefetch); \
-    break;
-    SLUICE_ROWS(4)
-    SLUICE_ROWS(3)
-    SLUICE_ROWS(2)
-    default: tile_product<Type, 1, T>(xq, xd, xs, xs16, k, w, ld_tile, bias, out, ldo, prefetch);
-#undef SLUICE_ROWS
-  }
-}
-
 // The driver's work for rows [0, rows) (rows <= kRows) and one or two tiles (`two`) at w.
 struct VnniKernel {
   static constexpr int kRows = vnni::kRows;
@@ -732,10 +708,13 @@ struct VnniKernel {
   static void rows(int rows, const int8_t* xq, const float* xd, const int32_t* xs,
                    const int32_t* xs16, int64_t k, const uint8_t* w, int64_t ld_tile, bool two,
                    const float* bias, float* out, int64_t ldo, bool prefetch) {
-    if (two)
-      rows_product<Type, 2>(rows, xq, xd, xs, xs16, k, w, ld_tile, bias, out, ldo, prefetch);
-    else
-      rows_product<Type, 1>(rows, xq, xd, xs, xs16, k, w, ld_tile, bias, out, ldo, prefetch);
+    sluice::with_rows<kRows>(rows, [&](auto r) {
+      constexpr int R = decltype(r)::value;
+      if (two)
+        tile_product<Type, R, 2>(xq, xd, xs, xs16, k, w, ld_tile, bias, out, ldo, prefetch);
+      else
+        tile_product<Type, R, 1>(xq, xd, xs, xs16, k, w, ld_tile, bias, out, ldo, prefetch);
+    });
   }
 };
 
@@ -797,7 +776,9 @@ void linear(float* out, int64_t m, int64_t n, int64_t k, const float* x, int64_t
 }
 
 // Which kernel runs the packed layout here: AVX512-VNNI where the CPU has it, else AVX2.
-inline const char* kernel_name() { return vnni_cpu() ? "avx512vnni" : avx2::available() ? "avx2" : ""; }
+inline const char* kernel_name() {
+  return vnni_cpu() ? "avx512vnni" : avx2::available() ? "avx2" : "";
+}
 
 template <class Kernel>
 void run_with(int64_t type, float* out, int64_t m, int64_t n, int64_t k, const float* x,

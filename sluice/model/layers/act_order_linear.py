@@ -13,10 +13,10 @@ each lie in one group when every group holds the same multiple of 32 inputs (GPT
 activations' columns in that order first (one [M, in] copy per call) and runs the block
 kernels of `GgufBlockLinearMethod`. vLLM's GPU kernels (exllama, marlin) reorder the same way.
 
-Where the order cannot apply the layer is dequantized instead (`act_order_fits`): the parts of
-a fused layer (q/k/v, gate/up) with different orders, groups of unequal size or not whole
-blocks, and a row-parallel shard under tensor parallelism (its inputs are a slice of the
-original order, which the sorted weight's columns do not follow).
+Where the order cannot apply the layer is dequantized instead (`quantized_checkpoint`'s
+`act_order_fits`): the parts of a fused layer (q/k/v, gate/up) with different orders, groups of
+unequal size or not whole blocks, and a row-parallel shard under tensor parallelism (its inputs
+are a slice of the original order, which the sorted weight's columns do not follow).
 
 Fast paths compare methods by exact type (`FastPathSupport`): the fused decode stack lists
 this method and gathers each projection's input in its `input_order` (csrc/decode_stack.cpp).
@@ -28,28 +28,11 @@ import torch
 from torch import nn
 
 from sluice.model.layers.gguf_linear import GgufBlockLinearMethod
-from sluice.model.layers.linear import RowParallelLinear
-
-BLOCK = 32   # values per block (Q8_0, Q4_0, Q4_1: what a checkpoint's integers become)
 
 
 def input_order(groups: torch.Tensor) -> torch.Tensor:
     """int64 [in]: the inputs sorted by their group (stable; module doc)."""
     return torch.argsort(groups, stable=True)
-
-
-def act_order_fits(module: nn.Module, groups: list[torch.Tensor]) -> str | None:
-    """Why the per-input groups of a layer's checkpoint parts (one int64 [in] per fused part)
-    cannot run as `ActOrderBlockLinearMethod` (module doc), or None where they can."""
-    first = groups[0]
-    if any(not torch.equal(first, g) for g in groups[1:]):
-        return "its fused parts order their inputs differently"
-    sizes = torch.bincount(first)
-    if bool((sizes != sizes[0]).any()) or int(sizes[0]) % BLOCK:
-        return "its groups are not equal runs of whole 32-value blocks"
-    if isinstance(module, RowParallelLinear) and module.tp_size > 1:
-        return "a row-parallel shard under tensor parallelism"
-    return None
 
 
 class ActOrderBlockLinearMethod(GgufBlockLinearMethod):
@@ -67,8 +50,9 @@ class ActOrderBlockLinearMethod(GgufBlockLinearMethod):
         return super().apply(layer, x.index_select(-1, layer.input_order), bias)
 
     def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
-        """The layer's weight W as float32 [out, in], in the checkpoint's input order."""
-        sorted_weight = super().dequantized_weight(layer)
+        """The layer's weight W as float32 [out, in], in the checkpoint's input order (the
+        blocks, `stored_weight`, hold W[:, order])."""
+        sorted_weight = self.stored_weight(layer)
         weight = torch.empty_like(sorted_weight)
         weight[:, layer.input_order.to(weight.device)] = sorted_weight
         return weight

@@ -53,10 +53,10 @@ in vpdpbusd's order, Q5's fifth bits as lane masks; csrc/vnni_linear.cpp) and ev
 — prefill too — quantizes its activations per 32 values and runs integer block sums (Q8_0:
 1.5-1.9x oneDNN's bf16 GEMM on an AMD EPYC with AVX-512 at 64-512 rows, where the float path
 above ran at ~0.4x; the k-quants 5-6x their dequantize-and-sgemm path at 64 rows). Such a
-layer's `layer_kernel_type` carries VNNI_PACKED_FLAG; `dequantized_weight` unpacks a copy
-(`gguf_layout`). An LM head tied to a block embedding is regrouped too (the embedding's
-lookups, `dequantize_rows`, unpack the 16-row tiles that hold their ids); a weight that any
-other module reads is never regrouped (`plan`).
+layer's `layer_kernel_type` carries VNNI_PACKED_FLAG; `stored_weight` unpacks a copy. An LM
+head tied to a block embedding is regrouped too (the embedding's lookups, `dequantize_rows`,
+unpack the 16-row tiles that hold their ids); a weight that any other module reads is never
+regrouped (`plan`).
 
 The fused decode stack lists this method in its `FastPathSupport` (its projections run
 `gguf_linear` in C++); the greedy screen, which reads a float LM head, does not and steps aside.
@@ -198,22 +198,26 @@ class GgufBlockLinearMethod(LinearMethod):
             if p is not None:
                 set_weight_loader(p, weight_loader)
 
-    def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
-        """The layer's weight as float32 [out, in] (a fresh tensor)."""
+    def stored_weight(self, layer: nn.Module) -> torch.Tensor:
+        """The layer's blocks as float32 [out, in] in their stored column order, what the
+        kernels multiply (a fresh tensor)."""
         blocks = layer.weight
         if getattr(layer, "vnni_packed", False):
-            blocks = self.gguf_layout(blocks)
+            blocks = self._unpack(blocks.detach().cpu().clone()).to(blocks.device)
         return dequantize_blocks(blocks, self.qtype)
 
-    def gguf_layout(self, packed: torch.Tensor) -> torch.Tensor:
-        """A copy of VNNI-packed blocks in the GGUF layout (the C++ `vnni_unpack`; only the
+    def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
+        """The layer's weight as float32 [out, in] (a fresh tensor)."""
+        return self.stored_weight(layer)
+
+    def _unpack(self, blocks: torch.Tensor) -> torch.Tensor:
+        """VNNI-packed CPU blocks -> the GGUF layout, in place (the C++ `vnni_unpack`; only the
         operators pack a weight, so they are loaded here for a method without them, as a
         reference model's)."""
         from sluice.model.cpu_ops import load_cpu_ops
         ops = self.ops if self.ops is not None else load_cpu_ops()
-        blocks = packed.detach().cpu().clone()
         ops.vnni_unpack(blocks, self.block_type.ggml_id)
-        return blocks.to(packed.device)
+        return blocks
 
     def dequantize_rows(self, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` [n] of a block weight (uint8 [N, row bytes]) as float32 [n, in] (an
@@ -222,8 +226,8 @@ class GgufBlockLinearMethod(LinearMethod):
         16-row tiles that hold the ids."""
         if getattr(weight, "vnni_packed", False):
             tiles, where = torch.unique(ids // 16, return_inverse=True)
-            rows = weight.view(-1, 16 * weight.shape[1]).index_select(0, tiles)
-            rows = self.gguf_layout(rows.view(-1, weight.shape[1]))
+            rows = weight.view(-1, 16 * weight.shape[1]).index_select(0, tiles)  # a copy
+            rows = self._unpack(rows.view(-1, weight.shape[1]))
             rows = rows.index_select(0, where * 16 + ids % 16)
         else:
             rows = weight.index_select(0, ids)
@@ -240,7 +244,7 @@ class GgufBlockLinearMethod(LinearMethod):
         x2 = x.reshape(-1, x.shape[-1])
         if self.ops is None or not fast_path_ok(x2, bias) or x.device != weight.device \
                 or (bias is not None and not bias.is_contiguous()):
-            w = self.dequantized_weight(layer).to(device=x.device, dtype=x.dtype)
+            w = self.stored_weight(layer).to(device=x.device, dtype=x.dtype)
             if self.int8_activations and (x2.shape[0] <= MAX_INT8_ACTIVATION_ROWS
                                           or getattr(layer, "vnni_packed", False)):
                 x = quantize_activations_q8(x.float()).to(x.dtype)
