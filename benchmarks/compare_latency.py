@@ -1,13 +1,15 @@
 """Single-request latency: sluice vs llama.cpp, against the memory-bandwidth floor.
 
     python benchmarks/compare_latency.py            # needs compare_peers.py --setup --convert
+    python benchmarks/compare_latency.py --model /tmp/smollm2-bf16 --dtype bfloat16
 
 One request, prompt = 128 token ids (seed 0, the reference model's non-special ids), greedy:
 
     TTFT(128) = best of 5 runs of a 1-token generation (prefill of 128 tokens + first token)
     TPOT      = (best of 3 runs of a 129-token generation - TTFT) / 128
     floor     = bytes of weights read per decode token / measured read bandwidth
-                (every linear layer and the LM head in float32; the embedding reads one row)
+                (every linear layer and the LM head at `--dtype`'s element size; the
+                embedding reads one row)
     bandwidth = median of 7 `torch.sum` passes over a 1 GiB float32 tensor in transparent huge
                 pages (as sluice's weights), both threads (the median: on a shared VM single
                 passes swing by 2x; with 4 KiB pages the same sum reads ~20% slower), read
@@ -16,9 +18,11 @@ One request, prompt = 128 token ids (seed 0, the reference model's non-special i
                 within minutes, so one reading for the whole script can be far from the one
                 a backend ran under)
 
-sluice runs in this interpreter (`LLM`, prefix caching off, defaults otherwise); llama.cpp runs
-its high-level API (`llama_cpp.Llama.generate`, n_threads=2, f32 GGUF) in the `llamacpp` venv of
-compare_peers.py. Both read the same prompt from `<work-dir>/latency-prompt.json`.
+sluice runs in this interpreter (`LLM`, `--dtype`, prefix caching off, defaults otherwise);
+llama.cpp runs its high-level API (`llama_cpp.Llama.generate`, n_threads=2) in the `llamacpp`
+venv of compare_peers.py on the GGUF of `--model` at `--dtype` (f32 / bf16 / f16, the file
+compare_peers.py names and converts: `--convert` there, or here when the file is missing). Both
+read the same prompt from `<work-dir>/latency-prompt.json`.
 
 `--gguf FILE` (e.g. ~/.cache/sluice-tests/SmolLM2-135M-Instruct.Q4_1.gguf): both backends run
 that quantized file instead (needs only `compare_peers.py --setup`); sluice once per
@@ -43,7 +47,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_peers import (  # noqa: E402
-    LLAMACPP_EXTRA_BUFTS_ENV, LLAMACPP_PRELUDE, REPO, Work, log)
+    GGUF_OUTTYPES, LLAMACPP_EXTRA_BUFTS_ENV, LLAMACPP_PRELUDE, REPO, Work, do_convert, gguf_path,
+    log)
 
 PROMPT_LEN = 128
 OUTPUT_LEN = 129  # TPOT is measured over the 128 tokens after the first
@@ -103,9 +108,10 @@ def between_bandwidth_readings(run: Callable[[], dict], weight_bytes: int) -> di
     return row
 
 
-def decode_weight_bytes(model: str) -> int:
-    """float32 bytes of the weights one decode token reads: every 2-D weight except the
-    embedding table (one row of it is read), plus the LM head (the embedding again if tied)."""
+def decode_weight_bytes(model: str, element_size: int = 4) -> int:
+    """Bytes of the weights one decode token reads at `element_size` bytes per weight (4:
+    float32, 2: bf16 / fp16): every weight except the embedding table (one row of it is read),
+    plus the LM head (the embedding again if tied)."""
     from safetensors import safe_open
     total = 0
     config = json.loads((Path(model) / "config.json").read_text())
@@ -118,9 +124,9 @@ def decode_weight_bytes(model: str) -> int:
                 n = 1
                 for d in shape:
                     n *= d
-                total += 4 * n
+                total += element_size * n
     if config.get("tie_word_embeddings"):
-        total += 4 * config["vocab_size"] * config["hidden_size"]
+        total += element_size * config["vocab_size"] * config["hidden_size"]
     return total
 
 
@@ -134,9 +140,10 @@ def gguf_decode_weight_bytes(path: Path) -> int:
     return total
 
 
-def sluice_latency(model: str, prompt: list[int], quantization: str | None = None) -> dict:
+def sluice_latency(model: str, prompt: list[int], quantization: str | None = None,
+                   dtype: str = "auto") -> dict:
     from sluice import LLM, SamplingParams
-    llm = LLM(model, enable_prefix_caching=False, quantization=quantization)
+    llm = LLM(model, enable_prefix_caching=False, quantization=quantization, dtype=dtype)
 
     def run(n: int) -> float:
         params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
@@ -171,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/sluice-peers"))
     parser.add_argument("--model", default="reference")
+    parser.add_argument("--dtype", default=None, choices=sorted(GGUF_OUTTYPES),
+                        help="sluice's --dtype, and the float GGUF llama.cpp runs for --model "
+                        "(f32 / bf16 / f16) [default: float32; with --gguf, sluice's 'auto']")
     parser.add_argument("--skip-llamacpp", action="store_true")
     parser.add_argument("--gguf", type=Path, default=None,
                         help="run this GGUF file in both backends (module doc)")
@@ -196,8 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     prompt_file = work.root / "latency-prompt.json"
     prompt_file.write_text(json.dumps(prompt))
 
+    dtype = args.dtype or ("auto" if args.gguf else "float32")
+    element_size = 2 if dtype in ("bfloat16", "float16") else 4
     weight_bytes = (gguf_decode_weight_bytes(Path(model)) if args.gguf
-                    else decode_weight_bytes(model))
+                    else decode_weight_bytes(model, element_size))
+    work.gguf = args.gguf.expanduser() if args.gguf else gguf_path(work, args.model, dtype)
+    if not args.skip_llamacpp and not work.gguf.exists():
+        do_convert(work, model, dtype)
     variants = ([None if q == "default" else q for q in args.sluice_quantization.split(",")]
                 if args.gguf else [None])
     rows: dict[str, dict] = {}
@@ -205,15 +220,16 @@ def main(argv: list[str] | None = None) -> int:
         name = "sluice" if q is None else f"sluice {q}"
         log(f"{name} ...")
         rows[name] = between_bandwidth_readings(
-            lambda q=q: sluice_latency(model, prompt, q), weight_bytes)
+            lambda q=q: sluice_latency(model, prompt, q, dtype), weight_bytes)
     if not args.skip_llamacpp:
         log("llama.cpp ...")
         try:
             rows["llama.cpp"] = between_bandwidth_readings(
-                lambda: llamacpp_latency(work, prompt_file, args.gguf), weight_bytes)
+                lambda: llamacpp_latency(work, prompt_file, work.gguf), weight_bytes)
         except Exception as e:  # a peer that fails is a row with the reason
             rows["llama.cpp"] = {"error": f"{type(e).__name__}: {e}"[:300]}
 
+    print(f"model {model}, --dtype {dtype}, llama.cpp GGUF {work.gguf.name}")
     print(f"prompt {PROMPT_LEN} token ids; floor = {weight_bytes / 1e6:.1f} MB of weights per "
           f"token / the bandwidth read around each backend's runs")
     print(f"{'backend':<14}{'TTFT(128) ms':>14}{'TPOT ms':>10}{'GB/s before/after':>19}"
@@ -233,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
             if name != "llama.cpp":
                 print(f"{name}/llama.cpp: TTFT {s['ttft_s'] / llama['ttft_s']:.2f}x, "
                       f"TPOT {s['tpot_s'] / llama['tpot_s']:.2f}x (below 1 = sluice faster)")
-    report = {"model": str(model), "rows": rows, "decode_weight_bytes": weight_bytes,
+    report = {"model": str(model), "dtype": dtype, "gguf": str(work.gguf), "rows": rows,
+              "decode_weight_bytes": weight_bytes,
               "prompt_len": PROMPT_LEN, "output_len": OUTPUT_LEN}
     (work.root / "results").mkdir(parents=True, exist_ok=True)
     (work.root / "results" / "latency.json").write_text(json.dumps(report, indent=2))
