@@ -31,6 +31,10 @@
 //   F16 (type 1), BF16 (type 30)  1 elem, 2 B: the value as IEEE fp16 / bfloat16 (a float
 //                  weight stored in 16 bits; `w` may also be a float16 / bfloat16 [N, K]
 //                  tensor, read as its bytes)
+//   IQ4_NL (type 20) 32 elems, 18 B: d | qs[16]       v = d * kvalues_iq4nl[q_i], q_i as Q4_0's
+//                  (a 16-entry int8 codebook; no decode kernel of its own here: a weight not
+//                  in vnni_linear.cpp's packed layout runs the panel path below at every M;
+//                  int8 activations, M <= 8, quantize its copy of x)
 //   Q6_K (type 14) 256 elems, 210 B: ql[128] | qh[64] | scales[16] (int8) | d
 //                  halves h = 0, 1 of 128 elements (ql + 64h, qh + 32h, scales + 8h); for
 //                  l < 32, element 128h + l + 32t (t = 0..3) is
@@ -93,8 +97,11 @@
 namespace {
 
 constexpr int64_t kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12,
-                  kQ5_K = 13, kQ6_K = 14, kBF16 = 30;
+                  kQ5_K = 13, kQ6_K = 14, kIQ4_NL = 20, kBF16 = 30;
 constexpr int kMaxQuantSkinnyRows = 8;
+// ggml-common.h's kvalues_iq4nl: IQ4_NL's codebook
+constexpr int8_t kIq4nlValues[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                     1,    13,   25,  38,  53,  69,  89,  113};
 constexpr int64_t kInt8Activations = 256;  // a flag on the type id (see the file comment)
 constexpr int64_t kBf16Products = 512;     // another: more rows may run amx::bf16_linear
 constexpr int64_t kVnniPacked = 1024;      // vnni_linear.cpp's packed layout: every M
@@ -126,6 +133,7 @@ QuantFormat quant_format(int64_t type) {
     case kQ4_K: return {256, 144, 32};
     case kQ5_K: return {256, 176, 32};
     case kQ6_K: return {256, 210, 16};
+    case kIQ4_NL: return {32, 18, 0};
     case kF16: case kBF16: return {1, 2, 0};
     default: break;
   }
@@ -213,6 +221,12 @@ void dequant_row_scalar(int64_t type, const uint8_t* w, float* y, int64_t k) {
     } else if (type == kQ8_0) {
       const float d = f16(blk);
       for (int i = 0; i < 32; ++i) o[i] = static_cast<int8_t>(blk[2 + i]) * d;
+    } else if (type == kIQ4_NL) {
+      const float d = f16(blk);
+      for (int i = 0; i < 16; ++i) {
+        o[i] = d * kIq4nlValues[blk[2 + i] & 15];
+        o[i + 16] = d * kIq4nlValues[blk[2 + i] >> 4];
+      }
     } else if (type == kQ4_K || type == kQ5_K) {
       const float d = f16(blk), dmin = f16(blk + 2);
       const uint8_t *quants, *qh;
@@ -409,6 +423,7 @@ void dot_row_half(const uint8_t* w, int64_t k, const float* x, int64_t ldx, floa
 }
 
 void dequant_row(int64_t type, const uint8_t* w, float* y, int64_t k) {
+  if (type == kIQ4_NL) return dequant_row_scalar(type, w, y, k);  // the panel path's only
   if (type == kBF16) return dequant_row_half<true>(w, y, k);
   if (type == kF16) return dequant_row_half<false>(w, y, k);
   const QuantFormat f = quant_format(type);
@@ -1011,7 +1026,9 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
     return RowPanel{wp + c * ldw, ldw, wp + later * ldw, op + c, n,
                     bp != nullptr ? bp + c : nullptr};
   };
-  if (m <= kMaxQuantSkinnyRows && int8_act && takes_int8_activations(type)) {
+  // IQ4_NL outside the packed layout: the panel path at every M (file comment)
+  const bool skinny = m <= kMaxQuantSkinnyRows && type != kIQ4_NL;
+  if (skinny && int8_act && takes_int8_activations(type)) {
     const int64_t nb = k / 32;
     std::vector<int8_t> xq(m * k);
     std::vector<float> xd(m * nb), xs(m * nb);
@@ -1026,7 +1043,7 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
     return;
   }
 
-  if (m <= kMaxQuantSkinnyRows) {
+  if (skinny) {
     const QuantFormat f = quant_format(type);
     // sums of each x row over the weight's sub-blocks (for the folded constant terms)
     const int64_t subs = f.sub_elems > 0 ? k / f.sub_elems : 0;
@@ -1044,7 +1061,7 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
     return;
   }
 
-  if (bf16_products && k % amx::kTileK == 0 && amx::available()) {
+  if (bf16_products && k % amx::kTileK == 0 && amx::available() && type != kIQ4_NL) {
     amx::bf16_linear(op, m, n, k, xp, ldx, bp,
                      [&](int64_t j, uint16_t* y, int64_t step) {
                        prefetch(wp + std::min(j + ahead, n - 1) * ldw, ldw);  // as the decode
@@ -1055,7 +1072,19 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
   // bf16 products without AMX: the same roundings of x and the weight, then the sgemm below
   std::vector<float> x_rounded;
   int64_t ldx_used = ldx;
-  if (bf16_products) {
+  // IQ4_NL's decode rows with int8 activations (the flag's M <= 8, as for every type)
+  const bool int8_copy = int8_act && type == kIQ4_NL && m <= kMaxQuantSkinnyRows;
+  if (int8_copy) {  // x_q = xq * xd, as the int8 kernels multiply
+    const int64_t nb = k / sluice::kActBlock;
+    std::vector<int8_t> xq(m * k);
+    std::vector<float> xd(m * nb), xs(m * nb);
+    quantize_activations(xp, ldx, m, k, xq.data(), xd.data(), xs.data());
+    x_rounded.resize(m * k);
+    for (int64_t i = 0; i < m * k; ++i)
+      x_rounded[i] = static_cast<float>(xq[i]) * xd[i / sluice::kActBlock];
+    xp = x_rounded.data();
+    ldx_used = k;
+  } else if (bf16_products) {
     x_rounded.resize(m * k);
     for (int64_t r = 0; r < m; ++r) {
       std::copy(xp + r * ldx, xp + r * ldx + k, x_rounded.data() + r * k);
@@ -1081,7 +1110,7 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
       const int64_t n0 = p * nt;
       const int tn = static_cast<int>(std::min(n, n0 + nt) - n0);
       for (int r = 0; r < tn; ++r) dequant_row(type, wp + (n0 + r) * ldw, tile.data() + r * k, k);
-      if (bf16_products) round_to_bf16(tile.data(), tn * k);
+      if (bf16_products && !int8_copy) round_to_bf16(tile.data(), tn * k);
       float* c = op + n0;
       if (bp != nullptr)
         for (int64_t r = 0; r < m; ++r) std::copy(bp + n0, bp + n0 + tn, c + r * n);

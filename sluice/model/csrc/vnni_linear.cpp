@@ -1,4 +1,5 @@
-// GGUF block weights (Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K) x int8 activations
+// GGUF block weights (Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K / IQ4_NL) x int8
+// activations
 // on AVX-512 VNNI (vpdpbusd) or AVX2, any number of rows:
 //
 //   vnni::linear<Type>(out, m, n, k, x, ldx, w, bias):
@@ -13,7 +14,9 @@
 //       Q4_1 / Q5_1: o = 0, wm = the block's fp16 min m;
 //       Q4_K / Q5_K: 32-value sub-block j of a 256-value block: wd = d * sc_j,
 //                    wm = -dmin * m_j (6-bit sc_j, m_j), o = 0;
-//       Q6_K: q in 0..63, o = 32, 16-value sub-block s: wd = d * sc_s (int8 sc_s), wm = 0.
+//       Q6_K: q in 0..63, o = 32, 16-value sub-block s: wd = d * sc_s (int8 sc_s), wm = 0;
+//       IQ4_NL: q = kvalues_iq4nl[its 4-bit index] + 128 (an int8 codebook), o = 128: the
+//               index is stored as Q4_0's nibble and looked up (vpshufb) as it is loaded.
 // The same product as gguf_linear's int8-activation decode kernels, whose results it equals up
 // to float32 summation order. A (half-)block's products are summed exactly in int32; one
 // float32 FMA per (row, channel, (half-)block) applies xd * wd (and one more the min).
@@ -33,7 +36,7 @@
 //     Q6_K (+128 B): bits 4-5 of q in byte 256 + 64 (e / 16) + 4 c + e % 4 at bit
 //           2 (2 ((e / 8) % 2) + (e % 8) / 4).
 // Scalars after the sub-records (fp16 values as stored, channel c at 2c):
-//   Q8_0 / Q4_0 / Q5_0: [0] d x 16;  Q4_1 / Q5_1: [0] d, [32] m;
+//   Q8_0 / Q4_0 / Q5_0 / IQ4_NL: [0] d x 16;  Q4_1 / Q5_1: [0] d, [32] m;
 //   Q4_K / Q5_K: [0] d, [32] dmin, [64 + 16 j + c] (sc_j & 15) | (m_j & 15) << 4 (j < 8),
 //                [192 + 4 c] uint32 with bits 4j .. 4j + 3 = sc_j >> 4 | (m_j >> 4) << 2;
 //   Q6_K: [0] d, [32 + 16 s + c] the int8 scale of sub-block s (s < 16).
@@ -74,7 +77,19 @@ constexpr int64_t kTileCols = 16;  // output channels per packed tile
 constexpr int64_t kBlock = sluice::kActBlock;  // K values per block
 // the GGML type ids it packs
 constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12,
-                  kQ5_K = 13, kQ6_K = 14;
+                  kQ5_K = 13, kQ6_K = 14, kIQ4_NL = 20;
+// ggml-common.h's kvalues_iq4nl (IQ4_NL's codebook) in each 16-byte lane of a vpshufb table:
+// as stored (AVX2, signed products) and + 128 (vpdpbusd's unsigned operand)
+alignas(64) constexpr int8_t kIq4nlSigned[64] = {
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+alignas(64) constexpr uint8_t kIq4nlUnsigned[64] = {
+    1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241,
+    1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241,
+    1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241,
+    1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241};
 
 // The per-type constants of the layout above.
 struct Layout {
@@ -98,6 +113,7 @@ constexpr Layout layout_of(int64_t type) {
     case kQ5_1: return Layout{32, 24, 320, 0, true, true};
     case kQ4_K: return Layout{256, 144, 256, 0, true, false};
     case kQ5_K: return Layout{256, 176, 320, 0, true, true};
+    case kIQ4_NL: return Layout{32, 18, 256, 128, false, false};
     default: return Layout{256, 210, 384, 32, false, false};  // Q6_K
   }
 }
@@ -107,13 +123,13 @@ constexpr bool is_kquant(int64_t type) { return type == kQ4_K || type == kQ5_K; 
 bool packable(int64_t type) {
   switch (type) {
     case kQ8_0: case kQ4_0: case kQ4_1: case kQ5_0: case kQ5_1: case kQ4_K: case kQ5_K:
-    case kQ6_K: return true;
+    case kQ6_K: case kIQ4_NL: return true;
     default: return false;
   }
 }
 
 // Everything one GGUF block holds, decoded: the unsigned quants q[e] (Q8_0: int8 + 128; the
-// others their stored value, 0..15 / 0..31 / 0..63), the fp16 bits of d (and of Q4_1 / Q5_1's
+// others their stored value, 0..15 / 0..31 / 0..63; IQ4_NL its codebook index), the fp16 bits of d (and of Q4_1 / Q5_1's
 // m or the k-quants' dmin), the k-quants' 6-bit scales / mins sc[j], mn[j] (j < 8) and Q6_K's
 // int8 scales sc[s] (s < 16). `decode_gguf` and `encode_gguf` are exact inverses.
 struct BlockFields {
@@ -362,7 +378,8 @@ inline void quantize_rows(const float* x, int64_t ldx, int64_t m, int64_t k, int
 // second, so a tile is two 8-channel halves of one ymm each. vpdpbusd(acc, u, s) is
 // acc + vpmaddwd(vpmaddubsw(u, s), 1): the int16 pair sums do not saturate for quants up to
 // 63 (2 * 63 * 127 < 2^15); Q8_0 multiplies its signed quants (u ^ 0x80) through
-// vpsignb (|q| * sign(x, q): 2 * 128 * 127 < 2^15), so its sums start at 0, not -128 sum(xq).
+// vpsignb (|q| * sign(x, q): 2 * 128 * 127 < 2^15), so its sums start at 0, not -128 sum(xq),
+// and IQ4_NL likewise its codebook values, looked up signed.
 // The k-quants' 6-bit scale and min of one sub-block for each channel lane (both kernels; V
 // is GCC's __v8si or __v16si): low = the lane's byte (sc & 15) | (m & 15) << 4, high = its
 // uint32 of high bits already shifted right by 4 s (layout above).
@@ -420,6 +437,11 @@ inline void quant_pair(const uint8_t* sub, int h, int j, __m256i* lo, __m256i* h
   const __m256i raw = load32(sub + 64 * j + 32 * h);
   *lo = _mm256_and_si256(raw, nibble);
   *hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+  if constexpr (Type == kIQ4_NL) {  // the signed codebook values (multiplied as Q8_0's)
+    const __m256i table = load32(reinterpret_cast<const uint8_t*>(kIq4nlSigned));
+    *lo = _mm256_shuffle_epi8(table, *lo);
+    *hi = _mm256_shuffle_epi8(table, *hi);
+  }
   if constexpr (layout_of(Type).fifth_bits) {
     uint32_t mlo, mhi;  // bits 32h .. 32h + 31 of the two uint64 masks
     std::memcpy(&mlo, sub + 256 + 16 * j + 4 * h, 4);
@@ -469,7 +491,8 @@ inline void half_tile_product(const int8_t* xq, const float* xd, const int32_t* 
                               const float* bias, float* out, int64_t ldo, bool prefetch) {
   constexpr Layout l = layout_of(Type);
   constexpr int kHalves = Type == kQ6_K ? 2 : 1;
-  constexpr int kOffset = Type == kQ8_0 ? 0 : l.offset;  // Q8_0: signed quants
+  constexpr bool kSigned = Type == kQ8_0 || Type == kIQ4_NL;  // signed quants (header)
+  constexpr int kOffset = kSigned ? 0 : l.offset;
   constexpr int64_t kBlockBytes = l.record_bytes() / l.subs();
   const int64_t nb = k / kBlock;
   __m256 acc[R];
@@ -506,9 +529,17 @@ inline void half_tile_product(const int8_t* xq, const float* xd, const int32_t* 
         for (int j = 4 / kHalves * hh; j < 4 / kHalves * (hh + 1); ++j) {
           __m256i lo, hi;
           quant_pair<Type>(sub, h, j, &lo, &hi);
-          for (int r = 0; r < R; ++r) {
-            sum[r] = dot4(sum[r], lo, broadcast4(xb + r * k + 8 * j));
-            sum[r] = dot4(sum[r], hi, broadcast4(xb + r * k + 8 * j + 4));
+          if constexpr (kSigned) {  // IQ4_NL: |q| against x with q's sign, as Q8_0
+            const __m256i mlo = _mm256_sign_epi8(lo, lo), mhi = _mm256_sign_epi8(hi, hi);
+            for (int r = 0; r < R; ++r) {
+              sum[r] = dot4(sum[r], mlo, _mm256_sign_epi8(broadcast4(xb + r * k + 8 * j), lo));
+              sum[r] = dot4(sum[r], mhi, _mm256_sign_epi8(broadcast4(xb + r * k + 8 * j + 4), hi));
+            }
+          } else {
+            for (int r = 0; r < R; ++r) {
+              sum[r] = dot4(sum[r], lo, broadcast4(xb + r * k + 8 * j));
+              sum[r] = dot4(sum[r], hi, broadcast4(xb + r * k + 8 * j + 4));
+            }
           }
         }
       }
@@ -573,6 +604,11 @@ SLUICE_VNNI inline void quant_pair(const uint8_t* sub, int j, __m512i* lo, __m51
   const __m512i raw = _mm512_loadu_si512(sub + 64 * j);
   *lo = _mm512_and_si512(raw, nibble);
   *hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
+  if constexpr (Type == kIQ4_NL) {  // codebook value + 128 (o = 128)
+    const __m512i table = _mm512_load_si512(kIq4nlUnsigned);
+    *lo = _mm512_shuffle_epi8(table, *lo);
+    *hi = _mm512_shuffle_epi8(table, *hi);
+  }
   if constexpr (layout_of(Type).fifth_bits) {
     const __m512i sixteen = _mm512_set1_epi8(16);
     uint64_t masks[2];
@@ -794,6 +830,7 @@ void run_with(int64_t type, float* out, int64_t m, int64_t n, int64_t k, const f
     SLUICE_TYPE(kQ4_K)
     SLUICE_TYPE(kQ5_K)
     SLUICE_TYPE(kQ6_K)
+    SLUICE_TYPE(kIQ4_NL)
 #undef SLUICE_TYPE
     default: break;
   }
@@ -826,7 +863,8 @@ namespace {
 // (the packed form's contract).
 void check_packable(const at::Tensor& w, int64_t type, const char* who) {
   TORCH_CHECK(vnni::packable(type), who, ": GGML type ", type,
-              " has no VNNI layout (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K do)");
+              " has no VNNI layout (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K and IQ4_NL "
+              "do)");
   TORCH_CHECK(w.dim() == 2 && w.dtype() == at::kByte && w.device().is_cpu() && w.is_contiguous(),
               who, ": a contiguous CPU uint8 [N, row_bytes] tensor expected");
   const int64_t block_bytes = vnni::layout_of(type).block_bytes;
