@@ -6,7 +6,7 @@ projections) it collects the GGUF tensors that fill its weight (q/k/v, gate/up f
 included) and keeps the blocks when
 
 * they share one type of `gguf_linear.BLOCK_TYPES` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K,
-  Q6_K, IQ4_NL), and
+  Q6_K, IQ4_NL, IQ4_XS), and
 * the layer's local `in_features` is a whole number of blocks (a row-parallel shard under
   tensor parallelism must start on a block boundary; column shards split rows, never blocks).
 

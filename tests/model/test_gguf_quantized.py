@@ -48,7 +48,7 @@ from sluice.testing.tiny_models import TinyModelSpec
 KERNEL_RTOL = 2e-6
 LOGITS_ATOL = 1e-4
 ROWS = (1, 2, 7, 8, 9, 64)
-TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL")
+TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,8 @@ def ops():
 
 def random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     """uint8 [rows, row bytes]: gguf-py's quantization of random weights, or random valid
-    k-quant / IQ4_NL blocks (gguf-py cannot write those)."""
-    if qtype.endswith("_K") or qtype == "IQ4_NL":
+    k-quant / IQ4_NL / IQ4_XS blocks (gguf-py cannot write those)."""
+    if qtype.endswith("_K") or qtype.startswith("IQ4"):
         elems = BLOCK_TYPES[qtype].block_elems
         blocks = random_kquant_blocks(qtype, rows * cols // elems, rng, scale=1e-2)
         return blocks.reshape(rows, -1)

@@ -32,8 +32,13 @@
 //                  weight stored in 16 bits; `w` may also be a float16 / bfloat16 [N, K]
 //                  tensor, read as its bytes)
 //   IQ4_NL (type 20) 32 elems, 18 B: d | qs[16]       v = d * kvalues_iq4nl[q_i], q_i as Q4_0's
-//                  (a 16-entry int8 codebook; no decode kernel of its own here: a weight not
-//                  in vnni_linear.cpp's packed layout runs the panel path below at every M;
+//                  (a 16-entry int8 codebook)
+//   IQ4_XS (type 23) 256 elems, 136 B: d | scales_h (uint16) | scales_l[4] | qs[128]
+//                  sub-block j of 32: ls_j = (scales_l[j / 2] >> 4 (j % 2) & 15) |
+//                  (scales_h >> 2j & 3) << 4, its values IQ4_NL's from qs + 16 j with
+//                  d * (ls_j - 32) for d
+//                  (IQ4_NL and IQ4_XS have no decode kernels of their own here: a weight not in
+//                  vnni_linear.cpp's packed layout runs the panel path below at every M;
 //                  int8 activations, M <= 8, quantize its copy of x)
 //   Q6_K (type 14) 256 elems, 210 B: ql[128] | qh[64] | scales[16] (int8) | d
 //                  halves h = 0, 1 of 128 elements (ql + 64h, qh + 32h, scales + 8h); for
@@ -97,11 +102,13 @@
 namespace {
 
 constexpr int64_t kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12,
-                  kQ5_K = 13, kQ6_K = 14, kIQ4_NL = 20, kBF16 = 30;
+                  kQ5_K = 13, kQ6_K = 14, kIQ4_NL = 20, kIQ4_XS = 23, kBF16 = 30;
 constexpr int kMaxQuantSkinnyRows = 8;
 // ggml-common.h's kvalues_iq4nl: IQ4_NL's codebook
 constexpr int8_t kIq4nlValues[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
                                      1,    13,   25,  38,  53,  69,  89,  113};
+// the codebook types: only the panel path (and vnni_linear.cpp's packed kernel) runs them
+constexpr bool is_codebook_type(int64_t type) { return type == kIQ4_NL || type == kIQ4_XS; }
 constexpr int64_t kInt8Activations = 256;  // a flag on the type id (see the file comment)
 constexpr int64_t kBf16Products = 512;     // another: more rows may run amx::bf16_linear
 constexpr int64_t kVnniPacked = 1024;      // vnni_linear.cpp's packed layout: every M
@@ -134,6 +141,7 @@ QuantFormat quant_format(int64_t type) {
     case kQ5_K: return {256, 176, 32};
     case kQ6_K: return {256, 210, 16};
     case kIQ4_NL: return {32, 18, 0};
+    case kIQ4_XS: return {256, 136, 0};
     case kF16: case kBF16: return {1, 2, 0};
     default: break;
   }
@@ -226,6 +234,19 @@ void dequant_row_scalar(int64_t type, const uint8_t* w, float* y, int64_t k) {
       for (int i = 0; i < 16; ++i) {
         o[i] = d * kIq4nlValues[blk[2 + i] & 15];
         o[i + 16] = d * kIq4nlValues[blk[2 + i] >> 4];
+      }
+    } else if (type == kIQ4_XS) {
+      const float d = f16(blk);
+      uint16_t high;
+      std::memcpy(&high, blk + 2, 2);
+      for (int j = 0; j < 8; ++j) {
+        const int ls = ((blk[4 + j / 2] >> (4 * (j % 2))) & 15) | ((high >> (2 * j)) & 3) << 4;
+        const float dl = d * static_cast<float>(ls - 32);
+        const uint8_t* qs = blk + 8 + 16 * j;
+        for (int i = 0; i < 16; ++i) {
+          o[32 * j + i] = dl * kIq4nlValues[qs[i] & 15];
+          o[32 * j + 16 + i] = dl * kIq4nlValues[qs[i] >> 4];
+        }
       }
     } else if (type == kQ4_K || type == kQ5_K) {
       const float d = f16(blk), dmin = f16(blk + 2);
@@ -423,7 +444,7 @@ void dot_row_half(const uint8_t* w, int64_t k, const float* x, int64_t ldx, floa
 }
 
 void dequant_row(int64_t type, const uint8_t* w, float* y, int64_t k) {
-  if (type == kIQ4_NL) return dequant_row_scalar(type, w, y, k);  // the panel path's only
+  if (is_codebook_type(type)) return dequant_row_scalar(type, w, y, k);  // the panel path's only
   if (type == kBF16) return dequant_row_half<true>(w, y, k);
   if (type == kF16) return dequant_row_half<false>(w, y, k);
   const QuantFormat f = quant_format(type);
@@ -1026,8 +1047,8 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
     return RowPanel{wp + c * ldw, ldw, wp + later * ldw, op + c, n,
                     bp != nullptr ? bp + c : nullptr};
   };
-  // IQ4_NL outside the packed layout: the panel path at every M (file comment)
-  const bool skinny = m <= kMaxQuantSkinnyRows && type != kIQ4_NL;
+  // IQ4_NL / IQ4_XS outside the packed layout: the panel path at every M (file comment)
+  const bool skinny = m <= kMaxQuantSkinnyRows && !is_codebook_type(type);
   if (skinny && int8_act && takes_int8_activations(type)) {
     const int64_t nb = k / 32;
     std::vector<int8_t> xq(m * k);
@@ -1061,7 +1082,8 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
     return;
   }
 
-  if (bf16_products && k % amx::kTileK == 0 && amx::available() && type != kIQ4_NL) {
+  if (bf16_products && k % amx::kTileK == 0 && amx::available() &&
+      !is_codebook_type(type)) {
     amx::bf16_linear(op, m, n, k, xp, ldx, bp,
                      [&](int64_t j, uint16_t* y, int64_t step) {
                        prefetch(wp + std::min(j + ahead, n - 1) * ldw, ldw);  // as the decode
@@ -1072,8 +1094,8 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
   // bf16 products without AMX: the same roundings of x and the weight, then the sgemm below
   std::vector<float> x_rounded;
   int64_t ldx_used = ldx;
-  // IQ4_NL's decode rows with int8 activations (the flag's M <= 8, as for every type)
-  const bool int8_copy = int8_act && type == kIQ4_NL && m <= kMaxQuantSkinnyRows;
+  // the codebook types' decode rows with int8 activations (the flag's M <= 8, as for every type)
+  const bool int8_copy = int8_act && is_codebook_type(type) && m <= kMaxQuantSkinnyRows;
   if (int8_copy) {  // x_q = xq * xd, as the int8 kernels multiply
     const int64_t nb = k / sluice::kActBlock;
     std::vector<int8_t> xq(m * k);

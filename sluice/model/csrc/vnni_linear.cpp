@@ -1,5 +1,5 @@
-// GGUF block weights (Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K / IQ4_NL) x int8
-// activations
+// GGUF block weights (Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K / IQ4_NL / IQ4_XS)
+// x int8 activations
 // on AVX-512 VNNI (vpdpbusd) or AVX2, any number of rows:
 //
 //   vnni::linear<Type>(out, m, n, k, x, ldx, w, bias):
@@ -16,7 +16,9 @@
 //                    wm = -dmin * m_j (6-bit sc_j, m_j), o = 0;
 //       Q6_K: q in 0..63, o = 32, 16-value sub-block s: wd = d * sc_s (int8 sc_s), wm = 0;
 //       IQ4_NL: q = kvalues_iq4nl[its 4-bit index] + 128 (an int8 codebook), o = 128: the
-//               index is stored as Q4_0's nibble and looked up (vpshufb) as it is loaded.
+//               index is stored as Q4_0's nibble and looked up (vpshufb) as it is loaded;
+//       IQ4_XS: IQ4_NL's q and o in 256-value blocks, 32-value sub-block j: wd = d * (ls_j - 32)
+//               (6-bit ls_j), wm = 0.
 // The same product as gguf_linear's int8-activation decode kernels, whose results it equals up
 // to float32 summation order. A (half-)block's products are summed exactly in int32; one
 // float32 FMA per (row, channel, (half-)block) applies xd * wd (and one more the min).
@@ -39,7 +41,9 @@
 //   Q8_0 / Q4_0 / Q5_0 / IQ4_NL: [0] d x 16;  Q4_1 / Q5_1: [0] d, [32] m;
 //   Q4_K / Q5_K: [0] d, [32] dmin, [64 + 16 j + c] (sc_j & 15) | (m_j & 15) << 4 (j < 8),
 //                [192 + 4 c] uint32 with bits 4j .. 4j + 3 = sc_j >> 4 | (m_j >> 4) << 2;
-//   Q6_K: [0] d, [32 + 16 s + c] the int8 scale of sub-block s (s < 16).
+//   Q6_K: [0] d, [32 + 16 s + c] the int8 scale of sub-block s (s < 16);
+//   IQ4_XS: [0] d, [32 + 16 p + c] (ls_2p & 15) | (ls_2p+1 & 15) << 4 (p < 4), [96 + 2 c] uint16
+//           with bits 2j, 2j + 1 = ls_j >> 4.
 // so one 64-byte load (or one nibble half of it) is four consecutive K values of 16 channels:
 // vpdpbusd's unsigned operand, against the signed activations broadcast four at a time. The
 // weight's offset o contributes -o * sum_c xq per (row, (half-)block), known once x is
@@ -77,7 +81,7 @@ constexpr int64_t kTileCols = 16;  // output channels per packed tile
 constexpr int64_t kBlock = sluice::kActBlock;  // K values per block
 // the GGML type ids it packs
 constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12,
-                  kQ5_K = 13, kQ6_K = 14, kIQ4_NL = 20;
+                  kQ5_K = 13, kQ6_K = 14, kIQ4_NL = 20, kIQ4_XS = 23;
 // ggml-common.h's kvalues_iq4nl (IQ4_NL's codebook) in each 16-byte lane of a vpshufb table:
 // as stored (AVX2, signed products) and + 128 (vpdpbusd's unsigned operand)
 alignas(64) constexpr int8_t kIq4nlSigned[64] = {
@@ -114,24 +118,27 @@ constexpr Layout layout_of(int64_t type) {
     case kQ4_K: return Layout{256, 144, 256, 0, true, false};
     case kQ5_K: return Layout{256, 176, 320, 0, true, true};
     case kIQ4_NL: return Layout{32, 18, 256, 128, false, false};
+    case kIQ4_XS: return Layout{256, 136, 256, 128, false, false};
     default: return Layout{256, 210, 384, 32, false, false};  // Q6_K
   }
 }
 
 constexpr bool is_kquant(int64_t type) { return type == kQ4_K || type == kQ5_K; }
+// the types whose 4-bit index is looked up in IQ4_NL's codebook
+constexpr bool is_iq4(int64_t type) { return type == kIQ4_NL || type == kIQ4_XS; }
 
 bool packable(int64_t type) {
   switch (type) {
     case kQ8_0: case kQ4_0: case kQ4_1: case kQ5_0: case kQ5_1: case kQ4_K: case kQ5_K:
-    case kQ6_K: case kIQ4_NL: return true;
+    case kQ6_K: case kIQ4_NL: case kIQ4_XS: return true;
     default: return false;
   }
 }
 
 // Everything one GGUF block holds, decoded: the unsigned quants q[e] (Q8_0: int8 + 128; the
-// others their stored value, 0..15 / 0..31 / 0..63; IQ4_NL its codebook index), the fp16 bits of d (and of Q4_1 / Q5_1's
-// m or the k-quants' dmin), the k-quants' 6-bit scales / mins sc[j], mn[j] (j < 8) and Q6_K's
-// int8 scales sc[s] (s < 16). `decode_gguf` and `encode_gguf` are exact inverses.
+// others their stored value, 0..15 / 0..31 / 0..63; IQ4_NL / IQ4_XS the codebook index), the fp16 bits of d (and of Q4_1 / Q5_1's
+// m or the k-quants' dmin), the k-quants' 6-bit scales / mins sc[j], mn[j] (j < 8), Q6_K's
+// int8 scales sc[s] (s < 16) and IQ4_XS's 6-bit ls_j as sc[j] (j < 8). `decode_gguf` and `encode_gguf` are exact inverses.
 struct BlockFields {
   int q[256];
   uint16_t d, dm;
@@ -157,6 +164,15 @@ void decode_gguf(int64_t type, const uint8_t* blk, BlockFields* f) {
     return;
   }
   f->d = bits16(blk);
+  if (type == kIQ4_XS) {  // d | scales_h | scales_l[4] | qs[128], 32-value sub-block j
+    const uint16_t high = bits16(blk + 2);
+    for (int j = 0; j < 8; ++j)
+      f->sc[j] = static_cast<uint8_t>(((blk[4 + j / 2] >> (4 * (j % 2))) & 15) |
+                                      ((high >> (2 * j)) & 3) << 4);
+    for (int e = 0; e < 256; ++e)
+      f->q[e] = (blk[8 + 16 * (e / 32) + e % 16] >> (4 * ((e % 32) / 16))) & 15;
+    return;
+  }
   if (is_kquant(type)) {  // ggml's get_scale_min_k4
     f->dm = bits16(blk + 2);
     const uint8_t* s = blk + 4;
@@ -202,6 +218,17 @@ void encode_gguf(int64_t type, const BlockFields& f, uint8_t* blk) {
     return;
   }
   std::memcpy(blk, &f.d, 2);
+  if (type == kIQ4_XS) {
+    uint16_t high = 0;
+    for (int j = 0; j < 8; ++j) {
+      blk[4 + j / 2] |= static_cast<uint8_t>((f.sc[j] & 15) << (4 * (j % 2)));
+      high |= static_cast<uint16_t>((f.sc[j] >> 4) << (2 * j));
+    }
+    std::memcpy(blk + 2, &high, 2);
+    for (int e = 0; e < 256; ++e)
+      blk[8 + 16 * (e / 32) + e % 16] |= static_cast<uint8_t>(f.q[e] << (4 * ((e % 32) / 16)));
+    return;
+  }
   if (is_kquant(type)) {
     std::memcpy(blk + 2, &f.dm, 2);
     uint8_t* s = blk + 4;
@@ -280,6 +307,14 @@ void write_packed(int64_t type, const BlockFields& f, int64_t c, uint8_t* rec) {
   }
   if (type == kQ6_K)
     for (int s = 0; s < 16; ++s) scal[32 + 16 * s + c] = f.sc[s];
+  if (type == kIQ4_XS) {
+    uint16_t high = 0;
+    for (int j = 0; j < 8; ++j) {
+      scal[32 + 16 * (j / 2) + c] |= static_cast<uint8_t>((f.sc[j] & 15) << (4 * (j % 2)));
+      high |= static_cast<uint16_t>((f.sc[j] >> 4) << (2 * j));
+    }
+    std::memcpy(scal + 96 + 2 * c, &high, 2);
+  }
 }
 
 void read_packed(int64_t type, const uint8_t* rec, int64_t c, BlockFields* f) {
@@ -311,6 +346,12 @@ void read_packed(int64_t type, const uint8_t* rec, int64_t c, BlockFields* f) {
   }
   if (type == kQ6_K)
     for (int s = 0; s < 16; ++s) f->sc[s] = scal[32 + 16 * s + c];
+  if (type == kIQ4_XS) {
+    const uint16_t high = bits16(scal + 96 + 2 * c);
+    for (int j = 0; j < 8; ++j)
+      f->sc[j] = static_cast<uint8_t>(((scal[32 + 16 * (j / 2) + c] >> (4 * (j % 2))) & 15) |
+                                      ((high >> (2 * j)) & 3) << 4);
+  }
 }
 
 // GGUF rows of one tile (16 rows of row_bytes) -> its packed records, and back.
@@ -388,6 +429,13 @@ inline void kquant_scale_min(V low, V high, V* sc, V* mn) {
   *sc = (low & 15) | ((high & 3) << 4);
   *mn = (low >> 4) | (((high >> 2) & 3) << 4);
 }
+// IQ4_XS's ls_s - 32 of sub-block s for each channel lane: `pair` = the lane's byte of low
+// nibbles of sub-blocks 2 (s / 2), 2 (s / 2) + 1, `high` its uint16 of high bit pairs.
+template <class V>
+inline V iq4xs_scale(V pair, V high, int64_t s) {
+  const int shift = static_cast<int>(4 * (s % 2)), hshift = static_cast<int>(2 * s);
+  return (((pair >> shift) & 15) | (((high >> hshift) & 3) << 4)) - 32;
+}
 
 namespace avx2 {
 
@@ -437,7 +485,7 @@ inline void quant_pair(const uint8_t* sub, int h, int j, __m256i* lo, __m256i* h
   const __m256i raw = load32(sub + 64 * j + 32 * h);
   *lo = _mm256_and_si256(raw, nibble);
   *hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
-  if constexpr (Type == kIQ4_NL) {  // the signed codebook values (multiplied as Q8_0's)
+  if constexpr (is_iq4(Type)) {  // the signed codebook values (multiplied as Q8_0's)
     const __m256i table = load32(reinterpret_cast<const uint8_t*>(kIq4nlSigned));
     *lo = _mm256_shuffle_epi8(table, *lo);
     *hi = _mm256_shuffle_epi8(table, *hi);
@@ -477,6 +525,11 @@ inline void block_factors(const uint8_t* scal, int h, int64_t s, __m256 wd[2], _
     wd[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps((__m256i)sc));
     *wm = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(half8(scal + 32 + 16 * h),
                                                            _mm256_cvtepi32_ps((__m256i)mn)));
+  } else if constexpr (Type == kIQ4_XS) {
+    wd[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps((__m256i)iq4xs_scale<__v8si>(
+        (__v8si)_mm256_cvtepu8_epi32(load8(scal + 32 + 16 * (s / 2) + 8 * h)),
+        (__v8si)_mm256_cvtepu16_epi32(_mm_loadu_si128(
+            reinterpret_cast<const __m128i*>(scal + 96 + 16 * h))), s)));
   } else {
     wd[0] = d;
     if constexpr (layout_of(Type).has_min) *wm = half8(scal + 32 + 16 * h);
@@ -491,7 +544,7 @@ inline void half_tile_product(const int8_t* xq, const float* xd, const int32_t* 
                               const float* bias, float* out, int64_t ldo, bool prefetch) {
   constexpr Layout l = layout_of(Type);
   constexpr int kHalves = Type == kQ6_K ? 2 : 1;
-  constexpr bool kSigned = Type == kQ8_0 || Type == kIQ4_NL;  // signed quants (header)
+  constexpr bool kSigned = Type == kQ8_0 || is_iq4(Type);  // signed quants (header)
   constexpr int kOffset = kSigned ? 0 : l.offset;
   constexpr int64_t kBlockBytes = l.record_bytes() / l.subs();
   const int64_t nb = k / kBlock;
@@ -529,7 +582,7 @@ inline void half_tile_product(const int8_t* xq, const float* xd, const int32_t* 
         for (int j = 4 / kHalves * hh; j < 4 / kHalves * (hh + 1); ++j) {
           __m256i lo, hi;
           quant_pair<Type>(sub, h, j, &lo, &hi);
-          if constexpr (kSigned) {  // IQ4_NL: |q| against x with q's sign, as Q8_0
+          if constexpr (kSigned) {  // IQ4_*: |q| against x with q's sign, as Q8_0
             const __m256i mlo = _mm256_sign_epi8(lo, lo), mhi = _mm256_sign_epi8(hi, hi);
             for (int r = 0; r < R; ++r) {
               sum[r] = dot4(sum[r], mlo, _mm256_sign_epi8(broadcast4(xb + r * k + 8 * j), lo));
@@ -604,7 +657,7 @@ SLUICE_VNNI inline void quant_pair(const uint8_t* sub, int j, __m512i* lo, __m51
   const __m512i raw = _mm512_loadu_si512(sub + 64 * j);
   *lo = _mm512_and_si512(raw, nibble);
   *hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
-  if constexpr (Type == kIQ4_NL) {  // codebook value + 128 (o = 128)
+  if constexpr (is_iq4(Type)) {  // codebook value + 128 (o = 128)
     const __m512i table = _mm512_load_si512(kIq4nlUnsigned);
     *lo = _mm512_shuffle_epi8(table, *lo);
     *hi = _mm512_shuffle_epi8(table, *hi);
@@ -647,6 +700,12 @@ SLUICE_VNNI inline void block_factors(const uint8_t* scal, int64_t s, __m512 wd[
     wd[0] = _mm512_mul_ps(d, _mm512_cvtepi32_ps((__m512i)sc));
     *wm = _mm512_sub_ps(_mm512_setzero_ps(),
                         _mm512_mul_ps(half16(scal + 32), _mm512_cvtepi32_ps((__m512i)mn)));
+  } else if constexpr (Type == kIQ4_XS) {
+    wd[0] = _mm512_mul_ps(d, _mm512_cvtepi32_ps((__m512i)iq4xs_scale<__v16si>(
+        (__v16si)_mm512_cvtepu8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(scal + 32 + 16 * (s / 2)))),
+        (__v16si)_mm512_cvtepu16_epi32(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scal + 96))), s)));
   } else {
     wd[0] = d;
     if constexpr (layout_of(Type).has_min) *wm = half16(scal + 32);
@@ -831,6 +890,7 @@ void run_with(int64_t type, float* out, int64_t m, int64_t n, int64_t k, const f
     SLUICE_TYPE(kQ5_K)
     SLUICE_TYPE(kQ6_K)
     SLUICE_TYPE(kIQ4_NL)
+    SLUICE_TYPE(kIQ4_XS)
 #undef SLUICE_TYPE
     default: break;
   }
@@ -863,8 +923,8 @@ namespace {
 // (the packed form's contract).
 void check_packable(const at::Tensor& w, int64_t type, const char* who) {
   TORCH_CHECK(vnni::packable(type), who, ": GGML type ", type,
-              " has no VNNI layout (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K and IQ4_NL "
-              "do)");
+              " has no VNNI layout (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL and "
+              "IQ4_XS do)");
   TORCH_CHECK(w.dim() == 2 && w.dtype() == at::kByte && w.device().is_cpu() && w.is_contiguous(),
               who, ": a contiguous CPU uint8 [N, row_bytes] tensor expected");
   const int64_t block_bytes = vnni::layout_of(type).block_bytes;

@@ -16,6 +16,8 @@ sluice/model/csrc/quant_linear.cpp):
     Q6_K     14        256          210          6.56
     IQ4_NL   20         32           18          4.5   (value = d * a 16-entry int8 codebook
                                                         entry: the 4-bit index as Q4_0 stores)
+    IQ4_XS   23        256          136          4.25  (IQ4_NL's codebook, a 6-bit scale per
+                                                        32 values)
 
 A layer with this method holds `layer.weight` = the file's bytes as a uint8 Parameter
 [out_features, in_features / block_elems * block_bytes] (row n = output channel n, as in the
@@ -28,8 +30,9 @@ the fused QKV / gate-up row offsets and column-parallel row shards. A row-parall
 
 The product: the C++ `gguf_linear` (layer ops 'cpu', float32 activations): one to eight rows
 stream each weight row's blocks once, unpacked in registers (fp32 FMA with the activations);
-more rows dequantize panels of rows into an fp32 tile and run sgemm on it (IQ4_NL, which has
-only the packed kernel below, takes the panels at every row count when it is not packed). With
+more rows dequantize panels of rows into an fp32 tile and run sgemm on it (IQ4_NL and
+IQ4_XS, which have only the packed kernel below, take the panels at every row count when not
+packed). With
 `bf16_products`, more than eight rows multiply x and the weight rounded to bf16 (float32 sums)
 on every CPU: on one with AMX-BF16 as bf16 tiles on AMX (csrc/amx_gemm.cpp: 3-25x the sgemm at
 64 rows), elsewhere by rounding before the sgemm. Anything else (no C++ operators, another
@@ -101,7 +104,8 @@ BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
     BlockType("Q4_0", 2, 32, 18), BlockType("Q4_1", 3, 32, 20), BlockType("Q5_0", 6, 32, 22),
     BlockType("Q5_1", 7, 32, 24), BlockType("Q8_0", 8, 32, 34),
     BlockType("Q4_K", 12, 256, 144), BlockType("Q5_K", 13, 256, 176),
-    BlockType("Q6_K", 14, 256, 210), BlockType("IQ4_NL", 20, 32, 18))}
+    BlockType("Q6_K", 14, 256, 210), BlockType("IQ4_NL", 20, 32, 18),
+    BlockType("IQ4_XS", 23, 256, 136))}
 """The GGML types whose blocks the linear layers run directly, by GGUF type name."""
 
 INT8_ACTIVATION_TYPES = tuple(BLOCK_TYPES)   # the kernels take int8 activations for every type
