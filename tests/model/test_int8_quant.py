@@ -492,9 +492,9 @@ def test_q5_0_layers_run_packed_on_vnni(cpu_ops, tiny_model_factory, tmp_path):
 
 @pytest.mark.parametrize("qtype", ["IQ4_NL", "IQ4_XS"])
 def test_iq4_layers_keep_their_blocks(cpu_ops, tiny_model_factory, tmp_path, caplog, qtype):
-    """IQ4_NL / IQ4_XS layers keep the file's blocks (4.5 / 4.25 bits per weight): by default with int8
-    activations, regrouped for the packed kernel on an x86 CPU with AVX2 (its codebook looked
-    up as the nibbles are loaded); the weights decode bit-identically to the decoder transcribed
+    """IQ4_NL / IQ4_XS layers keep the file's blocks (4.5 / 4.25 bits per weight): by default
+    with int8 activations, regrouped for the packed kernel on an x86 CPU with AVX2 (its
+    codebook looked up as the nibbles are loaded); the weights decode bit-identically to the decoder transcribed
     from ggml-quants.c and to the float model's (`--quantization none`); with float
     activations (`--quantization gguf`, the panel path) the logits equal the float model's up to
     summation order; IQ4_NL's default logits equal, bit for bit, those of the same values

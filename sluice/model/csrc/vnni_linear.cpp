@@ -136,9 +136,10 @@ bool packable(int64_t type) {
 }
 
 // Everything one GGUF block holds, decoded: the unsigned quants q[e] (Q8_0: int8 + 128; the
-// others their stored value, 0..15 / 0..31 / 0..63; IQ4_NL / IQ4_XS the codebook index), the fp16 bits of d (and of Q4_1 / Q5_1's
-// m or the k-quants' dmin), the k-quants' 6-bit scales / mins sc[j], mn[j] (j < 8), Q6_K's
-// int8 scales sc[s] (s < 16) and IQ4_XS's 6-bit ls_j as sc[j] (j < 8). `decode_gguf` and `encode_gguf` are exact inverses.
+// others their stored value, 0..15 / 0..31 / 0..63; IQ4_NL / IQ4_XS the codebook index), the
+// fp16 bits of d (and of Q4_1 / Q5_1's m or the k-quants' dmin), the k-quants' 6-bit scales /
+// mins sc[j], mn[j] (j < 8), Q6_K's int8 scales sc[s] (s < 16) and IQ4_XS's 6-bit ls_j as
+// sc[j] (j < 8). `decode_gguf` and `encode_gguf` are exact inverses.
 struct BlockFields {
   int q[256];
   uint16_t d, dm;
