@@ -6,7 +6,8 @@ projections) it collects the GGUF tensors that fill its weight (q/k/v, gate/up f
 included) and keeps the blocks when
 
 * they share one type of `gguf_linear.BLOCK_TYPES` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K,
-  Q6_K, IQ4_NL, IQ4_XS), and
+  Q6_K, IQ4_NL, IQ4_XS), counting Q3_K as the Q6_K blocks it loads as (exactly:
+  `gguf_convert.LOAD_AS`), and
 * the layer's local `in_features` is a whole number of blocks (a row-parallel shard under
   tensor parallelism must start on a block boundary; column shards split rows, never blocks).
 
@@ -52,6 +53,7 @@ import torch
 from torch import nn
 
 from sluice.errors import ConfigError
+from sluice.model.gguf_convert import LOAD_AS
 from sluice.model.layers.gguf_linear import BLOCK_TYPES, GgufBlockLinearMethod
 from sluice.model.layers.linear import LinearBase
 from sluice.model.layers.linear_method import set_weight_loader
@@ -149,7 +151,7 @@ def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path | GGUFReader, mode:
         if not isinstance(module, LinearBase) or f"{name}.weight" not in sources:
             continue
         hf_names = sources[f"{name}.weight"]
-        kinds = {types[h] for h in hf_names}
+        kinds = {LOAD_AS.get(types[h], types[h]) for h in hf_names}
         qtype = next(iter(kinds)) if len(kinds) == 1 else None
         if qtype not in BLOCK_TYPES:
             why_not[", ".join(sorted(kinds))] += 1
@@ -164,17 +166,21 @@ def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path | GGUFReader, mode:
     rest = {h: t for h, t in types.items() if h not in kept}
     int8_types = sorted(q for q, m in methods.items() if m.int8_activations)
     vnni = sorted(q for q, m in methods.items() if m.vnni)
-    logger.info("GGUF weights kept quantized: %s; dequantized to %s: %s%s%s%s.",
+    converted = Counter(f"{types[h]} as {LOAD_AS[types[h]]}" for h in kept if types[h] in LOAD_AS)
+    logger.info("GGUF weights kept quantized: %s; dequantized to %s: %s%s%s%s%s.",
                 ", ".join(f"{t} ({n} tensors)" for t, n in sorted(kept_types.items()))
                 or "none", dtype, _summary(rest),
                 f"; int8 activations for {', '.join(int8_types)}" * bool(int8_types),
                 f"; regrouped for the packed int8 kernel: {', '.join(vnni)}" * bool(vnni),
+                "".join(f"; {k} ({n} tensors, exact: gguf_convert)"
+                        for k, n in sorted(converted.items())),
                 "".join(f"; linear layers left float ({n}): {k}" for k, n in why_not.items()))
     return kept
 
 
 def _vocab_method(qtype: str, cols: int, method_for: Callable[[str], GgufBlockLinearMethod]
                   ) -> GgufBlockLinearMethod | None:
+    qtype = LOAD_AS.get(qtype, qtype)
     if qtype not in BLOCK_TYPES or cols % BLOCK_TYPES[qtype].block_elems:
         return None
     return method_for(qtype)

@@ -570,3 +570,54 @@ def _iq4_nl_as_q8_0(blocks: np.ndarray) -> np.ndarray:
     out[..., :2] = b[..., :2]
     out[..., 2:] = KVALUES_IQ4NL[codes].astype(np.int8).view(np.uint8)
     return out.reshape(blocks.shape[0], -1)
+
+
+def test_q3_k_layers_load_as_exact_q6_k_blocks(cpu_ops, tiny_model_factory, tmp_path, caplog):
+    """Q3_K has no kernels of its own: its blocks load as the Q6_K blocks of the same values
+    (`gguf_convert`: sc - 32 as Q6_K's int8 scales, q + 28 as its quants; dequantization
+    bit-identical to the decoder transcribed from ggml-quants.c and to gguf-py's) and run every
+    Q6_K kernel, packed on an x86 CPU with AVX2; with float activations (`--quantization
+    gguf`) the logits equal the same weights dequantized to float (`--quantization none`) up to
+    summation order."""
+    import gguf
+    from gguf.quants import dequantize
+    from _gguf_helpers import gguf_name, load_hf_tensors, random_kquant_blocks, \
+        reference_dequantize, write_gguf
+    from sluice.model.gguf_convert import q3_k_as_q6_k
+    from sluice.model_spec.gguf import prepare_gguf
+    from sluice.testing.tiny_models import TinyModelSpec
+
+    rng = np.random.default_rng(0)
+    blocks = random_kquant_blocks("Q3_K", 8, rng, scale=1e-2).reshape(2, -1)
+    as_q6 = dequantize_blocks(torch.from_numpy(q3_k_as_q6_k(blocks)), "Q6_K").numpy()
+    assert np.array_equal(as_q6, reference_dequantize("Q3_K", blocks.reshape(-1, 110))
+                          .reshape(2, -1))
+    assert np.array_equal(as_q6, dequantize(blocks, gguf.GGMLQuantizationType.Q3_K))
+    src = tiny_model_factory("llama_h256_iq4", TinyModelSpec(
+        hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2))
+    raw = {}
+    for name, values in load_hf_tensors(src).items():
+        if values.ndim == 2 and "embed" not in name:
+            rows, cols = values.shape
+            raw[gguf_name(name)] = (random_kquant_blocks("Q3_K", rows * cols // 256, rng,
+                                                         scale=2e-3).reshape(rows, -1),
+                                    gguf.GGMLQuantizationType.Q3_K)
+    model_dir = prepare_gguf(write_gguf(src, tmp_path / "q3k.gguf", raw_tensors=raw),
+                             tmp_path / "sidecars")
+    with caplog.at_level("INFO", logger="sluice.model"):
+        ours = load_ours(model_dir, layer_ops="cpu", attn_backend="cpu_paged")
+    assert "Q3_K as Q6_K (" in caplog.text, caplog.text
+    packs = bool(cpu_ops.packed_int8_kernel())
+    floats = load_ours(model_dir, layer_ops="cpu", attn_backend="cpu_paged", quantization="none")
+    layers = {n: m for n, m in ours.named_modules() if isinstance(m, LinearBase)}
+    plain = dict(floats.named_modules())
+    assert layers and all(m.linear_method.qtype == "Q6_K" and m.linear_method.int8_activations
+                          and getattr(m, "vnni_packed", False) == packs
+                          for m in layers.values())
+    for name, module in layers.items():
+        assert torch.equal(module.linear_method.dequantized_weight(module),
+                           plain[name].weight), name
+    exact = load_ours(model_dir, layer_ops="cpu", attn_backend="cpu_paged", quantization="gguf")
+    a, b = _logits(exact), _logits(floats)
+    for key in a:   # fp32 summation order, through 4 layers of random weights
+        assert ((a[key] - b[key]).norm() / b[key].norm()).item() <= 1e-4, key
