@@ -490,51 +490,44 @@ def test_q5_0_layers_run_packed_on_vnni(cpu_ops, tiny_model_factory, tmp_path):
     assert_int8_logits_close({k: v for k, v in a.items() if k[0] == "p" or k in same}, b)
 
 
-@pytest.mark.parametrize("qtype", ["IQ4_NL", "IQ4_XS"])
-def test_iq4_layers_keep_their_blocks(cpu_ops, tiny_model_factory, tmp_path, caplog, qtype):
-    """IQ4_NL / IQ4_XS layers keep the file's blocks (4.5 / 4.25 bits per weight): by default
-    with int8 activations, regrouped for the packed kernel on an x86 CPU with AVX2 (its
-    codebook looked up as the nibbles are loaded); the weights decode bit-identically to the decoder transcribed
-    from ggml-quants.c and to the float model's (`--quantization none`); with float
-    activations (`--quantization gguf`, the panel path) the logits equal the float model's up to
-    summation order; IQ4_NL's default logits equal, bit for bit, those of the same values
-    loaded as Q8_0 blocks (the int8 kernels' exact integer block sums; IQ4_XS's 6-bit scales
-    have no such twin)."""
+def _random_block_model(tiny_model_factory, tmp_path, qtype: str, rng: np.random.Generator,
+                        scale: float):
+    """A tiny llama whose 2-D weights but the embedding are random valid `qtype` blocks, as a
+    GGUF file: (the HF source dir, {GGUF name: (blocks, type)}, the prepared model dir)."""
     import gguf
-    from _gguf_helpers import gguf_name, load_hf_tensors, random_kquant_blocks, \
-        reference_dequantize, write_gguf
+    from _gguf_helpers import BLOCK_ELEMS, QK_K, gguf_name, load_hf_tensors, \
+        random_kquant_blocks, write_gguf
     from sluice.model_spec.gguf import prepare_gguf
     from sluice.testing.tiny_models import TinyModelSpec
 
-    rng = np.random.default_rng(0)
-    block = BLOCK_TYPES[qtype]
-    scale = 1e-2 if qtype == "IQ4_NL" else 2e-4         # IQ4_XS: d * (ls - 32), |ls - 32| <= 32
-    blocks = random_kquant_blocks(qtype, 16, rng, scale=scale).reshape(4, -1)
-    decoded = torch.empty(4, 4 * block.block_elems)
-    cpu_ops.gguf_dequantize(decoded, torch.from_numpy(blocks), block.ggml_id)
-    assert np.array_equal(decoded.numpy(), reference_dequantize(
-        qtype, blocks.reshape(-1, block.block_bytes)).reshape(4, -1))
-    src = tiny_model_factory("llama_h256_iq4", TinyModelSpec(
+    src = tiny_model_factory("llama_h256_blocks", TinyModelSpec(
         hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2))
+    elems = BLOCK_ELEMS.get(qtype, QK_K)
     raw = {}
     for name, values in load_hf_tensors(src).items():
         if values.ndim == 2 and "embed" not in name:
             rows, cols = values.shape
-            raw[gguf_name(name)] = (random_kquant_blocks(
-                qtype, rows * cols // block.block_elems, rng, scale=scale).reshape(rows, -1),
-                gguf.GGMLQuantizationType[qtype])
-    model_dir = prepare_gguf(write_gguf(src, tmp_path / "iq4.gguf", raw_tensors=raw),
-                             tmp_path / "sidecars")
-    with caplog.at_level("INFO", logger="sluice.model"):
-        ours = load_ours(model_dir, layer_ops="cpu", attn_backend="cpu_paged")
+            raw[gguf_name(name)] = (random_kquant_blocks(qtype, rows * cols // elems, rng,
+                                                         scale=scale).reshape(rows, -1),
+                                    gguf.GGMLQuantizationType[qtype])
+    model_dir = prepare_gguf(write_gguf(src, tmp_path / f"{qtype}.gguf", raw_tensors=raw),
+                             tmp_path / f"sidecars-{qtype}")
+    return src, raw, model_dir
+
+
+def _assert_runs_blocks(cpu_ops, ours: nn.Module, model_dir, qtype: str
+                        ) -> tuple[dict, dict]:
+    """`ours` (loaded by default) runs its linear layers as `qtype` blocks with int8
+    activations, packed where the CPU has the packed kernel, whose weights equal the float
+    model's (`--quantization none`); with float activations (`--quantization gguf`) the logits
+    equal the float model's up to fp32 summation order (through 4 layers of random weights).
+    Returns the default's and the float model's logits (`_logits`)."""
     packs = bool(cpu_ops.packed_int8_kernel())
-    assert f"kept quantized: {qtype} (" in caplog.text, caplog.text
-    assert (f"regrouped for the packed int8 kernel: {qtype}" in caplog.text) == packs
     floats = load_ours(model_dir, layer_ops="cpu", attn_backend="cpu_paged", quantization="none")
     layers = {n: m for n, m in ours.named_modules() if isinstance(m, LinearBase)}
     plain = dict(floats.named_modules())
     assert layers and all(m.linear_method.qtype == qtype and m.linear_method.int8_activations
-                          and m.weight.shape[1] == block.row_bytes(m.in_features)
+                          and m.weight.shape[1] == BLOCK_TYPES[qtype].row_bytes(m.in_features)
                           and getattr(m, "vnni_packed", False) == packs
                           for m in layers.values())
     for name, module in layers.items():
@@ -544,10 +537,41 @@ def test_iq4_layers_keep_their_blocks(cpu_ops, tiny_model_factory, tmp_path, cap
     assert all(m.linear_method.qtype == qtype and not m.linear_method.int8_activations
                for m in exact.modules() if isinstance(m, LinearBase))
     a, b = _logits(exact), _logits(floats)
-    for key in a:   # fp32 summation order, through 4 layers of random weights
+    for key in a:
         assert ((a[key] - b[key]).norm() / b[key].norm()).item() <= 1e-4, key
-    a = _logits(ours)
-    assert any(not torch.equal(a[k], b[k]) for k in a)     # the activations were quantized
+    default = _logits(ours)
+    assert any(not torch.equal(default[k], b[k]) for k in default)   # int8 activations
+    return default, b
+
+
+@pytest.mark.parametrize("qtype", ["IQ4_NL", "IQ4_XS"])
+def test_iq4_layers_keep_their_blocks(cpu_ops, tiny_model_factory, tmp_path, caplog, qtype):
+    """IQ4_NL / IQ4_XS layers keep the file's blocks (4.5 / 4.25 bits per weight): by default
+    with int8 activations, regrouped for the packed kernel on an x86 CPU with AVX2 (its
+    codebook looked up as the nibbles are loaded), as `_assert_runs_blocks` checks; the C++
+    decoder is bit-identical to the one transcribed from ggml-quants.c; IQ4_NL's default logits
+    equal, bit for bit, those of the same values loaded as Q8_0 blocks (the int8 kernels' exact
+    integer block sums; IQ4_XS's 6-bit scales have no such twin)."""
+    import gguf
+    from _gguf_helpers import reference_dequantize, write_gguf
+    from sluice.model_spec.gguf import prepare_gguf
+
+    rng = np.random.default_rng(0)
+    block = BLOCK_TYPES[qtype]
+    scale = 1e-2 if qtype == "IQ4_NL" else 2e-4         # IQ4_XS: d * (ls - 32), |ls - 32| <= 32
+    src, raw, model_dir = _random_block_model(tiny_model_factory, tmp_path, qtype, rng, scale)
+    blocks = next(iter(raw.values()))[0]
+    decoded = torch.empty(blocks.shape[0], blocks.shape[1] // block.block_bytes
+                          * block.block_elems)
+    cpu_ops.gguf_dequantize(decoded, torch.from_numpy(blocks), block.ggml_id)
+    assert np.array_equal(decoded.numpy(), reference_dequantize(
+        qtype, blocks.reshape(-1, block.block_bytes)).reshape(decoded.shape))
+    with caplog.at_level("INFO", logger="sluice.model"):
+        ours = load_ours(model_dir, layer_ops="cpu", attn_backend="cpu_paged")
+    assert f"kept quantized: {qtype} (" in caplog.text, caplog.text
+    assert (f"regrouped for the packed int8 kernel: {qtype}" in caplog.text) \
+        == bool(cpu_ops.packed_int8_kernel())
+    default, _ = _assert_runs_blocks(cpu_ops, ours, model_dir, qtype)
     if qtype == "IQ4_XS":
         return
     # the same values as Q8_0 blocks (how IQ4_NL loaded before it had a kernel): the same
@@ -557,7 +581,7 @@ def test_iq4_layers_keep_their_blocks(cpu_ops, tiny_model_factory, tmp_path, cap
     q8_dir = prepare_gguf(write_gguf(src, tmp_path / "q8.gguf", raw_tensors=as_q8),
                           tmp_path / "sidecars-q8")
     q8 = _logits(load_ours(q8_dir, layer_ops="cpu", attn_backend="cpu_paged"))
-    assert a.keys() == q8.keys() and all(torch.equal(a[k], q8[k]) for k in a)
+    assert default.keys() == q8.keys() and all(torch.equal(default[k], q8[k]) for k in q8)
 
 
 def _iq4_nl_as_q8_0(blocks: np.ndarray) -> np.ndarray:
@@ -576,48 +600,20 @@ def test_q3_k_layers_load_as_exact_q6_k_blocks(cpu_ops, tiny_model_factory, tmp_
     """Q3_K has no kernels of its own: its blocks load as the Q6_K blocks of the same values
     (`gguf_convert`: sc - 32 as Q6_K's int8 scales, q + 28 as its quants; dequantization
     bit-identical to the decoder transcribed from ggml-quants.c and to gguf-py's) and run every
-    Q6_K kernel, packed on an x86 CPU with AVX2; with float activations (`--quantization
-    gguf`) the logits equal the same weights dequantized to float (`--quantization none`) up to
-    summation order."""
+    Q6_K kernel, packed on an x86 CPU with AVX2 (`_assert_runs_blocks`)."""
     import gguf
     from gguf.quants import dequantize
-    from _gguf_helpers import gguf_name, load_hf_tensors, random_kquant_blocks, \
-        reference_dequantize, write_gguf
+    from _gguf_helpers import reference_dequantize
     from sluice.model.gguf_convert import q3_k_as_q6_k
-    from sluice.model_spec.gguf import prepare_gguf
-    from sluice.testing.tiny_models import TinyModelSpec
 
     rng = np.random.default_rng(0)
-    blocks = random_kquant_blocks("Q3_K", 8, rng, scale=1e-2).reshape(2, -1)
+    _, raw, model_dir = _random_block_model(tiny_model_factory, tmp_path, "Q3_K", rng, 2e-3)
+    blocks = next(iter(raw.values()))[0]
     as_q6 = dequantize_blocks(torch.from_numpy(q3_k_as_q6_k(blocks)), "Q6_K").numpy()
     assert np.array_equal(as_q6, reference_dequantize("Q3_K", blocks.reshape(-1, 110))
-                          .reshape(2, -1))
+                          .reshape(as_q6.shape))
     assert np.array_equal(as_q6, dequantize(blocks, gguf.GGMLQuantizationType.Q3_K))
-    src = tiny_model_factory("llama_h256_iq4", TinyModelSpec(
-        hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2))
-    raw = {}
-    for name, values in load_hf_tensors(src).items():
-        if values.ndim == 2 and "embed" not in name:
-            rows, cols = values.shape
-            raw[gguf_name(name)] = (random_kquant_blocks("Q3_K", rows * cols // 256, rng,
-                                                         scale=2e-3).reshape(rows, -1),
-                                    gguf.GGMLQuantizationType.Q3_K)
-    model_dir = prepare_gguf(write_gguf(src, tmp_path / "q3k.gguf", raw_tensors=raw),
-                             tmp_path / "sidecars")
     with caplog.at_level("INFO", logger="sluice.model"):
         ours = load_ours(model_dir, layer_ops="cpu", attn_backend="cpu_paged")
     assert "Q3_K as Q6_K (" in caplog.text, caplog.text
-    packs = bool(cpu_ops.packed_int8_kernel())
-    floats = load_ours(model_dir, layer_ops="cpu", attn_backend="cpu_paged", quantization="none")
-    layers = {n: m for n, m in ours.named_modules() if isinstance(m, LinearBase)}
-    plain = dict(floats.named_modules())
-    assert layers and all(m.linear_method.qtype == "Q6_K" and m.linear_method.int8_activations
-                          and getattr(m, "vnni_packed", False) == packs
-                          for m in layers.values())
-    for name, module in layers.items():
-        assert torch.equal(module.linear_method.dequantized_weight(module),
-                           plain[name].weight), name
-    exact = load_ours(model_dir, layer_ops="cpu", attn_backend="cpu_paged", quantization="gguf")
-    a, b = _logits(exact), _logits(floats)
-    for key in a:   # fp32 summation order, through 4 layers of random weights
-        assert ((a[key] - b[key]).norm() / b[key].norm()).item() <= 1e-4, key
+    _assert_runs_blocks(cpu_ops, ours, model_dir, "Q6_K")
