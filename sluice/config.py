@@ -67,9 +67,8 @@ class ModelConfig:
                         choices=DTYPES)
     quantization: str | None = option(
         None, "How quantized weights run (vLLM's flag). Unset: as stored; for a .gguf model "
-        "the Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K/Q6_K/IQ4_NL/IQ4_XS weights of the linear "
-        "layers, embedding and LM head (and Q3_K ones, as the exact Q6_K blocks of their "
-        "values) stay in their blocks and are dequantized on the fly inside sluice's CPU kernels "
+        "the Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q3_K/Q4_K/Q5_K/Q6_K/IQ4_NL/IQ4_XS weights of the "
+        "linear layers, embedding and LM head stay in their blocks and are dequantized on the fly inside sluice's CPU kernels "
         "(with --kernels auto on CPU in float32; llama.cpp's memory), other tensors are "
         "dequantized to --dtype at load; these blocks multiply activations "
         "quantized to int8 per 32 values, as llama.cpp does (on an x86 CPU with AVX2 or AVX512-VNNI at "

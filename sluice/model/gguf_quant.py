@@ -5,11 +5,14 @@ model is built and before its weights load. For every linear layer (`LinearBase`
 projections) it collects the GGUF tensors that fill its weight (q/k/v, gate/up fused ones
 included) and keeps the blocks when
 
-* they share one type of `gguf_linear.BLOCK_TYPES` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K,
-  Q6_K, IQ4_NL, IQ4_XS), counting Q3_K as the Q6_K blocks it loads as (exactly:
-  `gguf_convert.LOAD_AS`), and
+* they share one type of `gguf_linear.BLOCK_TYPES` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K,
+  Q5_K, Q6_K, IQ4_NL, IQ4_XS), and
 * the layer's local `in_features` is a whole number of blocks (a row-parallel shard under
-  tensor parallelism must start on a block boundary; column shards split rows, never blocks).
+  tensor parallelism must start on a block boundary; column shards split rows, never blocks),
+* and, for `gguf_linear.PACKED_ONLY_TYPES` (Q3_K, IQ4_NL, IQ4_XS), the layer will be packed
+  for the int8 kernel (int8 activations on an x86 CPU with AVX2, whole 16-row tiles): their
+  blocks have no other fast kernel, so elsewhere (`--quantization gguf`, another CPU) they are
+  dequantized at load.
 
 Such a layer gets a `GgufBlockLinearMethod` of that type (its weight re-created as uint8
 blocks). The token embedding and the LM head follow the same rule on their own tensors
@@ -53,8 +56,7 @@ import torch
 from torch import nn
 
 from sluice.errors import ConfigError
-from sluice.model.gguf_convert import LOAD_AS
-from sluice.model.layers.gguf_linear import BLOCK_TYPES, GgufBlockLinearMethod
+from sluice.model.layers.gguf_linear import BLOCK_TYPES, PACKED_ONLY_TYPES, GgufBlockLinearMethod
 from sluice.model.layers.linear import LinearBase
 from sluice.model.layers.linear_method import set_weight_loader
 from sluice.model_spec.gguf import NON_WEIGHT_TENSORS, gguf_reader, hf_tensor_name
@@ -151,13 +153,16 @@ def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path | GGUFReader, mode:
         if not isinstance(module, LinearBase) or f"{name}.weight" not in sources:
             continue
         hf_names = sources[f"{name}.weight"]
-        kinds = {LOAD_AS.get(types[h], types[h]) for h in hf_names}
+        kinds = {types[h] for h in hf_names}
         qtype = next(iter(kinds)) if len(kinds) == 1 else None
         if qtype not in BLOCK_TYPES:
             why_not[", ".join(sorted(kinds))] += 1
             continue
         if module.in_features % BLOCK_TYPES[qtype].block_elems:
             why_not[f"{qtype} (row shards of {module.in_features} columns split blocks)"] += 1
+            continue
+        if not _runs_packed_if_needed(method_for(qtype), module.weight.shape[0]):
+            why_not[f"{qtype} (no packed int8 kernel for it here)"] += 1
             continue
         use_block_method(module, method_for(qtype), dtype)
         kept.update(hf_names)
@@ -166,24 +171,26 @@ def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path | GGUFReader, mode:
     rest = {h: t for h, t in types.items() if h not in kept}
     int8_types = sorted(q for q, m in methods.items() if m.int8_activations)
     vnni = sorted(q for q, m in methods.items() if m.vnni)
-    converted = Counter(f"{types[h]} as {LOAD_AS[types[h]]}" for h in kept if types[h] in LOAD_AS)
-    logger.info("GGUF weights kept quantized: %s; dequantized to %s: %s%s%s%s%s.",
+    logger.info("GGUF weights kept quantized: %s; dequantized to %s: %s%s%s%s.",
                 ", ".join(f"{t} ({n} tensors)" for t, n in sorted(kept_types.items()))
                 or "none", dtype, _summary(rest),
                 f"; int8 activations for {', '.join(int8_types)}" * bool(int8_types),
                 f"; regrouped for the packed int8 kernel: {', '.join(vnni)}" * bool(vnni),
-                "".join(f"; {k} ({n} tensors, exact: gguf_convert)"
-                        for k, n in sorted(converted.items())),
                 "".join(f"; linear layers left float ({n}): {k}" for k, n in why_not.items()))
     return kept
 
 
 def _vocab_method(qtype: str, cols: int, method_for: Callable[[str], GgufBlockLinearMethod]
                   ) -> GgufBlockLinearMethod | None:
-    qtype = LOAD_AS.get(qtype, qtype)
     if qtype not in BLOCK_TYPES or cols % BLOCK_TYPES[qtype].block_elems:
         return None
     return method_for(qtype)
+
+
+def _runs_packed_if_needed(method: GgufBlockLinearMethod, rows: int) -> bool:
+    """Whether a product of `rows` output rows over `method`'s blocks has a fast kernel: every
+    type but PACKED_ONLY_TYPES, and those where the layer gets packed (module doc)."""
+    return method.qtype not in PACKED_ONLY_TYPES or (method.vnni and rows % 16 == 0)
 
 
 def _keep_vocab_blocks(model: nn.Module, types: dict[str, str],
@@ -195,8 +202,12 @@ def _keep_vocab_blocks(model: nn.Module, types: dict[str, str],
     name = "model.embed_tokens.weight"
     if embed is not None and name in types:
         method = _vocab_method(types[name], embed.embedding_dim, method_for)
+        rows = embed.weight.shape[0]
+        head = getattr(model, "lm_head", None)
+        if method is not None and head is not None and head.tied \
+                and not _runs_packed_if_needed(method, rows):   # the head multiplies them
+            method = None
         if method is not None:
-            rows = embed.weight.shape[0]
             embed.weight = nn.Parameter(torch.empty(
                 rows, method.block_type.row_bytes(embed.embedding_dim), dtype=torch.uint8),
                 requires_grad=False)
@@ -215,7 +226,7 @@ def _keep_vocab_blocks(model: nn.Module, types: dict[str, str],
         return kept
     cols = head.weight.shape[1]
     method = _vocab_method(types[source], cols, method_for)
-    if method is not None:
+    if method is not None and _runs_packed_if_needed(method, head.weight.shape[0]):
         head.linear_method = method
         method.create_weights(head, cols, head.weight.shape[0], bias=False,
                               dtype=head.weight.dtype, weight_loader=head._load_rows)

@@ -35,7 +35,6 @@ import numpy as np
 import torch
 
 from sluice.errors import ModelLoadError
-from sluice.model.gguf_convert import LOAD_AS, convert_blocks
 from sluice.model_spec.gguf import (GGUF_ARCHITECTURES, NON_WEIGHT_TENSORS, SUPPORTED_TENSOR_TYPES,
                                     field_value, gguf_reader, hf_tensor_name)
 
@@ -76,8 +75,7 @@ def iterate_gguf(gguf_path: str | Path | GGUFReader, dtype: torch.dtype,
                  ) -> Iterator[tuple[str, torch.Tensor]]:
     """(hf_name, tensor in `dtype`) for every weight in the GGUF file `gguf_path` (a path or
     an open reader), or its raw blocks for the names in `keep_quantized` (see the module
-    docstring; a type without kernels of its own as the exact blocks it loads as,
-    `gguf_convert.LOAD_AS`). Raises `ModelLoadError` naming the file for an
+    docstring). Raises `ModelLoadError` naming the file for an
     unreadable or unsupported file or a tensor that cannot be dequantized."""
     reader = gguf_reader(gguf_path)
     path = Path(reader.data.filename)
@@ -103,8 +101,6 @@ def iterate_gguf(gguf_path: str | Path | GGUFReader, dtype: torch.dtype,
             blocks = np.array(t.data, dtype=np.uint8, order="C", copy=True)
             if permuted and (".q_proj." in name or ".k_proj." in name):
                 blocks = unpermute_qk(blocks, num_heads if ".q_proj." in name else num_kv_heads)
-            if t.tensor_type.name in LOAD_AS:
-                blocks = convert_blocks(blocks, t.tensor_type.name)
             yield name, torch.from_numpy(np.ascontiguousarray(blocks))
             continue
         try:

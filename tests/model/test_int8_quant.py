@@ -515,13 +515,15 @@ def _random_block_model(tiny_model_factory, tmp_path, qtype: str, rng: np.random
     return src, raw, model_dir
 
 
-def _assert_runs_blocks(cpu_ops, ours: nn.Module, model_dir, qtype: str
+def _assert_runs_blocks(cpu_ops, ours: nn.Module, model_dir, qtype: str, caplog
                         ) -> tuple[dict, dict]:
     """`ours` (loaded by default) runs its linear layers as `qtype` blocks with int8
     activations, packed where the CPU has the packed kernel, whose weights equal the float
     model's (`--quantization none`); with float activations (`--quantization gguf`) the logits
-    equal the float model's up to fp32 summation order (through 4 layers of random weights).
-    Returns the default's and the float model's logits (`_logits`)."""
+    equal the float model's up to fp32 summation order (through 4 layers of random weights),
+    the blocks kept (PACKED_ONLY_TYPES: dequantized at load, having no fast kernel but the
+    packed one). Returns the default's and the float model's logits (`_logits`)."""
+    from sluice.model.layers.gguf_linear import PACKED_ONLY_TYPES
     packs = bool(cpu_ops.packed_int8_kernel())
     floats = load_ours(model_dir, layer_ops="cpu", attn_backend="cpu_paged", quantization="none")
     layers = {n: m for n, m in ours.named_modules() if isinstance(m, LinearBase)}
@@ -533,9 +535,17 @@ def _assert_runs_blocks(cpu_ops, ours: nn.Module, model_dir, qtype: str
     for name, module in layers.items():
         assert torch.equal(module.linear_method.dequantized_weight(module),
                            plain[name].weight), name
-    exact = load_ours(model_dir, layer_ops="cpu", attn_backend="cpu_paged", quantization="gguf")
-    assert all(m.linear_method.qtype == qtype and not m.linear_method.int8_activations
-               for m in exact.modules() if isinstance(m, LinearBase))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="sluice.model"):
+        exact = load_ours(model_dir, layer_ops="cpu", attn_backend="cpu_paged",
+                          quantization="gguf")
+    exact_layers = [m for m in exact.modules() if isinstance(m, LinearBase)]
+    if qtype in PACKED_ONLY_TYPES:
+        assert not any(isinstance(m.linear_method, GgufBlockLinearMethod) for m in exact_layers)
+        assert f"{qtype} (no packed int8 kernel for it here)" in caplog.text, caplog.text
+    else:
+        assert all(m.linear_method.qtype == qtype and not m.linear_method.int8_activations
+                   for m in exact_layers)
     a, b = _logits(exact), _logits(floats)
     for key in a:
         assert ((a[key] - b[key]).norm() / b[key].norm()).item() <= 1e-4, key
@@ -544,21 +554,27 @@ def _assert_runs_blocks(cpu_ops, ours: nn.Module, model_dir, qtype: str
     return default, b
 
 
-@pytest.mark.parametrize("qtype", ["IQ4_NL", "IQ4_XS"])
-def test_iq4_layers_keep_their_blocks(cpu_ops, tiny_model_factory, tmp_path, caplog, qtype):
-    """IQ4_NL / IQ4_XS layers keep the file's blocks (4.5 / 4.25 bits per weight): by default
-    with int8 activations, regrouped for the packed kernel on an x86 CPU with AVX2 (its
-    codebook looked up as the nibbles are loaded), as `_assert_runs_blocks` checks; the C++
-    decoder is bit-identical to the one transcribed from ggml-quants.c; IQ4_NL's default logits
-    equal, bit for bit, those of the same values loaded as Q8_0 blocks (the int8 kernels' exact
-    integer block sums; IQ4_XS's 6-bit scales have no such twin)."""
+@pytest.mark.parametrize("qtype", ["Q3_K", "IQ4_NL", "IQ4_XS"])
+def test_packed_only_layers_keep_their_blocks(cpu_ops, tiny_model_factory, tmp_path, caplog,
+                                              qtype):
+    """Q3_K / IQ4_NL / IQ4_XS layers (3.44 / 4.5 / 4.25 bits per weight; no decode kernels of
+    their own outside the packed layout) keep the file's blocks: by default with int8
+    activations, regrouped for the packed kernel on an x86 CPU with AVX2 (Q3_K: 2-bit fields
+    and lane masks; IQ4: the codebook looked up as the nibbles are loaded), as
+    `_assert_runs_blocks` checks; the C++ decoder is bit-identical to the one transcribed from
+    ggml-quants.c; IQ4_NL's default logits equal, bit for bit, those of the same values loaded
+    as Q8_0 blocks (the int8 kernels' exact integer block sums; the others' 6-bit scales have
+    no such twin)."""
     import gguf
     from _gguf_helpers import reference_dequantize, write_gguf
     from sluice.model_spec.gguf import prepare_gguf
 
+    if not bool(cpu_ops.packed_int8_kernel()):
+        pytest.skip(f"{qtype} is kept only where the packed int8 kernel runs (x86 with AVX2)")
     rng = np.random.default_rng(0)
     block = BLOCK_TYPES[qtype]
-    scale = 1e-2 if qtype == "IQ4_NL" else 2e-4         # IQ4_XS: d * (ls - 32), |ls - 32| <= 32
+    # IQ4_XS: d * (ls - 32) * (entry up to 127), Q3_K: d * (sc - 32) * (q - 4)
+    scale = {"IQ4_NL": 1e-2, "IQ4_XS": 2e-4, "Q3_K": 2e-3}[qtype]
     src, raw, model_dir = _random_block_model(tiny_model_factory, tmp_path, qtype, rng, scale)
     blocks = next(iter(raw.values()))[0]
     decoded = torch.empty(blocks.shape[0], blocks.shape[1] // block.block_bytes
@@ -569,10 +585,9 @@ def test_iq4_layers_keep_their_blocks(cpu_ops, tiny_model_factory, tmp_path, cap
     with caplog.at_level("INFO", logger="sluice.model"):
         ours = load_ours(model_dir, layer_ops="cpu", attn_backend="cpu_paged")
     assert f"kept quantized: {qtype} (" in caplog.text, caplog.text
-    assert (f"regrouped for the packed int8 kernel: {qtype}" in caplog.text) \
-        == bool(cpu_ops.packed_int8_kernel())
-    default, _ = _assert_runs_blocks(cpu_ops, ours, model_dir, qtype)
-    if qtype == "IQ4_XS":
+    assert f"regrouped for the packed int8 kernel: {qtype}" in caplog.text
+    default, _ = _assert_runs_blocks(cpu_ops, ours, model_dir, qtype, caplog)
+    if qtype != "IQ4_NL":
         return
     # the same values as Q8_0 blocks (how IQ4_NL loaded before it had a kernel): the same
     # integer block sums, so the default's logits are bit-identical
@@ -594,26 +609,3 @@ def _iq4_nl_as_q8_0(blocks: np.ndarray) -> np.ndarray:
     out[..., :2] = b[..., :2]
     out[..., 2:] = KVALUES_IQ4NL[codes].astype(np.int8).view(np.uint8)
     return out.reshape(blocks.shape[0], -1)
-
-
-def test_q3_k_layers_load_as_exact_q6_k_blocks(cpu_ops, tiny_model_factory, tmp_path, caplog):
-    """Q3_K has no kernels of its own: its blocks load as the Q6_K blocks of the same values
-    (`gguf_convert`: sc - 32 as Q6_K's int8 scales, q + 28 as its quants; dequantization
-    bit-identical to the decoder transcribed from ggml-quants.c and to gguf-py's) and run every
-    Q6_K kernel, packed on an x86 CPU with AVX2 (`_assert_runs_blocks`)."""
-    import gguf
-    from gguf.quants import dequantize
-    from _gguf_helpers import reference_dequantize
-    from sluice.model.gguf_convert import q3_k_as_q6_k
-
-    rng = np.random.default_rng(0)
-    _, raw, model_dir = _random_block_model(tiny_model_factory, tmp_path, "Q3_K", rng, 2e-3)
-    blocks = next(iter(raw.values()))[0]
-    as_q6 = dequantize_blocks(torch.from_numpy(q3_k_as_q6_k(blocks)), "Q6_K").numpy()
-    assert np.array_equal(as_q6, reference_dequantize("Q3_K", blocks.reshape(-1, 110))
-                          .reshape(as_q6.shape))
-    assert np.array_equal(as_q6, dequantize(blocks, gguf.GGMLQuantizationType.Q3_K))
-    with caplog.at_level("INFO", logger="sluice.model"):
-        ours = load_ours(model_dir, layer_ops="cpu", attn_backend="cpu_paged")
-    assert "Q3_K as Q6_K (" in caplog.text, caplog.text
-    _assert_runs_blocks(cpu_ops, ours, model_dir, "Q6_K")

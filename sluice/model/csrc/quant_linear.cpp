@@ -33,11 +33,16 @@
 //                  tensor, read as its bytes)
 //   IQ4_NL (type 20) 32 elems, 18 B: d | qs[16]       v = d * kvalues_iq4nl[q_i], q_i as Q4_0's
 //                  (a 16-entry int8 codebook)
+//   Q3_K (type 11) 256 elems, 110 B: hmask[32] | qs[64] | scales[12] | d
+//                  element 128h + 32j + i (i < 32): q = (qs[32h + i] >> 2j & 3) |
+//                  (hmask[i] >> (4h + j) & 1) << 2, v = d * (sc_s - 32) * (q - 4) for its
+//                  16-value sub-block s = 8h + 2j + i / 16, sc_s = (scales[s % 8] >> 4 (s / 8)
+//                  & 15) | (scales[8 + s % 4] >> 2 (s / 4) & 3) << 4
 //   IQ4_XS (type 23) 256 elems, 136 B: d | scales_h (uint16) | scales_l[4] | qs[128]
 //                  sub-block j of 32: ls_j = (scales_l[j / 2] >> 4 (j % 2) & 15) |
 //                  (scales_h >> 2j & 3) << 4, its values IQ4_NL's from qs + 16 j with
 //                  d * (ls_j - 32) for d
-//                  (IQ4_NL and IQ4_XS have no decode kernels of their own here: a weight not in
+//                  (Q3_K, IQ4_NL and IQ4_XS have no decode kernels of their own here: a weight not in
 //                  vnni_linear.cpp's packed layout runs the panel path below at every M;
 //                  int8 activations, M <= 8, quantize its copy of x)
 //   Q6_K (type 14) 256 elems, 210 B: ql[128] | qh[64] | scales[16] (int8) | d
@@ -101,14 +106,17 @@
 
 namespace {
 
-constexpr int64_t kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12,
+constexpr int64_t kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ3_K = 11,
+                  kQ4_K = 12,
                   kQ5_K = 13, kQ6_K = 14, kIQ4_NL = 20, kIQ4_XS = 23, kBF16 = 30;
 constexpr int kMaxQuantSkinnyRows = 8;
 // ggml-common.h's kvalues_iq4nl: IQ4_NL's codebook
 constexpr int8_t kIq4nlValues[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
                                      1,    13,   25,  38,  53,  69,  89,  113};
-// the codebook types: only the panel path (and vnni_linear.cpp's packed kernel) runs them
-constexpr bool is_codebook_type(int64_t type) { return type == kIQ4_NL || type == kIQ4_XS; }
+// the types only the panel path (and vnni_linear.cpp's packed kernel) runs
+constexpr bool panel_only_type(int64_t type) {
+  return type == kQ3_K || type == kIQ4_NL || type == kIQ4_XS;
+}
 constexpr int64_t kInt8Activations = 256;  // a flag on the type id (see the file comment)
 constexpr int64_t kBf16Products = 512;     // another: more rows may run amx::bf16_linear
 constexpr int64_t kVnniPacked = 1024;      // vnni_linear.cpp's packed layout: every M
@@ -142,6 +150,7 @@ QuantFormat quant_format(int64_t type) {
     case kQ6_K: return {256, 210, 16};
     case kIQ4_NL: return {32, 18, 0};
     case kIQ4_XS: return {256, 136, 0};
+    case kQ3_K: return {256, 110, 0};
     case kF16: case kBF16: return {1, 2, 0};
     default: break;
   }
@@ -234,6 +243,15 @@ void dequant_row_scalar(int64_t type, const uint8_t* w, float* y, int64_t k) {
       for (int i = 0; i < 16; ++i) {
         o[i] = d * kIq4nlValues[blk[2 + i] & 15];
         o[i + 16] = d * kIq4nlValues[blk[2 + i] >> 4];
+      }
+    } else if (type == kQ3_K) {
+      const float d = f16(blk + 108);
+      for (int e = 0; e < 256; ++e) {
+        const int h = e / 128, j = (e % 128) / 32, i = e % 32, s = 8 * h + 2 * j + i / 16;
+        const int sc = ((blk[96 + s % 8] >> (4 * (s / 8))) & 15) |
+                       ((blk[104 + s % 4] >> (2 * (s / 4))) & 3) << 4;
+        const int q = ((blk[32 + 32 * h + i] >> (2 * j)) & 3) | ((blk[i] >> (4 * h + j)) & 1) << 2;
+        o[e] = d * static_cast<float>(sc - 32) * static_cast<float>(q - 4);
       }
     } else if (type == kIQ4_XS) {
       const float d = f16(blk);
@@ -444,7 +462,7 @@ void dot_row_half(const uint8_t* w, int64_t k, const float* x, int64_t ldx, floa
 }
 
 void dequant_row(int64_t type, const uint8_t* w, float* y, int64_t k) {
-  if (is_codebook_type(type)) return dequant_row_scalar(type, w, y, k);  // the panel path's only
+  if (panel_only_type(type)) return dequant_row_scalar(type, w, y, k);  // the panel path's only
   if (type == kBF16) return dequant_row_half<true>(w, y, k);
   if (type == kF16) return dequant_row_half<false>(w, y, k);
   const QuantFormat f = quant_format(type);
@@ -1047,8 +1065,8 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
     return RowPanel{wp + c * ldw, ldw, wp + later * ldw, op + c, n,
                     bp != nullptr ? bp + c : nullptr};
   };
-  // IQ4_NL / IQ4_XS outside the packed layout: the panel path at every M (file comment)
-  const bool skinny = m <= kMaxQuantSkinnyRows && !is_codebook_type(type);
+  // Q3_K / IQ4_NL / IQ4_XS outside the packed layout: the panel path at every M (file comment)
+  const bool skinny = m <= kMaxQuantSkinnyRows && !panel_only_type(type);
   if (skinny && int8_act && takes_int8_activations(type)) {
     const int64_t nb = k / 32;
     std::vector<int8_t> xq(m * k);
@@ -1083,7 +1101,7 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
   }
 
   if (bf16_products && k % amx::kTileK == 0 && amx::available() &&
-      !is_codebook_type(type)) {
+      !panel_only_type(type)) {
     amx::bf16_linear(op, m, n, k, xp, ldx, bp,
                      [&](int64_t j, uint16_t* y, int64_t step) {
                        prefetch(wp + std::min(j + ahead, n - 1) * ldw, ldw);  // as the decode
@@ -1094,8 +1112,8 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
   // bf16 products without AMX: the same roundings of x and the weight, then the sgemm below
   std::vector<float> x_rounded;
   int64_t ldx_used = ldx;
-  // the codebook types' decode rows with int8 activations (the flag's M <= 8, as for every type)
-  const bool int8_copy = int8_act && is_codebook_type(type) && m <= kMaxQuantSkinnyRows;
+  // those types' decode rows with int8 activations (the flag's M <= 8, as for every type)
+  const bool int8_copy = int8_act && panel_only_type(type) && m <= kMaxQuantSkinnyRows;
   if (int8_copy) {  // x_q = xq * xd, as the int8 kernels multiply
     const int64_t nb = k / sluice::kActBlock;
     std::vector<int8_t> xq(m * k);

@@ -1,5 +1,5 @@
-// GGUF block weights (Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K / IQ4_NL / IQ4_XS)
-// x int8 activations
+// GGUF block weights (Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q3_K / Q4_K / Q5_K / Q6_K / IQ4_NL /
+// IQ4_XS) x int8 activations
 // on AVX-512 VNNI (vpdpbusd) or AVX2, any number of rows:
 //
 //   vnni::linear<Type>(out, m, n, k, x, ldx, w, bias):
@@ -15,6 +15,7 @@
 //       Q4_K / Q5_K: 32-value sub-block j of a 256-value block: wd = d * sc_j,
 //                    wm = -dmin * m_j (6-bit sc_j, m_j), o = 0;
 //       Q6_K: q in 0..63, o = 32, 16-value sub-block s: wd = d * sc_s (int8 sc_s), wm = 0;
+//       Q3_K: q in 0..7, o = 4, 16-value sub-block s: wd = d * (sc_s - 32) (6-bit sc_s);
 //       IQ4_NL: q = kvalues_iq4nl[its 4-bit index] + 128 (an int8 codebook), o = 128: the
 //               index is stored as Q4_0's nibble and looked up (vpshufb) as it is loaded;
 //       IQ4_XS: IQ4_NL's q and o in 256-value blocks, 32-value sub-block j: wd = d * (ls_j - 32)
@@ -37,17 +38,22 @@
 //           high nibbles that add 16 (vpaddb under a mask);
 //     Q6_K (+128 B): bits 4-5 of q in byte 256 + 64 (e / 16) + 4 c + e % 4 at bit
 //           2 (2 ((e / 8) % 2) + (e % 8) / 4).
+//   Q3_K (192 B): bits 0-1 of q in byte 64 (e / 16) + 4 c + e % 4 at bit 2 ((e % 16) / 4) (128
+//           B), bit 2 as bit 4c + e % 4 of the little-endian uint64 at 128 + 8 (e / 4).
 // Scalars after the sub-records (fp16 values as stored, channel c at 2c):
 //   Q8_0 / Q4_0 / Q5_0 / IQ4_NL: [0] d x 16;  Q4_1 / Q5_1: [0] d, [32] m;
 //   Q4_K / Q5_K: [0] d, [32] dmin, [64 + 16 j + c] (sc_j & 15) | (m_j & 15) << 4 (j < 8),
 //                [192 + 4 c] uint32 with bits 4j .. 4j + 3 = sc_j >> 4 | (m_j >> 4) << 2;
 //   Q6_K: [0] d, [32 + 16 s + c] the int8 scale of sub-block s (s < 16);
 //   IQ4_XS: [0] d, [32 + 16 p + c] (ls_2p & 15) | (ls_2p+1 & 15) << 4 (p < 4), [96 + 2 c] uint16
-//           with bits 2j, 2j + 1 = ls_j >> 4.
+//           with bits 2j, 2j + 1 = ls_j >> 4;
+//   Q3_K: [0] d, [32 + 16 p + c] (sc_2p & 15) | (sc_2p+1 & 15) << 4 (p < 8), [160 + 4 c] uint32
+//         with bits 2t, 2t + 1 = sc_t >> 4.
 // so one 64-byte load (or one nibble half of it) is four consecutive K values of 16 channels:
 // vpdpbusd's unsigned operand, against the signed activations broadcast four at a time. The
 // weight's offset o contributes -o * sum_c xq per (row, (half-)block), known once x is
-// quantized (Q6_K's halves: the first 16 values' sum, xs16): each int32 sum starts at it.
+// quantized (Q6_K's and Q3_K's halves: the first 16 values' sum, xs16): each int32 sum starts
+// at it.
 // vnni::unpack restores the GGUF bytes exactly (both go through BlockFields, every bit of a
 // block).
 //
@@ -81,7 +87,7 @@ constexpr int64_t kTileCols = 16;  // output channels per packed tile
 constexpr int64_t kBlock = sluice::kActBlock;  // K values per block
 // the GGML type ids it packs
 constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12,
-                  kQ5_K = 13, kQ6_K = 14, kIQ4_NL = 20, kIQ4_XS = 23;
+                  kQ5_K = 13, kQ6_K = 14, kIQ4_NL = 20, kIQ4_XS = 23, kQ3_K = 11;
 // ggml-common.h's kvalues_iq4nl (IQ4_NL's codebook) in each 16-byte lane of a vpshufb table:
 // as stored (AVX2, signed products) and + 128 (vpdpbusd's unsigned operand)
 alignas(64) constexpr int8_t kIq4nlSigned[64] = {
@@ -119,6 +125,7 @@ constexpr Layout layout_of(int64_t type) {
     case kQ5_K: return Layout{256, 176, 320, 0, true, true};
     case kIQ4_NL: return Layout{32, 18, 256, 128, false, false};
     case kIQ4_XS: return Layout{256, 136, 256, 128, false, false};
+    case kQ3_K: return Layout{256, 110, 192, 4, false, false};
     default: return Layout{256, 210, 384, 32, false, false};  // Q6_K
   }
 }
@@ -126,11 +133,13 @@ constexpr Layout layout_of(int64_t type) {
 constexpr bool is_kquant(int64_t type) { return type == kQ4_K || type == kQ5_K; }
 // the types whose 4-bit index is looked up in IQ4_NL's codebook
 constexpr bool is_iq4(int64_t type) { return type == kIQ4_NL || type == kIQ4_XS; }
+// the types whose 32-value blocks sum in two 16-value halves of their own scales
+constexpr bool has_halves(int64_t type) { return type == kQ6_K || type == kQ3_K; }
 
 bool packable(int64_t type) {
   switch (type) {
     case kQ8_0: case kQ4_0: case kQ4_1: case kQ5_0: case kQ5_1: case kQ4_K: case kQ5_K:
-    case kQ6_K: case kIQ4_NL: case kIQ4_XS: return true;
+    case kQ6_K: case kIQ4_NL: case kIQ4_XS: case kQ3_K: return true;
     default: return false;
   }
 }
@@ -138,8 +147,8 @@ bool packable(int64_t type) {
 // Everything one GGUF block holds, decoded: the unsigned quants q[e] (Q8_0: int8 + 128; the
 // others their stored value, 0..15 / 0..31 / 0..63; IQ4_NL / IQ4_XS the codebook index), the
 // fp16 bits of d (and of Q4_1 / Q5_1's m or the k-quants' dmin), the k-quants' 6-bit scales /
-// mins sc[j], mn[j] (j < 8), Q6_K's int8 scales sc[s] (s < 16) and IQ4_XS's 6-bit ls_j as
-// sc[j] (j < 8). `decode_gguf` and `encode_gguf` are exact inverses.
+// mins sc[j], mn[j] (j < 8), Q6_K's int8 scales sc[s] (s < 16), Q3_K's 6-bit ones (s < 16)
+// and IQ4_XS's 6-bit ls_j as sc[j] (j < 8). `decode_gguf` and `encode_gguf` are exact inverses.
 struct BlockFields {
   int q[256];
   uint16_t d, dm;
@@ -161,6 +170,18 @@ void decode_gguf(int64_t type, const uint8_t* blk, BlockFields* f) {
       const int h = e / 128, i = e % 32, t = (e % 128) / 32;
       f->q[e] = ((blk[64 * h + i + 32 * (t & 1)] >> (4 * (t >> 1))) & 15) |
                 (((blk[128 + 32 * h + i] >> (2 * t)) & 3) << 4);
+    }
+    return;
+  }
+  if (type == kQ3_K) {  // hmask[32] | qs[64] | scales[12] | d; 16-value sub-block s
+    f->d = bits16(blk + 108);
+    const uint8_t* sc = blk + 96;
+    for (int s = 0; s < 16; ++s)
+      f->sc[s] = static_cast<uint8_t>(((sc[s % 8] >> (4 * (s / 8))) & 15) |
+                                      ((sc[8 + s % 4] >> (2 * (s / 4))) & 3) << 4);
+    for (int e = 0; e < 256; ++e) {
+      const int h = e / 128, j = (e % 128) / 32, i = e % 32;
+      f->q[e] = ((blk[32 + 32 * h + i] >> (2 * j)) & 3) | ((blk[i] >> (4 * h + j)) & 1) << 2;
     }
     return;
   }
@@ -215,6 +236,19 @@ void encode_gguf(int64_t type, const BlockFields& f, uint8_t* blk) {
       const int h = e / 128, i = e % 32, t = (e % 128) / 32;
       blk[64 * h + i + 32 * (t & 1)] |= (f.q[e] & 15) << (4 * (t >> 1));
       blk[128 + 32 * h + i] |= (f.q[e] >> 4) << (2 * t);
+    }
+    return;
+  }
+  if (type == kQ3_K) {
+    std::memcpy(blk + 108, &f.d, 2);
+    for (int s = 0; s < 16; ++s) {
+      blk[96 + s % 8] |= static_cast<uint8_t>((f.sc[s] & 15) << (4 * (s / 8)));
+      blk[104 + s % 4] |= static_cast<uint8_t>((f.sc[s] >> 4) << (2 * (s / 4)));
+    }
+    for (int e = 0; e < 256; ++e) {
+      const int h = e / 128, j = (e % 128) / 32, i = e % 32;
+      blk[32 + 32 * h + i] |= static_cast<uint8_t>((f.q[e] & 3) << (2 * j));
+      blk[i] |= static_cast<uint8_t>(((f.q[e] >> 2) & 1) << (4 * h + j));
     }
     return;
   }
@@ -275,6 +309,11 @@ inline int64_t fifth_mask_at(int64_t e) { return 256 + 8 * (2 * (e / 8) + (e % 8
 // Q6_K: bits 4-5 of a quant, 2 bits in the byte of its lane in one of two 64-byte vectors.
 inline int64_t q6_high_byte(int64_t c, int64_t e) { return 256 + 64 * (e / 16) + quant_lane(c, e); }
 inline int q6_high_shift(int64_t e) { return 2 * (2 * ((e / 8) % 2) + (e % 8) / 4); }
+// Q3_K: bits 0-1 of a quant in byte 64 (e / 16) + lane at bit 2 ((e % 16) / 4); bit 2 as bit
+// `lane` of the little-endian uint64 at 128 + 8 (e / 4) (added as 4 under that lane mask).
+inline int64_t q3_low_byte(int64_t c, int64_t e) { return 64 * (e / 16) + quant_lane(c, e); }
+inline int q3_low_shift(int64_t e) { return 2 * ((e % 16) / 4); }
+inline int64_t q3_mask_at(int64_t e) { return 128 + 8 * (e / 4); }
 
 // Channel c's fields into record `rec` (zeroed before its first channel), and back.
 void write_packed(int64_t type, const BlockFields& f, int64_t c, uint8_t* rec) {
@@ -283,6 +322,12 @@ void write_packed(int64_t type, const BlockFields& f, int64_t c, uint8_t* rec) {
     uint8_t* sub = rec + s * l.sub_bytes;
     for (int64_t e = 0; e < kBlock; ++e) {
       const int q = f.q[kBlock * s + e];
+      if (type == kQ3_K) {
+        const int64_t lane = quant_lane(c, e);
+        sub[q3_low_byte(c, e)] |= static_cast<uint8_t>((q & 3) << q3_low_shift(e));
+        sub[q3_mask_at(e) + lane / 8] |= static_cast<uint8_t>(((q >> 2) & 1) << (lane % 8));
+        continue;
+      }
       if (type == kQ8_0) {
         sub[quant_byte(type, c, e)] = static_cast<uint8_t>(q);
         continue;
@@ -316,6 +361,14 @@ void write_packed(int64_t type, const BlockFields& f, int64_t c, uint8_t* rec) {
     }
     std::memcpy(scal + 96 + 2 * c, &high, 2);
   }
+  if (type == kQ3_K) {
+    uint32_t high = 0;
+    for (int t = 0; t < 16; ++t) {
+      scal[32 + 16 * (t / 2) + c] |= static_cast<uint8_t>((f.sc[t] & 15) << (4 * (t % 2)));
+      high |= static_cast<uint32_t>(f.sc[t] >> 4) << (2 * t);
+    }
+    std::memcpy(scal + 160 + 4 * c, &high, 4);
+  }
 }
 
 void read_packed(int64_t type, const uint8_t* rec, int64_t c, BlockFields* f) {
@@ -323,6 +376,12 @@ void read_packed(int64_t type, const uint8_t* rec, int64_t c, BlockFields* f) {
   for (int64_t s = 0; s < l.subs(); ++s) {
     const uint8_t* sub = rec + s * l.sub_bytes;
     for (int64_t e = 0; e < kBlock; ++e) {
+      if (type == kQ3_K) {
+        const int64_t lane = quant_lane(c, e);
+        f->q[kBlock * s + e] = ((sub[q3_low_byte(c, e)] >> q3_low_shift(e)) & 3) |
+                               ((sub[q3_mask_at(e) + lane / 8] >> (lane % 8)) & 1) << 2;
+        continue;
+      }
       int q = sub[quant_byte(type, c, e)];
       if (type != kQ8_0) {
         q = (q >> nibble_shift(e)) & 15;
@@ -352,6 +411,13 @@ void read_packed(int64_t type, const uint8_t* rec, int64_t c, BlockFields* f) {
     for (int j = 0; j < 8; ++j)
       f->sc[j] = static_cast<uint8_t>(((scal[32 + 16 * (j / 2) + c] >> (4 * (j % 2))) & 15) |
                                       ((high >> (2 * j)) & 3) << 4);
+  }
+  if (type == kQ3_K) {
+    uint32_t high;
+    std::memcpy(&high, scal + 160 + 4 * c, 4);
+    for (int t = 0; t < 16; ++t)
+      f->sc[t] = static_cast<uint8_t>(((scal[32 + 16 * (t / 2) + c] >> (4 * (t % 2))) & 15) |
+                                      ((high >> (2 * t)) & 3) << 4);
   }
 }
 
@@ -433,6 +499,11 @@ inline void kquant_scale_min(V low, V high, V* sc, V* mn) {
 // IQ4_XS's ls_s - 32 of sub-block s for each channel lane: `pair` = the lane's byte of low
 // nibbles of sub-blocks 2 (s / 2), 2 (s / 2) + 1, `high` its uint16 of high bit pairs.
 template <class V>
+inline V q3k_scale(V pair, V high, int64_t t) {  // Q3_K's sc_t - 32 (layout above), t < 16
+  const int shift = static_cast<int>(4 * (t % 2)), hshift = static_cast<int>(2 * t);
+  return (((pair >> shift) & 15) | (((high >> hshift) & 3) << 4)) - 32;
+}
+template <class V>
 inline V iq4xs_scale(V pair, V high, int64_t s) {
   const int shift = static_cast<int>(4 * (s % 2)), hshift = static_cast<int>(2 * s);
   return (((pair >> shift) & 15) | (((high >> hshift) & 3) << 4)) - 32;
@@ -468,20 +539,33 @@ inline __m256 half8(const uint8_t* p) {  // 8 fp16 -> float32
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// byte i = 16 where bit i of m is set, else 0
-inline __m256i bits_to_sixteens(uint32_t m) {
+// byte i = `value` where bit i of m is set, else 0
+inline __m256i bits_to_bytes(uint32_t m, char value) {
   const __m256i spread = _mm256_shuffle_epi8(
       _mm256_set1_epi32(static_cast<int>(m)),
       _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2,
                        3, 3, 3, 3, 3, 3, 3, 3));
   const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
   return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit),
-                          _mm256_set1_epi8(16));
+                          _mm256_set1_epi8(value));
 }
 
 // Half h (channels 8h .. 8h + 7) of load j of a 4-bit sub-record: vnni's quant_pair.
 template <int64_t Type>
 inline void quant_pair(const uint8_t* sub, int h, int j, __m256i* lo, __m256i* hi) {
+  if constexpr (Type == kQ3_K) {  // bits 0-1 at 4 (j % 2) and + 2, bit 2 from the lane masks
+    const __m256i three = _mm256_set1_epi8(3);
+    const __m256i raw = load32(sub + 64 * (j / 2) + 32 * h);
+    const int shift = 4 * (j % 2);
+    *lo = _mm256_and_si256(_mm256_srli_epi16(raw, shift), three);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(raw, shift + 2), three);
+    uint32_t mlo, mhi;
+    std::memcpy(&mlo, sub + 128 + 16 * j + 4 * h, 4);
+    std::memcpy(&mhi, sub + 128 + 16 * j + 8 + 4 * h, 4);
+    *lo = _mm256_add_epi8(*lo, bits_to_bytes(mlo, 4));
+    *hi = _mm256_add_epi8(*hi, bits_to_bytes(mhi, 4));
+    return;
+  }
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   const __m256i raw = load32(sub + 64 * j + 32 * h);
   *lo = _mm256_and_si256(raw, nibble);
@@ -495,8 +579,8 @@ inline void quant_pair(const uint8_t* sub, int h, int j, __m256i* lo, __m256i* h
     uint32_t mlo, mhi;  // bits 32h .. 32h + 31 of the two uint64 masks
     std::memcpy(&mlo, sub + 256 + 16 * j + 4 * h, 4);
     std::memcpy(&mhi, sub + 256 + 16 * j + 8 + 4 * h, 4);
-    *lo = _mm256_add_epi8(*lo, bits_to_sixteens(mlo));
-    *hi = _mm256_add_epi8(*hi, bits_to_sixteens(mhi));
+    *lo = _mm256_add_epi8(*lo, bits_to_bytes(mlo, 16));
+    *hi = _mm256_add_epi8(*hi, bits_to_bytes(mhi, 16));
   }
   if constexpr (Type == kQ6_K) {
     const __m256i bits = _mm256_set1_epi8(0x30);
@@ -526,6 +610,11 @@ inline void block_factors(const uint8_t* scal, int h, int64_t s, __m256 wd[2], _
     wd[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps((__m256i)sc));
     *wm = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(half8(scal + 32 + 16 * h),
                                                            _mm256_cvtepi32_ps((__m256i)mn)));
+  } else if constexpr (Type == kQ3_K) {  // sub-blocks 2s, 2s + 1: 6-bit scales - 32
+    const __v8si pair = (__v8si)_mm256_cvtepu8_epi32(load8(scal + 32 + 16 * s + 8 * h));
+    const __v8si high = (__v8si)load32(scal + 160 + 32 * h);
+    for (int hh = 0; hh < 2; ++hh)
+      wd[hh] = _mm256_mul_ps(d, _mm256_cvtepi32_ps((__m256i)q3k_scale<__v8si>(pair, high, 2 * s + hh)));
   } else if constexpr (Type == kIQ4_XS) {
     wd[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps((__m256i)iq4xs_scale<__v8si>(
         (__v8si)_mm256_cvtepu8_epi32(load8(scal + 32 + 16 * (s / 2) + 8 * h)),
@@ -544,7 +633,7 @@ inline void half_tile_product(const int8_t* xq, const float* xd, const int32_t* 
                               const int32_t* xs16, int64_t k, const uint8_t* w, int h,
                               const float* bias, float* out, int64_t ldo, bool prefetch) {
   constexpr Layout l = layout_of(Type);
-  constexpr int kHalves = Type == kQ6_K ? 2 : 1;
+  constexpr int kHalves = has_halves(Type) ? 2 : 1;
   constexpr bool kSigned = Type == kQ8_0 || is_iq4(Type);  // signed quants (header)
   constexpr int kOffset = kSigned ? 0 : l.offset;
   constexpr int64_t kBlockBytes = l.record_bytes() / l.subs();
@@ -654,6 +743,18 @@ inline __m512 half16(const uint8_t* p) {  // 16 fp16 -> float32
 // 8j + 4 .. 8j + 7 (*hi), four per channel lane, with Q5's fifth bits and Q6_K's bits 4-5.
 template <int64_t Type>
 SLUICE_VNNI inline void quant_pair(const uint8_t* sub, int j, __m512i* lo, __m512i* hi) {
+  if constexpr (Type == kQ3_K) {  // bits 0-1 at 4 (j % 2) and + 2, bit 2 from the lane masks
+    const __m512i three = _mm512_set1_epi8(3), four = _mm512_set1_epi8(4);
+    const __m512i raw = _mm512_loadu_si512(sub + 64 * (j / 2));
+    const unsigned shift = 4 * (j % 2);
+    *lo = _mm512_and_si512(_mm512_srli_epi16(raw, shift), three);
+    *hi = _mm512_and_si512(_mm512_srli_epi16(raw, shift + 2), three);
+    uint64_t masks[2];
+    std::memcpy(masks, sub + 128 + 16 * j, 16);
+    *lo = _mm512_mask_add_epi8(*lo, _cvtu64_mask64(masks[0]), *lo, four);
+    *hi = _mm512_mask_add_epi8(*hi, _cvtu64_mask64(masks[1]), *hi, four);
+    return;
+  }
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   const __m512i raw = _mm512_loadu_si512(sub + 64 * j);
   *lo = _mm512_and_si512(raw, nibble);
@@ -701,6 +802,12 @@ SLUICE_VNNI inline void block_factors(const uint8_t* scal, int64_t s, __m512 wd[
     wd[0] = _mm512_mul_ps(d, _mm512_cvtepi32_ps((__m512i)sc));
     *wm = _mm512_sub_ps(_mm512_setzero_ps(),
                         _mm512_mul_ps(half16(scal + 32), _mm512_cvtepi32_ps((__m512i)mn)));
+  } else if constexpr (Type == kQ3_K) {  // sub-blocks 2s, 2s + 1: 6-bit scales - 32
+    const __v16si pair = (__v16si)_mm512_cvtepu8_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(scal + 32 + 16 * s)));
+    const __v16si high = (__v16si)_mm512_loadu_si512(scal + 160);
+    for (int h = 0; h < 2; ++h)
+      wd[h] = _mm512_mul_ps(d, _mm512_cvtepi32_ps((__m512i)q3k_scale<__v16si>(pair, high, 2 * s + h)));
   } else if constexpr (Type == kIQ4_XS) {
     wd[0] = _mm512_mul_ps(d, _mm512_cvtepi32_ps((__m512i)iq4xs_scale<__v16si>(
         (__v16si)_mm512_cvtepu8_epi32(
@@ -724,7 +831,7 @@ SLUICE_VNNI inline void tile_product(const int8_t* xq, const float* xd, const in
                                      int64_t ld_tile, const float* bias, float* out, int64_t ldo,
                                      bool prefetch) {
   constexpr Layout l = layout_of(Type);
-  constexpr int kHalves = Type == kQ6_K ? 2 : 1;
+  constexpr int kHalves = has_halves(Type) ? 2 : 1;
   constexpr int64_t kBlockBytes = l.record_bytes() / l.subs();  // per 32 values, on average
   const int64_t nb = k / kBlock;
   __m512 acc[R][T];
@@ -832,8 +939,8 @@ void linear(float* out, int64_t m, int64_t n, int64_t k, const float* x, int64_t
   const int64_t nb = k / kBlock, ld_tile = k / l.block_elems * l.record_bytes();
   std::vector<int8_t> xq(m * k);
   std::vector<float> xd(m * nb);
-  std::vector<int32_t> xs(m * nb), xs16(Type == kQ6_K ? m * nb : 0);
-  int32_t* xs16p = Type == kQ6_K ? xs16.data() : nullptr;
+  std::vector<int32_t> xs(m * nb), xs16(has_halves(Type) ? m * nb : 0);
+  int32_t* xs16p = has_halves(Type) ? xs16.data() : nullptr;
   const int64_t tiles = n / kTileCols, pairs = (tiles + 1) / 2;
   const int64_t chunks = (m + kRowChunk - 1) / kRowChunk;
   // a few rows (decode) are quantized before the parallel region: one barrier less
@@ -892,6 +999,7 @@ void run_with(int64_t type, float* out, int64_t m, int64_t n, int64_t k, const f
     SLUICE_TYPE(kQ6_K)
     SLUICE_TYPE(kIQ4_NL)
     SLUICE_TYPE(kIQ4_XS)
+    SLUICE_TYPE(kQ3_K)
 #undef SLUICE_TYPE
     default: break;
   }
@@ -924,8 +1032,8 @@ namespace {
 // (the packed form's contract).
 void check_packable(const at::Tensor& w, int64_t type, const char* who) {
   TORCH_CHECK(vnni::packable(type), who, ": GGML type ", type,
-              " has no VNNI layout (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL and "
-              "IQ4_XS do)");
+              " has no VNNI layout (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL "
+              "and IQ4_XS do)");
   TORCH_CHECK(w.dim() == 2 && w.dtype() == at::kByte && w.device().is_cpu() && w.is_contiguous(),
               who, ": a contiguous CPU uint8 [N, row_bytes] tensor expected");
   const int64_t block_bytes = vnni::layout_of(type).block_bytes;
