@@ -29,7 +29,7 @@ from sluice.model.layers.gguf_linear import (BLOCK_TYPES, INT8_ACTIVATIONS_FLAG,
                                              VNNI_PACKED_FLAG)
 
 SCALE_OFFSETS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
-                 "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0],
+                 "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0],
                  "IQ4_XS": [0]}
 """Byte offsets of each type's fp16 scales (d, then m / dmin) in a block."""
 

@@ -67,7 +67,7 @@ class ModelConfig:
                         choices=DTYPES)
     quantization: str | None = option(
         None, "How quantized weights run (vLLM's flag). Unset: as stored; for a .gguf model "
-        "the Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q3_K/Q4_K/Q5_K/Q6_K/IQ4_NL/IQ4_XS weights of the "
+        "the Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q2_K/Q3_K/Q4_K/Q5_K/Q6_K/IQ4_NL/IQ4_XS weights of the "
         "linear layers, embedding and LM head stay in their blocks and are dequantized on the fly inside sluice's CPU kernels "
         "(with --kernels auto on CPU in float32; llama.cpp's memory), other tensors are "
         "dequantized to --dtype at load; these blocks multiply activations "

@@ -5,11 +5,11 @@ model is built and before its weights load. For every linear layer (`LinearBase`
 projections) it collects the GGUF tensors that fill its weight (q/k/v, gate/up fused ones
 included) and keeps the blocks when
 
-* they share one type of `gguf_linear.BLOCK_TYPES` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K,
-  Q5_K, Q6_K, IQ4_NL, IQ4_XS), and
+* they share one type of `gguf_linear.BLOCK_TYPES` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K,
+  Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS), and
 * the layer's local `in_features` is a whole number of blocks (a row-parallel shard under
   tensor parallelism must start on a block boundary; column shards split rows, never blocks),
-* and, for `gguf_linear.PACKED_ONLY_TYPES` (Q3_K, IQ4_NL, IQ4_XS), the layer will be packed
+* and, for `gguf_linear.PACKED_ONLY_TYPES` (Q2_K, Q3_K, IQ4_NL, IQ4_XS), the layer will be packed
   for the int8 kernel (int8 activations on an x86 CPU with AVX2, whole 16-row tiles): their
   blocks have no other fast kernel, so elsewhere (`--quantization gguf`, another CPU) they are
   dequantized at load.

@@ -70,8 +70,8 @@ GGUF_ARCHITECTURES: dict[str, str] = {"llama": "LlamaForCausalLM", "qwen2": "Qwe
                                       "qwen3": "Qwen3ForCausalLM"}
 # Types whose dequantization is checked by tests/model/test_gguf.py (float types and the legacy
 # quants end to end; the k-quants and IQ4_NL / IQ4_XS against an independent reference decoder).
-# IQ4_NL, IQ4_XS and Q3_K are kept in their blocks like the legacy and the other k-quants, Q2_K
-# is dequantized at load; the other IQ / TQ / MXFP4 types are refused, naming the tensor.
+# IQ4_NL and IQ4_XS are kept in their blocks like the legacy and k-quants; the other IQ / TQ /
+# MXFP4 types are refused, naming the tensor.
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                           "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 

@@ -48,8 +48,8 @@ from sluice.testing.tiny_models import TinyModelSpec
 KERNEL_RTOL = 2e-6
 LOGITS_ATOL = 1e-4
 ROWS = (1, 2, 7, 8, 9, 64)
-TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL",
-         "IQ4_XS")
+TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+         "IQ4_NL", "IQ4_XS")
 
 
 @pytest.fixture(scope="module")

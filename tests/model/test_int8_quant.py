@@ -554,13 +554,14 @@ def _assert_runs_blocks(cpu_ops, ours: nn.Module, model_dir, qtype: str, caplog
     return default, b
 
 
-@pytest.mark.parametrize("qtype", ["Q3_K", "IQ4_NL", "IQ4_XS"])
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"])
 def test_packed_only_layers_keep_their_blocks(cpu_ops, tiny_model_factory, tmp_path, caplog,
                                               qtype):
-    """Q3_K / IQ4_NL / IQ4_XS layers (3.44 / 4.5 / 4.25 bits per weight; no decode kernels of
-    their own outside the packed layout) keep the file's blocks: by default with int8
-    activations, regrouped for the packed kernel on an x86 CPU with AVX2 (Q3_K: 2-bit fields
-    and lane masks; IQ4: the codebook looked up as the nibbles are loaded), as
+    """Q2_K / Q3_K / IQ4_NL / IQ4_XS layers (2.63 / 3.44 / 4.5 / 4.25 bits per weight; no
+    decode kernels of their own outside the packed layout) keep the file's blocks: by default
+    with int8 activations, regrouped for the packed kernel on an x86 CPU with AVX2 (Q2_K /
+    Q3_K: 2-bit fields, Q3_K's third bit as lane masks, Q2_K's mins per 16 values; IQ4: the
+    codebook looked up as the nibbles are loaded), as
     `_assert_runs_blocks` checks; the C++ decoder is bit-identical to the one transcribed from
     ggml-quants.c; IQ4_NL's default logits equal, bit for bit, those of the same values loaded
     as Q8_0 blocks (the int8 kernels' exact integer block sums; the others' 6-bit scales have
@@ -573,8 +574,9 @@ def test_packed_only_layers_keep_their_blocks(cpu_ops, tiny_model_factory, tmp_p
         pytest.skip(f"{qtype} is kept only where the packed int8 kernel runs (x86 with AVX2)")
     rng = np.random.default_rng(0)
     block = BLOCK_TYPES[qtype]
-    # IQ4_XS: d * (ls - 32) * (entry up to 127), Q3_K: d * (sc - 32) * (q - 4)
-    scale = {"IQ4_NL": 1e-2, "IQ4_XS": 2e-4, "Q3_K": 2e-3}[qtype]
+    # IQ4_XS: d * (ls - 32) * (entry up to 127), Q3_K: d * (sc - 32) * (q - 4), Q2_K:
+    # d * sc * q - dmin * m (sc, m < 16, q < 4)
+    scale = {"IQ4_NL": 1e-2, "IQ4_XS": 2e-4, "Q3_K": 2e-3, "Q2_K": 2e-3}[qtype]
     src, raw, model_dir = _random_block_model(tiny_model_factory, tmp_path, qtype, rng, scale)
     blocks = next(iter(raw.values()))[0]
     decoded = torch.empty(blocks.shape[0], blocks.shape[1] // block.block_bytes

@@ -33,6 +33,9 @@
 //                  tensor, read as its bytes)
 //   IQ4_NL (type 20) 32 elems, 18 B: d | qs[16]       v = d * kvalues_iq4nl[q_i], q_i as Q4_0's
 //                  (a 16-entry int8 codebook)
+//   Q2_K (type 10) 256 elems, 84 B: scales[16] | qs[64] | d | dmin
+//                  element 128h + 32j + i (i < 32): q = qs[32h + i] >> 2j & 3, v =
+//                  d * (sc & 15) * q - dmin * (sc >> 4), sc = scales[8h + 2j + i / 16]
 //   Q3_K (type 11) 256 elems, 110 B: hmask[32] | qs[64] | scales[12] | d
 //                  element 128h + 32j + i (i < 32): q = (qs[32h + i] >> 2j & 3) |
 //                  (hmask[i] >> (4h + j) & 1) << 2, v = d * (sc_s - 32) * (q - 4) for its
@@ -42,9 +45,9 @@
 //                  sub-block j of 32: ls_j = (scales_l[j / 2] >> 4 (j % 2) & 15) |
 //                  (scales_h >> 2j & 3) << 4, its values IQ4_NL's from qs + 16 j with
 //                  d * (ls_j - 32) for d
-//                  (Q3_K, IQ4_NL and IQ4_XS have no decode kernels of their own here: a weight not in
-//                  vnni_linear.cpp's packed layout runs the panel path below at every M;
-//                  int8 activations, M <= 8, quantize its copy of x)
+//                  (Q2_K, Q3_K, IQ4_NL and IQ4_XS have no decode kernels of their own here:
+//                  a weight not in vnni_linear.cpp's packed layout runs the panel path below
+//                  at every M; int8 activations, M <= 8, quantize its copy of x)
 //   Q6_K (type 14) 256 elems, 210 B: ql[128] | qh[64] | scales[16] (int8) | d
 //                  halves h = 0, 1 of 128 elements (ql + 64h, qh + 32h, scales + 8h); for
 //                  l < 32, element 128h + l + 32t (t = 0..3) is
@@ -106,8 +109,8 @@
 
 namespace {
 
-constexpr int64_t kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ3_K = 11,
-                  kQ4_K = 12,
+constexpr int64_t kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ2_K = 10,
+                  kQ3_K = 11, kQ4_K = 12,
                   kQ5_K = 13, kQ6_K = 14, kIQ4_NL = 20, kIQ4_XS = 23, kBF16 = 30;
 constexpr int kMaxQuantSkinnyRows = 8;
 // ggml-common.h's kvalues_iq4nl: IQ4_NL's codebook
@@ -115,7 +118,7 @@ constexpr int8_t kIq4nlValues[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
                                      1,    13,   25,  38,  53,  69,  89,  113};
 // the types only the panel path (and vnni_linear.cpp's packed kernel) runs
 constexpr bool panel_only_type(int64_t type) {
-  return type == kQ3_K || type == kIQ4_NL || type == kIQ4_XS;
+  return type == kQ2_K || type == kQ3_K || type == kIQ4_NL || type == kIQ4_XS;
 }
 constexpr int64_t kInt8Activations = 256;  // a flag on the type id (see the file comment)
 constexpr int64_t kBf16Products = 512;     // another: more rows may run amx::bf16_linear
@@ -151,6 +154,7 @@ QuantFormat quant_format(int64_t type) {
     case kIQ4_NL: return {32, 18, 0};
     case kIQ4_XS: return {256, 136, 0};
     case kQ3_K: return {256, 110, 0};
+    case kQ2_K: return {256, 84, 0};
     case kF16: case kBF16: return {1, 2, 0};
     default: break;
   }
@@ -243,6 +247,14 @@ void dequant_row_scalar(int64_t type, const uint8_t* w, float* y, int64_t k) {
       for (int i = 0; i < 16; ++i) {
         o[i] = d * kIq4nlValues[blk[2 + i] & 15];
         o[i + 16] = d * kIq4nlValues[blk[2 + i] >> 4];
+      }
+    } else if (type == kQ2_K) {
+      const float d = f16(blk + 80), dmin = f16(blk + 82);
+      for (int e = 0; e < 256; ++e) {
+        const int h = e / 128, j = (e % 128) / 32, i = e % 32;
+        const int sc = blk[8 * h + 2 * j + i / 16], q = (blk[16 + 32 * h + i] >> (2 * j)) & 3;
+        o[e] = d * static_cast<float>(sc & 15) * static_cast<float>(q) -
+               dmin * static_cast<float>(sc >> 4);
       }
     } else if (type == kQ3_K) {
       const float d = f16(blk + 108);
@@ -1065,7 +1077,7 @@ void gguf_linear(at::Tensor out, at::Tensor x, at::Tensor w, int64_t type,
     return RowPanel{wp + c * ldw, ldw, wp + later * ldw, op + c, n,
                     bp != nullptr ? bp + c : nullptr};
   };
-  // Q3_K / IQ4_NL / IQ4_XS outside the packed layout: the panel path at every M (file comment)
+  // Q2_K / Q3_K / IQ4_NL / IQ4_XS outside the packed layout: the panel path at every M
   const bool skinny = m <= kMaxQuantSkinnyRows && !panel_only_type(type);
   if (skinny && int8_act && takes_int8_activations(type)) {
     const int64_t nb = k / 32;

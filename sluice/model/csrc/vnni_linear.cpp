@@ -1,5 +1,5 @@
-// GGUF block weights (Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q3_K / Q4_K / Q5_K / Q6_K / IQ4_NL /
-// IQ4_XS) x int8 activations
+// GGUF block weights (Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q2_K / Q3_K / Q4_K / Q5_K / Q6_K /
+// IQ4_NL / IQ4_XS) x int8 activations
 // on AVX-512 VNNI (vpdpbusd) or AVX2, any number of rows:
 //
 //   vnni::linear<Type>(out, m, n, k, x, ldx, w, bias):
@@ -16,6 +16,8 @@
 //                    wm = -dmin * m_j (6-bit sc_j, m_j), o = 0;
 //       Q6_K: q in 0..63, o = 32, 16-value sub-block s: wd = d * sc_s (int8 sc_s), wm = 0;
 //       Q3_K: q in 0..7, o = 4, 16-value sub-block s: wd = d * (sc_s - 32) (6-bit sc_s);
+//       Q2_K: q in 0..3, o = 0, 16-value sub-block s: wd = d * (sc_s & 15), and the min
+//             -dmin * (sc_s >> 4) applied per 16-value half (its own sum of xq);
 //       IQ4_NL: q = kvalues_iq4nl[its 4-bit index] + 128 (an int8 codebook), o = 128: the
 //               index is stored as Q4_0's nibble and looked up (vpshufb) as it is loaded;
 //       IQ4_XS: IQ4_NL's q and o in 256-value blocks, 32-value sub-block j: wd = d * (ls_j - 32)
@@ -39,7 +41,8 @@
 //     Q6_K (+128 B): bits 4-5 of q in byte 256 + 64 (e / 16) + 4 c + e % 4 at bit
 //           2 (2 ((e / 8) % 2) + (e % 8) / 4).
 //   Q3_K (192 B): bits 0-1 of q in byte 64 (e / 16) + 4 c + e % 4 at bit 2 ((e % 16) / 4) (128
-//           B), bit 2 as bit 4c + e % 4 of the little-endian uint64 at 128 + 8 (e / 4).
+//           B), bit 2 as bit 4c + e % 4 of the little-endian uint64 at 128 + 8 (e / 4);
+//   Q2_K (128 B): Q3_K's first 128 bytes.
 // Scalars after the sub-records (fp16 values as stored, channel c at 2c):
 //   Q8_0 / Q4_0 / Q5_0 / IQ4_NL: [0] d x 16;  Q4_1 / Q5_1: [0] d, [32] m;
 //   Q4_K / Q5_K: [0] d, [32] dmin, [64 + 16 j + c] (sc_j & 15) | (m_j & 15) << 4 (j < 8),
@@ -48,7 +51,8 @@
 //   IQ4_XS: [0] d, [32 + 16 p + c] (ls_2p & 15) | (ls_2p+1 & 15) << 4 (p < 4), [96 + 2 c] uint16
 //           with bits 2j, 2j + 1 = ls_j >> 4;
 //   Q3_K: [0] d, [32 + 16 p + c] (sc_2p & 15) | (sc_2p+1 & 15) << 4 (p < 8), [160 + 4 c] uint32
-//         with bits 2t, 2t + 1 = sc_t >> 4.
+//         with bits 2t, 2t + 1 = sc_t >> 4;
+//   Q2_K: [0] d, [32] dmin, [64 + 16 t + c] the scale byte of sub-block t (sc | m << 4).
 // so one 64-byte load (or one nibble half of it) is four consecutive K values of 16 channels:
 // vpdpbusd's unsigned operand, against the signed activations broadcast four at a time. The
 // weight's offset o contributes -o * sum_c xq per (row, (half-)block), known once x is
@@ -87,7 +91,7 @@ constexpr int64_t kTileCols = 16;  // output channels per packed tile
 constexpr int64_t kBlock = sluice::kActBlock;  // K values per block
 // the GGML type ids it packs
 constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12,
-                  kQ5_K = 13, kQ6_K = 14, kIQ4_NL = 20, kIQ4_XS = 23, kQ3_K = 11;
+                  kQ5_K = 13, kQ6_K = 14, kIQ4_NL = 20, kIQ4_XS = 23, kQ2_K = 10, kQ3_K = 11;
 // ggml-common.h's kvalues_iq4nl (IQ4_NL's codebook) in each 16-byte lane of a vpshufb table:
 // as stored (AVX2, signed products) and + 128 (vpdpbusd's unsigned operand)
 alignas(64) constexpr int8_t kIq4nlSigned[64] = {
@@ -126,6 +130,7 @@ constexpr Layout layout_of(int64_t type) {
     case kIQ4_NL: return Layout{32, 18, 256, 128, false, false};
     case kIQ4_XS: return Layout{256, 136, 256, 128, false, false};
     case kQ3_K: return Layout{256, 110, 192, 4, false, false};
+    case kQ2_K: return Layout{256, 84, 128, 0, false, false};  // its mins: per half (header)
     default: return Layout{256, 210, 384, 32, false, false};  // Q6_K
   }
 }
@@ -134,12 +139,16 @@ constexpr bool is_kquant(int64_t type) { return type == kQ4_K || type == kQ5_K; 
 // the types whose 4-bit index is looked up in IQ4_NL's codebook
 constexpr bool is_iq4(int64_t type) { return type == kIQ4_NL || type == kIQ4_XS; }
 // the types whose 32-value blocks sum in two 16-value halves of their own scales
-constexpr bool has_halves(int64_t type) { return type == kQ6_K || type == kQ3_K; }
+constexpr bool has_halves(int64_t type) {
+  return type == kQ6_K || type == kQ3_K || type == kQ2_K;
+}
+// 2-bit quants as Q3_K's low bits (Q3_K adds its third bit from lane masks)
+constexpr bool has_2bit_fields(int64_t type) { return type == kQ3_K || type == kQ2_K; }
 
 bool packable(int64_t type) {
   switch (type) {
     case kQ8_0: case kQ4_0: case kQ4_1: case kQ5_0: case kQ5_1: case kQ4_K: case kQ5_K:
-    case kQ6_K: case kIQ4_NL: case kIQ4_XS: case kQ3_K: return true;
+    case kQ6_K: case kIQ4_NL: case kIQ4_XS: case kQ3_K: case kQ2_K: return true;
     default: return false;
   }
 }
@@ -147,8 +156,9 @@ bool packable(int64_t type) {
 // Everything one GGUF block holds, decoded: the unsigned quants q[e] (Q8_0: int8 + 128; the
 // others their stored value, 0..15 / 0..31 / 0..63; IQ4_NL / IQ4_XS the codebook index), the
 // fp16 bits of d (and of Q4_1 / Q5_1's m or the k-quants' dmin), the k-quants' 6-bit scales /
-// mins sc[j], mn[j] (j < 8), Q6_K's int8 scales sc[s] (s < 16), Q3_K's 6-bit ones (s < 16)
-// and IQ4_XS's 6-bit ls_j as sc[j] (j < 8). `decode_gguf` and `encode_gguf` are exact inverses.
+// mins sc[j], mn[j] (j < 8), Q6_K's int8 scales sc[s] (s < 16), Q3_K's 6-bit ones and Q2_K's
+// scale bytes (s < 16; Q2_K's dmin as dm) and IQ4_XS's 6-bit ls_j as sc[j] (j < 8).
+// `decode_gguf` and `encode_gguf` are exact inverses.
 struct BlockFields {
   int q[256];
   uint16_t d, dm;
@@ -170,6 +180,16 @@ void decode_gguf(int64_t type, const uint8_t* blk, BlockFields* f) {
       const int h = e / 128, i = e % 32, t = (e % 128) / 32;
       f->q[e] = ((blk[64 * h + i + 32 * (t & 1)] >> (4 * (t >> 1))) & 15) |
                 (((blk[128 + 32 * h + i] >> (2 * t)) & 3) << 4);
+    }
+    return;
+  }
+  if (type == kQ2_K) {  // scales[16] | qs[64] | d | dmin; 16-value sub-block s
+    std::memcpy(f->sc, blk, 16);
+    f->d = bits16(blk + 80);
+    f->dm = bits16(blk + 82);
+    for (int e = 0; e < 256; ++e) {
+      const int h = e / 128, j = (e % 128) / 32, i = e % 32;
+      f->q[e] = (blk[16 + 32 * h + i] >> (2 * j)) & 3;
     }
     return;
   }
@@ -236,6 +256,16 @@ void encode_gguf(int64_t type, const BlockFields& f, uint8_t* blk) {
       const int h = e / 128, i = e % 32, t = (e % 128) / 32;
       blk[64 * h + i + 32 * (t & 1)] |= (f.q[e] & 15) << (4 * (t >> 1));
       blk[128 + 32 * h + i] |= (f.q[e] >> 4) << (2 * t);
+    }
+    return;
+  }
+  if (type == kQ2_K) {
+    std::memcpy(blk, f.sc, 16);
+    std::memcpy(blk + 80, &f.d, 2);
+    std::memcpy(blk + 82, &f.dm, 2);
+    for (int e = 0; e < 256; ++e) {
+      const int h = e / 128, j = (e % 128) / 32, i = e % 32;
+      blk[16 + 32 * h + i] |= static_cast<uint8_t>((f.q[e] & 3) << (2 * j));
     }
     return;
   }
@@ -322,10 +352,11 @@ void write_packed(int64_t type, const BlockFields& f, int64_t c, uint8_t* rec) {
     uint8_t* sub = rec + s * l.sub_bytes;
     for (int64_t e = 0; e < kBlock; ++e) {
       const int q = f.q[kBlock * s + e];
-      if (type == kQ3_K) {
+      if (has_2bit_fields(type)) {
         const int64_t lane = quant_lane(c, e);
         sub[q3_low_byte(c, e)] |= static_cast<uint8_t>((q & 3) << q3_low_shift(e));
-        sub[q3_mask_at(e) + lane / 8] |= static_cast<uint8_t>(((q >> 2) & 1) << (lane % 8));
+        if (type == kQ3_K)
+          sub[q3_mask_at(e) + lane / 8] |= static_cast<uint8_t>(((q >> 2) & 1) << (lane % 8));
         continue;
       }
       if (type == kQ8_0) {
@@ -361,6 +392,10 @@ void write_packed(int64_t type, const BlockFields& f, int64_t c, uint8_t* rec) {
     }
     std::memcpy(scal + 96 + 2 * c, &high, 2);
   }
+  if (type == kQ2_K) {
+    std::memcpy(scal + 32 + 2 * c, &f.dm, 2);
+    for (int t = 0; t < 16; ++t) scal[64 + 16 * t + c] = f.sc[t];
+  }
   if (type == kQ3_K) {
     uint32_t high = 0;
     for (int t = 0; t < 16; ++t) {
@@ -376,10 +411,11 @@ void read_packed(int64_t type, const uint8_t* rec, int64_t c, BlockFields* f) {
   for (int64_t s = 0; s < l.subs(); ++s) {
     const uint8_t* sub = rec + s * l.sub_bytes;
     for (int64_t e = 0; e < kBlock; ++e) {
-      if (type == kQ3_K) {
+      if (has_2bit_fields(type)) {
         const int64_t lane = quant_lane(c, e);
-        f->q[kBlock * s + e] = ((sub[q3_low_byte(c, e)] >> q3_low_shift(e)) & 3) |
-                               ((sub[q3_mask_at(e) + lane / 8] >> (lane % 8)) & 1) << 2;
+        f->q[kBlock * s + e] = (sub[q3_low_byte(c, e)] >> q3_low_shift(e)) & 3;
+        if (type == kQ3_K)
+          f->q[kBlock * s + e] |= ((sub[q3_mask_at(e) + lane / 8] >> (lane % 8)) & 1) << 2;
         continue;
       }
       int q = sub[quant_byte(type, c, e)];
@@ -411,6 +447,10 @@ void read_packed(int64_t type, const uint8_t* rec, int64_t c, BlockFields* f) {
     for (int j = 0; j < 8; ++j)
       f->sc[j] = static_cast<uint8_t>(((scal[32 + 16 * (j / 2) + c] >> (4 * (j % 2))) & 15) |
                                       ((high >> (2 * j)) & 3) << 4);
+  }
+  if (type == kQ2_K) {
+    f->dm = bits16(scal + 32 + 2 * c);
+    for (int t = 0; t < 16; ++t) f->sc[t] = scal[64 + 16 * t + c];
   }
   if (type == kQ3_K) {
     uint32_t high;
@@ -553,12 +593,13 @@ inline __m256i bits_to_bytes(uint32_t m, char value) {
 // Half h (channels 8h .. 8h + 7) of load j of a 4-bit sub-record: vnni's quant_pair.
 template <int64_t Type>
 inline void quant_pair(const uint8_t* sub, int h, int j, __m256i* lo, __m256i* hi) {
-  if constexpr (Type == kQ3_K) {  // bits 0-1 at 4 (j % 2) and + 2, bit 2 from the lane masks
+  if constexpr (has_2bit_fields(Type)) {  // bits 0-1 at 4 (j % 2), + 2; Q3_K's bit 2: masks
     const __m256i three = _mm256_set1_epi8(3);
     const __m256i raw = load32(sub + 64 * (j / 2) + 32 * h);
     const int shift = 4 * (j % 2);
     *lo = _mm256_and_si256(_mm256_srli_epi16(raw, shift), three);
     *hi = _mm256_and_si256(_mm256_srli_epi16(raw, shift + 2), three);
+    if constexpr (Type == kQ2_K) return;
     uint32_t mlo, mhi;
     std::memcpy(&mlo, sub + 128 + 16 * j + 4 * h, 4);
     std::memcpy(&mhi, sub + 128 + 16 * j + 8 + 4 * h, 4);
@@ -594,7 +635,7 @@ inline void quant_pair(const uint8_t* sub, int h, int j, __m256i* lo, __m256i* h
 
 // Half h of vnni's block_factors.
 template <int64_t Type>
-inline void block_factors(const uint8_t* scal, int h, int64_t s, __m256 wd[2], __m256* wm) {
+inline void block_factors(const uint8_t* scal, int h, int64_t s, __m256 wd[2], __m256 wm[2]) {
   const __m256 d = half8(scal + 16 * h);
   if constexpr (Type == kQ6_K) {
     for (int hh = 0; hh < 2; ++hh)
@@ -608,8 +649,16 @@ inline void block_factors(const uint8_t* scal, int h, int64_t s, __m256 wd[2], _
                                  _mm_cvtsi32_si128(static_cast<int>(4 * s))),
         &sc, &mn);
     wd[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps((__m256i)sc));
-    *wm = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(half8(scal + 32 + 16 * h),
+    wm[0] = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(half8(scal + 32 + 16 * h),
                                                            _mm256_cvtepi32_ps((__m256i)mn)));
+  } else if constexpr (Type == kQ2_K) {  // sub-blocks 2s, 2s + 1: sc | m << 4
+    const __m256 dmin = half8(scal + 32 + 16 * h);
+    for (int hh = 0; hh < 2; ++hh) {
+      const __v8si b = (__v8si)_mm256_cvtepu8_epi32(load8(scal + 64 + 16 * (2 * s + hh) + 8 * h));
+      wd[hh] = _mm256_mul_ps(d, _mm256_cvtepi32_ps((__m256i)(b & 15)));
+      wm[hh] = _mm256_sub_ps(_mm256_setzero_ps(),
+                             _mm256_mul_ps(dmin, _mm256_cvtepi32_ps((__m256i)(b >> 4))));
+    }
   } else if constexpr (Type == kQ3_K) {  // sub-blocks 2s, 2s + 1: 6-bit scales - 32
     const __v8si pair = (__v8si)_mm256_cvtepu8_epi32(load8(scal + 32 + 16 * s + 8 * h));
     const __v8si high = (__v8si)load32(scal + 160 + 32 * h);
@@ -622,7 +671,7 @@ inline void block_factors(const uint8_t* scal, int h, int64_t s, __m256 wd[2], _
             reinterpret_cast<const __m128i*>(scal + 96 + 16 * h))), s)));
   } else {
     wd[0] = d;
-    if constexpr (layout_of(Type).has_min) *wm = half8(scal + 32 + 16 * h);
+    if constexpr (layout_of(Type).has_min) wm[0] = half8(scal + 32 + 16 * h);
   }
 }
 
@@ -649,8 +698,8 @@ inline void half_tile_product(const int8_t* xq, const float* xd, const int32_t* 
     const uint8_t* rec = w + b / l.subs() * l.record_bytes();
     const uint8_t* sub = rec + s * l.sub_bytes;
     const int8_t* xb = xq + b * kBlock;
-    __m256 wd[2], wm;
-    block_factors<Type>(rec + l.scalars_at(), h, s, wd, &wm);
+    __m256 wd[2], wm[2];
+    block_factors<Type>(rec + l.scalars_at(), h, s, wd, wm);
 #pragma GCC unroll 2
     for (int hh = 0; hh < kHalves; ++hh) {
       __m256i sum[R];
@@ -689,11 +738,17 @@ inline void half_tile_product(const int8_t* xq, const float* xd, const int32_t* 
       for (int r = 0; r < R; ++r)
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]),
                                  _mm256_mul_ps(wd[hh], _mm256_set1_ps(xd[r * nb + b])), acc[r]);
+      if constexpr (Type == kQ2_K)  // the half's min: wm * xd * (its sum of xq)
+        for (int r = 0; r < R; ++r) {
+          const int32_t half = hh == 0 ? xs16[r * nb + b] : xs[r * nb + b] - xs16[r * nb + b];
+          acc[r] = _mm256_fmadd_ps(
+              wm[hh], _mm256_set1_ps(xd[r * nb + b] * static_cast<float>(half)), acc[r]);
+        }
     }
     if constexpr (l.has_min)
       for (int r = 0; r < R; ++r)
         acc[r] = _mm256_fmadd_ps(
-            wm, _mm256_set1_ps(xd[r * nb + b] * static_cast<float>(xs[r * nb + b])), acc[r]);
+            wm[0], _mm256_set1_ps(xd[r * nb + b] * static_cast<float>(xs[r * nb + b])), acc[r]);
   }
   const __m256 bv = bias != nullptr ? _mm256_loadu_ps(bias + 8 * h) : _mm256_setzero_ps();
   for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * ldo + 8 * h, _mm256_add_ps(acc[r], bv));
@@ -743,12 +798,13 @@ inline __m512 half16(const uint8_t* p) {  // 16 fp16 -> float32
 // 8j + 4 .. 8j + 7 (*hi), four per channel lane, with Q5's fifth bits and Q6_K's bits 4-5.
 template <int64_t Type>
 SLUICE_VNNI inline void quant_pair(const uint8_t* sub, int j, __m512i* lo, __m512i* hi) {
-  if constexpr (Type == kQ3_K) {  // bits 0-1 at 4 (j % 2) and + 2, bit 2 from the lane masks
+  if constexpr (has_2bit_fields(Type)) {  // bits 0-1 at 4 (j % 2), + 2; Q3_K's bit 2: masks
     const __m512i three = _mm512_set1_epi8(3), four = _mm512_set1_epi8(4);
     const __m512i raw = _mm512_loadu_si512(sub + 64 * (j / 2));
     const unsigned shift = 4 * (j % 2);
     *lo = _mm512_and_si512(_mm512_srli_epi16(raw, shift), three);
     *hi = _mm512_and_si512(_mm512_srli_epi16(raw, shift + 2), three);
+    if constexpr (Type == kQ2_K) return;
     uint64_t masks[2];
     std::memcpy(masks, sub + 128 + 16 * j, 16);
     *lo = _mm512_mask_add_epi8(*lo, _cvtu64_mask64(masks[0]), *lo, four);
@@ -784,7 +840,7 @@ SLUICE_VNNI inline void quant_pair(const uint8_t* sub, int j, __m512i* lo, __m51
 // The float factors of (half-)block h of sub-block s of a record whose scalars are at scal,
 // 16 channels: a value is wd[h] * (q - offset) + wm (wm: the types with a min).
 template <int64_t Type>
-SLUICE_VNNI inline void block_factors(const uint8_t* scal, int64_t s, __m512 wd[2], __m512* wm) {
+SLUICE_VNNI inline void block_factors(const uint8_t* scal, int64_t s, __m512 wd[2], __m512 wm[2]) {
   const __m512 d = half16(scal);
   if constexpr (Type == kQ6_K) {  // the int8 scales of 16-value sub-blocks 2s, 2s + 1
     for (int h = 0; h < 2; ++h) {
@@ -800,8 +856,17 @@ SLUICE_VNNI inline void block_factors(const uint8_t* scal, int64_t s, __m512 wd[
                                   _mm_cvtsi32_si128(static_cast<int>(4 * s))),
         &sc, &mn);
     wd[0] = _mm512_mul_ps(d, _mm512_cvtepi32_ps((__m512i)sc));
-    *wm = _mm512_sub_ps(_mm512_setzero_ps(),
-                        _mm512_mul_ps(half16(scal + 32), _mm512_cvtepi32_ps((__m512i)mn)));
+    wm[0] = _mm512_sub_ps(_mm512_setzero_ps(),
+                          _mm512_mul_ps(half16(scal + 32), _mm512_cvtepi32_ps((__m512i)mn)));
+  } else if constexpr (Type == kQ2_K) {  // sub-blocks 2s, 2s + 1: sc | m << 4
+    const __m512 dmin = half16(scal + 32);
+    for (int h = 0; h < 2; ++h) {
+      const __v16si b = (__v16si)_mm512_cvtepu8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(scal + 64 + 16 * (2 * s + h))));
+      wd[h] = _mm512_mul_ps(d, _mm512_cvtepi32_ps((__m512i)(b & 15)));
+      wm[h] = _mm512_sub_ps(_mm512_setzero_ps(),
+                            _mm512_mul_ps(dmin, _mm512_cvtepi32_ps((__m512i)(b >> 4))));
+    }
   } else if constexpr (Type == kQ3_K) {  // sub-blocks 2s, 2s + 1: 6-bit scales - 32
     const __v16si pair = (__v16si)_mm512_cvtepu8_epi32(
         _mm_loadu_si128(reinterpret_cast<const __m128i*>(scal + 32 + 16 * s)));
@@ -816,7 +881,7 @@ SLUICE_VNNI inline void block_factors(const uint8_t* scal, int64_t s, __m512 wd[
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scal + 96))), s)));
   } else {
     wd[0] = d;
-    if constexpr (layout_of(Type).has_min) *wm = half16(scal + 32);
+    if constexpr (layout_of(Type).has_min) wm[0] = half16(scal + 32);
   }
 }
 
@@ -847,9 +912,9 @@ SLUICE_VNNI inline void tile_product(const int8_t* xq, const float* xd, const in
     const uint8_t* rec = w + b / l.subs() * l.record_bytes();
     const uint8_t* sub = rec + s * l.sub_bytes;
     const int8_t* xb = xq + b * kBlock;
-    __m512 wd[T][2], wm[T];
+    __m512 wd[T][2], wm[T][2];
     for (int t = 0; t < T; ++t)
-      block_factors<Type>(rec + t * ld_tile + l.scalars_at(), s, wd[t], &wm[t]);
+      block_factors<Type>(rec + t * ld_tile + l.scalars_at(), s, wd[t], wm[t]);
 #pragma GCC unroll 2
     for (int h = 0; h < kHalves; ++h) {
       __m512i sum[R][T];
@@ -888,13 +953,18 @@ SLUICE_VNNI inline void tile_product(const int8_t* xq, const float* xd, const in
         for (int t = 0; t < T; ++t)
           acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][t]), _mm512_mul_ps(wd[t][h], d),
                                       acc[r][t]);
+        if constexpr (Type == kQ2_K) {  // the half's min: wm * xd * (its sum of xq)
+          const int32_t half = h == 0 ? xs16[r * nb + b] : xs[r * nb + b] - xs16[r * nb + b];
+          const __m512 dxs = _mm512_set1_ps(xd[r * nb + b] * static_cast<float>(half));
+          for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(wm[t][h], dxs, acc[r][t]);
+        }
       }
     }
     if constexpr (l.has_min)
       for (int r = 0; r < R; ++r) {
         const __m512 dxs =
             _mm512_set1_ps(xd[r * nb + b] * static_cast<float>(xs[r * nb + b]));
-        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(wm[t], dxs, acc[r][t]);
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(wm[t][0], dxs, acc[r][t]);
       }
   }
   for (int t = 0; t < T; ++t) {
@@ -1000,6 +1070,7 @@ void run_with(int64_t type, float* out, int64_t m, int64_t n, int64_t k, const f
     SLUICE_TYPE(kIQ4_NL)
     SLUICE_TYPE(kIQ4_XS)
     SLUICE_TYPE(kQ3_K)
+    SLUICE_TYPE(kQ2_K)
 #undef SLUICE_TYPE
     default: break;
   }
@@ -1032,8 +1103,8 @@ namespace {
 // (the packed form's contract).
 void check_packable(const at::Tensor& w, int64_t type, const char* who) {
   TORCH_CHECK(vnni::packable(type), who, ": GGML type ", type,
-              " has no VNNI layout (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL "
-              "and IQ4_XS do)");
+              " has no VNNI layout (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, "
+              "IQ4_NL and IQ4_XS do)");
   TORCH_CHECK(w.dim() == 2 && w.dtype() == at::kByte && w.device().is_cpu() && w.is_contiguous(),
               who, ": a contiguous CPU uint8 [N, row_bytes] tensor expected");
   const int64_t block_bytes = vnni::layout_of(type).block_bytes;

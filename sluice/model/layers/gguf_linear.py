@@ -11,6 +11,7 @@ sluice/model/csrc/quant_linear.cpp):
     Q5_0      6         32           22          5.5
     Q5_1      7         32           24          6.0
     Q8_0      8         32           34          8.5
+    Q2_K     10        256           84          2.63
     Q3_K     11        256          110          3.44
     Q4_K     12        256          144          4.5
     Q5_K     13        256          176          5.5
@@ -31,8 +32,8 @@ the fused QKV / gate-up row offsets and column-parallel row shards. A row-parall
 
 The product: the C++ `gguf_linear` (layer ops 'cpu', float32 activations): one to eight rows
 stream each weight row's blocks once, unpacked in registers (fp32 FMA with the activations);
-more rows dequantize panels of rows into an fp32 tile and run sgemm on it (Q3_K, IQ4_NL and
-IQ4_XS, which have only the packed kernel below, take the panels at every row count when not
+more rows dequantize panels of rows into an fp32 tile and run sgemm on it (Q2_K, Q3_K, IQ4_NL
+and IQ4_XS, which have only the packed kernel below, take the panels at every row count when not
 packed). With
 `bf16_products`, more than eight rows multiply x and the weight rounded to bf16 (float32 sums)
 on every CPU: on one with AMX-BF16 as bf16 tiles on AMX (csrc/amx_gemm.cpp: 3-25x the sgemm at
@@ -104,12 +105,13 @@ class BlockType:
 BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
     BlockType("Q4_0", 2, 32, 18), BlockType("Q4_1", 3, 32, 20), BlockType("Q5_0", 6, 32, 22),
     BlockType("Q5_1", 7, 32, 24), BlockType("Q8_0", 8, 32, 34),
-    BlockType("Q3_K", 11, 256, 110), BlockType("Q4_K", 12, 256, 144),
+    BlockType("Q2_K", 10, 256, 84), BlockType("Q3_K", 11, 256, 110),
+    BlockType("Q4_K", 12, 256, 144),
     BlockType("Q5_K", 13, 256, 176), BlockType("Q6_K", 14, 256, 210),
     BlockType("IQ4_NL", 20, 32, 18), BlockType("IQ4_XS", 23, 256, 136))}
 """The GGML types whose blocks the linear layers run directly, by GGUF type name."""
 
-PACKED_ONLY_TYPES = ("Q3_K", "IQ4_NL", "IQ4_XS")
+PACKED_ONLY_TYPES = ("Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS")
 """The types whose only fast kernel is the packed int8 one (`vnni_packed`): elsewhere every call
 dequantizes panels of the weight (correct, slow), so `gguf_quant` keeps them only where they
 will be packed."""
