@@ -93,6 +93,7 @@
 
 #include "act_quant.h"
 #include "blas.h"
+#include "gguf_codebook.h"
 #include "ops.h"
 #include "vec_math.h"
 
@@ -113,9 +114,7 @@ constexpr int64_t kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 
                   kQ3_K = 11, kQ4_K = 12,
                   kQ5_K = 13, kQ6_K = 14, kIQ4_NL = 20, kIQ4_XS = 23, kBF16 = 30;
 constexpr int kMaxQuantSkinnyRows = 8;
-// ggml-common.h's kvalues_iq4nl: IQ4_NL's codebook
-constexpr int8_t kIq4nlValues[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
-                                     1,    13,   25,  38,  53,  69,  89,  113};
+using sluice::kIq4nlValues;  // gguf_codebook.h
 // the types only the panel path (and vnni_linear.cpp's packed kernel) runs
 constexpr bool panel_only_type(int64_t type) {
   return type == kQ2_K || type == kQ3_K || type == kIQ4_NL || type == kIQ4_XS;
@@ -248,22 +247,27 @@ void dequant_row_scalar(int64_t type, const uint8_t* w, float* y, int64_t k) {
         o[i] = d * kIq4nlValues[blk[2 + i] & 15];
         o[i + 16] = d * kIq4nlValues[blk[2 + i] >> 4];
       }
-    } else if (type == kQ2_K) {
-      const float d = f16(blk + 80), dmin = f16(blk + 82);
-      for (int e = 0; e < 256; ++e) {
-        const int h = e / 128, j = (e % 128) / 32, i = e % 32;
-        const int sc = blk[8 * h + 2 * j + i / 16], q = (blk[16 + 32 * h + i] >> (2 * j)) & 3;
-        o[e] = d * static_cast<float>(sc & 15) * static_cast<float>(q) -
-               dmin * static_cast<float>(sc >> 4);
-      }
-    } else if (type == kQ3_K) {
-      const float d = f16(blk + 108);
-      for (int e = 0; e < 256; ++e) {
-        const int h = e / 128, j = (e % 128) / 32, i = e % 32, s = 8 * h + 2 * j + i / 16;
-        const int sc = ((blk[96 + s % 8] >> (4 * (s / 8))) & 15) |
-                       ((blk[104 + s % 4] >> (2 * (s / 4))) & 3) << 4;
-        const int q = ((blk[32 + 32 * h + i] >> (2 * j)) & 3) | ((blk[i] >> (4 * h + j)) & 1) << 2;
-        o[e] = d * static_cast<float>(sc - 32) * static_cast<float>(q - 4);
+    } else if (type == kQ2_K || type == kQ3_K) {
+      // 16-value sub-block s = 8h + 2j + i / 16 holds elements 128h + 32j + i (file comment)
+      const bool q3 = type == kQ3_K;
+      const float d = f16(blk + (q3 ? 108 : 80)), dmin = q3 ? 0.f : f16(blk + 82);
+      const uint8_t* qs = blk + (q3 ? 32 : 16);
+      for (int s = 0; s < 16; ++s) {
+        const int h = s / 8, j = (s % 8) / 2, i0 = 16 * (s % 2);
+        float dl, ml = 0.f;
+        if (q3) {
+          dl = d * static_cast<float>((((blk[96 + s % 8] >> (4 * (s / 8))) & 15) |
+                                       ((blk[104 + s % 4] >> (2 * (s / 4))) & 3) << 4) - 32);
+        } else {
+          dl = d * static_cast<float>(blk[s] & 15);
+          ml = dmin * static_cast<float>(blk[s] >> 4);
+        }
+        for (int i = i0; i < i0 + 16; ++i) {
+          int q = (qs[32 * h + i] >> (2 * j)) & 3;
+          if (q3) q = (q | ((blk[i] >> (4 * h + j)) & 1) << 2) - 4;
+          o[128 * h + 32 * j + i] = q3 ? dl * static_cast<float>(q)
+                                       : dl * static_cast<float>(q) - ml;
+        }
       }
     } else if (type == kIQ4_XS) {
       const float d = f16(blk);

@@ -78,6 +78,7 @@
 #include <vector>
 
 #include "act_quant.h"
+#include "gguf_codebook.h"
 #include "ops.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -92,18 +93,6 @@ constexpr int64_t kBlock = sluice::kActBlock;  // K values per block
 // the GGML type ids it packs
 constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12,
                   kQ5_K = 13, kQ6_K = 14, kIQ4_NL = 20, kIQ4_XS = 23, kQ2_K = 10, kQ3_K = 11;
-// ggml-common.h's kvalues_iq4nl (IQ4_NL's codebook) in each 16-byte lane of a vpshufb table:
-// as stored (AVX2, signed products) and + 128 (vpdpbusd's unsigned operand)
-alignas(64) constexpr int8_t kIq4nlSigned[64] = {
-    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
-    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
-    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
-    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
-alignas(64) constexpr uint8_t kIq4nlUnsigned[64] = {
-    1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241,
-    1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241,
-    1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241,
-    1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241};
 
 // The per-type constants of the layout above.
 struct Layout {
@@ -345,6 +334,25 @@ inline int64_t q3_low_byte(int64_t c, int64_t e) { return 64 * (e / 16) + quant_
 inline int q3_low_shift(int64_t e) { return 2 * ((e % 16) / 4); }
 inline int64_t q3_mask_at(int64_t e) { return 128 + 8 * (e / 4); }
 
+// n (8 or 16) 6-bit scales v of channel c into a record's scalars (IQ4_XS, Q3_K: layout above)
+// and back: the low nibbles of scales 2p, 2p + 1 in byte 32 + 16 p + c, the high bit pairs in
+// the little-endian n / 4-byte integer at 32 + 8 n + (n / 4) c.
+inline void write_scales6(uint8_t* scal, int64_t c, const uint8_t* v, int n) {
+  uint32_t high = 0;
+  for (int i = 0; i < n; ++i) {
+    scal[32 + 16 * (i / 2) + c] |= static_cast<uint8_t>((v[i] & 15) << (4 * (i % 2)));
+    high |= static_cast<uint32_t>(v[i] >> 4) << (2 * i);
+  }
+  std::memcpy(scal + 32 + 8 * n + n / 4 * c, &high, n / 4);
+}
+inline void read_scales6(const uint8_t* scal, int64_t c, uint8_t* v, int n) {
+  uint32_t high = 0;
+  std::memcpy(&high, scal + 32 + 8 * n + n / 4 * c, n / 4);
+  for (int i = 0; i < n; ++i)
+    v[i] = static_cast<uint8_t>(((scal[32 + 16 * (i / 2) + c] >> (4 * (i % 2))) & 15) |
+                                ((high >> (2 * i)) & 3) << 4);
+}
+
 // Channel c's fields into record `rec` (zeroed before its first channel), and back.
 void write_packed(int64_t type, const BlockFields& f, int64_t c, uint8_t* rec) {
   const Layout l = layout_of(type);
@@ -384,26 +392,12 @@ void write_packed(int64_t type, const BlockFields& f, int64_t c, uint8_t* rec) {
   }
   if (type == kQ6_K)
     for (int s = 0; s < 16; ++s) scal[32 + 16 * s + c] = f.sc[s];
-  if (type == kIQ4_XS) {
-    uint16_t high = 0;
-    for (int j = 0; j < 8; ++j) {
-      scal[32 + 16 * (j / 2) + c] |= static_cast<uint8_t>((f.sc[j] & 15) << (4 * (j % 2)));
-      high |= static_cast<uint16_t>((f.sc[j] >> 4) << (2 * j));
-    }
-    std::memcpy(scal + 96 + 2 * c, &high, 2);
-  }
+  if (type == kIQ4_XS) write_scales6(scal, c, f.sc, 8);
   if (type == kQ2_K) {
     std::memcpy(scal + 32 + 2 * c, &f.dm, 2);
     for (int t = 0; t < 16; ++t) scal[64 + 16 * t + c] = f.sc[t];
   }
-  if (type == kQ3_K) {
-    uint32_t high = 0;
-    for (int t = 0; t < 16; ++t) {
-      scal[32 + 16 * (t / 2) + c] |= static_cast<uint8_t>((f.sc[t] & 15) << (4 * (t % 2)));
-      high |= static_cast<uint32_t>(f.sc[t] >> 4) << (2 * t);
-    }
-    std::memcpy(scal + 160 + 4 * c, &high, 4);
-  }
+  if (type == kQ3_K) write_scales6(scal, c, f.sc, 16);
 }
 
 void read_packed(int64_t type, const uint8_t* rec, int64_t c, BlockFields* f) {
@@ -442,23 +436,12 @@ void read_packed(int64_t type, const uint8_t* rec, int64_t c, BlockFields* f) {
   }
   if (type == kQ6_K)
     for (int s = 0; s < 16; ++s) f->sc[s] = scal[32 + 16 * s + c];
-  if (type == kIQ4_XS) {
-    const uint16_t high = bits16(scal + 96 + 2 * c);
-    for (int j = 0; j < 8; ++j)
-      f->sc[j] = static_cast<uint8_t>(((scal[32 + 16 * (j / 2) + c] >> (4 * (j % 2))) & 15) |
-                                      ((high >> (2 * j)) & 3) << 4);
-  }
+  if (type == kIQ4_XS) read_scales6(scal, c, f->sc, 8);
   if (type == kQ2_K) {
     f->dm = bits16(scal + 32 + 2 * c);
     for (int t = 0; t < 16; ++t) f->sc[t] = scal[64 + 16 * t + c];
   }
-  if (type == kQ3_K) {
-    uint32_t high;
-    std::memcpy(&high, scal + 160 + 4 * c, 4);
-    for (int t = 0; t < 16; ++t)
-      f->sc[t] = static_cast<uint8_t>(((scal[32 + 16 * (t / 2) + c] >> (4 * (t % 2))) & 15) |
-                                      ((high >> (2 * t)) & 3) << 4);
-  }
+  if (type == kQ3_K) read_scales6(scal, c, f->sc, 16);
 }
 
 // GGUF rows of one tile (16 rows of row_bytes) -> its packed records, and back.
@@ -536,16 +519,12 @@ inline void kquant_scale_min(V low, V high, V* sc, V* mn) {
   *sc = (low & 15) | ((high & 3) << 4);
   *mn = (low >> 4) | (((high >> 2) & 3) << 4);
 }
-// IQ4_XS's ls_s - 32 of sub-block s for each channel lane: `pair` = the lane's byte of low
-// nibbles of sub-blocks 2 (s / 2), 2 (s / 2) + 1, `high` its uint16 of high bit pairs.
+// 6-bit scale i minus 32 for each channel lane (IQ4_XS's ls_i, Q3_K's sc_i; `write_scales6`'s
+// layout): `pair` = the lane's byte of the low nibbles of scales 2 (i / 2), 2 (i / 2) + 1,
+// `high` its integer of high bit pairs.
 template <class V>
-inline V q3k_scale(V pair, V high, int64_t t) {  // Q3_K's sc_t - 32 (layout above), t < 16
-  const int shift = static_cast<int>(4 * (t % 2)), hshift = static_cast<int>(2 * t);
-  return (((pair >> shift) & 15) | (((high >> hshift) & 3) << 4)) - 32;
-}
-template <class V>
-inline V iq4xs_scale(V pair, V high, int64_t s) {
-  const int shift = static_cast<int>(4 * (s % 2)), hshift = static_cast<int>(2 * s);
+inline V scale6_minus_32(V pair, V high, int64_t i) {
+  const int shift = static_cast<int>(4 * (i % 2)), hshift = static_cast<int>(2 * i);
   return (((pair >> shift) & 15) | (((high >> hshift) & 3) << 4)) - 32;
 }
 
@@ -612,7 +591,8 @@ inline void quant_pair(const uint8_t* sub, int h, int j, __m256i* lo, __m256i* h
   *lo = _mm256_and_si256(raw, nibble);
   *hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
   if constexpr (is_iq4(Type)) {  // the signed codebook values (multiplied as Q8_0's)
-    const __m256i table = load32(reinterpret_cast<const uint8_t*>(kIq4nlSigned));
+    const __m256i table = _mm256_broadcastsi128_si256(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(sluice::kIq4nlValues)));
     *lo = _mm256_shuffle_epi8(table, *lo);
     *hi = _mm256_shuffle_epi8(table, *hi);
   }
@@ -663,9 +643,9 @@ inline void block_factors(const uint8_t* scal, int h, int64_t s, __m256 wd[2], _
     const __v8si pair = (__v8si)_mm256_cvtepu8_epi32(load8(scal + 32 + 16 * s + 8 * h));
     const __v8si high = (__v8si)load32(scal + 160 + 32 * h);
     for (int hh = 0; hh < 2; ++hh)
-      wd[hh] = _mm256_mul_ps(d, _mm256_cvtepi32_ps((__m256i)q3k_scale<__v8si>(pair, high, 2 * s + hh)));
+      wd[hh] = _mm256_mul_ps(d, _mm256_cvtepi32_ps((__m256i)scale6_minus_32<__v8si>(pair, high, 2 * s + hh)));
   } else if constexpr (Type == kIQ4_XS) {
-    wd[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps((__m256i)iq4xs_scale<__v8si>(
+    wd[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps((__m256i)scale6_minus_32<__v8si>(
         (__v8si)_mm256_cvtepu8_epi32(load8(scal + 32 + 16 * (s / 2) + 8 * h)),
         (__v8si)_mm256_cvtepu16_epi32(_mm_loadu_si128(
             reinterpret_cast<const __m128i*>(scal + 96 + 16 * h))), s)));
@@ -815,8 +795,11 @@ SLUICE_VNNI inline void quant_pair(const uint8_t* sub, int j, __m512i* lo, __m51
   const __m512i raw = _mm512_loadu_si512(sub + 64 * j);
   *lo = _mm512_and_si512(raw, nibble);
   *hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
-  if constexpr (is_iq4(Type)) {  // codebook value + 128 (o = 128)
-    const __m512i table = _mm512_load_si512(kIq4nlUnsigned);
+  if constexpr (is_iq4(Type)) {  // codebook value + 128 (o = 128): the sign bit flipped
+    const __m512i table = _mm512_xor_si512(
+        _mm512_broadcast_i32x4(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(sluice::kIq4nlValues))),
+        _mm512_set1_epi8(static_cast<char>(0x80)));
     *lo = _mm512_shuffle_epi8(table, *lo);
     *hi = _mm512_shuffle_epi8(table, *hi);
   }
@@ -872,9 +855,9 @@ SLUICE_VNNI inline void block_factors(const uint8_t* scal, int64_t s, __m512 wd[
         _mm_loadu_si128(reinterpret_cast<const __m128i*>(scal + 32 + 16 * s)));
     const __v16si high = (__v16si)_mm512_loadu_si512(scal + 160);
     for (int h = 0; h < 2; ++h)
-      wd[h] = _mm512_mul_ps(d, _mm512_cvtepi32_ps((__m512i)q3k_scale<__v16si>(pair, high, 2 * s + h)));
+      wd[h] = _mm512_mul_ps(d, _mm512_cvtepi32_ps((__m512i)scale6_minus_32<__v16si>(pair, high, 2 * s + h)));
   } else if constexpr (Type == kIQ4_XS) {
-    wd[0] = _mm512_mul_ps(d, _mm512_cvtepi32_ps((__m512i)iq4xs_scale<__v16si>(
+    wd[0] = _mm512_mul_ps(d, _mm512_cvtepi32_ps((__m512i)scale6_minus_32<__v16si>(
         (__v16si)_mm512_cvtepu8_epi32(
             _mm_loadu_si128(reinterpret_cast<const __m128i*>(scal + 32 + 16 * (s / 2)))),
         (__v16si)_mm512_cvtepu16_epi32(
