@@ -190,7 +190,7 @@ def _vocab_method(qtype: str, cols: int, method_for: Callable[[str], GgufBlockLi
 def _runs_packed_if_needed(method: GgufBlockLinearMethod, rows: int) -> bool:
     """Whether a product of `rows` output rows over `method`'s blocks has a fast kernel: every
     type but PACKED_ONLY_TYPES, and those where the layer gets packed (module doc)."""
-    return method.qtype not in PACKED_ONLY_TYPES or (method.vnni and rows % 16 == 0)
+    return method.qtype not in PACKED_ONLY_TYPES or method.packs(rows)
 
 
 def _keep_vocab_blocks(model: nn.Module, types: dict[str, str],
@@ -199,11 +199,11 @@ def _keep_vocab_blocks(model: nn.Module, types: dict[str, str],
     the HF names kept."""
     kept: set[str] = set()
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    head = getattr(model, "lm_head", None)
     name = "model.embed_tokens.weight"
     if embed is not None and name in types:
         method = _vocab_method(types[name], embed.embedding_dim, method_for)
         rows = embed.weight.shape[0]
-        head = getattr(model, "lm_head", None)
         if method is not None and head is not None and head.tied \
                 and not _runs_packed_if_needed(method, rows):   # the head multiplies them
             method = None
@@ -214,7 +214,6 @@ def _keep_vocab_blocks(model: nn.Module, types: dict[str, str],
             set_weight_loader(embed.weight, embed._load_rows)
             embed.gguf_blocks = method
             kept.add(name)
-    head = getattr(model, "lm_head", None)
     if head is None:
         return kept
     if head.tied:

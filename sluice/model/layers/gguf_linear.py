@@ -189,13 +189,19 @@ class GgufBlockLinearMethod(LinearMethod):
                 and not isinstance(getattr(m, "gguf_blocks", None), GgufBlockLinearMethod)
                 for p in m.parameters(recurse=False)}
 
+    def packs(self, rows: int) -> bool:
+        """Whether a weight of `rows` output rows gets regrouped for the packed kernel (`vnni`,
+        whole 16-row tiles; a CPU weight that no other module reads, see
+        `process_weights_after_loading`)."""
+        return self.vnni and rows % 16 == 0
+
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """With `vnni`: regroup the layer's blocks in place for the VNNI kernel (module
         doc) where its shape allows and no other module reads the weight."""
         weight = layer.weight
         layer.vnni_packed = False
-        if (self.vnni and weight.device.type == "cpu" and weight.dtype == torch.uint8
-                and weight.is_contiguous() and weight.shape[0] % 16 == 0
+        if (self.packs(weight.shape[0]) and weight.device.type == "cpu"
+                and weight.dtype == torch.uint8 and weight.is_contiguous()
                 and id(weight) not in self._shared_weights):
             self.ops.vnni_pack(weight.data, self.block_type.ggml_id)
             layer.vnni_packed = True
