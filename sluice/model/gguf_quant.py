@@ -14,14 +14,22 @@ included) and keeps the blocks when
   blocks have no other fast kernel, so elsewhere (`--quantization gguf`, another CPU) they are
   dequantized at load.
 
+A linear layer stored in one of `DEQUANTIZED_TYPES` (IQ1_S .. IQ3_S, TQ1_0 / TQ2_0, MXFP4,
+NVFP4: no block kernels of their own) is dequantized by gguf-py at load; where int8 activations
+run it at every step anyway (default mode or 'int8', the packed int8 kernel, whole 16-row tiles,
+whole 32-value blocks) its dequantized rows are quantized again to Q8_0 blocks as they stream in
+(`iterate_gguf(..., requantize=)`), and the layer gets the Q8_0 method: 8.5 bits per weight
+instead of 32 and the int8 kernel instead of sgemm, for an error per weight (< 1/254 of its
+block's largest) far below the stored type's own. `--quantization gguf` keeps them exact (float).
+
 Such a layer gets a `GgufBlockLinearMethod` of that type (its weight re-created as uint8
 blocks). The token embedding and the LM head follow the same rule on their own tensors
 (`token_embd`, `output`; a tied head is the embedding's): an embedding over blocks dequantizes
 the rows it looks up, a head over blocks computes its logits with the method (the greedy
 screen, which needs a float head, steps aside). Every other tensor is dequantized to `dtype`
-at load as before. Returns the HF tensor names to be read as raw blocks
-(`gguf_weights.iterate_gguf(..., keep_quantized=)`), and logs one line naming the types kept
-quantized and those dequantized.
+at load as before. Returns a `GgufLoadPlan`: the HF tensor names to be read as raw blocks
+(`gguf_weights.iterate_gguf(..., keep_quantized=)`) and those requantized to Q8_0, and logs one
+line naming the types kept quantized, requantized and dequantized.
 
 Modes (`ModelConfig.quantization`):
     None (default)  keep blocks where sluice's C++ kernels run them: layer ops 'cpu' (the
@@ -48,6 +56,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -59,7 +68,8 @@ from sluice.errors import ConfigError
 from sluice.model.layers.gguf_linear import BLOCK_TYPES, PACKED_ONLY_TYPES, GgufBlockLinearMethod
 from sluice.model.layers.linear import LinearBase
 from sluice.model.layers.linear_method import set_weight_loader
-from sluice.model_spec.gguf import NON_WEIGHT_TENSORS, gguf_reader, hf_tensor_name
+from sluice.model_spec.gguf import (DEQUANTIZED_TYPES, NON_WEIGHT_TENSORS, gguf_reader,
+                                    hf_tensor_name)
 
 if TYPE_CHECKING:
     from gguf import GGUFReader
@@ -67,6 +77,18 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 QUANTIZATION_MODES = (None, "gguf", "none", "int8")
+REQUANTIZED_TYPE = "Q8_0"
+"""What a linear layer stored in one of DEQUANTIZED_TYPES runs as where int8 activations run."""
+
+
+@dataclass(frozen=True)
+class GgufLoadPlan:
+    """How `iterate_gguf` reads a GGUF file's weights: HF names kept as the file's raw blocks,
+    and those dequantized then quantized to REQUANTIZED_TYPE blocks; every other tensor is
+    dequantized to the model's dtype."""
+
+    kept: frozenset[str] = field(default_factory=frozenset)
+    requantized: frozenset[str] = field(default_factory=frozenset)
 
 
 def gguf_tensor_types(gguf_file: str | Path | GGUFReader) -> dict[str, str]:
@@ -126,15 +148,15 @@ def use_block_method(module: LinearBase, method: GgufBlockLinearMethod,
 
 def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path | GGUFReader, mode: str | None,
                      ops: ModuleType | None, dtype: torch.dtype, device: torch.device,
-                     lora_enabled: bool = False, bf16_products: bool = False) -> set[str]:
-    """Give the layers that keep their blocks a `GgufBlockLinearMethod` (module doc); returns
-    the HF names of the tensors to load as blocks; empty: everything dequantized. `bf16_products`:
-    the methods' flag (bf16 products for more rows on AMX), which mode 'int8' sets in any
-    case."""
+                     lora_enabled: bool = False, bf16_products: bool = False) -> GgufLoadPlan:
+    """Give the layers that keep their blocks (or are requantized) a `GgufBlockLinearMethod`
+    (module doc); returns which HF tensors load as blocks; an empty plan: everything
+    dequantized. `bf16_products`: the methods' flag (bf16 products for more rows on AMX), which
+    mode 'int8' sets in any case."""
     types = gguf_tensor_types(gguf_file)
     if not blocks_wanted(mode, ops, dtype, device, lora_enabled):
         logger.info("GGUF weights dequantized to %s at load (%s).", dtype, _summary(types))
-        return set()
+        return GgufLoadPlan()
     sources: dict[str, list[str]] = defaultdict(list)  # our param name -> HF tensor names
     for hf in types:
         target, _ = model.map_checkpoint_name(hf)
@@ -148,6 +170,7 @@ def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path | GGUFReader, mode:
             ops, qtype, int8, bf16_products or mode == "int8"))
 
     kept: set[str] = set()
+    requantized: set[str] = set()
     why_not: Counter[str] = Counter()
     for name, module in model.named_modules():
         if not isinstance(module, LinearBase) or f"{name}.weight" not in sources:
@@ -155,6 +178,12 @@ def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path | GGUFReader, mode:
         hf_names = sources[f"{name}.weight"]
         kinds = {types[h] for h in hf_names}
         qtype = next(iter(kinds)) if len(kinds) == 1 else None
+        if kinds <= set(DEQUANTIZED_TYPES) and int8 and \
+                module.in_features % BLOCK_TYPES[REQUANTIZED_TYPE].block_elems == 0 and \
+                method_for(REQUANTIZED_TYPE).packs(module.weight.shape[0]):
+            use_block_method(module, method_for(REQUANTIZED_TYPE), dtype)
+            requantized.update(hf_names)
+            continue
         if qtype not in BLOCK_TYPES:
             why_not[", ".join(sorted(kinds))] += 1
             continue
@@ -168,16 +197,19 @@ def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path | GGUFReader, mode:
         kept.update(hf_names)
     kept |= _keep_vocab_blocks(model, types, method_for)
     kept_types = Counter(types[h] for h in kept)
-    rest = {h: t for h, t in types.items() if h not in kept}
+    rest = {h: t for h, t in types.items() if h not in kept and h not in requantized}
+    requantized_types = {h: types[h] for h in requantized}
     int8_types = sorted(q for q, m in methods.items() if m.int8_activations)
     vnni = sorted(q for q, m in methods.items() if m.vnni)
-    logger.info("GGUF weights kept quantized: %s; dequantized to %s: %s%s%s%s.",
+    logger.info("GGUF weights kept quantized: %s;%s dequantized to %s: %s%s%s%s.",
                 ", ".join(f"{t} ({n} tensors)" for t, n in sorted(kept_types.items()))
-                or "none", dtype, _summary(rest),
+                or "none",
+                f" requantized to {REQUANTIZED_TYPE} blocks: {_summary(requantized_types)};"
+                * bool(requantized), dtype, _summary(rest),
                 f"; int8 activations for {', '.join(int8_types)}" * bool(int8_types),
                 f"; regrouped for the packed int8 kernel: {', '.join(vnni)}" * bool(vnni),
                 "".join(f"; linear layers left float ({n}): {k}" for k, n in why_not.items()))
-    return kept
+    return GgufLoadPlan(frozenset(kept), frozenset(requantized))
 
 
 def _vocab_method(qtype: str, cols: int, method_for: Callable[[str], GgufBlockLinearMethod]

@@ -23,6 +23,9 @@ Layout conventions of llama.cpp's converter, undone here:
 Tensors named in `keep_quantized` (linear weights that run from their blocks, chosen by
 `sluice.model.gguf_quant`) are yielded as their raw blocks instead: uint8 [rows, row bytes],
 a copy of the file's bytes with the Q/K rows un-permuted the same way (a row is whole blocks).
+Those named in `requantize` (layers stored in a type without block kernels, chosen by
+`gguf_quant` too) are dequantized and un-permuted as float tensors are, then yielded as the
+Q8_0 blocks of those values (`sluice.model.int8_quant.quantize_q8_0`), uint8 [rows, K / 32 * 34].
 """
 
 from __future__ import annotations
@@ -71,11 +74,12 @@ def dequantize_tensor(tensor) -> np.ndarray:
 
 
 def iterate_gguf(gguf_path: str | Path | GGUFReader, dtype: torch.dtype,
-                 keep_quantized: Collection[str] = frozenset()
+                 keep_quantized: Collection[str] = frozenset(),
+                 requantize: Collection[str] = frozenset()
                  ) -> Iterator[tuple[str, torch.Tensor]]:
     """(hf_name, tensor in `dtype`) for every weight in the GGUF file `gguf_path` (a path or
-    an open reader), or its raw blocks for the names in `keep_quantized` (see the module
-    docstring). Raises `ModelLoadError` naming the file for an
+    an open reader), or its raw blocks for the names in `keep_quantized`, or Q8_0 blocks of
+    its values for those in `requantize` (see the module docstring). Raises `ModelLoadError` naming the file for an
     unreadable or unsupported file or a tensor that cannot be dequantized."""
     reader = gguf_reader(gguf_path)
     path = Path(reader.data.filename)
@@ -110,5 +114,10 @@ def iterate_gguf(gguf_path: str | Path | GGUFReader, dtype: torch.dtype,
         except (ValueError, TypeError, NotImplementedError, AssertionError) as e:
             raise ModelLoadError(f"{path}: tensor {t.name} ({t.tensor_type.name}, GGUF shape "
                                  f"{t.shape.tolist()}) cannot be read: {e}") from None
+        if name in requantize:
+            from sluice.model.int8_quant import quantize_q8_0
+            yield name, quantize_q8_0(torch.from_numpy(values))
+            del values
+            continue
         yield name, torch.from_numpy(values).to(dtype)
         del values

@@ -212,10 +212,11 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
         from sluice.model.gguf_weights import iterate_gguf
         from sluice.model_spec.gguf import gguf_reader
         reader = gguf_reader(gguf_file)  # the header parsed once for both steps
-        keep = keep_gguf_blocks(model, reader, quantization, ops.cpu_ops, dtype, device,
+        plan = keep_gguf_blocks(model, reader, quantization, ops.cpu_ops, dtype, device,
                                 lora_enabled=lora is not None and lora.enable_lora,
                                 bf16_products=weight_dtype == torch.bfloat16)
-        weights = lambda dtype: iterate_gguf(reader, dtype, keep)  # noqa: E731
+        weights = lambda dtype: iterate_gguf(reader, dtype, plan.kept,  # noqa: E731
+                                             plan.requantized)
     if spec.quantization is not None and weights is not None and gguf_file is None:
         weights = _compressed_source(model, spec, weights, quantization, ops, dtype, device,
                                      lora, weight_dtype)

@@ -69,11 +69,18 @@ SIDECAR_FORMAT = 1
 GGUF_ARCHITECTURES: dict[str, str] = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                                       "qwen3": "Qwen3ForCausalLM"}
 # Types whose dequantization is checked by tests/model/test_gguf.py (float types and the legacy
-# quants end to end; the k-quants and IQ4_NL / IQ4_XS against an independent reference decoder).
-# IQ4_NL and IQ4_XS are kept in their blocks like the legacy and k-quants; the other IQ / TQ /
-# MXFP4 types are refused, naming the tensor.
+# quants end to end; the k-quants and IQ4_NL / IQ4_XS against an independent reference decoder;
+# DEQUANTIZED_TYPES end to end against gguf-py's decoder).
+# IQ4_NL and IQ4_XS are kept in their blocks like the legacy and k-quants.
+DEQUANTIZED_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
+                     "TQ1_0", "TQ2_0", "MXFP4", "NVFP4")
+"""Types sluice has no block kernels for: gguf-py dequantizes them at load (the linear layers
+then run as Q8_0 blocks where int8 activations run every step, `sluice.model.gguf_quant`).
+Every other GGUF type (Q1_0, the Q8_1 / Q8_K intermediates, integer tensors) is refused at
+load, naming the tensor."""
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-                          "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
+                          "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
+                          *DEQUANTIZED_TYPES)
 
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
                  "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}

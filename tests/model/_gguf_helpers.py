@@ -308,3 +308,45 @@ def reference_dequantize(qtype: str, blocks: np.ndarray) -> np.ndarray:
             y[:, 32 * ib:32 * ib + 32] = d * (ls - 32)[:, None] * KVALUES_IQ4NL[codes]
         return y
     raise ValueError(qtype)
+
+
+# ---- types sluice dequantizes at load (no block kernels): random valid blocks ---------------
+
+FP16_SCALE_AT = {"IQ1_S": 0, "IQ2_XXS": 0, "IQ2_XS": 0, "IQ2_S": 0, "IQ3_XXS": 0, "IQ3_S": 0,
+                 "TQ1_0": 52, "TQ2_0": 64}   # byte offset of the block's fp16 d (ggml-common.h)
+#: the scale giving decoded weights an RMS of ~0.02 (measured on random blocks)
+DEQUANTIZED_SCALE = {"IQ1_S": 2.7e-3, "IQ1_M": 2.8e-3, "IQ2_XXS": 3.5e-4, "IQ2_XS": 3.5e-4,
+                     "IQ2_S": 3.5e-4, "IQ3_XXS": 1.4e-4, "IQ3_S": 1.4e-4, "TQ1_0": 2.5e-2,
+                     "TQ2_0": 1.6e-2, "MXFP4": 5e-3, "NVFP4": 1e-2}
+
+
+def random_dequantized_type_blocks(qtype: str, num_blocks: int,
+                                   rng: np.random.Generator) -> np.ndarray:
+    """[num_blocks, bytes] of random bits with the block scales set to ~DEQUANTIZED_SCALE (so
+    the decoded weights are finite and of weight-like size): an fp16 d where the type has one,
+    IQ1_M's fp16 d spread over the top nibbles of its four uint16 scale words, MXFP4's e8m0
+    exponent byte, NVFP4's four ue4m3 scale bytes."""
+    import gguf
+    from gguf.constants import GGML_QUANT_SIZES
+
+    _, nbytes = GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    scale = DEQUANTIZED_SCALE[qtype]
+    blocks = rng.integers(0, 256, size=(num_blocks, nbytes), dtype=np.uint8)
+    d = (rng.uniform(0.5, 1.5, size=num_blocks) * scale).astype(np.float16)
+    if qtype in FP16_SCALE_AT:
+        at = FP16_SCALE_AT[qtype]
+        blocks[:, at:at + 2] = d.view(np.uint8).reshape(num_blocks, 2)
+    elif qtype == "IQ1_M":
+        bits = d.view(np.uint16)
+        words = blocks[:, 48:56].copy().view(np.uint16) & np.uint16(0x0FFF)
+        for i in range(4):
+            words[:, i] |= ((bits >> np.uint16(4 * i)) & np.uint16(15)) << np.uint16(12)
+        blocks[:, 48:56] = words.view(np.uint8)
+    elif qtype == "MXFP4":   # 2^(e - 127) / 2
+        blocks[:, 0] = 127 + int(np.round(np.log2(scale))) + rng.integers(0, 2, size=num_blocks)
+    elif qtype == "NVFP4":   # exponent bias 7, 3 mantissa bits
+        blocks[:, 0:4] = ((7 + int(np.round(np.log2(scale)))) << 3) | \
+            rng.integers(0, 8, size=(num_blocks, 4))
+    else:
+        raise ValueError(f"no random blocks for {qtype}")
+    return blocks

@@ -1,0 +1,104 @@
+"""GGUF types sluice has no block kernels for (`DEQUANTIZED_TYPES`: IQ1_S .. IQ3_S, TQ1_0 /
+TQ2_0, MXFP4, NVFP4): dequantized by gguf-py at load, and by default requantized to Q8_0 blocks
+where int8 activations run at every step (`sluice.model.gguf_quant`).
+
+On a tiny llama (hidden 256) whose 2-D weights but the embedding are random valid blocks of the
+type:
+* `--quantization gguf` (exact): the linear layers are float and the logits equal, bit for bit,
+  those of a safetensors checkpoint holding gguf-py's decoding of the same blocks with
+  llama.cpp's Q/K permutation undone by the test's own helper (tensor names, layout,
+  permutation);
+* default, where the packed int8 kernel runs (x86 with AVX2): every linear layer is a packed
+  Q8_0 layer with int8 activations whose weights are exactly gguf-py's Q8_0 quantization of the
+  decoded weights, the load log names the requantization, and the logits are within
+  test_int8_quant's INT8_LOGITS_RTOL of the exact ones (Q8_0 weights and int8 activations, the
+  same error as `--quantization int8`); elsewhere the default is the exact float path.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _gguf_helpers import (gguf_name, llama_cpp_unpermute, load_hf_tensors,
+                           random_dequantized_type_blocks, write_gguf)
+from _sluice_model_helpers import load_ours
+from sluice.model.int8_quant import quantize_q8_0
+from sluice.model.layers.gguf_linear import GgufBlockLinearMethod, dequantize_blocks
+from sluice.model.layers.linear import LinearBase
+from sluice.model_spec.gguf import DEQUANTIZED_TYPES, inspect_gguf, prepare_gguf
+from sluice.testing.tiny_models import TinyModelSpec
+from test_gguf_quantized import _logits
+from test_int8_quant import assert_int8_steps_close
+
+
+def _model_files(tiny_model_factory, tmp_path: Path, qtype: str) -> tuple[Path, Path]:
+    """(the prepared GGUF model dir, a safetensors checkpoint of gguf-py's decoding of the same
+    blocks in HF layout)."""
+    import gguf
+    from gguf.constants import GGML_QUANT_SIZES
+    from gguf.quants import dequantize
+    from safetensors.numpy import save_file
+
+    src = tiny_model_factory("llama_h256_blocks", TinyModelSpec(
+        hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2))
+    cfg = json.loads((src / "config.json").read_text())
+    ggml_type = gguf.GGMLQuantizationType[qtype]
+    elems, _ = GGML_QUANT_SIZES[ggml_type]
+    rng = np.random.default_rng(0)
+    raw, tensors = {}, load_hf_tensors(src)
+    for name, values in list(tensors.items()):
+        if values.ndim != 2 or "embed" in name:
+            continue
+        rows, cols = values.shape
+        blocks = random_dequantized_type_blocks(qtype, rows * cols // elems, rng)
+        raw[gguf_name(name)] = (blocks.reshape(rows, -1), ggml_type)
+        decoded = np.asarray(dequantize(blocks, ggml_type), np.float32).reshape(rows, cols)
+        if ".q_proj." in name or ".k_proj." in name:   # the file holds llama.cpp's row order
+            decoded = llama_cpp_unpermute(decoded, cfg["num_attention_heads"] if ".q_proj."
+                                          in name else cfg["num_key_value_heads"])
+        assert np.isfinite(decoded).all() and 0.005 < np.sqrt((decoded ** 2).mean()) < 0.1
+        tensors[name] = np.ascontiguousarray(decoded)
+    path = write_gguf(src, tmp_path / f"{qtype}.gguf", raw_tensors=raw)
+    assert inspect_gguf(path).tensor_types[qtype] == len(raw) == 2 * 7 + 1   # + the LM head
+    ref = tmp_path / "decoded"
+    shutil.copytree(src, ref)
+    save_file(tensors, str(ref / "model.safetensors"), metadata={"format": "pt"})
+    return prepare_gguf(path, tmp_path / "sidecars"), ref
+
+
+@pytest.mark.parametrize("qtype", DEQUANTIZED_TYPES)
+def test_dequantized_types_load_exactly_and_run_as_q8_0(cpu_ops, tiny_model_factory, tmp_path,
+                                                        caplog, qtype):
+    model_dir, ref = _model_files(tiny_model_factory, tmp_path, qtype)
+    exact = load_ours(model_dir, layer_ops="cpu", attn_backend="cpu_paged", quantization="gguf")
+    assert not any(isinstance(m.linear_method, GgufBlockLinearMethod)
+                   for m in exact.modules() if isinstance(m, LinearBase))
+    floats = _logits(exact)
+    expected = _logits(load_ours(ref, layer_ops="cpu", attn_backend="cpu_paged"))
+    assert floats.keys() == expected.keys()
+    assert all(torch.equal(floats[k], expected[k]) for k in expected)
+
+    with caplog.at_level("INFO", logger="sluice.model"):
+        default = load_ours(model_dir, layer_ops="cpu", attn_backend="cpu_paged")
+    layers = {n: m for n, m in default.named_modules() if isinstance(m, LinearBase)}
+    plain = dict(exact.named_modules())
+    if not bool(cpu_ops.packed_int8_kernel()):   # no int8 kernel at every step: float
+        assert not any(isinstance(m.linear_method, GgufBlockLinearMethod)
+                       for m in layers.values())
+        assert all(torch.equal(_logits(default)[k], floats[k]) for k in floats)
+        return
+    # the decoder's 2 x 7 projections; the LM head stays float (as int8's does)
+    assert f"requantized to Q8_0 blocks: {qtype} (14 tensors)" in caplog.text, caplog.text
+    for name, module in layers.items():
+        method = module.linear_method
+        assert isinstance(method, GgufBlockLinearMethod) and method.qtype == "Q8_0"
+        assert method.int8_activations and getattr(module, "vnni_packed", False)
+        assert torch.equal(method.dequantized_weight(module),
+                           dequantize_blocks(quantize_q8_0(plain[name].weight), "Q8_0")), name
+    assert_int8_steps_close(_logits(default), floats)
