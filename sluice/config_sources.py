@@ -61,9 +61,11 @@ ENGINE_STARTUP_TIMEOUT_ENV = "SLUICE_ENGINE_STARTUP_TIMEOUT"  # seconds; read by
 EXECUTE_MODEL_TIMEOUT_ENV = "SLUICE_EXECUTE_MODEL_TIMEOUT"  # seconds; read by executor/multiproc.py
 NODE_TIMEOUT_ENV = "SLUICE_NODE_TIMEOUT"  # seconds; read by executor/nodes.py (--nnodes > 1)
 RUNTIME_LORA_ENV = "SLUICE_ALLOW_RUNTIME_LORA_UPDATING"  # 1: /v1/(un)load_lora_adapter routes
+CACHE_DIR_ENV = "SLUICE_CACHE_DIR"  # GGUF sidecars; read by model_spec/gguf.py
+CPU_KERNELS_ENV = "SLUICE_CPU_KERNELS"  # the kernel build to load; read by platform/cpu_kernels.py
 OTHER_ENV_VARS: frozenset[str] = frozenset({CONFIG_FILE_ENV, ENGINE_STARTUP_TIMEOUT_ENV,
                                             EXECUTE_MODEL_TIMEOUT_ENV, NODE_TIMEOUT_ENV,
-                                            RUNTIME_LORA_ENV})
+                                            RUNTIME_LORA_ENV, CACHE_DIR_ENV, CPU_KERNELS_ENV})
 """`SLUICE_*` variables that are not config fields but are known (not warned about). Modules that
 read their own `SLUICE_*` variable add its name here."""
 

@@ -315,3 +315,23 @@ def test_served_model_name_takes_several_names():
     cfg = engine_config_from_args(parser.parse_args(["--served-model-name", "a,b",
                                                      "--max-num-seqs", "4", "--model", "/m"]))
     assert cfg.model.model == "/m" and cfg.model.served_model_name == ("a", "b")
+
+
+def test_every_sluice_variable_the_code_reads_is_known(caplog):
+    """Each `SLUICE_*` name in sluice's sources is a config field's variable or one of
+    OTHER_ENV_VARS, so setting it never logs "not a sluice option" (SLUICE_CACHE_DIR and
+    SLUICE_CPU_KERNELS did, while being honoured)."""
+    import re
+
+    import sluice
+    from sluice.config_sources import OTHER_ENV_VARS
+
+    root = Path(sluice.__file__).parent
+    names = {m for f in root.rglob("*.py")
+             for m in re.findall(r'"(SLUICE_[A-Z0-9_]*[A-Z0-9])"', f.read_text())}
+    fields = {spec.env_var for spec in field_specs().values()}
+    assert {"SLUICE_CACHE_DIR", "SLUICE_CPU_KERNELS"} <= names
+    assert names - fields - OTHER_ENV_VARS == set()
+    with caplog.at_level(logging.WARNING, logger="sluice.config_sources"):
+        build_engine_config(env={name: "" for name in names})
+    assert "not a sluice option" not in caplog.text
