@@ -139,6 +139,43 @@ def test_onednn_bf16_linear_rounds_like_torch(cpu_ops):
 
 @pytest.mark.skipif(not native_bf16_products(), reason="no native bf16 GEMM (AMX-BF16 or "
                     "AVX-512-BF16 with oneDNN) on this CPU")
+@pytest.mark.parametrize("rows", [1, 2, 3, 9])
+def test_bf16_linear_streams_few_rows_with_onednns_numerics(cpu_ops, rows):
+    """`bf16_linear` (the layers', the fused stack's and the bf16 head's product): up to
+    `streamed_bf16_rows()` rows on a CPU without AMX a streaming GEMV over the plain weight,
+    otherwise oneDNN's GEMM; either way x rounded to bf16, float32 sums, the result rounded to
+    bf16 (then widened, + bias): within one bf16 rounding of the float64 product of the rounded
+    inputs, and of `onednn_bf16_linear`'s result. The rounding of x is observable: through an
+    identity weight the result is x.to(bf16) exactly, for float32 and bf16 x, strided rows."""
+    from sluice.model.layers.half_linear import packed_bf16_weight
+    g = torch.Generator().manual_seed(2)
+    k, n = 200, 96   # K with a tail past the kernels' 32-element steps
+    w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16)
+    packed, bias = packed_bf16_weight(w), torch.randn(n, generator=g)
+    x = torch.randn(rows, 2 * k, generator=g)[:, :k]          # strided rows
+    got = cpu_ops.bf16_linear(x, w, packed, bias)
+    ref = x.to(torch.bfloat16).double() @ w.double().T
+    bound = x.abs().double().to(torch.bfloat16).double() @ w.abs().double().T
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    assert ((got.double() - bias.double() - ref).abs() <= 2 ** -8 * (ref.abs() + bound)).all()
+    oracle = cpu_ops.onednn_bf16_linear(x, packed, bias)
+    assert ((got - oracle).abs() <= 2 ** -7 * (oracle - bias).abs() + 1e-6).all()
+    got16 = cpu_ops.bf16_linear(x.to(torch.bfloat16), w, packed, None, False)
+    assert got16.dtype == torch.bfloat16
+    assert ((got16.double() - ref).abs() <= 2 ** -8 * (ref.abs() + bound)).all()
+    eye = torch.eye(k, dtype=torch.bfloat16)
+    x[0, :3] = torch.tensor([1.00390625, 1.01171875, -1.00390625])   # ties to even
+    assert torch.equal(cpu_ops.bf16_linear(x, eye, packed_bf16_weight(eye)),
+                       x.to(torch.bfloat16).float())
+    assert cpu_ops.streamed_bf16_rows() == 2
+    streams = rows <= 2 and not cpu_ops.amx_bf16_available()
+    # the streamed path reads the plain weight: a copy that differs from the packed one shows
+    other = cpu_ops.bf16_linear(x, -w, packed)
+    assert torch.equal(other, -cpu_ops.bf16_linear(x, w, packed)) == streams
+
+
+@pytest.mark.skipif(not native_bf16_products(), reason="no native bf16 GEMM (AMX-BF16 or "
+                    "AVX-512-BF16 with oneDNN) on this CPU")
 def test_bf16_mlp_keeps_bf16_between_its_gemms_with_the_same_bits(cpu_ops, llama_dir,
                                                                   monkeypatch):
     """A prefill MLP whose gate_up and down both run oneDNN's bf16 GEMM hands gate_up's bf16

@@ -27,6 +27,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(float_out=False: its bf16 result)",
         py::arg("x"), py::arg("packed"), py::arg("bias") = py::none(),
         py::arg("float_out") = true);
+  m.def("bf16_linear", &bf16_linear, nogil,
+        "onednn_bf16_linear's product for a bf16 W with its packed copy; up to "
+        "kStreamedBf16Rows rows without AMX: a streaming GEMV over W with the same roundings",
+        py::arg("x"), py::arg("w"), py::arg("packed"), py::arg("bias") = py::none(),
+        py::arg("float_out") = true);
+  m.def("streamed_bf16_rows", []() { return kStreamedBf16Rows; },
+        "Rows up to which bf16_linear streams the plain weight (CPUs without AMX-BF16)");
   m.def("onednn_rows", &onednn_rows, "Rows oneDNN's GEMM runs for an M-row input");
   m.def("gguf_linear", &gguf_linear, nogil,
         "out = x @ dequant(w).T (+ bias) for GGUF blocks w (uint8 [N, row bytes]) of a GGML type",

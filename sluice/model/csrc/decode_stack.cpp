@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 int64_t onednn_rows(int64_t m) {
   if (m < 2 * kOnednnRowsPerOctave) return m;
@@ -113,6 +114,45 @@ at::Tensor onednn_bf16_linear(const at::Tensor& x, const at::Tensor& packed,
   return out;
 }
 
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& packed,
+                       const std::optional<at::Tensor>& bias, bool float_out) {
+  const int64_t m = x.size(0), k = x.dim() == 2 ? x.size(1) : 0, n = w.size(0);
+  const bool x16 = x.scalar_type() == at::kBFloat16;
+  if (m > kStreamedBf16Rows || amx_bf16_available() || w.scalar_type() != at::kBFloat16 ||
+      !w.is_contiguous() || x.dim() != 2 || x.stride(1) != 1 || w.size(1) != k ||
+      !(x16 || x.scalar_type() == at::kFloat))
+    return onednn_bf16_linear(x, packed, bias, float_out);
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous()),
+              "bf16_linear: a contiguous float32 bias expected");
+  TORCH_CHECK(!bias || float_out, "bf16_linear: a bias needs float_out");
+  // x rounded to bf16 (a bf16 x is exact), held widened for the GEMV
+  at::Tensor xr = at::empty({m, k}, x.options().dtype(at::kFloat));
+  std::vector<c10::BFloat16> row16(static_cast<size_t>(std::max(k, n)));
+  for (int64_t r = 0; r < m; ++r) {
+    const c10::BFloat16* src16 = row16.data();
+    if (x16) {
+      src16 = x.data_ptr<c10::BFloat16>() + r * x.stride(0);
+    } else {
+      sluice::narrow_to_bf16(row16.data(), x.data_ptr<float>() + r * x.stride(0), k);
+    }
+    sluice::widen_from_bf16(xr.data_ptr<float>() + r * k, src16, k);
+  }
+  at::Tensor out = at::empty({m, n}, x.options().dtype(at::kFloat));
+  gguf_linear(out, xr, w, /*GGML BF16*/ 30, std::nullopt);
+  at::Tensor out16 = at::empty({m, n}, x.options().dtype(at::kBFloat16));
+  float* o = out.data_ptr<float>();
+  auto* o16 = out16.data_ptr<c10::BFloat16>();
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  for (int64_t r = 0; r < m; ++r) {  // oneDNN's bf16 result, then widened and biased as there
+    sluice::narrow_to_bf16(o16 + r * n, o + r * n, n);
+    if (!float_out) continue;
+    sluice::widen_from_bf16(o + r * n, o16 + r * n, n);
+    if (b != nullptr)
+      for (int64_t j = 0; j < n; ++j) o[r * n + j] += b[j];
+  }
+  return float_out ? out : out16;
+}
+
 // Whether layer w's MLP runs in bf16 between its GEMMs: gate_up and down both bf16 with packed
 // copies. oneDNN's gate_up result is bf16 already; silu_and_mul reads and writes bf16 rows in
 // float32 arithmetic, and down takes its bf16 result as oneDNN's input: the same bits as
@@ -124,7 +164,7 @@ bool DecodeStack::bf16_mlp(const Layer& w) const {
 }
 
 // out = x @ w.T (+ b): a bf16 weight with a oneDNN packed copy (HalfWeightLinearMethod on a
-// CPU with native bf16 products) through onednn_bf16_linear, any row count, as the layer does;
+// CPU with native bf16 products) through bf16_linear, any row count, as the layer does;
 // other GGUF blocks and 16-bit weights through gguf_linear (quant_type != 0); float32 weights
 // on oneDNN's packed copy for 2+ rows when there is one, else tiled_linear (whose one-row path
 // streams the weight once).
@@ -134,7 +174,7 @@ at::Tensor DecodeStack::linear(const at::Tensor& x_in, const at::Tensor& w,
                                const std::optional<at::Tensor>& order) const {
   const at::Tensor x = order ? x_in.index_select(1, *order) : x_in;
   if (packed && w.scalar_type() == at::kBFloat16)
-    return onednn_bf16_linear(x.contiguous(), *packed, bias, true);
+    return bf16_linear(x.contiguous(), w, *packed, bias, true);
   at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
   if (quant_type != 0) {
     gguf_linear(out, x.contiguous(), w, quant_type, bias);
@@ -240,10 +280,10 @@ at::Tensor DecodeStack::forward(at::Tensor x, at::Tensor cos, at::Tensor sin,
     at::Tensor o = linear(attn.view({T, q_cols}), w.o, w.o_bias, w.o_packed, w.o_type, w.o_order);
     add_rms_norm(h, res, o, res, w.post_norm, eps_);
     if (bf16_mlp(w)) {  // gate_up -> silu -> down in bf16 (see bf16_mlp)
-      at::Tensor gate_up = onednn_bf16_linear(h, *w.gate_up_packed, std::nullopt, false);
+      at::Tensor gate_up = bf16_linear(h, w.gate_up, *w.gate_up_packed, std::nullopt, false);
       at::Tensor act = at::empty({T, w.gate_up.size(0) / 2}, gate_up.options());
       silu_and_mul(act, gate_up);
-      mlp_out = onednn_bf16_linear(act, *w.down_packed, std::nullopt, true);
+      mlp_out = bf16_linear(act, w.down, *w.down_packed, std::nullopt, true);
     } else {
       at::Tensor gate_up =
           linear(h, w.gate_up, std::nullopt, w.gate_up_packed, w.gate_up_type, w.gate_up_order);

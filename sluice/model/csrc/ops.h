@@ -80,6 +80,18 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
 // result [M, N] as it is.
 at::Tensor onednn_bf16_linear(const at::Tensor& x, const at::Tensor& packed,
                               const std::optional<at::Tensor>& bias, bool float_out);
+// The same product and result for a bf16 W [N, K] that also has `packed`, its oneDNN copy:
+// up to kStreamedBf16Rows rows on a CPU without AMX-BF16 (amx_bf16_available() false) the
+// plain W is streamed once by gguf_linear's BF16 GEMV on x rounded to bf16 (float32 sums),
+// its result rounded to bf16 as oneDNN's is — the numerics of onednn_bf16_linear up to float32
+// summation order; otherwise onednn_bf16_linear on `packed`. Why: oneDNN's GEMM costs ~20 us
+// per call at 1-2 rows whatever the shape and reads its packed copy at ~half the bandwidth a
+// plain streaming pass gets; SmolLM2's 121 bf16 products at one row on AVX-512-BF16 (Zen 5):
+// 11.8 ms streamed vs 19.2 ms oneDNN, 2 rows 16.0 vs 21.4, 3 rows 18.6 vs 19.8, 4 rows 22.0
+// vs 19.9 (benchmarks/bf16_rows.py). With AMX oneDNN wins from one row on (~0.9x at 1 row).
+constexpr int64_t kStreamedBf16Rows = 2;
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& packed,
+                       const std::optional<at::Tensor>& bias, bool float_out);
 
 // A decode step through every decoder layer of a Llama-family model (decode_stack.cpp).
 // Built once from the model's weights (per layer; optional entries are None/nullopt) and,

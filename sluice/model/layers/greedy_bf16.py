@@ -2,7 +2,7 @@
 
 With `--dtype bfloat16` on a CPU with native bf16 products (`HalfWeightLinearMethod` holding
 its oneDNN packed copy), the head's logits are oneDNN's bf16 GEMM result widened to float32
-(`onednn_bf16_linear`). Widening is exact and keeps the order, so the argmax of that bf16 result
+(`bf16_linear`: oneDNN's, or a streaming GEMV with its roundings). Widening is exact and keeps the order, so the argmax of that bf16 result
 is the very token the sampler's argmax takes over the float32 logits (first maximum; a NaN
 first): `Bf16HeadArgmax` computes it without writing and re-reading the float32 logits (64 rows
 x a 49,152-token vocabulary: 12.6 MB per step). For inputs the C++ operators do not take it
@@ -43,7 +43,7 @@ class Bf16HeadArgmax:
         packed = self._head.__dict__.get("packed_weight")
         if packed is None or not fast_path_ok(x):
             return None
-        logits = self._ops.onednn_bf16_linear(x, packed, None, False)   # [n, V] bf16
+        logits = self._ops.bf16_linear(x, self._head.weight, packed, None, False)  # [n, V] bf16
         tokens = torch.empty(x.shape[0], dtype=torch.long)
         self._ops.argmax_rows_bf16(tokens, logits)
         return tokens

@@ -17,7 +17,11 @@ The product, per call (`apply`):
   by oneDNN) widened to float32 — the C++ `onednn_bf16_linear`, which does both conversions
   in one vectorised pass each. On a Xeon with AMX it beat the streaming GEMV below from one
   row on (SmolLM2's projections and head, weights from memory: ~0.9x its time at 1 row, 0.4x
-  at 4, 0.3x at 8), and every step, decode or prefill, rounds activations alike;
+  at 4, 0.3x at 8), and every step, decode or prefill, rounds activations alike. Without AMX
+  (AVX-512-BF16 only) up to `ops.streamed_bf16_rows()` = 2 rows (single-stream decode) the C++
+  `bf16_linear` streams the plain bf16 weight instead (the GEMV below on x rounded to bf16, its
+  result rounded to bf16: the same numerics up to float32 summation order), which oneDNN's
+  per-call cost and packed reads made ~1.6x faster at one row on a Zen 5;
 * elsewhere up to MAX_STREAMED_ROWS rows (decode), on every x86 CPU: the C++ `gguf_linear`
   with GGML type BF16 (30) / F16 (1): each weight row is streamed once and widened to float32
   in registers (bf16: a 16-bit shift; f16: F16C), fp32 FMA with the activations — half the
@@ -101,7 +105,7 @@ class HalfWeightLinearMethod(LinearMethod):
         weight = layer.weight
         x2 = x.reshape(-1, x.shape[-1])
         if x.dtype == torch.bfloat16 and self.bf16_product_ok(layer, x2, bias):
-            out = self.ops.onednn_bf16_linear(x2, layer.packed_weight, bias)   # float32
+            out = self.ops.bf16_linear(x2, weight, layer.packed_weight, bias)   # float32
             return out.view(*x.shape[:-1], weight.shape[0])
         if self.ops is None or weight.dtype != self.storage_dtype or weight.stride(-1) != 1 \
                 or not fast_path_ok(x2, bias) or weight.device != x.device \
@@ -110,7 +114,7 @@ class HalfWeightLinearMethod(LinearMethod):
         rows = x2.shape[0]
         packed = layer.__dict__.get("packed_weight")  # a plain attribute; absent before loading
         if packed is not None:
-            out = self.ops.onednn_bf16_linear(x2, packed, bias)
+            out = self.ops.bf16_linear(x2, weight, packed, bias)
         else:
             out = x2.new_empty(rows, weight.shape[0])
             self.ops.gguf_linear(out, x2, weight, self.kernel_type, bias)
@@ -131,7 +135,7 @@ class HalfWeightLinearMethod(LinearMethod):
         x2 = x.reshape(-1, x.shape[-1])
         if layer.bias is not None or not self.bf16_product_ok(layer, x2):
             return None
-        out = self.ops.onednn_bf16_linear(x2, layer.packed_weight, None, False)
+        out = self.ops.bf16_linear(x2, layer.weight, layer.packed_weight, None, False)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def __repr__(self) -> str:
