@@ -1,7 +1,7 @@
-"""Few-row bf16 products: oneDNN's GEMM on packed weights against the streaming GEMV over the
-plain weights, on one model's shapes, alternating, weights from memory. What sets
-`kStreamedBf16Rows` (csrc/ops.h: up to how many rows `bf16_linear` streams, on CPUs without
-AMX-BF16).
+"""Few-row bf16 products: oneDNN's GEMM on packed weights against the streaming kernels over
+the plain weights, on one model's shapes, alternating, weights from memory. What sets
+`kStreamedBf16Rows` / `kWidenedBf16Rows` (csrc/ops.h: up to how many rows `bf16_linear`
+streams, on CPUs without AMX-BF16).
 
     python benchmarks/bf16_rows.py [--rows 1,2,3,4,8] [--rounds 5]
 
@@ -9,8 +9,10 @@ Each pass runs every layer's qkv, o, gate_up and down products and the LM head o
 random bf16 weights of SmolLM2-135M's shapes (30 layers, hidden 576, intermediate 1536,
 9 / 3 heads of 64, vocabulary 49,152: 269 MB, more than the last-level cache of the machines
 this ran on): `onednn_bf16_linear` on `torch.ops.mkldnn._reorder_linear_weight` copies (what
-`HalfWeightLinearMethod` packs) against `gguf_linear` type BF16 (30) on the plain weights.
-Prints the median pass time of each and their ratio per row count.
+`HalfWeightLinearMethod` packs), `gguf_linear` type BF16 (30) on the plain weights (the
+widening GEMV), and `bf16_linear` (what the layers call: bf16_gemv.cpp's vdpbf16ps kernel up
+to `streamed_bf16_rows()` rows where the CPU has AVX512-BF16 and no AMX, else one of the
+others). Prints the median pass time of each and the ratios to oneDNN's per row count.
 """
 
 from __future__ import annotations
@@ -49,22 +51,29 @@ def main() -> None:
         for w, (_, k) in zip(packed, shapes):
             ops.onednn_bf16_linear(x[k][:rows], w, None)
 
-    def streamed(rows: int) -> None:
+    def widened(rows: int) -> None:
         for w, (n, k) in zip(weights, shapes):
             ops.gguf_linear(torch.empty(rows, n), x[k][:rows], w, GGML_BF16, None)
 
-    print(f"AMX-BF16: {ops.amx_bf16_available()}; bf16_linear streams up to "
-          f"{ops.streamed_bf16_rows()} rows without it")
+    def bf16_linear(rows: int) -> None:
+        for w, p, (_, k) in zip(weights, packed, shapes):
+            ops.bf16_linear(x[k][:rows], w, p, None)
+
+    print(f"AMX-BF16: {ops.amx_bf16_available()}; vdpbf16ps kernel: "
+          f"{ops.bf16_gemv_available()}; bf16_linear streams up to {ops.streamed_bf16_rows()} "
+          "rows here")
+    passes = {"oneDNN": onednn, "widened": widened, "bf16_linear": bf16_linear}
     for rows in (int(r) for r in a.rows.split(",")):
-        times: dict[str, list[float]] = {"oneDNN": [], "streamed": []}
+        times: dict[str, list[float]] = {name: [] for name in passes}
         for _ in range(a.rounds):
-            for name, f in (("oneDNN", onednn), ("streamed", streamed)):
+            for name, f in passes.items():
                 t = time.perf_counter()
                 f(rows)
                 times[name].append((time.perf_counter() - t) * 1e3)
-        one, st = statistics.median(times["oneDNN"]), statistics.median(times["streamed"])
-        print(f"rows {rows:3d}: oneDNN {one:7.2f} ms   streamed {st:7.2f} ms   "
-              f"streamed/oneDNN {st / one:.2f}")
+        med = {name: statistics.median(v) for name, v in times.items()}
+        print(f"rows {rows:3d}: " + "   ".join(f"{name} {ms:7.2f} ms" for name, ms in med.items())
+              + "   " + "  ".join(f"{name}/oneDNN {med[name] / med['oneDNN']:.2f}"
+                                  for name in ("widened", "bf16_linear")))
 
 
 if __name__ == "__main__":

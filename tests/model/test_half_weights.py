@@ -139,11 +139,11 @@ def test_onednn_bf16_linear_rounds_like_torch(cpu_ops):
 
 @pytest.mark.skipif(not native_bf16_products(), reason="no native bf16 GEMM (AMX-BF16 or "
                     "AVX-512-BF16 with oneDNN) on this CPU")
-@pytest.mark.parametrize("rows", [1, 2, 3, 9])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9])
 def test_bf16_linear_streams_few_rows_with_onednns_numerics(cpu_ops, rows):
     """`bf16_linear` (the layers', the fused stack's and the bf16 head's product): up to
-    `streamed_bf16_rows()` rows on a CPU without AMX a streaming GEMV over the plain weight,
-    otherwise oneDNN's GEMM; either way x rounded to bf16, float32 sums, the result rounded to
+    `streamed_bf16_rows()` rows on a CPU without AMX a streaming pass over the plain weight
+    (vdpbf16ps, or the widening GEMV), otherwise oneDNN's GEMM; either way x rounded to bf16, float32 sums, the result rounded to
     bf16 (then widened, + bias): within one bf16 rounding of the float64 product of the rounded
     inputs, and of `onednn_bf16_linear`'s result. The rounding of x is observable: through an
     identity weight the result is x.to(bf16) exactly, for float32 and bf16 x, strided rows."""
@@ -167,8 +167,12 @@ def test_bf16_linear_streams_few_rows_with_onednns_numerics(cpu_ops, rows):
     x[0, :3] = torch.tensor([1.00390625, 1.01171875, -1.00390625])   # ties to even
     assert torch.equal(cpu_ops.bf16_linear(x, eye, packed_bf16_weight(eye)),
                        x.to(torch.bfloat16).float())
-    assert cpu_ops.streamed_bf16_rows() == 2
-    streams = rows <= 2 and not cpu_ops.amx_bf16_available()
+    # AMX: oneDNN at every row count; AVX512-BF16 (the v4 build): the vdpbf16ps kernel up to
+    # 8 rows; else the widening GEMV up to 2
+    expected = (0 if cpu_ops.amx_bf16_available() else 8 if cpu_ops.bf16_gemv_available()
+                else 2)
+    assert cpu_ops.streamed_bf16_rows() == expected
+    streams = rows <= expected
     # the streamed path reads the plain weight: a copy that differs from the packed one shows
     other = cpu_ops.bf16_linear(x, -w, packed)
     assert torch.equal(other, -cpu_ops.bf16_linear(x, w, packed)) == streams

@@ -32,8 +32,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "kStreamedBf16Rows rows without AMX: a streaming GEMV over W with the same roundings",
         py::arg("x"), py::arg("w"), py::arg("packed"), py::arg("bias") = py::none(),
         py::arg("float_out") = true);
-  m.def("streamed_bf16_rows", []() { return kStreamedBf16Rows; },
-        "Rows up to which bf16_linear streams the plain weight (CPUs without AMX-BF16)");
+  m.def("streamed_bf16_rows", &streamed_bf16_rows,
+        "Rows up to which bf16_linear streams the plain weight here (0 with AMX-BF16)");
+  m.def("bf16_gemv_available", &bf16_gemv_available,
+        "Whether bf16_linear's few-row products run vdpbf16ps here (bf16_gemv.cpp)");
   m.def("onednn_rows", &onednn_rows, "Rows oneDNN's GEMM runs for an M-row input");
   m.def("gguf_linear", &gguf_linear, nogil,
         "out = x @ dequant(w).T (+ bias) for GGUF blocks w (uint8 [N, row bytes]) of a GGML type",

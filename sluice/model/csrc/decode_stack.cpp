@@ -19,6 +19,7 @@
 // A projection whose `quant_types` entry is a GGML type id (not 0; | 256 for int8 activations)
 // holds GGUF blocks (uint8 [N, row bytes]) and runs gguf_linear (quant_linear.cpp), as
 // GgufBlockLinearMethod does.
+#include "bf16_gemv.cpp"
 #include "bf16_rows.h"
 #include "kv_rows.h"
 #include "ops.h"
@@ -114,31 +115,49 @@ at::Tensor onednn_bf16_linear(const at::Tensor& x, const at::Tensor& packed,
   return out;
 }
 
+bool bf16_gemv_available() { return bf16gemv::available(); }
+
+int64_t streamed_bf16_rows() {
+  if (amx_bf16_available()) return 0;
+  return bf16gemv::available() ? kStreamedBf16Rows : kWidenedBf16Rows;
+}
+
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& packed,
                        const std::optional<at::Tensor>& bias, bool float_out) {
   const int64_t m = x.size(0), k = x.dim() == 2 ? x.size(1) : 0, n = w.size(0);
   const bool x16 = x.scalar_type() == at::kBFloat16;
-  if (m > kStreamedBf16Rows || amx_bf16_available() || w.scalar_type() != at::kBFloat16 ||
-      !w.is_contiguous() || x.dim() != 2 || x.stride(1) != 1 || w.size(1) != k ||
+  if (m > streamed_bf16_rows() || w.scalar_type() != at::kBFloat16 || !w.is_contiguous() ||
+      x.dim() != 2 || x.stride(1) != 1 || w.size(1) != k ||
       !(x16 || x.scalar_type() == at::kFloat))
     return onednn_bf16_linear(x, packed, bias, float_out);
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous()),
               "bf16_linear: a contiguous float32 bias expected");
   TORCH_CHECK(!bias || float_out, "bf16_linear: a bias needs float_out");
-  // x rounded to bf16 (a bf16 x is exact), held widened for the GEMV
-  at::Tensor xr = at::empty({m, k}, x.options().dtype(at::kFloat));
-  std::vector<c10::BFloat16> row16(static_cast<size_t>(std::max(k, n)));
-  for (int64_t r = 0; r < m; ++r) {
-    const c10::BFloat16* src16 = row16.data();
-    if (x16) {
-      src16 = x.data_ptr<c10::BFloat16>() + r * x.stride(0);
-    } else {
-      sluice::narrow_to_bf16(row16.data(), x.data_ptr<float>() + r * x.stride(0), k);
-    }
-    sluice::widen_from_bf16(xr.data_ptr<float>() + r * k, src16, k);
-  }
   at::Tensor out = at::empty({m, n}, x.options().dtype(at::kFloat));
-  gguf_linear(out, xr, w, /*GGML BF16*/ 30, std::nullopt);
+  if (bf16gemv::available()) {  // x rounded to bf16, contiguous rows, then vdpbf16ps
+    at::Tensor xb = at::empty({m, k}, x.options().dtype(at::kBFloat16));
+    auto* xb16 = xb.data_ptr<c10::BFloat16>();
+    for (int64_t r = 0; r < m; ++r) {
+      if (x16)
+        std::memcpy(xb16 + r * k, x.data_ptr<c10::BFloat16>() + r * x.stride(0), k * 2);
+      else
+        sluice::narrow_to_bf16(xb16 + r * k, x.data_ptr<float>() + r * x.stride(0), k);
+    }
+    bf16gemv::run(out.data_ptr<float>(), m, n, k, reinterpret_cast<const uint16_t*>(xb16),
+                  reinterpret_cast<const uint16_t*>(w.data_ptr<c10::BFloat16>()), k);
+  } else {  // x rounded to bf16, held widened for gguf_linear's BF16 GEMV
+    at::Tensor xr = at::empty({m, k}, x.options().dtype(at::kFloat));
+    std::vector<c10::BFloat16> row16(static_cast<size_t>(k));
+    for (int64_t r = 0; r < m; ++r) {
+      const c10::BFloat16* src16 = row16.data();
+      if (x16)
+        src16 = x.data_ptr<c10::BFloat16>() + r * x.stride(0);
+      else
+        sluice::narrow_to_bf16(row16.data(), x.data_ptr<float>() + r * x.stride(0), k);
+      sluice::widen_from_bf16(xr.data_ptr<float>() + r * k, src16, k);
+    }
+    gguf_linear(out, xr, w, /*GGML BF16*/ 30, std::nullopt);
+  }
   at::Tensor out16 = at::empty({m, n}, x.options().dtype(at::kBFloat16));
   float* o = out.data_ptr<float>();
   auto* o16 = out16.data_ptr<c10::BFloat16>();

@@ -81,15 +81,19 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
 at::Tensor onednn_bf16_linear(const at::Tensor& x, const at::Tensor& packed,
                               const std::optional<at::Tensor>& bias, bool float_out);
 // The same product and result for a bf16 W [N, K] that also has `packed`, its oneDNN copy:
-// up to kStreamedBf16Rows rows on a CPU without AMX-BF16 (amx_bf16_available() false) the
-// plain W is streamed once by gguf_linear's BF16 GEMV on x rounded to bf16 (float32 sums),
-// its result rounded to bf16 as oneDNN's is — the numerics of onednn_bf16_linear up to float32
-// summation order; otherwise onednn_bf16_linear on `packed`. Why: oneDNN's GEMM costs ~20 us
-// per call at 1-2 rows whatever the shape and reads its packed copy at ~half the bandwidth a
-// plain streaming pass gets; SmolLM2's 121 bf16 products at one row on AVX-512-BF16 (Zen 5):
-// 11.8 ms streamed vs 19.2 ms oneDNN, 2 rows 16.0 vs 21.4, 3 rows 18.6 vs 19.8, 4 rows 22.0
-// vs 19.9 (benchmarks/bf16_rows.py). With AMX oneDNN wins from one row on (~0.9x at 1 row).
-constexpr int64_t kStreamedBf16Rows = 2;
+// up to streamed_bf16_rows() rows (0 on a CPU with AMX-BF16) the plain W is streamed once, x
+// rounded to bf16, float32 sums, the result rounded to bf16 as oneDNN's is — its numerics up
+// to float32 summation order: on AVX512-BF16 (the x86-64-v4 build) by bf16_gemv.cpp's
+// vdpbf16ps kernel up to kStreamedBf16Rows rows, else by gguf_linear's widening BF16 GEMV up
+// to kWidenedBf16Rows; otherwise onednn_bf16_linear on `packed`. Why: oneDNN's GEMM costs
+// ~20 us per call at few rows whatever the shape and reads its packed copy at ~half the
+// bandwidth a plain streaming pass gets (SmolLM2's 121 bf16 products on a Zen 5,
+// benchmarks/bf16_rows.py: the widening GEMV 11.8 vs oneDNN 19.2 ms at one row, even at 3,
+// behind from 4). With AMX oneDNN wins from one row on (~0.9x the widening GEMV at one row).
+constexpr int64_t kStreamedBf16Rows = 8;
+constexpr int64_t kWidenedBf16Rows = 2;
+int64_t streamed_bf16_rows();
+bool bf16_gemv_available();  // this build has bf16_gemv.cpp's kernel and the CPU AVX512-BF16
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& packed,
                        const std::optional<at::Tensor>& bias, bool float_out);
 

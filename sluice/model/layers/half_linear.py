@@ -18,10 +18,12 @@ The product, per call (`apply`):
   in one vectorised pass each. On a Xeon with AMX it beat the streaming GEMV below from one
   row on (SmolLM2's projections and head, weights from memory: ~0.9x its time at 1 row, 0.4x
   at 4, 0.3x at 8), and every step, decode or prefill, rounds activations alike. Without AMX
-  (AVX-512-BF16 only) up to `ops.streamed_bf16_rows()` = 2 rows (single-stream decode) the C++
-  `bf16_linear` streams the plain bf16 weight instead (the GEMV below on x rounded to bf16, its
-  result rounded to bf16: the same numerics up to float32 summation order), which oneDNN's
-  per-call cost and packed reads made ~1.6x faster at one row on a Zen 5;
+  (AVX-512-BF16 only) up to `ops.streamed_bf16_rows()` = 8 rows (decode of a few requests) the
+  C++ `bf16_linear` streams the plain bf16 weight instead: csrc/bf16_gemv.cpp's vdpbf16ps
+  kernel on x rounded to bf16, float32 sums, the result rounded to bf16 — oneDNN's numerics up
+  to float32 summation order — at the memory's pace whatever the row count (SmolLM2's products
+  on a Zen 5: 0.66-0.82x oneDNN's time from 1 to 8 rows, `benchmarks/bf16_rows.py`; the
+  x86-64-v3 build uses the widening GEMV below for up to 2 rows);
 * elsewhere up to MAX_STREAMED_ROWS rows (decode), on every x86 CPU: the C++ `gguf_linear`
   with GGML type BF16 (30) / F16 (1): each weight row is streamed once and widened to float32
   in registers (bf16: a 16-bit shift; f16: F16C), fp32 FMA with the activations — half the

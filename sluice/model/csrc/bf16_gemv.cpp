@@ -1,0 +1,119 @@
+// Few-row products of bf16 activations and a plain row-major bf16 weight on AVX512-BF16
+// (vdpbf16ps), for bf16_linear (decode_stack.cpp) on CPUs without AMX:
+//
+//   bf16gemv::run(out, m, n, k, x, w, ldw):
+//       out[i * n + j] = sum_e x[i * k + e] * w[j * ldw + e]      i < m <= kMaxRows, j < n
+//
+// x [m, k] and w [n, ldw >= k] hold bf16 bits (uint16); out is float32 [m, n]. Each 32-value
+// chunk c of a weight row meets the same chunk of every x row in one vdpbf16ps per x row: lane
+// l accumulates, in float32, the products of elements 2l and 2l + 1 of the chunk (exact: a bf16
+// x bf16 product fits a float32), the chunks in order of c; the 16 lanes are summed at the end
+// (_mm512_reduce_add_ps). That is oneDNN's arithmetic on these CPUs (the same instruction,
+// which flushes denormal inputs and results to zero): results equal its GEMM up to float32
+// summation order. A k that is not a multiple of 32 ends in one zero-masked chunk.
+//
+// Work: panels of NW consecutive weight rows (4 for up to 4 x rows, else 2: R x NW float32
+// accumulators, R x rows and one weight chunk in the 32 zmm registers), split over the threads
+// in contiguous runs so that each thread streams one span of the weight; each chunk load hints
+// the line kPrefetchBytes further along that span into L2. The weight is read once per call
+// whatever m is; compute per weight byte grows with m, and at 8 rows on a Zen 5 the product is
+// still bound by memory (benchmarks/bf16_rows.py).
+//
+// Compiled in the x86-64-v4 build only (function attribute avx512bf16); available() says whether
+// this build has it and the CPU reports AVX512-BF16.
+#include <algorithm>
+#include <cstdint>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#include <omp.h>
+#endif
+
+namespace bf16gemv {
+
+constexpr int64_t kMaxRows = 8;
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+
+constexpr int64_t kPrefetchBytes = 4096;
+
+#define SLUICE_BF16DOT __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+// out[r * ldo + j] for the R x rows and the NW weight rows of one panel (w: its first row).
+template <int R, int NW>
+SLUICE_BF16DOT void panel(float* out, int64_t ldo, int64_t k, const uint16_t* x,
+                          const uint16_t* w, int64_t ldw) {
+  __m512 acc[R][NW];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NW; ++j) acc[r][j] = _mm512_setzero_ps();
+  const int64_t whole = k / 32 * 32;
+  for (int64_t c = 0; c < whole; c += 32) {
+    __m512bh xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = (__m512bh)_mm512_loadu_si512(x + r * k + c);
+#pragma GCC unroll 4
+    for (int j = 0; j < NW; ++j) {
+      const uint16_t* p = w + j * ldw + c;
+      __builtin_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, 0, 2);
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(p);
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], xv[r], wv);
+    }
+  }
+  if (whole < k) {
+    const __mmask32 mask = (__mmask32)((uint64_t{1} << (k - whole)) - 1);
+    __m512bh xv[R];
+    for (int r = 0; r < R; ++r)
+      xv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + r * k + whole);
+    for (int j = 0; j < NW; ++j) {
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + j * ldw + whole);
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], xv[r], wv);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NW; ++j) out[r * ldo + j] = _mm512_reduce_add_ps(acc[r][j]);
+}
+
+template <int R>
+SLUICE_BF16DOT void run_rows(float* out, int64_t n, int64_t k, const uint16_t* x,
+                             const uint16_t* w, int64_t ldw) {
+  constexpr int NW = R <= 4 ? 4 : 2;
+  const int64_t panels = n / NW;
+#pragma omp parallel
+  {
+    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t p0 = panels * t / threads, p1 = panels * (t + 1) / threads;
+    for (int64_t p = p0; p < p1; ++p) panel<R, NW>(out + p * NW, n, k, x, w + p * NW * ldw, ldw);
+    if (t == threads - 1)  // the rows left over after whole panels
+      for (int64_t j = panels * NW; j < n; ++j) panel<R, 1>(out + j, n, k, x, w + j * ldw, ldw);
+  }
+}
+
+inline bool available() {
+  static const bool ok = __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
+inline void run(float* out, int64_t m, int64_t n, int64_t k, const uint16_t* x,
+                const uint16_t* w, int64_t ldw) {
+  switch (m) {
+    case 1: return run_rows<1>(out, n, k, x, w, ldw);
+    case 2: return run_rows<2>(out, n, k, x, w, ldw);
+    case 3: return run_rows<3>(out, n, k, x, w, ldw);
+    case 4: return run_rows<4>(out, n, k, x, w, ldw);
+    case 5: return run_rows<5>(out, n, k, x, w, ldw);
+    case 6: return run_rows<6>(out, n, k, x, w, ldw);
+    case 7: return run_rows<7>(out, n, k, x, w, ldw);
+    case 8: return run_rows<8>(out, n, k, x, w, ldw);
+    default: break;
+  }
+}
+
+#undef SLUICE_BF16DOT
+
+#else  // no AVX-512 in this build
+
+inline bool available() { return false; }
+inline void run(float*, int64_t, int64_t, int64_t, const uint16_t*, const uint16_t*, int64_t) {}
+
+#endif
+
+}  // namespace bf16gemv
