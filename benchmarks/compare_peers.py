@@ -93,6 +93,7 @@ class Work:
         self.constraints = root / "constraints.txt"
         self.sdist_dir = root / "sdist"
         self.gguf = root / "gguf" / "reference-f32.gguf"   # set by main() for --model/--dtype
+        self.dtype = "float32"   # the servers' --dtype (compare_online.py's --dtype)
         self.workload = root / "w1.json"
         self.status = root / "status.json"
 
