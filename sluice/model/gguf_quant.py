@@ -17,19 +17,27 @@ included) and keeps the blocks when
 A linear layer stored in one of `DEQUANTIZED_TYPES` (IQ1_S .. IQ3_S, TQ1_0 / TQ2_0, MXFP4,
 NVFP4: no block kernels of their own) is dequantized by gguf-py at load; where int8 activations
 run it at every step anyway (default mode or 'int8', the packed int8 kernel, whole 16-row tiles,
-whole 32-value blocks) its dequantized rows are quantized again to Q8_0 blocks as they stream in
-(`iterate_gguf(..., requantize=)`), and the layer gets the Q8_0 method: 8.5 bits per weight
-instead of 32 and the int8 kernel instead of sgemm, for an error per weight (< 1/254 of its
-block's largest) far below the stored type's own. `--quantization gguf` keeps them exact (float).
+whole blocks of the type it runs as) it gets blocks of a kernel type instead, as it streams in:
 
-Such a layer gets a `GgufBlockLinearMethod` of that type (its weight re-created as uint8
-blocks). The token embedding and the LM head follow the same rule on their own tensors
+* `gguf_transcode`'s exact re-encoding where every tensor of the layer has one, and the same
+  one (TQ1_0 / TQ2_0 -> Q2_K, IQ3_S -> Q5_K, IQ3_XXS / IQ1_S / IQ1_M -> Q6_K, MXFP4 -> Q5_0,
+  each where the tensor's block scales fit the target's fp16 field):
+  `iterate_gguf(..., transcode=)`, the same values bit for bit at 2.6-6.6 bits per weight;
+* else its dequantized rows quantized again to Q8_0 blocks (`iterate_gguf(..., requantize=)`):
+  8.5 bits per weight instead of 32, for an error per weight (< 1/254 of its block's largest)
+  far below the stored type's own (IQ2_XXS / IQ2_XS / IQ2_S, NVFP4, mixed layers).
+
+Either way the int8 kernel runs instead of sgemm. `--quantization gguf` keeps them exact (float).
+
+Such a layer gets a `GgufBlockLinearMethod` of the type it runs as (its weight re-created as
+uint8 blocks). The token embedding and the LM head follow the same rule on their own tensors
 (`token_embd`, `output`; a tied head is the embedding's): an embedding over blocks dequantizes
 the rows it looks up, a head over blocks computes its logits with the method (the greedy
 screen, which needs a float head, steps aside). Every other tensor is dequantized to `dtype`
 at load as before. Returns a `GgufLoadPlan`: the HF tensor names to be read as raw blocks
-(`gguf_weights.iterate_gguf(..., keep_quantized=)`) and those requantized to Q8_0, and logs one
-line naming the types kept quantized, requantized and dequantized.
+(`gguf_weights.iterate_gguf(..., keep_quantized=)`), those transcoded (with their target type)
+and those requantized to Q8_0, and logs one line naming the types kept quantized, transcoded,
+requantized and dequantized.
 
 Modes (`ModelConfig.quantization`):
     None (default)  keep blocks where sluice's C++ kernels run them: layer ops 'cpu' (the
@@ -55,7 +63,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -65,6 +73,7 @@ import torch
 from torch import nn
 
 from sluice.errors import ConfigError
+from sluice.model.gguf_transcode import target_type
 from sluice.model.layers.gguf_linear import BLOCK_TYPES, PACKED_ONLY_TYPES, GgufBlockLinearMethod
 from sluice.model.layers.linear import LinearBase
 from sluice.model.layers.linear_method import set_weight_loader
@@ -72,7 +81,7 @@ from sluice.model_spec.gguf import (DEQUANTIZED_TYPES, NON_WEIGHT_TENSORS, gguf_
                                     hf_tensor_name)
 
 if TYPE_CHECKING:
-    from gguf import GGUFReader
+    from gguf import GGUFReader, ReaderTensor
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +93,13 @@ REQUANTIZED_TYPE = "Q8_0"
 @dataclass(frozen=True)
 class GgufLoadPlan:
     """How `iterate_gguf` reads a GGUF file's weights: HF names kept as the file's raw blocks,
-    and those dequantized then quantized to REQUANTIZED_TYPE blocks; every other tensor is
-    dequantized to the model's dtype."""
+    those re-encoded exactly as blocks of another type (name -> that type), and those
+    dequantized then quantized to REQUANTIZED_TYPE blocks; every other tensor is dequantized to
+    the model's dtype."""
 
     kept: frozenset[str] = field(default_factory=frozenset)
     requantized: frozenset[str] = field(default_factory=frozenset)
+    transcoded: Mapping[str, str] = field(default_factory=dict)
 
 
 def gguf_tensor_types(gguf_file: str | Path | GGUFReader) -> dict[str, str]:
@@ -153,7 +164,8 @@ def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path | GGUFReader, mode:
     (module doc); returns which HF tensors load as blocks; an empty plan: everything
     dequantized. `bf16_products`: the methods' flag (bf16 products for more rows on AMX), which
     mode 'int8' sets in any case."""
-    types = gguf_tensor_types(gguf_file)
+    reader = gguf_reader(gguf_file)
+    types = gguf_tensor_types(reader)
     if not blocks_wanted(mode, ops, dtype, device, lora_enabled):
         logger.info("GGUF weights dequantized to %s at load (%s).", dtype, _summary(types))
         return GgufLoadPlan()
@@ -169,8 +181,16 @@ def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path | GGUFReader, mode:
         return methods.setdefault(qtype, GgufBlockLinearMethod(
             ops, qtype, int8, bf16_products or mode == "int8"))
 
+    def packed_as(qtype: str | None, module: LinearBase) -> bool:
+        """Whether `module` can run packed `qtype` blocks (whole blocks, whole tiles)."""
+        return qtype is not None and module.in_features % BLOCK_TYPES[qtype].block_elems == 0 \
+            and method_for(qtype).packs(module.weight.shape[0])
+
+    tensors = {hf_tensor_name(t.name): t for t in reader.tensors
+               if t.name not in NON_WEIGHT_TENSORS}
     kept: set[str] = set()
     requantized: set[str] = set()
+    transcoded: dict[str, str] = {}
     why_not: Counter[str] = Counter()
     for name, module in model.named_modules():
         if not isinstance(module, LinearBase) or f"{name}.weight" not in sources:
@@ -178,12 +198,16 @@ def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path | GGUFReader, mode:
         hf_names = sources[f"{name}.weight"]
         kinds = {types[h] for h in hf_names}
         qtype = next(iter(kinds)) if len(kinds) == 1 else None
-        if kinds <= set(DEQUANTIZED_TYPES) and int8 and \
-                module.in_features % BLOCK_TYPES[REQUANTIZED_TYPE].block_elems == 0 and \
-                method_for(REQUANTIZED_TYPE).packs(module.weight.shape[0]):
-            use_block_method(module, method_for(REQUANTIZED_TYPE), dtype)
-            requantized.update(hf_names)
-            continue
+        if kinds <= set(DEQUANTIZED_TYPES) and int8:
+            exact = _common_target(tensors, hf_names)
+            if packed_as(exact, module):
+                use_block_method(module, method_for(exact), dtype)
+                transcoded.update(dict.fromkeys(hf_names, exact))
+                continue
+            if packed_as(REQUANTIZED_TYPE, module):
+                use_block_method(module, method_for(REQUANTIZED_TYPE), dtype)
+                requantized.update(hf_names)
+                continue
         if qtype not in BLOCK_TYPES:
             why_not[", ".join(sorted(kinds))] += 1
             continue
@@ -197,19 +221,31 @@ def keep_gguf_blocks(model: nn.Module, gguf_file: str | Path | GGUFReader, mode:
         kept.update(hf_names)
     kept |= _keep_vocab_blocks(model, types, method_for)
     kept_types = Counter(types[h] for h in kept)
-    rest = {h: t for h, t in types.items() if h not in kept and h not in requantized}
+    rest = {h: t for h, t in types.items()
+            if h not in kept and h not in requantized and h not in transcoded}
     requantized_types = {h: types[h] for h in requantized}
+    transcoded_types = Counter(f"{types[h]} -> {t}" for h, t in transcoded.items())
     int8_types = sorted(q for q, m in methods.items() if m.int8_activations)
     vnni = sorted(q for q, m in methods.items() if m.vnni)
-    logger.info("GGUF weights kept quantized: %s;%s dequantized to %s: %s%s%s%s.",
+    logger.info("GGUF weights kept quantized: %s;%s%s dequantized to %s: %s%s%s%s.",
                 ", ".join(f"{t} ({n} tensors)" for t, n in sorted(kept_types.items()))
                 or "none",
+                " re-encoded exactly as kernel blocks: "
+                f"{', '.join(f'{t} ({n} tensors)' for t, n in sorted(transcoded_types.items()))};"
+                * bool(transcoded),
                 f" requantized to {REQUANTIZED_TYPE} blocks: {_summary(requantized_types)};"
                 * bool(requantized), dtype, _summary(rest),
                 f"; int8 activations for {', '.join(int8_types)}" * bool(int8_types),
                 f"; regrouped for the packed int8 kernel: {', '.join(vnni)}" * bool(vnni),
                 "".join(f"; linear layers left float ({n}): {k}" for k, n in why_not.items()))
-    return GgufLoadPlan(frozenset(kept), frozenset(requantized))
+    return GgufLoadPlan(frozenset(kept), frozenset(requantized), transcoded)
+
+
+def _common_target(tensors: Mapping[str, ReaderTensor], hf_names: list[str]) -> str | None:
+    """The one block type every tensor in `hf_names` (HF name -> the file's tensor) re-encodes
+    to exactly (`gguf_transcode.target_type`: reads their scale fields), else None."""
+    targets = {target_type(tensors[h].tensor_type.name, tensors[h].data) for h in hf_names}
+    return targets.pop() if len(targets) == 1 else None
 
 
 def _vocab_method(qtype: str, cols: int, method_for: Callable[[str], GgufBlockLinearMethod]

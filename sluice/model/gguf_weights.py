@@ -23,14 +23,17 @@ Layout conventions of llama.cpp's converter, undone here:
 Tensors named in `keep_quantized` (linear weights that run from their blocks, chosen by
 `sluice.model.gguf_quant`) are yielded as their raw blocks instead: uint8 [rows, row bytes],
 a copy of the file's bytes with the Q/K rows un-permuted the same way (a row is whole blocks).
-Those named in `requantize` (layers stored in a type without block kernels, chosen by
-`gguf_quant` too) are dequantized and un-permuted as float tensors are, then yielded as the
-Q8_0 blocks of those values (`sluice.model.int8_quant.quantize_q8_0`), uint8 [rows, K / 32 * 34].
+Those named in `transcode` (layers stored in a type without block kernels whose values a
+kernel type holds exactly, chosen by `gguf_quant` too) are yielded as the blocks of that type
+(`sluice.model.gguf_transcode.transcode`), un-permuted as raw blocks are. Those named in
+`requantize` (the other layers stored in such a type) are dequantized and un-permuted as float
+tensors are, then yielded as the Q8_0 blocks of those values
+(`sluice.model.int8_quant.quantize_q8_0`), uint8 [rows, K / 32 * 34].
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -75,11 +78,13 @@ def dequantize_tensor(tensor) -> np.ndarray:
 
 def iterate_gguf(gguf_path: str | Path | GGUFReader, dtype: torch.dtype,
                  keep_quantized: Collection[str] = frozenset(),
-                 requantize: Collection[str] = frozenset()
+                 requantize: Collection[str] = frozenset(),
+                 transcode: Mapping[str, str] | None = None
                  ) -> Iterator[tuple[str, torch.Tensor]]:
     """(hf_name, tensor in `dtype`) for every weight in the GGUF file `gguf_path` (a path or
-    an open reader), or its raw blocks for the names in `keep_quantized`, or Q8_0 blocks of
-    its values for those in `requantize` (see the module docstring). Raises `ModelLoadError` naming the file for an
+    an open reader), or its raw blocks for the names in `keep_quantized`, blocks of the type
+    `transcode[name]` for the names in `transcode`, or Q8_0 blocks of its values for those in
+    `requantize` (see the module docstring). Raises `ModelLoadError` naming the file for an
     unreadable or unsupported file or a tensor that cannot be dequantized."""
     reader = gguf_reader(gguf_path)
     path = Path(reader.data.filename)
@@ -101,8 +106,11 @@ def iterate_gguf(gguf_path: str | Path | GGUFReader, dtype: torch.dtype,
             raise ModelLoadError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which "
                                  f"is not supported; supported: "
                                  f"{', '.join(SUPPORTED_TENSOR_TYPES)}.")
-        if name in keep_quantized:
-            blocks = np.array(t.data, dtype=np.uint8, order="C", copy=True)
+        if name in keep_quantized or name in (transcode or {}):
+            if name in keep_quantized:
+                blocks = np.array(t.data, dtype=np.uint8, order="C", copy=True)
+            else:
+                blocks = _transcoded(path, t, transcode[name])
             if permuted and (".q_proj." in name or ".k_proj." in name):
                 blocks = unpermute_qk(blocks, num_heads if ".q_proj." in name else num_kv_heads)
             yield name, torch.from_numpy(np.ascontiguousarray(blocks))
@@ -121,3 +129,17 @@ def iterate_gguf(gguf_path: str | Path | GGUFReader, dtype: torch.dtype,
             continue
         yield name, torch.from_numpy(values).to(dtype)
         del values
+
+
+def _transcoded(path: Path, tensor, target: str) -> np.ndarray:
+    """`tensor`'s blocks re-encoded exactly as `target` blocks, [rows, target row bytes]."""
+    from sluice.model.gguf_transcode import target_type, transcode
+
+    source, data = tensor.tensor_type.name, np.asarray(tensor.data)
+    try:
+        if target_type(source, data) != target:
+            raise ValueError(f"its scales have no exact {target} encoding")
+        return transcode(source, data)
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: tensor {tensor.name} ({source}) cannot be read as "
+                             f"{target} blocks: {e}") from None

@@ -216,7 +216,7 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
                                 lora_enabled=lora is not None and lora.enable_lora,
                                 bf16_products=weight_dtype == torch.bfloat16)
         weights = lambda dtype: iterate_gguf(reader, dtype, plan.kept,  # noqa: E731
-                                             plan.requantized)
+                                             plan.requantized, plan.transcoded)
     if spec.quantization is not None and weights is not None and gguf_file is None:
         weights = _compressed_source(model, spec, weights, quantization, ops, dtype, device,
                                      lora, weight_dtype)

@@ -9,16 +9,19 @@ type:
   llama.cpp's Q/K permutation undone by the test's own helper (tensor names, layout,
   permutation);
 * default, where the packed int8 kernel runs (x86 with AVX2): every linear layer is a packed
-  Q8_0 layer with int8 activations whose weights are exactly gguf-py's Q8_0 quantization of the
-  decoded weights, the load log names the requantization, and the logits are within
-  test_int8_quant's INT8_LOGITS_RTOL of the exact ones (Q8_0 weights and int8 activations, the
-  same error as `--quantization int8`); elsewhere the default is the exact float path.
+  layer with int8 activations: for the types `gguf_transcode` re-encodes (where the file's block
+  scales allow it: IQ3_XXS's random ones here do not), of the target type and holding exactly
+  the decoded weights; for the others Q8_0 with exactly gguf-py's Q8_0 quantization of them.
+  The load log names the re-encoding or the requantization, and the logits are within
+  test_int8_quant's INT8_LOGITS_RTOL of the exact ones (int8 activations, plus Q8_0 weights:
+  the error of `--quantization int8`); elsewhere the default is the exact float path.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,7 @@ import torch
 from _gguf_helpers import (gguf_name, llama_cpp_unpermute, load_hf_tensors,
                            random_dequantized_type_blocks, write_gguf)
 from _sluice_model_helpers import load_ours
+from sluice.model.gguf_transcode import TRANSCODE_TARGETS
 from sluice.model.int8_quant import quantize_q8_0
 from sluice.model.layers.gguf_linear import GgufBlockLinearMethod, dequantize_blocks
 from sluice.model.layers.linear import LinearBase
@@ -37,9 +41,10 @@ from test_gguf_quantized import _logits
 from test_int8_quant import assert_int8_steps_close
 
 
-def _model_files(tiny_model_factory, tmp_path: Path, qtype: str) -> tuple[Path, Path]:
+def _model_files(tiny_model_factory, tmp_path: Path, qtype: str,
+                 edit: Callable[[str, np.ndarray], None] | None = None) -> tuple[Path, Path]:
     """(the prepared GGUF model dir, a safetensors checkpoint of gguf-py's decoding of the same
-    blocks in HF layout)."""
+    blocks in HF layout); `edit(hf_name, blocks)` may change a tensor's random blocks first."""
     import gguf
     from gguf.constants import GGML_QUANT_SIZES
     from gguf.quants import dequantize
@@ -57,6 +62,8 @@ def _model_files(tiny_model_factory, tmp_path: Path, qtype: str) -> tuple[Path, 
             continue
         rows, cols = values.shape
         blocks = random_dequantized_type_blocks(qtype, rows * cols // elems, rng)
+        if edit is not None:
+            edit(name, blocks)
         raw[gguf_name(name)] = (blocks.reshape(rows, -1), ggml_type)
         decoded = np.asarray(dequantize(blocks, ggml_type), np.float32).reshape(rows, cols)
         if ".q_proj." in name or ".k_proj." in name:   # the file holds llama.cpp's row order
@@ -73,7 +80,7 @@ def _model_files(tiny_model_factory, tmp_path: Path, qtype: str) -> tuple[Path, 
 
 
 @pytest.mark.parametrize("qtype", DEQUANTIZED_TYPES)
-def test_dequantized_types_load_exactly_and_run_as_q8_0(cpu_ops, tiny_model_factory, tmp_path,
+def test_dequantized_types_load_exactly_and_run_as_kernel_blocks(cpu_ops, tiny_model_factory, tmp_path,
                                                         caplog, qtype):
     model_dir, ref = _model_files(tiny_model_factory, tmp_path, qtype)
     exact = load_ours(model_dir, layer_ops="cpu", attn_backend="cpu_paged", quantization="gguf")
@@ -94,11 +101,41 @@ def test_dequantized_types_load_exactly_and_run_as_q8_0(cpu_ops, tiny_model_fact
         assert all(torch.equal(_logits(default)[k], floats[k]) for k in floats)
         return
     # the decoder's 2 x 7 projections; the LM head stays float (as int8's does)
-    assert f"requantized to Q8_0 blocks: {qtype} (14 tensors)" in caplog.text, caplog.text
+    target = TRANSCODE_TARGETS.get(qtype) if qtype != "IQ3_XXS" else None
+    if target is not None:
+        assert f"re-encoded exactly as kernel blocks: {qtype} -> {target} (14 tensors)" \
+            in caplog.text, caplog.text
+    else:
+        assert f"requantized to Q8_0 blocks: {qtype} (14 tensors)" in caplog.text, caplog.text
     for name, module in layers.items():
         method = module.linear_method
-        assert isinstance(method, GgufBlockLinearMethod) and method.qtype == "Q8_0"
+        assert isinstance(method, GgufBlockLinearMethod) and method.qtype == (target or "Q8_0")
         assert method.int8_activations and getattr(module, "vnni_packed", False)
-        assert torch.equal(method.dequantized_weight(module),
-                           dequantize_blocks(quantize_q8_0(plain[name].weight), "Q8_0")), name
+        expected = plain[name].weight if target is not None else \
+            dequantize_blocks(quantize_q8_0(plain[name].weight), "Q8_0")
+        assert torch.equal(method.dequantized_weight(module), expected), name
     assert_int8_steps_close(_logits(default), floats)
+
+
+def test_a_layer_with_a_scale_the_target_cannot_hold_is_requantized(cpu_ops, tiny_model_factory,
+                                                                    tmp_path, caplog):
+    """IQ1_S re-encodes as Q6_K with d / 8 in the fp16 field: one block of layer 0's k_proj
+    with a subnormal d whose d / 8 is not an fp16 makes that tensor, and so the fused qkv layer
+    (q, k, v), fall back to the Q8_0 requantization; every other layer is re-encoded exactly."""
+    if not bool(cpu_ops.packed_int8_kernel()):
+        pytest.skip("no packed int8 kernel on this CPU: these layers stay float")
+    odd_subnormal = np.array([3], np.uint16).view(np.uint8)       # 3 * 2^-24
+
+    def edit(name: str, blocks: np.ndarray) -> None:
+        if name == "model.layers.0.self_attn.k_proj.weight":
+            blocks[7, 0:2] = odd_subnormal
+
+    model_dir, _ = _model_files(tiny_model_factory, tmp_path, "IQ1_S", edit)
+    with caplog.at_level("INFO", logger="sluice.model"):
+        default = load_ours(model_dir, layer_ops="cpu", attn_backend="cpu_paged")
+    assert "re-encoded exactly as kernel blocks: IQ1_S -> Q6_K (11 tensors)" in caplog.text
+    assert "requantized to Q8_0 blocks: IQ1_S (3 tensors)" in caplog.text, caplog.text
+    qtypes = {n: m.linear_method.qtype for n, m in default.named_modules()
+              if isinstance(m, LinearBase)}
+    assert qtypes.pop("model.layers.0.self_attn.qkv_proj") == "Q8_0"
+    assert set(qtypes.values()) == {"Q6_K"}
