@@ -391,9 +391,10 @@ def write_dataset(work: cp.Work, model: str, num_prompts: int) -> tuple[Path, di
     """W1 as a `--dataset` list, built exactly as compare_peers.write_workload builds w1.json
     (that file is left alone; it is checked against when it holds the same requests)."""
     from sluice.bench.datasets import random_requests, workload_summary
-    from sluice.bench.throughput import _load_tokenizer, _model_vocab_size
-    reqs = random_requests(num_prompts, OUTPUT_LEN, _model_vocab_size(model), 0,
-                           tokenizer=_load_tokenizer(model), input_len_range=(64, 256))
+    from sluice.bench.throughput import _load_tokenizer, _model_dir, _model_vocab_size
+    model_dir = _model_dir(model)   # a .gguf file: its converted config / tokenizer sidecar
+    reqs = random_requests(num_prompts, OUTPUT_LEN, _model_vocab_size(model_dir), 0,
+                           tokenizer=_load_tokenizer(model_dir), input_len_range=(64, 256))
     entries = [{"prompt_token_ids": r.prompt_token_ids, "output_len": r.output_len}
                for r in reqs]
     try:
