@@ -14,7 +14,9 @@ type:
   the decoded weights; for the others Q8_0 with exactly gguf-py's Q8_0 quantization of them.
   The load log names the re-encoding or the requantization, and the logits are within
   test_int8_quant's INT8_LOGITS_RTOL of the exact ones (int8 activations, plus Q8_0 weights:
-  the error of `--quantization int8`); elsewhere the default is the exact float path.
+  the error of `--quantization int8`); elsewhere the default is the exact float path;
+* a layer whose tensors cannot all be re-encoded falls back to Q8_0, and under TP=2 every
+  shard is re-encoded exactly where it holds whole target blocks (else requantized).
 """
 
 from __future__ import annotations
@@ -139,3 +141,40 @@ def test_a_layer_with_a_scale_the_target_cannot_hold_is_requantized(cpu_ops, tin
               if isinstance(m, LinearBase)}
     assert qtypes.pop("model.layers.0.self_attn.qkv_proj") == "Q8_0"
     assert set(qtypes.values()) == {"Q6_K"}
+
+
+def _tp_linear_weights(model_dir: str, ref_dir: str) -> dict:
+    """On a TP rank: {layer name: (its block type, its dequantized weight shard, the float
+    checkpoint's shard of the same layer)} for the GGUF model's block layers, default mode."""
+    default = load_ours(Path(model_dir), layer_ops="cpu", attn_backend="cpu_paged")
+    exact = dict(load_ours(Path(ref_dir), layer_ops="cpu", attn_backend="cpu_paged")
+                 .named_modules())
+    return {name: (m.linear_method.qtype, m.linear_method.dequantized_weight(m),
+                   exact[name].weight.detach().clone())
+            for name, m in default.named_modules()
+            if isinstance(m, LinearBase) and isinstance(m.linear_method, GgufBlockLinearMethod)}
+
+
+def test_tp2_re_encodes_each_shard_exactly(cpu_ops, tiny_model_factory, tmp_path):
+    """TP=2 on an IQ3_S model: the column shards (qkv, gate_up: whole rows) and down_proj's row
+    shards (256 of 512 columns: one whole Q5_K block) hold exactly the float checkpoint's shard
+    as Q5_K; o_proj's row shards (128 of 256 columns) would split a 256-value block, so they
+    take the Q8_0 requantization of their shard."""
+    from _sluice_model_helpers import run_on_tp_ranks
+
+    if not bool(cpu_ops.packed_int8_kernel()):
+        pytest.skip("no packed int8 kernel on this CPU: these layers stay float")
+    model_dir, ref = _model_files(tiny_model_factory, tmp_path, "IQ3_S")
+    ranks, _ = run_on_tp_ranks(_tp_linear_weights, (str(model_dir), str(ref)))
+    want = {"qkv_proj": "Q5_K", "o_proj": "Q8_0", "gate_up_proj": "Q5_K", "down_proj": "Q5_K"}
+    for layers in ranks:
+        assert {n.rsplit(".", 1)[1] for n in layers} == set(want) and len(layers) == 2 * 4
+        for name, (qtype, weight, shard) in layers.items():
+            assert qtype == want[name.rsplit(".", 1)[1]], name
+            expected = shard if qtype == "Q5_K" else \
+                dequantize_blocks(quantize_q8_0(shard), "Q8_0")
+            assert weight.shape == shard.shape and torch.equal(weight, expected), name
+    down = [layers["model.layers.0.mlp.down_proj"][1] for layers in ranks]
+    assert [d.shape for d in down] == [(256, 256)] * 2        # [hidden, intermediate / 2]
+    assert not torch.equal(ranks[0]["model.layers.0.mlp.down_proj"][1],
+                           ranks[1]["model.layers.0.mlp.down_proj"][1])
