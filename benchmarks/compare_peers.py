@@ -226,7 +226,8 @@ sys.exit(rc)
 #: --retype: llama.cpp's file types (LLAMA_FTYPE_*) a GGUF model can be rewritten to
 RETYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9,
            "q2_k": 10, "q3_k_m": 12, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "iq3_xxs": 23,
-           "iq4_nl": 25, "iq3_s": 26, "iq4_xs": 30, "bf16": 32, "tq1_0": 36, "tq2_0": 37}
+           "iq4_nl": 25, "iq3_s": 26, "iq4_xs": 30, "bf16": 32, "tq1_0": 36, "tq2_0": 37,
+           "q1_0": 40}
 
 
 def do_retype(work: Work, src: Path, type_name: str) -> Path:

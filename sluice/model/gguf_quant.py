@@ -15,13 +15,13 @@ included) and keeps the blocks when
   dequantized at load.
 
 A linear layer stored in one of `DEQUANTIZED_TYPES` (IQ1_S .. IQ3_S, TQ1_0 / TQ2_0, MXFP4,
-NVFP4: no block kernels of their own) is dequantized by gguf-py at load; where int8 activations
+NVFP4, Q1_0: no block kernels of their own) is dequantized at load; where int8 activations
 run it at every step anyway (default mode or 'int8', the packed int8 kernel, whole 16-row tiles,
 whole blocks of the type it runs as) it gets blocks of a kernel type instead, as it streams in:
 
 * `gguf_transcode`'s exact re-encoding where every tensor of the layer has one, and the same
   one (TQ1_0 / TQ2_0 -> Q2_K, IQ3_S -> Q5_K, IQ3_XXS / IQ1_S / IQ1_M -> Q6_K, MXFP4 -> Q5_0,
-  each where the tensor's block scales fit the target's fp16 field):
+  Q1_0 -> Q4_0, each where the tensor's block scales fit the target's fp16 field):
   `iterate_gguf(..., transcode=)`, the same values bit for bit at 2.6-6.6 bits per weight;
 * else its dequantized rows quantized again to Q8_0 blocks (`iterate_gguf(..., requantize=)`):
   8.5 bits per weight instead of 32, for an error per weight (< 1/254 of its block's largest)

@@ -13,6 +13,7 @@ gguf-py's decodings (`gguf.quants`, the reference) and D the sub-block's scale:
 | IQ1_S (1.56)    | d (2 s_j + 1)(g +- 1/8), g in {-1, 0, 1}, j of 32 | Q6_K | d / 8, scale = 2 s_j + 1, q = 8 g +- 1 + 32 |
 | IQ1_M (1.75)    | the same with 16-value sub-blocks and IQ1_M's split fp16 d | Q6_K | as IQ1_S |
 | MXFP4 (4.25)    | 2^(e - 128) k, k in [-12, 12], per 32   | Q5_0 (5.5)      | d = 2^(e - 128), q = k + 16 |
+| Q1_0 (1.13)     | d t, t in {-1, 1}, per 128              | Q4_0 (4.5)      | d (per 32), q = t + 8 |
 
 (IQ2_XXS / IQ2_XS / IQ2_S hold +-{8, 25, 43} times a scale with a factor 1/8: no kernel type fits
 them; NVFP4's scales are fp8. Those stay with the Q8_0 requantization.)
@@ -30,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 TRANSCODE_TARGETS = {"TQ1_0": "Q2_K", "TQ2_0": "Q2_K", "IQ3_S": "Q5_K", "IQ3_XXS": "Q6_K",
-                     "IQ1_S": "Q6_K", "IQ1_M": "Q6_K", "MXFP4": "Q5_0"}
+                     "IQ1_S": "Q6_K", "IQ1_M": "Q6_K", "MXFP4": "Q5_0", "Q1_0": "Q4_0"}
 """Source GGUF type -> the kernel block type that holds its values exactly (module doc)."""
 
 QK_K = 256
@@ -75,6 +76,8 @@ def _target_scale(source: str, blocks: np.ndarray) -> np.ndarray:
     """The float32 value the target's fp16 d field must hold exactly, per source block."""
     if source in ("TQ1_0", "TQ2_0"):
         return _fp16_at(blocks, _block_bytes(source)[1] - 2)
+    if source == "Q1_0":
+        return _fp16_at(blocks, 0)
     if source == "IQ3_S":
         return _fp16_at(blocks, 0)            # dmin = 16 d is checked as well
     if source == "IQ3_XXS":
@@ -191,6 +194,12 @@ def encode_q6_k(q: np.ndarray, scales: np.ndarray, d: np.ndarray) -> np.ndarray:
     return np.concatenate([ql, qh, scales.astype(np.int8).view(np.uint8), _f16_bytes(d)], 1)
 
 
+def encode_q4_0(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Q4_0 blocks [n, 18]: value v = d (q_v - 8); q [n, 32] in 0..15. Bytes: d, qs (byte j:
+    q_j in the low nibble, q_(j + 16) in the high one)."""
+    return np.concatenate([_f16_bytes(d), _pack_bits(q & 15, 4, 2)], 1)
+
+
 def encode_q5_0(q: np.ndarray, d: np.ndarray) -> np.ndarray:
     """Q5_0 blocks [n, 22]: value v = d (q_v - 16); q [n, 32] in 0..31. Bytes: d, qh (uint32,
     bit v: bit 4 of q_v), qs (byte j: the low nibbles of q_j and q_(j + 16))."""
@@ -206,12 +215,14 @@ def transcode(source: str, data: np.ndarray) -> np.ndarray:
     decoding (gguf-py) to the same values bit for bit. Raises ValueError if it would not."""
     from gguf.quants import dequantize
 
+    from sluice.model.gguf_weights import decode_blocks
+
     target = target_type(source, data)
     if target is None:
         raise ValueError(f"{source} blocks with these scales have no exact block type")
     rows = data.shape[0]
     blocks = np.ascontiguousarray(data, np.uint8).reshape(-1, _block_bytes(source)[1])
-    values = np.asarray(dequantize(blocks, _qtype(source)), np.float32).reshape(len(blocks), -1)
+    values = np.asarray(decode_blocks(blocks, source), np.float32).reshape(len(blocks), -1)
     d = _target_scale(source, blocks)
     factor = _sub_block_scales(source, blocks)
     if target == "Q2_K":
@@ -224,11 +235,14 @@ def transcode(source: str, data: np.ndarray) -> np.ndarray:
     elif target == "Q6_K":
         q = _integers(values, d, factor) + 32
         out = encode_q6_k(q, factor, d)
+    elif target == "Q4_0":   # Q1_0's 128-value blocks as four 32-value ones
+        q = _integers(values, d, factor) + 8
+        out = encode_q4_0(q.reshape(-1, 32), np.repeat(d, 4))
     else:   # Q5_0: MXFP4's 32-value blocks
         q = _integers(values, d, factor) + 16
         out = encode_q5_0(q, d)
     decoded = np.asarray(dequantize(out, _qtype(target)), np.float32).reshape(values.shape)
     if not np.array_equal(decoded, values):
-        bad = int(np.flatnonzero((decoded != values).any(1))[0])
+        bad = int(np.flatnonzero((decoded != values).any(1))[0])   # a source block
         raise ValueError(f"re-encoding {source} as {target} changes block {bad}")
     return out.reshape(rows, -1)

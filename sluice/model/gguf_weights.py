@@ -60,12 +60,37 @@ def unpermute_qk(rows: np.ndarray, num_heads: int) -> np.ndarray:
     return grouped.swapaxes(1, 2).reshape(rows.shape)
 
 
+Q1_0_BLOCK = (128, 18)
+"""Q1_0's values and bytes per block (llama.cpp's `block_q1_0`: fp16 d, then 16 sign bytes)."""
+
+
+def dequantize_q1_0(data: np.ndarray) -> np.ndarray:
+    """llama.cpp's Q1_0 blocks (gguf-py 0.19 has no decoder) as float32: value j of a block is
+    d if bit j % 8 of sign byte j / 8 is set, else -d (`dequantize_row_q1_0`). `data`:
+    [..., row bytes] -> [..., row bytes / 18 * 128]."""
+    values, nbytes = Q1_0_BLOCK
+    blocks = np.ascontiguousarray(data, np.uint8).reshape(-1, nbytes)
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)            # [n, 1]
+    bits = np.unpackbits(blocks[:, 2:], axis=1, bitorder="little")          # [n, 128]
+    out = np.where(bits == 1, d, -d).astype(np.float32)
+    return out.reshape(*data.shape[:-1], data.shape[-1] // nbytes * values)
+
+
+def decode_blocks(data: np.ndarray, type_name: str) -> np.ndarray:
+    """GGUF bytes of type `type_name` as float32 values: gguf-py's decoder, or sluice's own
+    for the types gguf-py cannot decode (Q1_0)."""
+    import gguf
+    from gguf.quants import dequantize
+
+    if type_name == "Q1_0":
+        return dequantize_q1_0(data)
+    return dequantize(data, gguf.GGMLQuantizationType[type_name])
+
+
 def dequantize_tensor(tensor) -> np.ndarray:
     """A `gguf.ReaderTensor` as a float32 array in torch (row-major) shape, i.e. the GGUF
     dims reversed; a fresh writable array (never a view of the memory map)."""
-    from gguf.quants import dequantize
-
-    values = dequantize(tensor.data, tensor.tensor_type)
+    values = decode_blocks(tensor.data, tensor.tensor_type.name)
     expected = tuple(int(d) for d in reversed(tensor.shape.tolist()))
     values = np.asarray(values, dtype=np.float32)
     if values.shape != expected:

@@ -73,11 +73,12 @@ GGUF_ARCHITECTURES: dict[str, str] = {"llama": "LlamaForCausalLM", "qwen2": "Qwe
 # DEQUANTIZED_TYPES end to end against gguf-py's decoder).
 # IQ4_NL and IQ4_XS are kept in their blocks like the legacy and k-quants.
 DEQUANTIZED_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
-                     "TQ1_0", "TQ2_0", "MXFP4", "NVFP4")
-"""Types sluice has no block kernels for: gguf-py dequantizes them at load (the linear layers
-then run as Q8_0 blocks where int8 activations run every step, `sluice.model.gguf_quant`).
-Every other GGUF type (Q1_0, the Q8_1 / Q8_K intermediates, integer tensors) is refused at
-load, naming the tensor."""
+                     "TQ1_0", "TQ2_0", "MXFP4", "NVFP4", "Q1_0")
+"""Types sluice has no block kernels for: gguf-py dequantizes them at load (Q1_0, which it
+cannot decode: `gguf_weights.dequantize_q1_0`); where int8 activations run every step the
+linear layers run as blocks of a kernel type instead (`sluice.model.gguf_quant`). Every other
+GGUF type (the Q8_1 / Q8_K intermediates, integer tensors) is refused at load, naming the
+tensor."""
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                           "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
                           *DEQUANTIZED_TYPES)

@@ -188,7 +188,7 @@ def write_gguf(model_dir: Path, out: Path, qtype: str = "F32", *, permute: bool 
 QK_K = 256
 BLOCK_BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210,
                "IQ4_NL": 18, "IQ4_XS": 136}
-BLOCK_ELEMS = {"IQ4_NL": 32}                  # every other type here: QK_K
+BLOCK_ELEMS = {"IQ4_NL": 32, "Q1_0": 128}     # every other type here: QK_K
 KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89,
                           113], dtype=np.float32)   # ggml-common.h kvalues_iq4nl
 
@@ -221,7 +221,7 @@ def _scale_min_k4(scales: np.ndarray, j: int) -> tuple[np.ndarray, np.ndarray]:
 
 def reference_dequantize(qtype: str, blocks: np.ndarray) -> np.ndarray:
     """[n, block elems] float32 from [n, bytes] blocks, transcribed from ggml-quants.c
-    dequantize_row_q{2,3,4,5,6}_K / dequantize_row_iq4_{nl,xs}."""
+    dequantize_row_q{2,3,4,5,6}_K / dequantize_row_iq4_{nl,xs} / dequantize_row_q1_0."""
     n = blocks.shape[0]
     y = np.zeros((n, BLOCK_ELEMS.get(qtype, QK_K)), dtype=np.float32)
     b = blocks.astype(np.int32)
@@ -294,6 +294,11 @@ def reference_dequantize(qtype: str, blocks: np.ndarray) -> np.ndarray:
                     out += 16
                 m <<= 1
         return y
+    if qtype == "Q1_0":         # 128 values: d, 16 sign bytes (ggml's dequantize_row_q1_0)
+        d = _f16(blocks[:, 0:2])[:, None]
+        for j in range(128):
+            y[:, j] = np.where((b[:, 2 + j // 8] >> (j % 8)) & 1, d[:, 0], -d[:, 0])
+        return y
     if qtype == "IQ4_NL":       # 32 values: d, qs[16] (value j < 16 low nibble of byte j)
         d, qs = _f16(blocks[:, 0:2])[:, None], b[:, 2:18]
         codes = np.concatenate([qs & 0xF, qs >> 4], axis=1)
@@ -313,11 +318,11 @@ def reference_dequantize(qtype: str, blocks: np.ndarray) -> np.ndarray:
 # ---- types sluice dequantizes at load (no block kernels): random valid blocks ---------------
 
 FP16_SCALE_AT = {"IQ1_S": 0, "IQ2_XXS": 0, "IQ2_XS": 0, "IQ2_S": 0, "IQ3_XXS": 0, "IQ3_S": 0,
-                 "TQ1_0": 52, "TQ2_0": 64}   # byte offset of the block's fp16 d (ggml-common.h)
+                 "TQ1_0": 52, "TQ2_0": 64, "Q1_0": 0}   # byte offset of the block's fp16 d (ggml-common.h)
 #: the scale giving decoded weights an RMS of ~0.02 (measured on random blocks)
 DEQUANTIZED_SCALE = {"IQ1_S": 2.7e-3, "IQ1_M": 2.8e-3, "IQ2_XXS": 3.5e-4, "IQ2_XS": 3.5e-4,
                      "IQ2_S": 3.5e-4, "IQ3_XXS": 1.4e-4, "IQ3_S": 1.4e-4, "TQ1_0": 2.5e-2,
-                     "TQ2_0": 1.6e-2, "MXFP4": 5e-3, "NVFP4": 1e-2}
+                     "TQ2_0": 1.6e-2, "MXFP4": 5e-3, "NVFP4": 1e-2, "Q1_0": 2e-2}
 
 
 def random_dequantized_type_blocks(qtype: str, num_blocks: int,

@@ -418,10 +418,10 @@ def _broken_files(gguf_files, models, root: Path) -> dict[str, tuple[Path, str]]
     unknown = write_gguf(src, root / "unknown_type.gguf")
     _patch_first_tensor_type(unknown, 99)
     files["unknown_type"] = (unknown, "not a readable GGUF file: unknown tensor type .*99")
-    q1_0 = np.zeros((128, 18), np.uint8)   # [128, 128] in blocks of 128 -> 18 bytes
-    files["unsupported_type"] = (write_gguf(src, root / "q1_0.gguf", raw_tensors={
-        "blk.0.ffn_up.weight": (q1_0, gguf.GGMLQuantizationType.Q1_0)}),
-        "Q1_0 .*not supported")
+    q8_1 = np.zeros((128, 160), np.uint8)  # [128, 128] in blocks of 32 -> 40 bytes
+    files["unsupported_type"] = (write_gguf(src, root / "q8_1.gguf", raw_tensors={
+        "blk.0.ffn_up.weight": (q8_1, gguf.GGMLQuantizationType.Q8_1)}),
+        "Q8_1 .*not supported")
     files["unknown_tensor"] = (write_gguf(src, root / "extra.gguf", raw_tensors={
         "blk.0.ffn_gate_exps.weight": (np.zeros((4, 4), np.float32), None)}),
         "blk.0.ffn_gate_exps.weight are not part of the llama architecture")

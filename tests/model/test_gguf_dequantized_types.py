@@ -1,6 +1,8 @@
 """GGUF types sluice has no block kernels for (`DEQUANTIZED_TYPES`: IQ1_S .. IQ3_S, TQ1_0 /
-TQ2_0, MXFP4, NVFP4): dequantized by gguf-py at load, and by default requantized to Q8_0 blocks
-where int8 activations run at every step (`sluice.model.gguf_quant`).
+TQ2_0, MXFP4, NVFP4, Q1_0): dequantized at load (gguf-py; sluice's own decoder for Q1_0, checked
+here against the test's transcription of ggml's), and by default re-encoded exactly as blocks of
+a kernel type, or requantized to Q8_0 blocks, where int8 activations run at every step
+(`sluice.model.gguf_quant`).
 
 On a tiny llama (hidden 256) whose 2-D weights but the embedding are random valid blocks of the
 type:
@@ -31,7 +33,7 @@ import pytest
 import torch
 
 from _gguf_helpers import (gguf_name, llama_cpp_unpermute, load_hf_tensors,
-                           random_dequantized_type_blocks, write_gguf)
+                           random_dequantized_type_blocks, reference_dequantize, write_gguf)
 from _sluice_model_helpers import load_ours
 from sluice.model.gguf_transcode import TRANSCODE_TARGETS
 from sluice.model.int8_quant import quantize_q8_0
@@ -67,7 +69,8 @@ def _model_files(tiny_model_factory, tmp_path: Path, qtype: str,
         if edit is not None:
             edit(name, blocks)
         raw[gguf_name(name)] = (blocks.reshape(rows, -1), ggml_type)
-        decoded = np.asarray(dequantize(blocks, ggml_type), np.float32).reshape(rows, cols)
+        decoded = (reference_dequantize(qtype, blocks) if qtype == "Q1_0"   # gguf-py cannot
+                   else np.asarray(dequantize(blocks, ggml_type), np.float32)).reshape(rows, cols)
         if ".q_proj." in name or ".k_proj." in name:   # the file holds llama.cpp's row order
             decoded = llama_cpp_unpermute(decoded, cfg["num_attention_heads"] if ".q_proj."
                                           in name else cfg["num_key_value_heads"])

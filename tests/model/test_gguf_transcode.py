@@ -1,9 +1,10 @@
 """`sluice.model.gguf_transcode`: GGUF low-bit types re-encoded exactly as kernel block types.
 
 The target blocks are decoded by the test's own transcription of ggml's C decoders
-(`reference_dequantize`, Q2_K / Q5_K / Q6_K) or gguf-py (Q5_0) and must equal gguf-py's
-decoding of the source blocks bit for bit; scales the target's fp16 field cannot hold give no
-target (the loader then keeps the Q8_0 requantization)."""
+(`reference_dequantize`, Q2_K / Q5_K / Q6_K) or gguf-py (Q4_0 / Q5_0) and must equal gguf-py's
+decoding of the source blocks (the transcription of ggml's for Q1_0) bit for bit; scales the
+target's fp16 field cannot hold give no target (the loader then keeps the Q8_0
+requantization)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ from sluice.model.gguf_transcode import TRANSCODE_TARGETS, target_type, transcod
 
 
 def _decode(qtype: str, blocks: np.ndarray) -> np.ndarray:
+    """gguf-py's decoding (the test's transcription of ggml's for Q1_0, which gguf-py lacks)."""
     import gguf
     from gguf.quants import dequantize
+    if qtype == "Q1_0":
+        return reference_dequantize(qtype, blocks)
     return np.asarray(dequantize(blocks, gguf.GGMLQuantizationType[qtype]), np.float32)
 
 
@@ -43,7 +47,7 @@ def test_transcoded_blocks_decode_to_the_same_values(source):
     assert out.dtype == np.uint8 and out.shape[0] == rows
     expected = _decode(source, blocks).reshape(-1)
     tblocks = out.reshape(-1, GGML_QUANT_SIZES[gguf.GGMLQuantizationType[target]][1])
-    got = (_decode(target, tblocks) if target == "Q5_0"
+    got = (_decode(target, tblocks) if target in ("Q4_0", "Q5_0")
            else reference_dequantize(target, tblocks)).reshape(-1)
     assert got.shape == expected.shape and np.array_equal(got, expected)
     assert np.abs(expected).max() > 0
