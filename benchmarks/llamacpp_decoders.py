@@ -13,7 +13,10 @@ random bits, block scales of weight-like size) are decoded by
   venv, called through ctypes),
 
 and, where `gguf_transcode` re-encodes the type, its target blocks are decoded by llama.cpp's
-decoder of the target type too. Prints one line per type; exits 1 on any difference.
+decoder of the target type too. The types sluice keeps in their blocks (`BLOCK_TYPES`: Q4_0 ..
+Q6_K, IQ4_NL, IQ4_XS) are checked the same way on `block_kernels.py`'s random blocks: gguf-py's
+decoding is the reference sluice's kernels are tested against. Prints one line per type; exits
+1 on any difference.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "model"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 TYPES = ("Q1_0", "TQ1_0", "TQ2_0", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS",
          "IQ3_S", "MXFP4", "NVFP4")
@@ -63,9 +67,19 @@ def main(argv: list[str] | None = None) -> int:
     from sluice.model.gguf_transcode import TRANSCODE_TARGETS, target_type, transcode
     from sluice.model.gguf_weights import decode_blocks
 
+    from block_kernels import random_blocks
+
+    from sluice.model.layers.gguf_linear import BLOCK_TYPES, dequantize_blocks
+
     lib = ggml_base(a.work_dir)
     rng = np.random.default_rng(0)
     ok = True
+    for qtype, block in BLOCK_TYPES.items():
+        blocks = random_blocks(qtype, 16, a.blocks // 16 * block.block_elems, rng)
+        same = np.array_equal(dequantize_blocks(blocks, qtype).numpy().ravel(),
+                              llamacpp_decode(lib, qtype, blocks.numpy()))
+        print(f"{qtype:8} (kept in its blocks) decoded as llama.cpp does: {same}", flush=True)
+        ok &= same
     for qtype in TYPES:
         blocks = random_dequantized_type_blocks(qtype, a.blocks, rng)
         if qtype == "IQ3_XXS":   # scales whose d / 2 is an fp16, so that it re-encodes
