@@ -160,10 +160,9 @@ def encode_q2_k(q: np.ndarray, sc: np.ndarray, m: np.ndarray, d: np.ndarray,
     """Q2_K blocks [n, 84]: value v = d sc_(v//16) q_v - dmin m_(v//16); q [n, 256] in 0..3,
     sc / m [n, 16] in 0..15, d / dmin [n] float32 (exact in fp16). Bytes: scales (sc | m << 4),
     then qs[32 i + c] holding q[128 i + 32 t + c] at bits 2t, then d, dmin."""
-    n = len(q)
     scales = (sc | (m << 4)).astype(np.uint8)
     qs = np.concatenate([_pack_bits(q[:, 128 * i:128 * (i + 1)], 2, 4) for i in range(2)], 1)
-    return np.concatenate([scales, qs, _f16_bytes(d), _f16_bytes(dmin)], 1).reshape(n, 84)
+    return np.concatenate([scales, qs, _f16_bytes(d), _f16_bytes(dmin)], 1)
 
 
 def encode_q5_k(q: np.ndarray, sc: np.ndarray, m: np.ndarray, d: np.ndarray,
@@ -194,12 +193,6 @@ def encode_q6_k(q: np.ndarray, scales: np.ndarray, d: np.ndarray) -> np.ndarray:
     return np.concatenate([ql, qh, scales.astype(np.int8).view(np.uint8), _f16_bytes(d)], 1)
 
 
-def encode_q4_0(q: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """Q4_0 blocks [n, 18]: value v = d (q_v - 8); q [n, 32] in 0..15. Bytes: d, qs (byte j:
-    q_j in the low nibble, q_(j + 16) in the high one)."""
-    return np.concatenate([_f16_bytes(d), _pack_bits(q & 15, 4, 2)], 1)
-
-
 def encode_q5_0(q: np.ndarray, d: np.ndarray) -> np.ndarray:
     """Q5_0 blocks [n, 22]: value v = d (q_v - 16); q [n, 32] in 0..31. Bytes: d, qh (uint32,
     bit v: bit 4 of q_v), qs (byte j: the low nibbles of q_j and q_(j + 16))."""
@@ -209,16 +202,20 @@ def encode_q5_0(q: np.ndarray, d: np.ndarray) -> np.ndarray:
     return np.concatenate([_f16_bytes(d), qh.view(np.uint8).reshape(-1, 4), qs], 1)
 
 
-def transcode(source: str, data: np.ndarray) -> np.ndarray:
+def transcode(source: str, data: np.ndarray, target: str | None = None) -> np.ndarray:
     """The raw bytes `data` [rows, row bytes] of a tensor of GGUF type `source` re-encoded as
-    blocks of `target_type(source, data)` (which must not be None): [rows, target row bytes],
-    decoding (gguf-py) to the same values bit for bit. Raises ValueError if it would not."""
+    blocks of `target` (the loader passes what `target_type` gave its plan; None: found here):
+    [rows, target row bytes], decoding (gguf-py) to the same values bit for bit. Raises
+    ValueError if they would not (no exact target, or scales the target cannot hold)."""
+    import torch
     from gguf.quants import dequantize
 
     from sluice.model.gguf_weights import decode_blocks
+    from sluice.model.quantized_checkpoint import to_blocks
 
-    target = target_type(source, data)
     if target is None:
+        target = target_type(source, data)
+    if target is None or TRANSCODE_TARGETS.get(source) != target:
         raise ValueError(f"{source} blocks with these scales have no exact block type")
     rows = data.shape[0]
     blocks = np.ascontiguousarray(data, np.uint8).reshape(-1, _block_bytes(source)[1])
@@ -235,9 +232,9 @@ def transcode(source: str, data: np.ndarray) -> np.ndarray:
     elif target == "Q6_K":
         q = _integers(values, d, factor) + 32
         out = encode_q6_k(q, factor, d)
-    elif target == "Q4_0":   # Q1_0's 128-value blocks as four 32-value ones
-        q = _integers(values, d, factor) + 8
-        out = encode_q4_0(q.reshape(-1, 32), np.repeat(d, 4))
+    elif target == "Q4_0":   # Q1_0's 128-value blocks as four 32-value ones (q in {-1, 1})
+        q = torch.from_numpy(_integers(values, d, factor))
+        out = to_blocks(q, torch.from_numpy(d[:, None]), "Q4_0")[0].numpy()
     else:   # Q5_0: MXFP4's 32-value blocks
         q = _integers(values, d, factor) + 16
         out = encode_q5_0(q, d)

@@ -113,6 +113,7 @@ def iterate_gguf(gguf_path: str | Path | GGUFReader, dtype: torch.dtype,
     unreadable or unsupported file or a tensor that cannot be dequantized."""
     reader = gguf_reader(gguf_path)
     path = Path(reader.data.filename)
+    transcode = transcode or {}
     arch = field_value(reader, "general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
@@ -131,11 +132,12 @@ def iterate_gguf(gguf_path: str | Path | GGUFReader, dtype: torch.dtype,
             raise ModelLoadError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which "
                                  f"is not supported; supported: "
                                  f"{', '.join(SUPPORTED_TENSOR_TYPES)}.")
-        if name in keep_quantized or name in (transcode or {}):
-            if name in keep_quantized:
-                blocks = np.array(t.data, dtype=np.uint8, order="C", copy=True)
-            else:
-                blocks = _transcoded(path, t, transcode[name])
+        blocks = None
+        if name in keep_quantized:
+            blocks = np.array(t.data, dtype=np.uint8, order="C", copy=True)
+        elif name in transcode:
+            blocks = _transcoded(path, t, transcode[name])
+        if blocks is not None:
             if permuted and (".q_proj." in name or ".k_proj." in name):
                 blocks = unpermute_qk(blocks, num_heads if ".q_proj." in name else num_kv_heads)
             yield name, torch.from_numpy(np.ascontiguousarray(blocks))
@@ -157,14 +159,13 @@ def iterate_gguf(gguf_path: str | Path | GGUFReader, dtype: torch.dtype,
 
 
 def _transcoded(path: Path, tensor, target: str) -> np.ndarray:
-    """`tensor`'s blocks re-encoded exactly as `target` blocks, [rows, target row bytes]."""
-    from sluice.model.gguf_transcode import target_type, transcode
+    """`tensor`'s blocks re-encoded exactly as `target` blocks (the plan's `target_type`),
+    [rows, target row bytes]."""
+    from sluice.model.gguf_transcode import transcode
 
-    source, data = tensor.tensor_type.name, np.asarray(tensor.data)
+    source = tensor.tensor_type.name
     try:
-        if target_type(source, data) != target:
-            raise ValueError(f"its scales have no exact {target} encoding")
-        return transcode(source, data)
+        return transcode(source, np.asarray(tensor.data), target)
     except ValueError as e:
         raise ModelLoadError(f"{path}: tensor {tensor.name} ({source}) cannot be read as "
                              f"{target} blocks: {e}") from None
