@@ -152,9 +152,13 @@ class CacheConfig:
     kv_cache_dtype: str = option("auto", "dtype the KV cache is stored in; 'auto' is --dtype "
                                  "(on CPU float32 for --dtype float16, whose cache the C++ "
                                  "attention does not read). bfloat16/float16 halve the cache's "
-                                 "memory per token of float32 (attention computes in the "
-                                 "activations' dtype).",
-                                 choices=("auto", "float32", "bfloat16", "float16"))
+                                 "memory per token of float32, fp8 (= fp8_e4m3: 3 mantissa "
+                                 "bits, range +-448) and fp8_e5m2 (2 bits, +-57344) halve it "
+                                 "again: k/v are stored with scale 1 (vLLM's default), "
+                                 "saturated to the format's range. Attention computes in the "
+                                 "activations' dtype.",
+                                 choices=("auto", "float32", "bfloat16", "float16", "fp8_e4m3",
+                                          "fp8_e5m2"))
     swap_space: float | None = option(None, "vLLM's CPU swap space for preempted requests, in "
                                       "GiB. Accepted with no effect (logged at startup): sluice "
                                       "preempts by freeing a request's blocks and recomputing "

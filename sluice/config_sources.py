@@ -50,7 +50,7 @@ CHOICE_ALIASES: dict[str, dict[str, str]] = {
     "dtype": {"half": "float16", "float": "float32", "fp16": "float16", "fp32": "float32",
               "bf16": "bfloat16"},
     "kv_cache_dtype": {"half": "float16", "float": "float32", "fp16": "float16",
-                       "fp32": "float32", "bf16": "bfloat16"},
+                       "fp32": "float32", "bf16": "bfloat16", "fp8": "fp8_e4m3"},
 }
 """Other spellings (vLLM's) of a field's choices, mapped to the one the config stores."""
 

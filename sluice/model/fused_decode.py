@@ -31,7 +31,7 @@ which are always correct):
   (`FusedDecode.applies`: no `current_lora_mapping()`); steps with adapter tokens run the
   Python layers, which add the adapters' deltas;
 * float32 activations and weights (the stack's arithmetic; uint8 for GGUF blocks, bf16 / fp16
-  for 16-bit weights, which it widens to float32) and a float32 or bfloat16 KV cache
+  for 16-bit weights, which it widens to float32) and a float32, bfloat16 or fp8 KV cache
   (`FusedDecode.applies`);
 * one tensor-parallel rank: the C++ stack has no all-reduce between o_proj / down_proj and the
   residual, so with tp > 1 (any layer with `tp_size` > 1) decode steps run the Python layers,
@@ -119,7 +119,7 @@ class FusedDecode:
     def applies(hidden: torch.Tensor) -> bool:
         """True in a step whose requests each compute 1..`FUSED_MAX_QUERY_LEN` tokens (a decode
         step; a speculative verification of 1 + d tokens, `spec_decode.verify`; a short
-        prompt) over a KV cache the C++ attention reads (float32 or bfloat16,
+        prompt) over a KV cache the C++ attention reads (float32, bfloat16 or fp8,
         `KERNEL_CACHE_DTYPES`; float16 takes the Python layers); and no token uses a LoRA
         adapter (the stack cannot add their deltas)."""
         ctx = get_forward_context()

@@ -31,9 +31,16 @@ def dtype_name(dtype: Any) -> str | None:
 
 
 def to_torch_dtype(name: str) -> "torch.dtype":
+    """'float32' / 'bfloat16' / 'float16' (`dtype_name`'s) or a KV cache's 'fp8_e4m3' /
+    'fp8_e5m2' → the torch dtype."""
     import torch
     return {"float32": torch.float32, "bfloat16": torch.bfloat16,
-            "float16": torch.float16}[name]
+            "float16": torch.float16, "fp8_e4m3": torch.float8_e4m3fn,
+            "fp8_e5m2": torch.float8_e5m2}[name]
+
+
+FP8_KV_CACHE_DTYPES = {"fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
+"""vLLM's fp8 `--kv-cache-dtype` names → the format ('fp8' is e4m3, as in vLLM)."""
 
 
 class Platform(ABC):
@@ -105,15 +112,17 @@ class Platform(ABC):
     def resolve_kv_cache_dtype(self, kv_cache_dtype: str,
                                model_dtype: "torch.dtype") -> "torch.dtype":
         """`--kv-cache-dtype` (CacheConfig.kv_cache_dtype) → torch.dtype: 'auto' is the model's
-        dtype. Any of float32/bfloat16/float16 works with any model dtype: the attention
-        backends convert k/v into the cache's dtype when writing and back to the query's when
-        reading, and their fast paths step aside for combinations they do not implement."""
+        dtype. Any of float32/bfloat16/float16/fp8_e4m3/fp8_e5m2 works with any model dtype:
+        the attention backends convert k/v into the cache's dtype when writing (fp8: scale 1,
+        saturated) and back to the query's when reading, and their fast paths step aside for
+        combinations they do not implement."""
         if kv_cache_dtype == "auto":
             return model_dtype
-        name = dtype_name(kv_cache_dtype)
+        name = FP8_KV_CACHE_DTYPES.get(kv_cache_dtype.lower()) or dtype_name(kv_cache_dtype)
         if name is None:
             raise ConfigError(f"--kv-cache-dtype: {kv_cache_dtype!r} is not supported; allowed: "
-                              "auto, float32, bfloat16, float16. Fix: pass one of them.")
+                              "auto, float32, bfloat16, float16, fp8, fp8_e4m3, fp8_e5m2. "
+                              "Fix: pass one of them.")
         return to_torch_dtype(name)
 
     def memory_for_utilization(self) -> int:

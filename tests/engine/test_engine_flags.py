@@ -128,3 +128,28 @@ def test_chat_template_option_and_per_call_template(llama_dir, tmp_path, caplog)
     for start in ("--enforce-eager has no effect on cpu", "--swap-space 4 has no effect on cpu",
                   "--trust-remote-code has no effect"):
         assert sum(line.startswith(start) for line in lines) == 1, (start, lines)
+
+
+@pytest.mark.parametrize("name,dtype", [("fp8", torch.float8_e4m3fn),
+                                        ("fp8_e5m2", torch.float8_e5m2)])
+def test_fp8_kv_cache(llama_dir, name, dtype):
+    """`--kv-cache-dtype fp8` / `fp8_e5m2` (vLLM's names) store the cache in one byte per
+    value (twice the blocks of a bf16 cache in the same memory), and the model still computes
+    what it does over a float32 cache, within the format's rounding; the fused C++ decode path
+    and the pure-torch path read it alike."""
+    f32_dtypes, f32_tokens, f32_lp = run(llama_dir, kv_cache_dtype="float32")
+    fp8_dtypes, fp8_tokens, fp8_lp = run(llama_dir, kv_cache_dtype=name)
+    ref_dtypes, ref_tokens, ref_lp = run(llama_dir, kv_cache_dtype=name, kernels="torch")
+    assert fp8_dtypes == {dtype} == ref_dtypes
+    flat32 = torch.tensor([x for row in f32_lp for x in row])
+    flat8 = torch.tensor([x for row in fp8_lp for x in row])
+    assert not torch.equal(flat32, flat8)
+    torch.testing.assert_close(flat8, flat32, rtol=0, atol=0.25)
+    torch.testing.assert_close(flat8, torch.tensor([x for row in ref_lp for x in row]),
+                               rtol=0, atol=1e-3)
+    assert fp8_tokens == ref_tokens
+    many_seqs = {**COMMON, "max_num_seqs": 1024}   # blocks bounded by memory, not requests
+    with LLM(str(llama_dir), kv_cache_dtype="bfloat16", **many_seqs) as llm:
+        bf16_blocks = worker(llm).model_runner.num_kv_blocks
+    with LLM(str(llama_dir), kv_cache_dtype=name, **many_seqs) as llm:
+        assert worker(llm).model_runner.num_kv_blocks in (2 * bf16_blocks - 1, 2 * bf16_blocks)

@@ -1,7 +1,7 @@
 """A KV cache stored in another dtype than the model's (`--kv-cache-dtype`): the attention
 backends write k/v in the cache's dtype and attend over exactly the values it holds; the C++
-kernels and the fused decode stack read float32 and bfloat16 caches (`KERNEL_CACHE_DTYPES`) and
-step aside for others."""
+kernels and the fused decode stack read float32, bfloat16 and fp8 caches (`KERNEL_CACHE_DTYPES`)
+and step aside for others (float16)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from sluice.model.attention.backends.cpu_paged import KERNEL_CACHE_DTYPES, CpuPagedBackend
 from sluice.model.attention.backends.torch_paged import TorchPagedBackend
 from sluice.model.attention.forward_context import set_forward_context
+from sluice.model.attention.kv_cache import cache_bytes, to_cache_dtype
 from sluice.model.attention.metadata import build_attention_metadata
 
 BLOCK = 16
@@ -39,14 +40,15 @@ QUERY_LENS = [1, 1, 1, 40, 25]
 SEQ_LENS = [7, 33, 130, 40, 90]
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn,
+                                         torch.float8_e5m2])
 @pytest.mark.parametrize("backend", ["torch_paged", "cpu_paged"])
 @pytest.mark.parametrize("head_dim", [32, 64])   # 64: the kernels' compile-time D / 16
 def test_low_precision_cache_equals_float32_cache_of_rounded_values(cache_dtype, backend,
                                                                     head_dim, request):
-    """Attention over a bf16/fp16 cache == attention over a float32 cache holding the same
+    """Attention over a bf16/fp16/fp8 cache == attention over a float32 cache holding the same
     (rounded) numbers, with this step's k/v rounded the same way; the cache keeps its dtype
-    and holds k/v rounded to it."""
+    and holds k/v rounded to it (fp8: saturated to its range, as vLLM's scale-1 cache)."""
     if backend == "cpu_paged":
         impl = CpuPagedBackend(request.getfixturevalue("cpu_ops"))
     else:
@@ -57,18 +59,28 @@ def test_low_precision_cache_equals_float32_cache_of_rounded_values(cache_dtype,
     q, k, v = torch.randn(tokens, 8, head_dim), torch.randn(tokens, 2, head_dim), \
         torch.randn(tokens, 2, head_dim)
     low = torch.randn(2, 40, BLOCK, 2, head_dim).to(cache_dtype)
+    if cache_dtype.itemsize == 1:
+        # values past fp8's range (saturated) and fp8 subnormals written ...
+        k[-1, 0, :4] = torch.tensor([1e6, -1e6, 3e-3, -1e-9])
+        v[-1, 1, :4] = torch.tensor([-7e4, 7e4, 1e-3, 2e-5])
+        # ... and every fp8 value but NaN, subnormals included, already in the cache
+        codes = torch.arange(256, dtype=torch.uint8).view(cache_dtype)
+        codes = codes[~codes.float().isnan()]
+        low.view(-1)[:codes.numel()] = codes
     low[:, 0] = 0
     ref_cache = low.float()
-    rounded = [x.to(cache_dtype).float() for x in (k, v)]
+    rounded = [to_cache_dtype(x, cache_dtype).float() for x in (k, v)]
+    assert rounded[0].isfinite().all() and rounded[1].isfinite().all()
     expected = TorchPagedBackend().forward(q, *rounded, ref_cache, md, 0.2)
     got = impl.forward(q, k, v, low, md, 0.2)
     assert low.dtype == cache_dtype and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(low.float(), ref_cache, rtol=0, atol=0)  # same values written
     slot = int(md.slot_mapping[-1])
-    assert torch.equal(low.view(2, -1, 2, head_dim)[0, slot], k[-1].to(cache_dtype))
+    assert torch.equal(cache_bytes(low.view(2, -1, 2, head_dim)[0, slot]),
+                       cache_bytes(to_cache_dtype(k[-1], cache_dtype)))
     if backend == "cpu_paged" and cache_dtype in KERNEL_CACHE_DTYPES:
-        # the kernels read a bf16 cache themselves (rows widened exactly): bit for bit their
+        # the kernels read a bf16 / fp8 cache themselves (rows widened exactly): bit for bit their
         # result over a float32 cache of the same values
         again = low.clone()
         torch.testing.assert_close(impl.forward(q, k, v, again, md, 0.2),
@@ -81,6 +93,7 @@ def test_fused_decode_takes_the_caches_the_kernels_read():
     md = _step([1, 1], [5, 9], 4)
     hidden = torch.randn(2, 64)
     with torch.inference_mode():
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn,
+                      torch.float8_e5m2):
             with set_forward_context(md, [torch.zeros(2, 4, BLOCK, 2, 32, dtype=dtype)]):
                 assert FusedDecode.applies(hidden) == (dtype in KERNEL_CACHE_DTYPES)

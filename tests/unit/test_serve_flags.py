@@ -55,15 +55,17 @@ def test_dtype_names_and_vllm_aliases(given, stored):
 
 @pytest.mark.parametrize("given,stored", [("auto", "auto"), ("bfloat16", "bfloat16"),
                                           ("float16", "float16"), ("float32", "float32"),
-                                          ("half", "float16")])
+                                          ("half", "float16"), ("fp8", "fp8_e4m3"),
+                                          ("fp8_e4m3", "fp8_e4m3"), ("fp8_e5m2", "fp8_e5m2"),
+                                          ("FP8", "fp8_e4m3")])
 def test_kv_cache_dtype_values(given, stored):
     assert serve_config("--kv-cache-dtype", given).cache.kv_cache_dtype == stored
 
 
 def test_unsupported_kv_cache_dtype_is_refused_clearly():
     with pytest.raises(ConfigError) as e:
-        serve_config("--kv-cache-dtype", "fp8")
-    assert "--kv-cache-dtype: 'fp8'" in str(e.value) and "bfloat16" in str(e.value)
+        serve_config("--kv-cache-dtype", "fp8_inc")   # vLLM's Gaudi-only fp8
+    assert "--kv-cache-dtype: 'fp8_inc'" in str(e.value) and "fp8_e5m2" in str(e.value)
 
 
 def test_request_log_switches():

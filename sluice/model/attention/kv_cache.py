@@ -16,6 +16,12 @@ slot gets softmax weight exactly 0 — but 0 * NaN = NaN, so uninitialised memor
 bit pattern would poison the output. Hence the whole cache is zeroed at allocation (one memset
 at startup; it also commits the memory up front). Stale data left by freed blocks is finite,
 since only computed K/V is ever written.
+
+fp8 caches (`--kv-cache-dtype fp8_e4m3 | fp8_e5m2`, `FP8_KV_DTYPES`) store k/v with a scale of
+1 (vLLM's default k_scale = v_scale = 1.0), saturated to the format's largest finite value
+(`to_cache_dtype`): torch's cast already saturates e4m3fn, but rounds an overflowing e5m2 value
+to inf, which attention would turn into NaN. torch implements no index_copy_ for fp8, so writes
+and gathers go through the cache's bytes (`cache_bytes`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,27 @@ import torch
 from sluice.hf_config import ModelSpec
 from sluice.model.host_memory import huge_page_buffer
 from sluice.model_spec.parallel_check import local_kv_heads
+
+
+FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+"""The 8-bit float cache dtypes (`--kv-cache-dtype fp8` / `fp8_e4m3` is e4m3fn, `fp8_e5m2`)."""
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` as the cache stores it in `dtype`: a plain cast (round to nearest even), an fp8
+    value first clamped to +-the format's largest finite value (448 for e4m3fn, 57344 for
+    e5m2), as the C++ cache writes do (`kv_rows.h`)."""
+    if x.dtype == dtype:
+        return x
+    if dtype in FP8_KV_DTYPES:
+        limit = torch.finfo(dtype).max
+        return x.clamp(-limit, limit).to(dtype)
+    return x.to(dtype)
+
+
+def cache_bytes(x: torch.Tensor) -> torch.Tensor:
+    """`x`'s storage as uint8 (an fp8 tensor; torch's index ops skip fp8), else `x` itself."""
+    return x.view(torch.uint8) if x.dtype in FP8_KV_DTYPES else x
 
 
 def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,

@@ -277,23 +277,21 @@ at::Tensor DecodeStack::forward(at::Tensor x, at::Tensor cos, at::Tensor sin,
     }
     // Cache write: token t's k and v rows go to slot slots[t] of this layer's cache.
     at::Tensor& cache = kv_caches[l];
-    TORCH_CHECK(cache.is_contiguous() && cache.size(3) == Hkv && cache.size(4) == D &&
-                    (cache.dtype() == at::kFloat || cache.dtype() == at::kBFloat16),
-                "DecodeStack: KV cache [2, blocks, B, Hkv, D] contiguous, float32 or bfloat16 "
-                "expected");
+    TORCH_CHECK(cache.is_contiguous() && cache.size(3) == Hkv && cache.size(4) == D,
+                "DecodeStack: KV cache [2, blocks, B, Hkv, D] contiguous expected");
     const float* kp = k.data_ptr<float>();  // row stride (H + Hkv) D or Hkv D
     const float* vp = qkv.data_ptr<float>() + q_cols + kv_cols;
     const int64_t ldk = k.stride(0), ldv = qkv.stride(0), half = cache.numel() / 2;
-    auto write = [&](auto* kc) {  // rows stored in the cache's dtype (kv_rows.h)
+    const bool known = sluice::visit_kv_cache_type(cache.scalar_type(), [&](auto tag) {
+      // rows stored in the cache's dtype (kv_rows.h)
+      auto* kc = static_cast<decltype(tag)*>(cache.data_ptr());
       for (int64_t t = 0; t < T; ++t) {
         sluice::kv_row_store(kc + slots[t] * kv_cols, kp + t * ldk, kv_cols);
         sluice::kv_row_store(kc + half + slots[t] * kv_cols, vp + t * ldv, kv_cols);
       }
-    };
-    if (cache.dtype() == at::kBFloat16)
-      write(cache.data_ptr<c10::BFloat16>());
-    else
-      write(cache.data_ptr<float>());
+    });
+    TORCH_CHECK(known, "DecodeStack: a float32, bfloat16 or fp8 (e4m3fn / e5m2) KV cache "
+                "expected, got ", cache.scalar_type());
     at::Tensor attn = at::empty({T, H, D}, x.options());
     paged_decode_attention(attn, q, cache, block_ids, nb, seq_lens, scale_);
     at::Tensor o = linear(attn.view({T, q_cols}), w.o, w.o_bias, w.o_packed, w.o_type, w.o_order);

@@ -1,7 +1,7 @@
 // Paged decode attention for CPU: one query token per request, keys and values read in place
-// from the block-structured KV cache (no gather copy). fp32 arithmetic over a float32 or
-// bfloat16 cache (bf16 keys/values are widened to fp32 in registers as they are read, exactly);
-// OpenMP over (request, key chunk).
+// from the block-structured KV cache (no gather copy). fp32 arithmetic over a float32,
+// bfloat16 or fp8 (e4m3fn / e5m2) cache (16-bit and 8-bit keys/values are widened to fp32 in
+// registers as they are read, exactly: fp8_rows.h); OpenMP over (request, key chunk).
 //
 // Shapes (all contiguous):
 //   q          [N, H, D]                 query of each decode request (rows may be strided)
@@ -23,6 +23,8 @@
 // Within a chunk, keys go in tiles of up to kTile rows of one block: a tile's scores for one
 // head are 16 lane-vectors summed by one transpose, and its value sweep keeps the head's
 // output in registers over the tile's keys (same per-element order as key by key).
+#include "fp8_rows.h"
+#include "kv_rows.h"
 #include "ops.h"
 #include "vec_math.h"
 
@@ -39,7 +41,7 @@ namespace {
 
 constexpr int64_t kChunkTokens = 128;  // keys per chunk of a row (rounded to blocks)
 
-template <typename T>  // the cache's element type: float or c10::BFloat16
+template <typename T>  // the cache's element type (kv_rows.h's visit_kv_cache_type)
 struct Geometry {
   int64_t n_heads, kvh, d, group, bs;
   const T* k;   // keys of the whole cache
@@ -120,8 +122,9 @@ inline v16 transpose_sum(const v16* a) {
 }
 
 // The widest float vector this build keeps in one register (AVX-512: 16 lanes, else 8) and
-// its loads from a float32 / bfloat16 cache row: a bf16 element widened exactly (its 16 bits
-// are the high half of the float32: zero-extend to 32 bits, shift into the high half).
+// its loads from a float32 / bfloat16 / fp8 cache row: a bf16 element widened exactly (its 16
+// bits are the high half of the float32: zero-extend to 32 bits, shift into the high half), an
+// fp8 one through fp16 (fp8_rows.h).
 #if defined(__AVX512F__)
 using vreg = v16;
 inline vreg load_vreg(const float* p) { return load16(p); }
@@ -129,6 +132,10 @@ inline vreg load_vreg(const c10::BFloat16* p) {
   const __m512i wide = _mm512_slli_epi32(
       _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
   return reinterpret_cast<v16>(_mm512_castsi512_ps(wide));
+}
+template <typename T, std::enable_if_t<sluice::kIsFp8<T>, int> = 0>
+inline vreg load_vreg(const T* p) {
+  return reinterpret_cast<v16>(sluice::widen16_fp8(p));
 }
 #else
 using vreg = float __attribute__((vector_size(32)));
@@ -141,6 +148,10 @@ inline vreg load_vreg(const c10::BFloat16* p) {
   const __m256i wide = _mm256_slli_epi32(
       _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
   return reinterpret_cast<vreg>(_mm256_castsi256_ps(wide));
+}
+template <typename T, std::enable_if_t<sluice::kIsFp8<T>, int> = 0>
+inline vreg load_vreg(const T* p) {
+  return reinterpret_cast<vreg>(sluice::widen8_fp8(p));
 }
 #endif
 constexpr int kRegLanes = sizeof(vreg) / sizeof(float);
@@ -158,8 +169,8 @@ inline v16 load16_kv(const T* p) {
     return f;
   }
 }
-inline float load1_kv(const float* p) { return *p; }
-inline float load1_kv(const c10::BFloat16* p) { return static_cast<float>(*p); }
+template <typename T>
+inline float load1_kv(const T* p) { return static_cast<float>(*p); }
 
 // out[i] = sum over c < dv of a[16c + i] * b[16c + i] (in order of c), i < 16. Without
 // AVX-512 a 16-float value is two registers, and GCC spilled a v16 accumulator (and the v16
@@ -449,15 +460,15 @@ void decode_attention_for_d(at::Tensor& out, const at::Tensor& q, const at::Tens
 void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
                             at::Tensor block_ids, int64_t nb, at::Tensor seq_lens,
                             double scale) {
-  TORCH_CHECK(q.dtype() == at::kFloat && out.dtype() == at::kFloat &&
-                  (kv_cache.dtype() == at::kFloat || kv_cache.dtype() == at::kBFloat16),
-              "paged_decode_attention: float32 q/out and a float32 or bfloat16 cache expected");
+  TORCH_CHECK(q.dtype() == at::kFloat && out.dtype() == at::kFloat,
+              "paged_decode_attention: float32 q/out expected");
   TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && kv_cache.is_contiguous() &&
                   out.is_contiguous() &&
                   block_ids.is_contiguous() && seq_lens.is_contiguous(),
               "paged_decode_attention: contiguous tensors (q: contiguous rows) expected");
-  if (kv_cache.dtype() == at::kBFloat16)
-    decode_attention_for_d<c10::BFloat16>(out, q, kv_cache, block_ids, nb, seq_lens, scale);
-  else
-    decode_attention_for_d<float>(out, q, kv_cache, block_ids, nb, seq_lens, scale);
+  const bool known = sluice::visit_kv_cache_type(kv_cache.scalar_type(), [&](auto tag) {
+    decode_attention_for_d<decltype(tag)>(out, q, kv_cache, block_ids, nb, seq_lens, scale);
+  });
+  TORCH_CHECK(known, "paged_decode_attention: a float32, bfloat16 or fp8 (e4m3fn / e5m2) cache "
+              "expected, got ", kv_cache.scalar_type());
 }

@@ -4,8 +4,8 @@
 //
 // Shapes:
 //   q                [T, H, D]     the step's flat queries (rows may be strided)
-//   kv_cache         [2, num_blocks, B, Hkv, D] contiguous; [0] keys, [1] values; float32 or
-//                    bfloat16 (rows widened to fp32 as they are copied out, `kv_rows.h`)
+//   kv_cache         [2, num_blocks, B, Hkv, D] contiguous; [0] keys, [1] values; float32,
+//                    bfloat16 or fp8 (rows widened to fp32 as they are copied out, `kv_rows.h`)
 //   block_table      [R, MB] int32 request r's blocks
 //   query_start_loc  [R + 1] int64 request r owns flat tokens [qsl[r], qsl[r+1])
 //   seq_lens         [R] int64     context length after this step
@@ -41,21 +41,11 @@ struct Item {
   int64_t r, g, i0, i1, cost;
 };
 
-}  // namespace
-
-void paged_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
-                             at::Tensor block_table, at::Tensor query_start_loc,
-                             at::Tensor seq_lens, double scale) {
-  TORCH_CHECK(q.dtype() == at::kFloat && out.dtype() == at::kFloat &&
-                  (kv_cache.dtype() == at::kFloat || kv_cache.dtype() == at::kBFloat16),
-              "paged_prefill_attention: float32 q/out and a float32 or bfloat16 cache expected");
-  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2) &&
-                  kv_cache.is_contiguous() && out.is_contiguous() && out.sizes() == q.sizes(),
-              "paged_prefill_attention: q [T, H, D] with contiguous rows, contiguous cache/out");
-  TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.is_contiguous() &&
-                  query_start_loc.scalar_type() == at::kLong && query_start_loc.is_contiguous() &&
-                  seq_lens.scalar_type() == at::kLong && seq_lens.is_contiguous(),
-              "paged_prefill_attention: int32 block_table, int64 query_start_loc/seq_lens");
+// paged_prefill_attention over a cache of element type T (kv_rows.h's visit_kv_cache_type).
+template <typename T>
+void prefill_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
+                       const at::Tensor& block_table, const at::Tensor& query_start_loc,
+                       const at::Tensor& seq_lens, double scale) {
   const int64_t n_heads = q.size(1), d = q.size(2);
   const int64_t n_blocks = kv_cache.size(1), bs = kv_cache.size(2), kvh = kv_cache.size(3);
   const int64_t group = n_heads / kvh, row_len = kvh * d, ldq = q.stride(0);
@@ -64,9 +54,7 @@ void paged_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
   const int64_t* qsl = query_start_loc.data_ptr<int64_t>();
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
   const float* qp = q.data_ptr<float>();
-  const bool bf16 = kv_cache.dtype() == at::kBFloat16;
-  const float* kc = bf16 ? nullptr : kv_cache.data_ptr<float>();
-  const auto* kc16 = bf16 ? kv_cache.data_ptr<c10::BFloat16>() : nullptr;
+  const T* kc = static_cast<const T*>(kv_cache.data_ptr());
   const int64_t v_offset = n_blocks * bs * row_len;  // elements from keys to values
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
@@ -111,12 +99,12 @@ void paged_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
           const int64_t at = slot * row_len + w.g * d;  // key row of head g
           float* kdst = kbuf.data() + (t - k0) * d;
           float* vdst = vbuf.data() + (t - k0) * d;
-          if (bf16) {
-            sluice::kv_row_as_float(kc16 + at, d, kdst);
-            sluice::kv_row_as_float(kc16 + v_offset + at, d, vdst);
-          } else {
+          if constexpr (std::is_same_v<T, float>) {
             std::copy(kc + at, kc + at + d, kdst);
             std::copy(kc + v_offset + at, kc + v_offset + at + d, vdst);
+          } else {
+            sluice::kv_row_as_float(kc + at, d, kdst);
+            sluice::kv_row_as_float(kc + v_offset + at, d, vdst);
           }
         }
         sluice::gemm_row_major(static_cast<int>(rows), static_cast<int>(kn), D, qbuf.data(), D,
@@ -155,4 +143,26 @@ void paged_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
         }
     }
   }
+}
+
+}  // namespace
+
+void paged_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
+                             at::Tensor block_table, at::Tensor query_start_loc,
+                             at::Tensor seq_lens, double scale) {
+  TORCH_CHECK(q.dtype() == at::kFloat && out.dtype() == at::kFloat,
+              "paged_prefill_attention: float32 q/out expected");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2) &&
+                  kv_cache.is_contiguous() && out.is_contiguous() && out.sizes() == q.sizes(),
+              "paged_prefill_attention: q [T, H, D] with contiguous rows, contiguous cache/out");
+  TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.is_contiguous() &&
+                  query_start_loc.scalar_type() == at::kLong && query_start_loc.is_contiguous() &&
+                  seq_lens.scalar_type() == at::kLong && seq_lens.is_contiguous(),
+              "paged_prefill_attention: int32 block_table, int64 query_start_loc/seq_lens");
+  const bool known = sluice::visit_kv_cache_type(kv_cache.scalar_type(), [&](auto tag) {
+    prefill_attention<decltype(tag)>(out, q, kv_cache, block_table, query_start_loc, seq_lens,
+                                     scale);
+  });
+  TORCH_CHECK(known, "paged_prefill_attention: a float32, bfloat16 or fp8 (e4m3fn / e5m2) "
+              "cache expected, got ", kv_cache.scalar_type());
 }

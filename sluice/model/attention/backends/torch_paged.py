@@ -19,7 +19,7 @@ every layer sharing this backend instance (layers run one after another).
 The cache may be stored in another dtype than q/k/v (`--kv-cache-dtype`): k/v are converted to
 the cache's dtype when written and the gathered blocks back to q's dtype before SDPA, and the
 no-gather prefill path rounds this step's k/v through the cache's dtype, so every step attends
-over exactly the values the cache holds.
+over exactly the values the cache holds (an fp8 cache saturates them first: `to_cache_dtype`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sluice.model.attention.kv_cache import cache_bytes, to_cache_dtype
 from sluice.model.attention.metadata import AttentionMetadata, DecodeGroup, TokenSel
 
 
@@ -45,14 +46,14 @@ def place_rows(out: torch.Tensor, sel: TokenSel, rows: torch.Tensor) -> None:
 def write_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,
              v: torch.Tensor) -> None:
     """cache[0] slot s = k row, cache[1] slot s = v row, for s in slot_mapping (k/v [T, Hkv, D])."""
-    flat = kv_cache.view(2, -1, k.shape[1], k.shape[2])
-    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+    flat = cache_bytes(kv_cache).view(2, -1, k.shape[1], k.shape[2])
+    flat[0].index_copy_(0, slot_mapping, cache_bytes(to_cache_dtype(k, kv_cache.dtype)))
+    flat[1].index_copy_(0, slot_mapping, cache_bytes(to_cache_dtype(v, kv_cache.dtype)))
 
 
 def _as_cached(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
     """`x` with the rounding of a cache stored in `cache_dtype` (unchanged when x has it)."""
-    return x if x.dtype == cache_dtype else x.to(cache_dtype).to(x.dtype)
+    return x if x.dtype == cache_dtype else to_cache_dtype(x, cache_dtype).to(x.dtype)
 
 
 class TorchPagedBackend:
@@ -75,9 +76,10 @@ class TorchPagedBackend:
         `dtype` (the query's; converted when the cache is stored in another)."""
         _, total_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
         per_block = block_size * num_kv_heads * head_dim
-        out = self._scratch(2 * block_ids.numel() * per_block, kv_cache).view(2, -1, per_block)
-        torch.index_select(kv_cache.view(2, total_blocks, per_block), 1, block_ids, out=out)
-        out = out.to(dtype)
+        stored = cache_bytes(kv_cache)
+        out = self._scratch(2 * block_ids.numel() * per_block, stored).view(2, -1, per_block)
+        torch.index_select(stored.view(2, total_blocks, per_block), 1, block_ids, out=out)
+        out = out.view(kv_cache.dtype).to(dtype)
         kv = out.view(2, num_reqs, num_blocks * block_size, num_kv_heads, head_dim)
         return kv[0].transpose(1, 2), kv[1].transpose(1, 2)
 
