@@ -2,6 +2,7 @@
 
     python benchmarks/decode_attention.py                   # bf16 cache, 30 layers
     python benchmarks/decode_attention.py --dtype float32 --layers 1
+    python benchmarks/decode_attention.py --dtype fp8_e4m3     # --kv-cache-dtype fp8's cache
 
 `--rows` requests (default 64, W1's batch) with 128..384 cached keys each (seeded), SmolLM2's
 heads (9 query / 3 KV heads of 64 dims), `--block-size`-token blocks scattered over one cache
@@ -27,7 +28,8 @@ from sluice.model.host_memory import huge_page_buffer
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--dtype", default="bfloat16",
+                        choices=("bfloat16", "float32", "fp8_e4m3", "fp8_e5m2"))
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--block-size", type=int, default=64)
@@ -43,14 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     lens = torch.randint(128, 385, (args.rows,), dtype=torch.int64)
     nb = int((lens.max() + bs - 1) // bs)
     blocks = args.layers * args.rows * nb
-    dtype = getattr(torch, args.dtype)
+    dtype = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}.get(
+        args.dtype) or getattr(torch, args.dtype)
     shape = (2, blocks, bs, kv_heads, dim)
     if args.small_pages:
         cache = torch.empty(shape, dtype=dtype)
     else:
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         cache = huge_page_buffer(nbytes).view(dtype).view(shape)
-    cache.uniform_(-0.5, 0.5)
+    for part in cache.view(-1).split(1 << 24):   # torch has no uniform_ for fp8
+        part.copy_(torch.empty(part.shape).uniform_(-0.5, 0.5))
     order = torch.randperm(blocks)
     tables = [order[i * args.rows * nb:(i + 1) * args.rows * nb].reshape(args.rows, nb)
               .contiguous() for i in range(args.layers)]

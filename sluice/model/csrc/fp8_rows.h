@@ -8,6 +8,8 @@
 //         positions, whose bias is 15 = 7 + 8: the fp16 is b's value times 2^-8, for normals
 //         and subnormals alike, and a multiply by 256 (exact) gives the value. (0x7F / 0xFF,
 //         e4m3fn's NaN, would widen to 480: never stored, since writes saturate.)
+// The `_units` loads skip that multiply: they give value / kFp8Unit<T> (exact, a power of two),
+// for kernels that fold the unit into a scale they apply anyway (paged_decode.cpp).
 // Narrowing clamps to the format's largest finite value (448 / 57344) and then converts with
 // c10's round-to-nearest-even, the conversion torch's .to() uses, so the C++ and torch cache
 // writes (sluice.model.attention.kv_cache.to_cache_dtype) store the same bytes.
@@ -32,40 +34,61 @@ inline constexpr bool kIsFp8 =
 template <typename T>
 inline constexpr float kFp8Max = std::is_same_v<T, c10::Float8_e4m3fn> ? 448.f : 57344.f;
 
-#if defined(__AVX512F__) || defined(__F16C__)
-// n = 8 or 16 fp8 values, zero-extended to 16 bits each, as the fp16 bits described above.
+// What a `_units` load of T is in: value = kFp8Unit<T> x the loaded number (1 for any T but
+// e4m3fn, whose fp16 route yields value / 256).
 template <typename T>
-inline __m256i fp8_as_fp16_bits(__m256i w) {
-  if constexpr (std::is_same_v<T, c10::Float8_e5m2>) {
-    return _mm256_slli_epi16(w, 8);
-  } else {
-    return _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x7F)), 7),
-                           _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x80)), 8));
-  }
+inline constexpr float kFp8Unit = std::is_same_v<T, c10::Float8_e4m3fn> ? 256.f : 1.f;
+
+#if defined(__AVX512F__) || defined(__F16C__)
+// The fp16 bits described above of 16 (16-bit lanes of a __m256i) or 8 (__m128i) fp8 bytes.
+// e4m3fn sign-extends each byte: after << 7 its sign is in bits 14 and 15 and its other seven
+// bits in 7..13, and the mask 0xBF80 clears bit 14 (3 operations instead of 5).
+template <typename T>
+inline __m256i fp8_as_fp16_bits(__m128i bytes) {
+  if constexpr (std::is_same_v<T, c10::Float8_e5m2>)
+    return _mm256_slli_epi16(_mm256_cvtepu8_epi16(bytes), 8);
+  else
+    return _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7),
+                            _mm256_set1_epi16(static_cast<int16_t>(0xBF80)));
 }
 template <typename T>
-inline constexpr float kFp8Unscale = std::is_same_v<T, c10::Float8_e4m3fn> ? 256.f : 1.f;
+inline __m128i fp8_as_fp16_bits8(__m128i bytes) {  // the low 8 bytes of `bytes`
+  if constexpr (std::is_same_v<T, c10::Float8_e5m2>)
+    return _mm_slli_epi16(_mm_cvtepu8_epi16(bytes), 8);
+  else
+    return _mm_and_si128(_mm_slli_epi16(_mm_cvtepi8_epi16(bytes), 7),
+                         _mm_set1_epi16(static_cast<int16_t>(0xBF80)));
+}
 #endif
 
 #if defined(__AVX512F__)
+// 16 fp8 values at p, widened exactly, in kFp8Unit<T> units.
+template <typename T>
+inline __m512 widen16_fp8_units(const T* p) {
+  return _mm512_cvtph_ps(
+      fp8_as_fp16_bits<T>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 // 16 fp8 values at p, widened exactly.
 template <typename T>
 inline __m512 widen16_fp8(const T* p) {
-  const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m512 f = _mm512_cvtph_ps(fp8_as_fp16_bits<T>(w));
-  if constexpr (kFp8Unscale<T> != 1.f) return _mm512_mul_ps(f, _mm512_set1_ps(kFp8Unscale<T>));
+  const __m512 f = widen16_fp8_units(p);
+  if constexpr (kFp8Unit<T> != 1.f) return _mm512_mul_ps(f, _mm512_set1_ps(kFp8Unit<T>));
   return f;
 }
 #endif
 
 #if defined(__F16C__)
+// 8 fp8 values at p, widened exactly, in kFp8Unit<T> units.
+template <typename T>
+inline __m256 widen8_fp8_units(const T* p) {
+  return _mm256_cvtph_ps(
+      fp8_as_fp16_bits8<T>(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 // 8 fp8 values at p, widened exactly.
 template <typename T>
 inline __m256 widen8_fp8(const T* p) {
-  const __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  const __m256 f =
-      _mm256_cvtph_ps(_mm256_castsi256_si128(fp8_as_fp16_bits<T>(_mm256_castsi128_si256(w))));
-  if constexpr (kFp8Unscale<T> != 1.f) return _mm256_mul_ps(f, _mm256_set1_ps(kFp8Unscale<T>));
+  const __m256 f = widen8_fp8_units(p);
+  if constexpr (kFp8Unit<T> != 1.f) return _mm256_mul_ps(f, _mm256_set1_ps(kFp8Unit<T>));
   return f;
 }
 #endif

@@ -134,8 +134,8 @@ inline vreg load_vreg(const c10::BFloat16* p) {
   return reinterpret_cast<v16>(_mm512_castsi512_ps(wide));
 }
 template <typename T, std::enable_if_t<sluice::kIsFp8<T>, int> = 0>
-inline vreg load_vreg(const T* p) {
-  return reinterpret_cast<v16>(sluice::widen16_fp8(p));
+inline vreg load_vreg(const T* p) {  // in kFp8Unit<T> units (see attend_range)
+  return reinterpret_cast<v16>(sluice::widen16_fp8_units(p));
 }
 #else
 using vreg = float __attribute__((vector_size(32)));
@@ -150,8 +150,8 @@ inline vreg load_vreg(const c10::BFloat16* p) {
   return reinterpret_cast<vreg>(_mm256_castsi256_ps(wide));
 }
 template <typename T, std::enable_if_t<sluice::kIsFp8<T>, int> = 0>
-inline vreg load_vreg(const T* p) {
-  return reinterpret_cast<vreg>(sluice::widen8_fp8(p));
+inline vreg load_vreg(const T* p) {  // in kFp8Unit<T> units (see attend_range)
+  return reinterpret_cast<vreg>(sluice::widen8_fp8_units(p));
 }
 #endif
 constexpr int kRegLanes = sizeof(vreg) / sizeof(float);
@@ -170,7 +170,10 @@ inline v16 load16_kv(const T* p) {
   }
 }
 template <typename T>
-inline float load1_kv(const T* p) { return static_cast<float>(*p); }
+inline float load1_kv(const T* p) {  // in kFp8Unit<T> units, as load_vreg
+  if constexpr (sluice::kFp8Unit<T> != 1.f) return static_cast<float>(*p) / sluice::kFp8Unit<T>;
+  return static_cast<float>(*p);
+}
 
 // out[i] = sum over c < dv of a[16c + i] * b[16c + i] (in order of c), i < 16. Without
 // AVX-512 a 16-float value is two registers, and GCC spilled a v16 accumulator (and the v16
@@ -271,6 +274,10 @@ struct Scratch {
 // 16 scores (~1.1x faster than a reduction per score with 64-token blocks here).
 // DV: D / 16 where known at compile time (score_tile), else 0; GS: query heads computed
 // together, a divisor of the group size (heads h .. h + GS - 1 share a kv head).
+// Cache loads give value / u, u = kFp8Unit<T> (256 for e4m3fn, a power of two, else 1), so
+// the scores use scale * u, p is normalised by u / sum (acc = sum_t p_t (v_t / u) u), and an
+// unnormalised range reports l = sum / u: every quantity equals, bit for bit, what loads of the
+// values themselves would give (scaling by a power of two is exact).
 template <int DV, int GS, typename T>
 void attend_range(const Geometry<T>& g, int64_t n, const float* q, int64_t t0, int64_t t1,
                   float scale, bool normalise, Scratch& scratch, float* acc, float* m,
@@ -282,6 +289,8 @@ void attend_range(const Geometry<T>& g, int64_t n, const float* q, int64_t t0, i
     std::fill(l, l + H, 0.f);
     return;
   }
+  constexpr float u = sluice::kFp8Unit<T>;
+  const float score_scale = scale * u;
   std::vector<float>& p = scratch.p;
   p.resize(static_cast<size_t>(H * len));
   scratch.part.resize(static_cast<size_t>(H * 16));
@@ -315,7 +324,7 @@ void attend_range(const Geometry<T>& g, int64_t n, const float* q, int64_t t0, i
           tail[h * 16 + j] = rest;
         }
       }
-      const v16 tile = (transpose_sum(part + h * 16) + load16(tail + h * 16)) * scale;
+      const v16 tile = (transpose_sum(part + h * 16) + load16(tail + h * 16)) * score_scale;
       float* dst = p.data() + h * len + (t - t0);
       if (nt == kTile)  // a constant size: one vector store (a runtime size became rep movsq)
         std::memcpy(dst, &tile, sizeof tile);
@@ -329,11 +338,11 @@ void attend_range(const Geometry<T>& g, int64_t n, const float* q, int64_t t0, i
     for (int64_t t = 0; t < len; ++t) s[t] = sluice::exp_approx(s[t] - mx);
     const float total = sluice::sum(s, len);
     if (normalise) {
-      const float inv = 1.f / total;
+      const float inv = u / total;
       for (int64_t t = 0; t < len; ++t) s[t] *= inv;
     } else {
       m[h] = mx;
-      l[h] = total;
+      l[h] = total / u;
     }
   }
   for_each_tile(g, n, t0, t1, g.v, [&](int64_t t, const T* rows, int64_t nt, const T* pf,
