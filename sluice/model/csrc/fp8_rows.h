@@ -8,8 +8,8 @@
 //         positions, whose bias is 15 = 7 + 8: the fp16 is b's value times 2^-8, for normals
 //         and subnormals alike, and a multiply by 256 (exact) gives the value. (0x7F / 0xFF,
 //         e4m3fn's NaN, would widen to 480: never stored, since writes saturate.)
-// The `_units` loads skip that multiply: they give value / kFp8Unit<T> (exact, a power of two),
-// for kernels that fold the unit into a scale they apply anyway (paged_decode.cpp).
+// The vector loads (`_units`) skip that multiply: they give value / kFp8Unit<T> (exact, a power
+// of two); widen_from_fp8 multiplies, and paged_decode.cpp folds the unit into its scales.
 // Narrowing clamps to the format's largest finite value (448 / 57344) and then converts with
 // c10's round-to-nearest-even, the conversion torch's .to() uses, so the C++ and torch cache
 // writes (sluice.model.attention.kv_cache.to_cache_dtype) store the same bytes.
@@ -68,13 +68,6 @@ inline __m512 widen16_fp8_units(const T* p) {
   return _mm512_cvtph_ps(
       fp8_as_fp16_bits<T>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
-// 16 fp8 values at p, widened exactly.
-template <typename T>
-inline __m512 widen16_fp8(const T* p) {
-  const __m512 f = widen16_fp8_units(p);
-  if constexpr (kFp8Unit<T> != 1.f) return _mm512_mul_ps(f, _mm512_set1_ps(kFp8Unit<T>));
-  return f;
-}
 #endif
 
 #if defined(__F16C__)
@@ -84,23 +77,20 @@ inline __m256 widen8_fp8_units(const T* p) {
   return _mm256_cvtph_ps(
       fp8_as_fp16_bits8<T>(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
-// 8 fp8 values at p, widened exactly.
-template <typename T>
-inline __m256 widen8_fp8(const T* p) {
-  const __m256 f = widen8_fp8_units(p);
-  if constexpr (kFp8Unit<T> != 1.f) return _mm256_mul_ps(f, _mm256_set1_ps(kFp8Unit<T>));
-  return f;
-}
 #endif
 
 // dst[0 .. n) = float(src[0 .. n)), exactly.
 template <typename T, std::enable_if_t<kIsFp8<T>, int> = 0>
 inline void widen_from_fp8(float* dst, const T* src, int64_t n) {
-  int64_t i = 0;
+  int64_t i = 0;  // the vector loads give value / kFp8Unit<T>; the multiply is exact
 #if defined(__AVX512F__)
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, widen16_fp8(src + i));
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_mul_ps(widen16_fp8_units(src + i),
+                                            _mm512_set1_ps(kFp8Unit<T>)));
 #elif defined(__F16C__)
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, widen8_fp8(src + i));
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_mul_ps(widen8_fp8_units(src + i),
+                                            _mm256_set1_ps(kFp8Unit<T>)));
 #endif
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
