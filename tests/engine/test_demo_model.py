@@ -145,6 +145,32 @@ def test_demo_model_bf16_perplexity_within_1_percent(demo_llm):
     assert abs(bf16_ppl / ppl - 1) <= MAX_BF16_PPL_CHANGE, (bf16_ppl, ppl)
 
 
+MAX_FP8_KV_PPL_INCREASE = {"fp8_e4m3": 0.01, "fp8_e5m2": 0.03}
+"""`--kv-cache-dtype fp8_e4m3` / `fp8_e5m2` (one byte per cached value, scale 1, saturated):
+held-out perplexity at most 1% / 3% above the float32 cache's (e4m3 keeps 3 mantissa bits, e5m2
+2). Measured: the demo model +0.2% / +0.04%, SmolLM2 bf16 +0.6% / +2-2.7% (docs/architecture.md,
+"KV cache sizing")."""
+
+
+@pytest.mark.parametrize("kv_cache_dtype", sorted(MAX_FP8_KV_PPL_INCREASE))
+def test_demo_model_fp8_kv_cache_perplexity(demo_llm, kv_cache_dtype):
+    import torch
+
+    from sluice.frontend.llm import LLM
+
+    prompts = heldout_prompts()
+    ppl, ids = engine_perplexity(demo_llm, prompts)
+    with LLM(str(DEMO_DIR), kv_cache_memory="256MiB", dtype="float32",
+             kv_cache_dtype=kv_cache_dtype) as fp8_llm:
+        fp8_ppl, fp8_ids = engine_perplexity(fp8_llm, prompts)
+        caches = fp8_llm.client.engine.executor.worker.model_runner.kv_caches
+        assert {c.dtype for c in caches} == {getattr(torch, kv_cache_dtype.replace(
+            "e4m3", "e4m3fn").replace("fp8", "float8"))}
+    assert fp8_ids == ids
+    assert fp8_ppl != ppl                          # the fp8 cache was read
+    assert fp8_ppl <= ppl * (1 + MAX_FP8_KV_PPL_INCREASE[kv_cache_dtype]), (fp8_ppl, ppl)
+
+
 def _hf_greedy(model, tokenizer, prompt_ids: list[int]) -> list[int]:
     import torch
     with torch.no_grad():
