@@ -139,8 +139,9 @@ class Worker:
             self.kv_hooks = WorkerConnectorHooks(make_worker_connector(self.config, tp.rank,
                                                                        tp.size))
             self.kv_hooks.connector.register_kv_caches(self.model_runner.kv_caches)
-        logger.info("KV cache: %.2f GiB in %d blocks of %d tokens (resident from startup)",
-                    num_blocks * self.kv_cache_bytes_per_block() / 2**30, num_blocks,
+        logger.info("KV cache: %.2f GiB of %s in %d blocks of %d tokens (resident from "
+                    "startup)", num_blocks * self.kv_cache_bytes_per_block() / 2**30,
+                    str(self.kv_cache_dtype).removeprefix("torch."), num_blocks,
                     self.config.cache.block_size)
 
     def warm_up(self) -> None:
