@@ -22,7 +22,10 @@ the tokenizer's template (checked while parsing the config), --disable-log-reque
 SIGTERM or SIGINT drains: new requests (and /health) get 503 in OpenAI's shape, requests in
 flight run on for up to --shutdown-timeout seconds, the rest are then ended with a 503-type
 error (streams get an error event and `[DONE]`), and once their responses are out the server
-stops, shuts the engine down and exits 0. A second signal stops at once. If the engine core
+stops, shuts the engine down and exits 0. A second signal ends that grace period at once (the
+requests still running end with the error now, and the server stops the same way); a third
+stops without waiting for anything. A signal that arrives while the server is still starting
+(after the engine is up) is kept and drains it as soon as it serves. If the engine core
 dies while serving, /health answers 503, in-flight requests fail with a 503-type error, and the
 server stops and exits 1.
 
@@ -140,12 +143,17 @@ def start_engine(config: Any) -> Any:
 
 
 class _Signals:
-    """Records SIGINT/SIGTERM while installed (uvicorn re-raises the signals it handled once
-    it has shut down; recording them here turns that into a clean exit 0)."""
+    """Owns SIGINT/SIGTERM from before the event loop starts until the server has stopped:
+    every signal is recorded and passed on to the handler given by `route_to` (the server's
+    `handle_exit`). A signal that arrives before the server runs (while the app is built and
+    uvicorn starts, after the engine is up) is kept and handed over when `route_to` is called,
+    so it drains the server as soon as it starts instead of being lost (uvicorn's own handlers,
+    installed only inside `serve()`, are not used: `DrainingServer.capture_signals`)."""
 
     def __init__(self) -> None:
         self.received: list[int] = []
         self._previous: dict[int, Any] = {}
+        self._target: Any = None
 
     def __enter__(self) -> "_Signals":
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -154,8 +162,18 @@ class _Signals:
 
     def _record(self, signum: int, frame: Any) -> None:
         self.received.append(signum)
+        if self._target is not None:
+            self._target(signum, frame)
+
+    def route_to(self, handler: Any) -> None:
+        """Pass every signal to `handler(signum, frame)`, those already received first; None:
+        only record them from now on."""
+        self._target = handler
+        for signum in list(self.received) if handler is not None else ():
+            handler(signum, None)
 
     def __exit__(self, *exc: object) -> None:
+        self._target = None
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -204,26 +222,59 @@ def _draining_server_class() -> type:
 
     class DrainingServer(uvicorn.Server):
         """uvicorn's server, but the first SIGTERM/SIGINT starts `drain()` (a coroutine run on
-        the server's loop) and stops the server once it returns; a second signal stops it at
-        once, as uvicorn would."""
+        the server's loop) and stops the server once it returns; a second signal during the
+        drain calls `hurry()` (which ends the drain's grace period: the requests still in
+        flight end with their error now, and the server stops cleanly); one more stops it at
+        once, as uvicorn would. The signals come from `signals` (`_Signals`, installed before
+        the loop started), not from handlers of uvicorn's own."""
 
-        def __init__(self, config: Any, drain: Any):
+        def __init__(self, config: Any, drain: Any, signals: _Signals | None = None,
+                     hurry: Any = None):
             super().__init__(config)
             self._drain = drain
+            self._signals = signals
+            self._hurry = hurry
+            self._hurried = False
             self._loop: asyncio.AbstractEventLoop | None = None
             self.drain_signal: int | None = None
             self._drain_task: asyncio.Future[None] | None = None
 
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if self._signals is None:   # nobody routes signals here: uvicorn's own handlers
+                with super().capture_signals():
+                    yield
+                return
+            yield
+
         async def serve(self, sockets: Any = None) -> None:
             self._loop = asyncio.get_running_loop()
-            await super().serve(sockets=sockets)
+            if self._signals is not None:
+                self._signals.route_to(self.handle_exit)
+            try:
+                await super().serve(sockets=sockets)
+            finally:
+                if self._signals is not None:   # the loop is about to close
+                    self._signals.route_to(None)
+            lifespan = getattr(self, "lifespan", None)
+            if self.force_exit and lifespan is not None and self.started \
+                    and not lifespan.shutdown_event.is_set():
+                # a second signal skipped uvicorn's lifespan shutdown, and the app's lifespan
+                # would be cancelled at loop close with a traceback: end it here (it stops the
+                # stats task and the offloader, at once)
+                await lifespan.shutdown()
 
         def handle_exit(self, sig: int, frame: Any) -> None:
-            if self.drain_signal is not None or self._loop is None or self.should_exit:
-                self.should_exit = self.force_exit = True
-                return
-            self.drain_signal = sig
-            self._loop.call_soon_threadsafe(self._start_drain)
+            if self._loop is not None and not self.should_exit:
+                if self.drain_signal is None:
+                    self.drain_signal = sig
+                    self._loop.call_soon_threadsafe(self._start_drain)
+                    return
+                if self._hurry is not None and not self._hurried:
+                    self._hurried = True
+                    self._loop.call_soon_threadsafe(self._hurry)
+                    return
+            self.should_exit = self.force_exit = True
 
         def _start_drain(self) -> None:
             async def drain_then_exit() -> None:
@@ -238,10 +289,12 @@ def _draining_server_class() -> type:
 
 
 async def serve_engine(engine: Any, config: Any, sock: socket.socket,
-                       lora_registry: Any = None) -> int:
+                       lora_registry: Any = None, signals: _Signals | None = None) -> int:
     """Serve `engine` on the bound `sock` until a signal (returns 0); raises SluiceError when
     the engine dies (after answering 503 for `ENGINE_DEAD_GRACE_S`). `lora_registry`: the
-    adapters checked at startup (None: built by `build_app` when LoRA is on)."""
+    adapters checked at startup (None: built by `build_app` when LoRA is on). `signals`: the
+    SIGINT/SIGTERM recorder installed before the loop started, whose signals (including any
+    received already) drive the shutdown; None: uvicorn's own signal handlers."""
     import uvicorn
 
     from sluice.entrypoints.openai.app import build_app
@@ -267,7 +320,11 @@ async def serve_engine(engine: Any, config: Any, sock: socket.socket,
             logger.info("Ended %d request(s) still running after %g s with a 503 error",
                         ended, grace_s)
 
-    server = _draining_server_class()(uv_config, drain)
+    def hurry() -> None:
+        logger.info("Second signal: ending the %d in-flight sequence(s) now", state.num_in_flight)
+        state.cut_grace()
+
+    server = _draining_server_class()(uv_config, drain, signals, hurry)
     death: list[str] = []
 
     async def watchdog() -> None:
@@ -353,13 +410,11 @@ def run(args: argparse.Namespace) -> int:
             logger.info("  engine stage '%s': %.2f s", name, seconds)
         try:
             with _Signals() as signals:
-                event_loop.run(serve_engine(engine, config, sock, lora_registry))
+                event_loop.run(serve_engine(engine, config, sock, lora_registry, signals))
         finally:
             engine.shutdown()
     finally:
         sock.close()
-    if signals.received:
-        logger.info("Shut down on %s.", signal.Signals(signals.received[-1]).name)
     return 0
 
 

@@ -106,3 +106,65 @@ def test_sigterm_lets_in_flight_requests_finish(start_server, llama_dir):
     start = time.monotonic()
     _assert_clean_exit(server, engine_pids)
     assert time.monotonic() - start < 30.0  # it did not sit out the 60 s grace period
+
+
+def test_a_signal_before_the_server_runs_drains_it_once_it_starts(llama_dir, caplog):
+    """A SIGTERM that arrives after the engine is up but before uvicorn serves (while the app
+    is built and the server starts) was recorded and then ignored: the server came up and
+    served on. Now it is handed to the server as soon as it runs, which drains and returns."""
+    import asyncio
+    import logging
+    import os
+
+    from sluice import event_loop
+    from sluice.config_sources import build_engine_config
+    from sluice.entrypoints.serve_cmd import _Signals, bind_socket, serve_engine, start_engine
+
+    config = build_engine_config(overrides={"model": str(llama_dir), "max_model_len": 256,
+                                            "kv_cache_memory": "16MiB"}, env={})
+    engine = start_engine(config)
+    sock = bind_socket("127.0.0.1", 0)
+    try:
+        with caplog.at_level(logging.INFO, logger="sluice"), _Signals() as signals:
+            os.kill(os.getpid(), signal.SIGTERM)    # handled by _Signals: recorded
+            deadline = time.monotonic() + 10
+            while not signals.received and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert signals.received == [signal.SIGTERM]
+            serving = serve_engine(engine, config, sock, None, signals)
+            # without the hand-over the server would serve on: bounded, so that fails here
+            assert event_loop.run(asyncio.wait_for(serving, EXIT_BOUND_S)) == 0
+    finally:
+        engine.shutdown()
+        sock.close()
+    assert "Shut down on SIGTERM" in caplog.text
+
+
+def test_a_second_sigterm_ends_the_grace_period_cleanly(start_server, llama_dir):
+    """The second signal during a drain ends its grace period (here 600 s, far beyond the exit
+    bound): the in-flight stream gets its error event and [DONE] at once, and the server exits
+    0 with no traceback (before, uvicorn's force exit cancelled the stream's task and the app's
+    lifespan at loop close, each logged as a CancelledError traceback)."""
+    server = start_server(llama_dir, "--max-model-len", "1024", "--shutdown-timeout", "600")
+    engine_pids = server.engine_pids()
+    lines: list[str] = []
+    started = threading.Event()
+
+    def stream() -> None:
+        with httpx.stream("POST", server.url + "/v1/completions", json={**LONG, "stream": True},
+                          timeout=120.0) as response:
+            for line in response.iter_lines():
+                lines.append(line)
+                started.set()
+
+    thread = threading.Thread(target=stream, daemon=True)
+    thread.start()
+    assert started.wait(60)
+    server.proc.send_signal(signal.SIGTERM)
+    _wait_draining(server.url)      # draining: the stream would run on for 600 s
+    server.proc.send_signal(signal.SIGTERM)
+    _assert_clean_exit(server, engine_pids)
+    thread.join(timeout=30)
+    events = _data_events(lines)
+    assert events[-1] == "[DONE]" and "error" in json.loads(events[-2]), events[-3:]
+    assert "Second signal: ending the 1 in-flight sequence(s) now" in server.log()

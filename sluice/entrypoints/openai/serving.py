@@ -73,6 +73,8 @@ class ServerState:
     num_in_flight: int = 0
     """Sequences (prompts x n) admitted and not yet answered."""
     draining: bool = False
+    grace_cut: bool = False
+    """Set by `cut_grace` (a second shutdown signal): the drain ends the in-flight requests now."""
     offloader: Offloader = field(default_factory=lambda: Offloader(name="sluice-api"))
     lora: Any = None
     """The adapters served by name (`sluice.lora.registry.LoRARegistry`; None without
@@ -134,15 +136,20 @@ class ServerState:
         self.num_in_flight += num_sequences
         return Admission(self, num_sequences)
 
+    def cut_grace(self) -> None:
+        """End a running drain's grace period now (its in-flight requests end at once)."""
+        self.grace_cut = True
+
     async def drain(self, grace_s: float) -> int:
         """Shut down gracefully: from now on new requests get 503; in-flight ones may run for
-        up to `grace_s` seconds; then each remaining generation is ended with a 503-type error
-        (a JSON error, or an error event and `[DONE]` on a stream), and their responses get
-        `FLUSH_AFTER_FAIL_S` to go out. Returns the number of generations ended that way."""
+        up to `grace_s` seconds (or until `cut_grace`); then each remaining generation is ended
+        with a 503-type error (a JSON error, or an error event and `[DONE]` on a stream), and
+        their responses get `FLUSH_AFTER_FAIL_S` to go out. Returns the number of generations
+        ended that way."""
         self.draining = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
-        while self.num_in_flight > 0 and loop.time() < deadline:
+        while self.num_in_flight > 0 and loop.time() < deadline and not self.grace_cut:
             await asyncio.sleep(DRAIN_POLL_S)
         if self.num_in_flight == 0:
             return 0
