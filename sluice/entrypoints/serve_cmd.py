@@ -148,7 +148,7 @@ class _Signals:
     `handle_exit`). A signal that arrives before the server runs (while the app is built and
     uvicorn starts, after the engine is up) is kept and handed over when `route_to` is called,
     so it drains the server as soon as it starts instead of being lost (uvicorn's own handlers,
-    installed only inside `serve()`, are not used: `DrainingServer.capture_signals`)."""
+    installed only inside `serve()`, are never installed: `DrainingServer.capture_signals`)."""
 
     def __init__(self) -> None:
         self.received: list[int] = []
@@ -228,8 +228,7 @@ def _draining_server_class() -> type:
         once, as uvicorn would. The signals come from `signals` (`_Signals`, installed before
         the loop started), not from handlers of uvicorn's own."""
 
-        def __init__(self, config: Any, drain: Any, signals: _Signals | None = None,
-                     hurry: Any = None):
+        def __init__(self, config: Any, drain: Any, signals: _Signals, hurry: Any):
             super().__init__(config)
             self._drain = drain
             self._signals = signals
@@ -241,28 +240,20 @@ def _draining_server_class() -> type:
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
-            if self._signals is None:   # nobody routes signals here: uvicorn's own handlers
-                with super().capture_signals():
-                    yield
-                return
-            yield
+            yield   # `signals` routes them here (serve)
 
         async def serve(self, sockets: Any = None) -> None:
             self._loop = asyncio.get_running_loop()
-            if self._signals is not None:
-                self._signals.route_to(self.handle_exit)
+            self._signals.route_to(self.handle_exit)
             try:
                 await super().serve(sockets=sockets)
             finally:
-                if self._signals is not None:   # the loop is about to close
-                    self._signals.route_to(None)
-            lifespan = getattr(self, "lifespan", None)
-            if self.force_exit and lifespan is not None and self.started \
-                    and not lifespan.shutdown_event.is_set():
-                # a second signal skipped uvicorn's lifespan shutdown, and the app's lifespan
+                self._signals.route_to(None)   # the loop is about to close
+            if self.force_exit and self.started and not self.lifespan.shutdown_event.is_set():
+                # a third signal skipped uvicorn's lifespan shutdown, and the app's lifespan
                 # would be cancelled at loop close with a traceback: end it here (it stops the
                 # stats task and the offloader, at once)
-                await lifespan.shutdown()
+                await self.lifespan.shutdown()
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             if self._loop is not None and not self.should_exit:
@@ -270,7 +261,7 @@ def _draining_server_class() -> type:
                     self.drain_signal = sig
                     self._loop.call_soon_threadsafe(self._start_drain)
                     return
-                if self._hurry is not None and not self._hurried:
+                if not self._hurried:
                     self._hurried = True
                     self._loop.call_soon_threadsafe(self._hurry)
                     return
@@ -288,13 +279,13 @@ def _draining_server_class() -> type:
     return DrainingServer
 
 
-async def serve_engine(engine: Any, config: Any, sock: socket.socket,
-                       lora_registry: Any = None, signals: _Signals | None = None) -> int:
+async def serve_engine(engine: Any, config: Any, sock: socket.socket, lora_registry: Any,
+                       signals: _Signals) -> int:
     """Serve `engine` on the bound `sock` until a signal (returns 0); raises SluiceError when
     the engine dies (after answering 503 for `ENGINE_DEAD_GRACE_S`). `lora_registry`: the
     adapters checked at startup (None: built by `build_app` when LoRA is on). `signals`: the
     SIGINT/SIGTERM recorder installed before the loop started, whose signals (including any
-    received already) drive the shutdown; None: uvicorn's own signal handlers."""
+    received already) drive the shutdown."""
     import uvicorn
 
     from sluice.entrypoints.openai.app import build_app

@@ -39,8 +39,9 @@ def to_torch_dtype(name: str) -> "torch.dtype":
             "fp8_e5m2": torch.float8_e5m2}[name]
 
 
-FP8_KV_CACHE_DTYPES = {"fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
-"""vLLM's fp8 `--kv-cache-dtype` names → the format ('fp8' is e4m3, as in vLLM)."""
+FP8_KV_CACHE_DTYPES = ("fp8_e4m3", "fp8_e5m2")
+"""The fp8 `--kv-cache-dtype` values the config stores (vLLM's 'fp8' is stored as fp8_e4m3:
+`config_sources.CHOICE_ALIASES`)."""
 
 
 class Platform(ABC):
@@ -118,7 +119,8 @@ class Platform(ABC):
         combinations they do not implement."""
         if kv_cache_dtype == "auto":
             return model_dtype
-        name = FP8_KV_CACHE_DTYPES.get(kv_cache_dtype.lower()) or dtype_name(kv_cache_dtype)
+        name = kv_cache_dtype if kv_cache_dtype in FP8_KV_CACHE_DTYPES \
+            else dtype_name(kv_cache_dtype)
         if name is None:
             raise ConfigError(f"--kv-cache-dtype: {kv_cache_dtype!r} is not supported; allowed: "
                               "auto, float32, bfloat16, float16, fp8, fp8_e4m3, fp8_e5m2. "

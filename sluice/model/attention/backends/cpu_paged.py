@@ -20,12 +20,13 @@ import torch
 from sluice.model import cpu_ops
 from sluice.model.attention.backends.torch_paged import (TorchPagedBackend, place_rows,
                                                         take_tokens, write_kv)
+from sluice.model.attention.kv_cache import FP8_KV_DTYPES
 from sluice.model.attention.metadata import AttentionMetadata, DecodeGroup
 
 
 #: the cache dtypes the kernels read (a bf16 or fp8 row is widened to float32 as it is read,
 #: exactly; the arithmetic is float32 with float32 queries); others take the torch backend
-KERNEL_CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
+KERNEL_CACHE_DTYPES = (torch.float32, torch.bfloat16, *FP8_KV_DTYPES)
 
 
 class CpuPagedBackend(TorchPagedBackend):
