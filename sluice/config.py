@@ -95,8 +95,11 @@ class ModelConfig:
         "dequantized to --dtype with 'none'. GPTQ (4- or 8-bit) and AWQ (4-bit) checkpoints "
         "likewise, 'gptq' / 'awq' keeping their float activations (act-order GPTQ: blocks over "
         "the inputs sorted by group); 8-bit GPTQ with zero points dequantizes to --dtype at "
-        "load.",
-        choices=("gguf", "none", "int8", "compressed-tensors", "gptq", "awq"))
+        "load. An FP8 checkpoint (quant_method fp8, or compressed-tensors float-quantized: "
+        "e4m3 weights with block, channel or tensor scales) is dequantized to --dtype at load "
+        "and runs with float activations when unset or 'fp8' / 'compressed-tensors' (vLLM's "
+        "names, accepted for such a checkpoint only), or as int8 blocks with 'int8'.",
+        choices=("gguf", "none", "int8", "compressed-tensors", "gptq", "awq", "fp8"))
     max_model_len: int | None = option(None, "Maximum tokens per request (prompt + output). "
                                        "Default: the model's max_position_embeddings.", ge=1)
     seed: int = option(0, "Global random seed for sampling without a per-request seed.", ge=0)

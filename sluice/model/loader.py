@@ -17,7 +17,8 @@ kernels run (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) keep their blocks i
 right after the model is built and are filled with the file's bytes.
 A checkpoint stored quantized (compressed-tensors W8A8 / W4A16, GPTQ, AWQ:
 `ModelSpec.quantization`) keeps its integers as Q8_0 / Q4_0 / Q4_1 blocks where the block
-kernels run (`sluice.model.quantized_checkpoint`), else is dequantized exactly as it loads.
+kernels run (`sluice.model.quantized_checkpoint`), else is dequantized exactly as it loads; an
+FP8 checkpoint's e4m3 weights are dequantized as they load (`sluice.model.fp8_checkpoint`).
 Under pipeline parallelism the model skips the tensors of other stages' layers (safetensors:
 never read; GGUF: dequantized and dropped).
 Every failure is a `ModelLoadError` naming the path and the problem.
@@ -46,7 +47,7 @@ from sluice.model_spec.gguf import GGUF_MARKER, read_marker
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 #: `--quantization` values naming a stored format (vLLM's names): accepted for such a
 #: checkpoint only, they keep the format's own (float) activations
-STORED_FORMAT_MODES = ("compressed-tensors", "gptq", "awq")
+STORED_FORMAT_MODES = ("compressed-tensors", "gptq", "awq", "fp8")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
@@ -256,8 +257,9 @@ def _compressed_source(model: nn.Module, spec: ModelSpec, weights: Callable,
     float weights. W8A8 layers take int8 activations; weight-only ones (W4A16, GPTQ 8-bit)
     too (llama.cpp's Q4_0 / Q8_0 numerics), as a GGUF file's blocks do by default
     (`gguf_quant.llama_cpp_numerics`) and under `--quantization int8`; `--quantization
-    compressed-tensors|gptq|awq` (vLLM's names for the format) keeps their float activations."""
-    from sluice.model import compressed_tensors, gptq_awq
+    compressed-tensors|gptq|awq` (vLLM's names for the format) keeps their float activations.
+    FP8 weights (`quant_method` fp8, compressed-tensors float-quantized) are dequantized."""
+    from sluice.model import compressed_tensors, fp8_checkpoint, gptq_awq
     from sluice.model.gguf_quant import blocks_wanted, llama_cpp_numerics
     from sluice.model.quantized_checkpoint import quantized_weight_source
     scheme = spec.quantization
@@ -266,7 +268,8 @@ def _compressed_source(model: nn.Module, spec: ModelSpec, weights: Callable,
                          lora_enabled=lora is not None and lora.enable_lora)
     int8_activations = (scheme.scheme == "w8a8-int8" or quantization == "int8"
                         or llama_cpp_numerics(quantization, ops.cpu_ops))
-    reader = compressed_tensors if scheme.method == "compressed-tensors" else gptq_awq
+    reader = (fp8_checkpoint if scheme.scheme.endswith("-fp8")
+              else compressed_tensors if scheme.method == "compressed-tensors" else gptq_awq)
     stored = reader.read(safetensors_files(spec.path), scheme)
     return quantized_weight_source(model, stored, weights, keep, int8_activations,
                                    ops.cpu_ops, dtype, weight_dtype == torch.bfloat16)

@@ -1,10 +1,14 @@
 """A checkpoint stored quantized: config.json's `quantization_config` (or the sidecar file an
 older AutoGPTQ / AutoAWQ checkpoint keeps it in) read into a `CheckpointQuantization`.
 
-Three formats are read, the ones vLLM serves on CPU:
+Four formats are read:
 
 * compressed-tensors (llm-compressor): W8A8 int8 and W4A16 int4, see
-  `sluice.model.compressed_tensors`;
+  `sluice.model.compressed_tensors`; FP8 weights (format float-quantized), see
+  `sluice.model.fp8_checkpoint`;
+* FP8 (`quant_method` 'fp8': transformers' FineGrainedFP8, the format Qwen's, DeepSeek's and
+  vLLM's FP8 checkpoints use): e4m3 weights with a scale per block of `weight_block_size`
+  or per tensor; see `sluice.model.fp8_checkpoint`;
 * GPTQ (AutoGPTQ / GPTQModel / optimum, `quant_method` 'gptq'): 4- or 8-bit weights packed
   along the input dimension, zero points, scales per group or per channel, activation order
   (`desc_act`) through `g_idx`; see `sluice.model.gptq_awq`;
@@ -34,7 +38,10 @@ SUPPORTED_CHECKPOINT_QUANTIZATION = (
     "per output channel or per group of a multiple of 32 inputs, any actorder; 16-bit "
     "activations), no quantized KV cache; GPTQ (bits 4 or 8, checkpoint_format gptq or "
     "gptq_v2, any group_size, desc_act, no per-module `dynamic` overrides); AWQ (bits 4, "
-    "version gemm, zero_point true)")
+    "version gemm, zero_point true); FP8 e4m3 weights (quant_method fp8: a scale per "
+    "weight_block_size block or per tensor, activation_scheme dynamic or static; "
+    "compressed-tensors format float-quantized: a scale per channel, tensor or block), run "
+    "with float activations")
 
 #: the sidecar files older checkpoints keep their quantization config in: file -> quant_method
 SIDECAR_CONFIGS = {"quantize_config.json": "gptq", "quant_config.json": "awq"}
@@ -44,10 +51,14 @@ SIDECAR_CONFIGS = {"quantize_config.json": "gptq", "quant_config.json": "awq"}
 class CheckpointQuantization:
     """A checkpoint stored quantized, as sluice reads it.
 
-    `method`: 'compressed-tensors', 'gptq' or 'awq' (the loader that reads its tensors).
-    `scheme`: 'w8a8-int8' (int8 weights, int8 activations), 'w4a16-int4' (int4 weights,
-    16-bit activations) or 'w8a16-int8' (GPTQ 8-bit: int8 weights, 16-bit activations).
-    `weight_strategy` 'channel', 'tensor' or 'group' (`group_size` inputs share a scale).
+    `method`: 'compressed-tensors', 'gptq', 'awq' or 'fp8' (the loader that reads its
+    tensors). `scheme`: 'w8a8-int8' (int8 weights, int8 activations), 'w4a16-int4' (int4
+    weights, 16-bit activations), 'w8a16-int8' (GPTQ 8-bit: int8 weights, 16-bit
+    activations), 'w8a8-fp8' (e4m3 weights, the checkpoint made for e4m3 activations) or
+    'w8a16-fp8' (e4m3 weights, 16-bit activations); sluice runs both fp8 schemes with float
+    activations, as vLLM does on hardware without fp8 products.
+    `weight_strategy` 'channel', 'tensor', 'group' (`group_size` inputs share a scale) or
+    'block' (a scale per `block_shape` = (rows, inputs) tile of the weight).
     `symmetric`: no zero points (GPTQ: zero points stored, all at the midpoint, checked).
     `act_order`: GPTQ `desc_act` / compressed-tensors `actorder` 'group': groups follow a
     stored per-input group index (`g_idx`, `weight_g_idx`) instead of runs of inputs.
@@ -60,6 +71,7 @@ class CheckpointQuantization:
     symmetric: bool = True
     act_order: bool = False
     zero_point_offset: int = 0
+    block_shape: tuple[int, int] | None = None
 
 
 def checkpoint_quantization(cfg: dict, path: Path) -> CheckpointQuantization | None:
@@ -84,6 +96,8 @@ def checkpoint_quantization(cfg: dict, path: Path) -> CheckpointQuantization | N
         return _gptq(qc, path)
     if method == "awq":
         return _awq(qc, path)
+    if method == "fp8":
+        return _fp8(qc, path)
     raise _unsupported(path, f"quant_method {method!r}")
 
 
@@ -155,6 +169,37 @@ def _awq(qc: dict, path: Path) -> CheckpointQuantization:
 
 
 # ---------------------------------------------------------------------------------------------
+# FP8
+
+def _block_shape(value: Any, path: Path, where: str) -> tuple[int, int]:
+    """A [rows, inputs] block of positive ints as a tuple; ModelLoadError naming `where`."""
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        raise _unsupported(path, f"{where} = {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _fp8(qc: dict, path: Path) -> CheckpointQuantization:
+    """quant_method 'fp8': `fmt` 'e4m3' (float8_e4m3fn weights), `weight_block_size` [rows,
+    inputs] (a float32 `weight_scale_inv` per block: W = weight * scale) or absent (a
+    `weight_scale` per tensor), `activation_scheme` 'dynamic' or 'static' (an `input_scale`
+    per layer: calibration for fp8 activations, which sluice does not use)."""
+    fmt = qc.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise _unsupported(path, f"fmt = {fmt!r} (e4m3 weights are read)")
+    activations = qc.get("activation_scheme", "dynamic")
+    if activations not in ("dynamic", "static"):
+        raise _unsupported(path, f"activation_scheme = {activations!r}")
+    block = qc.get("weight_block_size")
+    if block is not None:
+        block = _block_shape(block, path, "weight_block_size")
+    if qc.get("kv_cache_scheme") is not None:
+        raise _unsupported(path, "kv_cache_scheme (a quantized KV cache)")
+    return CheckpointQuantization("fp8", "w8a8-fp8", "block" if block else "tensor",
+                                  block_shape=block)
+
+
+# ---------------------------------------------------------------------------------------------
 # compressed-tensors
 
 #: compressed-tensors `actorder` values: calibration order only, the stored format unchanged
@@ -198,10 +243,34 @@ def _int_scheme(args: Any, path: Path, where: str, bits: int, strategies: tuple[
     return strategy, group, symmetric, act_order
 
 
+def _float_scheme(args: Any, path: Path, where: str, strategies: tuple[str, ...],
+                  dynamic: bool | None) -> tuple[str, tuple[int, int] | None]:
+    """(strategy, block shape) of a compressed-tensors quantization-args object that is 8-bit
+    float (e4m3), symmetric, with `dynamic` scales (None: either), a strategy in
+    `strategies` ('block' with its `block_structure`); else ModelLoadError naming `where` and
+    the field."""
+    if not isinstance(args, dict):
+        raise _unsupported(path, f"{where} = {args!r}")
+    for key, value in {"num_bits": 8, "type": "float"}.items():
+        if args.get(key) != value:
+            raise _unsupported(path, f"{where}.{key} = {args.get(key)!r}")
+    if args.get("symmetric", True) is not True:
+        raise _unsupported(path, f"{where}.symmetric = {args.get('symmetric')!r}")
+    if dynamic is not None and bool(args.get("dynamic", False)) != dynamic:
+        raise _unsupported(path, f"{where}.dynamic = {args.get('dynamic')!r}")
+    strategy = args.get("strategy")
+    if strategy not in strategies:
+        raise _unsupported(path, f"{where}.strategy = {strategy!r}")
+    if strategy == "block":
+        return strategy, _block_shape(args.get("block_structure"), path,
+                                      f"{where}.block_structure")
+    return strategy, None
+
+
 def _group_scheme(group: Any, path: Path, where: str,
-                  fmt: str) -> tuple[str, str, int | None, bool, bool]:
-    """(scheme, weight strategy, group size, symmetric, act order) of one config group of a
-    `fmt` checkpoint."""
+                  fmt: str) -> tuple[str, str, int | None, bool, bool, tuple[int, int] | None]:
+    """(scheme, weight strategy, group size, symmetric, act order, block shape) of one config
+    group of a `fmt` checkpoint."""
     if not isinstance(group, dict):
         raise _unsupported(path, f"{where} = {group!r}")
     if group.get("targets") != ["Linear"]:
@@ -210,23 +279,32 @@ def _group_scheme(group: Any, path: Path, where: str,
     if group.get("output_activations") is not None:
         raise _unsupported(path, f"{where}.output_activations")
     weights, activations = group.get("weights"), group.get("input_activations")
+    if fmt == "float-quantized" or (fmt == "naive-quantized" and isinstance(weights, dict)
+                                    and weights.get("type") == "float"):
+        strategy, block = _float_scheme(weights, path, f"{where}.weights",
+                                        ("channel", "tensor", "block"), dynamic=False)
+        if activations is not None:
+            _float_scheme(activations, path, f"{where}.input_activations",
+                          ("token", "tensor", "group"), dynamic=None)
+        return ("w8a16-fp8" if activations is None else "w8a8-fp8", strategy, None, True,
+                False, block)
     if fmt == "pack-quantized":
         if activations is not None:
             raise _unsupported(
                 path, f"{where}.input_activations of a pack-quantized (W4A16) checkpoint")
         return ("w4a16-int4", *_int_scheme(weights, path, f"{where}.weights", 4,
                                            ("channel", "group"), dynamic=False,
-                                           zero_points=True))
+                                           zero_points=True), None)
     strategy = _int_scheme(weights, path, f"{where}.weights", 8, ("channel", "tensor"),
                            dynamic=False)[0]
     _int_scheme(activations, path, f"{where}.input_activations", 8, ("token", "tensor"),
                 dynamic=True)
-    return "w8a8-int8", strategy, None, True, False
+    return "w8a8-int8", strategy, None, True, False, None
 
 
 def _compressed_tensors(qc: dict, path: Path) -> CheckpointQuantization:
     fmt = qc.get("format")
-    if fmt not in ("int-quantized", "naive-quantized", "pack-quantized"):
+    if fmt not in ("int-quantized", "naive-quantized", "pack-quantized", "float-quantized"):
         raise _unsupported(path, f"format {fmt!r}")
     if qc.get("kv_cache_scheme") is not None:
         raise _unsupported(path, "kv_cache_scheme (a quantized KV cache)")
@@ -238,6 +316,6 @@ def _compressed_tensors(qc: dict, path: Path) -> CheckpointQuantization:
     if len(schemes) > 1:
         raise _unsupported(path, f"config groups of different schemes "
                                  f"{sorted(map(str, schemes))}")
-    scheme, strategy, group_size, symmetric, act_order = schemes.pop()
+    scheme, strategy, group_size, symmetric, act_order, block = schemes.pop()
     return CheckpointQuantization("compressed-tensors", scheme, strategy, group_size, symmetric,
-                                  act_order=act_order)
+                                  act_order=act_order, block_shape=block)
