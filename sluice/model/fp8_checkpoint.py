@@ -17,13 +17,24 @@ the inverse of the scale it divided by). A checkpoint made for fp8 activations m
 read past, as vLLM does on hardware without fp8 products.
 
 `read` gives the `quantized_checkpoint.StoredQuantization` of such a checkpoint: the scales
-read up front (one row of scales per output channel, block columns as a per-input group index)
-and each weight's e4m3 values as it streams past. Nothing keeps the fp8 bytes: there is no
-block type for them (`block_type` None), so `quantized_weight_source` dequantizes every weight
-as it loads, W = float32(weight) * scale (float32(e4m3) is exact; one rounding of the product,
-as transformers' dequantization), then the model's dtype; every float fast path runs the layers
-(bf16 on CPUs with bf16 products under `--dtype auto` for a bf16 checkpoint, or int8 blocks
-under `--quantization int8`).
+read up front, as float32 [out, in / 32] (the scale of each 32-input run of each output
+channel: block scales repeated over the rows and runs they cover; per channel / tensor
+[out or 1, 1]), and each weight's e4m3 values as it streams past.
+
+By default every weight is dequantized as it loads, W = float32(weight) * scale (float32(e4m3)
+is exact; one rounding of the product, as transformers' dequantization), then the model's
+dtype: the float paths' GEMMs (oneDNN's bf16 on CPUs with bf16 products) are the fastest this
+CPU has for W (`--quantization int8` then makes its own int8 blocks of W). With
+`--quantization fp8` (or `compressed-tensors` for such a checkpoint: vLLM's names of the
+format), where the C++ block kernels run, a layer keeps its fp8 bytes instead, as
+`gguf_linear`'s F8_E4M3 blocks (a float32 d and 32 e4m3 values, 9 bits per weight:
+`quantized_checkpoint.to_blocks`), run by `GgufBlockLinearMethod` with float activations: e4m3
+widened exactly in registers, products and sums in float32, d applied per block, so results
+equal F.linear on W up to summation order. That keeps the file's memory (SmolLM2 on an AMD
+EPYC with AVX-512-BF16: single-request TPOT as the dequantized bf16 model's, batched W1 ~0.5x
+its throughput: benchmarks/RESULTS.md). Block scales whose input runs are not whole 32-input runs (block columns
+not a multiple of 32, or a layer's inputs not) are read as a per-input group index instead
+and the whole checkpoint is dequantized.
 """
 
 from __future__ import annotations
@@ -35,7 +46,8 @@ import torch
 from sluice.errors import ModelLoadError
 from sluice.hf_config import CheckpointQuantization
 from sluice.model.layers.linear import LazyTensor, materialize
-from sluice.model.quantized_checkpoint import WEIGHT_SUFFIX, StoredQuantization
+from sluice.model.layers.gguf_linear import F8_BLOCK_TYPE
+from sluice.model.quantized_checkpoint import BLOCK, WEIGHT_SUFFIX, StoredQuantization
 
 #: the scale tensors, by suffix (`weight_scale_inv`: quant_method fp8 with blocks)
 SCALE_SUFFIXES = (".weight_scale_inv", ".weight_scale")
@@ -45,9 +57,9 @@ FP8_WEIGHT_DTYPE = torch.float8_e4m3fn
 
 def read(files: list[Path], scheme: CheckpointQuantization) -> StoredQuantization:
     """The checkpoint's FP8 weights (module doc) as a StoredQuantization: scales read now, each
-    as float32 [out or 1, groups] (block rows repeated for the rows they cover), block columns
-    as `group_of_input`; values checked to be e4m3 as the weights stream. ModelLoadError for a
-    scale whose shape does not fit its weight and the scheme."""
+    as float32 [out or 1, groups] (`_row_scales`); values checked to be e4m3 as the weights
+    stream. ModelLoadError for a scale whose shape does not fit its weight and the scheme, or
+    for an fp8 tensor without a scale."""
     from safetensors import safe_open
 
     names: list[str] = []
@@ -98,17 +110,20 @@ def read(files: list[Path], scheme: CheckpointQuantization) -> StoredQuantizatio
 
     strategy = (f"{scheme.block_shape[0]}x{scheme.block_shape[1]} blocks"
                 if scheme.block_shape else f"per {scheme.weight_strategy}")
-    return StoredQuantization(f"{scheme.method} {scheme.scheme} ({strategy})", None, names,
-                              scales, values, group_of_input=group_of_input, consumed=consumed,
-                              why_float="no fp8 weight kernels; activations stay float")
+    return StoredQuantization(f"{scheme.method} {scheme.scheme} ({strategy})",
+                              None if group_of_input else F8_BLOCK_TYPE, names, scales, values,
+                              group_of_input=group_of_input, consumed=consumed,
+                              why_float="block scales that do not cover whole 32-input runs")
 
 
 def _row_scales(name: str, scale: torch.Tensor, out: int, inputs: int,
                 scheme: CheckpointQuantization) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A stored scale of an [out, inputs] weight -> (float32 [out or 1, groups], each input's
-    group (int64 [inputs]) for block scales, else None). Blocks of R rows and C inputs:
-    [ceil(out / R), ceil(inputs / C)] -> rows repeated R times (the last block's cut), input k
-    in group k // C."""
+    """A stored scale of an [out, inputs] weight -> (float32 [out or 1, groups], None) or, for
+    blocks that do not cover whole 32-input runs, (rows, each input's group int64 [inputs]).
+    Blocks of R rows and C inputs, scales [ceil(out / R), ceil(inputs / C)]: rows repeated R
+    times (the last block's cut); with C and inputs multiples of 32 each block column
+    repeated C / 32 times (the last cut: group g = 32-input run g, in block column
+    g * 32 // C), else input k in group k // C."""
     if scheme.block_shape is None:
         if scale.numel() == 1:
             return scale.reshape(1, 1), None
@@ -123,5 +138,7 @@ def _row_scales(name: str, scale: torch.Tensor, out: int, inputs: int,
     if tuple(scale.shape) != grid:
         raise ModelLoadError(f"{name}: shape {tuple(scale.shape)}; {rows}x{cols} blocks of a "
                              f"[{out}, {inputs}] weight need scales {list(grid)}.")
-    return (scale.repeat_interleave(rows, dim=0)[:out].contiguous(),
-            torch.arange(inputs) // cols)
+    scale = scale.repeat_interleave(rows, dim=0)[:out]
+    if cols % BLOCK == 0 and inputs % BLOCK == 0:
+        return scale.repeat_interleave(cols // BLOCK, dim=1)[:, :inputs // BLOCK].contiguous(), None
+    return scale.contiguous(), torch.arange(inputs) // cols

@@ -258,17 +258,23 @@ def _compressed_source(model: nn.Module, spec: ModelSpec, weights: Callable,
     too (llama.cpp's Q4_0 / Q8_0 numerics), as a GGUF file's blocks do by default
     (`gguf_quant.llama_cpp_numerics`) and under `--quantization int8`; `--quantization
     compressed-tensors|gptq|awq` (vLLM's names for the format) keeps their float activations.
-    FP8 weights (`quant_method` fp8, compressed-tensors float-quantized) are dequantized."""
+    FP8 weights (`quant_method` fp8, compressed-tensors float-quantized) are dequantized to the
+    model's dtype (its fast float GEMMs; under `--quantization int8` then made int8 blocks),
+    and keep their e4m3 values as F8_E4M3 blocks (float activations, ~1.1 bytes per weight)
+    where the kernels run only when `--quantization` names the stored format (fp8 /
+    compressed-tensors): on a CPU without fp8 products those blocks save memory, not time."""
     from sluice.model import compressed_tensors, fp8_checkpoint, gptq_awq
     from sluice.model.gguf_quant import blocks_wanted, llama_cpp_numerics
     from sluice.model.quantized_checkpoint import quantized_weight_source
     scheme = spec.quantization
     mode = None if quantization in STORED_FORMAT_MODES else quantization  # 'gguf': refused
+    fp8 = scheme.scheme.endswith("-fp8")
     keep = blocks_wanted(mode, ops.cpu_ops, dtype, device,
                          lora_enabled=lora is not None and lora.enable_lora)
-    int8_activations = (scheme.scheme == "w8a8-int8" or quantization == "int8"
-                        or llama_cpp_numerics(quantization, ops.cpu_ops))
-    reader = (fp8_checkpoint if scheme.scheme.endswith("-fp8")
+    keep = keep and (not fp8 or quantization == scheme.method)
+    int8_activations = not fp8 and (scheme.scheme == "w8a8-int8" or quantization == "int8"
+                                    or llama_cpp_numerics(quantization, ops.cpu_ops))
+    reader = (fp8_checkpoint if fp8
               else compressed_tensors if scheme.method == "compressed-tensors" else gptq_awq)
     stored = reader.read(safetensors_files(spec.path), scheme)
     return quantized_weight_source(model, stored, weights, keep, int8_activations,

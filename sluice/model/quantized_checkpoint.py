@@ -46,7 +46,7 @@ from torch import nn
 from sluice.errors import ModelLoadError
 from sluice.model.gguf_quant import use_block_method
 from sluice.model.layers.act_order_linear import ActOrderBlockLinearMethod, input_order
-from sluice.model.layers.gguf_linear import BLOCK_TYPES, GgufBlockLinearMethod
+from sluice.model.layers.gguf_linear import BLOCK_TYPES, F8_BLOCK_TYPE, GgufBlockLinearMethod
 from sluice.model.layers.linear import LazyTensor, LinearBase, RowParallelLinear, materialize
 
 logger = logging.getLogger(__name__)
@@ -158,15 +158,21 @@ def _fp16(values: torch.Tensor, what: str) -> tuple[torch.Tensor, float]:
 
 def to_blocks(q: torch.Tensor, scale: torch.Tensor, qtype: str,
               zero: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
-    """Integer values q [N, K] (K a multiple of 32; Q8_0 in [-128, 127], Q4_0 / Q4_1 in
-    [-8, 7]), their scales and (Q4_1) zero points -> (uint8 blocks [N, K / 32 * bytes] of
-    `qtype` whose values are q, the largest relative change of a scale or min by fp16
-    rounding):
+    """Values q [N, K] (K a multiple of 32; Q8_0 in [-128, 127], Q4_0 / Q4_1 in [-8, 7],
+    integers; F8_E4M3 float8_e4m3fn), their scales and (Q4_1) zero points -> (uint8 blocks
+    [N, K / 32 * bytes] of `qtype` whose values are q, the largest relative change of a scale
+    or min by fp16 rounding):
         Q8_0: fp16 d + 32 int8;  Q4_0: fp16 d + 16 bytes, byte j holding q_j + 8 low and
-        q_(j+16) + 8 high;  Q4_1: fp16 d, fp16 m = -(8 + z) * d, then Q4_0's 16 bytes
+        q_(j+16) + 8 high;  Q4_1: fp16 d, fp16 m = -(8 + z) * d, then Q4_0's 16 bytes;
+        F8_E4M3: float32 d + the 32 e4m3 bytes (d exact: no rounding)
     with d the block's scale. ModelLoadError where a scale or min does not fit fp16."""
     n, k = q.shape
     scale = group_scales(scale, n, k)
+    if qtype == F8_BLOCK_TYPE:
+        blocks = torch.empty(n, k // BLOCK, BLOCK_TYPES[qtype].block_bytes, dtype=torch.uint8)
+        blocks[:, :, :4] = scale.to(torch.float32).contiguous().view(torch.uint8).view(n, -1, 4)
+        blocks[:, :, 4:] = q.contiguous().view(torch.uint8).view(n, -1, BLOCK)
+        return blocks.view(n, -1), 0.0
     half, err = _fp16(scale, "scale")
     block_type = BLOCK_TYPES[qtype]
     blocks = torch.empty(n, k // BLOCK, block_type.block_bytes, dtype=torch.uint8)

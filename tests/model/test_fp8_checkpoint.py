@@ -6,9 +6,14 @@ The checkpoints are the tiny random Llama's, its seven linear weights per layer 
 `sluice.testing.fp8_checkpoints`; `dequantized` is the same model saved as the float32 weights
 the checkpoint means (W = float32(q) * scale).
 
-* Loaded, every parameter equals the dequantized model's, bit for bit (so do its logits), for
-  every scale layout, blocks that do not divide the weight included; in bfloat16, the same
-  values rounded once.
+* Dequantized (torch layer ops), every parameter equals the dequantized model's, bit for bit
+  (so do its logits), for every scale layout, blocks that do not divide the weight included;
+  in bfloat16, the same values rounded once.
+* Kept (C++ layer ops, `--quantization fp8` / `compressed-tensors`; by default float): each
+  layer holds F8_E4M3 blocks (9 bits per weight) that decode to the dequantized weight bit for
+  bit, and the logits equal the dequantized model's up to float32 summation order; the kernel
+  (`gguf_linear` type 200) against F.linear on the decoded weight at 1 to 64 rows, every e4m3
+  code, in each kernel build.
 * Against an independent reader: HF transformers loading the same quant_method 'fp8'
   checkpoint (on CPU it dequantizes it): logits within the HF parity tolerance.
 * `--quantization int8` runs it as int8 blocks; `--quantization fp8` is accepted for such a
@@ -28,12 +33,14 @@ from safetensors.torch import load_file
 
 from sluice.errors import ConfigError, ModelLoadError
 from sluice.hf_config import load_model_spec
-from sluice.model.layers.gguf_linear import GgufBlockLinearMethod
+from sluice.model.layers.gguf_linear import (BLOCK_TYPES, F8_BLOCK_TYPE, GgufBlockLinearMethod,
+                                             dequantize_blocks)
 from sluice.model.layers.linear import LinearBase
 from sluice.testing.compressed_checkpoints import write_checkpoint
 from sluice.testing.fp8_checkpoints import float_quantized_config, fp8_config, quantize_fp8
 
 from _sluice_model_helpers import hf_logits, load_ours, prompts
+from test_gguf_quantized import _logits
 from test_compressed_tensors import assert_tp2_matches_tp1
 from test_hf_parity import ATOL
 
@@ -83,6 +90,87 @@ def test_loaded_weights_are_the_dequantized_checkpoint(llama_dir, tmp_path, layo
     assert not torch.equal(ours_params[qkv], dict(plain.named_parameters())[qkv])
 
 
+@pytest.mark.parametrize("layout", ["fp8-blocks", "fp8-tensor-static", "ct-channel"])
+def test_cpu_layers_keep_fp8_blocks(cpu_ops, llama_dir, tmp_path, layout):
+    fp8_dir, float_dir = _write(llama_dir, tmp_path, layout)
+    default = load_ours(fp8_dir, layer_ops="cpu", attn_backend="cpu_paged")
+    assert default.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+    method = load_model_spec(fp8_dir).quantization.method      # fp8 / compressed-tensors
+    ours = load_ours(fp8_dir, layer_ops="cpu", attn_backend="cpu_paged", quantization=method)
+    dense = load_ours(float_dir, layer_ops="cpu", attn_backend="cpu_paged")
+    dense_params = dict(dense.named_parameters())
+    decoder = {n: m for n, m in ours.named_modules()
+               if isinstance(m, LinearBase) and n.startswith("model.layers")}
+    assert len(decoder) == 8
+    for name, layer in decoder.items():
+        method = layer.linear_method
+        assert isinstance(method, GgufBlockLinearMethod) and method.qtype == F8_BLOCK_TYPE
+        assert not method.int8_activations
+        assert layer.weight.dtype == torch.uint8
+        assert layer.weight.shape[1] == layer.in_features // 32 * 36      # 9 bits per weight
+        assert torch.equal(method.dequantized_weight(layer), dense_params[f"{name}.weight"])
+    assert ours.lm_head.weight.dtype == torch.float32                    # not quantized
+    a, b = _logits(ours), _logits(dense)                                 # prefill + decode
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=0, msg=key)
+
+
+def _random_f8_blocks(n: int, k: int, seed: int) -> torch.Tensor:
+    """uint8 [n, k / 32 * 36] F8_E4M3 blocks: every finite e4m3 code (0x7F / 0xFF, NaN,
+    excluded) among the values, float32 scales over many magnitudes."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 256, (n, k // 32, 32), generator=g, dtype=torch.int64)
+    finite = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F])
+    codes.view(-1)[:finite.numel()] = finite                           # each code at least once
+    codes = torch.where((codes & 0x7F) == 0x7F, codes - 1, codes)
+    scales = torch.exp2(torch.randint(-30, 4, (n, k // 32, 1), generator=g).float())
+    scales = scales * (1 + torch.rand(n, k // 32, 1, generator=g))
+    blocks = torch.empty(n, k // 32, 36, dtype=torch.uint8)
+    blocks[:, :, :4] = scales.view(torch.uint8)
+    blocks[:, :, 4:] = codes.to(torch.uint8)
+    return blocks.view(n, -1)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 64])
+def test_f8_kernel_matches_the_decoded_weight(cpu_ops, m):
+    n, k = 40, 192
+    w = _random_f8_blocks(n, k, seed=m)
+    decoded = dequantize_blocks(w, F8_BLOCK_TYPE)
+    assert torch.isfinite(decoded).all()
+    out = torch.empty(n, k)
+    cpu_ops.gguf_dequantize(out, w, BLOCK_TYPES[F8_BLOCK_TYPE].ggml_id)
+    assert torch.equal(out, decoded)                                    # exact, both ways
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(100 + m))
+    bias = torch.randn(n)
+    got = torch.empty(m, n)
+    cpu_ops.gguf_linear(got, x, w, BLOCK_TYPES[F8_BLOCK_TYPE].ggml_id | 256, bias)  # int8 flag:
+    want = torch.nn.functional.linear(x.double(), decoded.double(), bias.double())  # ignored
+    scale = (x.abs().double() @ decoded.abs().double().T).max()
+    torch.testing.assert_close(got.double(), want, atol=1e-6 * float(scale), rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["x86_64_v3", "x86_64_v4"])
+def test_each_kernel_build_runs_f8_blocks(variant):
+    """F8_E4M3's decode has an AVX-512 and an F16C (x86-64-v3) form: each build the CPU runs
+    passes the kernel tests above, loaded in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    from sluice.platform import cpu_kernels as K
+    info = K.read_build_info()
+    if info is None or variant not in info["variants"]:
+        pytest.skip(f"no prebuilt {variant} module here")
+    if not K.VARIANTS[variant]["requires"] <= K.cpu_flags():
+        pytest.skip(f"this CPU cannot run {variant}")
+    env = dict(os.environ, SLUICE_CPU_KERNELS=variant)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "f8_kernel"], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "7 passed" in result.stdout, result.stdout[-500:]
+
+
 def test_bfloat16_weights_are_the_dequantized_values_rounded_once(llama_dir, tmp_path):
     fp8_dir, float_dir = _write(llama_dir, tmp_path, "fp8-blocks")
     ours = load_ours(fp8_dir, dtype=torch.bfloat16)
@@ -119,7 +207,7 @@ def test_quantization_int8_and_vllms_fp8_name(cpu_ops, llama_dir, tmp_path):
     decoder = [m for n, m in int8.named_modules()
                if isinstance(m, LinearBase) and n.startswith("model.layers")]
     assert decoder and all(isinstance(m.linear_method, GgufBlockLinearMethod) for m in decoder)
-    same = load_ours(fp8_dir, quantization="fp8")
+    same = load_ours(fp8_dir, quantization="fp8")                 # torch ops: dequantized
     dense = dict(load_ours(float_dir).named_parameters())
     assert all(torch.equal(p, dense[n]) for n, p in same.named_parameters())
     with pytest.raises(ConfigError, match="--quantization fp8 needs a fp8 checkpoint"):
@@ -176,7 +264,8 @@ def test_smollm2_fp8_perplexity(cpu_ops, smollm2_gguf, tmp_path):
     """SmolLM2 (its Q4_1 file dequantized) written as FP8 with 128 x 128 block scales (the
     576-wide layers end in half blocks): held-out perplexity within 2.5% of float32 (observed
     20.951 -> 21.322, +1.8%: e4m3 keeps 3 mantissa bits, round to nearest); in bfloat16 within
-    1% of its float32 run (observed +0.14%)."""
+    1% of its float32 run (observed +0.14%); its F8_E4M3 blocks (`--quantization fp8`) within
+    0.2% of the dequantized float32 run (the same weights; summation order only)."""
     from sluice.frontend.llm import LLM
     from sluice.model.gguf_weights import iterate_gguf
     from sluice.model_spec.gguf import prepare_gguf
@@ -190,11 +279,15 @@ def test_smollm2_fp8_perplexity(cpu_ops, smollm2_gguf, tmp_path):
                                torch_dtype="bfloat16")
     prompts_ = heldout_prompts(8)
     ppl = {}
-    for name, model, dtype in (("float32", smollm2_gguf, "float32"),
-                               ("fp8", fp8_dir, "float32"), ("fp8-bf16", fp8_dir, "bfloat16")):
+    for name, model, dtype, mode in (("float32", smollm2_gguf, "float32", "none"),
+                                     ("fp8", fp8_dir, "float32", None),
+                                     ("fp8-bf16", fp8_dir, "bfloat16", None),
+                                     ("fp8-kept", fp8_dir, "float32", "fp8")):
         with LLM(str(model), kv_cache_memory="64MiB", max_model_len=512, dtype=dtype,
-                 quantization="none" if name == "float32" else None) as llm:
+                 quantization=mode) as llm:
             ppl[name] = engine_perplexity(llm, prompts_)[0]
     assert ppl["fp8"] != ppl["float32"]            # the fp8 weights were used
     assert ppl["fp8"] <= ppl["float32"] * 1.025, ppl
     assert abs(ppl["fp8-bf16"] / ppl["fp8"] - 1) <= 0.01, ppl
+    assert ppl["fp8-kept"] != ppl["fp8"]           # the blocks ran (another sum order)
+    assert abs(ppl["fp8-kept"] / ppl["fp8"] - 1) <= 0.002, ppl

@@ -28,6 +28,10 @@
 //                  as Q4_K, each quant q (0..31) with a fifth bit: element 64g + i (i < 32)
 //                  is (qs[32g + i] & 15) | ((qh[i] >> 2g) & 1) << 4, element 64g + 32 + i
 //                  (qs[32g + i] >> 4) | ((qh[i] >> (2g + 1)) & 1) << 4
+//   F8_E4M3 (type 200, sluice's own: no GGML type) 32 elems, 36 B: d (IEEE float32) |
+//                  qs[32] (float8_e4m3fn)      v = d * e4m3(qs[i])
+//                  (an FP8 checkpoint's weights, `sluice.model.fp8_checkpoint`; float
+//                  activations only: the int8 flag is ignored)
 //   F16 (type 1), BF16 (type 30)  1 elem, 2 B: the value as IEEE fp16 / bfloat16 (a float
 //                  weight stored in 16 bits; `w` may also be a float16 / bfloat16 [N, K]
 //                  tensor, read as its bytes)
@@ -93,6 +97,7 @@
 
 #include "act_quant.h"
 #include "blas.h"
+#include "fp8_rows.h"
 #include "gguf_codebook.h"
 #include "ops.h"
 #include "vec_math.h"
@@ -112,7 +117,8 @@ namespace {
 
 constexpr int64_t kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ2_K = 10,
                   kQ3_K = 11, kQ4_K = 12,
-                  kQ5_K = 13, kQ6_K = 14, kIQ4_NL = 20, kIQ4_XS = 23, kBF16 = 30;
+                  kQ5_K = 13, kQ6_K = 14, kIQ4_NL = 20, kIQ4_XS = 23, kBF16 = 30,
+                  kF8E4M3 = 200;
 constexpr int kMaxQuantSkinnyRows = 8;
 using sluice::kIq4nlValues;  // gguf_codebook.h
 // the types only the panel path (and vnni_linear.cpp's packed kernel) runs
@@ -123,8 +129,8 @@ constexpr int64_t kInt8Activations = 256;  // a flag on the type id (see the fil
 constexpr int64_t kBf16Products = 512;     // another: more rows may run amx::bf16_linear
 constexpr int64_t kVnniPacked = 1024;      // vnni_linear.cpp's packed layout: every M
 
-bool takes_int8_activations(int64_t type) {  // every block type; not F16 / BF16
-  return type != kF16 && type != kBF16;
+bool takes_int8_activations(int64_t type) {  // every block type but F8_E4M3; not F16 / BF16
+  return type != kF16 && type != kBF16 && type != kF8E4M3;
 }
 
 // Bytes before a Q4_0 / Q4_1 / Q5_0 / Q5_1 block's quants (qh, qs): d, and m for _1 types.
@@ -147,6 +153,7 @@ QuantFormat quant_format(int64_t type) {
     case kQ5_0: return {32, 22, 32};
     case kQ5_1: return {32, 24, 32};
     case kQ8_0: return {32, 34, 0};
+    case kF8E4M3: return {32, 36, 0};
     case kQ4_K: return {256, 144, 32};
     case kQ5_K: return {256, 176, 32};
     case kQ6_K: return {256, 210, 16};
@@ -174,6 +181,21 @@ inline float bf16(const uint8_t* p) {
 }
 
 bool is_half_type(int64_t type) { return type == kF16 || type == kBF16; }
+
+inline float f32(const uint8_t* p) {
+  float v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// An F8_E4M3 block's d times kFp8Unit: its `_units` loads (fp8_rows.h) give value / 256, so
+// (256 d) * (value / 256) is d * value exactly (both factors exact: powers of two).
+inline float f8_block_scale(const uint8_t* blk) {
+  return f32(blk) * sluice::kFp8Unit<c10::Float8_e4m3fn>;
+}
+inline const c10::Float8_e4m3fn* f8_quants(const uint8_t* blk) {
+  return reinterpret_cast<const c10::Float8_e4m3fn*>(blk + 4);
+}
 
 // v[i] = the float32 value of bf16(v[i]) (round to nearest even): bf16 products without AMX.
 void round_to_bf16(float* v, int64_t count) {
@@ -241,6 +263,9 @@ void dequant_row_scalar(int64_t type, const uint8_t* w, float* y, int64_t k) {
     } else if (type == kQ8_0) {
       const float d = f16(blk);
       for (int i = 0; i < 32; ++i) o[i] = static_cast<int8_t>(blk[2 + i]) * d;
+    } else if (type == kF8E4M3) {
+      const float d = f32(blk);
+      for (int i = 0; i < 32; ++i) o[i] = d * static_cast<float>(f8_quants(blk)[i]);
     } else if (type == kIQ4_NL) {
       const float d = f16(blk);
       for (int i = 0; i < 16; ++i) {
@@ -508,6 +533,12 @@ void dequant_row(int64_t type, const uint8_t* w, float* y, int64_t k) {
                                              reinterpret_cast<const __m128i*>(blk + 2 + 8 * j))), d));
         break;
       }
+      case kF8E4M3: {
+        const __m256 d = _mm256_set1_ps(f8_block_scale(blk));
+        for (int j = 0; j < 4; ++j)
+          store(o + 8 * j, _mm256_mul_ps(sluice::widen8_fp8_units(f8_quants(blk) + 8 * j), d));
+        break;
+      }
       case kQ4_K: case kQ5_K: {
         const float d = f16(blk), dmin = f16(blk + 2);
         const uint8_t *qs, *qh;
@@ -589,8 +620,9 @@ __attribute__((always_inline)) inline void for_blocks(const RowPanel& p, int64_t
 inline __m512 cvt16_u8(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
 inline __m512 cvt16_i8(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
 
-// dot_rows for Q4_0, Q4_1 and Q8_0 (its contract; kType the type): block i unpacked into two
-// vectors w[0] = elements 0..15, w[1] = 16..31; acc[r][j] += (w[0] . x + w[1] . x') * d.
+// dot_rows for Q4_0, Q4_1, Q8_0 and F8_E4M3 (its contract; kType the type): block i unpacked
+// into two vectors w[0] = elements 0..15, w[1] = 16..31; acc[r][j] += (w[0] . x + w[1] . x') *
+// d (F8_E4M3: the quants in units of 2^-8, d times 256).
 template <int R, int NW, int64_t kType>
 void dot_rows_q4q8_512(const RowPanel& p, int64_t k, const float* x, int64_t ldx,
                        const float* xs, int64_t ldxs) {
@@ -605,6 +637,10 @@ void dot_rows_q4q8_512(const RowPanel& p, int64_t k, const float* x, int64_t ldx
       d = f16c(blk);
       w[0] = cvt16_i8(load128(blk + 2));
       w[1] = cvt16_i8(load128(blk + 18));
+    } else if constexpr (kType == kF8E4M3) {
+      d = f8_block_scale(blk);
+      w[0] = sluice::widen16_fp8_units(f8_quants(blk));
+      w[1] = sluice::widen16_fp8_units(f8_quants(blk) + 16);
     } else {
       q4_scale_min(kType, blk, &d, &m);
       const __m128i q = load128(blk + (kType == kQ4_1 ? 4 : 2));
@@ -618,7 +654,7 @@ void dot_rows_q4q8_512(const RowPanel& p, int64_t k, const float* x, int64_t ldx
       const __m512 t = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xr + 16),
                                        _mm512_mul_ps(w[0], _mm512_loadu_ps(xr)));
       acc[r][j] = _mm512_fmadd_ps(t, dv, acc[r][j]);
-      if constexpr (kType != kQ8_0) off[r][j] += m * xs[r * ldxs + i];
+      if constexpr (kType != kQ8_0 && kType != kF8E4M3) off[r][j] += m * xs[r * ldxs + i];
     }
   });
   for (int r = 0; r < R; ++r)
@@ -694,6 +730,7 @@ void dot_rows(int64_t type, const RowPanel& p, int64_t k, const float* x, int64_
     case kQ4_0: return dot_rows_q4q8_512<R, NW, kQ4_0>(p, k, x, ldx, xs, ldxs);
     case kQ4_1: return dot_rows_q4q8_512<R, NW, kQ4_1>(p, k, x, ldx, xs, ldxs);
     case kQ8_0: return dot_rows_q4q8_512<R, NW, kQ8_0>(p, k, x, ldx, xs, ldxs);
+    case kF8E4M3: return dot_rows_q4q8_512<R, NW, kF8E4M3>(p, k, x, ldx, xs, ldxs);
     default: break;
   }
 #endif
@@ -726,6 +763,18 @@ void dot_rows(int64_t type, const RowPanel& p, int64_t k, const float* x, int64_
         const __m128i a = load128(blk + 2), c = load128(blk + 18);
         const __m256 q[4] = {cvt_i8(a), cvt_i8(_mm_srli_si128(a, 8)), cvt_i8(c),
                              cvt_i8(_mm_srli_si128(c, 8))};
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r)
+          acc[r][j] = scaled_dot<4>(q, x + r * ldx + i * 32, dv, acc[r][j]);
+      });
+      break;
+    case kF8E4M3:
+      for_blocks<NW>(p, nb, bytes, [&](int64_t i, int j, const uint8_t* blk) SLUICE_INLINE {
+        const __m256 dv = _mm256_set1_ps(f8_block_scale(blk));
+        const c10::Float8_e4m3fn* qs = f8_quants(blk);
+        const __m256 q[4] = {sluice::widen8_fp8_units(qs), sluice::widen8_fp8_units(qs + 8),
+                             sluice::widen8_fp8_units(qs + 16),
+                             sluice::widen8_fp8_units(qs + 24)};
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r)
           acc[r][j] = scaled_dot<4>(q, x + r * ldx + i * 32, dv, acc[r][j]);

@@ -20,6 +20,9 @@ sluice/model/csrc/quant_linear.cpp):
                                                         entry: the 4-bit index as Q4_0 stores)
     IQ4_XS   23        256          136          4.25  (IQ4_NL's codebook, a 6-bit scale per
                                                         32 values)
+    F8_E4M3 200         32           36          9.0   (sluice's own, no GGML type: a float32
+                                                        d and 32 float8_e4m3fn values; an
+                                                        FP8 checkpoint's weights)
 
 A layer with this method holds `layer.weight` = the file's bytes as a uint8 Parameter
 [out_features, in_features / block_elems * block_bytes] (row n = output channel n, as in the
@@ -46,7 +49,7 @@ set where bf16 rounding is already the contract — `--dtype bfloat16` (a bf16 G
 inputs to bf16 for every 16-bit weight too) and `--quantization int8` (whose decode steps round
 activations far more coarsely, to int8 per 32 values).
 
-`int8_activations` (INT8_ACTIVATION_TYPES: every type here, each 32-value block of the weight
+`int8_activations` (INT8_ACTIVATION_TYPES: every type here but F8_E4M3, each 32-value block of the weight
 (two 16-value sub-blocks for Q6_K) meeting one activation block in vpmaddubsw;
 `--quantization int8` sets it, and so does a GGUF file's default,
 `gguf_quant.llama_cpp_numerics`): up to MAX_INT8_ACTIVATION_ROWS rows, the activations are
@@ -86,6 +89,11 @@ from sluice.model.layers.layer_ops import fast_path_ok
 from sluice.model.layers.linear_method import LinearMethod, WeightLoader, set_weight_loader
 
 
+F8_BLOCK_TYPE = "F8_E4M3"
+"""sluice's block of 32 float8_e4m3fn weights with a float32 scale d (value = d * e4m3): the
+kernels' form of an FP8 checkpoint's weights (`sluice.model.fp8_checkpoint`)."""
+
+
 @dataclass(frozen=True)
 class BlockType:
     """A GGML block type the kernels run (module doc)."""
@@ -108,15 +116,18 @@ BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
     BlockType("Q2_K", 10, 256, 84), BlockType("Q3_K", 11, 256, 110),
     BlockType("Q4_K", 12, 256, 144),
     BlockType("Q5_K", 13, 256, 176), BlockType("Q6_K", 14, 256, 210),
-    BlockType("IQ4_NL", 20, 32, 18), BlockType("IQ4_XS", 23, 256, 136))}
-"""The GGML types whose blocks the linear layers run directly, by GGUF type name."""
+    BlockType("IQ4_NL", 20, 32, 18), BlockType("IQ4_XS", 23, 256, 136),
+    BlockType(F8_BLOCK_TYPE, 200, 32, 36))}
+"""The block types the linear layers run directly, by name: the GGML types by their GGUF type
+name, and sluice's F8_E4M3 (which no GGUF file holds)."""
 
 PACKED_ONLY_TYPES = ("Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS")
 """The types whose only fast kernel is the packed int8 one (`vnni_packed`): elsewhere every call
 dequantizes panels of the weight (correct, slow), so `gguf_quant` keeps them only where they
 will be packed."""
 
-INT8_ACTIVATION_TYPES = tuple(BLOCK_TYPES)   # the kernels take int8 activations for every type
+INT8_ACTIVATION_TYPES = tuple(t for t in BLOCK_TYPES if t != F8_BLOCK_TYPE)
+"""The types whose kernels take int8 activations (fp8 values are not integers)."""
 INT8_ACTIVATIONS_FLAG = 256     # or'ed into the type id given to gguf_linear
 BF16_PRODUCTS_FLAG = 512        # likewise: more rows may multiply in bf16 on AMX
 VNNI_PACKED_FLAG = 1024         # likewise: blocks regrouped for vpdpbusd, int8 at any M
@@ -135,7 +146,13 @@ def quantize_activations_q8(x: torch.Tensor) -> torch.Tensor:
 
 def dequantize_blocks(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
     """uint8 [N, row bytes] blocks of type `qtype` -> float32 [N, in_features], decoded by
-    gguf-py (numpy; the reference the kernels are tested against)."""
+    gguf-py (numpy; the reference the kernels are tested against), F8_E4M3 by torch's e4m3
+    conversion (d * float32(e4m3), one rounding)."""
+    if qtype == F8_BLOCK_TYPE:
+        raw = blocks.detach().cpu().contiguous().view(blocks.shape[0], -1, 36)
+        d = raw[:, :, :4].contiguous().view(torch.float32)          # [N, blocks, 1]
+        values = raw[:, :, 4:].contiguous().view(torch.float8_e4m3fn).to(torch.float32)
+        return (values * d).reshape(blocks.shape[0], -1)
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
