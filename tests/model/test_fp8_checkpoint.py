@@ -215,10 +215,14 @@ def test_quantization_int8_and_vllms_fp8_name(cpu_ops, llama_dir, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_fp8_checkpoint_tp2_matches_tp1(cpu_ops, llama_dir, tmp_path):
-    """Each rank dequantizes whole tensors and keeps its shard (blocks cut across shards)."""
-    fp8_dir, _ = _write(llama_dir, tmp_path, "fp8-uneven-blocks")
-    assert_tp2_matches_tp1(str(fp8_dir))
+@pytest.mark.parametrize("layout,mode", [("fp8-uneven-blocks", None), ("fp8-blocks", "fp8")],
+                         ids=["dequantized", "f8-blocks"])
+def test_fp8_checkpoint_tp2_matches_tp1(cpu_ops, llama_dir, tmp_path, layout, mode):
+    """Dequantized: each rank dequantizes whole tensors and keeps its shard (scale blocks cut
+    across shards). F8_E4M3 blocks: column shards split rows, row shards whole 32-value
+    blocks."""
+    fp8_dir, _ = _write(llama_dir, tmp_path, layout)
+    assert_tp2_matches_tp1(str(fp8_dir), mode)
 
 
 @pytest.mark.parametrize("config,field", [
