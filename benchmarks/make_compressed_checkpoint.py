@@ -1,10 +1,10 @@
 """Write a model as a compressed-tensors checkpoint (W8A8 int8 or W4A16 int4, as
 llm-compressor writes them with round-to-nearest), a GPTQ or AWQ checkpoint (as AutoGPTQ /
-AutoAWQ lay them out, round-to-nearest), or as a float checkpoint.
+AutoAWQ lay them out, round-to-nearest), an FP8 checkpoint, or as a float checkpoint.
 
     python benchmarks/make_compressed_checkpoint.py SRC DST
-        [--scheme w8a8|w4a16|gptq|awq|float] [--group-size 128] [--bits 4]
-        [--asymmetric] [--desc-act] [--float-dtype bfloat16]
+        [--scheme w8a8|w4a16|gptq|awq|fp8|fp8-dynamic|float] [--group-size 128] [--bits 4]
+        [--asymmetric] [--desc-act] [--fp8-block 128] [--float-dtype bfloat16]
 
 SRC: a Hugging Face model directory, or a .gguf file (its tensors dequantized, its config and
 tokenizer from sluice's sidecar). DST gets SRC's config (with `quantization_config`) and
@@ -12,7 +12,11 @@ tokenizer files and one model.safetensors: every decoder linear weight quantized
 (`sluice.testing.compressed_checkpoints`: W8A8 int8 per output channel; W4A16 int4 per group
 of --group-size inputs, 0 = per channel; `sluice.testing.gptq_awq_checkpoints`: GPTQ of --bits
 bits, symmetric unless --asymmetric, act-order groups with --desc-act; AWQ 4-bit with zero
-points), the other tensors in --float-dtype. `--scheme float`
+points; `sluice.testing.fp8_checkpoints`: `fp8` as transformers' FineGrainedFP8 writes it,
+e4m3 with a float32 `weight_scale_inv` per --fp8-block x --fp8-block block, 0 = one
+`weight_scale` per tensor; `fp8-dynamic` as llm-compressor's FP8_DYNAMIC, compressed-tensors
+float-quantized with a scale per output channel), the other tensors in --float-dtype.
+`--scheme float`
 writes the float checkpoint (e.g. SmolLM2's bf16 directory of benchmarks/RESULTS.md from its
 Q4_1 file). sluice and vLLM-CPU both read these directories.
 """
@@ -44,7 +48,10 @@ def main() -> None:
     parser.add_argument("dst", type=Path)
     parser.add_argument("--float-dtype", default="bfloat16",
                         choices=("bfloat16", "float16", "float32"))
-    parser.add_argument("--scheme", default="w8a8", choices=("w8a8", "w4a16", "gptq", "awq", "float"))
+    parser.add_argument("--scheme", default="w8a8",
+                        choices=("w8a8", "w4a16", "gptq", "awq", "fp8", "fp8-dynamic", "float"))
+    parser.add_argument("--fp8-block", type=int, default=128,
+                        help="fp8: rows and inputs per scale block (0: one scale per tensor).")
     parser.add_argument("--group-size", type=int, default=128,
                         help="W4A16 / GPTQ / AWQ: inputs per scale (0: per channel).")
     parser.add_argument("--bits", type=int, default=4, choices=(4, 8), help="GPTQ: bits.")
@@ -72,6 +79,17 @@ def main() -> None:
             options = dict(bits=args.bits, group_size=group, sym=not args.asymmetric,
                            desc_act=args.desc_act)
             tensors, config = quantize_gptq(tensors, **options)[0], gptq_config(**options)
+    elif args.scheme in ("fp8", "fp8-dynamic"):
+        from sluice.testing.fp8_checkpoints import (float_quantized_config, fp8_config,
+                                                    quantize_fp8)
+        if args.scheme == "fp8":
+            block = (args.fp8_block, args.fp8_block) if args.fp8_block else None
+            tensors = quantize_fp8(tensors, block=block, scale_name=(
+                "weight_scale_inv" if block else "weight_scale"))[0]
+            config = fp8_config(block)
+        else:
+            tensors = quantize_fp8(tensors, per_channel=True, scale_dtype=dtype)[0]
+            config = float_quantized_config("channel")
     write_checkpoint(meta_dir, args.dst, config, tensors, torch_dtype=args.float_dtype)
     print(f"wrote {args.dst}")
 

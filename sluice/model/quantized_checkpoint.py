@@ -137,8 +137,15 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None =
     float32's significand; a float32 scale: one rounding)."""
     n, k = q.shape
     scale = scale.expand(n, -1)
-    g = group_of_input if group_of_input is not None else input_groups(k, scale.shape[1])
     values = q.to(torch.float32)
+    if group_of_input is None:           # equal runs: broadcast over [n, groups, run], no gather
+        groups = scale.shape[1]
+        input_groups(k, groups)          # checks that they divide k
+        values = values.view(n, groups, k // groups)
+        if zero is not None:
+            values = values - zero.to(torch.float32).unsqueeze(-1)
+        return (values * scale.unsqueeze(-1)).view(n, k)
+    g = group_of_input
     if zero is not None:
         values = values - zero.to(torch.float32)[:, g]
     return values * scale[:, g]
