@@ -205,9 +205,11 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
                                                 or gguf_file is not None):
         stored = "a float checkpoint" if spec.quantization is None or gguf_file is not None \
             else f"a {spec.quantization.method} checkpoint"
+        hint = (" sluice does not quantize weights to fp8 at load; --quantization int8 makes "
+                "8-bit weights of any checkpoint." if quantization == "fp8" else "")
         raise ConfigError(f"--quantization {quantization} needs a {quantization} checkpoint "
                           f"(config.json's quantization_config); {spec.path} is {stored}. "
-                          "Leave --quantization unset for the model's own weights.")
+                          f"Leave --quantization unset for the model's own weights.{hint}")
     if gguf_file is not None:
         from sluice.model.gguf_quant import keep_gguf_blocks
         from sluice.model.gguf_weights import iterate_gguf

@@ -210,8 +210,9 @@ def test_quantization_int8_and_vllms_fp8_name(cpu_ops, llama_dir, tmp_path):
     same = load_ours(fp8_dir, quantization="fp8")                 # torch ops: dequantized
     dense = dict(load_ours(float_dir).named_parameters())
     assert all(torch.equal(p, dense[n]) for n, p in same.named_parameters())
-    with pytest.raises(ConfigError, match="--quantization fp8 needs a fp8 checkpoint"):
+    with pytest.raises(ConfigError, match="--quantization fp8 needs a fp8 checkpoint") as info:
         load_ours(float_dir, quantization="fp8")
+    assert "--quantization int8 makes 8-bit weights" in str(info.value)
 
 
 @pytest.mark.timeout(300)
@@ -256,10 +257,13 @@ def test_bad_fp8_tensors_fail_naming_the_tensor(llama_dir, tmp_path):
                      f"{name}: an FP8 tensor without a weight scale"),
         "not-fp8": ({**quantized, name: quantized[name].float()},
                     f"{name}: an FP8 weight (it has a scale) stored as torch.float32"),
+        "kv-scales": ({**quantized, "model.layers.0.self_attn.k_scale": torch.tensor(0.5)},
+                      "unexpected tensors: model.layers.0.self_attn.k_scale; the checkpoint "
+                      "carries attention / KV-cache quantization scales"),
     }
     for case, (tensors, message) in cases.items():
         model_dir = write_checkpoint(llama_dir, tmp_path / case, fp8_config((32, 32)), tensors)
-        with pytest.raises(ModelLoadError, match="FP8|scale") as info:
+        with pytest.raises(ModelLoadError, match="FP8|scale") as info:  # before serving
             load_ours(model_dir)
         assert message in str(info.value), case
 

@@ -64,6 +64,9 @@ STACKED_PARAMS: tuple[tuple[str, str, str | int], ...] = (
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
 
+#: stored tensors of a checkpoint quantized for fp8 attention / KV cache (vLLM's names)
+KV_SCALE_SUFFIXES = (".k_scale", ".v_scale", ".q_scale", ".prob_scale", ".output_scale")
+
 
 class PPMissingLayer(nn.Module):
     """Stands in for a decoder layer another pipeline stage holds: no parameters, never run."""
@@ -316,6 +319,10 @@ class LlamaForCausalLM(nn.Module):
                 shown = ", ".join(items[:8]) + (f" … and {len(items) - 8} more"
                                                 if len(items) > 8 else "")
                 problems.append(f"{label}: {shown}")
+        if any(name.endswith(KV_SCALE_SUFFIXES) for name in unexpected):
+            problems.append("the checkpoint carries attention / KV-cache quantization scales, "
+                            "which sluice does not read (its fp8 KV cache, --kv-cache-dtype "
+                            "fp8, stores keys and values with scale 1)")
         if problems:
             raise ModelLoadError(f"{self.spec.path}: checkpoint does not match "
                                  f"{self.spec.architecture}: " + "; ".join(problems))
