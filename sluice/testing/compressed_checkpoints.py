@@ -56,6 +56,21 @@ def w8a8_config(strategy: str = "channel", **changes) -> dict:
     return config
 
 
+def quantize_linears(tensors: dict[str, torch.Tensor], quantize_one
+                      ) -> tuple[dict, dict]:
+    """(tensors with each decoder linear weight `...X.weight` replaced by the tensors
+    `quantize_one(name, W float32)` names by suffix (`...X.qweight`, ...), the same with each
+    such weight as the oracle it returns)."""
+    quantized, dequantized = {}, {}
+    for name, w in tensors.items():
+        if not (name.endswith(".weight") and name.split(".")[-2] in LINEARS):
+            quantized[name] = dequantized[name] = w
+            continue
+        stored, dequantized[name] = quantize_one(name, w.float())
+        quantized.update({name[:-len("weight")] + key: t for key, t in stored.items()})
+    return quantized, dequantized
+
+
 def quantize_w8a8(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
     """A float checkpoint's tensors -> (its W8A8 tensors: each decoder linear weight as int8 per
     output channel + a bf16 `weight_scale` [out, 1]; the same with every such weight as float32

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from sluice.testing.compressed_checkpoints import LINEARS
+from sluice.testing.compressed_checkpoints import quantize_linears
 
 E4M3_MAX = 448.0
 
@@ -57,12 +57,7 @@ def quantize_fp8(tensors: dict[str, torch.Tensor], block: tuple[int, int] | None
     output channel, or per tensor, named `scale_name`, stored in `scale_dtype`; with
     `input_scale` a float32 static `input_scale` per layer too), the same with every FP8
     weight as the float32 weight it means)."""
-    quantized, dequantized = {}, {}
-    for name, w in tensors.items():
-        if not (name.endswith(".weight") and name.split(".")[-2] in LINEARS):
-            quantized[name] = dequantized[name] = w
-            continue
-        w = w.float()
+    def one(name: str, w: torch.Tensor) -> tuple[dict, torch.Tensor]:
         n, k = w.shape
         if block is not None:
             r, c = block
@@ -77,10 +72,9 @@ def quantize_fp8(tensors: dict[str, torch.Tensor], block: tuple[int, int] | None
         if block is not None:
             full = full.repeat_interleave(block[0], 0)[:n].repeat_interleave(block[1], 1)[:, :k]
         q = (w / full).to(torch.float8_e4m3fn)
-        base = name[:-len("weight")]
-        quantized[name] = q
-        quantized[base + scale_name] = scale
+        stored = {"weight": q, scale_name: scale}
         if input_scale:
-            quantized[base + "input_scale"] = torch.tensor(0.05, dtype=torch.float32)
-        dequantized[name] = q.float() * full
-    return quantized, dequantized
+            stored["input_scale"] = torch.tensor(0.05, dtype=torch.float32)
+        return stored, q.float() * full
+
+    return quantize_linears(tensors, one)

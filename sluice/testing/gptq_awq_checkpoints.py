@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from sluice.model.gptq_awq import AWQ_ORDER
-from sluice.testing.compressed_checkpoints import LINEARS, pack
+from sluice.testing.compressed_checkpoints import pack, quantize_linears
 
 #: linear layers reading the same input (their activation order is the same)
 SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up",
@@ -75,21 +75,6 @@ def _quantize(w: torch.Tensor, bits: int, g_idx: torch.Tensor, groups: int, sym:
     return u, zero, half
 
 
-def _quantize_linears(tensors: dict[str, torch.Tensor], quantize_one
-                      ) -> tuple[dict, dict]:
-    """(tensors with each decoder linear weight `...X.weight` replaced by the tensors
-    `quantize_one(name, W float32)` names by suffix (`...X.qweight`, ...), the same with each
-    such weight as the oracle it returns)."""
-    quantized, dequantized = {}, {}
-    for name, w in tensors.items():
-        if not (name.endswith(".weight") and name.split(".")[-2] in LINEARS):
-            quantized[name] = dequantized[name] = w
-            continue
-        stored, dequantized[name] = quantize_one(name, w.float())
-        quantized.update({name[:-len("weight")] + key: t for key, t in stored.items()})
-    return quantized, dequantized
-
-
 def quantize_gptq(tensors: dict[str, torch.Tensor], bits: int = 4, group_size: int = 128,
                   sym: bool = True, desc_act: bool = False, checkpoint_format: str = "gptq",
                   seed: int = 0, shared_input_order: bool = True) -> tuple[dict, dict]:
@@ -123,7 +108,7 @@ def quantize_gptq(tensors: dict[str, torch.Tensor], bits: int = 4, group_size: i
                  "scales": half.t().contiguous(), "g_idx": g_idx.to(torch.int32)},
                 (u - read_zero[:, g_idx]).float() * half.float()[:, g_idx])
 
-    return _quantize_linears(tensors, one)
+    return quantize_linears(tensors, one)
 
 
 def quantize_awq(tensors: dict[str, torch.Tensor], group_size: int = 128) -> tuple[dict, dict]:
@@ -140,4 +125,4 @@ def quantize_awq(tensors: dict[str, torch.Tensor], group_size: int = 128) -> tup
                  "scales": half.t().contiguous()},
                 (u - zero[:, g_idx]).float() * half.float()[:, g_idx])
 
-    return _quantize_linears(tensors, one)
+    return quantize_linears(tensors, one)

@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from sluice.hf_config import load_model_spec
@@ -159,3 +160,32 @@ def run_on_tp_ranks(fn, args: tuple, tp_size: int = 2, local=None, timeout_s: fl
         assert not isinstance(got.get(r), (str, type(None))), f"rank {r} failed:\n{got.get(r)}"
     assert [p.exitcode for p in procs] == [0] * tp_size
     return [got[r] for r in range(tp_size)], here
+
+
+def run_tests_in_kernel_build(variant: str, test_file: str, select: str, passed: int) -> None:
+    """Run `pytest test_file -k select` in a fresh process that loads the prebuilt `variant`
+    kernel build (SLUICE_CPU_KERNELS; checked first, in its own process) and assert that
+    `passed` tests passed; skip where this install has no such build or this CPU cannot run
+    it. For kernels with one form per instruction set."""
+    import os
+    import subprocess
+    import sys
+
+    from sluice.platform import cpu_kernels as K
+    info = K.read_build_info()
+    if info is None or variant not in info["variants"]:
+        pytest.skip(f"no prebuilt {variant} module here")
+    if not K.VARIANTS[variant]["requires"] <= K.cpu_flags():
+        pytest.skip(f"this CPU cannot run {variant}")
+    env = dict(os.environ, SLUICE_CPU_KERNELS=variant)
+    loaded = subprocess.run(
+        [sys.executable, "-c", "from sluice.model import cpu_ops; cpu_ops.load_cpu_ops(); "
+         "print(cpu_ops.kernels_info()['variant'])"], capture_output=True, text=True,
+        timeout=120, env=env)
+    assert loaded.stdout.strip() == variant, loaded.stdout + loaded.stderr[-2000:]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file,
+         "-k", select], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"{passed} passed" in result.stdout, result.stdout[-500:]
+

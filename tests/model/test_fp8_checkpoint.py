@@ -39,7 +39,8 @@ from sluice.model.layers.linear import LinearBase
 from sluice.testing.compressed_checkpoints import write_checkpoint
 from sluice.testing.fp8_checkpoints import float_quantized_config, fp8_config, quantize_fp8
 
-from _sluice_model_helpers import hf_logits, load_ours, prompts
+from _sluice_model_helpers import (hf_logits, load_ours, prompts,
+                                   run_tests_in_kernel_build)
 from test_gguf_quantized import _logits
 from test_compressed_tensors import assert_tp2_matches_tp1
 from test_hf_parity import ATOL
@@ -115,6 +116,19 @@ def test_cpu_layers_keep_fp8_blocks(cpu_ops, llama_dir, tmp_path, layout):
         torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=0, msg=key)
 
 
+def test_f8_blocks_decode_greedy_as_the_dequantized_model(cpu_ops, llama_dir, tmp_path):
+    """Prefill, then greedy decode steps (the decode-sized kernels, the fused decode stack
+    where it applies): the dequantized model's tokens, logits within 1e-4."""
+    from test_tensor_parallel import run_greedy
+
+    fp8_dir, float_dir = _write(llama_dir, tmp_path, "fp8-blocks")
+    kept = run_greedy(str(fp8_dir), "cpu", "cpu_paged", "fp8")
+    dense = run_greedy(str(float_dir), "cpu", "cpu_paged")
+    assert kept["tokens"] == dense["tokens"]
+    for step, (a, b) in enumerate(zip(kept["logits"], dense["logits"])):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=lambda m: f"step {step}: {m}")
+
+
 def _random_f8_blocks(n: int, k: int, seed: int) -> torch.Tensor:
     """uint8 [n, k / 32 * 36] F8_E4M3 blocks: every finite e4m3 code (0x7F / 0xFF, NaN,
     excluded) among the values, float32 scales over many magnitudes."""
@@ -153,22 +167,7 @@ def test_f8_kernel_matches_the_decoded_weight(cpu_ops, m):
 def test_each_kernel_build_runs_f8_blocks(variant):
     """F8_E4M3's decode has an AVX-512 and an F16C (x86-64-v3) form: each build the CPU runs
     passes the kernel tests above, loaded in a fresh process."""
-    import os
-    import subprocess
-    import sys
-
-    from sluice.platform import cpu_kernels as K
-    info = K.read_build_info()
-    if info is None or variant not in info["variants"]:
-        pytest.skip(f"no prebuilt {variant} module here")
-    if not K.VARIANTS[variant]["requires"] <= K.cpu_flags():
-        pytest.skip(f"this CPU cannot run {variant}")
-    env = dict(os.environ, SLUICE_CPU_KERNELS=variant)
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "f8_kernel"], capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "7 passed" in result.stdout, result.stdout[-500:]
+    run_tests_in_kernel_build(variant, __file__, "f8_kernel", passed=7)
 
 
 def test_bfloat16_weights_are_the_dequantized_values_rounded_once(llama_dir, tmp_path):

@@ -347,7 +347,7 @@ def test_quantization_flag_rules(tiny_gguf, llama_dir):
     from sluice.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--quantization"):
-        EngineConfig.from_kwargs(quantization="fp8")
+        EngineConfig.from_kwargs(quantization="bitsandbytes")
     with pytest.raises(ConfigError, match="--quantization gguf"):
         EngineConfig.from_kwargs(quantization="gguf", load_format="dummy")
     with pytest.raises(ConfigError, match="needs a GGUF model"):

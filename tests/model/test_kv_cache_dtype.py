@@ -15,6 +15,8 @@ from sluice.model.attention.forward_context import set_forward_context
 from sluice.model.attention.kv_cache import cache_bytes, to_cache_dtype
 from sluice.model.attention.metadata import build_attention_metadata
 
+from _sluice_model_helpers import run_tests_in_kernel_build
+
 BLOCK = 16
 
 
@@ -105,27 +107,7 @@ def test_each_kernel_build_reads_fp8_caches_exactly(variant):
     """The fp8 widening has an AVX-512 and an F16C (x86-64-v3) form: each build the CPU runs
     passes the cache tests above (kernels over an fp8 cache == over a float32 cache of the
     same values, bit for bit), loaded in a fresh process."""
-    import os
-    import subprocess
-    import sys
-
-    from sluice.platform import cpu_kernels as K
-    info = K.read_build_info()
-    if info is None or variant not in info["variants"]:
-        pytest.skip(f"no prebuilt {variant} module here")
-    if not K.VARIANTS[variant]["requires"] <= K.cpu_flags():
-        pytest.skip(f"this CPU cannot run {variant}")
-    env = dict(os.environ, SLUICE_CPU_KERNELS=variant)
-    loaded = subprocess.run(
-        [sys.executable, "-c", "from sluice.model import cpu_ops; cpu_ops.load_cpu_ops(); "
-         "print(cpu_ops.kernels_info()['variant'])"], capture_output=True, text=True,
-        timeout=120, env=env)
-    assert loaded.stdout.strip() == variant, loaded.stdout + loaded.stderr[-2000:]
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "cpu_paged and float8"], capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "4 passed" in result.stdout, result.stdout[-500:]
+    run_tests_in_kernel_build(variant, __file__, "cpu_paged and float8", passed=4)
 
 
 MAX_SMOLLM2_FP8_PPL_INCREASE = 0.015
