@@ -32,6 +32,11 @@ activations as llama.cpp computes them; `int8` adds bf16 products for more rows)
 floor counts the
 file's bytes per decode token (every weight but the embedding table, plus the LM head: the
 embedding's blocks again when tied).
+
+`--kv-cache-dtype` (default auto: each backend's default cache) stores the KV cache in that
+dtype: sluice's `--kv-cache-dtype`, and for llama.cpp `compare_peers.LLAMACPP_KV_TYPES` (it
+has no fp8 cache: fp8 runs its Q8_0 K/V), with flash attention, which its quantized caches
+need. The floor stays the weights' bytes.
 """
 
 from __future__ import annotations
@@ -47,8 +52,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_peers import (  # noqa: E402
-    GGUF_OUTTYPES, LLAMACPP_EXTRA_BUFTS_ENV, LLAMACPP_PRELUDE, REPO, Work, do_convert, gguf_path,
-    log)
+    GGUF_OUTTYPES, LLAMACPP_EXTRA_BUFTS_ENV, LLAMACPP_KV_TYPES, LLAMACPP_PRELUDE, REPO, Work,
+    do_convert, gguf_path, log)
 
 PROMPT_LEN = 128
 OUTPUT_LEN = 129  # TPOT is measured over the 128 tokens after the first
@@ -58,8 +63,10 @@ import json, sys, time
 import llama_cpp
 prompt = json.load(open(sys.argv[1]))
 out_path, gguf = sys.argv[2], sys.argv[3]
+kv_type = int(sys.argv[4]) if len(sys.argv) > 4 else None  # a ggml type for K and V
+kv = {} if kv_type is None else {"type_k": kv_type, "type_v": kv_type, "flash_attn": True}
 llm = llama_cpp.Llama(model_path=gguf, n_threads=2, n_threads_batch=2, n_ctx=512, n_batch=512,
-                      n_ubatch=512, verbose=False)
+                      n_ubatch=512, verbose=False, **kv)
 
 def run(n):
     llm.reset()
@@ -141,9 +148,10 @@ def gguf_decode_weight_bytes(path: Path) -> int:
 
 
 def sluice_latency(model: str, prompt: list[int], quantization: str | None = None,
-                   dtype: str = "auto") -> dict:
+                   dtype: str = "auto", kv_cache_dtype: str = "auto") -> dict:
     from sluice import LLM, SamplingParams
-    llm = LLM(model, enable_prefix_caching=False, quantization=quantization, dtype=dtype)
+    llm = LLM(model, enable_prefix_caching=False, quantization=quantization, dtype=dtype,
+              kv_cache_dtype=kv_cache_dtype)
 
     def run(n: int) -> float:
         params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
@@ -161,7 +169,8 @@ def sluice_latency(model: str, prompt: list[int], quantization: str | None = Non
     return {"ttft_s": ttft, "tpot_s": (full - ttft) / (OUTPUT_LEN - 1)}
 
 
-def llamacpp_latency(work: Work, prompt_file: Path, gguf: Path | None = None) -> dict:
+def llamacpp_latency(work: Work, prompt_file: Path, gguf: Path | None = None,
+                     kv_cache_dtype: str = "auto") -> dict:
     gguf = gguf or work.gguf
     if not work.py("llamacpp").exists() or not gguf.exists():
         raise RuntimeError("llama.cpp not set up: run compare_peers.py --setup --convert")
@@ -169,8 +178,9 @@ def llamacpp_latency(work: Work, prompt_file: Path, gguf: Path | None = None) ->
     runner.write_text(LLAMACPP_RUNNER)
     out = work.root / "results" / "latency-llama.cpp.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    kv = [] if kv_cache_dtype == "auto" else [str(LLAMACPP_KV_TYPES[kv_cache_dtype])]
     subprocess.run([str(work.py("llamacpp")), str(runner), str(prompt_file), str(out),
-                    str(gguf)], check=True, timeout=900)
+                    str(gguf), *kv], check=True, timeout=900)
     return json.loads(out.read_text())
 
 
@@ -181,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, choices=sorted(GGUF_OUTTYPES),
                         help="sluice's --dtype, and the float GGUF llama.cpp runs for --model "
                         "(f32 / bf16 / f16) [default: float32; with --gguf, sluice's 'auto']")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", *LLAMACPP_KV_TYPES],
+                        help="KV cache dtype of both backends (module doc) [default: auto]")
     parser.add_argument("--skip-llamacpp", action="store_true")
     parser.add_argument("--gguf", type=Path, default=None,
                         help="run this GGUF file in both backends (module doc)")
@@ -220,16 +232,19 @@ def main(argv: list[str] | None = None) -> int:
         name = "sluice" if q is None else f"sluice {q}"
         log(f"{name} ...")
         rows[name] = between_bandwidth_readings(
-            lambda q=q: sluice_latency(model, prompt, q, dtype), weight_bytes)
+            lambda q=q: sluice_latency(model, prompt, q, dtype, args.kv_cache_dtype),
+            weight_bytes)
     if not args.skip_llamacpp:
         log("llama.cpp ...")
         try:
             rows["llama.cpp"] = between_bandwidth_readings(
-                lambda: llamacpp_latency(work, prompt_file, work.gguf), weight_bytes)
+                lambda: llamacpp_latency(work, prompt_file, work.gguf, args.kv_cache_dtype),
+                weight_bytes)
         except Exception as e:  # a peer that fails is a row with the reason
             rows["llama.cpp"] = {"error": f"{type(e).__name__}: {e}"[:300]}
 
-    print(f"model {model}, --dtype {dtype}, llama.cpp GGUF {work.gguf.name}")
+    print(f"model {model}, --dtype {dtype}, --kv-cache-dtype {args.kv_cache_dtype}, "
+          f"llama.cpp GGUF {work.gguf.name}")
     print(f"prompt {PROMPT_LEN} token ids; floor = {weight_bytes / 1e6:.1f} MB of weights per "
           f"token / the bandwidth read around each backend's runs")
     print(f"{'backend':<14}{'TTFT(128) ms':>14}{'TPOT ms':>10}{'GB/s before/after':>19}"
@@ -249,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             if name != "llama.cpp":
                 print(f"{name}/llama.cpp: TTFT {s['ttft_s'] / llama['ttft_s']:.2f}x, "
                       f"TPOT {s['tpot_s'] / llama['tpot_s']:.2f}x (below 1 = sluice faster)")
-    report = {"model": str(model), "dtype": dtype, "gguf": str(work.gguf), "rows": rows,
+    report = {"model": str(model), "dtype": dtype, "kv_cache_dtype": args.kv_cache_dtype,
+              "gguf": str(work.gguf), "rows": rows,
               "decode_weight_bytes": weight_bytes,
               "prompt_len": PROMPT_LEN, "output_len": OUTPUT_LEN}
     (work.root / "results").mkdir(parents=True, exist_ok=True)
