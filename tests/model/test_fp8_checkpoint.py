@@ -179,16 +179,19 @@ def test_bfloat16_weights_are_the_dequantized_values_rounded_once(llama_dir, tmp
     assert got.dtype == torch.bfloat16 and torch.equal(got, dense[down].to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("layer_ops", ["torch", "cpu"])
-def test_logits_match_hf_transformers_reading_the_fp8_checkpoint(llama_dir, tmp_path,
-                                                                 layer_ops, request):
-    """transformers reads quant_method 'fp8' itself (on a CPU it dequantizes the blocks)."""
+@pytest.mark.parametrize("arch,layer_ops", [
+    ("LlamaForCausalLM", "torch"), ("LlamaForCausalLM", "cpu"), ("Qwen2ForCausalLM", "cpu"),
+    ("Qwen3ForCausalLM", "cpu")])
+def test_logits_match_hf_transformers_reading_the_fp8_checkpoint(tiny_model_dir, tmp_path,
+                                                                 arch, layer_ops, request):
+    """transformers reads quant_method 'fp8' itself (on a CPU it dequantizes the blocks);
+    Qwen2's q/k/v biases and Qwen3's q/k norms stay float beside the fp8 weights."""
     from transformers import AutoModelForCausalLM
 
     from _sluice_model_helpers import PagedRunner
     if layer_ops == "cpu":
         request.getfixturevalue("cpu_ops")
-    fp8_dir, _ = _write(llama_dir, tmp_path, "fp8-blocks")
+    fp8_dir, _ = _write(tiny_model_dir(arch), tmp_path, "fp8-blocks")
     hf = AutoModelForCausalLM.from_pretrained(str(fp8_dir), dtype=torch.float32).eval()
     ours = load_ours(fp8_dir, layer_ops=layer_ops)
     ps = prompts(ours.spec.vocab_size, [5, 17, 33])
