@@ -32,9 +32,9 @@ format), where the C++ block kernels run, a layer keeps its fp8 bytes instead, a
 widened exactly in registers, products and sums in float32, d applied per block, so results
 equal F.linear on W up to summation order. That keeps the file's memory (SmolLM2 on an AMD
 EPYC with AVX-512-BF16: single-request TPOT as the dequantized bf16 model's, batched W1 ~0.5x
-its throughput: benchmarks/RESULTS.md). Block scales whose input runs are not whole 32-input runs (block columns
-not a multiple of 32, or a layer's inputs not) are read as a per-input group index instead
-and the whole checkpoint is dequantized.
+its throughput: benchmarks/RESULTS.md). Block scales whose input runs are not whole 32-input
+runs (block columns not a multiple of 32, or a layer's inputs not) are read as a per-input
+group index instead, and the whole checkpoint is dequantized.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ import torch
 
 from sluice.errors import ModelLoadError
 from sluice.hf_config import CheckpointQuantization
-from sluice.model.layers.linear import LazyTensor, materialize
 from sluice.model.layers.gguf_linear import F8_BLOCK_TYPE
+from sluice.model.layers.linear import LazyTensor, materialize
 from sluice.model.quantized_checkpoint import BLOCK, WEIGHT_SUFFIX, StoredQuantization
 
 #: the scale tensors, by suffix (`weight_scale_inv`: quant_method fp8 with blocks)
@@ -140,5 +140,6 @@ def _row_scales(name: str, scale: torch.Tensor, out: int, inputs: int,
                              f"[{out}, {inputs}] weight need scales {list(grid)}.")
     scale = scale.repeat_interleave(rows, dim=0)[:out]
     if cols % BLOCK == 0 and inputs % BLOCK == 0:
-        return scale.repeat_interleave(cols // BLOCK, dim=1)[:, :inputs // BLOCK].contiguous(), None
+        runs = scale.repeat_interleave(cols // BLOCK, dim=1)[:, :inputs // BLOCK]
+        return runs.contiguous(), None
     return scale.contiguous(), torch.arange(inputs) // cols

@@ -18,7 +18,8 @@ right after the model is built and are filled with the file's bytes.
 A checkpoint stored quantized (compressed-tensors W8A8 / W4A16, GPTQ, AWQ:
 `ModelSpec.quantization`) keeps its integers as Q8_0 / Q4_0 / Q4_1 blocks where the block
 kernels run (`sluice.model.quantized_checkpoint`), else is dequantized exactly as it loads; an
-FP8 checkpoint's e4m3 weights are dequantized as they load (`sluice.model.fp8_checkpoint`).
+FP8 checkpoint's e4m3 weights are dequantized as they load, or kept as F8_E4M3 blocks under
+`--quantization fp8` (`sluice.model.fp8_checkpoint`).
 Under pipeline parallelism the model skips the tensors of other stages' layers (safetensors:
 never read; GGUF: dequantized and dropped).
 Every failure is a `ModelLoadError` naming the path and the problem.
@@ -261,10 +262,10 @@ def _compressed_source(model: nn.Module, spec: ModelSpec, weights: Callable,
     (`gguf_quant.llama_cpp_numerics`) and under `--quantization int8`; `--quantization
     compressed-tensors|gptq|awq` (vLLM's names for the format) keeps their float activations.
     FP8 weights (`quant_method` fp8, compressed-tensors float-quantized) are dequantized to the
-    model's dtype (its fast float GEMMs; under `--quantization int8` then made int8 blocks),
-    and keep their e4m3 values as F8_E4M3 blocks (float activations, ~1.1 bytes per weight)
-    where the kernels run only when `--quantization` names the stored format (fp8 /
-    compressed-tensors): on a CPU without fp8 products those blocks save memory, not time."""
+    model's dtype, for its fast float GEMMs (`--quantization int8` then makes int8 blocks of
+    them). Only when `--quantization` names the stored format (fp8 / compressed-tensors) do
+    they stay e4m3, as F8_E4M3 blocks with float activations (~1.1 bytes per weight) where the
+    kernels run: on a CPU without fp8 products those save memory, not time."""
     from sluice.model import compressed_tensors, fp8_checkpoint, gptq_awq
     from sluice.model.gguf_quant import blocks_wanted, llama_cpp_numerics
     from sluice.model.quantized_checkpoint import quantized_weight_source

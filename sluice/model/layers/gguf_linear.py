@@ -49,8 +49,8 @@ set where bf16 rounding is already the contract — `--dtype bfloat16` (a bf16 G
 inputs to bf16 for every 16-bit weight too) and `--quantization int8` (whose decode steps round
 activations far more coarsely, to int8 per 32 values).
 
-`int8_activations` (INT8_ACTIVATION_TYPES: every type here but F8_E4M3, each 32-value block of the weight
-(two 16-value sub-blocks for Q6_K) meeting one activation block in vpmaddubsw;
+`int8_activations` (INT8_ACTIVATION_TYPES: every type here but F8_E4M3, each 32-value block
+of the weight (two 16-value sub-blocks for Q6_K) meeting one activation block in vpmaddubsw;
 `--quantization int8` sets it, and so does a GGUF file's default,
 `gguf_quant.llama_cpp_numerics`): up to MAX_INT8_ACTIVATION_ROWS rows, the activations are
 quantized per 32-element block (`quantize_activations_q8`) and the kernels
