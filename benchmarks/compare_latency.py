@@ -53,7 +53,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_peers import (  # noqa: E402
     GGUF_OUTTYPES, LLAMACPP_EXTRA_BUFTS_ENV, LLAMACPP_KV_TYPES, LLAMACPP_PRELUDE, REPO, Work,
-    do_convert, gguf_path, log)
+    do_convert, gguf_path, llamacpp_kv_args, log)
 
 PROMPT_LEN = 128
 OUTPUT_LEN = 129  # TPOT is measured over the 128 tokens after the first
@@ -63,8 +63,7 @@ import json, sys, time
 import llama_cpp
 prompt = json.load(open(sys.argv[1]))
 out_path, gguf = sys.argv[2], sys.argv[3]
-kv_type = int(sys.argv[4]) if len(sys.argv) > 4 else None  # a ggml type for K and V
-kv = {} if kv_type is None else {"type_k": kv_type, "type_v": kv_type, "flash_attn": True}
+kv = kv_cache_kwargs(kv_cache_type(sys.argv, 4))
 llm = llama_cpp.Llama(model_path=gguf, n_threads=2, n_threads_batch=2, n_ctx=512, n_batch=512,
                       n_ubatch=512, verbose=False, **kv)
 
@@ -178,9 +177,8 @@ def llamacpp_latency(work: Work, prompt_file: Path, gguf: Path | None = None,
     runner.write_text(LLAMACPP_RUNNER)
     out = work.root / "results" / "latency-llama.cpp.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    kv = [] if kv_cache_dtype == "auto" else [str(LLAMACPP_KV_TYPES[kv_cache_dtype])]
     subprocess.run([str(work.py("llamacpp")), str(runner), str(prompt_file), str(out),
-                    str(gguf), *kv], check=True, timeout=900)
+                    str(gguf), *llamacpp_kv_args(kv_cache_dtype)], check=True, timeout=900)
     return json.loads(out.read_text())
 
 

@@ -357,6 +357,15 @@ if os.environ.get("SLUICE_BENCH_LLAMACPP_EXTRA_BUFTS", "1") == "0":
         return params
     _low.llama_model_default_params = _plain_cpu_params
     llama_cpp.llama_model_default_params = _plain_cpu_params
+
+# the ggml type id for K and V in argv[i] (compare_peers.llamacpp_kv_args), None where absent
+def kv_cache_type(argv, i):
+    return int(argv[i]) if len(argv) > i else None
+
+# Llama() keyword arguments storing K and V as kv_type (a quantized V cache needs flash
+# attention); none for None (its default cache)
+def kv_cache_kwargs(kv_type):
+    return {} if kv_type is None else {"type_k": kv_type, "type_v": kv_type, "flash_attn": True}
 """
 
 LLAMACPP_RUNNER = LLAMACPP_PRELUDE + r"""
@@ -364,10 +373,9 @@ import json, sys, time
 import llama_cpp
 wl = json.load(open(sys.argv[1]))
 out, gguf, n_threads = sys.argv[2], sys.argv[3], int(sys.argv[4])
-kv_type = int(sys.argv[5]) if len(sys.argv) > 5 else None  # a ggml type for K and V
 reqs = wl["requests"]
 n_ctx = max(len(r["prompt_token_ids"]) + r["output_len"] for r in reqs) + 16
-kv = {} if kv_type is None else {"type_k": kv_type, "type_v": kv_type, "flash_attn": True}
+kv = kv_cache_kwargs(kv_cache_type(sys.argv, 5))
 llm = llama_cpp.Llama(model_path=gguf, n_ctx=n_ctx, n_batch=512, n_ubatch=512,
                       n_threads=n_threads, n_threads_batch=n_threads, n_gpu_layers=0,
                       seed=0, verbose=False, logits_all=False, **kv)
@@ -402,7 +410,7 @@ import numpy as np
 import llama_cpp as L
 wl = json.load(open(sys.argv[1]))
 out, gguf, n_threads = sys.argv[2], sys.argv[3], int(sys.argv[4])
-kv_type = int(sys.argv[5]) if len(sys.argv) > 5 else None  # a ggml type for K and V
+kv_type = kv_cache_type(sys.argv, 5)
 reqs = wl["requests"]
 n_seq = len(reqs)
 N_BATCH = 512
@@ -563,6 +571,12 @@ LLAMACPP_KV_TYPES = {"float32": 0, "float16": 1, "bfloat16": 30, "fp8": 8, "fp8_
                      "fp8_e5m2": 8}
 
 
+def llamacpp_kv_args(kv_cache_dtype: str) -> list[str]:
+    """The runner arguments (`kv_cache_type` in LLAMACPP_PRELUDE) giving llama.cpp the cache
+    of `--kv-cache-dtype` (none for auto: its default cache)."""
+    return [] if kv_cache_dtype == "auto" else [str(LLAMACPP_KV_TYPES[kv_cache_dtype])]
+
+
 def do_run(work: Work, peers: list[str], model_arg: str, num_prompts: int,
            vllm_bind: str | None, rounds: int = 1, dtype: str = "float32",
            sluice_args: list[str] | None = None, kv_cache_dtype: str = "auto") -> dict:
@@ -623,7 +637,7 @@ def run_round(work: Work, peers: list[str], model_arg: str, num_prompts: int,
               kv_cache_dtype: str = "auto") -> dict[str, dict]:
     """W1 through every backend once; a backend that fails is a row with the reason."""
     results: dict[str, dict] = {}
-    llamacpp_kv = [] if kv_cache_dtype == "auto" else [str(LLAMACPP_KV_TYPES[kv_cache_dtype])]
+    llamacpp_kv = llamacpp_kv_args(kv_cache_dtype)
     for name in peers:
         log(f"run: {name} ...")
         try:

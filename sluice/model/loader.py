@@ -271,7 +271,7 @@ def _compressed_source(model: nn.Module, spec: ModelSpec, weights: Callable,
     from sluice.model.quantized_checkpoint import quantized_weight_source
     scheme = spec.quantization
     mode = None if quantization in STORED_FORMAT_MODES else quantization  # 'gguf': refused
-    fp8 = scheme.scheme.endswith("-fp8")
+    fp8 = scheme.fp8_weights
     keep = blocks_wanted(mode, ops.cpu_ops, dtype, device,
                          lora_enabled=lora is not None and lora.enable_lora)
     keep = keep and (not fp8 or quantization == scheme.method)

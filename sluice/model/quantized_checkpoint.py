@@ -47,7 +47,7 @@ from sluice.errors import ModelLoadError
 from sluice.model.gguf_quant import use_block_method
 from sluice.model.layers.act_order_linear import ActOrderBlockLinearMethod, input_order
 from sluice.model.layers.gguf_linear import BLOCK_TYPES, F8_BLOCK_TYPE, GgufBlockLinearMethod
-from sluice.model.layers.linear import LazyTensor, LinearBase, RowParallelLinear, materialize
+from sluice.model.layers.linear import LazyTensor, LinearBase, RowParallelLinear
 
 logger = logging.getLogger(__name__)
 
@@ -110,11 +110,17 @@ def group_scales(scale: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return scale.expand(n, -1).repeat_interleave(k // BLOCK // scale.shape[1], dim=1)
 
 
-def input_groups(k: int, groups: int) -> torch.Tensor:
-    """int64 [k]: the group of each of k inputs split into `groups` equal runs."""
+def run_length(k: int, groups: int) -> int:
+    """Inputs per group of k inputs split into `groups` equal runs; ModelLoadError where they
+    do not split."""
     if k % groups:
         raise ModelLoadError(f"{groups} scale groups do not split {k} inputs into equal runs.")
-    return torch.arange(k) // (k // groups)
+    return k // groups
+
+
+def input_groups(k: int, groups: int) -> torch.Tensor:
+    """int64 [k]: the group of each of k inputs split into `groups` equal runs."""
+    return torch.arange(k) // run_length(k, groups)
 
 
 def ordered_groups(name: str, g_idx: torch.Tensor, groups: int) -> torch.Tensor | None:
@@ -140,8 +146,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None =
     values = q.to(torch.float32)
     if group_of_input is None:           # equal runs: broadcast over [n, groups, run], no gather
         groups = scale.shape[1]
-        input_groups(k, groups)          # checks that they divide k
-        values = values.view(n, groups, k // groups)
+        values = values.view(n, groups, run_length(k, groups))
         if zero is not None:
             values = values - zero.to(torch.float32).unsqueeze(-1)
         return (values * scale.unsqueeze(-1)).view(n, k)

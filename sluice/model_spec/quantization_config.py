@@ -73,6 +73,11 @@ class CheckpointQuantization:
     zero_point_offset: int = 0
     block_shape: tuple[int, int] | None = None
 
+    @property
+    def fp8_weights(self) -> bool:
+        """e4m3 weights (the fp8 schemes: `sluice.model.fp8_checkpoint` reads them)."""
+        return self.scheme.endswith("-fp8")
+
 
 def checkpoint_quantization(cfg: dict, path: Path) -> CheckpointQuantization | None:
     """config.json's (`cfg`, read from `path`) `quantization_config`, or else a sidecar file's
@@ -209,6 +214,17 @@ STATIC_ACTORDERS = (None, False, "weight", "static")
 GROUP_ACTORDERS = (True, "group", "dynamic")
 
 
+def _check_kind(args: Any, path: Path, where: str, bits: int, kind: str) -> dict:
+    """`args` (a compressed-tensors quantization-args object) as a dict of `bits`-bit values
+    of type `kind` ('int' / 'float'); else ModelLoadError naming `where` and the field."""
+    if not isinstance(args, dict):
+        raise _unsupported(path, f"{where} = {args!r}")
+    for key, value in {"num_bits": bits, "type": kind}.items():
+        if args.get(key) != value:
+            raise _unsupported(path, f"{where}.{key} = {args.get(key)!r}")
+    return args
+
+
 def _int_scheme(args: Any, path: Path, where: str, bits: int, strategies: tuple[str, ...],
                 dynamic: bool, zero_points: bool = False
                 ) -> tuple[str, int | None, bool, bool]:
@@ -218,11 +234,7 @@ def _int_scheme(args: Any, path: Path, where: str, bits: int, strategies: tuple[
     'group', and an `actorder` that leaves the format as it is or (strategy 'group' only)
     stores each input's group (act_order True); else ModelLoadError naming `where` and the
     field."""
-    if not isinstance(args, dict):
-        raise _unsupported(path, f"{where} = {args!r}")
-    for key, value in {"num_bits": bits, "type": "int"}.items():
-        if args.get(key) != value:
-            raise _unsupported(path, f"{where}.{key} = {args.get(key)!r}")
+    args = _check_kind(args, path, where, bits, "int")
     symmetric = args.get("symmetric", True)
     if symmetric is not True and not (zero_points and symmetric is False):
         raise _unsupported(path, f"{where}.symmetric = {symmetric!r}")
@@ -249,11 +261,7 @@ def _float_scheme(args: Any, path: Path, where: str, strategies: tuple[str, ...]
     float (e4m3), symmetric, with `dynamic` scales (None: either), a strategy in
     `strategies` ('block' with its `block_structure`); else ModelLoadError naming `where` and
     the field."""
-    if not isinstance(args, dict):
-        raise _unsupported(path, f"{where} = {args!r}")
-    for key, value in {"num_bits": 8, "type": "float"}.items():
-        if args.get(key) != value:
-            raise _unsupported(path, f"{where}.{key} = {args.get(key)!r}")
+    args = _check_kind(args, path, where, 8, "float")
     if args.get("symmetric", True) is not True:
         raise _unsupported(path, f"{where}.symmetric = {args.get('symmetric')!r}")
     if dynamic is not None and bool(args.get("dynamic", False)) != dynamic:
@@ -267,10 +275,9 @@ def _float_scheme(args: Any, path: Path, where: str, strategies: tuple[str, ...]
     return strategy, None
 
 
-def _group_scheme(group: Any, path: Path, where: str,
-                  fmt: str) -> tuple[str, str, int | None, bool, bool, tuple[int, int] | None]:
-    """(scheme, weight strategy, group size, symmetric, act order, block shape) of one config
-    group of a `fmt` checkpoint."""
+def _group_scheme(group: Any, path: Path, where: str, fmt: str) -> CheckpointQuantization:
+    """What one config group of a `fmt` checkpoint stores."""
+    ct = "compressed-tensors"
     if not isinstance(group, dict):
         raise _unsupported(path, f"{where} = {group!r}")
     if group.get("targets") != ["Linear"]:
@@ -286,20 +293,22 @@ def _group_scheme(group: Any, path: Path, where: str,
         if activations is not None:
             _float_scheme(activations, path, f"{where}.input_activations",
                           ("token", "tensor", "group"), dynamic=None)
-        return ("w8a16-fp8" if activations is None else "w8a8-fp8", strategy, None, True,
-                False, block)
+        return CheckpointQuantization(ct, "w8a16-fp8" if activations is None else "w8a8-fp8",
+                                      strategy, block_shape=block)
     if fmt == "pack-quantized":
         if activations is not None:
             raise _unsupported(
                 path, f"{where}.input_activations of a pack-quantized (W4A16) checkpoint")
-        return ("w4a16-int4", *_int_scheme(weights, path, f"{where}.weights", 4,
-                                           ("channel", "group"), dynamic=False,
-                                           zero_points=True), None)
+        strategy, group_size, symmetric, act_order = _int_scheme(
+            weights, path, f"{where}.weights", 4, ("channel", "group"), dynamic=False,
+            zero_points=True)
+        return CheckpointQuantization(ct, "w4a16-int4", strategy, group_size, symmetric,
+                                      act_order=act_order)
     strategy = _int_scheme(weights, path, f"{where}.weights", 8, ("channel", "tensor"),
                            dynamic=False)[0]
     _int_scheme(activations, path, f"{where}.input_activations", 8, ("token", "tensor"),
                 dynamic=True)
-    return "w8a8-int8", strategy, None, True, False, None
+    return CheckpointQuantization(ct, "w8a8-int8", strategy)
 
 
 def _compressed_tensors(qc: dict, path: Path) -> CheckpointQuantization:
@@ -316,6 +325,4 @@ def _compressed_tensors(qc: dict, path: Path) -> CheckpointQuantization:
     if len(schemes) > 1:
         raise _unsupported(path, f"config groups of different schemes "
                                  f"{sorted(map(str, schemes))}")
-    scheme, strategy, group_size, symmetric, act_order, block = schemes.pop()
-    return CheckpointQuantization("compressed-tensors", scheme, strategy, group_size, symmetric,
-                                  act_order=act_order, block_shape=block)
+    return schemes.pop()

@@ -25,6 +25,20 @@ from safetensors.torch import save_file
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def compressed_tensors_config(fmt: str, weights: dict, input_activations: dict | None,
+                              **changes) -> dict:
+    """llm-compressor's quantization_config of a compressed-tensors checkpoint in format `fmt`:
+    one config group over every Linear but the LM head, with these weights' and input
+    activations' quantization args (None: not quantized); `changes` replace top-level keys."""
+    group = {"targets": ["Linear"], "weights": weights, "input_activations": input_activations,
+             "output_activations": None}
+    config = {"quant_method": "compressed-tensors", "format": fmt,
+              "quantization_status": "compressed", "ignore": ["lm_head"],
+              "kv_cache_scheme": None, "config_groups": {"group_0": group}}
+    config.update(changes)
+    return config
+
+
 def w4a16_config(group_size: int | None = 128, symmetric: bool = True, **changes) -> dict:
     """llm-compressor's quantization_config of an int4 W4A16 (pack-quantized) checkpoint:
     per group of `group_size` inputs, or per channel for None; with zero points unless
@@ -32,28 +46,25 @@ def w4a16_config(group_size: int | None = 128, symmetric: bool = True, **changes
     weights = {"num_bits": 4, "type": "int", "symmetric": symmetric, "dynamic": False,
                "strategy": "group" if group_size else "channel", "group_size": group_size,
                "actorder": None, "observer": "minmax"}
-    config = {"quant_method": "compressed-tensors", "format": "pack-quantized",
-              "quantization_status": "compressed", "ignore": ["lm_head"],
-              "kv_cache_scheme": None,
-              "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
-                                            "input_activations": None,
-                                            "output_activations": None}}}
-    config.update(changes)
-    return config
+    return compressed_tensors_config("pack-quantized", weights, None, **changes)
 
 
 def w8a8_config(strategy: str = "channel", **changes) -> dict:
     """llm-compressor's quantization_config of an int8 W8A8 (dynamic per-token) checkpoint."""
-    group = {"targets": ["Linear"], "output_activations": None,
-             "weights": {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": False,
-                         "strategy": strategy, "group_size": None, "observer": "minmax"},
-             "input_activations": {"num_bits": 8, "type": "int", "symmetric": True,
-                                   "dynamic": True, "strategy": "token", "group_size": None}}
-    config = {"quant_method": "compressed-tensors", "format": "int-quantized",
-              "quantization_status": "compressed", "ignore": ["lm_head"],
-              "kv_cache_scheme": None, "config_groups": {"group_0": group}}
-    config.update(changes)
-    return config
+    weights = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": False,
+               "strategy": strategy, "group_size": None, "observer": "minmax"}
+    activations = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True,
+                   "strategy": "token", "group_size": None}
+    return compressed_tensors_config("int-quantized", weights, activations, **changes)
+
+
+def checkpoint_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files in `model_dir`, by name."""
+    from safetensors.torch import load_file
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    return tensors
 
 
 def quantize_linears(tensors: dict[str, torch.Tensor], quantize_one

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from sluice.testing.compressed_checkpoints import quantize_linears
+from sluice.testing.compressed_checkpoints import compressed_tensors_config, quantize_linears
 
 E4M3_MAX = 448.0
 
@@ -39,14 +39,7 @@ def float_quantized_config(strategy: str = "channel", block: tuple[int, int] | N
                "block_structure": list(block) if block else None}
     acts = ({"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True,
              "strategy": "token", "group_size": None} if activations else None)
-    config = {"quant_method": "compressed-tensors", "format": "float-quantized",
-              "quantization_status": "compressed", "ignore": ["lm_head"],
-              "kv_cache_scheme": None,
-              "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
-                                            "input_activations": acts,
-                                            "output_activations": None}}}
-    config.update(changes)
-    return config
+    return compressed_tensors_config("float-quantized", weights, acts, **changes)
 
 
 def quantize_fp8(tensors: dict[str, torch.Tensor], block: tuple[int, int] | None = None,

@@ -34,8 +34,9 @@ from sluice.errors import ModelLoadError
 from sluice.hf_config import load_model_spec
 from sluice.model.layers.gguf_linear import GgufBlockLinearMethod
 from sluice.model.layers.linear import LinearBase
-from sluice.testing.compressed_checkpoints import (quantize_w4a16, quantize_w8a8, w4a16_config,
-                                                   w8a8_config, write_checkpoint)
+from sluice.testing.compressed_checkpoints import (checkpoint_tensors, quantize_w4a16,
+                                                   quantize_w8a8, w4a16_config, w8a8_config,
+                                                   write_checkpoint)
 
 from _sluice_model_helpers import load_ours, run_on_tp_ranks
 from test_gguf_quantized import _logits
@@ -45,9 +46,7 @@ from test_int8_quant import assert_int8_logits_close
 @pytest.fixture(scope="module")
 def w8a8(llama_dir, tmp_path_factory) -> tuple[Path, Path, dict]:
     """(int8 checkpoint dir, float32 dir of its dequantized values, {name: (q, scale)})."""
-    tensors = {}
-    for f in sorted(llama_dir.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
+    tensors = checkpoint_tensors(llama_dir)
     quantized, dequantized, parts = quantize_w8a8(tensors)
     root = tmp_path_factory.mktemp("w8a8")
     return (write_checkpoint(llama_dir, root / "int8", w8a8_config(), quantized),
@@ -121,9 +120,7 @@ W8A8_GROUP = w8a8_config()["config_groups"]["group_0"]
         "asymmetric-int8", "actorder", "group-48", "w4a8"])
 def test_unsupported_quantization_configs_fail_naming_the_field(llama_dir, tmp_path, config,
                                                                 field):
-    tensors = {}
-    for f in sorted(llama_dir.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
+    tensors = checkpoint_tensors(llama_dir)
     model_dir = write_checkpoint(llama_dir, tmp_path / "m", config, tensors)
     with pytest.raises(ModelLoadError, match="quantization_config") as info:
         load_model_spec(model_dir)
@@ -222,9 +219,7 @@ ZERO_POINT_RTOL = 2e-3                     # and with zero points, the fp16 mins
                 ids=["group32", "channel", "group32-zero-points"])
 def w4a16(request, llama_dir, tmp_path_factory) -> tuple[Path, Path, dict]:
     """(int4 checkpoint dir, float32 dir of its dequantized values, {name: (q, scale, zero)})."""
-    tensors = {}
-    for f in sorted(llama_dir.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
+    tensors = checkpoint_tensors(llama_dir)
     group, symmetric = request.param
     quantized, dequantized, parts = quantize_w4a16(tensors, group, symmetric)
     root = tmp_path_factory.mktemp("w4a16")

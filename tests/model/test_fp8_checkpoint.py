@@ -29,14 +29,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from sluice.errors import ConfigError, ModelLoadError
 from sluice.hf_config import load_model_spec
 from sluice.model.layers.gguf_linear import (BLOCK_TYPES, F8_BLOCK_TYPE, GgufBlockLinearMethod,
                                              dequantize_blocks)
 from sluice.model.layers.linear import LinearBase
-from sluice.testing.compressed_checkpoints import write_checkpoint
+from sluice.testing.compressed_checkpoints import checkpoint_tensors, write_checkpoint
 from sluice.testing.fp8_checkpoints import float_quantized_config, fp8_config, quantize_fp8
 
 from _sluice_model_helpers import (hf_logits, load_ours, prompts,
@@ -59,17 +58,10 @@ LAYOUTS = {
 }
 
 
-def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
-    return tensors
-
-
 def _write(llama_dir: Path, root: Path, layout: str) -> tuple[Path, Path]:
     """(the FP8 checkpoint of `layout`, the float32 checkpoint of the weights it means)."""
     config, kwargs = LAYOUTS[layout]
-    quantized, dequantized = quantize_fp8(_tensors(llama_dir), **kwargs)
+    quantized, dequantized = quantize_fp8(checkpoint_tensors(llama_dir), **kwargs)
     return (write_checkpoint(llama_dir, root / layout, config, quantized,
                              torch_dtype="float32"),
             write_checkpoint(llama_dir, root / f"{layout}-float", None, dequantized))
@@ -242,14 +234,14 @@ def test_fp8_checkpoint_tp2_matches_tp1(cpu_ops, llama_dir, tmp_path, layout, mo
 ], ids=["e5m2", "activation-scheme", "block-size", "kv-cache", "ct-group", "ct-block-shape",
         "ct-int-weights"])
 def test_unsupported_fp8_configs_fail_naming_the_field(llama_dir, tmp_path, config, field):
-    model_dir = write_checkpoint(llama_dir, tmp_path / "m", config, _tensors(llama_dir))
+    model_dir = write_checkpoint(llama_dir, tmp_path / "m", config, checkpoint_tensors(llama_dir))
     with pytest.raises(ModelLoadError, match="quantization_config") as info:
         load_model_spec(model_dir)
     assert field in str(info.value) and "FP8 e4m3 weights" in str(info.value)
 
 
 def test_bad_fp8_tensors_fail_naming_the_tensor(llama_dir, tmp_path):
-    quantized, _ = quantize_fp8(_tensors(llama_dir), block=(32, 32),
+    quantized, _ = quantize_fp8(checkpoint_tensors(llama_dir), block=(32, 32),
                                 scale_name="weight_scale_inv")
     name = "model.layers.0.mlp.down_proj.weight"
     cases = {

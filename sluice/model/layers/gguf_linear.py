@@ -148,8 +148,9 @@ def dequantize_blocks(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
     """uint8 [N, row bytes] blocks of type `qtype` -> float32 [N, in_features], decoded by
     gguf-py (numpy; the reference the kernels are tested against), F8_E4M3 by torch's e4m3
     conversion (d * float32(e4m3), one rounding)."""
-    if qtype == F8_BLOCK_TYPE:
-        raw = blocks.detach().cpu().contiguous().view(blocks.shape[0], -1, 36)
+    if qtype == F8_BLOCK_TYPE:       # float32 d, then the block's e4m3 values
+        raw = blocks.detach().cpu().contiguous().view(
+            blocks.shape[0], -1, BLOCK_TYPES[qtype].block_bytes)
         d = raw[:, :, :4].contiguous().view(torch.float32)          # [N, blocks, 1]
         values = raw[:, :, 4:].contiguous().view(torch.float8_e4m3fn).to(torch.float32)
         return (values * d).reshape(blocks.shape[0], -1)
