@@ -32,7 +32,8 @@ which are always correct):
   Python layers, which add the adapters' deltas;
 * float32 activations and weights (the stack's arithmetic; uint8 for GGUF blocks, bf16 / fp16
   for 16-bit weights, which it widens to float32) and a float32, bfloat16 or fp8 KV cache
-  (`FusedDecode.applies`);
+  (`FusedDecode.applies`), with the layers' KV-cache scales over an fp8 one as the Python
+  `Attention` applies them (`sluice.model.attention.kv_scales`);
 * one tensor-parallel rank: the C++ stack has no all-reduce between o_proj / down_proj and the
   residual, so with tp > 1 (any layer with `tp_size` > 1) decode steps run the Python layers,
   which all-reduce over the TP group;
@@ -113,7 +114,9 @@ class FusedDecode:
             packed=[packed(m) for l in layers for m in _projections(l)],
             quant_types=[_quant_type(m) for l in layers for m in _projections(l)],
             input_orders=[getattr(m, "input_order", None)
-                          for l in layers for m in _projections(l)])
+                          for l in layers for m in _projections(l)],
+            kv_scales=[scale for l in layers
+                       for scale in (l.self_attn.attn.k_scale, l.self_attn.attn.v_scale)])
 
     @staticmethod
     def applies(hidden: torch.Tensor) -> bool:

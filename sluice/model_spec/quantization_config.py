@@ -15,6 +15,10 @@ Four formats are read:
 * AWQ (AutoAWQ, `quant_method` 'awq', version 'gemm'): 4-bit weights packed along the output
   dimension in AWQ's interleaved order, with zero points; see `sluice.model.gptq_awq`.
 
+A compressed-tensors or FP8 config may carry a `kv_cache_scheme` (compressed-tensors also as its
+only quantization, over float weights): static fp8 KV-cache scales per layer, read by
+`sluice.model.attention.kv_scales`.
+
 Anything else -- another method, a field value these readers would misread -- is a
 ModelLoadError naming the field: nothing quantized is ever loaded as if it were float. Fields
 that only describe how the quantization was computed (damp_percent, true_sequential, dataset,
@@ -36,12 +40,13 @@ SUPPORTED_CHECKPOINT_QUANTIZATION = (
     "symmetric, a scale per output channel or per tensor; int8 activations, dynamic) and "
     "W4A16 int4 (format pack-quantized: int4 weights, symmetric or with zero points, a scale "
     "per output channel or per group of a multiple of 32 inputs, any actorder; 16-bit "
-    "activations), no quantized KV cache; GPTQ (bits 4 or 8, checkpoint_format gptq or "
+    "activations); GPTQ (bits 4 or 8, checkpoint_format gptq or "
     "gptq_v2, any group_size, desc_act, no per-module `dynamic` overrides); AWQ (bits 4, "
     "version gemm, zero_point true); FP8 e4m3 weights (quant_method fp8: a scale per "
     "weight_block_size block or per tensor, activation_scheme dynamic or static; "
     "compressed-tensors format float-quantized: a scale per channel, tensor or block), run "
-    "with float activations")
+    "with float activations; a kv_cache_scheme of static fp8 scales per tensor (a k_scale and "
+    "v_scale per layer, used with --kv-cache-dtype fp8)")
 
 #: the sidecar files older checkpoints keep their quantization config in: file -> quant_method
 SIDECAR_CONFIGS = {"quantize_config.json": "gptq", "quant_config.json": "awq"}
@@ -198,8 +203,7 @@ def _fp8(qc: dict, path: Path) -> CheckpointQuantization:
     block = qc.get("weight_block_size")
     if block is not None:
         block = _block_shape(block, path, "weight_block_size")
-    if qc.get("kv_cache_scheme") is not None:
-        raise _unsupported(path, "kv_cache_scheme (a quantized KV cache)")
+    _kv_cache_scheme(qc, path)
     return CheckpointQuantization("fp8", "w8a8-fp8", "block" if block else "tensor",
                                   block_shape=block)
 
@@ -275,6 +279,17 @@ def _float_scheme(args: Any, path: Path, where: str, strategies: tuple[str, ...]
     return strategy, None
 
 
+def _kv_cache_scheme(qc: dict, path: Path) -> None:
+    """Checks a `kv_cache_scheme` (absent: nothing to check): static fp8 scales, one per
+    tensor -- a `k_scale` and a `v_scale` per layer, which `sluice.model.attention.kv_scales`
+    reads -- as compressed-tensors quantization args, or AutoFP8's 'static'; ModelLoadError
+    naming the field otherwise (per-head scales, dynamic ones, int8)."""
+    scheme = qc.get("kv_cache_scheme")
+    if scheme is None or scheme == "static":
+        return
+    _float_scheme(scheme, path, "kv_cache_scheme", ("tensor",), dynamic=False)
+
+
 def _group_scheme(group: Any, path: Path, where: str, fmt: str) -> CheckpointQuantization:
     """What one config group of a `fmt` checkpoint stores."""
     ct = "compressed-tensors"
@@ -311,13 +326,16 @@ def _group_scheme(group: Any, path: Path, where: str, fmt: str) -> CheckpointQua
     return CheckpointQuantization(ct, "w8a8-int8", strategy)
 
 
-def _compressed_tensors(qc: dict, path: Path) -> CheckpointQuantization:
+def _compressed_tensors(qc: dict, path: Path) -> CheckpointQuantization | None:
+    """The config groups' one scheme; None for a checkpoint whose only quantization is its
+    `kv_cache_scheme` (float weights plus KV-cache scales)."""
+    _kv_cache_scheme(qc, path)
+    groups = qc.get("config_groups")
+    if not groups and qc.get("kv_cache_scheme") is not None:
+        return None
     fmt = qc.get("format")
     if fmt not in ("int-quantized", "naive-quantized", "pack-quantized", "float-quantized"):
         raise _unsupported(path, f"format {fmt!r}")
-    if qc.get("kv_cache_scheme") is not None:
-        raise _unsupported(path, "kv_cache_scheme (a quantized KV cache)")
-    groups = qc.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise _unsupported(path, f"config_groups = {groups!r}")
     schemes = {_group_scheme(group, path, f"config_groups.{name}", fmt)

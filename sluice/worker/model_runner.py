@@ -60,6 +60,7 @@ from sluice.lora.forward_context import LoRAMapping, set_lora_mapping
 from sluice.messages import TokenLogprobs
 from sluice.model.attention.forward_context import set_forward_context
 from sluice.model.attention.kv_cache import allocate_kv_caches
+from sluice.model.attention.kv_scales import kv_scales_note
 from sluice.model.attention.metadata import build_attention_metadata
 from sluice.model.cpu_ops import load_cpu_ops
 from sluice.model.layers.layer_ops import make_argmax, model_compute_dtype
@@ -150,6 +151,9 @@ class ModelRunner:
                                 layer_ops=self.layer_ops, layer_range=self.layer_range,
                                 lora=self.config.lora,
                                 quantization=self.config.model.quantization)
+        note = kv_scales_note(self.model, self.kv_cache_dtype)
+        if note is not None:
+            logger.info(note)
         if self.config.lora.enable_lora:
             from sluice.lora.layers import lora_layers
             from sluice.lora.worker_manager import LoRAWorkerManager

@@ -22,13 +22,15 @@ from sluice.model.loader import load_model
 
 class PagedRunner:
     def __init__(self, model, num_blocks: int = 128, block_size: int = 16,
-                 shuffle_seed: int | None = 0) -> None:
+                 shuffle_seed: int | None = 0, cache_dtype: torch.dtype | None = None) -> None:
+        """`cache_dtype`: the KV cache's (default: the model's dtype)."""
         self.model = model
         self.block_size = block_size
-        dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
+        dtype = cache_dtype or getattr(model, "dtype", None) or next(model.parameters()).dtype
         self.kv_caches = allocate_kv_caches(model.spec, num_blocks, block_size, dtype, "cpu")
         for cache in self.kv_caches:  # stale finite garbage in unused blocks must be masked
-            cache[:, 1:].uniform_(-1e3, 1e3)
+            garbage = torch.empty(cache[:, 1:].shape).uniform_(-1e3, 1e3)
+            cache[:, 1:] = garbage.clamp(-400, 400) if cache.element_size() == 1 else garbage
         self.free = list(range(1, num_blocks))
         if shuffle_seed is not None:
             random.Random(shuffle_seed).shuffle(self.free)

@@ -96,7 +96,7 @@ W8A8_GROUP = w8a8_config()["config_groups"]["group_0"]
 @pytest.mark.parametrize("config,field", [
     (w8a8_config(quant_method="bitsandbytes"), "quant_method 'bitsandbytes'"),
     (w8a8_config(format="float-quantized"), "weights.type = 'int'"),
-    (w8a8_config(kv_cache_scheme={"num_bits": 8}), "kv_cache_scheme"),
+    (w8a8_config(kv_cache_scheme={"num_bits": 8}), "kv_cache_scheme.type = None"),
     (w8a8_config(config_groups={"g": {**W8A8_GROUP, "input_activations": None}}),
      "input_activations"),
     (w8a8_config(config_groups={"g": {**W8A8_GROUP, "input_activations": {

@@ -224,7 +224,7 @@ def test_fp8_checkpoint_tp2_matches_tp1(cpu_ops, llama_dir, tmp_path, layout, mo
     (fp8_config(fmt="e5m2"), "fmt = 'e5m2'"),
     (fp8_config(activation_scheme="weird"), "activation_scheme = 'weird'"),
     (fp8_config(weight_block_size=[128]), "weight_block_size = [128]"),
-    (fp8_config(kv_cache_scheme={"num_bits": 8}), "kv_cache_scheme"),
+    (fp8_config(kv_cache_scheme={"num_bits": 8}), "kv_cache_scheme.type = None"),
     (float_quantized_config("group"), "weights.strategy = 'group'"),
     (float_quantized_config("block", None), "weights.block_structure = None"),
     (float_quantized_config(config_groups={"g": {
@@ -251,9 +251,9 @@ def test_bad_fp8_tensors_fail_naming_the_tensor(llama_dir, tmp_path):
                      f"{name}: an FP8 tensor without a weight scale"),
         "not-fp8": ({**quantized, name: quantized[name].float()},
                     f"{name}: an FP8 weight (it has a scale) stored as torch.float32"),
-        "kv-scales": ({**quantized, "model.layers.0.self_attn.k_scale": torch.tensor(0.5)},
-                      "unexpected tensors: model.layers.0.self_attn.k_scale; the checkpoint "
-                      "carries attention / KV-cache quantization scales"),
+        "per-head-kv-scales": ({**quantized, "model.layers.0.self_attn.k_scale": torch.ones(4)},
+                               "model.layers.0.self_attn.k_scale: a KV-cache scale of shape "
+                               "(4,)"),
     }
     for case, (tensors, message) in cases.items():
         model_dir = write_checkpoint(llama_dir, tmp_path / case, fp8_config((32, 32)), tensors)

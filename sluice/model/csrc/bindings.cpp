@@ -85,13 +85,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     std::vector<std::optional<at::Tensor>>, std::vector<at::Tensor>,
                     std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor,
                     std::vector<std::optional<at::Tensor>>, std::vector<int64_t>,
-                    std::vector<std::optional<at::Tensor>>>(),
+                    std::vector<std::optional<at::Tensor>>, std::vector<double>>(),
            py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("eps"),
            py::arg("scale"), py::arg("input_norm"), py::arg("qkv"), py::arg("qkv_bias"),
            py::arg("q_norm"), py::arg("k_norm"), py::arg("o"), py::arg("o_bias"),
            py::arg("post_norm"), py::arg("gate_up"), py::arg("down"), py::arg("final_norm"),
            py::arg("packed"), py::arg("quant_types") = std::vector<int64_t>(),
-           py::arg("input_orders") = std::vector<std::optional<at::Tensor>>())
+           py::arg("input_orders") = std::vector<std::optional<at::Tensor>>(),
+           py::arg("kv_scales") = std::vector<double>())
       .def("forward", &DecodeStack::forward, nogil,
            "x [T, hidden] of T one-token decode requests -> final-norm output [T, hidden]");
 }

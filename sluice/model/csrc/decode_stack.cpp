@@ -28,6 +28,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -215,7 +216,8 @@ DecodeStack::DecodeStack(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, 
                          std::vector<at::Tensor> down, at::Tensor final_norm,
                          std::vector<std::optional<at::Tensor>> packed,
                          std::vector<int64_t> quant_types,
-                         std::vector<std::optional<at::Tensor>> input_orders)
+                         std::vector<std::optional<at::Tensor>> input_orders,
+                         std::vector<double> kv_scales)
     : n_heads_(n_heads), n_kv_heads_(n_kv_heads), head_dim_(head_dim), eps_(eps),
       scale_(scale), final_norm_(std::move(final_norm)) {
   const size_t n = input_norm.size();
@@ -231,12 +233,18 @@ DecodeStack::DecodeStack(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, 
               "DecodeStack: input_orders holds qkv, o, gate_up, down per layer, or nothing");
   auto pk = [&](size_t i) { return packed.empty() ? std::nullopt : packed[i]; };
   auto io = [&](size_t i) { return input_orders.empty() ? std::nullopt : input_orders[i]; };
+  TORCH_CHECK(kv_scales.empty() || kv_scales.size() == 2 * n,
+              "DecodeStack: kv_scales holds k_scale, v_scale per layer, or nothing");
+  for (double v : kv_scales)
+    TORCH_CHECK(v > 0 && std::isfinite(v), "DecodeStack: KV-cache scales must be positive");
   auto qt = [&](size_t i) { return quant_types.empty() ? int64_t{0} : quant_types[i]; };
+  auto ks = [&](size_t i) { return kv_scales.empty() ? 1.0 : kv_scales[i]; };
   for (size_t l = 0; l < n; ++l)
     layers_.push_back({input_norm[l], qkv[l], qkv_bias[l], q_norm[l], k_norm[l], o[l],
                        o_bias[l], post_norm[l], gate_up[l], down[l], pk(4 * l), pk(4 * l + 1),
                        pk(4 * l + 2), pk(4 * l + 3), qt(4 * l), qt(4 * l + 1), qt(4 * l + 2),
-                       qt(4 * l + 3), io(4 * l), io(4 * l + 1), io(4 * l + 2), io(4 * l + 3)});
+                       qt(4 * l + 3), io(4 * l), io(4 * l + 1), io(4 * l + 2), io(4 * l + 3),
+                       ks(2 * l), ks(2 * l + 1)});
 }
 
 at::Tensor DecodeStack::forward(at::Tensor x, at::Tensor cos, at::Tensor sin,
@@ -282,18 +290,38 @@ at::Tensor DecodeStack::forward(at::Tensor x, at::Tensor cos, at::Tensor sin,
     const float* kp = k.data_ptr<float>();  // row stride (H + Hkv) D or Hkv D
     const float* vp = qkv.data_ptr<float>() + q_cols + kv_cols;
     const int64_t ldk = k.stride(0), ldv = qkv.stride(0), half = cache.numel() / 2;
+    // KV-cache scales apply over an fp8 cache only (ops.h)
+    const bool scaled = (w.k_scale != 1.0 || w.v_scale != 1.0) &&
+                        (cache.scalar_type() == at::kFloat8_e4m3fn ||
+                         cache.scalar_type() == at::kFloat8_e5m2);
     const bool known = sluice::visit_kv_cache_type(cache.scalar_type(), [&](auto tag) {
       // rows stored in the cache's dtype (kv_rows.h)
       auto* kc = static_cast<decltype(tag)*>(cache.data_ptr());
+      if (!scaled) {
+        for (int64_t t = 0; t < T; ++t) {
+          sluice::kv_row_store(kc + slots[t] * kv_cols, kp + t * ldk, kv_cols);
+          sluice::kv_row_store(kc + half + slots[t] * kv_cols, vp + t * ldv, kv_cols);
+        }
+        return;
+      }
+      const float k_inv = static_cast<float>(1.0 / w.k_scale);
+      const float v_inv = static_cast<float>(1.0 / w.v_scale);
+      std::vector<float> row(kv_cols);
+      auto store_scaled = [&](decltype(tag)* dst, const float* src, float inv) {
+        for (int64_t i = 0; i < kv_cols; ++i) row[i] = src[i] * inv;
+        sluice::kv_row_store(dst, row.data(), kv_cols);
+      };
       for (int64_t t = 0; t < T; ++t) {
-        sluice::kv_row_store(kc + slots[t] * kv_cols, kp + t * ldk, kv_cols);
-        sluice::kv_row_store(kc + half + slots[t] * kv_cols, vp + t * ldv, kv_cols);
+        store_scaled(kc + slots[t] * kv_cols, kp + t * ldk, k_inv);
+        store_scaled(kc + half + slots[t] * kv_cols, vp + t * ldv, v_inv);
       }
     });
     TORCH_CHECK(known, "DecodeStack: a float32, bfloat16 or fp8 (e4m3fn / e5m2) KV cache "
                 "expected, got ", cache.scalar_type());
     at::Tensor attn = at::empty({T, H, D}, x.options());
-    paged_decode_attention(attn, q, cache, block_ids, nb, seq_lens, scale_);
+    paged_decode_attention(attn, q, cache, block_ids, nb, seq_lens,
+                           scaled ? scale_ * w.k_scale : scale_);
+    if (scaled) attn.mul_(w.v_scale);
     at::Tensor o = linear(attn.view({T, q_cols}), w.o, w.o_bias, w.o_packed, w.o_type, w.o_order);
     add_rms_norm(h, res, o, res, w.post_norm, eps_);
     if (bf16_mlp(w)) {  // gate_up -> silu -> down in bf16 (see bf16_mlp)

@@ -102,8 +102,12 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 // optionally, their oneDNN-packed copies (qkv, o, gate_up, down per layer: used for 2+ rows)
 // and GGML type ids (the same four per layer; 0: float, else GGUF blocks run by gguf_linear)
 // and input orders (the same four; int64 [in]: the projection multiplies x[:, order], as
-// ActOrderBlockLinearMethod does; nullopt: x as it is), then `forward` runs one step. The
-// weight tensors are shared with the model, not copied.
+// ActOrderBlockLinearMethod does; nullopt: x as it is) and KV-cache scales (k_scale, v_scale
+// per layer, or nothing: all 1), then `forward` runs one step. The weight tensors are shared
+// with the model, not copied. Over an fp8 cache a layer with scales stores k * inv(k_scale)
+// and v * inv(v_scale) (inv: 1 / scale rounded to float32), attends with softmax scale
+// scale * k_scale and multiplies the result by v_scale, as the Python `Attention` layer does
+// (sluice.model.attention.kv_scales); any other cache ignores them.
 class DecodeStack {
  public:
   DecodeStack(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double eps, double scale,
@@ -115,7 +119,8 @@ class DecodeStack {
               std::vector<at::Tensor> gate_up, std::vector<at::Tensor> down,
               at::Tensor final_norm, std::vector<std::optional<at::Tensor>> packed,
               std::vector<int64_t> quant_types,
-              std::vector<std::optional<at::Tensor>> input_orders);
+              std::vector<std::optional<at::Tensor>> input_orders,
+              std::vector<double> kv_scales);
 
   // x [T, hidden]: the embeddings of T decode tokens (token t = request t); cos/sin [T, D/2];
   // kv_caches: one per layer; slot_mapping [T]; block_ids/nb/seq_lens as
@@ -138,6 +143,7 @@ class DecodeStack {
     int64_t qkv_type, o_type, gate_up_type, down_type;
     // the projections' input orders (int64 [in]: they multiply x[:, order]), or nullopt
     std::optional<at::Tensor> qkv_order, o_order, gate_up_order, down_order;
+    double k_scale, v_scale;  // KV-cache scales (1: none), used over an fp8 cache only
   };
   at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                     const std::optional<at::Tensor>& packed, int64_t quant_type,

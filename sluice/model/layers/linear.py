@@ -62,7 +62,7 @@ class LazyTensor:
         return self._handle[index]
 
     def materialize(self) -> torch.Tensor:
-        return self._handle[:]
+        return self._handle[...]   # `[:]` fails on a 0-dim tensor (a scalar scale)
 
 
 def materialize(loaded: torch.Tensor | LazyTensor) -> torch.Tensor:

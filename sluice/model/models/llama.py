@@ -32,6 +32,7 @@ sees the rank's local heads. The split rules: `sluice.model_spec.parallel_check`
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 from types import ModuleType
@@ -44,12 +45,14 @@ from sluice.distributed.parallel_state import get_tp_group
 from sluice.errors import ModelLoadError
 from sluice.hf_config import ModelSpec
 from sluice.model.attention import Attention, AttentionBackend, get_attn_backend
+from sluice.model.attention.kv_scales import (FP8_ATTENTION_SCALE_SUFFIXES, kv_scale_target,
+                                              scale_value)
 from sluice.model.layers import (LMHead, MergedColumnLinear, QKVLinear, RMSNorm,
                                  RotaryEmbedding, RowParallelLinear, VocabEmbedding,
                                  default_weight_loader, get_act_and_mul)
 from sluice.model.layers.half_linear import bf16_mlp_layers
 from sluice.model.layers.layer_ops import current_layer_ops
-from sluice.model.layers.linear import LazyTensor
+from sluice.model.layers.linear import LazyTensor, materialize
 from sluice.model.layers.rotary import default_cache_len
 from sluice.model_spec.parallel_check import check_tensor_parallel
 
@@ -64,8 +67,7 @@ STACKED_PARAMS: tuple[tuple[str, str, str | int], ...] = (
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
 
-#: stored tensors of a checkpoint quantized for fp8 attention / KV cache (vLLM's names)
-KV_SCALE_SUFFIXES = (".k_scale", ".v_scale", ".q_scale", ".prob_scale", ".output_scale")
+logger = logging.getLogger(__name__)
 
 
 class PPMissingLayer(nn.Module):
@@ -286,8 +288,11 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | LazyTensor]]) -> None:
         """Copy checkpoint tensors (or this rank's slices of lazy ones) into parameters;
         ModelLoadError lists every missing, unexpected or shape-mismatched tensor. Tied models
-        skip `lm_head.weight`; tensors of other pipeline stages are skipped unread."""
+        skip `lm_head.weight`; tensors of other pipeline stages are skipped unread. KV-cache
+        scales (`sluice.model.attention.kv_scales`) go to the layers' `Attention`; fp8
+        attention's query / softmax scales are read past."""
         params = dict(self.named_parameters())
+        skipped_attention_scales = 0
         seen: set[str] = set()
         unexpected: list[str] = []
         mismatched: list[str] = []
@@ -297,6 +302,11 @@ class LlamaForCausalLM(nn.Module):
             if name == "lm_head.weight" and self.spec.tie_word_embeddings:
                 continue
             if self._other_stage_holds(name):
+                continue
+            if name.endswith(FP8_ATTENTION_SCALE_SUFFIXES):
+                skipped_attention_scales += 1
+                continue
+            if self._load_kv_scale(name, tensor):
                 continue
             if self._head_copies_embedding and name == "model.embed_tokens.weight":
                 name = "lm_head.weight"
@@ -319,10 +329,21 @@ class LlamaForCausalLM(nn.Module):
                 shown = ", ".join(items[:8]) + (f" … and {len(items) - 8} more"
                                                 if len(items) > 8 else "")
                 problems.append(f"{label}: {shown}")
-        if any(name.endswith(KV_SCALE_SUFFIXES) for name in unexpected):
-            problems.append("the checkpoint carries attention / KV-cache quantization scales, "
-                            "which sluice does not read (its fp8 KV cache, --kv-cache-dtype "
-                            "fp8, stores keys and values with scale 1)")
         if problems:
             raise ModelLoadError(f"{self.spec.path}: checkpoint does not match "
                                  f"{self.spec.architecture}: " + "; ".join(problems))
+        if skipped_attention_scales:
+            logger.info("%d fp8-attention query / softmax scales (%s) not read: sluice's "
+                        "attention computes in float32.", skipped_attention_scales,
+                        ", ".join(FP8_ATTENTION_SCALE_SUFFIXES))
+
+    def _load_kv_scale(self, name: str, tensor: torch.Tensor | LazyTensor) -> bool:
+        """Whether `name` is a KV-cache scale of one of this model's layers; if so its value
+        is set on that layer's `Attention` (`set_kv_scale`)."""
+        target = kv_scale_target(name)
+        if target is None or not 0 <= target[0] < len(self.model.layers):
+            return False
+        layer, which = target
+        attn = self.model.layers[layer].self_attn.attn
+        attn.set_kv_scale(which, scale_value(name, materialize(tensor)))
+        return True
