@@ -20,7 +20,8 @@ from typing import Any
 from sluice.errors import ConfigError, ModelLoadError
 from sluice.model_spec.gguf import GGUF_MARKER
 from sluice.model_spec.quantization_config import (CheckpointQuantization,
-                                                  checkpoint_quantization)
+                                                  checkpoint_quantization,
+                                                  declares_fp8_kv_cache)
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ class ModelSpec:
     bos_token_id: int | None
     sliding_window: int | None = None
     quantization: CheckpointQuantization | None = None  # a stored-quantized checkpoint
+    # a compressed-tensors kv_cache_scheme: the checkpoint's layers carry fp8 KV-cache scales,
+    # and `--kv-cache-dtype auto` stores fp8_e4m3 (vLLM's rule)
+    fp8_kv_cache: bool = False
 
 
 
@@ -247,4 +251,5 @@ def load_model_spec(model_dir: str | Path) -> ModelSpec:
         bos_token_id=cfg.get("bos_token_id"),
         sliding_window=sliding,
         quantization=checkpoint_quantization(cfg, path),
+        fp8_kv_cache=declares_fp8_kv_cache(cfg),
     )

@@ -111,6 +111,16 @@ def checkpoint_quantization(cfg: dict, path: Path) -> CheckpointQuantization | N
     raise _unsupported(path, f"quant_method {method!r}")
 
 
+def declares_fp8_kv_cache(cfg: dict) -> bool:
+    """Whether config.json (`cfg`, its quantization_config checked by
+    `checkpoint_quantization`) is a compressed-tensors checkpoint with a `kv_cache_scheme`:
+    fp8 KV-cache scales per layer, which vLLM then uses for `--kv-cache-dtype auto` too (an
+    FP8 config's AutoFP8-style 'static' scheme does not change vLLM's auto)."""
+    qc = cfg.get("quantization_config")
+    return (isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
+            and isinstance(qc.get("kv_cache_scheme"), dict))
+
+
 def _read_sidecar(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())

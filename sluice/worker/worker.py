@@ -25,10 +25,15 @@ logger = logging.getLogger(__name__)
 _PROFILE_TOKENS = 256  # tokens of the profiling/warm-up forward; kept small for fast startup
 
 
-def kv_cache_auto_dtype(dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.dtype:
+def kv_cache_auto_dtype(dtype: torch.dtype, compute_dtype: torch.dtype,
+                        fp8_kv_cache: bool = False) -> torch.dtype:
     """What `--kv-cache-dtype auto` stores for `--dtype` `dtype` computing in `compute_dtype`:
-    `dtype`, except float16 weights over float32 activations on a CPU, whose cache is float32
-    (the C++ attention reads float32 and bfloat16 caches: `KERNEL_CACHE_DTYPES`)."""
+    fp8_e4m3 for a checkpoint that declares fp8 KV-cache scales (`fp8_kv_cache`:
+    `ModelSpec.fp8_kv_cache`, as vLLM resolves auto), else `dtype`, except float16 weights over
+    float32 activations on a CPU, whose cache is float32 (the C++ attention reads float32 and
+    bfloat16 caches: `KERNEL_CACHE_DTYPES`)."""
+    if fp8_kv_cache:
+        return torch.float8_e4m3fn
     if dtype != compute_dtype and dtype not in KERNEL_CACHE_DTYPES:
         return compute_dtype
     return dtype
@@ -52,7 +57,8 @@ class Worker:
         layer_ops = self.platform.layer_ops_name(config.device.kernels)
         self.kv_cache_dtype = self.platform.resolve_kv_cache_dtype(
             config.cache.kv_cache_dtype, kv_cache_auto_dtype(
-                self.dtype, model_compute_dtype(layer_ops, self.dtype, self.device)))
+                self.dtype, model_compute_dtype(layer_ops, self.dtype, self.device),
+                spec.fp8_kv_cache))
         if rank == 0:
             for note in self.platform.ineffective_options(config):
                 logger.info(note)

@@ -12,7 +12,9 @@ stores fp8(k / k_scale), fp8(v / v_scale), and attention reads them as stored * 
   fp8 cache gives HF transformers' logits within fp8's rounding, the scale-1 cache does not;
   the C++ fused decode stack writes the same cache bytes and gives the Python layers' logits.
 * `kv_cache_scheme` configs: static per-tensor fp8 accepted (also as a compressed-tensors
-  checkpoint's only quantization), anything else refused naming the field.
+  checkpoint's only quantization), anything else refused naming the field; a compressed-tensors
+  one makes `--kv-cache-dtype auto` the fp8 cache, as in vLLM.
+* Through the engine (`LLM`): the same, in prompt logprobs.
 """
 
 from __future__ import annotations
@@ -361,8 +363,9 @@ def test_kv_cache_schemes_sluice_does_not_read_are_named(tmp_path, scheme, field
 def test_engine_serves_the_scaled_checkpoint(scaled_checkpoints, caplog):
     """Through `LLM` (config, engine core, workers, the C++ kernels and fused decode stack):
     prompt logprobs over an fp8 cache with the checkpoint's scales stay near the float32
-    cache's, those of the same weights without scales do not; the log says whether the
-    scales are used."""
+    cache's, those of the same weights without scales do not; `--kv-cache-dtype auto` is the
+    fp8 cache for a checkpoint with a kv_cache_scheme; the log says whether the scales are
+    used."""
     from sluice.frontend.llm import LLM
     from sluice.sampling_params import SamplingParams
 
@@ -380,12 +383,30 @@ def test_engine_serves_the_scaled_checkpoint(scaled_checkpoints, caplog):
                                                         out.prompt_logprobs[1:])])
 
     with caplog.at_level(logging.INFO):
-        exact = logprobs(scaled_dir, "auto")
+        exact = logprobs(scaled_dir, "float32")
         assert "apply to an fp8 KV cache only" in caplog.text
         scaled = logprobs(scaled_dir, "fp8")
         assert "fp8_e4m3 KV cache with the checkpoint's KV-cache scales (2 layers)" in caplog.text
+    # auto follows the checkpoint's kv_cache_scheme, as in vLLM; without one it is --dtype
+    assert torch.equal(logprobs(scaled_dir, "auto"), scaled)
+    assert torch.equal(logprobs(rewritten, "auto"), exact)
     unscaled = logprobs(rewritten, "fp8")
-    assert torch.equal(exact, logprobs(rewritten, "auto"))
     err, err_unscaled = (float((x - exact).abs().max()) for x in (scaled, unscaled))
     # measured: 0.05 against 2.1
     assert err < 0.2 and err_unscaled > 10 * err, (err, err_unscaled)
+
+
+def test_which_configs_make_auto_an_fp8_cache():
+    """vLLM's rule: a compressed-tensors kv_cache_scheme turns `--kv-cache-dtype auto` into fp8;
+    quant_method fp8 (AutoFP8's 'static' scheme included) and KV scales alone do not."""
+    from sluice.model_spec.quantization_config import declares_fp8_kv_cache
+    from sluice.worker.worker import kv_cache_auto_dtype
+
+    with_scheme = compressed_tensors_config("float-quantized", None, None,
+                                            kv_cache_scheme=kv_cache_scheme(), config_groups={})
+    assert declares_fp8_kv_cache({"quantization_config": with_scheme})
+    for qc in (None, {**with_scheme, "kv_cache_scheme": None},
+               fp8_config(kv_cache_scheme="static"), fp8_config(kv_cache_scheme=kv_cache_scheme())):
+        assert not declares_fp8_kv_cache({"quantization_config": qc}), qc
+    assert kv_cache_auto_dtype(torch.bfloat16, torch.float32, True) == torch.float8_e4m3fn
+    assert kv_cache_auto_dtype(torch.bfloat16, torch.float32) == torch.bfloat16
