@@ -152,16 +152,18 @@ def test_checkpoint_tp2_matches_tp1(cpu_ops, llama_dir, tmp_path, scheme):
                                                 quantized)))
 
 
-def assert_tp2_matches_tp1(model_dir: str, quantization: str | None = None) -> None:
-    """Greedy decoding of `model_dir` (loaded with `quantization`) on two gloo ranks gives
-    TP=1's tokens, logits within 1e-4 (the row-parallel sums' order)."""
+def assert_tp2_matches_tp1(model_dir: str, quantization: str | None = None,
+                           cache_dtype: torch.dtype = torch.float32, atol: float = 1e-4) -> None:
+    """Greedy decoding of `model_dir` (loaded with `quantization`, a `cache_dtype` KV cache)
+    on two gloo ranks gives TP=1's tokens, logits within `atol` (the row-parallel sums'
+    order)."""
     from test_tensor_parallel import run_greedy
 
     torch.set_num_threads(1)
-    args = (model_dir, "cpu", "cpu_paged", quantization)
+    args = (model_dir, "cpu", "cpu_paged", quantization, cache_dtype)
     got, want = run_on_tp_ranks(run_greedy, args, tp_size=2, local=lambda: run_greedy(*args))
     for step, (a, b) in enumerate(zip(got[0]["logits"], want["logits"])):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=lambda m: f"step {step}: {m}")
+        torch.testing.assert_close(a, b, atol=atol, rtol=0, msg=lambda m: f"step {step}: {m}")
     assert got[0]["tokens"] == want["tokens"] == got[1]["tokens"]
 
 

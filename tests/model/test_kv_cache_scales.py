@@ -280,6 +280,16 @@ def test_fused_decode_stack_applies_the_scales(cpu_ops, scaled_checkpoints, cach
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5, msg=key)
 
 
+def test_tp2_gives_tp1_tokens_over_the_scaled_cache(scaled_checkpoints):
+    """Two gloo ranks, each caching its KV head with the layer's scales (the Python layers),
+    against one rank (the fused C++ stack in decode): the same greedy tokens; logits within
+    1e-3 (a row-parallel sum in another order may flip one fp8 rounding of a cached value)."""
+    from test_compressed_tensors import assert_tp2_matches_tp1
+
+    assert_tp2_matches_tp1(str(scaled_checkpoints[1]), cache_dtype=torch.float8_e4m3fn,
+                           atol=1e-3)
+
+
 def test_float_cache_ignores_the_scales(scaled_checkpoints, caplog):
     rewritten, scaled_dir, _ = scaled_checkpoints
     a = _paged_logits(load_ours(scaled_dir), torch.float32)

@@ -59,10 +59,11 @@ def case_dirs(tiny_model_factory, tmp_path_factory):
 # ---- what every rank (and the TP=1 reference) runs --------------------------------------------
 
 def run_greedy(model_dir: str, layer_ops: str, attn_backend: str | None,
-               quantization: str | None = None) -> dict:
+               quantization: str | None = None,
+               cache_dtype: torch.dtype = torch.float32) -> dict:
     """Prefill two prompts in one batch, then DECODE_STEPS greedy decode steps (the model loaded
-    with `quantization`). Returns the logits of every step (None off the driver), the tokens,
-    and facts about the built model."""
+    with `quantization`, the KV cache in `cache_dtype`). Returns the logits of every step (None
+    off the driver), the tokens, and facts about the built model."""
     from sluice.distributed.parallel_state import get_tp_group
     from sluice.hf_config import load_model_spec
     from sluice.model.attention import (allocate_kv_caches, build_attention_metadata,
@@ -86,7 +87,7 @@ def run_greedy(model_dir: str, layer_ops: str, attn_backend: str | None,
                            attn_backend=attn_backend, quantization=quantization)
     finally:
         LazyTensor.materialize = real_materialize
-    kv = allocate_kv_caches(spec, 16, BLOCK_SIZE, torch.float32, "cpu", tp_size=tp.size)
+    kv = allocate_kv_caches(spec, 16, BLOCK_SIZE, cache_dtype, "cpu", tp_size=tp.size)
     g = torch.Generator().manual_seed(0)
     tokens = [torch.randint(4, spec.vocab_size, (n,), generator=g).tolist()
               for n in PROMPT_LENS]
