@@ -45,9 +45,15 @@ def parallel_problems(config: "EngineConfig") -> list[str]:
 
 
 def kv_layout(config: "EngineConfig", spec: "ModelSpec") -> dict[str, Any]:
-    """The layout record both engines must share for blocks to move between them."""
+    """The layout record both engines must share for blocks to move between them. Its
+    kv_cache_dtype is the flag's, except that 'auto' on a checkpoint declaring fp8 KV-cache
+    scales is the fp8_e4m3 it resolves to (`ModelSpec.fp8_kv_cache`), so an engine given 'fp8'
+    and one given 'auto' agree."""
+    kv_cache_dtype = config.cache.kv_cache_dtype
+    if kv_cache_dtype == "auto" and spec.fp8_kv_cache:
+        kv_cache_dtype = "fp8_e4m3"
     return {"model": Path(spec.path).name, "dtype": config.model.dtype,
-            "kv_cache_dtype": config.cache.kv_cache_dtype, "block_size": config.cache.block_size,
+            "kv_cache_dtype": kv_cache_dtype, "block_size": config.cache.block_size,
             "num_kv_heads": spec.num_key_value_heads, "head_dim": spec.head_dim,
             "num_layers": spec.num_hidden_layers,
             "tp_size": config.parallel.tensor_parallel_size}
