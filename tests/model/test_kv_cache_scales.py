@@ -420,3 +420,32 @@ def test_which_configs_make_auto_an_fp8_cache():
         assert not declares_fp8_kv_cache({"quantization_config": qc}), qc
     assert kv_cache_auto_dtype(torch.bfloat16, torch.float32, True) == torch.float8_e4m3fn
     assert kv_cache_auto_dtype(torch.bfloat16, torch.float32) == torch.bfloat16
+
+
+@pytest.mark.parametrize("layout", ["ct-channel", "fp8-tensor-static"])
+def test_fp8_weights_with_kv_scales(llama_dir, tmp_path, layout):
+    """An FP8 checkpoint that also carries KV-cache scales (RedHatAI's FP8 models with an fp8
+    KV scheme, AutoFP8's FP8-KV ones): the weight reader passes the scales through, and the
+    model over an fp8 cache equals the dequantized float checkpoint with the same scales."""
+    from sluice.testing.compressed_checkpoints import checkpoint_tensors, write_checkpoint
+    from sluice.testing.fp8_checkpoints import quantize_fp8
+
+    from test_fp8_checkpoint import LAYOUTS
+
+    config, kwargs = LAYOUTS[layout]
+    quantized, dequantized = quantize_fp8(checkpoint_tensors(llama_dir), **kwargs)
+    scales = {f"model.layers.{i}.self_attn.{w}_scale": torch.tensor(s * (i + 1))
+              for i in range(2) for w, s in (("k", 0.011), ("v", 0.006))}
+    fp8_dir = write_checkpoint(llama_dir, tmp_path / "fp8", {**config, "kv_cache_scheme": (
+        kv_cache_scheme() if config["quant_method"] == "compressed-tensors" else "static")},
+        {**quantized, **scales}, torch_dtype="float32")
+    float_dir = write_checkpoint(llama_dir, tmp_path / "float", None, {**dequantized, **scales})
+    ours, dense = load_ours(fp8_dir), load_ours(float_dir)
+    for a, b in zip(ours.model.layers, dense.model.layers):
+        assert (a.self_attn.attn.k_scale, a.self_attn.attn.v_scale) == \
+            (b.self_attn.attn.k_scale, b.self_attn.attn.v_scale) != (1.0, 1.0)
+    got, want = (_paged_logits(m, torch.float8_e4m3fn) for m in (ours, dense))
+    for key in got:
+        assert torch.equal(got[key], want[key]), key
+    assert load_model_spec(fp8_dir).fp8_kv_cache == (config["quant_method"] ==
+                                                     "compressed-tensors")
