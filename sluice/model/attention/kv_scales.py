@@ -21,7 +21,8 @@ Checkpoint names, per decoder layer (prefix `model.layers.N.self_attn.`):
                                             computes in float32)
 
 Each scale is one positive finite number (shape [] or [1]); per-head or per-channel scales
-are a ModelLoadError naming the tensor (vLLM reads per-tensor scales only).
+(a `kv_cache_scheme` of strategy 'attn_head') are a ModelLoadError naming the tensor: vLLM 0.32
+runs them on GPU attention backends only, its CPU attention takes per-tensor scales.
 
 How the kernels apply them (`Attention.forward`, the fused decode stack): nothing in the
 attention kernels changes. With k' = k / k_scale and v' = v / v_scale written to the cache,
@@ -68,7 +69,8 @@ def scale_value(name: str, tensor: torch.Tensor) -> float:
     if tensor.numel() != 1:
         raise ModelLoadError(
             f"{name}: a KV-cache scale of shape {tuple(tensor.shape)}; sluice reads one scale "
-            "per layer (shape [] or [1]), as vLLM does, not per-head or per-channel scales.")
+            "per layer (shape [] or [1]), as vLLM's CPU attention does, not per-head or "
+            "per-channel scales.")
     value = float(tensor.reshape(()).to(torch.float64))
     if not (math.isfinite(value) and value > 0):
         raise ModelLoadError(f"{name}: a KV-cache scale of {value}; a positive finite "
