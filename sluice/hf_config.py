@@ -251,5 +251,5 @@ def load_model_spec(model_dir: str | Path) -> ModelSpec:
         bos_token_id=cfg.get("bos_token_id"),
         sliding_window=sliding,
         quantization=checkpoint_quantization(cfg, path),
-        fp8_kv_cache=declares_fp8_kv_cache(cfg),
+        fp8_kv_cache=declares_fp8_kv_cache(cfg, path),
     )

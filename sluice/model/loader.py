@@ -48,7 +48,7 @@ from sluice.model_spec.gguf import GGUF_MARKER, read_marker
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 #: `--quantization` values naming a stored format (vLLM's names): accepted for such a
 #: checkpoint only, they keep the format's own (float) activations
-STORED_FORMAT_MODES = ("compressed-tensors", "gptq", "awq", "fp8")
+STORED_FORMAT_MODES = ("compressed-tensors", "gptq", "awq", "fp8", "modelopt")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
@@ -261,9 +261,10 @@ def _compressed_source(model: nn.Module, spec: ModelSpec, weights: Callable,
     too (llama.cpp's Q4_0 / Q8_0 numerics), as a GGUF file's blocks do by default
     (`gguf_quant.llama_cpp_numerics`) and under `--quantization int8`; `--quantization
     compressed-tensors|gptq|awq` (vLLM's names for the format) keeps their float activations.
-    FP8 weights (`quant_method` fp8, compressed-tensors float-quantized) are dequantized to the
-    model's dtype, for its fast float GEMMs (`--quantization int8` then makes int8 blocks of
-    them). Only when `--quantization` names the stored format (fp8 / compressed-tensors) do
+    FP8 weights (`quant_method` fp8 or modelopt, compressed-tensors float-quantized) are
+    dequantized to the model's dtype, for its fast float GEMMs (`--quantization int8` then makes
+    int8 blocks of them). Only when `--quantization` names the stored format (fp8 / modelopt /
+    compressed-tensors) do
     they stay e4m3, as F8_E4M3 blocks with float activations (~1.1 bytes per weight) where the
     kernels run: on a CPU without fp8 products those save memory, not time."""
     from sluice.model import compressed_tensors, fp8_checkpoint, gptq_awq

@@ -1,7 +1,8 @@
 """A checkpoint stored quantized: config.json's `quantization_config` (or the sidecar file an
-older AutoGPTQ / AutoAWQ checkpoint keeps it in) read into a `CheckpointQuantization`.
+older AutoGPTQ / AutoAWQ / ModelOpt checkpoint keeps it in) read into a
+`CheckpointQuantization`.
 
-Four formats are read:
+Five formats are read:
 
 * compressed-tensors (llm-compressor): W8A8 int8 and W4A16 int4, see
   `sluice.model.compressed_tensors`; FP8 weights (format float-quantized), see
@@ -9,15 +10,18 @@ Four formats are read:
 * FP8 (`quant_method` 'fp8': transformers' FineGrainedFP8, the format Qwen's, DeepSeek's and
   vLLM's FP8 checkpoints use): e4m3 weights with a scale per block of `weight_block_size`
   or per tensor; see `sluice.model.fp8_checkpoint`;
+* NVIDIA ModelOpt FP8 (`quant_method` 'modelopt' or hf_quant_config.json: `quant_algo` FP8,
+  FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO): the same e4m3 weights with a scale per tensor,
+  channel or 128 x 128 block; see `sluice.model.fp8_checkpoint`;
 * GPTQ (AutoGPTQ / GPTQModel / optimum, `quant_method` 'gptq'): 4- or 8-bit weights packed
   along the input dimension, zero points, scales per group or per channel, activation order
   (`desc_act`) through `g_idx`; see `sluice.model.gptq_awq`;
 * AWQ (AutoAWQ, `quant_method` 'awq', version 'gemm'): 4-bit weights packed along the output
   dimension in AWQ's interleaved order, with zero points; see `sluice.model.gptq_awq`.
 
-A compressed-tensors or FP8 config may carry a `kv_cache_scheme` (compressed-tensors also as its
-only quantization, over float weights): static fp8 KV-cache scales per layer, read by
-`sluice.model.attention.kv_scales`.
+A compressed-tensors, FP8 or ModelOpt config may carry a `kv_cache_scheme` (compressed-tensors
+also as its only quantization, over float weights; ModelOpt's `kv_cache_quant_algo` 'FP8'
+likewise): static fp8 KV-cache scales per layer, read by `sluice.model.attention.kv_scales`.
 
 Anything else -- another method, a field value these readers would misread -- is a
 ModelLoadError naming the field: nothing quantized is ever loaded as if it were float. Fields
@@ -44,24 +48,27 @@ SUPPORTED_CHECKPOINT_QUANTIZATION = (
     "gptq_v2, any group_size, desc_act, no per-module `dynamic` overrides); AWQ (bits 4, "
     "version gemm, zero_point true); FP8 e4m3 weights (quant_method fp8: a scale per "
     "weight_block_size block or per tensor, activation_scheme dynamic or static; "
-    "compressed-tensors format float-quantized: a scale per channel, tensor or block), run "
+    "compressed-tensors format float-quantized: a scale per channel, tensor or block; ModelOpt "
+    "quant_algo FP8, FP8_PER_CHANNEL_PER_TOKEN or FP8_PB_WO), run "
     "with float activations; a kv_cache_scheme of static fp8 scales per tensor (a k_scale and "
     "v_scale per layer, used with --kv-cache-dtype fp8)")
 
 #: the sidecar files older checkpoints keep their quantization config in: file -> quant_method
-SIDECAR_CONFIGS = {"quantize_config.json": "gptq", "quant_config.json": "awq"}
+SIDECAR_CONFIGS = {"quantize_config.json": "gptq", "quant_config.json": "awq",
+                   "hf_quant_config.json": "modelopt"}
 
 
 @dataclass(frozen=True)
 class CheckpointQuantization:
     """A checkpoint stored quantized, as sluice reads it.
 
-    `method`: 'compressed-tensors', 'gptq', 'awq' or 'fp8' (the loader that reads its
-    tensors). `scheme`: 'w8a8-int8' (int8 weights, int8 activations), 'w4a16-int4' (int4
-    weights, 16-bit activations), 'w8a16-int8' (GPTQ 8-bit: int8 weights, 16-bit
-    activations), 'w8a8-fp8' (e4m3 weights, the checkpoint made for e4m3 activations) or
-    'w8a16-fp8' (e4m3 weights, 16-bit activations); sluice runs both fp8 schemes with float
-    activations, as vLLM does on hardware without fp8 products.
+    `method`: 'compressed-tensors', 'gptq', 'awq', 'fp8' or 'modelopt' (the format; the
+    fp8 schemes are read by `sluice.model.fp8_checkpoint` whatever the method).
+    `scheme`: 'w8a8-int8' (int8 weights, int8 activations), 'w4a16-int4' (int4 weights,
+    16-bit activations), 'w8a16-int8' (GPTQ 8-bit: int8 weights, 16-bit activations),
+    'w8a8-fp8' (e4m3 weights, the checkpoint made for e4m3 activations) or 'w8a16-fp8' (e4m3
+    weights, 16-bit activations); sluice runs both fp8 schemes with float activations, as
+    vLLM does on hardware without fp8 products.
     `weight_strategy` 'channel', 'tensor', 'group' (`group_size` inputs share a scale) or
     'block' (a scale per `block_shape` = (rows, inputs) tile of the weight).
     `symmetric`: no zero points (GPTQ: zero points stored, all at the midpoint, checked).
@@ -84,19 +91,28 @@ class CheckpointQuantization:
         return self.scheme.endswith("-fp8")
 
 
+def _stored_config(cfg: dict, path: Path) -> tuple[Path, Any] | None:
+    """(the file it came from, the quantization config): config.json's (`cfg`, read from
+    `path`) `quantization_config`, else a sidecar file's (SIDECAR_CONFIGS, its method added);
+    None for a float checkpoint."""
+    qc = cfg.get("quantization_config")
+    if qc is not None:
+        return path, qc
+    for name, method in SIDECAR_CONFIGS.items():
+        sidecar = path.parent / name
+        if sidecar.is_file():
+            return sidecar, {"quant_method": method, **_read_sidecar(sidecar)}
+    return None
+
+
 def checkpoint_quantization(cfg: dict, path: Path) -> CheckpointQuantization | None:
     """config.json's (`cfg`, read from `path`) `quantization_config`, or else a sidecar file's
     (SIDECAR_CONFIGS) as a CheckpointQuantization; None for a float checkpoint; ModelLoadError
     naming the method or field sluice does not read."""
-    qc = cfg.get("quantization_config")
-    if qc is None:
-        for name, method in SIDECAR_CONFIGS.items():
-            sidecar = path.parent / name
-            if sidecar.is_file():
-                path, qc = sidecar, {"quant_method": method, **_read_sidecar(sidecar)}
-                break
-        else:
-            return None
+    stored = _stored_config(cfg, path)
+    if stored is None:
+        return None
+    path, qc = stored
     if not isinstance(qc, dict):
         raise _unsupported(path, f"= {qc!r}")
     method = qc.get("quant_method")
@@ -108,17 +124,28 @@ def checkpoint_quantization(cfg: dict, path: Path) -> CheckpointQuantization | N
         return _awq(qc, path)
     if method == "fp8":
         return _fp8(qc, path)
+    if method == "modelopt":
+        return _modelopt(qc, path)
     raise _unsupported(path, f"quant_method {method!r}")
 
 
-def declares_fp8_kv_cache(cfg: dict) -> bool:
-    """Whether config.json (`cfg`, its quantization_config checked by
-    `checkpoint_quantization`) is a compressed-tensors checkpoint with a `kv_cache_scheme`:
-    fp8 KV-cache scales per layer, which vLLM then uses for `--kv-cache-dtype auto` too (an
-    FP8 config's AutoFP8-style 'static' scheme does not change vLLM's auto)."""
-    qc = cfg.get("quantization_config")
-    return (isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
-            and isinstance(qc.get("kv_cache_scheme"), dict))
+def declares_fp8_kv_cache(cfg: dict, path: Path) -> bool:
+    """Whether the checkpoint's quantization config (as `checkpoint_quantization` finds and
+    checks it) declares fp8 KV-cache scales per layer, which vLLM then uses for
+    `--kv-cache-dtype auto` too: a compressed-tensors `kv_cache_scheme`, or ModelOpt's
+    `kv_cache_quant_algo` 'FP8' (or its `kv_cache_scheme`). An FP8 config's AutoFP8-style
+    'static' scheme does not change vLLM's auto."""
+    stored = _stored_config(cfg, path)
+    qc = stored[1] if stored is not None else None
+    if not isinstance(qc, dict):
+        return False
+    if qc.get("quant_method") == "compressed-tensors":
+        return isinstance(qc.get("kv_cache_scheme"), dict)
+    if qc.get("quant_method") == "modelopt":
+        inner = _modelopt_fields(qc)
+        return (isinstance(inner.get("kv_cache_scheme"), dict)
+                or str(inner.get("kv_cache_quant_algo") or "").upper() == "FP8")
+    return False
 
 
 def _read_sidecar(path: Path) -> dict:
@@ -216,6 +243,41 @@ def _fp8(qc: dict, path: Path) -> CheckpointQuantization:
     _kv_cache_scheme(qc, path)
     return CheckpointQuantization("fp8", "w8a8-fp8", "block" if block else "tensor",
                                   block_shape=block)
+
+
+#: ModelOpt's FP8 `quant_algo`s -> (weight strategy, block shape): one e4m3 `weight_scale`
+#: per tensor (with a static `input_scale`, read past), per output channel (dynamic per-token
+#: activations), per 128 x 128 block (weight-only)
+MODELOPT_FP8_ALGOS = {"FP8": ("tensor", None), "FP8_PER_CHANNEL_PER_TOKEN": ("channel", None),
+                      "FP8_PB_WO": ("block", (128, 128))}
+
+
+def _modelopt_fields(qc: dict) -> dict:
+    """A ModelOpt config's fields: config.json's `quantization_config` holds them itself, the
+    legacy hf_quant_config.json under `quantization`."""
+    inner = qc.get("quantization", qc)
+    return inner if isinstance(inner, dict) else {}
+
+
+def _modelopt(qc: dict, path: Path) -> CheckpointQuantization:
+    """NVIDIA ModelOpt's FP8 checkpoints (`quant_method` 'modelopt', or hf_quant_config.json):
+    `quant_algo` one of MODELOPT_FP8_ALGOS (e4m3 weights, `weight_scale` float32), read by
+    `sluice.model.fp8_checkpoint` like quant_method fp8; `kv_cache_quant_algo` absent or 'FP8'
+    (a `k_proj.k_scale` / `v_proj.v_scale` per layer, `sluice.model.attention.kv_scales`), or
+    a `kv_cache_scheme` as compressed-tensors'. Layers in `exclude_modules` / `ignore` are
+    stored in float and load as such."""
+    inner = _modelopt_fields(qc)
+    algo = str(inner.get("quant_algo") or "").upper()
+    if algo not in MODELOPT_FP8_ALGOS:
+        raise _unsupported(path, f"quant_algo = {inner.get('quant_algo')!r} (ModelOpt "
+                                 f"{', '.join(MODELOPT_FP8_ALGOS)} are read)")
+    kv = inner.get("kv_cache_quant_algo")
+    if kv is not None and str(kv).upper() != "FP8":
+        raise _unsupported(path, f"kv_cache_quant_algo = {kv!r}")
+    _kv_cache_scheme(inner, path)
+    strategy, block = MODELOPT_FP8_ALGOS[algo]
+    return CheckpointQuantization("modelopt", "w8a8-fp8" if algo != "FP8_PB_WO" else "w8a16-fp8",
+                                  strategy, block_shape=block)
 
 
 # ---------------------------------------------------------------------------------------------

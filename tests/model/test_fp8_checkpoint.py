@@ -55,6 +55,15 @@ LAYOUTS = {
                    dict(per_channel=True, scale_dtype=torch.bfloat16)),
     "ct-tensor-w8a16": (float_quantized_config("tensor", activations=False), {}),
     "ct-blocks": (float_quantized_config("block", (48, 48)), dict(block=(48, 48))),
+    # NVIDIA ModelOpt: per-tensor weights with static input scales, per channel, 128 x 128
+    # blocks (its quant_algo may come lowercase)
+    "modelopt-tensor": ({"quant_method": "modelopt", "quant_algo": "FP8",
+                         "kv_cache_quant_algo": None, "ignore": ["lm_head"]},
+                        dict(input_scale=True)),
+    "modelopt-channel": ({"quant_method": "modelopt", "quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"},
+                         dict(per_channel=True)),
+    "modelopt-blocks": ({"quant_method": "modelopt", "quant_algo": "fp8_pb_wo"},
+                        dict(block=(128, 128))),
 }
 
 
@@ -83,7 +92,8 @@ def test_loaded_weights_are_the_dequantized_checkpoint(llama_dir, tmp_path, layo
     assert not torch.equal(ours_params[qkv], dict(plain.named_parameters())[qkv])
 
 
-@pytest.mark.parametrize("layout", ["fp8-blocks", "fp8-tensor-static", "ct-channel"])
+@pytest.mark.parametrize("layout", ["fp8-blocks", "fp8-tensor-static", "ct-channel",
+                                    "modelopt-blocks"])
 def test_cpu_layers_keep_fp8_blocks(cpu_ops, llama_dir, tmp_path, layout):
     fp8_dir, float_dir = _write(llama_dir, tmp_path, layout)
     default = load_ours(fp8_dir, layer_ops="cpu", attn_backend="cpu_paged")
@@ -231,13 +241,44 @@ def test_fp8_checkpoint_tp2_matches_tp1(cpu_ops, llama_dir, tmp_path, layout, mo
         **float_quantized_config()["config_groups"]["group_0"],
         "weights": {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": False,
                     "strategy": "channel"}}}), "weights.type = 'int'"),
+    ({"quant_method": "modelopt", "quant_algo": "NVFP4"}, "quant_algo = 'NVFP4'"),
+    ({"quant_method": "modelopt", "quant_algo": "FP8", "kv_cache_quant_algo": "NVFP4"},
+     "kv_cache_quant_algo = 'NVFP4'"),
 ], ids=["e5m2", "activation-scheme", "block-size", "kv-cache", "ct-group", "ct-block-shape",
-        "ct-int-weights"])
+        "ct-int-weights", "modelopt-nvfp4", "modelopt-kv-nvfp4"])
 def test_unsupported_fp8_configs_fail_naming_the_field(llama_dir, tmp_path, config, field):
     model_dir = write_checkpoint(llama_dir, tmp_path / "m", config, checkpoint_tensors(llama_dir))
     with pytest.raises(ModelLoadError, match="quantization_config") as info:
         load_model_spec(model_dir)
     assert field in str(info.value) and "FP8 e4m3 weights" in str(info.value)
+
+
+def test_modelopt_legacy_sidecar(llama_dir, tmp_path):
+    """An older ModelOpt export: no quantization_config in config.json, hf_quant_config.json
+    beside it (`quantization`: quant_algo, kv_cache_quant_algo, exclude_modules) and ModelOpt's
+    KV-scale names: the weights it means, its scales, `--kv-cache-dtype auto` an fp8 cache."""
+    import json
+
+    quantized, dequantized = quantize_fp8(checkpoint_tensors(llama_dir), input_scale=True)
+    scales = {f"model.layers.{i}.self_attn.{w}_proj.{w}_scale": torch.tensor(0.02 * (i + 1))
+              for i in range(2) for w in "kv"}
+    model_dir = write_checkpoint(llama_dir, tmp_path / "modelopt", None,
+                                 {**quantized, **scales}, torch_dtype="float32")
+    (model_dir / "hf_quant_config.json").write_text(json.dumps({
+        "producer": {"name": "modelopt", "version": "0.29.0"},
+        "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8",
+                         "exclude_modules": ["lm_head"]}}))
+    spec = load_model_spec(model_dir)
+    assert spec.quantization.method == "modelopt" and spec.quantization.weight_strategy == "tensor"
+    assert spec.fp8_kv_cache
+    ours = load_ours(model_dir)
+    dense = load_ours(write_checkpoint(llama_dir, tmp_path / "float", None, dequantized))
+    dense_params = dict(dense.named_parameters())
+    for name, param in ours.named_parameters():
+        assert torch.equal(param, dense_params[name]), name
+    assert [(l.self_attn.attn.k_scale, l.self_attn.attn.v_scale) for l in ours.model.layers] \
+        == [(float(torch.tensor(0.02)), float(torch.tensor(0.02))),
+            (float(torch.tensor(0.04)), float(torch.tensor(0.04)))]
 
 
 def test_bad_fp8_tensors_fail_naming_the_tensor(llama_dir, tmp_path):

@@ -406,18 +406,25 @@ def test_engine_serves_the_scaled_checkpoint(scaled_checkpoints, caplog):
     assert err < 0.2 and err_unscaled > 10 * err, (err, err_unscaled)
 
 
-def test_which_configs_make_auto_an_fp8_cache():
-    """vLLM's rule: a compressed-tensors kv_cache_scheme turns `--kv-cache-dtype auto` into fp8;
-    quant_method fp8 (AutoFP8's 'static' scheme included) and KV scales alone do not."""
+def test_which_configs_make_auto_an_fp8_cache(tmp_path):
+    """vLLM's rule: a compressed-tensors kv_cache_scheme or ModelOpt's kv_cache_quant_algo FP8
+    turns `--kv-cache-dtype auto` into fp8; quant_method fp8 (AutoFP8's 'static' scheme
+    included) and KV scales alone do not."""
     from sluice.model_spec.quantization_config import declares_fp8_kv_cache
     from sluice.worker.worker import kv_cache_auto_dtype
 
+    def declares(qc) -> bool:
+        return declares_fp8_kv_cache({"quantization_config": qc}, tmp_path / "config.json")
+
     with_scheme = compressed_tensors_config("float-quantized", None, None,
                                             kv_cache_scheme=kv_cache_scheme(), config_groups={})
-    assert declares_fp8_kv_cache({"quantization_config": with_scheme})
-    for qc in (None, {**with_scheme, "kv_cache_scheme": None},
+    modelopt = {"quant_method": "modelopt", "quant_algo": "FP8"}
+    assert declares(with_scheme)
+    assert declares({**modelopt, "kv_cache_quant_algo": "fp8"})
+    assert declares({**modelopt, "kv_cache_scheme": kv_cache_scheme()})
+    for qc in (None, {**with_scheme, "kv_cache_scheme": None}, modelopt,
                fp8_config(kv_cache_scheme="static"), fp8_config(kv_cache_scheme=kv_cache_scheme())):
-        assert not declares_fp8_kv_cache({"quantization_config": qc}), qc
+        assert not declares(qc), qc
     assert kv_cache_auto_dtype(torch.bfloat16, torch.float32, True) == torch.float8_e4m3fn
     assert kv_cache_auto_dtype(torch.bfloat16, torch.float32) == torch.bfloat16
 
