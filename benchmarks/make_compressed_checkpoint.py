@@ -3,7 +3,8 @@ llm-compressor writes them with round-to-nearest), a GPTQ or AWQ checkpoint (as 
 AutoAWQ lay them out, round-to-nearest), an FP8 checkpoint, or as a float checkpoint.
 
     python benchmarks/make_compressed_checkpoint.py SRC DST
-        [--scheme w8a8|w4a16|gptq|awq|fp8|fp8-dynamic|float] [--group-size 128] [--bits 4]
+        [--scheme w8a8|w4a16|gptq|awq|fp8|fp8-dynamic|modelopt|float] [--group-size 128]
+        [--bits 4]
         [--asymmetric] [--desc-act] [--fp8-block 128] [--float-dtype bfloat16] [--kv-scales]
 
 SRC: a Hugging Face model directory, or a .gguf file (its tensors dequantized, its config and
@@ -15,7 +16,9 @@ bits, symmetric unless --asymmetric, act-order groups with --desc-act; AWQ 4-bit
 points; `sluice.testing.fp8_checkpoints`: `fp8` as transformers' FineGrainedFP8 writes it,
 e4m3 with a float32 `weight_scale_inv` per --fp8-block x --fp8-block block, 0 = one
 `weight_scale` per tensor; `fp8-dynamic` as llm-compressor's FP8_DYNAMIC, compressed-tensors
-float-quantized with a scale per output channel), the other tensors in --float-dtype.
+float-quantized with a scale per output channel; `modelopt` as NVIDIA ModelOpt's FP8
+export, one `weight_scale` and static `input_scale` per tensor), the other tensors in
+--float-dtype.
 `--scheme float`
 writes the float checkpoint (e.g. SmolLM2's bf16 directory of benchmarks/RESULTS.md from its
 Q4_1 file). `--kv-scales` (compressed-tensors schemes, fp8, float) adds static fp8 KV-cache
@@ -71,7 +74,8 @@ def main() -> None:
     parser.add_argument("--float-dtype", default="bfloat16",
                         choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--scheme", default="w8a8",
-                        choices=("w8a8", "w4a16", "gptq", "awq", "fp8", "fp8-dynamic", "float"))
+                        choices=("w8a8", "w4a16", "gptq", "awq", "fp8", "fp8-dynamic",
+                                 "modelopt", "float"))
     parser.add_argument("--fp8-block", type=int, default=128,
                         help="fp8: rows and inputs per scale block (0: one scale per tensor).")
     parser.add_argument("--group-size", type=int, default=128,
@@ -121,7 +125,16 @@ def main() -> None:
         else:
             tensors = quantize_fp8(tensors, per_channel=True, scale_dtype=dtype)[0]
             config = float_quantized_config("channel")
-    if kv_scales:
+    elif args.scheme == "modelopt":
+        from sluice.testing.fp8_checkpoints import quantize_fp8
+        tensors = quantize_fp8(tensors, input_scale=True)[0]
+        config = {"quant_method": "modelopt", "quant_algo": "FP8", "ignore": ["lm_head"]}
+    if kv_scales and args.scheme == "modelopt":   # ModelOpt's declaration and names
+        config["kv_cache_quant_algo"] = "FP8"
+        tensors.update({name.replace(f".self_attn.{w}_scale", f".self_attn.{w}_proj.{w}_scale"):
+                        value for name, value in kv_scales.items() for w in "kv"
+                        if name.endswith(f".{w}_scale")})
+    elif kv_scales:
         from sluice.testing.compressed_checkpoints import compressed_tensors_config
         from sluice.testing.kv_scales import kv_cache_scheme
         if config is None:     # float weights: KV-cache scales are the only quantization
