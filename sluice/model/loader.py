@@ -275,11 +275,14 @@ def _compressed_source(model: nn.Module, spec: ModelSpec, weights: Callable,
     fp8 = scheme.fp8_weights
     keep = blocks_wanted(mode, ops.cpu_ops, dtype, device,
                          lora_enabled=lora is not None and lora.enable_lora)
-    keep = keep and (not fp8 or quantization == scheme.method)
+    fp8_by_default = fp8 and quantization != scheme.method   # dequantized for the float GEMMs
+    keep = keep and not fp8_by_default
     int8_activations = not fp8 and (scheme.scheme == "w8a8-int8" or quantization == "int8"
                                     or llama_cpp_numerics(quantization, ops.cpu_ops))
     reader = (fp8_checkpoint if fp8
               else compressed_tensors if scheme.method == "compressed-tensors" else gptq_awq)
     stored = reader.read(safetensors_files(spec.path), scheme)
+    why = (f"FP8 weights run dequantized unless --quantization {scheme.method}"
+           if fp8_by_default else "--quantization none, LoRA, or no block kernels here")
     return quantized_weight_source(model, stored, weights, keep, int8_activations,
-                                   ops.cpu_ops, dtype, weight_dtype == torch.bfloat16)
+                                   ops.cpu_ops, dtype, weight_dtype == torch.bfloat16, why)
