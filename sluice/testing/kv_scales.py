@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import re
+
 import torch
 
-E4M3_MAX = 448.0
+from sluice.testing.fp8_checkpoints import E4M3_MAX
 
 
 def kv_cache_scheme() -> dict:
@@ -57,3 +59,9 @@ def hf_model_of(config_dir: Path, tensors: dict[str, torch.Tensor]) -> torch.nn.
     if config.tie_word_embeddings:
         model.tie_weights()
     return model.eval()
+
+
+def modelopt_names(scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same scales under NVIDIA ModelOpt's names (`self_attn.k_proj.k_scale`, ...)."""
+    return {re.sub(r"\.self_attn\.([kv])_scale$", r".self_attn.\1_proj.\1_scale", name): value
+            for name, value in scales.items()}

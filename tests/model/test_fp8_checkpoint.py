@@ -37,6 +37,7 @@ from sluice.model.layers.gguf_linear import (BLOCK_TYPES, F8_BLOCK_TYPE, GgufBlo
 from sluice.model.layers.linear import LinearBase
 from sluice.testing.compressed_checkpoints import checkpoint_tensors, write_checkpoint
 from sluice.testing.fp8_checkpoints import float_quantized_config, fp8_config, quantize_fp8
+from sluice.testing.kv_scales import modelopt_names
 
 from _sluice_model_helpers import (hf_logits, load_ours, prompts,
                                    run_tests_in_kernel_build)
@@ -260,8 +261,8 @@ def test_modelopt_legacy_sidecar(llama_dir, tmp_path):
     import json
 
     quantized, dequantized = quantize_fp8(checkpoint_tensors(llama_dir), input_scale=True)
-    scales = {f"model.layers.{i}.self_attn.{w}_proj.{w}_scale": torch.tensor(0.02 * (i + 1))
-              for i in range(2) for w in "kv"}
+    scales = modelopt_names({f"model.layers.{i}.self_attn.{w}_scale": torch.tensor(0.02 * (i + 1))
+                             for i in range(2) for w in "kv"})
     model_dir = write_checkpoint(llama_dir, tmp_path / "modelopt", None,
                                  {**quantized, **scales}, torch_dtype="float32")
     (model_dir / "hf_quant_config.json").write_text(json.dumps({

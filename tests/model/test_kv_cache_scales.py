@@ -19,14 +19,12 @@ stores fp8(k / k_scale), fp8(v / v_scale), and attention reads them as stored * 
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
+import re
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from sluice.errors import ModelLoadError
 from sluice.hf_config import load_model_spec
@@ -37,9 +35,10 @@ from sluice.model.attention.kv_cache import FP8_KV_DTYPES, cache_bytes, to_cache
 from sluice.model.attention.kv_scales import (inverse, kv_scale_target, kv_scales_note,
                                               scale_value)
 from sluice.model.attention.layer import Attention
-from sluice.testing.compressed_checkpoints import compressed_tensors_config
-from sluice.testing.fp8_checkpoints import E4M3_MAX, fp8_config
-from sluice.testing.kv_scales import calibrate_kv_scales, kv_cache_scheme
+from sluice.testing.compressed_checkpoints import (checkpoint_tensors,
+                                                   compressed_tensors_config, write_checkpoint)
+from sluice.testing.fp8_checkpoints import E4M3_MAX, float_quantized_config, fp8_config
+from sluice.testing.kv_scales import calibrate_kv_scales, kv_cache_scheme, modelopt_names
 
 from _sluice_model_helpers import PagedRunner, hf_logits, load_hf, load_ours, prompts
 from test_kv_cache_dtype import BLOCK, QUERY_LENS, SEQ_LENS, _step
@@ -162,33 +161,20 @@ past e4m3's 448 and, some, e5m2's 57344."""
 
 
 def _rewritten(llama_dir: Path, root: Path) -> Path:
-    """The tiny Llama with keys ~1e-4 and values ~3e3 (Q_UP ... V_UP)."""
-    out = root / "rewritten"
-    shutil.copytree(llama_dir, out)
-    tensors = load_file(str(out / "model.safetensors"))
-    for name in list(tensors):
-        for proj, factor in (("q_proj", Q_UP), ("k_proj", K_DOWN), ("v_proj", V_UP),
-                             ("o_proj", 1 / V_UP)):
-            if f".{proj}.weight" in name:
-                tensors[name] = tensors[name] * factor
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
+    """The tiny Llama with keys ~1e-7 and values ~1e5 (Q_UP ... V_UP)."""
+    factors = {"q_proj": Q_UP, "k_proj": K_DOWN, "v_proj": V_UP, "o_proj": 1 / V_UP}
+    tensors = {name: t * factors.get(name.split(".")[-2], 1.0) if name.endswith(".weight")
+               else t for name, t in checkpoint_tensors(llama_dir).items()}
+    return write_checkpoint(llama_dir, root / "rewritten", None, tensors)
 
 
-def _with_scales(src: Path, dst: Path, scales: dict[str, float], config: dict | None,
-                 rename=lambda name: name, extra: dict[str, torch.Tensor] | None = None) -> Path:
-    """`src` plus its scale tensors (named by `rename`, float32 [] each) and `extra` tensors,
-    config.json's quantization_config `config`."""
-    shutil.copytree(src, dst)
-    tensors = load_file(str(dst / "model.safetensors"))
-    tensors.update({rename(name): torch.tensor(value) for name, value in scales.items()})
-    tensors.update(extra or {})
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    if config is not None:
-        cfg = json.loads((dst / "config.json").read_text())
-        cfg["quantization_config"] = config
-        (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
+def _with_scales(src: Path, dst: Path, scales: dict[str, float | torch.Tensor],
+                 config: dict | None) -> Path:
+    """`src` plus the tensors `scales` (a number: a float32 [] tensor), config.json's
+    quantization_config `config` (None: `src`'s)."""
+    added = {name: v if isinstance(v, torch.Tensor) else torch.tensor(v)
+             for name, v in scales.items()}
+    return write_checkpoint(src, dst, config, {**checkpoint_tensors(src), **added})
 
 
 @pytest.fixture(scope="module")
@@ -304,19 +290,17 @@ def test_float_cache_ignores_the_scales(scaled_checkpoints, caplog):
 
 
 NAMINGS = {
-    "modelopt": lambda name: name.replace(".self_attn.k_scale", ".self_attn.k_proj.k_scale")
-                                 .replace(".self_attn.v_scale", ".self_attn.v_proj.v_scale"),
-    "output_scale": lambda name: name.replace(".self_attn.k_scale",
-                                              ".self_attn.k_proj.output_scale")
-                                     .replace(".self_attn.v_scale",
-                                              ".self_attn.v_proj.output_scale"),
+    "modelopt": modelopt_names,
+    "output_scale": lambda scales: {
+        re.sub(r"\.self_attn\.([kv])_scale$", r".self_attn.\1_proj.output_scale", name): value
+        for name, value in scales.items()},
 }
 
 
 @pytest.mark.parametrize("naming", list(NAMINGS))
 def test_other_checkpoint_names_load_the_same_scales(scaled_checkpoints, tmp_path, naming):
     rewritten, scaled_dir, scales = scaled_checkpoints
-    other = _with_scales(rewritten, tmp_path / naming, scales, None, NAMINGS[naming])
+    other = _with_scales(rewritten, tmp_path / naming, NAMINGS[naming](scales), None)
     a, b = load_ours(other), load_ours(scaled_dir)
     for la, lb in zip(a.model.layers, b.model.layers):
         assert (la.self_attn.attn.k_scale, la.self_attn.attn.v_scale) == \
@@ -330,7 +314,7 @@ def test_autofp8_kv_scale_and_fp8_attention_scales(llama_dir, tmp_path, caplog):
     extra = {f"model.layers.{i}.self_attn.{n}": torch.tensor(0.5)
              for i in range(2) for n in ("q_scale", "prob_scale")}
     scales = {f"model.layers.{i}.self_attn.kv_scale": 0.25 * (i + 1) for i in range(2)}
-    auto = _with_scales(llama_dir, tmp_path / "autofp8", scales, None, extra=extra)
+    auto = _with_scales(llama_dir, tmp_path / "autofp8", {**scales, **extra}, None)
     with caplog.at_level(logging.INFO, logger="sluice.model"):
         model = load_ours(auto)
     assert [(l.self_attn.attn.k_scale, l.self_attn.attn.v_scale)
@@ -343,9 +327,9 @@ def test_autofp8_kv_scale_and_fp8_attention_scales(llama_dir, tmp_path, caplog):
 
 
 def test_per_head_scales_are_refused(llama_dir, tmp_path):
-    scales = {"model.layers.0.self_attn.k_scale": 1.0}
-    bad = _with_scales(llama_dir, tmp_path / "bad", scales, None,
-                       extra={"model.layers.1.self_attn.v_scale": torch.ones(2)})
+    scales = {"model.layers.0.self_attn.k_scale": 1.0,
+              "model.layers.1.self_attn.v_scale": torch.ones(2)}
+    bad = _with_scales(llama_dir, tmp_path / "bad", scales, None)
     with pytest.raises(ModelLoadError, match=r"model.layers.1.self_attn.v_scale: .*shape \(2,\)"):
         load_ours(bad)
 
@@ -410,11 +394,12 @@ def test_which_configs_make_auto_an_fp8_cache(tmp_path):
     """vLLM's rule: a compressed-tensors kv_cache_scheme or ModelOpt's kv_cache_quant_algo FP8
     turns `--kv-cache-dtype auto` into fp8; quant_method fp8 (AutoFP8's 'static' scheme
     included) and KV scales alone do not."""
-    from sluice.model_spec.quantization_config import declares_fp8_kv_cache
+    from sluice.model_spec.quantization_config import read_checkpoint_quantization
     from sluice.worker.worker import kv_cache_auto_dtype
 
     def declares(qc) -> bool:
-        return declares_fp8_kv_cache({"quantization_config": qc}, tmp_path / "config.json")
+        return read_checkpoint_quantization({"quantization_config": qc},
+                                            tmp_path / "config.json")[1]
 
     with_scheme = compressed_tensors_config("float-quantized", None, None,
                                             kv_cache_scheme=kv_cache_scheme(), config_groups={})
@@ -422,7 +407,7 @@ def test_which_configs_make_auto_an_fp8_cache(tmp_path):
     assert declares(with_scheme)
     assert declares({**modelopt, "kv_cache_quant_algo": "fp8"})
     assert declares({**modelopt, "kv_cache_scheme": kv_cache_scheme()})
-    for qc in (None, {**with_scheme, "kv_cache_scheme": None}, modelopt,
+    for qc in (None, float_quantized_config(), modelopt,
                fp8_config(kv_cache_scheme="static"), fp8_config(kv_cache_scheme=kv_cache_scheme())):
         assert not declares(qc), qc
     assert kv_cache_auto_dtype(torch.bfloat16, torch.float32, True) == torch.float8_e4m3fn
@@ -434,7 +419,6 @@ def test_fp8_weights_with_kv_scales(llama_dir, tmp_path, layout):
     """An FP8 checkpoint that also carries KV-cache scales (RedHatAI's FP8 models with an fp8
     KV scheme, AutoFP8's FP8-KV ones): the weight reader passes the scales through, and the
     model over an fp8 cache equals the dequantized float checkpoint with the same scales."""
-    from sluice.testing.compressed_checkpoints import checkpoint_tensors, write_checkpoint
     from sluice.testing.fp8_checkpoints import quantize_fp8
 
     from test_fp8_checkpoint import LAYOUTS
