@@ -3,10 +3,11 @@
     python benchmarks/compare_latency.py            # needs compare_peers.py --setup --convert
     python benchmarks/compare_latency.py --model /tmp/smollm2-bf16 --dtype bfloat16
 
-One request, prompt = 128 token ids (seed 0, the reference model's non-special ids), greedy:
+One request, prompt = P token ids (`--prompt-len`, default 128; seed 0, the model's non-special
+ids), greedy:
 
-    TTFT(128) = best of 5 runs of a 1-token generation (prefill of 128 tokens + first token)
-    TPOT      = (best of 3 runs of a 129-token generation - TTFT) / 128
+    TTFT(P)   = best of 5 runs of a 1-token generation (prefill of P tokens + first token)
+    TPOT      = (best of 3 runs of a 129-token generation - TTFT) / 128 (at positions P..P+128)
     floor     = bytes of weights read per decode token / measured read bandwidth
                 (every linear layer and the LM head at `--dtype`'s element size; the
                 embedding reads one row)
@@ -55,7 +56,7 @@ from compare_peers import (  # noqa: E402
     GGUF_OUTTYPES, LLAMACPP_EXTRA_BUFTS_ENV, LLAMACPP_KV_TYPES, LLAMACPP_PRELUDE, REPO, Work,
     do_convert, gguf_path, llamacpp_kv_args, log)
 
-PROMPT_LEN = 128
+PROMPT_LEN = 128  # the default --prompt-len
 OUTPUT_LEN = 129  # TPOT is measured over the 128 tokens after the first
 
 LLAMACPP_RUNNER = LLAMACPP_PRELUDE + r"""
@@ -63,9 +64,10 @@ import json, sys, time
 import llama_cpp
 prompt = json.load(open(sys.argv[1]))
 out_path, gguf = sys.argv[2], sys.argv[3]
-kv = kv_cache_kwargs(kv_cache_type(sys.argv, 4))
-llm = llama_cpp.Llama(model_path=gguf, n_threads=2, n_threads_batch=2, n_ctx=512, n_batch=512,
-                      n_ubatch=512, verbose=False, **kv)
+kv = kv_cache_kwargs(kv_cache_type(sys.argv, 5))
+n_ctx = int(sys.argv[4])
+llm = llama_cpp.Llama(model_path=gguf, n_threads=2, n_threads_batch=2, n_ctx=n_ctx,
+                      n_batch=n_ctx, n_ubatch=512, verbose=False, **kv)
 
 def run(n):
     llm.reset()
@@ -169,7 +171,9 @@ def sluice_latency(model: str, prompt: list[int], quantization: str | None = Non
 
 
 def llamacpp_latency(work: Work, prompt_file: Path, gguf: Path | None = None,
-                     kv_cache_dtype: str = "auto") -> dict:
+                     kv_cache_dtype: str = "auto", prompt_len: int = PROMPT_LEN) -> dict:
+    """llama.cpp's row; its context (and prefill batch, one ubatch of 512 at a time, its
+    default) holds the prompt and the generation."""
     gguf = gguf or work.gguf
     if not work.py("llamacpp").exists() or not gguf.exists():
         raise RuntimeError("llama.cpp not set up: run compare_peers.py --setup --convert")
@@ -178,7 +182,8 @@ def llamacpp_latency(work: Work, prompt_file: Path, gguf: Path | None = None,
     out = work.root / "results" / "latency-llama.cpp.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([str(work.py("llamacpp")), str(runner), str(prompt_file), str(out),
-                    str(gguf), *llamacpp_kv_args(kv_cache_dtype)], check=True, timeout=900)
+                    str(gguf), str(prompt_len + OUTPUT_LEN), *llamacpp_kv_args(kv_cache_dtype)],
+                   check=True, timeout=900)
     return json.loads(out.read_text())
 
 
@@ -191,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(f32 / bf16 / f16) [default: float32; with --gguf, sluice's 'auto']")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", *LLAMACPP_KV_TYPES],
                         help="KV cache dtype of both backends (module doc) [default: auto]")
+    parser.add_argument("--prompt-len", type=int, default=PROMPT_LEN,
+                        help="prompt token ids of the request [default: %(default)s]")
     parser.add_argument("--skip-llamacpp", action="store_true")
     parser.add_argument("--gguf", type=Path, default=None,
                         help="run this GGUF file in both backends (module doc)")
@@ -211,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     work.root.mkdir(parents=True, exist_ok=True)
     model = str(args.gguf.expanduser()) if args.gguf else resolve_model(args.model)
     meta = _model_dir(str(model))
-    prompt = list(random_requests(1, 1, _model_vocab_size(meta), 0, input_len=PROMPT_LEN,
+    prompt = list(random_requests(1, 1, _model_vocab_size(meta), 0, input_len=args.prompt_len,
                                   tokenizer=_load_tokenizer(meta))[0].prompt_token_ids)
     prompt_file = work.root / "latency-prompt.json"
     prompt_file.write_text(json.dumps(prompt))
@@ -236,16 +243,17 @@ def main(argv: list[str] | None = None) -> int:
         log("llama.cpp ...")
         try:
             rows["llama.cpp"] = between_bandwidth_readings(
-                lambda: llamacpp_latency(work, prompt_file, work.gguf, args.kv_cache_dtype),
+                lambda: llamacpp_latency(work, prompt_file, work.gguf, args.kv_cache_dtype,
+                                         args.prompt_len),
                 weight_bytes)
         except Exception as e:  # a peer that fails is a row with the reason
             rows["llama.cpp"] = {"error": f"{type(e).__name__}: {e}"[:300]}
 
     print(f"model {model}, --dtype {dtype}, --kv-cache-dtype {args.kv_cache_dtype}, "
           f"llama.cpp GGUF {work.gguf.name}")
-    print(f"prompt {PROMPT_LEN} token ids; floor = {weight_bytes / 1e6:.1f} MB of weights per "
+    print(f"prompt {args.prompt_len} token ids; floor = {weight_bytes / 1e6:.1f} MB of weights per "
           f"token / the bandwidth read around each backend's runs")
-    print(f"{'backend':<14}{'TTFT(128) ms':>14}{'TPOT ms':>10}{'GB/s before/after':>19}"
+    print(f"{'backend':<14}{f'TTFT({args.prompt_len}) ms':>14}{'TPOT ms':>10}{'GB/s before/after':>19}"
           f"{'floor ms':>10}{'TPOT/floor':>12}")
     for name, r in rows.items():
         if "error" in r:
@@ -265,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"model": str(model), "dtype": dtype, "kv_cache_dtype": args.kv_cache_dtype,
               "gguf": str(work.gguf), "rows": rows,
               "decode_weight_bytes": weight_bytes,
-              "prompt_len": PROMPT_LEN, "output_len": OUTPUT_LEN}
+              "prompt_len": args.prompt_len, "output_len": OUTPUT_LEN}
     (work.root / "results").mkdir(parents=True, exist_ok=True)
     (work.root / "results" / "latency.json").write_text(json.dumps(report, indent=2))
     return 0
