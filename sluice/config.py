@@ -154,10 +154,9 @@ class CacheConfig:
         "Ignored when --kv-cache-memory is set; replaces --kv-cache-memory-fraction when set.",
         gt=0, le=1)
     kv_cache_dtype: str = option("auto", "dtype the KV cache is stored in; 'auto' is --dtype "
-                                 "(on CPU float32 for --dtype float16, whose cache the C++ "
-                                 "attention does not read; fp8_e4m3 for a compressed-tensors "
-                                 "checkpoint whose kv_cache_scheme declares fp8 KV scales, as "
-                                 "in vLLM). bfloat16/float16 halve the cache's "
+                                 "(fp8_e4m3 for a checkpoint that declares fp8 KV scales, as "
+                                 "in vLLM; float16 for a GGUF file without --quantization, as "
+                                 "llama.cpp). bfloat16/float16 halve the cache's "
                                  "memory per token of float32, fp8 (= fp8_e4m3: 3 mantissa "
                                  "bits, range +-448) and fp8_e5m2 (2 bits, +-57344) halve it "
                                  "again: k/v are stored divided by the checkpoint's per-layer "

@@ -65,6 +65,26 @@ class ModelSpec:
     # a compressed-tensors kv_cache_scheme: the checkpoint's layers carry fp8 KV-cache scales,
     # and `--kv-cache-dtype auto` stores fp8_e4m3 (vLLM's rule)
     fp8_kv_cache: bool = False
+    # a GGUF file's sidecar directory (`sluice.model_spec.gguf`): the weights are the file's
+    gguf: bool = False
+
+    def auto_kv_cache_dtype(self, quantization: str | None, float32_weights: bool) -> str | None:
+        """What `--kv-cache-dtype auto` stores where the checkpoint decides it, for a model run
+        with `--quantization` `quantization` and float32 weights or not (`--dtype`); None: the
+        model's dtype.
+
+        * 'fp8_e4m3' for a checkpoint that declares fp8 KV-cache scales (`fp8_kv_cache`), as
+          vLLM resolves auto;
+        * 'float16' for a GGUF file run in its default mode (no `--quantization`: llama.cpp's
+          numerics, `gguf_quant.llama_cpp_numerics`) in float32 (a GGUF file's `--dtype
+          auto`): llama.cpp's default K/V type, at half the float32 cache's bytes per token.
+          `--quantization gguf` (float activations, the closest to the float model) keeps the
+          model's dtype."""
+        if self.fp8_kv_cache:
+            return "fp8_e4m3"
+        if self.gguf and quantization is None and float32_weights:
+            return "float16"
+        return None
 
 
 
@@ -252,4 +272,5 @@ def load_model_spec(model_dir: str | Path) -> ModelSpec:
         sliding_window=sliding,
         quantization=quantization,
         fp8_kv_cache=fp8_kv_cache,
+        gguf=(model_dir / GGUF_MARKER).is_file(),
     )

@@ -46,12 +46,14 @@ def parallel_problems(config: "EngineConfig") -> list[str]:
 
 def kv_layout(config: "EngineConfig", spec: "ModelSpec") -> dict[str, Any]:
     """The layout record both engines must share for blocks to move between them. Its
-    kv_cache_dtype is the flag's, except that 'auto' on a checkpoint declaring fp8 KV-cache
-    scales is the fp8_e4m3 it resolves to (`ModelSpec.fp8_kv_cache`), so an engine given 'fp8'
-    and one given 'auto' agree."""
+    kv_cache_dtype is the flag's, except that 'auto' where the checkpoint decides the cache
+    (`ModelSpec.auto_kv_cache_dtype`: fp8_e4m3 for declared fp8 KV-cache scales, float16 for
+    a GGUF file in its default mode, whose `--dtype auto` is float32) is what it resolves to, so
+    an engine given 'fp8' (or 'float16') and one given 'auto' agree."""
     kv_cache_dtype = config.cache.kv_cache_dtype
-    if kv_cache_dtype == "auto" and spec.fp8_kv_cache:
-        kv_cache_dtype = "fp8_e4m3"
+    if kv_cache_dtype == "auto":
+        kv_cache_dtype = spec.auto_kv_cache_dtype(
+            config.model.quantization, config.model.dtype in ("auto", "float32")) or "auto"
     return {"model": Path(spec.path).name, "dtype": config.model.dtype,
             "kv_cache_dtype": kv_cache_dtype, "block_size": config.cache.block_size,
             "num_kv_heads": spec.num_key_value_heads, "head_dim": spec.head_dim,

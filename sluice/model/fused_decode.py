@@ -31,8 +31,8 @@ which are always correct):
   (`FusedDecode.applies`: no `current_lora_mapping()`); steps with adapter tokens run the
   Python layers, which add the adapters' deltas;
 * float32 activations and weights (the stack's arithmetic; uint8 for GGUF blocks, bf16 / fp16
-  for 16-bit weights, which it widens to float32) and a float32, bfloat16 or fp8 KV cache
-  (`FusedDecode.applies`), with the layers' KV-cache scales over an fp8 one as the Python
+  for 16-bit weights, which it widens to float32) and a float32, bfloat16, float16 or fp8 KV
+  cache (`FusedDecode.applies`), with the layers' KV-cache scales over an fp8 one as the Python
   `Attention` applies them (`sluice.model.attention.kv_scales`);
 * one tensor-parallel rank: the C++ stack has no all-reduce between o_proj / down_proj and the
   residual, so with tp > 1 (any layer with `tp_size` > 1) decode steps run the Python layers,
@@ -122,9 +122,9 @@ class FusedDecode:
     def applies(hidden: torch.Tensor) -> bool:
         """True in a step whose requests each compute 1..`FUSED_MAX_QUERY_LEN` tokens (a decode
         step; a speculative verification of 1 + d tokens, `spec_decode.verify`; a short
-        prompt) over a KV cache the C++ attention reads (float32, bfloat16 or fp8,
-        `KERNEL_CACHE_DTYPES`; float16 takes the Python layers); and no token uses a LoRA
-        adapter (the stack cannot add their deltas)."""
+        prompt) over a KV cache the C++ attention reads (float32, bfloat16, float16 or fp8:
+        `KERNEL_CACHE_DTYPES`); and no token uses a LoRA adapter (the stack cannot add their
+        deltas)."""
         ctx = get_forward_context()
         md = ctx.attn_metadata
         return (current_lora_mapping() is None and md is not None and md.num_reqs > 0

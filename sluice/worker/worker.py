@@ -11,9 +11,7 @@ import torch
 from sluice.config import EngineConfig
 from sluice.errors import ConfigError
 from sluice.hf_config import ModelSpec
-from sluice.model.attention.backends.cpu_paged import KERNEL_CACHE_DTYPES
 from sluice.model.attention.kv_cache import kv_cache_bytes_per_block
-from sluice.model.layers.layer_ops import model_compute_dtype
 from sluice.model.loader import resolve_dtype
 from sluice.platform import current_platform
 from sluice.step import ModelRunnerOutput, SchedulerOutput
@@ -22,21 +20,20 @@ from sluice.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
+FP8_OR_FLOAT16 = {"fp8_e4m3": torch.float8_e4m3fn, "float16": torch.float16}
+"""`ModelSpec.auto_kv_cache_dtype`'s names as torch dtypes."""
+
 _PROFILE_TOKENS = 256  # tokens of the profiling/warm-up forward; kept small for fast startup
 
 
-def kv_cache_auto_dtype(dtype: torch.dtype, compute_dtype: torch.dtype,
-                        fp8_kv_cache: bool = False) -> torch.dtype:
-    """What `--kv-cache-dtype auto` stores for `--dtype` `dtype` computing in `compute_dtype`:
-    fp8_e4m3 for a checkpoint that declares fp8 KV-cache scales (`fp8_kv_cache`:
-    `ModelSpec.fp8_kv_cache`, as vLLM resolves auto), else `dtype`, except float16 weights over
-    float32 activations on a CPU, whose cache is float32 (the C++ attention reads float32 and
-    bfloat16 caches: `KERNEL_CACHE_DTYPES`)."""
-    if fp8_kv_cache:
-        return torch.float8_e4m3fn
-    if dtype != compute_dtype and dtype not in KERNEL_CACHE_DTYPES:
-        return compute_dtype
-    return dtype
+def kv_cache_auto_dtype(spec: ModelSpec, quantization: str | None,
+                        dtype: torch.dtype) -> torch.dtype:
+    """What `--kv-cache-dtype auto` stores for `--dtype` `dtype`: the checkpoint's choice
+    (`ModelSpec.auto_kv_cache_dtype`: fp8_e4m3 for declared fp8 KV scales, float16 for a GGUF
+    file in its default mode), else `dtype` (every dtype a model's weights take is one the C++
+    attention reads: `cpu_paged.KERNEL_CACHE_DTYPES`)."""
+    chosen = spec.auto_kv_cache_dtype(quantization, dtype == torch.float32)
+    return dtype if chosen is None else FP8_OR_FLOAT16[chosen]
 
 
 class Worker:
@@ -56,9 +53,8 @@ class Worker:
         self.dtype = resolve_dtype(config.model.dtype, spec, self.device)
         layer_ops = self.platform.layer_ops_name(config.device.kernels)
         self.kv_cache_dtype = self.platform.resolve_kv_cache_dtype(
-            config.cache.kv_cache_dtype, kv_cache_auto_dtype(
-                self.dtype, model_compute_dtype(layer_ops, self.dtype, self.device),
-                spec.fp8_kv_cache))
+            config.cache.kv_cache_dtype,
+            kv_cache_auto_dtype(spec, config.model.quantization, self.dtype))
         if rank == 0:
             for note in self.platform.ineffective_options(config):
                 logger.info(note)

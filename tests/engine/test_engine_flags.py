@@ -49,11 +49,11 @@ def test_kv_cache_dtype_stores_the_cache_in_that_dtype(llama_dir):
 
 
 def test_kv_cache_dtype_auto_follows_the_model_dtype(llama_dir):
-    """'auto' stores what the attention computes in: bfloat16 for --dtype bfloat16; float16
-    weights compute over float32 activations with the C++ kernels (which read float32 and
-    bfloat16 caches), so their cache is float32, and float16 under --kernels torch."""
+    """'auto' stores the weights' dtype: bfloat16 for --dtype bfloat16, float16 for --dtype
+    half, with the C++ kernels (which read both, over float32 activations) and under
+    --kernels torch."""
     for dtype, kernels, expected in (("bfloat16", "auto", torch.bfloat16),
-                                     ("half", "auto", torch.float32),
+                                     ("half", "auto", torch.float16),
                                      ("half", "torch", torch.float16)):
         dtypes, tokens, _ = run(llama_dir, n_tokens=4, dtype=dtype, kernels=kernels)
         assert dtypes == {expected}, (dtype, kernels)

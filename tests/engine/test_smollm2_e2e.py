@@ -63,10 +63,14 @@ def hub_cache(smollm2_gguf, tmp_path_factory) -> Path:
     return cache
 
 
-def test_hub_id_from_local_cache_matches_the_gguf(smollm2, hub_cache, monkeypatch):
+def test_hub_id_from_local_cache_matches_the_gguf(smollm2_gguf, hub_cache, monkeypatch):
+    """The file with float activations and a float32 cache (`--quantization gguf`, whose
+    results equal the float model's up to summation order; its default mode computes as
+    llama.cpp, int8 activations over a float16 cache) against its float32 copy."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     params = SamplingParams(temperature=0, max_tokens=16)
-    want = [o.outputs[0].token_ids for o in smollm2.generate(PROMPTS, params, use_tqdm=False)]
+    with LLM(model=str(smollm2_gguf), quantization="gguf", **ENGINE) as gguf:
+        want = [o.outputs[0].token_ids for o in gguf.generate(PROMPTS, params, use_tqdm=False)]
     # the cached checkpoint is bf16, which `--dtype auto` keeps in bf16 on a CPU with native
     # bf16 products; the GGUF engine computes in float32, so compare in float32
     hub = LLM(model=HUB_ID, download_dir=str(hub_cache), dtype="float32", **ENGINE)

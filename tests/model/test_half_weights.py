@@ -288,8 +288,8 @@ def test_dtype_auto_and_compute_dtype_rules(monkeypatch):
 
 def test_16_bit_worker_dtypes(llama_dir):
     """`--dtype bfloat16` on a CPU: bf16 weights, float32 activations, a bf16 KV cache ('auto':
-    the C++ attention and the fused decode stack read it); float16 weights keep a float32
-    cache (the kernels do not read fp16); an explicit `--kv-cache-dtype` is honoured."""
+    the C++ attention and the fused decode stack read it); float16 weights a float16 cache
+    (read by them as well); an explicit `--kv-cache-dtype` is honoured."""
     from sluice.config import EngineConfig
     from sluice.hf_config import load_model_spec
     from sluice.worker.worker import Worker
@@ -302,19 +302,21 @@ def test_16_bit_worker_dtypes(llama_dir):
     bf16 = worker(dtype="bfloat16")
     assert bf16.dtype == torch.bfloat16 and bf16.model_runner.compute_dtype == torch.float32
     assert bf16.kv_cache_dtype == torch.bfloat16
-    assert worker(dtype="float16").kv_cache_dtype == torch.float32
+    assert worker(dtype="float16").kv_cache_dtype == torch.float16
     assert worker(dtype="bfloat16", kv_cache_dtype="float32").kv_cache_dtype == torch.float32
     assert worker(dtype="float32").kv_cache_dtype == torch.float32
     assert worker(dtype="bfloat16", kernels="torch").kv_cache_dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("lengths", [(5, 17, 33), tuple(range(3, 39, 3))])
-def test_fused_decode_over_a_bf16_cache_equals_the_python_layers(cpu_ops, llama_dir,
-                                                                 monkeypatch, lengths):
-    """The fused decode stack writes k/v into a bf16 cache rounded as torch rounds them, and
-    reads it as the Python layers' attention kernels do, and takes the same product per row
-    count (oneDNN's bf16 GEMM where the CPU has native bf16 products, else the streaming GEMV
-    for 3 rows and the panels for 12): the same logits."""
+def test_fused_decode_over_a_16_bit_cache_equals_the_python_layers(cpu_ops, llama_dir,
+                                                                   monkeypatch, lengths,
+                                                                   cache_dtype):
+    """The fused decode stack writes k/v into a bf16 / fp16 cache rounded as torch rounds them
+    (the same cache bits), and reads it as the Python layers' attention kernels do, and takes
+    the same product per row count (oneDNN's bf16 GEMM where the CPU has native bf16 products,
+    else the streaming GEMV for 3 rows and the panels for 12): the same logits."""
     from _sluice_model_helpers import PagedRunner
     from sluice.model.fused_decode import FusedDecode
 
@@ -328,13 +330,17 @@ def test_fused_decode_over_a_bf16_cache_equals_the_python_layers(cpu_ops, llama_
     for fused in (True, False):
         if not fused:
             ours.model.fused_decode = None
+        torch.manual_seed(0)   # the caches' unused slots hold the same random fill
         runner = PagedRunner(ours)
-        runner.kv_caches = [c.to(torch.bfloat16) for c in runner.kv_caches]
+        runner.kv_caches = [c.to(cache_dtype) for c in runner.kv_caches]
         results.append(_logits_with(runner, lengths))
-        assert all(c.dtype == torch.bfloat16 for c in runner.kv_caches)
+        assert all(c.dtype == cache_dtype for c in runner.kv_caches)
+        results[-1]["caches"] = torch.stack(runner.kv_caches)
         # the stack ran the 3 decode steps (a row per request) of the first run, none of the
         # second
         assert calls == [len(lengths)] * 3
+    assert torch.equal(results[0].pop("caches").view(torch.int16),
+                       results[1].pop("caches").view(torch.int16))
     for key in results[0]:
         torch.testing.assert_close(results[0][key], results[1][key], rtol=0, atol=1e-5)
 

@@ -1,7 +1,7 @@
 """A KV cache stored in another dtype than the model's (`--kv-cache-dtype`): the attention
 backends write k/v in the cache's dtype and attend over exactly the values it holds; the C++
-kernels and the fused decode stack read float32, bfloat16 and fp8 caches (`KERNEL_CACHE_DTYPES`)
-and step aside for others (float16)."""
+kernels and the fused decode stack read float32, bfloat16, float16 and fp8 caches
+(`KERNEL_CACHE_DTYPES`). A GGUF file's default mode stores float16, as llama.cpp."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from sluice.model.attention.backends.cpu_paged import KERNEL_CACHE_DTYPES, CpuPagedBackend
 from sluice.model.attention.backends.torch_paged import TorchPagedBackend
 from sluice.model.attention.forward_context import set_forward_context
-from sluice.model.attention.kv_cache import cache_bytes, to_cache_dtype
+from sluice.model.attention.kv_cache import FP8_KV_DTYPES, cache_bytes, to_cache_dtype
 from sluice.model.attention.metadata import build_attention_metadata
 
 from _sluice_model_helpers import run_tests_in_kernel_build
@@ -62,6 +62,9 @@ def test_low_precision_cache_equals_float32_cache_of_rounded_values(cache_dtype,
     q, k, v = torch.randn(tokens, 8, head_dim), torch.randn(tokens, 2, head_dim), \
         torch.randn(tokens, 2, head_dim)
     low = torch.randn(2, 40, BLOCK, 2, head_dim).to(cache_dtype)
+    if cache_dtype == torch.float16:   # float16's largest value and its subnormals written
+        k[-1, 0, :4] = torch.tensor([65504.0, -65519.0, 3e-6, -1e-7])
+        v[-1, 1, :4] = torch.tensor([-6e4, 2.0 ** -24 * 1.5, 1e-6, -2.0 ** -25])
     if cache_dtype.itemsize == 1:
         # values past fp8's range (saturated) and fp8 subnormals written ...
         k[-1, 0, :4] = torch.tensor([1e6, -1e6, 3e-3, -1e-9])
@@ -91,6 +94,31 @@ def test_low_precision_cache_equals_float32_cache_of_rounded_values(cache_dtype,
                                    rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("cache_dtype", KERNEL_CACHE_DTYPES,
+                         ids=lambda dtype: str(dtype).removeprefix("torch."))
+def test_cpp_cache_writes_narrow_as_torch(cpu_ops, cache_dtype):
+    """The C++ cache writes (`store_kv_rows`, the fused decode stack's) store the bits torch's
+    cast (`to_cache_dtype`) stores, ties, overflow, subnormals and signed zeros included, at
+    every position of the vector loops and their tails; a NaN stays a NaN."""
+    torch.manual_seed(0)
+    special = torch.tensor([65504.0, 65519.0, 65520.0, -1e6, 2.0 ** -24 * 1.5, 2.0 ** -25,
+                            -2.0 ** -26, 1e-40, float("inf"), -float("inf"), float("nan"),
+                            -float("nan"), 1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11,
+                            1.0 + 2.0 ** -8, 448.0, 500.0, -6e4, 0.0, -0.0])
+    src = torch.cat([torch.randn(1000) * 10.0 ** torch.randint(-8, 6, (1000,)), special,
+                     torch.randn(7)])
+    for n in (src.numel(), 23, 9, 1):
+        x = src[-n:].contiguous()
+        if cache_dtype in FP8_KV_DTYPES:   # torch casts NaN to fp8 NaN; writes never hold NaN
+            x = torch.nan_to_num(x, nan=0.0, posinf=1e9, neginf=-1e9)
+        got = torch.empty(x.shape, dtype=cache_dtype)
+        cpu_ops.store_kv_rows(got, x)
+        expected = to_cache_dtype(x, cache_dtype)
+        nan = expected.float().isnan()
+        assert torch.equal(got.float().isnan(), nan), n    # NaN stays NaN (its bits may differ)
+        assert torch.equal(cache_bytes(got[~nan]), cache_bytes(expected[~nan])), n
+
+
 def test_fused_decode_takes_the_caches_the_kernels_read():
     from sluice.model.fused_decode import FusedDecode
     md = _step([1, 1], [5, 9], 4)
@@ -103,30 +131,41 @@ def test_fused_decode_takes_the_caches_the_kernels_read():
 
 
 @pytest.mark.parametrize("variant", ["x86_64_v3", "x86_64_v4"])
-def test_each_kernel_build_reads_fp8_caches_exactly(variant):
-    """The fp8 widening has an AVX-512 and an F16C (x86-64-v3) form: each build the CPU runs
-    passes the cache tests above (kernels over an fp8 cache == over a float32 cache of the
-    same values, bit for bit), loaded in a fresh process."""
-    run_tests_in_kernel_build(variant, __file__, "cpu_paged and float8", passed=4)
+def test_each_kernel_build_reads_fp8_and_fp16_caches_exactly(variant):
+    """The 16- and 8-bit caches' widening and the float16 narrowing have an AVX-512 and an F16C
+    (x86-64-v3) form: each build the CPU runs passes the cache tests above (kernels over a
+    bf16 / fp16 / fp8 cache == over a float32 cache of the same values, bit for bit; the C++
+    cache writes round as torch), loaded in a fresh process ('float16' also selects
+    bfloat16)."""
+    run_tests_in_kernel_build(variant, __file__, "cpu_paged and (float8 or float16) or narrow",
+                              passed=13)
 
 
 MAX_SMOLLM2_FP8_PPL_INCREASE = 0.015
-"""SmolLM2 over an fp8_e4m3 (`fp8`) cache: held-out perplexity at most 1.5% above its own
+"""SmolLM2 over an fp8_e4m3 (`fp8`) cache: held-out perplexity at most 1.5% above the float32
 cache's (measured +0.63% here in decode-sized steps, +0.76% with whole prompts: RESULTS)."""
 
+MAX_SMOLLM2_FP16_PPL_CHANGE = 0.004
+"""SmolLM2 over a float16 cache (its GGUF file's default, as llama.cpp's): held-out perplexity
+within 0.4% of the float32 cache's (measured +0.13% here, a bfloat16 cache +0.26%: RESULTS)."""
 
-def test_smollm2_fp8_cache_perplexity(cpu_ops, smollm2_gguf):
+
+def test_smollm2_gguf_cache_dtypes_perplexity(cpu_ops, smollm2_gguf):
     """The real model's file in its default mode (Q4_1 blocks, int8 activations), one request
     and at most 8 tokens per step, so every forward is the fused decode stack over the cache:
-    `--kv-cache-dtype fp8` within MAX_SMOLLM2_FP8_PPL_INCREASE of the float32 cache."""
+    `--kv-cache-dtype auto` is float16 (llama.cpp's K/V type; the same perplexity as an
+    explicit float16, bit for bit), within MAX_SMOLLM2_FP16_PPL_CHANGE of float32; fp8 within
+    MAX_SMOLLM2_FP8_PPL_INCREASE of float32."""
     from sluice.frontend.llm import LLM
     from sluice.testing.perplexity import engine_perplexity, heldout_prompts
 
     prompts = heldout_prompts(8)
     ppl = {}
-    for kv in ("auto", "fp8"):
+    for kv in ("auto", "float16", "float32", "fp8"):
         with LLM(str(smollm2_gguf), kv_cache_memory="64MiB", max_model_len=512,
                  max_num_batched_tokens=8, max_num_seqs=1, kv_cache_dtype=kv) as llm:
             ppl[kv] = engine_perplexity(llm, prompts)[0]
-    assert ppl["fp8"] != ppl["auto"]                       # the fp8 cache was read
-    assert ppl["fp8"] <= ppl["auto"] * (1 + MAX_SMOLLM2_FP8_PPL_INCREASE), ppl
+    assert ppl["auto"] == ppl["float16"] != ppl["float32"], ppl
+    assert abs(ppl["float16"] / ppl["float32"] - 1) <= MAX_SMOLLM2_FP16_PPL_CHANGE, ppl
+    assert ppl["fp8"] != ppl["float32"]                    # the fp8 cache was read
+    assert ppl["fp8"] <= ppl["float32"] * (1 + MAX_SMOLLM2_FP8_PPL_INCREASE), ppl

@@ -19,6 +19,7 @@ stores fp8(k / k_scale), fp8(v / v_scale), and attention reads them as stored * 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from pathlib import Path
@@ -390,7 +391,7 @@ def test_engine_serves_the_scaled_checkpoint(scaled_checkpoints, caplog):
     assert err < 0.2 and err_unscaled > 10 * err, (err, err_unscaled)
 
 
-def test_which_configs_make_auto_an_fp8_cache(tmp_path):
+def test_which_configs_make_auto_an_fp8_cache(tmp_path, llama_dir):
     """vLLM's rule: a compressed-tensors kv_cache_scheme or ModelOpt's kv_cache_quant_algo FP8
     turns `--kv-cache-dtype auto` into fp8; quant_method fp8 (AutoFP8's 'static' scheme
     included) and KV scales alone do not."""
@@ -410,8 +411,12 @@ def test_which_configs_make_auto_an_fp8_cache(tmp_path):
     for qc in (None, float_quantized_config(), modelopt,
                fp8_config(kv_cache_scheme="static"), fp8_config(kv_cache_scheme=kv_cache_scheme())):
         assert not declares(qc), qc
-    assert kv_cache_auto_dtype(torch.bfloat16, torch.float32, True) == torch.float8_e4m3fn
-    assert kv_cache_auto_dtype(torch.bfloat16, torch.float32) == torch.bfloat16
+    spec = load_model_spec(llama_dir)
+    declared = dataclasses.replace(spec, fp8_kv_cache=True)
+    for dtype in (torch.bfloat16, torch.float32):
+        assert kv_cache_auto_dtype(declared, None, dtype) == torch.float8_e4m3fn
+        assert kv_cache_auto_dtype(declared, "fp8", dtype) == torch.float8_e4m3fn
+        assert kv_cache_auto_dtype(spec, None, dtype) == dtype
 
 
 @pytest.mark.parametrize("layout", ["ct-channel", "fp8-tensor-static"])

@@ -252,21 +252,30 @@ def test_request_params_n_must_be_1():
     assert check_for_server({"do_remote_decode": True}, PRODUCER) == {"do_remote_decode": True}
 
 
-def test_layout_names_the_cache_auto_resolves_to_for_a_kv_scheme_checkpoint(tmp_path):
-    """A compressed-tensors kv_cache_scheme makes `--kv-cache-dtype auto` the fp8_e4m3 cache:
-    the layout says so, so a prefill engine given 'auto' and a decode engine given 'fp8' match;
-    other checkpoints keep the flag's value."""
+def test_layout_names_the_cache_auto_resolves_to_where_the_checkpoint_decides(tmp_path):
+    """A compressed-tensors kv_cache_scheme makes `--kv-cache-dtype auto` the fp8_e4m3 cache,
+    and a GGUF file in its default mode (float32) the float16 one: the layout says so, so a
+    prefill engine given 'auto' and a decode engine given 'fp8' / 'float16' match; other
+    checkpoints and modes keep the flag's value."""
     from sluice.config_sources import build_engine_config
+    from sluice.hf_config import ModelSpec
     from sluice.kv_transfer.factory import kv_layout
 
     class Spec:
         path, num_key_value_heads, head_dim, num_hidden_layers = "/m/model", 2, 8, 2
-        fp8_kv_cache = True
+        fp8_kv_cache, gguf = True, False
+        auto_kv_cache_dtype = ModelSpec.auto_kv_cache_dtype
 
-    def layout(kv_cache_dtype: str, spec=Spec) -> str:
-        config = build_engine_config(overrides={"kv_cache_dtype": kv_cache_dtype})
-        return kv_layout(config, spec)["kv_cache_dtype"]
+    def layout(kv_cache_dtype: str, spec=Spec, **options) -> str:
+        config = build_engine_config(overrides={"kv_cache_dtype": kv_cache_dtype, **options})
+        return kv_layout(config, spec())["kv_cache_dtype"]
 
     assert layout("auto") == layout("fp8") == layout("fp8_e4m3") == "fp8_e4m3"
+    assert layout("auto", dtype="bfloat16") == "fp8_e4m3"
     plain = type("PlainSpec", (Spec,), {"fp8_kv_cache": False})
     assert layout("auto", plain) == "auto" and layout("bfloat16") == "bfloat16"
+    gguf = type("GgufSpec", (plain,), {"gguf": True})
+    assert layout("auto", gguf) == layout("float16", gguf) == "float16"
+    assert layout("auto", gguf, dtype="float32") == "float16"
+    assert layout("auto", gguf, quantization="gguf") == "auto"
+    assert layout("auto", gguf, dtype="bfloat16") == "auto"

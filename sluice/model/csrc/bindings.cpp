@@ -16,6 +16,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Paged decode attention over an in-place block-structured KV cache (CPU, fp32)");
   m.def("paged_prefill_attention", &paged_prefill_attention, nogil,
         "Causal attention of multi-token requests over the block-structured KV cache (CPU, fp32)");
+  m.def("store_kv_rows", &store_kv_rows, nogil,
+        "dst = float32 src in dst's KV cache dtype, rounded as the C++ cache writes round");
   m.def("tiled_linear", &tiled_linear, nogil,
         "out = x @ w.T (+ bias), tiled across threads (CPU)", py::arg("out"), py::arg("x"),
         py::arg("w"), py::arg("bias") = py::none());

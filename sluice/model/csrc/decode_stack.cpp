@@ -57,6 +57,17 @@ at::Tensor linear_pointwise(const at::Tensor& input, const at::Tensor& packed,
 int64_t conversion_grain(int64_t cols) { return std::max<int64_t>(1, (1 << 14) / cols); }
 }  // namespace
 
+void store_kv_rows(at::Tensor dst, at::Tensor src) {
+  TORCH_CHECK(src.scalar_type() == at::kFloat && src.is_contiguous() && dst.is_contiguous() &&
+                  src.numel() == dst.numel(),
+              "store_kv_rows: contiguous float32 src and dst of as many elements expected");
+  const bool known = sluice::visit_kv_cache_type(dst.scalar_type(), [&](auto tag) {
+    sluice::kv_row_store(static_cast<decltype(tag)*>(dst.data_ptr()), src.data_ptr<float>(),
+                         src.numel());
+  });
+  TORCH_CHECK(known, "store_kv_rows: a KV cache dtype expected, got ", dst.scalar_type());
+}
+
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
                          const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2, "onednn_linear: x [M, K] expected");
@@ -316,8 +327,8 @@ at::Tensor DecodeStack::forward(at::Tensor x, at::Tensor cos, at::Tensor sin,
         store_scaled(kc + half + slots[t] * kv_cols, vp + t * ldv, v_inv);
       }
     });
-    TORCH_CHECK(known, "DecodeStack: a float32, bfloat16 or fp8 (e4m3fn / e5m2) KV cache "
-                "expected, got ", cache.scalar_type());
+    TORCH_CHECK(known, "DecodeStack: a float32, bfloat16, float16 or fp8 (e4m3fn / e5m2) KV "
+                "cache expected, got ", cache.scalar_type());
     at::Tensor attn = at::empty({T, H, D}, x.options());
     paged_decode_attention(attn, q, cache, block_ids, nb, seq_lens,
                            scaled ? scale_ * w.k_scale : scale_);

@@ -15,6 +15,11 @@ void paged_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
                              at::Tensor block_table, at::Tensor query_start_loc,
                              at::Tensor seq_lens, double scale);
 
+// dst[i] = src[i] (float32) stored in dst's KV cache dtype (float32, bfloat16, float16, fp8
+// e4m3fn / e5m2) exactly as the fused decode stack's cache writes round it (kv_rows.h); both
+// contiguous, same number of elements (decode_stack.cpp). For tests against torch's casts.
+void store_kv_rows(at::Tensor dst, at::Tensor src);
+
 // out = x @ w.T (+ bias), tiled over rows and columns (tiled_linear.cpp).
 void tiled_linear(at::Tensor out, at::Tensor x, at::Tensor w,
                   std::optional<at::Tensor> bias);

@@ -1,7 +1,7 @@
 // Paged decode attention for CPU: one query token per request, keys and values read in place
 // from the block-structured KV cache (no gather copy). fp32 arithmetic over a float32,
-// bfloat16 or fp8 (e4m3fn / e5m2) cache (16-bit and 8-bit keys/values are widened to fp32 in
-// registers as they are read, exactly: fp8_rows.h); OpenMP over (request, key chunk).
+// bfloat16, float16 or fp8 (e4m3fn / e5m2) cache (16-bit and 8-bit keys/values are widened to
+// fp32 in registers as they are read, exactly: fp8_rows.h); OpenMP over (request, key chunk).
 //
 // Shapes (all contiguous):
 //   q          [N, H, D]                 query of each decode request (rows may be strided)
@@ -124,7 +124,7 @@ inline v16 transpose_sum(const v16* a) {
 // The widest float vector this build keeps in one register (AVX-512: 16 lanes, else 8) and
 // its loads from a float32 / bfloat16 / fp8 cache row: a bf16 element widened exactly (its 16
 // bits are the high half of the float32: zero-extend to 32 bits, shift into the high half), an
-// fp8 one through fp16 (fp8_rows.h).
+// fp8 one through fp16 (fp8_rows.h), a float16 one by vcvtph2ps (exact).
 #if defined(__AVX512F__)
 using vreg = v16;
 inline vreg load_vreg(const float* p) { return load16(p); }
@@ -132,6 +132,10 @@ inline vreg load_vreg(const c10::BFloat16* p) {
   const __m512i wide = _mm512_slli_epi32(
       _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
   return reinterpret_cast<v16>(_mm512_castsi512_ps(wide));
+}
+inline vreg load_vreg(const c10::Half* p) {
+  return reinterpret_cast<v16>(
+      _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
 }
 template <typename T, std::enable_if_t<sluice::kIsFp8<T>, int> = 0>
 inline vreg load_vreg(const T* p) {  // in kFp8Unit<T> units (see attend_range)
@@ -148,6 +152,10 @@ inline vreg load_vreg(const c10::BFloat16* p) {
   const __m256i wide = _mm256_slli_epi32(
       _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
   return reinterpret_cast<vreg>(_mm256_castsi256_ps(wide));
+}
+inline vreg load_vreg(const c10::Half* p) {
+  return reinterpret_cast<vreg>(
+      _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 template <typename T, std::enable_if_t<sluice::kIsFp8<T>, int> = 0>
 inline vreg load_vreg(const T* p) {  // in kFp8Unit<T> units (see attend_range)
@@ -478,6 +486,6 @@ void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
   const bool known = sluice::visit_kv_cache_type(kv_cache.scalar_type(), [&](auto tag) {
     decode_attention_for_d<decltype(tag)>(out, q, kv_cache, block_ids, nb, seq_lens, scale);
   });
-  TORCH_CHECK(known, "paged_decode_attention: a float32, bfloat16 or fp8 (e4m3fn / e5m2) cache "
-              "expected, got ", kv_cache.scalar_type());
+  TORCH_CHECK(known, "paged_decode_attention: a float32, bfloat16, float16 or fp8 (e4m3fn / "
+              "e5m2) cache expected, got ", kv_cache.scalar_type());
 }

@@ -5,7 +5,8 @@
 // Shapes:
 //   q                [T, H, D]     the step's flat queries (rows may be strided)
 //   kv_cache         [2, num_blocks, B, Hkv, D] contiguous; [0] keys, [1] values; float32,
-//                    bfloat16 or fp8 (rows widened to fp32 as they are copied out, `kv_rows.h`)
+//                    bfloat16, float16 or fp8 (rows widened to fp32 as they are copied out,
+//                    `kv_rows.h`)
 //   block_table      [R, MB] int32 request r's blocks
 //   query_start_loc  [R + 1] int64 request r owns flat tokens [qsl[r], qsl[r+1])
 //   seq_lens         [R] int64     context length after this step
@@ -163,6 +164,6 @@ void paged_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
     prefill_attention<decltype(tag)>(out, q, kv_cache, block_table, query_start_loc, seq_lens,
                                      scale);
   });
-  TORCH_CHECK(known, "paged_prefill_attention: a float32, bfloat16 or fp8 (e4m3fn / e5m2) "
-              "cache expected, got ", kv_cache.scalar_type());
+  TORCH_CHECK(known, "paged_prefill_attention: a float32, bfloat16, float16 or fp8 (e4m3fn / "
+              "e5m2) cache expected, got ", kv_cache.scalar_type());
 }

@@ -1,5 +1,6 @@
 """The CPU paged backend: C++/OpenMP kernels that read keys and values in place from the
-block-structured cache (float32, bfloat16 or fp8, `KERNEL_CACHE_DTYPES`; float32 queries). Decode
+block-structured cache (float32, bfloat16, float16 or fp8, `KERNEL_CACHE_DTYPES`; float32
+queries). Decode
 groups run `paged_decode_attention`; all multi-token requests of
 a step (whole prompts and chunks after earlier context) run one `paged_prefill_attention` call,
 without the padding and gather of the torch path. Cache writes are the torch backend's, which
@@ -24,9 +25,9 @@ from sluice.model.attention.kv_cache import FP8_KV_DTYPES
 from sluice.model.attention.metadata import AttentionMetadata, DecodeGroup
 
 
-#: the cache dtypes the kernels read (a bf16 or fp8 row is widened to float32 as it is read,
-#: exactly; the arithmetic is float32 with float32 queries); others take the torch backend
-KERNEL_CACHE_DTYPES = (torch.float32, torch.bfloat16, *FP8_KV_DTYPES)
+#: the cache dtypes the kernels read (a bf16, fp16 or fp8 row is widened to float32 as it is
+#: read, exactly; the arithmetic is float32 with float32 queries); others take the torch backend
+KERNEL_CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, *FP8_KV_DTYPES)
 
 
 class CpuPagedBackend(TorchPagedBackend):

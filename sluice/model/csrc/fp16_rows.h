@@ -1,0 +1,58 @@
+// float32 <-> IEEE float16 (c10::Half) conversion of contiguous runs: a float16 KV cache.
+//
+// Widening is exact (vcvtph2ps: AVX-512F, or F16C on x86-64-v3). Narrowing rounds to nearest
+// even (vcvtps2ph), overflows to +-inf and gives the canonical quiet NaN 0x7E00 with the
+// input's sign for any NaN: bit for bit what torch's .to(torch.float16) and c10::Half(float)
+// store (c10's fp16_ieee_from_fp32_value), so the C++ and torch cache writes agree.
+#pragma once
+
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+#include <immintrin.h>
+
+namespace sluice {
+
+// dst[0 .. n) = float16(src[0 .. n)), round to nearest even.
+inline void narrow_to_fp16(c10::Half* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m256i quiet = _mm256_set1_epi16(0x7E00);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_loadu_ps(src + i);
+    __m256i h = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    if (nan) {  // c10's NaN: 0x7E00 | sign (vcvtps2ph would keep the payload's top bits)
+      const __m256i sign = _mm256_and_si256(h, _mm256_set1_epi16(static_cast<int16_t>(0x8000)));
+      h = _mm256_mask_blend_epi16(nan, h, _mm256_or_si256(sign, quiet));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), h);
+  }
+#elif defined(__F16C__)
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(src + i);
+    if (_mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q))) break;  // NaN: scalar tail
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = c10::Half(src[i]);
+}
+
+// dst[0 .. n) = float(src[0 .. n)), exactly.
+inline void widen_from_fp16(float* dst, const c10::Half* src, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(
+                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+#elif defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(
+                                  _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+}  // namespace sluice
