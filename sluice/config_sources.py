@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sluice.config import ENV_PREFIX, SECTIONS, EngineConfig, FieldSpec, field_specs
+from sluice.config import SECTIONS, EngineConfig, field_specs
+from sluice.config_fields import ENV_PREFIX, FieldSpec
 from sluice.config_rules import cross_field_problems
 from sluice.errors import ConfigError
 

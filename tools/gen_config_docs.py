@@ -10,7 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from sluice.config import ENV_PREFIX, SECTIONS, field_specs
+from sluice.config import SECTIONS, field_specs
+from sluice.config_fields import ENV_PREFIX
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
