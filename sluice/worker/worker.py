@@ -20,6 +20,18 @@ from sluice.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
+def auto_kv_cache_reason(spec: ModelSpec, quantization: str | None, dtype: torch.dtype) -> str:
+    """Why `--kv-cache-dtype auto` stores what `kv_cache_auto_dtype` gives, where the checkpoint
+    decided it (for the log), else ''."""
+    chosen = spec.auto_kv_cache_dtype(quantization, dtype == torch.float32)
+    if chosen == "fp8_e4m3":
+        return " (auto: the checkpoint declares fp8 KV-cache scales)"
+    if chosen == "float16":
+        return (" (auto: a GGUF file's default, llama.cpp's K/V type; --kv-cache-dtype "
+                "float32 for a float32 cache)")
+    return ""
+
+
 FP8_OR_FLOAT16 = {"fp8_e4m3": torch.float8_e4m3fn, "float16": torch.float16}
 """`ModelSpec.auto_kv_cache_dtype`'s names as torch dtypes."""
 
@@ -55,6 +67,9 @@ class Worker:
         self.kv_cache_dtype = self.platform.resolve_kv_cache_dtype(
             config.cache.kv_cache_dtype,
             kv_cache_auto_dtype(spec, config.model.quantization, self.dtype))
+        self.kv_cache_dtype_reason = auto_kv_cache_reason(
+            spec, config.model.quantization, self.dtype) \
+            if config.cache.kv_cache_dtype == "auto" else ""
         if rank == 0:
             for note in self.platform.ineffective_options(config):
                 logger.info(note)
@@ -141,10 +156,10 @@ class Worker:
             self.kv_hooks = WorkerConnectorHooks(make_worker_connector(self.config, tp.rank,
                                                                        tp.size))
             self.kv_hooks.connector.register_kv_caches(self.model_runner.kv_caches)
-        logger.info("KV cache: %.2f GiB of %s in %d blocks of %d tokens (resident from "
+        logger.info("KV cache: %.2f GiB of %s%s in %d blocks of %d tokens (resident from "
                     "startup)", num_blocks * self.kv_cache_bytes_per_block() / 2**30,
-                    str(self.kv_cache_dtype).removeprefix("torch."), num_blocks,
-                    self.config.cache.block_size)
+                    str(self.kv_cache_dtype).removeprefix("torch."), self.kv_cache_dtype_reason,
+                    num_blocks, self.config.cache.block_size)
 
     def warm_up(self) -> None:
         """A decode-shaped step so the first real request does not pay for lazy init."""

@@ -5,6 +5,8 @@ kernels and the fused decode stack read float32, bfloat16, float16 and fp8 cache
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -150,7 +152,7 @@ MAX_SMOLLM2_FP16_PPL_CHANGE = 0.004
 within 0.4% of the float32 cache's (measured +0.13% here, a bfloat16 cache +0.26%: RESULTS)."""
 
 
-def test_smollm2_gguf_cache_dtypes_perplexity(cpu_ops, smollm2_gguf):
+def test_smollm2_gguf_cache_dtypes_perplexity(cpu_ops, smollm2_gguf, caplog):
     """The real model's file in its default mode (Q4_1 blocks, int8 activations), one request
     and at most 8 tokens per step, so every forward is the fused decode stack over the cache:
     `--kv-cache-dtype auto` is float16 (llama.cpp's K/V type; the same perplexity as an
@@ -162,9 +164,14 @@ def test_smollm2_gguf_cache_dtypes_perplexity(cpu_ops, smollm2_gguf):
     prompts = heldout_prompts(8)
     ppl = {}
     for kv in ("auto", "float16", "float32", "fp8"):
-        with LLM(str(smollm2_gguf), kv_cache_memory="64MiB", max_model_len=512,
-                 max_num_batched_tokens=8, max_num_seqs=1, kv_cache_dtype=kv) as llm:
+        caplog.clear()
+        with caplog.at_level(logging.INFO), \
+                LLM(str(smollm2_gguf), kv_cache_memory="64MiB", max_model_len=512,
+                    max_num_batched_tokens=8, max_num_seqs=1, kv_cache_dtype=kv) as llm:
             ppl[kv] = engine_perplexity(llm, prompts)[0]
+        # the log names the cache, and for auto why it is float16
+        reason = "of float16 (auto: a GGUF file's default, llama.cpp's K/V type"
+        assert (reason in caplog.text) == (kv == "auto"), caplog.text[-2000:]
     assert ppl["auto"] == ppl["float16"] != ppl["float32"], ppl
     assert abs(ppl["float16"] / ppl["float32"] - 1) <= MAX_SMOLLM2_FP16_PPL_CHANGE, ppl
     assert ppl["fp8"] != ppl["float32"]                    # the fp8 cache was read

@@ -382,8 +382,12 @@ def test_engine_serves_the_scaled_checkpoint(scaled_checkpoints, caplog):
         assert "apply to an fp8 KV cache only" in caplog.text
         scaled = logprobs(scaled_dir, "fp8")
         assert "fp8_e4m3 KV cache with the checkpoint's KV-cache scales (2 layers)" in caplog.text
-    # auto follows the checkpoint's kv_cache_scheme, as in vLLM; without one it is --dtype
-    assert torch.equal(logprobs(scaled_dir, "auto"), scaled)
+    # auto follows the checkpoint's kv_cache_scheme, as in vLLM (and says so); without one it
+    # is --dtype
+    with caplog.at_level(logging.INFO):
+        assert torch.equal(logprobs(scaled_dir, "auto"), scaled)
+        assert "of float8_e4m3fn (auto: the checkpoint declares fp8 KV-cache scales)" \
+            in caplog.text
     assert torch.equal(logprobs(rewritten, "auto"), exact)
     unscaled = logprobs(rewritten, "fp8")
     err, err_unscaled = (float((x - exact).abs().max()) for x in (scaled, unscaled))
