@@ -3,6 +3,7 @@
     python benchmarks/decode_attention.py                   # bf16 cache, 30 layers
     python benchmarks/decode_attention.py --dtype float32 --layers 1
     python benchmarks/decode_attention.py --dtype fp8_e4m3     # --kv-cache-dtype fp8's cache
+    python benchmarks/decode_attention.py --dtype float16      # a GGUF file's default cache
 
 `--rows` requests (default 64, W1's batch) with 128..384 cached keys each (seeded), SmolLM2's
 heads (9 query / 3 KV heads of 64 dims), `--block-size`-token blocks scattered over one cache
@@ -29,7 +30,7 @@ from sluice.model.host_memory import huge_page_buffer
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="bfloat16",
-                        choices=("bfloat16", "float32", "fp8_e4m3", "fp8_e5m2"))
+                        choices=("bfloat16", "float16", "float32", "fp8_e4m3", "fp8_e5m2"))
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--block-size", type=int, default=64)
