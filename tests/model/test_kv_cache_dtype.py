@@ -14,7 +14,8 @@ import torch
 from sluice.model.attention.backends.cpu_paged import KERNEL_CACHE_DTYPES, CpuPagedBackend
 from sluice.model.attention.backends.torch_paged import TorchPagedBackend
 from sluice.model.attention.forward_context import set_forward_context
-from sluice.model.attention.kv_cache import FP8_KV_DTYPES, cache_bytes, to_cache_dtype
+from sluice.model.attention.kv_cache import (FP8_KV_DTYPES, SATURATED_KV_DTYPES, cache_bytes,
+                                             to_cache_dtype)
 from sluice.model.attention.metadata import build_attention_metadata
 
 from _sluice_model_helpers import run_tests_in_kernel_build
@@ -53,7 +54,8 @@ def test_low_precision_cache_equals_float32_cache_of_rounded_values(cache_dtype,
                                                                     head_dim, request):
     """Attention over a bf16/fp16/fp8 cache == attention over a float32 cache holding the same
     (rounded) numbers, with this step's k/v rounded the same way; the cache keeps its dtype
-    and holds k/v rounded to it (fp8: saturated to its range, as vLLM's scale-1 cache)."""
+    and holds k/v rounded to it (fp16 and fp8: saturated to their range; fp8 as vLLM's scale-1
+    cache)."""
     if backend == "cpu_paged":
         impl = CpuPagedBackend(request.getfixturevalue("cpu_ops"))
     else:
@@ -64,8 +66,8 @@ def test_low_precision_cache_equals_float32_cache_of_rounded_values(cache_dtype,
     q, k, v = torch.randn(tokens, 8, head_dim), torch.randn(tokens, 2, head_dim), \
         torch.randn(tokens, 2, head_dim)
     low = torch.randn(2, 40, BLOCK, 2, head_dim).to(cache_dtype)
-    if cache_dtype == torch.float16:   # float16's largest value and its subnormals written
-        k[-1, 0, :4] = torch.tensor([65504.0, -65519.0, 3e-6, -1e-7])
+    if cache_dtype == torch.float16:   # past float16's range (saturated), its subnormals
+        k[-1, 0, :4] = torch.tensor([1e6, -65520.0, 3e-6, -1e-7])
         v[-1, 1, :4] = torch.tensor([-6e4, 2.0 ** -24 * 1.5, 1e-6, -2.0 ** -25])
     if cache_dtype.itemsize == 1:
         # values past fp8's range (saturated) and fp8 subnormals written ...
@@ -99,9 +101,10 @@ def test_low_precision_cache_equals_float32_cache_of_rounded_values(cache_dtype,
 @pytest.mark.parametrize("cache_dtype", KERNEL_CACHE_DTYPES,
                          ids=lambda dtype: str(dtype).removeprefix("torch."))
 def test_cpp_cache_writes_narrow_as_torch(cpu_ops, cache_dtype):
-    """The C++ cache writes (`store_kv_rows`, the fused decode stack's) store the bits torch's
-    cast (`to_cache_dtype`) stores, ties, overflow, subnormals and signed zeros included, at
-    every position of the vector loops and their tails; a NaN stays a NaN."""
+    """The C++ cache writes (`store_kv_rows`, the fused decode stack's) store the bits
+    `to_cache_dtype` stores, ties, overflow (saturated for float16 and fp8), subnormals and
+    signed zeros included, at every position of the vector loops and their tails; a NaN stays
+    a NaN."""
     torch.manual_seed(0)
     special = torch.tensor([65504.0, 65519.0, 65520.0, -1e6, 2.0 ** -24 * 1.5, 2.0 ** -25,
                             -2.0 ** -26, 1e-40, float("inf"), -float("inf"), float("nan"),
@@ -116,6 +119,8 @@ def test_cpp_cache_writes_narrow_as_torch(cpu_ops, cache_dtype):
         got = torch.empty(x.shape, dtype=cache_dtype)
         cpu_ops.store_kv_rows(got, x)
         expected = to_cache_dtype(x, cache_dtype)
+        if cache_dtype in SATURATED_KV_DTYPES:   # +-inf and overflows stored as the largest value
+            assert not expected.float().isinf().any()
         nan = expected.float().isnan()
         assert torch.equal(got.float().isnan(), nan), n    # NaN stays NaN (its bits may differ)
         assert torch.equal(cache_bytes(got[~nan]), cache_bytes(expected[~nan])), n

@@ -20,7 +20,8 @@ since only computed K/V is ever written.
 fp8 caches (`--kv-cache-dtype fp8_e4m3 | fp8_e5m2`, `FP8_KV_DTYPES`) store k/v with a scale of
 1 (vLLM's default k_scale = v_scale = 1.0), saturated to the format's largest finite value
 (`to_cache_dtype`): torch's cast already saturates e4m3fn, but rounds an overflowing e5m2 value
-to inf, which attention would turn into NaN. torch implements no index_copy_ for fp8, so writes
+to inf, which attention would turn into NaN. A float16 cache (a GGUF file's default, as
+llama.cpp's) saturates at 65504 likewise (`SATURATED_KV_DTYPES`). torch implements no index_copy_ for fp8, so writes
 and gathers go through the cache's bytes (`cache_bytes`).
 """
 
@@ -39,13 +40,18 @@ FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 """The 8-bit float cache dtypes (`--kv-cache-dtype fp8` / `fp8_e4m3` is e4m3fn, `fp8_e5m2`)."""
 
 
+SATURATED_KV_DTYPES = (torch.float16, *FP8_KV_DTYPES)
+"""Cache dtypes narrower in range than float32: a value past their largest finite one is stored
+as that value (saturated), not as inf, which attention would turn into NaN."""
+
+
 def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`x` as the cache stores it in `dtype`: a plain cast (round to nearest even), an fp8
-    value first clamped to +-the format's largest finite value (448 for e4m3fn, 57344 for
-    e5m2), as the C++ cache writes do (`kv_rows.h`)."""
+    """`x` as the cache stores it in `dtype`: a cast (round to nearest even), a float16 or fp8
+    value first clamped to +-the format's largest finite value (65504, 448 for e4m3fn, 57344
+    for e5m2: `SATURATED_KV_DTYPES`), as the C++ cache writes do (`kv_rows.h`)."""
     if x.dtype == dtype:
         return x
-    if dtype in FP8_KV_DTYPES:
+    if dtype in SATURATED_KV_DTYPES:
         limit = torch.finfo(dtype).max
         return x.clamp(-limit, limit).to(dtype)
     return x.to(dtype)

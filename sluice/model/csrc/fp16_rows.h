@@ -1,27 +1,34 @@
 // float32 <-> IEEE float16 (c10::Half) conversion of contiguous runs: a float16 KV cache.
 //
-// Widening is exact (vcvtph2ps: AVX-512F, or F16C on x86-64-v3). Narrowing rounds to nearest
-// even (vcvtps2ph), overflows to +-inf and gives the canonical quiet NaN 0x7E00 with the
-// input's sign for any NaN: bit for bit what torch's .to(torch.float16) and c10::Half(float)
-// store (c10's fp16_ieee_from_fp32_value), so the C++ and torch cache writes agree.
+// Widening is exact (vcvtph2ps: AVX-512F, or F16C on x86-64-v3). Narrowing clamps to +-65504
+// (float16's largest finite value: a cache holds no inf, which attention would turn into NaN),
+// rounds to nearest even (vcvtps2ph) and gives the canonical quiet NaN 0x7E00 with the input's
+// sign for any NaN: bit for bit what torch's .to(torch.float16) and c10::Half(float) store
+// after that clamp (c10's fp16_ieee_from_fp32_value; `to_cache_dtype`), so the C++ and torch
+// cache writes agree.
 #pragma once
 
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <immintrin.h>
 
 namespace sluice {
 
-// dst[0 .. n) = float16(src[0 .. n)), round to nearest even.
+constexpr float kFp16Max = 65504.f;
+
+// dst[0 .. n) = float16(src[0 .. n) clamped to +-kFp16Max), round to nearest even.
 inline void narrow_to_fp16(c10::Half* dst, const float* src, int64_t n) {
   int64_t i = 0;
 #if defined(__AVX512F__)
   const __m256i quiet = _mm256_set1_epi16(0x7E00);
+  const __m512 hi = _mm512_set1_ps(kFp16Max), lo = _mm512_set1_ps(-kFp16Max);
   for (; i + 16 <= n; i += 16) {
     const __m512 x = _mm512_loadu_ps(src + i);
-    __m256i h = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 clamped = _mm512_min_ps(_mm512_max_ps(x, lo), hi);  // NaN: replaced below
+    __m256i h = _mm512_cvtps_ph(clamped, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
     if (nan) {  // c10's NaN: 0x7E00 | sign (vcvtps2ph would keep the payload's top bits)
       const __m256i sign = _mm256_and_si256(h, _mm256_set1_epi16(static_cast<int16_t>(0x8000)));
@@ -30,14 +37,17 @@ inline void narrow_to_fp16(c10::Half* dst, const float* src, int64_t n) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), h);
   }
 #elif defined(__F16C__)
+  const __m256 hi = _mm256_set1_ps(kFp16Max), lo = _mm256_set1_ps(-kFp16Max);
   for (; i + 8 <= n; i += 8) {
     const __m256 x = _mm256_loadu_ps(src + i);
     if (_mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q))) break;  // NaN: scalar tail
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
-                     _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                     _mm256_cvtps_ph(_mm256_min_ps(_mm256_max_ps(x, lo), hi),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 #endif
-  for (; i < n; ++i) dst[i] = c10::Half(src[i]);
+  for (; i < n; ++i)  // std::clamp keeps a NaN, which c10 makes 0x7E00 | sign
+    dst[i] = c10::Half(std::clamp(src[i], -kFp16Max, kFp16Max));
 }
 
 // dst[0 .. n) = float(src[0 .. n)), exactly.
