@@ -1,7 +1,8 @@
 // float32 <-> bfloat16 conversion of contiguous runs, vectorised (GCC vector extensions: the
-// build's widest registers, no ISA-specific intrinsics). Narrowing rounds to nearest-even
-// and makes NaN the canonical 0x7FC0, bit for bit what torch's .to(torch.bfloat16) and
-// c10::BFloat16(float) give; widening is exact (a bf16 is the high half of a float32).
+// build's widest registers, no ISA-specific intrinsics). Narrowing rounds to nearest-even,
+// bit for bit what torch's .to(torch.bfloat16) and c10::BFloat16(float) give, and makes NaN
+// the canonical 0x7FC0 (c10's scalar NaN; torch's vectorised cast may store another NaN
+// pattern, e.g. 0xFFFF); widening is exact (a bf16 is the high half of a float32).
 #pragma once
 
 #include <c10/util/BFloat16.h>
