@@ -102,9 +102,9 @@ def test_low_precision_cache_equals_float32_cache_of_rounded_values(cache_dtype,
                          ids=lambda dtype: str(dtype).removeprefix("torch."))
 def test_cpp_cache_writes_narrow_as_torch(cpu_ops, cache_dtype):
     """The C++ cache writes (`store_kv_rows`, the fused decode stack's) store the bits
-    `to_cache_dtype` stores, ties, overflow (saturated for float16 and fp8), subnormals and
-    signed zeros included, at every position of the vector loops and their tails; a NaN stays
-    a NaN."""
+    `to_cache_dtype` stores, ties, overflow (saturated for float16 and fp8), subnormals,
+    signed zeros and NaN (sign included) too, at every position of the vector loops and their
+    tails."""
     torch.manual_seed(0)
     special = torch.tensor([65504.0, 65519.0, 65520.0, -1e6, 2.0 ** -24 * 1.5, 2.0 ** -25,
                             -2.0 ** -26, 1e-40, float("inf"), -float("inf"), float("nan"),
@@ -121,9 +121,12 @@ def test_cpp_cache_writes_narrow_as_torch(cpu_ops, cache_dtype):
         expected = to_cache_dtype(x, cache_dtype)
         if cache_dtype in SATURATED_KV_DTYPES:   # +-inf and overflows stored as the largest value
             assert not expected.float().isinf().any()
-        nan = expected.float().isnan()
-        assert torch.equal(got.float().isnan(), nan), n    # NaN stays NaN (its bits may differ)
-        assert torch.equal(cache_bytes(got[~nan]), cache_bytes(expected[~nan])), n
+        # NaN stays NaN; its bits are torch's too but for bf16 (torch's vectorised bf16 cast
+        # stores another NaN pattern than c10's 0x7FC0, which the C++ writes store)
+        nan = expected.float().isnan() if cache_dtype == torch.bfloat16 \
+            else torch.zeros(x.shape, dtype=torch.bool)
+        assert torch.equal(got.float().isnan(), expected.float().isnan()), n
+        assert torch.equal(got[~nan].view(torch.uint8), expected[~nan].view(torch.uint8)), n
 
 
 def test_fused_decode_takes_the_caches_the_kernels_read():

@@ -27,11 +27,12 @@ inline void narrow_to_fp16(c10::Half* dst, const float* src, int64_t n) {
   const __m512 hi = _mm512_set1_ps(kFp16Max), lo = _mm512_set1_ps(-kFp16Max);
   for (; i + 16 <= n; i += 16) {
     const __m512 x = _mm512_loadu_ps(src + i);
-    const __m512 clamped = _mm512_min_ps(_mm512_max_ps(x, lo), hi);  // NaN: replaced below
+    const __m512 clamped = _mm512_min_ps(_mm512_max_ps(x, lo), hi);  // NaN: -65504, fixed below
     __m256i h = _mm512_cvtps_ph(clamped, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    if (nan) {  // c10's NaN: 0x7E00 | sign (vcvtps2ph would keep the payload's top bits)
-      const __m256i sign = _mm256_and_si256(h, _mm256_set1_epi16(static_cast<int16_t>(0x8000)));
+    if (nan) {  // c10's NaN: 0x7E00 | x's sign (vcvtps2ph of x keeps the sign and payload bits)
+      const __m256i raw = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256i sign = _mm256_and_si256(raw, _mm256_set1_epi16(static_cast<int16_t>(0x8000)));
       h = _mm256_mask_blend_epi16(nan, h, _mm256_or_si256(sign, quiet));
     }
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), h);
