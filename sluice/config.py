@@ -136,8 +136,9 @@ class CacheConfig:
         gt=0, le=1)
     kv_cache_dtype: str = option("auto", "dtype the KV cache is stored in; 'auto' is --dtype "
                                  "(fp8_e4m3 for a checkpoint that declares fp8 KV scales, as "
-                                 "in vLLM; float16 for a GGUF file without --quantization, as "
-                                 "llama.cpp). bfloat16/float16 halve the cache's "
+                                 "in vLLM; float16 for a GGUF file run with int8 activations "
+                                 "(its default, or --quantization int8), as llama.cpp). "
+                                 "bfloat16/float16 halve the cache's "
                                  "memory per token of float32, fp8 (= fp8_e4m3: 3 mantissa "
                                  "bits, range +-448) and fp8_e5m2 (2 bits, +-57344) halve it "
                                  "again: k/v are stored divided by the checkpoint's per-layer "

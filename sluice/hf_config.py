@@ -75,14 +75,14 @@ class ModelSpec:
 
         * 'fp8_e4m3' for a checkpoint that declares fp8 KV-cache scales (`fp8_kv_cache`), as
           vLLM resolves auto;
-        * 'float16' for a GGUF file run in its default mode (no `--quantization`: llama.cpp's
-          numerics, `gguf_quant.llama_cpp_numerics`) in float32 (a GGUF file's `--dtype
-          auto`): llama.cpp's default K/V type, at half the float32 cache's bytes per token.
-          `--quantization gguf` (float activations, the closest to the float model) keeps the
-          model's dtype."""
+        * 'float16' for a GGUF file run with llama.cpp's numerics (int8 activations: its
+          default mode, `gguf_quant.llama_cpp_numerics`, and `--quantization int8`) in float32
+          (a GGUF file's `--dtype auto`): llama.cpp's default K/V type, at half the float32
+          cache's bytes per token. `--quantization gguf` (float activations, the closest to
+          the float model) keeps the model's dtype."""
         if self.fp8_kv_cache:
             return "fp8_e4m3"
-        if self.gguf and quantization is None and float32_weights:
+        if self.gguf and quantization in (None, "int8") and float32_weights:
             return "float16"
         return None
 

@@ -48,8 +48,8 @@ def kv_layout(config: "EngineConfig", spec: "ModelSpec") -> dict[str, Any]:
     """The layout record both engines must share for blocks to move between them. Its
     kv_cache_dtype is the flag's, except that 'auto' where the checkpoint decides the cache
     (`ModelSpec.auto_kv_cache_dtype`: fp8_e4m3 for declared fp8 KV-cache scales, float16 for
-    a GGUF file in its default mode, whose `--dtype auto` is float32) is what it resolves to, so
-    an engine given 'fp8' (or 'float16') and one given 'auto' agree."""
+    a GGUF file with int8 activations, whose `--dtype auto` is float32) is what it resolves to,
+    so an engine given 'fp8' (or 'float16') and one given 'auto' agree."""
     kv_cache_dtype = config.cache.kv_cache_dtype
     if kv_cache_dtype == "auto":
         kv_cache_dtype = spec.auto_kv_cache_dtype(

@@ -27,8 +27,8 @@ def auto_kv_cache_reason(spec: ModelSpec, quantization: str | None, dtype: torch
     if chosen == "fp8_e4m3":
         return " (auto: the checkpoint declares fp8 KV-cache scales)"
     if chosen == "float16":
-        return (" (auto: a GGUF file's default, llama.cpp's K/V type; --kv-cache-dtype "
-                "float32 for a float32 cache)")
+        return (" (auto: a GGUF file with int8 activations, llama.cpp's K/V type; "
+                "--kv-cache-dtype float32 for a float32 cache)")
     return ""
 
 
@@ -42,7 +42,7 @@ def kv_cache_auto_dtype(spec: ModelSpec, quantization: str | None,
                         dtype: torch.dtype) -> torch.dtype:
     """What `--kv-cache-dtype auto` stores for `--dtype` `dtype`: the checkpoint's choice
     (`ModelSpec.auto_kv_cache_dtype`: fp8_e4m3 for declared fp8 KV scales, float16 for a GGUF
-    file in its default mode), else `dtype` (every dtype a model's weights take is one the C++
+    file with int8 activations), else `dtype` (every dtype a model's weights take is one the C++
     attention reads: `cpu_paged.KERNEL_CACHE_DTYPES`)."""
     chosen = spec.auto_kv_cache_dtype(quantization, dtype == torch.float32)
     return dtype if chosen is None else FP8_OR_FLOAT16[chosen]

@@ -178,7 +178,7 @@ def test_smollm2_gguf_cache_dtypes_perplexity(cpu_ops, smollm2_gguf, caplog):
                     max_num_batched_tokens=8, max_num_seqs=1, kv_cache_dtype=kv) as llm:
             ppl[kv] = engine_perplexity(llm, prompts)[0]
         # the log names the cache, and for auto why it is float16
-        reason = "of float16 (auto: a GGUF file's default, llama.cpp's K/V type"
+        reason = "of float16 (auto: a GGUF file with int8 activations, llama.cpp's K/V type"
         assert (reason in caplog.text) == (kv == "auto"), caplog.text[-2000:]
     assert ppl["auto"] == ppl["float16"] != ppl["float32"], ppl
     assert abs(ppl["float16"] / ppl["float32"] - 1) <= MAX_SMOLLM2_FP16_PPL_CHANGE, ppl

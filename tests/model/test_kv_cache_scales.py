@@ -398,7 +398,7 @@ def test_engine_serves_the_scaled_checkpoint(scaled_checkpoints, caplog):
 def test_which_configs_make_auto_an_fp8_cache(tmp_path, llama_dir):
     """vLLM's rule: a compressed-tensors kv_cache_scheme or ModelOpt's kv_cache_quant_algo FP8
     turns `--kv-cache-dtype auto` into fp8; quant_method fp8 (AutoFP8's 'static' scheme
-    included) and KV scales alone do not."""
+    included) and KV scales alone do not. (And a GGUF file's float16 rule.)"""
     from sluice.model_spec.quantization_config import read_checkpoint_quantization
     from sluice.worker.worker import kv_cache_auto_dtype
 
@@ -421,6 +421,12 @@ def test_which_configs_make_auto_an_fp8_cache(tmp_path, llama_dir):
         assert kv_cache_auto_dtype(declared, None, dtype) == torch.float8_e4m3fn
         assert kv_cache_auto_dtype(declared, "fp8", dtype) == torch.float8_e4m3fn
         assert kv_cache_auto_dtype(spec, None, dtype) == dtype
+    # a GGUF file with int8 activations (its default, --quantization int8) in float32: float16
+    gguf = dataclasses.replace(spec, gguf=True)
+    assert kv_cache_auto_dtype(gguf, None, torch.float32) == torch.float16
+    assert kv_cache_auto_dtype(gguf, "int8", torch.float32) == torch.float16
+    assert kv_cache_auto_dtype(gguf, "gguf", torch.float32) == torch.float32
+    assert kv_cache_auto_dtype(gguf, None, torch.bfloat16) == torch.bfloat16
 
 
 @pytest.mark.parametrize("layout", ["ct-channel", "fp8-tensor-static"])

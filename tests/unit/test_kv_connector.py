@@ -254,7 +254,8 @@ def test_request_params_n_must_be_1():
 
 def test_layout_names_the_cache_auto_resolves_to_where_the_checkpoint_decides(tmp_path):
     """A compressed-tensors kv_cache_scheme makes `--kv-cache-dtype auto` the fp8_e4m3 cache,
-    and a GGUF file in its default mode (float32) the float16 one: the layout says so, so a
+    and a GGUF file with int8 activations (its default mode or --quantization int8, float32)
+    the float16 one: the layout says so, so a
     prefill engine given 'auto' and a decode engine given 'fp8' / 'float16' match; other
     checkpoints and modes keep the flag's value."""
     from sluice.config_sources import build_engine_config
@@ -277,5 +278,6 @@ def test_layout_names_the_cache_auto_resolves_to_where_the_checkpoint_decides(tm
     gguf = type("GgufSpec", (plain,), {"gguf": True})
     assert layout("auto", gguf) == layout("float16", gguf) == "float16"
     assert layout("auto", gguf, dtype="float32") == "float16"
+    assert layout("auto", gguf, quantization="int8") == "float16"
     assert layout("auto", gguf, quantization="gguf") == "auto"
     assert layout("auto", gguf, dtype="bfloat16") == "auto"
