@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
           f"llama.cpp GGUF {work.gguf.name}")
     print(f"prompt {args.prompt_len} token ids; floor = {weight_bytes / 1e6:.1f} MB of weights per "
           f"token / the bandwidth read around each backend's runs")
-    print(f"{'backend':<14}{f'TTFT({args.prompt_len}) ms':>14}{'TPOT ms':>10}{'GB/s before/after':>19}"
+    ttft = f"TTFT({args.prompt_len}) ms"
+    print(f"{'backend':<14}{ttft:>14}{'TPOT ms':>10}{'GB/s before/after':>19}"
           f"{'floor ms':>10}{'TPOT/floor':>12}")
     for name, r in rows.items():
         if "error" in r:

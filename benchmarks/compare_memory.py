@@ -1,7 +1,7 @@
 """Resident memory of one process serving a GGUF file: sluice vs llama.cpp, same context.
 
     python benchmarks/compare_memory.py --gguf ~/.cache/sluice-tests/SmolLM2-135M-Instruct.Q4_1.gguf
-    python benchmarks/compare_memory.py --gguf FILE --context 32768 --sluice-args "--quantization gguf"
+    python benchmarks/compare_memory.py --gguf FILE --context 4096 --sluice-args "--quantization gguf"
 
 Each backend runs in a fresh process (llama.cpp in the `llamacpp` venv of compare_peers.py
 --setup): it loads the file with a KV cache for exactly `--context` tokens of one sequence,

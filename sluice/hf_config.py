@@ -87,6 +87,13 @@ class ModelSpec:
         return None
 
 
+AUTO_KV_CACHE_REASONS = {
+    "fp8_e4m3": "the checkpoint declares fp8 KV-cache scales",
+    "float16": "a GGUF file with int8 activations, llama.cpp's K/V type; --kv-cache-dtype "
+               "float32 for a float32 cache"}
+"""Why `ModelSpec.auto_kv_cache_dtype` chose each cache (the worker's log line)."""
+
+
 
 def _read_json(path: Path) -> dict:
     try:

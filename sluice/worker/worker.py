@@ -10,42 +10,29 @@ import torch
 
 from sluice.config import EngineConfig
 from sluice.errors import ConfigError
-from sluice.hf_config import ModelSpec
+from sluice.hf_config import AUTO_KV_CACHE_REASONS, ModelSpec
 from sluice.model.attention.kv_cache import kv_cache_bytes_per_block
 from sluice.model.loader import resolve_dtype
 from sluice.platform import current_platform
+from sluice.platform.interface import to_torch_dtype
 from sluice.step import ModelRunnerOutput, SchedulerOutput
 from sluice.structured_output.output import GrammarOutput
 from sluice.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
-def auto_kv_cache_reason(spec: ModelSpec, quantization: str | None, dtype: torch.dtype) -> str:
-    """Why `--kv-cache-dtype auto` stores what `kv_cache_auto_dtype` gives, where the checkpoint
-    decided it (for the log), else ''."""
-    chosen = spec.auto_kv_cache_dtype(quantization, dtype == torch.float32)
-    if chosen == "fp8_e4m3":
-        return " (auto: the checkpoint declares fp8 KV-cache scales)"
-    if chosen == "float16":
-        return (" (auto: a GGUF file with int8 activations, llama.cpp's K/V type; "
-                "--kv-cache-dtype float32 for a float32 cache)")
-    return ""
-
-
-FP8_OR_FLOAT16 = {"fp8_e4m3": torch.float8_e4m3fn, "float16": torch.float16}
-"""`ModelSpec.auto_kv_cache_dtype`'s names as torch dtypes."""
-
 _PROFILE_TOKENS = 256  # tokens of the profiling/warm-up forward; kept small for fast startup
 
 
 def kv_cache_auto_dtype(spec: ModelSpec, quantization: str | None,
                         dtype: torch.dtype) -> torch.dtype:
-    """What `--kv-cache-dtype auto` stores for `--dtype` `dtype`: the checkpoint's choice
-    (`ModelSpec.auto_kv_cache_dtype`: fp8_e4m3 for declared fp8 KV scales, float16 for a GGUF
-    file with int8 activations), else `dtype` (every dtype a model's weights take is one the C++
-    attention reads: `cpu_paged.KERNEL_CACHE_DTYPES`)."""
+    """What `--kv-cache-dtype auto` stores for `--dtype` `dtype` (as the `Worker` resolves it,
+    for callers without one): the checkpoint's choice (`ModelSpec.auto_kv_cache_dtype`: fp8_e4m3
+    for declared fp8 KV scales, float16 for a GGUF file with int8 activations), else `dtype`
+    (every dtype a model's weights take is one the C++ attention reads:
+    `cpu_paged.KERNEL_CACHE_DTYPES`)."""
     chosen = spec.auto_kv_cache_dtype(quantization, dtype == torch.float32)
-    return dtype if chosen is None else FP8_OR_FLOAT16[chosen]
+    return dtype if chosen is None else to_torch_dtype(chosen)
 
 
 class Worker:
@@ -64,12 +51,11 @@ class Worker:
         self.device = self.platform.torch_device(local_rank)
         self.dtype = resolve_dtype(config.model.dtype, spec, self.device)
         layer_ops = self.platform.layer_ops_name(config.device.kernels)
-        self.kv_cache_dtype = self.platform.resolve_kv_cache_dtype(
-            config.cache.kv_cache_dtype,
-            kv_cache_auto_dtype(spec, config.model.quantization, self.dtype))
-        self.kv_cache_dtype_reason = auto_kv_cache_reason(
-            spec, config.model.quantization, self.dtype) \
-            if config.cache.kv_cache_dtype == "auto" else ""
+        flag = config.cache.kv_cache_dtype   # 'auto' takes the checkpoint's choice, if any
+        chosen = spec.auto_kv_cache_dtype(config.model.quantization,
+                                          self.dtype == torch.float32) if flag == "auto" else None
+        self.kv_cache_dtype = self.platform.resolve_kv_cache_dtype(chosen or flag, self.dtype)
+        self.kv_cache_dtype_reason = f" (auto: {AUTO_KV_CACHE_REASONS[chosen]})" if chosen else ""
         if rank == 0:
             for note in self.platform.ineffective_options(config):
                 logger.info(note)

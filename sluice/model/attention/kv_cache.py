@@ -21,8 +21,8 @@ fp8 caches (`--kv-cache-dtype fp8_e4m3 | fp8_e5m2`, `FP8_KV_DTYPES`) store k/v w
 1 (vLLM's default k_scale = v_scale = 1.0), saturated to the format's largest finite value
 (`to_cache_dtype`): torch's cast already saturates e4m3fn, but rounds an overflowing e5m2 value
 to inf, which attention would turn into NaN. A float16 cache (a GGUF file's default, as
-llama.cpp's) saturates at 65504 likewise (`SATURATED_KV_DTYPES`). torch implements no index_copy_ for fp8, so writes
-and gathers go through the cache's bytes (`cache_bytes`).
+llama.cpp's) saturates at 65504 likewise (`SATURATED_KV_DTYPES`). torch implements no
+index_copy_ for fp8, so writes and gathers go through the cache's bytes (`cache_bytes`).
 """
 
 from __future__ import annotations

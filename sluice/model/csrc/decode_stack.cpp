@@ -65,7 +65,8 @@ void store_kv_rows(at::Tensor dst, at::Tensor src) {
     sluice::kv_row_store(static_cast<decltype(tag)*>(dst.data_ptr()), src.data_ptr<float>(),
                          src.numel());
   });
-  TORCH_CHECK(known, "store_kv_rows: a KV cache dtype expected, got ", dst.scalar_type());
+  TORCH_CHECK(known, "store_kv_rows: ", sluice::kKvCacheDtypes, " dst expected, got ",
+              dst.scalar_type());
 }
 
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
@@ -327,8 +328,8 @@ at::Tensor DecodeStack::forward(at::Tensor x, at::Tensor cos, at::Tensor sin,
         store_scaled(kc + half + slots[t] * kv_cols, vp + t * ldv, v_inv);
       }
     });
-    TORCH_CHECK(known, "DecodeStack: a float32, bfloat16, float16 or fp8 (e4m3fn / e5m2) KV "
-                "cache expected, got ", cache.scalar_type());
+    TORCH_CHECK(known, "DecodeStack: ", sluice::kKvCacheDtypes, " KV cache expected, got ",
+                cache.scalar_type());
     at::Tensor attn = at::empty({T, H, D}, x.options());
     paged_decode_attention(attn, q, cache, block_ids, nb, seq_lens,
                            scaled ? scale_ * w.k_scale : scale_);

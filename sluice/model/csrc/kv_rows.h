@@ -54,6 +54,10 @@ inline void kv_row_store(T* dst, const float* src, int64_t n) {
   narrow_to_fp8(dst, src, n);  // saturate, round to nearest even
 }
 
+// The cache dtypes visit_kv_cache_type knows, for the kernels' error messages.
+inline constexpr const char* kKvCacheDtypes =
+    "a float32, bfloat16, float16 or fp8 (e4m3fn / e5m2)";
+
 // Calls f(T{}) with T the cache's element type (float, c10::BFloat16, c10::Half,
 // c10::Float8_e4m3fn, c10::Float8_e5m2) and returns true; false (f not called) for any other
 // dtype.

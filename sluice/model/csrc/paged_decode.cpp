@@ -486,6 +486,6 @@ void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
   const bool known = sluice::visit_kv_cache_type(kv_cache.scalar_type(), [&](auto tag) {
     decode_attention_for_d<decltype(tag)>(out, q, kv_cache, block_ids, nb, seq_lens, scale);
   });
-  TORCH_CHECK(known, "paged_decode_attention: a float32, bfloat16, float16 or fp8 (e4m3fn / "
-              "e5m2) cache expected, got ", kv_cache.scalar_type());
+  TORCH_CHECK(known, "paged_decode_attention: ", sluice::kKvCacheDtypes,
+              " cache expected, got ", kv_cache.scalar_type());
 }

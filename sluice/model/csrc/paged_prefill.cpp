@@ -164,6 +164,6 @@ void paged_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
     prefill_attention<decltype(tag)>(out, q, kv_cache, block_table, query_start_loc, seq_lens,
                                      scale);
   });
-  TORCH_CHECK(known, "paged_prefill_attention: a float32, bfloat16, float16 or fp8 (e4m3fn / "
-              "e5m2) cache expected, got ", kv_cache.scalar_type());
+  TORCH_CHECK(known, "paged_prefill_attention: ", sluice::kKvCacheDtypes,
+              " cache expected, got ", kv_cache.scalar_type());
 }

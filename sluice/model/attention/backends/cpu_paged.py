@@ -1,8 +1,7 @@
 """The CPU paged backend: C++/OpenMP kernels that read keys and values in place from the
 block-structured cache (float32, bfloat16, float16 or fp8, `KERNEL_CACHE_DTYPES`; float32
-queries). Decode
-groups run `paged_decode_attention`; all multi-token requests of
-a step (whole prompts and chunks after earlier context) run one `paged_prefill_attention` call,
+queries). Decode groups run `paged_decode_attention`; all multi-token requests of a step
+(whole prompts and chunks after earlier context) run one `paged_prefill_attention` call,
 without the padding and gather of the torch path. Cache writes are the torch backend's, which
 stays the test oracle.
 
