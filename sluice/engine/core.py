@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 from sluice.config import EngineConfig
 from sluice.errors import ConfigError, EngineBusyError, KVCacheTooSmallError
 from sluice.executor.factory import make_executor
+from sluice.gc_heap import freeze_startup_heap, thaw_heap
 from sluice.hf_config import ModelSpec, load_model_spec
 from sluice.messages import (EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest,
                              EngineReady, FinishReason)
@@ -147,6 +148,7 @@ class EngineCore:
         self._refused: list[str] = []  # requests that arrived while asleep, to abort
         logger.info("engine ready: %d KV blocks of %d tokens, max_model_len %d",
                     self.num_kv_blocks, config.cache.block_size, self.max_model_len)
+        freeze_startup_heap()   # full collections skip the model and the imports from now on
 
     def _start_executor(self, timings: dict[str, float]) -> None:
         """Load the weights, size and allocate the KV cache, warm up (timed stages)."""
@@ -322,6 +324,7 @@ class EngineCore:
                 f"Cannot sleep with {self.scheduler.get_num_unfinished_requests()} requests "
                 "in flight; retry once they have finished.")
         self._publish_kv_events()   # the reset's AllBlocksCleared
+        thaw_heap()   # the released weights and cache may sit in cycles made before the freeze
         self.executor.sleep(level)
         self.sleep_level = level
 
@@ -330,6 +333,7 @@ class EngineCore:
         if self.sleep_level:
             self.executor.wake_up()
             self.sleep_level = 0
+            freeze_startup_heap()
 
     def check_health(self) -> None:
         """Raise `EngineDeadError` if a worker died (the idle loop calls this each second)."""
@@ -340,3 +344,4 @@ class EngineCore:
         if self.kv_event_publisher is not None:
             self.kv_event_publisher.shutdown()
         self.executor.shutdown()
+        thaw_heap()   # this engine's cycles become collectable again (an LLM made and dropped)

@@ -3,7 +3,9 @@ process's RSS are tested in tests/entrypoints/test_ops_endpoints.py)."""
 
 from __future__ import annotations
 
+import gc
 import time
+import weakref
 
 import pytest
 
@@ -64,18 +66,22 @@ def test_sleep_refused_while_busy_then_both_levels_wake_to_the_same_output(engin
     engine.step()
 
     runner = engine.executor.worker.model_runner
+    assert gc.get_freeze_count() > 0   # the startup heap is frozen (sluice.gc_heap)
+    model = weakref.ref(runner.model)
     engine.sleep(1)
+    assert gc.get_freeze_count() == 0   # thawed, so released objects in cycles can go
     assert engine.sleep_level == 1 and runner.kv_caches == [] and runner.model is not None
     engine.add_request(_request("while-asleep"))  # refused: finished as aborted, no crash
     out = engine.step().outputs
     assert [(o.request_id, o.finish_reason) for o in out] == [("while-asleep",
                                                                 FinishReason.ABORT)]
     engine.sleep(2)  # deeper: the weights go too
-    assert engine.sleep_level == 2 and runner.model is None
+    assert engine.sleep_level == 2 and runner.model is None and model() is None
     engine.sleep(1)  # shallower: nothing changes
     assert engine.sleep_level == 2
     engine.wake_up()
     assert engine.sleep_level == 0 and runner.kv_caches and runner.model is not None
+    assert gc.get_freeze_count() > 0
     tokens, hits, _ = _run(engine, "after")
     assert tokens == reference and hits == 0  # the prefix cache was reset by the sleep
     engine.wake_up()  # awake: no-op

@@ -42,6 +42,7 @@ from sluice.entrypoints.openai.limits import RequestLimits
 from sluice.entrypoints.openai.protocol import random_id
 from sluice.entrypoints.openai.serving import SHUTTING_DOWN, ServerState, sampling_defaults
 from sluice.errors import EngineBusyError, EngineSleepingError
+from sluice.gc_heap import freeze_startup_heap, thaw_heap
 from sluice.metrics.loggers import LoggingStatLogger
 from sluice.metrics.prometheus import PrometheusMetrics
 
@@ -220,12 +221,14 @@ def build_app(engine: Any, config: EngineConfig, lora_registry: Any = None) -> F
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(stat_logger.run_periodically()) if stat_logger else None
+        freeze_startup_heap()   # the server's own startup objects (routes, tokenizer …)
         try:
             yield
         finally:
             if task is not None:
                 task.cancel()
             state.offloader.shutdown()
+            thaw_heap()
 
     app = FastAPI(title="sluice", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
