@@ -1,7 +1,8 @@
 """sluice's C++/OpenMP CPU operators (`sluice/model/csrc/`), built into one extension module.
 
     paged_decode_attention(out, q, kv_cache, block_ids, nb, seq_lens, scale)  (cpu_paged backend)
-    paged_prefill_attention(out, q, kv_cache, block_table, query_start_loc, seq_lens, scale)
+    paged_prefill_attention(out, q, kv_cache, block_table, query_start_loc, seq_lens, scale,
+                            bf16_products=False)   (bf16 products over a bf16 cache: AVX512-BF16)
     tiled_linear(out, x, w, bias=None)                                        (linear layers)
     onednn_linear(x, packed, bias=None), onednn_rows(m)   (oneDNN GEMM, rows padded to a set)
     rms_norm, add_rms_norm, silu_and_mul, rotary          (fused elementwise ops of the layers)

@@ -48,7 +48,7 @@ ALL_SOURCES = ("bindings.cpp", "kernels.cpp", "amx_gemm.cpp", "decode_stack.cpp"
                "elementwise.cpp", "greedy_screen.cpp", "paged_decode.cpp", "paged_prefill.cpp",
                "quant_linear.cpp", "tiled_linear.cpp", "vnni_linear.cpp", "ops.h", "blas.h",
                "vec_math.h", "kv_rows.h", "bf16_rows.h", "fp16_rows.h", "fp8_rows.h", "act_quant.h",
-               "gguf_codebook.h", "bf16_gemv.cpp")
+               "gguf_codebook.h", "bf16_gemv.cpp", "prefill_tiles.h", "prefill_bf16dot.cpp")
 """Every file the build reads: their digest tells a stale prebuilt module."""
 
 COMMON_CFLAGS = ("-O3", "-fopenmp", "-fvisibility=hidden")

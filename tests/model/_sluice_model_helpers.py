@@ -191,3 +191,24 @@ def run_tests_in_kernel_build(variant: str, test_file: str, select: str, passed:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert f"{passed} passed" in result.stdout, result.stdout[-500:]
 
+
+
+def bf16_product_rows(kernel, cache_dtype: torch.dtype, head_dim: int,
+                      query_lens: list[int]) -> torch.Tensor:
+    """Bool mask over a step's token rows: True where `CpuPagedBackend`'s prefill kernel
+    multiplies in bf16 (a bf16 cache, AVX512-BF16 here, requests of at least
+    `prefill_bf16_min_queries()` query tokens); elsewhere its products are float32."""
+    on = (cache_dtype == torch.bfloat16 and kernel.prefill_bf16_products_available(head_dim))
+    minimum = kernel.prefill_bf16_min_queries()
+    return torch.tensor([on and q >= minimum for q in query_lens for _ in range(q)])
+
+
+def bf16_product_oracle(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        cache: torch.Tensor, metadata, scale: float) -> torch.Tensor:
+    """The torch backend's attention over a float32 `cache` with bf16(q * scale) as queries
+    (scale 1): the bf16 products' one rounding besides p's. `k`, `v` and `cache` already hold
+    bf16 values. The kernel's p = bf16(e^(s - m)) moves each output by at most 2^-9 max |v|
+    from this (|bf16(p) - p| <= 2^-9 p, and the weights sum to 1)."""
+    from sluice.model.attention.backends.torch_paged import TorchPagedBackend
+    rounded_q = (q * scale).to(torch.bfloat16).float()
+    return TorchPagedBackend().forward(rounded_q, k, v, cache, metadata, 1.0)

@@ -1,4 +1,6 @@
-"""The C++ decode kernel (cpu_paged) against the pure-torch paged backend, the oracle."""
+"""The C++ decode and prefill kernels (cpu_paged) against the pure-torch paged backend, the
+oracle (over a bf16 cache with AVX512-BF16, prompts multiply in bf16: against the oracle with
+the same roundings)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import torch
 from sluice.model.attention.backends.cpu_paged import CpuPagedBackend
 from sluice.model.attention.backends.torch_paged import TorchPagedBackend
 from sluice.model.attention.metadata import build_attention_metadata
+
+from _sluice_model_helpers import bf16_product_oracle, bf16_product_rows
 
 BLOCK = 16
 
@@ -120,6 +124,38 @@ def test_prefill_kernel_over_many_tiles_matches_oracle(kernel, heads, kv_heads, 
     expected = TorchPagedBackend().forward(q, k, v, cache.clone(), metadata, 0.3)
     got = CpuPagedBackend(kernel).forward(q, k, v, cache.clone(), metadata, 0.3)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 96), (8, 2, 128),
+                                                     (2, 1, 32)])
+def test_prefill_bf16_products_over_a_bf16_cache(kernel, heads, kv_heads, head_dim):
+    """A bf16 cache with AVX512-BF16: requests of >= 32 query tokens (a fresh 300-token prompt,
+    a 200-token chunk after 57 cached tokens, a fresh 33-token one whose first query sees one
+    key) multiply bf16(q * scale) by the keys and bf16(p) by the values, float32 sums: within
+    2^-9 max |v| of attention with q so rounded (`bf16_product_oracle`). The shorter ones (a
+    31-token and a 2-token chunk, decodes) keep the float32 products: 1e-5 of the exact
+    attention. Without AVX512-BF16 every row is the float32 products."""
+    rng = np.random.default_rng(head_dim + heads)
+    seq_lens, query_lens = [300, 9, 257, 33, 1, 100, 40], [300, 1, 200, 33, 1, 31, 2]
+    metadata = _random_step(rng, query_lens, seq_lens, 120)
+    cache = torch.randn(2, 120, BLOCK, kv_heads, head_dim).to(torch.bfloat16)
+    cache[:, 0] = 0
+    tokens = sum(query_lens)
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim)
+    q = qkv[:, :heads] * 2                                # peaked attention: indexing shows
+    k, v = (x.to(torch.bfloat16).float() for x in (qkv[:, heads:heads + kv_heads],
+                                                    qkv[:, heads + kv_heads:]))
+    scale = head_dim ** -0.5
+    got = CpuPagedBackend(kernel).forward(q, k, v, cache.clone(), metadata, scale)
+    exact = TorchPagedBackend().forward(q, k, v, cache.float(), metadata, scale)
+    rounded = bf16_product_oracle(q, k, v, cache.float(), metadata, scale)
+    bf16_rows = bf16_product_rows(kernel, torch.bfloat16, head_dim, query_lens)
+    assert bf16_rows.any() == kernel.prefill_bf16_products_available(head_dim)
+    bound = 2.0 ** -9 * max(cache[1].float().abs().max(), v.abs().max()).item() + 1e-5
+    torch.testing.assert_close(got[bf16_rows], rounded[bf16_rows], rtol=0, atol=bound)
+    torch.testing.assert_close(got[~bf16_rows], exact[~bf16_rows], rtol=1e-5, atol=1e-5)
+    if bf16_rows.any():   # the rounding is real: the exact attention is further off
+        assert (got[bf16_rows] - exact[bf16_rows]).abs().max() > 1e-4
 
 
 def test_kernel_ignores_stale_data_past_seq_len(kernel):

@@ -15,7 +15,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, nogil,
         "Paged decode attention over an in-place block-structured KV cache (CPU, fp32)");
   m.def("paged_prefill_attention", &paged_prefill_attention, nogil,
-        "Causal attention of multi-token requests over the block-structured KV cache (CPU, fp32)");
+        "Causal attention of multi-token requests over the block-structured KV cache (CPU, fp32 "
+        "q/out; bf16_products: bf16 products over a bf16 cache where available)",
+        py::arg("out"), py::arg("q"), py::arg("kv_cache"), py::arg("block_table"),
+        py::arg("query_start_loc"), py::arg("seq_lens"), py::arg("scale"),
+        py::arg("bf16_products") = false);
+  m.def("prefill_bf16_products_available", &prefill_bf16_products_available,
+        "Whether paged_prefill_attention's bf16 products run here for this head dim "
+        "(AVX512-BF16 in this build and CPU, head_dim % 32 == 0)");
+  m.def("prefill_bf16_min_queries", &prefill_bf16_min_queries,
+        "The query tokens a request needs for paged_prefill_attention's bf16 products");
   m.def("store_kv_rows", &store_kv_rows, nogil,
         "dst = float32 src in dst's KV cache dtype, rounded as the C++ cache writes round");
   m.def("tiled_linear", &tiled_linear, nogil,

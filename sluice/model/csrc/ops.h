@@ -10,10 +10,13 @@ void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
                             at::Tensor block_ids, int64_t nb, at::Tensor seq_lens,
                             double scale);
 
-// Paged prefill attention (several query tokens per request) from the cache (paged_prefill.cpp).
+// Paged prefill attention (several query tokens per request) from the cache (paged_prefill.cpp);
+// bf16_products: a bfloat16 cache multiplies in bf16 where prefill_bf16_products_available(D).
 void paged_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
                              at::Tensor block_table, at::Tensor query_start_loc,
-                             at::Tensor seq_lens, double scale);
+                             at::Tensor seq_lens, double scale, bool bf16_products);
+bool prefill_bf16_products_available(int64_t head_dim);
+int64_t prefill_bf16_min_queries();  // a request's query tokens for the bf16 products
 
 // dst[i] = src[i] (float32) stored in dst's KV cache dtype (float32, bfloat16, float16, fp8
 // e4m3fn / e5m2) exactly as the fused decode stack's cache writes round it (kv_rows.h); both

@@ -22,10 +22,18 @@
 // head g out of the blocks, and keeps a flash-attention running softmax per row:
 //   S = Q K^T (sgemm);  m' = max(m, max_t S);  p = e^(S - m') (0 past a row's causal limit)
 //   l = l e^(m - m') + sum_t p;  O = O e^(m - m') + p V (sgemm);  finally out = O / l.
-// Items are handed out dynamically, the most expensive (most keys x queries) first.
+// Items are handed out dynamically, the most expensive (most keys x queries) first
+// (prefill_tiles.h: the plan and the per-row softmax step, shared with the bf16 path).
+//
+// bf16_products (the CPU paged backend passes it for a bfloat16 cache): where the CPU has
+// AVX512-BF16 and D % 32 == 0, the requests of at least prefill_bf16dot::kMinQueries (32)
+// query tokens over a bfloat16 cache run prefill_bf16dot.cpp instead: q and p rounded to bf16,
+// vdpbf16ps products, float32 sums (see there); fewer queries, other CPUs and other caches
+// take the float32 products above. The decode kernel always multiplies in float32.
 #include "blas.h"
 #include "kv_rows.h"
 #include "ops.h"
+#include "prefill_tiles.h"
 #include "vec_math.h"
 
 #include <algorithm>
@@ -33,20 +41,23 @@
 #include <omp.h>
 #include <vector>
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
+
+#include "prefill_bf16dot.cpp"
+
 namespace {
 
-constexpr int64_t kTileQ = 32;   // queries per work item
-constexpr int64_t kTileK = 128;  // keys per chunk
-
-struct Item {
-  int64_t r, g, i0, i1, cost;
-};
+using sluice::prefill::Item;
+using sluice::prefill::kTileK;
+using sluice::prefill::kTileQ;
 
 // paged_prefill_attention over a cache of element type T (kv_rows.h's visit_kv_cache_type).
 template <typename T>
 void prefill_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
                        const at::Tensor& block_table, const at::Tensor& query_start_loc,
-                       const at::Tensor& seq_lens, double scale) {
+                       const at::Tensor& seq_lens, double scale, int64_t q_max) {
   const int64_t n_heads = q.size(1), d = q.size(2);
   const int64_t n_blocks = kv_cache.size(1), bs = kv_cache.size(2), kvh = kv_cache.size(3);
   const int64_t group = n_heads / kvh, row_len = kvh * d, ldq = q.stride(0);
@@ -60,17 +71,8 @@ void prefill_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
 
-  std::vector<Item> items;
-  for (int64_t r = 0; r < n_reqs; ++r) {
-    const int64_t q_len = qsl[r + 1] - qsl[r], ctx = lens[r] - q_len;
-    if (q_len <= 1) continue;
-    for (int64_t i0 = 0; i0 < q_len; i0 += kTileQ) {
-      const int64_t i1 = std::min(q_len, i0 + kTileQ);
-      for (int64_t g = 0; g < kvh; ++g) items.push_back({r, g, i0, i1, (ctx + i1) * (i1 - i0)});
-    }
-  }
-  std::stable_sort(items.begin(), items.end(),
-                   [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  const std::vector<Item> items = sluice::prefill::plan_items(qsl, lens, n_reqs, kvh, 2, q_max);
+  if (items.empty()) return;
   const int64_t n_items = static_cast<int64_t>(items.size());
   const int max_rows = static_cast<int>(kTileQ * group), D = static_cast<int>(d);
 
@@ -113,18 +115,8 @@ void prefill_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k
         for (int64_t row = 0; row < rows; ++row) {
           // keys k0 .. limit are visible to this row (its query's absolute position)
           const int64_t visible = std::min(kn, ctx + w.i0 + row / group - k0 + 1);
-          float* sr = s.data() + row * kTileK;
-          if (visible <= 0) {
-            std::fill(sr, sr + kn, 0.f);
-            continue;
-          }
-          const float chunk_max = sluice::max_value(sr, visible);
-          const float m_new = std::max(m[row], chunk_max);
-          const float correction = sluice::exp_approx(m[row] - m_new);
-          for (int64_t t = 0; t < visible; ++t) sr[t] = sluice::exp_approx(sr[t] - m_new);
-          std::fill(sr + visible, sr + kn, 0.f);
-          l[row] = l[row] * correction + sluice::sum(sr, visible);
-          m[row] = m_new;
+          const float correction = sluice::prefill::softmax_chunk_row(
+              s.data() + row * kTileK, kn, visible, m[row], l[row]);
           if (correction != 1.f) {
             float* orow = o.data() + row * d;
             for (int64_t e = 0; e < d; ++e) orow[e] *= correction;
@@ -150,7 +142,7 @@ void prefill_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k
 
 void paged_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
                              at::Tensor block_table, at::Tensor query_start_loc,
-                             at::Tensor seq_lens, double scale) {
+                             at::Tensor seq_lens, double scale, bool bf16_products) {
   TORCH_CHECK(q.dtype() == at::kFloat && out.dtype() == at::kFloat,
               "paged_prefill_attention: float32 q/out expected");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2) &&
@@ -160,10 +152,28 @@ void paged_prefill_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache,
                   query_start_loc.scalar_type() == at::kLong && query_start_loc.is_contiguous() &&
                   seq_lens.scalar_type() == at::kLong && seq_lens.is_contiguous(),
               "paged_prefill_attention: int32 block_table, int64 query_start_loc/seq_lens");
+  const int64_t d = q.size(2);
+  int64_t q_max = INT64_MAX;  // the float32 products' requests: 2 <= q_len <= q_max
+  if (bf16_products && kv_cache.scalar_type() == at::kBFloat16 &&
+      prefill_bf16dot::available(d)) {
+    q_max = prefill_bf16dot::kMinQueries - 1;
+    prefill_bf16dot::run(out.data_ptr<float>(), q.data_ptr<float>(), q.stride(0), q.size(1), d,
+                         static_cast<const uint16_t*>(kv_cache.data_ptr()), kv_cache.size(1),
+                         kv_cache.size(2), kv_cache.size(3), block_table.data_ptr<int32_t>(),
+                         block_table.size(1), query_start_loc.data_ptr<int64_t>(),
+                         seq_lens.data_ptr<int64_t>(), seq_lens.size(0),
+                         static_cast<float>(scale));
+  }
   const bool known = sluice::visit_kv_cache_type(kv_cache.scalar_type(), [&](auto tag) {
     prefill_attention<decltype(tag)>(out, q, kv_cache, block_table, query_start_loc, seq_lens,
-                                     scale);
+                                     scale, q_max);
   });
   TORCH_CHECK(known, "paged_prefill_attention: ", sluice::kKvCacheDtypes,
               " cache expected, got ", kv_cache.scalar_type());
 }
+
+bool prefill_bf16_products_available(int64_t head_dim) {
+  return prefill_bf16dot::available(head_dim);
+}
+
+int64_t prefill_bf16_min_queries() { return prefill_bf16dot::kMinQueries; }

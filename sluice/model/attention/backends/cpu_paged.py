@@ -2,7 +2,8 @@
 block-structured cache (float32, bfloat16, float16 or fp8, `KERNEL_CACHE_DTYPES`; float32
 queries). Decode groups run `paged_decode_attention`; all multi-token requests of a step
 (whole prompts and chunks after earlier context) run one `paged_prefill_attention` call,
-without the padding and gather of the torch path. Cache writes are the torch backend's, which
+without the padding and gather of the torch path (over a bf16 cache with bf16 products where
+the CPU has AVX512-BF16: `BF16_PRODUCT_CACHE_DTYPES`). Cache writes are the torch backend's, which
 stays the test oracle.
 
 The kernels (`sluice/model/csrc/paged_*.cpp`) are part of the CPU operator module that `pip
@@ -25,8 +26,15 @@ from sluice.model.attention.metadata import AttentionMetadata, DecodeGroup
 
 
 #: the cache dtypes the kernels read (a bf16, fp16 or fp8 row is widened to float32 as it is
-#: read, exactly; the arithmetic is float32 with float32 queries); others take the torch backend
+#: read, exactly; the arithmetic is float32 with float32 queries, except below); others take
+#: the torch backend
 KERNEL_CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, *FP8_KV_DTYPES)
+#: the cache dtypes whose prefill attention multiplies in bf16 (q and the softmax weights
+#: rounded to bf16, float32 sums: `prefill_bf16dot.cpp`) where the CPU has AVX512-BF16 and the
+#: head dim is a multiple of 32: the bf16 cache (a bf16 model's, or --kv-cache-dtype bfloat16),
+#: whose keys and values already hold bf16's precision. Decode attention stays float32 (it
+#: waits on memory, not on its products).
+BF16_PRODUCT_CACHE_DTYPES = (torch.bfloat16,)
 
 
 class CpuPagedBackend(TorchPagedBackend):
@@ -48,7 +56,8 @@ class CpuPagedBackend(TorchPagedBackend):
         write_kv(kv_cache, metadata.slot_mapping, k, v)
         out = torch.empty(q.shape, dtype=q.dtype)
         self.kernel.paged_prefill_attention(out, q, kv_cache, metadata.block_table,
-                                            metadata.query_start_loc, metadata.seq_lens, scale)
+                                            metadata.query_start_loc, metadata.seq_lens, scale,
+                                            kv_cache.dtype in BF16_PRODUCT_CACHE_DTYPES)
         for dec in metadata.decode:
             place_rows(out, dec.token_sel, self._decode(q, kv_cache, dec, scale))
         return out
