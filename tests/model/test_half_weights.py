@@ -140,7 +140,8 @@ def test_onednn_bf16_linear_rounds_like_torch(cpu_ops):
 @pytest.mark.skipif(not native_bf16_products(), reason="no native bf16 GEMM (AMX-BF16 or "
                     "AVX-512-BF16 with oneDNN) on this CPU")
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 9])
-def test_bf16_linear_streams_few_rows_with_onednns_numerics(cpu_ops, rows):
+@pytest.mark.parametrize("k", [200, 120])   # 6 / 3 whole 32-element chunks, then a tail
+def test_bf16_linear_streams_few_rows_with_onednns_numerics(cpu_ops, rows, k):
     """`bf16_linear` (the layers', the fused stack's and the bf16 head's product): up to
     `streamed_bf16_rows()` rows on a CPU without AMX a streaming pass over the plain weight
     (vdpbf16ps, or the widening GEMV), otherwise oneDNN's GEMM; either way x rounded to bf16, float32 sums, the result rounded to
@@ -149,7 +150,7 @@ def test_bf16_linear_streams_few_rows_with_onednns_numerics(cpu_ops, rows):
     identity weight the result is x.to(bf16) exactly, for float32 and bf16 x, strided rows."""
     from sluice.model.layers.half_linear import packed_bf16_weight
     g = torch.Generator().manual_seed(2)
-    k, n = 200, 96   # K with a tail past the kernels' 32-element steps
+    n = 96   # K with a tail past the kernels' 32-element steps
     w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16)
     packed, bias = packed_bf16_weight(w), torch.randn(n, generator=g)
     x = torch.randn(rows, 2 * k, generator=g)[:, :k]          # strided rows
