@@ -63,7 +63,11 @@
 //
 // Work: tiles in pairs (32 channels) x row chunks of kRowChunk rows, spread over the threads;
 // within an item, kRows rows x two tiles accumulate in registers over all of K (8 float32 and
-// 8 int32 zmm accumulators). The activations are quantized once per call ([m, k] int8).
+// 8 int32 zmm accumulators). A single row (one request's decode) takes the pair's two tiles
+// one after the other instead, so that a thread's reads of its run of tiles are one stream:
+// single-request TPOT of SmolLM2 Q4_1 1.1-1.5x on a Zen 5 VM (benchmarks/RESULTS.md,
+// 2026-12-08; the AVX2 kernel already goes tile by tile). The activations are quantized once
+// per call ([m, k] int8).
 //
 // Kernels (`kernel_name()`): the x86-64-v4 build holds the vpdpbusd one (compiled for
 // AVX512-VNNI by function attribute; it runs where the CPU reports AVX512-VNNI); both x86
@@ -966,10 +970,15 @@ struct VnniKernel {
                    const float* bias, float* out, int64_t ldo, bool prefetch) {
     sluice::with_rows<kRows>(rows, [&](auto r) {
       constexpr int R = decltype(r)::value;
-      if (two)
-        tile_product<Type, R, 2>(xq, xd, xs, xs16, k, w, ld_tile, bias, out, ldo, prefetch);
-      else
+      if (two && R == 1) {  // one row: the tiles one after the other, a single stream
         tile_product<Type, R, 1>(xq, xd, xs, xs16, k, w, ld_tile, bias, out, ldo, prefetch);
+        tile_product<Type, R, 1>(xq, xd, xs, xs16, k, w + ld_tile, ld_tile,
+                                 bias != nullptr ? bias + 16 : nullptr, out + 16, ldo, prefetch);
+      } else if (two) {
+        tile_product<Type, R, 2>(xq, xd, xs, xs16, k, w, ld_tile, bias, out, ldo, prefetch);
+      } else {
+        tile_product<Type, R, 1>(xq, xd, xs, xs16, k, w, ld_tile, bias, out, ldo, prefetch);
+      }
     });
   }
 };
