@@ -63,10 +63,10 @@
 //
 // Work: tiles in pairs (32 channels) x row chunks of kRowChunk rows, spread over the threads;
 // within an item, kRows rows x two tiles accumulate in registers over all of K (8 float32 and
-// 8 int32 zmm accumulators). A single row (one request's decode) takes the pair's two tiles
-// one after the other instead, so that a thread's reads of its run of tiles are one stream:
-// single-request TPOT of SmolLM2 Q4_1 1.1-1.5x on a Zen 5 VM (benchmarks/RESULTS.md,
-// 2026-12-08; the AVX2 kernel already goes tile by tile). The activations are quantized once
+// 8 int32 zmm accumulators). Up to kRows rows in all (decode of up to 4 requests) the pair's
+// two tiles go one after the other instead, so that a thread's reads of its run of tiles are
+// one stream: SmolLM2 Q4_1 TPOT 1.1-1.5x on a Zen 5 VM at 1, 2 and 4 requests
+// (benchmarks/RESULTS.md, 2026-12-08; the AVX2 kernel already goes tile by tile). The activations are quantized once
 // per call ([m, k] int8).
 //
 // Kernels (`kernel_name()`): the x86-64-v4 build holds the vpdpbusd one (compiled for
@@ -738,13 +738,14 @@ inline void half_tile_product(const int8_t* xq, const float* xd, const int32_t* 
   for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * ldo + 8 * h, _mm256_add_ps(acc[r], bv));
 }
 
-// The driver's work for rows [0, rows) (rows <= kRows) and one or two tiles (`two`) at w.
+// The driver's work for rows [0, rows) (rows <= kRows) and one or two tiles (`two`) at w (tile
+// by tile, whatever `one_pass` says).
 struct Kernel {
   static constexpr int kRows = avx2::kRows;
   template <int64_t Type>
   static void rows(int rows, const int8_t* xq, const float* xd, const int32_t* xs,
                    const int32_t* xs16, int64_t k, const uint8_t* w, int64_t ld_tile, bool two,
-                   const float* bias, float* out, int64_t ldo, bool prefetch) {
+                   const float* bias, float* out, int64_t ldo, bool prefetch, bool) {
     sluice::with_rows<kRows>(rows, [&](auto r) {
       for (int t = 0; t < (two ? 2 : 1); ++t)
         for (int h = 0; h < 2; ++h)
@@ -962,15 +963,18 @@ SLUICE_VNNI inline void tile_product(const int8_t* xq, const float* xd, const in
 }
 
 // The driver's work for rows [0, rows) (rows <= kRows) and one or two tiles (`two`) at w.
+// `one_pass`: the call's rows are all here (m <= kRows: decode of a few requests), so the
+// tiles are read once, from memory: one after the other, a single stream; else side by side,
+// each x value loaded once for both.
 struct VnniKernel {
   static constexpr int kRows = vnni::kRows;
   template <int64_t Type>
   static void rows(int rows, const int8_t* xq, const float* xd, const int32_t* xs,
                    const int32_t* xs16, int64_t k, const uint8_t* w, int64_t ld_tile, bool two,
-                   const float* bias, float* out, int64_t ldo, bool prefetch) {
+                   const float* bias, float* out, int64_t ldo, bool prefetch, bool one_pass) {
     sluice::with_rows<kRows>(rows, [&](auto r) {
       constexpr int R = decltype(r)::value;
-      if (two && R == 1) {  // one row: the tiles one after the other, a single stream
+      if (two && one_pass) {
         tile_product<Type, R, 1>(xq, xd, xs, xs16, k, w, ld_tile, bias, out, ldo, prefetch);
         tile_product<Type, R, 1>(xq, xd, xs, xs16, k, w + ld_tile, ld_tile,
                                  bias != nullptr ? bias + 16 : nullptr, out + 16, ldo, prefetch);
@@ -1007,6 +1011,7 @@ void linear(float* out, int64_t m, int64_t n, int64_t k, const float* x, int64_t
   const int64_t chunks = (m + kRowChunk - 1) / kRowChunk;
   // a few rows (decode) are quantized before the parallel region: one barrier less
   const bool serial_quantize = m <= kSerialQuantizeRows;
+  const bool one_pass = m <= kItemRows;  // each item reads its tiles once (VnniKernel::rows)
   const int64_t grain =
       chunks > 1 ? 1 : std::max<int64_t>(1, pairs / (4 * std::max(1, omp_get_max_threads())));
   if (serial_quantize) quantize_rows(x, ldx, m, k, xq.data(), xd.data(), xs.data(), xs16p);
@@ -1034,7 +1039,7 @@ void linear(float* out, int64_t m, int64_t n, int64_t k, const float* x, int64_t
         const int32_t* s16 = xs16p != nullptr ? xs16p + r * nb : nullptr;
         Kernel::template rows<Type>(rows, xq.data() + r * k, xd.data() + r * nb,
                                     xs.data() + r * nb, s16, k, wt, ld_tile, two, bt,
-                                    out + r * n + t0 * kTileCols, n, first);
+                                    out + r * n + t0 * kTileCols, n, first, one_pass);
       }
     }
   }
