@@ -115,25 +115,14 @@ void prefill_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k
         for (int64_t row = 0; row < rows; ++row) {
           // keys k0 .. limit are visible to this row (its query's absolute position)
           const int64_t visible = std::min(kn, ctx + w.i0 + row / group - k0 + 1);
-          const float correction = sluice::prefill::softmax_chunk_row(
-              s.data() + row * kTileK, kn, visible, m[row], l[row]);
-          if (correction != 1.f) {
-            float* orow = o.data() + row * d;
-            for (int64_t e = 0; e < d; ++e) orow[e] *= correction;
-          }
+          sluice::prefill::softmax_chunk_row(s.data() + row * kTileK, kn, visible, m[row],
+                                             l[row], o.data() + row * d, d);
         }
         sluice::gemm_row_major(static_cast<int>(rows), D, static_cast<int>(kn), s.data(),
                                static_cast<int>(kTileK), vbuf.data(), D, false, 1.f, o.data(),
                                D);
       }
-      for (int64_t i = w.i0; i < w.i1; ++i)
-        for (int64_t j = 0; j < group; ++j) {
-          const int64_t row = (i - w.i0) * group + j;
-          const float inv = 1.f / l[row];
-          const float* src = o.data() + row * d;
-          float* dst = op + ((qsl[w.r] + i) * n_heads + w.g * group + j) * d;
-          for (int64_t e = 0; e < d; ++e) dst[e] = src[e] * inv;
-        }
+      sluice::prefill::store_item_output(op, o.data(), l.data(), w, qsl, group, n_heads, d);
     }
   }
 }

@@ -247,12 +247,8 @@ SLUICE_BF16DOT void run(float* op, const float* qp, int64_t ldq, int64_t n_heads
           if (row < rows) {
             // keys k0 .. limit are visible to this row (its query's absolute position)
             const int64_t visible = std::min(kn, ctx + w.i0 + row / group - k0 + 1);
-            const float correction =
-                sluice::prefill::softmax_chunk_row(sr, kn, visible, m[row], l[row]);
-            if (correction != 1.f) {
-              float* orow = o.data() + row * d;
-              for (int64_t e = 0; e < d; ++e) orow[e] *= correction;
-            }
+            sluice::prefill::softmax_chunk_row(sr, kn, visible, m[row], l[row],
+                                               o.data() + row * d, d);
           } else {
             std::fill(sr, sr + kn, 0.f);
           }
@@ -269,13 +265,7 @@ SLUICE_BF16DOT void run(float* op, const float* qp, int64_t ldq, int64_t n_heads
           if (e0 < d) pv_rows<2>(orow, d, e0, prow, kTileK / 2, vchunk, n_pairs);
         }
       }
-      for (int64_t row = 0; row < rows; ++row) {
-        const int64_t i = w.i0 + row / group, j = row % group;
-        const float inv = 1.f / l[row];
-        const float* src = o.data() + row * d;
-        float* dst = op + ((qsl[w.r] + i) * n_heads + w.g * group + j) * d;
-        for (int64_t e = 0; e < d; ++e) dst[e] = src[e] * inv;
-      }
+      sluice::prefill::store_item_output(op, o.data(), l.data(), w, qsl, group, n_heads, d);
     }
   }
 }

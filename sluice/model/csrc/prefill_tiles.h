@@ -43,12 +43,13 @@ inline std::vector<Item> plan_items(const int64_t* qsl, const int64_t* lens, int
 
 // One row's step of the running softmax over a chunk of kn scores sr[0 .. kn), of which the
 // first `visible` are the row's (causal) keys: sr becomes e^(s - m') for those and 0 for the
-// rest, m' = max(m, their max), l = l e^(m - m') + their sum, m = m'. Returns e^(m - m'), the
-// factor the row's output accumulator must be scaled by (1 when nothing is visible).
-inline float softmax_chunk_row(float* sr, int64_t kn, int64_t visible, float& m, float& l) {
+// rest, m' = max(m, their max), l = l e^(m - m') + their sum, m = m', and the row's output
+// accumulator o_row[0 .. d) is scaled by e^(m - m') (unchanged when nothing is visible).
+inline void softmax_chunk_row(float* sr, int64_t kn, int64_t visible, float& m, float& l,
+                              float* o_row, int64_t d) {
   if (visible <= 0) {
     std::fill(sr, sr + kn, 0.f);
-    return 1.f;
+    return;
   }
   const float m_new = std::max(m, max_value(sr, visible));
   const float correction = exp_approx(m - m_new);
@@ -56,7 +57,21 @@ inline float softmax_chunk_row(float* sr, int64_t kn, int64_t visible, float& m,
   std::fill(sr + visible, sr + kn, 0.f);
   l = l * correction + sum(sr, visible);
   m = m_new;
-  return correction;
+  if (correction != 1.f)
+    for (int64_t e = 0; e < d; ++e) o_row[e] *= correction;
+}
+
+// An item's result: out row (token qsl[r] + i, head g * G + j) = o row (i - i0) * G + j / its l,
+// for its queries [i0, i1) and the G = group query heads of kv head g (out: [T, n_heads, d]).
+inline void store_item_output(float* out, const float* o, const float* l, const Item& w,
+                              const int64_t* qsl, int64_t group, int64_t n_heads, int64_t d) {
+  for (int64_t row = 0; row < (w.i1 - w.i0) * group; ++row) {
+    const int64_t i = w.i0 + row / group, j = row % group;
+    const float inv = 1.f / l[row];
+    const float* src = o + row * d;
+    float* dst = out + ((qsl[w.r] + i) * n_heads + w.g * group + j) * d;
+    for (int64_t e = 0; e < d; ++e) dst[e] = src[e] * inv;
+  }
 }
 
 }  // namespace sluice::prefill
